@@ -1,0 +1,81 @@
+//! Aggregates: the consistency boundary that decides commands and applies events.
+
+use std::num::NonZeroU64;
+
+use crate::command::Command;
+use crate::event::DomainEvent;
+
+/// The state of one aggregate type, rebuilt from its events.
+///
+/// Derive it: `#[derive(Aggregate)]` with
+/// `#[aggregate(name = "order", command = OrderCommand, event = OrderEvent, error = OrderError)]`.
+/// Deciding is pure (`Command::handle` takes `&self` and returns events), applying mutates state
+/// (`apply`), and all I/O stays in stores and gateways.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an aggregate",
+    label = "not an aggregate",
+    note = "add `#[derive(cqrs_core::Aggregate)]` with `#[aggregate(name = \"...\", command = ..., event = ..., error = ...)]` to `{Self}`"
+)]
+pub trait Aggregate: Default + Send + Sync + 'static {
+    /// The aggregate type's stable name, the first half of every stream id, e.g. `"order"`.
+    const NAME: &'static str;
+
+    /// When to take snapshots of this aggregate's state.
+    const SNAPSHOT: SnapshotPolicy = SnapshotPolicy::NEVER;
+
+    /// The commands this aggregate decides.
+    type Command: Command<Aggregate = Self>;
+
+    /// The events this aggregate records.
+    type Event: DomainEvent;
+
+    /// Why a command is rejected; it reaches the caller unchanged.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Mutates the state to reflect one event. Must not fail: an event is a fact.
+    fn apply(&mut self, event: &Self::Event);
+
+    /// Decides a command against the current state: the events to record, or the rejection.
+    ///
+    /// # Errors
+    /// The aggregate's error, when the command is not allowed in this state.
+    fn handle(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error> {
+        Command::handle(command, self)
+    }
+}
+
+/// When an aggregate's state is snapshotted, declared with `#[aggregate(snapshot(every = N))]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SnapshotPolicy {
+    /// Take a snapshot every this many events; `None`: never.
+    pub every: Option<NonZeroU64>,
+    /// The schema version of the snapshot's state; a stored snapshot of another version is ignored
+    /// (the aggregate is replayed from its events) rather than misread.
+    pub schema_version: u32,
+}
+
+impl SnapshotPolicy {
+    /// No snapshots.
+    pub const NEVER: Self = Self {
+        every: None,
+        schema_version: 1,
+    };
+
+    /// A snapshot every `every` events (never when `every` is 0), of schema version `schema_version`.
+    #[must_use]
+    pub const fn every(every: u64, schema_version: u32) -> Self {
+        Self {
+            every: NonZeroU64::new(every),
+            schema_version,
+        }
+    }
+
+    /// Whether moving from `before` to `after` events crosses a snapshot point.
+    #[must_use]
+    pub const fn is_due(&self, before: u64, after: u64) -> bool {
+        match self.every {
+            Some(every) => before / every.get() != after / every.get(),
+            None => false,
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! The event-store conformance suite: one set of checks that every [`EventStore`] must pass, so the
+//! in-memory store and the PostgreSQL store cannot drift apart.
+//!
+//! Each check takes a fresh, empty store and panics (as a test assertion) with what went wrong.
+//! [`event_store_conformance_tests!`](crate::event_store_conformance_tests) turns them into one
+//! `#[tokio::test]` each:
+//!
+//! ```ignore
+//! cqrs_core::event_store_conformance_tests!(|| async { cqrs_core::InMemoryEventStore::new() });
+//! ```
+
+use std::collections::{BTreeMap, HashSet};
+
+use futures::TryStreamExt;
+use serde_json::json;
+
+use crate::envelope::{
+    AggregateId, Checkpoint, EventData, EventId, Metadata, StoredEvent, StreamId,
+};
+use crate::store::{EventStore, ExpectedVersion, StoreError};
+use crate::{CausationId, CorrelationId};
+
+/// Generates one `#[tokio::test]` per conformance check. `$make` is a closure returning a future of a
+/// fresh, empty store (`S: EventStore + Clone + 'static`); the calling crate depends on tokio with the
+/// `macros` and `rt-multi-thread` features.
+#[macro_export]
+macro_rules! event_store_conformance_tests {
+    ($make:expr) => {
+        $crate::event_store_conformance_tests!(@tests $make;
+            expected_version_matrix,
+            idempotent_retry_with_same_ids,
+            same_id_with_other_content_is_rejected,
+            failed_append_writes_nothing,
+            concurrent_writers_one_winner_per_version,
+            read_all_order_and_resumption,
+            load_from_version,
+            payload_and_metadata_round_trip,
+        );
+    };
+    (@tests $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let store = ($make)().await;
+                $crate::conformance::$name(store).await;
+            }
+        )*
+    };
+}
+
+fn stream(name: &str) -> StreamId {
+    StreamId::new(
+        "conformance",
+        AggregateId::new(format!("{name}-{}", EventId::new())),
+    )
+}
+
+/// A small event for the checks.
+#[must_use]
+pub fn event(n: u64) -> EventData {
+    EventData {
+        event_id: EventId::new(),
+        event_type: "Ticked".into(),
+        schema_version: 1,
+        payload: json!({ "n": n }),
+        metadata: Metadata::default(),
+    }
+}
+
+fn events(range: std::ops::Range<u64>) -> Vec<EventData> {
+    range.map(event).collect()
+}
+
+async fn load<S: EventStore>(store: &S, stream: &StreamId) -> Vec<StoredEvent> {
+    match store.load(stream, 0).try_collect().await {
+        Ok(events) => events,
+        Err(error) => panic!("load {stream}: {error}"),
+    }
+}
+
+async fn append_ok<S: EventStore>(
+    store: &S,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    batch: Vec<EventData>,
+) -> u64 {
+    match store.append(stream, expected, batch).await {
+        Ok(result) => result.version,
+        Err(error) => panic!("append to {stream} expecting {expected}: {error}"),
+    }
+}
+
+/// Every expected version against a missing stream and against a stream with two events; a conflict
+/// names the expected and the actual version, and changes nothing.
+pub async fn expected_version_matrix<S: EventStore>(store: S) {
+    use ExpectedVersion::{Any, Exact, NoStream, StreamExists};
+    // (expectation, succeeds on a missing stream, succeeds on a stream at version 2)
+    let cases = [
+        (Any, true, true),
+        (NoStream, true, false),
+        (StreamExists, false, true),
+        (Exact(0), true, false),
+        (Exact(1), false, false),
+        (Exact(2), false, true),
+        (Exact(3), false, false),
+    ];
+    for (expected, on_missing, on_existing) in cases {
+        for (existing, should_pass) in [(false, on_missing), (true, on_existing)] {
+            let s = stream("matrix");
+            let before = if existing {
+                append_ok(&store, &s, NoStream, events(0..2)).await
+            } else {
+                0
+            };
+            let result = store.append(&s, expected, vec![event(9)]).await;
+            match (should_pass, result) {
+                (true, Ok(done)) => {
+                    assert_eq!(done.version, before + 1, "{expected} on version {before}");
+                    assert_eq!(done.events.len(), 1);
+                    assert_eq!(done.events[0].version, before + 1);
+                }
+                (
+                    false,
+                    Err(StoreError::Conflict {
+                        stream: at,
+                        expected: e,
+                        actual,
+                    }),
+                ) => {
+                    assert_eq!(at, s);
+                    assert_eq!(e, expected);
+                    assert_eq!(
+                        actual, before,
+                        "{expected}: the conflict must report the actual version"
+                    );
+                }
+                (pass, other) => panic!(
+                    "{expected} on a stream at version {before}: expected {}, got {other:?}",
+                    if pass { "success" } else { "a conflict" }
+                ),
+            }
+            let version = store
+                .stream_version(&s)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                version,
+                before + u64::from(should_pass),
+                "{expected} on version {before}"
+            );
+            assert_eq!(load(&store, &s).await.len() as u64, version);
+        }
+    }
+}
+
+/// Appending the same ids again (a retry after an unknown outcome) is recognised: nothing is
+/// duplicated and the first outcome is returned.
+pub async fn idempotent_retry_with_same_ids<S: EventStore>(store: S) {
+    let s = stream("idempotent");
+    append_ok(&store, &s, ExpectedVersion::NoStream, events(0..1)).await;
+    let batch = events(1..4);
+    let first = match store
+        .append(&s, ExpectedVersion::Exact(1), batch.clone())
+        .await
+    {
+        Ok(result) => result,
+        Err(error) => panic!("first append: {error}"),
+    };
+    // The retry carries the same expectation, which no longer holds: idempotency wins over it.
+    for expected in [
+        ExpectedVersion::Exact(1),
+        ExpectedVersion::Any,
+        ExpectedVersion::NoStream,
+    ] {
+        match store.append(&s, expected, batch.clone()).await {
+            Err(StoreError::AlreadyAppended(original)) => {
+                assert_eq!(original.stream, s);
+                assert_eq!(original.version, 4);
+                assert_eq!(original.events.len(), 3);
+                for (a, b) in original.events.iter().zip(&first.events) {
+                    assert_eq!(
+                        (a.event_id, a.version, a.checkpoint),
+                        (b.event_id, b.version, b.checkpoint)
+                    );
+                }
+            }
+            other => panic!(
+                "retrying the same ids expecting {expected}: expected AlreadyAppended, got {other:?}"
+            ),
+        }
+    }
+    let stored = load(&store, &s).await;
+    assert_eq!(stored.len(), 4, "a retry must not duplicate events");
+    let ids: HashSet<EventId> = stored.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), 4);
+}
+
+/// An id that is stored already, sent with other content, to another stream, or twice in one batch, is
+/// a typed error and nothing is written.
+pub async fn same_id_with_other_content_is_rejected<S: EventStore>(store: S) {
+    let s = stream("reuse");
+    let original = event(1);
+    append_ok(
+        &store,
+        &s,
+        ExpectedVersion::NoStream,
+        vec![original.clone()],
+    )
+    .await;
+
+    let mut changed = original.clone();
+    changed.payload = json!({ "n": 2 });
+    let other_stream = stream("reuse-other");
+    let mut twice = event(5);
+    twice.event_id = EventId::new();
+    let attempts = [
+        ("other payload", s.clone(), vec![changed]),
+        ("other stream", other_stream.clone(), vec![original.clone()]),
+        (
+            "a stored id among new ones",
+            s.clone(),
+            vec![event(3), original.clone()],
+        ),
+        (
+            "the same id twice in one batch",
+            s.clone(),
+            vec![twice.clone(), twice],
+        ),
+    ];
+    for (what, target, batch) in attempts {
+        match store.append(&target, ExpectedVersion::Any, batch).await {
+            Err(StoreError::EventIdReused { .. }) => {}
+            other => panic!("{what}: expected EventIdReused, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        load(&store, &s).await.len(),
+        1,
+        "a rejected append must write nothing"
+    );
+    assert_eq!(load(&store, &other_stream).await.len(), 0);
+}
+
+/// A multi-event append that fails writes none of its events, and an empty append checks the
+/// expectation without writing.
+pub async fn failed_append_writes_nothing<S: EventStore>(store: S) {
+    let s = stream("atomic");
+    append_ok(&store, &s, ExpectedVersion::NoStream, events(0..2)).await;
+    let result = store
+        .append(&s, ExpectedVersion::Exact(1), events(2..12))
+        .await;
+    assert!(
+        matches!(result, Err(StoreError::Conflict { actual: 2, .. })),
+        "{result:?}"
+    );
+    assert_eq!(load(&store, &s).await.len(), 2);
+
+    assert_eq!(
+        append_ok(&store, &s, ExpectedVersion::Exact(2), Vec::new()).await,
+        2
+    );
+    let empty = store
+        .append(&s, ExpectedVersion::NoStream, Vec::new())
+        .await;
+    assert!(
+        matches!(empty, Err(StoreError::Conflict { .. })),
+        "{empty:?}"
+    );
+    let missing = stream("atomic-empty");
+    assert_eq!(
+        append_ok(&store, &missing, ExpectedVersion::NoStream, Vec::new()).await,
+        0
+    );
+    assert_eq!(store.stream_version(&missing).await.ok(), Some(0));
+}
+
+/// 8 writers race on one stream, each reading the version `v` and appending at `Exact(v)`, retrying
+/// on conflict: exactly one winner per version, every loser gets the typed conflict, no gaps, no
+/// duplicates.
+pub async fn concurrent_writers_one_winner_per_version<S: EventStore + Clone + 'static>(store: S) {
+    const WRITERS: u64 = 8;
+    const ROUNDS: u64 = 25;
+    let s = stream("race");
+    let mut tasks = Vec::new();
+    for writer in 0..WRITERS {
+        let (store, s) = (store.clone(), s.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut won = Vec::new();
+            let mut conflicts = 0u64;
+            while (won.len() as u64) < ROUNDS {
+                let v = store
+                    .stream_version(&s)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let mut e = event(writer * 1000 + won.len() as u64);
+                e.metadata = e.metadata.with_header("writer", writer.to_string());
+                let id = e.event_id;
+                match store.append(&s, ExpectedVersion::Exact(v), vec![e]).await {
+                    Ok(done) => {
+                        assert_eq!(done.version, v + 1);
+                        won.push((v + 1, id));
+                    }
+                    Err(StoreError::Conflict { actual, .. }) => {
+                        assert!(
+                            actual > v,
+                            "a conflict at {v} must report a newer version, got {actual}"
+                        );
+                        conflicts += 1;
+                    }
+                    Err(other) => {
+                        panic!("writer {writer}: expected success or a conflict, got {other}")
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+            (won, conflicts)
+        }));
+    }
+    let mut winners = BTreeMap::new();
+    for task in tasks {
+        let (won, _) = task.await.unwrap_or_else(|e| panic!("writer task: {e}"));
+        for (version, id) in won {
+            assert!(
+                winners.insert(version, id).is_none(),
+                "two winners for version {version}"
+            );
+        }
+    }
+    let stored = load(&store, &s).await;
+    assert_eq!(stored.len() as u64, WRITERS * ROUNDS);
+    for (i, e) in stored.iter().enumerate() {
+        assert_eq!(e.version, i as u64 + 1, "gap or disorder in the stream");
+        assert_eq!(
+            winners.get(&e.version),
+            Some(&e.event_id),
+            "the stored event is not the winner's"
+        );
+    }
+}
+
+/// `read_all` returns every event once, in increasing checkpoint order, per-stream in version order;
+/// paging with the last checkpoint resumes exactly after it.
+pub async fn read_all_order_and_resumption<S: EventStore>(store: S) {
+    let streams: Vec<StreamId> = (0..4).map(|i| stream(&format!("global-{i}"))).collect();
+    let mut appended = Vec::new();
+    for round in 0..5u64 {
+        for (i, s) in streams.iter().enumerate() {
+            let batch = events(round * 10..round * 10 + (i as u64 % 3) + 1);
+            appended.extend(batch.iter().map(|e| e.event_id));
+            store
+                .append(s, ExpectedVersion::Any, batch)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    let everything = store
+        .read_all(Checkpoint::START, usize::MAX)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ours: Vec<&StoredEvent> = everything
+        .iter()
+        .filter(|e| streams.contains(&e.stream))
+        .collect();
+    assert_eq!(
+        ours.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        appended,
+        "global order must be append order"
+    );
+    for pair in everything.windows(2) {
+        assert!(
+            pair[0].checkpoint < pair[1].checkpoint,
+            "checkpoints must increase"
+        );
+    }
+
+    let mut paged = Vec::new();
+    let mut after = Checkpoint::START;
+    loop {
+        let page = store
+            .read_all(after, 3)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(page.len() <= 3);
+        let Some(last) = page.last() else { break };
+        after = last.checkpoint;
+        paged.extend(page);
+    }
+    assert_eq!(
+        paged.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        everything.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        "paging must return every event once, in order"
+    );
+
+    let middle = everything.len() / 2;
+    let rest = store
+        .read_all(everything[middle].checkpoint, usize::MAX)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        rest.len(),
+        everything.len() - middle - 1,
+        "resume after a checkpoint"
+    );
+    assert_eq!(
+        rest.first().map(|e| e.event_id),
+        everything.get(middle + 1).map(|e| e.event_id)
+    );
+    let tail = store
+        .read_all(after, 10)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(tail.is_empty(), "nothing after the last checkpoint");
+    let none = store
+        .read_all(Checkpoint::START, 0)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(none.is_empty(), "limit 0 reads nothing");
+}
+
+/// `load` from a version returns the later events only; a missing stream loads as empty.
+pub async fn load_from_version<S: EventStore>(store: S) {
+    let s = stream("load");
+    append_ok(&store, &s, ExpectedVersion::NoStream, events(0..10)).await;
+    for after in [0u64, 1, 5, 9, 10, 50] {
+        let tail: Vec<StoredEvent> = store
+            .load(&s, after)
+            .try_collect()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let versions: Vec<u64> = tail.iter().map(|e| e.version).collect();
+        assert_eq!(
+            versions,
+            (after + 1..=10).collect::<Vec<_>>(),
+            "load after {after}"
+        );
+    }
+    assert!(load(&store, &stream("missing")).await.is_empty());
+}
+
+/// Payloads, metadata and names with quotes, semicolons and unicode come back exactly.
+pub async fn payload_and_metadata_round_trip<S: EventStore>(store: S) {
+    let s = StreamId::new(
+        "conformance",
+        AggregateId::new(format!("it's; \"quoted\" — ünïcødé 🚀 {}", EventId::new())),
+    );
+    let metadata = Metadata::default()
+        .with_correlation_id(CorrelationId::new())
+        .with_causation_id(CausationId::new())
+        .with_user_id("o'brien; DROP TABLE events;--")
+        .with_header("tenant", "ä\"ö");
+    let e = EventData {
+        event_id: EventId::new(),
+        event_type: "Named \"Thing\"; ✓".into(),
+        schema_version: 7,
+        // No NUL character: PostgreSQL's jsonb cannot hold one, so no store is asked to.
+        payload: json!({
+            "text": "line\nbreak \u{1F600} 'single' \"double\"; --",
+            "n": -1.5,
+            "list": [1, null, true],
+            "nested": { "a": {} },
+        }),
+        metadata: metadata.clone(),
+    };
+    append_ok(&store, &s, ExpectedVersion::NoStream, vec![e.clone()]).await;
+    let stored = load(&store, &s).await;
+    assert_eq!(stored.len(), 1);
+    let got = &stored[0];
+    assert_eq!(got.stream, s);
+    assert_eq!(got.event_id, e.event_id);
+    assert_eq!(got.event_type, e.event_type);
+    assert_eq!(got.schema_version, 7);
+    assert_eq!(got.payload, e.payload);
+    assert_eq!(got.metadata, metadata);
+    assert_eq!(got.version, 1);
+}

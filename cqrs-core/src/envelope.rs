@@ -1,0 +1,398 @@
+//! Identifiers, metadata and the envelopes events travel in.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+macro_rules! uuid_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub Uuid);
+
+        impl $name {
+            /// A new, time-ordered id (UUID v7).
+            #[must_use]
+            pub fn new() -> Self {
+                Self(Uuid::now_v7())
+            }
+
+            /// The id as a UUID.
+            #[must_use]
+            pub const fn as_uuid(&self) -> &Uuid {
+                &self.0
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl From<Uuid> for $name {
+            fn from(id: Uuid) -> Self {
+                Self(id)
+            }
+        }
+
+        impl From<$name> for Uuid {
+            fn from(id: $name) -> Self {
+                id.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.0)
+            }
+        }
+    };
+}
+
+uuid_id! {
+    /// The unique id of one event. Appends are idempotent by this id: appending the same ids again
+    /// after an unknown outcome is recognised, never duplicated.
+    EventId
+}
+uuid_id! {
+    /// The id of one command; it becomes the causation id of the events the command records.
+    CommandId
+}
+uuid_id! {
+    /// Ties together every message caused, directly or not, by one original request.
+    CorrelationId
+}
+uuid_id! {
+    /// The id of the message (command or event) that directly caused an event.
+    CausationId
+}
+
+impl From<CommandId> for CausationId {
+    fn from(id: CommandId) -> Self {
+        Self(id.0)
+    }
+}
+
+impl From<EventId> for CausationId {
+    fn from(id: EventId) -> Self {
+        Self(id.0)
+    }
+}
+
+/// The id of one aggregate instance, unique within its aggregate type.
+///
+/// Any string works; UUIDs convert with `From`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AggregateId(String);
+
+impl AggregateId {
+    /// Wraps an id.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self(id.into())
+    }
+
+    /// A new random, time-ordered id (UUID v7).
+    #[must_use]
+    pub fn generate() -> Self {
+        Self(Uuid::now_v7().to_string())
+    }
+
+    /// The id as a string.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AggregateId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for AggregateId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl From<String> for AggregateId {
+    fn from(id: String) -> Self {
+        Self(id)
+    }
+}
+
+impl From<&str> for AggregateId {
+    fn from(id: &str) -> Self {
+        Self(id.to_owned())
+    }
+}
+
+impl From<&String> for AggregateId {
+    fn from(id: &String) -> Self {
+        Self(id.clone())
+    }
+}
+
+impl From<Uuid> for AggregateId {
+    fn from(id: Uuid) -> Self {
+        Self(id.to_string())
+    }
+}
+
+impl From<&AggregateId> for AggregateId {
+    fn from(id: &AggregateId) -> Self {
+        id.clone()
+    }
+}
+
+/// A stream: the events of one aggregate instance, identified by its type and id.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct StreamId {
+    /// The aggregate type, e.g. `"order"` (from `#[aggregate(name = "order")]`).
+    pub aggregate_type: String,
+    /// The aggregate instance.
+    pub aggregate_id: AggregateId,
+}
+
+impl StreamId {
+    /// The stream of `aggregate_id` of type `aggregate_type`.
+    pub fn new(aggregate_type: impl Into<String>, aggregate_id: impl Into<AggregateId>) -> Self {
+        Self {
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+        }
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.aggregate_type, self.aggregate_id)
+    }
+}
+
+impl fmt::Debug for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StreamId({self})")
+    }
+}
+
+/// What is known about why an event was recorded, stored beside its payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Metadata {
+    /// The correlation id of the request that led here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<CorrelationId>,
+    /// The message that directly caused this event (for the command gateway: the command id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<CausationId>,
+    /// The user on whose behalf the command ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// Extra headers, for what the fields above do not cover (tenant, trace context, ...).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Metadata {
+    /// Metadata with a correlation id.
+    #[must_use]
+    pub fn with_correlation_id(mut self, id: CorrelationId) -> Self {
+        self.correlation_id = Some(id);
+        self
+    }
+
+    /// Metadata with a causation id.
+    #[must_use]
+    pub fn with_causation_id(mut self, id: impl Into<CausationId>) -> Self {
+        self.causation_id = Some(id.into());
+        self
+    }
+
+    /// Metadata with a user id.
+    #[must_use]
+    pub fn with_user_id(mut self, user: impl Into<String>) -> Self {
+        self.user_id = Some(user.into());
+        self
+    }
+
+    /// Metadata with one more header.
+    #[must_use]
+    pub fn with_header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// A position in the store's global order.
+///
+/// Events are ordered by `(transaction, position)`: `transaction` orders commits (the PostgreSQL store
+/// uses the writing transaction's id, the in-memory store a commit counter) and `position` orders events
+/// inside one commit. A reader keeps the checkpoint of the last event it handled and asks for what comes
+/// after it; [`Checkpoint::START`] is before everything.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Checkpoint {
+    /// The committing transaction (or commit number).
+    pub transaction: u64,
+    /// The global position, unique per event.
+    pub position: u64,
+}
+
+impl Checkpoint {
+    /// Before the first event.
+    pub const START: Self = Self {
+        transaction: 0,
+        position: 0,
+    };
+
+    /// A checkpoint at `(transaction, position)`.
+    #[must_use]
+    pub const fn new(transaction: u64, position: u64) -> Self {
+        Self {
+            transaction,
+            position,
+        }
+    }
+}
+
+impl fmt::Display for Checkpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.transaction, self.position)
+    }
+}
+
+/// An event ready to append: encoded, with its id and metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventData {
+    /// The event's id; appends are idempotent by it.
+    pub event_id: EventId,
+    /// The stable type name, e.g. `"OrderCreated"`.
+    pub event_type: String,
+    /// The schema version of `payload`.
+    pub schema_version: u32,
+    /// The event's fields as JSON.
+    pub payload: serde_json::Value,
+    /// Correlation, causation, user and headers.
+    pub metadata: Metadata,
+}
+
+impl EventData {
+    /// Encodes a domain event with a new event id.
+    ///
+    /// # Errors
+    /// When the event's fields fail to serialize (a map with non-string keys, a failing `Serialize`).
+    pub fn from_event<E: crate::DomainEvent>(
+        event: &E,
+        metadata: Metadata,
+    ) -> Result<Self, crate::event::EncodeError> {
+        let encoded = event.encode()?;
+        Ok(Self {
+            event_id: EventId::new(),
+            event_type: encoded.event_type.to_owned(),
+            schema_version: encoded.schema_version,
+            payload: encoded.payload,
+            metadata,
+        })
+    }
+
+    /// The same event with another id.
+    #[must_use]
+    pub fn with_event_id(mut self, id: EventId) -> Self {
+        self.event_id = id;
+        self
+    }
+}
+
+/// An event as the store holds it: still encoded, with where and when it was recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    /// The event's id.
+    pub event_id: EventId,
+    /// The stream it belongs to.
+    pub stream: StreamId,
+    /// Its version in the stream: 1 for the first event.
+    pub version: u64,
+    /// Its place in the global order.
+    pub checkpoint: Checkpoint,
+    /// When the store recorded it.
+    pub recorded_at: DateTime<Utc>,
+    /// The stable type name.
+    pub event_type: String,
+    /// The schema version of `payload`.
+    pub schema_version: u32,
+    /// The event's fields as JSON.
+    pub payload: serde_json::Value,
+    /// Correlation, causation, user and headers.
+    pub metadata: Metadata,
+}
+
+impl StoredEvent {
+    /// Decodes the payload into `E`, upcasting older schema versions.
+    ///
+    /// # Errors
+    /// [`crate::StoreError::Decode`] naming the stream, version and type when the type is unknown to
+    /// `E`, the version is newer than `E` knows, an upcaster fails or the payload does not fit.
+    pub fn decode<E: crate::DomainEvent>(&self) -> Result<E, crate::StoreError> {
+        E::decode(&self.event_type, self.schema_version, &self.payload).map_err(|error| {
+            crate::StoreError::Decode {
+                stream: self.stream.clone(),
+                version: self.version,
+                event_type: self.event_type.clone(),
+                error,
+            }
+        })
+    }
+
+    /// Decodes into a typed [`RecordedEvent`], keeping the envelope.
+    ///
+    /// # Errors
+    /// As [`StoredEvent::decode`].
+    pub fn into_recorded<E: crate::DomainEvent>(
+        self,
+    ) -> Result<RecordedEvent<E>, crate::StoreError> {
+        let event = self.decode()?;
+        Ok(RecordedEvent {
+            event_id: self.event_id,
+            stream: self.stream,
+            version: self.version,
+            checkpoint: self.checkpoint,
+            recorded_at: self.recorded_at,
+            metadata: self.metadata,
+            event,
+        })
+    }
+}
+
+/// A recorded event, decoded: the domain event with its envelope.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedEvent<E> {
+    /// The event's id.
+    pub event_id: EventId,
+    /// The stream it belongs to.
+    pub stream: StreamId,
+    /// Its version in the stream: 1 for the first event.
+    pub version: u64,
+    /// Its place in the global order.
+    pub checkpoint: Checkpoint,
+    /// When the store recorded it.
+    pub recorded_at: DateTime<Utc>,
+    /// Correlation, causation, user and headers.
+    pub metadata: Metadata,
+    /// The domain event.
+    pub event: E,
+}

@@ -1,0 +1,138 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+// Lets the derives' absolute `::cqrs_core::...` paths resolve inside this crate's own tests too.
+#[allow(unused_extern_crates)] // used by the doctests and unit tests, not by the library
+extern crate self as cqrs_core;
+
+pub mod aggregate;
+pub mod command;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+pub mod envelope;
+pub mod event;
+pub mod gateway;
+pub mod query;
+pub mod store;
+pub mod testing;
+
+pub use aggregate::{Aggregate, SnapshotPolicy};
+pub use command::{Command, CommandMetadata, StreamExpectation};
+pub use envelope::{
+    AggregateId, CausationId, Checkpoint, CommandId, CorrelationId, EventData, EventId, Metadata,
+    RecordedEvent, StoredEvent, StreamId,
+};
+pub use event::{ApplyTo, DecodeError, DomainEvent, EncodedEvent, UpcastError};
+pub use gateway::{CommandError, CommandGateway, Executed};
+pub use query::{Query, QueryBus, QueryError, QueryHandler};
+pub use store::{EventStore, EventStoreExt, ExpectedVersion, InMemoryEventStore, StoreError};
+
+/// `#[derive(Aggregate)]`: implements [`Aggregate`](trait@Aggregate); see the crate docs.
+#[cfg(feature = "derive")]
+pub use cqrs_macros::Aggregate;
+/// `#[derive(Command)]`: implements [`Command`](trait@Command); see the crate docs.
+#[cfg(feature = "derive")]
+pub use cqrs_macros::Command;
+/// `#[derive(DomainEvent)]`: implements [`DomainEvent`](trait@DomainEvent); see the crate docs.
+#[cfg(feature = "derive")]
+pub use cqrs_macros::DomainEvent;
+
+/// The names almost every user of the framework needs.
+pub mod prelude {
+    pub use crate::aggregate::Aggregate;
+    pub use crate::command::{Command, CommandMetadata};
+    pub use crate::envelope::{AggregateId, Metadata, RecordedEvent, StreamId};
+    pub use crate::event::DomainEvent;
+    pub use crate::gateway::{CommandError, CommandGateway};
+    pub use crate::store::{EventStore, ExpectedVersion, InMemoryEventStore};
+    #[cfg(feature = "derive")]
+    pub use cqrs_macros::{Aggregate, Command, DomainEvent};
+}
+
+/// What the derives' generated code refers to. Not public API: it may change in any release.
+#[doc(hidden)]
+pub mod __private {
+    pub use serde;
+    pub use serde_json;
+
+    /// Decodes a payload into a variant's fields, mapping serde's error.
+    pub fn decode_payload<T: serde::de::DeserializeOwned>(
+        event_type: &'static str,
+        schema_version: u32,
+        payload: &serde_json::Value,
+    ) -> Result<T, crate::event::DecodeError> {
+        T::deserialize(payload).map_err(|error| crate::event::DecodeError::Payload {
+            event_type,
+            schema_version,
+            message: error.to_string(),
+        })
+    }
+
+    /// Encodes a variant's fields, mapping serde's error.
+    pub fn encode_payload<T: serde::Serialize + ?Sized>(
+        event_type: &'static str,
+        fields: &T,
+    ) -> Result<serde_json::Value, crate::event::EncodeError> {
+        serde_json::to_value(fields)
+            .map_err(|source| crate::event::EncodeError { event_type, source })
+    }
+
+    /// Runs one upcaster, mapping its error.
+    pub fn upcast(
+        event_type: &'static str,
+        from: u32,
+        upcaster: fn(serde_json::Value) -> Result<serde_json::Value, crate::event::UpcastError>,
+        payload: serde_json::Value,
+    ) -> Result<serde_json::Value, crate::event::DecodeError> {
+        upcaster(payload).map_err(|error| crate::event::DecodeError::Upcast {
+            event_type,
+            from,
+            message: error.0,
+        })
+    }
+
+    /// Makes the error for a schema version with no decoder.
+    #[must_use]
+    pub const fn unsupported_version(
+        event_type: &'static str,
+        found: u32,
+        oldest: u32,
+        current: u32,
+    ) -> crate::event::DecodeError {
+        crate::event::DecodeError::UnsupportedVersion {
+            event_type,
+            found,
+            oldest,
+            current,
+        }
+    }
+
+    /// Makes the error for an unknown type name.
+    #[must_use]
+    pub fn unknown_type(
+        event_type: &str,
+        known: &'static [&'static str],
+    ) -> crate::event::DecodeError {
+        crate::event::DecodeError::UnknownType {
+            event_type: event_type.to_owned(),
+            known,
+        }
+    }
+
+    /// Pins a handler's return type so a mismatch is reported at the variant.
+    #[inline(always)]
+    pub fn handler_result<A: crate::Aggregate>(
+        result: Result<Vec<A::Event>, A::Error>,
+    ) -> Result<Vec<A::Event>, A::Error> {
+        result
+    }
+
+    /// Asserts at compile time that a type is the aggregate's command, event or error type.
+    pub const fn assert_aggregate<A: crate::Aggregate>() {}
+    /// Asserts that an event enum applies to the aggregate.
+    pub const fn assert_applies<E: crate::ApplyTo<A>, A>() {}
+    /// Asserts that a command enum belongs to the aggregate.
+    pub const fn assert_command_of<C: crate::Command<Aggregate = A>, A: crate::Aggregate>() {}
+    /// Asserts that the error type is an error.
+    pub const fn assert_error<E: std::error::Error + Send + Sync + 'static>() {}
+}

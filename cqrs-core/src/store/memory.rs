@@ -1,0 +1,252 @@
+//! The in-memory event store: the embedded default, with the PostgreSQL store's semantics.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use chrono::Utc;
+use futures::stream::{self, BoxStream, StreamExt};
+
+use super::{AppendResult, AppendedEvent, EventStore, ExpectedVersion, StoreError};
+use crate::envelope::{Checkpoint, EventData, EventId, StoredEvent, StreamId};
+
+/// An event store in process memory, safe to share between tasks (clone it: clones share the data).
+///
+/// It has the exact semantics of the PostgreSQL store (same conformance suite): all-or-nothing
+/// appends checked against the expected version, idempotency by event id, and one global order by
+/// `(commit, position)`. Nothing survives the process.
+#[derive(Clone, Default)]
+pub struct InMemoryEventStore {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    streams: HashMap<StreamId, Vec<Arc<StoredEvent>>>,
+    /// Every event in the global order; sorted by checkpoint because commits are serialized.
+    log: Vec<Arc<StoredEvent>>,
+    by_id: HashMap<EventId, Arc<StoredEvent>>,
+    commits: u64,
+}
+
+impl std::fmt::Debug for InMemoryEventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.lock();
+        f.debug_struct("InMemoryEventStore")
+            .field("streams", &inner.streams.len())
+            .field("events", &inner.log.len())
+            .finish()
+    }
+}
+
+impl InMemoryEventStore {
+    /// An empty store.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many events the store holds.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.lock().log.len()
+    }
+
+    /// Whether the store holds no event.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave `Inner` half-written: every append validates
+        // first and mutates after, so the data behind a poisoned lock is still consistent.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Whether a stored event is the same event as one being appended again.
+fn same_content(stored: &StoredEvent, stream: &StreamId, new: &EventData) -> bool {
+    stored.stream == *stream
+        && stored.event_type == new.event_type
+        && stored.schema_version == new.schema_version
+        && stored.payload == new.payload
+        && stored.metadata == new.metadata
+}
+
+impl Inner {
+    fn version(&self, stream: &StreamId) -> u64 {
+        self.streams
+            .get(stream)
+            .map_or(0, |events| events.len() as u64)
+    }
+
+    /// Classifies a batch whose ids are (partly) stored already: an idempotent replay when the batch
+    /// is exactly a run of stored events of this stream, otherwise a reused id.
+    fn replay_or_reuse(&self, stream: &StreamId, events: &[EventData]) -> Option<StoreError> {
+        let first = events.iter().find_map(|e| self.by_id.get(&e.event_id))?;
+        let mut appended = Vec::with_capacity(events.len());
+        for (i, new) in events.iter().enumerate() {
+            let reused = |existing: &StoredEvent| StoreError::EventIdReused {
+                event_id: new.event_id,
+                existing_stream: existing.stream.clone(),
+            };
+            let Some(stored) = self.by_id.get(&new.event_id) else {
+                return Some(reused(first));
+            };
+            if !same_content(stored, stream, new) || stored.version != first.version + i as u64 {
+                return Some(reused(stored));
+            }
+            appended.push(AppendedEvent {
+                event_id: stored.event_id,
+                version: stored.version,
+                checkpoint: stored.checkpoint,
+                recorded_at: stored.recorded_at,
+            });
+        }
+        let version = appended.last().map_or(0, |e| e.version);
+        Some(StoreError::AlreadyAppended(Box::new(AppendResult {
+            stream: stream.clone(),
+            version,
+            events: appended,
+        })))
+    }
+}
+
+/// Rejects what no store can hold, so the in-memory store fails where PostgreSQL would.
+pub(crate) fn validate_append(stream: &StreamId, events: &[EventData]) -> Result<(), StoreError> {
+    if stream.aggregate_type.is_empty() {
+        return Err(StoreError::InvalidInput(
+            "the aggregate type is empty".into(),
+        ));
+    }
+    if stream.aggregate_id.as_str().is_empty() {
+        return Err(StoreError::InvalidInput(format!(
+            "the aggregate id of a `{}` stream is empty",
+            stream.aggregate_type
+        )));
+    }
+    for (i, event) in events.iter().enumerate() {
+        if event.event_type.is_empty() {
+            return Err(StoreError::InvalidInput(format!(
+                "event {i} of the batch for {stream} has an empty type"
+            )));
+        }
+        if events[..i].iter().any(|e| e.event_id == event.event_id) {
+            return Err(StoreError::EventIdReused {
+                event_id: event.event_id,
+                existing_stream: stream.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl EventStore for InMemoryEventStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError> {
+        validate_append(stream, &events)?;
+        let mut inner = self.lock();
+        if let Some(error) = inner.replay_or_reuse(stream, &events) {
+            return Err(error);
+        }
+        let actual = inner.version(stream);
+        if !expected.is_met_by(actual) {
+            return Err(StoreError::Conflict {
+                stream: stream.clone(),
+                expected,
+                actual,
+            });
+        }
+        if events.is_empty() {
+            return Ok(AppendResult {
+                stream: stream.clone(),
+                version: actual,
+                events: Vec::new(),
+            });
+        }
+        inner.commits += 1;
+        let transaction = inner.commits;
+        let recorded_at = Utc::now();
+        let mut position = inner.log.len() as u64;
+        let mut appended = Vec::with_capacity(events.len());
+        let mut stored = Vec::with_capacity(events.len());
+        for (i, event) in events.into_iter().enumerate() {
+            position += 1;
+            let record = Arc::new(StoredEvent {
+                event_id: event.event_id,
+                stream: stream.clone(),
+                version: actual + 1 + i as u64,
+                checkpoint: Checkpoint::new(transaction, position),
+                recorded_at,
+                event_type: event.event_type,
+                schema_version: event.schema_version,
+                payload: event.payload,
+                metadata: event.metadata,
+            });
+            appended.push(AppendedEvent {
+                event_id: record.event_id,
+                version: record.version,
+                checkpoint: record.checkpoint,
+                recorded_at,
+            });
+            stored.push(record);
+        }
+        for record in &stored {
+            inner.by_id.insert(record.event_id, Arc::clone(record));
+            inner.log.push(Arc::clone(record));
+        }
+        let version = actual + appended.len() as u64;
+        match inner.streams.entry(stream.clone()) {
+            Entry::Occupied(mut entry) => entry.get_mut().extend(stored),
+            Entry::Vacant(entry) => {
+                entry.insert(stored);
+            }
+        }
+        Ok(AppendResult {
+            stream: stream.clone(),
+            version,
+            events: appended,
+        })
+    }
+
+    fn load<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after_version: u64,
+    ) -> BoxStream<'a, Result<StoredEvent, StoreError>> {
+        let events: Vec<Arc<StoredEvent>> = {
+            let inner = self.lock();
+            inner.streams.get(stream).map_or_else(Vec::new, |events| {
+                let skip = usize::try_from(after_version).unwrap_or(usize::MAX);
+                events.iter().skip(skip).cloned().collect()
+            })
+        };
+        stream::iter(events.into_iter().map(|e| Ok(StoredEvent::clone(&e)))).boxed()
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError> {
+        Ok(self.lock().version(stream))
+    }
+
+    async fn read_all(
+        &self,
+        after: Checkpoint,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let inner = self.lock();
+        let start = inner.log.partition_point(|e| e.checkpoint <= after);
+        Ok(inner.log[start..]
+            .iter()
+            .take(limit)
+            .map(|e| StoredEvent::clone(e))
+            .collect())
+    }
+}

@@ -1,0 +1,233 @@
+//! The event store: append-only streams with optimistic concurrency, idempotent appends and one
+//! global order.
+
+mod memory;
+
+use std::fmt;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use futures::stream::BoxStream;
+
+pub use memory::InMemoryEventStore;
+
+use crate::envelope::{Checkpoint, EventData, EventId, StoredEvent, StreamId};
+use crate::event::DecodeError;
+
+/// What an append expects of the stream's current version.
+///
+/// Versions count events: a stream with `n` events is at version `n`; a missing stream is at 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExpectedVersion {
+    /// No expectation: append whatever the version.
+    Any,
+    /// The stream must not exist (version 0).
+    NoStream,
+    /// The stream must have at least one event.
+    StreamExists,
+    /// The stream must be exactly at this version (`Exact(0)` is the same as `NoStream`).
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// Whether a stream at `actual` meets this expectation.
+    #[must_use]
+    pub const fn is_met_by(self, actual: u64) -> bool {
+        match self {
+            Self::Any => true,
+            Self::NoStream => actual == 0,
+            Self::StreamExists => actual > 0,
+            Self::Exact(expected) => actual == expected,
+        }
+    }
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Any => f.write_str("any version"),
+            Self::NoStream => f.write_str("no stream"),
+            Self::StreamExists => f.write_str("an existing stream"),
+            Self::Exact(version) => write!(f, "version {version}"),
+        }
+    }
+}
+
+/// Where one appended event landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendedEvent {
+    /// The event's id.
+    pub event_id: EventId,
+    /// Its version in the stream.
+    pub version: u64,
+    /// Its place in the global order.
+    pub checkpoint: Checkpoint,
+    /// When it was recorded.
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// The outcome of an append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendResult {
+    /// The stream appended to.
+    pub stream: StreamId,
+    /// The stream's version after the append.
+    pub version: u64,
+    /// The appended events, in order.
+    pub events: Vec<AppendedEvent>,
+}
+
+/// Why a store operation failed. Every variant names what was wrong; a caller can match on it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Optimistic concurrency: the stream is not at the expected version.
+    #[error("version conflict on {stream}: expected {expected}, stream is at version {actual}")]
+    Conflict {
+        /// The stream.
+        stream: StreamId,
+        /// What the append expected.
+        expected: ExpectedVersion,
+        /// The stream's version (0: no stream).
+        actual: u64,
+    },
+    /// Idempotent replay: these event ids were appended before, with the same content, so nothing
+    /// was appended now. Holds the original append's outcome; a retry after an unknown outcome can
+    /// treat this as success.
+    #[error("already appended: events {}..={} of {}", .0.events.first().map_or(0, |e| e.version), .0.version, .0.stream)]
+    AlreadyAppended(Box<AppendResult>),
+    /// An event id that is already stored was sent with different content (or twice in one batch).
+    #[error("event id {event_id} is already used by another event (in {existing_stream})")]
+    EventIdReused {
+        /// The reused id.
+        event_id: EventId,
+        /// The stream that holds the stored event with this id.
+        existing_stream: StreamId,
+    },
+    /// A stored event could not be decoded; nothing else is affected.
+    #[error("cannot decode event {version} (`{event_type}`) of {stream}: {error}")]
+    Decode {
+        /// The stream.
+        stream: StreamId,
+        /// The event's version in it.
+        version: u64,
+        /// The stored type name.
+        event_type: String,
+        /// What went wrong.
+        #[source]
+        error: DecodeError,
+    },
+    /// The arguments cannot be stored (for example an empty aggregate type).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// The backend failed: a broken connection, a database error that is not one of the above.
+    #[error("event store backend failed: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StoreError {
+    /// A backend error from anything that is an error.
+    pub fn backend(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Backend(error.into())
+    }
+
+    /// Whether this is a version conflict.
+    #[must_use]
+    pub const fn is_conflict(&self) -> bool {
+        matches!(self, Self::Conflict { .. })
+    }
+}
+
+/// An append-only store of event streams with one global order.
+///
+/// Every implementation passes the same conformance suite (`cqrs_core::conformance`, feature
+/// `conformance`): the expected-version matrix, idempotent appends, concurrent writers and the global
+/// order.
+#[async_trait::async_trait]
+pub trait EventStore: Send + Sync {
+    /// Appends `events` to `stream` if its version meets `expected`: all of them or none.
+    ///
+    /// Idempotent by event id: when every id was appended before to this stream with the same
+    /// content, nothing is appended and [`StoreError::AlreadyAppended`] carries the first outcome.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`], [`StoreError::AlreadyAppended`], [`StoreError::EventIdReused`],
+    /// [`StoreError::InvalidInput`] or [`StoreError::Backend`].
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError>;
+
+    /// The events of `stream` with a version greater than `after_version`, in order, streamed.
+    fn load<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after_version: u64,
+    ) -> BoxStream<'a, Result<StoredEvent, StoreError>>;
+
+    /// The current version of `stream` (0: no stream).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`].
+    async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError>;
+
+    /// Up to `limit` events after `after` in the global order.
+    ///
+    /// Never skips: an event that is not returned now because its transaction has not committed is
+    /// returned by a later call with the same checkpoint.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`].
+    async fn read_all(
+        &self,
+        after: Checkpoint,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+}
+
+/// Helpers on every [`EventStore`].
+pub trait EventStoreExt: EventStore {
+    /// Loads the whole stream into memory.
+    fn load_all<'a>(
+        &'a self,
+        stream: &'a StreamId,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
+        Box::pin(self.load(stream, 0).try_collect())
+    }
+}
+
+impl<S: EventStore + ?Sized> EventStoreExt for S {}
+
+#[async_trait::async_trait]
+impl<S: EventStore + ?Sized> EventStore for Arc<S> {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError> {
+        (**self).append(stream, expected, events).await
+    }
+
+    fn load<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after_version: u64,
+    ) -> BoxStream<'a, Result<StoredEvent, StoreError>> {
+        (**self).load(stream, after_version)
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError> {
+        (**self).stream_version(stream).await
+    }
+
+    async fn read_all(
+        &self,
+        after: Checkpoint,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        (**self).read_all(after, limit).await
+    }
+}

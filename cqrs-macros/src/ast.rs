@@ -1,0 +1,579 @@
+//! The models of the three derives' inputs: what the user wrote, parsed, with the original nodes kept
+//! for spans. Parsing reports every bad attribute into the context and goes on.
+
+use proc_macro2::Span;
+use syn::ext::IdentExt;
+use syn::spanned::Spanned;
+use syn::{Data, DataEnum, DeriveInput, Field, Fields, Ident, Variant};
+
+use crate::attr::{self, Key, Slot};
+use crate::ctxt::Ctxt;
+
+/// The fields of a variant, in the forms the derives support.
+pub(crate) enum Shape<'a> {
+    /// `Variant`
+    Unit,
+    /// `Variant(Type)`
+    Newtype,
+    /// `Variant { a: A, b: B }`
+    Struct(Vec<&'a Field>),
+}
+
+/// Reads a variant's shape; a tuple variant of several fields is an error (named fields keep a stored
+/// payload readable and evolvable).
+fn shape<'a>(cx: &mut Ctxt, variant: &'a Variant, what: &str) -> Option<Shape<'a>> {
+    match &variant.fields {
+        Fields::Unit => Some(Shape::Unit),
+        Fields::Named(named) => Some(Shape::Struct(named.named.iter().collect())),
+        Fields::Unnamed(unnamed) if unnamed.unnamed.len() == 1 => Some(Shape::Newtype),
+        Fields::Unnamed(unnamed) => {
+            let v = variant.ident.unraw();
+            cx.error_spanned_by(
+                unnamed,
+                format_args!(
+                    "{what} variants take named fields or one value: write `{v} {{ a: A, b: B }}` or `{v}(Data)`"
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// The enum a derive of enums works on; a struct, a union or generics are errors.
+fn enum_data<'a>(
+    cx: &mut Ctxt,
+    input: &'a DeriveInput,
+    derive: &str,
+    example: &str,
+) -> Option<&'a DataEnum> {
+    if !input.generics.params.is_empty() {
+        cx.error_spanned_by(
+            &input.generics,
+            format_args!(
+                "derive({derive}) does not support generic parameters: use a concrete enum"
+            ),
+        );
+    }
+    match &input.data {
+        Data::Enum(data) if data.variants.is_empty() => {
+            cx.error_spanned_by(
+                &input.ident,
+                format_args!(
+                    "derive({derive}) needs at least one variant: write `enum {} {{ {example} }}`",
+                    input.ident
+                ),
+            );
+            None
+        }
+        Data::Enum(data) => Some(data),
+        Data::Struct(data) => {
+            cx.error_spanned_by(
+                data.struct_token,
+                format_args!("derive({derive}) works on an enum, not a struct: write `enum {} {{ {example} }}`", input.ident),
+            );
+            None
+        }
+        Data::Union(data) => {
+            cx.error_spanned_by(
+                data.union_token,
+                format_args!("derive({derive}) works on an enum, not a union"),
+            );
+            None
+        }
+    }
+}
+
+/// `Ident::new` refuses keywords: `handler` names derived from variants like `Type` or `Move` become
+/// raw identifiers, and the few words that cannot be raw are reported.
+pub(crate) fn method_ident(cx: &mut Ctxt, name: &str, span: Span, key: Key) -> Option<Ident> {
+    if let Ok(mut ident) = syn::parse_str::<Ident>(name) {
+        ident.set_span(span);
+        return Some(ident);
+    }
+    if matches!(name, "self" | "super" | "crate" | "Self" | "_")
+        || syn::parse_str::<Ident>(&format!("r#{name}")).is_err()
+    {
+        cx.error_at(
+            span,
+            format_args!("the default method name `{name}` is not a valid identifier: name the method with {key} = ..."),
+        );
+        return None;
+    }
+    Some(Ident::new_raw(name, span))
+}
+
+/// `#[derive(DomainEvent)]` input.
+pub(crate) struct EventEnum<'a> {
+    pub(crate) ident: &'a Ident,
+    pub(crate) aggregate: Option<syn::Type>,
+    pub(crate) variants: Vec<EventVariant<'a>>,
+}
+
+/// One event variant.
+pub(crate) struct EventVariant<'a> {
+    pub(crate) ident: &'a Ident,
+    /// The stable type name.
+    pub(crate) name: attr::Spanned<String>,
+    /// Whether `name` was written, not derived.
+    pub(crate) explicit_name: bool,
+    pub(crate) version: attr::Spanned<u32>,
+    pub(crate) upcasts: Vec<Upcast>,
+    pub(crate) apply: Ident,
+    pub(crate) shape: Shape<'a>,
+}
+
+/// `upcast(from = N, with = path)`.
+pub(crate) struct Upcast {
+    pub(crate) from: attr::Spanned<u32>,
+    pub(crate) with: syn::Path,
+    /// The `upcast` key.
+    pub(crate) span: Span,
+}
+
+fn to_u32(cx: &mut Ctxt, (n, span): (u64, Span), key: Key) -> u32 {
+    u32::try_from(n).unwrap_or_else(|_| {
+        cx.error_at(span, format_args!("{key} must fit in 32 bits"));
+        1
+    })
+}
+
+impl<'a> EventEnum<'a> {
+    pub(crate) fn from_ast(cx: &mut Ctxt, input: &'a DeriveInput) -> Self {
+        let mut aggregate = Slot::new(attr::KEY_AGGREGATE);
+        attr::for_each_meta(cx, &input.attrs, attr::EVENT, |cx, meta| {
+            if attr::KEY_AGGREGATE.is(meta) {
+                let ty = attr::parse_type(meta, attr::KEY_AGGREGATE)?;
+                aggregate.set(cx, meta, ty);
+                Ok(())
+            } else {
+                Err(attr::unknown_key(
+                    meta,
+                    "`#[event(...)]` on the enum",
+                    &[attr::KEY_AGGREGATE],
+                ))
+            }
+        });
+        let variants = enum_data(cx, input, "DomainEvent", "Created { .. }, Renamed { .. }")
+            .map(|data| {
+                data.variants
+                    .iter()
+                    .filter_map(|v| EventVariant::from_ast(cx, v))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            ident: &input.ident,
+            aggregate: aggregate.get().map(|s| s.value),
+            variants,
+        }
+    }
+}
+
+impl<'a> EventVariant<'a> {
+    fn from_ast(cx: &mut Ctxt, variant: &'a Variant) -> Option<Self> {
+        let mut name = Slot::new(attr::KEY_NAME);
+        let mut version = Slot::new(attr::KEY_VERSION);
+        let mut apply = Slot::new(attr::KEY_APPLY);
+        let mut upcasts = Vec::new();
+        attr::for_each_meta(cx, &variant.attrs, attr::EVENT, |cx, meta| {
+            if attr::KEY_NAME.is(meta) {
+                let lit = attr::parse_string(meta, attr::KEY_NAME)?;
+                name.set(cx, meta, lit);
+            } else if attr::KEY_VERSION.is(meta) {
+                let n = attr::parse_int(meta, attr::KEY_VERSION)?;
+                let v = to_u32(cx, n, attr::KEY_VERSION);
+                version.set(cx, meta, (v, n.1));
+            } else if attr::KEY_APPLY.is(meta) {
+                let ident = attr::parse_ident(meta, attr::KEY_APPLY)?;
+                apply.set(cx, meta, ident);
+            } else if attr::KEY_UPCAST.is(meta) {
+                if let Some(upcast) = Upcast::parse(cx, meta)? {
+                    upcasts.push(upcast);
+                }
+            } else {
+                return Err(attr::unknown_key(
+                    meta,
+                    "`#[event(...)]` on a variant",
+                    &[
+                        attr::KEY_NAME,
+                        attr::KEY_VERSION,
+                        attr::KEY_UPCAST,
+                        attr::KEY_APPLY,
+                    ],
+                ));
+            }
+            Ok(())
+        });
+        let shape = shape(cx, variant, "event")?;
+        let variant_name = variant.ident.unraw().to_string();
+        let (name, explicit_name) = match name.get() {
+            Some(lit) => (
+                attr::Spanned {
+                    value: lit.value.value(),
+                    span: lit.value.span(),
+                },
+                true,
+            ),
+            None => (
+                attr::Spanned {
+                    value: variant_name.clone(),
+                    span: variant.ident.span(),
+                },
+                false,
+            ),
+        };
+        let version = version.get().map_or(
+            attr::Spanned {
+                value: 1,
+                span: variant.ident.span(),
+            },
+            |s| attr::Spanned {
+                value: s.value.0,
+                span: s.value.1,
+            },
+        );
+        let apply = match apply.get() {
+            Some(s) => s.value,
+            None => {
+                let snake = heck::ToSnakeCase::to_snake_case(variant_name.as_str());
+                method_ident(
+                    cx,
+                    &format!("apply_{snake}"),
+                    variant.ident.span(),
+                    attr::KEY_APPLY,
+                )?
+            }
+        };
+        Some(Self {
+            ident: &variant.ident,
+            name,
+            explicit_name,
+            version,
+            upcasts,
+            apply,
+            shape,
+        })
+    }
+}
+
+impl Upcast {
+    fn parse(cx: &mut Ctxt, meta: &syn::meta::ParseNestedMeta<'_>) -> syn::Result<Option<Self>> {
+        if !meta.input.peek(syn::token::Paren) {
+            return Err(meta.error("expected `upcast(from = <version>, with = <function>)`"));
+        }
+        let mut from = Slot::new(attr::KEY_FROM);
+        let mut with = Slot::new(attr::KEY_WITH);
+        meta.parse_nested_meta(|inner| {
+            if attr::KEY_FROM.is(&inner) {
+                let n = attr::parse_int(&inner, attr::KEY_FROM)?;
+                let v = to_u32(cx, n, attr::KEY_FROM);
+                from.set(cx, &inner, (v, n.1));
+                Ok(())
+            } else if attr::KEY_WITH.is(&inner) {
+                let path = attr::parse_path(&inner, attr::KEY_WITH)?;
+                with.set(cx, &inner, path);
+                Ok(())
+            } else {
+                Err(attr::unknown_key(
+                    &inner,
+                    "`upcast(...)`",
+                    &[attr::KEY_FROM, attr::KEY_WITH],
+                ))
+            }
+        })?;
+        let span = meta.path.span();
+        match (from.get(), with.get()) {
+            (Some(from), Some(with)) => Ok(Some(Self {
+                from: attr::Spanned {
+                    value: from.value.0,
+                    span: from.value.1,
+                },
+                with: with.value,
+                span,
+            })),
+            (None, _) => {
+                cx.error_at(span, "`upcast` needs `from = <version>`: write upcast(from = 1, with = path::to::fn)");
+                Ok(None)
+            }
+            (_, None) => {
+                cx.error_at(span, "`upcast` needs `with = <function>`: write upcast(from = 1, with = path::to::fn)");
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// `#[derive(Command)]` input.
+pub(crate) struct CommandEnum<'a> {
+    pub(crate) ident: &'a Ident,
+    pub(crate) aggregate: Option<syn::Type>,
+    pub(crate) variants: Vec<CommandVariant<'a>>,
+}
+
+/// What a command variant expects of its stream.
+#[derive(Clone, Copy)]
+pub(crate) enum Expectation {
+    MustExist,
+    MustNotExist,
+    Any,
+}
+
+/// One command variant.
+pub(crate) struct CommandVariant<'a> {
+    pub(crate) ident: &'a Ident,
+    pub(crate) handler: Ident,
+    pub(crate) expectation: Expectation,
+    pub(crate) shape: Shape<'a>,
+}
+
+impl<'a> CommandEnum<'a> {
+    pub(crate) fn from_ast(cx: &mut Ctxt, input: &'a DeriveInput) -> Self {
+        let mut aggregate = Slot::new(attr::KEY_AGGREGATE);
+        attr::for_each_meta(cx, &input.attrs, attr::COMMAND, |cx, meta| {
+            if attr::KEY_AGGREGATE.is(meta) {
+                let ty = attr::parse_type(meta, attr::KEY_AGGREGATE)?;
+                aggregate.set(cx, meta, ty);
+                Ok(())
+            } else {
+                Err(attr::unknown_key(
+                    meta,
+                    "`#[command(...)]` on the enum",
+                    &[attr::KEY_AGGREGATE],
+                ))
+            }
+        });
+        let aggregate = aggregate.get().map(|s| s.value);
+        if aggregate.is_none() {
+            cx.error_spanned_by(
+                &input.ident,
+                format_args!(
+                    "derive(Command) needs the aggregate that handles these commands: add `#[command(aggregate = YourAggregate)]` to `{}`",
+                    input.ident
+                ),
+            );
+        }
+        let variants = enum_data(cx, input, "Command", "Create { .. }, Rename { .. }")
+            .map(|data| {
+                data.variants
+                    .iter()
+                    .filter_map(|v| CommandVariant::from_ast(cx, v))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            ident: &input.ident,
+            aggregate,
+            variants,
+        }
+    }
+}
+
+impl<'a> CommandVariant<'a> {
+    fn from_ast(cx: &mut Ctxt, variant: &'a Variant) -> Option<Self> {
+        let mut handler = Slot::new(attr::KEY_HANDLER);
+        let mut expectation: Slot<(Key, Expectation)> =
+            Slot::new(Key("create` or `create_or_update"));
+        attr::for_each_meta(cx, &variant.attrs, attr::COMMAND, |cx, meta| {
+            if attr::KEY_HANDLER.is(meta) {
+                let ident = attr::parse_ident(meta, attr::KEY_HANDLER)?;
+                handler.set(cx, meta, ident);
+            } else if attr::KEY_CREATE.is(meta) {
+                attr::parse_flag(meta, attr::KEY_CREATE)?;
+                expectation.set(cx, meta, (attr::KEY_CREATE, Expectation::MustNotExist));
+            } else if attr::KEY_CREATE_OR_UPDATE.is(meta) {
+                attr::parse_flag(meta, attr::KEY_CREATE_OR_UPDATE)?;
+                expectation.set(cx, meta, (attr::KEY_CREATE_OR_UPDATE, Expectation::Any));
+            } else {
+                return Err(attr::unknown_key(
+                    meta,
+                    "`#[command(...)]` on a variant",
+                    &[
+                        attr::KEY_HANDLER,
+                        attr::KEY_CREATE,
+                        attr::KEY_CREATE_OR_UPDATE,
+                    ],
+                ));
+            }
+            Ok(())
+        });
+        let shape = shape(cx, variant, "command")?;
+        let handler = match handler.get() {
+            Some(s) => s.value,
+            None => {
+                let snake =
+                    heck::ToSnakeCase::to_snake_case(variant.ident.unraw().to_string().as_str());
+                method_ident(cx, &snake, variant.ident.span(), attr::KEY_HANDLER)?
+            }
+        };
+        Some(Self {
+            ident: &variant.ident,
+            handler,
+            expectation: expectation
+                .get()
+                .map_or(Expectation::MustExist, |s| s.value.1),
+            shape,
+        })
+    }
+}
+
+/// `#[derive(Aggregate)]` input.
+pub(crate) struct AggregateStruct<'a> {
+    pub(crate) ident: &'a Ident,
+    pub(crate) name: Option<attr::Spanned<String>>,
+    pub(crate) command: Option<syn::Type>,
+    pub(crate) event: Option<syn::Type>,
+    pub(crate) error: Option<syn::Type>,
+    pub(crate) snapshot: Option<Snapshot>,
+}
+
+/// `snapshot(every = N, version = V)`.
+pub(crate) struct Snapshot {
+    pub(crate) every: attr::Spanned<u64>,
+    pub(crate) version: attr::Spanned<u32>,
+}
+
+impl<'a> AggregateStruct<'a> {
+    pub(crate) fn from_ast(cx: &mut Ctxt, input: &'a DeriveInput) -> Self {
+        if !input.generics.params.is_empty() {
+            cx.error_spanned_by(
+                &input.generics,
+                "derive(Aggregate) does not support generic parameters: use a concrete type",
+            );
+        }
+        if let Data::Union(data) = &input.data {
+            cx.error_spanned_by(
+                data.union_token,
+                "derive(Aggregate) works on a struct or an enum, not a union",
+            );
+        }
+        let mut name = Slot::new(attr::KEY_NAME);
+        let mut command = Slot::new(attr::KEY_COMMAND);
+        let mut event = Slot::new(attr::KEY_EVENT);
+        let mut error = Slot::new(attr::KEY_ERROR);
+        let mut snapshot = Slot::new(attr::KEY_SNAPSHOT);
+        let seen = input
+            .attrs
+            .iter()
+            .any(|a| a.path().is_ident(attr::AGGREGATE));
+        attr::for_each_meta(cx, &input.attrs, attr::AGGREGATE, |cx, meta| {
+            if attr::KEY_NAME.is(meta) {
+                let lit = attr::parse_string(meta, attr::KEY_NAME)?;
+                name.set(cx, meta, lit);
+            } else if attr::KEY_COMMAND.is(meta) {
+                let ty = attr::parse_type(meta, attr::KEY_COMMAND)?;
+                command.set(cx, meta, ty);
+            } else if attr::KEY_EVENT.is(meta) {
+                let ty = attr::parse_type(meta, attr::KEY_EVENT)?;
+                event.set(cx, meta, ty);
+            } else if attr::KEY_ERROR.is(meta) {
+                let ty = attr::parse_type(meta, attr::KEY_ERROR)?;
+                error.set(cx, meta, ty);
+            } else if attr::KEY_SNAPSHOT.is(meta) {
+                if let Some(s) = Snapshot::parse(cx, meta)? {
+                    snapshot.set(cx, meta, s);
+                }
+            } else {
+                return Err(attr::unknown_key(
+                    meta,
+                    "`#[aggregate(...)]`",
+                    &[
+                        attr::KEY_NAME,
+                        attr::KEY_COMMAND,
+                        attr::KEY_EVENT,
+                        attr::KEY_ERROR,
+                        attr::KEY_SNAPSHOT,
+                    ],
+                ));
+            }
+            Ok(())
+        });
+        let this = Self {
+            ident: &input.ident,
+            name: name.get().map(|s| attr::Spanned {
+                value: s.value.value(),
+                span: s.value.span(),
+            }),
+            command: command.get().map(|s| s.value),
+            event: event.get().map(|s| s.value),
+            error: error.get().map(|s| s.value),
+            snapshot: snapshot.get().map(|s| s.value),
+        };
+        let ident = &input.ident;
+        if !seen {
+            cx.error_spanned_by(
+                ident,
+                format_args!(
+                    "derive(Aggregate) needs `#[aggregate(name = \"...\", command = ..., event = ..., error = ...)]` on `{ident}`"
+                ),
+            );
+        } else {
+            let missing: Vec<&str> = [
+                (this.name.is_none(), "name = \"...\""),
+                (this.command.is_none(), "command = YourCommand"),
+                (this.event.is_none(), "event = YourEvent"),
+                (this.error.is_none(), "error = YourError"),
+            ]
+            .into_iter()
+            .filter_map(|(missing, key)| missing.then_some(key))
+            .collect();
+            if !missing.is_empty() {
+                cx.error_spanned_by(
+                    ident,
+                    format_args!(
+                        "`#[aggregate(...)]` on `{ident}` is missing {}",
+                        missing.join(", ")
+                    ),
+                );
+            }
+        }
+        this
+    }
+}
+
+impl Snapshot {
+    fn parse(cx: &mut Ctxt, meta: &syn::meta::ParseNestedMeta<'_>) -> syn::Result<Option<Self>> {
+        if !meta.input.peek(syn::token::Paren) {
+            return Err(meta.error("expected `snapshot(every = <events>)`"));
+        }
+        let mut every = Slot::new(attr::KEY_EVERY);
+        let mut version = Slot::new(attr::KEY_VERSION);
+        meta.parse_nested_meta(|inner| {
+            if attr::KEY_EVERY.is(&inner) {
+                let n = attr::parse_int(&inner, attr::KEY_EVERY)?;
+                every.set(cx, &inner, n);
+                Ok(())
+            } else if attr::KEY_VERSION.is(&inner) {
+                let n = attr::parse_int(&inner, attr::KEY_VERSION)?;
+                let v = to_u32(cx, n, attr::KEY_VERSION);
+                version.set(cx, &inner, (v, n.1));
+                Ok(())
+            } else {
+                Err(attr::unknown_key(
+                    &inner,
+                    "`snapshot(...)`",
+                    &[attr::KEY_EVERY, attr::KEY_VERSION],
+                ))
+            }
+        })?;
+        let span = meta.path.span();
+        let Some(every) = every.get() else {
+            cx.error_at(
+                span,
+                "`snapshot` needs `every = <events>`: write snapshot(every = 100)",
+            );
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            every: attr::Spanned {
+                value: every.value.0,
+                span: every.value.1,
+            },
+            version: version
+                .get()
+                .map_or(attr::Spanned { value: 1, span }, |s| attr::Spanned {
+                    value: s.value.0,
+                    span: s.value.1,
+                }),
+        }))
+    }
+}

@@ -1,0 +1,218 @@
+//! Attribute keys and the helpers that parse `#[event(..)]`, `#[command(..)]` and `#[aggregate(..)]`.
+
+use proc_macro2::Span;
+use syn::meta::ParseNestedMeta;
+use syn::spanned::Spanned as _;
+use syn::{Attribute, Ident, LitInt, LitStr};
+
+use crate::ctxt::Ctxt;
+
+/// One attribute key: its name as written.
+#[derive(Clone, Copy)]
+pub(crate) struct Key(pub(crate) &'static str);
+
+impl Key {
+    pub(crate) fn is(self, meta: &ParseNestedMeta<'_>) -> bool {
+        meta.path.is_ident(self.0)
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}`", self.0)
+    }
+}
+
+pub(crate) const EVENT: &str = "event";
+pub(crate) const COMMAND: &str = "command";
+pub(crate) const AGGREGATE: &str = "aggregate";
+
+// Keys of `#[event(..)]`, `#[command(..)]` and `#[aggregate(..)]`.
+pub(crate) const KEY_AGGREGATE: Key = Key("aggregate");
+pub(crate) const KEY_NAME: Key = Key("name");
+pub(crate) const KEY_VERSION: Key = Key("version");
+pub(crate) const KEY_UPCAST: Key = Key("upcast");
+pub(crate) const KEY_FROM: Key = Key("from");
+pub(crate) const KEY_WITH: Key = Key("with");
+pub(crate) const KEY_APPLY: Key = Key("apply");
+pub(crate) const KEY_HANDLER: Key = Key("handler");
+pub(crate) const KEY_CREATE: Key = Key("create");
+pub(crate) const KEY_CREATE_OR_UPDATE: Key = Key("create_or_update");
+pub(crate) const KEY_COMMAND: Key = Key("command");
+pub(crate) const KEY_EVENT: Key = Key("event");
+pub(crate) const KEY_ERROR: Key = Key("error");
+pub(crate) const KEY_SNAPSHOT: Key = Key("snapshot");
+pub(crate) const KEY_EVERY: Key = Key("every");
+
+/// A value parsed from an attribute, with the span of the key for errors.
+pub(crate) struct Spanned<T> {
+    pub(crate) value: T,
+    pub(crate) span: Span,
+}
+
+/// A key that may be given at most once; the second occurrence is the error.
+pub(crate) struct Slot<T> {
+    key: Key,
+    value: Option<Spanned<T>>,
+}
+
+impl<T> Slot<T> {
+    pub(crate) const fn new(key: Key) -> Self {
+        Self { key, value: None }
+    }
+
+    /// Stores `value` unless the key was given already, which is reported at the key.
+    pub(crate) fn set(&mut self, cx: &mut Ctxt, meta: &ParseNestedMeta<'_>, value: T) {
+        if self.value.is_some() {
+            cx.error_spanned_by(&meta.path, format_args!("duplicate {} key", self.key));
+        } else {
+            self.value = Some(Spanned {
+                value,
+                span: meta.path.span(),
+            });
+        }
+    }
+
+    pub(crate) fn get(self) -> Option<Spanned<T>> {
+        self.value
+    }
+}
+
+/// Calls `each` for every `key` or `key = value` in every `#[name(..)]` among `attrs`; other
+/// attributes are not ours and are left alone.
+pub(crate) fn for_each_meta(
+    cx: &mut Ctxt,
+    attrs: &[Attribute],
+    name: &str,
+    mut each: impl FnMut(&mut Ctxt, &ParseNestedMeta<'_>) -> syn::Result<()>,
+) {
+    for attr in attrs.iter().filter(|a| a.path().is_ident(name)) {
+        if let syn::Meta::Path(path) = &attr.meta {
+            cx.error_spanned_by(
+                path,
+                format_args!("expected `#[{name}(...)]` with keys inside"),
+            );
+            continue;
+        }
+        let mut errors = Vec::new();
+        let parsed = attr.parse_nested_meta(|meta| {
+            // Errors of one key are collected so the following keys are still checked.
+            if let Err(error) = each(cx, &meta) {
+                errors.push(error);
+                skip_value(&meta);
+            }
+            Ok(())
+        });
+        if let Err(error) = parsed {
+            cx.syn_error(error);
+        }
+        for error in errors {
+            cx.syn_error(error);
+        }
+    }
+}
+
+/// Consumes what follows a key we rejected, so parsing can go on with the next key.
+fn skip_value(meta: &ParseNestedMeta<'_>) {
+    if meta.input.peek(syn::Token![=]) {
+        let _ = meta.value().and_then(|v| v.parse::<syn::Expr>());
+    } else if meta.input.peek(syn::token::Paren) {
+        let _ = meta.parse_nested_meta(|inner| {
+            skip_value(&inner);
+            Ok(())
+        });
+    }
+}
+
+/// The error for a key that is not accepted here, listing those that are.
+pub(crate) fn unknown_key(meta: &ParseNestedMeta<'_>, place: &str, accepted: &[Key]) -> syn::Error {
+    let path = &meta.path;
+    let key = quote::quote!(#path).to_string().replace(' ', "");
+    let list = accepted
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    meta.error(format_args!(
+        "unknown key `{key}` in {place}; expected one of: {list}"
+    ))
+}
+
+/// `key = "string"`.
+pub(crate) fn parse_string(meta: &ParseNestedMeta<'_>, key: Key) -> syn::Result<LitStr> {
+    let value = meta.value()?;
+    if value.peek(LitStr) {
+        value.parse()
+    } else {
+        Err(value.error(format_args!("expected a string: {key} = \"...\"")))
+    }
+}
+
+/// `key = 123` as a `u64`.
+pub(crate) fn parse_int(meta: &ParseNestedMeta<'_>, key: Key) -> syn::Result<(u64, Span)> {
+    let value = meta.value()?;
+    if value.peek(LitInt) {
+        let lit: LitInt = value.parse()?;
+        let n = lit.base10_parse::<u64>()?;
+        Ok((n, lit.span()))
+    } else {
+        Err(value.error(format_args!("expected a whole number: {key} = 1")))
+    }
+}
+
+/// `key = Type` (a type path like `OrderEvent` or `crate::order::OrderEvent`).
+pub(crate) fn parse_type(meta: &ParseNestedMeta<'_>, key: Key) -> syn::Result<syn::Type> {
+    let value = meta.value()?;
+    if value.peek(LitStr) {
+        let lit: LitStr = value.parse()?;
+        return Err(syn::Error::new(
+            lit.span(),
+            format_args!(
+                "expected a type, not a string: write {key} = {}",
+                lit.value()
+            ),
+        ));
+    }
+    value.parse()
+}
+
+/// `key = method_name`.
+pub(crate) fn parse_ident(meta: &ParseNestedMeta<'_>, key: Key) -> syn::Result<Ident> {
+    let value = meta.value()?;
+    if value.peek(LitStr) {
+        let lit: LitStr = value.parse()?;
+        return Err(syn::Error::new(
+            lit.span(),
+            format_args!(
+                "expected a method name, not a string: write {key} = {}",
+                lit.value()
+            ),
+        ));
+    }
+    value.call(syn::ext::IdentExt::parse_any)
+}
+
+/// `key = path::to::function`.
+pub(crate) fn parse_path(meta: &ParseNestedMeta<'_>, key: Key) -> syn::Result<syn::Path> {
+    let value = meta.value()?;
+    if value.peek(LitStr) {
+        let lit: LitStr = value.parse()?;
+        return Err(syn::Error::new(
+            lit.span(),
+            format_args!(
+                "expected a function path, not a string: write {key} = {}",
+                lit.value()
+            ),
+        ));
+    }
+    value.parse()
+}
+
+/// A bare flag: `key` with nothing after it.
+pub(crate) fn parse_flag(meta: &ParseNestedMeta<'_>, key: Key) -> syn::Result<()> {
+    if meta.input.peek(syn::Token![=]) || meta.input.peek(syn::token::Paren) {
+        Err(meta.error(format_args!("{key} takes no value: write just {key}")))
+    } else {
+        Ok(())
+    }
+}

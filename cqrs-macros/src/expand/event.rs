@@ -1,0 +1,260 @@
+//! `#[derive(DomainEvent)]`.
+
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote, quote_spanned};
+use syn::ext::IdentExt;
+use syn::{DeriveInput, Ident};
+
+use crate::ast::{EventEnum, EventVariant, Shape};
+use crate::ctxt::Ctxt;
+use crate::valid;
+
+pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
+    let mut cx = Ctxt::default();
+    let model = EventEnum::from_ast(&mut cx, input);
+    valid::event_enum(&mut cx, &model);
+    let result = cx.check().map(|()| generate(&model));
+    super::finish(result, stub(&model))
+}
+
+/// Serde attributes of a field, to forward to a helper struct.
+fn serde_attrs(field: &syn::Field) -> impl Iterator<Item = &syn::Attribute> {
+    field.attrs.iter().filter(|a| a.path().is_ident("serde"))
+}
+
+fn helper_ident(prefix: &str, variant: &Ident) -> Ident {
+    format_ident!("__Cqrs{}{}", prefix, variant.unraw())
+}
+
+fn generate(model: &EventEnum<'_>) -> TokenStream {
+    let ident = model.ident;
+    let names: Vec<&String> = model.variants.iter().map(|v| &v.name.value).collect();
+    let type_arms = model.variants.iter().map(|v| {
+        let (variant, name) = (v.ident, &v.name.value);
+        quote!(Self::#variant { .. } => #name,)
+    });
+    let version_arms = model.variants.iter().map(|v| {
+        let (variant, version) = (v.ident, v.version.value);
+        quote!(Self::#variant { .. } => #version,)
+    });
+    let helpers = model.variants.iter().map(helper_structs);
+    let encode_arms = model.variants.iter().map(encode_arm);
+    let decode_arms = model.variants.iter().map(decode_arm);
+    let apply = model
+        .aggregate
+        .as_ref()
+        .map(|aggregate| apply_impl(model, aggregate));
+    quote! {
+        #[doc(hidden)]
+        #[allow(non_camel_case_types, non_snake_case, clippy::all, clippy::pedantic)]
+        const _: () = {
+            #(#helpers)*
+
+            #[automatically_derived]
+            impl ::cqrs_core::DomainEvent for #ident {
+                const EVENT_TYPES: &'static [&'static str] = &[#(#names),*];
+
+                fn event_type(&self) -> &'static str {
+                    match self { #(#type_arms)* }
+                }
+
+                fn schema_version(&self) -> u32 {
+                    match self { #(#version_arms)* }
+                }
+
+                fn encode(&self) -> ::core::result::Result<::cqrs_core::EncodedEvent, ::cqrs_core::event::EncodeError> {
+                    ::core::result::Result::Ok(match self { #(#encode_arms)* })
+                }
+
+                fn decode(
+                    event_type: &str,
+                    schema_version: u32,
+                    payload: &::cqrs_core::__private::serde_json::Value,
+                ) -> ::core::result::Result<Self, ::cqrs_core::DecodeError> {
+                    match event_type {
+                        #(#decode_arms)*
+                        __other => ::core::result::Result::Err(
+                            ::cqrs_core::__private::unknown_type(__other, <Self as ::cqrs_core::DomainEvent>::EVENT_TYPES),
+                        ),
+                    }
+                }
+            }
+
+            #apply
+        };
+    }
+}
+
+/// For a struct variant: a serializer over references to the fields and an owned deserializer, both
+/// carrying the fields' `#[serde(..)]` attributes.
+fn helper_structs(v: &EventVariant<'_>) -> TokenStream {
+    let Shape::Struct(fields) = &v.shape else {
+        return TokenStream::new();
+    };
+    let ser = helper_ident("Ser", v.ident);
+    let de = helper_ident("De", v.ident);
+    let ser_fields = fields.iter().map(|f| {
+        let (name, ty, attrs) = (&f.ident, &f.ty, serde_attrs(f));
+        quote!(#(#attrs)* #name: &'__cqrs #ty,)
+    });
+    let de_fields = fields.iter().map(|f| {
+        let (name, ty, attrs) = (&f.ident, &f.ty, serde_attrs(f));
+        quote!(#(#attrs)* #name: #ty,)
+    });
+    quote! {
+        #[derive(::cqrs_core::__private::serde::Serialize)]
+        #[serde(crate = "::cqrs_core::__private::serde")]
+        struct #ser<'__cqrs> { #(#ser_fields)* }
+
+        #[derive(::cqrs_core::__private::serde::Deserialize)]
+        #[serde(crate = "::cqrs_core::__private::serde")]
+        struct #de { #(#de_fields)* }
+    }
+}
+
+fn encode_arm(v: &EventVariant<'_>) -> TokenStream {
+    let (variant, name, version) = (v.ident, &v.name.value, v.version.value);
+    let (pattern, payload) = match &v.shape {
+        Shape::Unit => (
+            quote!(Self::#variant),
+            quote!(::cqrs_core::__private::serde_json::Value::Object(
+                ::cqrs_core::__private::serde_json::Map::new()
+            )),
+        ),
+        Shape::Newtype => (
+            quote!(Self::#variant(__value)),
+            quote!(::cqrs_core::__private::encode_payload(#name, __value)?),
+        ),
+        Shape::Struct(fields) => {
+            let ser = helper_ident("Ser", v.ident);
+            let names: Vec<_> = fields.iter().map(|f| &f.ident).collect();
+            (
+                quote!(Self::#variant { #(#names),* }),
+                quote!(::cqrs_core::__private::encode_payload(#name, &#ser { #(#names),* })?),
+            )
+        }
+    };
+    quote! {
+        #pattern => ::cqrs_core::EncodedEvent {
+            event_type: #name,
+            schema_version: #version,
+            payload: #payload,
+        },
+    }
+}
+
+fn decode_arm(v: &EventVariant<'_>) -> TokenStream {
+    let (variant, name, current) = (v.ident, &v.name.value, v.version.value);
+    let mut upcasts: Vec<_> = v.upcasts.iter().collect();
+    upcasts.sort_by_key(|u| u.from.value);
+    let oldest = upcasts.first().map_or(current, |u| u.from.value);
+    let chain = upcasts.iter().map(|u| {
+        let (from, with) = (u.from.value, &u.with);
+        let with = quote_spanned!(u.span=> #with);
+        quote! {
+            if __found <= #from {
+                __value = ::cqrs_core::__private::upcast(#name, #from, #with, __value)?;
+            }
+        }
+    });
+    let upcast_arm = (!upcasts.is_empty()).then(|| {
+        quote! {
+            __found if __found >= #oldest && __found < #current => {
+                let mut __value = ::core::clone::Clone::clone(payload);
+                #(#chain)*
+                __upcasted = __value;
+                &__upcasted
+            }
+        }
+    });
+    let build = match &v.shape {
+        Shape::Unit => quote! {
+            let _: ::cqrs_core::__private::serde::de::IgnoredAny =
+                ::cqrs_core::__private::decode_payload(#name, #current, __payload)?;
+            Self::#variant
+        },
+        Shape::Newtype => quote! {
+            Self::#variant(::cqrs_core::__private::decode_payload(#name, #current, __payload)?)
+        },
+        Shape::Struct(fields) => {
+            let de = helper_ident("De", v.ident);
+            let names: Vec<_> = fields.iter().map(|f| &f.ident).collect();
+            quote! {
+                let __fields: #de = ::cqrs_core::__private::decode_payload(#name, #current, __payload)?;
+                Self::#variant { #(#names: __fields.#names),* }
+            }
+        }
+    };
+    quote! {
+        #name => {
+            let __upcasted: ::cqrs_core::__private::serde_json::Value;
+            let __payload: &::cqrs_core::__private::serde_json::Value = match schema_version {
+                #current => payload,
+                #upcast_arm
+                __found => {
+                    return ::core::result::Result::Err(
+                        ::cqrs_core::__private::unsupported_version(#name, __found, #oldest, #current),
+                    );
+                }
+            };
+            ::core::result::Result::Ok({ #build })
+        }
+    }
+}
+
+fn apply_impl(model: &EventEnum<'_>, aggregate: &syn::Type) -> TokenStream {
+    let ident = model.ident;
+    let arms = model.variants.iter().map(|v| {
+        let (variant, method) = (v.ident, &v.apply);
+        let (pattern, args) = match &v.shape {
+            Shape::Unit => (quote!(Self::#variant), quote!()),
+            Shape::Newtype => (quote!(Self::#variant(__value)), quote!(, __value)),
+            Shape::Struct(fields) => {
+                let names: Vec<_> = fields.iter().map(|f| &f.ident).collect();
+                (quote!(Self::#variant { #(#names),* }), quote!(#(, #names)*))
+            }
+        };
+        let call = quote_spanned!(v.ident.span()=> <#aggregate>::#method(__aggregate #args));
+        quote!(#pattern => #call,)
+    });
+    quote! {
+        #[automatically_derived]
+        impl ::cqrs_core::ApplyTo<#aggregate> for #ident {
+            fn apply_to(&self, __aggregate: &mut #aggregate) {
+                match self { #(#arms)* }
+            }
+        }
+    }
+}
+
+/// Emitted with the errors: keeps uses of the enum from failing too.
+fn stub(model: &EventEnum<'_>) -> TokenStream {
+    let ident = model.ident;
+    let apply = model.aggregate.as_ref().map(|aggregate| {
+        quote! {
+            impl ::cqrs_core::ApplyTo<#aggregate> for #ident {
+                fn apply_to(&self, _: &mut #aggregate) {}
+            }
+        }
+    });
+    quote! {
+        const _: () = {
+            impl ::cqrs_core::DomainEvent for #ident {
+                const EVENT_TYPES: &'static [&'static str] = &[];
+                fn event_type(&self) -> &'static str { "" }
+                fn schema_version(&self) -> u32 { 0 }
+                fn encode(&self) -> ::core::result::Result<::cqrs_core::EncodedEvent, ::cqrs_core::event::EncodeError> {
+                    ::core::unreachable!()
+                }
+                fn decode(
+                    _: &str,
+                    _: u32,
+                    _: &::cqrs_core::__private::serde_json::Value,
+                ) -> ::core::result::Result<Self, ::cqrs_core::DecodeError> {
+                    ::core::unreachable!()
+                }
+            }
+            #apply
+        };
+    }
+}

@@ -1,0 +1,43 @@
+//! Derive macros of the cqrs framework. Use them through `cqrs-core`, which re-exports them and holds
+//! the traits they implement: `#[derive(cqrs_core::Aggregate)]`, `#[derive(cqrs_core::Command)]`,
+//! `#[derive(cqrs_core::DomainEvent)]`. The attribute reference is in the `cqrs-core` crate docs.
+
+mod ast;
+mod attr;
+mod ctxt;
+mod expand;
+mod valid;
+
+use proc_macro::TokenStream;
+use syn::{DeriveInput, parse_macro_input};
+
+/// Implements `cqrs_core::DomainEvent` for an enum of events, and `cqrs_core::ApplyTo<A>` when the
+/// enum names its aggregate with `#[event(aggregate = A)]`.
+///
+/// Variant keys: `name = "..."` (stable type name, default: the variant's name), `version = N`
+/// (schema version, default 1), `upcast(from = N, with = path)` (repeatable), `apply = method`
+/// (default: `apply_<variant in snake_case>`).
+#[proc_macro_derive(DomainEvent, attributes(event))]
+pub fn derive_domain_event(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    expand::event::derive(&input).into()
+}
+
+/// Implements `cqrs_core::Command` for an enum of commands: `#[command(aggregate = A)]` on the enum;
+/// each variant calls `A::<variant in snake_case>(&self, fields..)`, or `#[command(handler = name)]`.
+/// `#[command(create)]` marks a command that starts a new aggregate, `#[command(create_or_update)]`
+/// one that works on a new or existing aggregate.
+#[proc_macro_derive(Command, attributes(command))]
+pub fn derive_command(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    expand::command::derive(&input).into()
+}
+
+/// Implements `cqrs_core::Aggregate`:
+/// `#[aggregate(name = "order", command = OrderCommand, event = OrderEvent, error = OrderError)]`,
+/// optionally `snapshot(every = 100, version = 1)`.
+#[proc_macro_derive(Aggregate, attributes(aggregate))]
+pub fn derive_aggregate(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    expand::aggregate::derive(&input).into()
+}

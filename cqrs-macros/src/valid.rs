@@ -1,0 +1,198 @@
+//! Checks across attributes and variants, one function per rule.
+
+use std::collections::BTreeMap;
+
+use crate::ast::{AggregateStruct, EventEnum, Shape};
+use crate::ctxt::Ctxt;
+
+/// Serde field attributes that cannot work on an event's struct variant: the generated serializer
+/// holds the fields by reference, so these functions would receive `&&T`.
+const UNSUPPORTED_SERDE: &[&str] = &["skip_serializing_if", "serialize_with", "with"];
+
+pub(crate) fn event_enum(cx: &mut Ctxt, input: &EventEnum<'_>) {
+    event_names_are_stored_names(cx, input);
+    event_names_are_unique(cx, input);
+    event_versions_start_at_one(cx, input);
+    upcasts_form_a_chain(cx, input);
+    event_fields_serialize_by_reference(cx, input);
+}
+
+/// A type name is stored with every event and read back by name: it must be non-empty text without
+/// surrounding or control whitespace, or a stored event could never be matched to its variant.
+fn event_names_are_stored_names(cx: &mut Ctxt, input: &EventEnum<'_>) {
+    for v in &input.variants {
+        let name = &v.name.value;
+        if name.is_empty() {
+            cx.error_at(
+                v.name.span,
+                "event name is empty: write name = \"OrderCreated\"",
+            );
+        } else if name.trim() != name || name.chars().any(char::is_control) {
+            cx.error_at(
+                v.name.span,
+                format_args!(
+                    "event name `{}` has leading, trailing or control whitespace: write it without",
+                    name.escape_debug()
+                ),
+            );
+        }
+    }
+}
+
+/// Two variants with one stored name would make decoding ambiguous; the error points at the second
+/// one and notes the first.
+fn event_names_are_unique(cx: &mut Ctxt, input: &EventEnum<'_>) {
+    let mut seen: BTreeMap<&str, &crate::ast::EventVariant<'_>> = BTreeMap::new();
+    for v in &input.variants {
+        if let Some(first) = seen.get(v.name.value.as_str()) {
+            let fix = if v.explicit_name {
+                "give one of them another `name`"
+            } else {
+                "give one of them another name with #[event(name = \"...\")]"
+            };
+            cx.error_at(
+                v.name.span,
+                format_args!(
+                    "duplicate event name `{}`: variant `{}` uses it too; {fix}",
+                    v.name.value, first.ident
+                ),
+            );
+            cx.error_at(
+                first.name.span,
+                format_args!("event name `{}` first used here", v.name.value),
+            );
+        } else {
+            seen.insert(&v.name.value, v);
+        }
+    }
+}
+
+/// Schema versions count from 1; 0 would be read as "no version".
+fn event_versions_start_at_one(cx: &mut Ctxt, input: &EventEnum<'_>) {
+    for v in &input.variants {
+        if v.version.value == 0 {
+            cx.error_at(
+                v.version.span,
+                "schema versions start at 1: write version = 1 or higher",
+            );
+        }
+    }
+}
+
+/// Upcasters turn a payload of version `from` into version `from + 1`; together they must lead from
+/// the oldest declared version to the current one without a hole, each version once.
+fn upcasts_form_a_chain(cx: &mut Ctxt, input: &EventEnum<'_>) {
+    for v in &input.variants {
+        let current = v.version.value;
+        let mut froms = BTreeMap::new();
+        for u in &v.upcasts {
+            let from = u.from.value;
+            if from == 0 {
+                cx.error_at(
+                    u.from.span,
+                    "schema versions start at 1: upcast from 1 or higher",
+                );
+            } else if from >= current {
+                cx.error_at(
+                    u.from.span,
+                    format_args!(
+                        "upcast from version {from} must be below the event's version {current}: raise `version` or lower `from`"
+                    ),
+                );
+            } else if froms.insert(from, u).is_some() {
+                cx.error_at(
+                    u.from.span,
+                    format_args!("duplicate upcast from version {from}"),
+                );
+            }
+        }
+        if let Some((&oldest, first)) = froms.iter().next() {
+            for missing in (oldest..current).filter(|n| !froms.contains_key(n)) {
+                cx.error_at(
+                    first.span,
+                    format_args!(
+                        "upcasters must lead from version {oldest} to {current}: add upcast(from = {missing}, with = ...)"
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// See [`UNSUPPORTED_SERDE`].
+fn event_fields_serialize_by_reference(cx: &mut Ctxt, input: &EventEnum<'_>) {
+    for v in &input.variants {
+        let Shape::Struct(fields) = &v.shape else {
+            continue;
+        };
+        for attr in fields
+            .iter()
+            .flat_map(|f| &f.attrs)
+            .filter(|a| a.path().is_ident("serde"))
+        {
+            let _ = attr.parse_nested_meta(|meta| {
+                if let Some(key) = UNSUPPORTED_SERDE.iter().find(|k| meta.path.is_ident(k)) {
+                    cx.error_spanned_by(
+                        &meta.path,
+                        format_args!(
+                            "#[serde({key})] is not supported on the fields of an event variant: move the fields into a struct with its own serde derive and use a newtype variant `{}(YourStruct)`",
+                            v.ident
+                        ),
+                    );
+                }
+                // Skip the value: this pass only looks for keys.
+                if meta.input.peek(syn::Token![=]) {
+                    meta.value()?.parse::<syn::Expr>()?;
+                } else if meta.input.peek(syn::token::Paren) {
+                    let content;
+                    syn::parenthesized!(content in meta.input);
+                    content.parse::<proc_macro2::TokenStream>()?;
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+pub(crate) fn aggregate(cx: &mut Ctxt, input: &AggregateStruct<'_>) {
+    aggregate_name_is_a_stream_prefix(cx, input);
+    snapshot_values_are_positive(cx, input);
+}
+
+/// The aggregate name starts every stream id and names Kafka topics: ASCII letters, digits, `_`, `-`
+/// and `.`, as Kafka topic names allow, and not empty.
+fn aggregate_name_is_a_stream_prefix(cx: &mut Ctxt, input: &AggregateStruct<'_>) {
+    let Some(name) = &input.name else { return };
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    if name.value.is_empty() {
+        cx.error_at(name.span, "aggregate name is empty: write name = \"order\"");
+    } else if !name.value.chars().all(valid) || name.value.len() > 200 {
+        cx.error_at(
+            name.span,
+            format_args!(
+                "aggregate name `{}` may hold only ASCII letters, digits, `_`, `-` and `.` (at most 200): write for example name = \"{}\"",
+                name.value.escape_debug(),
+                name.value.chars().filter(|&c| valid(c)).collect::<String>().to_lowercase()
+            ),
+        );
+    }
+}
+
+/// A snapshot every 0 events, or a snapshot schema version 0, means nothing.
+fn snapshot_values_are_positive(cx: &mut Ctxt, input: &AggregateStruct<'_>) {
+    let Some(snapshot) = &input.snapshot else {
+        return;
+    };
+    if snapshot.every.value == 0 {
+        cx.error_at(
+            snapshot.every.span,
+            "snapshot every 0 events: write every = 1 or more, or remove `snapshot`",
+        );
+    }
+    if snapshot.version.value == 0 {
+        cx.error_at(
+            snapshot.version.span,
+            "snapshot schema versions start at 1: write version = 1 or higher",
+        );
+    }
+}

@@ -1,0 +1,5 @@
+//! Domains used by the runnable examples (`src/bin/`) and the integration tests: copy one to start
+//! your own aggregate.
+
+pub mod bank;
+pub mod order;

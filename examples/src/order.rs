@@ -1,0 +1,185 @@
+//! The order aggregate: created, confirmed, cancelled.
+//!
+//! Rules: only a pending order can be confirmed; an order can be cancelled unless it is shipped,
+//! delivered or cancelled already.
+
+use cqrs_core::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// One line of an order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderItem {
+    /// The product.
+    pub sku: String,
+    /// How many.
+    pub quantity: u32,
+    /// Price of one, in cents.
+    pub unit_price_cents: u64,
+}
+
+/// Where an order is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum OrderStatus {
+    /// Not created yet.
+    #[default]
+    New,
+    /// Created, waiting for confirmation.
+    Pending,
+    /// Confirmed.
+    Confirmed,
+    /// Handed to the carrier.
+    Shipped,
+    /// Received by the customer.
+    Delivered,
+    /// Cancelled.
+    Cancelled,
+}
+
+/// The events of an order.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+#[event(aggregate = Order)]
+pub enum OrderEvent {
+    /// An order was placed.
+    OrderCreated {
+        /// Who ordered.
+        customer_id: String,
+        /// What.
+        items: Vec<OrderItem>,
+    },
+    /// The order was confirmed.
+    OrderConfirmed,
+    /// The order was cancelled.
+    OrderCancelled {
+        /// Why.
+        reason: String,
+    },
+    /// The order left the warehouse.
+    OrderShipped {
+        /// The carrier's tracking number.
+        tracking: String,
+    },
+}
+
+/// The commands of an order.
+#[derive(Debug, Clone, Command)]
+#[command(aggregate = Order)]
+pub enum OrderCommand {
+    /// Place a new order.
+    #[command(create, handler = create)]
+    CreateOrder {
+        /// Who orders.
+        customer_id: String,
+        /// What.
+        items: Vec<OrderItem>,
+    },
+    /// Confirm a pending order.
+    #[command(handler = confirm)]
+    ConfirmOrder,
+    /// Cancel an order.
+    #[command(handler = cancel)]
+    CancelOrder {
+        /// Why.
+        reason: String,
+    },
+    /// Ship a confirmed order.
+    #[command(handler = ship)]
+    ShipOrder {
+        /// The carrier's tracking number.
+        tracking: String,
+    },
+}
+
+/// Why an order command is rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OrderError {
+    /// An order needs at least one item.
+    #[error("an order needs at least one item")]
+    NoItems,
+    /// A quantity of zero.
+    #[error("item `{0}` has quantity 0")]
+    ZeroQuantity(String),
+    /// Only pending orders can be confirmed.
+    #[error("only a pending order can be confirmed; this one is {0:?}")]
+    NotPending(OrderStatus),
+    /// Shipped, delivered and cancelled orders cannot be cancelled.
+    #[error("a {0:?} order cannot be cancelled")]
+    CannotCancel(OrderStatus),
+    /// Only confirmed orders can be shipped.
+    #[error("only a confirmed order can be shipped; this one is {0:?}")]
+    NotConfirmed(OrderStatus),
+}
+
+/// An order's state.
+#[derive(Debug, Default, Aggregate)]
+#[aggregate(name = "order", command = OrderCommand, event = OrderEvent, error = OrderError)]
+pub struct Order {
+    /// Where it is in its life.
+    pub status: OrderStatus,
+    /// Who ordered.
+    pub customer_id: String,
+    /// What.
+    pub items: Vec<OrderItem>,
+    /// Sum of the lines, in cents.
+    pub total_cents: u64,
+}
+
+impl Order {
+    fn create(
+        &self,
+        customer_id: String,
+        items: Vec<OrderItem>,
+    ) -> Result<Vec<OrderEvent>, OrderError> {
+        if items.is_empty() {
+            return Err(OrderError::NoItems);
+        }
+        if let Some(item) = items.iter().find(|i| i.quantity == 0) {
+            return Err(OrderError::ZeroQuantity(item.sku.clone()));
+        }
+        Ok(vec![OrderEvent::OrderCreated { customer_id, items }])
+    }
+
+    fn confirm(&self) -> Result<Vec<OrderEvent>, OrderError> {
+        if self.status != OrderStatus::Pending {
+            return Err(OrderError::NotPending(self.status));
+        }
+        Ok(vec![OrderEvent::OrderConfirmed])
+    }
+
+    fn cancel(&self, reason: String) -> Result<Vec<OrderEvent>, OrderError> {
+        match self.status {
+            OrderStatus::Shipped | OrderStatus::Delivered | OrderStatus::Cancelled => {
+                Err(OrderError::CannotCancel(self.status))
+            }
+            _ => Ok(vec![OrderEvent::OrderCancelled { reason }]),
+        }
+    }
+
+    fn ship(&self, tracking: String) -> Result<Vec<OrderEvent>, OrderError> {
+        if self.status != OrderStatus::Confirmed {
+            return Err(OrderError::NotConfirmed(self.status));
+        }
+        Ok(vec![OrderEvent::OrderShipped { tracking }])
+    }
+
+    fn apply_order_created(&mut self, customer_id: &str, items: &[OrderItem]) {
+        self.status = OrderStatus::Pending;
+        customer_id.clone_into(&mut self.customer_id);
+        self.items = items.to_vec();
+        self.total_cents = items
+            .iter()
+            .map(|i| u64::from(i.quantity) * i.unit_price_cents)
+            .sum();
+    }
+
+    fn apply_order_confirmed(&mut self) {
+        self.status = OrderStatus::Confirmed;
+    }
+
+    fn apply_order_cancelled(&mut self, _reason: &str) {
+        self.status = OrderStatus::Cancelled;
+    }
+
+    fn apply_order_shipped(&mut self, _tracking: &str) {
+        self.status = OrderStatus::Shipped;
+    }
+}

@@ -353,7 +353,7 @@ impl StoredEvent {
                 stream: self.stream.clone(),
                 version: self.version,
                 event_type: self.event_type.clone(),
-                error,
+                error: Box::new(error),
             }
         })
     }

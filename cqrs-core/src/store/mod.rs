@@ -115,7 +115,7 @@ pub enum StoreError {
         event_type: String,
         /// What went wrong.
         #[source]
-        error: DecodeError,
+        error: Box<DecodeError>,
     },
     /// The arguments cannot be stored (for example an empty aggregate type).
     #[error("invalid input: {0}")]

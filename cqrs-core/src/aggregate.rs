@@ -16,7 +16,7 @@ use crate::event::DomainEvent;
     label = "not an aggregate",
     note = "add `#[derive(cqrs_core::Aggregate)]` with `#[aggregate(name = \"...\", command = ..., event = ..., error = ...)]` to `{Self}`"
 )]
-pub trait Aggregate: Default + Send + Sync + 'static {
+pub trait Aggregate: Sized + Send + Sync + 'static {
     /// The aggregate type's stable name, the first half of every stream id, e.g. `"order"`.
     const NAME: &'static str;
 
@@ -31,6 +31,9 @@ pub trait Aggregate: Default + Send + Sync + 'static {
 
     /// Why a command is rejected; it reaches the caller unchanged.
     type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The state before the first event. The derive uses `Default::default()`.
+    fn initial() -> Self;
 
     /// Mutates the state to reflect one event. Must not fail: an event is a fact.
     fn apply(&mut self, event: &Self::Event);

@@ -146,7 +146,7 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
     /// # Errors
     /// A store failure, or a stored event that does not decode.
     pub async fn load(&self, id: impl Into<AggregateId>) -> Result<(A, u64), StoreError> {
-        replay(&self.store, &StreamId::new(A::NAME, id), A::default(), 0).await
+        replay(&self.store, &StreamId::new(A::NAME, id), A::initial(), 0).await
     }
 
     async fn load_state(
@@ -155,7 +155,7 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
         stream: &StreamId,
     ) -> Result<(A, u64), StoreError> {
         let cached = self.cache.as_ref().and_then(|cache| lock(cache).pop(id));
-        let (state, version) = cached.map_or_else(|| (A::default(), 0), |c| (c.state, c.version));
+        let (state, version) = cached.map_or_else(|| (A::initial(), 0), |c| (c.state, c.version));
         replay(&self.store, stream, state, version).await
     }
 

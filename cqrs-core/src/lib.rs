@@ -118,21 +118,4 @@ pub mod __private {
             known,
         }
     }
-
-    /// Pins a handler's return type so a mismatch is reported at the variant.
-    #[inline(always)]
-    pub fn handler_result<A: crate::Aggregate>(
-        result: Result<Vec<A::Event>, A::Error>,
-    ) -> Result<Vec<A::Event>, A::Error> {
-        result
-    }
-
-    /// Asserts at compile time that a type is the aggregate's command, event or error type.
-    pub const fn assert_aggregate<A: crate::Aggregate>() {}
-    /// Asserts that an event enum applies to the aggregate.
-    pub const fn assert_applies<E: crate::ApplyTo<A>, A>() {}
-    /// Asserts that a command enum belongs to the aggregate.
-    pub const fn assert_command_of<C: crate::Command<Aggregate = A>, A: crate::Aggregate>() {}
-    /// Asserts that the error type is an error.
-    pub const fn assert_error<E: std::error::Error + Send + Sync + 'static>() {}
 }

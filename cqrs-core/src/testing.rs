@@ -26,13 +26,13 @@ impl<A: Aggregate> AggregateFixture<A> {
     #[must_use]
     pub fn given_no_previous_events() -> Self {
         Self {
-            state: A::default(),
+            state: A::initial(),
         }
     }
 
     /// An aggregate that recorded `events`.
     pub fn given(events: impl IntoIterator<Item = A::Event>) -> Self {
-        let mut state = A::default();
+        let mut state = A::initial();
         for event in events {
             state.apply(&event);
         }

@@ -44,8 +44,9 @@ fn enum_data<'a>(
     cx: &mut Ctxt,
     input: &'a DeriveInput,
     derive: &str,
-    example: &str,
+    (suffix, example): (&str, &str),
 ) -> Option<&'a DataEnum> {
+    let ident = &input.ident;
     if !input.generics.params.is_empty() {
         cx.error_spanned_by(
             &input.generics,
@@ -69,7 +70,9 @@ fn enum_data<'a>(
         Data::Struct(data) => {
             cx.error_spanned_by(
                 data.struct_token,
-                format_args!("derive({derive}) works on an enum, not a struct: write `enum {} {{ {example} }}`", input.ident),
+                format_args!(
+                    "derive({derive}) works on an enum, not a struct: wrap the struct in a variant, `enum {ident}{suffix} {{ {ident}({ident}) }}`"
+                ),
             );
             None
         }
@@ -142,7 +145,7 @@ impl<'a> EventEnum<'a> {
         let mut aggregate = Slot::new(attr::KEY_AGGREGATE);
         attr::for_each_meta(cx, &input.attrs, attr::EVENT, |cx, meta| {
             if attr::KEY_AGGREGATE.is(meta) {
-                let ty = attr::parse_type(meta, attr::KEY_AGGREGATE)?;
+                let ty = attr::parse_type(cx, meta, attr::KEY_AGGREGATE)?;
                 aggregate.set(cx, meta, ty);
                 Ok(())
             } else {
@@ -153,14 +156,19 @@ impl<'a> EventEnum<'a> {
                 ))
             }
         });
-        let variants = enum_data(cx, input, "DomainEvent", "Created { .. }, Renamed { .. }")
-            .map(|data| {
-                data.variants
-                    .iter()
-                    .filter_map(|v| EventVariant::from_ast(cx, v))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let variants = enum_data(
+            cx,
+            input,
+            "DomainEvent",
+            ("Event", "Created { .. }, Renamed { .. }"),
+        )
+        .map(|data| {
+            data.variants
+                .iter()
+                .filter_map(|v| EventVariant::from_ast(cx, v))
+                .collect()
+        })
+        .unwrap_or_default();
         Self {
             ident: &input.ident,
             aggregate: aggregate.get().map(|s| s.value),
@@ -331,7 +339,7 @@ impl<'a> CommandEnum<'a> {
         let mut aggregate = Slot::new(attr::KEY_AGGREGATE);
         attr::for_each_meta(cx, &input.attrs, attr::COMMAND, |cx, meta| {
             if attr::KEY_AGGREGATE.is(meta) {
-                let ty = attr::parse_type(meta, attr::KEY_AGGREGATE)?;
+                let ty = attr::parse_type(cx, meta, attr::KEY_AGGREGATE)?;
                 aggregate.set(cx, meta, ty);
                 Ok(())
             } else {
@@ -352,14 +360,19 @@ impl<'a> CommandEnum<'a> {
                 ),
             );
         }
-        let variants = enum_data(cx, input, "Command", "Create { .. }, Rename { .. }")
-            .map(|data| {
-                data.variants
-                    .iter()
-                    .filter_map(|v| CommandVariant::from_ast(cx, v))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let variants = enum_data(
+            cx,
+            input,
+            "Command",
+            ("Command", "Create { .. }, Rename { .. }"),
+        )
+        .map(|data| {
+            data.variants
+                .iter()
+                .filter_map(|v| CommandVariant::from_ast(cx, v))
+                .collect()
+        })
+        .unwrap_or_default();
         Self {
             ident: &input.ident,
             aggregate,
@@ -371,18 +384,26 @@ impl<'a> CommandEnum<'a> {
 impl<'a> CommandVariant<'a> {
     fn from_ast(cx: &mut Ctxt, variant: &'a Variant) -> Option<Self> {
         let mut handler = Slot::new(attr::KEY_HANDLER);
-        let mut expectation: Slot<(Key, Expectation)> =
-            Slot::new(Key("create` or `create_or_update"));
+        let mut expectation: Slot<Expectation> = Slot::new(attr::KEY_CREATE);
         attr::for_each_meta(cx, &variant.attrs, attr::COMMAND, |cx, meta| {
             if attr::KEY_HANDLER.is(meta) {
                 let ident = attr::parse_ident(meta, attr::KEY_HANDLER)?;
                 handler.set(cx, meta, ident);
-            } else if attr::KEY_CREATE.is(meta) {
-                attr::parse_flag(meta, attr::KEY_CREATE)?;
-                expectation.set(cx, meta, (attr::KEY_CREATE, Expectation::MustNotExist));
-            } else if attr::KEY_CREATE_OR_UPDATE.is(meta) {
-                attr::parse_flag(meta, attr::KEY_CREATE_OR_UPDATE)?;
-                expectation.set(cx, meta, (attr::KEY_CREATE_OR_UPDATE, Expectation::Any));
+            } else if attr::KEY_CREATE.is(meta) || attr::KEY_CREATE_OR_UPDATE.is(meta) {
+                let (key, value) = if attr::KEY_CREATE.is(meta) {
+                    (attr::KEY_CREATE, Expectation::MustNotExist)
+                } else {
+                    (attr::KEY_CREATE_OR_UPDATE, Expectation::Any)
+                };
+                attr::parse_flag(meta, key)?;
+                if expectation.is_set() {
+                    return Err(meta.error(format_args!(
+                        "{} and {} exclude each other: keep one",
+                        attr::KEY_CREATE,
+                        attr::KEY_CREATE_OR_UPDATE
+                    )));
+                }
+                expectation.set(cx, meta, value);
             } else {
                 return Err(attr::unknown_key(
                     meta,
@@ -410,7 +431,7 @@ impl<'a> CommandVariant<'a> {
             handler,
             expectation: expectation
                 .get()
-                .map_or(Expectation::MustExist, |s| s.value.1),
+                .map_or(Expectation::MustExist, |s| s.value),
             shape,
         })
     }
@@ -455,18 +476,21 @@ impl<'a> AggregateStruct<'a> {
             .attrs
             .iter()
             .any(|a| a.path().is_ident(attr::AGGREGATE));
+        // Keys written but not parsed were reported already; they are not "missing" too.
+        let mut written = Vec::new();
         attr::for_each_meta(cx, &input.attrs, attr::AGGREGATE, |cx, meta| {
+            written.extend(meta.path.get_ident().map(ToString::to_string));
             if attr::KEY_NAME.is(meta) {
                 let lit = attr::parse_string(meta, attr::KEY_NAME)?;
                 name.set(cx, meta, lit);
             } else if attr::KEY_COMMAND.is(meta) {
-                let ty = attr::parse_type(meta, attr::KEY_COMMAND)?;
+                let ty = attr::parse_type(cx, meta, attr::KEY_COMMAND)?;
                 command.set(cx, meta, ty);
             } else if attr::KEY_EVENT.is(meta) {
-                let ty = attr::parse_type(meta, attr::KEY_EVENT)?;
+                let ty = attr::parse_type(cx, meta, attr::KEY_EVENT)?;
                 event.set(cx, meta, ty);
             } else if attr::KEY_ERROR.is(meta) {
-                let ty = attr::parse_type(meta, attr::KEY_ERROR)?;
+                let ty = attr::parse_type(cx, meta, attr::KEY_ERROR)?;
                 error.set(cx, meta, ty);
             } else if attr::KEY_SNAPSHOT.is(meta) {
                 if let Some(s) = Snapshot::parse(cx, meta)? {
@@ -508,13 +532,14 @@ impl<'a> AggregateStruct<'a> {
             );
         } else {
             let missing: Vec<&str> = [
-                (this.name.is_none(), "name = \"...\""),
-                (this.command.is_none(), "command = YourCommand"),
-                (this.event.is_none(), "event = YourEvent"),
-                (this.error.is_none(), "error = YourError"),
+                (attr::KEY_NAME, "name = \"...\""),
+                (attr::KEY_COMMAND, "command = YourCommand"),
+                (attr::KEY_EVENT, "event = YourEvent"),
+                (attr::KEY_ERROR, "error = YourError"),
             ]
             .into_iter()
-            .filter_map(|(missing, key)| missing.then_some(key))
+            .filter(|(key, _)| !written.iter().any(|w| w == key.0))
+            .map(|(_, example)| example)
             .collect();
             if !missing.is_empty() {
                 cx.error_spanned_by(

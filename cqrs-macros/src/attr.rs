@@ -73,6 +73,10 @@ impl<T> Slot<T> {
         }
     }
 
+    pub(crate) const fn is_set(&self) -> bool {
+        self.value.is_some()
+    }
+
     pub(crate) fn get(self) -> Option<Spanned<T>> {
         self.value
     }
@@ -121,6 +125,9 @@ fn skip_value(meta: &ParseNestedMeta<'_>) {
             skip_value(&inner);
             Ok(())
         });
+    } else if !meta.input.is_empty() && !meta.input.peek(syn::Token![,]) {
+        // The `=` was consumed already and the value was of the wrong kind.
+        let _ = meta.input.parse::<syn::Expr>();
     }
 }
 
@@ -144,7 +151,7 @@ pub(crate) fn parse_string(meta: &ParseNestedMeta<'_>, key: Key) -> syn::Result<
     if value.peek(LitStr) {
         value.parse()
     } else {
-        Err(value.error(format_args!("expected a string: {key} = \"...\"")))
+        Err(value.error(format_args!("expected a string: write {} = \"...\"", key.0)))
     }
 }
 
@@ -156,22 +163,47 @@ pub(crate) fn parse_int(meta: &ParseNestedMeta<'_>, key: Key) -> syn::Result<(u6
         let n = lit.base10_parse::<u64>()?;
         Ok((n, lit.span()))
     } else {
-        Err(value.error(format_args!("expected a whole number: {key} = 1")))
+        Err(value.error(format_args!("expected a whole number: write {} = 1", key.0)))
     }
 }
 
-/// `key = Type` (a type path like `OrderEvent` or `crate::order::OrderEvent`).
-pub(crate) fn parse_type(meta: &ParseNestedMeta<'_>, key: Key) -> syn::Result<syn::Type> {
-    let value = meta.value()?;
+/// A string where a Rust item was expected: the error says to drop the quotes.
+fn reject_string(value: syn::parse::ParseStream<'_>, key: Key, what: &str) -> syn::Result<()> {
     if value.peek(LitStr) {
         let lit: LitStr = value.parse()?;
         return Err(syn::Error::new(
             lit.span(),
             format_args!(
-                "expected a type, not a string: write {key} = {}",
+                "expected {what}, not a string: write {} = {}",
+                key.0,
                 lit.value()
             ),
         ));
+    }
+    Ok(())
+}
+
+/// `key = Type` (a type path like `OrderEvent` or `crate::order::OrderEvent`).
+///
+/// A quoted type is reported and then used as if unquoted, so the derive can still emit its stub and
+/// the user sees this one error only.
+pub(crate) fn parse_type(
+    cx: &mut Ctxt,
+    meta: &ParseNestedMeta<'_>,
+    key: Key,
+) -> syn::Result<syn::Type> {
+    let value = meta.value()?;
+    if value.peek(LitStr) {
+        let lit: LitStr = value.parse()?;
+        cx.error_at(
+            lit.span(),
+            format_args!(
+                "expected a type, not a string: write {} = {}",
+                key.0,
+                lit.value()
+            ),
+        );
+        return lit.parse();
     }
     value.parse()
 }
@@ -179,39 +211,21 @@ pub(crate) fn parse_type(meta: &ParseNestedMeta<'_>, key: Key) -> syn::Result<sy
 /// `key = method_name`.
 pub(crate) fn parse_ident(meta: &ParseNestedMeta<'_>, key: Key) -> syn::Result<Ident> {
     let value = meta.value()?;
-    if value.peek(LitStr) {
-        let lit: LitStr = value.parse()?;
-        return Err(syn::Error::new(
-            lit.span(),
-            format_args!(
-                "expected a method name, not a string: write {key} = {}",
-                lit.value()
-            ),
-        ));
-    }
+    reject_string(value, key, "a method name")?;
     value.call(syn::ext::IdentExt::parse_any)
 }
 
 /// `key = path::to::function`.
 pub(crate) fn parse_path(meta: &ParseNestedMeta<'_>, key: Key) -> syn::Result<syn::Path> {
     let value = meta.value()?;
-    if value.peek(LitStr) {
-        let lit: LitStr = value.parse()?;
-        return Err(syn::Error::new(
-            lit.span(),
-            format_args!(
-                "expected a function path, not a string: write {key} = {}",
-                lit.value()
-            ),
-        ));
-    }
+    reject_string(value, key, "a function path")?;
     value.parse()
 }
 
 /// A bare flag: `key` with nothing after it.
 pub(crate) fn parse_flag(meta: &ParseNestedMeta<'_>, key: Key) -> syn::Result<()> {
     if meta.input.peek(syn::Token![=]) || meta.input.peek(syn::token::Paren) {
-        Err(meta.error(format_args!("{key} takes no value: write just {key}")))
+        Err(meta.error(format_args!("{key} takes no value: write just {}", key.0)))
     } else {
         Ok(())
     }

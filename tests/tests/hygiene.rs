@@ -1,7 +1,12 @@
 //! Generated code compiles with every warning denied, pedantic clippy, in a module that shadows the
 //! prelude names and the framework's own trait names.
 #![deny(warnings, unused_qualifications, clippy::all, clippy::pedantic)]
-#![allow(dead_code, clippy::unnecessary_wraps, clippy::trivially_copy_pass_by_ref, clippy::unused_self)] // the domain below is minimal on purpose
+#![allow(
+    dead_code,
+    clippy::unnecessary_wraps,
+    clippy::trivially_copy_pass_by_ref,
+    clippy::unused_self
+)] // the domain below is minimal on purpose
 
 mod shadowing {
     #![allow(non_camel_case_types, clippy::upper_case_acronyms)]
@@ -32,7 +37,10 @@ mod shadowing {
     #[derive(Debug, ::cqrs_core::DomainEvent)]
     #[event(aggregate = Thing)]
     pub enum ThingEvent {
-        Made { name: ::std::string::String, size: u32 },
+        Made {
+            name: ::std::string::String,
+            size: u32,
+        },
         #[event(version = 2, upcast(from = 1, with = up))]
         Grown(u32),
         Gone,
@@ -40,7 +48,8 @@ mod shadowing {
 
     pub fn up(
         v: ::cqrs_core::__private::serde_json::Value,
-    ) -> ::core::result::Result<::cqrs_core::__private::serde_json::Value, ::cqrs_core::UpcastError> {
+    ) -> ::core::result::Result<::cqrs_core::__private::serde_json::Value, ::cqrs_core::UpcastError>
+    {
         ::core::result::Result::Ok(v)
     }
 
@@ -48,7 +57,9 @@ mod shadowing {
     #[command(aggregate = Thing)]
     pub enum ThingCommand {
         #[command(create)]
-        Make { name: ::std::string::String },
+        Make {
+            name: ::std::string::String,
+        },
         Grow(u32),
         #[command(handler = remove)]
         Delete,
@@ -105,11 +116,20 @@ fn generated_code_is_hygienic_and_works() {
     use cqrs_core::testing::AggregateFixture;
     use shadowing::{Thing, ThingCommand, ThingEvent};
 
-    let result = AggregateFixture::<Thing>::given([ThingEvent::Made { name: "t".into(), size: 1 }])
-        .when(ThingCommand::Grow(2))
-        .into_result();
+    let result = AggregateFixture::<Thing>::given([ThingEvent::Made {
+        name: "t".into(),
+        size: 1,
+    }])
+    .when(ThingCommand::Grow(2))
+    .into_result();
     assert!(matches!(result.as_deref(), Ok([ThingEvent::Grown(2)])));
     assert_eq!(<Thing as cqrs_core::Aggregate>::NAME, "thing");
-    assert_eq!(<Thing as cqrs_core::Aggregate>::SNAPSHOT, cqrs_core::SnapshotPolicy::every(10, 1));
-    assert_eq!(<ThingEvent as cqrs_core::DomainEvent>::EVENT_TYPES, ["Made", "Grown", "Gone"]);
+    assert_eq!(
+        <Thing as cqrs_core::Aggregate>::SNAPSHOT,
+        cqrs_core::SnapshotPolicy::every(10, 1)
+    );
+    assert_eq!(
+        <ThingEvent as cqrs_core::DomainEvent>::EVENT_TYPES,
+        ["Made", "Grown", "Gone"]
+    );
 }

@@ -2,7 +2,9 @@
 
 use cqrs_core::testing::AggregateFixture;
 use cqrs_core::{Query, QueryBus, QueryError, QueryHandler, query::HandlerError};
-use cqrs_examples::bank::{Account, AccountCommand, AccountError, AccountEvent, Deposit, GetBalance};
+use cqrs_examples::bank::{
+    Account, AccountCommand, AccountError, AccountEvent, Deposit, GetBalance,
+};
 use cqrs_examples::order::{Order, OrderCommand, OrderError, OrderEvent, OrderItem, OrderStatus};
 
 struct Balances;
@@ -28,7 +30,8 @@ impl Query for CountOrders {
 async fn queries_reach_their_handler() {
     let mut bus = QueryBus::new();
     bus.register(Balances).unwrap();
-    bus.register_fn(|CountOrders| async { Ok::<_, HandlerError>(7) }).unwrap();
+    bus.register_fn(|CountOrders| async { Ok::<_, HandlerError>(7) })
+        .unwrap();
     assert_eq!(bus.ask(GetBalance("known".into())).await.unwrap(), Some(42));
     assert_eq!(bus.ask(GetBalance("other".into())).await.unwrap(), None);
     assert_eq!(bus.ask(CountOrders).await.unwrap(), 7);
@@ -39,27 +42,44 @@ async fn an_unregistered_query_is_a_clear_error() {
     let bus = QueryBus::new();
     let error = bus.ask(CountOrders).await.unwrap_err();
     assert!(matches!(error, QueryError::NoHandler { query } if query.ends_with("CountOrders")));
-    assert!(error.to_string().starts_with("no handler is registered for query"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .starts_with("no handler is registered for query"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
 async fn a_second_handler_and_a_failing_handler_are_errors() {
     let mut bus = QueryBus::new();
     bus.register(Balances).unwrap();
-    assert!(matches!(bus.register(Balances), Err(QueryError::AlreadyRegistered { .. })));
+    assert!(matches!(
+        bus.register(Balances),
+        Err(QueryError::AlreadyRegistered { .. })
+    ));
     let error = bus.ask(GetBalance("broken".into())).await.unwrap_err();
     match error {
-        QueryError::Handler { source, .. } => assert_eq!(source.to_string(), "read model unavailable"),
+        QueryError::Handler { source, .. } => {
+            assert_eq!(source.to_string(), "read model unavailable")
+        }
         other => panic!("expected a handler error, got {other}"),
     }
 }
 
 fn item() -> OrderItem {
-    OrderItem { sku: "a".into(), quantity: 1, unit_price_cents: 100 }
+    OrderItem {
+        sku: "a".into(),
+        quantity: 1,
+        unit_price_cents: 100,
+    }
 }
 
 fn created() -> OrderEvent {
-    OrderEvent::OrderCreated { customer_id: "c".into(), items: vec![item()] }
+    OrderEvent::OrderCreated {
+        customer_id: "c".into(),
+        items: vec![item()],
+    }
 }
 
 #[test]
@@ -69,21 +89,32 @@ fn given_when_then_events() {
         .then_expect_events([OrderEvent::OrderConfirmed])
         .then_state(|order| assert_eq!(order.status, OrderStatus::Confirmed));
     AggregateFixture::<Order>::given_no_previous_events()
-        .when(OrderCommand::CreateOrder { customer_id: "c".into(), items: vec![item()] })
+        .when(OrderCommand::CreateOrder {
+            customer_id: "c".into(),
+            items: vec![item()],
+        })
         .then_expect_events([created()])
         .then_state(|order| assert_eq!(order.total_cents, 100));
 }
 
 #[test]
 fn given_when_then_errors() {
-    AggregateFixture::<Order>::given([created(), OrderEvent::OrderCancelled { reason: "r".into() }])
-        .when(OrderCommand::CancelOrder { reason: "again".into() })
-        .then_expect_error(OrderError::CannotCancel(OrderStatus::Cancelled));
+    AggregateFixture::<Order>::given([
+        created(),
+        OrderEvent::OrderCancelled { reason: "r".into() },
+    ])
+    .when(OrderCommand::CancelOrder {
+        reason: "again".into(),
+    })
+    .then_expect_error(OrderError::CannotCancel(OrderStatus::Cancelled));
     AggregateFixture::<Account>::given([AccountEvent::Opened { owner: "o".into() }])
         .when(AccountCommand::Withdraw { amount_cents: 5 })
         .then_expect_error_message("insufficient funds: balance 0, asked 5");
     let result = AggregateFixture::<Account>::given([AccountEvent::Opened { owner: "o".into() }])
-        .when(AccountCommand::Deposit(Deposit { amount_cents: 0, reference: String::new() }))
+        .when(AccountCommand::Deposit(Deposit {
+            amount_cents: 0,
+            reference: String::new(),
+        }))
         .into_result();
     assert_eq!(result, Err(AccountError::ZeroAmount));
 }
@@ -153,7 +184,11 @@ mod broken_serde {
     #[should_panic(expected = "event does not survive encode/decode")]
     fn the_fixture_catches_events_that_do_not_round_trip() {
         AggregateFixture::<Lossy>::given_no_previous_events()
-            .when(LossyCommand::Note { text: "hello".into() })
-            .then_expect_events([LossyEvent::Noted { text: "hello".into() }]);
+            .when(LossyCommand::Note {
+                text: "hello".into(),
+            })
+            .then_expect_events([LossyEvent::Noted {
+                text: "hello".into(),
+            }]);
     }
 }

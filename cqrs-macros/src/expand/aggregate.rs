@@ -14,7 +14,12 @@ pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
     let model = AggregateStruct::from_ast(&mut cx, input);
     valid::aggregate(&mut cx, &model);
     let result = cx.check().and_then(|()| generate(&model));
-    super::finish(result, stub(&model))
+    let stub = if input.generics.params.is_empty() {
+        stub(&model)
+    } else {
+        TokenStream::new()
+    };
+    super::finish(result, stub)
 }
 
 fn generate(model: &AggregateStruct<'_>) -> syn::Result<TokenStream> {
@@ -32,17 +37,11 @@ fn generate(model: &AggregateStruct<'_>) -> syn::Result<TokenStream> {
         let (every, version) = (s.every.value, s.version.value);
         quote!(const SNAPSHOT: ::cqrs_core::SnapshotPolicy = ::cqrs_core::SnapshotPolicy::every(#every, #version);)
     });
-    // Spanned at the user's types: "does not apply", "is not a command of" and "is not an error"
-    // are reported on the type named in the attribute.
-    let apply = quote_spanned! {event.span()=>
-        <#event as ::cqrs_core::ApplyTo<Self>>::apply_to(event, self)
-    };
-    let command_check = quote_spanned! {command.span()=>
-        ::cqrs_core::__private::assert_command_of::<#command, #ident>();
-    };
-    let error_check = quote_spanned! {error.span()=>
-        ::cqrs_core::__private::assert_error::<#error>();
-    };
+    // Spanned at the user's tokens: a missing `Default` is reported on the aggregate's name, a
+    // missing event application on the event type named in the attribute. The associated types'
+    // bounds ("is not a command", "is not an error") are reported on those types by the compiler.
+    let initial = quote_spanned!(ident.span()=> <Self as ::core::default::Default>::default());
+    let apply = quote_spanned!(event.span()=> <#event as ::cqrs_core::ApplyTo<Self>>::apply_to(event, self));
     Ok(quote! {
         #[automatically_derived]
         impl ::cqrs_core::Aggregate for #ident {
@@ -52,19 +51,21 @@ fn generate(model: &AggregateStruct<'_>) -> syn::Result<TokenStream> {
             type Event = #event;
             type Error = #error;
 
+            fn initial() -> Self {
+                #initial
+            }
+
             fn apply(&mut self, event: &#event) {
                 #apply
             }
         }
-
-        const _: () = {
-            #command_check
-            #error_check
-        };
     })
 }
 
-/// Emitted with the errors when the types are known: keeps uses of the aggregate from failing too.
+/// Emitted with the errors when the attribute named all three types: keeps every use of the
+/// aggregate (the command enum's derive, gateways) from failing too. Without them no stub is better
+/// than one with stand-in types, whose mismatches would name types the user never wrote; the uses
+/// then report "`X` is not an aggregate" with the same fix as the error above.
 fn stub(model: &AggregateStruct<'_>) -> TokenStream {
     let ident = model.ident;
     let (Some(command), Some(event), Some(error)) = (&model.command, &model.event, &model.error)
@@ -77,6 +78,9 @@ fn stub(model: &AggregateStruct<'_>) -> TokenStream {
             type Command = #command;
             type Event = #event;
             type Error = #error;
+            fn initial() -> Self {
+                ::core::unreachable!()
+            }
             fn apply(&mut self, _: &#event) {}
         }
     }

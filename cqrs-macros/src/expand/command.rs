@@ -12,7 +12,12 @@ pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
     let mut cx = Ctxt::default();
     let model = CommandEnum::from_ast(&mut cx, input);
     let result = cx.check().and_then(|()| generate(&model));
-    super::finish(result, stub(&model))
+    let stub = if input.generics.params.is_empty() {
+        stub(&model)
+    } else {
+        TokenStream::new()
+    };
+    super::finish(result, stub)
 }
 
 fn generate(model: &CommandEnum<'_>) -> syn::Result<TokenStream> {
@@ -47,10 +52,9 @@ fn generate(model: &CommandEnum<'_>) -> syn::Result<TokenStream> {
                 (quote!(Self::#variant { #(#names),* }), quote!(#(, #names)*))
             }
         };
-        // Spanned at the variant: a missing handler or a wrong return type is reported there.
-        let call = quote_spanned! {v.ident.span()=>
-            ::cqrs_core::__private::handler_result::<#aggregate>(<#aggregate>::#handler(__aggregate #args))
-        };
+        // Spanned at the variant: a missing handler, wrong arguments or a wrong return type (the
+        // arm must be the declared `Result<Vec<Event>, Error>`) are reported there.
+        let call = quote_spanned!(v.ident.span()=> <#aggregate>::#handler(__aggregate #args));
         quote!(#pattern => #call,)
     });
     Ok(quote! {

@@ -14,7 +14,12 @@ pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
     let model = EventEnum::from_ast(&mut cx, input);
     valid::event_enum(&mut cx, &model);
     let result = cx.check().map(|()| generate(&model));
-    super::finish(result, stub(&model))
+    let stub = if input.generics.params.is_empty() {
+        stub(&model)
+    } else {
+        TokenStream::new()
+    };
+    super::finish(result, stub)
 }
 
 /// Serde attributes of a field, to forward to a helper struct.

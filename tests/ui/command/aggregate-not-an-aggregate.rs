@@ -1,0 +1,11 @@
+use cqrs_core::prelude::*;
+
+struct Counter;
+
+#[derive(Command)]
+#[command(aggregate = Counter)]
+enum CounterCommand {
+    Increment { by: u32 },
+}
+
+fn main() {}

@@ -1,0 +1,9 @@
+use cqrs_core::prelude::*;
+
+#[derive(Command)]
+#[command(aggregate = Counter)]
+struct Increment {
+    by: u32,
+}
+
+fn main() {}

@@ -1,0 +1,8 @@
+use cqrs_core::prelude::*;
+
+#[derive(DomainEvent)]
+struct Added {
+    by: u32,
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+use cqrs_core::prelude::*;
+
+#[derive(DomainEvent)]
+enum CounterEvent {}
+
+fn main() {}

@@ -1,0 +1,8 @@
+use cqrs_core::prelude::*;
+
+#[derive(DomainEvent)]
+enum CounterEvent<T> {
+    Added { by: T },
+}
+
+fn main() {}

@@ -1,0 +1,8 @@
+use cqrs_core::prelude::*;
+
+#[derive(DomainEvent)]
+enum CounterEvent {
+    Moved(u32, u32),
+}
+
+fn main() {}

@@ -1,0 +1,9 @@
+use cqrs_core::prelude::*;
+
+#[derive(DomainEvent)]
+#[event(aggregat = Counter)]
+enum CounterEvent {
+    Added { by: u32 },
+}
+
+fn main() {}

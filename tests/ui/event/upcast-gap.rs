@@ -1,0 +1,13 @@
+use cqrs_core::prelude::*;
+
+#[derive(DomainEvent)]
+enum CounterEvent {
+    #[event(version = 3, upcast(from = 1, with = up))]
+    Added { by: u32 },
+}
+
+fn up(v: serde_json::Value) -> Result<serde_json::Value, cqrs_core::UpcastError> {
+    Ok(v)
+}
+
+fn main() {}

@@ -5,7 +5,7 @@
 //! [`event_store_conformance_tests!`](crate::event_store_conformance_tests) turns them into one
 //! `#[tokio::test]` each:
 //!
-//! ```ignore
+//! ```text
 //! cqrs_core::event_store_conformance_tests!(|| async { cqrs_core::InMemoryEventStore::new() });
 //! ```
 

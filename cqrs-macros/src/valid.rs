@@ -196,3 +196,101 @@ fn snapshot_values_are_positive(cx: &mut Ctxt, input: &AggregateStruct<'_>) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use syn::{DeriveInput, parse_quote};
+
+    use crate::ast::{AggregateStruct, EventEnum};
+    use crate::ctxt::Ctxt;
+
+    fn event_errors(input: &DeriveInput) -> Vec<String> {
+        let mut cx = Ctxt::default();
+        let model = EventEnum::from_ast(&mut cx, input);
+        super::event_enum(&mut cx, &model);
+        cx.check().err().map_or_else(Vec::new, |e| e.into_iter().map(|e| e.to_string()).collect())
+    }
+
+    fn aggregate_errors(input: &DeriveInput) -> Vec<String> {
+        let mut cx = Ctxt::default();
+        let model = AggregateStruct::from_ast(&mut cx, input);
+        super::aggregate(&mut cx, &model);
+        cx.check().err().map_or_else(Vec::new, |e| e.into_iter().map(|e| e.to_string()).collect())
+    }
+
+    #[test]
+    fn a_valid_event_enum_has_no_errors() {
+        let input: DeriveInput = parse_quote! {
+            #[event(aggregate = Order)]
+            enum OrderEvent {
+                Created { id: String },
+                #[event(name = "order.shipped", version = 3, upcast(from = 1, with = a), upcast(from = 2, with = b))]
+                Shipped(Shipment),
+                Closed,
+            }
+        };
+        assert_eq!(event_errors(&input), Vec::<String>::new());
+    }
+
+    #[test]
+    fn every_bad_attribute_is_reported_at_once() {
+        let input: DeriveInput = parse_quote! {
+            enum OrderEvent {
+                #[event(version = 0, bogus = 1)]
+                Created { id: String },
+                #[event(name = "Created")]
+                Other,
+                #[event(version = 4, upcast(from = 1, with = f), upcast(from = 1, with = g))]
+                Third,
+            }
+        };
+        let errors = event_errors(&input);
+        let expected = [
+            "unknown key `bogus`",
+            "schema versions start at 1",
+            "duplicate event name `Created`",
+            "event name `Created` first used here",
+            "duplicate upcast from version 1",
+            "add upcast(from = 2, with = ...)",
+            "add upcast(from = 3, with = ...)",
+        ];
+        for needle in expected {
+            assert!(errors.iter().any(|e| e.contains(needle)), "no error containing {needle:?} in {errors:#?}");
+        }
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    }
+
+    #[test]
+    fn names_with_whitespace_are_rejected() {
+        let input: DeriveInput = parse_quote! {
+            enum E {
+                #[event(name = " Padded")]
+                A,
+            }
+        };
+        assert!(event_errors(&input)[0].contains("leading, trailing or control whitespace"));
+    }
+
+    #[test]
+    fn aggregate_names_must_be_stream_prefixes() {
+        for (name, ok) in [("order", true), ("order-v2.eu_1", true), ("", false), ("my order", false), ("ördér", false)] {
+            let input: DeriveInput = parse_quote! {
+                #[aggregate(name = #name, command = C, event = E, error = Er)]
+                struct A;
+            };
+            assert_eq!(aggregate_errors(&input).is_empty(), ok, "{name:?}: {:?}", aggregate_errors(&input));
+        }
+    }
+
+    #[test]
+    fn missing_aggregate_keys_are_listed_together() {
+        let input: DeriveInput = parse_quote! {
+            #[aggregate(event = E)]
+            struct A;
+        };
+        assert_eq!(
+            aggregate_errors(&input),
+            ["`#[aggregate(...)]` on `A` is missing name = \"...\", command = YourCommand, error = YourError"]
+        );
+    }
+}

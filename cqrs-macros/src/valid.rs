@@ -208,14 +208,18 @@ mod tests {
         let mut cx = Ctxt::default();
         let model = EventEnum::from_ast(&mut cx, input);
         super::event_enum(&mut cx, &model);
-        cx.check().err().map_or_else(Vec::new, |e| e.into_iter().map(|e| e.to_string()).collect())
+        cx.check()
+            .err()
+            .map_or_else(Vec::new, |e| e.into_iter().map(|e| e.to_string()).collect())
     }
 
     fn aggregate_errors(input: &DeriveInput) -> Vec<String> {
         let mut cx = Ctxt::default();
         let model = AggregateStruct::from_ast(&mut cx, input);
         super::aggregate(&mut cx, &model);
-        cx.check().err().map_or_else(Vec::new, |e| e.into_iter().map(|e| e.to_string()).collect())
+        cx.check()
+            .err()
+            .map_or_else(Vec::new, |e| e.into_iter().map(|e| e.to_string()).collect())
     }
 
     #[test]
@@ -255,7 +259,10 @@ mod tests {
             "add upcast(from = 3, with = ...)",
         ];
         for needle in expected {
-            assert!(errors.iter().any(|e| e.contains(needle)), "no error containing {needle:?} in {errors:#?}");
+            assert!(
+                errors.iter().any(|e| e.contains(needle)),
+                "no error containing {needle:?} in {errors:#?}"
+            );
         }
         assert_eq!(errors.len(), expected.len(), "{errors:#?}");
     }
@@ -273,12 +280,23 @@ mod tests {
 
     #[test]
     fn aggregate_names_must_be_stream_prefixes() {
-        for (name, ok) in [("order", true), ("order-v2.eu_1", true), ("", false), ("my order", false), ("ördér", false)] {
+        for (name, ok) in [
+            ("order", true),
+            ("order-v2.eu_1", true),
+            ("", false),
+            ("my order", false),
+            ("ördér", false),
+        ] {
             let input: DeriveInput = parse_quote! {
                 #[aggregate(name = #name, command = C, event = E, error = Er)]
                 struct A;
             };
-            assert_eq!(aggregate_errors(&input).is_empty(), ok, "{name:?}: {:?}", aggregate_errors(&input));
+            assert_eq!(
+                aggregate_errors(&input).is_empty(),
+                ok,
+                "{name:?}: {:?}",
+                aggregate_errors(&input)
+            );
         }
     }
 
@@ -290,7 +308,9 @@ mod tests {
         };
         assert_eq!(
             aggregate_errors(&input),
-            ["`#[aggregate(...)]` on `A` is missing name = \"...\", command = YourCommand, error = YourError"]
+            [
+                "`#[aggregate(...)]` on `A` is missing name = \"...\", command = YourCommand, error = YourError"
+            ]
         );
     }
 }

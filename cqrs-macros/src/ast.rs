@@ -105,6 +105,22 @@ pub(crate) fn method_ident(cx: &mut Ctxt, name: &str, span: Span, key: Key) -> O
     Some(Ident::new_raw(name, span))
 }
 
+/// The enum-level `#[event(aggregate = T)]` / `#[command(aggregate = T)]`, the only key there.
+fn enum_aggregate(cx: &mut Ctxt, input: &DeriveInput, name: &str) -> Option<syn::Type> {
+    let mut aggregate = Slot::new(attr::KEY_AGGREGATE);
+    let place = format!("`#[{name}(...)]` on the enum");
+    attr::for_each_meta(cx, &input.attrs, name, |cx, meta| {
+        if attr::KEY_AGGREGATE.is(meta) {
+            let ty = attr::parse_type(cx, meta, attr::KEY_AGGREGATE)?;
+            aggregate.set(cx, meta, ty);
+            Ok(())
+        } else {
+            Err(attr::unknown_key(meta, &place, &[attr::KEY_AGGREGATE]))
+        }
+    });
+    aggregate.get().map(|s| s.value)
+}
+
 /// `#[derive(DomainEvent)]` input.
 pub(crate) struct EventEnum<'a> {
     pub(crate) ident: &'a Ident,
@@ -142,20 +158,7 @@ fn to_u32(cx: &mut Ctxt, (n, span): (u64, Span), key: Key) -> u32 {
 
 impl<'a> EventEnum<'a> {
     pub(crate) fn from_ast(cx: &mut Ctxt, input: &'a DeriveInput) -> Self {
-        let mut aggregate = Slot::new(attr::KEY_AGGREGATE);
-        attr::for_each_meta(cx, &input.attrs, attr::EVENT, |cx, meta| {
-            if attr::KEY_AGGREGATE.is(meta) {
-                let ty = attr::parse_type(cx, meta, attr::KEY_AGGREGATE)?;
-                aggregate.set(cx, meta, ty);
-                Ok(())
-            } else {
-                Err(attr::unknown_key(
-                    meta,
-                    "`#[event(...)]` on the enum",
-                    &[attr::KEY_AGGREGATE],
-                ))
-            }
-        });
+        let aggregate = enum_aggregate(cx, input, attr::EVENT);
         let variants = enum_data(
             cx,
             input,
@@ -171,7 +174,7 @@ impl<'a> EventEnum<'a> {
         .unwrap_or_default();
         Self {
             ident: &input.ident,
-            aggregate: aggregate.get().map(|s| s.value),
+            aggregate,
             variants,
         }
     }
@@ -336,21 +339,7 @@ pub(crate) struct CommandVariant<'a> {
 
 impl<'a> CommandEnum<'a> {
     pub(crate) fn from_ast(cx: &mut Ctxt, input: &'a DeriveInput) -> Self {
-        let mut aggregate = Slot::new(attr::KEY_AGGREGATE);
-        attr::for_each_meta(cx, &input.attrs, attr::COMMAND, |cx, meta| {
-            if attr::KEY_AGGREGATE.is(meta) {
-                let ty = attr::parse_type(cx, meta, attr::KEY_AGGREGATE)?;
-                aggregate.set(cx, meta, ty);
-                Ok(())
-            } else {
-                Err(attr::unknown_key(
-                    meta,
-                    "`#[command(...)]` on the enum",
-                    &[attr::KEY_AGGREGATE],
-                ))
-            }
-        });
-        let aggregate = aggregate.get().map(|s| s.value);
+        let aggregate = enum_aggregate(cx, input, attr::COMMAND);
         if aggregate.is_none() {
             cx.error_spanned_by(
                 &input.ident,

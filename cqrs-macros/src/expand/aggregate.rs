@@ -14,12 +14,7 @@ pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
     let model = AggregateStruct::from_ast(&mut cx, input);
     valid::aggregate(&mut cx, &model);
     let result = cx.check().and_then(|()| generate(&model));
-    let stub = if input.generics.params.is_empty() {
-        stub(&model)
-    } else {
-        TokenStream::new()
-    };
-    super::finish(result, stub)
+    super::finish(input, result, || stub(&model))
 }
 
 fn generate(model: &AggregateStruct<'_>) -> syn::Result<TokenStream> {

@@ -1,23 +1,18 @@
 //! `#[derive(Command)]`.
 
 use proc_macro2::TokenStream;
-use quote::{quote, quote_spanned};
+use quote::quote;
 use syn::DeriveInput;
 use syn::ext::IdentExt;
 
-use crate::ast::{CommandEnum, Expectation, Shape};
+use crate::ast::{CommandEnum, Expectation};
 use crate::ctxt::Ctxt;
 
 pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
     let mut cx = Ctxt::default();
     let model = CommandEnum::from_ast(&mut cx, input);
     let result = cx.check().and_then(|()| generate(&model));
-    let stub = if input.generics.params.is_empty() {
-        stub(&model)
-    } else {
-        TokenStream::new()
-    };
-    super::finish(result, stub)
+    super::finish(input, result, || stub(&model))
 }
 
 fn generate(model: &CommandEnum<'_>) -> syn::Result<TokenStream> {
@@ -43,19 +38,9 @@ fn generate(model: &CommandEnum<'_>) -> syn::Result<TokenStream> {
         quote!(Self::#variant { .. } => ::cqrs_core::StreamExpectation::#expectation,)
     });
     let handle_arms = model.variants.iter().map(|v| {
-        let (variant, handler) = (v.ident, &v.handler);
-        let (pattern, args) = match &v.shape {
-            Shape::Unit => (quote!(Self::#variant), quote!()),
-            Shape::Newtype => (quote!(Self::#variant(__value)), quote!(, __value)),
-            Shape::Struct(fields) => {
-                let names: Vec<_> = fields.iter().map(|f| &f.ident).collect();
-                (quote!(Self::#variant { #(#names),* }), quote!(#(, #names)*))
-            }
-        };
-        // Spanned at the variant: a missing handler, wrong arguments or a wrong return type (the
-        // arm must be the declared `Result<Vec<Event>, Error>`) are reported there.
-        let call = quote_spanned!(v.ident.span()=> <#aggregate>::#handler(__aggregate #args));
-        quote!(#pattern => #call,)
+        // A missing handler, wrong arguments or a wrong return type (the arm must be the declared
+        // `Result<Vec<Event>, Error>`) are reported at the variant.
+        super::dispatch_arm(v.ident, &v.shape, aggregate, &v.handler)
     });
     Ok(quote! {
         #[automatically_derived]

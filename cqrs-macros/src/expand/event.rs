@@ -14,12 +14,7 @@ pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
     let model = EventEnum::from_ast(&mut cx, input);
     valid::event_enum(&mut cx, &model);
     let result = cx.check().map(|()| generate(&model));
-    let stub = if input.generics.params.is_empty() {
-        stub(&model)
-    } else {
-        TokenStream::new()
-    };
-    super::finish(result, stub)
+    super::finish(input, result, || stub(&model))
 }
 
 /// Serde attributes of a field, to forward to a helper struct.
@@ -209,19 +204,10 @@ fn decode_arm(v: &EventVariant<'_>) -> TokenStream {
 
 fn apply_impl(model: &EventEnum<'_>, aggregate: &syn::Type) -> TokenStream {
     let ident = model.ident;
-    let arms = model.variants.iter().map(|v| {
-        let (variant, method) = (v.ident, &v.apply);
-        let (pattern, args) = match &v.shape {
-            Shape::Unit => (quote!(Self::#variant), quote!()),
-            Shape::Newtype => (quote!(Self::#variant(__value)), quote!(, __value)),
-            Shape::Struct(fields) => {
-                let names: Vec<_> = fields.iter().map(|f| &f.ident).collect();
-                (quote!(Self::#variant { #(#names),* }), quote!(#(, #names)*))
-            }
-        };
-        let call = quote_spanned!(v.ident.span()=> <#aggregate>::#method(__aggregate #args));
-        quote!(#pattern => #call,)
-    });
+    let arms = model
+        .variants
+        .iter()
+        .map(|v| super::dispatch_arm(v.ident, &v.shape, aggregate, &v.apply));
     quote! {
         #[automatically_derived]
         impl ::cqrs_core::ApplyTo<#aggregate> for #ident {

@@ -58,6 +58,8 @@ pub enum OrderEvent {
         /// The carrier's tracking number.
         tracking: String,
     },
+    /// The customer received the order.
+    OrderDelivered,
 }
 
 /// The commands of an order.
@@ -87,6 +89,9 @@ pub enum OrderCommand {
         /// The carrier's tracking number.
         tracking: String,
     },
+    /// Record the delivery of a shipped order.
+    #[command(handler = deliver)]
+    DeliverOrder,
 }
 
 /// Why an order command is rejected.
@@ -107,6 +112,9 @@ pub enum OrderError {
     /// Only confirmed orders can be shipped.
     #[error("only a confirmed order can be shipped; this one is {0:?}")]
     NotConfirmed(OrderStatus),
+    /// Only shipped orders can be delivered.
+    #[error("only a shipped order can be delivered; this one is {0:?}")]
+    NotShipped(OrderStatus),
 }
 
 /// An order's state.
@@ -161,6 +169,13 @@ impl Order {
         Ok(vec![OrderEvent::OrderShipped { tracking }])
     }
 
+    fn deliver(&self) -> Result<Vec<OrderEvent>, OrderError> {
+        if self.status != OrderStatus::Shipped {
+            return Err(OrderError::NotShipped(self.status));
+        }
+        Ok(vec![OrderEvent::OrderDelivered])
+    }
+
     fn apply_order_created(&mut self, customer_id: &str, items: &[OrderItem]) {
         self.status = OrderStatus::Pending;
         customer_id.clone_into(&mut self.customer_id);
@@ -181,5 +196,141 @@ impl Order {
 
     fn apply_order_shipped(&mut self, _tracking: &str) {
         self.status = OrderStatus::Shipped;
+    }
+
+    fn apply_order_delivered(&mut self) {
+        self.status = OrderStatus::Delivered;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cqrs_core::testing::AggregateFixture;
+
+    use super::*;
+
+    fn created() -> OrderEvent {
+        OrderEvent::OrderCreated {
+            customer_id: "c".into(),
+            items: vec![OrderItem {
+                sku: "s".into(),
+                quantity: 2,
+                unit_price_cents: 150,
+            }],
+        }
+    }
+
+    fn shipped() -> OrderEvent {
+        OrderEvent::OrderShipped {
+            tracking: "t".into(),
+        }
+    }
+
+    fn cancel() -> OrderCommand {
+        OrderCommand::CancelOrder { reason: "r".into() }
+    }
+
+    #[test]
+    fn an_order_is_created_pending_with_its_total() {
+        AggregateFixture::<Order>::given_no_previous_events()
+            .when(OrderCommand::CreateOrder {
+                customer_id: "c".into(),
+                items: vec![OrderItem {
+                    sku: "s".into(),
+                    quantity: 2,
+                    unit_price_cents: 150,
+                }],
+            })
+            .then_expect_events([created()])
+            .then_state(|o| assert_eq!((o.status, o.total_cents), (OrderStatus::Pending, 300)));
+    }
+
+    #[test]
+    fn an_order_needs_items_with_a_quantity() {
+        AggregateFixture::<Order>::given_no_previous_events()
+            .when(OrderCommand::CreateOrder {
+                customer_id: "c".into(),
+                items: Vec::new(),
+            })
+            .then_expect_error(OrderError::NoItems);
+        AggregateFixture::<Order>::given_no_previous_events()
+            .when(OrderCommand::CreateOrder {
+                customer_id: "c".into(),
+                items: vec![OrderItem {
+                    sku: "zero".into(),
+                    quantity: 0,
+                    unit_price_cents: 1,
+                }],
+            })
+            .then_expect_error(OrderError::ZeroQuantity("zero".into()));
+    }
+
+    #[test]
+    fn only_a_pending_order_can_be_confirmed() {
+        AggregateFixture::<Order>::given([created()])
+            .when(OrderCommand::ConfirmOrder)
+            .then_expect_events([OrderEvent::OrderConfirmed]);
+        AggregateFixture::<Order>::given([created(), OrderEvent::OrderConfirmed])
+            .when(OrderCommand::ConfirmOrder)
+            .then_expect_error(OrderError::NotPending(OrderStatus::Confirmed));
+        AggregateFixture::<Order>::given([
+            created(),
+            OrderEvent::OrderCancelled { reason: "r".into() },
+        ])
+        .when(OrderCommand::ConfirmOrder)
+        .then_expect_error(OrderError::NotPending(OrderStatus::Cancelled));
+    }
+
+    #[test]
+    fn pending_and_confirmed_orders_can_be_cancelled() {
+        for history in [vec![created()], vec![created(), OrderEvent::OrderConfirmed]] {
+            AggregateFixture::<Order>::given(history)
+                .when(cancel())
+                .then_expect_events([OrderEvent::OrderCancelled { reason: "r".into() }]);
+        }
+    }
+
+    #[test]
+    fn shipped_delivered_and_cancelled_orders_cannot_be_cancelled() {
+        let cases = [
+            (
+                vec![created(), OrderEvent::OrderConfirmed, shipped()],
+                OrderStatus::Shipped,
+            ),
+            (
+                vec![
+                    created(),
+                    OrderEvent::OrderConfirmed,
+                    shipped(),
+                    OrderEvent::OrderDelivered,
+                ],
+                OrderStatus::Delivered,
+            ),
+            (
+                vec![created(), OrderEvent::OrderCancelled { reason: "r".into() }],
+                OrderStatus::Cancelled,
+            ),
+        ];
+        for (history, status) in cases {
+            AggregateFixture::<Order>::given(history)
+                .when(cancel())
+                .then_expect_error(OrderError::CannotCancel(status));
+        }
+    }
+
+    #[test]
+    fn a_confirmed_order_ships_and_then_is_delivered() {
+        AggregateFixture::<Order>::given([created(), OrderEvent::OrderConfirmed])
+            .when(OrderCommand::ShipOrder {
+                tracking: "t".into(),
+            })
+            .then_expect_events([shipped()]);
+        AggregateFixture::<Order>::given([created(), OrderEvent::OrderConfirmed, shipped()])
+            .when(OrderCommand::DeliverOrder)
+            .then_expect_events([OrderEvent::OrderDelivered])
+            .then_state(|o| assert_eq!(o.status, OrderStatus::Delivered));
+        AggregateFixture::<Order>::given([created()])
+            .when(OrderCommand::DeliverOrder)
+            .then_expect_error(OrderError::NotShipped(OrderStatus::Pending));
     }
 }

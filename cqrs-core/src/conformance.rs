@@ -17,7 +17,7 @@ use serde_json::json;
 use crate::envelope::{
     AggregateId, Checkpoint, EventData, EventId, Metadata, StoredEvent, StreamId,
 };
-use crate::store::{EventStore, ExpectedVersion, StoreError};
+use crate::store::{EventStore, ExpectedVersion, Snapshot, SnapshotStore, StoreError};
 use crate::{CausationId, CorrelationId};
 
 /// Generates one `#[tokio::test]` per conformance check. `$make` is a closure returning a future of a
@@ -35,6 +35,9 @@ macro_rules! event_store_conformance_tests {
             read_all_order_and_resumption,
             load_from_version,
             payload_and_metadata_round_trip,
+            command_keys_record_once,
+            racing_command_keys_have_one_winner,
+            snapshots_keep_the_latest,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -472,4 +475,135 @@ pub async fn payload_and_metadata_round_trip<S: EventStore>(store: S) {
     assert_eq!(got.payload, e.payload);
     assert_eq!(got.metadata, metadata);
     assert_eq!(got.version, 1);
+}
+
+/// A command idempotency key is recorded with the append, once: a second use appends nothing and
+/// returns the first record; an append that fails records no key; a key with no events records the
+/// version.
+pub async fn command_keys_record_once<S: EventStore>(store: S) {
+    let s = stream("keys");
+    let key = format!("key-{}", EventId::new());
+    assert_eq!(
+        store.find_key(&key).await.unwrap_or_else(|e| panic!("{e}")),
+        None
+    );
+
+    let failed = store
+        .append_with_key(&s, ExpectedVersion::Exact(3), events(0..2), &key)
+        .await;
+    assert!(
+        matches!(failed, Err(StoreError::Conflict { .. })),
+        "{failed:?}"
+    );
+    assert_eq!(
+        store.find_key(&key).await.ok().flatten(),
+        None,
+        "a failed append records no key"
+    );
+
+    let done = store
+        .append_with_key(&s, ExpectedVersion::NoStream, events(0..2), &key)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(done.version, 2);
+    let record = store
+        .find_key(&key)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("key not recorded"));
+    assert_eq!(
+        (
+            record.stream.clone(),
+            record.first_version,
+            record.last_version
+        ),
+        (s.clone(), 1, 2)
+    );
+
+    match store
+        .append_with_key(&s, ExpectedVersion::Any, events(5..6), &key)
+        .await
+    {
+        Err(StoreError::KeyUsed(first)) => assert_eq!(*first, record),
+        other => panic!("second use of a key: expected KeyUsed, got {other:?}"),
+    }
+    assert_eq!(
+        load(&store, &s).await.len(),
+        2,
+        "a second use appends nothing"
+    );
+
+    let empty_key = format!("empty-{}", EventId::new());
+    let done = store
+        .append_with_key(&s, ExpectedVersion::Exact(2), Vec::new(), &empty_key)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(done.version, 2);
+    let record = store
+        .find_key(&empty_key)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("key not recorded"));
+    assert_eq!(
+        (record.first_version, record.last_version),
+        (3, 2),
+        "no events: first > last"
+    );
+}
+
+/// Eight writers race to use one key on one stream: exactly one appends.
+pub async fn racing_command_keys_have_one_winner<S: EventStore + Clone + 'static>(store: S) {
+    let s = stream("key-race");
+    let key = format!("race-{}", EventId::new());
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let (store, s, key) = (store.clone(), s.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            store
+                .append_with_key(&s, ExpectedVersion::Any, events(n..n + 1), &key)
+                .await
+        }));
+    }
+    let mut winners = 0;
+    for task in tasks {
+        match task.await.unwrap_or_else(|e| panic!("{e}")) {
+            Ok(_) => winners += 1,
+            Err(StoreError::KeyUsed(record)) => assert_eq!(record.stream, s),
+            Err(other) => panic!("expected success or KeyUsed, got {other}"),
+        }
+    }
+    assert_eq!(winners, 1);
+    assert_eq!(load(&store, &s).await.len(), 1);
+}
+
+/// The snapshot store keeps the latest snapshot per stream and never goes back to an older one.
+pub async fn snapshots_keep_the_latest<S: SnapshotStore>(store: S) {
+    let s = stream("snapshot");
+    assert_eq!(
+        store
+            .load_snapshot(&s)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        None
+    );
+    let snapshot = |version: u64| Snapshot {
+        stream: s.clone(),
+        version,
+        schema_version: 2,
+        state: json!({ "balance": version * 10, "name": "ü'\"" }),
+    };
+    for (save, expected) in [(100, 100), (300, 300), (200, 300)] {
+        store
+            .save_snapshot(snapshot(save))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let got = store
+            .load_snapshot(&s)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(got, Some(snapshot(expected)), "after saving version {save}");
+    }
+    assert_eq!(store.load_snapshot(&stream("other")).await.ok(), Some(None));
 }

@@ -1,7 +1,8 @@
 //! The command gateway: load an aggregate, decide a command, append the events, retry on conflict.
 
+use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroUsize;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures::StreamExt;
 use lru::LruCache;
@@ -9,14 +10,18 @@ use tracing::Instrument;
 
 use crate::aggregate::Aggregate;
 use crate::command::{Command, CommandMetadata, StreamExpectation};
-use crate::envelope::{AggregateId, EventData, RecordedEvent, StreamId};
+use crate::envelope::{AggregateId, EventData, Metadata, RecordedEvent, StreamId};
 use crate::event::EncodeError;
-use crate::store::{EventStore, ExpectedVersion, StoreError};
+use crate::store::{
+    AppendResult, EventStore, ExpectedVersion, KeyRecord, Snapshot, SnapshotStore, StoreError,
+};
 
 /// How many aggregates the gateway keeps in memory by default.
 pub const DEFAULT_CACHE_CAPACITY: usize = 1024;
 /// How many times the gateway retries a command after a version conflict by default.
 pub const DEFAULT_MAX_RETRIES: usize = 5;
+/// How many locks serialize commands per aggregate inside one gateway.
+const LOCK_STRIPES: usize = 256;
 
 /// What a successful command did.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +66,16 @@ pub enum CommandError<E> {
         /// The version the last attempt met.
         actual: u64,
     },
+    /// The idempotency key was used before by a command on another aggregate.
+    #[error("idempotency key `{key}` was used for {used_for}, not for {stream}")]
+    KeyReused {
+        /// The key.
+        key: String,
+        /// The aggregate it was used for.
+        used_for: StreamId,
+        /// The aggregate of this command.
+        stream: StreamId,
+    },
     /// An event the aggregate decided could not be encoded.
     #[error(transparent)]
     Encode(#[from] EncodeError),
@@ -84,17 +99,29 @@ struct Cached<A> {
     state: A,
 }
 
+/// Reads and writes snapshots of `A`; built only when `A` is serializable.
+struct Snapshotter<A> {
+    store: Arc<dyn SnapshotStore>,
+    encode: fn(&A) -> serde_json::Result<serde_json::Value>,
+    decode: fn(serde_json::Value) -> serde_json::Result<A>,
+}
+
 /// Executes commands against aggregates of type `A` stored in `S`.
 ///
-/// `execute` loads the aggregate (from an in-process LRU cache of recent states plus the events
-/// recorded since, so a hot aggregate is not replayed from its start), decides the command, appends
-/// the events with [`ExpectedVersion::Exact`] and, on a version conflict, reloads and decides again up
-/// to a bounded number of times. Every event gets the command's correlation id and the command id as
+/// `execute` loads the aggregate (from an in-process LRU cache of recent states, or from the latest
+/// snapshot, plus the events recorded since, so a hot aggregate is not replayed from its start),
+/// decides the command, appends the events with [`ExpectedVersion::Exact`] and, on a version
+/// conflict, reloads and decides again up to a bounded number of times. Commands to one aggregate
+/// are serialized inside the gateway, so they do not collide with each other; conflicts then only
+/// come from other processes. Every event gets the command's correlation id and the command id as
 /// its causation id.
 pub struct CommandGateway<A: Aggregate, S> {
     store: S,
     cache: Option<Mutex<LruCache<AggregateId, Cached<A>>>>,
     max_retries: usize,
+    snapshots: Option<Snapshotter<A>>,
+    stripes: Box<[futures::lock::Mutex<()>]>,
+    hasher: RandomState,
 }
 
 impl<A: Aggregate, S> std::fmt::Debug for CommandGateway<A, S> {
@@ -103,6 +130,7 @@ impl<A: Aggregate, S> std::fmt::Debug for CommandGateway<A, S> {
             .field("aggregate", &A::NAME)
             .field("cached", &self.cache.as_ref().map(|c| lock(c).len()))
             .field("max_retries", &self.max_retries)
+            .field("snapshots", &self.snapshots.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -113,16 +141,22 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
-    /// A gateway over `store` with the default cache size and retry limit.
+    /// A gateway over `store` with the default cache size and retry limit, without snapshots.
     pub fn new(store: S) -> Self {
         Self {
             store,
             cache: NonZeroUsize::new(DEFAULT_CACHE_CAPACITY).map(|n| Mutex::new(LruCache::new(n))),
             max_retries: DEFAULT_MAX_RETRIES,
+            snapshots: None,
+            stripes: (0..LOCK_STRIPES)
+                .map(|_| futures::lock::Mutex::new(()))
+                .collect(),
+            hasher: RandomState::new(),
         }
     }
 
-    /// Keeps at most `capacity` aggregates in memory; 0 turns the cache off (every command replays).
+    /// Keeps at most `capacity` aggregates in memory; 0 turns the cache off (every command loads
+    /// from the store).
     #[must_use]
     pub fn with_cache_capacity(mut self, capacity: usize) -> Self {
         self.cache = NonZeroUsize::new(capacity).map(|n| Mutex::new(LruCache::new(n)));
@@ -136,17 +170,94 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
         self
     }
 
+    /// Loads aggregates from their latest snapshot in `snapshots` plus the events after it, and
+    /// saves a snapshot whenever a command crosses the aggregate's `snapshot(every = N)` point.
+    ///
+    /// A stored snapshot of another schema version than `#[aggregate(snapshot(version = V))]`, or
+    /// one that does not deserialize, is ignored (the aggregate is replayed from its events). A
+    /// failure to save a snapshot is logged, never a command failure.
+    #[must_use]
+    pub fn with_snapshots(mut self, snapshots: impl SnapshotStore + 'static) -> Self
+    where
+        A: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        self.snapshots = Some(Snapshotter {
+            store: Arc::new(snapshots),
+            encode: |state| serde_json::to_value(state),
+            decode: serde_json::from_value::<A>,
+        });
+        self
+    }
+
     /// The store.
     pub fn store(&self) -> &S {
         &self.store
     }
 
-    /// Rebuilds the current state of an aggregate from all its events, bypassing the cache.
+    /// Rebuilds the current state of an aggregate from its latest snapshot (when configured) and
+    /// the events after it, bypassing the cache.
     ///
     /// # Errors
     /// A store failure, or a stored event that does not decode.
     pub async fn load(&self, id: impl Into<AggregateId>) -> Result<(A, u64), StoreError> {
-        replay(&self.store, &StreamId::new(A::NAME, id), A::initial(), 0).await
+        let stream = StreamId::new(A::NAME, id);
+        let (state, version) = self.from_snapshot(&stream).await;
+        replay(&self.store, &stream, state, version).await
+    }
+
+    /// The latest usable snapshot, or the initial state.
+    async fn from_snapshot(&self, stream: &StreamId) -> (A, u64) {
+        let Some(snapshots) = &self.snapshots else {
+            return (A::initial(), 0);
+        };
+        match snapshots.store.load_snapshot(stream).await {
+            Ok(Some(snapshot)) if snapshot.schema_version == A::SNAPSHOT.schema_version => {
+                match (snapshots.decode)(snapshot.state) {
+                    Ok(state) => return (state, snapshot.version),
+                    Err(error) => tracing::warn!(
+                        %stream, version = snapshot.version, %error,
+                        "snapshot does not deserialize; replaying from the first event"
+                    ),
+                }
+            }
+            Ok(Some(snapshot)) => tracing::debug!(
+                %stream, found = snapshot.schema_version, expected = A::SNAPSHOT.schema_version,
+                "ignoring a snapshot of another schema version"
+            ),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(%stream, %error, "cannot read snapshot; replaying from the first event")
+            }
+        }
+        (A::initial(), 0)
+    }
+
+    async fn maybe_snapshot(&self, stream: &StreamId, before: u64, after: u64, state: &A) {
+        let Some(snapshots) = &self.snapshots else {
+            return;
+        };
+        if !A::SNAPSHOT.is_due(before, after) {
+            return;
+        }
+        let saved = match (snapshots.encode)(state) {
+            Ok(json) => {
+                let snapshot = Snapshot {
+                    stream: stream.clone(),
+                    version: after,
+                    schema_version: A::SNAPSHOT.schema_version,
+                    state: json,
+                };
+                snapshots
+                    .store
+                    .save_snapshot(snapshot)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Err(error) => Err(error.to_string()),
+        };
+        if let Err(error) = saved {
+            tracing::warn!(%stream, version = after, %error, "cannot save snapshot");
+        }
     }
 
     async fn load_state(
@@ -155,14 +266,18 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
         stream: &StreamId,
     ) -> Result<(A, u64), StoreError> {
         let cached = self.cache.as_ref().and_then(|cache| lock(cache).pop(id));
-        let (state, version) = cached.map_or_else(|| (A::initial(), 0), |c| (c.state, c.version));
+        let (state, version) = match cached {
+            Some(c) => (c.state, c.version),
+            None => self.from_snapshot(stream).await,
+        };
         replay(&self.store, stream, state, version).await
     }
 
     fn put_back(&self, id: AggregateId, version: u64, state: A) {
         if let Some(cache) = &self.cache {
             let mut cache = lock(cache);
-            // A concurrent command may have cached a newer state meanwhile: keep the newest.
+            // Another gateway instance may share nothing with us, but a concurrent command through
+            // this one cannot run (commands per aggregate are serialized): keep the newest anyway.
             if cache.peek(&id).is_none_or(|c| c.version < version) {
                 cache.put(id, Cached { version, state });
             }
@@ -185,7 +300,79 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
     where
         A::Command: Clone,
     {
+        self.run(id.into(), command, metadata, None).await
+    }
+
+    /// Executes `command` at most once in effect per idempotency `key`: the key is recorded in the
+    /// transaction that appends the events, and a repeated key returns the events the first command
+    /// recorded without deciding again, also when two callers race with the same key (the store
+    /// lets one record it; the other gets the first outcome).
+    ///
+    /// A rejected command records no key: a retry decides again against the current state.
+    ///
+    /// # Errors
+    /// As [`CommandGateway::execute`], and [`CommandError::KeyReused`] when the key was used for
+    /// another aggregate.
+    pub async fn execute_idempotent(
+        &self,
+        key: &str,
+        id: impl Into<AggregateId>,
+        command: A::Command,
+        metadata: CommandMetadata,
+    ) -> Result<Executed<A::Event>, CommandError<A::Error>>
+    where
+        A::Command: Clone,
+    {
         let id = id.into();
+        if let Some(record) = self.store.find_key(key).await? {
+            return self
+                .first_outcome(record, &StreamId::new(A::NAME, id))
+                .await;
+        }
+        self.run(id, command, metadata, Some(key)).await
+    }
+
+    /// Rebuilds what the first command with a key recorded.
+    async fn first_outcome(
+        &self,
+        record: KeyRecord,
+        stream: &StreamId,
+    ) -> Result<Executed<A::Event>, CommandError<A::Error>> {
+        if record.stream != *stream {
+            return Err(CommandError::KeyReused {
+                key: record.key,
+                used_for: record.stream,
+                stream: stream.clone(),
+            });
+        }
+        let mut events = Vec::new();
+        let mut tail = self
+            .store
+            .load(stream, record.first_version.saturating_sub(1));
+        while let Some(stored) = tail.next().await {
+            let stored = stored?;
+            if stored.version > record.last_version {
+                break;
+            }
+            events.push(stored.into_recorded()?);
+        }
+        Ok(Executed {
+            stream: record.stream,
+            version: record.last_version,
+            events,
+        })
+    }
+
+    async fn run(
+        &self,
+        id: AggregateId,
+        command: A::Command,
+        metadata: CommandMetadata,
+        key: Option<&str>,
+    ) -> Result<Executed<A::Event>, CommandError<A::Error>>
+    where
+        A::Command: Clone,
+    {
         let span = tracing::debug_span!(
             "cqrs.execute",
             aggregate = A::NAME,
@@ -193,16 +380,22 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
             command = command.command_name(),
             command_id = %metadata.command_id,
         );
-        self.execute_inner(id, command, metadata)
-            .instrument(span)
-            .await
+        async {
+            // One command per aggregate at a time inside this gateway: they would only collide.
+            let stripe = self.hasher.hash_one(&id) as usize % self.stripes.len();
+            let _serialized = self.stripes[stripe].lock().await;
+            self.decide_and_append(id, command, metadata, key).await
+        }
+        .instrument(span)
+        .await
     }
 
-    async fn execute_inner(
+    async fn decide_and_append(
         &self,
         id: AggregateId,
         command: A::Command,
         metadata: CommandMetadata,
+        key: Option<&str>,
     ) -> Result<Executed<A::Event>, CommandError<A::Error>>
     where
         A::Command: Clone,
@@ -230,7 +423,7 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
                     return Err(CommandError::Rejected(rejection));
                 }
             };
-            if events.is_empty() {
+            if events.is_empty() && key.is_none() {
                 self.put_back(id, version, state);
                 return Ok(Executed {
                     stream,
@@ -247,31 +440,23 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
             } else {
                 ExpectedVersion::Exact(version)
             };
-            match self.store.append(&stream, expected, data).await {
+            let appended = match key {
+                Some(key) => {
+                    self.store
+                        .append_with_key(&stream, expected, data, key)
+                        .await
+                }
+                None => self.store.append(&stream, expected, data).await,
+            };
+            match appended {
                 Ok(result) => {
                     for event in &events {
                         state.apply(event);
                     }
+                    self.maybe_snapshot(&stream, version, result.version, &state)
+                        .await;
                     self.put_back(id, result.version, state);
-                    let recorded = result
-                        .events
-                        .into_iter()
-                        .zip(events)
-                        .map(|(at, event)| RecordedEvent {
-                            event_id: at.event_id,
-                            stream: stream.clone(),
-                            version: at.version,
-                            checkpoint: at.checkpoint,
-                            recorded_at: at.recorded_at,
-                            metadata: event_metadata.clone(),
-                            event,
-                        })
-                        .collect();
-                    return Ok(Executed {
-                        stream,
-                        version: result.version,
-                        events: recorded,
-                    });
+                    return Ok(recorded(stream, result, events, &event_metadata));
                 }
                 Err(StoreError::Conflict { actual: seen, .. }) => {
                     tracing::debug!(
@@ -284,6 +469,10 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
                     // The state at `version` is still right; the next attempt loads only the tail.
                     self.put_back(id.clone(), version, state);
                 }
+                Err(StoreError::KeyUsed(record)) => {
+                    self.put_back(id, version, state);
+                    return self.first_outcome(*record, &stream).await;
+                }
                 Err(error) => return Err(error.into()),
             }
         }
@@ -292,6 +481,35 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
             attempts: self.max_retries + 1,
             actual,
         })
+    }
+}
+
+/// The typed envelopes of the events a command appended.
+fn recorded<E>(
+    stream: StreamId,
+    result: AppendResult,
+    events: Vec<E>,
+    metadata: &Metadata,
+) -> Executed<E> {
+    let version = result.version;
+    let events = result
+        .events
+        .into_iter()
+        .zip(events)
+        .map(|(at, event)| RecordedEvent {
+            event_id: at.event_id,
+            stream: stream.clone(),
+            version: at.version,
+            checkpoint: at.checkpoint,
+            recorded_at: at.recorded_at,
+            metadata: metadata.clone(),
+            event,
+        })
+        .collect();
+    Executed {
+        stream,
+        version,
+        events,
     }
 }
 

@@ -25,7 +25,10 @@ pub use envelope::{
 pub use event::{ApplyTo, DecodeError, DomainEvent, EncodedEvent, UpcastError};
 pub use gateway::{CommandError, CommandGateway, Executed};
 pub use query::{Query, QueryBus, QueryError, QueryHandler};
-pub use store::{EventStore, EventStoreExt, ExpectedVersion, InMemoryEventStore, StoreError};
+pub use store::{
+    EventStore, EventStoreExt, ExpectedVersion, InMemoryEventStore, KeyRecord, Snapshot,
+    SnapshotStore, StoreError,
+};
 
 /// `#[derive(Aggregate)]`: implements [`Aggregate`](trait@Aggregate); see the crate docs.
 #[cfg(feature = "derive")]

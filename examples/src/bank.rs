@@ -84,8 +84,8 @@ pub enum AccountError {
     },
 }
 
-/// An account's state.
-#[derive(Debug, Default, Aggregate)]
+/// An account's state (serializable, for snapshots).
+#[derive(Debug, Default, Serialize, Deserialize, Aggregate)]
 #[aggregate(
     name = "account",
     command = AccountCommand,

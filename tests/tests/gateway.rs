@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use cqrs_core::prelude::*;
 use cqrs_core::store::AppendResult;
 use cqrs_core::{
-    Checkpoint, CorrelationId, EventData, EventId, EventStoreExt, StoreError, StoredEvent,
+    Checkpoint, CorrelationId, EventData, EventId, EventStoreExt, KeyRecord, StoreError,
+    StoredEvent,
 };
 use cqrs_examples::bank::{Account, AccountCommand, AccountError, AccountEvent, Deposit};
 use cqrs_examples::order::{Order, OrderCommand, OrderError, OrderItem, OrderStatus};
@@ -282,6 +283,20 @@ impl EventStore for Interfering {
     ) -> Result<Vec<StoredEvent>, StoreError> {
         self.inner.read_all(after, limit).await
     }
+    async fn append_with_key(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+        key: &str,
+    ) -> Result<AppendResult, StoreError> {
+        self.inner
+            .append_with_key(stream, expected, events, key)
+            .await
+    }
+    async fn find_key(&self, key: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.find_key(key).await
+    }
 }
 
 #[tokio::test]
@@ -486,4 +501,167 @@ async fn a_command_that_decides_nothing_records_nothing() {
         .unwrap();
     assert_eq!((second.version, second.events.len()), (1, 0));
     assert_eq!(gateway.store().len(), 1);
+}
+
+fn deposit(cents: u64) -> AccountCommand {
+    AccountCommand::Deposit(Deposit {
+        amount_cents: cents,
+        reference: String::new(),
+    })
+}
+
+#[tokio::test]
+async fn an_idempotency_key_executes_once_and_returns_the_first_outcome() {
+    let store = InMemoryEventStore::new();
+    let gateway = CommandGateway::<Account, _>::new(store.clone());
+    gateway
+        .execute(
+            "k",
+            AccountCommand::Open { owner: "x".into() },
+            CommandMetadata::new(),
+        )
+        .await
+        .unwrap();
+    let first = gateway
+        .execute_idempotent("pay-1", "k", deposit(10), CommandMetadata::new())
+        .await
+        .unwrap();
+    let again = gateway
+        .execute_idempotent("pay-1", "k", deposit(10), CommandMetadata::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        first, again,
+        "the repeat returns the first outcome, event ids included"
+    );
+    assert_eq!(gateway.load("k").await.unwrap().0.balance_cents, 10);
+
+    // Used for another aggregate: a clear error, nothing executed.
+    gateway
+        .execute(
+            "other",
+            AccountCommand::Open { owner: "y".into() },
+            CommandMetadata::new(),
+        )
+        .await
+        .unwrap();
+    let error = gateway
+        .execute_idempotent("pay-1", "other", deposit(10), CommandMetadata::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(error, CommandError::KeyReused { .. }), "{error}");
+
+    // A rejection records no key: the retry decides again.
+    let error = gateway
+        .execute_idempotent("pay-2", "k", deposit(0), CommandMetadata::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        CommandError::Rejected(AccountError::ZeroAmount)
+    ));
+    let done = gateway
+        .execute_idempotent("pay-2", "k", deposit(5), CommandMetadata::new())
+        .await
+        .unwrap();
+    assert_eq!(done.version, 3);
+}
+
+#[tokio::test]
+async fn racing_callers_with_one_key_get_one_execution() {
+    let store = InMemoryEventStore::new();
+    let open = CommandGateway::<Account, _>::new(store.clone());
+    open.execute(
+        "r",
+        AccountCommand::Open { owner: "x".into() },
+        CommandMetadata::new(),
+    )
+    .await
+    .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        // Separate gateways, as separate processes would have.
+        let gateway = CommandGateway::<Account, _>::new(store.clone());
+        tasks.push(tokio::spawn(async move {
+            gateway
+                .execute_idempotent("once", "r", deposit(1), CommandMetadata::new())
+                .await
+                .unwrap()
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+    assert!(
+        outcomes.windows(2).all(|w| w[0] == w[1]),
+        "every caller sees the same outcome"
+    );
+    assert_eq!(open.load("r").await.unwrap().0.balance_cents, 1);
+}
+
+#[tokio::test]
+async fn snapshots_are_taken_every_n_events_and_used_to_load() {
+    use cqrs_core::{Snapshot, SnapshotStore};
+
+    let store = InMemoryEventStore::new();
+    let gateway = CommandGateway::<Account, _>::new(store.clone())
+        .with_cache_capacity(0)
+        .with_snapshots(store.clone());
+    gateway
+        .execute(
+            "s",
+            AccountCommand::Open { owner: "x".into() },
+            CommandMetadata::new(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..250 {
+        gateway
+            .execute("s", deposit(1), CommandMetadata::new())
+            .await
+            .unwrap();
+    }
+    let stream = StreamId::new("account", "s");
+    let snapshot = store
+        .load_snapshot(&stream)
+        .await
+        .unwrap()
+        .expect("a snapshot at version 200");
+    assert_eq!((snapshot.version, snapshot.schema_version), (200, 1));
+    assert_eq!(snapshot.state["balance_cents"], 199);
+
+    // The snapshot is what loading starts from: a (deliberately wrong) snapshot shows through.
+    let planted = Snapshot {
+        version: 250,
+        state: serde_json::json!({ "owner": "x", "balance_cents": 1000, "movements": 0 }),
+        ..snapshot.clone()
+    };
+    store.save_snapshot(planted).await.unwrap();
+    let (account, version) = gateway.load("s").await.unwrap();
+    assert_eq!((account.balance_cents, version), (1001, 251));
+
+    // A snapshot of another schema version, or one that does not deserialize, is ignored.
+    for bad in [
+        Snapshot {
+            version: 251,
+            schema_version: 7,
+            ..snapshot.clone()
+        },
+        Snapshot {
+            version: 251,
+            state: serde_json::json!("garbage"),
+            ..snapshot.clone()
+        },
+    ] {
+        let fresh = InMemoryEventStore::new();
+        let replayed =
+            CommandGateway::<Account, _>::new(store.clone()).with_snapshots(fresh.clone());
+        fresh.save_snapshot(bad).await.unwrap();
+        assert_eq!(
+            replayed.load("s").await.unwrap().0.balance_cents,
+            250,
+            "replayed from the events"
+        );
+    }
 }

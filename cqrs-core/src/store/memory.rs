@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use chrono::Utc;
 use futures::stream::{self, BoxStream, StreamExt};
 
-use super::{AppendResult, AppendedEvent, EventStore, ExpectedVersion, StoreError};
+use super::{
+    AppendResult, AppendedEvent, EventStore, ExpectedVersion, KeyRecord, Snapshot, SnapshotStore,
+    StoreError,
+};
 use crate::envelope::{Checkpoint, EventData, EventId, StoredEvent, StreamId};
 
 /// An event store in process memory, safe to share between tasks (clone it: clones share the data).
@@ -27,6 +30,8 @@ struct Inner {
     log: Vec<Arc<StoredEvent>>,
     by_id: HashMap<EventId, Arc<StoredEvent>>,
     commits: u64,
+    keys: HashMap<String, KeyRecord>,
+    snapshots: HashMap<StreamId, Snapshot>,
 }
 
 impl std::fmt::Debug for InMemoryEventStore {
@@ -77,6 +82,76 @@ fn same_content(stored: &StoredEvent, stream: &StreamId, new: &EventData) -> boo
 }
 
 impl Inner {
+    /// Appends under the lock: idempotency first, then the expected version.
+    fn append(
+        &mut self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError> {
+        if let Some(error) = self.replay_or_reuse(stream, &events) {
+            return Err(error);
+        }
+        let actual = self.version(stream);
+        if !expected.is_met_by(actual) {
+            return Err(StoreError::Conflict {
+                stream: stream.clone(),
+                expected,
+                actual,
+            });
+        }
+        if events.is_empty() {
+            return Ok(AppendResult {
+                stream: stream.clone(),
+                version: actual,
+                events: Vec::new(),
+            });
+        }
+        self.commits += 1;
+        let transaction = self.commits;
+        let recorded_at = Utc::now();
+        let mut position = self.log.len() as u64;
+        let mut appended = Vec::with_capacity(events.len());
+        let mut stored = Vec::with_capacity(events.len());
+        for (i, event) in events.into_iter().enumerate() {
+            position += 1;
+            let record = Arc::new(StoredEvent {
+                event_id: event.event_id,
+                stream: stream.clone(),
+                version: actual + 1 + i as u64,
+                checkpoint: Checkpoint::new(transaction, position),
+                recorded_at,
+                event_type: event.event_type,
+                schema_version: event.schema_version,
+                payload: event.payload,
+                metadata: event.metadata,
+            });
+            appended.push(AppendedEvent {
+                event_id: record.event_id,
+                version: record.version,
+                checkpoint: record.checkpoint,
+                recorded_at,
+            });
+            stored.push(record);
+        }
+        for record in &stored {
+            self.by_id.insert(record.event_id, Arc::clone(record));
+            self.log.push(Arc::clone(record));
+        }
+        let version = actual + appended.len() as u64;
+        match self.streams.entry(stream.clone()) {
+            Entry::Occupied(mut entry) => entry.get_mut().extend(stored),
+            Entry::Vacant(entry) => {
+                entry.insert(stored);
+            }
+        }
+        Ok(AppendResult {
+            stream: stream.clone(),
+            version,
+            events: appended,
+        })
+    }
+
     fn version(&self, stream: &StreamId) -> u64 {
         self.streams
             .get(stream)
@@ -115,8 +190,12 @@ impl Inner {
     }
 }
 
-/// Rejects what no store can hold, so the in-memory store fails where PostgreSQL would.
-pub(crate) fn validate_append(stream: &StreamId, events: &[EventData]) -> Result<(), StoreError> {
+/// Rejects what no store can hold (empty names, an id twice in one batch), so every store fails alike
+/// before it writes anything.
+///
+/// # Errors
+/// [`StoreError::InvalidInput`] or [`StoreError::EventIdReused`].
+pub fn validate_append(stream: &StreamId, events: &[EventData]) -> Result<(), StoreError> {
     if stream.aggregate_type.is_empty() {
         return Err(StoreError::InvalidInput(
             "the aggregate type is empty".into(),
@@ -153,68 +232,37 @@ impl EventStore for InMemoryEventStore {
         events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
+        self.lock().append(stream, expected, events)
+    }
+
+    async fn append_with_key(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+        key: &str,
+    ) -> Result<AppendResult, StoreError> {
+        validate_append(stream, &events)?;
         let mut inner = self.lock();
-        if let Some(error) = inner.replay_or_reuse(stream, &events) {
-            return Err(error);
+        if let Some(record) = inner.keys.get(key) {
+            return Err(StoreError::KeyUsed(Box::new(record.clone())));
         }
-        let actual = inner.version(stream);
-        if !expected.is_met_by(actual) {
-            return Err(StoreError::Conflict {
-                stream: stream.clone(),
-                expected,
-                actual,
-            });
-        }
-        if events.is_empty() {
-            return Ok(AppendResult {
-                stream: stream.clone(),
-                version: actual,
-                events: Vec::new(),
-            });
-        }
-        inner.commits += 1;
-        let transaction = inner.commits;
-        let recorded_at = Utc::now();
-        let mut position = inner.log.len() as u64;
-        let mut appended = Vec::with_capacity(events.len());
-        let mut stored = Vec::with_capacity(events.len());
-        for (i, event) in events.into_iter().enumerate() {
-            position += 1;
-            let record = Arc::new(StoredEvent {
-                event_id: event.event_id,
-                stream: stream.clone(),
-                version: actual + 1 + i as u64,
-                checkpoint: Checkpoint::new(transaction, position),
-                recorded_at,
-                event_type: event.event_type,
-                schema_version: event.schema_version,
-                payload: event.payload,
-                metadata: event.metadata,
-            });
-            appended.push(AppendedEvent {
-                event_id: record.event_id,
-                version: record.version,
-                checkpoint: record.checkpoint,
-                recorded_at,
-            });
-            stored.push(record);
-        }
-        for record in &stored {
-            inner.by_id.insert(record.event_id, Arc::clone(record));
-            inner.log.push(Arc::clone(record));
-        }
-        let version = actual + appended.len() as u64;
-        match inner.streams.entry(stream.clone()) {
-            Entry::Occupied(mut entry) => entry.get_mut().extend(stored),
-            Entry::Vacant(entry) => {
-                entry.insert(stored);
-            }
-        }
-        Ok(AppendResult {
+        let result = inner.append(stream, expected, events)?;
+        let record = KeyRecord {
+            key: key.to_owned(),
             stream: stream.clone(),
-            version,
-            events: appended,
-        })
+            first_version: result
+                .events
+                .first()
+                .map_or(result.version + 1, |e| e.version),
+            last_version: result.version,
+        };
+        inner.keys.insert(key.to_owned(), record);
+        Ok(result)
+    }
+
+    async fn find_key(&self, key: &str) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(self.lock().keys.get(key).cloned())
     }
 
     fn load<'a>(
@@ -248,5 +296,27 @@ impl EventStore for InMemoryEventStore {
             .take(limit)
             .map(|e| StoredEvent::clone(e))
             .collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl SnapshotStore for InMemoryEventStore {
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        Ok(self.lock().snapshots.get(stream).cloned())
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        match inner.snapshots.entry(snapshot.stream.clone()) {
+            Entry::Occupied(mut entry) => {
+                if entry.get().version <= snapshot.version {
+                    entry.insert(snapshot);
+                }
+            }
+            Entry::Vacant(entry) => {
+                entry.insert(snapshot);
+            }
+        }
+        Ok(())
     }
 }

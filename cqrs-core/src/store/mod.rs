@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use futures::stream::BoxStream;
 
-pub use memory::InMemoryEventStore;
+pub use memory::{InMemoryEventStore, validate_append};
 
 use crate::envelope::{Checkpoint, EventData, EventId, StoredEvent, StreamId};
 use crate::event::DecodeError;
@@ -78,6 +78,50 @@ pub struct AppendResult {
     pub events: Vec<AppendedEvent>,
 }
 
+/// What a command idempotency key recorded: the stream and the versions of the events that the first
+/// command with this key appended (`first_version > last_version` when it appended none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// The key.
+    pub key: String,
+    /// The stream the command ran against.
+    pub stream: StreamId,
+    /// The version of its first event (the stream's version + 1 when it recorded none).
+    pub first_version: u64,
+    /// The version of its last event (the stream's version when it recorded none).
+    pub last_version: u64,
+}
+
+/// A snapshot of an aggregate's state at a version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// The aggregate's stream.
+    pub stream: StreamId,
+    /// The version the state reflects.
+    pub version: u64,
+    /// The schema version of `state` (`#[aggregate(snapshot(version = N))]`): a snapshot of another
+    /// version is ignored, never misread.
+    pub schema_version: u32,
+    /// The state as JSON.
+    pub state: serde_json::Value,
+}
+
+/// Stores the latest snapshot of each aggregate.
+#[async_trait::async_trait]
+pub trait SnapshotStore: Send + Sync {
+    /// The latest snapshot of `stream`, if any.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`].
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError>;
+
+    /// Saves `snapshot` unless a snapshot of a later version is stored already.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`].
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError>;
+}
+
 /// Why a store operation failed. Every variant names what was wrong; a caller can match on it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -117,6 +161,10 @@ pub enum StoreError {
         #[source]
         error: Box<DecodeError>,
     },
+    /// The idempotency key was recorded before: nothing was appended now. Holds where the first
+    /// command with this key recorded its events.
+    #[error("idempotency key `{}` was used already (events {}..={} of {})", .0.key, .0.first_version, .0.last_version, .0.stream)]
+    KeyUsed(Box<KeyRecord>),
     /// The arguments cannot be stored (for example an empty aggregate type).
     #[error("invalid input: {0}")]
     InvalidInput(String),
@@ -173,6 +221,26 @@ pub trait EventStore: Send + Sync {
     /// [`StoreError::Backend`].
     async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError>;
 
+    /// Appends like [`EventStore::append`] and records the command idempotency `key` in the same
+    /// transaction; with no events, records the key only (after checking `expected`).
+    ///
+    /// # Errors
+    /// [`StoreError::KeyUsed`] with the first record when the key was recorded before (also when
+    /// a concurrent caller recorded it first), and the errors of [`EventStore::append`].
+    async fn append_with_key(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+        key: &str,
+    ) -> Result<AppendResult, StoreError>;
+
+    /// What `key` recorded, if it was used.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`].
+    async fn find_key(&self, key: &str) -> Result<Option<KeyRecord>, StoreError>;
+
     /// Up to `limit` events after `after` in the global order.
     ///
     /// Never skips: an event that is not returned now because its transaction has not committed is
@@ -223,11 +291,38 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
         (**self).stream_version(stream).await
     }
 
+    async fn append_with_key(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+        key: &str,
+    ) -> Result<AppendResult, StoreError> {
+        (**self)
+            .append_with_key(stream, expected, events, key)
+            .await
+    }
+
+    async fn find_key(&self, key: &str) -> Result<Option<KeyRecord>, StoreError> {
+        (**self).find_key(key).await
+    }
+
     async fn read_all(
         &self,
         after: Checkpoint,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         (**self).read_all(after, limit).await
+    }
+}
+
+#[async_trait::async_trait]
+impl<S: SnapshotStore + ?Sized> SnapshotStore for Arc<S> {
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        (**self).load_snapshot(stream).await
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        (**self).save_snapshot(snapshot).await
     }
 }

@@ -201,12 +201,12 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
     /// A store failure, or a stored event that does not decode.
     pub async fn load(&self, id: impl Into<AggregateId>) -> Result<(A, u64), StoreError> {
         let stream = StreamId::new(A::NAME, id);
-        let (state, version) = self.from_snapshot(&stream).await;
+        let (state, version) = self.start_state(&stream).await;
         replay(&self.store, &stream, state, version).await
     }
 
     /// The latest usable snapshot, or the initial state.
-    async fn from_snapshot(&self, stream: &StreamId) -> (A, u64) {
+    async fn start_state(&self, stream: &StreamId) -> (A, u64) {
         let Some(snapshots) = &self.snapshots else {
             return (A::initial(), 0);
         };
@@ -268,7 +268,7 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
         let cached = self.cache.as_ref().and_then(|cache| lock(cache).pop(id));
         let (state, version) = match cached {
             Some(c) => (c.state, c.version),
-            None => self.from_snapshot(stream).await,
+            None => self.start_state(stream).await,
         };
         replay(&self.store, stream, state, version).await
     }

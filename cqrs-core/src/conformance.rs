@@ -6,7 +6,7 @@
 //! `#[tokio::test]` each:
 //!
 //! ```text
-//! cqrs_core::event_store_conformance_tests!(|| async { cqrs_core::InMemoryEventStore::new() });
+//! cqrs_core::event_store_conformance_tests!(|_test_name| async { cqrs_core::InMemoryEventStore::new() });
 //! ```
 
 use std::collections::{BTreeMap, HashSet};
@@ -20,9 +20,10 @@ use crate::envelope::{
 use crate::store::{EventStore, ExpectedVersion, Snapshot, SnapshotStore, StoreError};
 use crate::{CausationId, CorrelationId};
 
-/// Generates one `#[tokio::test]` per conformance check. `$make` is a closure returning a future of a
-/// fresh, empty store (`S: EventStore + Clone + 'static`); the calling crate depends on tokio with the
-/// `macros` and `rt-multi-thread` features.
+/// Generates one `#[tokio::test]` per conformance check. `$make` is a closure that takes the test's
+/// name (to isolate its data, e.g. in a schema of that name) and returns a future of a fresh, empty
+/// store (`S: EventStore + SnapshotStore + Clone + 'static`); the calling crate depends on tokio with
+/// the `macros` and `rt-multi-thread` features.
 #[macro_export]
 macro_rules! event_store_conformance_tests {
     ($make:expr) => {
@@ -44,7 +45,7 @@ macro_rules! event_store_conformance_tests {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $name() {
-                let store = ($make)().await;
+                let store = ($make)(stringify!($name)).await;
                 $crate::conformance::$name(store).await;
             }
         )*

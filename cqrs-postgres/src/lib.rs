@@ -1,1 +1,667 @@
 #![doc = include_str!("../README.md")]
+
+mod rows;
+mod sql;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cqrs_core::store::{
+    AppendResult, AppendedEvent, KeyRecord, Snapshot, SnapshotStore, classify_stored_ids,
+    validate_append,
+};
+use cqrs_core::{
+    AggregateId, Checkpoint, EventData, EventId, EventStore, ExpectedVersion, StoreError,
+    StoredEvent, StreamId,
+};
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::{Acquire, AssertSqlSafe, PgConnection, Row};
+
+pub use sqlx;
+
+use crate::rows::{backend, stored_event, to_i64, to_u64};
+use crate::sql::Sql;
+
+/// The embedded migrations: the events, snapshots and command-key tables.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The PostgreSQL schema used when none is given.
+pub const DEFAULT_SCHEMA: &str = "cqrs";
+
+/// `DATABASE_URL`, or the local default `postgres://postgres@127.0.0.1:5432/test`.
+#[must_use]
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// How many times an append with [`ExpectedVersion::Any`] or [`ExpectedVersion::StreamExists`]
+/// retries after losing a race for a version number (it has no expectation to fail).
+const ANY_VERSION_ATTEMPTS: usize = 64;
+
+/// The event store on PostgreSQL.
+///
+/// - Appends are one `INSERT .. SELECT FROM UNNEST(..)` statement: all events or none. The
+///   expectation is checked in the same statement, and `UNIQUE(aggregate_type, aggregate_id,
+///   version)` decides races; a violation becomes [`StoreError::Conflict`], never a generic
+///   database error. No `SERIALIZABLE` isolation is needed.
+/// - `UNIQUE(event_id)` makes appends idempotent: retrying the same events returns
+///   [`StoreError::AlreadyAppended`] with the first outcome.
+/// - [`EventStore::read_all`] never skips an event: each row carries its transaction id
+///   (`pg_current_xact_id()`), and only rows of transactions below the oldest running one
+///   (`pg_snapshot_xmin(pg_current_snapshot())`) are read, ordered by `(transaction id, position)`.
+///   A long transaction pauses readers; it never makes them skip.
+/// - [`PostgresEventStore::listen`] wakes subscribers on commit (`LISTEN/NOTIFY`); it is a hint, and
+///   polling stays correct without it.
+///
+/// Every table lives in one PostgreSQL schema, configurable so tenants and tests are isolated.
+#[derive(Clone)]
+pub struct PostgresEventStore {
+    pool: PgPool,
+    schema: Arc<str>,
+    sql: Arc<Sql>,
+}
+
+impl std::fmt::Debug for PostgresEventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresEventStore")
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool.size())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresEventStore {
+    /// Connects to `url` (a pool of up to 16 connections) and uses the tables in `schema`.
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidInput`] for an invalid schema name, [`StoreError::Backend`] when the
+    /// server cannot be reached.
+    pub async fn connect(url: &str, schema: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect(url)
+            .await
+            .map_err(|e| StoreError::backend(ConnectError(url_without_password(url), e)))?;
+        Self::new(pool, schema)
+    }
+
+    /// A store on `pool` using the tables in `schema`.
+    ///
+    /// The schema name is validated as a PostgreSQL identifier (1 to 63 bytes, no NUL) and always
+    /// quoted, so any such name is safe, quotes and semicolons included.
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidInput`] for an invalid schema name.
+    pub fn new(pool: PgPool, schema: &str) -> Result<Self, StoreError> {
+        let sql = Sql::new(schema)?;
+        Ok(Self {
+            pool,
+            schema: schema.into(),
+            sql: Arc::new(sql),
+        })
+    }
+
+    /// Creates the schema if needed and applies the embedded migrations; safe to call from several
+    /// processes at once.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when a migration fails.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
+        let result = migrate_on(&mut conn, &self.sql).await;
+        if result.is_err() {
+            // Do not hand a connection with our search_path back to a pool the user may share.
+            conn.detach();
+        }
+        result
+    }
+
+    /// The connection pool.
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The schema holding the tables.
+    #[must_use]
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The `NOTIFY` channel signalled when events of this schema commit.
+    #[must_use]
+    pub fn channel(&self) -> &str {
+        &self.sql.channel
+    }
+
+    /// Subscribes to commit notifications of this schema's events.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the listening connection cannot be opened.
+    pub async fn listen(&self) -> Result<Wakeups, StoreError> {
+        let mut listener = PgListener::connect_with(&self.pool)
+            .await
+            .map_err(backend)?;
+        listener.listen(&self.sql.channel).await.map_err(backend)?;
+        Ok(Wakeups { listener })
+    }
+
+    async fn version_of(&self, stream: &StreamId) -> Result<u64, StoreError> {
+        stream_version_on(&self.pool, &self.sql, stream).await
+    }
+
+    /// Appends on `conn`, deciding the base version from the expectation; retries lost version
+    /// races for the expectations that allow it. Must not run inside a transaction that should
+    /// survive a failed attempt (a violation aborts it).
+    async fn append_on(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: &[EventData],
+    ) -> Result<AppendResult, StoreError> {
+        for _ in 0..ANY_VERSION_ATTEMPTS {
+            let base = match expected {
+                ExpectedVersion::Exact(n) => n,
+                ExpectedVersion::NoStream => 0,
+                ExpectedVersion::Any | ExpectedVersion::StreamExists => {
+                    let actual = self.version_of(stream).await?;
+                    if expected == ExpectedVersion::StreamExists && actual == 0 {
+                        return Err(StoreError::Conflict {
+                            stream: stream.clone(),
+                            expected,
+                            actual,
+                        });
+                    }
+                    actual
+                }
+            };
+            let mut conn = self.pool.acquire().await.map_err(backend)?;
+            match insert_at(&mut conn, &self.sql, stream, base, events).await {
+                Ok(result) => return Ok(result),
+                Err(Insert::Failed(error)) => return Err(error),
+                Err(Insert::Lost) => {
+                    if let Some(error) = self.classify_ids(stream, events).await? {
+                        return Err(error);
+                    }
+                    if matches!(
+                        expected,
+                        ExpectedVersion::Exact(_) | ExpectedVersion::NoStream
+                    ) {
+                        return Err(StoreError::Conflict {
+                            stream: stream.clone(),
+                            expected,
+                            actual: self.version_of(stream).await?,
+                        });
+                    }
+                }
+            }
+        }
+        Err(StoreError::backend(format!(
+            "{stream}: lost the race for a version {ANY_VERSION_ATTEMPTS} times in a row"
+        )))
+    }
+
+    /// After a unique violation: are these ids stored already (an idempotent replay, or a reuse)?
+    async fn classify_ids(
+        &self,
+        stream: &StreamId,
+        events: &[EventData],
+    ) -> Result<Option<StoreError>, StoreError> {
+        let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id.0).collect();
+        let stored: Vec<StoredEvent> = sqlx::query(AssertSqlSafe(self.sql.events_by_id.clone()))
+            .bind(&ids)
+            .fetch(&self.pool)
+            .map_err(backend)
+            .and_then(|row| futures::future::ready(stored_event(&row)))
+            .try_collect()
+            .await?;
+        let by_id: std::collections::HashMap<EventId, &StoredEvent> =
+            stored.iter().map(|e| (e.event_id, e)).collect();
+        Ok(classify_stored_ids(stream, events, |id| {
+            by_id.get(id).copied()
+        }))
+    }
+}
+
+/// Why an `INSERT` attempt did not append.
+enum Insert {
+    /// A unique violation, or the expected base version was not the stream's: the caller decides
+    /// between replay, reuse, conflict and another attempt.
+    Lost,
+    /// Anything else.
+    Failed(StoreError),
+}
+
+/// Inserts `events` at versions `base + 1..` if the stream is exactly at `base`, in one statement.
+async fn insert_at(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    stream: &StreamId,
+    base: u64,
+    events: &[EventData],
+) -> Result<AppendResult, Insert> {
+    let mut ids = Vec::with_capacity(events.len());
+    let mut types = Vec::with_capacity(events.len());
+    let mut versions = Vec::with_capacity(events.len());
+    let mut payloads = Vec::with_capacity(events.len());
+    let mut metadata = Vec::with_capacity(events.len());
+    for event in events {
+        ids.push(event.event_id.0);
+        types.push(event.event_type.as_str());
+        versions.push(i32::try_from(event.schema_version).map_err(|_| {
+            Insert::Failed(StoreError::InvalidInput(format!(
+                "schema version {} of `{}` does not fit PostgreSQL's integer",
+                event.schema_version, event.event_type
+            )))
+        })?);
+        payloads.push(&event.payload);
+        metadata.push(
+            serde_json::to_value(&event.metadata)
+                .map_err(|e| Insert::Failed(StoreError::backend(e)))?,
+        );
+    }
+    let base_i64 = to_i64(base).map_err(Insert::Failed)?;
+    let rows = sqlx::query(AssertSqlSafe(sql.insert.clone()))
+        .bind(&stream.aggregate_type)
+        .bind(stream.aggregate_id.as_str())
+        .bind(base_i64)
+        .bind(&ids)
+        .bind(&types)
+        .bind(&versions)
+        .bind(&payloads)
+        .bind(&metadata)
+        .fetch_all(&mut *conn)
+        .await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(error) if is_unique_violation(&error) => return Err(Insert::Lost),
+        Err(error) => return Err(Insert::Failed(backend(error))),
+    };
+    if rows.len() != events.len() {
+        // The stream was not at `base` (the statement's condition), or not all rows went in.
+        return Err(Insert::Lost);
+    }
+    let mut appended = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let position: i64 = row
+            .try_get("global_position")
+            .map_err(|e| Insert::Failed(backend(e)))?;
+        let transaction: String = row
+            .try_get("transaction_id")
+            .map_err(|e| Insert::Failed(backend(e)))?;
+        let version: i64 = row
+            .try_get("version")
+            .map_err(|e| Insert::Failed(backend(e)))?;
+        let event_id: uuid::Uuid = row
+            .try_get("event_id")
+            .map_err(|e| Insert::Failed(backend(e)))?;
+        appended.push(AppendedEvent {
+            event_id: EventId(event_id),
+            version: to_u64(version).map_err(Insert::Failed)?,
+            checkpoint: Checkpoint::new(
+                transaction.parse().map_err(|e| {
+                    Insert::Failed(StoreError::backend(format!(
+                        "transaction id `{transaction}`: {e}"
+                    )))
+                })?,
+                to_u64(position).map_err(Insert::Failed)?,
+            ),
+            recorded_at: row
+                .try_get("recorded_at")
+                .map_err(|e| Insert::Failed(backend(e)))?,
+        });
+    }
+    appended.sort_by_key(|e| e.version);
+    Ok(AppendResult {
+        stream: stream.clone(),
+        version: base + events.len() as u64,
+        events: appended,
+    })
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .is_some_and(|e| e.is_unique_violation())
+}
+
+async fn stream_version_on<'e, E: sqlx::PgExecutor<'e>>(
+    executor: E,
+    sql: &Sql,
+    stream: &StreamId,
+) -> Result<u64, StoreError> {
+    let version: i64 = sqlx::query_scalar(AssertSqlSafe(sql.stream_version.clone()))
+        .bind(&stream.aggregate_type)
+        .bind(stream.aggregate_id.as_str())
+        .fetch_one(executor)
+        .await
+        .map_err(backend)?;
+    to_u64(version)
+}
+
+async fn migrate_on(conn: &mut PgConnection, sql: &Sql) -> Result<(), StoreError> {
+    // Serializes concurrent first migrations of a schema (CREATE SCHEMA IF NOT EXISTS can race).
+    sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
+        .bind(&sql.quoted_schema)
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+    let result = async {
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            sql.quoted_schema
+        )))
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+        sqlx::query(AssertSqlSafe(format!(
+            "SET search_path TO {}",
+            sql.quoted_schema
+        )))
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+        let migrated = MIGRATOR.run(&mut *conn).await.map_err(StoreError::backend);
+        sqlx::query("RESET search_path")
+            .execute(&mut *conn)
+            .await
+            .map_err(backend)?;
+        migrated
+    }
+    .await;
+    sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
+        .bind(&sql.quoted_schema)
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+    result
+}
+
+#[async_trait::async_trait]
+impl EventStore for PostgresEventStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError> {
+        validate_append(stream, &events)?;
+        if events.is_empty() {
+            let actual = self.version_of(stream).await?;
+            return if expected.is_met_by(actual) {
+                Ok(AppendResult {
+                    stream: stream.clone(),
+                    version: actual,
+                    events: Vec::new(),
+                })
+            } else {
+                Err(StoreError::Conflict {
+                    stream: stream.clone(),
+                    expected,
+                    actual,
+                })
+            };
+        }
+        self.append_on(stream, expected, &events).await
+    }
+
+    fn load<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after_version: u64,
+    ) -> BoxStream<'a, Result<StoredEvent, StoreError>> {
+        let after = match to_i64(after_version) {
+            Ok(after) => after,
+            Err(error) => return futures::stream::once(async { Err(error) }).boxed(),
+        };
+        sqlx::query(AssertSqlSafe(self.sql.load.clone()))
+            .bind(&stream.aggregate_type)
+            .bind(stream.aggregate_id.as_str())
+            .bind(after)
+            .fetch(&self.pool)
+            .map(|row| row.map_err(backend).and_then(|row| stored_event(&row)))
+            .boxed()
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError> {
+        self.version_of(stream).await
+    }
+
+    async fn append_with_key(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+        key: &str,
+    ) -> Result<AppendResult, StoreError> {
+        validate_append(stream, &events)?;
+        for _ in 0..ANY_VERSION_ATTEMPTS {
+            let mut conn = self.pool.acquire().await.map_err(backend)?;
+            let mut tx = conn.begin().await.map_err(backend)?;
+            // The key first: a racing caller with the same key waits here until we commit or roll
+            // back, then sees the key (and our events) or takes it.
+            let claimed = sqlx::query(AssertSqlSafe(self.sql.claim_key.clone()))
+                .bind(key)
+                .bind(&stream.aggregate_type)
+                .bind(stream.aggregate_id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            if claimed.rows_affected() == 0 {
+                drop(tx);
+                let record = self.find_key(key).await?;
+                return Err(record.map_or_else(
+                    || StoreError::backend(format!("idempotency key `{key}` vanished")),
+                    |r| StoreError::KeyUsed(Box::new(r)),
+                ));
+            }
+            let actual = stream_version_on(&mut *tx, &self.sql, stream).await?;
+            if !expected.is_met_by(actual) {
+                return Err(StoreError::Conflict {
+                    stream: stream.clone(),
+                    expected,
+                    actual,
+                });
+            }
+            let result = if events.is_empty() {
+                AppendResult {
+                    stream: stream.clone(),
+                    version: actual,
+                    events: Vec::new(),
+                }
+            } else {
+                match insert_at(&mut tx, &self.sql, stream, actual, &events).await {
+                    Ok(result) => result,
+                    Err(Insert::Failed(error)) => return Err(error),
+                    Err(Insert::Lost) => {
+                        drop(tx);
+                        if let Some(error) = self.classify_ids(stream, &events).await? {
+                            return Err(error);
+                        }
+                        if matches!(
+                            expected,
+                            ExpectedVersion::Any | ExpectedVersion::StreamExists
+                        ) {
+                            continue;
+                        }
+                        return Err(StoreError::Conflict {
+                            stream: stream.clone(),
+                            expected,
+                            actual: self.version_of(stream).await?,
+                        });
+                    }
+                }
+            };
+            let first = result
+                .events
+                .first()
+                .map_or(result.version + 1, |e| e.version);
+            sqlx::query(AssertSqlSafe(self.sql.set_key_versions.clone()))
+                .bind(key)
+                .bind(to_i64(first)?)
+                .bind(to_i64(result.version)?)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            tx.commit().await.map_err(backend)?;
+            return Ok(result);
+        }
+        Err(StoreError::backend(format!(
+            "{stream}: lost the race for a version {ANY_VERSION_ATTEMPTS} times in a row"
+        )))
+    }
+
+    async fn find_key(&self, key: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(self.sql.find_key.clone()))
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        row.map(|row| {
+            let aggregate_type: String = row.try_get("aggregate_type").map_err(backend)?;
+            let aggregate_id: String = row.try_get("aggregate_id").map_err(backend)?;
+            Ok(KeyRecord {
+                key: key.to_owned(),
+                stream: StreamId::new(aggregate_type, AggregateId::new(aggregate_id)),
+                first_version: to_u64(row.try_get("first_version").map_err(backend)?)?,
+                last_version: to_u64(row.try_get("last_version").map_err(backend)?)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn read_all(
+        &self,
+        after: Checkpoint,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        sqlx::query(AssertSqlSafe(self.sql.read_all.clone()))
+            .bind(after.transaction.to_string())
+            .bind(to_i64(after.position)?)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch(&self.pool)
+            .map_err(backend)
+            .and_then(|row| futures::future::ready(stored_event(&row)))
+            .try_collect()
+            .await
+    }
+}
+
+#[async_trait::async_trait]
+impl SnapshotStore for PostgresEventStore {
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(self.sql.load_snapshot.clone()))
+            .bind(&stream.aggregate_type)
+            .bind(stream.aggregate_id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        row.map(|row| {
+            let schema_version: i32 = row.try_get("schema_version").map_err(backend)?;
+            Ok(Snapshot {
+                stream: stream.clone(),
+                version: to_u64(row.try_get("version").map_err(backend)?)?,
+                schema_version: u32::try_from(schema_version).map_err(|_| {
+                    StoreError::backend(format!("snapshot schema version {schema_version}"))
+                })?,
+                state: row.try_get("state").map_err(backend)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        let schema_version = i32::try_from(snapshot.schema_version).map_err(|_| {
+            StoreError::InvalidInput(format!(
+                "snapshot schema version {}",
+                snapshot.schema_version
+            ))
+        })?;
+        sqlx::query(AssertSqlSafe(self.sql.save_snapshot.clone()))
+            .bind(&snapshot.stream.aggregate_type)
+            .bind(snapshot.stream.aggregate_id.as_str())
+            .bind(to_i64(snapshot.version)?)
+            .bind(schema_version)
+            .bind(&snapshot.state)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+}
+
+/// Commit notifications of one schema's events, from [`PostgresEventStore::listen`].
+pub struct Wakeups {
+    listener: PgListener,
+}
+
+impl std::fmt::Debug for Wakeups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wakeups").finish_non_exhaustive()
+    }
+}
+
+impl Wakeups {
+    /// Waits for the next commit of events. A hint only: after a lost connection the listener
+    /// reconnects and notifications sent meanwhile are lost, so readers keep polling too.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the listening connection fails and cannot be re-established.
+    pub async fn next(&mut self) -> Result<(), StoreError> {
+        self.listener.recv().await.map(drop).map_err(backend)
+    }
+
+    /// Waits for the next commit or `timeout`, whichever comes first; `true` if woken by a commit.
+    ///
+    /// # Errors
+    /// As [`Wakeups::next`].
+    pub async fn next_within(&mut self, timeout: Duration) -> Result<bool, StoreError> {
+        match tokio::time::timeout(timeout, self.next()).await {
+            Ok(result) => result.map(|()| true),
+            Err(_) => Ok(false),
+        }
+    }
+}
+
+/// A connection failure, naming the server (without its password).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to PostgreSQL at {0}: {1}")]
+struct ConnectError(String, #[source] sqlx::Error);
+
+/// `url` with the password replaced, for error messages.
+fn url_without_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_without_password;
+
+    #[test]
+    fn passwords_never_reach_error_messages() {
+        assert_eq!(
+            url_without_password("postgres://app:s3cr3t@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(
+            url_without_password("postgres://postgres@127.0.0.1/test"),
+            "postgres://postgres@127.0.0.1/test"
+        );
+        assert_eq!(url_without_password("not a url"), "not a url");
+    }
+}

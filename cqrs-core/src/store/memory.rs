@@ -9,7 +9,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 
 use super::{
     AppendResult, AppendedEvent, EventStore, ExpectedVersion, KeyRecord, Snapshot, SnapshotStore,
-    StoreError,
+    StoreError, classify_stored_ids,
 };
 use crate::envelope::{Checkpoint, EventData, EventId, StoredEvent, StreamId};
 
@@ -72,15 +72,6 @@ impl InMemoryEventStore {
     }
 }
 
-/// Whether a stored event is the same event as one being appended again.
-fn same_content(stored: &StoredEvent, stream: &StreamId, new: &EventData) -> bool {
-    stored.stream == *stream
-        && stored.event_type == new.event_type
-        && stored.schema_version == new.schema_version
-        && stored.payload == new.payload
-        && stored.metadata == new.metadata
-}
-
 impl Inner {
     /// Appends under the lock: idempotency first, then the expected version.
     fn append(
@@ -89,7 +80,9 @@ impl Inner {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
-        if let Some(error) = self.replay_or_reuse(stream, &events) {
+        if let Some(error) =
+            classify_stored_ids(stream, &events, |id| self.by_id.get(id).map(|e| &**e))
+        {
             return Err(error);
         }
         let actual = self.version(stream);
@@ -156,37 +149,6 @@ impl Inner {
         self.streams
             .get(stream)
             .map_or(0, |events| events.len() as u64)
-    }
-
-    /// Classifies a batch whose ids are (partly) stored already: an idempotent replay when the batch
-    /// is exactly a run of stored events of this stream, otherwise a reused id.
-    fn replay_or_reuse(&self, stream: &StreamId, events: &[EventData]) -> Option<StoreError> {
-        let first = events.iter().find_map(|e| self.by_id.get(&e.event_id))?;
-        let mut appended = Vec::with_capacity(events.len());
-        for (i, new) in events.iter().enumerate() {
-            let reused = |existing: &StoredEvent| StoreError::EventIdReused {
-                event_id: new.event_id,
-                existing_stream: existing.stream.clone(),
-            };
-            let Some(stored) = self.by_id.get(&new.event_id) else {
-                return Some(reused(first));
-            };
-            if !same_content(stored, stream, new) || stored.version != first.version + i as u64 {
-                return Some(reused(stored));
-            }
-            appended.push(AppendedEvent {
-                event_id: stored.event_id,
-                version: stored.version,
-                checkpoint: stored.checkpoint,
-                recorded_at: stored.recorded_at,
-            });
-        }
-        let version = appended.last().map_or(0, |e| e.version);
-        Some(StoreError::AlreadyAppended(Box::new(AppendResult {
-            stream: stream.clone(),
-            version,
-            events: appended,
-        })))
     }
 }
 

@@ -165,6 +165,17 @@ pub enum StoreError {
     /// command with this key recorded its events.
     #[error("idempotency key `{}` was used already (events {}..={} of {})", .0.key, .0.first_version, .0.last_version, .0.stream)]
     KeyUsed(Box<KeyRecord>),
+    /// A stored record is unreadable outside its payload (metadata, version or position out of
+    /// range): named, never skipped.
+    #[error("stored event {version} of {stream} is corrupt: {message}")]
+    Corrupt {
+        /// The stream.
+        stream: StreamId,
+        /// The event's version.
+        version: u64,
+        /// What is wrong.
+        message: String,
+    },
     /// The arguments cannot be stored (for example an empty aggregate type).
     #[error("invalid input: {0}")]
     InvalidInput(String),
@@ -325,4 +336,52 @@ impl<S: SnapshotStore + ?Sized> SnapshotStore for Arc<S> {
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
         (**self).save_snapshot(snapshot).await
     }
+}
+
+/// Whether a stored event is the same event as one being appended again: same stream, type, schema
+/// version, payload and metadata.
+#[must_use]
+pub fn same_event(stored: &StoredEvent, stream: &StreamId, new: &EventData) -> bool {
+    stored.stream == *stream
+        && stored.event_type == new.event_type
+        && stored.schema_version == new.schema_version
+        && stored.payload == new.payload
+        && stored.metadata == new.metadata
+}
+
+/// Classifies a batch whose ids are (partly) stored already, given a lookup of the stored events by
+/// id: [`StoreError::AlreadyAppended`] when the batch is exactly a run of stored events of this
+/// stream with the same content, [`StoreError::EventIdReused`] otherwise, `None` when no id is
+/// stored. Every store decides idempotency with this one function.
+pub fn classify_stored_ids<'a>(
+    stream: &StreamId,
+    events: &[EventData],
+    stored: impl Fn(&EventId) -> Option<&'a StoredEvent>,
+) -> Option<StoreError> {
+    let first = events.iter().find_map(|e| stored(&e.event_id))?;
+    let mut appended = Vec::with_capacity(events.len());
+    for (i, new) in events.iter().enumerate() {
+        let reused = |existing: &StoredEvent| StoreError::EventIdReused {
+            event_id: new.event_id,
+            existing_stream: existing.stream.clone(),
+        };
+        let Some(found) = stored(&new.event_id) else {
+            return Some(reused(first));
+        };
+        if !same_event(found, stream, new) || found.version != first.version + i as u64 {
+            return Some(reused(found));
+        }
+        appended.push(AppendedEvent {
+            event_id: found.event_id,
+            version: found.version,
+            checkpoint: found.checkpoint,
+            recorded_at: found.recorded_at,
+        });
+    }
+    let version = appended.last().map_or(0, |e| e.version);
+    Some(StoreError::AlreadyAppended(Box::new(AppendResult {
+        stream: stream.clone(),
+        version,
+        events: appended,
+    })))
 }

@@ -1,0 +1,65 @@
+//! Reading rows into the core types, with every out-of-range value a typed error.
+
+use cqrs_core::{AggregateId, Checkpoint, EventId, Metadata, StoreError, StoredEvent, StreamId};
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+
+/// A database error as the store's backend error.
+pub(crate) fn backend(error: sqlx::Error) -> StoreError {
+    StoreError::backend(error)
+}
+
+/// A version or position as PostgreSQL's `bigint`.
+pub(crate) fn to_i64(n: u64) -> Result<i64, StoreError> {
+    i64::try_from(n)
+        .map_err(|_| StoreError::InvalidInput(format!("{n} does not fit PostgreSQL's bigint")))
+}
+
+/// A stored `bigint` that must not be negative.
+pub(crate) fn to_u64(n: i64) -> Result<u64, StoreError> {
+    u64::try_from(n).map_err(|_| {
+        StoreError::backend(format!(
+            "negative value {n} where a version or position was expected"
+        ))
+    })
+}
+
+/// A row of `EVENT_COLUMNS` as a stored event. The payload stays JSON (decoding it is the caller's);
+/// unreadable metadata or numbers are [`StoreError::Corrupt`] naming the event.
+pub(crate) fn stored_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
+    let aggregate_type: String = row.try_get("aggregate_type").map_err(backend)?;
+    let aggregate_id: String = row.try_get("aggregate_id").map_err(backend)?;
+    let stream = StreamId::new(aggregate_type, AggregateId::new(aggregate_id));
+    let version: i64 = row.try_get("version").map_err(backend)?;
+    let corrupt = |message: String| StoreError::Corrupt {
+        stream: stream.clone(),
+        version: u64::try_from(version).unwrap_or(0),
+        message,
+    };
+    let version =
+        u64::try_from(version).map_err(|_| corrupt(format!("negative version {version}")))?;
+    let position: i64 = row.try_get("global_position").map_err(backend)?;
+    let transaction: String = row.try_get("transaction_id").map_err(backend)?;
+    let schema_version: i32 = row.try_get("schema_version").map_err(backend)?;
+    let metadata: serde_json::Value = row.try_get("metadata").map_err(backend)?;
+    let event_id: uuid::Uuid = row.try_get("event_id").map_err(backend)?;
+    Ok(StoredEvent {
+        event_id: EventId(event_id),
+        version,
+        checkpoint: Checkpoint::new(
+            transaction
+                .parse()
+                .map_err(|_| corrupt(format!("transaction id `{transaction}`")))?,
+            u64::try_from(position)
+                .map_err(|_| corrupt(format!("negative position {position}")))?,
+        ),
+        recorded_at: row.try_get("recorded_at").map_err(backend)?,
+        event_type: row.try_get("event_type").map_err(backend)?,
+        schema_version: u32::try_from(schema_version)
+            .map_err(|_| corrupt(format!("negative schema version {schema_version}")))?,
+        payload: row.try_get("payload").map_err(backend)?,
+        metadata: serde_json::from_value::<Metadata>(metadata)
+            .map_err(|e| corrupt(format!("metadata: {e}")))?,
+        stream,
+    })
+}

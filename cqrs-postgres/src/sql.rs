@@ -1,0 +1,140 @@
+//! The SQL of the store, with the schema name quoted in once at construction. Every value is a bind
+//! parameter; the schema name is the only text put into a statement, validated and quoted.
+
+use cqrs_core::StoreError;
+
+/// The columns every read of events selects, in the order `rows::stored_event` reads them.
+const EVENT_COLUMNS: &str = "global_position, transaction_id::text AS transaction_id, event_id, \
+     aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata, recorded_at";
+
+/// The statements of one schema.
+pub(crate) struct Sql {
+    pub(crate) quoted_schema: String,
+    pub(crate) channel: String,
+    pub(crate) insert: String,
+    pub(crate) stream_version: String,
+    pub(crate) load: String,
+    pub(crate) read_all: String,
+    pub(crate) events_by_id: String,
+    pub(crate) claim_key: String,
+    pub(crate) set_key_versions: String,
+    pub(crate) find_key: String,
+    pub(crate) load_snapshot: String,
+    pub(crate) save_snapshot: String,
+}
+
+/// Quotes an identifier for PostgreSQL: in double quotes, with inner double quotes doubled.
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The `NOTIFY` channel of a schema: `cqrs_` and the MD5 of its name, as the trigger computes it
+/// (a fixed length, whatever the schema name).
+fn channel(schema: &str) -> String {
+    use md5::Digest;
+    let digest = md5::Md5::digest(schema.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("cqrs_{hex}")
+}
+
+impl Sql {
+    /// The statements for `schema`, which must be a PostgreSQL identifier: 1 to 63 bytes, no NUL.
+    pub(crate) fn new(schema: &str) -> Result<Self, StoreError> {
+        if schema.is_empty() || schema.len() > 63 || schema.contains('\0') {
+            return Err(StoreError::InvalidInput(format!(
+                "schema name {schema:?} is not a PostgreSQL identifier (1 to 63 bytes, no NUL)"
+            )));
+        }
+        let s = quote_ident(schema);
+        Ok(Self {
+            channel: channel(schema),
+            insert: format!(
+                "INSERT INTO {s}.events \
+                   (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
+                 SELECT e.event_id, $1, $2, $3 + e.ord, e.event_type, e.schema_version, e.payload, e.metadata \
+                 FROM UNNEST($4::uuid[], $5::text[], $6::int4[], $7::jsonb[], $8::jsonb[]) \
+                   WITH ORDINALITY AS e(event_id, event_type, schema_version, payload, metadata, ord) \
+                 WHERE $3 = 0 OR EXISTS ( \
+                   SELECT 1 FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version = $3) \
+                 ORDER BY e.ord \
+                 RETURNING global_position, transaction_id::text AS transaction_id, version, event_id, recorded_at"
+            ),
+            stream_version: format!(
+                "SELECT COALESCE(MAX(version), 0) FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2"
+            ),
+            load: format!(
+                "SELECT {EVENT_COLUMNS} FROM {s}.events \
+                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3 ORDER BY version"
+            ),
+            read_all: format!(
+                "SELECT {EVENT_COLUMNS} FROM {s}.events \
+                 WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                   AND (transaction_id, global_position) > ($1::text::xid8, $2) \
+                 ORDER BY transaction_id, global_position LIMIT $3"
+            ),
+            events_by_id: format!(
+                "SELECT {EVENT_COLUMNS} FROM {s}.events WHERE event_id = ANY($1)"
+            ),
+            claim_key: format!(
+                "INSERT INTO {s}.command_keys (idempotency_key, aggregate_type, aggregate_id, first_version, last_version) \
+                 VALUES ($1, $2, $3, 0, 0) ON CONFLICT (idempotency_key) DO NOTHING"
+            ),
+            set_key_versions: format!(
+                "UPDATE {s}.command_keys SET first_version = $2, last_version = $3 WHERE idempotency_key = $1"
+            ),
+            find_key: format!(
+                "SELECT aggregate_type, aggregate_id, first_version, last_version FROM {s}.command_keys \
+                 WHERE idempotency_key = $1"
+            ),
+            load_snapshot: format!(
+                "SELECT version, schema_version, state FROM {s}.snapshots WHERE aggregate_type = $1 AND aggregate_id = $2"
+            ),
+            save_snapshot: format!(
+                "INSERT INTO {s}.snapshots (aggregate_type, aggregate_id, version, schema_version, state) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
+                   SET version = EXCLUDED.version, schema_version = EXCLUDED.schema_version, \
+                       state = EXCLUDED.state, taken_at = now() \
+                 WHERE {s}.snapshots.version <= EXCLUDED.version"
+            ),
+            quoted_schema: s,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_quoted_with_inner_quotes_doubled() {
+        assert_eq!(quote_ident("plain"), "\"plain\"");
+        assert_eq!(
+            quote_ident("a\"; DROP SCHEMA x; --"),
+            "\"a\"\"; DROP SCHEMA x; --\""
+        );
+    }
+
+    #[test]
+    fn schema_names_are_validated() {
+        assert!(Sql::new("cqrs").is_ok());
+        assert!(Sql::new("ünïcødé \"quoted\"; semi").is_ok());
+        assert!(matches!(Sql::new(""), Err(StoreError::InvalidInput(_))));
+        assert!(matches!(
+            Sql::new(&"x".repeat(64)),
+            Err(StoreError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            Sql::new("nul\0"),
+            Err(StoreError::InvalidInput(_))
+        ));
+    }
+
+    #[test]
+    fn the_channel_is_short_and_per_schema() {
+        // md5('cqrs') as PostgreSQL computes it: `SELECT md5('cqrs')`.
+        assert_eq!(channel("cqrs"), "cqrs_c3a86fb40a66d6043b320163a6976fa7");
+        assert_eq!(channel(&"é".repeat(31)).len(), 37);
+        assert_ne!(channel("a"), channel("b"));
+    }
+}

@@ -153,9 +153,8 @@ impl PostgresEventStore {
         stream_version_on(&self.pool, &self.sql, stream).await
     }
 
-    /// Appends on `conn`, deciding the base version from the expectation; retries lost version
-    /// races for the expectations that allow it. Must not run inside a transaction that should
-    /// survive a failed attempt (a violation aborts it).
+    /// Appends, deciding the base version from the expectation; retries lost version races for the
+    /// expectations that allow it.
     async fn append_on(
         &self,
         stream: &StreamId,
@@ -178,8 +177,9 @@ impl PostgresEventStore {
                     actual
                 }
             };
-            let mut conn = self.pool.acquire().await.map_err(backend)?;
-            match insert_at(&mut conn, &self.sql, stream, base, events).await {
+            // On the pool, not a held connection: the follow-up queries below must not wait for a
+            // second connection while holding one (64 writers on a pool of 32 would deadlock).
+            match insert_at(&self.pool, &self.sql, stream, base, events).await {
                 Ok(result) => return Ok(result),
                 Err(Insert::Failed(error)) => return Err(error),
                 Err(Insert::Lost) => {
@@ -236,8 +236,8 @@ enum Insert {
 }
 
 /// Inserts `events` at versions `base + 1..` if the stream is exactly at `base`, in one statement.
-async fn insert_at(
-    conn: &mut PgConnection,
+async fn insert_at<'c, E: sqlx::PgExecutor<'c>>(
+    executor: E,
     sql: &Sql,
     stream: &StreamId,
     base: u64,
@@ -273,7 +273,7 @@ async fn insert_at(
         .bind(&versions)
         .bind(&payloads)
         .bind(&metadata)
-        .fetch_all(&mut *conn)
+        .fetch_all(executor)
         .await;
     let rows = match rows {
         Ok(rows) => rows,
@@ -473,7 +473,7 @@ impl EventStore for PostgresEventStore {
                     events: Vec::new(),
                 }
             } else {
-                match insert_at(&mut tx, &self.sql, stream, actual, &events).await {
+                match insert_at(&mut *tx, &self.sql, stream, actual, &events).await {
                     Ok(result) => result,
                     Err(Insert::Failed(error)) => return Err(error),
                     Err(Insert::Lost) => {

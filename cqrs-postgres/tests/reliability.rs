@@ -1,0 +1,431 @@
+//! Reliability of the PostgreSQL store against the real server: racing writers, skewed commits,
+//! a randomized soak, unknown outcomes, transactions dying midway, bad stored data, hostile names.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{fresh_store, fresh_store_with, pool};
+use cqrs_core::conformance::event;
+use cqrs_core::prelude::*;
+use cqrs_core::{Checkpoint, EventData, EventId, EventStoreExt, StoreError, StoredEvent};
+use cqrs_examples::bank::{Account, AccountCommand};
+use cqrs_postgres::PostgresEventStore;
+use rand::{Rng, SeedableRng};
+use sqlx::AssertSqlSafe;
+
+fn stream(id: &str) -> StreamId {
+    StreamId::new("test", id)
+}
+
+/// Inserts one event of `stream` at `version` inside an open transaction, bypassing the store: the
+/// tests hold transactions open, which the store's API never does.
+async fn raw_insert(tx: &mut sqlx::PgConnection, schema: &str, stream: &StreamId, version: i64) -> EventId {
+    let id = EventId::new();
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO \"{schema}\".events (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
+         VALUES ($1, $2, $3, $4, 'Ticked', 1, '{{}}', '{{}}')"
+    )))
+    .bind(id.0)
+    .bind(&stream.aggregate_type)
+    .bind(stream.aggregate_id.as_str())
+    .bind(version)
+    .execute(tx)
+    .await
+    .unwrap_or_else(|e| panic!("raw insert: {e}"));
+    id
+}
+
+async fn read_everything(store: &PostgresEventStore) -> Vec<StoredEvent> {
+    store.read_all(Checkpoint::START, usize::MAX).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// 64 tasks x 200 rounds of "read v, append expecting v" on one stream: one winner per version,
+/// every loser a typed conflict, no other error, no gap, no duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_writers_one_winner_per_version() {
+    const TASKS: usize = 64;
+    const ROUNDS: usize = 200;
+    let store = fresh_store_with("racing_writers", 32).await;
+    let s = stream("hot");
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let (store, s) = (store.clone(), s.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut won, mut conflicts, mut other) = (Vec::new(), 0usize, Vec::new());
+            for _ in 0..ROUNDS {
+                let v = store.stream_version(&s).await.unwrap_or_else(|e| panic!("{e}"));
+                let e = event(v);
+                let id = e.event_id;
+                match store.append(&s, ExpectedVersion::Exact(v), vec![e]).await {
+                    Ok(done) => won.push((done.version, id)),
+                    Err(StoreError::Conflict { actual, .. }) if actual != v => conflicts += 1,
+                    Err(StoreError::Conflict { .. }) => conflicts += 1,
+                    Err(error) => other.push(error.to_string()),
+                }
+            }
+            (won, conflicts, other)
+        }));
+    }
+    let mut winners = BTreeMap::new();
+    let (mut conflicts, mut others) = (0, Vec::new());
+    for task in tasks {
+        let (won, c, o) = task.await.unwrap_or_else(|e| panic!("{e}"));
+        conflicts += c;
+        others.extend(o);
+        for (version, id) in won {
+            assert!(winners.insert(version, id).is_none(), "two winners for version {version}");
+        }
+    }
+    assert!(others.is_empty(), "generic errors: {others:?}");
+    assert_eq!(winners.len() + conflicts, TASKS * ROUNDS, "every round won or got a conflict");
+    let stored = store.load_all(&s).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stored.len(), winners.len(), "no duplicates");
+    for (i, e) in stored.iter().enumerate() {
+        assert_eq!(e.version, i as u64 + 1, "no gaps");
+        assert_eq!(winners.get(&e.version), Some(&e.event_id));
+    }
+    eprintln!("racing writers: {} winners, {conflicts} typed conflicts, 0 other errors", winners.len());
+}
+
+/// Transaction A takes a lower position and stays open while K later transactions commit: readers
+/// see nothing past A until it commits, then A before the others. If A rolls back, the reader moves
+/// past it on the next read.
+#[tokio::test]
+async fn skewed_commits_are_never_skipped() {
+    const K: usize = 5;
+    for outcome in ["commit", "rollback"] {
+        let store = fresh_store(&format!("skewed_{outcome}")).await;
+        let schema = store.schema().to_owned();
+        let before = store
+            .append(&stream("before"), ExpectedVersion::NoStream, vec![event(0)])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut a = store.pool().begin().await.unwrap_or_else(|e| panic!("{e}"));
+        let a_id = raw_insert(&mut a, &schema, &stream("a"), 1).await;
+        let mut later = Vec::new();
+        for k in 0..K {
+            let done = store
+                .append(&stream(&format!("later-{k}")), ExpectedVersion::NoStream, vec![event(k as u64)])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            later.push(done.events[0].event_id);
+        }
+        // Committed rows with higher positions exist, but A (lower position, open) blocks them.
+        for _ in 0..3 {
+            let seen = read_everything(&store).await;
+            assert_eq!(seen.iter().map(|e| e.event_id).collect::<Vec<_>>(), vec![before.events[0].event_id]);
+            let after_first = store.read_all(before.events[0].checkpoint, 100).await.unwrap_or_else(|e| panic!("{e}"));
+            assert!(after_first.is_empty(), "nothing past A while A is open");
+        }
+        let mut expected = vec![before.events[0].event_id];
+        if outcome == "commit" {
+            a.commit().await.unwrap_or_else(|e| panic!("{e}"));
+            expected.push(a_id);
+        } else {
+            a.rollback().await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        expected.extend(later);
+        let seen = read_everything(&store).await;
+        assert_eq!(seen.iter().map(|e| e.event_id).collect::<Vec<_>>(), expected, "{outcome}: A first, nothing skipped");
+    }
+}
+
+/// 16 writers append 100,000 events in transactions with random short delays, 5% rolled back,
+/// while one reader follows `read_all`: the reader gets exactly the committed events, each stream
+/// in version order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_soak_delivers_exactly_the_committed_events() {
+    const WRITERS: usize = 16;
+    const TOTAL: usize = 100_000;
+    const BATCH: usize = 25;
+    let store = fresh_store_with("soak", 24).await;
+    let schema: Arc<str> = store.schema().into();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let reader = {
+        let (store, done) = (store.clone(), Arc::clone(&done));
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut after = Checkpoint::START;
+            loop {
+                let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                let page = store.read_all(after, std::env::var("SOAK_LIMIT").ok().and_then(|l| l.parse().ok()).unwrap_or(2_000)).await.unwrap_or_else(|e| panic!("{e}"));
+                if std::env::var("SOAK_DEBUG").is_ok() {
+                    if let (Some(f), Some(l)) = (page.first(), page.last()) {
+                        eprintln!("page after {after:?}: {} events {:?}..{:?}", page.len(), f.checkpoint, l.checkpoint);
+                    }
+                }
+                if let Some(last) = page.last() {
+                    after = last.checkpoint;
+                } else if finished {
+                    break;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                seen.extend(page.into_iter().map(|e| (e.event_id, e.stream, e.version, e.checkpoint)));
+            }
+            seen
+        })
+    };
+
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let (store, schema) = (store.clone(), Arc::clone(&schema));
+        writers.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::from_os_rng();
+            let mut committed = Vec::new();
+            let mut versions: HashMap<StreamId, i64> = HashMap::new();
+            let mut batches = 0;
+            while batches * BATCH < TOTAL / WRITERS {
+                let mut tx = store.pool().begin().await.unwrap_or_else(|e| panic!("{e}"));
+                let mut pending = Vec::new();
+                for _ in 0..BATCH {
+                    let s = stream(&format!("w{w}-s{}", rng.random_range(0..20)));
+                    let v = versions.get(&s).copied().unwrap_or(0) + 1 + pending.iter().filter(|(p, _)| *p == s).count() as i64;
+                    let id = raw_insert(&mut tx, &schema, &s, v).await;
+                    pending.push((s, id));
+                    if rng.random_bool(0.05) {
+                        tokio::time::sleep(Duration::from_micros(rng.random_range(0..2_000))).await;
+                    }
+                }
+                if rng.random_bool(0.05) {
+                    tx.rollback().await.unwrap_or_else(|e| panic!("{e}"));
+                    continue;
+                }
+                tx.commit().await.unwrap_or_else(|e| panic!("{e}"));
+                for (s, id) in pending {
+                    *versions.entry(s).or_insert(0) += 1;
+                    committed.push(id);
+                }
+                batches += 1;
+            }
+            committed
+        }));
+    }
+    let mut committed = HashSet::new();
+    for writer in writers {
+        committed.extend(writer.await.unwrap_or_else(|e| panic!("{e}")));
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = reader.await.unwrap_or_else(|e| panic!("{e}"));
+
+    let delivered: HashSet<EventId> = seen.iter().map(|(id, _, _, _)| *id).collect();
+    if delivered.len() != seen.len() {
+        let mut counts: HashMap<EventId, Vec<Checkpoint>> = HashMap::new();
+        for (id, _, _, c) in &seen {
+            counts.entry(*id).or_default().push(*c);
+        }
+        let dups: Vec<_> = counts.iter().filter(|(_, v)| v.len() > 1).take(5).collect();
+        eprintln!("duplicates: {dups:?}");
+    }
+    assert_eq!(delivered.len(), seen.len(), "no event delivered twice");
+    assert_eq!(committed.len(), WRITERS * (TOTAL / WRITERS / BATCH) * BATCH);
+    assert_eq!(delivered, committed, "delivered set equals committed set");
+    let mut last: HashMap<&StreamId, u64> = HashMap::new();
+    for (_, s, version, _) in &seen {
+        let previous = last.insert(s, *version).unwrap_or(0);
+        assert_eq!(*version, previous + 1, "{s}: per-stream order");
+    }
+    eprintln!("soak: {} committed, {} delivered, 0 skipped", committed.len(), delivered.len());
+}
+
+/// The append's future is dropped at random points (its outcome unknown to the caller), then the
+/// append is retried with the same event ids: the events are stored exactly once.
+#[tokio::test]
+async fn unknown_outcome_retried_with_the_same_ids_is_stored_once() {
+    let store = fresh_store("unknown_outcome").await;
+    let mut rng = rand::rng();
+    let (mut landed_first, mut replays) = (0, 0);
+    for i in 0..200 {
+        let s = stream(&format!("u{i}"));
+        let batch: Vec<EventData> = (0..3).map(event).collect();
+        let cut = Duration::from_micros(rng.random_range(0..3_000));
+        let first = tokio::time::timeout(cut, store.append(&s, ExpectedVersion::NoStream, batch.clone())).await;
+        if matches!(first, Ok(Ok(_))) {
+            landed_first += 1;
+        }
+        match store.append(&s, ExpectedVersion::NoStream, batch.clone()).await {
+            Ok(_) => {}
+            Err(StoreError::AlreadyAppended(original)) => {
+                replays += 1;
+                assert_eq!(original.version, 3);
+            }
+            Err(other) => panic!("retry {i}: {other}"),
+        }
+        let stored = store.load_all(&s).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(stored.iter().map(|e| e.event_id).collect::<Vec<_>>(), batch.iter().map(|e| e.event_id).collect::<Vec<_>>());
+    }
+    eprintln!("unknown outcome: 200 retries, {replays} recognised as already appended ({landed_first} completed before the cut), 0 duplicates");
+}
+
+/// The server kills the appending connection (pg_terminate_backend) while a 2,000-event append
+/// runs: afterwards the stream holds all 2,000 events or none, and a retry with the same ids
+/// completes it exactly once.
+#[tokio::test]
+async fn an_append_killed_midway_is_all_or_nothing() {
+    let store = fresh_store("killed_midway").await;
+    let killer = pool(2).await;
+    let schema = store.schema().to_owned();
+    let (mut none, mut all) = (0, 0);
+    for i in 0..12u64 {
+        let s = stream(&format!("k{i}"));
+        let batch: Vec<EventData> = (0..2_000).map(event).collect();
+        let appending = {
+            let (store, s, batch) = (store.clone(), s.clone(), batch.clone());
+            tokio::spawn(async move { store.append(&s, ExpectedVersion::NoStream, batch).await })
+        };
+        tokio::time::sleep(Duration::from_micros(i * 1_500)).await;
+        // Every backend running an INSERT into this schema's events.
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE pid <> pg_backend_pid() AND state = 'active' AND query LIKE 'INSERT INTO ' || $1 || '%'",
+        )
+        .bind(format!("\"{schema}\".events"))
+        .execute(&killer)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let first = appending.await.unwrap_or_else(|e| panic!("{e}"));
+        let count = store.load_all(&s).await.unwrap_or_else(|e| panic!("{e}")).len();
+        assert!(count == 0 || count == 2_000, "partial append: {count} events");
+        if count == 0 {
+            none += 1;
+            assert!(first.is_err(), "no events, yet the append reported success");
+        } else {
+            all += 1;
+        }
+        // The retry completes it, once.
+        match store.append(&s, ExpectedVersion::NoStream, batch).await {
+            Ok(_) | Err(StoreError::AlreadyAppended(_)) => {}
+            Err(other) => panic!("retry: {other}"),
+        }
+        assert_eq!(store.load_all(&s).await.unwrap_or_else(|e| panic!("{e}")).len(), 2_000);
+    }
+    eprintln!("killed midway: {none} appends left nothing, {all} completed; 0 partial");
+}
+
+/// Corrupt rows (a payload that does not fit, an unknown type, unreadable metadata) make loading
+/// their stream a typed error naming the row; other streams load; nothing panics.
+#[tokio::test]
+async fn bad_stored_data_is_a_typed_error_naming_the_row() {
+    let store = fresh_store("bad_data").await;
+    let gateway = CommandGateway::<Account, _>::new(store.clone()).with_cache_capacity(0);
+    for id in ["good", "bad-payload", "bad-type", "bad-metadata"] {
+        gateway
+            .execute(id, AccountCommand::Open { owner: "o".into() }, CommandMetadata::new())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let schema = store.schema().to_owned();
+    let corrupt = |id: &str, event_type: &str, payload: &str, metadata: &str| {
+        format!(
+            "INSERT INTO \"{schema}\".events (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
+             VALUES (gen_random_uuid(), 'account', '{id}', 2, '{event_type}', 2, '{payload}', '{metadata}')"
+        )
+    };
+    for sql in [
+        corrupt("bad-payload", "MoneyDeposited", r#"{"amount_cents": "lots"}"#, "{}"),
+        corrupt("bad-type", "MoneyExploded", "{}", "{}"),
+        corrupt("bad-metadata", "MoneyDeposited", r#"{"amount_cents": 1, "reference": ""}"#, r#"{"correlation_id": 42}"#),
+    ] {
+        sqlx::query(AssertSqlSafe(sql)).execute(store.pool()).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    match gateway.load("bad-payload").await {
+        Err(StoreError::Decode { stream, version, event_type, error }) => {
+            assert_eq!((stream, version, event_type.as_str()), (StreamId::new("account", "bad-payload"), 2, "MoneyDeposited"));
+            assert!(error.to_string().contains("does not fit"), "{error}");
+        }
+        other => panic!("expected a decode error, got {other:?}"),
+    }
+    match gateway.load("bad-type").await {
+        Err(StoreError::Decode { version: 2, event_type, error, .. }) => {
+            assert_eq!(event_type, "MoneyExploded");
+            assert!(matches!(*error, cqrs_core::DecodeError::UnknownType { .. }));
+        }
+        other => panic!("expected an unknown-type error, got {other:?}"),
+    }
+    match gateway.load("bad-metadata").await {
+        Err(StoreError::Corrupt { stream, version: 2, message }) => {
+            assert_eq!(stream, StreamId::new("account", "bad-metadata"));
+            assert!(message.starts_with("metadata"), "{message}");
+        }
+        other => panic!("expected a corrupt-record error, got {other:?}"),
+    }
+    let deposit = AccountCommand::Deposit(cqrs_examples::bank::Deposit { amount_cents: 5, reference: String::new() });
+    assert_eq!(gateway.execute("good", deposit, CommandMetadata::new()).await.unwrap_or_else(|e| panic!("{e}")).version, 2);
+    // The global reader reports the corrupt metadata row instead of skipping it.
+    let read = store.read_all(Checkpoint::START, 100).await;
+    assert!(matches!(read, Err(StoreError::Corrupt { .. })), "{read:?}");
+}
+
+/// Schema names, stream ids, event types and metadata with quotes, semicolons and unicode round-trip
+/// intact; every value is a bind parameter and the schema name a quoted identifier.
+#[tokio::test]
+async fn hostile_names_round_trip() {
+    let store = fresh_store("hostile\"; DROP TABLE x; -- ünï 🚀").await;
+    assert_eq!(store.schema(), "t_hostile\"; DROP TABLE x; -- ünï 🚀");
+    let s = StreamId::new("ty'pe; --", "id\"); DELETE FROM events; -- 名前");
+    let mut e = event(1);
+    e.event_type = "Ev'ent\"; DROP SCHEMA public; --".into();
+    e.metadata = Metadata::default().with_header("h'; --", "v\"ü");
+    store.append(&s, ExpectedVersion::NoStream, vec![e.clone()]).await.unwrap_or_else(|e| panic!("{e}"));
+    let stored = store.load_all(&s).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stored.len(), 1);
+    assert_eq!((&stored[0].stream, &stored[0].event_type, &stored[0].metadata), (&s, &e.event_type, &e.metadata));
+    let everything = read_everything(&store).await;
+    assert_eq!(everything.len(), 1);
+    assert!(matches!(PostgresEventStore::new(store.pool().clone(), ""), Err(StoreError::InvalidInput(_))));
+    assert!(matches!(PostgresEventStore::new(store.pool().clone(), &"x".repeat(64)), Err(StoreError::InvalidInput(_))));
+}
+
+/// A commit wakes a listener; without a notification, polling still finds the events.
+#[tokio::test]
+async fn commits_wake_listeners() {
+    let store = fresh_store("wakeups").await;
+    let mut wakeups = store.listen().await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(!wakeups.next_within(Duration::from_millis(100)).await.unwrap_or_else(|e| panic!("{e}")));
+    store.append(&stream("w"), ExpectedVersion::NoStream, vec![event(1)]).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(wakeups.next_within(Duration::from_secs(5)).await.unwrap_or_else(|e| panic!("{e}")), "no wake-up after a commit");
+    // Another schema's commits do not wake this listener.
+    let other = fresh_store("wakeups_other").await;
+    other.append(&stream("w"), ExpectedVersion::NoStream, vec![event(1)]).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(!wakeups.next_within(Duration::from_millis(300)).await.unwrap_or_else(|e| panic!("{e}")));
+}
+
+/// Idempotency keys and snapshots through the gateway on PostgreSQL; two gateways (as two
+/// processes) racing with one key execute the command once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_keys_and_snapshots_on_postgres() {
+    use cqrs_core::SnapshotStore;
+    let store = fresh_store("gateway_pg").await;
+    let open = CommandGateway::<Account, _>::new(store.clone()).with_snapshots(store.clone());
+    open.execute("acc", AccountCommand::Open { owner: "o".into() }, CommandMetadata::new()).await.unwrap_or_else(|e| panic!("{e}"));
+    let deposit = || AccountCommand::Deposit(cqrs_examples::bank::Deposit { amount_cents: 1, reference: String::new() });
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let gateway = CommandGateway::<Account, _>::new(store.clone());
+        tasks.push(tokio::spawn(async move {
+            gateway.execute_idempotent("pay-once", "acc", deposit(), CommandMetadata::new()).await
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}")));
+    }
+    assert!(outcomes.windows(2).all(|w| w[0] == w[1]), "one outcome for every caller");
+    assert_eq!(open.load("acc").await.unwrap_or_else(|e| panic!("{e}")).0.balance_cents, 1);
+
+    for _ in 0..150 {
+        open.execute("acc", deposit(), CommandMetadata::new()).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let snapshot = store
+        .load_snapshot(&StreamId::new("account", "acc"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("a snapshot at version 100"));
+    assert_eq!(snapshot.version, 100);
+    let (account, version) = open.load("acc").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((account.balance_cents, version), (151, 152));
+}

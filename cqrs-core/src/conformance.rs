@@ -357,10 +357,7 @@ pub async fn read_all_order_and_resumption<S: EventStore>(store: S) {
                 .unwrap_or_else(|e| panic!("{e}"));
         }
     }
-    let everything = store
-        .read_all(Checkpoint::START, usize::MAX)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let everything = read_settled(&store, appended.len()).await;
     let ours: Vec<&StoredEvent> = everything
         .iter()
         .filter(|e| streams.contains(&e.stream))
@@ -419,6 +416,23 @@ pub async fn read_all_order_and_resumption<S: EventStore>(store: S) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(none.is_empty(), "limit 0 reads nothing");
+}
+
+/// Reads everything once `count` events are readable. A store may hold readers back while any
+/// transaction of the database is open (PostgreSQL's global order waits for the oldest running
+/// transaction, of any test), never skipping; this waits that out, up to 30 seconds.
+async fn read_settled<S: EventStore>(store: &S, count: usize) -> Vec<StoredEvent> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let all = store
+            .read_all(Checkpoint::START, usize::MAX)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        if all.len() >= count || std::time::Instant::now() > deadline {
+            return all;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 /// `load` from a version returns the later events only; a missing stream loads as empty.

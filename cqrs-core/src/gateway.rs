@@ -99,6 +99,14 @@ struct Cached<A> {
     state: A,
 }
 
+/// A state to decide against.
+struct Loaded<A> {
+    state: A,
+    version: u64,
+    /// Read from the store just now, not only from the cache.
+    verified: bool,
+}
+
 /// Reads and writes snapshots of `A`; built only when `A` is serializable.
 struct Snapshotter<A> {
     store: Arc<dyn SnapshotStore>,
@@ -260,17 +268,33 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
         }
     }
 
+    /// The state to decide against: a cached state as it is (`verified: false`: another process
+    /// may have appended since; the append's expected version will tell), or, with `refresh` or
+    /// on a cache miss, the cached state or latest snapshot brought up to date from the store.
     async fn load_state(
         &self,
         id: &AggregateId,
         stream: &StreamId,
-    ) -> Result<(A, u64), StoreError> {
+        refresh: bool,
+    ) -> Result<Loaded<A>, StoreError> {
         let cached = self.cache.as_ref().and_then(|cache| lock(cache).pop(id));
         let (state, version) = match cached {
+            Some(c) if !refresh => {
+                return Ok(Loaded {
+                    state: c.state,
+                    version: c.version,
+                    verified: false,
+                });
+            }
             Some(c) => (c.state, c.version),
             None => self.start_state(stream).await,
         };
-        replay(&self.store, stream, state, version).await
+        let (state, version) = replay(&self.store, stream, state, version).await?;
+        Ok(Loaded {
+            state,
+            version,
+            verified: true,
+        })
     }
 
     fn put_back(&self, id: AggregateId, version: u64, state: A) {
@@ -403,14 +427,28 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
         let stream = StreamId::new(A::NAME, id.clone());
         let event_metadata = metadata.event_metadata();
         let expectation = command.expectation();
-        let mut actual = 0;
-        for attempt in 1..=self.max_retries + 1 {
-            let (mut state, version) = self.load_state(&id, &stream).await?;
+        let mut conflicts = 0;
+        let mut refresh = false;
+        loop {
+            let Loaded {
+                mut state,
+                version,
+                verified,
+            } = self.load_state(&id, &stream, refresh).await?;
+            // An outcome that does not reach the store (a rejection, a missing aggregate, no events)
+            // must not rest on a cached state that another process may have moved past: check the
+            // store once and decide again. An append needs no check: its expected version is one.
             match expectation {
                 StreamExpectation::MustExist if version == 0 => {
+                    if !verified {
+                        self.put_back(id.clone(), version, state);
+                        refresh = true;
+                        continue;
+                    }
                     return Err(CommandError::NotFound { stream });
                 }
                 StreamExpectation::MustNotExist if version > 0 => {
+                    // Versions only grow: a stream that existed still exists.
                     self.put_back(id, version, state);
                     return Err(CommandError::AlreadyExists { stream, version });
                 }
@@ -419,12 +457,20 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
             let events = match state.handle(command.clone()) {
                 Ok(events) => events,
                 Err(rejection) => {
-                    self.put_back(id, version, state);
+                    self.put_back(id.clone(), version, state);
+                    if !verified {
+                        refresh = true;
+                        continue;
+                    }
                     return Err(CommandError::Rejected(rejection));
                 }
             };
             if events.is_empty() && key.is_none() {
-                self.put_back(id, version, state);
+                self.put_back(id.clone(), version, state);
+                if !verified {
+                    refresh = true;
+                    continue;
+                }
                 return Ok(Executed {
                     stream,
                     version,
@@ -458,16 +504,19 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
                     self.put_back(id, result.version, state);
                     return Ok(recorded(stream, result, events, &event_metadata));
                 }
-                Err(StoreError::Conflict { actual: seen, .. }) => {
-                    tracing::debug!(
-                        attempt,
-                        expected = version,
-                        actual = seen,
-                        "version conflict, retrying"
-                    );
-                    actual = seen;
+                Err(StoreError::Conflict { actual, .. }) => {
+                    conflicts += 1;
+                    tracing::debug!(conflicts, expected = version, actual, "version conflict");
+                    if conflicts > self.max_retries {
+                        return Err(CommandError::TooManyConflicts {
+                            stream,
+                            attempts: conflicts,
+                            actual,
+                        });
+                    }
                     // The state at `version` is still right; the next attempt loads only the tail.
                     self.put_back(id.clone(), version, state);
+                    refresh = true;
                 }
                 Err(StoreError::KeyUsed(record)) => {
                     self.put_back(id, version, state);
@@ -476,11 +525,6 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
                 Err(error) => return Err(error.into()),
             }
         }
-        Err(CommandError::TooManyConflicts {
-            stream,
-            attempts: self.max_retries + 1,
-            actual,
-        })
     }
 }
 
@@ -520,10 +564,10 @@ async fn replay<A: Aggregate, S: EventStore>(
     mut state: A,
     mut version: u64,
 ) -> Result<(A, u64), StoreError> {
-    let mut tail = store.load(stream, version);
+    let mut tail = store.replay(stream, version);
     while let Some(stored) = tail.next().await {
         let stored = stored?;
-        state.apply(&stored.decode::<A::Event>()?);
+        state.apply(&stored.decode::<A::Event>(stream)?);
         version = stored.version;
     }
     Ok((state, version))

@@ -71,6 +71,28 @@ pub mod __private {
         })
     }
 
+    /// Decodes a payload's JSON text into a variant's fields, mapping serde's error.
+    pub fn decode_payload_str<T: serde::de::DeserializeOwned>(
+        event_type: &'static str,
+        schema_version: u32,
+        json: &str,
+    ) -> Result<T, crate::event::DecodeError> {
+        serde_json::from_str(json).map_err(|error| crate::event::DecodeError::Payload {
+            event_type,
+            schema_version,
+            message: error.to_string(),
+        })
+    }
+
+    /// Parses a payload's JSON text, for the paths that need a value (upcasting).
+    pub fn parse_json(
+        event_type: &str,
+        schema_version: u32,
+        json: &str,
+    ) -> Result<serde_json::Value, crate::event::DecodeError> {
+        crate::event::parse_json(event_type, schema_version, json)
+    }
+
     /// Encodes a variant's fields, mapping serde's error.
     pub fn encode_payload<T: serde::Serialize + ?Sized>(
         event_type: &'static str,

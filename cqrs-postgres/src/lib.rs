@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cqrs_core::store::{
-    AppendResult, AppendedEvent, KeyRecord, Snapshot, SnapshotStore, classify_stored_ids,
-    validate_append,
+    AppendResult, AppendedEvent, KeyRecord, ReplayEvent, Snapshot, SnapshotStore,
+    classify_stored_ids, validate_append,
 };
 use cqrs_core::{
     AggregateId, Checkpoint, EventData, EventId, EventStore, ExpectedVersion, StoreError,
@@ -20,7 +20,7 @@ use sqlx::{Acquire, AssertSqlSafe, PgConnection, Row};
 
 pub use sqlx;
 
-use crate::rows::{backend, stored_event, to_i64, to_u64};
+use crate::rows::{backend, replay_event, stored_event, to_i64, to_u64};
 use crate::sql::Sql;
 
 /// The embedded migrations: the events, snapshots and command-key tables.
@@ -290,7 +290,7 @@ async fn insert_at<'c, E: sqlx::PgExecutor<'c>>(
             .try_get("global_position")
             .map_err(|e| Insert::Failed(backend(e)))?;
         let transaction: String = row
-            .try_get("transaction_id")
+            .try_get("transaction_text")
             .map_err(|e| Insert::Failed(backend(e)))?;
         let version: i64 = row
             .try_get("version")
@@ -423,6 +423,26 @@ impl EventStore for PostgresEventStore {
             .bind(after)
             .fetch(&self.pool)
             .map(|row| row.map_err(backend).and_then(|row| stored_event(&row)))
+            .boxed()
+    }
+
+    fn replay<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after_version: u64,
+    ) -> BoxStream<'a, Result<ReplayEvent, StoreError>> {
+        let after = match to_i64(after_version) {
+            Ok(after) => after,
+            Err(error) => return futures::stream::once(async { Err(error) }).boxed(),
+        };
+        // Only what rehydration needs, and the payload as text: the derive deserializes it
+        // straight into the event, without a `serde_json::Value` in between.
+        sqlx::query(AssertSqlSafe(self.sql.replay.clone()))
+            .bind(&stream.aggregate_type)
+            .bind(stream.aggregate_id.as_str())
+            .bind(after)
+            .fetch(&self.pool)
+            .map(|row| row.map_err(backend).and_then(|row| replay_event(&row)))
             .boxed()
     }
 

@@ -1,5 +1,6 @@
 //! Reading rows into the core types, with every out-of-range value a typed error.
 
+use cqrs_core::store::{Payload, ReplayEvent};
 use cqrs_core::{AggregateId, Checkpoint, EventId, Metadata, StoreError, StoredEvent, StreamId};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -39,7 +40,7 @@ pub(crate) fn stored_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
     let version =
         u64::try_from(version).map_err(|_| corrupt(format!("negative version {version}")))?;
     let position: i64 = row.try_get("global_position").map_err(backend)?;
-    let transaction: String = row.try_get("transaction_id").map_err(backend)?;
+    let transaction: String = row.try_get("transaction_text").map_err(backend)?;
     let schema_version: i32 = row.try_get("schema_version").map_err(backend)?;
     let metadata: serde_json::Value = row.try_get("metadata").map_err(backend)?;
     let event_id: uuid::Uuid = row.try_get("event_id").map_err(backend)?;
@@ -61,5 +62,19 @@ pub(crate) fn stored_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
         metadata: serde_json::from_value::<Metadata>(metadata)
             .map_err(|e| corrupt(format!("metadata: {e}")))?,
         stream,
+    })
+}
+
+/// A row of the replay query: version, type, schema version and the payload as JSON text.
+pub(crate) fn replay_event(row: &PgRow) -> Result<ReplayEvent, StoreError> {
+    let version: i64 = row.try_get("version").map_err(backend)?;
+    let schema_version: i32 = row.try_get("schema_version").map_err(backend)?;
+    Ok(ReplayEvent {
+        version: to_u64(version)?,
+        event_type: row.try_get("event_type").map_err(backend)?,
+        schema_version: u32::try_from(schema_version).map_err(|_| {
+            StoreError::backend(format!("negative schema version {schema_version}"))
+        })?,
+        payload: Payload::Text(row.try_get("payload").map_err(backend)?),
     })
 }

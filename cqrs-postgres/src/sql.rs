@@ -3,8 +3,10 @@
 
 use cqrs_core::StoreError;
 
-/// The columns every read of events selects, in the order `rows::stored_event` reads them.
-const EVENT_COLUMNS: &str = "global_position, transaction_id::text AS transaction_id, event_id, \
+/// The columns every read of events selects. The transaction id goes out as text under another name:
+/// an output column named `transaction_id` would be what `ORDER BY transaction_id` sorts by, as
+/// text, where "100023" < "99984" (the soak test caught exactly that).
+const EVENT_COLUMNS: &str = "global_position, transaction_id::text AS transaction_text, event_id, \
      aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata, recorded_at";
 
 /// The statements of one schema.
@@ -14,6 +16,7 @@ pub(crate) struct Sql {
     pub(crate) insert: String,
     pub(crate) stream_version: String,
     pub(crate) load: String,
+    pub(crate) replay: String,
     pub(crate) read_all: String,
     pub(crate) events_by_id: String,
     pub(crate) claim_key: String,
@@ -57,7 +60,7 @@ impl Sql {
                  WHERE $3 = 0 OR EXISTS ( \
                    SELECT 1 FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version = $3) \
                  ORDER BY e.ord \
-                 RETURNING global_position, transaction_id::text AS transaction_id, version, event_id, recorded_at"
+                 RETURNING global_position, transaction_id::text AS transaction_text, version, event_id, recorded_at"
             ),
             stream_version: format!(
                 "SELECT COALESCE(MAX(version), 0) FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2"
@@ -66,11 +69,15 @@ impl Sql {
                 "SELECT {EVENT_COLUMNS} FROM {s}.events \
                  WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3 ORDER BY version"
             ),
+            replay: format!(
+                "SELECT version, event_type, schema_version, payload::text AS payload FROM {s}.events \
+                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3 ORDER BY version"
+            ),
             read_all: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events \
                  WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
                    AND (transaction_id, global_position) > ($1::text::xid8, $2) \
-                 ORDER BY transaction_id, global_position LIMIT $3"
+                 ORDER BY events.transaction_id, events.global_position LIMIT $3"
             ),
             events_by_id: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events WHERE event_id = ANY($1)"

@@ -7,13 +7,13 @@ use std::fmt;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
 use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 
 pub use memory::{InMemoryEventStore, validate_append};
 
 use crate::envelope::{Checkpoint, EventData, EventId, StoredEvent, StreamId};
-use crate::event::DecodeError;
+use crate::event::{DecodeError, DomainEvent};
 
 /// What an append expects of the stream's current version.
 ///
@@ -76,6 +76,47 @@ pub struct AppendResult {
     pub version: u64,
     /// The appended events, in order.
     pub events: Vec<AppendedEvent>,
+}
+
+/// A stored payload: a JSON value, or JSON text as a database hands it over.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// A parsed value.
+    Value(serde_json::Value),
+    /// JSON text.
+    Text(String),
+}
+
+/// A stored event reduced to what rehydration needs, from [`EventStore::replay`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplayEvent {
+    /// Its version in the stream.
+    pub version: u64,
+    /// The stable type name.
+    pub event_type: String,
+    /// The schema version of the payload.
+    pub schema_version: u32,
+    /// The event's fields.
+    pub payload: Payload,
+}
+
+impl ReplayEvent {
+    /// Decodes into `E`; errors name `stream`, the version and the type.
+    ///
+    /// # Errors
+    /// [`StoreError::Decode`].
+    pub fn decode<E: DomainEvent>(&self, stream: &StreamId) -> Result<E, StoreError> {
+        let decoded = match &self.payload {
+            Payload::Value(value) => E::decode(&self.event_type, self.schema_version, value),
+            Payload::Text(text) => E::decode_json(&self.event_type, self.schema_version, text),
+        };
+        decoded.map_err(|error| StoreError::Decode {
+            stream: stream.clone(),
+            version: self.version,
+            event_type: self.event_type.clone(),
+            error: Box::new(error),
+        })
+    }
 }
 
 /// What a command idempotency key recorded: the stream and the versions of the events that the first
@@ -226,6 +267,25 @@ pub trait EventStore: Send + Sync {
         after_version: u64,
     ) -> BoxStream<'a, Result<StoredEvent, StoreError>>;
 
+    /// The events of `stream` after `after_version`, with only what rehydrating an aggregate needs
+    /// (version, type, schema version, payload). Stores override it to read less and hand over the
+    /// payload as JSON text, which the derive decodes without an intermediate value; the default
+    /// maps [`EventStore::load`].
+    fn replay<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after_version: u64,
+    ) -> BoxStream<'a, Result<ReplayEvent, StoreError>> {
+        self.load(stream, after_version)
+            .map_ok(|e| ReplayEvent {
+                version: e.version,
+                event_type: e.event_type,
+                schema_version: e.schema_version,
+                payload: Payload::Value(e.payload),
+            })
+            .boxed()
+    }
+
     /// The current version of `stream` (0: no stream).
     ///
     /// # Errors
@@ -296,6 +356,14 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
         after_version: u64,
     ) -> BoxStream<'a, Result<StoredEvent, StoreError>> {
         (**self).load(stream, after_version)
+    }
+
+    fn replay<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after_version: u64,
+    ) -> BoxStream<'a, Result<ReplayEvent, StoreError>> {
+        (**self).replay(stream, after_version)
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError> {

@@ -40,6 +40,7 @@ fn generate(model: &EventEnum<'_>) -> TokenStream {
     let helpers = model.variants.iter().map(helper_structs);
     let encode_arms = model.variants.iter().map(encode_arm);
     let decode_arms = model.variants.iter().map(decode_arm);
+    let decode_json_arms = model.variants.iter().map(decode_json_arm);
     let apply = model
         .aggregate
         .as_ref()
@@ -76,6 +77,20 @@ fn generate(model: &EventEnum<'_>) -> TokenStream {
                         __other => ::core::result::Result::Err(
                             ::cqrs_core::__private::unknown_type(__other, <Self as ::cqrs_core::DomainEvent>::EVENT_TYPES),
                         ),
+                    }
+                }
+
+                fn decode_json(
+                    event_type: &str,
+                    schema_version: u32,
+                    json: &str,
+                ) -> ::core::result::Result<Self, ::cqrs_core::DecodeError> {
+                    match event_type {
+                        #(#decode_json_arms)*
+                        _ => {
+                            let __value = ::cqrs_core::__private::parse_json(event_type, schema_version, json)?;
+                            <Self as ::cqrs_core::DomainEvent>::decode(event_type, schema_version, &__value)
+                        }
                     }
                 }
             }
@@ -144,7 +159,7 @@ fn encode_arm(v: &EventVariant<'_>) -> TokenStream {
 }
 
 fn decode_arm(v: &EventVariant<'_>) -> TokenStream {
-    let (variant, name, current) = (v.ident, &v.name.value, v.version.value);
+    let (name, current) = (&v.name.value, v.version.value);
     let mut upcasts: Vec<_> = v.upcasts.iter().collect();
     upcasts.sort_by_key(|u| u.from.value);
     let oldest = upcasts.first().map_or(current, |u| u.from.value);
@@ -167,24 +182,7 @@ fn decode_arm(v: &EventVariant<'_>) -> TokenStream {
             }
         }
     });
-    let build = match &v.shape {
-        Shape::Unit => quote! {
-            let _: ::cqrs_core::__private::serde::de::IgnoredAny =
-                ::cqrs_core::__private::decode_payload(#name, #current, __payload)?;
-            Self::#variant
-        },
-        Shape::Newtype => quote! {
-            Self::#variant(::cqrs_core::__private::decode_payload(#name, #current, __payload)?)
-        },
-        Shape::Struct(fields) => {
-            let de = helper_ident("De", v.ident);
-            let names: Vec<_> = fields.iter().map(|f| &f.ident).collect();
-            quote! {
-                let __fields: #de = ::cqrs_core::__private::decode_payload(#name, #current, __payload)?;
-                Self::#variant { #(#names: __fields.#names),* }
-            }
-        }
-    };
+    let build = build_variant(v, &quote!(::cqrs_core::__private::decode_payload));
     quote! {
         #name => {
             let __upcasted: ::cqrs_core::__private::serde_json::Value;
@@ -197,6 +195,41 @@ fn decode_arm(v: &EventVariant<'_>) -> TokenStream {
                     );
                 }
             };
+            ::core::result::Result::Ok({ #build })
+        }
+    }
+}
+
+/// Builds the variant from `__payload` with `decoder` (from a JSON value or from JSON text).
+fn build_variant(v: &EventVariant<'_>, decoder: &TokenStream) -> TokenStream {
+    let (variant, name, current) = (v.ident, &v.name.value, v.version.value);
+    match &v.shape {
+        Shape::Unit => quote! {
+            let _: ::cqrs_core::__private::serde::de::IgnoredAny = #decoder(#name, #current, __payload)?;
+            Self::#variant
+        },
+        Shape::Newtype => quote! {
+            Self::#variant(#decoder(#name, #current, __payload)?)
+        },
+        Shape::Struct(fields) => {
+            let de = helper_ident("De", v.ident);
+            let names: Vec<_> = fields.iter().map(|f| &f.ident).collect();
+            quote! {
+                let __fields: #de = #decoder(#name, #current, __payload)?;
+                Self::#variant { #(#names: __fields.#names),* }
+            }
+        }
+    }
+}
+
+/// `decode_json`: a payload of the current version is deserialized straight from its JSON text; an
+/// older one (which needs upcasting) or an unknown type goes through `decode`.
+fn decode_json_arm(v: &EventVariant<'_>) -> TokenStream {
+    let (name, current) = (&v.name.value, v.version.value);
+    let build = build_variant(v, &quote!(::cqrs_core::__private::decode_payload_str));
+    quote! {
+        #name if schema_version == #current => {
+            let __payload: &str = json;
             ::core::result::Result::Ok({ #build })
         }
     }

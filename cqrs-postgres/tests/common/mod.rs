@@ -24,8 +24,9 @@ pub async fn fresh_store(name: &str) -> PostgresEventStore {
 pub async fn fresh_store_with(name: &str, connections: u32) -> PostgresEventStore {
     let pool = pool(connections).await;
     let schema = format!("t_{name}");
+    let quoted = format!("\"{}\"", schema.replace('"', "\"\""));
     sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+        "DROP SCHEMA IF EXISTS {quoted} CASCADE"
     )))
     .execute(&pool)
     .await

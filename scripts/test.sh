@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints with warnings denied, every test of the
-# workspace (unit, integration, trybuild, doctests), and the examples run once.
-# Run from anywhere: `./scripts/test.sh`. Needs only the Rust toolchain pinned in rust-toolchain.toml.
+# workspace (unit, integration, trybuild, doctests, PostgreSQL reliability tests), the examples run
+# once and the benchmarks' smoke runs.
+# Run from anywhere: `./scripts/test.sh`.
+# Needs the Rust toolchain pinned in rust-toolchain.toml and PostgreSQL at DATABASE_URL (default
+# postgres://postgres@127.0.0.1:5432/test); scripts/postgres-up.sh checks it and starts a local one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need() {
-  command -v "$1" >/dev/null 2>&1 || { echo "error: '$1' is not installed; $2" >&2; exit 1; }
-}
-need cargo "install Rust with rustup (https://rustup.rs)"
+command -v cargo >/dev/null 2>&1 || { echo "error: cargo is not installed; install Rust with rustup" >&2; exit 1; }
+
+export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
+./scripts/postgres-up.sh
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
@@ -23,7 +26,8 @@ echo "==> examples"
 cargo run --locked -q -p cqrs-examples --bin order >/dev/null
 cargo run --locked -q -p cqrs-examples --bin bank_account >/dev/null
 
-echo "==> benchmark smoke run"
+echo "==> benchmark smoke runs"
 cargo bench --locked -q -p cqrs-core --bench execute -- --quick >/dev/null
+cargo bench --locked -q -p cqrs-postgres --bench postgres -- --quick >/dev/null
 
 echo "all checks passed"

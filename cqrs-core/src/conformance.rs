@@ -39,6 +39,7 @@ macro_rules! event_store_conformance_tests {
             command_keys_record_once,
             racing_command_keys_have_one_winner,
             snapshots_keep_the_latest,
+            large_batches_behave_like_small_ones,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -621,4 +622,65 @@ pub async fn snapshots_keep_the_latest<S: SnapshotStore>(store: S) {
         assert_eq!(got, Some(snapshot(expected)), "after saving version {save}");
     }
     assert_eq!(store.load_snapshot(&stream("other")).await.ok(), Some(None));
+}
+
+/// Batches of thousands of events (which a store may write another way, e.g. PostgreSQL's COPY)
+/// follow the same rules: expectations, idempotent retries, conflicts, and content with backslashes,
+/// tabs, newlines and unicode round-trips exactly.
+pub async fn large_batches_behave_like_small_ones<S: EventStore>(store: S) {
+    let s = StreamId::new(
+        "conformance",
+        AggregateId::new(format!("big\t\\n\n ü {}", EventId::new())),
+    );
+    let tricky = |n: u64| {
+        let mut e = event(n);
+        e.payload = json!({ "n": n, "text": "tab\there\nnewline \\ backslash \\n not-a-newline 'q' \"dq\" 🚀" });
+        e.metadata = Metadata::default().with_header("k\tey", "va\\lue\n");
+        e.event_type = "Big\tEvent\\".into();
+        e
+    };
+    let first: Vec<EventData> = (0..2_500).map(tricky).collect();
+    let done = store
+        .append(&s, ExpectedVersion::NoStream, first.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((done.version, done.events.len()), (2_500, 2_500));
+    for pair in done.events.windows(2) {
+        assert!(
+            pair[0].checkpoint < pair[1].checkpoint,
+            "positions follow versions within a batch"
+        );
+    }
+    match store
+        .append(&s, ExpectedVersion::NoStream, first.clone())
+        .await
+    {
+        Err(StoreError::AlreadyAppended(original)) => assert_eq!(original.version, 2_500),
+        other => panic!("retrying a large batch: expected AlreadyAppended, got {other:?}"),
+    }
+    let second: Vec<EventData> = (0..1_500).map(event).collect();
+    let stale = store
+        .append(&s, ExpectedVersion::Exact(2_499), second.clone())
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::Conflict { actual: 2_500, .. })),
+        "{stale:?}"
+    );
+    assert_eq!(
+        store
+            .append(&s, ExpectedVersion::Exact(2_500), second)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .version,
+        4_000
+    );
+    let stored = load(&store, &s).await;
+    assert_eq!(stored.len(), 4_000);
+    for (e, original) in stored.iter().zip(&first) {
+        assert_eq!(
+            (&e.event_type, &e.payload, &e.metadata),
+            (&original.event_type, &original.payload, &original.metadata)
+        );
+        assert_eq!(e.stream, s);
+    }
 }

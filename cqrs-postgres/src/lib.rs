@@ -3,6 +3,7 @@
 mod rows;
 mod sql;
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -179,7 +180,12 @@ impl PostgresEventStore {
             };
             // On the pool, not a held connection: the follow-up queries below must not wait for a
             // second connection while holding one (64 writers on a pool of 32 would deadlock).
-            match insert_at(&self.pool, &self.sql, stream, base, events).await {
+            let inserted = if events.len() >= COPY_THRESHOLD {
+                copy_at(&self.pool, &self.sql, stream, base, events).await
+            } else {
+                insert_at(&self.pool, &self.sql, stream, base, events).await
+            };
+            match inserted {
                 Ok(result) => return Ok(result),
                 Err(Insert::Failed(error)) => return Err(error),
                 Err(Insert::Lost) => {
@@ -226,6 +232,135 @@ impl PostgresEventStore {
     }
 }
 
+/// From this many events, an append streams them with `COPY` instead of one `INSERT`.
+const COPY_THRESHOLD: usize = 1_000;
+
+/// Appends a large batch with `COPY` in a transaction: checks the stream is at `base`, copies the
+/// rows at versions `base + 1..` (the unique constraints still decide races: a concurrent writer
+/// makes the copy fail, as the `INSERT` would), then reads the positions back.
+async fn copy_at(
+    pool: &PgPool,
+    sql: &Sql,
+    stream: &StreamId,
+    base: u64,
+    events: &[EventData],
+) -> Result<AppendResult, Insert> {
+    let failed = |e: sqlx::Error| {
+        if is_unique_violation(&e) {
+            Insert::Lost
+        } else {
+            Insert::Failed(backend(e))
+        }
+    };
+    let base_i64 = to_i64(base).map_err(Insert::Failed)?;
+    let mut data = String::with_capacity(events.len() * 256);
+    for (event, version) in events.iter().zip(base + 1..) {
+        let metadata = serde_json::to_string(&event.metadata)
+            .map_err(|e| Insert::Failed(StoreError::backend(e)))?;
+        let schema_version = i32::try_from(event.schema_version).map_err(|_| {
+            Insert::Failed(StoreError::InvalidInput(format!(
+                "schema version {} of `{}` does not fit PostgreSQL's integer",
+                event.schema_version, event.event_type
+            )))
+        })?;
+        let payload = serde_json::to_string(&event.payload)
+            .map_err(|e| Insert::Failed(StoreError::backend(e)))?;
+        // Ids and numbers need no escaping.
+        let _ = write!(data, "{}\t", event.event_id.0.hyphenated());
+        copy_escape(&mut data, &stream.aggregate_type);
+        data.push('\t');
+        copy_escape(&mut data, stream.aggregate_id.as_str());
+        let _ = write!(data, "\t{version}\t");
+        copy_escape(&mut data, &event.event_type);
+        let _ = write!(data, "\t{schema_version}\t");
+        copy_escape(&mut data, &payload);
+        data.push('\t');
+        copy_escape(&mut data, &metadata);
+        data.push('\n');
+    }
+    let mut tx = pool.begin().await.map_err(failed)?;
+    if base > 0 {
+        let at_base: bool = sqlx::query_scalar(AssertSqlSafe(sql.version_exists.clone()))
+            .bind(&stream.aggregate_type)
+            .bind(stream.aggregate_id.as_str())
+            .bind(base_i64)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(failed)?;
+        if !at_base {
+            return Err(Insert::Lost);
+        }
+    }
+    let mut copy = tx.copy_in_raw(&sql.copy).await.map_err(failed)?;
+    copy.send(data.as_bytes()).await.map_err(failed)?;
+    copy.finish().await.map_err(failed)?;
+    let row = sqlx::query(AssertSqlSafe(sql.copied_positions.clone()))
+        .bind(&stream.aggregate_type)
+        .bind(stream.aggregate_id.as_str())
+        .bind(base_i64)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(failed)?;
+    tx.commit().await.map_err(failed)?;
+    appended_from(&row, stream, base, events)
+}
+
+/// Escapes a field for `COPY .. FROM STDIN` in text format.
+fn copy_escape(out: &mut String, field: &str) {
+    if !field
+        .bytes()
+        .any(|b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t'))
+    {
+        out.push_str(field);
+        return;
+    }
+    for c in field.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// The outcome of an append from the one-row summary both append statements return.
+fn appended_from(
+    row: &sqlx::postgres::PgRow,
+    stream: &StreamId,
+    base: u64,
+    events: &[EventData],
+) -> Result<AppendResult, Insert> {
+    let failed = |e: sqlx::Error| Insert::Failed(backend(e));
+    let positions: Vec<i64> = row.try_get("positions").map_err(failed)?;
+    if positions.len() != events.len() {
+        // The stream was not at `base` (the statement's condition): nothing went in.
+        return Err(Insert::Lost);
+    }
+    let transaction: String = row.try_get("transaction_text").map_err(failed)?;
+    let transaction: u64 = transaction.parse().map_err(|e| {
+        Insert::Failed(StoreError::backend(format!(
+            "transaction id `{transaction}`: {e}"
+        )))
+    })?;
+    let recorded_at = row.try_get("recorded_at").map_err(failed)?;
+    let mut appended = Vec::with_capacity(events.len());
+    for ((event, position), version) in events.iter().zip(positions).zip(base + 1..) {
+        appended.push(AppendedEvent {
+            event_id: event.event_id,
+            version,
+            checkpoint: Checkpoint::new(transaction, to_u64(position).map_err(Insert::Failed)?),
+            recorded_at,
+        });
+    }
+    Ok(AppendResult {
+        stream: stream.clone(),
+        version: base + events.len() as u64,
+        events: appended,
+    })
+}
+
 /// Why an `INSERT` attempt did not append.
 enum Insert {
     /// A unique violation, or the expected base version was not the stream's: the caller decides
@@ -264,7 +399,7 @@ async fn insert_at<'c, E: sqlx::PgExecutor<'c>>(
         );
     }
     let base_i64 = to_i64(base).map_err(Insert::Failed)?;
-    let rows = sqlx::query(AssertSqlSafe(sql.insert.clone()))
+    let row = sqlx::query(AssertSqlSafe(sql.insert.clone()))
         .bind(&stream.aggregate_type)
         .bind(stream.aggregate_id.as_str())
         .bind(base_i64)
@@ -273,53 +408,14 @@ async fn insert_at<'c, E: sqlx::PgExecutor<'c>>(
         .bind(&versions)
         .bind(&payloads)
         .bind(&metadata)
-        .fetch_all(executor)
+        .fetch_one(executor)
         .await;
-    let rows = match rows {
-        Ok(rows) => rows,
+    let row = match row {
+        Ok(row) => row,
         Err(error) if is_unique_violation(&error) => return Err(Insert::Lost),
         Err(error) => return Err(Insert::Failed(backend(error))),
     };
-    if rows.len() != events.len() {
-        // The stream was not at `base` (the statement's condition), or not all rows went in.
-        return Err(Insert::Lost);
-    }
-    let mut appended = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let position: i64 = row
-            .try_get("global_position")
-            .map_err(|e| Insert::Failed(backend(e)))?;
-        let transaction: String = row
-            .try_get("transaction_text")
-            .map_err(|e| Insert::Failed(backend(e)))?;
-        let version: i64 = row
-            .try_get("version")
-            .map_err(|e| Insert::Failed(backend(e)))?;
-        let event_id: uuid::Uuid = row
-            .try_get("event_id")
-            .map_err(|e| Insert::Failed(backend(e)))?;
-        appended.push(AppendedEvent {
-            event_id: EventId(event_id),
-            version: to_u64(version).map_err(Insert::Failed)?,
-            checkpoint: Checkpoint::new(
-                transaction.parse().map_err(|e| {
-                    Insert::Failed(StoreError::backend(format!(
-                        "transaction id `{transaction}`: {e}"
-                    )))
-                })?,
-                to_u64(position).map_err(Insert::Failed)?,
-            ),
-            recorded_at: row
-                .try_get("recorded_at")
-                .map_err(|e| Insert::Failed(backend(e)))?,
-        });
-    }
-    appended.sort_by_key(|e| e.version);
-    Ok(AppendResult {
-        stream: stream.clone(),
-        version: base + events.len() as u64,
-        events: appended,
-    })
+    appended_from(&row, stream, base, events)
 }
 
 fn is_unique_violation(error: &sqlx::Error) -> bool {

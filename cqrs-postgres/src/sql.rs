@@ -15,6 +15,9 @@ pub(crate) struct Sql {
     pub(crate) channel: String,
     pub(crate) insert: String,
     pub(crate) stream_version: String,
+    pub(crate) version_exists: String,
+    pub(crate) copy: String,
+    pub(crate) copied_positions: String,
     pub(crate) load: String,
     pub(crate) replay: String,
     pub(crate) read_all: String,
@@ -51,16 +54,35 @@ impl Sql {
         let s = quote_ident(schema);
         Ok(Self {
             channel: channel(schema),
+            // One row back whatever the batch size: the positions in version order, and the
+            // transaction id and time that every row of the statement shares.
             insert: format!(
-                "INSERT INTO {s}.events \
+                "WITH inserted AS ( \
+                   INSERT INTO {s}.events \
+                     (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
+                   SELECT e.event_id, $1, $2, $3 + e.ord, e.event_type, e.schema_version, e.payload, e.metadata \
+                   FROM UNNEST($4::uuid[], $5::text[], $6::int4[], $7::jsonb[], $8::jsonb[]) \
+                     WITH ORDINALITY AS e(event_id, event_type, schema_version, payload, metadata, ord) \
+                   WHERE $3 = 0 OR EXISTS ( \
+                     SELECT 1 FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version = $3) \
+                   ORDER BY e.ord \
+                   RETURNING global_position, version) \
+                 SELECT COALESCE(array_agg(global_position ORDER BY version), '{{}}') AS positions, \
+                        pg_current_xact_id()::text AS transaction_text, now() AS recorded_at \
+                 FROM inserted"
+            ),
+            version_exists: format!(
+                "SELECT EXISTS (SELECT 1 FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version = $3)"
+            ),
+            copy: format!(
+                "COPY {s}.events \
                    (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
-                 SELECT e.event_id, $1, $2, $3 + e.ord, e.event_type, e.schema_version, e.payload, e.metadata \
-                 FROM UNNEST($4::uuid[], $5::text[], $6::int4[], $7::jsonb[], $8::jsonb[]) \
-                   WITH ORDINALITY AS e(event_id, event_type, schema_version, payload, metadata, ord) \
-                 WHERE $3 = 0 OR EXISTS ( \
-                   SELECT 1 FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version = $3) \
-                 ORDER BY e.ord \
-                 RETURNING global_position, transaction_id::text AS transaction_text, version, event_id, recorded_at"
+                 FROM STDIN"
+            ),
+            copied_positions: format!(
+                "SELECT COALESCE(array_agg(global_position ORDER BY version), '{{}}') AS positions, \
+                        pg_current_xact_id()::text AS transaction_text, now() AS recorded_at \
+                 FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3"
             ),
             stream_version: format!(
                 "SELECT COALESCE(MAX(version), 0) FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2"

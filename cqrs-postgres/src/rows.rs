@@ -65,16 +65,17 @@ pub(crate) fn stored_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
     })
 }
 
-/// A row of the replay query: version, type, schema version and the payload as JSON text.
+/// A row of the replay query: version, type, schema version and the payload as JSON text, read by
+/// column index (this runs once per event of every rehydration).
 pub(crate) fn replay_event(row: &PgRow) -> Result<ReplayEvent, StoreError> {
-    let version: i64 = row.try_get("version").map_err(backend)?;
-    let schema_version: i32 = row.try_get("schema_version").map_err(backend)?;
+    let version: i64 = row.try_get(0).map_err(backend)?;
+    let schema_version: i32 = row.try_get(2).map_err(backend)?;
     Ok(ReplayEvent {
         version: to_u64(version)?,
-        event_type: row.try_get("event_type").map_err(backend)?,
+        event_type: row.try_get(1).map_err(backend)?,
         schema_version: u32::try_from(schema_version).map_err(|_| {
             StoreError::backend(format!("negative schema version {schema_version}"))
         })?,
-        payload: Payload::Text(row.try_get("payload").map_err(backend)?),
+        payload: Payload::Text(row.try_get(3).map_err(backend)?),
     })
 }

@@ -399,17 +399,36 @@ async fn insert_at<'c, E: sqlx::PgExecutor<'c>>(
         );
     }
     let base_i64 = to_i64(base).map_err(Insert::Failed)?;
-    let row = sqlx::query(AssertSqlSafe(sql.insert.clone()))
-        .bind(&stream.aggregate_type)
-        .bind(stream.aggregate_id.as_str())
-        .bind(base_i64)
-        .bind(&ids)
-        .bind(&types)
-        .bind(&versions)
-        .bind(&payloads)
-        .bind(&metadata)
-        .fetch_one(executor)
-        .await;
+    let query = sqlx::query(AssertSqlSafe(if events.len() == 1 {
+        sql.insert_one.clone()
+    } else {
+        sql.insert.clone()
+    }))
+    .bind(&stream.aggregate_type)
+    .bind(stream.aggregate_id.as_str())
+    .bind(base_i64);
+    // One event (most commands) binds scalars: no arrays to encode, unnest and aggregate.
+    let query = match (
+        &ids[..],
+        &types[..],
+        &versions[..],
+        &payloads[..],
+        &metadata[..],
+    ) {
+        ([id], [event_type], [version], [payload], [meta]) => query
+            .bind(id)
+            .bind(event_type)
+            .bind(version)
+            .bind(payload)
+            .bind(meta),
+        _ => query
+            .bind(&ids)
+            .bind(&types)
+            .bind(&versions)
+            .bind(&payloads)
+            .bind(&metadata),
+    };
+    let row = query.fetch_one(executor).await;
     let row = match row {
         Ok(row) => row,
         Err(error) if is_unique_violation(&error) => return Err(Insert::Lost),

@@ -14,6 +14,7 @@ pub(crate) struct Sql {
     pub(crate) quoted_schema: String,
     pub(crate) channel: String,
     pub(crate) insert: String,
+    pub(crate) insert_one: String,
     pub(crate) stream_version: String,
     pub(crate) version_exists: String,
     pub(crate) copy: String,
@@ -68,6 +69,18 @@ impl Sql {
                    ORDER BY e.ord \
                    RETURNING global_position, version) \
                  SELECT COALESCE(array_agg(global_position ORDER BY version), '{{}}') AS positions, \
+                        pg_current_xact_id()::text AS transaction_text, now() AS recorded_at \
+                 FROM inserted"
+            ),
+            insert_one: format!(
+                "WITH inserted AS ( \
+                   INSERT INTO {s}.events \
+                     (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
+                   SELECT $4::uuid, $1, $2, $3::int8 + 1, $5::text, $6::int4, $7::jsonb, $8::jsonb \
+                   WHERE $3 = 0 OR EXISTS ( \
+                     SELECT 1 FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version = $3) \
+                   RETURNING global_position) \
+                 SELECT COALESCE(array_agg(global_position), '{{}}') AS positions, \
                         pg_current_xact_id()::text AS transaction_text, now() AS recorded_at \
                  FROM inserted"
             ),

@@ -169,13 +169,14 @@ pub fn validate_append(stream: &StreamId, events: &[EventData]) -> Result<(), St
             stream.aggregate_type
         )));
     }
+    let mut seen = std::collections::HashSet::with_capacity(events.len());
     for (i, event) in events.iter().enumerate() {
         if event.event_type.is_empty() {
             return Err(StoreError::InvalidInput(format!(
                 "event {i} of the batch for {stream} has an empty type"
             )));
         }
-        if events[..i].iter().any(|e| e.event_id == event.event_id) {
+        if !seen.insert(event.event_id) {
             return Err(StoreError::EventIdReused {
                 event_id: event.event_id,
                 existing_stream: stream.clone(),

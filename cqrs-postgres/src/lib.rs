@@ -428,9 +428,10 @@ async fn insert_at<'c, E: sqlx::PgExecutor<'c>>(
             .bind(&payloads)
             .bind(&metadata),
     };
-    let row = query.fetch_one(executor).await;
-    let row = match row {
-        Ok(row) => row,
+    let row = match query.fetch_optional(executor).await {
+        Ok(Some(row)) => row,
+        // The single-event statement returns no row when the stream is not at `base`.
+        Ok(None) => return Err(Insert::Lost),
         Err(error) if is_unique_violation(&error) => return Err(Insert::Lost),
         Err(error) => return Err(Insert::Failed(backend(error))),
     };

@@ -72,17 +72,15 @@ impl Sql {
                         pg_current_xact_id()::text AS transaction_text, now() AS recorded_at \
                  FROM inserted"
             ),
+            // One event: a plain INSERT .. SELECT returning at most one row of the same shape.
             insert_one: format!(
-                "WITH inserted AS ( \
-                   INSERT INTO {s}.events \
-                     (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
-                   SELECT $4::uuid, $1, $2, $3::int8 + 1, $5::text, $6::int4, $7::jsonb, $8::jsonb \
-                   WHERE $3 = 0 OR EXISTS ( \
-                     SELECT 1 FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version = $3) \
-                   RETURNING global_position) \
-                 SELECT COALESCE(array_agg(global_position), '{{}}') AS positions, \
-                        pg_current_xact_id()::text AS transaction_text, now() AS recorded_at \
-                 FROM inserted"
+                "INSERT INTO {s}.events \
+                   (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
+                 SELECT $4::uuid, $1, $2, $3::int8 + 1, $5::text, $6::int4, $7::jsonb, $8::jsonb \
+                 WHERE $3 = 0 OR EXISTS ( \
+                   SELECT 1 FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version = $3) \
+                 RETURNING ARRAY[global_position] AS positions, \
+                   transaction_id::text AS transaction_text, recorded_at"
             ),
             version_exists: format!(
                 "SELECT EXISTS (SELECT 1 FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version = $3)"

@@ -150,6 +150,28 @@ impl PostgresEventStore {
         Ok(Wakeups { listener })
     }
 
+    /// The rows of `stream` after `after_version` by `sql` (which binds type, id and version),
+    /// streamed from the server and read with `read`.
+    fn stream_rows<'a, T: Send + 'a>(
+        &'a self,
+        sql: &str,
+        stream: &'a StreamId,
+        after_version: u64,
+        read: fn(&sqlx::postgres::PgRow) -> Result<T, StoreError>,
+    ) -> BoxStream<'a, Result<T, StoreError>> {
+        let after = match to_i64(after_version) {
+            Ok(after) => after,
+            Err(error) => return futures::stream::once(async { Err(error) }).boxed(),
+        };
+        sqlx::query(AssertSqlSafe(sql.to_owned()))
+            .bind(&stream.aggregate_type)
+            .bind(stream.aggregate_id.as_str())
+            .bind(after)
+            .fetch(&self.pool)
+            .map(move |row| row.map_err(backend).and_then(|row| read(&row)))
+            .boxed()
+    }
+
     async fn version_of(&self, stream: &StreamId) -> Result<u64, StoreError> {
         stream_version_on(&self.pool, &self.sql, stream).await
     }
@@ -529,17 +551,7 @@ impl EventStore for PostgresEventStore {
         stream: &'a StreamId,
         after_version: u64,
     ) -> BoxStream<'a, Result<StoredEvent, StoreError>> {
-        let after = match to_i64(after_version) {
-            Ok(after) => after,
-            Err(error) => return futures::stream::once(async { Err(error) }).boxed(),
-        };
-        sqlx::query(AssertSqlSafe(self.sql.load.clone()))
-            .bind(&stream.aggregate_type)
-            .bind(stream.aggregate_id.as_str())
-            .bind(after)
-            .fetch(&self.pool)
-            .map(|row| row.map_err(backend).and_then(|row| stored_event(&row)))
-            .boxed()
+        self.stream_rows(&self.sql.load, stream, after_version, stored_event)
     }
 
     fn replay<'a>(
@@ -547,19 +559,9 @@ impl EventStore for PostgresEventStore {
         stream: &'a StreamId,
         after_version: u64,
     ) -> BoxStream<'a, Result<ReplayEvent, StoreError>> {
-        let after = match to_i64(after_version) {
-            Ok(after) => after,
-            Err(error) => return futures::stream::once(async { Err(error) }).boxed(),
-        };
         // Only what rehydration needs, and the payload as text: the derive deserializes it
         // straight into the event, without a `serde_json::Value` in between.
-        sqlx::query(AssertSqlSafe(self.sql.replay.clone()))
-            .bind(&stream.aggregate_type)
-            .bind(stream.aggregate_id.as_str())
-            .bind(after)
-            .fetch(&self.pool)
-            .map(|row| row.map_err(backend).and_then(|row| replay_event(&row)))
-            .boxed()
+        self.stream_rows(&self.sql.replay, stream, after_version, replay_event)
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError> {

@@ -358,6 +358,25 @@ impl StoredEvent {
         })
     }
 
+    /// Decodes into a typed [`RecordedEvent`], copying the envelope (the payload is decoded, not
+    /// copied).
+    ///
+    /// # Errors
+    /// As [`StoredEvent::decode`].
+    pub fn to_recorded<E: crate::DomainEvent>(
+        &self,
+    ) -> Result<RecordedEvent<E>, crate::StoreError> {
+        Ok(RecordedEvent {
+            event: self.decode()?,
+            event_id: self.event_id,
+            stream: self.stream.clone(),
+            version: self.version,
+            checkpoint: self.checkpoint,
+            recorded_at: self.recorded_at,
+            metadata: self.metadata.clone(),
+        })
+    }
+
     /// Decodes into a typed [`RecordedEvent`], keeping the envelope.
     ///
     /// # Errors

@@ -16,6 +16,10 @@ pub trait DomainEvent: Sized + Send + Sync + 'static {
     /// Every type name this enum decodes, in declaration order.
     const EVENT_TYPES: &'static [&'static str];
 
+    /// The aggregate type these events belong to (`#[event(aggregate = A)]` makes it `A::NAME`),
+    /// or `None` for events not tied to one aggregate type. Subscriptions filter on it.
+    const AGGREGATE_TYPE: Option<&'static str> = None;
+
     /// The stable type name of this event, e.g. `"OrderCreated"`.
     fn event_type(&self) -> &'static str;
 

@@ -12,6 +12,7 @@ pub mod conformance;
 pub mod envelope;
 pub mod event;
 pub mod gateway;
+pub mod projection;
 pub mod query;
 pub mod store;
 pub mod testing;
@@ -39,6 +40,10 @@ pub use cqrs_macros::Command;
 /// `#[derive(DomainEvent)]`: implements [`DomainEvent`](trait@DomainEvent); see the crate docs.
 #[cfg(feature = "derive")]
 pub use cqrs_macros::DomainEvent;
+/// `#[derive(Projection)]`: implements [`Projection`](trait@projection::Projection); see
+/// [`projection`].
+#[cfg(feature = "derive")]
+pub use cqrs_macros::Projection;
 
 /// The names almost every user of the framework needs.
 pub mod prelude {
@@ -47,16 +52,42 @@ pub mod prelude {
     pub use crate::envelope::{AggregateId, Metadata, RecordedEvent, StreamId};
     pub use crate::event::DomainEvent;
     pub use crate::gateway::{CommandError, CommandGateway};
+    pub use crate::projection::{Handles, Projection};
     pub use crate::store::{EventStore, ExpectedVersion, InMemoryEventStore};
     #[cfg(feature = "derive")]
-    pub use cqrs_macros::{Aggregate, Command, DomainEvent};
+    pub use cqrs_macros::{Aggregate, Command, DomainEvent, Projection};
 }
 
 /// What the derives' generated code refers to. Not public API: it may change in any release.
 #[doc(hidden)]
 pub mod __private {
+    pub use async_trait::async_trait;
+    pub use futures::future::BoxFuture;
     pub use serde;
     pub use serde_json;
+
+    /// Routes a decoded event to its handler, mapping the handler's error.
+    pub async fn handle<P, E>(
+        projection: &mut P,
+        event: &crate::StoredEvent,
+        context: &mut P::Context,
+    ) -> Result<bool, crate::projection::ProjectionError>
+    where
+        P: crate::projection::Projection + crate::projection::Handles<E, P::Context>,
+        E: crate::DomainEvent,
+    {
+        let recorded = event.to_recorded::<E>()?;
+        projection
+            .handle(&recorded, context)
+            .await
+            .map_err(|source| crate::projection::ProjectionError::Handler {
+                projection: P::NAME,
+                stream: event.stream.clone(),
+                version: event.version,
+                source,
+            })?;
+        Ok(true)
+    }
 
     /// Decodes a payload into a variant's fields, mapping serde's error.
     pub fn decode_payload<T: serde::de::DeserializeOwned>(

@@ -26,6 +26,7 @@ impl std::fmt::Display for Key {
 pub(crate) const EVENT: &str = "event";
 pub(crate) const COMMAND: &str = "command";
 pub(crate) const AGGREGATE: &str = "aggregate";
+pub(crate) const PROJECTION: &str = "projection";
 
 // Keys of `#[event(..)]`, `#[command(..)]` and `#[aggregate(..)]`.
 pub(crate) const KEY_AGGREGATE: Key = Key("aggregate");
@@ -43,6 +44,8 @@ pub(crate) const KEY_EVENT: Key = Key("event");
 pub(crate) const KEY_ERROR: Key = Key("error");
 pub(crate) const KEY_SNAPSHOT: Key = Key("snapshot");
 pub(crate) const KEY_EVERY: Key = Key("every");
+pub(crate) const KEY_EVENTS: Key = Key("events");
+pub(crate) const KEY_CONTEXT: Key = Key("context");
 
 /// A value parsed from an attribute, with the span of the key for errors.
 pub(crate) struct Spanned<T> {

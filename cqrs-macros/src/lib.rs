@@ -33,6 +33,15 @@ pub fn derive_command(input: TokenStream) -> TokenStream {
     expand::command::derive(&input).into()
 }
 
+/// Implements `cqrs_core::projection::Projection`:
+/// `#[projection(name = "order_summary", events(OrderEvent, PaymentEvent))]`, optionally
+/// `context = sqlx::PgConnection` (default `()`); one `Handles<E, Context>` impl per listed enum.
+#[proc_macro_derive(Projection, attributes(projection))]
+pub fn derive_projection(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    expand::projection::derive(&input).into()
+}
+
 /// Implements `cqrs_core::Aggregate`:
 /// `#[aggregate(name = "order", command = OrderCommand, event = OrderEvent, error = OrderError)]`,
 /// optionally `snapshot(every = 100, version = 1)`.

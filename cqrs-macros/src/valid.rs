@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::ast::{AggregateStruct, EventEnum, Shape};
+use crate::ast::{AggregateStruct, EventEnum, ProjectionStruct, Shape};
 use crate::ctxt::Ctxt;
 
 /// Serde field attributes that cannot work on an event's struct variant: the generated serializer
@@ -150,6 +150,43 @@ fn event_fields_serialize_by_reference(cx: &mut Ctxt, input: &EventEnum<'_>) {
                 }
                 Ok(())
             });
+        }
+    }
+}
+
+pub(crate) fn projection(cx: &mut Ctxt, input: &ProjectionStruct<'_>) {
+    projection_name_is_a_key(cx, input);
+    projection_events_are_distinct(cx, input);
+}
+
+/// The projection name keys its checkpoint and dead letters: ASCII letters, digits, `_`, `-` and
+/// `.`, not empty.
+fn projection_name_is_a_key(cx: &mut Ctxt, input: &ProjectionStruct<'_>) {
+    let Some(name) = &input.name else { return };
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    if name.value.is_empty() || !name.value.chars().all(valid) || name.value.len() > 200 {
+        cx.error_at(
+            name.span,
+            format_args!(
+                "projection name `{}` must be 1 to 200 ASCII letters, digits, `_`, `-` or `.`: write for example name = \"order_summary\"",
+                name.value.escape_debug()
+            ),
+        );
+    }
+}
+
+/// An enum listed twice would have two routes for one event.
+fn projection_events_are_distinct(cx: &mut Ctxt, input: &ProjectionStruct<'_>) {
+    let mut seen = Vec::new();
+    for path in &input.events {
+        let text = quote::quote!(#path).to_string();
+        if seen.contains(&text) {
+            cx.error_spanned_by(
+                path,
+                format_args!("`{}` is listed twice in events(...)", text.replace(' ', "")),
+            );
+        } else {
+            seen.push(text);
         }
     }
 }

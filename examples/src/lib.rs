@@ -3,3 +3,4 @@
 
 pub mod bank;
 pub mod order;
+pub mod order_summary;

@@ -82,6 +82,12 @@ mod shadowing {
         size: u32,
     }
 
+    #[derive(Debug, Default, ::cqrs_core::Projection)]
+    #[projection(name = "things", events(ThingEvent))]
+    pub struct Things {
+        pub seen: u32,
+    }
+
     type Decision = ::core::result::Result<::std::vec::Vec<ThingEvent>, ThingError>;
 
     impl Thing {
@@ -108,6 +114,19 @@ mod shadowing {
         fn apply_gone(&mut self) {
             self.size = 0;
         }
+    }
+}
+
+// The handler is user code (async_trait's own output is not ours to make hygienic): outside.
+#[async_trait::async_trait]
+impl cqrs_core::projection::Handles<shadowing::ThingEvent> for shadowing::Things {
+    async fn handle(
+        &mut self,
+        _event: &cqrs_core::RecordedEvent<shadowing::ThingEvent>,
+        (): &mut (),
+    ) -> Result<(), cqrs_core::projection::HandlerError> {
+        self.seen += 1;
+        Ok(())
     }
 }
 

@@ -9,5 +9,6 @@ fn ui() {
     cases.compile_fail("ui/event/*.rs");
     cases.compile_fail("ui/command/*.rs");
     cases.compile_fail("ui/aggregate/*.rs");
+    cases.compile_fail("ui/projection/*.rs");
     cases.pass("ui/pass/*.rs");
 }

@@ -45,6 +45,12 @@ fn generate(model: &EventEnum<'_>) -> TokenStream {
         .aggregate
         .as_ref()
         .map(|aggregate| apply_impl(model, aggregate));
+    let aggregate_type = model.aggregate.as_ref().map(|aggregate| {
+        quote! {
+            const AGGREGATE_TYPE: ::core::option::Option<&'static str> =
+                ::core::option::Option::Some(<#aggregate as ::cqrs_core::Aggregate>::NAME);
+        }
+    });
     quote! {
         #[doc(hidden)]
         #[allow(non_camel_case_types, non_snake_case, clippy::all, clippy::pedantic)]
@@ -54,6 +60,7 @@ fn generate(model: &EventEnum<'_>) -> TokenStream {
             #[automatically_derived]
             impl ::cqrs_core::DomainEvent for #ident {
                 const EVENT_TYPES: &'static [&'static str] = &[#(#names),*];
+                #aggregate_type
 
                 fn event_type(&self) -> &'static str {
                     match self { #(#type_arms)* }

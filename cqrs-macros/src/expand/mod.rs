@@ -4,6 +4,7 @@
 pub(crate) mod aggregate;
 pub(crate) mod command;
 pub(crate) mod event;
+pub(crate) mod projection;
 
 use proc_macro2::{Ident, TokenStream};
 use quote::{quote, quote_spanned};

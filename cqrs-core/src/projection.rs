@@ -1,0 +1,174 @@
+//! Projections: read models kept up to date from the store's global order.
+//!
+//! A projection is a type with `#[derive(Projection)]` and
+//! `#[projection(name = "order_summary", events(OrderEvent, PaymentEvent))]`, and one
+//! [`Handles<E, Context>`] implementation per listed event enum. The derive generates its
+//! [`Subscription`]s (so a store is asked only for those event types) and [`Projection::apply`],
+//! which decodes a stored event and routes it to the handler of its enum.
+//!
+//! The context is what handlers write the read model with: `()` (the default) for a projection that
+//! keeps its state in itself, `#[projection(context = sqlx::PgConnection)]` for one that writes
+//! PostgreSQL tables in the transaction that also moves its checkpoint.
+
+use futures::future::BoxFuture;
+
+use crate::envelope::{Checkpoint, RecordedEvent, StoredEvent};
+use crate::event::DomainEvent;
+use crate::store::{EventStore, StoreError};
+
+/// The event types of one event enum a projection listens to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subscription {
+    /// The aggregate type of the enum's events, if it belongs to one (`#[event(aggregate = A)]`).
+    pub aggregate_type: Option<&'static str>,
+    /// The event type names.
+    pub event_types: &'static [&'static str],
+}
+
+impl Subscription {
+    /// The subscription to every event of `E`.
+    #[must_use]
+    pub const fn to<E: DomainEvent>() -> Self {
+        Self {
+            aggregate_type: E::AGGREGATE_TYPE,
+            event_types: E::EVENT_TYPES,
+        }
+    }
+
+    /// Whether a stored event is one of these.
+    #[must_use]
+    pub fn matches(&self, event: &StoredEvent) -> bool {
+        self.aggregate_type
+            .is_none_or(|t| t == event.stream.aggregate_type)
+            && self.event_types.contains(&event.event_type.as_str())
+    }
+}
+
+/// The error a projection handler returns.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Handles the events of enum `E` for a projection, writing through `Context`.
+#[diagnostic::on_unimplemented(
+    message = "projection `{Self}` has no handler for `{E}`",
+    label = "no `Handles<{E}, {Context}>` for `{Self}`",
+    note = "implement `cqrs_core::projection::Handles<{E}, {Context}>` for `{Self}` (with `#[async_trait::async_trait]`)"
+)]
+#[async_trait::async_trait]
+pub trait Handles<E: DomainEvent, Context: Send + ?Sized = ()>: Send {
+    /// Applies one event to the read model.
+    ///
+    /// # Errors
+    /// Whatever kept the handler from applying the event; the runner retries and eventually parks
+    /// the event as a dead letter.
+    async fn handle(
+        &mut self,
+        event: &RecordedEvent<E>,
+        context: &mut Context,
+    ) -> Result<(), HandlerError>;
+}
+
+/// Why a projection did not apply an event.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    /// The stored event does not decode into the enum its type belongs to.
+    #[error(transparent)]
+    Decode(#[from] StoreError),
+    /// The handler failed.
+    #[error("projection `{projection}` failed on event {version} of {stream}: {source}")]
+    Handler {
+        /// The projection.
+        projection: &'static str,
+        /// The event's stream.
+        stream: crate::envelope::StreamId,
+        /// The event's version.
+        version: u64,
+        /// What the handler said.
+        #[source]
+        source: HandlerError,
+    },
+}
+
+/// A read model fed by events: derive it with `#[derive(Projection)]`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a projection",
+    note = "add `#[derive(cqrs_core::Projection)]` with `#[projection(name = \"...\", events(...))]` to `{Self}`"
+)]
+pub trait Projection: Send {
+    /// The projection's stable name: its checkpoint and dead letters are kept under it.
+    const NAME: &'static str;
+
+    /// What the handlers write with (`()` when the projection holds its state itself).
+    type Context: Send + ?Sized;
+
+    /// The event types it listens to, one entry per event enum.
+    const SUBSCRIPTIONS: &'static [Subscription];
+
+    /// Whether `event` is one this projection listens to.
+    fn subscribes_to(event: &StoredEvent) -> bool {
+        Self::SUBSCRIPTIONS.iter().any(|s| s.matches(event))
+    }
+
+    /// Decodes `event` and routes it to the handler of its enum; returns `false` for an event the
+    /// projection does not listen to.
+    ///
+    /// # Errors
+    /// [`ProjectionError::Decode`] for an undecodable event, [`ProjectionError::Handler`] when
+    /// the handler fails.
+    fn apply<'a>(
+        &'a mut self,
+        event: &'a StoredEvent,
+        context: &'a mut Self::Context,
+    ) -> BoxFuture<'a, Result<bool, ProjectionError>>;
+}
+
+/// Feeds `projection` every event it subscribes to after `after` in the store's global order, in
+/// pages of `batch`, until it is caught up; returns the checkpoint of the last event read.
+///
+/// The one-shot building block of the runners: a runner persists the returned checkpoint (with the
+/// read-model change, for PostgreSQL projections) and calls this again when woken.
+///
+/// # Errors
+/// A store failure, or the first event the projection fails on (the checkpoint of the events
+/// before it is in [`CatchUpError::checkpoint`]).
+pub async fn catch_up<P: Projection, S: EventStore + ?Sized>(
+    store: &S,
+    projection: &mut P,
+    context: &mut P::Context,
+    after: Checkpoint,
+    batch: usize,
+) -> Result<Checkpoint, CatchUpError> {
+    let mut checkpoint = after;
+    loop {
+        let page = store
+            .read_all(checkpoint, batch.max(1))
+            .await
+            .map_err(|error| CatchUpError {
+                checkpoint,
+                error: ProjectionError::Decode(error),
+            })?;
+        let Some(last) = page.last().map(|e| e.checkpoint) else {
+            return Ok(checkpoint);
+        };
+        for event in &page {
+            if P::subscribes_to(event) {
+                projection
+                    .apply(event, context)
+                    .await
+                    .map_err(|error| CatchUpError { checkpoint, error })?;
+            }
+            checkpoint = event.checkpoint;
+        }
+        debug_assert_eq!(checkpoint, last);
+    }
+}
+
+/// A failed catch-up: the error and how far the projection got.
+#[derive(Debug, thiserror::Error)]
+#[error("projection stopped after {checkpoint}: {error}")]
+pub struct CatchUpError {
+    /// The checkpoint of the last event applied (or skipped) before the failure.
+    pub checkpoint: Checkpoint,
+    /// What failed.
+    #[source]
+    pub error: ProjectionError,
+}

@@ -1,0 +1,95 @@
+//! `#[derive(Projection)]`.
+
+use proc_macro2::TokenStream;
+use quote::{quote, quote_spanned};
+use syn::DeriveInput;
+use syn::spanned::Spanned;
+
+use crate::ast::ProjectionStruct;
+use crate::ctxt::Ctxt;
+use crate::valid;
+
+pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
+    let mut cx = Ctxt::default();
+    let model = ProjectionStruct::from_ast(&mut cx, input);
+    valid::projection(&mut cx, &model);
+    let result = cx.check().map(|()| generate(&model));
+    super::finish(input, result, || stub(&model))
+}
+
+fn context(model: &ProjectionStruct<'_>) -> TokenStream {
+    model
+        .context
+        .as_ref()
+        .map_or_else(|| quote!(()), |t| quote!(#t))
+}
+
+fn generate(model: &ProjectionStruct<'_>) -> TokenStream {
+    let ident = model.ident;
+    let name = model
+        .name
+        .as_ref()
+        .map_or_else(String::new, |n| n.value.clone());
+    let context = context(model);
+    // Spanned at each enum named in the attribute: "not a domain event" and "has no handler for"
+    // are reported on that token.
+    let subscriptions = model
+        .events
+        .iter()
+        .map(|e| quote_spanned!(e.span()=> ::cqrs_core::projection::Subscription::to::<#e>()));
+    let routes = model.events.iter().map(|e| {
+        let call = quote_spanned! {e.span()=>
+            ::cqrs_core::__private::handle::<Self, #e>(self, event, context).await
+        };
+        quote! {
+            if ::cqrs_core::projection::Subscription::to::<#e>().matches(event) {
+                return #call;
+            }
+        }
+    });
+    quote! {
+        #[automatically_derived]
+        impl ::cqrs_core::projection::Projection for #ident {
+            const NAME: &'static str = #name;
+            type Context = #context;
+            const SUBSCRIPTIONS: &'static [::cqrs_core::projection::Subscription] = &[#(#subscriptions),*];
+
+            fn apply<'__cqrs>(
+                &'__cqrs mut self,
+                event: &'__cqrs ::cqrs_core::StoredEvent,
+                context: &'__cqrs mut #context,
+            ) -> ::cqrs_core::__private::BoxFuture<
+                '__cqrs,
+                ::core::result::Result<bool, ::cqrs_core::projection::ProjectionError>,
+            > {
+                ::std::boxed::Box::pin(async move {
+                    #(#routes)*
+                    ::core::result::Result::Ok(false)
+                })
+            }
+        }
+    }
+}
+
+/// Emitted with the errors: keeps uses of the projection from failing too.
+fn stub(model: &ProjectionStruct<'_>) -> TokenStream {
+    let ident = model.ident;
+    let context = context(model);
+    quote! {
+        impl ::cqrs_core::projection::Projection for #ident {
+            const NAME: &'static str = "";
+            type Context = #context;
+            const SUBSCRIPTIONS: &'static [::cqrs_core::projection::Subscription] = &[];
+            fn apply<'__cqrs>(
+                &'__cqrs mut self,
+                _: &'__cqrs ::cqrs_core::StoredEvent,
+                _: &'__cqrs mut #context,
+            ) -> ::cqrs_core::__private::BoxFuture<
+                '__cqrs,
+                ::core::result::Result<bool, ::cqrs_core::projection::ProjectionError>,
+            > {
+                ::std::boxed::Box::pin(async { ::core::result::Result::Ok(false) })
+            }
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! A read model of orders kept by a projection: one summary per order, in memory.
+
+use std::collections::BTreeMap;
+
+use cqrs_core::RecordedEvent;
+use cqrs_core::prelude::*;
+use cqrs_core::projection::HandlerError;
+
+use crate::order::{OrderEvent, OrderStatus};
+
+/// What the order list page shows of an order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderSummary {
+    /// Who ordered.
+    pub customer_id: String,
+    /// Where it is.
+    pub status: OrderStatus,
+    /// Sum of the lines, in cents.
+    pub total_cents: u64,
+    /// The version of the order the summary reflects.
+    pub version: u64,
+}
+
+/// Every order's summary, by order id.
+#[derive(Debug, Default, Projection)]
+#[projection(name = "order_summary", events(OrderEvent))]
+pub struct OrderSummaries {
+    /// The summaries.
+    pub orders: BTreeMap<String, OrderSummary>,
+}
+
+#[async_trait::async_trait]
+impl Handles<OrderEvent> for OrderSummaries {
+    async fn handle(
+        &mut self,
+        event: &RecordedEvent<OrderEvent>,
+        (): &mut (),
+    ) -> Result<(), HandlerError> {
+        let id = event.stream.aggregate_id.to_string();
+        if let OrderEvent::OrderCreated { customer_id, items } = &event.event {
+            let total_cents = items
+                .iter()
+                .map(|i| u64::from(i.quantity) * i.unit_price_cents)
+                .sum();
+            self.orders.insert(
+                id,
+                OrderSummary {
+                    customer_id: customer_id.clone(),
+                    status: OrderStatus::Pending,
+                    total_cents,
+                    version: event.version,
+                },
+            );
+            return Ok(());
+        }
+        let summary = self
+            .orders
+            .get_mut(&id)
+            .ok_or_else(|| format!("event {} of order {id} before its creation", event.version))?;
+        summary.status = match event.event {
+            OrderEvent::OrderConfirmed => OrderStatus::Confirmed,
+            OrderEvent::OrderCancelled { .. } => OrderStatus::Cancelled,
+            OrderEvent::OrderShipped { .. } => OrderStatus::Shipped,
+            OrderEvent::OrderDelivered => OrderStatus::Delivered,
+            OrderEvent::OrderCreated { .. } => summary.status,
+        };
+        summary.version = event.version;
+        Ok(())
+    }
+}

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod projection;
 mod rows;
 mod sql;
 
@@ -61,7 +62,7 @@ const ANY_VERSION_ATTEMPTS: usize = 64;
 pub struct PostgresEventStore {
     pool: PgPool,
     schema: Arc<str>,
-    sql: Arc<Sql>,
+    pub(crate) sql: Arc<Sql>,
 }
 
 impl std::fmt::Debug for PostgresEventStore {

@@ -27,6 +27,9 @@ pub(crate) struct Sql {
     pub(crate) set_key_versions: String,
     pub(crate) find_key: String,
     pub(crate) load_snapshot: String,
+    pub(crate) acquire_lease: String,
+    pub(crate) move_checkpoint: String,
+    pub(crate) read_checkpoint: String,
     pub(crate) save_snapshot: String,
 }
 
@@ -125,6 +128,33 @@ impl Sql {
             find_key: format!(
                 "SELECT aggregate_type, aggregate_id, first_version, last_version FROM {s}.command_keys \
                  WHERE idempotency_key = $1"
+            ),
+            // Takes the lease when it is free, expired or already ours; a new owner gets a new epoch.
+            acquire_lease: format!(
+                "INSERT INTO {s}.projection_checkpoints (projection, owner, epoch, lease_until) \
+                 VALUES ($1, $2, 1, now() + make_interval(secs => $3)) \
+                 ON CONFLICT (projection) DO UPDATE SET \
+                   epoch = CASE WHEN {s}.projection_checkpoints.owner = EXCLUDED.owner \
+                                THEN {s}.projection_checkpoints.epoch \
+                                ELSE {s}.projection_checkpoints.epoch + 1 END, \
+                   owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until \
+                 WHERE {s}.projection_checkpoints.owner IS NULL \
+                    OR {s}.projection_checkpoints.owner = EXCLUDED.owner \
+                    OR {s}.projection_checkpoints.lease_until < now() \
+                 RETURNING epoch, transaction_id::text AS transaction_text, global_position"
+            ),
+            // Moves the checkpoint only for the current epoch and a live lease: a stalled old owner
+            // matches no row, and its transaction (with its read-model change) is rolled back.
+            move_checkpoint: format!(
+                "UPDATE {s}.projection_checkpoints \
+                 SET transaction_id = $3::text::xid8, global_position = $4, updated_at = now(), \
+                     lease_until = now() + make_interval(secs => $5) \
+                 WHERE projection = $1 AND epoch = $2 AND lease_until >= now() \
+                   AND (transaction_id, global_position) <= ($3::text::xid8, $4)"
+            ),
+            read_checkpoint: format!(
+                "SELECT transaction_id::text AS transaction_text, global_position, owner, epoch \
+                 FROM {s}.projection_checkpoints WHERE projection = $1"
             ),
             load_snapshot: format!(
                 "SELECT version, schema_version, state FROM {s}.snapshots WHERE aggregate_type = $1 AND aggregate_id = $2"

@@ -2,6 +2,7 @@
 //! one owner at a time through a lease whose epoch is checked by the statement that moves the
 //! checkpoint.
 
+use std::future::Future;
 use std::time::Duration;
 
 use cqrs_core::projection::{Projection, ProjectionError};
@@ -195,6 +196,47 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             applied,
             checkpoint: last,
         })
+    }
+
+    /// Keeps the projection up to date until `shutdown` completes: catches up from the checkpoint,
+    /// then waits for a commit notification (`LISTEN/NOTIFY`) or `poll` (a lost notification costs
+    /// at most one poll interval), and catches up again. A shutdown rolls back the batch in flight
+    /// (or finds it committed), never half of it. The lease is renewed on every wake-up; a worker that loses it
+    /// keeps trying to take it back and otherwise stays idle. Returns the projection.
+    ///
+    /// # Errors
+    /// The first event the projection fails on ([`WorkerError::Projection`], the batch rolled
+    /// back), or a store failure.
+    pub async fn run(
+        mut self,
+        poll: Duration,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<P, WorkerError> {
+        let mut wakeups = self.store.listen().await?;
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            if self.acquire().await? {
+                loop {
+                    let step = tokio::select! {
+                        // A shutdown drops the batch in flight: its transaction rolls back whole.
+                        step = self.step() => step,
+                        () = &mut shutdown => return Ok(self.projection),
+                    };
+                    match step {
+                        Ok(step) if step.read == 0 => break,
+                        Ok(_) => {}
+                        Err(WorkerError::LeaseLost { .. }) => break,
+                        Err(error) => return Err(error),
+                    }
+                }
+            }
+            tokio::select! {
+                () = &mut shutdown => return Ok(self.projection),
+                woken = wakeups.next_within(poll) => {
+                    woken?;
+                }
+            }
+        }
     }
 
     /// Steps until a step reads nothing; returns how many events were applied.

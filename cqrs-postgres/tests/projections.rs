@@ -223,3 +223,138 @@ async fn a_zombie_owner_cannot_write_after_a_takeover() {
     new.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(totals(&store).await, (sum(60), 60));
 }
+
+/// Deposits inserted with triggers disabled send no NOTIFY: the running worker still applies them
+/// within one poll interval. With notifications, it applies them well before.
+#[tokio::test]
+async fn a_lost_notification_costs_at_most_one_poll_interval() {
+    let store = setup("projection_lost_notify", 0).await;
+    let poll = Duration::from_millis(700);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = ProjectionWorker::new(store.clone(), DepositTotals::new(&store), "runner");
+    let running = tokio::spawn(worker.run(poll, async {
+        let _ = stopped.await;
+    }));
+
+    // Notified: applied quickly.
+    let start = std::time::Instant::now();
+    append_deposits(&store, 1, 1).await;
+    wait_for_count(&store, 1, Duration::from_secs(5)).await;
+    let notified = start.elapsed();
+
+    // Not notified (no trigger runs under session_replication_role = replica): applied by polling.
+    // The worker is idle by then, waiting on its next wake-up.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut conn = store
+        .pool()
+        .acquire()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query("SET session_replication_role = replica")
+        .execute(&mut *conn)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let start = std::time::Instant::now();
+    let data = EventData::from_event(
+        &AccountEvent::Deposited(Deposit {
+            amount_cents: 2,
+            reference: String::new(),
+        }),
+        Metadata::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO \"{}\".events (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
+         VALUES ($1, 'account', 'silent', 1, $2, $3, $4, '{{}}')",
+        store.schema()
+    )))
+    .bind(data.event_id.0)
+    .bind(&data.event_type)
+    .bind(i32::try_from(data.schema_version).unwrap_or(1))
+    .bind(&data.payload)
+    .execute(&mut *conn)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query("RESET session_replication_role")
+        .execute(&mut *conn)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    drop(conn);
+    wait_for_count(&store, 2, poll * 3).await;
+    let polled = start.elapsed();
+    assert!(
+        polled <= poll + Duration::from_millis(500),
+        "applied after {polled:?}, poll interval {poll:?}"
+    );
+    assert!(
+        polled >= Duration::from_millis(150),
+        "applied after {polled:?}: it was notified after all"
+    );
+    eprintln!(
+        "lost notify: applied after {polled:?} (poll {poll:?}); with a notification after {notified:?}"
+    );
+
+    let _ = stop.send(());
+    let projection = running
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(projection.handled, 2);
+    assert_eq!(totals(&store).await, (3, 2));
+}
+
+async fn wait_for_count(store: &PostgresEventStore, count: i64, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    while totals(store).await.1 < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not applied within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The skewed-commit scenario seen through a projection: a deposit whose transaction took a lower
+/// position and commits late is applied, once, after it commits; nothing is skipped.
+#[tokio::test]
+async fn a_late_commit_is_applied_not_skipped() {
+    let store = setup("projection_skewed", 0).await;
+    let mut worker = ProjectionWorker::new(store.clone(), DepositTotals::new(&store), "w");
+    assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
+    let mut late = store.pool().begin().await.unwrap_or_else(|e| panic!("{e}"));
+    let data = EventData::from_event(
+        &AccountEvent::Deposited(Deposit {
+            amount_cents: 1_000,
+            reference: String::new(),
+        }),
+        Metadata::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO \"{}\".events (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
+         VALUES ($1, 'account', 'late', 1, $2, $3, $4, '{{}}')",
+        store.schema()
+    )))
+    .bind(data.event_id.0)
+    .bind(&data.event_type)
+    .bind(i32::try_from(data.schema_version).unwrap_or(1))
+    .bind(&data.payload)
+    .execute(&mut *late)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    append_deposits(&store, 1, 5).await;
+    worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        totals(&store).await,
+        (0, 0),
+        "nothing past the open transaction"
+    );
+    late.commit().await.unwrap_or_else(|e| panic!("{e}"));
+    // Other tests' transactions may hold the cluster-wide horizon back for a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while totals(&store).await.1 < 6 && std::time::Instant::now() < deadline {
+        worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(totals(&store).await, (1_000 + sum(5), 6));
+}

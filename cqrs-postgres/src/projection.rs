@@ -33,6 +33,134 @@ pub enum WorkerError {
     Store(#[from] StoreError),
 }
 
+/// What a worker does with an event its projection keeps failing on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailurePolicy {
+    /// How many times an event is tried before it is parked as a dead letter.
+    pub attempts: u32,
+    /// The wait before the second try; it doubles for each further try.
+    pub backoff: Duration,
+    /// The longest wait between tries.
+    pub max_backoff: Duration,
+    /// Whether later events of a parked event's stream wait behind it.
+    pub mode: FailureMode,
+}
+
+impl Default for FailurePolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 3,
+            backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_secs(1),
+            mode: FailureMode::BlockStream,
+        }
+    }
+}
+
+/// Where events after a dead letter go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Later events of the same stream are parked behind it, in order, until a redrive: per-stream
+    /// order holds. Other streams go on. The default.
+    BlockStream,
+    /// Only the failing event is parked; later events of its stream are applied (opt-in, for
+    /// projections whose handlers do not depend on order within a stream).
+    Skip,
+}
+
+/// A parked event of a projection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Its id in the dead-letter store.
+    pub id: i64,
+    /// The event.
+    pub event_id: cqrs_core::EventId,
+    /// The event's stream.
+    pub stream: cqrs_core::StreamId,
+    /// The event's version.
+    pub version: u64,
+    /// The last error (or, for an event parked behind another, why it waits).
+    pub error: String,
+    /// How many times it was tried (0: parked behind an earlier dead letter, never tried).
+    pub attempts: u32,
+    /// When it first failed.
+    pub first_failed_at: chrono::DateTime<chrono::Utc>,
+    /// When it last failed.
+    pub last_failed_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// What a redrive did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Redrive {
+    /// Dead letters applied and removed.
+    pub applied: usize,
+    /// Dead letters that failed again (they stay, with the new error).
+    pub failed: usize,
+}
+
+/// Lists and purges a projection's dead letters; retrying them needs the projection, so it is
+/// [`ProjectionWorker::retry`] and [`ProjectionWorker::retry_all`].
+#[derive(Debug, Clone)]
+pub struct DeadLetters {
+    store: PostgresEventStore,
+}
+
+impl DeadLetters {
+    /// The dead letters of the projections in `store`'s schema.
+    #[must_use]
+    pub fn new(store: PostgresEventStore) -> Self {
+        Self { store }
+    }
+
+    /// The dead letters of `projection`, by stream and version.
+    ///
+    /// # Errors
+    /// [`WorkerError::Store`] when the database fails.
+    pub async fn list(&self, projection: &str) -> Result<Vec<DeadLetter>, WorkerError> {
+        let rows = sqlx::query(AssertSqlSafe(self.store.sql.list_dead_letters.clone()))
+            .bind(projection)
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(backend)?;
+        rows.iter().map(dead_letter).collect()
+    }
+
+    /// Removes the dead letters of `projection` that last failed before `older_than` (all of them
+    /// with `None`), without applying them; returns how many.
+    ///
+    /// # Errors
+    /// [`WorkerError::Store`] when the database fails.
+    pub async fn purge(
+        &self,
+        projection: &str,
+        older_than: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<u64, WorkerError> {
+        let done = sqlx::query(AssertSqlSafe(self.store.sql.purge_dead_letters.clone()))
+            .bind(projection)
+            .bind(older_than)
+            .execute(self.store.pool())
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected())
+    }
+}
+
+fn dead_letter(row: &sqlx::postgres::PgRow) -> Result<DeadLetter, WorkerError> {
+    let aggregate_type: String = row.try_get("aggregate_type").map_err(backend)?;
+    let aggregate_id: String = row.try_get("aggregate_id").map_err(backend)?;
+    let attempts: i32 = row.try_get("attempts").map_err(backend)?;
+    Ok(DeadLetter {
+        id: row.try_get("id").map_err(backend)?,
+        event_id: cqrs_core::EventId(row.try_get("event_id").map_err(backend)?),
+        stream: cqrs_core::StreamId::new(aggregate_type, aggregate_id),
+        version: to_u64(row.try_get("version").map_err(backend)?)?,
+        error: row.try_get("error").map_err(backend)?,
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        first_failed_at: row.try_get("first_failed_at").map_err(backend)?,
+        last_failed_at: row.try_get("last_failed_at").map_err(backend)?,
+    })
+}
+
 /// What one step did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Step {
@@ -40,6 +168,8 @@ pub struct Step {
     pub read: usize,
     /// Events the projection handled.
     pub applied: usize,
+    /// Events parked as dead letters (failed, or waiting behind one).
+    pub parked: usize,
     /// The checkpoint after the step.
     pub checkpoint: Checkpoint,
 }
@@ -57,6 +187,7 @@ pub struct ProjectionWorker<P> {
     lease: Duration,
     batch: usize,
     epoch: Option<i64>,
+    policy: FailurePolicy,
 }
 
 impl<P> std::fmt::Debug for ProjectionWorker<P> {
@@ -81,7 +212,15 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             lease: Duration::from_secs(30),
             batch: 500,
             epoch: None,
+            policy: FailurePolicy::default(),
         }
+    }
+
+    /// What to do with events the projection keeps failing on.
+    #[must_use]
+    pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// How long the lease lasts without a checkpoint move (each step renews it).
@@ -149,6 +288,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             return Ok(Step {
                 read: 0,
                 applied: 0,
+                parked: 0,
                 checkpoint: from,
             });
         };
@@ -167,10 +307,46 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         last: Checkpoint,
     ) -> Result<Step, WorkerError> {
         let mut tx = self.store.pool().begin().await.map_err(backend)?;
+        let mut blocked = self.blocked_streams(&mut tx).await?;
         let mut applied = 0;
+        let mut parked = 0;
         for event in page {
-            if P::subscribes_to(event) && self.projection.apply(event, &mut tx).await? {
-                applied += 1;
+            if !P::subscribes_to(event) {
+                continue;
+            }
+            if self.policy.mode == FailureMode::BlockStream && blocked.contains(&event.stream) {
+                let now = chrono::Utc::now();
+                self.park(
+                    &mut tx,
+                    event,
+                    "waits behind an earlier dead letter of its stream",
+                    0,
+                    now,
+                    now,
+                )
+                .await?;
+                parked += 1;
+                continue;
+            }
+            match self.apply_with_retries(&mut tx, event).await? {
+                None => applied += 1,
+                Some((error, attempts, first_failed_at)) => {
+                    tracing::warn!(
+                        projection = P::NAME, stream = %event.stream, version = event.version, attempts, %error,
+                        "parking the event as a dead letter"
+                    );
+                    self.park(
+                        &mut tx,
+                        event,
+                        &error,
+                        attempts,
+                        first_failed_at,
+                        chrono::Utc::now(),
+                    )
+                    .await?;
+                    parked += 1;
+                    blocked.insert(event.stream.clone());
+                }
             }
         }
         let moved = sqlx::query(AssertSqlSafe(self.store.sql.move_checkpoint.clone()))
@@ -194,6 +370,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         Ok(Step {
             read: page.len(),
             applied,
+            parked,
             checkpoint: last,
         })
     }
@@ -237,6 +414,180 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
                 }
             }
         }
+    }
+
+    async fn blocked_streams(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<std::collections::HashSet<cqrs_core::StreamId>, WorkerError> {
+        let rows = sqlx::query(AssertSqlSafe(self.store.sql.blocked_streams.clone()))
+            .bind(P::NAME)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(|row| {
+                let aggregate_type: String = row.try_get(0).map_err(backend)?;
+                let aggregate_id: String = row.try_get(1).map_err(backend)?;
+                Ok(cqrs_core::StreamId::new(aggregate_type, aggregate_id))
+            })
+            .collect()
+    }
+
+    /// Applies one event inside a savepoint, retrying with backoff; `None` when it was applied,
+    /// else the last error, the attempts and the time of the first failure. A payload that does not
+    /// decode is not retried: it cannot succeed.
+    async fn apply_with_retries(
+        &mut self,
+        conn: &mut PgConnection,
+        event: &cqrs_core::StoredEvent,
+    ) -> Result<Option<(String, u32, chrono::DateTime<chrono::Utc>)>, WorkerError> {
+        let mut attempts = 0;
+        let mut first_failed_at = None;
+        let mut backoff = self.policy.backoff;
+        loop {
+            sqlx::query("SAVEPOINT cqrs_event")
+                .execute(&mut *conn)
+                .await
+                .map_err(backend)?;
+            let result = self.projection.apply(event, conn).await;
+            match result {
+                Ok(_) => {
+                    sqlx::query("RELEASE SAVEPOINT cqrs_event")
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(backend)?;
+                    return Ok(None);
+                }
+                Err(error) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT cqrs_event")
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(backend)?;
+                    attempts += 1;
+                    let first = *first_failed_at.get_or_insert_with(chrono::Utc::now);
+                    let permanent = matches!(error, ProjectionError::Decode(_));
+                    if permanent || attempts >= self.policy.attempts.max(1) {
+                        return Ok(Some((error.to_string(), attempts, first)));
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.policy.max_backoff);
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)] // one row of the dead-letter table
+    async fn park(
+        &self,
+        conn: &mut PgConnection,
+        event: &cqrs_core::StoredEvent,
+        error: &str,
+        attempts: u32,
+        first_failed_at: chrono::DateTime<chrono::Utc>,
+        last_failed_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), WorkerError> {
+        sqlx::query(AssertSqlSafe(self.store.sql.park.clone()))
+            .bind(P::NAME)
+            .bind(event.event_id.0)
+            .bind(&event.stream.aggregate_type)
+            .bind(event.stream.aggregate_id.as_str())
+            .bind(to_i64(event.version)?)
+            .bind(error)
+            .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
+            .bind(first_failed_at)
+            .bind(last_failed_at)
+            .execute(&mut *conn)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// Applies the dead letters of `stream` again, in version order, in one transaction under this
+    /// worker's lease: each one that applies is removed; the first that fails again stays (with the
+    /// new error) and so do the ones after it.
+    ///
+    /// # Errors
+    /// [`WorkerError::LeaseLost`] when this worker does not own the projection, store failures.
+    pub async fn retry(&mut self, stream: &cqrs_core::StreamId) -> Result<Redrive, WorkerError> {
+        let Some(epoch) = self.epoch else {
+            return Err(WorkerError::LeaseLost {
+                projection: P::NAME,
+                epoch: None,
+            });
+        };
+        let mut tx = self.store.pool().begin().await.map_err(backend)?;
+        let held = sqlx::query(AssertSqlSafe(self.store.sql.hold_lease.clone()))
+            .bind(P::NAME)
+            .bind(epoch)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
+        if held.is_none() {
+            self.epoch = None;
+            return Err(WorkerError::LeaseLost {
+                projection: P::NAME,
+                epoch: Some(epoch),
+            });
+        }
+        let letters = sqlx::query(AssertSqlSafe(self.store.sql.stream_dead_letters.clone()))
+            .bind(P::NAME)
+            .bind(&stream.aggregate_type)
+            .bind(stream.aggregate_id.as_str())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(backend)?
+            .iter()
+            .map(dead_letter)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut redrive = Redrive::default();
+        for letter in letters {
+            let row = sqlx::query(AssertSqlSafe(self.store.sql.event_by_id.clone()))
+                .bind(letter.event_id.0)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(backend)?;
+            let event = crate::rows::stored_event(&row)?;
+            match self.apply_with_retries(&mut tx, &event).await? {
+                None => {
+                    sqlx::query(AssertSqlSafe(self.store.sql.resolve_dead_letter.clone()))
+                        .bind(letter.id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(backend)?;
+                    redrive.applied += 1;
+                }
+                Some((error, _, _)) => {
+                    sqlx::query(AssertSqlSafe(self.store.sql.fail_dead_letter.clone()))
+                        .bind(letter.id)
+                        .bind(error)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(backend)?;
+                    redrive.failed += 1;
+                    break;
+                }
+            }
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(redrive)
+    }
+
+    /// [`ProjectionWorker::retry`] for every stream with dead letters.
+    ///
+    /// # Errors
+    /// As [`ProjectionWorker::retry`].
+    pub async fn retry_all(&mut self) -> Result<Redrive, WorkerError> {
+        let mut conn = self.store.pool().acquire().await.map_err(backend)?;
+        let streams = self.blocked_streams(&mut conn).await?;
+        drop(conn);
+        let mut total = Redrive::default();
+        for stream in streams {
+            let done = self.retry(&stream).await?;
+            total.applied += done.applied;
+            total.failed += done.failed;
+        }
+        Ok(total)
     }
 
     /// Steps until a step reads nothing; returns how many events were applied.

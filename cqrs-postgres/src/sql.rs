@@ -30,6 +30,15 @@ pub(crate) struct Sql {
     pub(crate) acquire_lease: String,
     pub(crate) move_checkpoint: String,
     pub(crate) read_checkpoint: String,
+    pub(crate) blocked_streams: String,
+    pub(crate) park: String,
+    pub(crate) list_dead_letters: String,
+    pub(crate) stream_dead_letters: String,
+    pub(crate) event_by_id: String,
+    pub(crate) resolve_dead_letter: String,
+    pub(crate) fail_dead_letter: String,
+    pub(crate) purge_dead_letters: String,
+    pub(crate) hold_lease: String,
     pub(crate) save_snapshot: String,
 }
 
@@ -151,6 +160,37 @@ impl Sql {
                      lease_until = now() + make_interval(secs => $5) \
                  WHERE projection = $1 AND epoch = $2 AND lease_until >= now() \
                    AND (transaction_id, global_position) <= ($3::text::xid8, $4)"
+            ),
+            blocked_streams: format!(
+                "SELECT DISTINCT aggregate_type, aggregate_id FROM {s}.projection_dead_letters WHERE projection = $1"
+            ),
+            park: format!(
+                "INSERT INTO {s}.projection_dead_letters \
+                   (projection, event_id, aggregate_type, aggregate_id, version, error, attempts, first_failed_at, last_failed_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (projection, event_id) DO NOTHING"
+            ),
+            list_dead_letters: format!(
+                "SELECT id, event_id, aggregate_type, aggregate_id, version, error, attempts, first_failed_at, last_failed_at \
+                 FROM {s}.projection_dead_letters WHERE projection = $1 ORDER BY aggregate_type, aggregate_id, version"
+            ),
+            stream_dead_letters: format!(
+                "SELECT id, event_id, aggregate_type, aggregate_id, version, error, attempts, first_failed_at, last_failed_at \
+                 FROM {s}.projection_dead_letters \
+                 WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3 ORDER BY version"
+            ),
+            event_by_id: format!("SELECT {EVENT_COLUMNS} FROM {s}.events WHERE event_id = $1"),
+            resolve_dead_letter: format!("DELETE FROM {s}.projection_dead_letters WHERE id = $1"),
+            fail_dead_letter: format!(
+                "UPDATE {s}.projection_dead_letters \
+                 SET attempts = attempts + 1, error = $2, last_failed_at = now() WHERE id = $1"
+            ),
+            purge_dead_letters: format!(
+                "DELETE FROM {s}.projection_dead_letters WHERE projection = $1 AND ($2::timestamptz IS NULL OR last_failed_at < $2)"
+            ),
+            hold_lease: format!(
+                "SELECT 1 FROM {s}.projection_checkpoints \
+                 WHERE projection = $1 AND epoch = $2 AND lease_until >= now() FOR UPDATE"
             ),
             read_checkpoint: format!(
                 "SELECT transaction_id::text AS transaction_text, global_position, owner, epoch \

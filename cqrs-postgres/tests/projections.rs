@@ -12,7 +12,9 @@ use cqrs_core::projection::HandlerError;
 use cqrs_core::{EventData, RecordedEvent};
 use cqrs_examples::bank::{AccountEvent, Deposit};
 use cqrs_postgres::PostgresEventStore;
-use cqrs_postgres::projection::{ProjectionWorker, WorkerError, read_checkpoint};
+use cqrs_postgres::projection::{
+    DeadLetters, FailureMode, FailurePolicy, ProjectionWorker, WorkerError, read_checkpoint,
+};
 use sqlx::{AssertSqlSafe, PgConnection};
 
 /// Adds every deposit to one row: not idempotent, so any double or lost application shows.
@@ -20,8 +22,10 @@ use sqlx::{AssertSqlSafe, PgConnection};
 #[projection(name = "deposit_totals", events(AccountEvent), context = PgConnection)]
 struct DepositTotals {
     schema: String,
-    /// Fail on the n-th event this instance handles (a crash at a chosen point).
-    fail_at: Option<u64>,
+    /// Crash (panic, as a process dies) on the n-th event this instance handles.
+    crash_at: Option<u64>,
+    /// Fail on every deposit whose amount is a multiple of 13 (poison events), while set.
+    poison: bool,
     handled: u64,
 }
 
@@ -29,7 +33,8 @@ impl DepositTotals {
     fn new(store: &PostgresEventStore) -> Self {
         Self {
             schema: store.schema().to_owned(),
-            fail_at: None,
+            crash_at: None,
+            poison: false,
             handled: 0,
         }
     }
@@ -43,10 +48,11 @@ impl Handles<AccountEvent, PgConnection> for DepositTotals {
         conn: &mut PgConnection,
     ) -> Result<(), HandlerError> {
         self.handled += 1;
-        if Some(self.handled) == self.fail_at {
-            return Err(format!("crash at event {}", self.handled).into());
-        }
+        assert_ne!(Some(self.handled), self.crash_at, "crash at a chosen point");
         if let AccountEvent::Deposited(deposit) = &event.event {
+            if self.poison && deposit.amount_cents % 13 == 0 {
+                return Err(format!("poison deposit of {}", deposit.amount_cents).into());
+            }
             sqlx::query(AssertSqlSafe(format!(
                 "UPDATE \"{}\".deposit_totals SET total = total + $1, count = count + 1 WHERE id = 1",
                 self.schema
@@ -121,20 +127,22 @@ async fn crashes_mid_batch_leave_the_read_model_exactly_right() {
     assert_eq!((first.read, first.applied), (50, 50));
     assert_eq!(totals(&store).await, (sum(50), 50));
 
-    // Crash at the 7th event of the second batch: nothing of that batch stays.
+    // The process crashes at the 7th event of the second batch: nothing of that batch stays.
     let mut crashing = DepositTotals::new(&store);
-    crashing.fail_at = Some(7);
+    crashing.crash_at = Some(7);
     let mut worker = ProjectionWorker::new(store.clone(), crashing, "w1").with_batch(50);
     assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
-    let error = worker.step().await.unwrap_err();
-    assert!(matches!(error, WorkerError::Projection(_)), "{error}");
+    let crashed = tokio::spawn(async move { worker.step().await.map(|_| ()) }).await;
+    assert!(crashed.is_err_and(|e| e.is_panic()), "the step crashed");
     assert_eq!(
         totals(&store).await,
         (sum(50), 50),
-        "the failed batch left no trace"
+        "the crashed batch left no trace"
     );
     assert_eq!(
-        worker.checkpoint().await.unwrap_or_else(|e| panic!("{e}")),
+        read_checkpoint(&store, "deposit_totals")
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
         first.checkpoint
     );
 
@@ -357,4 +365,146 @@ async fn a_late_commit_is_applied_not_skipped() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(totals(&store).await, (1_000 + sum(5), 6));
+}
+
+fn policy(mode: FailureMode) -> FailurePolicy {
+    FailurePolicy {
+        attempts: 3,
+        backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(5),
+        mode,
+    }
+}
+
+/// Poison events at known positions (deposits of multiples of 13): the dead letters are exactly
+/// those (and, per stream, the events behind them), other streams are applied, nothing of a poisoned
+/// stream after its poison is applied before the redrive, and after the fix a redrive gives the read
+/// model of a clean run.
+#[tokio::test]
+async fn poison_events_are_parked_per_stream_and_redriven() {
+    const M: u64 = 60;
+    let store = setup("projection_poison", M).await;
+    let mut poisoned = DepositTotals::new(&store);
+    poisoned.poison = true;
+    let mut worker = ProjectionWorker::new(store.clone(), poisoned, "w")
+        .with_batch(25)
+        .with_failure_policy(policy(FailureMode::BlockStream));
+    assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
+    worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
+
+    // Stream a{n % 7} holds the deposits n in order; a poison blocks the rest of its stream.
+    let poison: Vec<u64> = (1..=M).filter(|n| n % 13 == 0).collect();
+    let blocked = |n: u64| poison.iter().any(|p| p % 7 == n % 7 && *p <= n);
+    let applied: Vec<u64> = (1..=M).filter(|n| !blocked(*n)).collect();
+    let waiting: Vec<u64> = (1..=M).filter(|n| blocked(*n) && n % 13 != 0).collect();
+    let expected_total: u64 = applied.iter().sum();
+    assert_eq!(
+        totals(&store).await,
+        (
+            i64::try_from(expected_total).unwrap_or(0),
+            i64::try_from(applied.len()).unwrap_or(0)
+        )
+    );
+
+    let letters = DeadLetters::new(store.clone())
+        .list("deposit_totals")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(letters.len(), poison.len() + waiting.len());
+    let failed: Vec<_> = letters.iter().filter(|l| l.attempts > 0).collect();
+    assert_eq!(
+        failed.len(),
+        poison.len(),
+        "the dead letters are exactly the poison events"
+    );
+    for letter in &failed {
+        assert_eq!(letter.attempts, 3);
+        assert!(letter.error.contains("poison deposit"), "{}", letter.error);
+    }
+    assert!(
+        letters
+            .iter()
+            .filter(|l| l.attempts == 0)
+            .all(|l| l.error.contains("waits behind"))
+    );
+
+    // Still poisoned: a redrive fails again and keeps everything.
+    let again = worker.retry_all().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((again.applied, again.failed), (0, poison.len()));
+
+    // Fixed: the redrive applies them in stream order, and the read model is a clean run's.
+    let mut fixed =
+        ProjectionWorker::new(store.clone(), DepositTotals::new(&store), "w").with_batch(25);
+    assert!(fixed.acquire().await.unwrap_or_else(|e| panic!("{e}")));
+    let redrive = fixed.retry_all().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(redrive.applied, poison.len() + waiting.len());
+    assert_eq!(
+        totals(&store).await,
+        (sum(M), i64::try_from(M).unwrap_or(0))
+    );
+    assert!(
+        DeadLetters::new(store.clone())
+            .list("deposit_totals")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_empty()
+    );
+
+    // Later events of a redriven stream flow again.
+    append_deposits(&store, M + 1, M + 7).await;
+    fixed.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        totals(&store).await,
+        (sum(M + 7), i64::try_from(M + 7).unwrap_or(0))
+    );
+}
+
+/// With `FailureMode::Skip`, only the poison events are parked; purge removes them.
+#[tokio::test]
+async fn skip_mode_parks_only_the_failing_events() {
+    const M: u64 = 40;
+    let store = setup("projection_skip", M).await;
+    let mut poisoned = DepositTotals::new(&store);
+    poisoned.poison = true;
+    let mut worker = ProjectionWorker::new(store.clone(), poisoned, "w")
+        .with_failure_policy(policy(FailureMode::Skip));
+    assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
+    worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
+    let poison: u64 = (1..=M).filter(|n| n % 13 == 0).sum();
+    assert_eq!(
+        totals(&store).await,
+        (
+            sum(M) - i64::try_from(poison).unwrap_or(0),
+            i64::try_from(M - 3).unwrap_or(0)
+        )
+    );
+    let dead = DeadLetters::new(store.clone());
+    assert_eq!(
+        dead.list("deposit_totals")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .len(),
+        3
+    );
+    assert_eq!(
+        dead.purge(
+            "deposit_totals",
+            Some(chrono::Utc::now() - chrono::Duration::hours(1))
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}")),
+        0
+    );
+    assert_eq!(
+        dead.purge("deposit_totals", None)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        3
+    );
+    assert!(
+        dead.list("deposit_totals")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_empty()
+    );
 }

@@ -573,6 +573,51 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         Ok(redrive)
     }
 
+    /// Rebuilds the read model from the first event: in one transaction under this worker's lease,
+    /// runs `reset` (which empties the read model, e.g. `TRUNCATE`), moves the checkpoint back to
+    /// the start and drops the dead letters; then catches up. Writers may keep writing meanwhile: the
+    /// catch-up reads the global order to its end, so the result equals a clean replay.
+    ///
+    /// # Errors
+    /// [`WorkerError::LeaseLost`] when this worker does not own the projection (nothing is reset),
+    /// a failing `reset` ([`WorkerError::Store`]), and the errors of [`ProjectionWorker::catch_up`].
+    pub async fn rebuild<F>(&mut self, reset: F) -> Result<usize, WorkerError>
+    where
+        F: for<'c> FnOnce(
+            &'c mut PgConnection,
+        ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>>,
+    {
+        let Some(epoch) = self.epoch else {
+            return Err(WorkerError::LeaseLost {
+                projection: P::NAME,
+                epoch: None,
+            });
+        };
+        let mut tx = self.store.pool().begin().await.map_err(backend)?;
+        let moved = sqlx::query(AssertSqlSafe(self.store.sql.reset_checkpoint.clone()))
+            .bind(P::NAME)
+            .bind(epoch)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        if moved.rows_affected() != 1 {
+            self.epoch = None;
+            return Err(WorkerError::LeaseLost {
+                projection: P::NAME,
+                epoch: Some(epoch),
+            });
+        }
+        reset(&mut tx).await.map_err(backend)?;
+        sqlx::query(AssertSqlSafe(self.store.sql.reset_dead_letters.clone()))
+            .bind(P::NAME)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        tracing::info!(projection = P::NAME, "rebuilding from the first event");
+        self.catch_up().await
+    }
+
     /// [`ProjectionWorker::retry`] for every stream with dead letters.
     ///
     /// # Errors

@@ -39,6 +39,8 @@ pub(crate) struct Sql {
     pub(crate) fail_dead_letter: String,
     pub(crate) purge_dead_letters: String,
     pub(crate) hold_lease: String,
+    pub(crate) reset_checkpoint: String,
+    pub(crate) reset_dead_letters: String,
     pub(crate) save_snapshot: String,
 }
 
@@ -187,6 +189,13 @@ impl Sql {
             ),
             purge_dead_letters: format!(
                 "DELETE FROM {s}.projection_dead_letters WHERE projection = $1 AND ($2::timestamptz IS NULL OR last_failed_at < $2)"
+            ),
+            reset_checkpoint: format!(
+                "UPDATE {s}.projection_checkpoints SET transaction_id = '0', global_position = 0, updated_at = now() \
+                 WHERE projection = $1 AND epoch = $2 AND lease_until >= now()"
+            ),
+            reset_dead_letters: format!(
+                "DELETE FROM {s}.projection_dead_letters WHERE projection = $1"
             ),
             hold_lease: format!(
                 "SELECT 1 FROM {s}.projection_checkpoints \

@@ -508,3 +508,53 @@ async fn skip_mode_parks_only_the_failing_events() {
             .is_empty()
     );
 }
+
+/// A rebuild while writers keep writing ends with the read model of a clean replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_during_live_writes_equals_a_clean_replay() {
+    const M: u64 = 300;
+    let store = setup("projection_rebuild", 0).await;
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for n in 1..=M {
+                append_deposits(&store, n, n).await;
+                if n % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        })
+    };
+    let mut worker =
+        ProjectionWorker::new(store.clone(), DepositTotals::new(&store), "w").with_batch(40);
+    assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
+    worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
+    let schema = store.schema().to_owned();
+    let replayed = worker
+        .rebuild(move |conn| {
+            Box::pin(async move {
+                sqlx::query(AssertSqlSafe(format!(
+                    "UPDATE \"{schema}\".deposit_totals SET total = 0, count = 0"
+                )))
+                .execute(conn)
+                .await
+                .map(drop)
+            })
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    writer.await.unwrap_or_else(|e| panic!("{e}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while totals(&store).await.1 < i64::try_from(M).unwrap_or(0)
+        && std::time::Instant::now() < deadline
+    {
+        worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        totals(&store).await,
+        (sum(M), i64::try_from(M).unwrap_or(0)),
+        "the rebuilt read model is a clean replay's"
+    );
+    assert!(replayed > 0);
+}

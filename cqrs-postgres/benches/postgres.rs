@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cqrs_core::prelude::*;
-use cqrs_core::{EventData, EventStoreExt, Snapshot, SnapshotStore};
+use cqrs_core::{EventData, EventStoreExt, RecordedEvent, Snapshot, SnapshotStore};
 use cqrs_examples::bank::{Account, AccountCommand, AccountEvent, Deposit};
 use cqrs_postgres::{PostgresEventStore, database_url};
 use sqlx::AssertSqlSafe;
@@ -366,6 +366,76 @@ async fn raw_select(len: u64, whole_rows: bool) -> f64 {
     elapsed
 }
 
+/// Counts deposits in memory: the framework's cost of a catch-up, without the read model's.
+#[derive(cqrs_core::Projection)]
+#[projection(name = "deposit_count", events(AccountEvent), context = sqlx::PgConnection)]
+struct DepositCount {
+    deposits: u64,
+}
+
+#[async_trait::async_trait]
+impl Handles<AccountEvent, sqlx::PgConnection> for DepositCount {
+    async fn handle(
+        &mut self,
+        event: &RecordedEvent<AccountEvent>,
+        _: &mut sqlx::PgConnection,
+    ) -> Result<(), cqrs_core::projection::HandlerError> {
+        if matches!(event.event, AccountEvent::Deposited(_)) {
+            self.deposits += 1;
+        }
+        Ok(())
+    }
+}
+
+/// P1: a projection catches up over `events` events; and the raw ordered read of the same rows
+/// (whole rows, payload and metadata deserialized). Returns (seconds of the catch-up, seconds raw).
+async fn p1(events: u64) -> (f64, f64) {
+    let store = store("p1", 4).await;
+    let all: Vec<EventData> = (0..events).map(deposit_event).collect();
+    for (i, chunk) in all.chunks(10_000).enumerate() {
+        store
+            .append(
+                &StreamId::new("account", format!("p1-{i}")),
+                ExpectedVersion::NoStream,
+                chunk.to_vec(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut worker = cqrs_postgres::projection::ProjectionWorker::new(
+        store.clone(),
+        DepositCount { deposits: 0 },
+        "bench",
+    )
+    .with_batch(2_000);
+    assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
+    let start = Instant::now();
+    worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
+    let projected = start.elapsed().as_secs_f64();
+    assert_eq!(worker.projection().deposits, events);
+
+    let sql = format!(
+        "SELECT * FROM {}.events ORDER BY transaction_id, global_position",
+        store.schema()
+    );
+    let start = Instant::now();
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .fetch_all(store.pool())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for row in &rows {
+        use sqlx::Row;
+        let payload: sqlx::types::Json<PayloadRow> =
+            row.try_get("payload").unwrap_or_else(|e| panic!("{e}"));
+        let metadata: sqlx::types::Json<Metadata> =
+            row.try_get("metadata").unwrap_or_else(|e| panic!("{e}"));
+        std::hint::black_box((payload, metadata));
+    }
+    let raw = start.elapsed().as_secs_f64();
+    assert_eq!(rows.len() as u64, events);
+    (projected, raw)
+}
+
 /// Median and range of `runs` measurements.
 struct Figure {
     median: f64,
@@ -535,6 +605,29 @@ async fn main() {
         );
         w4_times = Some((without.median, with.median, with_short.median));
     }
+    let mut p1_ratio = None;
+    if only("P1") {
+        let mut projected = Vec::new();
+        let mut raw = Vec::new();
+        for _ in 0..runs {
+            let (p, r) = p1(s.bulk).await;
+            projected.push(p);
+            raw.push(r);
+        }
+        projected.sort_by(f64::total_cmp);
+        raw.sort_by(f64::total_cmp);
+        let (p, r) = (projected[projected.len() / 2], raw[raw.len() / 2]);
+        println!(
+            "| P1 projection catch-up over {} events | {:.0} events/s | |",
+            s.bulk,
+            s.bulk as f64 / p
+        );
+        println!(
+            "| P1 raw ordered read of the same rows | {:.0} rows/s | |",
+            s.bulk as f64 / r
+        );
+        p1_ratio = Some(r / p);
+    }
     let mut w5_rate = None;
     if only("W5") {
         let f = measure(runs, || w5(s)).await;
@@ -580,4 +673,5 @@ async fn main() {
         w5_rate.zip(l3).map(|(w, l)| w / l),
         ">= 0.6",
     );
+    ratio("P1 catch-up / raw ordered read", p1_ratio, ">= 0.5");
 }

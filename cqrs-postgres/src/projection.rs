@@ -202,15 +202,15 @@ impl<P> std::fmt::Debug for ProjectionWorker<P> {
 }
 
 impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
-    /// A worker named `owner` (unique per process) for `projection`, with a 30 s lease and batches of
-    /// 500 events.
+    /// A worker named `owner` (unique per process) for `projection`, with a 30 s lease, batches of
+    /// 2,000 events and the default [`FailurePolicy`].
     pub fn new(store: PostgresEventStore, projection: P, owner: impl Into<String>) -> Self {
         Self {
             store,
             projection,
             owner: owner.into(),
             lease: Duration::from_secs(30),
-            batch: 500,
+            batch: 2_000,
             epoch: None,
             policy: FailurePolicy::default(),
         }
@@ -300,11 +300,30 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         self.apply_batch(epoch, &page, last).instrument(span).await
     }
 
+    /// Applies a batch: first without per-event savepoints (the common case, one transaction and no
+    /// extra round trips); if a handler fails, that transaction is rolled back whole and the batch
+    /// runs again with a savepoint, retries and parking per event.
     async fn apply_batch(
         &mut self,
         epoch: i64,
         page: &[cqrs_core::StoredEvent],
         last: Checkpoint,
+    ) -> Result<Step, WorkerError> {
+        match self.apply_batch_in(epoch, page, last, false).await {
+            Err(WorkerError::Projection(error)) => {
+                tracing::debug!(projection = P::NAME, %error, "a handler failed: running the batch event by event");
+                self.apply_batch_in(epoch, page, last, true).await
+            }
+            done => done,
+        }
+    }
+
+    async fn apply_batch_in(
+        &mut self,
+        epoch: i64,
+        page: &[cqrs_core::StoredEvent],
+        last: Checkpoint,
+        careful: bool,
     ) -> Result<Step, WorkerError> {
         let mut tx = self.store.pool().begin().await.map_err(backend)?;
         let mut blocked = self.blocked_streams(&mut tx).await?;
@@ -326,6 +345,12 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
                 )
                 .await?;
                 parked += 1;
+                continue;
+            }
+            if !careful {
+                // Any failure rolls this transaction back; the caller runs the batch carefully.
+                self.projection.apply(event, &mut tx).await?;
+                applied += 1;
                 continue;
             }
             match self.apply_with_retries(&mut tx, event).await? {

@@ -42,7 +42,8 @@ pub(crate) fn stored_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
     let position: i64 = row.try_get("global_position").map_err(backend)?;
     let transaction: String = row.try_get("transaction_text").map_err(backend)?;
     let schema_version: i32 = row.try_get("schema_version").map_err(backend)?;
-    let metadata: serde_json::Value = row.try_get("metadata").map_err(backend)?;
+    // Straight into the struct: no `serde_json::Value` in between.
+    let metadata: Result<sqlx::types::Json<Metadata>, _> = row.try_get("metadata");
     let event_id: uuid::Uuid = row.try_get("event_id").map_err(backend)?;
     Ok(StoredEvent {
         event_id: EventId(event_id),
@@ -59,8 +60,7 @@ pub(crate) fn stored_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
         schema_version: u32::try_from(schema_version)
             .map_err(|_| corrupt(format!("negative schema version {schema_version}")))?,
         payload: row.try_get("payload").map_err(backend)?,
-        metadata: serde_json::from_value::<Metadata>(metadata)
-            .map_err(|e| corrupt(format!("metadata: {e}")))?,
+        metadata: metadata.map_err(|e| corrupt(format!("metadata: {e}")))?.0,
         stream,
     })
 }

@@ -40,6 +40,7 @@ macro_rules! event_store_conformance_tests {
             racing_command_keys_have_one_winner,
             snapshots_keep_the_latest,
             large_batches_behave_like_small_ones,
+            read_filtered_returns_matches_and_how_far_it_scanned,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -683,4 +684,83 @@ pub async fn large_batches_behave_like_small_ones<S: EventStore>(store: S) {
         );
         assert_eq!(e.stream, s);
     }
+}
+
+/// A filtered read returns the matching events of the scanned window in the global order, and the
+/// checkpoint of the window's last event, so a reader moves past what it does not subscribe to.
+pub async fn read_filtered_returns_matches_and_how_far_it_scanned<S: EventStore>(store: S) {
+    use crate::projection::Subscription;
+    let (a, b) = (
+        stream("filter-a"),
+        StreamId::new("other", AggregateId::new(format!("b-{}", EventId::new()))),
+    );
+    for n in 0..10u64 {
+        let mut e = event(n);
+        e.event_type = if n % 3 == 0 {
+            "Wanted".into()
+        } else {
+            "Unwanted".into()
+        };
+        store
+            .append(&a, ExpectedVersion::Any, vec![e])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut other = event(n);
+        other.event_type = "Wanted".into();
+        store
+            .append(&b, ExpectedVersion::Any, vec![other])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let all = read_settled(&store, 20).await;
+    let filter = [Subscription {
+        aggregate_type: Some("conformance"),
+        event_types: &["Wanted"],
+    }];
+    let (first, scanned) = store
+        .read_filtered(Checkpoint::START, 8, &filter)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        scanned, all[7].checkpoint,
+        "the window is the next 8 events"
+    );
+    let expected: Vec<EventId> = all[..8]
+        .iter()
+        .filter(|e| e.stream == a && e.event_type == "Wanted")
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(
+        first.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        expected
+    );
+    let (rest, end) = store
+        .read_filtered(scanned, 100, &filter)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(end, all[19].checkpoint);
+    assert_eq!(
+        first.len() + rest.len(),
+        4,
+        "events 0, 3, 6 and 9 of stream a"
+    );
+    let any_aggregate = [Subscription {
+        aggregate_type: None,
+        event_types: &["Wanted"],
+    }];
+    let (wanted, _) = store
+        .read_filtered(Checkpoint::START, 100, &any_aggregate)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        wanted.len(),
+        14,
+        "4 of stream a and 10 of the other aggregate type"
+    );
+    let (none, at) = store
+        .read_filtered(end, 100, &filter)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(none.is_empty());
+    assert_eq!(at, end, "nothing scanned: the checkpoint stays");
 }

@@ -653,6 +653,55 @@ impl EventStore for PostgresEventStore {
         )))
     }
 
+    async fn read_filtered(
+        &self,
+        after: Checkpoint,
+        scan: usize,
+        filter: &[cqrs_core::projection::Subscription],
+    ) -> Result<(Vec<StoredEvent>, Checkpoint), StoreError> {
+        if scan == 0 {
+            return Ok((Vec::new(), after));
+        }
+        let bound = sqlx::query(AssertSqlSafe(self.sql.scan_bound.clone()))
+            .bind(after.transaction.to_string())
+            .bind(to_i64(after.position)?)
+            .bind(i64::try_from(scan).unwrap_or(i64::MAX))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        let Some(bound) = bound else {
+            return Ok((Vec::new(), after));
+        };
+        let transaction: String = bound.try_get("transaction_text").map_err(backend)?;
+        let position: i64 = bound.try_get("global_position").map_err(backend)?;
+        let scanned_to = Checkpoint::new(
+            transaction
+                .parse()
+                .map_err(|e| StoreError::backend(format!("transaction id `{transaction}`: {e}")))?,
+            to_u64(position)?,
+        );
+        let (mut aggregate_types, mut event_types) = (Vec::new(), Vec::new());
+        for subscription in filter {
+            for event_type in subscription.event_types {
+                aggregate_types.push(subscription.aggregate_type.unwrap_or(""));
+                event_types.push(*event_type);
+            }
+        }
+        let events = sqlx::query(AssertSqlSafe(self.sql.read_between_filtered.clone()))
+            .bind(after.transaction.to_string())
+            .bind(to_i64(after.position)?)
+            .bind(transaction)
+            .bind(position)
+            .bind(&aggregate_types)
+            .bind(&event_types)
+            .fetch(&self.pool)
+            .map_err(backend)
+            .and_then(|row| futures::future::ready(stored_event(&row)))
+            .try_collect()
+            .await?;
+        Ok((events, scanned_to))
+    }
+
     async fn find_key(&self, key: &str) -> Result<Option<KeyRecord>, StoreError> {
         let row = sqlx::query(AssertSqlSafe(self.sql.find_key.clone()))
             .bind(key)

@@ -283,21 +283,31 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             });
         };
         let from = self.checkpoint().await?;
-        let page = self.store.read_all(from, self.batch).await?;
-        let Some(last) = page.last().map(|e| e.checkpoint) else {
+        // Only the subscribed event types travel; the checkpoint still moves past the others.
+        let (page, last) = self
+            .store
+            .read_filtered(from, self.batch, P::SUBSCRIPTIONS)
+            .await?;
+        if last == from {
             return Ok(Step {
                 read: 0,
                 applied: 0,
                 parked: 0,
                 checkpoint: from,
             });
-        };
+        }
         let span = tracing::debug_span!(
             "cqrs.projection.batch",
             projection = P::NAME,
             events = page.len()
         );
-        self.apply_batch(epoch, &page, last).instrument(span).await
+        let mut step = self
+            .apply_batch(epoch, &page, last)
+            .instrument(span)
+            .await?;
+        // Events scanned but filtered out by the store count as read: the checkpoint moved.
+        step.read = step.read.max(1);
+        Ok(step)
     }
 
     /// Applies a batch: first without per-event savepoints (the common case, one transaction and no

@@ -312,6 +312,30 @@ pub trait EventStore: Send + Sync {
     /// [`StoreError::Backend`].
     async fn find_key(&self, key: &str) -> Result<Option<KeyRecord>, StoreError>;
 
+    /// The events matching `filter` among the next `scan` events after `after` in the global order,
+    /// and the checkpoint of the last event scanned (matching or not; `after` when none was). A
+    /// reader moves its checkpoint to that one, so events it does not subscribe to are neither
+    /// transferred nor scanned twice. Same ordering guarantees as [`EventStore::read_all`].
+    ///
+    /// The default reads and filters in memory; stores override it to filter in the query.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`].
+    async fn read_filtered(
+        &self,
+        after: Checkpoint,
+        scan: usize,
+        filter: &[crate::projection::Subscription],
+    ) -> Result<(Vec<StoredEvent>, Checkpoint), StoreError> {
+        let page = self.read_all(after, scan).await?;
+        let scanned_to = page.last().map_or(after, |e| e.checkpoint);
+        let matching = page
+            .into_iter()
+            .filter(|e| filter.iter().any(|s| s.matches(e)))
+            .collect();
+        Ok((matching, scanned_to))
+    }
+
     /// Up to `limit` events after `after` in the global order.
     ///
     /// Never skips: an event that is not returned now because its transaction has not committed is
@@ -392,6 +416,15 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         (**self).read_all(after, limit).await
+    }
+
+    async fn read_filtered(
+        &self,
+        after: Checkpoint,
+        scan: usize,
+        filter: &[crate::projection::Subscription],
+    ) -> Result<(Vec<StoredEvent>, Checkpoint), StoreError> {
+        (**self).read_filtered(after, scan, filter).await
     }
 }
 

@@ -662,43 +662,35 @@ impl EventStore for PostgresEventStore {
         if scan == 0 {
             return Ok((Vec::new(), after));
         }
-        let bound = sqlx::query(AssertSqlSafe(self.sql.scan_bound.clone()))
-            .bind(after.transaction.to_string())
-            .bind(to_i64(after.position)?)
-            .bind(i64::try_from(scan).unwrap_or(i64::MAX))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend)?;
-        let Some(bound) = bound else {
-            return Ok((Vec::new(), after));
+        // Any aggregate type when one subscription is not tied to one; else the subscribed ones.
+        let aggregate_types: Vec<&str> = if filter.iter().all(|s| s.aggregate_type.is_some()) {
+            filter.iter().filter_map(|s| s.aggregate_type).collect()
+        } else {
+            Vec::new()
         };
-        let transaction: String = bound.try_get("transaction_text").map_err(backend)?;
-        let position: i64 = bound.try_get("global_position").map_err(backend)?;
-        let scanned_to = Checkpoint::new(
-            transaction
-                .parse()
-                .map_err(|e| StoreError::backend(format!("transaction id `{transaction}`: {e}")))?,
-            to_u64(position)?,
-        );
-        let (mut aggregate_types, mut event_types) = (Vec::new(), Vec::new());
-        for subscription in filter {
-            for event_type in subscription.event_types {
-                aggregate_types.push(subscription.aggregate_type.unwrap_or(""));
-                event_types.push(*event_type);
-            }
-        }
-        let events = sqlx::query(AssertSqlSafe(self.sql.read_between_filtered.clone()))
-            .bind(after.transaction.to_string())
-            .bind(to_i64(after.position)?)
-            .bind(transaction)
-            .bind(position)
-            .bind(&aggregate_types)
-            .bind(&event_types)
-            .fetch(&self.pool)
-            .map_err(backend)
-            .and_then(|row| futures::future::ready(stored_event(&row)))
-            .try_collect()
-            .await?;
+        let event_types: Vec<&str> = filter
+            .iter()
+            .flat_map(|s| s.event_types.iter().copied())
+            .collect();
+        let rows: Vec<StoredEvent> =
+            sqlx::query(AssertSqlSafe(self.sql.read_window_filtered.clone()))
+                .bind(after.transaction.to_string())
+                .bind(to_i64(after.position)?)
+                .bind(i64::try_from(scan).unwrap_or(i64::MAX))
+                .bind(&aggregate_types)
+                .bind(&event_types)
+                .fetch(&self.pool)
+                .map_err(backend)
+                .and_then(|row| futures::future::ready(stored_event(&row)))
+                .try_collect()
+                .await?;
+        // The last row is the window's end, subscribed or not; the query matched each event type
+        // with each aggregate type: keep the exact pairs.
+        let scanned_to = rows.last().map_or(after, |e| e.checkpoint);
+        let events = rows
+            .into_iter()
+            .filter(|e| filter.iter().any(|s| s.matches(e)))
+            .collect();
         Ok((events, scanned_to))
     }
 

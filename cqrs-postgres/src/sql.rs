@@ -22,8 +22,7 @@ pub(crate) struct Sql {
     pub(crate) load: String,
     pub(crate) replay: String,
     pub(crate) read_all: String,
-    pub(crate) scan_bound: String,
-    pub(crate) read_between_filtered: String,
+    pub(crate) read_window_filtered: String,
     pub(crate) events_by_id: String,
     pub(crate) claim_key: String,
     pub(crate) set_key_versions: String,
@@ -128,26 +127,21 @@ impl Sql {
                    AND (transaction_id, global_position) > ($1::text::xid8, $2) \
                  ORDER BY events.transaction_id, events.global_position LIMIT $3"
             ),
-            // The last of the next $3 readable events: how far a filtered read scans.
-            scan_bound: format!(
-                "SELECT transaction_id::text AS transaction_text, global_position FROM ( \
-                   SELECT transaction_id, global_position FROM {s}.events \
+            // The next $3 readable events (the window), of which only those of a subscribed type
+            // (and, when $5 is not empty, aggregate type) leave the server, plus the window's last
+            // event so the reader learns how far it scanned. The caller filters the exact
+            // (aggregate type, event type) pairs.
+            read_window_filtered: format!(
+                "WITH scanned AS MATERIALIZED ( \
+                   SELECT transaction_id AS xid, {EVENT_COLUMNS} FROM {s}.events \
                    WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
                      AND (transaction_id, global_position) > ($1::text::xid8, $2) \
-                   ORDER BY transaction_id, global_position LIMIT $3) AS scanned \
-                 ORDER BY transaction_id DESC, global_position DESC LIMIT 1"
-            ),
-            // The matching events up to that bound (every row up to it was complete at the bound's
-            // read, so no xmin check is needed again). A filter entry with an empty aggregate type
-            // matches any aggregate type.
-            read_between_filtered: format!(
-                "SELECT {EVENT_COLUMNS} FROM {s}.events AS e \
-                 WHERE (e.transaction_id, e.global_position) > ($1::text::xid8, $2) \
-                   AND (e.transaction_id, e.global_position) <= ($3::text::xid8, $4) \
-                   AND EXISTS (SELECT 1 FROM UNNEST($5::text[], $6::text[]) AS f(aggregate_type, event_type) \
-                               WHERE (f.aggregate_type = '' OR f.aggregate_type = e.aggregate_type) \
-                                 AND f.event_type = e.event_type) \
-                 ORDER BY e.transaction_id, e.global_position"
+                   ORDER BY transaction_id, global_position LIMIT $3), \
+                 last AS (SELECT xid, global_position FROM scanned ORDER BY xid DESC, global_position DESC LIMIT 1) \
+                 SELECT scanned.* FROM scanned \
+                 WHERE (event_type = ANY($5::text[]) AND (cardinality($4::text[]) = 0 OR aggregate_type = ANY($4::text[]))) \
+                    OR (xid, global_position) = (SELECT xid, global_position FROM last) \
+                 ORDER BY xid, global_position"
             ),
             events_by_id: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events WHERE event_id = ANY($1)"

@@ -161,6 +161,19 @@ fn dead_letter(row: &sqlx::postgres::PgRow) -> Result<DeadLetter, WorkerError> {
     })
 }
 
+/// Counters of a worker, for the application to read or export.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct WorkerMetrics {
+    /// Events applied since the worker started.
+    pub applied: u64,
+    /// Events parked as dead letters since the worker started.
+    pub parked: u64,
+    /// Batches that failed (rolled back) since the worker started.
+    pub failed_batches: u64,
+    /// Events per second of the last batch that applied any.
+    pub events_per_second: f64,
+}
+
 /// What one step did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Step {
@@ -188,6 +201,7 @@ pub struct ProjectionWorker<P> {
     batch: usize,
     epoch: Option<i64>,
     policy: FailurePolicy,
+    metrics: WorkerMetrics,
 }
 
 impl<P> std::fmt::Debug for ProjectionWorker<P> {
@@ -213,6 +227,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             batch: 2_000,
             epoch: None,
             policy: FailurePolicy::default(),
+            metrics: WorkerMetrics::default(),
         }
     }
 
@@ -235,6 +250,27 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
     pub fn with_batch(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
         self
+    }
+
+    /// The worker's counters.
+    #[must_use]
+    pub fn metrics(&self) -> WorkerMetrics {
+        self.metrics
+    }
+
+    /// How far the projection is behind the head of the log, in global positions (an upper bound
+    /// of the events still to read: positions of rolled-back appends are never used).
+    ///
+    /// # Errors
+    /// [`WorkerError::Store`] when the database fails.
+    pub async fn lag(&self) -> Result<u64, WorkerError> {
+        let head: Option<i64> =
+            sqlx::query_scalar(AssertSqlSafe(self.store.sql.head_position.clone()))
+                .fetch_one(self.store.pool())
+                .await
+                .map_err(backend)?;
+        let checkpoint = self.checkpoint().await?;
+        Ok(to_u64(head.unwrap_or(0))?.saturating_sub(checkpoint.position))
     }
 
     /// The projection (e.g. to read in-process state in tests).
@@ -301,10 +337,20 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             projection = P::NAME,
             events = page.len()
         );
-        let mut step = self
-            .apply_batch(epoch, &page, last)
-            .instrument(span)
-            .await?;
+        let started = std::time::Instant::now();
+        let mut step = match self.apply_batch(epoch, &page, last).instrument(span).await {
+            Ok(step) => step,
+            Err(error) => {
+                self.metrics.failed_batches += 1;
+                return Err(error);
+            }
+        };
+        self.metrics.applied += step.applied as u64;
+        self.metrics.parked += step.parked as u64;
+        if step.applied > 0 {
+            self.metrics.events_per_second =
+                step.applied as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        }
         // Events scanned but filtered out by the store count as read: the checkpoint moved.
         step.read = step.read.max(1);
         Ok(step)

@@ -23,6 +23,7 @@ pub(crate) struct Sql {
     pub(crate) replay: String,
     pub(crate) read_all: String,
     pub(crate) read_window_filtered: String,
+    pub(crate) head_position: String,
     pub(crate) events_by_id: String,
     pub(crate) claim_key: String,
     pub(crate) set_key_versions: String,
@@ -143,6 +144,7 @@ impl Sql {
                     OR (xid, global_position) = (SELECT xid, global_position FROM last) \
                  ORDER BY xid, global_position"
             ),
+            head_position: format!("SELECT max(global_position) FROM {s}.events"),
             events_by_id: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events WHERE event_id = ANY($1)"
             ),

@@ -177,6 +177,16 @@ async fn crashes_mid_batch_leave_the_read_model_exactly_right() {
         (sum(M), i64::try_from(M).unwrap_or(0)),
         "exactly once in effect"
     );
+    assert_eq!(
+        worker.lag().await.unwrap_or_else(|e| panic!("{e}")),
+        0,
+        "caught up: no lag"
+    );
+    let metrics = worker.metrics();
+    assert!(
+        metrics.applied > 0 && metrics.events_per_second > 0.0,
+        "{metrics:?}"
+    );
 }
 
 /// The owner pauses past its lease, a new owner takes over, the old one resumes: it writes nothing,
@@ -189,6 +199,11 @@ async fn a_zombie_owner_cannot_write_after_a_takeover() {
         .with_batch(10)
         .with_lease(lease);
     assert!(old.acquire().await.unwrap_or_else(|e| panic!("{e}")));
+    assert_eq!(
+        old.lag().await.unwrap_or_else(|e| panic!("{e}")),
+        40,
+        "40 positions behind the head"
+    );
     old.step().await.unwrap_or_else(|e| panic!("{e}"));
 
     let mut new = ProjectionWorker::new(store.clone(), DepositTotals::new(&store), "new")
@@ -230,6 +245,14 @@ async fn a_zombie_owner_cannot_write_after_a_takeover() {
 
     new.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(totals(&store).await, (sum(60), 60));
+    let metrics = new.metrics();
+    assert_eq!(
+        (metrics.applied, metrics.parked, metrics.failed_batches),
+        (50, 0, 0),
+        "{metrics:?}"
+    );
+    assert!(metrics.events_per_second > 0.0);
+    assert_eq!(old.metrics().applied, 10);
 }
 
 /// Deposits inserted with triggers disabled send no NOTIFY: the running worker still applies them

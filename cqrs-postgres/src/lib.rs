@@ -63,12 +63,14 @@ pub struct PostgresEventStore {
     pool: PgPool,
     schema: Arc<str>,
     pub(crate) sql: Arc<Sql>,
+    inline: Arc<[Arc<dyn projection::InlineProjection>]>,
 }
 
 impl std::fmt::Debug for PostgresEventStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresEventStore")
             .field("schema", &self.schema)
+            .field("inline_projections", &self.inline.len())
             .field("pool_size", &self.pool.size())
             .finish_non_exhaustive()
     }
@@ -103,7 +105,24 @@ impl PostgresEventStore {
             pool,
             schema: schema.into(),
             sql: Arc::new(sql),
+            inline: Arc::new([]),
         })
+    }
+
+    /// Runs `projection` inside every append's transaction (read-your-writes): when an append
+    /// returns, the projection's tables reflect its events, and a failing projection fails the
+    /// append, which then stores nothing. Each append applies a clone of `projection`, so keep its
+    /// state in the database. Appends with inline projections do not use `COPY`.
+    #[must_use]
+    pub fn with_inline<P>(mut self, projection: P) -> Self
+    where
+        P: cqrs_core::projection::Projection<Context = PgConnection> + Clone + Sync + 'static,
+    {
+        let mut all: Vec<Arc<dyn projection::InlineProjection>> =
+            self.inline.iter().cloned().collect();
+        all.push(Arc::new(projection::Inline(projection)));
+        self.inline = all.into();
+        self
     }
 
     /// Creates the schema if needed and applies the embedded migrations; safe to call from several
@@ -203,7 +222,9 @@ impl PostgresEventStore {
             };
             // On the pool, not a held connection: the follow-up queries below must not wait for a
             // second connection while holding one (64 writers on a pool of 32 would deadlock).
-            let inserted = if events.len() >= COPY_THRESHOLD {
+            let inserted = if !self.inline.is_empty() {
+                self.insert_with_inline(stream, base, events).await
+            } else if events.len() >= COPY_THRESHOLD {
                 copy_at(&self.pool, &self.sql, stream, base, events).await
             } else {
                 insert_at(&self.pool, &self.sql, stream, base, events).await
@@ -231,6 +252,64 @@ impl PostgresEventStore {
         Err(StoreError::backend(format!(
             "{stream}: lost the race for a version {ANY_VERSION_ATTEMPTS} times in a row"
         )))
+    }
+
+    /// Inserts and runs the inline projections in one transaction.
+    async fn insert_with_inline(
+        &self,
+        stream: &StreamId,
+        base: u64,
+        events: &[EventData],
+    ) -> Result<AppendResult, Insert> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| Insert::Failed(backend(e)))?;
+        let result = insert_at(&mut *tx, &self.sql, stream, base, events).await?;
+        self.run_inline(&mut tx, &result, events)
+            .await
+            .map_err(Insert::Failed)?;
+        tx.commit().await.map_err(|e| {
+            if is_unique_violation(&e) {
+                Insert::Lost
+            } else {
+                Insert::Failed(backend(e))
+            }
+        })?;
+        Ok(result)
+    }
+
+    /// Applies the just-appended events to the inline projections, in the append's transaction.
+    async fn run_inline(
+        &self,
+        conn: &mut PgConnection,
+        result: &AppendResult,
+        events: &[EventData],
+    ) -> Result<(), StoreError> {
+        if self.inline.is_empty() {
+            return Ok(());
+        }
+        let stored: Vec<StoredEvent> = result
+            .events
+            .iter()
+            .zip(events)
+            .map(|(at, data)| StoredEvent {
+                event_id: at.event_id,
+                stream: result.stream.clone(),
+                version: at.version,
+                checkpoint: at.checkpoint,
+                recorded_at: at.recorded_at,
+                event_type: data.event_type.clone(),
+                schema_version: data.schema_version,
+                payload: data.payload.clone(),
+                metadata: data.metadata.clone(),
+            })
+            .collect();
+        for projection in self.inline.iter() {
+            projection.apply_all(&stored, conn).await?;
+        }
+        Ok(())
     }
 
     /// After a unique violation: are these ids stored already (an idempotent replay, or a reuse)?
@@ -634,6 +713,7 @@ impl EventStore for PostgresEventStore {
                     }
                 }
             };
+            self.run_inline(&mut tx, &result, &events).await?;
             let first = result
                 .events
                 .first()

@@ -581,3 +581,91 @@ async fn a_rebuild_during_live_writes_equals_a_clean_replay() {
     );
     assert!(replayed > 0);
 }
+
+/// An inline projection runs in the append's transaction: the read model reflects an append as soon
+/// as it returns, and a failing inline projection fails the append, which stores nothing.
+#[tokio::test]
+async fn inline_projections_give_read_your_writes() {
+    #[derive(Clone, Projection)]
+    #[projection(name = "inline_totals", events(AccountEvent), context = PgConnection)]
+    struct InlineTotals {
+        schema: String,
+    }
+
+    #[async_trait::async_trait]
+    impl Handles<AccountEvent, PgConnection> for InlineTotals {
+        async fn handle(
+            &mut self,
+            event: &RecordedEvent<AccountEvent>,
+            conn: &mut PgConnection,
+        ) -> Result<(), HandlerError> {
+            if let AccountEvent::Deposited(deposit) = &event.event {
+                if deposit.amount_cents == 13 {
+                    return Err("13 is refused".into());
+                }
+                sqlx::query(AssertSqlSafe(format!(
+                    "UPDATE \"{}\".deposit_totals SET total = total + $1, count = count + 1 WHERE id = 1",
+                    self.schema
+                )))
+                .bind(i64::try_from(deposit.amount_cents)?)
+                .execute(conn)
+                .await?;
+            }
+            Ok(())
+        }
+    }
+
+    let plain = setup("projection_inline", 0).await;
+    let store = plain.clone().with_inline(InlineTotals {
+        schema: plain.schema().to_owned(),
+    });
+    let stream = StreamId::new("account", "inline");
+    for n in 1..=5u64 {
+        let event = AccountEvent::Deposited(Deposit {
+            amount_cents: n,
+            reference: String::new(),
+        });
+        let data =
+            EventData::from_event(&event, Metadata::default()).unwrap_or_else(|e| panic!("{e}"));
+        store
+            .append(&stream, ExpectedVersion::Any, vec![data])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            totals(&store).await,
+            (sum(n), i64::try_from(n).unwrap_or(0)),
+            "visible right after the append"
+        );
+    }
+    let refused = EventData::from_event(
+        &AccountEvent::Deposited(Deposit {
+            amount_cents: 13,
+            reference: String::new(),
+        }),
+        Metadata::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let error = store
+        .append(&stream, ExpectedVersion::Exact(5), vec![refused])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            cqrs_core::StoreError::InlineProjection {
+                projection: "inline_totals",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert_eq!(
+        store
+            .stream_version(&stream)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        5,
+        "the append stored nothing"
+    );
+    assert_eq!(totals(&store).await, (sum(5), 5));
+}

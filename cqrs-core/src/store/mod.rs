@@ -217,6 +217,15 @@ pub enum StoreError {
         /// What is wrong.
         message: String,
     },
+    /// A projection run inside the append's transaction failed, so nothing was appended.
+    #[error("inline projection `{projection}` failed: {source}")]
+    InlineProjection {
+        /// The projection.
+        projection: &'static str,
+        /// Its error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The arguments cannot be stored (for example an empty aggregate type).
     #[error("invalid input: {0}")]
     InvalidInput(String),

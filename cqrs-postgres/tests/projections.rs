@@ -182,11 +182,6 @@ async fn crashes_mid_batch_leave_the_read_model_exactly_right() {
         0,
         "caught up: no lag"
     );
-    let metrics = worker.metrics();
-    assert!(
-        metrics.applied > 0 && metrics.events_per_second > 0.0,
-        "{metrics:?}"
-    );
 }
 
 /// The owner pauses past its lease, a new owner takes over, the old one resumes: it writes nothing,

@@ -252,6 +252,23 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         self
     }
 
+    /// The epoch of the lease this worker holds, or [`WorkerError::LeaseLost`].
+    fn owned_epoch(&self) -> Result<i64, WorkerError> {
+        self.epoch.ok_or(WorkerError::LeaseLost {
+            projection: P::NAME,
+            epoch: None,
+        })
+    }
+
+    /// Forgets the lease of `epoch`, which the database no longer grants.
+    fn lease_lost(&mut self, epoch: i64) -> WorkerError {
+        self.epoch = None;
+        WorkerError::LeaseLost {
+            projection: P::NAME,
+            epoch: Some(epoch),
+        }
+    }
+
     /// The worker's counters.
     #[must_use]
     pub fn metrics(&self) -> WorkerMetrics {
@@ -312,12 +329,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
     /// committed), [`WorkerError::Projection`] when a handler or a decode fails (the batch is rolled
     /// back), [`WorkerError::Store`].
     pub async fn step(&mut self) -> Result<Step, WorkerError> {
-        let Some(epoch) = self.epoch else {
-            return Err(WorkerError::LeaseLost {
-                projection: P::NAME,
-                epoch: None,
-            });
-        };
+        let epoch = self.owned_epoch()?;
         let from = self.checkpoint().await?;
         // Only the subscribed event types travel; the checkpoint still moves past the others.
         let (page, last) = self
@@ -441,11 +453,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             .map_err(backend)?;
         if moved.rows_affected() != 1 {
             // Dropping the transaction rolls back the read-model change too.
-            self.epoch = None;
-            return Err(WorkerError::LeaseLost {
-                projection: P::NAME,
-                epoch: Some(epoch),
-            });
+            return Err(self.lease_lost(epoch));
         }
         tx.commit().await.map_err(backend)?;
         Ok(Step {
@@ -591,12 +599,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
     /// # Errors
     /// [`WorkerError::LeaseLost`] when this worker does not own the projection, store failures.
     pub async fn retry(&mut self, stream: &cqrs_core::StreamId) -> Result<Redrive, WorkerError> {
-        let Some(epoch) = self.epoch else {
-            return Err(WorkerError::LeaseLost {
-                projection: P::NAME,
-                epoch: None,
-            });
-        };
+        let epoch = self.owned_epoch()?;
         let mut tx = self.store.pool().begin().await.map_err(backend)?;
         let held = sqlx::query(AssertSqlSafe(self.store.sql.hold_lease.clone()))
             .bind(P::NAME)
@@ -605,11 +608,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             .await
             .map_err(backend)?;
         if held.is_none() {
-            self.epoch = None;
-            return Err(WorkerError::LeaseLost {
-                projection: P::NAME,
-                epoch: Some(epoch),
-            });
+            return Err(self.lease_lost(epoch));
         }
         let letters = sqlx::query(AssertSqlSafe(self.store.sql.stream_dead_letters.clone()))
             .bind(P::NAME)
@@ -668,12 +667,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             &'c mut PgConnection,
         ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>>,
     {
-        let Some(epoch) = self.epoch else {
-            return Err(WorkerError::LeaseLost {
-                projection: P::NAME,
-                epoch: None,
-            });
-        };
+        let epoch = self.owned_epoch()?;
         let mut tx = self.store.pool().begin().await.map_err(backend)?;
         let moved = sqlx::query(AssertSqlSafe(self.store.sql.reset_checkpoint.clone()))
             .bind(P::NAME)
@@ -682,11 +676,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             .await
             .map_err(backend)?;
         if moved.rows_affected() != 1 {
-            self.epoch = None;
-            return Err(WorkerError::LeaseLost {
-                projection: P::NAME,
-                epoch: Some(epoch),
-            });
+            return Err(self.lease_lost(epoch));
         }
         reset(&mut tx).await.map_err(backend)?;
         sqlx::query(AssertSqlSafe(self.store.sql.reset_dead_letters.clone()))

@@ -80,6 +80,31 @@ async fn setup(name: &str, deposits: u64) -> PostgresEventStore {
     store
 }
 
+/// Inserts a deposit as version 1 of `account/<id>` on `conn`, bypassing the store: the tests hold
+/// transactions open or disable triggers on that connection, which the store's API never does.
+async fn raw_deposit(conn: &mut PgConnection, schema: &str, id: &str, amount_cents: u64) {
+    let data = EventData::from_event(
+        &AccountEvent::Deposited(Deposit {
+            amount_cents,
+            reference: String::new(),
+        }),
+        Metadata::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO \"{schema}\".events (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
+         VALUES ($1, 'account', $2, 1, $3, $4, $5, '{{}}')"
+    )))
+    .bind(data.event_id.0)
+    .bind(id)
+    .bind(&data.event_type)
+    .bind(i32::try_from(data.schema_version).unwrap_or(1))
+    .bind(&data.payload)
+    .execute(conn)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
 async fn append_deposits(store: &PostgresEventStore, from: u64, to: u64) {
     for n in from..=to {
         let event = AccountEvent::Deposited(Deposit {
@@ -281,26 +306,7 @@ async fn a_lost_notification_costs_at_most_one_poll_interval() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let start = std::time::Instant::now();
-    let data = EventData::from_event(
-        &AccountEvent::Deposited(Deposit {
-            amount_cents: 2,
-            reference: String::new(),
-        }),
-        Metadata::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO \"{}\".events (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
-         VALUES ($1, 'account', 'silent', 1, $2, $3, $4, '{{}}')",
-        store.schema()
-    )))
-    .bind(data.event_id.0)
-    .bind(&data.event_type)
-    .bind(i32::try_from(data.schema_version).unwrap_or(1))
-    .bind(&data.payload)
-    .execute(&mut *conn)
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    raw_deposit(&mut conn, store.schema(), "silent", 2).await;
     sqlx::query("RESET session_replication_role")
         .execute(&mut *conn)
         .await
@@ -348,26 +354,7 @@ async fn a_late_commit_is_applied_not_skipped() {
     let mut worker = ProjectionWorker::new(store.clone(), DepositTotals::new(&store), "w");
     assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
     let mut late = store.pool().begin().await.unwrap_or_else(|e| panic!("{e}"));
-    let data = EventData::from_event(
-        &AccountEvent::Deposited(Deposit {
-            amount_cents: 1_000,
-            reference: String::new(),
-        }),
-        Metadata::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO \"{}\".events (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
-         VALUES ($1, 'account', 'late', 1, $2, $3, $4, '{{}}')",
-        store.schema()
-    )))
-    .bind(data.event_id.0)
-    .bind(&data.event_type)
-    .bind(i32::try_from(data.schema_version).unwrap_or(1))
-    .bind(&data.payload)
-    .execute(&mut *late)
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    raw_deposit(&mut late, store.schema(), "late", 1_000).await;
     append_deposits(&store, 1, 5).await;
     worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(

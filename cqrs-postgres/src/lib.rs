@@ -16,13 +16,13 @@ use cqrs_core::{
     AggregateId, Checkpoint, EventData, EventId, EventStore, ExpectedVersion, StoreError,
     StoredEvent, StreamId,
 };
-use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use futures::stream::{BoxStream, StreamExt};
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::{Acquire, AssertSqlSafe, PgConnection, Row};
 
 pub use sqlx;
 
-use crate::rows::{backend, replay_event, stored_event, to_i64, to_u64};
+use crate::rows::{backend, fetch_events, replay_event, stored_event, to_i64, to_u64};
 use crate::sql::Sql;
 
 /// The embedded migrations: the events, snapshots and command-key tables.
@@ -319,13 +319,11 @@ impl PostgresEventStore {
         events: &[EventData],
     ) -> Result<Option<StoreError>, StoreError> {
         let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id.0).collect();
-        let stored: Vec<StoredEvent> = sqlx::query(AssertSqlSafe(self.sql.events_by_id.clone()))
-            .bind(&ids)
-            .fetch(&self.pool)
-            .map_err(backend)
-            .and_then(|row| futures::future::ready(stored_event(&row)))
-            .try_collect()
-            .await?;
+        let stored = fetch_events(
+            sqlx::query(AssertSqlSafe(self.sql.events_by_id.clone())).bind(&ids),
+            &self.pool,
+        )
+        .await?;
         let by_id: std::collections::HashMap<EventId, &StoredEvent> =
             stored.iter().map(|e| (e.event_id, e)).collect();
         Ok(classify_stored_ids(stream, events, |id| {
@@ -752,18 +750,13 @@ impl EventStore for PostgresEventStore {
             .iter()
             .flat_map(|s| s.event_types.iter().copied())
             .collect();
-        let rows: Vec<StoredEvent> =
-            sqlx::query(AssertSqlSafe(self.sql.read_window_filtered.clone()))
-                .bind(after.transaction.to_string())
-                .bind(to_i64(after.position)?)
-                .bind(i64::try_from(scan).unwrap_or(i64::MAX))
-                .bind(&aggregate_types)
-                .bind(&event_types)
-                .fetch(&self.pool)
-                .map_err(backend)
-                .and_then(|row| futures::future::ready(stored_event(&row)))
-                .try_collect()
-                .await?;
+        let query = sqlx::query(AssertSqlSafe(self.sql.read_window_filtered.clone()))
+            .bind(after.transaction.to_string())
+            .bind(to_i64(after.position)?)
+            .bind(i64::try_from(scan).unwrap_or(i64::MAX))
+            .bind(&aggregate_types)
+            .bind(&event_types);
+        let rows = fetch_events(query, &self.pool).await?;
         // The last row is the window's end, subscribed or not; the query matched each event type
         // with each aggregate type: keep the exact pairs.
         let scanned_to = rows.last().map_or(after, |e| e.checkpoint);
@@ -801,15 +794,11 @@ impl EventStore for PostgresEventStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        sqlx::query(AssertSqlSafe(self.sql.read_all.clone()))
+        let query = sqlx::query(AssertSqlSafe(self.sql.read_all.clone()))
             .bind(after.transaction.to_string())
             .bind(to_i64(after.position)?)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch(&self.pool)
-            .map_err(backend)
-            .and_then(|row| futures::future::ready(stored_event(&row)))
-            .try_collect()
-            .await
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        fetch_events(query, &self.pool).await
     }
 }
 

@@ -25,6 +25,20 @@ pub(crate) fn to_u64(n: i64) -> Result<u64, StoreError> {
     })
 }
 
+/// Runs `query` (which selects `EVENT_COLUMNS`) and reads every row as a stored event.
+pub(crate) async fn fetch_events<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    pool: &sqlx::PgPool,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    use futures::TryStreamExt;
+    query
+        .fetch(pool)
+        .map_err(backend)
+        .and_then(|row| futures::future::ready(stored_event(&row)))
+        .try_collect()
+        .await
+}
+
 /// A row of `EVENT_COLUMNS` as a stored event. The payload stays JSON (decoding it is the caller's);
 /// unreadable metadata or numbers are [`StoreError::Corrupt`] naming the event.
 pub(crate) fn stored_event(row: &PgRow) -> Result<StoredEvent, StoreError> {

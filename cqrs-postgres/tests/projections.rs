@@ -65,6 +65,11 @@ impl Handles<AccountEvent, PgConnection> for DepositTotals {
     }
 }
 
+/// Readers never see past the cluster's oldest open transaction. The late-commit test holds one open
+/// on purpose, so it runs alone (write lock) while the others, which expect what they appended to
+/// be readable at once, share the read lock.
+static XMIN_HORIZON: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 async fn setup(name: &str, deposits: u64) -> PostgresEventStore {
     let store = fresh_store(name).await;
     for sql in [
@@ -143,6 +148,7 @@ fn sum(n: u64) -> i64 {
 /// each time the batch is rolled back whole, and the resumed projection ends exactly right.
 #[tokio::test]
 async fn crashes_mid_batch_leave_the_read_model_exactly_right() {
+    let _horizon = XMIN_HORIZON.read().await;
     const M: u64 = 120;
     let store = setup("projection_crash", M).await;
     let mut worker =
@@ -213,6 +219,7 @@ async fn crashes_mid_batch_leave_the_read_model_exactly_right() {
 /// and the checkpoint never goes back.
 #[tokio::test]
 async fn a_zombie_owner_cannot_write_after_a_takeover() {
+    let _horizon = XMIN_HORIZON.read().await;
     let store = setup("projection_zombie", 40).await;
     let lease = Duration::from_millis(600);
     let mut old = ProjectionWorker::new(store.clone(), DepositTotals::new(&store), "old")
@@ -279,6 +286,7 @@ async fn a_zombie_owner_cannot_write_after_a_takeover() {
 /// within one poll interval. With notifications, it applies them well before.
 #[tokio::test]
 async fn a_lost_notification_costs_at_most_one_poll_interval() {
+    let _horizon = XMIN_HORIZON.read().await;
     let store = setup("projection_lost_notify", 0).await;
     let poll = Duration::from_millis(700);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -350,6 +358,7 @@ async fn wait_for_count(store: &PostgresEventStore, count: i64, within: Duration
 /// position and commits late is applied, once, after it commits; nothing is skipped.
 #[tokio::test]
 async fn a_late_commit_is_applied_not_skipped() {
+    let _horizon = XMIN_HORIZON.write().await;
     let store = setup("projection_skewed", 0).await;
     let mut worker = ProjectionWorker::new(store.clone(), DepositTotals::new(&store), "w");
     assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
@@ -387,6 +396,7 @@ fn policy(mode: FailureMode) -> FailurePolicy {
 /// model of a clean run.
 #[tokio::test]
 async fn poison_events_are_parked_per_stream_and_redriven() {
+    let _horizon = XMIN_HORIZON.read().await;
     const M: u64 = 60;
     let store = setup("projection_poison", M).await;
     let mut poisoned = DepositTotals::new(&store);
@@ -467,6 +477,7 @@ async fn poison_events_are_parked_per_stream_and_redriven() {
 /// With `FailureMode::Skip`, only the poison events are parked; purge removes them.
 #[tokio::test]
 async fn skip_mode_parks_only_the_failing_events() {
+    let _horizon = XMIN_HORIZON.read().await;
     const M: u64 = 40;
     let store = setup("projection_skip", M).await;
     let mut poisoned = DepositTotals::new(&store);
@@ -517,6 +528,7 @@ async fn skip_mode_parks_only_the_failing_events() {
 /// A rebuild while writers keep writing ends with the read model of a clean replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_during_live_writes_equals_a_clean_replay() {
+    let _horizon = XMIN_HORIZON.read().await;
     const M: u64 = 300;
     let store = setup("projection_rebuild", 0).await;
     let writer = {
@@ -568,6 +580,7 @@ async fn a_rebuild_during_live_writes_equals_a_clean_replay() {
 /// as it returns, and a failing inline projection fails the append, which stores nothing.
 #[tokio::test]
 async fn inline_projections_give_read_your_writes() {
+    let _horizon = XMIN_HORIZON.read().await;
     #[derive(Clone, Projection)]
     #[projection(name = "inline_totals", events(AccountEvent), context = PgConnection)]
     struct InlineTotals {

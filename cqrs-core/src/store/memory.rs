@@ -9,7 +9,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 
 use super::{
     AppendResult, AppendedEvent, EventStore, ExpectedVersion, KeyRecord, Snapshot, SnapshotStore,
-    StoreError, classify_stored_ids,
+    StoreError, classify_stored_ids, validate_append,
 };
 use crate::envelope::{Checkpoint, EventData, EventId, StoredEvent, StreamId};
 
@@ -150,40 +150,6 @@ impl Inner {
             .get(stream)
             .map_or(0, |events| events.len() as u64)
     }
-}
-
-/// Rejects what no store can hold (empty names, an id twice in one batch), so every store fails alike
-/// before it writes anything.
-///
-/// # Errors
-/// [`StoreError::InvalidInput`] or [`StoreError::EventIdReused`].
-pub fn validate_append(stream: &StreamId, events: &[EventData]) -> Result<(), StoreError> {
-    if stream.aggregate_type.is_empty() {
-        return Err(StoreError::InvalidInput(
-            "the aggregate type is empty".into(),
-        ));
-    }
-    if stream.aggregate_id.as_str().is_empty() {
-        return Err(StoreError::InvalidInput(format!(
-            "the aggregate id of a `{}` stream is empty",
-            stream.aggregate_type
-        )));
-    }
-    let mut seen = std::collections::HashSet::with_capacity(events.len());
-    for (i, event) in events.iter().enumerate() {
-        if event.event_type.is_empty() {
-            return Err(StoreError::InvalidInput(format!(
-                "event {i} of the batch for {stream} has an empty type"
-            )));
-        }
-        if !seen.insert(event.event_id) {
-            return Err(StoreError::EventIdReused {
-                event_id: event.event_id,
-                existing_stream: stream.clone(),
-            });
-        }
-    }
-    Ok(())
 }
 
 #[async_trait::async_trait]

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
-pub use memory::{InMemoryEventStore, validate_append};
+pub use memory::InMemoryEventStore;
 
 use crate::envelope::{Checkpoint, EventData, EventId, StoredEvent, StreamId};
 use crate::event::{DecodeError, DomainEvent};
@@ -494,4 +494,38 @@ pub fn classify_stored_ids<'a>(
         version,
         events: appended,
     })))
+}
+
+/// Rejects what no store can hold (empty names, an id twice in one batch), so every store fails alike
+/// before it writes anything.
+///
+/// # Errors
+/// [`StoreError::InvalidInput`] or [`StoreError::EventIdReused`].
+pub fn validate_append(stream: &StreamId, events: &[EventData]) -> Result<(), StoreError> {
+    if stream.aggregate_type.is_empty() {
+        return Err(StoreError::InvalidInput(
+            "the aggregate type is empty".into(),
+        ));
+    }
+    if stream.aggregate_id.as_str().is_empty() {
+        return Err(StoreError::InvalidInput(format!(
+            "the aggregate id of a `{}` stream is empty",
+            stream.aggregate_type
+        )));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(events.len());
+    for (i, event) in events.iter().enumerate() {
+        if event.event_type.is_empty() {
+            return Err(StoreError::InvalidInput(format!(
+                "event {i} of the batch for {stream} has an empty type"
+            )));
+        }
+        if !seen.insert(event.event_id) {
+            return Err(StoreError::EventIdReused {
+                event_id: event.event_id,
+                existing_stream: stream.clone(),
+            });
+        }
+    }
+    Ok(())
 }

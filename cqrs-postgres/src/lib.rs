@@ -786,6 +786,14 @@ impl EventStore for PostgresEventStore {
         .transpose()
     }
 
+    async fn head(&self) -> Result<Option<Checkpoint>, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(self.sql.head.clone()))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        row.map(|row| rows::checkpoint(&row)).transpose()
+    }
+
     async fn read_all(
         &self,
         after: Checkpoint,

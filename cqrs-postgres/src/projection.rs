@@ -5,7 +5,10 @@
 use std::future::Future;
 use std::time::Duration;
 
-use cqrs_core::projection::{Projection, ProjectionError};
+pub use cqrs_core::projection::{
+    DeadLetter, FailureMode, FailurePolicy, ProjectionMetrics, Redrive, Step,
+};
+use cqrs_core::projection::{Failure, Projection, ProjectionError, WAITS_BEHIND, event_span};
 use cqrs_core::{Checkpoint, EventStore, StoreError};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 use tracing::Instrument;
@@ -31,71 +34,6 @@ pub enum WorkerError {
     /// The store failed; the batch was rolled back.
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// What a worker does with an event its projection keeps failing on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FailurePolicy {
-    /// How many times an event is tried before it is parked as a dead letter.
-    pub attempts: u32,
-    /// The wait before the second try; it doubles for each further try.
-    pub backoff: Duration,
-    /// The longest wait between tries.
-    pub max_backoff: Duration,
-    /// Whether later events of a parked event's stream wait behind it.
-    pub mode: FailureMode,
-}
-
-impl Default for FailurePolicy {
-    fn default() -> Self {
-        Self {
-            attempts: 3,
-            backoff: Duration::from_millis(20),
-            max_backoff: Duration::from_secs(1),
-            mode: FailureMode::BlockStream,
-        }
-    }
-}
-
-/// Where events after a dead letter go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureMode {
-    /// Later events of the same stream are parked behind it, in order, until a redrive: per-stream
-    /// order holds. Other streams go on. The default.
-    BlockStream,
-    /// Only the failing event is parked; later events of its stream are applied (opt-in, for
-    /// projections whose handlers do not depend on order within a stream).
-    Skip,
-}
-
-/// A parked event of a projection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetter {
-    /// Its id in the dead-letter store.
-    pub id: i64,
-    /// The event.
-    pub event_id: cqrs_core::EventId,
-    /// The event's stream.
-    pub stream: cqrs_core::StreamId,
-    /// The event's version.
-    pub version: u64,
-    /// The last error (or, for an event parked behind another, why it waits).
-    pub error: String,
-    /// How many times it was tried (0: parked behind an earlier dead letter, never tried).
-    pub attempts: u32,
-    /// When it first failed.
-    pub first_failed_at: chrono::DateTime<chrono::Utc>,
-    /// When it last failed.
-    pub last_failed_at: chrono::DateTime<chrono::Utc>,
-}
-
-/// What a redrive did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Redrive {
-    /// Dead letters applied and removed.
-    pub applied: usize,
-    /// Dead letters that failed again (they stay, with the new error).
-    pub failed: usize,
 }
 
 /// Lists and purges a projection's dead letters; retrying them needs the projection, so it is
@@ -161,32 +99,6 @@ fn dead_letter(row: &sqlx::postgres::PgRow) -> Result<DeadLetter, WorkerError> {
     })
 }
 
-/// Counters of a worker, for the application to read or export.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct WorkerMetrics {
-    /// Events applied since the worker started.
-    pub applied: u64,
-    /// Events parked as dead letters since the worker started.
-    pub parked: u64,
-    /// Batches that failed (rolled back) since the worker started.
-    pub failed_batches: u64,
-    /// Events per second of the last batch that applied any.
-    pub events_per_second: f64,
-}
-
-/// What one step did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Step {
-    /// Events read from the global order (handled or skipped).
-    pub read: usize,
-    /// Events the projection handled.
-    pub applied: usize,
-    /// Events parked as dead letters (failed, or waiting behind one).
-    pub parked: usize,
-    /// The checkpoint after the step.
-    pub checkpoint: Checkpoint,
-}
-
 /// Runs one projection whose handlers write through the transaction (`Context = PgConnection`).
 ///
 /// Each [`step`](ProjectionWorker::step) reads a batch after the checkpoint, applies it in one
@@ -201,7 +113,7 @@ pub struct ProjectionWorker<P> {
     batch: usize,
     epoch: Option<i64>,
     policy: FailurePolicy,
-    metrics: WorkerMetrics,
+    metrics: ProjectionMetrics,
 }
 
 impl<P> std::fmt::Debug for ProjectionWorker<P> {
@@ -227,7 +139,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             batch: 2_000,
             epoch: None,
             policy: FailurePolicy::default(),
-            metrics: WorkerMetrics::default(),
+            metrics: ProjectionMetrics::default(),
         }
     }
 
@@ -271,7 +183,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
 
     /// The worker's counters.
     #[must_use]
-    pub fn metrics(&self) -> WorkerMetrics {
+    pub fn metrics(&self) -> ProjectionMetrics {
         self.metrics
     }
 
@@ -357,14 +269,9 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
                 return Err(error);
             }
         };
-        self.metrics.applied += step.applied as u64;
-        self.metrics.parked += step.parked as u64;
-        if step.applied > 0 {
-            self.metrics.events_per_second =
-                step.applied as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        }
         // Events scanned but filtered out by the store count as read: the checkpoint moved.
         step.read = step.read.max(1);
+        self.metrics.record(&step, started.elapsed());
         Ok(step)
     }
 
@@ -402,41 +309,38 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
                 continue;
             }
             if self.policy.mode == FailureMode::BlockStream && blocked.contains(&event.stream) {
-                let now = chrono::Utc::now();
-                self.park(
-                    &mut tx,
-                    event,
-                    "waits behind an earlier dead letter of its stream",
-                    0,
-                    now,
-                    now,
-                )
-                .await?;
+                let waits = Failure {
+                    error: WAITS_BEHIND.to_owned(),
+                    attempts: 0,
+                    first_failed_at: chrono::Utc::now(),
+                };
+                self.park(&mut tx, event, &waits).await?;
                 parked += 1;
                 continue;
             }
             if !careful {
                 // Any failure rolls this transaction back; the caller runs the batch carefully.
-                self.projection.apply(event, &mut tx).await?;
+                self.projection
+                    .apply(event, &mut tx)
+                    .instrument(event_span(P::NAME, event))
+                    .await?;
                 applied += 1;
                 continue;
             }
-            match self.apply_with_retries(&mut tx, event).await? {
+            let span = event_span(P::NAME, event);
+            match self
+                .apply_with_retries(&mut tx, event)
+                .instrument(span)
+                .await?
+            {
                 None => applied += 1,
-                Some((error, attempts, first_failed_at)) => {
+                Some(failure) => {
                     tracing::warn!(
-                        projection = P::NAME, stream = %event.stream, version = event.version, attempts, %error,
+                        projection = P::NAME, stream = %event.stream, version = event.version,
+                        attempts = failure.attempts, error = %failure.error,
                         "parking the event as a dead letter"
                     );
-                    self.park(
-                        &mut tx,
-                        event,
-                        &error,
-                        attempts,
-                        first_failed_at,
-                        chrono::Utc::now(),
-                    )
-                    .await?;
+                    self.park(&mut tx, event, &failure).await?;
                     parked += 1;
                     blocked.insert(event.stream.clone());
                 }
@@ -523,58 +427,36 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             .collect()
     }
 
-    /// Applies one event inside a savepoint, retrying with backoff; `None` when it was applied,
-    /// else the last error, the attempts and the time of the first failure. A payload that does not
-    /// decode is not retried: it cannot succeed.
+    /// Applies one event inside a savepoint, retrying per the policy; `None` when it was applied,
+    /// else how it failed.
     async fn apply_with_retries(
         &mut self,
         conn: &mut PgConnection,
         event: &cqrs_core::StoredEvent,
-    ) -> Result<Option<(String, u32, chrono::DateTime<chrono::Utc>)>, WorkerError> {
-        let mut attempts = 0;
-        let mut first_failed_at = None;
-        let mut backoff = self.policy.backoff;
+    ) -> Result<Option<Failure>, WorkerError> {
+        let mut retries = self.policy.retries();
         loop {
-            sqlx::query("SAVEPOINT cqrs_event")
-                .execute(&mut *conn)
-                .await
-                .map_err(backend)?;
-            let result = self.projection.apply(event, conn).await;
-            match result {
+            savepoint(conn, "SAVEPOINT cqrs_event").await?;
+            match self.projection.apply(event, conn).await {
                 Ok(_) => {
-                    sqlx::query("RELEASE SAVEPOINT cqrs_event")
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(backend)?;
+                    savepoint(conn, "RELEASE SAVEPOINT cqrs_event").await?;
                     return Ok(None);
                 }
                 Err(error) => {
-                    sqlx::query("ROLLBACK TO SAVEPOINT cqrs_event")
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(backend)?;
-                    attempts += 1;
-                    let first = *first_failed_at.get_or_insert_with(chrono::Utc::now);
-                    let permanent = matches!(error, ProjectionError::Decode(_));
-                    if permanent || attempts >= self.policy.attempts.max(1) {
-                        return Ok(Some((error.to_string(), attempts, first)));
+                    savepoint(conn, "ROLLBACK TO SAVEPOINT cqrs_event").await?;
+                    if let Some(failure) = retries.failed(&error).await {
+                        return Ok(Some(failure));
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.policy.max_backoff);
                 }
             }
         }
     }
 
-    #[allow(clippy::too_many_arguments)] // one row of the dead-letter table
     async fn park(
         &self,
         conn: &mut PgConnection,
         event: &cqrs_core::StoredEvent,
-        error: &str,
-        attempts: u32,
-        first_failed_at: chrono::DateTime<chrono::Utc>,
-        last_failed_at: chrono::DateTime<chrono::Utc>,
+        failure: &Failure,
     ) -> Result<(), WorkerError> {
         sqlx::query(AssertSqlSafe(self.store.sql.park.clone()))
             .bind(P::NAME)
@@ -582,10 +464,10 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             .bind(&event.stream.aggregate_type)
             .bind(event.stream.aggregate_id.as_str())
             .bind(to_i64(event.version)?)
-            .bind(error)
-            .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
-            .bind(first_failed_at)
-            .bind(last_failed_at)
+            .bind(&failure.error)
+            .bind(i32::try_from(failure.attempts).unwrap_or(i32::MAX))
+            .bind(failure.first_failed_at)
+            .bind(chrono::Utc::now())
             .execute(&mut *conn)
             .await
             .map_err(backend)?;
@@ -637,10 +519,10 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
                         .map_err(backend)?;
                     redrive.applied += 1;
                 }
-                Some((error, _, _)) => {
+                Some(failure) => {
                     sqlx::query(AssertSqlSafe(self.store.sql.fail_dead_letter.clone()))
                         .bind(letter.id)
-                        .bind(error)
+                        .bind(failure.error)
                         .execute(&mut *tx)
                         .await
                         .map_err(backend)?;
@@ -706,20 +588,44 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         Ok(total)
     }
 
-    /// Steps until a step reads nothing; returns how many events were applied.
+    /// Steps until every event committed before the call is applied (or parked); returns how
+    /// many events were applied.
+    ///
+    /// Readers never pass the oldest transaction still open in the cluster (that is what keeps
+    /// the global order gap-free), so right after an append the newest events can be unreadable
+    /// for the moment another transaction stays open. `catch_up` does not stop there: it takes
+    /// the head of the log first ([`EventStore::head`]) and waits (polling from 2 ms up to
+    /// 100 ms) until its checkpoint has passed it. A transaction that stays open holds it back
+    /// for as long, by design; bound the wait with `tokio::time::timeout` if needed.
     ///
     /// # Errors
     /// As [`ProjectionWorker::step`].
     pub async fn catch_up(&mut self) -> Result<usize, WorkerError> {
+        let head = self.store.head().await?.unwrap_or(Checkpoint::START);
         let mut applied = 0;
+        let mut pause = Duration::from_millis(2);
         loop {
             let step = self.step().await?;
             applied += step.applied;
-            if step.read == 0 {
+            if step.read > 0 {
+                pause = Duration::from_millis(2);
+            } else if step.checkpoint >= head {
                 return Ok(applied);
+            } else {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
             }
         }
     }
+}
+
+/// Runs a savepoint statement.
+async fn savepoint(conn: &mut PgConnection, statement: &'static str) -> Result<(), WorkerError> {
+    sqlx::query(statement)
+        .execute(conn)
+        .await
+        .map_err(backend)?;
+    Ok(())
 }
 
 /// The stored checkpoint of projection `name` ([`Checkpoint::START`] before its first step).
@@ -735,17 +641,10 @@ pub async fn read_checkpoint(
         .fetch_optional(store.pool())
         .await
         .map_err(backend)?;
-    let Some(row) = row else {
-        return Ok(Checkpoint::START);
-    };
-    let transaction: String = row.try_get("transaction_text").map_err(backend)?;
-    let position: i64 = row.try_get("global_position").map_err(backend)?;
-    Ok(Checkpoint::new(
-        transaction.parse().map_err(|e| {
-            StoreError::backend(format!("checkpoint transaction `{transaction}`: {e}"))
-        })?,
-        to_u64(position)?,
-    ))
+    Ok(row
+        .map(|row| crate::rows::checkpoint(&row))
+        .transpose()?
+        .unwrap_or(Checkpoint::START))
 }
 
 /// A projection run inside the append transaction; see [`PostgresEventStore::with_inline`].

@@ -25,6 +25,18 @@ pub(crate) fn to_u64(n: i64) -> Result<u64, StoreError> {
     })
 }
 
+/// A row's `transaction_text` and `global_position` as a checkpoint.
+pub(crate) fn checkpoint(row: &PgRow) -> Result<Checkpoint, StoreError> {
+    let transaction: String = row.try_get("transaction_text").map_err(backend)?;
+    let position: i64 = row.try_get("global_position").map_err(backend)?;
+    let transaction = transaction.parse().map_err(|e| {
+        StoreError::backend(format!(
+            "transaction id `{transaction}` is not a number: {e}"
+        ))
+    })?;
+    Ok(Checkpoint::new(transaction, to_u64(position)?))
+}
+
 /// Runs `query` (which selects `EVENT_COLUMNS`) and reads every row as a stored event.
 pub(crate) async fn fetch_events<'q>(
     query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,

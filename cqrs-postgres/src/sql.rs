@@ -24,6 +24,7 @@ pub(crate) struct Sql {
     pub(crate) read_all: String,
     pub(crate) read_window_filtered: String,
     pub(crate) head_position: String,
+    pub(crate) head: String,
     pub(crate) events_by_id: String,
     pub(crate) claim_key: String,
     pub(crate) set_key_versions: String,
@@ -145,6 +146,10 @@ impl Sql {
                  ORDER BY xid, global_position"
             ),
             head_position: format!("SELECT max(global_position) FROM {s}.events"),
+            head: format!(
+                "SELECT transaction_id::text AS transaction_text, global_position FROM {s}.events \
+                 ORDER BY transaction_id DESC, global_position DESC LIMIT 1"
+            ),
             events_by_id: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events WHERE event_id = ANY($1)"
             ),

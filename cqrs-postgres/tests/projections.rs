@@ -82,7 +82,33 @@ async fn setup(name: &str, deposits: u64) -> PostgresEventStore {
             .unwrap_or_else(|e| panic!("{e}"));
     }
     append_deposits(&store, 1, deposits).await;
+    settle(&store).await;
     store
+}
+
+/// Waits until every event committed so far is readable in the global order (no transaction that
+/// started before the last commit is still open anywhere in the cluster), for the tests that
+/// `step` by hand and expect to read what they just appended.
+async fn settle(store: &PostgresEventStore) {
+    let Some(head) = store.head().await.unwrap_or_else(|e| panic!("{e}")) else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let horizon: String =
+            sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+                .fetch_one(store.pool())
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        if horizon.parse::<u64>().unwrap_or(0) > head.transaction {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a transaction stayed open for a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Inserts a deposit as version 1 of `account/<id>` on `conn`, bypassing the store: the tests hold
@@ -246,6 +272,7 @@ async fn a_zombie_owner_cannot_write_after_a_takeover() {
     assert!(new.acquire().await.unwrap_or_else(|e| panic!("{e}")));
     new.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
     append_deposits(&store, 41, 60).await;
+    settle(&store).await;
     let before = totals(&store).await;
     let checkpoint = read_checkpoint(&store, "deposit_totals")
         .await
@@ -365,19 +392,15 @@ async fn a_late_commit_is_applied_not_skipped() {
     let mut late = store.pool().begin().await.unwrap_or_else(|e| panic!("{e}"));
     raw_deposit(&mut late, store.schema(), "late", 1_000).await;
     append_deposits(&store, 1, 5).await;
-    worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        totals(&store).await,
-        (0, 0),
-        "nothing past the open transaction"
-    );
-    late.commit().await.unwrap_or_else(|e| panic!("{e}"));
-    // Other tests' transactions may hold the cluster-wide horizon back for a moment.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while totals(&store).await.1 < 6 && std::time::Instant::now() < deadline {
-        worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let step = worker.step().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(step.read, 0, "nothing past the open transaction");
+    assert_eq!(totals(&store).await, (0, 0));
+    // `catch_up` waits for what was committed before it: it returns once the late commit is in.
+    let (caught_up, ()) = tokio::join!(worker.catch_up(), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        late.commit().await.unwrap_or_else(|e| panic!("{e}"));
+    });
+    assert_eq!(caught_up.unwrap_or_else(|e| panic!("{e}")), 6);
     assert_eq!(totals(&store).await, (1_000 + sum(5), 6));
 }
 
@@ -561,13 +584,7 @@ async fn a_rebuild_during_live_writes_equals_a_clean_replay() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     writer.await.unwrap_or_else(|e| panic!("{e}"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while totals(&store).await.1 < i64::try_from(M).unwrap_or(0)
-        && std::time::Instant::now() < deadline
-    {
-        worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         totals(&store).await,
         (sum(M), i64::try_from(M).unwrap_or(0)),

@@ -297,6 +297,9 @@ impl EventStore for Interfering {
     async fn find_key(&self, key: &str) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.find_key(key).await
     }
+    async fn head(&self) -> Result<Option<Checkpoint>, StoreError> {
+        self.inner.head().await
+    }
 }
 
 #[tokio::test]

@@ -21,6 +21,8 @@ use crate::envelope::{Checkpoint, EventData, EventId, StoredEvent, StreamId};
 #[derive(Clone, Default)]
 pub struct InMemoryEventStore {
     inner: Arc<Mutex<Inner>>,
+    /// Bumped after every commit: the wake-up of in-process readers.
+    commits: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 #[derive(Default)]
@@ -61,6 +63,13 @@ impl InMemoryEventStore {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Wakes the readers waiting on [`EventStore::commit_signal`] when `result` committed events.
+    fn signal<T>(&self, result: &Result<T, StoreError>, committed: impl Fn(&T) -> bool) {
+        if result.as_ref().is_ok_and(committed) {
+            self.commits.send_modify(|n| *n += 1);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -161,7 +170,9 @@ impl EventStore for InMemoryEventStore {
         events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
-        self.lock().append(stream, expected, events)
+        let result = self.lock().append(stream, expected, events);
+        self.signal(&result, |r| !r.events.is_empty());
+        result
     }
 
     async fn append_with_key(
@@ -187,7 +198,10 @@ impl EventStore for InMemoryEventStore {
             last_version: result.version,
         };
         inner.keys.insert(key.to_owned(), record);
-        Ok(result)
+        drop(inner);
+        let result = Ok(result);
+        self.signal(&result, |r: &AppendResult| !r.events.is_empty());
+        result
     }
 
     async fn find_key(&self, key: &str) -> Result<Option<KeyRecord>, StoreError> {
@@ -225,6 +239,14 @@ impl EventStore for InMemoryEventStore {
             .take(limit)
             .map(|e| StoredEvent::clone(e))
             .collect())
+    }
+
+    async fn head(&self) -> Result<Option<Checkpoint>, StoreError> {
+        Ok(self.lock().log.last().map(|e| e.checkpoint))
+    }
+
+    fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.commits.subscribe())
     }
 }
 

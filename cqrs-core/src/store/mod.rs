@@ -357,6 +357,22 @@ pub trait EventStore: Send + Sync {
         after: Checkpoint,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// The checkpoint of the last event in the global order among those committed now (`None` for
+    /// an empty store). A reader whose checkpoint has reached it has seen every event committed
+    /// before the call, even where the store holds the newest events back for a moment (the
+    /// PostgreSQL store does while an older transaction is open).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`].
+    async fn head(&self) -> Result<Option<Checkpoint>, StoreError>;
+
+    /// A signal that changes whenever events commit, for readers to wait on instead of polling
+    /// (mark it seen before reading, then wait for `changed()`); `None` when the store has no such
+    /// signal in this process, and readers poll.
+    fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// Helpers on every [`EventStore`].
@@ -434,6 +450,14 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
         filter: &[crate::projection::Subscription],
     ) -> Result<(Vec<StoredEvent>, Checkpoint), StoreError> {
         (**self).read_filtered(after, scan, filter).await
+    }
+
+    async fn head(&self) -> Result<Option<Checkpoint>, StoreError> {
+        (**self).head().await
+    }
+
+    fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        (**self).commit_signal()
     }
 }
 

@@ -12,6 +12,17 @@
 
 use futures::future::BoxFuture;
 
+mod failure;
+mod runner;
+
+pub use failure::{
+    DeadLetter, Failure, FailureMode, FailurePolicy, Redrive, Retries, WAITS_BEHIND,
+};
+pub use runner::{
+    CheckpointStore, InMemoryCheckpoints, InMemoryDeadLetters, ProjectionMetrics, ProjectionRunner,
+    Step, event_span,
+};
+
 use crate::envelope::{Checkpoint, RecordedEvent, StoredEvent};
 use crate::event::DomainEvent;
 use crate::store::{EventStore, StoreError};

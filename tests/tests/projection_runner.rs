@@ -1,0 +1,315 @@
+//! The in-process `ProjectionRunner` on the in-memory store: live delivery woken by the commit
+//! signal, resumption from a shared checkpoint store, dead letters per stream or skipped, redrive,
+//! purge, rebuild during writes, and a shutdown that never splits state from checkpoint.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cqrs_core::prelude::*;
+use cqrs_core::projection::{
+    CheckpointStore, FailureMode, FailurePolicy, HandlerError, InMemoryCheckpoints,
+    InMemoryDeadLetters, ProjectionRunner, WAITS_BEHIND,
+};
+use cqrs_core::{Checkpoint, EventData};
+use cqrs_examples::bank::{AccountEvent, Deposit};
+
+/// Per account: the sum and the count of its deposits. Not idempotent: a double or lost
+/// application shows. The state is shared so tests can read it while the runner runs.
+#[derive(Clone, Default, Projection)]
+#[projection(name = "account_totals", events(AccountEvent))]
+struct Totals {
+    state: Arc<Mutex<BTreeMap<String, (u64, u64)>>>,
+    /// Deposits whose amount is a multiple of 13 fail while set.
+    poison: bool,
+}
+
+impl Totals {
+    fn all(&self) -> (u64, u64) {
+        self.state
+            .lock()
+            .unwrap()
+            .values()
+            .fold((0, 0), |(t, c), (total, count)| (t + total, c + count))
+    }
+}
+
+#[async_trait::async_trait]
+impl Handles<AccountEvent> for Totals {
+    async fn handle(
+        &mut self,
+        event: &RecordedEvent<AccountEvent>,
+        (): &mut (),
+    ) -> Result<(), HandlerError> {
+        if let AccountEvent::Deposited(deposit) = &event.event {
+            if self.poison && deposit.amount_cents % 13 == 0 {
+                return Err(format!("poison deposit of {}", deposit.amount_cents).into());
+            }
+            let mut state = self.state.lock().unwrap();
+            let entry = state
+                .entry(event.stream.aggregate_id.as_str().to_owned())
+                .or_default();
+            entry.0 += deposit.amount_cents;
+            entry.1 += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Deposits `from..=to` of `n` cents into `a{n % 7}`.
+async fn deposit(store: &InMemoryEventStore, from: u64, to: u64) {
+    for n in from..=to {
+        let event = AccountEvent::Deposited(Deposit {
+            amount_cents: n,
+            reference: String::new(),
+        });
+        store
+            .append(
+                &StreamId::new("account", format!("a{}", n % 7)),
+                ExpectedVersion::Any,
+                vec![EventData::from_event(&event, Metadata::default()).unwrap()],
+            )
+            .await
+            .unwrap();
+    }
+}
+
+fn sum(n: u64) -> u64 {
+    n * (n + 1) / 2
+}
+
+fn policy(mode: FailureMode) -> FailurePolicy {
+    FailurePolicy {
+        attempts: 3,
+        backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(4),
+        mode,
+    }
+}
+
+#[tokio::test]
+async fn a_live_runner_is_woken_by_commits_not_by_its_poll() {
+    let store = InMemoryEventStore::new();
+    deposit(&store, 1, 10).await;
+    let totals = Totals::default();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    // A poll interval far longer than the test: only the commit signal can deliver in time.
+    let runner = tokio::spawn(
+        ProjectionRunner::new(store.clone(), totals.clone(), ())
+            .with_batch(4)
+            .run(Duration::from_secs(3_600), async {
+                let _ = stopped.await;
+            }),
+    );
+    for round in 1..=5u64 {
+        deposit(&store, 10 * round + 1, 10 * round + 10).await;
+        let expected = (sum(10 * round + 10), 10 * round + 10);
+        let started = std::time::Instant::now();
+        while totals.all() != expected {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "round {round}: {:?} != {expected:?}",
+                totals.all()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    stop.send(()).unwrap();
+    let mut runner = runner.await.unwrap().unwrap();
+    assert_eq!(
+        runner.checkpoint().await.unwrap(),
+        store.head().await.unwrap().unwrap()
+    );
+    assert_eq!(runner.lag().await.unwrap(), 0);
+    assert_eq!(runner.metrics().applied, 60);
+}
+
+#[tokio::test]
+async fn a_restarted_runner_resumes_from_its_checkpoint_exactly_once() {
+    let store = InMemoryEventStore::new();
+    let checkpoints = Arc::new(InMemoryCheckpoints::new());
+    let totals = Totals::default();
+    deposit(&store, 1, 40).await;
+    let mut first = ProjectionRunner::new(store.clone(), totals.clone(), ())
+        .with_checkpoints(checkpoints.clone())
+        .with_batch(15);
+    assert_eq!(first.catch_up().await.unwrap(), 40);
+    drop(first);
+
+    deposit(&store, 41, 55).await;
+    let mut second = ProjectionRunner::new(store.clone(), totals.clone(), ())
+        .with_checkpoints(checkpoints)
+        .with_batch(15);
+    assert_eq!(second.catch_up().await.unwrap(), 15, "only the new events");
+    assert_eq!(totals.all(), (sum(55), 55));
+    assert_eq!(second.catch_up().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn poison_events_block_their_stream_until_a_redrive() {
+    const M: u64 = 60;
+    let store = InMemoryEventStore::new();
+    deposit(&store, 1, M).await;
+    let totals = Totals {
+        poison: true,
+        ..Totals::default()
+    };
+    let letters = InMemoryDeadLetters::new();
+    let mut runner = ProjectionRunner::new(store.clone(), totals.clone(), ())
+        .with_batch(25)
+        .with_dead_letters(letters.clone())
+        .with_failure_policy(policy(FailureMode::BlockStream));
+    runner.catch_up().await.unwrap();
+
+    let poison: Vec<u64> = (1..=M).filter(|n| n % 13 == 0).collect();
+    let blocked = |n: u64| poison.iter().any(|p| p % 7 == n % 7 && *p <= n);
+    let applied: Vec<u64> = (1..=M).filter(|n| !blocked(*n)).collect();
+    assert_eq!(
+        totals.all(),
+        (applied.iter().sum(), applied.len() as u64),
+        "the other streams went on; nothing after a poison of its stream was applied"
+    );
+    let parked = letters.list("account_totals");
+    assert_eq!(parked.len() as u64, M - applied.len() as u64);
+    let failed: Vec<_> = parked.iter().filter(|l| l.attempts > 0).collect();
+    assert_eq!(
+        failed.len(),
+        poison.len(),
+        "the dead letters are the poisons"
+    );
+    assert!(
+        failed
+            .iter()
+            .all(|l| l.attempts == 3 && l.error.contains("poison deposit"))
+    );
+    assert!(
+        parked
+            .iter()
+            .filter(|l| l.attempts == 0)
+            .all(|l| l.error == WAITS_BEHIND)
+    );
+    assert_eq!(runner.metrics().parked, parked.len() as u64);
+
+    // Still poisoned: the redrive keeps them all, with one more attempt on the first of each stream.
+    let again = runner.retry_all().await;
+    assert_eq!((again.applied, again.failed), (0, poison.len()));
+    assert_eq!(letters.list("account_totals").len(), parked.len());
+
+    // Fixed: the redrive applies each stream's letters in order, and the totals are a clean run's.
+    let (mut fixed, ()) = runner.into_parts();
+    fixed.poison = false;
+    let mut runner = ProjectionRunner::new(store.clone(), fixed, ())
+        .with_dead_letters(letters.clone())
+        .with_failure_policy(policy(FailureMode::BlockStream));
+    let redrive = runner.retry_all().await;
+    assert_eq!((redrive.applied, redrive.failed), (parked.len(), 0));
+    assert_eq!(totals.all(), (sum(M), M));
+    assert!(letters.list("account_totals").is_empty());
+}
+
+#[tokio::test]
+async fn skip_mode_parks_only_the_failures_and_purge_drops_them() {
+    let store = InMemoryEventStore::new();
+    deposit(&store, 1, 30).await;
+    let totals = Totals {
+        poison: true,
+        ..Totals::default()
+    };
+    let letters = InMemoryDeadLetters::new();
+    let mut runner = ProjectionRunner::new(store.clone(), totals.clone(), ())
+        .with_dead_letters(letters.clone())
+        .with_failure_policy(policy(FailureMode::Skip));
+    runner.catch_up().await.unwrap();
+    let listed = letters.list("account_totals");
+    let mut amounts: Vec<_> = listed
+        .iter()
+        .map(|l| (l.stream.to_string(), l.attempts))
+        .collect();
+    amounts.sort();
+    assert_eq!(
+        amounts,
+        [("account/a5".to_owned(), 3), ("account/a6".to_owned(), 3)],
+        "the deposits of 13 (a6) and 26 (a5) only"
+    );
+    assert_eq!(totals.all(), (sum(30) - 13 - 26, 28));
+    assert_eq!(
+        letters.purge(
+            "account_totals",
+            Some(chrono::Utc::now() - chrono::Duration::hours(1))
+        ),
+        0
+    );
+    assert_eq!(letters.purge("other_projection", None), 0);
+    assert_eq!(letters.purge("account_totals", None), 2);
+    assert!(letters.list("account_totals").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_during_writes_equals_a_clean_replay() {
+    const M: u64 = 2_000;
+    let store = InMemoryEventStore::new();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for n in (1..=M).step_by(10) {
+                deposit(&store, n, n + 9).await;
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    while store.len() < 200 {
+        tokio::task::yield_now().await;
+    }
+    let totals = Totals::default();
+    let mut runner = ProjectionRunner::new(store.clone(), totals.clone(), ()).with_batch(64);
+    runner.catch_up().await.unwrap();
+    let replayed = runner
+        .rebuild(|totals, ()| totals.state.lock().unwrap().clear())
+        .await
+        .unwrap();
+    writer.await.unwrap();
+    runner.catch_up().await.unwrap();
+    assert_eq!(totals.all(), (sum(M), M));
+    assert!(replayed > 0);
+
+    let clean = Totals::default();
+    ProjectionRunner::new(store.clone(), clean.clone(), ())
+        .catch_up()
+        .await
+        .unwrap();
+    assert_eq!(*clean.state.lock().unwrap(), *totals.state.lock().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_mid_catch_up_keeps_state_and_checkpoint_together() {
+    let store = InMemoryEventStore::new();
+    deposit(&store, 1, 5_000).await;
+    for stop_after in [0u64, 1, 2, 5] {
+        let totals = Totals::default();
+        let checkpoints = Arc::new(InMemoryCheckpoints::new());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let runner = tokio::spawn(
+            ProjectionRunner::new(store.clone(), totals.clone(), ())
+                .with_checkpoints(checkpoints.clone())
+                .with_batch(50)
+                .run(Duration::from_secs(60), async {
+                    let _ = stopped.await;
+                }),
+        );
+        tokio::time::sleep(Duration::from_millis(stop_after)).await;
+        stop.send(()).unwrap();
+        let mut runner = runner.await.unwrap().unwrap();
+        let checkpoint = runner.checkpoint().await.unwrap();
+        let read = store.read_all(Checkpoint::START, usize::MAX).await.unwrap();
+        let up_to = read.iter().filter(|e| e.checkpoint <= checkpoint).count() as u64;
+        assert_eq!(
+            totals.all().1,
+            up_to,
+            "stopped after {stop_after} ms: the state holds exactly the events up to the checkpoint"
+        );
+        assert_eq!(
+            checkpoints.load("account_totals").await.unwrap(),
+            checkpoint
+        );
+    }
+}

@@ -3,6 +3,7 @@
 pub mod projection;
 mod rows;
 mod sql;
+mod tx;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -18,12 +19,13 @@ use cqrs_core::{
 };
 use futures::stream::{BoxStream, StreamExt};
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
-use sqlx::{Acquire, AssertSqlSafe, PgConnection, Row};
+use sqlx::{AssertSqlSafe, PgConnection, Row};
 
 pub use sqlx;
 
 use crate::rows::{backend, fetch_events, replay_event, stored_event, to_i64, to_u64};
 use crate::sql::Sql;
+use crate::tx::Tx;
 
 /// The embedded migrations: the events, snapshots and command-key tables.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -254,6 +256,64 @@ impl PostgresEventStore {
         )))
     }
 
+    /// One try of a keyed append in `conn`'s transaction: the key first (a racing caller with the
+    /// same key waits on it until this transaction ends, then sees the key and these events, or
+    /// takes it), then the expected version, the events, the inline projections and the key's
+    /// versions.
+    async fn append_keyed_in(
+        &self,
+        conn: &mut PgConnection,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: &[EventData],
+        key: &str,
+    ) -> Result<Keyed, StoreError> {
+        let claimed = sqlx::query(AssertSqlSafe(self.sql.claim_key.clone()))
+            .bind(key)
+            .bind(&stream.aggregate_type)
+            .bind(stream.aggregate_id.as_str())
+            .execute(&mut *conn)
+            .await
+            .map_err(backend)?;
+        if claimed.rows_affected() == 0 {
+            return Ok(Keyed::KeyTaken);
+        }
+        let actual = stream_version_on(&mut *conn, &self.sql, stream).await?;
+        if !expected.is_met_by(actual) {
+            return Err(StoreError::Conflict {
+                stream: stream.clone(),
+                expected,
+                actual,
+            });
+        }
+        let result = if events.is_empty() {
+            AppendResult {
+                stream: stream.clone(),
+                version: actual,
+                events: Vec::new(),
+            }
+        } else {
+            match insert_at(&mut *conn, &self.sql, stream, actual, events).await {
+                Ok(result) => result,
+                Err(Insert::Failed(error)) => return Err(error),
+                Err(Insert::Lost) => return Ok(Keyed::Lost),
+            }
+        };
+        self.run_inline(conn, &result, events).await?;
+        let first = result
+            .events
+            .first()
+            .map_or(result.version + 1, |e| e.version);
+        sqlx::query(AssertSqlSafe(self.sql.set_key_versions.clone()))
+            .bind(key)
+            .bind(to_i64(first)?)
+            .bind(to_i64(result.version)?)
+            .execute(&mut *conn)
+            .await
+            .map_err(backend)?;
+        Ok(Keyed::Appended(result))
+    }
+
     /// Inserts and runs the inline projections in one transaction.
     async fn insert_with_inline(
         &self,
@@ -261,23 +321,25 @@ impl PostgresEventStore {
         base: u64,
         events: &[EventData],
     ) -> Result<AppendResult, Insert> {
-        let mut tx = self
-            .pool
-            .begin()
+        let mut tx = Tx::begin(&self.pool)
             .await
             .map_err(|e| Insert::Failed(backend(e)))?;
-        let result = insert_at(&mut *tx, &self.sql, stream, base, events).await?;
-        self.run_inline(&mut tx, &result, events)
-            .await
-            .map_err(Insert::Failed)?;
-        tx.commit().await.map_err(|e| {
+        let outcome = async {
+            let result = insert_at(&mut *tx, &self.sql, stream, base, events).await?;
+            self.run_inline(&mut tx, &result, events)
+                .await
+                .map_err(Insert::Failed)?;
+            Ok(result)
+        }
+        .await;
+        tx.end(outcome, |e| {
             if is_unique_violation(&e) {
                 Insert::Lost
             } else {
                 Insert::Failed(backend(e))
             }
-        })?;
-        Ok(result)
+        })
+        .await
     }
 
     /// Applies the just-appended events to the inline projections, in the append's transaction.
@@ -378,30 +440,35 @@ async fn copy_at(
         copy_escape(&mut data, &metadata);
         data.push('\n');
     }
-    let mut tx = pool.begin().await.map_err(failed)?;
+    let mut tx = Tx::begin(pool).await.map_err(failed)?;
     if base > 0 {
-        let at_base: bool = sqlx::query_scalar(AssertSqlSafe(sql.version_exists.clone()))
+        let at_base = sqlx::query_scalar(AssertSqlSafe(sql.version_exists.clone()))
             .bind(&stream.aggregate_type)
             .bind(stream.aggregate_id.as_str())
             .bind(base_i64)
             .fetch_one(&mut *tx)
             .await
-            .map_err(failed)?;
-        if !at_base {
-            return Err(Insert::Lost);
+            .map_err(failed);
+        if !matches!(at_base, Ok(true)) {
+            tx.rollback().await;
+            return Err(at_base.err().unwrap_or(Insert::Lost));
         }
     }
     let mut copy = tx.copy_in_raw(&sql.copy).await.map_err(failed)?;
+    // A failure while sending leaves the protocol state to chance: returning drops the
+    // transaction, which closes the connection. `finish` reports the server's verdict cleanly.
     copy.send(data.as_bytes()).await.map_err(failed)?;
-    copy.finish().await.map_err(failed)?;
-    let row = sqlx::query(AssertSqlSafe(sql.copied_positions.clone()))
-        .bind(&stream.aggregate_type)
-        .bind(stream.aggregate_id.as_str())
-        .bind(base_i64)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(failed)?;
-    tx.commit().await.map_err(failed)?;
+    let outcome = match copy.finish().await {
+        Ok(_) => sqlx::query(AssertSqlSafe(sql.copied_positions.clone()))
+            .bind(&stream.aggregate_type)
+            .bind(stream.aggregate_id.as_str())
+            .bind(base_i64)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(failed),
+        Err(error) => Err(failed(error)),
+    };
+    let row = tx.end(outcome, failed).await?;
     appended_from(&row, stream, base, events)
 }
 
@@ -459,6 +526,16 @@ fn appended_from(
         version: base + events.len() as u64,
         events: appended,
     })
+}
+
+/// How one try of a keyed append in a transaction ended.
+enum Keyed {
+    /// Appended (and the key recorded): commit.
+    Appended(AppendResult),
+    /// Another caller recorded the key first.
+    KeyTaken,
+    /// Another writer took a version first.
+    Lost,
 }
 
 /// Why an `INSERT` attempt did not append.
@@ -655,54 +732,32 @@ impl EventStore for PostgresEventStore {
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
         for _ in 0..ANY_VERSION_ATTEMPTS {
-            let mut conn = self.pool.acquire().await.map_err(backend)?;
-            let mut tx = conn.begin().await.map_err(backend)?;
-            // The key first: a racing caller with the same key waits here until we commit or roll
-            // back, then sees the key (and our events) or takes it.
-            let claimed = sqlx::query(AssertSqlSafe(self.sql.claim_key.clone()))
-                .bind(key)
-                .bind(&stream.aggregate_type)
-                .bind(stream.aggregate_id.as_str())
-                .execute(&mut *tx)
+            let mut tx = Tx::begin(&self.pool).await.map_err(backend)?;
+            match self
+                .append_keyed_in(&mut tx, stream, expected, &events, key)
                 .await
-                .map_err(backend)?;
-            if claimed.rows_affected() == 0 {
-                drop(tx);
-                let record = self.find_key(key).await?;
-                return Err(record.map_or_else(
-                    || StoreError::backend(format!("idempotency key `{key}` vanished")),
-                    |r| StoreError::KeyUsed(Box::new(r)),
-                ));
-            }
-            let actual = stream_version_on(&mut *tx, &self.sql, stream).await?;
-            if !expected.is_met_by(actual) {
-                return Err(StoreError::Conflict {
-                    stream: stream.clone(),
-                    expected,
-                    actual,
-                });
-            }
-            let result = if events.is_empty() {
-                AppendResult {
-                    stream: stream.clone(),
-                    version: actual,
-                    events: Vec::new(),
+            {
+                Ok(Keyed::Appended(result)) => {
+                    tx.commit().await.map_err(backend)?;
+                    return Ok(result);
                 }
-            } else {
-                match insert_at(&mut *tx, &self.sql, stream, actual, &events).await {
-                    Ok(result) => result,
-                    Err(Insert::Failed(error)) => return Err(error),
-                    Err(Insert::Lost) => {
-                        drop(tx);
-                        if let Some(error) = self.classify_ids(stream, &events).await? {
-                            return Err(error);
-                        }
-                        if matches!(
-                            expected,
-                            ExpectedVersion::Any | ExpectedVersion::StreamExists
-                        ) {
-                            continue;
-                        }
+                Ok(Keyed::KeyTaken) => {
+                    tx.rollback().await;
+                    let record = self.find_key(key).await?;
+                    return Err(record.map_or_else(
+                        || StoreError::backend(format!("idempotency key `{key}` vanished")),
+                        |r| StoreError::KeyUsed(Box::new(r)),
+                    ));
+                }
+                Ok(Keyed::Lost) => {
+                    tx.rollback().await;
+                    if let Some(error) = self.classify_ids(stream, &events).await? {
+                        return Err(error);
+                    }
+                    if !matches!(
+                        expected,
+                        ExpectedVersion::Any | ExpectedVersion::StreamExists
+                    ) {
                         return Err(StoreError::Conflict {
                             stream: stream.clone(),
                             expected,
@@ -710,21 +765,11 @@ impl EventStore for PostgresEventStore {
                         });
                     }
                 }
-            };
-            self.run_inline(&mut tx, &result, &events).await?;
-            let first = result
-                .events
-                .first()
-                .map_or(result.version + 1, |e| e.version);
-            sqlx::query(AssertSqlSafe(self.sql.set_key_versions.clone()))
-                .bind(key)
-                .bind(to_i64(first)?)
-                .bind(to_i64(result.version)?)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-            tx.commit().await.map_err(backend)?;
-            return Ok(result);
+                Err(error) => {
+                    tx.rollback().await;
+                    return Err(error);
+                }
+            }
         }
         Err(StoreError::backend(format!(
             "{stream}: lost the race for a version {ANY_VERSION_ATTEMPTS} times in a row"

@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use crate::PostgresEventStore;
 use crate::rows::{backend, to_i64, to_u64};
+use crate::tx::Tx;
 
 /// Why a projection worker stopped.
 #[derive(Debug, thiserror::Error)]
@@ -300,8 +301,23 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         last: Checkpoint,
         careful: bool,
     ) -> Result<Step, WorkerError> {
-        let mut tx = self.store.pool().begin().await.map_err(backend)?;
-        let mut blocked = self.blocked_streams(&mut tx).await?;
+        let mut tx = Tx::begin(self.store.pool()).await.map_err(backend)?;
+        let outcome = self
+            .apply_batch_on(&mut tx, epoch, page, last, careful)
+            .await;
+        tx.end(outcome, |e| WorkerError::Store(backend(e))).await
+    }
+
+    /// The body of [`Self::apply_batch_in`], in transaction `tx`.
+    async fn apply_batch_on(
+        &mut self,
+        tx: &mut PgConnection,
+        epoch: i64,
+        page: &[cqrs_core::StoredEvent],
+        last: Checkpoint,
+        careful: bool,
+    ) -> Result<Step, WorkerError> {
+        let mut blocked = self.blocked_streams(&mut *tx).await?;
         let mut applied = 0;
         let mut parked = 0;
         for event in page {
@@ -314,14 +330,14 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
                     attempts: 0,
                     first_failed_at: chrono::Utc::now(),
                 };
-                self.park(&mut tx, event, &waits).await?;
+                self.park(&mut *tx, event, &waits).await?;
                 parked += 1;
                 continue;
             }
             if !careful {
                 // Any failure rolls this transaction back; the caller runs the batch carefully.
                 self.projection
-                    .apply(event, &mut tx)
+                    .apply(event, &mut *tx)
                     .instrument(event_span(P::NAME, event))
                     .await?;
                 applied += 1;
@@ -329,7 +345,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             }
             let span = event_span(P::NAME, event);
             match self
-                .apply_with_retries(&mut tx, event)
+                .apply_with_retries(&mut *tx, event)
                 .instrument(span)
                 .await?
             {
@@ -340,7 +356,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
                         attempts = failure.attempts, error = %failure.error,
                         "parking the event as a dead letter"
                     );
-                    self.park(&mut tx, event, &failure).await?;
+                    self.park(&mut *tx, event, &failure).await?;
                     parked += 1;
                     blocked.insert(event.stream.clone());
                 }
@@ -356,10 +372,9 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             .await
             .map_err(backend)?;
         if moved.rows_affected() != 1 {
-            // Dropping the transaction rolls back the read-model change too.
+            // The caller rolls back the read-model change too.
             return Err(self.lease_lost(epoch));
         }
-        tx.commit().await.map_err(backend)?;
         Ok(Step {
             read: page.len(),
             applied,
@@ -482,57 +497,60 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
     /// [`WorkerError::LeaseLost`] when this worker does not own the projection, store failures.
     pub async fn retry(&mut self, stream: &cqrs_core::StreamId) -> Result<Redrive, WorkerError> {
         let epoch = self.owned_epoch()?;
-        let mut tx = self.store.pool().begin().await.map_err(backend)?;
-        let held = sqlx::query(AssertSqlSafe(self.store.sql.hold_lease.clone()))
-            .bind(P::NAME)
-            .bind(epoch)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(backend)?;
-        if held.is_none() {
-            return Err(self.lease_lost(epoch));
-        }
-        let letters = sqlx::query(AssertSqlSafe(self.store.sql.stream_dead_letters.clone()))
-            .bind(P::NAME)
-            .bind(&stream.aggregate_type)
-            .bind(stream.aggregate_id.as_str())
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(backend)?
-            .iter()
-            .map(dead_letter)
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut redrive = Redrive::default();
-        for letter in letters {
-            let row = sqlx::query(AssertSqlSafe(self.store.sql.event_by_id.clone()))
-                .bind(letter.event_id.0)
-                .fetch_one(&mut *tx)
+        let mut tx = Tx::begin(self.store.pool()).await.map_err(backend)?;
+        let outcome = async {
+            let held = sqlx::query(AssertSqlSafe(self.store.sql.hold_lease.clone()))
+                .bind(P::NAME)
+                .bind(epoch)
+                .fetch_optional(&mut *tx)
                 .await
                 .map_err(backend)?;
-            let event = crate::rows::stored_event(&row)?;
-            match self.apply_with_retries(&mut tx, &event).await? {
-                None => {
-                    sqlx::query(AssertSqlSafe(self.store.sql.resolve_dead_letter.clone()))
-                        .bind(letter.id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(backend)?;
-                    redrive.applied += 1;
-                }
-                Some(failure) => {
-                    sqlx::query(AssertSqlSafe(self.store.sql.fail_dead_letter.clone()))
-                        .bind(letter.id)
-                        .bind(failure.error)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(backend)?;
-                    redrive.failed += 1;
-                    break;
+            if held.is_none() {
+                return Err(self.lease_lost(epoch));
+            }
+            let letters = sqlx::query(AssertSqlSafe(self.store.sql.stream_dead_letters.clone()))
+                .bind(P::NAME)
+                .bind(&stream.aggregate_type)
+                .bind(stream.aggregate_id.as_str())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(backend)?
+                .iter()
+                .map(dead_letter)
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut redrive = Redrive::default();
+            for letter in letters {
+                let row = sqlx::query(AssertSqlSafe(self.store.sql.event_by_id.clone()))
+                    .bind(letter.event_id.0)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(backend)?;
+                let event = crate::rows::stored_event(&row)?;
+                match self.apply_with_retries(&mut tx, &event).await? {
+                    None => {
+                        sqlx::query(AssertSqlSafe(self.store.sql.resolve_dead_letter.clone()))
+                            .bind(letter.id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(backend)?;
+                        redrive.applied += 1;
+                    }
+                    Some(failure) => {
+                        sqlx::query(AssertSqlSafe(self.store.sql.fail_dead_letter.clone()))
+                            .bind(letter.id)
+                            .bind(failure.error)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(backend)?;
+                        redrive.failed += 1;
+                        break;
+                    }
                 }
             }
+            Ok(redrive)
         }
-        tx.commit().await.map_err(backend)?;
-        Ok(redrive)
+        .await;
+        tx.end(outcome, |e| WorkerError::Store(backend(e))).await
     }
 
     /// Rebuilds the read model from the first event: in one transaction under this worker's lease,
@@ -550,23 +568,27 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>>,
     {
         let epoch = self.owned_epoch()?;
-        let mut tx = self.store.pool().begin().await.map_err(backend)?;
-        let moved = sqlx::query(AssertSqlSafe(self.store.sql.reset_checkpoint.clone()))
-            .bind(P::NAME)
-            .bind(epoch)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-        if moved.rows_affected() != 1 {
-            return Err(self.lease_lost(epoch));
+        let mut tx = Tx::begin(self.store.pool()).await.map_err(backend)?;
+        let outcome = async {
+            let moved = sqlx::query(AssertSqlSafe(self.store.sql.reset_checkpoint.clone()))
+                .bind(P::NAME)
+                .bind(epoch)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            if moved.rows_affected() != 1 {
+                return Err(self.lease_lost(epoch));
+            }
+            reset(&mut tx).await.map_err(backend)?;
+            sqlx::query(AssertSqlSafe(self.store.sql.reset_dead_letters.clone()))
+                .bind(P::NAME)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            Ok(())
         }
-        reset(&mut tx).await.map_err(backend)?;
-        sqlx::query(AssertSqlSafe(self.store.sql.reset_dead_letters.clone()))
-            .bind(P::NAME)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-        tx.commit().await.map_err(backend)?;
+        .await;
+        tx.end(outcome, |e| WorkerError::Store(backend(e))).await?;
         tracing::info!(projection = P::NAME, "rebuilding from the first event");
         self.catch_up().await
     }

@@ -665,3 +665,83 @@ async fn gateway_keys_and_snapshots_on_postgres() {
     let (account, version) = open.load("acc").await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((account.balance_cents, version), (151, 152));
 }
+
+/// Whether the pool's next connection is still inside a transaction begun by an earlier
+/// statement: `SAVEPOINT` is refused outside a transaction block.
+async fn inside_a_stale_transaction(pool: &sqlx::PgPool) -> bool {
+    let mut conn = pool.acquire().await.unwrap_or_else(|e| panic!("{e}"));
+    match sqlx::query("SAVEPOINT probe").execute(&mut *conn).await {
+        Ok(_) => {
+            sqlx::query("ROLLBACK")
+                .execute(&mut *conn)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            true
+        }
+        Err(error) => {
+            assert!(
+                error.to_string().contains("transaction block"),
+                "unexpected: {error}"
+            );
+            false
+        }
+    }
+}
+
+/// Appends that open a transaction (with an idempotency key; 1,000 events by COPY) are cut at
+/// random points on a pool of one connection: the connection is never handed on inside the cut
+/// transaction (sqlx 0.9.0's own `begin` would, transact-rs/sqlx#4393), and a later append commits
+/// for real (another pool sees it).
+#[tokio::test]
+async fn cut_transactions_never_leak_into_the_next_use_of_the_connection() {
+    let store = fresh_store_with("cut_transactions", 1).await;
+    let other = pool(1).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut cut_mid_flight = 0;
+    for i in 0..150 {
+        let s = stream(&format!("c{i}"));
+        let cut = Duration::from_micros(rng.random_range(0..4_000));
+        let append = async {
+            if i % 2 == 0 {
+                store
+                    .append_with_key(
+                        &s,
+                        ExpectedVersion::NoStream,
+                        vec![event(0)],
+                        &format!("k{i}"),
+                    )
+                    .await
+            } else {
+                store
+                    .append(
+                        &s,
+                        ExpectedVersion::NoStream,
+                        (0..1_000).map(event).collect(),
+                    )
+                    .await
+            }
+        };
+        if tokio::time::timeout(cut, append).await.is_err() {
+            cut_mid_flight += 1;
+        }
+        assert!(
+            !inside_a_stale_transaction(store.pool()).await,
+            "cut {i} after {cut:?} left the connection inside its transaction"
+        );
+    }
+    let last = stream("after-the-cuts");
+    store
+        .append(&last, ExpectedVersion::NoStream, vec![event(0)])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let seen: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM \"{}\".events WHERE aggregate_id = 'after-the-cuts'",
+        store.schema()
+    )))
+    .fetch_one(&other)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(seen, 1, "the append after the cuts is committed");
+    assert!(cut_mid_flight > 30, "only {cut_mid_flight} of 150 were cut");
+    eprintln!("cut transactions: {cut_mid_flight} of 150 appends cut mid-flight, 0 leaked");
+}

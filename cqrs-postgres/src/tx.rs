@@ -1,0 +1,99 @@
+//! Transactions that stay safe when the future using them is dropped.
+//!
+//! sqlx 0.9.0's `Pool::begin` is not cancel-safe on PostgreSQL (transact-rs/sqlx#4393, fixed after
+//! 0.9.0): a future dropped while `BEGIN` is in flight returns the connection to the pool inside a
+//! transaction nothing ends, and the next borrower's statements run in it, holding its locks and
+//! never committing. A `COPY` cut midway leaves the connection's protocol state behind too. The
+//! store's projections are cancelled by design (a shutdown drops the batch in flight), and any
+//! caller may wrap an append in a timeout, so the store opens its transactions here instead:
+//! `BEGIN`, `COMMIT` and `ROLLBACK` are plain statements, a transaction that ends normally (commit,
+//! or rollback after an error) gives its connection back, and one dropped before it ended closes
+//! its connection, which makes the server roll it back.
+
+use std::ops::{Deref, DerefMut};
+
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
+
+/// An open transaction on a pooled connection.
+pub(crate) struct Tx {
+    conn: Option<PoolConnection<Postgres>>,
+    finished: bool,
+}
+
+impl Tx {
+    /// Takes a connection and opens a transaction on it.
+    pub(crate) async fn begin(pool: &PgPool) -> Result<Self, sqlx::Error> {
+        let mut tx = Self {
+            conn: Some(pool.acquire().await?),
+            finished: false,
+        };
+        // Dropped from here on, `Drop` ends whatever reached the server.
+        sqlx::query("BEGIN").execute(&mut *tx).await?;
+        Ok(tx)
+    }
+
+    /// Commits. Whatever the outcome, the server ended the transaction (a `COMMIT` that fails
+    /// rolls back), unless the connection broke, and then the pool drops it.
+    pub(crate) async fn commit(mut self) -> Result<(), sqlx::Error> {
+        let committed = sqlx::query("COMMIT").execute(&mut *self).await;
+        self.finished = true;
+        committed.map(drop)
+    }
+}
+
+impl Tx {
+    /// Rolls back (the statements so far completed: the connection goes back to the pool).
+    pub(crate) async fn rollback(mut self) {
+        let rolled_back = sqlx::query("ROLLBACK").execute(&mut *self).await;
+        // If even that failed, `Drop` closes the connection.
+        self.finished = rolled_back.is_ok();
+    }
+
+    /// Ends the transaction by `outcome`: commits an `Ok` (a failing commit is `commit_failed`),
+    /// rolls back an `Err` and returns it.
+    pub(crate) async fn end<T, E>(
+        self,
+        outcome: Result<T, E>,
+        commit_failed: impl FnOnce(sqlx::Error) -> E,
+    ) -> Result<T, E> {
+        match outcome {
+            Ok(value) => self.commit().await.map(|()| value).map_err(commit_failed),
+            Err(error) => {
+                self.rollback().await;
+                Err(error)
+            }
+        }
+    }
+}
+
+impl Deref for Tx {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        // `conn` is `None` only inside `drop`.
+        self.conn
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("a transaction's connection is taken only on drop"))
+    }
+}
+
+impl DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn
+            .as_deref_mut()
+            .unwrap_or_else(|| unreachable!("a transaction's connection is taken only on drop"))
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Cut midway (a dropped future, a panic): the connection's state is unknown, so it is
+            // closed rather than reused, and the server rolls the transaction back.
+            if let Some(conn) = self.conn.take() {
+                drop(conn.detach());
+            }
+        }
+    }
+}

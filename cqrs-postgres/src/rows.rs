@@ -54,10 +54,11 @@ pub(crate) async fn fetch_events<'q>(
 /// A row of `EVENT_COLUMNS` as a stored event. The payload stays JSON (decoding it is the caller's);
 /// unreadable metadata or numbers are [`StoreError::Corrupt`] naming the event.
 pub(crate) fn stored_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
-    let aggregate_type: String = row.try_get("aggregate_type").map_err(backend)?;
-    let aggregate_id: String = row.try_get("aggregate_id").map_err(backend)?;
+    // By index (`sql::EVENT_COLUMNS`): a lookup by name costs a hash per column of every event.
+    let aggregate_type: String = row.try_get(3).map_err(backend)?;
+    let aggregate_id: String = row.try_get(4).map_err(backend)?;
     let stream = StreamId::new(aggregate_type, AggregateId::new(aggregate_id));
-    let version: i64 = row.try_get("version").map_err(backend)?;
+    let version: i64 = row.try_get(5).map_err(backend)?;
     let corrupt = |message: String| StoreError::Corrupt {
         stream: stream.clone(),
         version: u64::try_from(version).unwrap_or(0),
@@ -65,12 +66,12 @@ pub(crate) fn stored_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
     };
     let version =
         u64::try_from(version).map_err(|_| corrupt(format!("negative version {version}")))?;
-    let position: i64 = row.try_get("global_position").map_err(backend)?;
-    let transaction: String = row.try_get("transaction_text").map_err(backend)?;
-    let schema_version: i32 = row.try_get("schema_version").map_err(backend)?;
+    let position: i64 = row.try_get(0).map_err(backend)?;
+    let transaction: &str = row.try_get(1).map_err(backend)?;
+    let schema_version: i32 = row.try_get(7).map_err(backend)?;
     // Straight into the struct: no `serde_json::Value` in between.
-    let metadata: Result<sqlx::types::Json<Metadata>, _> = row.try_get("metadata");
-    let event_id: uuid::Uuid = row.try_get("event_id").map_err(backend)?;
+    let metadata: Result<sqlx::types::Json<Metadata>, _> = row.try_get(9);
+    let event_id: uuid::Uuid = row.try_get(2).map_err(backend)?;
     Ok(StoredEvent {
         event_id: EventId(event_id),
         version,
@@ -81,11 +82,11 @@ pub(crate) fn stored_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
             u64::try_from(position)
                 .map_err(|_| corrupt(format!("negative position {position}")))?,
         ),
-        recorded_at: row.try_get("recorded_at").map_err(backend)?,
-        event_type: row.try_get("event_type").map_err(backend)?,
+        recorded_at: row.try_get(10).map_err(backend)?,
+        event_type: row.try_get(6).map_err(backend)?,
         schema_version: u32::try_from(schema_version)
             .map_err(|_| corrupt(format!("negative schema version {schema_version}")))?,
-        payload: row.try_get("payload").map_err(backend)?,
+        payload: row.try_get(8).map_err(backend)?,
         metadata: metadata.map_err(|e| corrupt(format!("metadata: {e}")))?.0,
         stream,
     })

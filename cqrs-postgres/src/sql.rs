@@ -3,7 +3,8 @@
 
 use cqrs_core::StoreError;
 
-/// The columns every read of events selects. The transaction id goes out as text under another name:
+/// The columns every read of events selects, first and in this order (`rows::stored_event` reads
+/// them by index). The transaction id goes out as text under another name:
 /// an output column named `transaction_id` would be what `ORDER BY transaction_id` sorts by, as
 /// text, where "100023" < "99984" (the soak test caught exactly that).
 const EVENT_COLUMNS: &str = "global_position, transaction_id::text AS transaction_text, event_id, \
@@ -135,7 +136,7 @@ impl Sql {
             // (aggregate type, event type) pairs.
             read_window_filtered: format!(
                 "WITH scanned AS MATERIALIZED ( \
-                   SELECT transaction_id AS xid, {EVENT_COLUMNS} FROM {s}.events \
+                   SELECT {EVENT_COLUMNS}, transaction_id AS xid FROM {s}.events \
                    WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
                      AND (transaction_id, global_position) > ($1::text::xid8, $2) \
                    ORDER BY transaction_id, global_position LIMIT $3), \

@@ -681,3 +681,54 @@ async fn inline_projections_give_read_your_writes() {
     );
     assert_eq!(totals(&store).await, (sum(5), 5));
 }
+
+/// The worker reads plainly while most events are subscribed and lets the server filter while few
+/// are: phases of dense and sparse subscribed events, with prefetched windows, give exactly the
+/// subscribed events, and the checkpoint reaches the head.
+#[tokio::test]
+async fn dense_and_sparse_phases_give_exactly_the_subscribed_events() {
+    let _horizon = XMIN_HORIZON.read().await;
+    let store = setup("projection_phases", 0).await;
+    let noise = |n: u64| EventData {
+        event_id: cqrs_core::EventId::new(),
+        event_type: "Noise".into(),
+        schema_version: 1,
+        payload: serde_json::json!({ "n": n }),
+        metadata: Metadata::default(),
+    };
+    let mut expected = 0;
+    let mut next = 1;
+    for (deposits, noises) in [(120u64, 0u64), (3, 400), (90, 5), (0, 300), (40, 0)] {
+        append_deposits(&store, next, next + deposits - 1).await;
+        expected += deposits;
+        next += deposits;
+        if noises > 0 {
+            store
+                .append(
+                    &StreamId::new("noise", format!("n{next}")),
+                    ExpectedVersion::Any,
+                    (0..noises).map(noise).collect(),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    let mut worker =
+        ProjectionWorker::new(store.clone(), DepositTotals::new(&store), "w").with_batch(50);
+    assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
+    let applied = worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(applied as u64, expected);
+    assert_eq!(
+        totals(&store).await,
+        (sum(expected), i64::try_from(expected).unwrap_or(0))
+    );
+    assert_eq!(
+        worker.checkpoint().await.unwrap_or_else(|e| panic!("{e}")),
+        store
+            .head()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_default()
+    );
+    assert_eq!(worker.lag().await.unwrap_or_else(|e| panic!("{e}")), 0);
+}

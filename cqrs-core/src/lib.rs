@@ -14,6 +14,7 @@ pub mod event;
 pub mod gateway;
 pub mod projection;
 pub mod query;
+pub mod saga;
 pub mod store;
 pub mod testing;
 

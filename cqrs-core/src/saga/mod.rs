@@ -1,0 +1,442 @@
+//! Sagas: multi-step business transactions that end completed or fully compensated, across
+//! crashes.
+//!
+//! A saga is a table of steps ([`Saga::STEPS`], in order), each with an execute function, an
+//! optional compensation, a retry policy and a timeout. The [`Orchestrator`] runs one instance at a
+//! time through its [`SagaStore`]: the state and each step's outcome are saved before the next
+//! move, so a restarted orchestrator resumes where the last save left off. A step that fails after
+//! its retries runs the compensations of the completed steps in reverse order; a compensation that
+//! keeps failing leaves the saga [`SagaStatus::Failed`] with the error, and it is tried again later
+//! ([`Orchestrator::run_due`]), never dropped.
+//!
+//! Steps get a stable [`StepKey`] (saga id + step name): a step whose effect happened but whose
+//! completion was not saved before a crash runs again with the same key, so the services it calls
+//! dedupe on it. A step whose completion was saved never runs again.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The id of one saga instance (UUID v7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SagaId(pub Uuid);
+
+impl SagaId {
+    /// A new id.
+    #[must_use]
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+}
+
+impl Default for SagaId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for SagaId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The stable key of one step of one saga, for the services a step calls to dedupe on. The
+/// compensation of a step has its own key (`compensate` set).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StepKey {
+    /// The saga instance.
+    pub saga: SagaId,
+    /// The step's name.
+    pub step: &'static str,
+    /// Whether this is the step's compensation.
+    pub compensate: bool,
+}
+
+impl fmt::Display for StepKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let action = if self.compensate {
+            "compensate"
+        } else {
+            "execute"
+        };
+        write!(f, "{}/{}/{action}", self.saga, self.step)
+    }
+}
+
+/// How a step (or its compensation) is retried before it counts as failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Tries in all (at least 1).
+    pub attempts: u32,
+    /// The wait before the second try; it doubles for each further try.
+    pub backoff: Duration,
+    /// The longest wait between tries.
+    pub max_delay: Duration,
+}
+
+impl RetryPolicy {
+    /// One try, no retry.
+    pub const NONE: Self = Self {
+        attempts: 1,
+        backoff: Duration::ZERO,
+        max_delay: Duration::ZERO,
+    };
+
+    /// The wait after failed try `attempt` (1-based): exponential, capped at `max_delay`, with
+    /// "equal jitter" (half fixed, half spread by `seed`) so that sagas failing together do not
+    /// retry together.
+    #[must_use]
+    pub fn delay(&self, attempt: u32, seed: u64) -> Duration {
+        let exponential = self
+            .backoff
+            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
+            .min(self.max_delay);
+        let half = exponential / 2;
+        // splitmix64 of the seed and the attempt: a spread in [0, 1).
+        let mut z = seed ^ u64::from(attempt).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let spread = (z >> 11) as f64 / (1u64 << 53) as f64;
+        half + half.mul_f64(spread)
+    }
+}
+
+/// One entry of a saga's step table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepSpec {
+    /// The step's stable name (stored with each outcome).
+    pub name: &'static str,
+    /// Whether the step has a compensation.
+    pub compensable: bool,
+    /// How the step and its compensation are retried.
+    pub retry: RetryPolicy,
+    /// How long one try may take before it counts as failed.
+    pub timeout: Option<Duration>,
+}
+
+/// The error a step or compensation returns.
+pub type StepError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A saga: its name, data, the context its steps run with, and its step table.
+pub trait Saga: Send + Sync + 'static {
+    /// The saga's stable name (stored with each instance).
+    const NAME: &'static str;
+    /// The steps, in execution order.
+    const STEPS: &'static [StepSpec];
+    /// The saga's data, stored with each instance and handed to every step.
+    type Data: Serialize + serde::de::DeserializeOwned + Send + Sync;
+    /// What the steps call (services, clients).
+    type Context: Send + Sync;
+
+    /// Runs step `step` (an index into [`Saga::STEPS`]).
+    fn execute<'a>(
+        step: usize,
+        context: &'a Self::Context,
+        data: &'a mut Self::Data,
+        key: &'a StepKey,
+    ) -> BoxFuture<'a, Result<(), StepError>>;
+
+    /// Runs the compensation of step `step`; only called for steps with `compensable`.
+    fn compensate<'a>(
+        step: usize,
+        context: &'a Self::Context,
+        data: &'a mut Self::Data,
+        key: &'a StepKey,
+    ) -> BoxFuture<'a, Result<(), StepError>>;
+}
+
+/// Where a saga instance is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SagaStatus {
+    /// Executing its steps.
+    Running,
+    /// A step failed: compensating the completed ones.
+    Compensating,
+    /// Every step completed (final).
+    Completed,
+    /// A step failed and every completed step was compensated (final).
+    Compensated,
+    /// A compensation keeps failing: tried again at `retry_at`.
+    Failed,
+}
+
+impl SagaStatus {
+    /// Whether the saga has ended for good.
+    #[must_use]
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Compensated)
+    }
+}
+
+/// What happened to one step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum StepOutcome {
+    /// Not run yet.
+    Pending,
+    /// Executed.
+    Executed,
+    /// Failed after its retries (this triggered the compensation).
+    Failed {
+        /// The last error.
+        error: String,
+    },
+    /// Compensated.
+    Compensated,
+}
+
+/// A saga instance as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SagaState {
+    /// Its id.
+    pub id: SagaId,
+    /// The saga's name.
+    pub saga: String,
+    /// Where it is.
+    pub status: SagaStatus,
+    /// The saga's data.
+    pub data: serde_json::Value,
+    /// Each step's outcome, in table order.
+    pub steps: Vec<(String, StepOutcome)>,
+    /// The error that made it compensate, or that keeps a compensation failing.
+    pub error: Option<String>,
+    /// When a failed compensation is tried again.
+    pub retry_at: Option<DateTime<Utc>>,
+    /// Bumped by every save: a save that names an older version is refused.
+    pub version: u64,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it was last saved.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Why a saga store refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SagaError {
+    /// Another orchestrator saved this saga since it was loaded (or holds it).
+    #[error("saga {id} was changed by another orchestrator (expected version {expected})")]
+    Conflict {
+        /// The saga.
+        id: SagaId,
+        /// The version this save expected.
+        expected: u64,
+    },
+    /// No saga with this id.
+    #[error("no saga {0}")]
+    NotFound(SagaId),
+    /// The stored data does not fit the saga's data type.
+    #[error("saga {id}: stored data does not fit `{saga}`: {message}")]
+    Data {
+        /// The saga.
+        id: SagaId,
+        /// The saga's name.
+        saga: String,
+        /// serde's message.
+        message: String,
+    },
+    /// The store failed.
+    #[error("saga store: {0}")]
+    Backend(String),
+}
+
+/// Where saga instances are kept.
+#[async_trait::async_trait]
+pub trait SagaStore: Send + Sync {
+    /// Stores a new instance leased to `owner` for `lease` (its creator runs it first); `false`
+    /// (storing nothing) when an instance with its id exists.
+    ///
+    /// # Errors
+    /// [`SagaError::Backend`].
+    async fn create(
+        &self,
+        state: &SagaState,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, SagaError>;
+
+    /// Saves `state` if the stored version is `state.version - 1` (the caller bumped it).
+    ///
+    /// # Errors
+    /// [`SagaError::Conflict`] when it is not, [`SagaError::Backend`].
+    async fn save(&self, state: &SagaState) -> Result<(), SagaError>;
+
+    /// One instance.
+    ///
+    /// # Errors
+    /// [`SagaError::Backend`].
+    async fn load(&self, id: SagaId) -> Result<Option<SagaState>, SagaError>;
+
+    /// Claims up to `limit` unfinished instances of `saga` that are due (running, compensating, or
+    /// failed with `retry_at` passed) and not leased by another owner, leasing them to `owner`
+    /// until `now + lease`.
+    ///
+    /// # Errors
+    /// [`SagaError::Backend`].
+    async fn claim(
+        &self,
+        saga: &str,
+        owner: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<SagaState>, SagaError>;
+
+    /// Releases `owner`'s lease on `id`.
+    ///
+    /// # Errors
+    /// [`SagaError::Backend`].
+    async fn release(&self, id: SagaId, owner: &str) -> Result<(), SagaError>;
+
+    /// The instances of `saga` (all sagas with `None`) in `status` (any with `None`), oldest first.
+    ///
+    /// # Errors
+    /// [`SagaError::Backend`].
+    async fn list(
+        &self,
+        saga: Option<&str>,
+        status: Option<SagaStatus>,
+    ) -> Result<Vec<SagaState>, SagaError>;
+}
+
+/// Saga instances in process memory (clones share them).
+#[derive(Debug, Clone, Default)]
+pub struct InMemorySagaStore {
+    inner: Arc<Mutex<HashMap<SagaId, Stored>>>,
+}
+
+/// A stored instance and its lease (owner, until when), if any.
+type Stored = (SagaState, Option<(String, DateTime<Utc>)>);
+
+impl InMemorySagaStore {
+    /// No instances yet.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<SagaId, Stored>> {
+        // Every writer replaces whole entries: the map is consistent even after a panic elsewhere.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl SagaStore for InMemorySagaStore {
+    async fn create(
+        &self,
+        state: &SagaState,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, SagaError> {
+        match self.lock().entry(state.id) {
+            std::collections::hash_map::Entry::Occupied(_) => Ok(false),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                entry.insert((state.clone(), Some((owner.to_owned(), lease_end(lease)))));
+                Ok(true)
+            }
+        }
+    }
+
+    async fn save(&self, state: &SagaState) -> Result<(), SagaError> {
+        let mut inner = self.lock();
+        let Some((stored, _)) = inner.get_mut(&state.id) else {
+            return Err(SagaError::NotFound(state.id));
+        };
+        if stored.version + 1 != state.version {
+            return Err(SagaError::Conflict {
+                id: state.id,
+                expected: state.version - 1,
+            });
+        }
+        *stored = state.clone();
+        Ok(())
+    }
+
+    async fn load(&self, id: SagaId) -> Result<Option<SagaState>, SagaError> {
+        Ok(self.lock().get(&id).map(|(state, _)| state.clone()))
+    }
+
+    async fn claim(
+        &self,
+        saga: &str,
+        owner: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<SagaState>, SagaError> {
+        let now = Utc::now();
+        let until = lease_end(lease);
+        let mut inner = self.lock();
+        let mut due: Vec<&mut Stored> = inner
+            .values_mut()
+            .filter(|(state, leased)| {
+                state.saga == saga
+                    && due_now(state, now)
+                    && leased
+                        .as_ref()
+                        .is_none_or(|(holder, until)| holder == owner || *until <= now)
+            })
+            .collect();
+        due.sort_by_key(|(state, _)| state.started_at);
+        Ok(due
+            .into_iter()
+            .take(limit)
+            .map(|entry| {
+                entry.1 = Some((owner.to_owned(), until));
+                entry.0.clone()
+            })
+            .collect())
+    }
+
+    async fn release(&self, id: SagaId, owner: &str) -> Result<(), SagaError> {
+        if let Some((_, leased)) = self.lock().get_mut(&id)
+            && leased.as_ref().is_some_and(|(holder, _)| holder == owner)
+        {
+            *leased = None;
+        }
+        Ok(())
+    }
+
+    async fn list(
+        &self,
+        saga: Option<&str>,
+        status: Option<SagaStatus>,
+    ) -> Result<Vec<SagaState>, SagaError> {
+        let mut found: Vec<SagaState> = self
+            .lock()
+            .values()
+            .map(|(state, _)| state)
+            .filter(|s| saga.is_none_or(|n| s.saga == n) && status.is_none_or(|st| s.status == st))
+            .cloned()
+            .collect();
+        found.sort_by_key(|s| (s.started_at, s.id));
+        Ok(found)
+    }
+}
+
+/// When a lease of `lease` taken now ends.
+fn lease_end(lease: Duration) -> DateTime<Utc> {
+    Utc::now() + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX)
+}
+
+/// Whether an unfinished saga should run now.
+fn due_now(state: &SagaState, now: DateTime<Utc>) -> bool {
+    match state.status {
+        SagaStatus::Running | SagaStatus::Compensating => true,
+        SagaStatus::Failed => state.retry_at.is_none_or(|at| at <= now),
+        SagaStatus::Completed | SagaStatus::Compensated => false,
+    }
+}
+
+mod orchestrator;
+
+pub use orchestrator::Orchestrator;

@@ -1,0 +1,277 @@
+//! Runs saga instances through their step tables, saving before every move.
+
+use std::time::Duration;
+
+use chrono::Utc;
+
+use super::{
+    Saga, SagaError, SagaId, SagaState, SagaStatus, SagaStore, StepError, StepKey, StepOutcome,
+};
+
+/// Runs the instances of saga `S` kept in store `St`, with the steps' context.
+///
+/// Each move is saved before the next (with the version the orchestrator loaded, so a saga
+/// another orchestrator took over is refused with [`SagaError::Conflict`] rather than run twice);
+/// instances are claimed through a lease ([`SagaStore::claim`]) so two orchestrators never run the
+/// same one at once.
+pub struct Orchestrator<S: Saga, St> {
+    store: St,
+    context: S::Context,
+    owner: String,
+    lease: Duration,
+    retry_failed_after: Duration,
+}
+
+impl<S: Saga, St> std::fmt::Debug for Orchestrator<S, St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Orchestrator")
+            .field("saga", &S::NAME)
+            .field("owner", &self.owner)
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
+    /// An orchestrator named `owner` (unique per process) with a 60 s lease; a compensation that
+    /// keeps failing is tried again after 30 s.
+    pub fn new(store: St, context: S::Context, owner: impl Into<String>) -> Self {
+        Self {
+            store,
+            context,
+            owner: owner.into(),
+            lease: Duration::from_secs(60),
+            retry_failed_after: Duration::from_secs(30),
+        }
+    }
+
+    /// How long a claimed instance stays this orchestrator's.
+    #[must_use]
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// How long a saga whose compensation keeps failing waits before it is tried again.
+    #[must_use]
+    pub fn with_compensation_retry(mut self, after: Duration) -> Self {
+        self.retry_failed_after = after;
+        self
+    }
+
+    /// The steps' context.
+    pub fn context(&self) -> &S::Context {
+        &self.context
+    }
+
+    /// The steps' context, taking the orchestrator apart.
+    pub fn into_context(self) -> S::Context {
+        self.context
+    }
+
+    /// Starts an instance with `data` under a new id and runs it; returns the id and where it
+    /// ended (completed, compensated, or failed and waiting for a retry).
+    ///
+    /// # Errors
+    /// A failing store, or data that does not serialize ([`SagaError::Data`]).
+    pub async fn start(&self, data: S::Data) -> Result<(SagaId, SagaStatus), SagaError> {
+        let id = SagaId::new();
+        let state = self.start_with_id(id, data).await?;
+        Ok((id, state.status))
+    }
+
+    /// Starts an instance under `id` (e.g. derived from the event that starts it) and runs it. An
+    /// instance stored under `id` already is not started again: it is returned as stored.
+    ///
+    /// # Errors
+    /// As [`Orchestrator::start`].
+    pub async fn start_with_id(&self, id: SagaId, data: S::Data) -> Result<SagaState, SagaError> {
+        let now = Utc::now();
+        let state = SagaState {
+            id,
+            saga: S::NAME.to_owned(),
+            status: SagaStatus::Running,
+            data: serde_json::to_value(&data).map_err(|e| data_error::<S>(id, &e))?,
+            steps: S::STEPS
+                .iter()
+                .map(|s| (s.name.to_owned(), StepOutcome::Pending))
+                .collect(),
+            error: None,
+            retry_at: None,
+            version: 1,
+            started_at: now,
+            updated_at: now,
+        };
+        if !self.store.create(&state, &self.owner, self.lease).await? {
+            return self.store.load(id).await?.ok_or(SagaError::NotFound(id));
+        }
+        let outcome = self.drive(state).await;
+        self.store.release(id, &self.owner).await?;
+        outcome
+    }
+
+    /// Claims up to `limit` due instances (unfinished after a crash, or failed and due for another
+    /// try), runs each as far as it goes and releases it; returns them as they ended.
+    ///
+    /// # Errors
+    /// A failing store. An instance another orchestrator saved meanwhile is skipped.
+    pub async fn run_due(&self, limit: usize) -> Result<Vec<SagaState>, SagaError> {
+        let claimed = self
+            .store
+            .claim(S::NAME, &self.owner, self.lease, limit)
+            .await?;
+        let mut ended = Vec::with_capacity(claimed.len());
+        for state in claimed {
+            let id = state.id;
+            let outcome = self.drive(state).await;
+            self.store.release(id, &self.owner).await?;
+            match outcome {
+                Ok(state) => ended.push(state),
+                Err(SagaError::Conflict { .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(ended)
+    }
+
+    /// Runs an instance from where it is until it ends or a compensation keeps failing, saving
+    /// after every step.
+    async fn drive(&self, mut state: SagaState) -> Result<SagaState, SagaError> {
+        let names: Vec<&str> = state.steps.iter().map(|(n, _)| n.as_str()).collect();
+        let table: Vec<&str> = S::STEPS.iter().map(|s| s.name).collect();
+        if names != table {
+            return Err(SagaError::Data {
+                id: state.id,
+                saga: state.saga.clone(),
+                message: format!("stored steps {names:?} are not the saga's steps {table:?}"),
+            });
+        }
+        let mut data: S::Data = serde_json::from_value(state.data.clone())
+            .map_err(|e| data_error::<S>(state.id, &e))?;
+        loop {
+            match state.status {
+                SagaStatus::Completed | SagaStatus::Compensated => return Ok(state),
+                SagaStatus::Running => {
+                    let Some(step) = state
+                        .steps
+                        .iter()
+                        .position(|(_, o)| *o == StepOutcome::Pending)
+                    else {
+                        state.status = SagaStatus::Completed;
+                        self.save(&mut state, &data).await?;
+                        continue;
+                    };
+                    match self.attempt(state.id, step, false, &mut data).await {
+                        Ok(()) => state.steps[step].1 = StepOutcome::Executed,
+                        Err(error) => {
+                            tracing::warn!(saga = S::NAME, id = %state.id, step = S::STEPS[step].name, %error, "step failed: compensating");
+                            state.steps[step].1 = StepOutcome::Failed {
+                                error: error.clone(),
+                            };
+                            state.error = Some(error);
+                            state.status = SagaStatus::Compensating;
+                        }
+                    }
+                    self.save(&mut state, &data).await?;
+                }
+                SagaStatus::Compensating | SagaStatus::Failed => {
+                    // The last executed step with a compensation, compensations in reverse order.
+                    let Some(step) = state
+                        .steps
+                        .iter()
+                        .enumerate()
+                        .rev()
+                        .find(|(i, (_, o))| *o == StepOutcome::Executed && S::STEPS[*i].compensable)
+                        .map(|(i, _)| i)
+                    else {
+                        state.status = SagaStatus::Compensated;
+                        state.retry_at = None;
+                        self.save(&mut state, &data).await?;
+                        continue;
+                    };
+                    match self.attempt(state.id, step, true, &mut data).await {
+                        Ok(()) => {
+                            state.steps[step].1 = StepOutcome::Compensated;
+                            state.status = SagaStatus::Compensating;
+                            state.retry_at = None;
+                            self.save(&mut state, &data).await?;
+                        }
+                        Err(error) => {
+                            tracing::error!(saga = S::NAME, id = %state.id, step = S::STEPS[step].name, %error, "compensation failed: the saga is failed until it is tried again");
+                            state.status = SagaStatus::Failed;
+                            state.error = Some(format!(
+                                "compensation of `{}` failed: {error}",
+                                S::STEPS[step].name
+                            ));
+                            state.retry_at = Some(
+                                Utc::now()
+                                    + chrono::Duration::from_std(self.retry_failed_after)
+                                        .unwrap_or(chrono::Duration::MAX),
+                            );
+                            self.save(&mut state, &data).await?;
+                            return Ok(state);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tries step `step` (or its compensation) by its retry policy and timeout; the last error.
+    async fn attempt(
+        &self,
+        id: SagaId,
+        step: usize,
+        compensate: bool,
+        data: &mut S::Data,
+    ) -> Result<(), String> {
+        let spec = S::STEPS[step];
+        let key = StepKey {
+            saga: id,
+            step: spec.name,
+            compensate,
+        };
+        let attempts = spec.retry.attempts.max(1);
+        let seed = id.0.as_u64_pair().1;
+        let mut last = String::new();
+        for attempt in 1..=attempts {
+            let run = async {
+                if compensate {
+                    S::compensate(step, &self.context, data, &key).await
+                } else {
+                    S::execute(step, &self.context, data, &key).await
+                }
+            };
+            let result: Result<(), StepError> = match spec.timeout {
+                Some(limit) => tokio::time::timeout(limit, run)
+                    .await
+                    .unwrap_or_else(|_| Err(format!("timed out after {limit:?}").into())),
+                None => run.await,
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(error) => last = error.to_string(),
+            }
+            if attempt < attempts {
+                tokio::time::sleep(spec.retry.delay(attempt, seed)).await;
+            }
+        }
+        Err(last)
+    }
+
+    /// Saves the next version of `state` with `data`.
+    async fn save(&self, state: &mut SagaState, data: &S::Data) -> Result<(), SagaError> {
+        state.data = serde_json::to_value(data).map_err(|e| data_error::<S>(state.id, &e))?;
+        state.version += 1;
+        state.updated_at = Utc::now();
+        self.store.save(state).await
+    }
+}
+
+fn data_error<S: Saga>(id: SagaId, error: &serde_json::Error) -> SagaError {
+    SagaError::Data {
+        id,
+        saga: S::NAME.to_owned(),
+        message: error.to_string(),
+    }
+}

@@ -1,0 +1,402 @@
+//! The saga orchestrator on the in-memory saga store: completion, compensation in reverse order,
+//! retries, timeouts, a compensation that keeps failing (failed, then retried later, never
+//! dropped), resumption after a crash at chosen points without repeating recorded steps, and
+//! start-once by id.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::Mutex;
+use std::task::Poll;
+use std::time::Duration;
+
+use cqrs_core::__private::BoxFuture;
+use cqrs_core::saga::{
+    InMemorySagaStore, Orchestrator, RetryPolicy, Saga, SagaId, SagaStatus, SagaStore, StepError,
+    StepKey, StepOutcome, StepSpec,
+};
+use serde::{Deserialize, Serialize};
+
+/// Fake services: effects are recorded by step key (so a repeated call with the same key has no
+/// second effect, as a deduping service would do), and calls fail on demand.
+#[derive(Default)]
+struct Services {
+    /// Every call, in order: "execute reserve", "compensate reserve", ...
+    calls: Mutex<Vec<String>>,
+    /// The keys whose effect happened: a service dedupes by key, so a repeated call with the same
+    /// key has no second effect (and a key that changed between tries would show as two).
+    effects: Mutex<BTreeSet<String>>,
+    /// How many more times a call fails, by "execute reserve" / "compensate reserve".
+    failures: Mutex<HashMap<String, u32>>,
+    /// Calls that hang (for timeouts), by the same names.
+    hang: Mutex<Vec<String>>,
+}
+
+impl Services {
+    fn fail(&self, call: &str, times: u32) {
+        self.failures.lock().unwrap().insert(call.to_owned(), times);
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    async fn call(&self, what: &str, key: &StepKey) -> Result<(), StepError> {
+        let name = format!("{what} {}", key.step);
+        self.calls.lock().unwrap().push(name.clone());
+        // A real service call awaits the network: the crash test cuts the saga between polls.
+        tokio::task::yield_now().await;
+        if self.hang.lock().unwrap().contains(&name) {
+            tokio::time::sleep(Duration::from_secs(3_600)).await;
+        }
+        if let Some(left) = self.failures.lock().unwrap().get_mut(&name)
+            && *left > 0
+        {
+            *left -= 1;
+            return Err(format!("{name} refused").into());
+        }
+        self.effects.lock().unwrap().insert(key.to_string());
+        Ok(())
+    }
+
+    /// How many effects of `step` (`execute` or `compensate`) happened, over every key.
+    fn effects_of(&self, step: &str, what: &str) -> usize {
+        let suffix = format!("/{step}/{what}");
+        self.effects
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|k| k.ends_with(&suffix))
+            .count()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Order {
+    order_id: String,
+    amount_cents: u64,
+    /// Set by the payment step: kept in the saga's data between steps.
+    payment_id: Option<String>,
+}
+
+/// The order-fulfillment saga's step table, hand-written (the derive generates the same).
+struct Fulfillment;
+
+const RETRY: RetryPolicy = RetryPolicy {
+    attempts: 3,
+    backoff: Duration::from_millis(1),
+    max_delay: Duration::from_millis(4),
+};
+
+impl Saga for Fulfillment {
+    const NAME: &'static str = "order_fulfillment";
+    const STEPS: &'static [StepSpec] = &[
+        StepSpec {
+            name: "reserve",
+            compensable: true,
+            retry: RETRY,
+            timeout: Some(Duration::from_millis(200)),
+        },
+        StepSpec {
+            name: "pay",
+            compensable: true,
+            retry: RETRY,
+            timeout: Some(Duration::from_millis(200)),
+        },
+        StepSpec {
+            name: "ship",
+            compensable: true,
+            retry: RETRY,
+            timeout: Some(Duration::from_millis(200)),
+        },
+        StepSpec {
+            name: "confirm",
+            compensable: false,
+            retry: RetryPolicy::NONE,
+            timeout: None,
+        },
+    ];
+    type Data = Order;
+    type Context = Services;
+
+    fn execute<'a>(
+        step: usize,
+        services: &'a Services,
+        data: &'a mut Order,
+        key: &'a StepKey,
+    ) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            services.call("execute", key).await?;
+            if step == 1 {
+                data.payment_id = Some(format!("pay-{}", data.order_id));
+            }
+            Ok(())
+        })
+    }
+
+    fn compensate<'a>(
+        _: usize,
+        services: &'a Services,
+        _: &'a mut Order,
+        key: &'a StepKey,
+    ) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(services.call("compensate", key))
+    }
+}
+
+fn order() -> Order {
+    Order {
+        order_id: "o-1".into(),
+        amount_cents: 1_000,
+        payment_id: None,
+    }
+}
+
+fn orchestrator(store: &InMemorySagaStore) -> Orchestrator<Fulfillment, InMemorySagaStore> {
+    Orchestrator::new(store.clone(), Services::default(), "o1")
+        .with_compensation_retry(Duration::ZERO)
+}
+
+#[tokio::test]
+async fn every_step_runs_in_order_and_the_data_flows_between_them() {
+    let store = InMemorySagaStore::new();
+    let saga = orchestrator(&store);
+    let (id, status) = saga.start(order()).await.unwrap();
+    assert_eq!(status, SagaStatus::Completed);
+    assert_eq!(
+        saga.context().calls(),
+        [
+            "execute reserve",
+            "execute pay",
+            "execute ship",
+            "execute confirm"
+        ]
+    );
+    let state = store.load(id).await.unwrap().unwrap();
+    assert!(state.steps.iter().all(|(_, o)| *o == StepOutcome::Executed));
+    assert_eq!(state.data["payment_id"], "pay-o-1");
+    assert_eq!(
+        state.version, 6,
+        "created, 4 steps and the completion: one save each"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_step_compensates_the_completed_ones_in_reverse_order() {
+    let store = InMemorySagaStore::new();
+    let saga = orchestrator(&store);
+    saga.context().fail("execute ship", 3);
+    let (id, status) = saga.start(order()).await.unwrap();
+    assert_eq!(status, SagaStatus::Compensated);
+    assert_eq!(
+        saga.context().calls(),
+        [
+            "execute reserve",
+            "execute pay",
+            "execute ship",
+            "execute ship",
+            "execute ship",
+            "compensate pay",
+            "compensate reserve"
+        ]
+    );
+    let state = store.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        state.steps[2].1,
+        StepOutcome::Failed {
+            error: "execute ship refused".into()
+        }
+    );
+    assert_eq!(state.steps[0].1, StepOutcome::Compensated);
+    assert_eq!(state.steps[3].1, StepOutcome::Pending);
+    assert_eq!(state.error.as_deref(), Some("execute ship refused"));
+}
+
+#[tokio::test]
+async fn retries_absorb_transient_failures() {
+    let store = InMemorySagaStore::new();
+    let saga = orchestrator(&store);
+    saga.context().fail("execute pay", 2);
+    let (_, status) = saga.start(order()).await.unwrap();
+    assert_eq!(status, SagaStatus::Completed);
+    assert_eq!(
+        saga.context()
+            .calls()
+            .iter()
+            .filter(|c| *c == "execute pay")
+            .count(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn a_step_that_hangs_times_out_and_compensates() {
+    let store = InMemorySagaStore::new();
+    let saga = orchestrator(&store);
+    saga.context()
+        .hang
+        .lock()
+        .unwrap()
+        .push("execute ship".into());
+    let (id, status) = saga.start(order()).await.unwrap();
+    assert_eq!(status, SagaStatus::Compensated);
+    let state = store.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        state.steps[2].1,
+        StepOutcome::Failed {
+            error: "timed out after 200ms".into()
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_compensation_that_keeps_failing_is_failed_then_retried_never_dropped() {
+    let store = InMemorySagaStore::new();
+    let saga = orchestrator(&store);
+    saga.context().fail("execute ship", 3);
+    saga.context().fail("compensate reserve", 3 + 3);
+    let (id, status) = saga.start(order()).await.unwrap();
+    assert_eq!(status, SagaStatus::Failed);
+    let state = store.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        state.steps[1].1,
+        StepOutcome::Compensated,
+        "pay was compensated"
+    );
+    assert_eq!(
+        state.steps[0].1,
+        StepOutcome::Executed,
+        "reserve still to compensate"
+    );
+    assert!(
+        state
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("compensation of `reserve` failed")),
+        "{:?}",
+        state.error
+    );
+    assert_eq!(
+        store
+            .list(None, Some(SagaStatus::Failed))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Tried again later: fails once more (3 tries), then the service recovers.
+    let again = saga.run_due(10).await.unwrap();
+    assert_eq!(again[0].status, SagaStatus::Failed);
+    let done = saga.run_due(10).await.unwrap();
+    assert_eq!(done[0].status, SagaStatus::Compensated);
+    let compensations = saga
+        .context()
+        .calls()
+        .iter()
+        .filter(|c| *c == "compensate pay")
+        .count();
+    assert_eq!(compensations, 1, "a recorded compensation never runs again");
+    assert_eq!(saga.context().effects_of("reserve", "compensate"), 1);
+    assert_eq!(saga.context().effects_of("pay", "compensate"), 1);
+}
+
+/// Polls `future` at most `polls` times: a crash of the process at that point.
+async fn cut_after<F: Future>(polls: usize, future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut polled = 0;
+    std::future::poll_fn(|cx| {
+        polled += 1;
+        if polled > polls {
+            return Poll::Ready(None);
+        }
+        future.as_mut().poll(cx).map(Some)
+    })
+    .await
+}
+
+/// The orchestrator crashes (its future dropped) at every poll of a run, between a step's effect
+/// and its save, between compensations, 200 times; a restarted orchestrator resumes: every saga
+/// ends completed or compensated, no step whose completion was saved runs again, and each step's
+/// effect happens at most once (the services dedupe by step key).
+#[tokio::test]
+async fn sagas_cut_at_every_point_resume_to_an_end() {
+    let store = InMemorySagaStore::new();
+    let mut ended = BTreeMap::new();
+    for run in 0..200usize {
+        let services = Services::default();
+        match run % 4 {
+            1 => services.fail("execute ship", 3),
+            2 => services.fail("execute pay", 3),
+            3 => {
+                services.fail("execute ship", 3);
+                services.fail("compensate pay", 2);
+            }
+            _ => {}
+        }
+        let first = Orchestrator::<Fulfillment, _>::new(store.clone(), services, "crashing")
+            .with_lease(Duration::from_millis(1))
+            .with_compensation_retry(Duration::ZERO);
+        let id = SagaId::new();
+        let cut = run / 4 % 25;
+        let _ = cut_after(cut, first.start_with_id(id, order())).await;
+        let recorded: Vec<(String, StepOutcome)> = store
+            .load(id)
+            .await
+            .unwrap()
+            .map(|s| s.steps)
+            .unwrap_or_default();
+        tokio::time::sleep(Duration::from_millis(2)).await; // the crashed owner's lease ends
+        let restarted =
+            Orchestrator::<Fulfillment, _>::new(store.clone(), first.into_context(), "restarted")
+                .with_compensation_retry(Duration::ZERO);
+        let mut state = store.load(id).await.unwrap();
+        while state.as_ref().is_some_and(|s| !s.status.is_final()) {
+            restarted.run_due(1_000).await.unwrap();
+            state = store.load(id).await.unwrap();
+        }
+        let Some(state) = state else {
+            // Cut before the instance was stored: nothing started, nothing to resume.
+            assert!(restarted.context().calls().is_empty(), "run {run}");
+            continue;
+        };
+        let services = restarted.context();
+        let calls = services.calls();
+        for (name, outcome) in &recorded {
+            if *outcome == StepOutcome::Executed {
+                let executions = calls
+                    .iter()
+                    .filter(|c| **c == format!("execute {name}"))
+                    .count();
+                assert_eq!(
+                    executions, 1,
+                    "run {run}: `{name}` ran again after its completion was saved"
+                );
+            }
+        }
+        for step in ["reserve", "pay", "ship", "confirm"] {
+            assert!(services.effects_of(step, "execute") <= 1, "run {run}");
+            assert!(services.effects_of(step, "compensate") <= 1, "run {run}");
+        }
+        *ended.entry(format!("{:?}", state.status)).or_insert(0) += 1;
+    }
+    assert!(
+        ended.get("Completed").copied().unwrap_or(0) > 20,
+        "{ended:?}"
+    );
+    assert!(
+        ended.get("Compensated").copied().unwrap_or(0) > 20,
+        "{ended:?}"
+    );
+    eprintln!("200 runs cut at polls 0-24 and resumed: {ended:?}");
+}
+
+#[tokio::test]
+async fn a_saga_started_twice_under_one_id_runs_once() {
+    let store = InMemorySagaStore::new();
+    let saga = orchestrator(&store);
+    let id = SagaId::new();
+    let first = saga.start_with_id(id, order()).await.unwrap();
+    let second = saga.start_with_id(id, order()).await.unwrap();
+    assert_eq!(first, second);
+    assert_eq!(saga.context().calls().len(), 4);
+}

@@ -45,6 +45,9 @@ pub use cqrs_macros::DomainEvent;
 /// [`projection`].
 #[cfg(feature = "derive")]
 pub use cqrs_macros::Projection;
+/// `#[derive(Saga)]`: implements [`Saga`](trait@saga::Saga) for an enum of steps; see [`saga`].
+#[cfg(feature = "derive")]
+pub use cqrs_macros::Saga;
 
 /// The names almost every user of the framework needs.
 pub mod prelude {
@@ -54,9 +57,10 @@ pub mod prelude {
     pub use crate::event::DomainEvent;
     pub use crate::gateway::{CommandError, CommandGateway};
     pub use crate::projection::{Handles, Projection};
+    pub use crate::saga::{Saga, StepKey};
     pub use crate::store::{EventStore, ExpectedVersion, InMemoryEventStore};
     #[cfg(feature = "derive")]
-    pub use cqrs_macros::{Aggregate, Command, DomainEvent, Projection};
+    pub use cqrs_macros::{Aggregate, Command, DomainEvent, Projection, Saga};
 }
 
 /// What the derives' generated code refers to. Not public API: it may change in any release.

@@ -27,6 +27,8 @@ pub(crate) const EVENT: &str = "event";
 pub(crate) const COMMAND: &str = "command";
 pub(crate) const AGGREGATE: &str = "aggregate";
 pub(crate) const PROJECTION: &str = "projection";
+pub(crate) const SAGA: &str = "saga";
+pub(crate) const STEP: &str = "step";
 
 // Keys of `#[event(..)]`, `#[command(..)]` and `#[aggregate(..)]`.
 pub(crate) const KEY_AGGREGATE: Key = Key("aggregate");
@@ -46,6 +48,14 @@ pub(crate) const KEY_SNAPSHOT: Key = Key("snapshot");
 pub(crate) const KEY_EVERY: Key = Key("every");
 pub(crate) const KEY_EVENTS: Key = Key("events");
 pub(crate) const KEY_CONTEXT: Key = Key("context");
+pub(crate) const KEY_DATA: Key = Key("data");
+pub(crate) const KEY_EXECUTE: Key = Key("execute");
+pub(crate) const KEY_COMPENSATE: Key = Key("compensate");
+pub(crate) const KEY_RETRY: Key = Key("retry");
+pub(crate) const KEY_ATTEMPTS: Key = Key("attempts");
+pub(crate) const KEY_BACKOFF_MS: Key = Key("backoff_ms");
+pub(crate) const KEY_MAX_DELAY_MS: Key = Key("max_delay_ms");
+pub(crate) const KEY_TIMEOUT_MS: Key = Key("timeout_ms");
 
 /// A value parsed from an attribute, with the span of the key for errors.
 pub(crate) struct Spanned<T> {

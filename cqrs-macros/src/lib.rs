@@ -42,6 +42,18 @@ pub fn derive_projection(input: TokenStream) -> TokenStream {
     expand::projection::derive(&input).into()
 }
 
+/// Implements `cqrs_core::saga::Saga` for an enum of steps (unit variants, run in order):
+/// `#[saga(name = "order_fulfillment", data = Order, context = Services)]` on the enum; per step
+/// `#[step(execute = method, compensate = method, retry(attempts = 3, backoff_ms = 100,
+/// max_delay_ms = 2000), timeout_ms = 5000, name = "...")]`, all optional: `execute` defaults to the
+/// variant in snake_case, a bare `compensate` to `compensate_<variant in snake_case>`. The methods
+/// are `async fn(&self, &mut Data, &StepKey) -> Result<(), E>` on the context type.
+#[proc_macro_derive(Saga, attributes(saga, step))]
+pub fn derive_saga(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    expand::saga::derive(&input).into()
+}
+
 /// Implements `cqrs_core::Aggregate`:
 /// `#[aggregate(name = "order", command = OrderCommand, event = OrderEvent, error = OrderError)]`,
 /// optionally `snapshot(every = 100, version = 1)`.

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::ast::{AggregateStruct, EventEnum, ProjectionStruct, Shape};
+use crate::ast::{AggregateStruct, EventEnum, ProjectionStruct, SagaEnum, Shape};
 use crate::ctxt::Ctxt;
 
 /// Serde field attributes that cannot work on an event's struct variant: the generated serializer
@@ -187,6 +187,77 @@ fn projection_events_are_distinct(cx: &mut Ctxt, input: &ProjectionStruct<'_>) {
             );
         } else {
             seen.push(text);
+        }
+    }
+}
+
+pub(crate) fn saga(cx: &mut Ctxt, input: &SagaEnum<'_>) {
+    saga_name_is_a_key(cx, input);
+    saga_step_names_are_unique(cx, input);
+    saga_retry_values_make_sense(cx, input);
+}
+
+/// The saga name is stored with every instance: the projection name's rule.
+fn saga_name_is_a_key(cx: &mut Ctxt, input: &SagaEnum<'_>) {
+    let Some(name) = &input.name else { return };
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    if name.value.is_empty() || !name.value.chars().all(valid) || name.value.len() > 200 {
+        cx.error_at(
+            name.span,
+            format_args!(
+                "saga name `{}` must be 1 to 200 ASCII letters, digits, `_`, `-` or `.`: write for example name = \"order_fulfillment\"",
+                name.value.escape_debug()
+            ),
+        );
+    }
+}
+
+/// Step names are stored with each outcome: two steps with one name could not be told apart.
+fn saga_step_names_are_unique(cx: &mut Ctxt, input: &SagaEnum<'_>) {
+    for (i, step) in input.steps.iter().enumerate() {
+        if let Some(first) = input.steps[..i]
+            .iter()
+            .find(|s| s.name.value == step.name.value)
+        {
+            cx.error_at(
+                step.name.span,
+                format_args!(
+                    "step name `{}` is used by `{}` already: give this step another with #[step(name = \"...\")]",
+                    step.name.value, first.ident
+                ),
+            );
+        }
+    }
+}
+
+/// At least one try, a delay cap not below the first delay, a timeout above zero.
+fn saga_retry_values_make_sense(cx: &mut Ctxt, input: &SagaEnum<'_>) {
+    for step in &input.steps {
+        if let Some(retry) = step.retry {
+            let (attempts, span) = retry.attempts;
+            if !(1..=1_000).contains(&attempts) {
+                cx.error_at(
+                    span,
+                    "attempts counts every try, the first included: write a number from 1 to 1000",
+                );
+            }
+            if let Some((max, span)) = retry.max_delay_ms
+                && max < retry.backoff_ms.0
+            {
+                cx.error_at(
+                    span,
+                    format_args!(
+                        "max_delay_ms ({max}) is below backoff_ms ({}): the cap must be at least the first delay",
+                        retry.backoff_ms.0
+                    ),
+                );
+            }
+        }
+        if let Some((0, span)) = step.timeout_ms {
+            cx.error_at(
+                span,
+                "a timeout of 0 ms fails every try: give the step time (timeout_ms = 5000) or leave the key out",
+            );
         }
     }
 }

@@ -9,10 +9,10 @@ use std::sync::Mutex;
 use std::task::Poll;
 use std::time::Duration;
 
-use cqrs_core::__private::BoxFuture;
+use cqrs_core::Saga;
 use cqrs_core::saga::{
-    InMemorySagaStore, Orchestrator, RetryPolicy, Saga, SagaId, SagaStatus, SagaStore, StepError,
-    StepKey, StepOutcome, StepSpec,
+    InMemorySagaStore, Orchestrator, Saga, SagaId, SagaStatus, SagaStore, StepError, StepKey,
+    StepOutcome,
 };
 use serde::{Deserialize, Serialize};
 
@@ -78,69 +78,83 @@ struct Order {
     payment_id: Option<String>,
 }
 
-/// The order-fulfillment saga's step table, hand-written (the derive generates the same).
-struct Fulfillment;
+/// The order-fulfillment saga: its step table is the enum, in order.
+#[derive(Debug, Saga)]
+#[saga(name = "order_fulfillment", data = Order, context = Services)]
+enum Fulfillment {
+    #[step(
+        compensate,
+        retry(attempts = 3, backoff_ms = 1, max_delay_ms = 4),
+        timeout_ms = 200
+    )]
+    Reserve,
+    #[step(execute = charge, compensate = refund, retry(attempts = 3, backoff_ms = 1, max_delay_ms = 4), timeout_ms = 200)]
+    Pay,
+    #[step(
+        compensate,
+        retry(attempts = 3, backoff_ms = 1, max_delay_ms = 4),
+        timeout_ms = 200
+    )]
+    Ship,
+    Confirm,
+}
 
-const RETRY: RetryPolicy = RetryPolicy {
-    attempts: 3,
-    backoff: Duration::from_millis(1),
-    max_delay: Duration::from_millis(4),
-};
-
-impl Saga for Fulfillment {
-    const NAME: &'static str = "order_fulfillment";
-    const STEPS: &'static [StepSpec] = &[
-        StepSpec {
-            name: "reserve",
-            compensable: true,
-            retry: RETRY,
-            timeout: Some(Duration::from_millis(200)),
-        },
-        StepSpec {
-            name: "pay",
-            compensable: true,
-            retry: RETRY,
-            timeout: Some(Duration::from_millis(200)),
-        },
-        StepSpec {
-            name: "ship",
-            compensable: true,
-            retry: RETRY,
-            timeout: Some(Duration::from_millis(200)),
-        },
-        StepSpec {
-            name: "confirm",
-            compensable: false,
-            retry: RetryPolicy::NONE,
-            timeout: None,
-        },
-    ];
-    type Data = Order;
-    type Context = Services;
-
-    fn execute<'a>(
-        step: usize,
-        services: &'a Services,
-        data: &'a mut Order,
-        key: &'a StepKey,
-    ) -> BoxFuture<'a, Result<(), StepError>> {
-        Box::pin(async move {
-            services.call("execute", key).await?;
-            if step == 1 {
-                data.payment_id = Some(format!("pay-{}", data.order_id));
-            }
-            Ok(())
-        })
+impl Services {
+    async fn reserve(&self, _: &mut Order, key: &StepKey) -> Result<(), StepError> {
+        self.call("execute", key).await
     }
 
-    fn compensate<'a>(
-        _: usize,
-        services: &'a Services,
-        _: &'a mut Order,
-        key: &'a StepKey,
-    ) -> BoxFuture<'a, Result<(), StepError>> {
-        Box::pin(services.call("compensate", key))
+    async fn compensate_reserve(&self, _: &mut Order, key: &StepKey) -> Result<(), StepError> {
+        self.call("compensate", key).await
     }
+
+    async fn charge(&self, order: &mut Order, key: &StepKey) -> Result<(), StepError> {
+        self.call("execute", key).await?;
+        order.payment_id = Some(format!("pay-{}", order.order_id));
+        Ok(())
+    }
+
+    async fn refund(&self, _: &mut Order, key: &StepKey) -> Result<(), StepError> {
+        self.call("compensate", key).await
+    }
+
+    async fn ship(&self, _: &mut Order, key: &StepKey) -> Result<(), StepError> {
+        self.call("execute", key).await
+    }
+
+    async fn compensate_ship(&self, _: &mut Order, key: &StepKey) -> Result<(), StepError> {
+        self.call("compensate", key).await
+    }
+
+    /// A step may fail with any error type that converts into a `StepError`.
+    async fn confirm(&self, _: &mut Order, key: &StepKey) -> Result<(), std::io::Error> {
+        self.call("execute", key)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+#[test]
+fn the_derive_builds_the_step_table_in_declaration_order() {
+    assert_eq!(<Fulfillment as Saga>::NAME, "order_fulfillment");
+    let table: Vec<_> = <Fulfillment as Saga>::STEPS
+        .iter()
+        .map(|s| (s.name, s.compensable, s.retry.attempts, s.timeout))
+        .collect();
+    let timeout = Some(Duration::from_millis(200));
+    assert_eq!(
+        table,
+        [
+            ("reserve", true, 3, timeout),
+            ("pay", true, 3, timeout),
+            ("ship", true, 3, timeout),
+            ("confirm", false, 1, None)
+        ]
+    );
+    assert_eq!(
+        <Fulfillment as Saga>::STEPS[0].retry.max_delay,
+        Duration::from_millis(4)
+    );
 }
 
 fn order() -> Order {

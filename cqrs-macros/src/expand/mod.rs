@@ -5,6 +5,7 @@ pub(crate) mod aggregate;
 pub(crate) mod command;
 pub(crate) mod event;
 pub(crate) mod projection;
+pub(crate) mod saga;
 
 use proc_macro2::{Ident, TokenStream};
 use quote::{quote, quote_spanned};

@@ -1,0 +1,157 @@
+//! `#[derive(Saga)]`.
+
+use proc_macro2::TokenStream;
+use quote::{quote, quote_spanned};
+use syn::DeriveInput;
+
+use crate::ast::SagaEnum;
+use crate::ctxt::Ctxt;
+
+pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
+    let mut cx = Ctxt::default();
+    let model = SagaEnum::from_ast(&mut cx, input);
+    crate::valid::saga(&mut cx, &model);
+    let result = cx.check().and_then(|()| generate(&model));
+    super::finish(input, result, || stub(&model))
+}
+
+fn generate(model: &SagaEnum<'_>) -> syn::Result<TokenStream> {
+    let ident = model.ident;
+    let (Some(name), Some(data), Some(context)) = (&model.name, &model.data, &model.context) else {
+        return Err(syn::Error::new_spanned(
+            ident,
+            "derive(Saga) needs `#[saga(name = \"...\", data = ..., context = ...)]`",
+        ));
+    };
+    let name = &name.value;
+    let specs = model.steps.iter().map(|step| {
+        let step_name = &step.name.value;
+        let compensable = step.compensate.is_some();
+        let retry = match step.retry {
+            Some(retry) => {
+                let attempts = u32::try_from(retry.attempts.0).unwrap_or(u32::MAX);
+                let backoff = retry.backoff_ms.0;
+                let max = retry
+                    .max_delay_ms
+                    .map_or(backoff.saturating_mul(32), |m| m.0);
+                quote!(::cqrs_core::saga::RetryPolicy {
+                    attempts: #attempts,
+                    backoff: ::core::time::Duration::from_millis(#backoff),
+                    max_delay: ::core::time::Duration::from_millis(#max),
+                })
+            }
+            None => quote!(::cqrs_core::saga::RetryPolicy::NONE),
+        };
+        let timeout = match step.timeout_ms {
+            Some((ms, _)) => {
+                quote!(::core::option::Option::Some(::core::time::Duration::from_millis(#ms)))
+            }
+            None => quote!(::core::option::Option::None),
+        };
+        quote!(::cqrs_core::saga::StepSpec {
+            name: #step_name,
+            compensable: #compensable,
+            retry: #retry,
+            timeout: #timeout,
+        })
+    });
+    // Each call is spanned at its variant: a missing method or a wrong signature is reported there.
+    let call = |index: usize, variant: &syn::Ident, method: &syn::Ident| {
+        let call = quote_spanned!(variant.span()=> <#context>::#method(__context, __data, __key));
+        quote! {
+            #index => ::std::boxed::Box::pin(async move {
+                #call.await.map_err(::core::convert::Into::into)
+            }),
+        }
+    };
+    let execute_arms = model
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, step)| call(i, step.ident, &step.execute));
+    let compensate_arms = model
+        .steps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, step)| step.compensate.as_ref().map(|m| call(i, step.ident, m)));
+    let variants = model.steps.iter().map(|step| step.ident);
+    Ok(quote! {
+        #[automatically_derived]
+        impl ::cqrs_core::saga::Saga for #ident {
+            const NAME: &'static str = #name;
+            const STEPS: &'static [::cqrs_core::saga::StepSpec] = &[#(#specs),*];
+            type Data = #data;
+            type Context = #context;
+
+            fn execute<'__cqrs>(
+                __step: usize,
+                __context: &'__cqrs #context,
+                __data: &'__cqrs mut #data,
+                __key: &'__cqrs ::cqrs_core::saga::StepKey,
+            ) -> ::cqrs_core::__private::BoxFuture<
+                '__cqrs,
+                ::core::result::Result<(), ::cqrs_core::saga::StepError>,
+            > {
+                // The steps are the table, never values: naming them here keeps the enum's
+                // variants from being reported as never constructed.
+                let _ = [#(Self::#variants),*];
+                match __step {
+                    #(#execute_arms)*
+                    _ => ::std::boxed::Box::pin(::core::future::ready(::core::result::Result::Err(
+                        ::cqrs_core::saga::no_such_step(<Self as ::cqrs_core::saga::Saga>::NAME, __step, false),
+                    ))),
+                }
+            }
+
+            fn compensate<'__cqrs>(
+                __step: usize,
+                __context: &'__cqrs #context,
+                __data: &'__cqrs mut #data,
+                __key: &'__cqrs ::cqrs_core::saga::StepKey,
+            ) -> ::cqrs_core::__private::BoxFuture<
+                '__cqrs,
+                ::core::result::Result<(), ::cqrs_core::saga::StepError>,
+            > {
+                match __step {
+                    #(#compensate_arms)*
+                    _ => ::std::boxed::Box::pin(::core::future::ready(::core::result::Result::Err(
+                        ::cqrs_core::saga::no_such_step(<Self as ::cqrs_core::saga::Saga>::NAME, __step, true),
+                    ))),
+                }
+            }
+        }
+    })
+}
+
+/// Emitted with the errors: keeps uses of the saga from failing too. Without a data or context
+/// type there is nothing to fill in, and no stub.
+fn stub(model: &SagaEnum<'_>) -> TokenStream {
+    let ident = model.ident;
+    let (Some(data), Some(context)) = (&model.data, &model.context) else {
+        return TokenStream::new();
+    };
+    quote! {
+        impl ::cqrs_core::saga::Saga for #ident {
+            const NAME: &'static str = "";
+            const STEPS: &'static [::cqrs_core::saga::StepSpec] = &[];
+            type Data = #data;
+            type Context = #context;
+            fn execute<'__cqrs>(
+                _: usize,
+                _: &'__cqrs #context,
+                _: &'__cqrs mut #data,
+                _: &'__cqrs ::cqrs_core::saga::StepKey,
+            ) -> ::cqrs_core::__private::BoxFuture<'__cqrs, ::core::result::Result<(), ::cqrs_core::saga::StepError>> {
+                ::std::boxed::Box::pin(::core::future::ready(::core::result::Result::Ok(())))
+            }
+            fn compensate<'__cqrs>(
+                _: usize,
+                _: &'__cqrs #context,
+                _: &'__cqrs mut #data,
+                _: &'__cqrs ::cqrs_core::saga::StepKey,
+            ) -> ::cqrs_core::__private::BoxFuture<'__cqrs, ::core::result::Result<(), ::cqrs_core::saga::StepError>> {
+                ::std::boxed::Box::pin(::core::future::ready(::core::result::Result::Ok(())))
+            }
+        }
+    }
+}

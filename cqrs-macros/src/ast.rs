@@ -776,7 +776,17 @@ impl<'a> SagaEnum<'a> {
                 ),
             );
         }
-        let steps = enum_data(cx, input, "Saga", ("Steps", "Reserve, Pay, Ship"))
+        if let Data::Struct(data) = &input.data {
+            cx.error_spanned_by(
+                data.struct_token,
+                format_args!(
+                    "derive(Saga) works on an enum of steps, not a struct: write `enum {ident} {{ Reserve, Pay, Ship }}` and put the saga's state in `data = ...`"
+                ),
+            );
+        }
+        let steps = (!matches!(input.data, Data::Struct(_)))
+            .then(|| enum_data(cx, input, "Saga", ("Steps", "Reserve, Pay, Ship")))
+            .flatten()
             .map(|data| {
                 data.variants
                     .iter()
@@ -910,7 +920,8 @@ impl Retry {
                 let value = attr::parse_int(&inner, attr::KEY_MAX_DELAY_MS)?;
                 max_delay.set(cx, &inner, value);
             } else {
-                return Err(attr::unknown_key(
+                // Reported here, so the keys after it are still read.
+                cx.syn_error(attr::unknown_key(
                     &inner,
                     "`retry(...)`",
                     &[
@@ -919,6 +930,7 @@ impl Retry {
                         attr::KEY_MAX_DELAY_MS,
                     ],
                 ));
+                attr::skip_value(&inner);
             }
             Ok(())
         })?;

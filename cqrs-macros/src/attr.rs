@@ -130,7 +130,7 @@ pub(crate) fn for_each_meta(
 }
 
 /// Consumes what follows a key we rejected, so parsing can go on with the next key.
-fn skip_value(meta: &ParseNestedMeta<'_>) {
+pub(crate) fn skip_value(meta: &ParseNestedMeta<'_>) {
     if meta.input.peek(syn::Token![=]) {
         let _ = meta.value().and_then(|v| v.parse::<syn::Expr>());
     } else if meta.input.peek(syn::token::Paren) {

@@ -5,7 +5,8 @@
     dead_code,
     clippy::unnecessary_wraps,
     clippy::trivially_copy_pass_by_ref,
-    clippy::unused_self
+    clippy::unused_self,
+    clippy::unused_async
 )] // the domain below is minimal on purpose
 
 mod shadowing {
@@ -88,6 +89,51 @@ mod shadowing {
         pub seen: u32,
     }
 
+    #[derive(::serde::Serialize, ::serde::Deserialize)]
+    pub struct ThingData {
+        pub steps: u32,
+    }
+
+    pub struct ThingServices;
+
+    #[derive(::cqrs_core::Saga)]
+    #[saga(name = "thing_saga", data = ThingData, context = ThingServices)]
+    pub enum ThingSaga {
+        #[step(compensate, retry(attempts = 2, backoff_ms = 1), timeout_ms = 100)]
+        Start,
+        Finish,
+    }
+
+    type StepResult = ::core::result::Result<(), ::cqrs_core::saga::StepError>;
+
+    impl ThingServices {
+        async fn start(
+            &self,
+            data: &mut ThingData,
+            _key: &::cqrs_core::saga::StepKey,
+        ) -> StepResult {
+            data.steps += 1;
+            ::core::result::Result::Ok(())
+        }
+
+        async fn compensate_start(
+            &self,
+            _data: &mut ThingData,
+            _key: &::cqrs_core::saga::StepKey,
+        ) -> StepResult {
+            ::core::result::Result::Ok(())
+        }
+
+        async fn finish(
+            &self,
+            data: &mut ThingData,
+            _key: &::cqrs_core::saga::StepKey,
+        ) -> StepResult {
+            data.steps += 1;
+            ::core::result::Result::Ok(())
+        }
+    }
+
     type Decision = ::core::result::Result<::std::vec::Vec<ThingEvent>, ThingError>;
 
     impl Thing {
@@ -151,4 +197,19 @@ fn generated_code_is_hygienic_and_works() {
         <ThingEvent as cqrs_core::DomainEvent>::EVENT_TYPES,
         ["Made", "Grown", "Gone"]
     );
+}
+
+#[tokio::test]
+async fn a_derived_saga_in_a_shadowing_module_runs() {
+    use cqrs_core::saga::{InMemorySagaStore, Orchestrator, SagaStatus};
+    let saga = Orchestrator::<shadowing::ThingSaga, _>::new(
+        InMemorySagaStore::new(),
+        shadowing::ThingServices,
+        "hygiene",
+    );
+    let (_, status) = saga
+        .start(shadowing::ThingData { steps: 0 })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, SagaStatus::Completed);
 }

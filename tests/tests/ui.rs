@@ -10,5 +10,6 @@ fn ui() {
     cases.compile_fail("ui/command/*.rs");
     cases.compile_fail("ui/aggregate/*.rs");
     cases.compile_fail("ui/projection/*.rs");
+    cases.compile_fail("ui/saga/*.rs");
     cases.pass("ui/pass/*.rs");
 }

@@ -1,0 +1,22 @@
+use cqrs_core::saga::{StepError, StepKey};
+
+struct Order {
+    id: String,
+}
+
+struct Services;
+
+impl Services {
+    async fn reserve(&self, order: &mut Order, _: &StepKey) -> Result<(), StepError> {
+        order.id.push('!');
+        Ok(())
+    }
+}
+
+#[derive(cqrs_core::Saga)]
+#[saga(name = "fulfillment", data = Order, context = Services)]
+enum Fulfillment {
+    Reserve,
+}
+
+fn main() {}

@@ -2,6 +2,7 @@
 
 pub mod projection;
 mod rows;
+pub mod saga;
 mod sql;
 mod tx;
 

@@ -80,18 +80,26 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         Ok((id, state.status))
     }
 
-    /// Starts an instance under `id` (e.g. derived from the event that starts it) and runs it. An
-    /// instance stored under `id` already is not started again: it is returned as stored.
+    /// Stores a new instance with `data` without running it: the next [`Orchestrator::run_due`]
+    /// of any orchestrator of this saga on the store runs it.
     ///
     /// # Errors
     /// As [`Orchestrator::start`].
-    pub async fn start_with_id(&self, id: SagaId, data: S::Data) -> Result<SagaState, SagaError> {
+    pub async fn submit(&self, data: S::Data) -> Result<SagaId, SagaError> {
+        let state = self.new_state(SagaId::new(), &data)?;
+        self.store
+            .create(&state, &self.owner, Duration::ZERO)
+            .await?;
+        Ok(state.id)
+    }
+
+    fn new_state(&self, id: SagaId, data: &S::Data) -> Result<SagaState, SagaError> {
         let now = Utc::now();
-        let state = SagaState {
+        Ok(SagaState {
             id,
             saga: S::NAME.to_owned(),
             status: SagaStatus::Running,
-            data: serde_json::to_value(&data).map_err(|e| data_error::<S>(id, &e))?,
+            data: serde_json::to_value(data).map_err(|e| data_error::<S>(id, &e))?,
             steps: S::STEPS
                 .iter()
                 .map(|s| (s.name.to_owned(), StepOutcome::Pending))
@@ -101,7 +109,16 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             version: 1,
             started_at: now,
             updated_at: now,
-        };
+        })
+    }
+
+    /// Starts an instance under `id` (e.g. derived from the event that starts it) and runs it. An
+    /// instance stored under `id` already is not started again: it is returned as stored.
+    ///
+    /// # Errors
+    /// As [`Orchestrator::start`].
+    pub async fn start_with_id(&self, id: SagaId, data: S::Data) -> Result<SagaState, SagaError> {
+        let state = self.new_state(id, &data)?;
         if !self.store.create(&state, &self.owner, self.lease).await? {
             return self.store.load(id).await?.ok_or(SagaError::NotFound(id));
         }

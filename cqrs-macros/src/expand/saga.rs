@@ -56,8 +56,10 @@ fn generate(model: &SagaEnum<'_>) -> syn::Result<TokenStream> {
         })
     });
     // Each call is spanned at its variant: a missing method or a wrong signature is reported there.
+    // Method-call syntax, so a context behind a smart pointer (`Arc<Services>`) finds the
+    // methods of what it points to.
     let call = |index: usize, variant: &syn::Ident, method: &syn::Ident| {
-        let call = quote_spanned!(variant.span()=> <#context>::#method(__context, __data, __key));
+        let call = quote_spanned!(variant.span()=> (*__context).#method(__data, __key));
         quote! {
             #index => ::std::boxed::Box::pin(async move {
                 #call.await.map_err(::core::convert::Into::into)

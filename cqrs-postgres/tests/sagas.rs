@@ -1,0 +1,269 @@
+//! Sagas on PostgreSQL: the saga store's save refuses a stale version, an instance cut midway is
+//! resumed by another orchestrator, and two orchestrators on one database each run every saga
+//! exactly once between them.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::fresh_store;
+use cqrs_core::Saga;
+use cqrs_core::saga::{
+    Orchestrator, Saga as _, SagaError, SagaStatus, SagaStore, StepError, StepKey, StepOutcome,
+};
+use cqrs_postgres::saga::PostgresSagaStore;
+use serde::{Deserialize, Serialize};
+
+/// Counts every execution by step key, across orchestrators; fails the payment of orders whose
+/// amount is a multiple of 5.
+#[derive(Default, Clone)]
+struct Services {
+    executions: Arc<Mutex<HashMap<String, u32>>>,
+    by_owner: Arc<Mutex<HashMap<&'static str, u32>>>,
+    owner: &'static str,
+    /// Payments hang (the orchestrator dies while waiting on the payment service).
+    hang_payments: bool,
+}
+
+impl Services {
+    fn record(&self, key: &StepKey) {
+        *self
+            .executions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(key.to_string())
+            .or_default() += 1;
+        *self
+            .by_owner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(self.owner)
+            .or_default() += 1;
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Order {
+    amount: u64,
+}
+
+#[derive(Saga)]
+#[saga(name = "pg_fulfillment", data = Order, context = Arc<Services>)]
+enum Fulfillment {
+    #[step(compensate = release)]
+    Reserve,
+    #[step(compensate = refund)]
+    Pay,
+    Confirm,
+}
+
+impl Services {
+    async fn reserve(&self, _: &mut Order, key: &StepKey) -> Result<(), StepError> {
+        tokio::task::yield_now().await;
+        self.record(key);
+        Ok(())
+    }
+
+    async fn release(&self, _: &mut Order, key: &StepKey) -> Result<(), StepError> {
+        self.record(key);
+        Ok(())
+    }
+
+    async fn pay(&self, order: &mut Order, key: &StepKey) -> Result<(), StepError> {
+        tokio::task::yield_now().await;
+        if self.hang_payments {
+            tokio::time::sleep(Duration::from_secs(3_600)).await;
+        }
+        if order.amount.is_multiple_of(5) {
+            return Err(format!("card declined for {}", order.amount).into());
+        }
+        self.record(key);
+        Ok(())
+    }
+
+    async fn refund(&self, _: &mut Order, key: &StepKey) -> Result<(), StepError> {
+        self.record(key);
+        Ok(())
+    }
+
+    async fn confirm(&self, _: &mut Order, key: &StepKey) -> Result<(), StepError> {
+        self.record(key);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_saga_runs_to_its_end_and_a_stale_save_is_refused() {
+    let store = PostgresSagaStore::new(fresh_store("sagas_basic").await);
+    let saga =
+        Orchestrator::<Fulfillment, _>::new(store.clone(), Arc::new(Services::default()), "o");
+    let (done, status) = saga
+        .start(Order { amount: 7 })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, SagaStatus::Completed);
+    let (undone, status) = saga
+        .start(Order { amount: 10 })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, SagaStatus::Compensated);
+    let state = store
+        .load(undone)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("stored"));
+    assert_eq!(state.steps[0].1, StepOutcome::Compensated);
+    assert!(matches!(state.steps[1].1, StepOutcome::Failed { .. }));
+    assert_eq!(
+        store
+            .list(
+                Some(<Fulfillment as cqrs_core::saga::Saga>::NAME),
+                Some(SagaStatus::Completed)
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .iter()
+            .map(|s| s.id)
+            .collect::<Vec<_>>(),
+        [done]
+    );
+
+    // A save that names a version another orchestrator already moved past is refused.
+    let mut stale = store
+        .load(done)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("stored"));
+    stale.version -= 1;
+    assert!(matches!(
+        store.save(&stale).await,
+        Err(SagaError::Conflict { .. })
+    ));
+    assert_eq!(Fulfillment::STEPS.len(), 3);
+}
+
+/// 60 sagas submitted, two orchestrators claiming from one database at once: every saga ends,
+/// every step ran exactly once between them, and both did part of the work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_orchestrators_never_run_the_same_saga() {
+    let store = PostgresSagaStore::new(fresh_store("sagas_two_orchestrators").await);
+    let shared = Services::default();
+    let submitter =
+        Orchestrator::<Fulfillment, _>::new(store.clone(), Arc::new(shared.clone()), "submitter");
+    let mut ids = Vec::new();
+    for amount in 1..=60 {
+        ids.push(
+            submitter
+                .submit(Order { amount })
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+    }
+    let run = |owner: &'static str| {
+        let store = store.clone();
+        let services = Arc::new(Services {
+            owner,
+            ..shared.clone()
+        });
+        tokio::spawn(async move {
+            let orchestrator = Orchestrator::<Fulfillment, _>::new(store, services, owner);
+            while !orchestrator
+                .run_due(3)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .is_empty()
+            {}
+        })
+    };
+    let (a, b) = (run("a"), run("b"));
+    a.await.unwrap_or_else(|e| panic!("{e}"));
+    b.await.unwrap_or_else(|e| panic!("{e}"));
+
+    for id in &ids {
+        let state = store
+            .load(*id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("stored"));
+        assert!(state.status.is_final(), "{id}: {:?}", state.status);
+    }
+    let executions = shared
+        .executions
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    assert!(
+        executions.values().all(|n| *n == 1),
+        "a step ran twice: {:?}",
+        executions
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .collect::<Vec<_>>()
+    );
+    // 48 completed (reserve, pay, confirm) + 12 compensated (reserve, release).
+    assert_eq!(executions.len(), 48 * 3 + 12 * 2);
+    let by_owner = shared
+        .by_owner
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    eprintln!("two orchestrators: step executions by owner {by_owner:?}, 0 twice");
+    assert_eq!(by_owner.len(), 2, "both orchestrators worked: {by_owner:?}");
+}
+
+/// An instance whose orchestrator died mid-run (its lease ran out) is resumed by another.
+#[tokio::test]
+async fn a_saga_left_by_a_dead_orchestrator_is_resumed() {
+    let store = PostgresSagaStore::new(fresh_store("sagas_resume").await);
+    let services = Services::default();
+    let dying = Orchestrator::<Fulfillment, _>::new(
+        store.clone(),
+        Arc::new(Services {
+            hang_payments: true,
+            ..services.clone()
+        }),
+        "dying",
+    )
+    .with_lease(Duration::from_millis(50));
+    let id = cqrs_core::saga::SagaId::new();
+    // The orchestrator dies while the payment hangs: the reservation was saved, the payment not.
+    let cut = tokio::time::timeout(
+        Duration::from_millis(300),
+        dying.start_with_id(id, Order { amount: 3 }),
+    )
+    .await;
+    assert!(cut.is_err(), "the payment hangs");
+    let recorded = store
+        .load(id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("stored"));
+    assert_eq!(recorded.steps[0].1, StepOutcome::Executed);
+    assert_eq!(recorded.steps[1].1, StepOutcome::Pending);
+    let taker =
+        Orchestrator::<Fulfillment, _>::new(store.clone(), Arc::new(services.clone()), "taker");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        taker.run_due(10).await.unwrap_or_else(|e| panic!("{e}"));
+        let state = store
+            .load(id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("stored"));
+        if state.status.is_final() {
+            assert_eq!(state.status, SagaStatus::Completed);
+            let executions = services
+                .executions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            assert_eq!(executions.len(), 3, "{executions:?}");
+            assert!(
+                executions.values().all(|n| *n == 1),
+                "the saved reservation did not run again"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never resumed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -14,6 +14,7 @@ use cqrs_core::saga::{
     InMemorySagaStore, Orchestrator, Saga, SagaId, SagaStatus, SagaStore, StepError, StepKey,
     StepOutcome,
 };
+use cqrs_examples::order::OrderEvent;
 use serde::{Deserialize, Serialize};
 
 /// Fake services: effects are recorded by step key (so a repeated call with the same key has no
@@ -413,4 +414,133 @@ async fn a_saga_started_twice_under_one_id_runs_once() {
     let second = saga.start_with_id(id, order()).await.unwrap();
     assert_eq!(first, second);
     assert_eq!(saga.context().calls().len(), 4);
+}
+
+impl cqrs_core::saga::StartedBy<OrderEvent> for Fulfillment {
+    fn start(event: &cqrs_core::RecordedEvent<OrderEvent>) -> Option<Order> {
+        match &event.event {
+            OrderEvent::OrderCreated { items, .. } => Some(Order {
+                // Correlated by the order: the aggregate the event belongs to.
+                order_id: event.stream.aggregate_id.as_str().to_owned(),
+                amount_cents: items
+                    .iter()
+                    .map(|i| u64::from(i.quantity) * i.unit_price_cents)
+                    .sum(),
+                payment_id: None,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// OrderCreated starts one fulfillment per order, also when every event is delivered twice (two
+/// starters reading the log from the start); the orchestrator then runs them to the end.
+#[tokio::test]
+async fn order_created_starts_one_saga_per_event_even_when_delivered_twice() {
+    use cqrs_core::projection::ProjectionRunner;
+    use cqrs_core::saga::SagaStarter;
+    use cqrs_core::{CommandGateway, CommandMetadata, InMemoryEventStore};
+    use cqrs_examples::order::{Order as OrderAggregate, OrderCommand, OrderItem};
+
+    let events = InMemoryEventStore::new();
+    let orders = CommandGateway::<OrderAggregate, _>::new(events.clone());
+    for n in 1..=5 {
+        let id = format!("order-{n}");
+        let items = vec![OrderItem {
+            sku: "sku".into(),
+            quantity: 2,
+            unit_price_cents: 100 * n,
+        }];
+        orders
+            .execute(
+                id.as_str(),
+                OrderCommand::CreateOrder {
+                    customer_id: "c".into(),
+                    items,
+                },
+                CommandMetadata::new(),
+            )
+            .await
+            .unwrap();
+        orders
+            .execute(
+                id.as_str(),
+                OrderCommand::ConfirmOrder,
+                CommandMetadata::new(),
+            )
+            .await
+            .unwrap();
+    }
+    let sagas = InMemorySagaStore::new();
+    let mut started = 0;
+    for delivery in ["first", "again"] {
+        let mut runner = ProjectionRunner::new(
+            events.clone(),
+            SagaStarter::<Fulfillment, OrderEvent, _>::new(sagas.clone(), delivery),
+            (),
+        );
+        runner.catch_up().await.unwrap();
+        started += runner.projection().started();
+    }
+    assert_eq!(
+        started, 5,
+        "one start per OrderCreated, none for the redelivery"
+    );
+    assert_eq!(sagas.list(None, None).await.unwrap().len(), 5);
+
+    let orchestrator = orchestrator(&sagas);
+    let ran = orchestrator.run_due(100).await.unwrap();
+    assert_eq!(ran.len(), 5);
+    assert!(ran.iter().all(|s| s.status == SagaStatus::Completed));
+    let amounts: BTreeSet<u64> = ran
+        .iter()
+        .map(|s| s.data["amount_cents"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(amounts, BTreeSet::from([200, 400, 600, 800, 1_000]));
+}
+
+#[tokio::test]
+async fn the_saga_fixture_gives_the_sequence_of_steps_and_compensations() {
+    use cqrs_core::saga::SagaFixture;
+    let run = SagaFixture::<Fulfillment>::new(Services::default())
+        .failing("ship", 3)
+        .failing_compensation("reserve", 4)
+        .run(order())
+        .await
+        .unwrap();
+    assert_eq!(run.status, SagaStatus::Compensated);
+    assert_eq!(
+        run.calls,
+        [
+            "execute reserve",
+            "execute pay",
+            "execute ship",
+            "execute ship",
+            "execute ship",
+            "compensate pay",
+            // 3 tries fail (the saga is failed), then it is tried again: 1 more fails, 1 succeeds.
+            "compensate reserve",
+            "compensate reserve",
+            "compensate reserve",
+            "compensate reserve",
+            "compensate reserve"
+        ]
+    );
+    let happy = SagaFixture::<Fulfillment>::new(Services::default())
+        .failing("pay", 2)
+        .run(order())
+        .await
+        .unwrap();
+    assert_eq!(happy.status, SagaStatus::Completed);
+    assert_eq!(
+        happy.calls,
+        [
+            "execute reserve",
+            "execute pay",
+            "execute pay",
+            "execute pay",
+            "execute ship",
+            "execute confirm"
+        ]
+    );
 }

@@ -219,6 +219,31 @@ pub struct SagaState {
     pub updated_at: DateTime<Utc>,
 }
 
+impl SagaState {
+    /// A new instance of saga `S` under `id` with `data`, running, no step run yet.
+    ///
+    /// # Errors
+    /// [`SagaError::Data`] when `data` does not serialize.
+    pub fn start<S: Saga>(id: SagaId, data: &S::Data) -> Result<Self, SagaError> {
+        let now = Utc::now();
+        Ok(Self {
+            id,
+            saga: S::NAME.to_owned(),
+            status: SagaStatus::Running,
+            data: serde_json::to_value(data).map_err(|e| orchestrator::data_error::<S>(id, &e))?,
+            steps: S::STEPS
+                .iter()
+                .map(|s| (s.name.to_owned(), StepOutcome::Pending))
+                .collect(),
+            error: None,
+            retry_at: None,
+            version: 1,
+            started_at: now,
+            updated_at: now,
+        })
+    }
+}
+
 /// Why a saga store refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SagaError {
@@ -444,6 +469,10 @@ pub fn no_such_step(saga: &'static str, step: usize, compensate: bool) -> StepEr
     format!("saga `{saga}` has no {what} at index {step}").into()
 }
 
+mod fixture;
 mod orchestrator;
+mod starter;
 
+pub use fixture::{SagaFixture, SagaRun};
 pub use orchestrator::Orchestrator;
+pub use starter::{SagaStarter, StartedBy};

@@ -86,30 +86,11 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     /// # Errors
     /// As [`Orchestrator::start`].
     pub async fn submit(&self, data: S::Data) -> Result<SagaId, SagaError> {
-        let state = self.new_state(SagaId::new(), &data)?;
+        let state = SagaState::start::<S>(SagaId::new(), &data)?;
         self.store
             .create(&state, &self.owner, Duration::ZERO)
             .await?;
         Ok(state.id)
-    }
-
-    fn new_state(&self, id: SagaId, data: &S::Data) -> Result<SagaState, SagaError> {
-        let now = Utc::now();
-        Ok(SagaState {
-            id,
-            saga: S::NAME.to_owned(),
-            status: SagaStatus::Running,
-            data: serde_json::to_value(data).map_err(|e| data_error::<S>(id, &e))?,
-            steps: S::STEPS
-                .iter()
-                .map(|s| (s.name.to_owned(), StepOutcome::Pending))
-                .collect(),
-            error: None,
-            retry_at: None,
-            version: 1,
-            started_at: now,
-            updated_at: now,
-        })
     }
 
     /// Starts an instance under `id` (e.g. derived from the event that starts it) and runs it. An
@@ -118,7 +99,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     /// # Errors
     /// As [`Orchestrator::start`].
     pub async fn start_with_id(&self, id: SagaId, data: S::Data) -> Result<SagaState, SagaError> {
-        let state = self.new_state(id, &data)?;
+        let state = SagaState::start::<S>(id, &data)?;
         if !self.store.create(&state, &self.owner, self.lease).await? {
             return self.store.load(id).await?.ok_or(SagaError::NotFound(id));
         }
@@ -285,7 +266,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     }
 }
 
-fn data_error<S: Saga>(id: SagaId, error: &serde_json::Error) -> SagaError {
+pub(super) fn data_error<S: Saga>(id: SagaId, error: &serde_json::Error) -> SagaError {
     SagaError::Data {
         id,
         saga: S::NAME.to_owned(),

@@ -25,6 +25,7 @@ cargo test --workspace --locked
 echo "==> examples"
 cargo run --locked -q -p cqrs-examples --bin order >/dev/null
 cargo run --locked -q -p cqrs-examples --bin bank_account >/dev/null
+cargo run --locked -q -p cqrs-examples --bin fulfillment >/dev/null
 
 echo "==> benchmark smoke runs"
 cargo bench --locked -q -p cqrs-core --bench execute -- --quick >/dev/null

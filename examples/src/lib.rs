@@ -2,5 +2,6 @@
 //! your own aggregate.
 
 pub mod bank;
+pub mod fulfillment;
 pub mod order;
 pub mod order_summary;

@@ -267,3 +267,55 @@ async fn a_saga_left_by_a_dead_orchestrator_is_resumed() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Deadlines are stored with the instance in PostgreSQL: after the submitting orchestrator is
+/// gone, another fires exactly the ones not cancelled.
+#[tokio::test]
+async fn stored_deadlines_fire_on_another_orchestrator_unless_cancelled() {
+    let store = PostgresSagaStore::new(fresh_store("sagas_deadlines").await);
+    let first =
+        Orchestrator::<Fulfillment, _>::new(store.clone(), Arc::new(Services::default()), "first")
+            .with_deadline(Duration::from_millis(40));
+    let mut ids = Vec::new();
+    for amount in 1..=12 {
+        ids.push(
+            first
+                .submit(Order {
+                    amount: amount * 5 + 1,
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+    }
+    for id in &ids[..5] {
+        assert!(
+            first
+                .cancel_deadline(*id)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+        );
+    }
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let other =
+        Orchestrator::<Fulfillment, _>::new(store.clone(), Arc::new(Services::default()), "other");
+    let mut ended = Vec::new();
+    loop {
+        let ran = other.run_due(5).await.unwrap_or_else(|e| panic!("{e}"));
+        if ran.is_empty() {
+            break;
+        }
+        ended.extend(ran);
+    }
+    assert_eq!(ended.len(), 12);
+    let fired = ended.iter().filter(|s| s.deadline_fired).count();
+    assert_eq!(fired, 12 - 5, "fired = scheduled - cancelled");
+    for state in &ended {
+        let expected = if state.deadline_fired {
+            SagaStatus::Compensated
+        } else {
+            SagaStatus::Completed
+        };
+        assert_eq!(state.status, expected, "{}", state.id);
+    }
+}

@@ -544,3 +544,50 @@ async fn the_saga_fixture_gives_the_sequence_of_steps_and_compensations() {
         ]
     );
 }
+
+/// 20 sagas with a 30 ms deadline are stored, 7 deadlines cancelled, and the orchestrator goes
+/// down before running any; after the deadline a restarted orchestrator runs them: the deadline
+/// fires for exactly the 13 not cancelled (they compensate), the 7 complete.
+#[tokio::test]
+async fn deadlines_fire_after_a_restart_and_cancelled_ones_never_do() {
+    let store = InMemorySagaStore::new();
+    let first = Orchestrator::<Fulfillment, _>::new(store.clone(), Services::default(), "first")
+        .with_deadline(Duration::from_millis(30));
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(first.submit(order()).await.unwrap());
+    }
+    for id in &ids[..7] {
+        assert!(first.cancel_deadline(*id).await.unwrap());
+        assert!(
+            !first.cancel_deadline(*id).await.unwrap(),
+            "nothing left to cancel"
+        );
+    }
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let restarted = orchestrator(&store);
+    let ended = restarted.run_due(100).await.unwrap();
+    assert_eq!(ended.len(), 20);
+    let fired: Vec<_> = ended.iter().filter(|s| s.deadline_fired).collect();
+    assert_eq!(fired.len(), 20 - 7, "fired = scheduled - cancelled");
+    assert!(
+        fired
+            .iter()
+            .all(|s| s.status == SagaStatus::Compensated && !ids[..7].contains(&s.id))
+    );
+    assert!(
+        ended
+            .iter()
+            .filter(|s| !s.deadline_fired)
+            .all(|s| s.status == SagaStatus::Completed)
+    );
+
+    // A saga that completes in time never sees its deadline.
+    let in_time = Orchestrator::<Fulfillment, _>::new(store.clone(), Services::default(), "o")
+        .with_deadline(Duration::from_secs(3_600));
+    let (id, status) = in_time.start(order()).await.unwrap();
+    assert_eq!(status, SagaStatus::Completed);
+    assert!(!store.load(id).await.unwrap().unwrap().deadline_fired);
+}

@@ -211,6 +211,13 @@ pub struct SagaState {
     pub error: Option<String>,
     /// When a failed compensation is tried again.
     pub retry_at: Option<DateTime<Utc>>,
+    /// When the saga must have completed by: a saga still running then compensates. `None` when
+    /// it has none or it was cancelled ([`Orchestrator::cancel_deadline`]).
+    #[serde(default)]
+    pub deadline_at: Option<DateTime<Utc>>,
+    /// Whether the deadline fired (and made the saga compensate).
+    #[serde(default)]
+    pub deadline_fired: bool,
     /// Bumped by every save: a save that names an older version is refused.
     pub version: u64,
     /// When it started.
@@ -237,6 +244,8 @@ impl SagaState {
                 .collect(),
             error: None,
             retry_at: None,
+            deadline_at: None,
+            deadline_fired: false,
             version: 1,
             started_at: now,
             updated_at: now,

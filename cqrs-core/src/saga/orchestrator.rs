@@ -20,6 +20,7 @@ pub struct Orchestrator<S: Saga, St> {
     owner: String,
     lease: Duration,
     retry_failed_after: Duration,
+    deadline: Option<Duration>,
 }
 
 impl<S: Saga, St> std::fmt::Debug for Orchestrator<S, St> {
@@ -42,7 +43,45 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             owner: owner.into(),
             lease: Duration::from_secs(60),
             retry_failed_after: Duration::from_secs(30),
+            deadline: None,
         }
+    }
+
+    /// Every instance this orchestrator starts must complete within `within`: one still running
+    /// then (a step retrying, an orchestrator down) compensates instead of going on. The deadline
+    /// is stored with the instance, so it fires after a restart too, on whichever orchestrator
+    /// runs the instance next; [`Orchestrator::cancel_deadline`] lifts it.
+    #[must_use]
+    pub fn with_deadline(mut self, within: Duration) -> Self {
+        self.deadline = Some(within);
+        self
+    }
+
+    /// Lifts the deadline of instance `id`: it never fires. Returns whether there was one to lift
+    /// (a deadline that fired already cannot be cancelled).
+    ///
+    /// # Errors
+    /// [`SagaError::NotFound`], [`SagaError::Conflict`] when another orchestrator moved the
+    /// instance meanwhile (load and try again), a failing store.
+    pub async fn cancel_deadline(&self, id: SagaId) -> Result<bool, SagaError> {
+        let mut state = self.store.load(id).await?.ok_or(SagaError::NotFound(id))?;
+        if state.deadline_at.is_none() || state.deadline_fired {
+            return Ok(false);
+        }
+        state.deadline_at = None;
+        state.version += 1;
+        state.updated_at = Utc::now();
+        self.store.save(&state).await?;
+        Ok(true)
+    }
+
+    /// A new instance under `id`, with this orchestrator's deadline.
+    fn instance(&self, id: SagaId, data: &S::Data) -> Result<SagaState, SagaError> {
+        let mut state = SagaState::start::<S>(id, data)?;
+        state.deadline_at = self.deadline.map(|d| {
+            state.started_at + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+        });
+        Ok(state)
     }
 
     /// How long a claimed instance stays this orchestrator's.
@@ -86,7 +125,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     /// # Errors
     /// As [`Orchestrator::start`].
     pub async fn submit(&self, data: S::Data) -> Result<SagaId, SagaError> {
-        let state = SagaState::start::<S>(SagaId::new(), &data)?;
+        let state = self.instance(SagaId::new(), &data)?;
         self.store
             .create(&state, &self.owner, Duration::ZERO)
             .await?;
@@ -99,7 +138,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     /// # Errors
     /// As [`Orchestrator::start`].
     pub async fn start_with_id(&self, id: SagaId, data: S::Data) -> Result<SagaState, SagaError> {
-        let state = SagaState::start::<S>(id, &data)?;
+        let state = self.instance(id, &data)?;
         if !self.store.create(&state, &self.owner, self.lease).await? {
             return self.store.load(id).await?.ok_or(SagaError::NotFound(id));
         }
@@ -150,6 +189,14 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             match state.status {
                 SagaStatus::Completed | SagaStatus::Compensated => return Ok(state),
                 SagaStatus::Running => {
+                    if let Some(at) = state.deadline_at.filter(|at| *at <= Utc::now()) {
+                        tracing::warn!(saga = S::NAME, id = %state.id, %at, "deadline passed: compensating");
+                        state.deadline_fired = true;
+                        state.error = Some(format!("the deadline passed at {at}"));
+                        state.status = SagaStatus::Compensating;
+                        self.save(&mut state, &data).await?;
+                        continue;
+                    }
                     let Some(step) = state
                         .steps
                         .iter()

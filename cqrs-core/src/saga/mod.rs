@@ -485,3 +485,28 @@ mod starter;
 pub use fixture::{SagaFixture, SagaRun};
 pub use orchestrator::Orchestrator;
 pub use starter::{SagaStarter, StartedBy};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_grow_exponentially_up_to_the_cap_with_jitter() {
+        let policy = RetryPolicy {
+            attempts: 10,
+            backoff: Duration::from_millis(100),
+            max_delay: Duration::from_millis(1_000),
+        };
+        for seed in [0, 1, 42, u64::MAX] {
+            for (attempt, full) in [(1, 100), (2, 200), (3, 400), (4, 800), (5, 1_000), (9, 1_000)] {
+                let delay = policy.delay(attempt, seed);
+                let full = Duration::from_millis(full);
+                assert!(delay >= full / 2 && delay <= full, "{attempt}: {delay:?}");
+            }
+        }
+        let spread: std::collections::BTreeSet<_> =
+            (0..50u64).map(|seed| policy.delay(3, seed)).collect();
+        assert!(spread.len() > 40, "sagas failing together retry apart");
+        assert_eq!(RetryPolicy::NONE.delay(1, 7), Duration::ZERO);
+    }
+}

@@ -389,7 +389,7 @@ impl SagaStore for InMemorySagaStore {
         if stored.version + 1 != state.version {
             return Err(SagaError::Conflict {
                 id: state.id,
-                expected: state.version - 1,
+                expected: state.version.saturating_sub(1),
             });
         }
         *stored = state.clone();
@@ -498,7 +498,14 @@ mod tests {
             max_delay: Duration::from_millis(1_000),
         };
         for seed in [0, 1, 42, u64::MAX] {
-            for (attempt, full) in [(1, 100), (2, 200), (3, 400), (4, 800), (5, 1_000), (9, 1_000)] {
+            for (attempt, full) in [
+                (1, 100),
+                (2, 200),
+                (3, 400),
+                (4, 800),
+                (5, 1_000),
+                (9, 1_000),
+            ] {
                 let delay = policy.delay(attempt, seed);
                 let full = Duration::from_millis(full);
                 assert!(delay >= full / 2 && delay <= full, "{attempt}: {delay:?}");

@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -321,7 +322,7 @@ async fn stored_deadlines_fire_on_another_orchestrator_unless_cancelled() {
 }
 
 /// Polls `future` at most `polls` times: a crash of the process at that point.
-async fn cut_after<F: std::future::Future>(polls: usize, future: F) -> Option<F::Output> {
+async fn cut_after<F: Future>(polls: usize, future: F) -> Option<F::Output> {
     let mut future = std::pin::pin!(future);
     let mut polled = 0;
     std::future::poll_fn(|cx| {

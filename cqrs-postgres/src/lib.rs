@@ -86,9 +86,22 @@ impl PostgresEventStore {
     /// [`StoreError::InvalidInput`] for an invalid schema name, [`StoreError::Backend`] when the
     /// server cannot be reached.
     pub async fn connect(url: &str, schema: &str) -> Result<Self, StoreError> {
+        Self::connect_within(url, schema, Duration::from_secs(60)).await
+    }
+
+    /// As [`PostgresEventStore::connect`], giving up on a connection after `timeout` (a command
+    /// line wants to fail fast; a service may wait for its database to come up).
+    ///
+    /// # Errors
+    /// As [`PostgresEventStore::connect`].
+    pub async fn connect_within(
+        url: &str,
+        schema: &str,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(60))
+            .acquire_timeout(timeout)
             .connect(url)
             .await
             .map_err(|e| StoreError::backend(ConnectError(url_without_password(url), e)))?;

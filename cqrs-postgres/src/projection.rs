@@ -743,6 +743,63 @@ async fn read_window(
     })
 }
 
+/// Where a projection of the schema is, for operators (`cqrs projections list`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectionStatus {
+    /// The projection's name.
+    pub name: String,
+    /// The checkpoint it has applied up to.
+    pub checkpoint: Checkpoint,
+    /// Global positions between the checkpoint and the head of the log (an upper bound of the
+    /// events still to read).
+    pub lag: u64,
+    /// The worker holding (or last holding) the lease.
+    pub owner: Option<String>,
+    /// The lease's epoch: bumped by every takeover.
+    pub epoch: i64,
+    /// Whether the lease is live now.
+    pub leased: bool,
+    /// How many dead letters it has.
+    pub dead_letters: u64,
+    /// When its checkpoint last moved.
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Every projection with a checkpoint in `store`'s schema, by name.
+///
+/// # Errors
+/// [`WorkerError::Store`] when the database fails.
+pub async fn projections(store: &PostgresEventStore) -> Result<Vec<ProjectionStatus>, WorkerError> {
+    let s = &store.sql.quoted_schema;
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT c.projection, c.transaction_id::text AS transaction_text, c.global_position, c.owner, c.epoch, \
+                COALESCE(c.lease_until > now(), false) AS leased, c.updated_at, \
+                (SELECT count(*) FROM {s}.projection_dead_letters d WHERE d.projection = c.projection) AS dead_letters, \
+                (SELECT COALESCE(max(global_position), 0) FROM {s}.events) AS head \
+         FROM {s}.projection_checkpoints c ORDER BY c.projection"
+    )))
+    .fetch_all(store.pool())
+    .await
+    .map_err(backend)?;
+    rows.iter()
+        .map(|row| {
+            let checkpoint = crate::rows::checkpoint(row)?;
+            let head: i64 = row.try_get("head").map_err(backend)?;
+            let dead_letters: i64 = row.try_get("dead_letters").map_err(backend)?;
+            Ok(ProjectionStatus {
+                name: row.try_get("projection").map_err(backend)?,
+                lag: to_u64(head)?.saturating_sub(checkpoint.position),
+                checkpoint,
+                owner: row.try_get("owner").map_err(backend)?,
+                epoch: row.try_get("epoch").map_err(backend)?,
+                leased: row.try_get("leased").map_err(backend)?,
+                dead_letters: to_u64(dead_letters)?,
+                updated_at: row.try_get("updated_at").map_err(backend)?,
+            })
+        })
+        .collect()
+}
+
 /// Runs a savepoint statement.
 async fn savepoint(conn: &mut PgConnection, statement: &'static str) -> Result<(), WorkerError> {
     sqlx::query(statement)

@@ -1,0 +1,201 @@
+//! The `cqrs` binary against the real PostgreSQL: each command's output, one-line errors and exit
+//! codes (0 success, 1 failure, 2 usage).
+
+use std::process::Output;
+use std::sync::Arc;
+
+use cqrs_core::prelude::*;
+use cqrs_core::saga::Orchestrator;
+use cqrs_examples::bank::{Account, AccountCommand, Deposit};
+use cqrs_examples::fulfillment::{Fulfillment, FulfillmentSaga, Services};
+use cqrs_postgres::PostgresEventStore;
+use cqrs_postgres::saga::PostgresSagaStore;
+use sqlx::AssertSqlSafe;
+
+const SCHEMA: &str = "t_cli";
+
+fn cqrs(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cqrs"))
+        .args(["--schema", SCHEMA])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run cqrs: {e}"))
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "exit {:?}: {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The one line of a failed command and its exit code.
+fn failure(output: &Output) -> (i32, String) {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code().unwrap_or(-1), stderr)
+}
+
+#[tokio::test]
+async fn every_command_against_a_real_store() {
+    let url = cqrs_postgres::database_url();
+    let pool = sqlx::PgPool::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    assert!(stdout(&cqrs(&["migrate"])).contains("schema `t_cli` is up to date"));
+    assert!(
+        stdout(&cqrs(&["migrate"])).contains("up to date"),
+        "idempotent"
+    );
+
+    let store = PostgresEventStore::new(pool.clone(), SCHEMA).unwrap_or_else(|e| panic!("{e}"));
+    let accounts = CommandGateway::<Account, _>::new(store.clone());
+    accounts
+        .execute(
+            "a-1",
+            AccountCommand::Open {
+                owner: "Ada".into(),
+            },
+            CommandMetadata::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    accounts
+        .execute(
+            "a-1",
+            AccountCommand::Deposit(Deposit {
+                amount_cents: 1_250,
+                reference: "salary".into(),
+            }),
+            CommandMetadata::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let shown = stdout(&cqrs(&["events", "show", "account/a-1"]));
+    let lines: Vec<&str> = shown.lines().collect();
+    assert_eq!(lines.len(), 2, "{shown}");
+    assert!(lines[0].contains("account/a-1 v1 AccountOpened") && lines[0].contains("\"Ada\""));
+    assert!(lines[1].contains("v2 MoneyDeposited (schema 2)") && lines[1].contains("1250"));
+    assert_eq!(
+        failure(&cqrs(&["events", "show", "account/nobody"])),
+        (1, "cqrs: no events in stream account/nobody\n".to_owned())
+    );
+    assert_eq!(failure(&cqrs(&["events", "show", "no-slash"])).0, 1);
+
+    // The horizon is the cluster's: other tests' transactions can hold the newest events back.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let tail = loop {
+        let tail = stdout(&cqrs(&["events", "tail", "--limit", "1"]));
+        if tail.contains("MoneyDeposited") || std::time::Instant::now() > deadline {
+            break tail;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(tail.lines().count(), 1, "{tail}");
+    assert!(tail.contains("MoneyDeposited"), "{tail}");
+
+    // A projection with a checkpoint, an owner and a dead letter, as a worker leaves them.
+    for sql in [
+        "INSERT INTO t_cli.projection_checkpoints (projection, global_position, owner, epoch, lease_until) \
+         VALUES ('balances', 1, 'worker-1', 3, now() + interval '1 minute')",
+        "INSERT INTO t_cli.projection_dead_letters (projection, event_id, aggregate_type, aggregate_id, version, error, attempts, first_failed_at, last_failed_at) \
+         SELECT 'balances', event_id, aggregate_type, aggregate_id, version, 'balance table is locked', 3, now(), now() \
+         FROM t_cli.events WHERE version = 2",
+    ] {
+        sqlx::query(sql)
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let listed = stdout(&cqrs(&["projections", "list"]));
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with("balances"))
+        .unwrap_or_else(|| panic!("{listed}"));
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        &columns[..6],
+        ["balances", "1", "1", "3", "worker-1", "1"],
+        "{row}"
+    );
+
+    let letters = stdout(&cqrs(&["dlq", "list", "balances"]));
+    assert!(
+        letters.contains("account/a-1 v2")
+            && letters.contains("attempts 3")
+            && letters.contains("balance table is locked"),
+        "{letters}"
+    );
+    assert!(
+        stdout(&cqrs(&["dlq", "purge", "balances", "--older-than", "1d"])).contains("purged 0")
+    );
+    let (code, usage) = failure(&cqrs(&["dlq", "purge", "balances", "--older-than", "7w"]));
+    assert_eq!(code, 2, "{usage}");
+    assert!(usage.contains("the unit is s, m, h or d"), "{usage}");
+    assert!(stdout(&cqrs(&["dlq", "purge", "balances"])).contains("purged 1"));
+    assert!(stdout(&cqrs(&["dlq", "list", "balances"])).contains("no dead letters"));
+
+    // Sagas: one stored and not run yet.
+    let sagas = PostgresSagaStore::new(store.clone());
+    let services = Services::new(Arc::new(CommandGateway::new(InMemoryEventStore::new())));
+    let id = Orchestrator::<FulfillmentSaga, _>::new(sagas, services, "cli-test")
+        .submit(Fulfillment {
+            order_id: "o-9".into(),
+            items: vec![("sku".into(), 1)],
+            amount_cents: 500,
+            payment_id: None,
+            shipment_id: None,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let listed = stdout(&cqrs(&["sagas", "list", "--state", "running"]));
+    assert!(
+        listed.contains(&id.to_string())
+            && listed.contains("order_fulfillment")
+            && listed.contains("steps 0/4"),
+        "{listed}"
+    );
+    assert!(stdout(&cqrs(&["sagas", "list", "--state", "completed"])).is_empty());
+    assert_eq!(failure(&cqrs(&["sagas", "list", "--state", "done"])).0, 2);
+    let shown = stdout(&cqrs(&["sagas", "show", &id.to_string()]));
+    assert!(
+        shown.contains("reserve_inventory: Pending") && shown.contains("\"o-9\""),
+        "{shown}"
+    );
+    assert_eq!(
+        failure(&cqrs(&[
+            "sagas",
+            "show",
+            "01234567-89ab-7def-8123-456789abcdef"
+        ])),
+        (
+            1,
+            "cqrs: no saga 01234567-89ab-7def-8123-456789abcdef\n".to_owned()
+        )
+    );
+
+    // An unreachable database: one line, exit 1, and the password is not in it.
+    let (code, line) = failure(&cqrs(&[
+        "--database-url",
+        "postgres://postgres:hunter2@127.0.0.1:1/x",
+        "migrate",
+    ]));
+    assert_eq!(code, 1);
+    assert!(
+        line.starts_with("cqrs: cannot reach the store:")
+            && line.contains("127.0.0.1:1")
+            && !line.contains("hunter2")
+            && line.lines().count() == 1,
+        "{line}"
+    );
+}

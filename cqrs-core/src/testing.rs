@@ -184,3 +184,18 @@ impl<A: Aggregate> FixtureResult<A> {
         self.result
     }
 }
+
+/// Polls `future` at most `polls` times, then drops it: a process dying at that point (between two
+/// of its awaits), for crash tests of sagas and runners. `None` when it was cut.
+pub async fn cut_after<F: Future>(polls: usize, future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut polled = 0;
+    std::future::poll_fn(|cx| {
+        polled += 1;
+        if polled > polls {
+            return std::task::Poll::Ready(None);
+        }
+        future.as_mut().poll(cx).map(Some)
+    })
+    .await
+}

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::ast::{AggregateStruct, EventEnum, ProjectionStruct, SagaEnum, Shape};
+use crate::attr::Spanned;
 use crate::ctxt::Ctxt;
 
 /// Serde field attributes that cannot work on an event's struct variant: the generated serializer
@@ -159,16 +160,22 @@ pub(crate) fn projection(cx: &mut Ctxt, input: &ProjectionStruct<'_>) {
     projection_events_are_distinct(cx, input);
 }
 
-/// The projection name keys its checkpoint and dead letters: ASCII letters, digits, `_`, `-` and
-/// `.`, not empty.
+/// The projection name keys its checkpoint and dead letters.
 fn projection_name_is_a_key(cx: &mut Ctxt, input: &ProjectionStruct<'_>) {
-    let Some(name) = &input.name else { return };
+    if let Some(name) = &input.name {
+        name_is_a_key(cx, name, "projection", "order_summary");
+    }
+}
+
+/// A name stored as a key (of checkpoints, dead letters, saga instances): ASCII letters, digits,
+/// `_`, `-` and `.`, 1 to 200 of them.
+fn name_is_a_key(cx: &mut Ctxt, name: &Spanned<String>, what: &str, example: &str) {
     let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
     if name.value.is_empty() || !name.value.chars().all(valid) || name.value.len() > 200 {
         cx.error_at(
             name.span,
             format_args!(
-                "projection name `{}` must be 1 to 200 ASCII letters, digits, `_`, `-` or `.`: write for example name = \"order_summary\"",
+                "{what} name `{}` must be 1 to 200 ASCII letters, digits, `_`, `-` or `.`: write for example name = \"{example}\"",
                 name.value.escape_debug()
             ),
         );
@@ -197,18 +204,10 @@ pub(crate) fn saga(cx: &mut Ctxt, input: &SagaEnum<'_>) {
     saga_retry_values_make_sense(cx, input);
 }
 
-/// The saga name is stored with every instance: the projection name's rule.
+/// The saga name is stored with every instance.
 fn saga_name_is_a_key(cx: &mut Ctxt, input: &SagaEnum<'_>) {
-    let Some(name) = &input.name else { return };
-    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
-    if name.value.is_empty() || !name.value.chars().all(valid) || name.value.len() > 200 {
-        cx.error_at(
-            name.span,
-            format_args!(
-                "saga name `{}` must be 1 to 200 ASCII letters, digits, `_`, `-` or `.`: write for example name = \"order_fulfillment\"",
-                name.value.escape_debug()
-            ),
-        );
+    if let Some(name) = &input.name {
+        name_is_a_key(cx, name, "saga", "order_fulfillment");
     }
 }
 

@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -321,20 +320,6 @@ async fn stored_deadlines_fire_on_another_orchestrator_unless_cancelled() {
     }
 }
 
-/// Polls `future` at most `polls` times: a crash of the process at that point.
-async fn cut_after<F: Future>(polls: usize, future: F) -> Option<F::Output> {
-    let mut future = std::pin::pin!(future);
-    let mut polled = 0;
-    std::future::poll_fn(|cx| {
-        polled += 1;
-        if polled > polls {
-            return std::task::Poll::Ready(None);
-        }
-        future.as_mut().poll(cx).map(Some)
-    })
-    .await
-}
-
 /// 200 orchestrators on PostgreSQL crash at a chosen poll of their run (between a step's effect and
 /// its save, inside a save, between compensations) and a restarted one resumes each saga: all end
 /// completed or compensated, and no step whose completion was saved runs again.
@@ -351,7 +336,7 @@ async fn sagas_cut_at_random_points_on_postgres_resume_to_an_end() {
         // Amounts that are multiples of 5 are declined: those sagas compensate.
         let order = Order { amount: run % 10 };
         let cut = usize::try_from(run % 50).unwrap_or(0);
-        let _ = cut_after(cut, dying.start_with_id(id, order)).await;
+        let _ = cqrs_core::testing::cut_after(cut, dying.start_with_id(id, order)).await;
         let Some(saved) = store.load(id).await.unwrap_or_else(|e| panic!("{e}")) else {
             never_stored += 1;
             continue;

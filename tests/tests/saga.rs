@@ -4,9 +4,7 @@
 //! start-once by id.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::future::Future;
 use std::sync::Mutex;
-use std::task::Poll;
 use std::time::Duration;
 
 use cqrs_core::Saga;
@@ -315,20 +313,6 @@ async fn a_compensation_that_keeps_failing_is_failed_then_retried_never_dropped(
     assert_eq!(saga.context().effects_of("pay", "compensate"), 1);
 }
 
-/// Polls `future` at most `polls` times: a crash of the process at that point.
-async fn cut_after<F: Future>(polls: usize, future: F) -> Option<F::Output> {
-    let mut future = std::pin::pin!(future);
-    let mut polled = 0;
-    std::future::poll_fn(|cx| {
-        polled += 1;
-        if polled > polls {
-            return Poll::Ready(None);
-        }
-        future.as_mut().poll(cx).map(Some)
-    })
-    .await
-}
-
 /// The orchestrator crashes (its future dropped) at every poll of a run, between a step's effect
 /// and its save, between compensations, 200 times; a restarted orchestrator resumes: every saga
 /// ends completed or compensated, no step whose completion was saved runs again, and each step's
@@ -353,7 +337,7 @@ async fn sagas_cut_at_every_point_resume_to_an_end() {
             .with_compensation_retry(Duration::ZERO);
         let id = SagaId::new();
         let cut = run / 4 % 25;
-        let _ = cut_after(cut, first.start_with_id(id, order())).await;
+        let _ = cqrs_core::testing::cut_after(cut, first.start_with_id(id, order())).await;
         let recorded: Vec<(String, StepOutcome)> = store
             .load(id)
             .await

@@ -77,6 +77,24 @@ fn generate(model: &SagaEnum<'_>) -> syn::Result<TokenStream> {
         .enumerate()
         .filter_map(|(i, step)| step.compensate.as_ref().map(|m| call(i, step.ident, m)));
     let variants = model.steps.iter().map(|step| step.ident);
+    // The steps are the table, never values: naming them keeps the enum's variants from being
+    // reported as never constructed.
+    let execute = step_method(
+        &quote!(execute),
+        context,
+        data,
+        &quote!(let _ = [#(Self::#variants),*];),
+        execute_arms,
+        false,
+    );
+    let compensate = step_method(
+        &quote!(compensate),
+        context,
+        data,
+        &quote!(),
+        compensate_arms,
+        true,
+    );
     Ok(quote! {
         #[automatically_derived]
         impl ::cqrs_core::saga::Saga for #ident {
@@ -85,44 +103,40 @@ fn generate(model: &SagaEnum<'_>) -> syn::Result<TokenStream> {
             type Data = #data;
             type Context = #context;
 
-            fn execute<'__cqrs>(
-                __step: usize,
-                __context: &'__cqrs #context,
-                __data: &'__cqrs mut #data,
-                __key: &'__cqrs ::cqrs_core::saga::StepKey,
-            ) -> ::cqrs_core::__private::BoxFuture<
-                '__cqrs,
-                ::core::result::Result<(), ::cqrs_core::saga::StepError>,
-            > {
-                // The steps are the table, never values: naming them here keeps the enum's
-                // variants from being reported as never constructed.
-                let _ = [#(Self::#variants),*];
-                match __step {
-                    #(#execute_arms)*
-                    _ => ::std::boxed::Box::pin(::core::future::ready(::core::result::Result::Err(
-                        ::cqrs_core::saga::no_such_step(<Self as ::cqrs_core::saga::Saga>::NAME, __step, false),
-                    ))),
-                }
-            }
-
-            fn compensate<'__cqrs>(
-                __step: usize,
-                __context: &'__cqrs #context,
-                __data: &'__cqrs mut #data,
-                __key: &'__cqrs ::cqrs_core::saga::StepKey,
-            ) -> ::cqrs_core::__private::BoxFuture<
-                '__cqrs,
-                ::core::result::Result<(), ::cqrs_core::saga::StepError>,
-            > {
-                match __step {
-                    #(#compensate_arms)*
-                    _ => ::std::boxed::Box::pin(::core::future::ready(::core::result::Result::Err(
-                        ::cqrs_core::saga::no_such_step(<Self as ::cqrs_core::saga::Saga>::NAME, __step, true),
-                    ))),
-                }
-            }
+            #execute
+            #compensate
         }
     })
+}
+
+/// `fn execute` / `fn compensate`: a match from the step index to the step's call.
+fn step_method(
+    name: &TokenStream,
+    context: &syn::Type,
+    data: &syn::Type,
+    prelude: &TokenStream,
+    arms: impl Iterator<Item = TokenStream>,
+    compensate: bool,
+) -> TokenStream {
+    quote! {
+        fn #name<'__cqrs>(
+            __step: usize,
+            __context: &'__cqrs #context,
+            __data: &'__cqrs mut #data,
+            __key: &'__cqrs ::cqrs_core::saga::StepKey,
+        ) -> ::cqrs_core::__private::BoxFuture<
+            '__cqrs,
+            ::core::result::Result<(), ::cqrs_core::saga::StepError>,
+        > {
+            #prelude
+            match __step {
+                #(#arms)*
+                _ => ::std::boxed::Box::pin(::core::future::ready(::core::result::Result::Err(
+                    ::cqrs_core::saga::no_such_step(<Self as ::cqrs_core::saga::Saga>::NAME, __step, #compensate),
+                ))),
+            }
+        }
+    }
 }
 
 /// Emitted with the errors: keeps uses of the saga from failing too. Without a data or context

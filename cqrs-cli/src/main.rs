@@ -1,4 +1,4 @@
-//! The `cqrs` command line; see the crate README.
+#![doc = include_str!("../README.md")]
 
 use std::process::ExitCode;
 use std::time::Duration;

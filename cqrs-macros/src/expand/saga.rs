@@ -146,28 +146,31 @@ fn stub(model: &SagaEnum<'_>) -> TokenStream {
     let (Some(data), Some(context)) = (&model.data, &model.context) else {
         return TokenStream::new();
     };
+    // No arms: every index is "no such step" (the stub never runs: the errors stop the build).
+    let execute = step_method(
+        &quote!(execute),
+        context,
+        data,
+        &quote!(),
+        std::iter::empty(),
+        false,
+    );
+    let compensate = step_method(
+        &quote!(compensate),
+        context,
+        data,
+        &quote!(),
+        std::iter::empty(),
+        true,
+    );
     quote! {
         impl ::cqrs_core::saga::Saga for #ident {
             const NAME: &'static str = "";
             const STEPS: &'static [::cqrs_core::saga::StepSpec] = &[];
             type Data = #data;
             type Context = #context;
-            fn execute<'__cqrs>(
-                _: usize,
-                _: &'__cqrs #context,
-                _: &'__cqrs mut #data,
-                _: &'__cqrs ::cqrs_core::saga::StepKey,
-            ) -> ::cqrs_core::__private::BoxFuture<'__cqrs, ::core::result::Result<(), ::cqrs_core::saga::StepError>> {
-                ::std::boxed::Box::pin(::core::future::ready(::core::result::Result::Ok(())))
-            }
-            fn compensate<'__cqrs>(
-                _: usize,
-                _: &'__cqrs #context,
-                _: &'__cqrs mut #data,
-                _: &'__cqrs ::cqrs_core::saga::StepKey,
-            ) -> ::cqrs_core::__private::BoxFuture<'__cqrs, ::core::result::Result<(), ::cqrs_core::saga::StepError>> {
-                ::std::boxed::Box::pin(::core::future::ready(::core::result::Result::Ok(())))
-            }
+            #execute
+            #compensate
         }
     }
 }

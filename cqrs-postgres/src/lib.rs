@@ -1,10 +1,14 @@
 #![doc = include_str!("../README.md")]
 
+pub mod lease;
 pub mod projection;
 mod rows;
 pub mod saga;
 mod sql;
 mod tx;
+
+pub use lease::{CheckpointLease, Inbox};
+pub use tx::Tx as Transaction;
 
 use std::fmt::Write as _;
 use std::sync::Arc;

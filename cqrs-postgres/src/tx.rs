@@ -15,15 +15,17 @@ use std::ops::{Deref, DerefMut};
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
 
-/// An open transaction on a pooled connection.
-pub(crate) struct Tx {
+/// An open transaction on a pooled connection that is safe to drop at any point: dropped before
+/// [`commit`](Self::commit) or [`rollback`](Self::rollback), it closes its connection and the
+/// server rolls back. Dereferences to the connection, to run statements in it.
+pub struct Tx {
     conn: Option<PoolConnection<Postgres>>,
     finished: bool,
 }
 
 impl Tx {
     /// Takes a connection and opens a transaction on it.
-    pub(crate) async fn begin(pool: &PgPool) -> Result<Self, sqlx::Error> {
+    pub async fn begin(pool: &PgPool) -> Result<Self, sqlx::Error> {
         let mut tx = Self {
             conn: Some(pool.acquire().await?),
             finished: false,
@@ -35,7 +37,7 @@ impl Tx {
 
     /// Commits. Whatever the outcome, the server ended the transaction (a `COMMIT` that fails
     /// rolls back), unless the connection broke, and then the pool drops it.
-    pub(crate) async fn commit(mut self) -> Result<(), sqlx::Error> {
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
         let committed = sqlx::query("COMMIT").execute(&mut *self).await;
         self.finished = true;
         committed.map(drop)
@@ -44,7 +46,7 @@ impl Tx {
 
 impl Tx {
     /// Rolls back (the statements so far completed: the connection goes back to the pool).
-    pub(crate) async fn rollback(mut self) {
+    pub async fn rollback(mut self) {
         let rolled_back = sqlx::query("ROLLBACK").execute(&mut *self).await;
         // If even that failed, `Drop` closes the connection.
         self.finished = rolled_back.is_ok();
@@ -52,7 +54,7 @@ impl Tx {
 
     /// Ends the transaction by `outcome`: commits an `Ok` (a failing commit is `commit_failed`),
     /// rolls back an `Err` and returns it.
-    pub(crate) async fn end<T, E>(
+    pub async fn end<T, E>(
         self,
         outcome: Result<T, E>,
         commit_failed: impl FnOnce(sqlx::Error) -> E,

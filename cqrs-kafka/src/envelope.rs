@@ -1,0 +1,272 @@
+//! What a Kafka message carries: the event envelope (JSON by default) and its headers.
+
+use chrono::{DateTime, Utc};
+use cqrs_core::{AggregateId, Checkpoint, EventId, Metadata, StoredEvent, StreamId};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use serde::{Deserialize, Serialize};
+
+/// The header names the relay sets on every message.
+pub mod header {
+    /// The event id (a UUID).
+    pub const EVENT_ID: &str = "cqrs-event-id";
+    /// The event type name.
+    pub const EVENT_TYPE: &str = "cqrs-event-type";
+    /// The schema version of the payload.
+    pub const SCHEMA_VERSION: &str = "cqrs-schema-version";
+    /// The aggregate type.
+    pub const AGGREGATE_TYPE: &str = "cqrs-aggregate-type";
+    /// The correlation id, when the event has one.
+    pub const CORRELATION_ID: &str = "cqrs-correlation-id";
+    /// The causation id, when the event has one.
+    pub const CAUSATION_ID: &str = "cqrs-causation-id";
+    /// The serializer's content type.
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// On a dead letter: why the consumer gave up.
+    pub const DLQ_ERROR: &str = "cqrs-dlq-error";
+    /// On a dead letter: how many times the handler was tried (0 for a malformed message).
+    pub const DLQ_ATTEMPTS: &str = "cqrs-dlq-attempts";
+    /// On a dead letter: the consumer (group) that gave up.
+    pub const DLQ_CONSUMER: &str = "cqrs-dlq-consumer";
+    /// On a dead letter: the original topic.
+    pub const DLQ_TOPIC: &str = "cqrs-dlq-topic";
+    /// On a dead letter: the original partition.
+    pub const DLQ_PARTITION: &str = "cqrs-dlq-partition";
+    /// On a dead letter: the original offset.
+    pub const DLQ_OFFSET: &str = "cqrs-dlq-offset";
+}
+
+/// A message that is not an event this framework can read: never retried, sent to the
+/// dead-letter topic with this reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MalformedMessage {
+    /// The message has no value.
+    #[error("the message has no value")]
+    Empty,
+    /// The value is not the envelope (bad JSON, missing fields, wrong types).
+    #[error("the value is not an event envelope: {0}")]
+    NotAnEnvelope(String),
+    /// The envelope decodes but its event does not (unknown type, newer schema, bad payload).
+    #[error("the event does not decode: {0}")]
+    Undecodable(String),
+}
+
+/// Why an event could not be serialized for Kafka.
+#[derive(Debug, thiserror::Error)]
+#[error("event {event_id} ({event_type}) of {stream} does not serialize: {reason}")]
+pub struct SerializeError {
+    /// The event.
+    pub event_id: EventId,
+    /// Its stream.
+    pub stream: StreamId,
+    /// Its type.
+    pub event_type: String,
+    /// What the serializer said.
+    pub reason: String,
+}
+
+/// How events become message values and back: [`JsonEnvelope`] by default; implement it for
+/// Avro, Protobuf or a house format.
+pub trait EventSerializer: Send + Sync + 'static {
+    /// The `content-type` header of the messages.
+    fn content_type(&self) -> &'static str;
+
+    /// The message value of `event`.
+    ///
+    /// # Errors
+    /// [`SerializeError`] naming the event when it cannot be encoded.
+    fn serialize(&self, event: &StoredEvent) -> Result<Vec<u8>, SerializeError>;
+
+    /// The event in a message value.
+    ///
+    /// # Errors
+    /// [`MalformedMessage`] saying what is wrong with the value.
+    fn deserialize(&self, value: &[u8]) -> Result<StoredEvent, MalformedMessage>;
+}
+
+/// The event envelope as JSON: every field of the stored event, payload and metadata as JSON
+/// objects, so any consumer (in any language) reads it without this crate.
+///
+/// ```json
+/// {"event_id":"0193…","aggregate_type":"order","aggregate_id":"o-1","version":1,
+///  "event_type":"OrderCreated","schema_version":1,"payload":{…},"metadata":{…},
+///  "recorded_at":"2026-11-30T…Z","checkpoint":{"transaction":812,"position":17}}
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JsonEnvelope;
+
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    event_id: EventId,
+    aggregate_type: &'a str,
+    aggregate_id: &'a AggregateId,
+    version: u64,
+    event_type: &'a str,
+    schema_version: u32,
+    payload: &'a serde_json::Value,
+    metadata: &'a Metadata,
+    recorded_at: DateTime<Utc>,
+    checkpoint: Checkpoint,
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    event_id: EventId,
+    aggregate_type: String,
+    aggregate_id: AggregateId,
+    version: u64,
+    event_type: String,
+    schema_version: u32,
+    payload: serde_json::Value,
+    #[serde(default)]
+    metadata: Metadata,
+    recorded_at: DateTime<Utc>,
+    #[serde(default)]
+    checkpoint: Checkpoint,
+}
+
+impl EventSerializer for JsonEnvelope {
+    fn content_type(&self) -> &'static str {
+        "application/json"
+    }
+
+    fn serialize(&self, event: &StoredEvent) -> Result<Vec<u8>, SerializeError> {
+        serde_json::to_vec(&EnvelopeRef {
+            event_id: event.event_id,
+            aggregate_type: &event.stream.aggregate_type,
+            aggregate_id: &event.stream.aggregate_id,
+            version: event.version,
+            event_type: &event.event_type,
+            schema_version: event.schema_version,
+            payload: &event.payload,
+            metadata: &event.metadata,
+            recorded_at: event.recorded_at,
+            checkpoint: event.checkpoint,
+        })
+        .map_err(|e| SerializeError {
+            event_id: event.event_id,
+            stream: event.stream.clone(),
+            event_type: event.event_type.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn deserialize(&self, value: &[u8]) -> Result<StoredEvent, MalformedMessage> {
+        let e: Envelope = serde_json::from_slice(value)
+            .map_err(|e| MalformedMessage::NotAnEnvelope(e.to_string()))?;
+        if e.aggregate_type.is_empty() || e.event_type.is_empty() || e.version == 0 {
+            return Err(MalformedMessage::NotAnEnvelope(
+                "empty aggregate type or event type, or version 0".to_owned(),
+            ));
+        }
+        Ok(StoredEvent {
+            event_id: e.event_id,
+            stream: StreamId::new(e.aggregate_type, e.aggregate_id),
+            version: e.version,
+            checkpoint: e.checkpoint,
+            recorded_at: e.recorded_at,
+            event_type: e.event_type,
+            schema_version: e.schema_version,
+            payload: e.payload,
+            metadata: e.metadata,
+        })
+    }
+}
+
+/// The headers of `event`'s message.
+pub(crate) fn headers_of(event: &StoredEvent, content_type: &str) -> OwnedHeaders {
+    let event_id = event.event_id.to_string();
+    let schema = event.schema_version.to_string();
+    let mut headers = OwnedHeaders::new_with_capacity(7)
+        .insert(text(header::EVENT_ID, &event_id))
+        .insert(text(header::EVENT_TYPE, &event.event_type))
+        .insert(text(header::SCHEMA_VERSION, &schema))
+        .insert(text(header::AGGREGATE_TYPE, &event.stream.aggregate_type))
+        .insert(text(header::CONTENT_TYPE, content_type));
+    if let Some(id) = &event.metadata.correlation_id {
+        headers = headers.insert(text(header::CORRELATION_ID, &id.to_string()));
+    }
+    if let Some(id) = &event.metadata.causation_id {
+        headers = headers.insert(text(header::CAUSATION_ID, &id.to_string()));
+    }
+    headers
+}
+
+/// A header with a text value.
+pub(crate) fn text<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
+    Header {
+        key,
+        value: Some(value),
+    }
+}
+
+/// The text value of header `key`, if present and UTF-8.
+pub fn header_value<'a>(headers: &'a impl Headers, key: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> StoredEvent {
+        StoredEvent {
+            event_id: EventId::new(),
+            stream: StreamId::new("order", "o-1"),
+            version: 3,
+            checkpoint: Checkpoint::new(7, 12),
+            recorded_at: Utc::now(),
+            event_type: "OrderCreated".to_owned(),
+            schema_version: 2,
+            payload: serde_json::json!({"total": 5}),
+            metadata: Metadata::default().with_correlation_id(cqrs_core::CorrelationId::new()),
+        }
+    }
+
+    #[test]
+    fn the_json_envelope_round_trips() {
+        let event = event();
+        let bytes = JsonEnvelope.serialize(&event).unwrap();
+        assert_eq!(JsonEnvelope.deserialize(&bytes).unwrap(), event);
+    }
+
+    #[test]
+    fn malformed_values_say_what_is_wrong() {
+        for bad in [&b"not json"[..], b"{}", b"[1,2]", b"{\"event_id\":\"x\"}"] {
+            assert!(matches!(
+                JsonEnvelope.deserialize(bad),
+                Err(MalformedMessage::NotAnEnvelope(_))
+            ));
+        }
+        let mut event = serde_json::to_value(
+            serde_json::from_slice::<serde_json::Value>(&JsonEnvelope.serialize(&event()).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        event["version"] = 0.into();
+        let err = JsonEnvelope
+            .deserialize(&serde_json::to_vec(&event).unwrap())
+            .unwrap_err();
+        assert!(err.to_string().contains("version 0"), "{err}");
+    }
+
+    #[test]
+    fn headers_carry_ids_and_types() {
+        let event = event();
+        let headers = headers_of(&event, "application/json");
+        assert_eq!(
+            header_value(&headers, header::EVENT_ID),
+            Some(event.event_id.to_string().as_str())
+        );
+        assert_eq!(header_value(&headers, header::SCHEMA_VERSION), Some("2"));
+        assert_eq!(
+            header_value(&headers, header::AGGREGATE_TYPE),
+            Some("order")
+        );
+        assert!(header_value(&headers, header::CORRELATION_ID).is_some());
+        assert!(header_value(&headers, header::CAUSATION_ID).is_none());
+    }
+}

@@ -1,0 +1,88 @@
+//! Creating the topics the relay and the dead-letter producer write to.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::{KafkaConfig, KafkaError};
+
+/// Creates topics once each (and again after [`forget`](Self::forget)).
+pub(crate) struct Topics {
+    admin: AdminClient<DefaultClientContext>,
+    known: HashSet<String>,
+    partitions: i32,
+    replication: i32,
+}
+
+impl Topics {
+    pub(crate) fn new(
+        config: &KafkaConfig,
+        partitions: i32,
+        replication: i32,
+    ) -> Result<Self, KafkaError> {
+        let admin = config
+            .client("-admin")
+            .create()
+            .map_err(|e| KafkaError::Config(e.to_string()))?;
+        Ok(Self {
+            admin,
+            known: HashSet::new(),
+            partitions,
+            replication,
+        })
+    }
+
+    /// Makes sure each of `topics` exists (an existing one is fine).
+    pub(crate) async fn ensure<'a>(
+        &mut self,
+        topics: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), KafkaError> {
+        let mut missing: Vec<&str> = topics
+            .into_iter()
+            .filter(|t| !self.known.contains(*t))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let new: Vec<NewTopic<'_>> = missing
+            .iter()
+            .map(|t| {
+                NewTopic::new(
+                    t,
+                    self.partitions,
+                    TopicReplication::Fixed(self.replication),
+                )
+            })
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = self
+            .admin
+            .create_topics(&new, &options)
+            .await
+            .map_err(KafkaError::kafka("create topics"))?;
+        for result in results {
+            match result {
+                Ok(topic) | Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    self.known.insert(topic);
+                }
+                Err((topic, code)) => {
+                    return Err(KafkaError::CreateTopic {
+                        topic,
+                        reason: code.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets which topics exist (after a failure that may mean one was deleted).
+    pub(crate) fn forget(&mut self) {
+        self.known.clear();
+    }
+}

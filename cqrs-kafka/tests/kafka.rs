@@ -1,0 +1,753 @@
+//! The relay and the subscriber against a real Kafka-protocol broker (`scripts/kafka-up.sh` starts
+//! one at `KAFKA_BROKERS`, default 127.0.0.1:9092) and the real PostgreSQL.
+
+#[path = "../../cqrs-postgres/tests/common/mod.rs"]
+mod pg;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cqrs_core::prelude::*;
+use cqrs_core::projection::HandlerError;
+use cqrs_core::testing::cut_after;
+use cqrs_core::{EventData, RecordedEvent};
+use cqrs_examples::bank::{AccountEvent, Deposit};
+use cqrs_kafka::envelope::{header, header_value};
+use cqrs_kafka::{
+    EventSerializer, JsonEnvelope, KafkaConfig, KafkaError, KafkaSubscriber, OutboxRelay, TopicMap,
+    Transactional,
+};
+use cqrs_postgres::PostgresEventStore;
+use rand::Rng;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::{AssertSqlSafe, PgConnection};
+
+fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+/// A name no earlier run used on the shared broker.
+fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
+/// Appends `count` deposits spread over `accounts` accounts, with amounts from `first`.
+async fn deposit(store: &PostgresEventStore, first: u64, count: u64, accounts: u64) {
+    for n in first..first + count {
+        let event = AccountEvent::Deposited(Deposit {
+            amount_cents: n,
+            reference: String::new(),
+        });
+        let metadata = Metadata::default().with_correlation_id(cqrs_core::CorrelationId::new());
+        let data = EventData::from_event(&event, metadata).unwrap_or_else(|e| panic!("{e}"));
+        store
+            .append(
+                &StreamId::new("account", format!("a{}", n % accounts)),
+                ExpectedVersion::Any,
+                vec![data],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Every event in the store, in the global order.
+async fn all_events(store: &PostgresEventStore) -> Vec<cqrs_core::StoredEvent> {
+    let mut events = Vec::new();
+    let mut at = cqrs_core::Checkpoint::START;
+    loop {
+        let page = store
+            .read_all(at, 1_000)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Some(last) = page.last() else {
+            return events;
+        };
+        at = last.checkpoint;
+        events.extend(page);
+    }
+}
+
+/// Steps `relay` until it has delivered everything committed so far.
+async fn drain(relay: &mut OutboxRelay, store: &PostgresEventStore) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let head = store.head().await.unwrap_or_else(|e| panic!("{e}"));
+    loop {
+        match relay.step().await {
+            Ok(step) if step.delivered == 0 && Some(step.checkpoint) >= head => return,
+            Ok(_) => {}
+            Err(error) => eprintln!("relay step failed (retrying): {error}"),
+        }
+        assert!(Instant::now() < deadline, "the relay did not catch up");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A message read back from a topic.
+#[derive(Debug, Clone)]
+struct Read {
+    key: String,
+    event: cqrs_core::StoredEvent,
+    headers: BTreeMap<String, String>,
+    partition: i32,
+}
+
+/// A consumer outside any group, reading `topics` from their beginnings.
+fn reader(topics: &[String]) -> StreamConsumer {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut assignment = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("metadata of {topic}: {e}"));
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                assignment
+                    .add_partition_offset(topic, p.id(), Offset::Beginning)
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+    consumer
+        .assign(&assignment)
+        .unwrap_or_else(|e| panic!("{e}"));
+    consumer
+}
+
+/// Reads `topics` until `done` says so (or a minute passes).
+async fn read_until(topics: &[String], done: impl Fn(&[Read]) -> bool) -> Vec<Read> {
+    let consumer = reader(topics);
+    let mut read = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done(&read) {
+        assert!(
+            Instant::now() < deadline,
+            "read {} messages from {topics:?} in a minute, not all expected",
+            read.len()
+        );
+        let Ok(Ok(message)) =
+            tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
+        else {
+            continue;
+        };
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let event = JsonEnvelope
+            .deserialize(message.payload().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("the relay wrote a malformed message: {e}"));
+        read.push(Read {
+            key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+            event,
+            headers,
+            partition: message.partition(),
+        });
+    }
+    read
+}
+
+/// Checks what was read against what the store has: (missing, duplicates, order inversions).
+/// An inversion is an event read for the first time after a later event of its stream.
+fn audit(stored: &[cqrs_core::StoredEvent], read: &[Read]) -> (usize, usize, usize) {
+    let mut seen = HashSet::new();
+    let mut duplicates = 0;
+    let mut last_version: HashMap<&StreamId, u64> = HashMap::new();
+    let mut inversions = 0;
+    for r in read {
+        if !seen.insert(r.event.event_id) {
+            duplicates += 1;
+            continue;
+        }
+        let last = last_version.entry(&r.event.stream).or_insert(0);
+        if r.event.version < *last {
+            inversions += 1;
+        }
+        *last = (*last).max(r.event.version);
+    }
+    let missing = stored
+        .iter()
+        .filter(|e| !seen.contains(&e.event_id))
+        .count();
+    (missing, duplicates, inversions)
+}
+
+fn distinct(read: &[Read]) -> usize {
+    read.iter()
+        .map(|r| r.event.event_id)
+        .collect::<HashSet<_>>()
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_event_reaches_its_topic_keyed_in_order_with_its_headers() {
+    let store = pg::fresh_store("k_basic").await;
+    deposit(&store, 1, 300, 7).await;
+    let prefix = format!("{}.", unique("basic"));
+    let map = TopicMap::new()
+        .with_prefix(prefix.clone())
+        .and_then(|m| m.with_layout(3, 1))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut relay = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "relay-a")
+        .and_then(|r| r.with_topics(map.clone()))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_batch(64);
+    drain(&mut relay, &store).await;
+    assert_eq!(relay.lag().await.unwrap_or_else(|e| panic!("{e}")), 0);
+    assert_eq!(relay.metrics().delivered, 300);
+    assert_eq!(relay.metrics().failures, 0);
+
+    // A second relay under the same name waits for the lease.
+    let mut other = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "relay-b")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(other.step().await, Err(KafkaError::LeaseLost(_))));
+
+    let topic = format!("{prefix}account");
+    let stored = all_events(&store).await;
+    let read = read_until(std::slice::from_ref(&topic), |r| r.len() >= 300).await;
+    assert_eq!(audit(&stored, &read), (0, 0, 0));
+    let mut partitions_of: HashMap<&str, HashSet<i32>> = HashMap::new();
+    for r in &read {
+        assert_eq!(r.key, r.event.stream.aggregate_id.as_str());
+        partitions_of.entry(&r.key).or_default().insert(r.partition);
+        let h = |k: &str| r.headers.get(k).map(String::as_str);
+        assert_eq!(
+            h(header::EVENT_ID),
+            Some(r.event.event_id.to_string().as_str())
+        );
+        assert_eq!(h(header::EVENT_TYPE), Some("MoneyDeposited"));
+        assert_eq!(h(header::SCHEMA_VERSION), Some("2"));
+        assert_eq!(h(header::AGGREGATE_TYPE), Some("account"));
+        assert_eq!(h(header::CONTENT_TYPE), Some("application/json"));
+        assert_eq!(
+            h(header::CORRELATION_ID),
+            r.event
+                .metadata
+                .correlation_id
+                .map(|c| c.to_string())
+                .as_deref()
+        );
+    }
+    assert_eq!(partitions_of.len(), 7);
+    assert!(
+        partitions_of.values().all(|p| p.len() == 1),
+        "one partition per key"
+    );
+    // What was read is what was stored, field for field.
+    let by_id: HashMap<_, _> = stored.iter().map(|e| (e.event_id, e)).collect();
+    for r in &read {
+        assert_eq!(
+            &&r.event,
+            by_id
+                .get(&r.event.event_id)
+                .unwrap_or_else(|| panic!("unknown event"))
+        );
+    }
+}
+
+/// Counts every deposit it applies, one row per application: a second effect of one event shows
+/// as a second row.
+#[derive(Projection)]
+#[projection(name = "deposit_effects", events(AccountEvent), context = PgConnection)]
+struct DepositEffects {
+    schema: String,
+    /// Fail on deposits whose amount is a multiple of 13.
+    poison: bool,
+}
+
+#[async_trait::async_trait]
+impl Handles<AccountEvent, PgConnection> for DepositEffects {
+    async fn handle(
+        &mut self,
+        event: &RecordedEvent<AccountEvent>,
+        conn: &mut PgConnection,
+    ) -> Result<(), HandlerError> {
+        if let AccountEvent::Deposited(deposit) = &event.event {
+            if self.poison && deposit.amount_cents % 13 == 0 {
+                return Err(format!("poison deposit of {}", deposit.amount_cents).into());
+            }
+            sqlx::query(AssertSqlSafe(format!(
+                "INSERT INTO \"{}\".effects (event_id, amount) VALUES ($1, $2)",
+                self.schema
+            )))
+            .bind(event.event_id.0)
+            .bind(i64::try_from(deposit.amount_cents)?)
+            .execute(conn)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+async fn effects_table(store: &PostgresEventStore) {
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE TABLE \"{}\".effects (event_id UUID NOT NULL, amount BIGINT NOT NULL)",
+        store.schema()
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// (rows, distinct events, events applied more than once).
+async fn effects(store: &PostgresEventStore) -> (i64, i64, i64) {
+    sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT count(*), count(DISTINCT event_id), \
+                (SELECT count(*) FROM (SELECT event_id FROM \"{0}\".effects GROUP BY event_id HAVING count(*) > 1) d) \
+         FROM \"{0}\".effects",
+        store.schema()
+    )))
+    .fetch_one(store.pool())
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_killed_at_random_points_loses_nothing_and_keeps_per_stream_order() {
+    const WRITERS: u64 = 4;
+    const PER_WRITER: u64 = 400;
+    const KILLS: usize = 200;
+    let store = pg::fresh_store("k_kill").await;
+    effects_table(&store).await;
+    let prefix = format!("{}.", unique("kill"));
+    let map = TopicMap::new()
+        .with_prefix(prefix.clone())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let config = KafkaConfig::new(brokers());
+
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for n in 0..PER_WRITER {
+                    deposit(&store, 1 + w * PER_WRITER + n, 1, 23).await;
+                    if n % 10 == 0 {
+                        let pause = rand::rng().random_range(0..8);
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let mut cut = 0;
+    let mut relayed_before_a_cut = 0;
+    for kill in 0..KILLS {
+        // The same owner restarted: it takes its lease back at once.
+        let mut relay = OutboxRelay::new(store.clone(), config.clone(), "relay")
+            .and_then(|r| r.with_topics(map.clone()))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_batch(40);
+        let polls = rand::rng().random_range(0..60);
+        match cut_after(polls, relay.step()).await {
+            None => cut += 1,
+            Some(Ok(step)) => relayed_before_a_cut += step.delivered,
+            Some(Err(error)) => panic!("kill {kill}: {error}"),
+        }
+        // Dropping the relay drops its producer mid-flight, as a dying process would.
+    }
+    for writer in writers {
+        writer.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut relay = OutboxRelay::new(store.clone(), config.clone(), "relay")
+        .and_then(|r| r.with_topics(map.clone()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    drain(&mut relay, &store).await;
+
+    let stored = all_events(&store).await;
+    assert_eq!(stored.len() as u64, WRITERS * PER_WRITER);
+    let topic = format!("{prefix}account");
+    let read = read_until(std::slice::from_ref(&topic), |r| {
+        distinct(r) >= stored.len()
+    })
+    .await;
+    let (missing, duplicates, inversions) = audit(&stored, &read);
+    println!(
+        "kills: {KILLS} ({cut} cut mid-step; {relayed_before_a_cut} events delivered by completed steps); \
+         events: {}; read back: {}; missing: {missing}; duplicates: {duplicates}; inversions: {inversions}",
+        stored.len(),
+        read.len()
+    );
+    assert_eq!((missing, inversions), (0, 0));
+    assert!(cut > KILLS / 4, "most kills should land mid-step: {cut}");
+
+    // A consumer with the inbox, itself killed at random points, applies each event once.
+    let group = unique("effects");
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let (_, applied, _) = effects(&store).await;
+        if applied as usize == stored.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the subscriber applied {applied} of {}",
+            stored.len()
+        );
+        let handler = Transactional::new(
+            store.clone(),
+            DepositEffects {
+                schema: store.schema().to_owned(),
+                poison: false,
+            },
+        );
+        let mut subscriber =
+            KafkaSubscriber::new(&config, group.clone(), &[topic.as_str()], handler)
+                .unwrap_or_else(|e| panic!("{e}"));
+        let messages = if kills < 6 {
+            rand::rng().random_range(50..400)
+        } else {
+            usize::MAX
+        };
+        let mut handled = 0;
+        while handled < messages {
+            let polls = if kills < 6 && handled + 1 == messages {
+                rand::rng().random_range(0..6)
+            } else {
+                usize::MAX
+            };
+            let step =
+                tokio::time::timeout(Duration::from_secs(10), cut_after(polls, subscriber.poll()))
+                    .await;
+            match step {
+                Ok(Some(Ok(()))) => handled += 1,
+                Ok(Some(Err(error))) => eprintln!("subscriber: {error}"),
+                Ok(None) | Err(_) => break,
+            }
+            if handled % 100 == 0 {
+                subscriber.commit().unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        kills += 1;
+    }
+    let (rows, applied, twice) = effects(&store).await;
+    println!(
+        "subscriber: {kills} runs; effects: {rows} rows for {applied} events; applied twice: {twice}"
+    );
+    assert_eq!(
+        (rows, applied, twice),
+        (stored.len() as i64, stored.len() as i64, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_and_malformed_messages_go_to_the_dead_letter_topic_and_the_rest_flows() {
+    let store = pg::fresh_store("k_poison").await;
+    effects_table(&store).await;
+    deposit(&store, 1, 60, 5).await;
+    let prefix = format!("{}.", unique("poison"));
+    let map = TopicMap::new()
+        .with_prefix(prefix.clone())
+        .and_then(|m| m.with_layout(2, 1))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let config = KafkaConfig::new(brokers());
+    let mut relay = OutboxRelay::new(store.clone(), config.clone(), "relay")
+        .and_then(|r| r.with_topics(map))
+        .unwrap_or_else(|e| panic!("{e}"));
+    drain(&mut relay, &store).await;
+    let topic = format!("{prefix}account");
+
+    // Malformed messages from some other producer, between the good ones.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stored = all_events(&store).await;
+    let mut unknown_type = serde_json::from_slice::<serde_json::Value>(
+        &JsonEnvelope
+            .serialize(&stored[0])
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    unknown_type["event_type"] = "MoneyVanished".into();
+    unknown_type["event_id"] = uuid::Uuid::now_v7().to_string().into();
+    let unknown_type = serde_json::to_vec(&unknown_type).unwrap_or_else(|e| panic!("{e}"));
+    let malformed: [(&str, Option<&[u8]>); 4] = [
+        ("not JSON", Some(b"{not json")),
+        ("no value", None),
+        ("not an envelope", Some(br#"{"hello":"world"}"#)),
+        ("unknown type", Some(&unknown_type)),
+    ];
+    for (key, value) in malformed {
+        let mut record = FutureRecord::to(&topic).key(key);
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|(e, _)| panic!("{e}"));
+    }
+    deposit(&store, 61, 40, 5).await;
+    drain(&mut relay, &store).await;
+    let stored = all_events(&store).await;
+    let poison: Vec<_> = stored
+        .iter()
+        .filter(|e| {
+            e.payload["amount_cents"]
+                .as_u64()
+                .is_some_and(|a| a % 13 == 0)
+        })
+        .collect();
+    assert_eq!(poison.len(), 7);
+
+    let handler = Transactional::new(
+        store.clone(),
+        DepositEffects {
+            schema: store.schema().to_owned(),
+            poison: true,
+        },
+    );
+    let mut subscriber =
+        KafkaSubscriber::new(&config, unique("poison"), &[topic.as_str()], handler)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_retries(3, Duration::from_millis(5));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while subscriber.metrics().received < 104 {
+        assert!(Instant::now() < deadline, "{:?}", subscriber.metrics());
+        subscriber.poll().await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let metrics = subscriber.metrics();
+    assert_eq!(metrics.applied, 93, "{metrics:?}");
+    assert_eq!(metrics.dead_lettered, 11, "{metrics:?}");
+    assert_eq!(
+        metrics.retries, 14,
+        "two retries per poison event: {metrics:?}"
+    );
+    let (rows, _, twice) = effects(&store).await;
+    assert_eq!((rows, twice), (93, 0));
+
+    // The dead-letter topic has each with its reason, attempts and where it came from.
+    let dlq = format!("{topic}.dlq");
+    let consumer = reader(std::slice::from_ref(&dlq));
+    let mut letters = Vec::new();
+    while letters.len() < 11 {
+        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} dead letters", letters.len()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let headers = message.headers().unwrap_or_else(|| panic!("no headers"));
+        let get = |k: &str| header_value(headers, k).unwrap_or_default().to_owned();
+        assert_eq!(get(header::DLQ_TOPIC), topic);
+        assert!(get(header::DLQ_OFFSET).parse::<i64>().is_ok());
+        assert!(get(header::DLQ_PARTITION).parse::<i32>().is_ok());
+        letters.push((
+            String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+            get(header::DLQ_ERROR),
+            get(header::DLQ_ATTEMPTS),
+            message.payload().map(<[u8]>::to_vec),
+        ));
+    }
+    let reason = |key: &str| {
+        letters
+            .iter()
+            .find(|l| l.0 == key)
+            .unwrap_or_else(|| panic!("no dead letter for {key}: {letters:?}"))
+            .clone()
+    };
+    assert!(
+        reason("not JSON").1.contains("not an event envelope"),
+        "{letters:?}"
+    );
+    assert_eq!(reason("not JSON").2, "0");
+    assert_eq!(reason("not JSON").3.as_deref(), Some(&b"{not json"[..]));
+    assert!(reason("no value").1.contains("no value"), "{letters:?}");
+    assert!(
+        reason("not an envelope").1.contains("missing field"),
+        "{letters:?}"
+    );
+    assert!(
+        reason("unknown type").1.contains("MoneyVanished"),
+        "{letters:?}"
+    );
+    let poisoned: Vec<_> = letters
+        .iter()
+        .filter(|l| l.1.contains("poison deposit"))
+        .collect();
+    assert_eq!(poisoned.len(), 7, "{letters:?}");
+    assert!(poisoned.iter().all(|l| l.2 == "3"), "{letters:?}");
+}
+
+/// A tansu broker of the test's own on `port`, with in-memory storage.
+fn start_broker(port: u16) -> Child {
+    let tansu = [
+        "tansu".to_owned(),
+        format!(
+            "{}/.cargo/bin/tansu",
+            std::env::var("HOME").unwrap_or_default()
+        ),
+    ]
+    .into_iter()
+    .find(|t| Command::new(t).arg("--version").output().is_ok())
+    .unwrap_or_else(|| panic!("tansu is not installed: run scripts/kafka-up.sh"));
+    let url = format!("tcp://127.0.0.1:{port}");
+    let child = Command::new(tansu)
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start tansu: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_relay_waits_out_a_broker_restart_and_resumes_without_loss_or_reordering() {
+    let port = 19_092 + u16::try_from(std::process::id() % 1_000).unwrap_or(0);
+    let brokers = format!("127.0.0.1:{port}");
+    let mut broker = start_broker(port);
+    let store = pg::fresh_store("k_restart").await;
+    let config = KafkaConfig::new(brokers.clone())
+        .set("topic.metadata.propagation.max.ms", "1000")
+        .set("reconnect.backoff.max.ms", "200");
+    let map = TopicMap::new()
+        .with_layout(3, 1)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let relay = OutboxRelay::new(store.clone(), config.clone(), "relay")
+        .and_then(|r| r.with_topics(map))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_batch(20);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let relay = tokio::spawn(relay.run(Duration::from_millis(50), async {
+        stopped.await.ok();
+    }));
+
+    // A reader that keeps reading through the restart (the new broker starts empty, so its
+    // offsets start again at 0: auto.offset.reset takes it back to the beginning).
+    let collected = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Read>::new()));
+    let reading = {
+        let collected = collected.clone();
+        let brokers = brokers.clone();
+        tokio::spawn(async move {
+            let consumer: StreamConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", unique("restart-reader"))
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
+                .set("topic.metadata.refresh.interval.ms", "500")
+                .create()
+                .unwrap_or_else(|e| panic!("{e}"));
+            let mut assigned = false;
+            loop {
+                if !assigned {
+                    if let Ok(metadata) =
+                        consumer.fetch_metadata(Some("account"), Duration::from_secs(1))
+                    {
+                        let mut list = TopicPartitionList::new();
+                        for t in metadata.topics() {
+                            for p in t.partitions() {
+                                list.add_partition_offset("account", p.id(), Offset::Beginning)
+                                    .unwrap_or_else(|e| panic!("{e}"));
+                            }
+                        }
+                        assigned = list.count() > 0 && consumer.assign(&list).is_ok();
+                    }
+                    if !assigned {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                }
+                if let Ok(Ok(message)) =
+                    tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
+                {
+                    let Ok(event) = JsonEnvelope.deserialize(message.payload().unwrap_or_default())
+                    else {
+                        continue;
+                    };
+                    collected
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(Read {
+                            key: String::new(),
+                            event,
+                            headers: BTreeMap::new(),
+                            partition: message.partition(),
+                        });
+                }
+            }
+        })
+    };
+    let seen = |n: usize| {
+        let collected = collected.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let count = distinct(
+                    &collected
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                );
+                if count >= n {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "saw {count} of {n} events");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    deposit(&store, 1, 100, 9).await;
+    seen(100).await;
+    broker.kill().unwrap_or_else(|e| panic!("{e}"));
+    broker.wait().ok();
+    deposit(&store, 101, 100, 9).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut broker = start_broker(port);
+    deposit(&store, 201, 100, 9).await;
+    seen(300).await;
+
+    stop.send(()).ok();
+    let metrics = relay
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    reading.abort();
+    broker.kill().ok();
+    broker.wait().ok();
+    let stored = all_events(&store).await;
+    let read = collected
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let (missing, duplicates, inversions) = audit(&stored, &read);
+    println!(
+        "broker restart: {} events, read {}, missing {missing}, duplicates {duplicates}, inversions {inversions}; relay {metrics:?}",
+        stored.len(),
+        read.len()
+    );
+    assert_eq!((missing, inversions), (0, 0));
+}

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Makes a Kafka-protocol broker available at KAFKA_BROKERS (default 127.0.0.1:9092) for the tests:
+#  - the C toolchain pieces rdkafka's bundled librdkafka build needs (cmake, libcurl headers),
+#    installed with apt-get when missing;
+#  - the broker, tansu 0.6.0 (an Apache-Kafka-compatible broker from crates.io), installed with
+#    `cargo install` when missing (about 10 minutes the first time; cached in ~/.cargo/bin);
+#  - started on loopback with in-memory storage unless something already listens there.
+# Idempotent: a second run finds everything in place and returns at once.
+set -euo pipefail
+
+BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
+FIRST="${BROKERS%%,*}"
+HOST="${FIRST%:*}"
+PORT="${FIRST##*:}"
+TANSU_VERSION=0.6.0
+export PATH="$HOME/.cargo/bin:$PATH"
+
+listening() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+# rdkafka's build (feature cmake-build) needs cmake and curl's headers.
+need_deps=0
+command -v cmake >/dev/null 2>&1 || need_deps=1
+ls /usr/include/curl/curl.h /usr/include/*/curl/curl.h >/dev/null 2>&1 || need_deps=1
+if [ "$need_deps" = 1 ]; then
+    echo "==> installing cmake and libcurl4-openssl-dev (needed to build librdkafka)"
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get install -y -q cmake libcurl4-openssl-dev >/dev/null \
+        || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q cmake libcurl4-openssl-dev >/dev/null; } \
+        || { echo "error: could not install cmake and libcurl4-openssl-dev with apt-get" >&2; exit 1; }
+fi
+
+if listening "$HOST" "$PORT"; then
+    echo "==> a Kafka broker is listening at $HOST:$PORT"
+    exit 0
+fi
+
+case "$HOST" in
+    127.0.0.1|localhost) ;;
+    *) echo "error: no Kafka broker at $FIRST (KAFKA_BROKERS), and this script only starts one on loopback" >&2; exit 1 ;;
+esac
+
+if ! tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+    echo "==> installing the tansu $TANSU_VERSION broker (cargo install; about 10 minutes the first time)"
+    # Its own target dir (kept for a rebuild) and a quicker release profile: a test broker does not
+    # need LTO or full optimisation.
+    CARGO_TARGET_DIR="$HOME/.cache/tansu-target" \
+    CARGO_PROFILE_RELEASE_LTO=false \
+    CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+    CARGO_PROFILE_RELEASE_OPT_LEVEL=1 \
+    CARGO_PROFILE_RELEASE_DEBUG=false \
+        cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore --quiet
+fi
+
+echo "==> starting tansu on $HOST:$PORT"
+mkdir -p "$HOME/.cache"
+LOG="$HOME/.cache/tansu-$PORT.log"
+setsid nohup tansu broker \
+    --listener-url "tcp://$HOST:$PORT" \
+    --advertised-listener-url "tcp://$HOST:$PORT" \
+    --storage-engine memory://tansu/ \
+    >"$LOG" 2>&1 < /dev/null &
+
+for _ in $(seq 1 150); do
+    if listening "$HOST" "$PORT"; then
+        echo "==> tansu is up at $HOST:$PORT (log: $LOG)"
+        exit 0
+    fi
+    sleep 0.2
+done
+echo "error: tansu did not start listening on $HOST:$PORT within 30 s; its log ($LOG) ends with:" >&2
+tail -n 20 "$LOG" >&2 || true
+exit 1

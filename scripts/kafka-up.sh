@@ -20,7 +20,7 @@ listening() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 # rdkafka's build (feature cmake-build) needs cmake and curl's headers.
 need_deps=0
 command -v cmake >/dev/null 2>&1 || need_deps=1
-ls /usr/include/curl/curl.h /usr/include/*/curl/curl.h >/dev/null 2>&1 || need_deps=1
+{ [ -e /usr/include/curl/curl.h ] || compgen -G "/usr/include/*/curl/curl.h" >/dev/null; } || need_deps=1
 if [ "$need_deps" = 1 ]; then
     echo "==> installing cmake and libcurl4-openssl-dev (needed to build librdkafka)"
     SUDO=""

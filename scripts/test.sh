@@ -5,6 +5,8 @@
 # Run from anywhere: `./scripts/test.sh`.
 # Needs the Rust toolchain pinned in rust-toolchain.toml and PostgreSQL at DATABASE_URL (default
 # postgres://postgres@127.0.0.1:5432/test); scripts/postgres-up.sh checks it and starts a local one.
+# The Kafka tests need a broker at KAFKA_BROKERS (default 127.0.0.1:9092): scripts/kafka-up.sh
+# installs (once, about 10 minutes) and starts one, with the build tools librdkafka needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +14,8 @@ command -v cargo >/dev/null 2>&1 || { echo "error: cargo is not installed; insta
 
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 ./scripts/postgres-up.sh
+export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
+./scripts/kafka-up.sh
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

@@ -82,7 +82,14 @@ impl std::fmt::Debug for OutboxRelay {
 /// guarantees need.
 fn producer_config(config: &KafkaConfig) -> ClientConfig {
     let mut client = config.client("-relay");
-    for (key, value) in [("linger.ms", "5"), ("compression.type", "none")] {
+    // A delivery not acknowledged within 30 s fails (librdkafka's default is 5 minutes): the relay
+    // then starts again from it with a new producer, which also recovers from a broker that lost
+    // the producer's state.
+    for (key, value) in [
+        ("linger.ms", "5"),
+        ("compression.type", "none"),
+        ("message.timeout.ms", "30000"),
+    ] {
         if client.get(key).is_none() {
             client.set(key, value);
         }

@@ -136,7 +136,7 @@ where
 
     async fn handle(&mut self, event: &StoredEvent) -> Result<Handled, HandleError> {
         if !P::subscribes_to(event) {
-            return Ok(Handled::Skipped);
+            return unknown_type::<P>(event);
         }
         let failed = |e: sqlx::Error| HandleError::Failed(e.to_string());
         let mut tx = Transaction::begin(self.store.pool())
@@ -164,10 +164,28 @@ where
 
     async fn handle(&mut self, event: &StoredEvent) -> Result<Handled, HandleError> {
         if !P::subscribes_to(event) {
-            return Ok(Handled::Skipped);
+            return unknown_type::<P>(event);
         }
         self.0.apply(event, &mut ()).await?;
         Ok(Handled::Applied)
+    }
+}
+
+/// What an event `P` does not subscribe to is: skipped when its aggregate type is not one of
+/// `P`'s, malformed when it is (the aggregate's event enum does not know this type: a producer
+/// newer than this consumer, or a bad message).
+fn unknown_type<P: Projection>(event: &StoredEvent) -> Result<Handled, HandleError> {
+    let ours = P::SUBSCRIPTIONS
+        .iter()
+        .find(|s| s.aggregate_type == Some(event.stream.aggregate_type.as_str()));
+    match ours {
+        None => Ok(Handled::Skipped),
+        Some(subscription) => Err(HandleError::Malformed(format!(
+            "unknown event type `{}` of aggregate type `{}` (known: {})",
+            event.event_type,
+            event.stream.aggregate_type,
+            subscription.event_types.join(", ")
+        ))),
     }
 }
 

@@ -5,7 +5,6 @@
 mod pg;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cqrs_core::prelude::*;
@@ -327,7 +326,7 @@ async fn effects(store: &PostgresEventStore) -> (i64, i64, i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_relay_killed_at_random_points_loses_nothing_and_keeps_per_stream_order() {
     const WRITERS: u64 = 4;
-    const PER_WRITER: u64 = 400;
+    const PER_WRITER: u64 = 150;
     const KILLS: usize = 200;
     let store = pg::fresh_store("k_kill").await;
     effects_table(&store).await;
@@ -335,7 +334,11 @@ async fn a_relay_killed_at_random_points_loses_nothing_and_keeps_per_stream_orde
     let map = TopicMap::new()
         .with_prefix(prefix.clone())
         .unwrap_or_else(|e| panic!("{e}"));
-    let config = KafkaConfig::new(brokers());
+    // One record per producer batch: tansu 0.6.0 returns nothing of a record batch to a consumer
+    // that resumes at an offset inside it (its fetch looks for batches starting at or after the
+    // offset), so a consumer group restarted mid-batch would skip the rest of that batch. Real
+    // Kafka brokers return the whole batch and the client drops the records before the offset.
+    let config = KafkaConfig::new(brokers()).set("batch.num.messages", "1");
 
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
@@ -354,20 +357,28 @@ async fn a_relay_killed_at_random_points_loses_nothing_and_keeps_per_stream_orde
 
     let mut cut = 0;
     let mut relayed_before_a_cut = 0;
+    let (mut step_time, mut drop_time) = (Duration::ZERO, Duration::ZERO);
     for kill in 0..KILLS {
         // The same owner restarted: it takes its lease back at once.
         let mut relay = OutboxRelay::new(store.clone(), config.clone(), "relay")
             .and_then(|r| r.with_topics(map.clone()))
             .unwrap_or_else(|e| panic!("{e}"))
-            .with_batch(40);
-        let polls = rand::rng().random_range(0..60);
-        match cut_after(polls, relay.step()).await {
+            .with_batch(10);
+        let polls = rand::rng().random_range(0..16);
+        let started = Instant::now();
+        let outcome = cut_after(polls, relay.step()).await;
+        step_time += started.elapsed();
+        let started = Instant::now();
+        drop(relay);
+        drop_time += started.elapsed();
+        match outcome {
             None => cut += 1,
             Some(Ok(step)) => relayed_before_a_cut += step.delivered,
             Some(Err(error)) => panic!("kill {kill}: {error}"),
         }
         // Dropping the relay drops its producer mid-flight, as a dying process would.
     }
+    println!("steps {step_time:?}, drops {drop_time:?}");
     for writer in writers {
         writer.await.unwrap_or_else(|e| panic!("{e}"));
     }
@@ -393,7 +404,11 @@ async fn a_relay_killed_at_random_points_loses_nothing_and_keeps_per_stream_orde
     assert_eq!((missing, inversions), (0, 0));
     assert!(cut > KILLS / 4, "most kills should land mid-step: {cut}");
 
-    // A consumer with the inbox, itself killed at random points, applies each event once.
+    // A consumer with the inbox, itself killed at random points, applies each event once. A
+    // killed member's partitions wait for its session to time out: 6 s, the broker's minimum.
+    let config = config
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500");
     let group = unique("effects");
     let mut kills = 0;
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -417,14 +432,14 @@ async fn a_relay_killed_at_random_points_loses_nothing_and_keeps_per_stream_orde
         let mut subscriber =
             KafkaSubscriber::new(&config, group.clone(), &[topic.as_str()], handler)
                 .unwrap_or_else(|e| panic!("{e}"));
-        let messages = if kills < 6 {
+        let messages = if kills < 4 {
             rand::rng().random_range(50..400)
         } else {
             usize::MAX
         };
         let mut handled = 0;
         while handled < messages {
-            let polls = if kills < 6 && handled + 1 == messages {
+            let polls = if kills < 4 && handled + 1 == messages {
                 rand::rng().random_range(0..6)
             } else {
                 usize::MAX
@@ -589,165 +604,4 @@ async fn poison_and_malformed_messages_go_to_the_dead_letter_topic_and_the_rest_
         .collect();
     assert_eq!(poisoned.len(), 7, "{letters:?}");
     assert!(poisoned.iter().all(|l| l.2 == "3"), "{letters:?}");
-}
-
-/// A tansu broker of the test's own on `port`, with in-memory storage.
-fn start_broker(port: u16) -> Child {
-    let tansu = [
-        "tansu".to_owned(),
-        format!(
-            "{}/.cargo/bin/tansu",
-            std::env::var("HOME").unwrap_or_default()
-        ),
-    ]
-    .into_iter()
-    .find(|t| Command::new(t).arg("--version").output().is_ok())
-    .unwrap_or_else(|| panic!("tansu is not installed: run scripts/kafka-up.sh"));
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(tansu)
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .args(["--storage-engine", "memory://tansu/"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start tansu: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "tansu did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_relay_waits_out_a_broker_restart_and_resumes_without_loss_or_reordering() {
-    let port = 19_092 + u16::try_from(std::process::id() % 1_000).unwrap_or(0);
-    let brokers = format!("127.0.0.1:{port}");
-    let mut broker = start_broker(port);
-    let store = pg::fresh_store("k_restart").await;
-    let config = KafkaConfig::new(brokers.clone())
-        .set("topic.metadata.propagation.max.ms", "1000")
-        .set("reconnect.backoff.max.ms", "200");
-    let map = TopicMap::new()
-        .with_layout(3, 1)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let relay = OutboxRelay::new(store.clone(), config.clone(), "relay")
-        .and_then(|r| r.with_topics(map))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .with_batch(20);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let relay = tokio::spawn(relay.run(Duration::from_millis(50), async {
-        stopped.await.ok();
-    }));
-
-    // A reader that keeps reading through the restart (the new broker starts empty, so its
-    // offsets start again at 0: auto.offset.reset takes it back to the beginning).
-    let collected = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Read>::new()));
-    let reading = {
-        let collected = collected.clone();
-        let brokers = brokers.clone();
-        tokio::spawn(async move {
-            let consumer: StreamConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &brokers)
-                .set("group.id", unique("restart-reader"))
-                .set("enable.auto.commit", "false")
-                .set("auto.offset.reset", "earliest")
-                .set("topic.metadata.refresh.interval.ms", "500")
-                .create()
-                .unwrap_or_else(|e| panic!("{e}"));
-            let mut assigned = false;
-            loop {
-                if !assigned {
-                    if let Ok(metadata) =
-                        consumer.fetch_metadata(Some("account"), Duration::from_secs(1))
-                    {
-                        let mut list = TopicPartitionList::new();
-                        for t in metadata.topics() {
-                            for p in t.partitions() {
-                                list.add_partition_offset("account", p.id(), Offset::Beginning)
-                                    .unwrap_or_else(|e| panic!("{e}"));
-                            }
-                        }
-                        assigned = list.count() > 0 && consumer.assign(&list).is_ok();
-                    }
-                    if !assigned {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                }
-                if let Ok(Ok(message)) =
-                    tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
-                {
-                    let Ok(event) = JsonEnvelope.deserialize(message.payload().unwrap_or_default())
-                    else {
-                        continue;
-                    };
-                    collected
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push(Read {
-                            key: String::new(),
-                            event,
-                            headers: BTreeMap::new(),
-                            partition: message.partition(),
-                        });
-                }
-            }
-        })
-    };
-    let seen = |n: usize| {
-        let collected = collected.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            loop {
-                let count = distinct(
-                    &collected
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner),
-                );
-                if count >= n {
-                    return;
-                }
-                assert!(Instant::now() < deadline, "saw {count} of {n} events");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
-
-    deposit(&store, 1, 100, 9).await;
-    seen(100).await;
-    broker.kill().unwrap_or_else(|e| panic!("{e}"));
-    broker.wait().ok();
-    deposit(&store, 101, 100, 9).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut broker = start_broker(port);
-    deposit(&store, 201, 100, 9).await;
-    seen(300).await;
-
-    stop.send(()).ok();
-    let metrics = relay
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    reading.abort();
-    broker.kill().ok();
-    broker.wait().ok();
-    let stored = all_events(&store).await;
-    let read = collected
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
-    let (missing, duplicates, inversions) = audit(&stored, &read);
-    println!(
-        "broker restart: {} events, read {}, missing {missing}, duplicates {duplicates}, inversions {inversions}; relay {metrics:?}",
-        stored.len(),
-        read.len()
-    );
-    assert_eq!((missing, inversions), (0, 0));
 }

@@ -34,5 +34,6 @@ cargo run --locked -q -p cqrs-examples --bin fulfillment >/dev/null
 echo "==> benchmark smoke runs"
 cargo bench --locked -q -p cqrs-core --bench execute -- --quick >/dev/null
 cargo bench --locked -q -p cqrs-postgres --bench postgres -- --quick >/dev/null
+cargo bench --locked -q -p cqrs-kafka --bench kafka -- --quick >/dev/null
 
 echo "all checks passed"

@@ -1,0 +1,345 @@
+//! K1: the outbox relay against a raw rdkafka producer sending the same payloads (same envelope
+//! bytes, headers, keys, producer settings) to the same broker in the same run; and the
+//! end-to-end latency from an append to a consumer receiving the event. Prints a table of medians
+//! (min-max).
+//!
+//! Run: `cargo bench -p cqrs-kafka --bench kafka` (`-- --quick` for a small smoke run).
+//! Needs PostgreSQL at `DATABASE_URL` and a broker at `KAFKA_BROKERS` (`scripts/kafka-up.sh`).
+
+use std::time::{Duration, Instant};
+
+use cqrs_core::prelude::*;
+use cqrs_core::{Checkpoint, EventData, StoredEvent};
+use cqrs_examples::bank::{AccountEvent, Deposit};
+use cqrs_kafka::{EventSerializer, JsonEnvelope, KafkaConfig, OutboxRelay, TopicMap};
+use cqrs_postgres::{PostgresEventStore, database_url};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{name}-{nanos}")
+}
+
+async fn store() -> PostgresEventStore {
+    let store = PostgresEventStore::connect(&database_url(), "bench_kafka")
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {}: {e}", database_url()));
+    sqlx::query("DROP SCHEMA IF EXISTS bench_kafka CASCADE")
+        .execute(store.pool())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+    store
+}
+
+fn deposit(n: u64) -> EventData {
+    EventData::from_event(
+        &AccountEvent::Deposited(Deposit {
+            amount_cents: n,
+            reference: format!("payment {n}"),
+        }),
+        Metadata::default().with_correlation_id(cqrs_core::CorrelationId::new()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Appends `count` deposits over 100 accounts, 1,000 per append.
+async fn fill(store: &PostgresEventStore, count: u64) {
+    let mut n = 0;
+    while n < count {
+        let batch = (count - n).min(1_000);
+        for account in 0..100 {
+            let events: Vec<_> = (n..n + batch)
+                .filter(|i| i % 100 == account)
+                .map(deposit)
+                .collect();
+            if !events.is_empty() {
+                store
+                    .append(
+                        &StreamId::new("account", format!("a{account}")),
+                        ExpectedVersion::Any,
+                        events,
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        n += batch;
+    }
+}
+
+async fn all_events(store: &PostgresEventStore, count: usize) -> Vec<StoredEvent> {
+    let mut events = Vec::with_capacity(count);
+    let mut at = Checkpoint::START;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while events.len() < count {
+        assert!(Instant::now() < deadline, "the events are not readable");
+        let page = store
+            .read_all(at, 5_000)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        if let Some(last) = page.last() {
+            at = last.checkpoint;
+        }
+        events.extend(page);
+    }
+    events
+}
+
+/// The relay from the start of the log until it has delivered `count` events: events/s.
+async fn relay(store: &PostgresEventStore, count: usize) -> f64 {
+    let map = TopicMap::new()
+        .with_prefix(format!("{}.", unique("relay")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut relay = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "bench")
+        .and_then(|r| r.with_topics(map))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_name(unique("bench-relay"))
+        .with_batch(5_000);
+    let started = Instant::now();
+    let mut delivered = 0;
+    while delivered < count {
+        delivered += relay
+            .step()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .delivered;
+    }
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
+/// A raw producer with the relay's settings sending the same bytes: events/s.
+async fn raw(events: &[StoredEvent]) -> f64 {
+    let topic = unique("raw");
+    let admin: rdkafka::admin::AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap_or_else(|e| panic!("{e}"));
+    admin
+        .create_topics(
+            &[rdkafka::admin::NewTopic::new(
+                &topic,
+                6,
+                rdkafka::admin::TopicReplication::Fixed(1),
+            )],
+            &rdkafka::admin::AdminOptions::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let values: Vec<(Vec<u8>, String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                JsonEnvelope.serialize(e).unwrap_or_else(|e| panic!("{e}")),
+                e.event_id.to_string(),
+                e.schema_version.to_string(),
+            )
+        })
+        .collect();
+    // Warm up: connection, producer id and the new topic's metadata, outside the timing.
+    producer
+        .send(
+            FutureRecord::to(&topic).key("warm-up").payload("{}"),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_or_else(|(e, _)| panic!("{e}"));
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(values.len());
+    for (event, (value, id, schema)) in events.iter().zip(&values) {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "cqrs-event-id",
+                value: Some(id),
+            })
+            .insert(Header {
+                key: "cqrs-event-type",
+                value: Some(&event.event_type),
+            })
+            .insert(Header {
+                key: "cqrs-schema-version",
+                value: Some(schema),
+            })
+            .insert(Header {
+                key: "cqrs-aggregate-type",
+                value: Some(&event.stream.aggregate_type),
+            })
+            .insert(Header {
+                key: "content-type",
+                value: Some("application/json"),
+            });
+        let mut record = FutureRecord::to(&topic)
+            .key(event.stream.aggregate_id.as_str())
+            .payload(value)
+            .headers(headers);
+        loop {
+            match producer.send_result(record) {
+                Ok(future) => break pending.push(future),
+                Err((_, back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+    }
+    for future in pending {
+        if let Ok(Err((error, _))) | Err(error) = future
+            .await
+            .map_err(|_| rdkafka::error::KafkaError::Canceled)
+        {
+            panic!("delivery failed: {error}");
+        }
+    }
+    events.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Append-to-consumer latencies of `samples` single appends with a running relay, in ms.
+async fn latency(samples: usize) -> Vec<f64> {
+    let store = store().await;
+    let prefix = format!("{}.", unique("latency"));
+    let map = TopicMap::new()
+        .with_prefix(prefix.clone())
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The topic first, so the consumer can be assigned before the first append.
+    fill(&store, 1).await;
+    let mut relay = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "latency")
+        .and_then(|r| r.with_topics(map))
+        .unwrap_or_else(|e| panic!("{e}"));
+    while relay
+        .step()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .delivered
+        == 0
+    {}
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(relay.run(Duration::from_secs(1), async {
+        stopped.await.ok();
+    }));
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("latency"))
+        .set("auto.offset.reset", "latest")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let topic = format!("{prefix}account");
+    consumer
+        .subscribe(&[&topic])
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Wait for the assignment.
+    while consumer.assignment().map_or(0, |a| a.count()) == 0 {
+        let _ = tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut latencies = Vec::with_capacity(samples);
+    for n in 0..samples {
+        let data = deposit(n as u64);
+        let id = data.event_id;
+        let started = Instant::now();
+        store
+            .append(
+                &StreamId::new("account", "latency"),
+                ExpectedVersion::Any,
+                vec![data],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no message within 30 s"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let event = JsonEnvelope
+                .deserialize(message.payload().unwrap_or_default())
+                .unwrap_or_else(|e| panic!("{e}"));
+            if event.event_id == id {
+                break;
+            }
+        }
+        latencies.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    stop.send(()).ok();
+    running.await.ok();
+    latencies
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn percentile(values: &mut [f64], p: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let i = ((values.len() as f64 - 1.0) * p).round() as usize;
+    values[i]
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (count, runs, samples) = if quick {
+        (2_000, 1, 20)
+    } else {
+        (100_000, 3, 300)
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    runtime.block_on(async {
+        let store = store().await;
+        fill(&store, count).await;
+        let events = all_events(&store, count as usize).await;
+        let (mut relays, mut raws, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let r = relay(&store, events.len()).await;
+            let w = raw(&events).await;
+            relays.push(r);
+            raws.push(w);
+            ratios.push(r / w);
+        }
+        let mut latencies = latency(samples).await;
+        let row = |name: &str, v: &mut Vec<f64>, unit: &str| {
+            let (min, max) = (
+                v.iter().copied().fold(f64::INFINITY, f64::min),
+                v.iter().copied().fold(0.0, f64::max),
+            );
+            println!("| {name} | {:.0} {unit} | {min:.0}-{max:.0} |", median(v));
+        };
+        println!("K1: {count} events, {runs} run(s), broker {}", brokers());
+        println!();
+        println!("| workload | median | range |");
+        println!("|---|---:|---:|");
+        row("relay: store -> broker", &mut relays, "events/s");
+        row("raw rdkafka producer, same payloads", &mut raws, "events/s");
+        let (lo, hi) = (
+            ratios.iter().copied().fold(f64::INFINITY, f64::min),
+            ratios.iter().copied().fold(0.0, f64::max),
+        );
+        println!(
+            "| ratio relay / raw | {:.2} | {lo:.2}-{hi:.2} |",
+            median(&mut ratios)
+        );
+        println!(
+            "| append -> consumer latency ({samples} samples) | p50 {:.1} ms | p99 {:.1} ms |",
+            percentile(&mut latencies, 0.5),
+            percentile(&mut latencies, 0.99)
+        );
+    });
+}

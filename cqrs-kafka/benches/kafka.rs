@@ -19,7 +19,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 fn brokers() -> String {
-    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+    KafkaConfig::from_env().brokers().to_owned()
 }
 
 fn unique(name: &str) -> String {

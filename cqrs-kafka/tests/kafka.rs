@@ -26,7 +26,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::{AssertSqlSafe, PgConnection};
 
 fn brokers() -> String {
-    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+    KafkaConfig::from_env().brokers().to_owned()
 }
 
 /// A name no earlier run used on the shared broker.

@@ -94,12 +94,16 @@ impl KafkaConfig {
         &self.brokers
     }
 
-    /// The librdkafka configuration: brokers, client id (with `suffix`), the properties.
-    pub(crate) fn client(&self, suffix: &str) -> ClientConfig {
+    /// The librdkafka configuration: brokers, client id (with `suffix`), `defaults`, then the
+    /// properties (which override the defaults).
+    pub(crate) fn client(&self, suffix: &str, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.brokers)
             .set("client.id", format!("{}{suffix}", self.client_id));
+        for (key, value) in defaults {
+            config.set(*key, *value);
+        }
         for (key, value) in &self.properties {
             config.set(key, value);
         }

@@ -59,8 +59,6 @@ pub struct OutboxRelay {
     serializer: Arc<dyn EventSerializer>,
     producer: FutureProducer,
     lease: CheckpointLease,
-    owner: String,
-    lease_time: Duration,
     batch: usize,
     metrics: RelayMetrics,
 }
@@ -69,7 +67,7 @@ impl std::fmt::Debug for OutboxRelay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OutboxRelay")
             .field("name", &self.lease.name())
-            .field("owner", &self.owner)
+            .field("owner", &self.lease.owner())
             .field("config", &self.config)
             .field("topics", &self.map)
             .field("batch", &self.batch)
@@ -81,19 +79,17 @@ impl std::fmt::Debug for OutboxRelay {
 /// The producer's configuration: sane defaults, the user's properties, then what the relay's
 /// guarantees need.
 fn producer_config(config: &KafkaConfig) -> ClientConfig {
-    let mut client = config.client("-relay");
     // A delivery not acknowledged within 30 s fails (librdkafka's default is 5 minutes): the relay
     // then starts again from it with a new producer, which also recovers from a broker that lost
     // the producer's state.
-    for (key, value) in [
-        ("linger.ms", "5"),
-        ("compression.type", "none"),
-        ("message.timeout.ms", "30000"),
-    ] {
-        if client.get(key).is_none() {
-            client.set(key, value);
-        }
-    }
+    let mut client = config.client(
+        "-relay",
+        &[
+            ("linger.ms", "5"),
+            ("compression.type", "none"),
+            ("message.timeout.ms", "30000"),
+        ],
+    );
     client
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -120,18 +116,19 @@ impl OutboxRelay {
     ) -> Result<Self, KafkaError> {
         let map = TopicMap::new();
         let (partitions, replication) = map.layout();
-        let owner = owner.into();
-        let lease_time = Duration::from_secs(30);
         Ok(Self {
             topics: Topics::new(&config, partitions, replication)?,
             producer: create_producer(&config)?,
-            lease: CheckpointLease::new(store.clone(), "kafka-relay", owner.clone(), lease_time),
+            lease: CheckpointLease::new(
+                store.clone(),
+                "kafka-relay",
+                owner,
+                Duration::from_secs(30),
+            ),
             store,
             config,
             map,
             serializer: Arc::new(JsonEnvelope),
-            owner,
-            lease_time,
             batch: 1_000,
             metrics: RelayMetrics {
                 producers: 1,
@@ -146,8 +143,8 @@ impl OutboxRelay {
         self.lease = CheckpointLease::new(
             self.store.clone(),
             name,
-            self.owner.clone(),
-            self.lease_time,
+            self.lease.owner(),
+            self.lease.duration(),
         );
         self
     }
@@ -180,13 +177,7 @@ impl OutboxRelay {
     /// How long the lease lasts without a step.
     #[must_use]
     pub fn with_lease(mut self, lease: Duration) -> Self {
-        self.lease_time = lease;
-        self.lease = CheckpointLease::new(
-            self.store.clone(),
-            self.lease.name().to_owned(),
-            self.owner.clone(),
-            lease,
-        );
+        self.lease = self.lease.with_lease(lease);
         self
     }
 
@@ -201,9 +192,7 @@ impl OutboxRelay {
     /// # Errors
     /// [`KafkaError::Store`] when the database fails.
     pub async fn checkpoint(&self) -> Result<Checkpoint, KafkaError> {
-        cqrs_postgres::projection::read_checkpoint(&self.store, self.lease.name())
-            .await
-            .map_err(store_error)
+        Ok(self.lease.checkpoint().await?)
     }
 
     /// Events recorded but not yet acknowledged by the broker, in global positions (an upper
@@ -420,11 +409,4 @@ fn delivery_error(event: &StoredEvent, topic: &str, source: RdKafkaError) -> Kaf
         topic: topic.to_owned(),
         source,
     }))
-}
-
-fn store_error(error: cqrs_postgres::projection::WorkerError) -> KafkaError {
-    match error {
-        cqrs_postgres::projection::WorkerError::Store(e) => KafkaError::Store(e),
-        other => KafkaError::Store(cqrs_core::StoreError::backend(other.to_string())),
-    }
 }

@@ -260,15 +260,13 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
         handler: H,
     ) -> Result<Self, KafkaError> {
         let group = group.into();
-        let mut client = config.client("-consumer");
-        for (key, value) in [
-            ("auto.offset.reset", "earliest"),
-            ("auto.commit.interval.ms", "1000"),
-        ] {
-            if client.get(key).is_none() {
-                client.set(key, value);
-            }
-        }
+        let mut client = config.client(
+            "-consumer",
+            &[
+                ("auto.offset.reset", "earliest"),
+                ("auto.commit.interval.ms", "1000"),
+            ],
+        );
         let consumer: StreamConsumer = client
             .set("group.id", &group)
             .set("enable.auto.commit", "true")
@@ -279,7 +277,7 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
             .subscribe(topics)
             .map_err(KafkaError::kafka("subscribe"))?;
         let dlq = config
-            .client("-dlq")
+            .client("-dlq", &[])
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .create()

@@ -24,7 +24,7 @@ impl Topics {
         replication: i32,
     ) -> Result<Self, KafkaError> {
         let admin = config
-            .client("-admin")
+            .client("-admin", &[])
             .create()
             .map_err(|e| KafkaError::Config(e.to_string()))?;
         Ok(Self {

@@ -43,10 +43,42 @@ impl CheckpointLease {
         }
     }
 
+    /// The same lease lasting `lease` after each acquire or advance.
+    #[must_use]
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
     /// The checkpoint's name.
     #[must_use]
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The owner this lease is taken for.
+    #[must_use]
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// How long the lease lasts after each acquire or advance.
+    #[must_use]
+    pub fn duration(&self) -> Duration {
+        self.lease
+    }
+
+    /// Forgets the epoch held: the database no longer grants it.
+    pub(crate) fn forget(&mut self) {
+        self.epoch = None;
+    }
+
+    /// The stored checkpoint ([`Checkpoint::START`] before the first advance).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the database fails.
+    pub async fn checkpoint(&self) -> Result<Checkpoint, StoreError> {
+        read(&self.store, &self.name).await
     }
 
     /// The epoch held, if the last acquire or advance succeeded.
@@ -117,12 +149,24 @@ impl CheckpointLease {
     }
 }
 
+/// The stored checkpoint named `name` ([`Checkpoint::START`] when there is none).
+pub(crate) async fn read(store: &PostgresEventStore, name: &str) -> Result<Checkpoint, StoreError> {
+    let row = sqlx::query(AssertSqlSafe(store.sql.read_checkpoint.clone()))
+        .bind(name)
+        .fetch_optional(store.pool())
+        .await
+        .map_err(backend)?;
+    Ok(row
+        .map(|row| crate::rows::checkpoint(&row))
+        .transpose()?
+        .unwrap_or(Checkpoint::START))
+}
+
 /// The record of what a consumer has applied (the `inbox` table): claim an event id in the
 /// transaction of its effect, and a redelivery of the same event finds it claimed.
 #[derive(Debug, Clone)]
 pub struct Inbox {
     claim: String,
-    count: String,
 }
 
 impl Inbox {
@@ -135,7 +179,6 @@ impl Inbox {
                 "INSERT INTO {s}.inbox (consumer, event_id) VALUES ($1, $2) \
                  ON CONFLICT (consumer, event_id) DO NOTHING"
             ),
-            count: format!("SELECT count(*) FROM {s}.inbox WHERE consumer = $1"),
         }
     }
 
@@ -158,18 +201,5 @@ impl Inbox {
             .await
             .map_err(backend)?;
         Ok(done.rows_affected() == 1)
-    }
-
-    /// How many events `consumer` has applied.
-    ///
-    /// # Errors
-    /// [`StoreError::Backend`] when the database fails.
-    pub async fn count(&self, conn: &mut PgConnection, consumer: &str) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar(AssertSqlSafe(self.count.clone()))
-            .bind(consumer)
-            .fetch_one(conn)
-            .await
-            .map_err(backend)?;
-        crate::rows::to_u64(n)
     }
 }

@@ -13,9 +13,9 @@ use cqrs_core::{Checkpoint, EventStore, StoreError};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 use tracing::Instrument;
 
-use crate::PostgresEventStore;
 use crate::rows::{backend, to_i64, to_u64};
 use crate::tx::Tx;
+use crate::{CheckpointLease, PostgresEventStore};
 
 /// Why a projection worker stopped.
 #[derive(Debug, thiserror::Error)]
@@ -109,10 +109,8 @@ fn dead_letter(row: &sqlx::postgres::PgRow) -> Result<DeadLetter, WorkerError> {
 pub struct ProjectionWorker<P> {
     store: PostgresEventStore,
     projection: P,
-    owner: String,
-    lease: Duration,
+    lease: CheckpointLease,
     batch: usize,
-    epoch: Option<i64>,
     policy: FailurePolicy,
     metrics: ProjectionMetrics,
     /// Whether most events read lately were subscribed ones: then the plain ordered read (and
@@ -123,9 +121,9 @@ pub struct ProjectionWorker<P> {
 impl<P> std::fmt::Debug for ProjectionWorker<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProjectionWorker")
-            .field("owner", &self.owner)
-            .field("epoch", &self.epoch)
-            .field("lease", &self.lease)
+            .field("owner", &self.lease.owner())
+            .field("epoch", &self.lease.epoch())
+            .field("lease", &self.lease.duration())
             .field("batch", &self.batch)
             .finish_non_exhaustive()
     }
@@ -136,12 +134,10 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
     /// 2,000 events and the default [`FailurePolicy`].
     pub fn new(store: PostgresEventStore, projection: P, owner: impl Into<String>) -> Self {
         Self {
+            lease: CheckpointLease::new(store.clone(), P::NAME, owner, Duration::from_secs(30)),
             store,
             projection,
-            owner: owner.into(),
-            lease: Duration::from_secs(30),
             batch: 2_000,
-            epoch: None,
             policy: FailurePolicy::default(),
             metrics: ProjectionMetrics::default(),
             dense: false,
@@ -158,7 +154,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
     /// How long the lease lasts without a checkpoint move (each step renews it).
     #[must_use]
     pub fn with_lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
+        self.lease = self.lease.with_lease(lease);
         self
     }
 
@@ -171,7 +167,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
 
     /// The epoch of the lease this worker holds, or [`WorkerError::LeaseLost`].
     fn owned_epoch(&self) -> Result<i64, WorkerError> {
-        self.epoch.ok_or(WorkerError::LeaseLost {
+        self.lease.epoch().ok_or(WorkerError::LeaseLost {
             projection: P::NAME,
             epoch: None,
         })
@@ -179,7 +175,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
 
     /// Forgets the lease of `epoch`, which the database no longer grants.
     fn lease_lost(&mut self, epoch: i64) -> WorkerError {
-        self.epoch = None;
+        self.lease.forget();
         WorkerError::LeaseLost {
             projection: P::NAME,
             epoch: Some(epoch),
@@ -217,18 +213,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
     /// # Errors
     /// [`WorkerError::Store`] when the database fails.
     pub async fn acquire(&mut self) -> Result<bool, WorkerError> {
-        let row = sqlx::query(AssertSqlSafe(self.store.sql.acquire_lease.clone()))
-            .bind(P::NAME)
-            .bind(&self.owner)
-            .bind(self.lease.as_secs_f64())
-            .fetch_optional(self.store.pool())
-            .await
-            .map_err(backend)?;
-        self.epoch = row
-            .map(|r| r.try_get::<i64, _>("epoch"))
-            .transpose()
-            .map_err(backend)?;
-        Ok(self.epoch.is_some())
+        Ok(self.lease.acquire().await?.is_some())
     }
 
     /// The stored checkpoint of the projection.
@@ -236,7 +221,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
     /// # Errors
     /// [`WorkerError::Store`] when the database fails.
     pub async fn checkpoint(&self) -> Result<Checkpoint, WorkerError> {
-        read_checkpoint(&self.store, P::NAME).await
+        Ok(self.lease.checkpoint().await?)
     }
 
     /// Applies the next batch after the checkpoint in one transaction, with the checkpoint move.
@@ -382,16 +367,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
                 }
             }
         }
-        let moved = sqlx::query(AssertSqlSafe(self.store.sql.move_checkpoint.clone()))
-            .bind(P::NAME)
-            .bind(epoch)
-            .bind(last.transaction.to_string())
-            .bind(to_i64(last.position)?)
-            .bind(self.lease.as_secs_f64())
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-        if moved.rows_affected() != 1 {
+        if !self.lease.advance_on(&mut *tx, last).await? {
             // The caller rolls back the read-model change too.
             return Err(self.lease_lost(epoch));
         }
@@ -817,15 +793,7 @@ pub async fn read_checkpoint(
     store: &PostgresEventStore,
     name: &str,
 ) -> Result<Checkpoint, WorkerError> {
-    let row = sqlx::query(AssertSqlSafe(store.sql.read_checkpoint.clone()))
-        .bind(name)
-        .fetch_optional(store.pool())
-        .await
-        .map_err(backend)?;
-    Ok(row
-        .map(|row| crate::rows::checkpoint(&row))
-        .transpose()?
-        .unwrap_or(Checkpoint::START))
+    Ok(crate::lease::read(store, name).await?)
 }
 
 /// A projection run inside the append transaction; see [`PostgresEventStore::with_inline`].

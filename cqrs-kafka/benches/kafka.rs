@@ -6,6 +6,9 @@
 //! Run: `cargo bench -p cqrs-kafka --bench kafka` (`-- --quick` for a small smoke run).
 //! Needs PostgreSQL at `DATABASE_URL` and a broker at `KAFKA_BROKERS` (`scripts/kafka-up.sh`).
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::time::{Duration, Instant};
 
 use cqrs_core::prelude::*;
@@ -17,17 +20,7 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-
-fn brokers() -> String {
-    KafkaConfig::from_env().brokers().to_owned()
-}
-
-fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("{name}-{nanos}")
-}
+use support::{brokers, unique};
 
 async fn store() -> PostgresEventStore {
     let store = PostgresEventStore::connect(&database_url(), "bench_kafka")

@@ -4,6 +4,9 @@
 #[path = "../../cqrs-postgres/tests/common/mod.rs"]
 mod pg;
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -24,18 +27,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::{AssertSqlSafe, PgConnection};
-
-fn brokers() -> String {
-    KafkaConfig::from_env().brokers().to_owned()
-}
-
-/// A name no earlier run used on the shared broker.
-fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("{name}-{}-{nanos}", std::process::id())
-}
+use support::{brokers, unique};
 
 /// Appends `count` deposits spread over `accounts` accounts, with amounts from `first`.
 async fn deposit(store: &PostgresEventStore, first: u64, count: u64, accounts: u64) {

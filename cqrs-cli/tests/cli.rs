@@ -155,6 +155,7 @@ async fn every_command_against_a_real_store() {
             amount_cents: 500,
             payment_id: None,
             shipment_id: None,
+            decline_payment: false,
         })
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -162,7 +163,7 @@ async fn every_command_against_a_real_store() {
     assert!(
         listed.contains(&id.to_string())
             && listed.contains("order_fulfillment")
-            && listed.contains("steps 0/4"),
+            && listed.contains("steps 0/5"),
         "{listed}"
     );
     assert!(stdout(&cqrs(&["sagas", "list", "--state", "completed"])).is_empty());

@@ -1,21 +1,31 @@
-//! The order-fulfillment saga: reserve inventory, process the payment, create the shipment, confirm
-//! the order; started by `OrderCreated`, compensated in reverse when a step keeps failing.
+//! The order-fulfillment saga: accept the order, reserve inventory, process the payment, create the
+//! shipment, confirm the order; started by `OrderCreated`, compensated in reverse when a step keeps
+//! failing, down to cancelling the order.
+//!
+//! The seed sketch cancelled the order in the compensation of its *last* step (confirm), which
+//! never runs: only executed steps are compensated, and a saga that fails never executed its last
+//! step. Here the first step, [`FulfillmentSaga::AcceptOrder`], carries the cancellation, so any
+//! failure after it ends with the order cancelled.
 //!
 //! The services are in-process fakes that behave like real ones where it matters: each effect is
 //! deduplicated by the step key it is called with, and the payment service declines on demand
-//! (any order above [`CARD_LIMIT_CENTS`]).
+//! (any order above [`CARD_LIMIT_CENTS`], or one placed with the [`DECLINE_HEADER`] metadata
+//! header, which the order service's HTTP API sets for `"decline_payment": true`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use cqrs_core::saga::{StartedBy, StepError, StepKey};
-use cqrs_core::{CommandGateway, CommandMetadata, InMemoryEventStore, RecordedEvent, Saga};
+use cqrs_core::{CommandGateway, CommandMetadata, EventStore, RecordedEvent, Saga};
 use serde::{Deserialize, Serialize};
 
 use crate::order::{Order, OrderCommand, OrderEvent};
 
 /// Payments above this are declined by the fake payment service.
 pub const CARD_LIMIT_CENTS: u64 = 50_000;
+
+/// An `OrderCreated` whose metadata has this header set to `true` has its payment declined.
+pub const DECLINE_HEADER: &str = "demo-decline-payment";
 
 /// The saga's data: what the steps need, filled in as they go.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,12 +40,18 @@ pub struct Fulfillment {
     pub payment_id: Option<String>,
     /// The shipment, once created.
     pub shipment_id: Option<String>,
+    /// The fake payment service declines this order (see [`DECLINE_HEADER`]).
+    #[serde(default)]
+    pub decline_payment: bool,
 }
 
 /// The steps, in order.
 #[derive(Debug, Saga)]
 #[saga(name = "order_fulfillment", data = Fulfillment, context = Services)]
 pub enum FulfillmentSaga {
+    /// Nothing to do going forward; cancels the order on compensation.
+    #[step(compensate = cancel_order, retry(attempts = 5, backoff_ms = 10, max_delay_ms = 500))]
+    AcceptOrder,
     /// Reserve the items; released on compensation.
     #[step(compensate = release_inventory, retry(attempts = 3, backoff_ms = 10, max_delay_ms = 200), timeout_ms = 2000)]
     ReserveInventory,
@@ -64,6 +80,11 @@ impl StartedBy<OrderEvent> for FulfillmentSaga {
                 .sum(),
             payment_id: None,
             shipment_id: None,
+            decline_payment: event
+                .metadata
+                .headers
+                .get(DECLINE_HEADER)
+                .is_some_and(|v| v == "true"),
         })
     }
 }
@@ -81,19 +102,45 @@ pub struct Ledger {
     pub done: BTreeSet<String>,
 }
 
+/// Sends the saga's commands to orders, whatever store they live in.
+#[async_trait::async_trait]
+pub trait Orders: Send + Sync {
+    /// Executes `command` on order `id` at most once per idempotency `key`.
+    async fn execute_once(
+        &self,
+        key: &str,
+        id: &str,
+        command: OrderCommand,
+    ) -> Result<(), StepError>;
+}
+
+#[async_trait::async_trait]
+impl<S: EventStore> Orders for CommandGateway<Order, S> {
+    async fn execute_once(
+        &self,
+        key: &str,
+        id: &str,
+        command: OrderCommand,
+    ) -> Result<(), StepError> {
+        self.execute_idempotent(key, id, command, CommandMetadata::new())
+            .await?;
+        Ok(())
+    }
+}
+
 /// The services the steps call.
 #[derive(Clone)]
 pub struct Services {
     /// The fakes' state.
     pub ledger: Arc<Mutex<Ledger>>,
-    /// Confirms orders.
-    pub orders: Arc<CommandGateway<Order, InMemoryEventStore>>,
+    /// Confirms and cancels orders.
+    pub orders: Arc<dyn Orders>,
 }
 
 impl Services {
     /// Services over `orders`, with an empty ledger.
     #[must_use]
-    pub fn new(orders: Arc<CommandGateway<Order, InMemoryEventStore>>) -> Self {
+    pub fn new(orders: Arc<dyn Orders>) -> Self {
         Self {
             ledger: Arc::default(),
             orders,
@@ -109,6 +156,21 @@ impl Services {
         if ledger.done.insert(key.to_string()) {
             effect(&mut ledger);
         }
+    }
+
+    async fn accept_order(&self, _: &mut Fulfillment, _: &StepKey) -> Result<(), StepError> {
+        Ok(())
+    }
+
+    async fn cancel_order(&self, data: &mut Fulfillment, key: &StepKey) -> Result<(), StepError> {
+        let reason = "fulfillment failed".to_owned();
+        self.orders
+            .execute_once(
+                &key.to_string(),
+                &data.order_id,
+                OrderCommand::CancelOrder { reason },
+            )
+            .await
     }
 
     async fn reserve_inventory(
@@ -143,6 +205,9 @@ impl Services {
         data: &mut Fulfillment,
         key: &StepKey,
     ) -> Result<(), StepError> {
+        if data.decline_payment {
+            return Err("card declined: the order asked for a declined payment".into());
+        }
         if data.amount_cents > CARD_LIMIT_CENTS {
             return Err(format!(
                 "card declined: {} cents is above the limit of {CARD_LIMIT_CENTS}",
@@ -197,13 +262,7 @@ impl Services {
         // The step key is the command's idempotency key: a retried confirmation returns the
         // first outcome instead of confirming twice.
         self.orders
-            .execute_idempotent(
-                &key.to_string(),
-                data.order_id.as_str(),
-                OrderCommand::ConfirmOrder,
-                CommandMetadata::new(),
-            )
-            .await?;
-        Ok(())
+            .execute_once(&key.to_string(), &data.order_id, OrderCommand::ConfirmOrder)
+            .await
     }
 }

@@ -9,7 +9,7 @@ use cqrs_core::projection::HandlerError;
 use crate::order::{OrderEvent, OrderStatus};
 
 /// What the order list page shows of an order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OrderSummary {
     /// Who ordered.
     pub customer_id: String,
@@ -36,35 +36,46 @@ impl Handles<OrderEvent> for OrderSummaries {
         event: &RecordedEvent<OrderEvent>,
         (): &mut (),
     ) -> Result<(), HandlerError> {
-        let id = event.stream.aggregate_id.to_string();
-        if let OrderEvent::OrderCreated { customer_id, items } = &event.event {
-            let total_cents = items
-                .iter()
-                .map(|i| u64::from(i.quantity) * i.unit_price_cents)
-                .sum();
-            self.orders.insert(
-                id,
-                OrderSummary {
-                    customer_id: customer_id.clone(),
-                    status: OrderStatus::Pending,
-                    total_cents,
-                    version: event.version,
-                },
-            );
-            return Ok(());
-        }
-        let summary = self
-            .orders
-            .get_mut(&id)
-            .ok_or_else(|| format!("event {} of order {id} before its creation", event.version))?;
-        summary.status = match event.event {
-            OrderEvent::OrderConfirmed => OrderStatus::Confirmed,
-            OrderEvent::OrderCancelled { .. } => OrderStatus::Cancelled,
-            OrderEvent::OrderShipped { .. } => OrderStatus::Shipped,
-            OrderEvent::OrderDelivered => OrderStatus::Delivered,
-            OrderEvent::OrderCreated { .. } => summary.status,
-        };
-        summary.version = event.version;
-        Ok(())
+        apply(&mut self.orders, event)
     }
+}
+
+/// Applies `event` to the summaries by order id: the whole logic of the read model, for
+/// projections that keep the map elsewhere (behind a lock, in a service).
+///
+/// # Errors
+/// An event of an order whose creation was not seen.
+pub fn apply(
+    orders: &mut BTreeMap<String, OrderSummary>,
+    event: &RecordedEvent<OrderEvent>,
+) -> Result<(), HandlerError> {
+    let id = event.stream.aggregate_id.to_string();
+    if let OrderEvent::OrderCreated { customer_id, items } = &event.event {
+        let total_cents = items
+            .iter()
+            .map(|i| u64::from(i.quantity) * i.unit_price_cents)
+            .sum();
+        orders.insert(
+            id,
+            OrderSummary {
+                customer_id: customer_id.clone(),
+                status: OrderStatus::Pending,
+                total_cents,
+                version: event.version,
+            },
+        );
+        return Ok(());
+    }
+    let summary = orders
+        .get_mut(&id)
+        .ok_or_else(|| format!("event {} of order {id} before its creation", event.version))?;
+    summary.status = match event.event {
+        OrderEvent::OrderConfirmed => OrderStatus::Confirmed,
+        OrderEvent::OrderCancelled { .. } => OrderStatus::Cancelled,
+        OrderEvent::OrderShipped { .. } => OrderStatus::Shipped,
+        OrderEvent::OrderDelivered => OrderStatus::Delivered,
+        OrderEvent::OrderCreated { .. } => summary.status,
+    };
+    summary.version = event.version;
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! Runs saga instances through their step tables, saving before every move.
 
+use std::future::Future;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -169,6 +170,42 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             }
         }
         Ok(ended)
+    }
+
+    /// Runs due instances until `shutdown` completes: claims up to `limit` at a time with
+    /// [`Orchestrator::run_due`], again at once while there were any, else after `poll`. A failing
+    /// store is logged and tried again with a backoff up to 5 s (the instances stay stored and
+    /// are claimed again once their lease ends). A shutdown cuts the instance being driven
+    /// between two saves (every move is saved before the next, and steps are keyed for
+    /// idempotence); once its lease lapses, another orchestrator (or this one, restarted) takes
+    /// it up where it was.
+    pub async fn run(&self, poll: Duration, limit: usize, shutdown: impl Future<Output = ()>) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let wait = tokio::select! {
+                biased;
+                () = &mut shutdown => return,
+                outcome = self.run_due(limit) => match outcome {
+                    Ok(ended) if !ended.is_empty() => {
+                        backoff = Duration::from_millis(20);
+                        continue;
+                    }
+                    Ok(_) => poll,
+                    Err(error) => {
+                        tracing::warn!(saga = S::NAME, owner = %self.owner, %error, "claiming due sagas failed; retrying");
+                        let wait = backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        wait
+                    }
+                },
+            };
+            tokio::select! {
+                biased;
+                () = &mut shutdown => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
     }
 
     /// Runs an instance from where it is until it ends or a compensation keeps failing, saving

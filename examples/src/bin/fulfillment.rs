@@ -1,7 +1,8 @@
 //! The order-fulfillment saga on the embedded default: orders are created through the command
 //! gateway, `OrderCreated` starts one saga per order (a projection runner feeding the saga
 //! starter), and the orchestrator runs them: the order within the card limit completes (reserved,
-//! paid, shipped, confirmed), the one above it is compensated (inventory released).
+//! paid, shipped, confirmed), the one above it is compensated (inventory released, order
+//! cancelled).
 //!
 //! `cargo run -p cqrs-examples --bin fulfillment`
 
@@ -58,7 +59,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let expected = if order_id == "order-small" {
             (SagaStatus::Completed, OrderStatus::Confirmed)
         } else {
-            (SagaStatus::Compensated, OrderStatus::Pending)
+            (SagaStatus::Compensated, OrderStatus::Cancelled)
         };
         if (saga.status, status) != expected {
             return Err(format!("{order_id}: expected {expected:?}").into());

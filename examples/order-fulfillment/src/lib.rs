@@ -1,0 +1,612 @@
+#![doc = include_str!("../README.md")]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use cqrs_core::RecordedEvent;
+use cqrs_core::prelude::*;
+use cqrs_core::projection::{HandlerError, InMemoryCheckpoints, ProjectionRunner};
+use cqrs_core::saga::{InMemorySagaStore, Orchestrator, SagaStarter, SagaStore};
+use cqrs_core::{CorrelationId, EventStore};
+use cqrs_examples::fulfillment::{DECLINE_HEADER, FulfillmentSaga, Services};
+use cqrs_examples::order::{Order, OrderCommand, OrderError, OrderEvent, OrderItem};
+use cqrs_examples::order_summary::{self, OrderSummary};
+use cqrs_kafka::{InProcess, KafkaConfig, KafkaSubscriber, OutboxRelay, TopicMap};
+use cqrs_postgres::PostgresEventStore;
+use cqrs_postgres::saga::PostgresSagaStore;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Where the service keeps its events and how they travel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// The in-memory store, sagas started in process: nothing to install, nothing survives a
+    /// restart.
+    Embedded,
+    /// PostgreSQL (events, sagas), sagas started in process from the store's global order.
+    Postgres {
+        /// The database (its password is never printed).
+        database_url: String,
+        /// The schema holding the tables.
+        schema: String,
+    },
+    /// PostgreSQL, every event published to Kafka by the outbox relay, sagas started by a Kafka
+    /// consumer group.
+    PostgresKafka {
+        /// The database.
+        database_url: String,
+        /// The schema holding the tables.
+        schema: String,
+        /// The brokers, `host:port[,host:port...]`.
+        brokers: String,
+        /// Prefixes the topics and the consumer group (one service's topics apart from
+        /// another's on a shared broker).
+        topic_prefix: String,
+    },
+}
+
+impl Backend {
+    /// What [`Backend::Embedded`] or the others are called in logs and answers.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Embedded => "embedded (in-memory store, in-process delivery)",
+            Self::Postgres { .. } => "PostgreSQL (in-process delivery)",
+            Self::PostgresKafka { .. } => "PostgreSQL + Kafka",
+        }
+    }
+}
+
+/// Why the service did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database could not be reached or migrated.
+    #[error("PostgreSQL: {0}")]
+    Store(#[from] cqrs_core::StoreError),
+    /// The broker could not be reached or the topics not created.
+    #[error("Kafka: {0}")]
+    Kafka(#[from] cqrs_kafka::KafkaError),
+}
+
+/// A running service: its address, and a handle to stop it.
+#[derive(Debug)]
+pub struct Service {
+    addr: SocketAddr,
+    backend: Backend,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Service {
+    /// Where it listens.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Where it keeps its events.
+    #[must_use]
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// Stops accepting requests, lets the background workers reach a safe point (a projection
+    /// batch, a relay step, a consumer commit) and waits for them.
+    pub async fn stop(self) {
+        // Every receiver may be gone already (tasks that ended): nothing to tell then.
+        self.stop.send_replace(true);
+        for task in self.tasks {
+            if let Err(error) = task.await {
+                tracing::warn!(%error, "a service task ended abnormally");
+            }
+        }
+    }
+
+    /// Runs until Ctrl-C (or SIGTERM), then stops.
+    pub async fn run_until_signal(self) {
+        shutdown_signal().await;
+        self.stop().await;
+    }
+}
+
+async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+}
+
+/// The body of `POST /orders`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlaceOrder {
+    /// Who orders.
+    pub customer_id: String,
+    /// What.
+    pub items: Vec<OrderItem>,
+    /// Makes the fake payment service decline this order, so the saga compensates (the order
+    /// ends cancelled, its inventory released).
+    #[serde(default)]
+    pub decline_payment: bool,
+}
+
+/// The answer to `POST /orders` (202 Accepted: the order is recorded, its fulfillment runs in
+/// the background).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    /// The new order's id.
+    pub order_id: String,
+    /// The correlation id every event of this order's fulfillment carries.
+    pub correlation_id: String,
+    /// Where to follow it: `/orders/{order_id}`.
+    pub location: String,
+}
+
+/// The answer to `GET /orders/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderView {
+    /// The order's id.
+    pub order_id: String,
+    /// The summary the read model holds.
+    #[serde(flatten)]
+    pub summary: OrderSummary,
+}
+
+/// An error answer: `{"error": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, in one line.
+    pub error: String,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(ErrorBody {
+            error: message.into(),
+        }),
+    )
+        .into_response()
+}
+
+/// The read model behind `GET /orders/{id}`: the example's [`OrderSummary`] logic over a map the
+/// HTTP handlers read while the projection runner writes it.
+#[derive(Debug, Clone, Default, Projection)]
+#[projection(name = "order_summary_http", events(OrderEvent))]
+pub struct SharedSummaries {
+    /// Summaries by order id.
+    pub orders: Arc<RwLock<BTreeMap<String, OrderSummary>>>,
+}
+
+#[async_trait::async_trait]
+impl Handles<OrderEvent> for SharedSummaries {
+    async fn handle(
+        &mut self,
+        event: &RecordedEvent<OrderEvent>,
+        (): &mut (),
+    ) -> Result<(), HandlerError> {
+        let mut orders = self
+            .orders
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        order_summary::apply(&mut orders, event)
+    }
+}
+
+struct AppState<S: EventStore> {
+    orders: Arc<CommandGateway<Order, S>>,
+    summaries: SharedSummaries,
+    backend: &'static str,
+}
+
+impl<S: EventStore> Clone for AppState<S> {
+    fn clone(&self) -> Self {
+        Self {
+            orders: self.orders.clone(),
+            summaries: self.summaries.clone(),
+            backend: self.backend,
+        }
+    }
+}
+
+fn router<S: EventStore + Clone + 'static>(state: AppState<S>) -> Router {
+    Router::new()
+        .route("/", get(index::<S>))
+        .route("/orders", post(place_order::<S>))
+        .route("/orders/{id}", get(get_order::<S>))
+        .with_state(state)
+}
+
+async fn index<S: EventStore>(State(state): State<AppState<S>>) -> impl IntoResponse {
+    axum::Json(serde_json::json!({
+        "service": "order-fulfillment",
+        "backend": state.backend,
+        "routes": ["POST /orders", "GET /orders/{id}"],
+    }))
+}
+
+/// `POST /orders`: dispatches `CreateOrder`. An `Idempotency-Key` header makes a retried request
+/// return the first order instead of placing another; an `X-Correlation-Id` header (a UUID) is
+/// used as the correlation id, else a new one is made.
+async fn place_order<S: EventStore>(
+    State(state): State<AppState<S>>,
+    headers: HeaderMap,
+    body: Result<axum::Json<PlaceOrder>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let axum::Json(order) = match body {
+        Ok(body) => body,
+        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+    };
+    let correlation = match headers.get("x-correlation-id").map(|v| v.to_str()) {
+        None => CorrelationId::new(),
+        Some(Ok(text)) => match text.parse() {
+            Ok(uuid) => CorrelationId(uuid),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("X-Correlation-Id `{text}` is not a UUID"),
+                );
+            }
+        },
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "X-Correlation-Id is not visible ASCII",
+            );
+        }
+    };
+    let mut metadata = CommandMetadata::new().correlated(correlation);
+    if order.decline_payment {
+        metadata = metadata.with_header(DECLINE_HEADER, "true");
+    }
+    let id = AggregateId::generate();
+    let command = OrderCommand::CreateOrder {
+        customer_id: order.customer_id,
+        items: order.items,
+    };
+    let outcome = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => state.orders.execute(id, command, metadata).await,
+        Some(Ok(key)) => {
+            state
+                .orders
+                .execute_idempotent(key, id, command, metadata)
+                .await
+        }
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "Idempotency-Key is not visible ASCII",
+            );
+        }
+    };
+    let executed = match outcome {
+        Ok(executed) => executed,
+        // The key placed an order before: that one is the answer.
+        Err(CommandError::KeyReused { used_for, .. }) => {
+            let first = state.orders.store().load(&used_for, 0).next().await;
+            return match first {
+                Some(Ok(event)) => accepted(
+                    used_for.aggregate_id.as_str(),
+                    event.metadata.correlation_id.unwrap_or(correlation),
+                ),
+                Some(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+                None => error(
+                    StatusCode::CONFLICT,
+                    format!("Idempotency-Key was used for {used_for}, which has no events"),
+                ),
+            };
+        }
+        Err(CommandError::Rejected(rejection)) => {
+            return error(StatusCode::UNPROCESSABLE_ENTITY, rejection.to_string());
+        }
+        Err(other) => return command_failed(&other),
+    };
+    let correlation = executed
+        .events
+        .first()
+        .and_then(|e| e.metadata.correlation_id)
+        .unwrap_or(correlation);
+    accepted(executed.stream.aggregate_id.as_str(), correlation)
+}
+
+fn accepted(order_id: &str, correlation: CorrelationId) -> Response {
+    let location = format!("/orders/{order_id}");
+    (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location.clone())],
+        axum::Json(Accepted {
+            order_id: order_id.to_owned(),
+            correlation_id: correlation.to_string(),
+            location,
+        }),
+    )
+        .into_response()
+}
+
+fn command_failed(failure: &CommandError<OrderError>) -> Response {
+    tracing::warn!(error = %failure, "command failed");
+    let status = match failure {
+        CommandError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        CommandError::TooManyConflicts { .. } | CommandError::AlreadyExists { .. } => {
+            StatusCode::CONFLICT
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, failure.to_string())
+}
+
+/// `GET /orders/{id}`: the read model's summary (eventually consistent: a few milliseconds
+/// behind the `202`).
+async fn get_order<S: EventStore>(
+    State(state): State<AppState<S>>,
+    Path(id): Path<String>,
+) -> Response {
+    let found = state
+        .summaries
+        .orders
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&id)
+        .cloned();
+    match found {
+        Some(summary) => axum::Json(OrderView {
+            order_id: id,
+            summary,
+        })
+        .into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no order `{id}` (the read model follows a 202 within milliseconds)"),
+        ),
+    }
+}
+
+/// What the service runs besides the HTTP server.
+struct Runtime {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Runtime {
+    fn new() -> Self {
+        Self {
+            stop: watch::Sender::new(false),
+            tasks: Vec::new(),
+        }
+    }
+
+    /// A future that completes when the service stops.
+    fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut stop = self.stop.subscribe();
+        async move {
+            // An error means the sender is gone: the service is gone too.
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        }
+    }
+
+    fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.push(tokio::spawn(task));
+    }
+
+    /// Runs `projection` over `store` until the service stops; a failing store is logged and the
+    /// runner started again from its last checkpoint after a second.
+    fn project<P, S>(
+        &mut self,
+        store: S,
+        projection: impl Fn() -> P + Send + 'static,
+        poll: Duration,
+    ) where
+        P: Projection<Context = ()> + Sync + 'static,
+        S: EventStore + Clone + 'static,
+    {
+        let checkpoints = Arc::new(InMemoryCheckpoints::new());
+        let stopped = self.stopped();
+        let mut stop = self.stop.subscribe();
+        self.spawn(async move {
+            let stopped = futures_shared(stopped);
+            loop {
+                let runner = ProjectionRunner::new(store.clone(), projection(), ())
+                    .with_checkpoints(checkpoints.clone());
+                match runner.run(poll, stopped.clone()).await {
+                    Ok(_) => return,
+                    Err(error) => {
+                        tracing::warn!(projection = P::NAME, %error, "projection failed; restarting in 1 s");
+                    }
+                }
+                tokio::select! {
+                    _ = stop.wait_for(|stopped| *stopped) => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+    }
+
+    fn orchestrate<St: SagaStore + Clone + 'static>(&mut self, sagas: St, services: Services) {
+        let stopped = self.stopped();
+        self.spawn(async move {
+            Orchestrator::<FulfillmentSaga, _>::new(sagas, services, owner())
+                .run(Duration::from_millis(20), 32, stopped)
+                .await;
+        });
+    }
+}
+
+/// This process's name for leases (a restarted process takes its leases back at once; two
+/// processes never share one).
+fn owner() -> String {
+    format!("order-fulfillment-{}", std::process::id())
+}
+
+/// Starts a fulfillment saga per `OrderCreated` (idempotent: one instance per starting event).
+fn starter<St: SagaStore>(sagas: St) -> SagaStarter<FulfillmentSaga, OrderEvent, St> {
+    SagaStarter::new(sagas, owner())
+}
+
+/// A clonable future that completes when `stopped` does.
+fn futures_shared(
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> futures::future::Shared<futures::future::BoxFuture<'static, ()>> {
+    use futures::FutureExt;
+    stopped.boxed().shared()
+}
+
+/// Starts the service on `addr` (port 0 picks a free one) with `backend`: migrates the schema
+/// and creates the topics first when there are any, then serves.
+///
+/// # Errors
+/// [`StartError`] when the address cannot be bound, the database or the broker cannot be reached.
+pub async fn start(addr: SocketAddr, backend: Backend) -> Result<Service, StartError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let mut runtime = Runtime::new();
+    let summaries = SharedSummaries::default();
+    let app = match &backend {
+        Backend::Embedded => {
+            let events = InMemoryEventStore::new();
+            let orders = Arc::new(CommandGateway::<Order, _>::new(events.clone()));
+            let sagas = InMemorySagaStore::new();
+            let poll = Duration::from_secs(1);
+            let read_model = summaries.clone();
+            runtime.project(events.clone(), move || read_model.clone(), poll);
+            let starts = sagas.clone();
+            runtime.project(events, move || starter(starts.clone()), poll);
+            runtime.orchestrate(sagas, Services::new(orders.clone()));
+            router(AppState {
+                orders,
+                summaries,
+                backend: backend.name(),
+            })
+        }
+        Backend::Postgres {
+            database_url,
+            schema,
+        }
+        | Backend::PostgresKafka {
+            database_url,
+            schema,
+            ..
+        } => {
+            let events =
+                PostgresEventStore::connect_within(database_url, schema, Duration::from_secs(10))
+                    .await?;
+            events.migrate().await?;
+            let orders = Arc::new(CommandGateway::<Order, _>::new(events.clone()));
+            let sagas = PostgresSagaStore::new(events.clone());
+            // PostgreSQL has no in-process commit signal: the runners poll.
+            let poll = Duration::from_millis(25);
+            let read_model = summaries.clone();
+            runtime.project(events.clone(), move || read_model.clone(), poll);
+            if let Backend::PostgresKafka {
+                brokers,
+                topic_prefix,
+                ..
+            } = &backend
+            {
+                let starter = starter(sagas.clone());
+                publish_and_subscribe(&mut runtime, &events, brokers, topic_prefix, starter)
+                    .await?;
+            } else {
+                let starts = sagas.clone();
+                runtime.project(events.clone(), move || starter(starts.clone()), poll);
+            }
+            runtime.orchestrate(sagas, Services::new(orders.clone()));
+            router(AppState {
+                orders,
+                summaries,
+                backend: backend.name(),
+            })
+        }
+    };
+    let stopped = runtime.stopped();
+    runtime.spawn(async move {
+        if let Err(error) = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
+            tracing::error!(%error, "the HTTP server failed");
+        }
+    });
+    tracing::info!(%addr, backend = backend.name(), "order-fulfillment service started");
+    Ok(Service {
+        addr,
+        backend,
+        stop: runtime.stop,
+        tasks: runtime.tasks,
+    })
+}
+
+/// The relay publishing every event to Kafka, and a consumer group starting the sagas from the
+/// order topic.
+async fn publish_and_subscribe(
+    runtime: &mut Runtime,
+    events: &PostgresEventStore,
+    brokers: &str,
+    prefix: &str,
+    starter: SagaStarter<FulfillmentSaga, OrderEvent, PostgresSagaStore>,
+) -> Result<(), StartError> {
+    let config = KafkaConfig::new(brokers).client_id("order-fulfillment");
+    let map = TopicMap::new().with_prefix(prefix)?;
+    let topic = map.topic(Order::NAME);
+    let mut relay = OutboxRelay::new(events.clone(), config.clone(), owner())?
+        .with_name(format!("{prefix}kafka-relay"))
+        .with_topics(map)?;
+    // The consumer subscribes before the first event: its topic must exist.
+    relay.create_topics(&[Order::NAME]).await?;
+    let subscriber = KafkaSubscriber::new(
+        &config,
+        format!("{prefix}order-fulfillment"),
+        &[&topic],
+        InProcess(starter),
+    )?;
+    let stopped = runtime.stopped();
+    runtime.spawn(async move {
+        if let Err(error) = relay.run(Duration::from_millis(250), stopped).await {
+            tracing::error!(%error, "the outbox relay stopped");
+        }
+    });
+    let stopped = runtime.stopped();
+    runtime.spawn(async move {
+        if let Err(error) = subscriber.run(stopped).await {
+            tracing::error!(%error, "the saga starter's consumer stopped");
+        }
+    });
+    Ok(())
+}

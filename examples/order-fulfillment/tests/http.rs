@@ -1,0 +1,278 @@
+//! The order-fulfillment service driven over HTTP: embedded, on PostgreSQL, and on PostgreSQL +
+//! the real Kafka-protocol broker (`KAFKA_BROKERS`, started by `scripts/kafka-up.sh`).
+
+use std::time::{Duration, Instant};
+
+use cqrs_core::EventStoreExt;
+use cqrs_core::saga::{SagaStatus, SagaStore};
+use cqrs_core::{EventStore, StreamId};
+use cqrs_postgres::PostgresEventStore;
+use cqrs_postgres::saga::PostgresSagaStore;
+use order_fulfillment::{Accepted, Backend, ErrorBody, OrderView, Service};
+use reqwest::StatusCode;
+use serde_json::json;
+
+fn order(decline_payment: bool) -> serde_json::Value {
+    json!({
+        "customer_id": "ada",
+        "items": [
+            {"sku": "keyboard", "quantity": 2, "unit_price_cents": 4500},
+            {"sku": "cable", "quantity": 1, "unit_price_cents": 700}
+        ],
+        "decline_payment": decline_payment,
+    })
+}
+
+async fn place(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut request = client.post(format!("{url}/orders")).json(body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST /orders: {e}"))
+}
+
+async fn json<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> T {
+    let text = response
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("reading the body: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// Polls `GET /orders/{id}` until the order is in `status`.
+async fn wait_for(client: &reqwest::Client, url: &str, id: &str, status: &str) -> OrderView {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut last = String::new();
+    loop {
+        let response = client
+            .get(format!("{url}/orders/{id}"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET: {e}"));
+        if response.status() == StatusCode::OK {
+            let view: OrderView = json(response).await;
+            if format!("{:?}", view.summary.status) == status {
+                return view;
+            }
+            last = format!("{:?}", view.summary.status);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "order {id} never became {status} (last seen: {last:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What every mode must do; returns the ids of the confirmed and the cancelled order.
+async fn exercise(service: &Service) -> (String, String) {
+    let url = format!("http://{}", service.addr());
+    let client = reqwest::Client::new();
+
+    let index: serde_json::Value = json(
+        client
+            .get(&url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
+    assert_eq!(index["backend"], service.backend().name());
+
+    // An order that completes: 202 with the id, a correlation id and where to follow it.
+    let correlation = uuid::Uuid::now_v7().to_string();
+    let response = place(
+        &client,
+        &url,
+        &order(false),
+        &[("x-correlation-id", &correlation)],
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let location = response
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let confirmed: Accepted = json(response).await;
+    assert_eq!(confirmed.correlation_id, correlation);
+    assert_eq!(location.as_deref(), Some(confirmed.location.as_str()));
+    assert_eq!(
+        confirmed.location,
+        format!("/orders/{}", confirmed.order_id)
+    );
+    let view = wait_for(&client, &url, &confirmed.order_id, "Confirmed").await;
+    assert_eq!(view.summary.total_cents, 2 * 4500 + 700);
+    assert_eq!(view.summary.customer_id, "ada");
+    assert_eq!(view.summary.version, 2, "created, confirmed");
+
+    // A declined payment: the saga compensates down to cancelling the order.
+    let response = place(&client, &url, &order(true), &[]).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let declined: Accepted = json(response).await;
+    assert_ne!(declined.order_id, confirmed.order_id);
+    assert!(declined.correlation_id.parse::<uuid::Uuid>().is_ok());
+    let view = wait_for(&client, &url, &declined.order_id, "Cancelled").await;
+    assert_eq!(view.summary.version, 2, "created, cancelled");
+
+    // A retried request with the same idempotency key is the same order.
+    let key = [("idempotency-key", "checkout-7")];
+    let first: Accepted = json(place(&client, &url, &order(false), &key).await).await;
+    let again = place(&client, &url, &order(false), &key).await;
+    assert_eq!(again.status(), StatusCode::ACCEPTED);
+    let again: Accepted = json(again).await;
+    assert_eq!(again, first);
+    wait_for(&client, &url, &first.order_id, "Confirmed").await;
+
+    // Bad input: one clear line each, with the right status.
+    let empty = json!({"customer_id": "ada", "items": []});
+    let response = place(&client, &url, &empty, &[]).await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: ErrorBody = json(response).await;
+    assert!(body.error.contains("at least one item"), "{}", body.error);
+
+    let response = place(&client, &url, &json!({"customer": "ada"}), &[]).await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: ErrorBody = json(response).await;
+    assert!(body.error.contains("customer_id"), "{}", body.error);
+
+    let response = client
+        .post(format!("{url}/orders"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: ErrorBody = json(response).await;
+    assert!(!body.error.is_empty());
+
+    let response = place(
+        &client,
+        &url,
+        &order(false),
+        &[("x-correlation-id", "nope")],
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: ErrorBody = json(response).await;
+    assert!(
+        body.error.contains("`nope` is not a UUID"),
+        "{}",
+        body.error
+    );
+
+    let response = client
+        .get(format!("{url}/orders/no-such-order"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let body: ErrorBody = json(response).await;
+    assert!(body.error.contains("no-such-order"), "{}", body.error);
+
+    (confirmed.order_id, declined.order_id)
+}
+
+fn database_url() -> String {
+    cqrs_postgres::database_url()
+}
+
+fn unique(name: &str) -> String {
+    format!("{name}_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// The store and sagas the service wrote, checked from outside.
+async fn check_store(schema: &str, confirmed: &str, declined: &str) {
+    let store = PostgresEventStore::connect(&database_url(), schema)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let events = store
+        .load_all(&StreamId::new("order", confirmed))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, ["OrderCreated", "OrderConfirmed"]);
+    let events = store
+        .load_all(&StreamId::new("order", declined))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, ["OrderCreated", "OrderCancelled"]);
+    let sagas = PostgresSagaStore::new(store.clone());
+    let states = sagas
+        .list(Some("order_fulfillment"), None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let status_of = |order: &str| {
+        states
+            .iter()
+            .filter(|s| s.data["order_id"] == order)
+            .map(|s| s.status)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        status_of(confirmed),
+        [SagaStatus::Completed],
+        "one saga per order"
+    );
+    assert_eq!(status_of(declined), [SagaStatus::Compensated]);
+    assert!(
+        store
+            .head()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_some()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_service_over_http() {
+    let service = order_fulfillment::start(([127, 0, 0, 1], 0).into(), Backend::Embedded)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    exercise(&service).await;
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_service_over_http() {
+    let schema = unique("of_pg");
+    let backend = Backend::Postgres {
+        database_url: database_url(),
+        schema: schema.clone(),
+    };
+    let service = order_fulfillment::start(([127, 0, 0, 1], 0).into(), backend)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (confirmed, declined) = exercise(&service).await;
+    service.stop().await;
+    check_store(&schema, &confirmed, &declined).await;
+}
+
+/// Events leave through the outbox relay; the sagas start only from the Kafka consumer group, so
+/// an order confirmed or cancelled proves the round trip through the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_and_kafka_service_over_http() {
+    let schema = unique("of_kafka");
+    let backend = Backend::PostgresKafka {
+        database_url: database_url(),
+        schema: schema.clone(),
+        brokers: cqrs_kafka::KafkaConfig::from_env().brokers().to_owned(),
+        topic_prefix: format!("{schema}."),
+    };
+    let service = order_fulfillment::start(([127, 0, 0, 1], 0).into(), backend)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (confirmed, declined) = exercise(&service).await;
+    service.stop().await;
+    check_store(&schema, &confirmed, &declined).await;
+}

@@ -2,13 +2,15 @@
 //!
 //! The event table is the outbox: nothing is written twice in the command path and there is no
 //! window between a commit and a publish in which an event can be lost. The relay reads after
-//! its checkpoint, sends a batch through an idempotent producer (`enable.idempotence=true`,
-//! `acks=all`, one partition per aggregate id by key), awaits every delivery report and moves the
-//! checkpoint to the last event of the delivered prefix. A failed delivery stops the batch there:
-//! the next step starts again at the first undelivered event with a new producer, so nothing is
-//! skipped; what was delivered after it is sent again (consumers dedupe on the event id). A relay
-//! killed anywhere re-sends at most the batch in flight.
+//! what it sent, sends a batch through an idempotent producer (`enable.idempotence=true`,
+//! `acks=all`, one partition per aggregate id by key) and, while that batch is in flight, awaits
+//! the delivery reports of the batch before it and moves the checkpoint to the last event of the
+//! delivered prefix (at most two batches are in flight). A failed delivery stops there: the next
+//! step starts again at the first undelivered event with a new producer, so nothing is skipped;
+//! what was delivered after it is sent again (consumers dedupe on the event id). A relay killed
+//! anywhere re-sends at most the batches in flight.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +30,10 @@ use crate::{EventSerializer, JsonEnvelope, KafkaConfig, KafkaError, TopicMap};
 /// What one [`OutboxRelay::step`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayStep {
-    /// Events read and acknowledged by the broker.
+    /// Events read and queued in the producer (acknowledged during the next step).
+    pub sent: usize,
+    /// Events acknowledged by the broker (sent by earlier steps, or by this one when it found
+    /// nothing new).
     pub delivered: usize,
     /// The relay's checkpoint after the step.
     pub checkpoint: Checkpoint,
@@ -61,6 +66,21 @@ pub struct OutboxRelay {
     lease: CheckpointLease,
     batch: usize,
     metrics: RelayMetrics,
+    /// Sent, not yet acknowledged, in the global order.
+    in_flight: VecDeque<InFlight>,
+    /// The last event sent.
+    sent: Option<Checkpoint>,
+    /// A step is running (still set at the next step's start when a step was cut).
+    stepping: bool,
+}
+
+/// A message queued in the producer.
+struct InFlight {
+    checkpoint: Checkpoint,
+    event_id: cqrs_core::EventId,
+    stream: cqrs_core::StreamId,
+    topic: String,
+    future: DeliveryFuture,
 }
 
 impl std::fmt::Debug for OutboxRelay {
@@ -134,6 +154,9 @@ impl OutboxRelay {
                 producers: 1,
                 ..RelayMetrics::default()
             },
+            in_flight: VecDeque::new(),
+            sent: None,
+            stepping: false,
         })
     }
 
@@ -181,6 +204,17 @@ impl OutboxRelay {
         self
     }
 
+    /// Creates the topics of these aggregate types now if they are missing (the relay creates a
+    /// topic before its first event otherwise): a consumer that subscribes before anything was
+    /// published needs its topics to exist.
+    ///
+    /// # Errors
+    /// [`KafkaError::CreateTopic`] when the broker refuses.
+    pub async fn create_topics(&mut self, aggregate_types: &[&str]) -> Result<(), KafkaError> {
+        let topics: Vec<String> = aggregate_types.iter().map(|t| self.map.topic(t)).collect();
+        self.topics.ensure(topics.iter().map(String::as_str)).await
+    }
+
     /// The relay's counters.
     #[must_use]
     pub fn metrics(&self) -> RelayMetrics {
@@ -206,38 +240,111 @@ impl OutboxRelay {
         Ok(head.position.saturating_sub(at.position))
     }
 
-    /// Sends the next batch after the checkpoint and moves the checkpoint past what the broker
-    /// acknowledged.
+    /// Reads the next batch after what was sent, sends it, then waits for the delivery reports
+    /// of the batches sent before it and moves the checkpoint over their delivered prefix.
+    ///
+    /// Steps are pipelined: the batch a step sends is acknowledged during the next step, while
+    /// that one reads and sends its own, so the producer never runs dry between batches. A step
+    /// that finds nothing new waits for everything in flight. A step cut midway, a lost lease
+    /// or a failure drops what is in flight and starts again from the stored checkpoint (the
+    /// messages already queued may still arrive: duplicates, never gaps).
     ///
     /// # Errors
     /// [`KafkaError::LeaseLost`] when another relay holds the lease, [`KafkaError::Delivery`] when
     /// a message was not delivered (the checkpoint stops before it; the producer is replaced),
     /// [`KafkaError::Serialize`], [`KafkaError::Store`], [`KafkaError::CreateTopic`].
     pub async fn step(&mut self) -> Result<RelayStep, KafkaError> {
-        let Some(from) = self.lease.acquire().await? else {
+        if std::mem::replace(&mut self.stepping, true) {
+            // The last step was cut: what it had in flight is unknown.
+            self.reset();
+        }
+        let outcome = self.pipelined_step().await;
+        if outcome.is_err() {
+            self.reset();
+        }
+        self.stepping = false;
+        outcome
+    }
+
+    /// Forgets what is in flight: the next step reads from the stored checkpoint.
+    fn reset(&mut self) {
+        self.in_flight.clear();
+        self.sent = None;
+    }
+
+    async fn pipelined_step(&mut self) -> Result<RelayStep, KafkaError> {
+        let Some(stored) = self.lease.acquire().await? else {
             return Err(KafkaError::LeaseLost(self.lease.name().to_owned()));
         };
+        let from = match self.sent {
+            // Another relay moved the checkpoint past what this one sent: start from there.
+            Some(sent) if !self.in_flight.is_empty() && sent >= stored => sent,
+            _ => {
+                self.in_flight.clear();
+                stored
+            }
+        };
+        // At most one batch is in flight here (the last step's), two while this one sends.
         let page = self.store.read_all(from, self.batch).await?;
-        if page.is_empty() {
-            return Ok(RelayStep {
-                delivered: 0,
-                checkpoint: from,
-            });
-        }
         let span = tracing::debug_span!(
             "cqrs.kafka.relay.batch",
             relay = self.lease.name(),
-            events = page.len(),
+            read = page.len(),
+            in_flight = self.in_flight.len(),
             delivered = tracing::field::Empty,
         );
-        self.send_batch(from, &page).instrument(span).await
+        async {
+            let started = Instant::now();
+            // Wait for what earlier steps sent; all of it when this one sent nothing or failed.
+            let (sent, send_failure) = match self.send_page(&page).await {
+                Ok(sent) => (sent, None),
+                Err(error) => (0, Some(error)),
+            };
+            let keep = sent;
+            let (delivered, checkpoint, failure) = self.acknowledge(keep, stored).await;
+            if delivered > 0 && !self.lease.advance(checkpoint).await? {
+                return Err(KafkaError::LeaseLost(self.lease.name().to_owned()));
+            }
+            self.metrics.delivered += delivered as u64;
+            tracing::Span::current().record("delivered", delivered);
+            let failure = failure.or(send_failure);
+            if let Some(error) = failure {
+                if matches!(error, KafkaError::Delivery(_)) {
+                    // A fatal producer error (fenced epoch, ...) leaves the producer unusable, and
+                    // any failure may mean a topic went missing: start afresh.
+                    self.metrics.failures += 1;
+                    self.producer = create_producer(&self.config)?;
+                    self.metrics.producers += 1;
+                    self.topics.forget();
+                }
+                tracing::warn!(
+                    relay = self.lease.name(), %error,
+                    "publishing stopped; the next step starts again from the checkpoint"
+                );
+                return Err(error);
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            if delivered > 0 && elapsed > 0.0 {
+                #[allow(clippy::cast_precision_loss)]
+                let rate = delivered as f64 / elapsed;
+                self.metrics.last_rate = rate;
+            }
+            Ok(RelayStep {
+                sent,
+                delivered,
+                checkpoint,
+            })
+        }
+        .instrument(span)
+        .await
     }
 
-    async fn send_batch(
-        &mut self,
-        from: Checkpoint,
-        page: &[StoredEvent],
-    ) -> Result<RelayStep, KafkaError> {
+    /// Serializes and queues `page` in the producer, behind what is in flight. Returns how many
+    /// were queued, or the first failure (those before it stay queued).
+    async fn send_page(&mut self, page: &[StoredEvent]) -> Result<usize, KafkaError> {
+        if page.is_empty() {
+            return Ok(0);
+        }
         let topics: Vec<String> = page
             .iter()
             .map(|e| self.map.topic(&e.stream.aggregate_type))
@@ -245,81 +352,67 @@ impl OutboxRelay {
         self.topics
             .ensure(topics.iter().map(String::as_str))
             .await?;
-        let started = Instant::now();
         self.metrics.batches += 1;
-        let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(page.len());
-        // The first event that failed, and how.
-        let mut failure: Option<(usize, KafkaError)> = None;
-        for (i, (event, topic)) in page.iter().zip(&topics).enumerate() {
-            let value = match self.serializer.serialize(event) {
-                Ok(value) => value,
-                Err(error) => {
-                    failure = Some((i, KafkaError::Serialize(error)));
-                    break;
-                }
-            };
-            match self.send(event, topic, &value).await {
-                Ok(future) => pending.push(future),
-                Err(source) => {
-                    failure = Some((i, delivery_error(event, topic, source)));
-                    break;
-                }
-            }
+        for (event, topic) in page.iter().zip(topics) {
+            let value = self
+                .serializer
+                .serialize(event)
+                .map_err(KafkaError::Serialize)?;
+            let future = self
+                .send(event, &topic, &value)
+                .await
+                .map_err(|source| delivery_error(event, &topic, source))?;
+            self.in_flight.push_back(InFlight {
+                checkpoint: event.checkpoint,
+                event_id: event.event_id,
+                stream: event.stream.clone(),
+                topic,
+                future,
+            });
+            self.sent = Some(event.checkpoint);
         }
-        // The delivered prefix: the checkpoint may pass an event only once it and all before it
-        // are acknowledged.
+        Ok(page.len())
+    }
+
+    /// Awaits the delivery reports of everything in flight but the last `keep`, in order: the
+    /// delivered prefix, the checkpoint after it (`stored` when nothing was delivered) and the
+    /// first failure. Cancel-safe: a report is taken off the queue only once it has arrived.
+    async fn acknowledge(
+        &mut self,
+        keep: usize,
+        stored: Checkpoint,
+    ) -> (usize, Checkpoint, Option<KafkaError>) {
         let mut delivered = 0;
-        for (i, future) in pending.into_iter().enumerate() {
-            let outcome = match future.await {
+        let mut checkpoint = stored;
+        while self.in_flight.len() > keep {
+            let Some(front) = self.in_flight.front_mut() else {
+                break;
+            };
+            let outcome = match (&mut front.future).await {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err((error, _))) => Err(error),
                 Err(_) => Err(RdKafkaError::Canceled),
             };
+            let Some(done) = self.in_flight.pop_front() else {
+                break;
+            };
             match outcome {
-                Ok(()) if failure.is_none() => delivered = i + 1,
-                Ok(()) => {}
+                Ok(()) => {
+                    delivered += 1;
+                    checkpoint = done.checkpoint;
+                }
                 Err(source) => {
-                    if failure.as_ref().is_none_or(|(at, _)| *at > i) {
-                        failure = Some((i, delivery_error(&page[i], &topics[i], source)));
-                    }
+                    let error = KafkaError::Delivery(Box::new(crate::DeliveryError {
+                        event_id: done.event_id,
+                        stream: done.stream,
+                        topic: done.topic,
+                        source,
+                    }));
+                    return (delivered, checkpoint, Some(error));
                 }
             }
         }
-        let checkpoint = match delivered {
-            0 => from,
-            n => page[n - 1].checkpoint,
-        };
-        if delivered > 0 && !self.lease.advance(checkpoint).await? {
-            return Err(KafkaError::LeaseLost(self.lease.name().to_owned()));
-        }
-        self.metrics.delivered += delivered as u64;
-        tracing::Span::current().record("delivered", delivered);
-        if let Some((at, error)) = failure {
-            let event = &page[at];
-            tracing::warn!(
-                relay = self.lease.name(), stream = %event.stream, version = event.version,
-                %error, "publishing stopped before this event; the next step starts again from it"
-            );
-            if matches!(error, KafkaError::Delivery(_)) {
-                // A fatal producer error (fenced epoch, ...) leaves the producer unusable, and any
-                // failure may mean a topic went missing: start afresh.
-                self.metrics.failures += 1;
-                self.producer = create_producer(&self.config)?;
-                self.metrics.producers += 1;
-                self.topics.forget();
-            }
-            return Err(error);
-        }
-        let elapsed = started.elapsed().as_secs_f64();
-        if elapsed > 0.0 {
-            #[allow(clippy::cast_precision_loss)]
-            let rate = delivered as f64 / elapsed;
-            self.metrics.last_rate = rate;
-        }
-        Ok(RelayStep {
-            delivered,
-            checkpoint,
-        })
+        (delivered, checkpoint, None)
     }
 
     /// Queues `event` (serialized as `value`) in the producer, waiting while its queue is full.
@@ -370,7 +463,7 @@ impl OutboxRelay {
                 outcome = self.step() => outcome,
             };
             let wait = match outcome {
-                Ok(step) if step.delivered > 0 => {
+                Ok(step) if step.sent > 0 || step.delivered > 0 => {
                     backoff = Duration::from_millis(20);
                     continue;
                 }

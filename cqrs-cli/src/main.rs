@@ -4,6 +4,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+
+mod scaffold;
 use cqrs_core::saga::{SagaId, SagaStatus, SagaStore};
 use cqrs_core::{AggregateId, Checkpoint, EventStore, EventStoreExt, StoredEvent, StreamId};
 use cqrs_postgres::PostgresEventStore;
@@ -26,6 +28,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Scaffold code.
+    #[command(subcommand)]
+    New(New),
     /// Apply the schema (idempotent).
     Migrate,
     /// Read recorded events.
@@ -40,6 +45,19 @@ enum Command {
     /// Saga instances.
     #[command(subcommand)]
     Sagas(Sagas),
+}
+
+#[derive(Subcommand)]
+enum New {
+    /// A module with an aggregate, its commands, events, error and given/when/then tests.
+    Aggregate {
+        /// The aggregate's name, e.g. `SupportTicket` (or `support_ticket`).
+        name: String,
+        /// The source directory to write `<name>.rs` into; a `lib.rs` or `main.rs` there gets
+        /// the `mod` line.
+        #[arg(long, default_value = "src")]
+        path: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -138,12 +156,16 @@ async fn main() -> ExitCode {
 type Failure = Box<dyn std::error::Error>;
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Command::New(New::Aggregate { name, path }) = &cli.command {
+        return new_aggregate(name, path);
+    }
     let url = cli.database_url.unwrap_or_else(cqrs_postgres::database_url);
     // The error names the server without its password.
     let store = PostgresEventStore::connect_within(&url, &cli.schema, Duration::from_secs(5))
         .await
         .map_err(|e| format!("cannot reach the store: {e}"))?;
     match cli.command {
+        Command::New(_) => {}
         Command::Migrate => {
             store.migrate().await?;
             println!("schema `{}` is up to date", cli.schema);
@@ -272,6 +294,39 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             println!("data: {}", s.data);
         }
     }
+    Ok(())
+}
+
+fn new_aggregate(name: &str, path: &std::path::Path) -> Result<(), Failure> {
+    let written = scaffold::write(name, path)?;
+    // Best effort: the template is formatted for typical names; long ones may wrap differently.
+    let formatted = std::process::Command::new("rustfmt")
+        .args(["--edition", "2024"])
+        .arg(&written.file)
+        .status()
+        .is_ok_and(|s| s.success());
+    let module = &written.module;
+    println!(
+        "wrote {} (aggregate `{}`: 3 commands, 3 events, their tests){}",
+        written.file.display(),
+        module.type_name,
+        if formatted {
+            ""
+        } else {
+            "; rustfmt was not run"
+        }
+    );
+    match &written.registered_in {
+        Some(root) => println!("declared `mod {}` in {}", module.module, root.display()),
+        None => println!(
+            "declare it in your crate root: `pub mod {};` (if not done yet)",
+            module.module
+        ),
+    }
+    println!(
+        "the crate needs: cqrs-core and thiserror in [dependencies]; then `cargo test {}`",
+        module.module
+    );
     Ok(())
 }
 

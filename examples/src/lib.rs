@@ -5,3 +5,4 @@ pub mod bank;
 pub mod fulfillment;
 pub mod order;
 pub mod order_summary;
+pub mod ticket;

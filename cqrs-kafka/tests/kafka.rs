@@ -356,16 +356,28 @@ async fn a_relay_killed_at_random_points_loses_nothing_and_keeps_per_stream_orde
             .and_then(|r| r.with_topics(map.clone()))
             .unwrap_or_else(|e| panic!("{e}"))
             .with_batch(10);
-        let polls = rand::rng().random_range(0..16);
+        // A few pipelined steps (each sends a batch and acknowledges the one before), cut at a
+        // random poll: before a send, between sends and reports, in the checkpoint move.
+        let (steps, polls) = {
+            let mut rng = rand::rng();
+            (rng.random_range(1..=4), rng.random_range(0..20))
+        };
         let started = Instant::now();
-        let outcome = cut_after(polls, relay.step()).await;
+        let outcome = cut_after(polls, async {
+            let mut delivered = 0;
+            for _ in 0..steps {
+                delivered += relay.step().await?.delivered;
+            }
+            Ok::<_, KafkaError>(delivered)
+        })
+        .await;
         step_time += started.elapsed();
         let started = Instant::now();
         drop(relay);
         drop_time += started.elapsed();
         match outcome {
             None => cut += 1,
-            Some(Ok(step)) => relayed_before_a_cut += step.delivered,
+            Some(Ok(delivered)) => relayed_before_a_cut += delivered,
             Some(Err(error)) => panic!("kill {kill}: {error}"),
         }
         // Dropping the relay drops its producer mid-flight, as a dying process would.

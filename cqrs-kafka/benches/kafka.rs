@@ -110,6 +110,24 @@ async fn relay(store: &PostgresEventStore, count: usize) -> f64 {
     count as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Reading the log as the relay does, nothing sent: events/s.
+async fn read_only(store: &PostgresEventStore, count: usize) -> f64 {
+    let started = Instant::now();
+    let read = all_events(store, count).await.len();
+    read as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Envelope serialization alone: events/s.
+fn serialize_only(events: &[StoredEvent]) -> f64 {
+    let started = Instant::now();
+    let bytes: usize = events
+        .iter()
+        .map(|e| JsonEnvelope.serialize(e).map_or(0, |v| v.len()))
+        .sum();
+    std::hint::black_box(bytes);
+    events.len() as f64 / started.elapsed().as_secs_f64()
+}
+
 /// A raw producer with the relay's settings sending the same bytes: events/s.
 async fn raw(events: &[StoredEvent]) -> f64 {
     let topic = unique("raw");
@@ -300,12 +318,15 @@ fn main() {
         fill(&store, count).await;
         let events = all_events(&store, count as usize).await;
         let (mut relays, mut raws, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut reads, mut serializations) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             let r = relay(&store, events.len()).await;
             let w = raw(&events).await;
             relays.push(r);
             raws.push(w);
             ratios.push(r / w);
+            reads.push(read_only(&store, events.len()).await);
+            serializations.push(serialize_only(&events));
         }
         let mut latencies = latency(samples).await;
         let row = |name: &str, v: &mut Vec<f64>, unit: &str| {
@@ -321,6 +342,16 @@ fn main() {
         println!("|---|---:|---:|");
         row("relay: store -> broker", &mut relays, "events/s");
         row("raw rdkafka producer, same payloads", &mut raws, "events/s");
+        row(
+            "part: reading the log only (pages of 5,000)",
+            &mut reads,
+            "events/s",
+        );
+        row(
+            "part: envelope serialization only",
+            &mut serializations,
+            "events/s",
+        );
         let (lo, hi) = (
             ratios.iter().copied().fold(f64::INFINITY, f64::min),
             ratios.iter().copied().fold(0.0, f64::max),

@@ -19,6 +19,7 @@ use cqrs_core::{Checkpoint, EventStore, StoredEvent};
 use cqrs_postgres::{CheckpointLease, PostgresEventStore};
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError as RdKafkaError;
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::Instrument;
@@ -35,7 +36,9 @@ pub struct RelayStep {
     /// Events acknowledged by the broker (sent by earlier steps, or by this one when it found
     /// nothing new).
     pub delivered: usize,
-    /// The relay's checkpoint after the step.
+    /// The stored checkpoint after the step: every event up to it was acknowledged. While the
+    /// relay publishes it is stored at most every 100 ms, at once when a step finds nothing new
+    /// or stops on a failure.
     pub checkpoint: Checkpoint,
 }
 
@@ -72,15 +75,63 @@ pub struct OutboxRelay {
     sent: Option<Checkpoint>,
     /// A step is running (still set at the next step's start when a step was cut).
     stepping: bool,
+    /// The page after the last one read, being read on another task meanwhile.
+    prefetch: Option<Prefetch>,
+    /// When this relay last took or renewed its lease (measured before asking) and the stored
+    /// checkpoint then: within a third of the lease time a step needs no round trip to know it.
+    held: Option<(Instant, Checkpoint)>,
+    /// The end of the acknowledged prefix of what was sent (stored or not yet).
+    acked: Option<Checkpoint>,
+    /// When the checkpoint was last stored.
+    moved: Instant,
+}
+
+/// How often the checkpoint is stored while the relay publishes.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// A read of the page after `from` running on its own task.
+struct Prefetch {
+    from: Checkpoint,
+    page: tokio::task::JoinHandle<Result<Page, cqrs_core::StoreError>>,
+}
+
+/// Events read, with their message values and headers.
+struct Page {
+    events: Vec<StoredEvent>,
+    messages: Vec<Result<(Vec<u8>, OwnedHeaders), crate::SerializeError>>,
+}
+
+/// Reads up to `batch` events after `from` and serializes them.
+async fn load(
+    store: PostgresEventStore,
+    serializer: Arc<dyn EventSerializer>,
+    from: Checkpoint,
+    batch: usize,
+) -> Result<Page, cqrs_core::StoreError> {
+    let events = store.read_all(from, batch).await?;
+    let messages = events
+        .iter()
+        .map(|e| {
+            let value = serializer.serialize(e)?;
+            Ok((value, headers_of(e, serializer.content_type())))
+        })
+        .collect();
+    Ok(Page { events, messages })
 }
 
 /// A message queued in the producer.
 struct InFlight {
-    checkpoint: Checkpoint,
-    event_id: cqrs_core::EventId,
-    stream: cqrs_core::StreamId,
-    topic: String,
+    /// The page the event is in, shared by its messages.
+    page: Arc<[StoredEvent]>,
+    index: usize,
+    topic: Arc<str>,
     future: DeliveryFuture,
+}
+
+impl InFlight {
+    fn event(&self) -> &StoredEvent {
+        &self.page[self.index]
+    }
 }
 
 impl std::fmt::Debug for OutboxRelay {
@@ -155,6 +206,10 @@ impl OutboxRelay {
                 ..RelayMetrics::default()
             },
             in_flight: VecDeque::new(),
+            prefetch: None,
+            held: None,
+            acked: None,
+            moved: Instant::now(),
             sent: None,
             stepping: false,
         })
@@ -270,44 +325,78 @@ impl OutboxRelay {
     fn reset(&mut self) {
         self.in_flight.clear();
         self.sent = None;
+        self.held = None;
+        self.acked = None;
+        if let Some(prefetch) = self.prefetch.take() {
+            prefetch.page.abort();
+        }
     }
 
     async fn pipelined_step(&mut self) -> Result<RelayStep, KafkaError> {
-        let Some(stored) = self.lease.acquire().await? else {
-            return Err(KafkaError::LeaseLost(self.lease.name().to_owned()));
+        let stored = match self.held {
+            // Renewed recently by this relay: no other can have taken it since.
+            Some((at, checkpoint))
+                if self.lease.epoch().is_some() && at.elapsed() < self.lease.duration() / 3 =>
+            {
+                checkpoint
+            }
+            _ => {
+                let asked = Instant::now();
+                let Some(stored) = self.lease.acquire().await? else {
+                    return Err(KafkaError::LeaseLost(self.lease.name().to_owned()));
+                };
+                self.held = Some((asked, stored));
+                stored
+            }
         };
         let from = match self.sent {
-            // Another relay moved the checkpoint past what this one sent: start from there.
-            Some(sent) if !self.in_flight.is_empty() && sent >= stored => sent,
+            Some(sent) if sent >= stored => sent,
+            // Nothing sent yet, or another relay moved the checkpoint past what this one sent
+            // (it lost the lease meanwhile): start from the stored checkpoint.
             _ => {
                 self.in_flight.clear();
+                self.acked = None;
                 stored
             }
         };
         // At most one batch is in flight here (the last step's), two while this one sends.
-        let page = self.store.read_all(from, self.batch).await?;
+        let page = self.read(from).await?;
         let span = tracing::debug_span!(
             "cqrs.kafka.relay.batch",
             relay = self.lease.name(),
-            read = page.len(),
+            read = page.events.len(),
             in_flight = self.in_flight.len(),
             delivered = tracing::field::Empty,
         );
         async {
             let started = Instant::now();
             // Wait for what earlier steps sent; all of it when this one sent nothing or failed.
-            let (sent, send_failure) = match self.send_page(&page).await {
+            let (sent, send_failure) = match self.send_page(page).await {
                 Ok(sent) => (sent, None),
                 Err(error) => (0, Some(error)),
             };
             let keep = sent;
-            let (delivered, checkpoint, failure) = self.acknowledge(keep, stored).await;
-            if delivered > 0 && !self.lease.advance(checkpoint).await? {
-                return Err(KafkaError::LeaseLost(self.lease.name().to_owned()));
-            }
+            let base = self.acked.map_or(stored, |acked| acked.max(stored));
+            let (delivered, acked, failure) = self.acknowledge(keep, base).await;
+            self.acked = Some(acked);
             self.metrics.delivered += delivered as u64;
             tracing::Span::current().record("delivered", delivered);
             let failure = failure.or(send_failure);
+            // The checkpoint is stored at most every CHECKPOINT_EVERY while publishing (a stored
+            // move costs a commit; one lost to a crash costs only duplicates), and at once when
+            // the relay catches up or stops on a failure.
+            let due = sent == 0 || failure.is_some() || self.moved.elapsed() >= CHECKPOINT_EVERY;
+            let checkpoint = if acked > stored && due {
+                let asked = Instant::now();
+                if !self.lease.advance(acked).await? {
+                    return Err(KafkaError::LeaseLost(self.lease.name().to_owned()));
+                }
+                self.held = Some((asked, acked));
+                self.moved = asked;
+                acked
+            } else {
+                stored
+            };
             if let Some(error) = failure {
                 if matches!(error, KafkaError::Delivery(_)) {
                     // A fatal producer error (fenced epoch, ...) leaves the producer unusable, and
@@ -339,33 +428,74 @@ impl OutboxRelay {
         .await
     }
 
+    /// The page after `from`: the one prefetched during the last step if it starts there, else
+    /// read now. A non-empty page starts the read of the next one, so the database read overlaps
+    /// the serialization and sending of this one.
+    async fn read(&mut self, from: Checkpoint) -> Result<Page, KafkaError> {
+        let now = || {
+            load(
+                self.store.clone(),
+                self.serializer.clone(),
+                from,
+                self.batch,
+            )
+        };
+        let prefetched = match self.prefetch.take() {
+            Some(prefetch) if prefetch.from == from => prefetch
+                .page
+                .await
+                .map_err(|e| cqrs_core::StoreError::backend(format!("relay read task: {e}")))?,
+            Some(stale) => {
+                stale.page.abort();
+                now().await
+            }
+            None => now().await,
+        };
+        let page = prefetched?;
+        if let Some(last) = page.events.last() {
+            let next = load(
+                self.store.clone(),
+                self.serializer.clone(),
+                last.checkpoint,
+                self.batch,
+            );
+            self.prefetch = Some(Prefetch {
+                from: last.checkpoint,
+                page: tokio::spawn(next),
+            });
+        }
+        Ok(page)
+    }
+
     /// Serializes and queues `page` in the producer, behind what is in flight. Returns how many
     /// were queued, or the first failure (those before it stay queued).
-    async fn send_page(&mut self, page: &[StoredEvent]) -> Result<usize, KafkaError> {
-        if page.is_empty() {
+    async fn send_page(&mut self, page: Page) -> Result<usize, KafkaError> {
+        let Page { events, messages } = page;
+        if events.is_empty() {
             return Ok(0);
         }
-        let topics: Vec<String> = page
-            .iter()
-            .map(|e| self.map.topic(&e.stream.aggregate_type))
-            .collect();
-        self.topics
-            .ensure(topics.iter().map(String::as_str))
-            .await?;
+        let page: Arc<[StoredEvent]> = events.into();
+        // One topic name per aggregate type of the page, shared by its messages.
+        let mut topics: std::collections::HashMap<&str, Arc<str>> =
+            std::collections::HashMap::new();
+        for event in page.iter() {
+            let kind = event.stream.aggregate_type.as_str();
+            if !topics.contains_key(kind) {
+                topics.insert(kind, self.map.topic(kind).into());
+            }
+        }
+        self.topics.ensure(topics.values().map(|t| &**t)).await?;
         self.metrics.batches += 1;
-        for (event, topic) in page.iter().zip(topics) {
-            let value = self
-                .serializer
-                .serialize(event)
-                .map_err(KafkaError::Serialize)?;
+        for ((index, event), message) in page.iter().enumerate().zip(messages) {
+            let topic = topics[event.stream.aggregate_type.as_str()].clone();
+            let (value, headers) = message.map_err(KafkaError::Serialize)?;
             let future = self
-                .send(event, &topic, &value)
+                .send(event, &topic, &value, headers)
                 .await
                 .map_err(|source| delivery_error(event, &topic, source))?;
             self.in_flight.push_back(InFlight {
-                checkpoint: event.checkpoint,
-                event_id: event.event_id,
-                stream: event.stream.clone(),
+                page: page.clone(),
+                index,
                 topic,
                 future,
             });
@@ -399,15 +529,10 @@ impl OutboxRelay {
             match outcome {
                 Ok(()) => {
                     delivered += 1;
-                    checkpoint = done.checkpoint;
+                    checkpoint = done.event().checkpoint;
                 }
                 Err(source) => {
-                    let error = KafkaError::Delivery(Box::new(crate::DeliveryError {
-                        event_id: done.event_id,
-                        stream: done.stream,
-                        topic: done.topic,
-                        source,
-                    }));
+                    let error = delivery_error(done.event(), &done.topic, source);
                     return (delivered, checkpoint, Some(error));
                 }
             }
@@ -415,17 +540,18 @@ impl OutboxRelay {
         (delivered, checkpoint, None)
     }
 
-    /// Queues `event` (serialized as `value`) in the producer, waiting while its queue is full.
+    /// Queues `event` (serialized as `value`, with `headers`) in the producer, waiting while its queue is full.
     async fn send(
         &self,
         event: &StoredEvent,
         topic: &str,
         value: &[u8],
+        headers: OwnedHeaders,
     ) -> Result<DeliveryFuture, RdKafkaError> {
         let mut record = FutureRecord::to(topic)
             .key(event.stream.aggregate_id.as_str())
             .payload(value)
-            .headers(headers_of(event, self.serializer.content_type()));
+            .headers(headers);
         loop {
             match self.producer.send_result(record) {
                 Ok(future) => return Ok(future),

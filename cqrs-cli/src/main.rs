@@ -9,7 +9,8 @@ mod scaffold;
 use cqrs_core::saga::{SagaId, SagaStatus, SagaStore};
 use cqrs_core::{AggregateId, Checkpoint, EventStore, EventStoreExt, StoredEvent, StreamId};
 use cqrs_postgres::PostgresEventStore;
-use cqrs_postgres::projection::{DeadLetters, projections};
+use cqrs_postgres::control::{Control, LetterState};
+use cqrs_postgres::projection::{DeadLetters, ProjectionStatus, projections, read_checkpoint};
 use cqrs_postgres::saga::PostgresSagaStore;
 
 /// Operate a cqrs PostgreSQL store.
@@ -82,6 +83,23 @@ enum Events {
 enum Projections {
     /// Every projection: checkpoint, lag, lease and dead letters.
     List,
+    /// One projection in detail, with the operator requests on it.
+    Status {
+        /// The projection's name.
+        name: String,
+    },
+    /// Asks the projection's worker to rebuild its read model from the first event, and follows
+    /// the replay with a progress bar (the worker needs `ProjectionWorker::with_reset`).
+    Rebuild {
+        /// The projection's name.
+        name: String,
+        /// Record the request and return at once.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the worker to start it, in seconds (exit code 3 after).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -90,6 +108,23 @@ enum Dlq {
     List {
         /// The projection's name.
         projection: String,
+    },
+    /// Asks the projection's worker to apply dead letter `id` again (after the letters before
+    /// it in its stream, to keep per-stream order) and waits for the outcome.
+    Retry {
+        /// The dead letter's id (`#id` in `dlq list`).
+        id: i64,
+        /// How long to wait for the worker, in seconds (exit code 3 after).
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Asks for every dead letter of a projection to be applied again and waits for the outcome.
+    RetryAll {
+        /// The projection's name.
+        projection: String,
+        /// How long to wait for the worker, in seconds (exit code 3 after).
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
     },
     /// Drop dead letters without applying them.
     Purge {
@@ -148,12 +183,27 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("cqrs: {error}");
-            ExitCode::FAILURE
+            match error.downcast_ref::<NoAnswer>() {
+                Some(_) => ExitCode::from(3),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }
 
 type Failure = Box<dyn std::error::Error>;
+
+/// No worker answered a request in time (exit code 3): the request stands.
+#[derive(Debug)]
+struct NoAnswer(String);
+
+impl std::fmt::Display for NoAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NoAnswer {}
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     if let Command::New(New::Aggregate { name, path }) = &cli.command {
@@ -223,6 +273,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     p.updated_at.format("%Y-%m-%d %H:%M:%S")
                 );
             }
+        }
+        Command::Projections(Projections::Status { name }) => {
+            status(&store, &name).await?;
+        }
+        Command::Projections(Projections::Rebuild {
+            name,
+            no_wait,
+            timeout,
+        }) => {
+            rebuild(&store, &name, no_wait, Duration::from_secs(timeout)).await?;
+        }
+        Command::Dlq(Dlq::Retry { id, timeout }) => {
+            retry(&store, id, Duration::from_secs(timeout)).await?;
+        }
+        Command::Dlq(Dlq::RetryAll {
+            projection,
+            timeout,
+        }) => {
+            retry_all(&store, &projection, Duration::from_secs(timeout)).await?;
         }
         Command::Dlq(Dlq::List { projection }) => {
             let letters = DeadLetters::new(store).list(&projection).await?;
@@ -294,6 +363,224 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             println!("data: {}", s.data);
         }
     }
+    Ok(())
+}
+
+/// The status of projection `name`, or an error naming the known ones.
+async fn find(store: &PostgresEventStore, name: &str) -> Result<ProjectionStatus, Failure> {
+    let all = projections(store).await?;
+    let known: Vec<String> = all.iter().map(|p| p.name.clone()).collect();
+    all.into_iter().find(|p| p.name == name).ok_or_else(|| {
+        format!(
+            "no projection `{name}` (known: {})",
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        )
+        .into()
+    })
+}
+
+fn lease_text(p: &ProjectionStatus) -> String {
+    match (&p.owner, p.leased) {
+        (Some(owner), true) => format!("held by {owner} (epoch {})", p.epoch),
+        (Some(owner), false) => format!("expired (last held by {owner}, epoch {})", p.epoch),
+        (None, _) => "never taken".to_owned(),
+    }
+}
+
+async fn status(store: &PostgresEventStore, name: &str) -> Result<(), Failure> {
+    let p = find(store, name).await?;
+    let requests = Control::new(store.clone()).requests(name).await?;
+    let head = store.head().await?.map_or(0, |h| h.position);
+    println!("projection:   {}", p.name);
+    println!(
+        "checkpoint:   position {} (transaction {}), head {head}, lag {}",
+        p.checkpoint.position, p.checkpoint.transaction, p.lag
+    );
+    println!("lease:        {}", lease_text(&p));
+    println!("dead letters: {}", p.dead_letters);
+    println!("updated:      {}", p.updated_at.format("%Y-%m-%d %H:%M:%S"));
+    if let Some(r) = requests {
+        if let Some(at) = r.rebuild_requested_at {
+            println!(
+                "rebuild:      requested at {}, not started yet",
+                at.format("%Y-%m-%d %H:%M:%S")
+            );
+        }
+        if let Some(at) = r.rebuilt_at {
+            println!("last rebuild: {}", at.format("%Y-%m-%d %H:%M:%S"));
+        }
+        if r.retries_pending > 0 {
+            println!(
+                "retries:      {} dead letters waiting for the worker",
+                r.retries_pending
+            );
+        }
+        if let Some(error) = r.error {
+            println!("last request failed: {error}");
+        }
+    }
+    Ok(())
+}
+
+/// Polls `check` every 50 ms until it returns a value or `timeout` passes.
+async fn wait_for<T, F, Fut>(timeout: Duration, mut check: F) -> Result<Option<T>, Failure>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>, Failure>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(Some(value));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn no_answer(p: &ProjectionStatus, timeout: Duration) -> Failure {
+    Box::new(NoAnswer(format!(
+        "no worker answered within {} s (lease {}); the request stands and runs when the worker of `{}` does",
+        timeout.as_secs(),
+        lease_text(p),
+        p.name
+    )))
+}
+
+async fn rebuild(
+    store: &PostgresEventStore,
+    name: &str,
+    no_wait: bool,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let p = find(store, name).await?;
+    let control = Control::new(store.clone());
+    let Some(requested) = control.request_rebuild(name).await? else {
+        return Err(format!("no projection `{name}`").into());
+    };
+    if !p.leased {
+        eprintln!(
+            "note: no worker holds `{name}` now ({}); it rebuilds when one starts",
+            lease_text(&p)
+        );
+    }
+    if no_wait {
+        println!("rebuild of `{name}` requested");
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let began = wait_for(timeout, || async {
+        let r = control
+            .requests(name)
+            .await?
+            .ok_or("the projection vanished")?;
+        if let Some(error) = r.error {
+            return Err(format!("the worker refused: {error}").into());
+        }
+        let began =
+            r.rebuild_requested_at.is_none() && r.rebuilt_at.is_some_and(|at| at >= requested);
+        Ok(began.then_some(()))
+    })
+    .await?;
+    if began.is_none() {
+        return Err(no_answer(&p, timeout));
+    }
+    // The read model was reset; follow the replay to the head as it was then.
+    let target = store.head().await?.map_or(0, |h| h.position);
+    let bar = indicatif::ProgressBar::new(target);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({per_sec}, {eta})")
+            .map_err(|e| e.to_string())?
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("rebuilding {name}"));
+    loop {
+        let at = read_checkpoint(store, name).await?.position;
+        bar.set_position(at.min(target));
+        if at >= target {
+            break;
+        }
+        if let Some(error) = control.requests(name).await?.and_then(|r| r.error) {
+            bar.abandon();
+            return Err(format!("the rebuild failed: {error}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bar.finish_and_clear();
+    println!(
+        "rebuilt `{name}` up to position {target} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn retry(store: &PostgresEventStore, id: i64, timeout: Duration) -> Result<(), Failure> {
+    let control = Control::new(store.clone());
+    let Some(projection) = control.request_retry(id).await? else {
+        return Err(format!("no dead letter #{id}").into());
+    };
+    let outcome = wait_for(timeout, || async {
+        Ok(match control.letter(id).await? {
+            LetterState::Pending => None,
+            done => Some(done),
+        })
+    })
+    .await?;
+    match outcome {
+        Some(LetterState::Gone) => {
+            println!("dead letter #{id} of `{projection}` applied");
+            Ok(())
+        }
+        Some(LetterState::Failed(error)) => {
+            Err(format!("dead letter #{id} of `{projection}` failed again: {error}").into())
+        }
+        Some(LetterState::Pending) | None => {
+            Err(no_answer(&find(store, &projection).await?, timeout))
+        }
+    }
+}
+
+async fn retry_all(
+    store: &PostgresEventStore,
+    projection: &str,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let p = find(store, projection).await?;
+    let control = Control::new(store.clone());
+    let asked = control.request_retry_all(projection).await?;
+    if asked == 0 {
+        println!("no dead letters for `{projection}`");
+        return Ok(());
+    }
+    let answered = wait_for(timeout, || async {
+        let pending = control
+            .requests(projection)
+            .await?
+            .map_or(0, |r| r.retries_pending);
+        Ok((pending == 0).then_some(()))
+    })
+    .await?;
+    if answered.is_none() {
+        return Err(no_answer(&p, timeout));
+    }
+    let left = DeadLetters::new(store.clone())
+        .list(projection)
+        .await?
+        .len() as u64;
+    let applied = asked.saturating_sub(left);
+    if left > 0 {
+        return Err(format!(
+            "retried {asked} dead letters of `{projection}`: {applied} applied, {left} still dead (see `cqrs dlq list {projection}`)"
+        )
+        .into());
+    }
+    println!("retried {asked} dead letters of `{projection}`: all applied");
     Ok(())
 }
 

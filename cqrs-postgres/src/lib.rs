@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod control;
 pub mod lease;
 pub mod projection;
 mod rows;

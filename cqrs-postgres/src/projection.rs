@@ -3,6 +3,7 @@
 //! checkpoint.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use cqrs_core::projection::{
@@ -116,7 +117,16 @@ pub struct ProjectionWorker<P> {
     /// Whether most events read lately were subscribed ones: then the plain ordered read (and
     /// filtering here) is cheaper than asking the server to filter.
     dense: bool,
+    /// How to empty the read model, for rebuilds an operator asks for.
+    reset: Option<Reset>,
 }
+
+/// Empties a read model inside the rebuild's transaction.
+type Reset = Arc<
+    dyn for<'c> Fn(&'c mut PgConnection) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>>
+        + Send
+        + Sync,
+>;
 
 impl<P> std::fmt::Debug for ProjectionWorker<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -141,7 +151,25 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             policy: FailurePolicy::default(),
             metrics: ProjectionMetrics::default(),
             dense: false,
+            reset: None,
         }
+    }
+
+    /// How to empty the read model (e.g. `TRUNCATE` its tables): lets an operator rebuild the
+    /// projection with `cqrs projections rebuild` while this worker runs (see
+    /// [`crate::control`]). Without it such a request is answered with an error saying so.
+    #[must_use]
+    pub fn with_reset<F>(mut self, reset: F) -> Self
+    where
+        F: for<'c> Fn(
+                &'c mut PgConnection,
+            ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.reset = Some(Arc::new(reset));
+        self
     }
 
     /// What to do with events the projection keeps failing on.
@@ -410,6 +438,14 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
                         Err(error) => return Err(error),
                     }
                 }
+                tokio::select! {
+                    served = self.serve_requests() => {
+                        if let Err(error) = served {
+                            tracing::warn!(projection = P::NAME, %error, "serving an operator request failed");
+                        }
+                    }
+                    () = &mut shutdown => return Ok(self.projection),
+                }
             }
             tokio::select! {
                 () = &mut shutdown => return Ok(self.projection),
@@ -485,6 +521,67 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         Ok(())
     }
 
+    /// Answers the operators' requests on this projection (see [`crate::control`]): a rebuild
+    /// (with the reset given to [`with_reset`](Self::with_reset); without one the request is
+    /// answered with an error saying so), then the dead letters asked to be retried, stream by
+    /// stream. [`run`](Self::run) calls it after every catch-up; call it yourself when driving
+    /// [`step`](Self::step). Returns whether there was anything to do.
+    ///
+    /// # Errors
+    /// [`WorkerError::LeaseLost`] when this worker does not own the projection, store failures.
+    /// A failed rebuild is recorded for the operator and returned.
+    pub async fn serve_requests(&mut self) -> Result<bool, WorkerError> {
+        self.owned_epoch()?;
+        let s = self.store.sql.quoted_schema.clone();
+        let rebuild: Option<Option<chrono::DateTime<chrono::Utc>>> =
+            sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT rebuild_requested_at FROM {s}.projection_checkpoints WHERE projection = $1"
+            )))
+            .bind(P::NAME)
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(backend)?;
+        let mut served = false;
+        if rebuild.flatten().is_some() {
+            served = true;
+            let outcome = match self.reset.clone() {
+                Some(reset) => self.rebuild(move |conn| reset(conn)).await.map(|_| ()),
+                None => Err(WorkerError::Store(StoreError::InvalidInput(format!(
+                    "the worker of `{}` ({}) has no reset: build it with ProjectionWorker::with_reset to allow rebuilds",
+                    P::NAME,
+                    self.lease.owner()
+                )))),
+            };
+            if let Err(error) = &outcome {
+                sqlx::query(AssertSqlSafe(format!(
+                    "UPDATE {s}.projection_checkpoints SET rebuild_requested_at = NULL, request_error = $2 \
+                     WHERE projection = $1"
+                )))
+                .bind(P::NAME)
+                .bind(error.to_string())
+                .execute(self.store.pool())
+                .await
+                .map_err(backend)?;
+            }
+            outcome?;
+        }
+        let streams: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT DISTINCT aggregate_type, aggregate_id FROM {s}.projection_dead_letters \
+             WHERE projection = $1 AND retry_requested_at IS NOT NULL"
+        )))
+        .bind(P::NAME)
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(backend)?;
+        for (aggregate_type, aggregate_id) in streams {
+            served = true;
+            let stream = cqrs_core::StreamId::new(aggregate_type, aggregate_id);
+            let redrive = self.retry(&stream).await?;
+            tracing::info!(projection = P::NAME, %stream, applied = redrive.applied, failed = redrive.failed, "dead letters retried on request");
+        }
+        Ok(served)
+    }
+
     /// Applies the dead letters of `stream` again, in version order, in one transaction under this
     /// worker's lease: each one that applies is removed; the first that fails again stays (with the
     /// new error) and so do the ones after it.
@@ -504,6 +601,18 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             if held.is_none() {
                 return Err(self.lease_lost(epoch));
             }
+            // This retry answers any request on the stream, whatever its outcome.
+            sqlx::query(AssertSqlSafe(format!(
+                "UPDATE {}.projection_dead_letters SET retry_requested_at = NULL \
+                 WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3",
+                self.store.sql.quoted_schema
+            )))
+            .bind(P::NAME)
+            .bind(&stream.aggregate_type)
+            .bind(stream.aggregate_id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
             let letters = sqlx::query(AssertSqlSafe(self.store.sql.stream_dead_letters.clone()))
                 .bind(P::NAME)
                 .bind(&stream.aggregate_type)

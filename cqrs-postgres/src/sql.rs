@@ -216,7 +216,8 @@ impl Sql {
                 "DELETE FROM {s}.projection_dead_letters WHERE projection = $1 AND ($2::timestamptz IS NULL OR last_failed_at < $2)"
             ),
             reset_checkpoint: format!(
-                "UPDATE {s}.projection_checkpoints SET transaction_id = '0', global_position = 0, updated_at = now() \
+                "UPDATE {s}.projection_checkpoints SET transaction_id = '0', global_position = 0, updated_at = now(), \
+                   rebuild_requested_at = NULL, rebuilt_at = now(), request_error = NULL \
                  WHERE projection = $1 AND epoch = $2 AND lease_until >= now()"
             ),
             reset_dead_letters: format!(

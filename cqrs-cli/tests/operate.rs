@@ -6,9 +6,9 @@
 use std::process::Output;
 use std::time::Duration;
 
-use cqrs_core::{EventData, RecordedEvent};
 use cqrs_core::prelude::*;
 use cqrs_core::projection::HandlerError;
+use cqrs_core::{EventData, RecordedEvent};
 use cqrs_examples::bank::{AccountEvent, Deposit};
 use cqrs_postgres::PostgresEventStore;
 use cqrs_postgres::projection::{DeadLetters, FailureMode, FailurePolicy, ProjectionWorker};

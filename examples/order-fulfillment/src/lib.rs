@@ -19,6 +19,7 @@ use cqrs_core::{CorrelationId, EventStore};
 use cqrs_examples::fulfillment::{DECLINE_HEADER, FulfillmentSaga, Services};
 use cqrs_examples::order::{Order, OrderCommand, OrderError, OrderEvent, OrderItem};
 use cqrs_examples::order_summary::{self, OrderSummary};
+#[cfg(feature = "kafka")]
 use cqrs_kafka::{InProcess, KafkaConfig, KafkaSubscriber, OutboxRelay, TopicMap};
 use cqrs_postgres::PostgresEventStore;
 use cqrs_postgres::saga::PostgresSagaStore;
@@ -83,8 +84,14 @@ pub enum StartError {
     #[error("PostgreSQL: {0}")]
     Store(#[from] cqrs_core::StoreError),
     /// The broker could not be reached or the topics not created.
+    #[cfg(feature = "kafka")]
     #[error("Kafka: {0}")]
     Kafka(#[from] cqrs_kafka::KafkaError),
+    /// Kafka was asked for in a build without it.
+    #[error(
+        "this build has no Kafka support: run with `cargo run -p order-fulfillment --features kafka`"
+    )]
+    NoKafka,
 }
 
 /// A running service: its address, and a handle to stop it.
@@ -490,6 +497,9 @@ fn futures_shared(
 /// # Errors
 /// [`StartError`] when the address cannot be bound, the database or the broker cannot be reached.
 pub async fn start(addr: SocketAddr, backend: Backend) -> Result<Service, StartError> {
+    if cfg!(not(feature = "kafka")) && matches!(backend, Backend::PostgresKafka { .. }) {
+        return Err(StartError::NoKafka);
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
@@ -540,9 +550,17 @@ pub async fn start(addr: SocketAddr, backend: Backend) -> Result<Service, StartE
                 ..
             } = &backend
             {
-                let starter = starter(sagas.clone());
-                publish_and_subscribe(&mut runtime, &events, brokers, topic_prefix, starter)
-                    .await?;
+                #[cfg(feature = "kafka")]
+                {
+                    let starter = starter(sagas.clone());
+                    publish_and_subscribe(&mut runtime, &events, brokers, topic_prefix, starter)
+                        .await?;
+                }
+                #[cfg(not(feature = "kafka"))]
+                {
+                    let _ = (brokers, topic_prefix);
+                    return Err(StartError::NoKafka);
+                }
             } else {
                 let starts = sagas.clone();
                 runtime.project(events.clone(), move || starter(starts.clone()), poll);
@@ -575,6 +593,7 @@ pub async fn start(addr: SocketAddr, backend: Backend) -> Result<Service, StartE
 
 /// The relay publishing every event to Kafka, and a consumer group starting the sagas from the
 /// order topic.
+#[cfg(feature = "kafka")]
 async fn publish_and_subscribe(
     runtime: &mut Runtime,
     events: &PostgresEventStore,

@@ -234,6 +234,23 @@ async fn check_store(schema: &str, confirmed: &str, declined: &str) {
     );
 }
 
+/// Without the `kafka` feature, asking for Kafka is a clear error, not a silent fallback.
+#[cfg(not(feature = "kafka"))]
+#[tokio::test]
+async fn kafka_mode_without_the_feature_is_refused() {
+    let backend = Backend::PostgresKafka {
+        database_url: database_url(),
+        schema: unique("of_nokafka"),
+        brokers: "127.0.0.1:9092".into(),
+        topic_prefix: String::new(),
+    };
+    let error = order_fulfillment::start(([127, 0, 0, 1], 0).into(), backend)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("started without Kafka support"));
+    assert!(error.to_string().contains("--features kafka"), "{error}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_service_over_http() {
     let service = order_fulfillment::start(([127, 0, 0, 1], 0).into(), Backend::Embedded)
@@ -260,6 +277,7 @@ async fn postgres_service_over_http() {
 
 /// Events leave through the outbox relay; the sagas start only from the Kafka consumer group, so
 /// an order confirmed or cancelled proves the round trip through the broker.
+#[cfg(feature = "kafka")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_and_kafka_service_over_http() {
     let schema = unique("of_kafka");

@@ -54,162 +54,128 @@ fn derived(k: usize) -> String {
     s
 }
 
+/// Repeats `line` (with `__I__` for the variant) once per variant.
+fn each(line: &str) -> String {
+    (0..PER)
+        .map(|i| line.replace("__I__", &i.to_string()))
+        .collect()
+}
+
 fn by_hand(k: usize) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "//! Aggregate {k}, every trait by hand.\n");
-    let _ = writeln!(
-        s,
-        "use cqrs_core::{{Aggregate, Command, DecodeError, DomainEvent, EncodeError, EncodedEvent, StreamExpectation}};\nuse serde::{{Deserialize, Serialize}};\n"
-    );
-    let _ = writeln!(
-        s,
-        "#[derive(Debug, Clone, PartialEq)]\npub enum Agg{k}Event {{"
-    );
-    for i in 0..PER {
-        let _ = writeln!(s, "    Happened{i} {{ n: u64, note: String }},");
-    }
-    let _ = writeln!(s, "}}\n");
-    let _ = writeln!(
-        s,
-        "#[derive(Serialize)]\nstruct FieldsRef<'a> {{ n: u64, note: &'a str }}"
-    );
-    let _ = writeln!(
-        s,
-        "#[derive(Deserialize)]\nstruct Fields {{ n: u64, note: String }}\n"
-    );
+    // One pair of field structs per variant, as events generally differ in their fields;
+    // serialized by reference, as a careful hand-written version would.
     let names: Vec<String> = (0..PER).map(|i| format!("\"Happened{i}\"")).collect();
-    let _ = writeln!(s, "impl DomainEvent for Agg{k}Event {{");
-    let _ = writeln!(
-        s,
-        "    const EVENT_TYPES: &'static [&'static str] = &[{}];",
-        names.join(", ")
+    let text = format!(
+        r#"//! Aggregate __K__, every trait by hand.
+
+use cqrs_core::event::EncodeError;
+use cqrs_core::{{Aggregate, Command, DecodeError, DomainEvent, EncodedEvent, StreamExpectation}};
+use serde::{{Deserialize, Serialize}};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Agg__K__Event {{
+{variants}}}
+
+{structs}
+impl DomainEvent for Agg__K__Event {{
+    const EVENT_TYPES: &'static [&'static str] = &[{names}];
+    const AGGREGATE_TYPE: Option<&'static str> = Some("agg__K__");
+    fn event_type(&self) -> &'static str {{
+        match self {{
+{types}        }}
+    }}
+    fn schema_version(&self) -> u32 {{
+        1
+    }}
+    fn encode(&self) -> Result<EncodedEvent, EncodeError> {{
+        let event_type = self.event_type();
+        let payload = match self {{
+{encode}        }}
+        .map_err(|source| EncodeError {{ event_type, source }})?;
+        Ok(EncodedEvent {{ event_type, schema_version: 1, payload }})
+    }}
+    fn decode(event_type: &str, schema_version: u32, payload: &serde_json::Value) -> Result<Self, DecodeError> {{
+        let Some(known) = Self::EVENT_TYPES.iter().find(|t| **t == event_type) else {{
+            return Err(DecodeError::UnknownType {{ event_type: event_type.to_owned(), known: Self::EVENT_TYPES }});
+        }};
+        if schema_version != 1 {{
+            return Err(DecodeError::UnsupportedVersion {{ event_type: known, found: schema_version, oldest: 1, current: 1 }});
+        }}
+        let fail = |e: serde_json::Error| DecodeError::Payload {{ event_type: known, schema_version, message: e.to_string() }};
+        Ok(match *known {{
+{decode}            _ => return Err(DecodeError::UnknownType {{ event_type: event_type.to_owned(), known: Self::EVENT_TYPES }}),
+        }})
+    }}
+}}
+
+#[derive(Debug, Clone)]
+pub enum Agg__K__Command {{
+{commands}}}
+
+#[derive(Debug, thiserror::Error)]
+#[error("refused")]
+pub struct Refused__K__;
+
+impl Command for Agg__K__Command {{
+    type Aggregate = Agg__K__;
+    fn command_name(&self) -> &'static str {{
+        match self {{
+{command_names}        }}
+    }}
+    fn expectation(&self) -> StreamExpectation {{
+        match self {{
+            Self::Do0 {{ .. }} => StreamExpectation::MustNotExist,
+            _ => StreamExpectation::MustExist,
+        }}
+    }}
+    fn handle(self, _state: &Agg__K__) -> Result<Vec<Agg__K__Event>, Refused__K__> {{
+        let note = String::new();
+        let event = match self {{
+{handle}        }};
+        Ok(vec![event])
+    }}
+}}
+
+#[derive(Debug, Default)]
+pub struct Agg__K__ {{
+    pub total: u64,
+}}
+
+impl Aggregate for Agg__K__ {{
+    const NAME: &'static str = "agg__K__";
+    type Command = Agg__K__Command;
+    type Event = Agg__K__Event;
+    type Error = Refused__K__;
+    fn initial() -> Self {{
+        Self::default()
+    }}
+    fn apply(&mut self, event: &Agg__K__Event) {{
+        match event {{
+{apply}        }}
+    }}
+}}
+"#,
+        variants = each("    Happened__I__ { n: u64, note: String },\n"),
+        structs = each(
+            "#[derive(Serialize)]\nstruct Happened__I__Ref<'a> { n: u64, note: &'a str }\n\
+             #[derive(Deserialize)]\nstruct Happened__I__Fields { n: u64, note: String }\n"
+        ),
+        names = names.join(", "),
+        types = each("            Self::Happened__I__ { .. } => \"Happened__I__\",\n"),
+        encode = each(
+            "            Self::Happened__I__ { n, note } => serde_json::to_value(Happened__I__Ref { n: *n, note }),\n"
+        ),
+        decode = each(
+            "            \"Happened__I__\" => { let f = Happened__I__Fields::deserialize(payload).map_err(fail)?; Self::Happened__I__ { n: f.n, note: f.note } }\n"
+        ),
+        commands = each("    Do__I__ { n: u64 },\n"),
+        command_names = each("            Self::Do__I__ { .. } => \"Do__I__\",\n"),
+        handle = each(
+            "            Self::Do__I__ { n } => { if n == u64::MAX { return Err(Refused__K__); } Agg__K__Event::Happened__I__ { n, note } }\n"
+        ),
+        apply = each("            Agg__K__Event::Happened__I__ { n, .. } => self.total += n,\n"),
     );
-    let _ = writeln!(
-        s,
-        "    const AGGREGATE_TYPE: Option<&'static str> = Some(\"agg{k}\");"
-    );
-    let _ = writeln!(
-        s,
-        "    fn event_type(&self) -> &'static str {{\n        match self {{"
-    );
-    for i in 0..PER {
-        let _ = writeln!(
-            s,
-            "            Self::Happened{i} {{ .. }} => \"Happened{i}\","
-        );
-    }
-    let _ = writeln!(
-        s,
-        "        }}\n    }}\n    fn schema_version(&self) -> u32 {{\n        1\n    }}"
-    );
-    let _ = writeln!(
-        s,
-        "    fn encode(&self) -> Result<EncodedEvent, EncodeError> {{"
-    );
-    let _ = writeln!(
-        s,
-        "        let event_type = self.event_type();\n        let (n, note) = match self {{"
-    );
-    for i in 0..PER {
-        let _ = writeln!(
-            s,
-            "            Self::Happened{i} {{ n, note }} => (*n, note.as_str()),"
-        );
-    }
-    let _ = writeln!(
-        s,
-        "        }};\n        let payload = serde_json::to_value(FieldsRef {{ n, note }}).map_err(|source| EncodeError {{ event_type, source }})?;\n        Ok(EncodedEvent {{ event_type, schema_version: 1, payload }})\n    }}"
-    );
-    let _ = writeln!(
-        s,
-        "    fn decode(event_type: &str, schema_version: u32, payload: &serde_json::Value) -> Result<Self, DecodeError> {{"
-    );
-    let _ = writeln!(
-        s,
-        "        let Some(known) = Self::EVENT_TYPES.iter().find(|t| **t == event_type) else {{\n            return Err(DecodeError::UnknownType {{ event_type: event_type.to_owned(), known: Self::EVENT_TYPES }});\n        }};"
-    );
-    let _ = writeln!(
-        s,
-        "        if schema_version != 1 {{\n            return Err(DecodeError::UnsupportedVersion {{ event_type: known, found: schema_version, oldest: 1, current: 1 }});\n        }}"
-    );
-    let _ = writeln!(
-        s,
-        "        let f = Fields::deserialize(payload).map_err(|e| DecodeError::Payload {{ event_type: known, schema_version, message: e.to_string() }})?;\n        Ok(match *known {{"
-    );
-    for i in 0..PER {
-        let _ = writeln!(
-            s,
-            "            \"Happened{i}\" => Self::Happened{i} {{ n: f.n, note: f.note }},"
-        );
-    }
-    let _ = writeln!(
-        s,
-        "            _ => return Err(DecodeError::UnknownType {{ event_type: event_type.to_owned(), known: Self::EVENT_TYPES }}),\n        }})\n    }}\n}}\n"
-    );
-    let _ = writeln!(s, "#[derive(Debug, Clone)]\npub enum Agg{k}Command {{");
-    for i in 0..PER {
-        let _ = writeln!(s, "    Do{i} {{ n: u64 }},");
-    }
-    let _ = writeln!(s, "}}\n");
-    let _ = writeln!(
-        s,
-        "#[derive(Debug, thiserror::Error)]\n#[error(\"refused\")]\npub struct Refused{k};\n"
-    );
-    let _ = writeln!(
-        s,
-        "impl Command for Agg{k}Command {{\n    type Aggregate = Agg{k};"
-    );
-    let _ = writeln!(
-        s,
-        "    fn command_name(&self) -> &'static str {{\n        match self {{"
-    );
-    for i in 0..PER {
-        let _ = writeln!(s, "            Self::Do{i} {{ .. }} => \"Do{i}\",");
-    }
-    let _ = writeln!(s, "        }}\n    }}");
-    let _ = writeln!(
-        s,
-        "    fn expectation(&self) -> StreamExpectation {{\n        match self {{\n            Self::Do0 {{ .. }} => StreamExpectation::MustNotExist,\n            _ => StreamExpectation::MustExist,\n        }}\n    }}"
-    );
-    let _ = writeln!(
-        s,
-        "    fn handle(self, _state: &Agg{k}) -> Result<Vec<Agg{k}Event>, Refused{k}> {{"
-    );
-    let _ = writeln!(s, "        let (i, n) = match self {{");
-    for i in 0..PER {
-        let _ = writeln!(s, "            Self::Do{i} {{ n }} => ({i}, n),");
-    }
-    let _ = writeln!(
-        s,
-        "        }};\n        if n == u64::MAX {{ return Err(Refused{k}); }}\n        let note = String::new();\n        Ok(vec![match i {{"
-    );
-    for i in 0..PER {
-        let _ = writeln!(
-            s,
-            "            {i} => Agg{k}Event::Happened{i} {{ n, note }},"
-        );
-    }
-    let _ = writeln!(
-        s,
-        "            _ => Agg{k}Event::Happened{} {{ n, note }},\n        }}])\n    }}\n}}\n",
-        PER - 1
-    );
-    let _ = writeln!(
-        s,
-        "#[derive(Debug, Default)]\npub struct Agg{k} {{\n    pub total: u64,\n}}\n"
-    );
-    let _ = writeln!(
-        s,
-        "impl Aggregate for Agg{k} {{\n    const NAME: &'static str = \"agg{k}\";\n    type Command = Agg{k}Command;\n    type Event = Agg{k}Event;\n    type Error = Refused{k};\n    fn initial() -> Self {{\n        Self::default()\n    }}\n    fn apply(&mut self, event: &Agg{k}Event) {{\n        match event {{"
-    );
-    for i in 0..PER {
-        let _ = writeln!(
-            s,
-            "            Agg{k}Event::Happened{i} {{ n, .. }} => self.total += n,"
-        );
-    }
-    let _ = writeln!(s, "        }}\n    }}\n}}");
-    s
+    text.replace("__K__", &k.to_string())
 }
 
 /// Writes the generated workspace into `dir`: crates `gen-derive` and `gen-hand`.

@@ -106,6 +106,19 @@ impl DomainEvent for Agg__K__Event {{
 {decode}            _ => return Err(DecodeError::UnknownType {{ event_type: event_type.to_owned(), known: Self::EVENT_TYPES }}),
         }})
     }}
+    // What the derive also gives: the current version straight from the JSON text.
+    fn decode_json(event_type: &str, schema_version: u32, json: &str) -> Result<Self, DecodeError> {{
+        let Some(known) = Self::EVENT_TYPES.iter().find(|t| **t == event_type) else {{
+            return Err(DecodeError::UnknownType {{ event_type: event_type.to_owned(), known: Self::EVENT_TYPES }});
+        }};
+        if schema_version != 1 {{
+            return Err(DecodeError::UnsupportedVersion {{ event_type: known, found: schema_version, oldest: 1, current: 1 }});
+        }}
+        let fail = |e: serde_json::Error| DecodeError::Payload {{ event_type: known, schema_version, message: e.to_string() }};
+        Ok(match *known {{
+{decode_text}            _ => return Err(DecodeError::UnknownType {{ event_type: event_type.to_owned(), known: Self::EVENT_TYPES }}),
+        }})
+    }}
 }}
 
 #[derive(Debug, Clone)]
@@ -167,6 +180,9 @@ impl Aggregate for Agg__K__ {{
         ),
         decode = each(
             "            \"Happened__I__\" => { let f = Happened__I__Fields::deserialize(payload).map_err(fail)?; Self::Happened__I__ { n: f.n, note: f.note } }\n"
+        ),
+        decode_text = each(
+            "            \"Happened__I__\" => { let f: Happened__I__Fields = serde_json::from_str(json).map_err(fail)?; Self::Happened__I__ { n: f.n, note: f.note } }\n"
         ),
         commands = each("    Do__I__ { n: u64 },\n"),
         command_names = each("            Self::Do__I__ { .. } => \"Do__I__\",\n"),

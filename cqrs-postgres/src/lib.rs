@@ -2,6 +2,7 @@
 
 pub mod control;
 pub mod lease;
+mod notify;
 pub mod projection;
 mod rows;
 pub mod saga;
@@ -62,8 +63,10 @@ const ANY_VERSION_ATTEMPTS: usize = 64;
 ///   (`pg_current_xact_id()`), and only rows of transactions below the oldest running one
 ///   (`pg_snapshot_xmin(pg_current_snapshot())`) are read, ordered by `(transaction id, position)`.
 ///   A long transaction pauses readers; it never makes them skip.
-/// - [`PostgresEventStore::listen`] wakes subscribers on commit (`LISTEN/NOTIFY`); it is a hint, and
-///   polling stays correct without it.
+/// - [`PostgresEventStore::listen`] wakes subscribers after commits (`LISTEN/NOTIFY`, sent by the
+///   store after the commit and coalesced to at most one per 2 ms: a `NOTIFY` inside the appending
+///   transaction would serialize all writers' commits); it is a hint, and polling stays correct
+///   without it (events written around the store wake no one: readers find them at their poll).
 ///
 /// Every table lives in one PostgreSQL schema, configurable so tenants and tests are isolated.
 #[derive(Clone)]
@@ -72,6 +75,8 @@ pub struct PostgresEventStore {
     schema: Arc<str>,
     pub(crate) sql: Arc<Sql>,
     inline: Arc<[Arc<dyn projection::InlineProjection>]>,
+    notifier: Arc<notify::Notifier>,
+    channel: Arc<str>,
 }
 
 impl std::fmt::Debug for PostgresEventStore {
@@ -125,8 +130,10 @@ impl PostgresEventStore {
         Ok(Self {
             pool,
             schema: schema.into(),
+            channel: sql.channel.as_str().into(),
             sql: Arc::new(sql),
             inline: Arc::new([]),
+            notifier: Arc::default(),
         })
     }
 
@@ -717,7 +724,9 @@ impl EventStore for PostgresEventStore {
                 })
             };
         }
-        self.append_on(stream, expected, &events).await
+        let appended = self.append_on(stream, expected, &events).await?;
+        self.notifier.committed(&self.pool, &self.channel);
+        Ok(appended)
     }
 
     fn load<'a>(
@@ -758,6 +767,7 @@ impl EventStore for PostgresEventStore {
             {
                 Ok(Keyed::Appended(result)) => {
                     tx.commit().await.map_err(backend)?;
+                    self.notifier.committed(&self.pool, &self.channel);
                     return Ok(result);
                 }
                 Ok(Keyed::KeyTaken) => {

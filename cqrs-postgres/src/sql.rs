@@ -53,7 +53,7 @@ pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// The `NOTIFY` channel of a schema: `cqrs_` and the MD5 of its name, as the trigger computes it
+/// The `NOTIFY` channel of a schema: `cqrs_` and the MD5 of its name
 /// (a fixed length, whatever the schema name).
 fn channel(schema: &str) -> String {
     use md5::Digest;

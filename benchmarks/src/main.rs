@@ -349,37 +349,24 @@ async fn main() {
             Some("one ordered SELECT of the same rows, payload and metadata deserialized".into());
         report.cells.push(r);
     }
-    if wanted("L1") {
+    let limits = [
+        ("L1", 1, s.sequential),
+        ("L4", 8, s.aggregates * s.per_aggregate),
+        ("L3", 0, s.bulk),
+    ];
+    for (key, tasks, rows) in limits {
+        if !wanted(key) {
+            continue;
+        }
         let mut rates = Vec::new();
         for _ in 0..s.runs {
-            rates.push(raw::inserts(&url, 1, s.sequential).await);
+            rates.push(match tasks {
+                0 => raw::copy_rows(&url, rows).await,
+                tasks => raw::inserts(&url, tasks, rows).await,
+            });
         }
         report.cells.push(cell(
-            "L1",
-            report::FRAMEWORKS[3],
-            "rows/s",
-            Figure::of(rates),
-        ));
-    }
-    if wanted("L4") {
-        let mut rates = Vec::new();
-        for _ in 0..s.runs {
-            rates.push(raw::inserts(&url, 8, s.aggregates * s.per_aggregate).await);
-        }
-        report.cells.push(cell(
-            "L4",
-            report::FRAMEWORKS[3],
-            "rows/s",
-            Figure::of(rates),
-        ));
-    }
-    if wanted("L3") {
-        let mut rates = Vec::new();
-        for _ in 0..s.runs {
-            rates.push(raw::copy_rows(&url, s.bulk).await);
-        }
-        report.cells.push(cell(
-            "L3",
+            key,
             report::FRAMEWORKS[3],
             "rows/s",
             Figure::of(rates),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes a Kafka-protocol broker available at KAFKA_BROKERS (default 127.0.0.1:9092) for the tests:
-#  - the C toolchain pieces rdkafka's bundled librdkafka build needs (cmake, libcurl headers),
-#    installed with apt-get when missing;
+#  - the C toolchain pieces rdkafka's bundled librdkafka build needs (cmake, libcurl headers) and
+#    the benchmark's peers need (OpenSSL headers, pkg-config), installed with apt-get when missing;
 #  - the broker, tansu 0.6.0 (an Apache-Kafka-compatible broker from crates.io), installed with
 #    `cargo install` when missing (about 10 minutes the first time; cached in ~/.cargo/bin);
 #  - started on loopback with in-memory storage unless something already listens there.
@@ -17,17 +17,22 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 listening() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
-# rdkafka's build (feature cmake-build) needs cmake and curl's headers.
+# rdkafka's build (feature cmake-build) needs cmake and curl's headers; the benchmark suite's peers
+# (sqlx 0.8 with native-tls) need OpenSSL's headers and pkg-config.
 need_deps=0
 command -v cmake >/dev/null 2>&1 || need_deps=1
+command -v pkg-config >/dev/null 2>&1 || need_deps=1
 { [ -e /usr/include/curl/curl.h ] || compgen -G "/usr/include/*/curl/curl.h" >/dev/null; } || need_deps=1
+[ -e /usr/include/openssl/ssl.h ] || need_deps=1
+DEPS="cmake libcurl4-openssl-dev libssl-dev pkg-config"
 if [ "$need_deps" = 1 ]; then
-    echo "==> installing cmake and libcurl4-openssl-dev (needed to build librdkafka)"
+    echo "==> installing $DEPS (needed to build librdkafka and the benchmark's peers)"
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    $SUDO apt-get install -y -q cmake libcurl4-openssl-dev >/dev/null \
-        || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q cmake libcurl4-openssl-dev >/dev/null; } \
-        || { echo "error: could not install cmake and libcurl4-openssl-dev with apt-get" >&2; exit 1; }
+    # shellcheck disable=SC2086 # the list is meant to split
+    $SUDO apt-get install -y -q $DEPS >/dev/null \
+        || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q $DEPS >/dev/null; } \
+        || { echo "error: could not install $DEPS with apt-get" >&2; exit 1; }
 fi
 
 if listening "$HOST" "$PORT"; then

@@ -10,8 +10,11 @@ use cqrs_core::EventData;
 use cqrs_core::prelude::*;
 use cqrs_examples::bank::{AccountEvent, Deposit};
 use cqrs_postgres::PostgresEventStore;
-use sqlx::AssertSqlSafe;
 
+#[path = "../../cqrs-postgres/tests/common/mod.rs"]
+mod pg;
+
+/// The schema `pg::fresh_store("cli_follow")` makes.
 const SCHEMA: &str = "t_cli_follow";
 
 async fn deposit(store: &PostgresEventStore, cents: u64) {
@@ -39,18 +42,7 @@ fn next_line(lines: &mpsc::Receiver<String>, wait: Duration) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_follow_prints_new_events_as_they_commit() {
-    let url = cqrs_postgres::database_url();
-    let pool = sqlx::PgPool::connect(&url)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
-    sqlx::query(AssertSqlSafe(format!(
-        "DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"
-    )))
-    .execute(&pool)
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    let store = PostgresEventStore::new(pool, SCHEMA).unwrap_or_else(|e| panic!("{e}"));
-    store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+    let store = pg::fresh_store("cli_follow").await;
     deposit(&store, 101).await;
     // Readers stop below the cluster's oldest open transaction: wait until the event is readable.
     while store

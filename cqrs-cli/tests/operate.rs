@@ -15,6 +15,10 @@ use cqrs_postgres::projection::{DeadLetters, FailureMode, FailurePolicy, Project
 use futures::FutureExt;
 use sqlx::{AssertSqlSafe, PgConnection};
 
+#[path = "../../cqrs-postgres/tests/common/mod.rs"]
+mod pg;
+
+/// The schema `pg::fresh_store("cli_ops")` makes.
 const SCHEMA: &str = "t_cli_ops";
 
 /// Balances per account; fails on accounts listed in the `poison` table.
@@ -160,13 +164,7 @@ fn start_worker(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_worker_answers_retries_and_rebuilds_from_the_command_line() {
-    let url = cqrs_postgres::database_url();
-    let pool = sqlx::PgPool::connect(&url)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
-    let store = PostgresEventStore::new(pool, SCHEMA).unwrap_or_else(|e| panic!("{e}"));
-    sql(&store, &format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")).await;
-    store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+    let store = pg::fresh_store("cli_ops").await;
     sql(
         &store,
         &format!("CREATE TABLE {SCHEMA}.balances (id TEXT PRIMARY KEY, cents BIGINT NOT NULL)"),

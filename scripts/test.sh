@@ -38,8 +38,7 @@ env -u DATABASE_URL -u KAFKA_BROKERS cargo run --locked -q -p order-fulfillment 
 
 echo "==> benchmark smoke runs"
 cargo bench --locked -q -p cqrs-core --bench execute -- --quick >/dev/null
-# The suite against the peers and the raw limits (its full run: `cargo bench -p cqrs-bench`).
+# The suite against the peers, the raw limits and the broker (its full run: `cargo bench -p cqrs-bench`).
 cargo bench --locked -q -p cqrs-bench -- --quick >/dev/null
-cargo bench --locked -q -p cqrs-kafka --bench kafka -- --quick >/dev/null
 
 echo "all checks passed"

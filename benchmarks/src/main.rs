@@ -10,6 +10,7 @@
 
 mod compile_cost;
 mod framework;
+mod kafka;
 mod ours;
 mod peers;
 mod raw;
@@ -225,6 +226,13 @@ async fn main() {
     report.workload("W5", format!("bulk append {} events", s.bulk));
     report.workload("P1", format!("projection catch-up over {} events", s.bulk));
     report.workload(
+        "K1",
+        format!(
+            "publish {} events to Kafka (raw: an rdkafka producer of the same bytes)",
+            s.bulk
+        ),
+    );
+    report.workload(
         "L1",
         format!("single-row insert transactions, {}", s.sequential),
     );
@@ -347,6 +355,26 @@ async fn main() {
         let mut r = cell("P1", report::FRAMEWORKS[3], "rows/s", Figure::of(raw));
         r.note =
             Some("one ordered SELECT of the same rows, payload and metadata deserialized".into());
+        report.cells.push(r);
+    }
+    if wanted("K1") {
+        let samples = if args.quick { 20 } else { 300 };
+        let k = kafka::k1(s.bulk, s.runs, samples).await;
+        let parts = format!(
+            "the outbox relay from the store (reading the log alone {:.0} events/s, serializing alone {:.0} events/s); latency append -> consumer over {samples} single appends",
+            Figure::of(k.read).median,
+            Figure::of(k.serialize).median
+        );
+        report.cells.push(Cell {
+            p50_ms: Some(percentile(&k.latencies, 0.5)),
+            p99_ms: Some(percentile(&k.latencies, 0.99)),
+            note: Some(parts),
+            ..cell("K1", report::FRAMEWORKS[0], "events/s", Figure::of(k.relay))
+        });
+        let mut r = cell("K1", report::FRAMEWORKS[3], "events/s", Figure::of(k.raw));
+        r.note = Some(
+            "a raw rdkafka producer with the relay's settings, same bytes, headers and keys".into(),
+        );
         report.cells.push(r);
     }
     let limits = [

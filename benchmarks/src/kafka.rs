@@ -1,12 +1,9 @@
 //! K1: the outbox relay against a raw rdkafka producer sending the same payloads (same envelope
-//! bytes, headers, keys, producer settings) to the same broker in the same run; and the
-//! end-to-end latency from an append to a consumer receiving the event. Prints a table of medians
-//! (min-max).
-//!
-//! Run: `cargo bench -p cqrs-kafka --bench kafka` (`-- --quick` for a small smoke run).
-//! Needs PostgreSQL at `DATABASE_URL` and a broker at `KAFKA_BROKERS` (`scripts/kafka-up.sh`).
+//! bytes, headers, keys, producer settings) to the same broker in the same run; the read and the
+//! serialization alone; and the end-to-end latency from an append to a consumer receiving the
+//! event. Needs a broker at `KAFKA_BROKERS` (`scripts/kafka-up.sh`).
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../../cqrs-kafka/tests/support/mod.rs"]
 mod support;
 
 use std::time::{Duration, Instant};
@@ -291,79 +288,38 @@ async fn latency(samples: usize) -> Vec<f64> {
     latencies
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+/// K1's measurements: rates per run, and append-to-consumer latencies in ms.
+pub struct K1 {
+    /// The relay, events/s per run.
+    pub relay: Vec<f64>,
+    /// The raw producer, events/s per run.
+    pub raw: Vec<f64>,
+    /// Reading the log alone, events/s per run.
+    pub read: Vec<f64>,
+    /// Envelope serialization alone, events/s per run.
+    pub serialize: Vec<f64>,
+    /// Append to consumer, ms.
+    pub latencies: Vec<f64>,
 }
 
-fn percentile(values: &mut [f64], p: f64) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let i = ((values.len() as f64 - 1.0) * p).round() as usize;
-    values[i]
-}
-
-fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let (count, runs, samples) = if quick {
-        (2_000, 1, 20)
-    } else {
-        (100_000, 3, 300)
+/// Runs K1 over `count` events, `runs` times, and `samples` latency samples.
+pub async fn k1(count: u64, runs: usize, samples: usize) -> K1 {
+    let store = store().await;
+    fill(&store, count).await;
+    let events = all_events(&store, count as usize).await;
+    let mut k = K1 {
+        relay: Vec::new(),
+        raw: Vec::new(),
+        read: Vec::new(),
+        serialize: Vec::new(),
+        latencies: Vec::new(),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
-    runtime.block_on(async {
-        let store = store().await;
-        fill(&store, count).await;
-        let events = all_events(&store, count as usize).await;
-        let (mut relays, mut raws, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut reads, mut serializations) = (Vec::new(), Vec::new());
-        for _ in 0..runs {
-            let r = relay(&store, events.len()).await;
-            let w = raw(&events).await;
-            relays.push(r);
-            raws.push(w);
-            ratios.push(r / w);
-            reads.push(read_only(&store, events.len()).await);
-            serializations.push(serialize_only(&events));
-        }
-        let mut latencies = latency(samples).await;
-        let row = |name: &str, v: &mut Vec<f64>, unit: &str| {
-            let (min, max) = (
-                v.iter().copied().fold(f64::INFINITY, f64::min),
-                v.iter().copied().fold(0.0, f64::max),
-            );
-            println!("| {name} | {:.0} {unit} | {min:.0}-{max:.0} |", median(v));
-        };
-        println!("K1: {count} events, {runs} run(s), broker {}", brokers());
-        println!();
-        println!("| workload | median | range |");
-        println!("|---|---:|---:|");
-        row("relay: store -> broker", &mut relays, "events/s");
-        row("raw rdkafka producer, same payloads", &mut raws, "events/s");
-        row(
-            "part: reading the log only (pages of 5,000)",
-            &mut reads,
-            "events/s",
-        );
-        row(
-            "part: envelope serialization only",
-            &mut serializations,
-            "events/s",
-        );
-        let (lo, hi) = (
-            ratios.iter().copied().fold(f64::INFINITY, f64::min),
-            ratios.iter().copied().fold(0.0, f64::max),
-        );
-        println!(
-            "| ratio relay / raw | {:.2} | {lo:.2}-{hi:.2} |",
-            median(&mut ratios)
-        );
-        println!(
-            "| append -> consumer latency ({samples} samples) | p50 {:.1} ms | p99 {:.1} ms |",
-            percentile(&mut latencies, 0.5),
-            percentile(&mut latencies, 0.99)
-        );
-    });
+    for _ in 0..runs {
+        k.relay.push(relay(&store, events.len()).await);
+        k.raw.push(raw(&events).await);
+        k.read.push(read_only(&store, events.len()).await);
+        k.serialize.push(serialize_only(&events));
+    }
+    k.latencies = latency(samples).await;
+    k
 }

@@ -2,8 +2,9 @@
 # Makes a Kafka-protocol broker available at KAFKA_BROKERS (default 127.0.0.1:9092) for the tests:
 #  - the C toolchain pieces rdkafka's bundled librdkafka build needs (cmake, libcurl headers) and
 #    the benchmark's peers need (OpenSSL headers, pkg-config), installed with apt-get when missing;
-#  - the broker, tansu 0.6.0 (an Apache-Kafka-compatible broker from crates.io), installed with
-#    `cargo install` when missing (about 10 minutes the first time; cached in ~/.cargo/bin);
+#  - the broker, tansu 0.6.0 (an Apache-Kafka-compatible broker from crates.io) with its in-memory
+#    and SQLite engines, installed with `cargo install` when missing (about 12 minutes the first
+#    time; cached in ~/.cargo/bin);
 #  - started on loopback with in-memory storage unless something already listens there.
 # Idempotent: a second run finds everything in place and returns at once.
 set -euo pipefail
@@ -35,6 +36,25 @@ if [ "$need_deps" = 1 ]; then
         || { echo "error: could not install $DEPS with apt-get" >&2; exit 1; }
 fi
 
+# Installed even when a broker already listens: the broker-restart test runs one of its own.
+# dynostore: the in-memory engine this script starts it with; libsql: the SQLite engine the
+# broker-restart test starts a broker of its own with (its topics must survive the restart).
+TANSU_FEATURES=dynostore,libsql
+MARKER="$HOME/.cargo/bin/.tansu-$TANSU_VERSION-features"
+if ! tansu --version 2>/dev/null | grep -q "$TANSU_VERSION" \
+    || [ "$(cat "$MARKER" 2>/dev/null)" != "$TANSU_FEATURES" ]; then
+    echo "==> installing the tansu $TANSU_VERSION broker with $TANSU_FEATURES (cargo install; about 12 minutes the first time)"
+    # Its own target dir (kept for a rebuild) and a quicker release profile: a test broker does not
+    # need LTO or full optimisation.
+    CARGO_TARGET_DIR="$HOME/.cache/tansu-target" \
+    CARGO_PROFILE_RELEASE_LTO=false \
+    CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+    CARGO_PROFILE_RELEASE_OPT_LEVEL=1 \
+    CARGO_PROFILE_RELEASE_DEBUG=false \
+        cargo install tansu --version "$TANSU_VERSION" --locked --features "$TANSU_FEATURES" --force --quiet
+    echo "$TANSU_FEATURES" >"$MARKER"
+fi
+
 if listening "$HOST" "$PORT"; then
     echo "==> a Kafka broker is listening at $HOST:$PORT"
     exit 0
@@ -44,18 +64,6 @@ case "$HOST" in
     127.0.0.1|localhost) ;;
     *) echo "error: no Kafka broker at $FIRST (KAFKA_BROKERS), and this script only starts one on loopback" >&2; exit 1 ;;
 esac
-
-if ! tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
-    echo "==> installing the tansu $TANSU_VERSION broker (cargo install; about 10 minutes the first time)"
-    # Its own target dir (kept for a rebuild) and a quicker release profile: a test broker does not
-    # need LTO or full optimisation.
-    CARGO_TARGET_DIR="$HOME/.cache/tansu-target" \
-    CARGO_PROFILE_RELEASE_LTO=false \
-    CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
-    CARGO_PROFILE_RELEASE_OPT_LEVEL=1 \
-    CARGO_PROFILE_RELEASE_DEBUG=false \
-        cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore --quiet
-fi
 
 echo "==> starting tansu on $HOST:$PORT"
 mkdir -p "$HOME/.cache"

@@ -150,13 +150,14 @@ async fn raw(events: &[StoredEvent]) -> f64 {
         .set("linger.ms", "5")
         .create()
         .unwrap_or_else(|e| panic!("{e}"));
-    let values: Vec<(Vec<u8>, String, String)> = events
+    let values: Vec<(Vec<u8>, String, String, Option<String>)> = events
         .iter()
         .map(|e| {
             (
                 JsonEnvelope.serialize(e).unwrap_or_else(|e| panic!("{e}")),
                 e.event_id.to_string(),
                 e.schema_version.to_string(),
+                e.metadata.correlation_id.as_ref().map(ToString::to_string),
             )
         })
         .collect();
@@ -170,8 +171,8 @@ async fn raw(events: &[StoredEvent]) -> f64 {
         .unwrap_or_else(|(e, _)| panic!("{e}"));
     let started = Instant::now();
     let mut pending = Vec::with_capacity(values.len());
-    for (event, (value, id, schema)) in events.iter().zip(&values) {
-        let headers = OwnedHeaders::new()
+    for (event, (value, id, schema, correlation)) in events.iter().zip(&values) {
+        let mut headers = OwnedHeaders::new_with_capacity(6)
             .insert(Header {
                 key: "cqrs-event-id",
                 value: Some(id),
@@ -192,6 +193,12 @@ async fn raw(events: &[StoredEvent]) -> f64 {
                 key: "content-type",
                 value: Some("application/json"),
             });
+        if let Some(correlation) = correlation {
+            headers = headers.insert(Header {
+                key: "cqrs-correlation-id",
+                value: Some(correlation),
+            });
+        }
         let mut record = FutureRecord::to(&topic)
             .key(event.stream.aggregate_id.as_str())
             .payload(value)

@@ -119,11 +119,7 @@ fn reader(brokers: &str, topics: &[String]) -> StreamConsumer {
 }
 
 /// Reads `topics` of `brokers` until `done` says so (or a minute passes).
-async fn read_until(
-    brokers: &str,
-    topics: &[String],
-    done: impl Fn(&[Read]) -> bool,
-) -> Vec<Read> {
+async fn read_until(brokers: &str, topics: &[String], done: impl Fn(&[Read]) -> bool) -> Vec<Read> {
     let consumer = reader(brokers, topics);
     let mut read = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -528,7 +524,13 @@ impl OwnBroker {
             .open(self.dir.join("broker.log"))
             .unwrap_or_else(|e| panic!("{e}"));
         let child = std::process::Command::new(&binary)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", "sqlite://tansu.db"])
             .current_dir(&self.dir)
             .stdout(log.try_clone().unwrap_or_else(|e| panic!("{e}")))
@@ -602,8 +604,15 @@ async fn relayed_past(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broker_stopped_and_restarted_mid_stream_loses_and_reorders_nothing() {
-    const RESTARTS: usize = 3;
-    const DOWN: Duration = Duration::from_secs(3);
+    // Outages shorter than the message timeout are bridged by the producer (it keeps the
+    // messages and sends them on reconnection); a longer one fails the deliveries in flight, and
+    // the relay starts again from its checkpoint with a new producer.
+    const MESSAGE_TIMEOUT: Duration = Duration::from_millis(2_500);
+    const OUTAGES: [Duration; 3] = [
+        Duration::from_secs(1),
+        Duration::from_secs(5),
+        Duration::from_secs(2),
+    ];
     let mut broker = OwnBroker::start();
     let store = pg::fresh_store("k_restart").await;
     let prefix = format!("{}.", unique("restart"));
@@ -611,7 +620,12 @@ async fn a_broker_stopped_and_restarted_mid_stream_loses_and_reorders_nothing() 
         .with_prefix(prefix.clone())
         .unwrap_or_else(|e| panic!("{e}"));
     // Reconnect attempts at most every 500 ms (librdkafka's default backs off to 10 s).
-    let config = KafkaConfig::new(broker.address()).set("reconnect.backoff.max.ms", "500");
+    let config = KafkaConfig::new(broker.address())
+        .set("reconnect.backoff.max.ms", "500")
+        .set(
+            "message.timeout.ms",
+            MESSAGE_TIMEOUT.as_millis().to_string(),
+        );
     let name = "restart-relay";
     let mut relay = OutboxRelay::new(store.clone(), config, "relay")
         .and_then(|r| r.with_topics(map))
@@ -645,12 +659,12 @@ async fn a_broker_stopped_and_restarted_mid_stream_loses_and_reorders_nothing() 
         .collect();
 
     let mut resumes = Vec::new();
-    for _ in 0..RESTARTS {
+    for down in OUTAGES {
         // Publishing: the checkpoint moves.
         let before = relayed(&store, name).await;
         relayed_past(&store, name, before).await;
         broker.kill();
-        tokio::time::sleep(DOWN).await;
+        tokio::time::sleep(down).await;
         let at_restart = relayed(&store, name).await;
         broker.restart();
         // The relay resumes by itself: its checkpoint moves past where the outage left it.
@@ -689,13 +703,18 @@ async fn a_broker_stopped_and_restarted_mid_stream_loses_and_reorders_nothing() 
     .await;
     let (missing, duplicates, inversions) = audit(&stored, &read);
     println!(
-        "broker restarts: {RESTARTS} (down {DOWN:?} each); resumed after {resumes:?}; \
+        "broker outages: {OUTAGES:?} (message timeout {MESSAGE_TIMEOUT:?}); resumed after {resumes:?}; \
          events: {}; read back: {}; missing: {missing}; duplicates: {duplicates}; \
          inversions: {inversions}; relay: {metrics:?}",
         stored.len(),
         read.len()
     );
     assert_eq!((missing, inversions), (0, 0));
+    // The long outage went through the failure path: a new producer, from the checkpoint.
+    assert!(
+        metrics.failures >= 1 && metrics.producers > 1,
+        "{metrics:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -22,7 +22,7 @@ pub use aggregate::{Aggregate, SnapshotPolicy};
 pub use command::{Command, CommandMetadata, StreamExpectation};
 pub use envelope::{
     AggregateId, CausationId, Checkpoint, CommandId, CorrelationId, EventData, EventId, Metadata,
-    RecordedEvent, StoredEvent, StreamId,
+    RawStoredEvent, RecordedEvent, StoredEvent, StreamId,
 };
 pub use event::{ApplyTo, DecodeError, DomainEvent, EncodedEvent, UpcastError};
 pub use gateway::{CommandError, CommandGateway, Executed};

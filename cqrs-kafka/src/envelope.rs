@@ -1,7 +1,9 @@
 //! What a Kafka message carries: the event envelope (JSON by default) and its headers.
 
 use chrono::{DateTime, Utc};
-use cqrs_core::{AggregateId, Checkpoint, EventId, Metadata, StoredEvent, StreamId};
+use cqrs_core::{
+    AggregateId, Checkpoint, EventId, Metadata, RawStoredEvent, StoredEvent, StreamId,
+};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use serde::{Deserialize, Serialize};
 
@@ -76,6 +78,28 @@ pub trait EventSerializer: Send + Sync + 'static {
     /// [`SerializeError`] naming the event when it cannot be encoded.
     fn serialize(&self, event: &StoredEvent) -> Result<Vec<u8>, SerializeError>;
 
+    /// Appends the message value of `event`, read with its payload as the stored JSON text, to
+    /// `out` (the relay writes a page's values into one buffer). By default the payload is
+    /// parsed and [`serialize`](Self::serialize) called; [`JsonEnvelope`] copies the text into the
+    /// envelope instead. Override it when the format can use the JSON text as it is.
+    ///
+    /// # Errors
+    /// [`SerializeError`] naming the event; `out` may then hold part of the value.
+    fn serialize_raw_into(
+        &self,
+        event: &RawStoredEvent,
+        out: &mut Vec<u8>,
+    ) -> Result<(), SerializeError> {
+        let parsed = event.parse().map_err(|e| SerializeError {
+            event_id: event.event_id,
+            stream: event.stream.clone(),
+            event_type: event.event_type.clone(),
+            reason: e.to_string(),
+        })?;
+        out.extend_from_slice(&self.serialize(&parsed)?);
+        Ok(())
+    }
+
     /// The event in a message value.
     ///
     /// # Errors
@@ -95,14 +119,14 @@ pub trait EventSerializer: Send + Sync + 'static {
 pub struct JsonEnvelope;
 
 #[derive(Serialize)]
-struct EnvelopeRef<'a> {
+struct EnvelopeRef<'a, P> {
     event_id: EventId,
     aggregate_type: &'a str,
     aggregate_id: &'a AggregateId,
     version: u64,
     event_type: &'a str,
     schema_version: u32,
-    payload: &'a serde_json::Value,
+    payload: &'a P,
     metadata: &'a Metadata,
     recorded_at: DateTime<Utc>,
     checkpoint: Checkpoint,
@@ -130,24 +154,17 @@ impl EventSerializer for JsonEnvelope {
     }
 
     fn serialize(&self, event: &StoredEvent) -> Result<Vec<u8>, SerializeError> {
-        serde_json::to_vec(&EnvelopeRef {
-            event_id: event.event_id,
-            aggregate_type: &event.stream.aggregate_type,
-            aggregate_id: &event.stream.aggregate_id,
-            version: event.version,
-            event_type: &event.event_type,
-            schema_version: event.schema_version,
-            payload: &event.payload,
-            metadata: &event.metadata,
-            recorded_at: event.recorded_at,
-            checkpoint: event.checkpoint,
-        })
-        .map_err(|e| SerializeError {
-            event_id: event.event_id,
-            stream: event.stream.clone(),
-            event_type: event.event_type.clone(),
-            reason: e.to_string(),
-        })
+        let mut out = Vec::with_capacity(256);
+        write_envelope(event, &mut out)?;
+        Ok(out)
+    }
+
+    fn serialize_raw_into(
+        &self,
+        event: &RawStoredEvent,
+        out: &mut Vec<u8>,
+    ) -> Result<(), SerializeError> {
+        write_envelope(event, out)
     }
 
     fn deserialize(&self, value: &[u8]) -> Result<StoredEvent, MalformedMessage> {
@@ -172,8 +189,36 @@ impl EventSerializer for JsonEnvelope {
     }
 }
 
+/// Writes the envelope of `event` (its payload parsed or raw) as JSON to `out`.
+fn write_envelope<P: Serialize>(
+    event: &StoredEvent<P>,
+    out: &mut Vec<u8>,
+) -> Result<(), SerializeError> {
+    serde_json::to_writer(
+        out,
+        &EnvelopeRef {
+            event_id: event.event_id,
+            aggregate_type: &event.stream.aggregate_type,
+            aggregate_id: &event.stream.aggregate_id,
+            version: event.version,
+            event_type: &event.event_type,
+            schema_version: event.schema_version,
+            payload: &event.payload,
+            metadata: &event.metadata,
+            recorded_at: event.recorded_at,
+            checkpoint: event.checkpoint,
+        },
+    )
+    .map_err(|e| SerializeError {
+        event_id: event.event_id,
+        stream: event.stream.clone(),
+        event_type: event.event_type.clone(),
+        reason: e.to_string(),
+    })
+}
+
 /// The headers of `event`'s message.
-pub(crate) fn headers_of(event: &StoredEvent, content_type: &str) -> OwnedHeaders {
+pub(crate) fn headers_of<P>(event: &StoredEvent<P>, content_type: &str) -> OwnedHeaders {
     let event_id = event.event_id.to_string();
     let schema = event.schema_version.to_string();
     let mut headers = OwnedHeaders::new_with_capacity(7)
@@ -231,6 +276,57 @@ mod tests {
         let event = event();
         let bytes = JsonEnvelope.serialize(&event).unwrap();
         assert_eq!(JsonEnvelope.deserialize(&bytes).unwrap(), event);
+    }
+
+    /// The event with its payload as text, as the relay reads it.
+    fn raw(event: &StoredEvent) -> RawStoredEvent {
+        StoredEvent {
+            payload: serde_json::value::to_raw_value(&event.payload).unwrap(),
+            event_id: event.event_id,
+            stream: event.stream.clone(),
+            version: event.version,
+            checkpoint: event.checkpoint,
+            recorded_at: event.recorded_at,
+            event_type: event.event_type.clone(),
+            schema_version: event.schema_version,
+            metadata: event.metadata.clone(),
+        }
+    }
+
+    #[test]
+    fn a_raw_payload_is_copied_into_the_same_envelope() {
+        let event = event();
+        let mut out = b"before".to_vec();
+        JsonEnvelope
+            .serialize_raw_into(&raw(&event), &mut out)
+            .unwrap();
+        assert_eq!(&out[..6], b"before");
+        assert_eq!(out[6..], JsonEnvelope.serialize(&event).unwrap());
+    }
+
+    /// A serializer that only knows parsed events.
+    struct Upper;
+
+    impl EventSerializer for Upper {
+        fn content_type(&self) -> &'static str {
+            "text/plain"
+        }
+
+        fn serialize(&self, event: &StoredEvent) -> Result<Vec<u8>, SerializeError> {
+            Ok(event.payload.to_string().to_uppercase().into_bytes())
+        }
+
+        fn deserialize(&self, _: &[u8]) -> Result<StoredEvent, MalformedMessage> {
+            Err(MalformedMessage::Empty)
+        }
+    }
+
+    #[test]
+    fn a_serializer_without_a_raw_path_gets_the_payload_parsed() {
+        let event = event();
+        let mut out = Vec::new();
+        Upper.serialize_raw_into(&raw(&event), &mut out).unwrap();
+        assert_eq!(out, br#"{"TOTAL":5}"#);
     }
 
     #[test]

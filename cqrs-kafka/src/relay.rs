@@ -15,12 +15,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cqrs_core::{Checkpoint, EventStore, StoredEvent};
+use cqrs_core::{Checkpoint, EventStore};
 use cqrs_postgres::{CheckpointLease, PostgresEventStore};
 use rdkafka::ClientConfig;
+use rdkafka::ClientContext;
 use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::Instrument;
 
@@ -65,7 +66,9 @@ pub struct OutboxRelay {
     map: TopicMap,
     topics: Topics,
     serializer: Arc<dyn EventSerializer>,
-    producer: FutureProducer,
+    producer: ThreadedProducer<Reports>,
+    /// The sequence number of the next message queued (the delivery report's opaque).
+    next: usize,
     lease: CheckpointLease,
     batch: usize,
     metrics: RelayMetrics,
@@ -95,42 +98,121 @@ struct Prefetch {
     page: tokio::task::JoinHandle<Result<Page, cqrs_core::StoreError>>,
 }
 
-/// Events read, with their message values and headers.
+/// A page of events made into messages on the reading task: per event only what the relay needs
+/// once its message is queued, the values back to back in one buffer, and the headers. The
+/// events' payloads and metadata are dropped where they were read.
 struct Page {
-    events: Vec<StoredEvent>,
-    messages: Vec<Result<(Vec<u8>, OwnedHeaders), crate::SerializeError>>,
+    events: Vec<Outgoing>,
+    /// The message values back to back: event `i`'s ends at `ends[i]`.
+    values: Vec<u8>,
+    ends: Vec<usize>,
+    headers: Vec<OwnedHeaders>,
+    /// The event the serializer refused, after those above (nothing after it is sent).
+    refused: Option<crate::SerializeError>,
 }
 
-/// Reads up to `batch` events after `from` and serializes them.
+/// What a delivery report or a failed delivery needs of an event.
+struct Outgoing {
+    event_id: cqrs_core::EventId,
+    stream: cqrs_core::StreamId,
+    checkpoint: Checkpoint,
+}
+
+/// Reads up to `batch` events after `from` and makes them messages.
 async fn load(
     store: PostgresEventStore,
     serializer: Arc<dyn EventSerializer>,
     from: Checkpoint,
     batch: usize,
 ) -> Result<Page, cqrs_core::StoreError> {
-    let events = store.read_all(from, batch).await?;
-    let messages = events
-        .iter()
-        .map(|e| {
-            let value = serializer.serialize(e)?;
-            Ok((value, headers_of(e, serializer.content_type())))
-        })
-        .collect();
-    Ok(Page { events, messages })
+    let read = store.read_all_raw(from, batch).await?;
+    let mut page = Page {
+        events: Vec::with_capacity(read.len()),
+        values: Vec::with_capacity(read.len() * 320),
+        ends: Vec::with_capacity(read.len()),
+        headers: Vec::with_capacity(read.len()),
+        refused: None,
+    };
+    for event in read {
+        if let Err(error) = serializer.serialize_raw_into(&event, &mut page.values) {
+            page.refused = Some(error);
+            break;
+        }
+        page.ends.push(page.values.len());
+        page.headers
+            .push(headers_of(&event, serializer.content_type()));
+        page.events.push(Outgoing {
+            event_id: event.event_id,
+            checkpoint: event.checkpoint,
+            stream: event.stream,
+        });
+    }
+    Ok(page)
 }
 
 /// A message queued in the producer.
 struct InFlight {
-    /// The page the event is in, shared by its messages.
-    page: Arc<[StoredEvent]>,
-    index: usize,
+    event: Outgoing,
     topic: Arc<str>,
-    future: DeliveryFuture,
+    /// Its sequence number.
+    seq: usize,
 }
 
-impl InFlight {
-    fn event(&self) -> &StoredEvent {
-        &self.page[self.index]
+/// The producer's context: delivery reports by sequence number, for the relay to take in order.
+/// (Cheaper than a future per message: no channel or box is allocated per message.)
+struct Reports {
+    state: std::sync::Mutex<ReportState>,
+    arrived: tokio::sync::Notify,
+}
+
+struct ReportState {
+    /// The sequence number of `outcomes[0]`: reports of earlier messages are ignored.
+    first: usize,
+    outcomes: VecDeque<Option<Result<(), RdKafkaError>>>,
+}
+
+impl Reports {
+    fn state(&self) -> std::sync::MutexGuard<'_, ReportState> {
+        // A poisoned lock only means a panic elsewhere while holding it; the state is still whole.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes the report of message `seq` if it has arrived; reports are taken in sequence.
+    fn take(&self, seq: usize) -> Option<Result<(), RdKafkaError>> {
+        let mut state = self.state();
+        if state.first != seq {
+            // The reports before `seq` belong to messages the relay dropped.
+            let skip = seq.saturating_sub(state.first).min(state.outcomes.len());
+            state.outcomes.drain(..skip);
+            state.first = seq;
+        }
+        let outcome = state.outcomes.front_mut()?.take()?;
+        state.outcomes.pop_front();
+        state.first += 1;
+        Some(outcome)
+    }
+}
+
+impl ClientContext for Reports {}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+        let outcome = result.as_ref().map(|_| ()).map_err(|(e, _)| e.clone());
+        {
+            let mut state = self.state();
+            let Some(index) = seq.checked_sub(state.first) else {
+                return;
+            };
+            if state.outcomes.len() <= index {
+                state.outcomes.resize(index + 1, None);
+            }
+            state.outcomes[index] = Some(outcome);
+        }
+        self.arrived.notify_one();
     }
 }
 
@@ -168,9 +250,20 @@ fn producer_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
-fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+/// A producer whose first message will have sequence number `first`.
+fn create_producer(
+    config: &KafkaConfig,
+    first: usize,
+) -> Result<ThreadedProducer<Reports>, KafkaError> {
+    let reports = Reports {
+        state: std::sync::Mutex::new(ReportState {
+            first,
+            outcomes: VecDeque::new(),
+        }),
+        arrived: tokio::sync::Notify::new(),
+    };
     producer_config(config)
-        .create()
+        .create_with_context(reports)
         .map_err(|e| KafkaError::Config(e.to_string()))
 }
 
@@ -189,7 +282,8 @@ impl OutboxRelay {
         let (partitions, replication) = map.layout();
         Ok(Self {
             topics: Topics::new(&config, partitions, replication)?,
-            producer: create_producer(&config)?,
+            producer: create_producer(&config, 0)?,
+            next: 0,
             lease: CheckpointLease::new(
                 store.clone(),
                 "kafka-relay",
@@ -402,7 +496,7 @@ impl OutboxRelay {
                     // A fatal producer error (fenced epoch, ...) leaves the producer unusable, and
                     // any failure may mean a topic went missing: start afresh.
                     self.metrics.failures += 1;
-                    self.producer = create_producer(&self.config)?;
+                    self.producer = create_producer(&self.config, self.next)?;
                     self.metrics.producers += 1;
                     self.topics.forget();
                 }
@@ -452,7 +546,7 @@ impl OutboxRelay {
             None => now().await,
         };
         let page = prefetched?;
-        if let Some(last) = page.events.last() {
+        if let (Some(last), None) = (page.events.last(), &page.refused) {
             let next = load(
                 self.store.clone(),
                 self.serializer.clone(),
@@ -467,41 +561,57 @@ impl OutboxRelay {
         Ok(page)
     }
 
-    /// Serializes and queues `page` in the producer, behind what is in flight. Returns how many
+    /// Queues the messages of `page` in the producer, behind what is in flight. Returns how many
     /// were queued, or the first failure (those before it stay queued).
     async fn send_page(&mut self, page: Page) -> Result<usize, KafkaError> {
-        let Page { events, messages } = page;
-        if events.is_empty() {
-            return Ok(0);
-        }
-        let page: Arc<[StoredEvent]> = events.into();
-        // One topic name per aggregate type of the page, shared by its messages.
-        let mut topics: std::collections::HashMap<&str, Arc<str>> =
-            std::collections::HashMap::new();
-        for event in page.iter() {
+        let Page {
+            events,
+            values,
+            ends,
+            headers,
+            refused,
+        } = page;
+        // One topic name per aggregate type of the page (rarely more than a few), shared by its
+        // messages.
+        let mut topics: Vec<(&str, Arc<str>)> = Vec::new();
+        for event in &events {
             let kind = event.stream.aggregate_type.as_str();
-            if !topics.contains_key(kind) {
-                topics.insert(kind, self.map.topic(kind).into());
+            if !topics.iter().any(|(k, _)| *k == kind) {
+                topics.push((kind, self.map.topic(kind).into()));
             }
         }
-        self.topics.ensure(topics.values().map(|t| &**t)).await?;
-        self.metrics.batches += 1;
-        for ((index, event), message) in page.iter().enumerate().zip(messages) {
-            let topic = topics[event.stream.aggregate_type.as_str()].clone();
-            let (value, headers) = message.map_err(KafkaError::Serialize)?;
-            let future = self
-                .send(event, &topic, &value, headers)
-                .await
-                .map_err(|source| delivery_error(event, &topic, source))?;
-            self.in_flight.push_back(InFlight {
-                page: page.clone(),
-                index,
-                topic,
-                future,
-            });
-            self.sent = Some(event.checkpoint);
+        let topics: Vec<(String, Arc<str>)> = topics
+            .into_iter()
+            .map(|(kind, topic)| (kind.to_owned(), topic))
+            .collect();
+        self.topics.ensure(topics.iter().map(|(_, t)| &**t)).await?;
+        if !events.is_empty() {
+            self.metrics.batches += 1;
         }
-        Ok(page.len())
+        let sent = events.len();
+        let mut start = 0;
+        for ((event, end), headers) in events.into_iter().zip(ends).zip(headers) {
+            let topic = match topics.as_slice() {
+                [(_, only)] => only.clone(),
+                _ => topics
+                    .iter()
+                    .find(|(kind, _)| *kind == event.stream.aggregate_type)
+                    .map(|(_, topic)| topic.clone())
+                    .unwrap_or_else(|| self.map.topic(&event.stream.aggregate_type).into()),
+            };
+            let value = &values[start..end];
+            start = end;
+            let seq = self
+                .send(&event, &topic, value, headers)
+                .await
+                .map_err(|source| delivery_error(&event, &topic, source))?;
+            self.sent = Some(event.checkpoint);
+            self.in_flight.push_back(InFlight { event, topic, seq });
+        }
+        match refused {
+            Some(error) => Err(KafkaError::Serialize(error)),
+            None => Ok(sent),
+        }
     }
 
     /// Awaits the delivery reports of everything in flight but the last `keep`, in order: the
@@ -515,13 +625,17 @@ impl OutboxRelay {
         let mut delivered = 0;
         let mut checkpoint = stored;
         while self.in_flight.len() > keep {
-            let Some(front) = self.in_flight.front_mut() else {
+            let Some(seq) = self.in_flight.front().map(|f| f.seq) else {
                 break;
             };
-            let outcome = match (&mut front.future).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((error, _))) => Err(error),
-                Err(_) => Err(RdKafkaError::Canceled),
+            let reports = self.producer.context();
+            let outcome = loop {
+                // Registered before looking, so a report arriving in between still wakes it.
+                let arrived = reports.arrived.notified();
+                if let Some(outcome) = reports.take(seq) {
+                    break outcome;
+                }
+                arrived.await;
             };
             let Some(done) = self.in_flight.pop_front() else {
                 break;
@@ -529,10 +643,10 @@ impl OutboxRelay {
             match outcome {
                 Ok(()) => {
                     delivered += 1;
-                    checkpoint = done.event().checkpoint;
+                    checkpoint = done.event.checkpoint;
                 }
                 Err(source) => {
-                    let error = delivery_error(done.event(), &done.topic, source);
+                    let error = delivery_error(&done.event, &done.topic, source);
                     return (delivered, checkpoint, Some(error));
                 }
             }
@@ -540,21 +654,26 @@ impl OutboxRelay {
         (delivered, checkpoint, None)
     }
 
-    /// Queues `event` (serialized as `value`, with `headers`) in the producer, waiting while its queue is full.
+    /// Queues `event` (serialized as `value`, with `headers`) in the producer, waiting while its
+    /// queue is full. Returns the message's sequence number.
     async fn send(
-        &self,
-        event: &StoredEvent,
+        &mut self,
+        event: &Outgoing,
         topic: &str,
         value: &[u8],
         headers: OwnedHeaders,
-    ) -> Result<DeliveryFuture, RdKafkaError> {
-        let mut record = FutureRecord::to(topic)
+    ) -> Result<usize, RdKafkaError> {
+        let seq = self.next;
+        let mut record = BaseRecord::with_opaque_to(topic, seq)
             .key(event.stream.aggregate_id.as_str())
             .payload(value)
             .headers(headers);
         loop {
-            match self.producer.send_result(record) {
-                Ok(future) => return Ok(future),
+            match self.producer.send(record) {
+                Ok(()) => {
+                    self.next += 1;
+                    return Ok(seq);
+                }
                 Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     record = back;
                     tokio::time::sleep(Duration::from_millis(2)).await;
@@ -621,7 +740,7 @@ impl OutboxRelay {
     }
 }
 
-fn delivery_error(event: &StoredEvent, topic: &str, source: RdKafkaError) -> KafkaError {
+fn delivery_error(event: &Outgoing, topic: &str, source: RdKafkaError) -> KafkaError {
     KafkaError::Delivery(Box::new(crate::DeliveryError {
         event_id: event.event_id,
         stream: event.stream.clone(),

@@ -292,6 +292,83 @@ impl Handles<AccountEvent, PgConnection> for DepositEffects {
     }
 }
 
+/// The JSON envelope, except that it refuses deposits of 5 cents.
+struct RefusesFive;
+
+impl EventSerializer for RefusesFive {
+    fn content_type(&self) -> &'static str {
+        JsonEnvelope.content_type()
+    }
+
+    fn serialize(
+        &self,
+        event: &cqrs_core::StoredEvent,
+    ) -> Result<Vec<u8>, cqrs_kafka::SerializeError> {
+        if event.payload["amount_cents"] == 5 {
+            return Err(cqrs_kafka::SerializeError {
+                event_id: event.event_id,
+                stream: event.stream.clone(),
+                event_type: event.event_type.clone(),
+                reason: "five cents".to_owned(),
+            });
+        }
+        JsonEnvelope.serialize(event)
+    }
+
+    fn deserialize(
+        &self,
+        value: &[u8],
+    ) -> Result<cqrs_core::StoredEvent, cqrs_kafka::MalformedMessage> {
+        JsonEnvelope.deserialize(value)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_the_serializer_refuses_stops_the_relay_before_it() {
+    let store = pg::fresh_store("k_refuse").await;
+    deposit(&store, 1, 8, 3).await;
+    let prefix = format!("{}.", unique("refuse"));
+    let map = TopicMap::new()
+        .with_prefix(prefix.clone())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stored = all_events(&store).await;
+    for batch in [3, 100] {
+        let mut relay = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "refuse")
+            .and_then(|r| r.with_topics(map.clone()))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_name(format!("refuse-{batch}"))
+            .with_serializer(RefusesFive)
+            .with_batch(batch);
+        let mut refused = None;
+        for _ in 0..10 {
+            match relay.step().await {
+                Ok(_) => {}
+                Err(KafkaError::Serialize(error)) => {
+                    refused = Some(error);
+                    break;
+                }
+                Err(error) => panic!("{error}"),
+            }
+        }
+        let refused = refused.unwrap_or_else(|| panic!("batch {batch}: nothing refused"));
+        assert_eq!(refused.event_id, stored[4].event_id, "{refused}");
+        assert!(refused.to_string().contains("five cents"), "{refused}");
+        // Everything before it is delivered and checkpointed.
+        let checkpoint = relay.checkpoint().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(checkpoint, stored[3].checkpoint, "batch {batch}");
+        // Again: it stops at the same event.
+        assert!(matches!(relay.step().await, Err(KafkaError::Serialize(_))));
+    }
+    let topic = format!("{prefix}account");
+    let read = read_until(&brokers(), std::slice::from_ref(&topic), |r| r.len() >= 8).await;
+    // Two relays (batches of 3 and of 100) each published the first four, and only those.
+    let amounts: HashSet<u64> = read
+        .iter()
+        .map(|r| r.event.payload["amount_cents"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(amounts, (1..=4).collect());
+}
+
 async fn effects_table(store: &PostgresEventStore) {
     sqlx::query(AssertSqlSafe(format!(
         "CREATE TABLE \"{}\".effects (event_id UUID NOT NULL, amount BIGINT NOT NULL)",

@@ -1,7 +1,9 @@
 //! Reading rows into the core types, with every out-of-range value a typed error.
 
 use cqrs_core::store::{Payload, ReplayEvent};
-use cqrs_core::{AggregateId, Checkpoint, EventId, Metadata, StoreError, StoredEvent, StreamId};
+use cqrs_core::{
+    AggregateId, Checkpoint, EventId, Metadata, RawStoredEvent, StoreError, StoredEvent, StreamId,
+};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
@@ -37,23 +39,63 @@ pub(crate) fn checkpoint(row: &PgRow) -> Result<Checkpoint, StoreError> {
     Ok(Checkpoint::new(transaction, to_u64(position)?))
 }
 
-/// Runs `query` (which selects `EVENT_COLUMNS`) and reads every row as a stored event.
+/// Runs `query` (which selects `EVENT_COLUMNS`) and reads every row as a stored event, into a
+/// vector made for `expected` rows (a page read fills it without regrowing and moving it).
 pub(crate) async fn fetch_events<'q>(
     query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     pool: &sqlx::PgPool,
+    expected: usize,
 ) -> Result<Vec<StoredEvent>, StoreError> {
+    fetch_events_as(query, pool, expected, stored_event).await
+}
+
+/// [`fetch_events`] with each row read by `read`.
+pub(crate) async fn fetch_events_as<'q, 'c, E>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    executor: impl sqlx::Executor<'c, Database = sqlx::Postgres>,
+    expected: usize,
+    read: fn(&PgRow) -> Result<E, StoreError>,
+) -> Result<Vec<E>, StoreError>
+where
+    'q: 'c,
+{
     use futures::TryStreamExt;
-    query
-        .fetch(pool)
-        .map_err(backend)
-        .and_then(|row| futures::future::ready(stored_event(&row)))
-        .try_collect()
-        .await
+    let mut rows = query.fetch(executor);
+    let mut events = Vec::with_capacity(expected.min(10_000));
+    while let Some(row) = rows.try_next().await.map_err(backend)? {
+        events.push(read(&row)?);
+    }
+    Ok(events)
 }
 
 /// A row of `EVENT_COLUMNS` as a stored event. The payload stays JSON (decoding it is the caller's);
 /// unreadable metadata or numbers are [`StoreError::Corrupt`] naming the event.
 pub(crate) fn stored_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
+    stored_event_with(row)
+}
+
+/// A row of `EVENT_COLUMNS` as a stored event whose payload is the stored JSON text.
+pub(crate) fn raw_stored_event(row: &PgRow) -> Result<RawStoredEvent, StoreError> {
+    stored_event_with::<sqlx::types::Json<Box<serde_json::value::RawValue>>>(row).map(|e| {
+        StoredEvent {
+            payload: e.payload.0,
+            event_id: e.event_id,
+            stream: e.stream,
+            version: e.version,
+            checkpoint: e.checkpoint,
+            recorded_at: e.recorded_at,
+            event_type: e.event_type,
+            schema_version: e.schema_version,
+            metadata: e.metadata,
+        }
+    })
+}
+
+/// A row of `EVENT_COLUMNS` with the payload decoded as `P`.
+fn stored_event_with<P>(row: &PgRow) -> Result<StoredEvent<P>, StoreError>
+where
+    P: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
     // By index (`sql::EVENT_COLUMNS`): a lookup by name costs a hash per column of every event.
     let aggregate_type: String = row.try_get(3).map_err(backend)?;
     let aggregate_id: String = row.try_get(4).map_err(backend)?;

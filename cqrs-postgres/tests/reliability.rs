@@ -207,6 +207,7 @@ async fn randomized_soak_delivers_exactly_the_committed_events() {
             let mut seen = Vec::new();
             let mut after = Checkpoint::START;
             let mut deadline = None;
+            let mut pages = 0_u64;
             loop {
                 let target = done.load(std::sync::atomic::Ordering::SeqCst);
                 let finished = target > 0 && seen.len() >= target;
@@ -216,22 +217,35 @@ async fn randomized_soak_delivers_exactly_the_committed_events() {
                 if deadline.is_some_and(|d| std::time::Instant::now() > d) {
                     break;
                 }
-                // Pages of 333 cut transactions of 25 in the middle, which paging must survive.
-                let page = store
-                    .read_all(after, 333)
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"));
+                // Pages of 333 cut transactions of 25 in the middle, which paging must survive;
+                // every other page is read raw (the relay's read) and large (read in a
+                // transaction with sorts disabled).
+                pages += 1;
+                let page: Vec<_> = if pages.is_multiple_of(2) {
+                    store
+                        .read_all(after, 333)
+                        .await
+                        .unwrap_or_else(|e| panic!("{e}"))
+                        .into_iter()
+                        .map(|e| (e.event_id, e.stream, e.version, e.checkpoint))
+                        .collect()
+                } else {
+                    store
+                        .read_all_raw(after, 2_500)
+                        .await
+                        .unwrap_or_else(|e| panic!("{e}"))
+                        .into_iter()
+                        .map(|e| (e.event_id, e.stream, e.version, e.checkpoint))
+                        .collect()
+                };
                 if let Some(last) = page.last() {
-                    after = last.checkpoint;
+                    after = last.3;
                 } else if finished {
                     break;
                 } else {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                seen.extend(
-                    page.into_iter()
-                        .map(|e| (e.event_id, e.stream, e.version, e.checkpoint)),
-                );
+                seen.extend(page);
             }
             seen
         })
@@ -308,6 +322,22 @@ async fn randomized_soak_delivers_exactly_the_committed_events() {
         committed.len(),
         delivered.len()
     );
+
+    // A raw read is the parsed read with the payload left as text.
+    let parsed = store
+        .read_all(Checkpoint::START, 3_000)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let raw = store
+        .read_all_raw(Checkpoint::START, 3_000)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(parsed.len(), 3_000);
+    let reparsed: Vec<StoredEvent> = raw
+        .iter()
+        .map(|e| e.parse().unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    assert_eq!(reparsed, parsed);
 }
 
 /// The append's future is dropped at random points (its outcome unknown to the caller), then the

@@ -85,8 +85,8 @@ pub struct OutboxRelay {
     held: Option<(Instant, Checkpoint)>,
     /// The end of the acknowledged prefix of what was sent (stored or not yet).
     acked: Option<Checkpoint>,
-    /// When the checkpoint was last stored.
-    moved: Instant,
+    /// When this relay last stored the checkpoint (never yet: the first acknowledged prefix is stored at once).
+    moved: Option<Instant>,
 }
 
 /// How often the checkpoint is stored while the relay publishes.
@@ -303,7 +303,7 @@ impl OutboxRelay {
             prefetch: None,
             held: None,
             acked: None,
-            moved: Instant::now(),
+            moved: None,
             sent: None,
             stepping: false,
         })
@@ -479,14 +479,16 @@ impl OutboxRelay {
             // The checkpoint is stored at most every CHECKPOINT_EVERY while publishing (a stored
             // move costs a commit; one lost to a crash costs only duplicates), and at once when
             // the relay catches up or stops on a failure.
-            let due = sent == 0 || failure.is_some() || self.moved.elapsed() >= CHECKPOINT_EVERY;
+            let due = sent == 0
+                || failure.is_some()
+                || self.moved.is_none_or(|at| at.elapsed() >= CHECKPOINT_EVERY);
             let checkpoint = if acked > stored && due {
                 let asked = Instant::now();
                 if !self.lease.advance(acked).await? {
                     return Err(KafkaError::LeaseLost(self.lease.name().to_owned()));
                 }
                 self.held = Some((asked, acked));
-                self.moved = asked;
+                self.moved = Some(asked);
                 acked
             } else {
                 stored

@@ -437,7 +437,7 @@ async fn a_relay_killed_at_random_points_loses_nothing_and_keeps_per_stream_orde
         // random poll: before a send, between sends and reports, in the checkpoint move.
         let (steps, polls) = {
             let mut rng = rand::rng();
-            (rng.random_range(1..=4), rng.random_range(0..20))
+            (rng.random_range(1..=4), rng.random_range(0..40))
         };
         let started = Instant::now();
         let outcome = cut_after(polls, async {

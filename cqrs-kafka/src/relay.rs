@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -118,35 +119,39 @@ struct Outgoing {
     checkpoint: Checkpoint,
 }
 
-/// Reads up to `batch` events after `from` and makes them messages.
+/// Reads up to `batch` events after `from` and makes them messages, each as its row arrives (so
+/// the serialization overlaps the database sending the rest of the page).
 async fn load(
     store: PostgresEventStore,
     serializer: Arc<dyn EventSerializer>,
     from: Checkpoint,
     batch: usize,
 ) -> Result<Page, cqrs_core::StoreError> {
-    let read = store.read_all_raw(from, batch).await?;
+    let expected = batch.min(10_000);
     let mut page = Page {
-        events: Vec::with_capacity(read.len()),
-        values: Vec::with_capacity(read.len() * 320),
-        ends: Vec::with_capacity(read.len()),
-        headers: Vec::with_capacity(read.len()),
+        events: Vec::with_capacity(expected),
+        values: Vec::with_capacity(expected * 320),
+        ends: Vec::with_capacity(expected),
+        headers: Vec::with_capacity(expected),
         refused: None,
     };
-    for event in read {
-        if let Err(error) = serializer.serialize_raw_into(&event, &mut page.values) {
-            page.refused = Some(error);
-            break;
-        }
-        page.ends.push(page.values.len());
-        page.headers
-            .push(headers_of(&event, serializer.content_type()));
-        page.events.push(Outgoing {
-            event_id: event.event_id,
-            checkpoint: event.checkpoint,
-            stream: event.stream,
-        });
-    }
+    let content_type = serializer.content_type();
+    store
+        .read_all_raw_each(from, batch, |event| {
+            if let Err(error) = serializer.serialize_raw_into(&event, &mut page.values) {
+                page.refused = Some(error);
+                return ControlFlow::Break(());
+            }
+            page.ends.push(page.values.len());
+            page.headers.push(headers_of(&event, content_type));
+            page.events.push(Outgoing {
+                event_id: event.event_id,
+                checkpoint: event.checkpoint,
+                stream: event.stream,
+            });
+            ControlFlow::Continue(())
+        })
+        .await?;
     Ok(page)
 }
 

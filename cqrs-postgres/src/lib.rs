@@ -27,6 +27,7 @@ use cqrs_core::{
 use futures::stream::{BoxStream, StreamExt};
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
+use std::ops::ControlFlow;
 
 pub use sqlx;
 
@@ -197,25 +198,49 @@ impl PostgresEventStore {
         after: Checkpoint,
         limit: usize,
     ) -> Result<Vec<RawStoredEvent>, StoreError> {
-        self.read_all_as(after, limit, rows::raw_stored_event).await
+        let mut events = Vec::with_capacity(limit.min(10_000));
+        self.read_all_each(after, limit, rows::raw_stored_event, |e| {
+            events.push(e);
+            ControlFlow::Continue(())
+        })
+        .await?;
+        Ok(events)
     }
 
-    /// The readable events after `after`, at most `limit`, each row read by `read`.
-    async fn read_all_as<E>(
+    /// [`read_all_raw`](Self::read_all_raw) handing each event to `each` as its row arrives, so
+    /// the caller's work on it overlaps the database sending the rest of the page. `each` stops
+    /// the page with [`ControlFlow::Break`] (the rows left are read and dropped).
+    ///
+    /// # Errors
+    /// As [`EventStore::read_all`]; events handed over before the error stay handed over.
+    pub async fn read_all_raw_each(
+        &self,
+        after: Checkpoint,
+        limit: usize,
+        each: impl FnMut(RawStoredEvent) -> ControlFlow<()> + Send,
+    ) -> Result<(), StoreError> {
+        self.read_all_each(after, limit, rows::raw_stored_event, each)
+            .await
+    }
+
+    /// The readable events after `after`, at most `limit`, each row read by `read` and handed to
+    /// `each` in order.
+    async fn read_all_each<E>(
         &self,
         after: Checkpoint,
         limit: usize,
         read: fn(&sqlx::postgres::PgRow) -> Result<E, StoreError>,
-    ) -> Result<Vec<E>, StoreError> {
+        each: impl FnMut(E) -> ControlFlow<()> + Send,
+    ) -> Result<(), StoreError> {
         if limit == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let query = sqlx::query(AssertSqlSafe(self.sql.read_all.clone()))
             .bind(after.transaction.to_string())
             .bind(to_i64(after.position)?)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX));
         if limit <= SORT_SAFE_PAGE {
-            return rows::fetch_events_as(query, &self.pool, limit, read).await;
+            return rows::each_event(query, &self.pool, read, each).await;
         }
         // A larger page is read with sorting disabled, so the planner walks the global-order
         // index whatever its statistics say. On an events table not analyzed yet (after a bulk
@@ -231,8 +256,8 @@ impl PostgresEventStore {
             tx.rollback().await;
             return Err(backend(error));
         }
-        let events = rows::fetch_events_as(query, &mut *tx, limit, read).await;
-        tx.end(events, backend).await
+        let read = rows::each_event(query, &mut *tx, read, each).await;
+        tx.end(read, backend).await
     }
 
     /// Subscribes to commit notifications of this schema's events.
@@ -923,11 +948,17 @@ impl EventStore for PostgresEventStore {
         after: Checkpoint,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        self.read_all_as(after, limit, stored_event).await
+        let mut events = Vec::with_capacity(limit.min(10_000));
+        self.read_all_each(after, limit, stored_event, |e| {
+            events.push(e);
+            ControlFlow::Continue(())
+        })
+        .await?;
+        Ok(events)
     }
 }
 
-/// The largest page read without disabling sorts (see `read_all_as`): below it the planner
+/// The largest page read without disabling sorts (see `read_all_each`): below it the planner
 /// prefers the ordered index scan even without statistics, at 100,000 events (measured: it
 /// switches to scanning and sorting the table between 2,000 and 5,000).
 const SORT_SAFE_PAGE: usize = 1_000;

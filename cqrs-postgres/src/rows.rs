@@ -4,6 +4,8 @@ use cqrs_core::store::{Payload, ReplayEvent};
 use cqrs_core::{
     AggregateId, Checkpoint, EventId, Metadata, RawStoredEvent, StoreError, StoredEvent, StreamId,
 };
+use std::ops::ControlFlow;
+
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
@@ -50,7 +52,7 @@ pub(crate) async fn fetch_events<'q>(
 }
 
 /// [`fetch_events`] with each row read by `read`.
-pub(crate) async fn fetch_events_as<'q, 'c, E>(
+pub(crate) async fn fetch_events_as<'q, 'c, E: Send>(
     query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     executor: impl sqlx::Executor<'c, Database = sqlx::Postgres>,
     expected: usize,
@@ -59,13 +61,35 @@ pub(crate) async fn fetch_events_as<'q, 'c, E>(
 where
     'q: 'c,
 {
+    let mut events = Vec::with_capacity(expected.min(10_000));
+    each_event(query, executor, read, |e| {
+        events.push(e);
+        ControlFlow::Continue(())
+    })
+    .await?;
+    Ok(events)
+}
+
+/// Runs `query` (which selects `EVENT_COLUMNS`), reads each row with `read` and hands it to
+/// `each` as it arrives; after a `Break` the remaining rows are read and dropped.
+pub(crate) async fn each_event<'q, 'c, E>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    executor: impl sqlx::Executor<'c, Database = sqlx::Postgres>,
+    read: fn(&PgRow) -> Result<E, StoreError>,
+    mut each: impl FnMut(E) -> ControlFlow<()>,
+) -> Result<(), StoreError>
+where
+    'q: 'c,
+{
     use futures::TryStreamExt;
     let mut rows = query.fetch(executor);
-    let mut events = Vec::with_capacity(expected.min(10_000));
+    let mut open = true;
     while let Some(row) = rows.try_next().await.map_err(backend)? {
-        events.push(read(&row)?);
+        if open {
+            open = each(read(&row)?).is_continue();
+        }
     }
-    Ok(events)
+    Ok(())
 }
 
 /// A row of `EVENT_COLUMNS` as a stored event. The payload stays JSON (decoding it is the caller's);

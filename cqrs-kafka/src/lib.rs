@@ -10,7 +10,7 @@ pub use config::{KafkaConfig, TopicMap};
 pub use envelope::{EventSerializer, JsonEnvelope, MalformedMessage, SerializeError};
 pub use relay::{OutboxRelay, RelayMetrics, RelayStep};
 pub use subscriber::{
-    HandleError, Handled, InProcess, KafkaSubscriber, MessageHandler, PartitionLag,
+    HandleError, Handled, InProcess, KafkaSubscriber, LagProbe, MessageHandler, PartitionLag,
     SubscriberMetrics, Transactional,
 };
 

@@ -493,7 +493,43 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
     /// How far this consumer is behind in each partition assigned to it.
     ///
     /// # Errors
-    /// [`KafkaError::Kafka`] when the broker cannot be asked.
+    /// [`KafkaError::Kafka`] when the broker does not answer.
+    pub async fn lag(&self) -> Result<Vec<PartitionLag>, KafkaError> {
+        self.lag_probe().lag().await
+    }
+
+    /// A handle that reads this consumer's lag while [`run`](Self::run) owns it (for a metrics
+    /// endpoint or a periodic report).
+    #[must_use]
+    pub fn lag_probe(&self) -> LagProbe {
+        LagProbe {
+            consumer: Arc::clone(&self.consumer),
+            group: self.group.clone(),
+        }
+    }
+}
+
+/// Reads a [`KafkaSubscriber`]'s lag per partition from another task while it runs.
+#[derive(Clone)]
+pub struct LagProbe {
+    consumer: Arc<StreamConsumer>,
+    group: String,
+}
+
+impl std::fmt::Debug for LagProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LagProbe")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LagProbe {
+    /// How far the consumer is behind in each partition assigned to it: the high watermark less
+    /// the offset after the last message it handed out (all of the partition before its first).
+    ///
+    /// # Errors
+    /// [`KafkaError::Kafka`] when the broker does not answer.
     pub async fn lag(&self) -> Result<Vec<PartitionLag>, KafkaError> {
         let consumer = Arc::clone(&self.consumer);
         tokio::task::spawn_blocking(move || partition_lag(&consumer))

@@ -866,11 +866,28 @@ async fn poison_and_malformed_messages_go_to_the_dead_letter_topic_and_the_rest_
         KafkaSubscriber::new(&config, unique("poison"), &[topic.as_str()], handler)
             .unwrap_or_else(|e| panic!("{e}"))
             .with_retries(3, Duration::from_millis(5));
+    // The lag, read through a probe as a metrics endpoint would while the subscriber runs.
+    let probe = subscriber.lag_probe();
+    let total_lag = || async {
+        let lags = probe.lag().await.unwrap_or_else(|e| panic!("{e}"));
+        (lags.len(), lags.iter().map(|l| l.lag).sum::<i64>())
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut halfway = None;
     while subscriber.metrics().received < 104 {
         assert!(Instant::now() < deadline, "{:?}", subscriber.metrics());
         subscriber.poll().await.unwrap_or_else(|e| panic!("{e}"));
+        if subscriber.metrics().received == 50 {
+            halfway = Some(total_lag().await);
+        }
     }
+    // Halfway it is behind, by at most what was not handed out yet (librdkafka's position also
+    // counts what its queue took in ahead of the application), over every partition of the
+    // topic; at the end by nothing.
+    let (partitions, lag) = halfway.unwrap_or_else(|| panic!("no lag read halfway"));
+    assert_eq!(partitions, 2);
+    assert!(lag > 0 && lag <= 54, "lag halfway: {lag}");
+    assert_eq!(total_lag().await, (2, 0));
     let metrics = subscriber.metrics();
     assert_eq!(metrics.applied, 93, "{metrics:?}");
     assert_eq!(metrics.dead_lettered, 11, "{metrics:?}");

@@ -186,6 +186,13 @@ async fn read_until(store: &PostgresEventStore, count: usize) -> Vec<EventId> {
     }
 }
 
+/// What the soak's reader keeps of each event of a page, whatever its payload.
+fn seen_all<P>(page: Vec<StoredEvent<P>>) -> Vec<(EventId, StreamId, u64, Checkpoint)> {
+    page.into_iter()
+        .map(|e| (e.event_id, e.stream, e.version, e.checkpoint))
+        .collect()
+}
+
 /// 16 writers append 100,000 events in transactions with random short delays, 5% rolled back,
 /// while one reader follows `read_all`: the reader gets exactly the committed events, each stream
 /// in version order.
@@ -222,22 +229,11 @@ async fn randomized_soak_delivers_exactly_the_committed_events() {
                 // transaction with sorts disabled).
                 pages += 1;
                 let page: Vec<_> = if pages.is_multiple_of(2) {
-                    store
-                        .read_all(after, 333)
-                        .await
-                        .unwrap_or_else(|e| panic!("{e}"))
-                        .into_iter()
-                        .map(|e| (e.event_id, e.stream, e.version, e.checkpoint))
-                        .collect()
+                    store.read_all(after, 333).await.map(seen_all)
                 } else {
-                    store
-                        .read_all_raw(after, 2_500)
-                        .await
-                        .unwrap_or_else(|e| panic!("{e}"))
-                        .into_iter()
-                        .map(|e| (e.event_id, e.stream, e.version, e.checkpoint))
-                        .collect()
-                };
+                    store.read_all_raw(after, 2_500).await.map(seen_all)
+                }
+                .unwrap_or_else(|e| panic!("{e}"));
                 if let Some(last) = page.last() {
                     after = last.3;
                 } else if finished {

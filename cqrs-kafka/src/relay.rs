@@ -119,9 +119,61 @@ struct Outgoing {
     checkpoint: Checkpoint,
 }
 
+/// Pages of at least this many events are read in two halves at once.
+const SPLIT_FROM: usize = 2_000;
+
+/// Reads up to `batch` events after `from` and makes them messages. A large page is split at the
+/// checkpoint of its middle event and both halves are read at once, on two connections and two
+/// tasks (everything up to the middle is settled, so the first half is exactly the events up to
+/// it; the second half is a gap-safe read of its own).
+async fn load(
+    store: PostgresEventStore,
+    serializer: Arc<dyn EventSerializer>,
+    from: Checkpoint,
+    batch: usize,
+) -> Result<Page, cqrs_core::StoreError> {
+    let half = batch / 2;
+    if batch >= SPLIT_FROM {
+        if let Some(middle) = store.checkpoint_after(from, half).await? {
+            let second = tokio::spawn(load_part(
+                store.clone(),
+                serializer.clone(),
+                middle,
+                batch - half,
+            ));
+            let mut page = load_part(store, serializer, from, half).await?;
+            if page.refused.is_some() || page.events.last().map(|e| e.checkpoint) != Some(middle) {
+                // Stopped early (a refused event), or not what the split promised: the first
+                // half alone; the next page starts after it.
+                second.abort();
+                return Ok(page);
+            }
+            let second = second
+                .await
+                .map_err(|e| cqrs_core::StoreError::backend(format!("relay read task: {e}")))??;
+            page.append(second);
+            return Ok(page);
+        }
+    }
+    load_part(store, serializer, from, batch).await
+}
+
+impl Page {
+    /// Adds the events of `next`, which starts where this one ends.
+    fn append(&mut self, next: Page) {
+        let offset = self.values.len();
+        self.values.extend_from_slice(&next.values);
+        self.ends
+            .extend(next.ends.into_iter().map(|end| end + offset));
+        self.headers.extend(next.headers);
+        self.events.extend(next.events);
+        self.refused = next.refused;
+    }
+}
+
 /// Reads up to `batch` events after `from` and makes them messages, each as its row arrives (so
 /// the serialization overlaps the database sending the rest of the page).
-async fn load(
+async fn load_part(
     store: PostgresEventStore,
     serializer: Arc<dyn EventSerializer>,
     from: Checkpoint,

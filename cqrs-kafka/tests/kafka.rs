@@ -292,6 +292,49 @@ impl Handles<AccountEvent, PgConnection> for DepositEffects {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_pages_read_in_two_halves_lose_and_reorder_nothing_under_concurrent_writers() {
+    // Pages of 2,000 are read as two halves of 1,000 at once (split at the middle event's
+    // checkpoint), while writers keep committing.
+    let store = pg::fresh_store("k_halves").await;
+    deposit(&store, 1, 5_000, 31).await;
+    let prefix = format!("{}.", unique("halves"));
+    let map = TopicMap::new()
+        .with_prefix(prefix.clone())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for n in 0..250 {
+                    deposit(&store, 100_000 + w * 1_000 + n, 1, 31).await;
+                }
+            })
+        })
+        .collect();
+    let mut relay = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "halves")
+        .and_then(|r| r.with_topics(map))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_batch(2_000);
+    let mut largest = 0;
+    while !writers.iter().all(tokio::task::JoinHandle::is_finished) {
+        largest = largest.max(relay.step().await.unwrap_or_else(|e| panic!("{e}")).sent);
+    }
+    for writer in writers {
+        writer.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    drain(&mut relay, &store).await;
+    assert_eq!(largest, 2_000, "full pages were sent");
+    let stored = all_events(&store).await;
+    assert_eq!(stored.len(), 6_000);
+    let topic = format!("{prefix}account");
+    let read = read_until(&brokers(), std::slice::from_ref(&topic), |r| {
+        distinct(r) >= stored.len()
+    })
+    .await;
+    assert_eq!(audit(&stored, &read), (0, 0, 0));
+}
+
 /// The JSON envelope, except that it refuses deposits of 5 cents.
 struct RefusesFive;
 

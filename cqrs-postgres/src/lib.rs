@@ -207,6 +207,30 @@ impl PostgresEventStore {
         Ok(events)
     }
 
+    /// The checkpoint of the `n`-th readable event after `after` (`None` when fewer are readable),
+    /// without reading the events: readers split a long read at it and read both parts at once
+    /// (every event up to it is settled, so a read up to it returns exactly `n` events).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the database fails.
+    pub async fn checkpoint_after(
+        &self,
+        after: Checkpoint,
+        n: usize,
+    ) -> Result<Option<Checkpoint>, StoreError> {
+        if n == 0 {
+            return Ok(Some(after));
+        }
+        let row = sqlx::query(AssertSqlSafe(self.sql.nth_after.clone()))
+            .bind(after.transaction.to_string())
+            .bind(to_i64(after.position)?)
+            .bind(i64::try_from(n).unwrap_or(i64::MAX))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        row.map(|row| rows::checkpoint(&row)).transpose()
+    }
+
     /// [`read_all_raw`](Self::read_all_raw) handing each event to `each` as its row arrives, so
     /// the caller's work on it overlaps the database sending the rest of the page. `each` stops
     /// the page with [`ControlFlow::Break`] (the rows left are read and dropped).

@@ -26,6 +26,7 @@ pub(crate) struct Sql {
     pub(crate) read_window_filtered: String,
     pub(crate) head_position: String,
     pub(crate) head: String,
+    pub(crate) nth_after: String,
     pub(crate) events_by_id: String,
     pub(crate) claim_key: String,
     pub(crate) set_key_versions: String,
@@ -150,6 +151,13 @@ impl Sql {
             head: format!(
                 "SELECT transaction_id::text AS transaction_text, global_position FROM {s}.events \
                  ORDER BY transaction_id DESC, global_position DESC LIMIT 1"
+            ),
+            // The $3-th readable event after ($1, $2), from the index alone where it can.
+            nth_after: format!(
+                "SELECT transaction_id::text AS transaction_text, global_position FROM {s}.events \
+                 WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                   AND (transaction_id, global_position) > ($1::text::xid8, $2) \
+                 ORDER BY transaction_id, global_position OFFSET $3 - 1 LIMIT 1"
             ),
             events_by_id: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events WHERE event_id = ANY($1)"

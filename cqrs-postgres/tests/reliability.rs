@@ -334,6 +334,29 @@ async fn randomized_soak_delivers_exactly_the_committed_events() {
         .map(|e| e.parse().unwrap_or_else(|e| panic!("{e}")))
         .collect();
     assert_eq!(reparsed, parsed);
+    // The n-th event's checkpoint, without reading the events.
+    let nth = |after, n| {
+        let store = store.clone();
+        async move {
+            store
+                .checkpoint_after(after, n)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+        }
+    };
+    assert_eq!(
+        nth(Checkpoint::START, 3_000).await,
+        Some(parsed[2_999].checkpoint)
+    );
+    assert_eq!(
+        nth(parsed[99].checkpoint, 1).await,
+        Some(parsed[100].checkpoint)
+    );
+    assert_eq!(
+        nth(parsed[99].checkpoint, 0).await,
+        Some(parsed[99].checkpoint)
+    );
+    assert_eq!(nth(Checkpoint::START, committed.len() + 1).await, None);
 }
 
 /// The append's future is dropped at random points (its outcome unknown to the caller), then the

@@ -133,27 +133,27 @@ async fn load(
     batch: usize,
 ) -> Result<Page, cqrs_core::StoreError> {
     let half = batch / 2;
-    if batch >= SPLIT_FROM {
-        if let Some(middle) = store.checkpoint_after(from, half).await? {
-            let second = tokio::spawn(load_part(
-                store.clone(),
-                serializer.clone(),
-                middle,
-                batch - half,
-            ));
-            let mut page = load_part(store, serializer, from, half).await?;
-            if page.refused.is_some() || page.events.last().map(|e| e.checkpoint) != Some(middle) {
-                // Stopped early (a refused event), or not what the split promised: the first
-                // half alone; the next page starts after it.
-                second.abort();
-                return Ok(page);
-            }
-            let second = second
-                .await
-                .map_err(|e| cqrs_core::StoreError::backend(format!("relay read task: {e}")))??;
-            page.append(second);
+    if batch >= SPLIT_FROM
+        && let Some(middle) = store.checkpoint_after(from, half).await?
+    {
+        let second = tokio::spawn(load_part(
+            store.clone(),
+            serializer.clone(),
+            middle,
+            batch - half,
+        ));
+        let mut page = load_part(store, serializer, from, half).await?;
+        if page.refused.is_some() || page.events.last().map(|e| e.checkpoint) != Some(middle) {
+            // Stopped early (a refused event), or not what the split promised: the first
+            // half alone; the next page starts after it.
+            second.abort();
             return Ok(page);
         }
+        let second = second
+            .await
+            .map_err(|e| cqrs_core::StoreError::backend(format!("relay read task: {e}")))??;
+        page.append(second);
+        return Ok(page);
     }
     load_part(store, serializer, from, batch).await
 }

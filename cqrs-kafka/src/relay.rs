@@ -122,18 +122,21 @@ struct Outgoing {
 /// Pages of at least this many events are read in two halves at once.
 const SPLIT_FROM: usize = 2_000;
 
-/// Reads up to `batch` events after `from` and makes them messages. A large page is split at the
-/// checkpoint of its middle event and both halves are read at once, on two connections and two
-/// tasks (everything up to the middle is settled, so the first half is exactly the events up to
-/// it; the second half is a gap-safe read of its own).
+/// Reads up to `batch` events after `from` and makes them messages. With `split` (the page
+/// before was full: there is a backlog), a large page is split at the checkpoint of its middle
+/// event and both halves are read at once, on two connections and two tasks (everything up to
+/// the middle is settled, so the first half is exactly the events up to it; the second half is a
+/// gap-safe read of its own).
 async fn load(
     store: PostgresEventStore,
     serializer: Arc<dyn EventSerializer>,
     from: Checkpoint,
     batch: usize,
+    split: bool,
 ) -> Result<Page, cqrs_core::StoreError> {
     let half = batch / 2;
-    if batch >= SPLIT_FROM
+    if split
+        && batch >= SPLIT_FROM
         && let Some(middle) = store.checkpoint_after(from, half).await?
     {
         let second = tokio::spawn(load_part(
@@ -326,7 +329,7 @@ fn create_producer(
 
 impl OutboxRelay {
     /// A relay named `kafka-relay` run by `owner` (unique per process), topics from
-    /// [`TopicMap::new`], JSON envelopes, batches of 1,000 and a 30 s lease.
+    /// [`TopicMap::new`], JSON envelopes, batches of 5,000 and a 30 s lease.
     ///
     /// # Errors
     /// [`KafkaError::Config`] when librdkafka refuses the configuration.
@@ -351,7 +354,7 @@ impl OutboxRelay {
             config,
             map,
             serializer: Arc::new(JsonEnvelope),
-            batch: 1_000,
+            batch: 5_000,
             metrics: RelayMetrics {
                 producers: 1,
                 ..RelayMetrics::default()
@@ -396,7 +399,8 @@ impl OutboxRelay {
         self
     }
 
-    /// How many events one step reads and sends at most.
+    /// How many events one step reads and sends at most: 5,000 by default (a page is only as
+    /// large as what is there to send; after a full page the next is read in two halves at once).
     #[must_use]
     pub fn with_batch(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
@@ -591,6 +595,7 @@ impl OutboxRelay {
                 self.serializer.clone(),
                 from,
                 self.batch,
+                false,
             )
         };
         let prefetched = match self.prefetch.take() {
@@ -606,11 +611,13 @@ impl OutboxRelay {
         };
         let page = prefetched?;
         if let (Some(last), None) = (page.events.last(), &page.refused) {
+            // A full page means a backlog: the next one is worth reading in two halves.
             let next = load(
                 self.store.clone(),
                 self.serializer.clone(),
                 last.checkpoint,
                 self.batch,
+                page.events.len() >= self.batch,
             );
             self.prefetch = Some(Prefetch {
                 from: last.checkpoint,

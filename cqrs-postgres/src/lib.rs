@@ -221,14 +221,17 @@ impl PostgresEventStore {
         if n == 0 {
             return Ok(Some(after));
         }
-        let row = sqlx::query(AssertSqlSafe(self.sql.nth_after.clone()))
+        let query = sqlx::query(AssertSqlSafe(self.sql.nth_after.clone()))
             .bind(after.transaction.to_string())
             .bind(to_i64(after.position)?)
-            .bind(i64::try_from(n).unwrap_or(i64::MAX))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend)?;
-        row.map(|row| rows::checkpoint(&row)).transpose()
+            .bind(i64::try_from(n).unwrap_or(i64::MAX));
+        let mut nth = None;
+        self.in_global_order(query, n, rows::checkpoint, |checkpoint| {
+            nth = Some(checkpoint);
+            ControlFlow::Continue(())
+        })
+        .await?;
+        Ok(nth)
     }
 
     /// [`read_all_raw`](Self::read_all_raw) handing each event to `each` as its row arrives, so
@@ -263,15 +266,27 @@ impl PostgresEventStore {
             .bind(after.transaction.to_string())
             .bind(to_i64(after.position)?)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX));
-        if limit <= SORT_SAFE_PAGE {
+        self.in_global_order(query, limit, read, each).await
+    }
+
+    /// Runs `query`, which walks up to `rows` events of the global order, handing each row read
+    /// by `read` to `each`. Above [`SORT_SAFE_PAGE`] rows it runs with sorts disabled, so the
+    /// planner walks the global-order index whatever its statistics say: on an events table not
+    /// analyzed yet (after a bulk load, before autovacuum's first ANALYZE) it guesses that a
+    /// ninth of the rows match and, for a few thousand rows, reads and sorts the whole table for
+    /// every page (measured: 30-95 ms per page of 5,000 at 100,000 events instead of 2 ms). The
+    /// transaction holds nothing but this one statement, so it reads the same snapshot as the
+    /// statement alone would.
+    async fn in_global_order<'q, E>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        rows: usize,
+        read: fn(&sqlx::postgres::PgRow) -> Result<E, StoreError>,
+        each: impl FnMut(E) -> ControlFlow<()> + Send,
+    ) -> Result<(), StoreError> {
+        if rows <= SORT_SAFE_PAGE {
             return rows::each_event(query, &self.pool, read, each).await;
         }
-        // A larger page is read with sorting disabled, so the planner walks the global-order
-        // index whatever its statistics say. On an events table not analyzed yet (after a bulk
-        // load, before autovacuum's first ANALYZE) it guesses that a ninth of the rows match and,
-        // for a page of a few thousand, reads and sorts the whole table for every page: measured
-        // 30-95 ms per page of 5,000 at 100,000 events instead of 2 ms. The transaction holds
-        // nothing but this one statement, so it reads the same snapshot as it would alone.
         let mut tx = Tx::begin(&self.pool).await.map_err(backend)?;
         if let Err(error) = sqlx::query("SET LOCAL enable_sort = off")
             .execute(&mut *tx)
@@ -929,7 +944,12 @@ impl EventStore for PostgresEventStore {
             .bind(i64::try_from(scan).unwrap_or(i64::MAX))
             .bind(&aggregate_types)
             .bind(&event_types);
-        let rows = fetch_events(query, &self.pool, 64).await?;
+        let mut rows = Vec::new();
+        self.in_global_order(query, scan, stored_event, |event| {
+            rows.push(event);
+            ControlFlow::Continue(())
+        })
+        .await?;
         // The last row is the window's end, subscribed or not; the query matched each event type
         // with each aggregate type: keep the exact pairs.
         let scanned_to = rows.last().map_or(after, |e| e.checkpoint);
@@ -982,7 +1002,7 @@ impl EventStore for PostgresEventStore {
     }
 }
 
-/// The largest page read without disabling sorts (see `read_all_each`): below it the planner
+/// The largest page read without disabling sorts (see `in_global_order`): below it the planner
 /// prefers the ordered index scan even without statistics, at 100,000 events (measured: it
 /// switches to scanning and sorting the table between 2,000 and 5,000).
 const SORT_SAFE_PAGE: usize = 1_000;

@@ -198,13 +198,9 @@ impl PostgresEventStore {
         after: Checkpoint,
         limit: usize,
     ) -> Result<Vec<RawStoredEvent>, StoreError> {
-        let mut events = Vec::with_capacity(limit.min(10_000));
-        self.read_all_each(after, limit, rows::raw_stored_event, |e| {
-            events.push(e);
-            ControlFlow::Continue(())
-        })
-        .await?;
-        Ok(events)
+        let query = self.read_all_query(after, limit)?;
+        self.collect_in_global_order(query, limit, rows::raw_stored_event)
+            .await
     }
 
     /// The checkpoint of the `n`-th readable event after `after` (`None` when fewer are readable),
@@ -246,27 +242,38 @@ impl PostgresEventStore {
         limit: usize,
         each: impl FnMut(RawStoredEvent) -> ControlFlow<()> + Send,
     ) -> Result<(), StoreError> {
-        self.read_all_each(after, limit, rows::raw_stored_event, each)
+        let query = self.read_all_query(after, limit)?;
+        self.in_global_order(query, limit, rows::raw_stored_event, each)
             .await
     }
 
-    /// The readable events after `after`, at most `limit`, each row read by `read` and handed to
-    /// `each` in order.
-    async fn read_all_each<E>(
+    /// The query of the readable events after `after`, at most `limit`.
+    fn read_all_query(
         &self,
         after: Checkpoint,
         limit: usize,
-        read: fn(&sqlx::postgres::PgRow) -> Result<E, StoreError>,
-        each: impl FnMut(E) -> ControlFlow<()> + Send,
-    ) -> Result<(), StoreError> {
-        if limit == 0 {
-            return Ok(());
-        }
-        let query = sqlx::query(AssertSqlSafe(self.sql.read_all.clone()))
+    ) -> Result<sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>, StoreError>
+    {
+        Ok(sqlx::query(AssertSqlSafe(self.sql.read_all.clone()))
             .bind(after.transaction.to_string())
             .bind(to_i64(after.position)?)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
-        self.in_global_order(query, limit, read, each).await
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX)))
+    }
+
+    /// [`in_global_order`](Self::in_global_order) into a vector.
+    async fn collect_in_global_order<'q, E: Send>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        rows: usize,
+        read: fn(&sqlx::postgres::PgRow) -> Result<E, StoreError>,
+    ) -> Result<Vec<E>, StoreError> {
+        let mut events = Vec::with_capacity(rows.min(10_000));
+        self.in_global_order(query, rows, read, |e| {
+            events.push(e);
+            ControlFlow::Continue(())
+        })
+        .await?;
+        Ok(events)
     }
 
     /// Runs `query`, which walks up to `rows` events of the global order, handing each row read
@@ -284,6 +291,9 @@ impl PostgresEventStore {
         read: fn(&sqlx::postgres::PgRow) -> Result<E, StoreError>,
         each: impl FnMut(E) -> ControlFlow<()> + Send,
     ) -> Result<(), StoreError> {
+        if rows == 0 {
+            return Ok(());
+        }
         if rows <= SORT_SAFE_PAGE {
             return rows::each_event(query, &self.pool, read, each).await;
         }
@@ -944,12 +954,9 @@ impl EventStore for PostgresEventStore {
             .bind(i64::try_from(scan).unwrap_or(i64::MAX))
             .bind(&aggregate_types)
             .bind(&event_types);
-        let mut rows = Vec::new();
-        self.in_global_order(query, scan, stored_event, |event| {
-            rows.push(event);
-            ControlFlow::Continue(())
-        })
-        .await?;
+        let rows = self
+            .collect_in_global_order(query, scan, stored_event)
+            .await?;
         // The last row is the window's end, subscribed or not; the query matched each event type
         // with each aggregate type: keep the exact pairs.
         let scanned_to = rows.last().map_or(after, |e| e.checkpoint);
@@ -992,13 +999,9 @@ impl EventStore for PostgresEventStore {
         after: Checkpoint,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let mut events = Vec::with_capacity(limit.min(10_000));
-        self.read_all_each(after, limit, stored_event, |e| {
-            events.push(e);
-            ControlFlow::Continue(())
-        })
-        .await?;
-        Ok(events)
+        let query = self.read_all_query(after, limit)?;
+        self.collect_in_global_order(query, limit, stored_event)
+            .await
     }
 }
 

@@ -42,27 +42,14 @@ pub(crate) fn checkpoint(row: &PgRow) -> Result<Checkpoint, StoreError> {
 }
 
 /// Runs `query` (which selects `EVENT_COLUMNS`) and reads every row as a stored event, into a
-/// vector made for `expected` rows (a page read fills it without regrowing and moving it).
+/// vector made for `expected` rows.
 pub(crate) async fn fetch_events<'q>(
     query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     pool: &sqlx::PgPool,
     expected: usize,
 ) -> Result<Vec<StoredEvent>, StoreError> {
-    fetch_events_as(query, pool, expected, stored_event).await
-}
-
-/// [`fetch_events`] with each row read by `read`.
-pub(crate) async fn fetch_events_as<'q, 'c, E: Send>(
-    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    executor: impl sqlx::Executor<'c, Database = sqlx::Postgres>,
-    expected: usize,
-    read: fn(&PgRow) -> Result<E, StoreError>,
-) -> Result<Vec<E>, StoreError>
-where
-    'q: 'c,
-{
     let mut events = Vec::with_capacity(expected.min(10_000));
-    each_event(query, executor, read, |e| {
+    each_event(query, pool, stored_event, |e| {
         events.push(e);
         ControlFlow::Continue(())
     })

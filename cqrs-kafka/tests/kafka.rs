@@ -185,6 +185,17 @@ fn audit(stored: &[cqrs_core::StoredEvent], read: &[Read]) -> (usize, usize, usi
     (missing, duplicates, inversions)
 }
 
+/// Topics named as no earlier run named them, with `partitions` partitions, and the name of the
+/// `account` topic among them.
+fn account_topics(name: &str, partitions: i32) -> (TopicMap, String) {
+    let prefix = format!("{}.", unique(name));
+    let map = TopicMap::new()
+        .with_prefix(prefix.clone())
+        .and_then(|m| m.with_layout(partitions, 1))
+        .unwrap_or_else(|e| panic!("{e}"));
+    (map, format!("{prefix}account"))
+}
+
 fn distinct(read: &[Read]) -> usize {
     read.iter()
         .map(|r| r.event.event_id)
@@ -196,11 +207,7 @@ fn distinct(read: &[Read]) -> usize {
 async fn every_event_reaches_its_topic_keyed_in_order_with_its_headers() {
     let store = pg::fresh_store("k_basic").await;
     deposit(&store, 1, 300, 7).await;
-    let prefix = format!("{}.", unique("basic"));
-    let map = TopicMap::new()
-        .with_prefix(prefix.clone())
-        .and_then(|m| m.with_layout(3, 1))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (map, topic) = account_topics("basic", 3);
     let mut relay = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "relay-a")
         .and_then(|r| r.with_topics(map.clone()))
         .unwrap_or_else(|e| panic!("{e}"))
@@ -215,7 +222,6 @@ async fn every_event_reaches_its_topic_keyed_in_order_with_its_headers() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(matches!(other.step().await, Err(KafkaError::LeaseLost(_))));
 
-    let topic = format!("{prefix}account");
     let stored = all_events(&store).await;
     let read = read_until(&brokers(), std::slice::from_ref(&topic), |r| r.len() >= 300).await;
     assert_eq!(audit(&stored, &read), (0, 0, 0));
@@ -298,10 +304,7 @@ async fn large_pages_read_in_two_halves_lose_and_reorder_nothing_under_concurren
     // checkpoint), while writers keep committing.
     let store = pg::fresh_store("k_halves").await;
     deposit(&store, 1, 5_000, 31).await;
-    let prefix = format!("{}.", unique("halves"));
-    let map = TopicMap::new()
-        .with_prefix(prefix.clone())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (map, topic) = account_topics("halves", 6);
     let writers: Vec<_> = (0..4u64)
         .map(|w| {
             let store = store.clone();
@@ -331,7 +334,6 @@ async fn large_pages_read_in_two_halves_lose_and_reorder_nothing_under_concurren
     assert!(full >= 2, "full pages: {full}");
     let stored = all_events(&store).await;
     assert_eq!(stored.len(), 6_000);
-    let topic = format!("{prefix}account");
     let read = read_until(&brokers(), std::slice::from_ref(&topic), |r| {
         distinct(r) >= stored.len()
     })
@@ -374,10 +376,7 @@ impl EventSerializer for RefusesFive {
 async fn an_event_the_serializer_refuses_stops_the_relay_before_it() {
     let store = pg::fresh_store("k_refuse").await;
     deposit(&store, 1, 8, 3).await;
-    let prefix = format!("{}.", unique("refuse"));
-    let map = TopicMap::new()
-        .with_prefix(prefix.clone())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (map, topic) = account_topics("refuse", 6);
     let stored = all_events(&store).await;
     for batch in [3, 100] {
         let mut relay = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "refuse")
@@ -406,7 +405,6 @@ async fn an_event_the_serializer_refuses_stops_the_relay_before_it() {
         // Again: it stops at the same event.
         assert!(matches!(relay.step().await, Err(KafkaError::Serialize(_))));
     }
-    let topic = format!("{prefix}account");
     let read = read_until(&brokers(), std::slice::from_ref(&topic), |r| r.len() >= 8).await;
     // Two relays (batches of 3 and of 100) each published the first four, and only those.
     let amounts: HashSet<u64> = read
@@ -446,10 +444,7 @@ async fn a_relay_killed_at_random_points_loses_nothing_and_keeps_per_stream_orde
     const KILLS: usize = 200;
     let store = pg::fresh_store("k_kill").await;
     effects_table(&store).await;
-    let prefix = format!("{}.", unique("kill"));
-    let map = TopicMap::new()
-        .with_prefix(prefix.clone())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (map, topic) = account_topics("kill", 6);
     // One record per producer batch: tansu 0.6.0 returns nothing of a record batch to a consumer
     // that resumes at an offset inside it (its fetch looks for batches starting at or after the
     // offset), so a consumer group restarted mid-batch would skip the rest of that batch. Real
@@ -517,7 +512,6 @@ async fn a_relay_killed_at_random_points_loses_nothing_and_keeps_per_stream_orde
 
     let stored = all_events(&store).await;
     assert_eq!(stored.len() as u64, WRITERS * PER_WRITER);
-    let topic = format!("{prefix}account");
     let read = read_until(&brokers(), std::slice::from_ref(&topic), |r| {
         distinct(r) >= stored.len()
     })
@@ -739,10 +733,7 @@ async fn a_broker_stopped_and_restarted_mid_stream_loses_and_reorders_nothing() 
     ];
     let mut broker = OwnBroker::start();
     let store = pg::fresh_store("k_restart").await;
-    let prefix = format!("{}.", unique("restart"));
-    let map = TopicMap::new()
-        .with_prefix(prefix.clone())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (map, topic) = account_topics("restart", 6);
     // Reconnect attempts at most every 500 ms (librdkafka's default backs off to 10 s).
     let config = KafkaConfig::new(broker.address())
         .set("reconnect.backoff.max.ms", "500")
@@ -820,7 +811,6 @@ async fn a_broker_stopped_and_restarted_mid_stream_loses_and_reorders_nothing() 
 
     let stored = all_events(&store).await;
     assert_eq!(stored.len() as u64, appended);
-    let topic = format!("{prefix}account");
     let read = read_until(&broker.address(), std::slice::from_ref(&topic), |r| {
         distinct(r) >= stored.len()
     })
@@ -846,17 +836,12 @@ async fn poison_and_malformed_messages_go_to_the_dead_letter_topic_and_the_rest_
     let store = pg::fresh_store("k_poison").await;
     effects_table(&store).await;
     deposit(&store, 1, 60, 5).await;
-    let prefix = format!("{}.", unique("poison"));
-    let map = TopicMap::new()
-        .with_prefix(prefix.clone())
-        .and_then(|m| m.with_layout(2, 1))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (map, topic) = account_topics("poison", 2);
     let config = KafkaConfig::new(brokers());
     let mut relay = OutboxRelay::new(store.clone(), config.clone(), "relay")
         .and_then(|r| r.with_topics(map))
         .unwrap_or_else(|e| panic!("{e}"));
     drain(&mut relay, &store).await;
-    let topic = format!("{prefix}account");
 
     // Malformed messages from some other producer, between the good ones.
     let producer: FutureProducer = ClientConfig::new()

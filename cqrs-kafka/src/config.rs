@@ -134,6 +134,7 @@ pub struct TopicMap {
     routes: BTreeMap<String, String>,
     partitions: i32,
     replication: i32,
+    create: bool,
 }
 
 impl Default for TopicMap {
@@ -143,6 +144,7 @@ impl Default for TopicMap {
             routes: BTreeMap::new(),
             partitions: 6,
             replication: 1,
+            create: true,
         }
     }
 }
@@ -207,6 +209,22 @@ impl TopicMap {
     #[must_use]
     pub fn layout(&self) -> (i32, i32) {
         (self.partitions, self.replication)
+    }
+
+    /// Whether the relay creates missing topics (the default) or expects them to exist: turn it
+    /// off where topics are managed outside the application (ACLs that forbid clients creating
+    /// topics, infrastructure as code). A topic that does not exist then fails the deliveries
+    /// to it (`KafkaError::Delivery`, naming the topic) and the relay retries from there.
+    #[must_use]
+    pub fn with_topic_creation(mut self, create: bool) -> Self {
+        self.create = create;
+        self
+    }
+
+    /// Whether missing topics are created.
+    #[must_use]
+    pub fn creates_topics(&self) -> bool {
+        self.create
     }
 
     /// The topic of `aggregate_type`'s events.

@@ -14,6 +14,13 @@ pub use subscriber::{
     SubscriberMetrics, Transactional,
 };
 
+/// The tracing target of the periodic reports: the relay's `relay report` (lag, delivered,
+/// failures, producers, rate) and the subscriber's `consumer lag` (per partition).
+pub const METRICS_TARGET: &str = "cqrs_kafka::metrics";
+
+/// How often `run` reports by default.
+pub(crate) const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What went wrong talking to Kafka or the store.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaError {

@@ -88,6 +88,8 @@ pub struct OutboxRelay {
     acked: Option<Checkpoint>,
     /// When this relay last stored the checkpoint (never yet: the first acknowledged prefix is stored at once).
     moved: Option<Instant>,
+    /// How often [`run`](OutboxRelay::run) reports its counters and lag.
+    report_every: Duration,
 }
 
 /// How often the checkpoint is stored while the relay publishes.
@@ -339,9 +341,8 @@ impl OutboxRelay {
         owner: impl Into<String>,
     ) -> Result<Self, KafkaError> {
         let map = TopicMap::new();
-        let (partitions, replication) = map.layout();
         Ok(Self {
-            topics: Topics::new(&config, partitions, replication)?,
+            topics: Topics::of(&config, &map)?,
             producer: create_producer(&config, 0)?,
             next: 0,
             lease: CheckpointLease::new(
@@ -366,6 +367,7 @@ impl OutboxRelay {
             moved: None,
             sent: None,
             stepping: false,
+            report_every: crate::REPORT_EVERY,
         })
     }
 
@@ -386,8 +388,7 @@ impl OutboxRelay {
     /// # Errors
     /// [`KafkaError::Config`] when librdkafka refuses the configuration.
     pub fn with_topics(mut self, map: TopicMap) -> Result<Self, KafkaError> {
-        let (partitions, replication) = map.layout();
-        self.topics = Topics::new(&self.config, partitions, replication)?;
+        self.topics = Topics::of(&self.config, &map)?;
         self.map = map;
         Ok(self)
     }
@@ -405,6 +406,30 @@ impl OutboxRelay {
     pub fn with_batch(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
         self
+    }
+
+    /// How often [`run`](Self::run) reports the relay's lag and counters as a tracing event
+    /// (target `cqrs_kafka::metrics`, message `relay report`; 10 s by default).
+    #[must_use]
+    pub fn with_report_every(mut self, every: Duration) -> Self {
+        self.report_every = every;
+        self
+    }
+
+    /// Emits the `relay report` event: lag, delivered, failures, producers, the last rate.
+    async fn report(&self) {
+        let m = self.metrics;
+        match self.lag().await {
+            Ok(lag) => tracing::info!(
+                target: crate::METRICS_TARGET,
+                relay = self.lease.name(), lag, delivered = m.delivered, failures = m.failures,
+                producers = m.producers, rate = m.last_rate, "relay report"
+            ),
+            Err(error) => tracing::warn!(
+                target: crate::METRICS_TARGET,
+                relay = self.lease.name(), %error, "relay report: the lag is unknown"
+            ),
+        }
     }
 
     /// How long the lease lasts without a step.
@@ -752,7 +777,8 @@ impl OutboxRelay {
     /// Publishes until `shutdown` completes: steps while there is work, then waits for a commit
     /// notification or `poll`. Failures (broker down, lease held elsewhere, database errors) are
     /// logged and retried with a backoff up to 5 s; only an event that cannot be serialized stops
-    /// it (nothing after it may be published before it). Returns the counters.
+    /// it (nothing after it may be published before it). Reports its lag and counters every
+    /// [`with_report_every`](Self::with_report_every). Returns the counters.
     ///
     /// # Errors
     /// [`KafkaError::Serialize`] for an event the serializer refuses.
@@ -764,7 +790,12 @@ impl OutboxRelay {
         tokio::pin!(shutdown);
         let mut wakeups = None;
         let mut backoff = Duration::from_millis(20);
+        let mut reported = Instant::now();
         loop {
+            if reported.elapsed() >= self.report_every {
+                reported = Instant::now();
+                self.report().await;
+            }
             if wakeups.is_none() {
                 wakeups = self.store.listen().await.ok();
             }

@@ -28,6 +28,7 @@ use rdkafka::message::{BorrowedMessage, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::PgConnection;
 use tracing::Instrument;
+use tracing::instrument::WithSubscriber;
 
 use crate::envelope::{header, text};
 use crate::topics::Topics;
@@ -233,6 +234,7 @@ pub struct KafkaSubscriber<H> {
     attempts: u32,
     backoff: Duration,
     metrics: SubscriberMetrics,
+    report_every: Duration,
 }
 
 impl<H> std::fmt::Debug for KafkaSubscriber<H> {
@@ -285,7 +287,7 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
         Ok(Self {
             consumer: Arc::new(consumer),
             dlq,
-            dlq_topics: Topics::new(config, 1, 1)?,
+            dlq_topics: Topics::new(config, 1, 1, true)?,
             dlq_suffix: ".dlq".to_owned(),
             handler,
             group,
@@ -293,6 +295,7 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
             attempts: 5,
             backoff: Duration::from_millis(100),
             metrics: SubscriberMetrics::default(),
+            report_every: crate::REPORT_EVERY,
         })
     }
 
@@ -309,6 +312,23 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
     #[must_use]
     pub fn with_dlq_suffix(mut self, suffix: impl Into<String>) -> Self {
         self.dlq_suffix = suffix.into();
+        self
+    }
+
+    /// Whether missing dead-letter topics are created (the default; 1 partition, replication 1)
+    /// or expected to exist (topics managed outside the application): a dead letter to a topic
+    /// that does not exist then fails, and the message stays uncommitted until it can be sent.
+    #[must_use]
+    pub fn with_dlq_topic_creation(mut self, create: bool) -> Self {
+        self.dlq_topics.set_creation(create);
+        self
+    }
+
+    /// How often [`run`](Self::run) reports the lag of each assigned partition as tracing events
+    /// (target `cqrs_kafka::metrics`, message `consumer lag`; 10 s by default).
+    #[must_use]
+    pub fn with_report_every(mut self, every: Duration) -> Self {
+        self.report_every = every;
         self
     }
 
@@ -446,7 +466,8 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
 
     /// Handles messages until `shutdown` completes, then commits the stored offsets. Receive and
     /// dead-letter failures are logged and retried after a pause (the message is not lost: its
-    /// offset was not stored). Returns the counters.
+    /// offset was not stored). Reports the lag per partition every
+    /// [`with_report_every`](Self::with_report_every). Returns the counters.
     ///
     /// # Errors
     /// [`KafkaError::Kafka`] when the final commit fails.
@@ -455,6 +476,13 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
         shutdown: impl Future<Output = ()>,
     ) -> Result<SubscriberMetrics, KafkaError> {
         tokio::pin!(shutdown);
+        // On a task of its own, so that a long poll (a handler retrying) does not hold it up.
+        let reports = tokio::spawn(
+            self.lag_probe()
+                .report(self.report_every)
+                .with_current_subscriber(),
+        );
+        let _stop_reports = AbortOnDrop(reports);
         loop {
             let outcome = tokio::select! {
                 biased;
@@ -535,6 +563,38 @@ impl LagProbe {
         tokio::task::spawn_blocking(move || partition_lag(&consumer))
             .await
             .map_err(|e| KafkaError::Config(format!("the lag query panicked: {e}")))?
+    }
+
+    /// Every `every`, emits a `consumer lag` event per assigned partition (target
+    /// `cqrs_kafka::metrics`), until dropped.
+    async fn report(self, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            match self.lag().await {
+                Ok(lags) => {
+                    for lag in lags {
+                        tracing::info!(
+                            target: crate::METRICS_TARGET,
+                            consumer = %self.group, topic = %lag.topic, partition = lag.partition,
+                            lag = lag.lag, high_watermark = lag.high_watermark, "consumer lag"
+                        );
+                    }
+                }
+                Err(error) => tracing::warn!(
+                    target: crate::METRICS_TARGET,
+                    consumer = %self.group, %error, "consumer lag: unknown"
+                ),
+            }
+        }
+    }
+}
+
+/// Aborts the task when dropped (however the owner returns).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -7,14 +7,15 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::{KafkaConfig, KafkaError};
+use crate::{KafkaConfig, KafkaError, TopicMap};
 
-/// Creates topics once each (and again after [`forget`](Self::forget)).
+/// Creates topics once each (and again after [`forget`](Self::forget)), unless creation is off.
 pub(crate) struct Topics {
     admin: AdminClient<DefaultClientContext>,
     known: HashSet<String>,
     partitions: i32,
     replication: i32,
+    create: bool,
 }
 
 impl Topics {
@@ -22,6 +23,7 @@ impl Topics {
         config: &KafkaConfig,
         partitions: i32,
         replication: i32,
+        create: bool,
     ) -> Result<Self, KafkaError> {
         let admin = config
             .client("-admin", &[])
@@ -32,14 +34,29 @@ impl Topics {
             known: HashSet::new(),
             partitions,
             replication,
+            create,
         })
     }
 
-    /// Makes sure each of `topics` exists (an existing one is fine).
+    /// The relay's: creating topics with `map`'s layout, if `map` creates topics.
+    pub(crate) fn of(config: &KafkaConfig, map: &TopicMap) -> Result<Self, KafkaError> {
+        let (partitions, replication) = map.layout();
+        Self::new(config, partitions, replication, map.creates_topics())
+    }
+
+    /// Turns creation on or off.
+    pub(crate) fn set_creation(&mut self, create: bool) {
+        self.create = create;
+    }
+
+    /// Makes sure each of `topics` exists (an existing one is fine); nothing when creation is off.
     pub(crate) async fn ensure<'a>(
         &mut self,
         topics: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), KafkaError> {
+        if !self.create {
+            return Ok(());
+        }
         let mut missing: Vec<&str> = topics
             .into_iter()
             .filter(|t| !self.known.contains(*t))

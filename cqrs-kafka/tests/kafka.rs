@@ -264,6 +264,54 @@ async fn every_event_reaches_its_topic_keyed_in_order_with_its_headers() {
     }
 }
 
+/// With topic creation off, a topic that does not exist fails the deliveries to it, naming it;
+/// nothing is checkpointed; once the topic is made (by whoever manages topics) the relay sends
+/// everything from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_creation_off_a_missing_topic_fails_the_delivery_and_nothing_is_skipped() {
+    let store = pg::fresh_store("k_no_create").await;
+    deposit(&store, 1, 30, 3).await;
+    let (map, topic) = account_topics("nocreate", 2);
+    let config = KafkaConfig::new(brokers())
+        .set("topic.metadata.propagation.max.ms", "200")
+        .set("message.timeout.ms", "3000");
+    let mut relay = OutboxRelay::new(store.clone(), config, "no-create")
+        .and_then(|r| r.with_topics(map.clone().with_topic_creation(false)))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_batch(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let failure = loop {
+        assert!(Instant::now() < deadline, "no delivery failed");
+        match relay.step().await {
+            Ok(_) => {}
+            Err(KafkaError::Delivery(error)) => break error,
+            Err(other) => panic!("{other}"),
+        }
+    };
+    assert_eq!(failure.topic, topic);
+    assert!(failure.to_string().contains(&topic), "{failure}");
+    assert_eq!(
+        relay.checkpoint().await.unwrap_or_else(|e| panic!("{e}")),
+        cqrs_core::Checkpoint::START
+    );
+    // The topic is made elsewhere (here: by a relay that creates topics).
+    let mut creator = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "creator")
+        .and_then(|r| r.with_topics(map))
+        .unwrap_or_else(|e| panic!("{e}"));
+    creator
+        .create_topics(&["account"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    drain(&mut relay, &store).await;
+    let stored = all_events(&store).await;
+    let read = read_until(&brokers(), std::slice::from_ref(&topic), |r| {
+        distinct(r) >= 30
+    })
+    .await;
+    let (missing, _, inversions) = audit(&stored, &read);
+    assert_eq!((missing, inversions), (0, 0));
+}
+
 /// Counts every deposit it applies, one row per application: a second effect of one event shows
 /// as a second row.
 #[derive(Projection)]
@@ -979,4 +1027,284 @@ async fn poison_and_malformed_messages_go_to_the_dead_letter_topic_and_the_rest_
         .collect();
     assert_eq!(poisoned.len(), 7, "{letters:?}");
     assert!(poisoned.iter().all(|l| l.2 == "3"), "{letters:?}");
+}
+
+// On librdkafka's in-process mock cluster: broker responses no real broker gives on demand.
+
+/// A mock cluster of one broker with `topic` (`partitions` partitions) already there, and a relay
+/// on it that expects its topics to exist (the mock cluster has no CreateTopics).
+fn mock_relay(
+    store: &PostgresEventStore,
+    topic: &str,
+    partitions: i32,
+) -> (
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    OutboxRelay,
+) {
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap_or_else(|e| panic!("{e}"));
+    mock.create_topic(topic, partitions, 1)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let map = TopicMap::new()
+        .route("account", topic)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_topic_creation(false);
+    let relay = OutboxRelay::new(
+        store.clone(),
+        KafkaConfig::new(mock.bootstrap_servers()),
+        "mock-relay",
+    )
+    .and_then(|r| r.with_topics(map))
+    .unwrap_or_else(|e| panic!("{e}"));
+    (mock, relay)
+}
+
+/// Produce requests the broker refuses (an authorization failure, which librdkafka does not
+/// retry): the step that meets the first failed report stops, the checkpoint stays before that
+/// event, the producer is replaced, and the next steps send everything from it on: nothing is
+/// missing and no stream's events are read out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_produce_requests_stop_the_checkpoint_before_them_and_reorder_nothing() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let store = pg::fresh_store("k_mock_refused").await;
+    deposit(&store, 1, 240, 8).await;
+    let (mock, relay) = mock_relay(&store, "account", 3);
+    let mut relay = relay.with_batch(40);
+    // The first step sends a page, which is delivered; then the broker refuses one produce
+    // request while the relay keeps sending.
+    let first = relay.step().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first.sent, 40);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 1],
+    );
+    let mut failure = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while failure.is_none() {
+        assert!(Instant::now() < deadline, "no delivery failed");
+        match relay.step().await {
+            Err(KafkaError::Delivery(error)) => failure = Some(error),
+            Err(other) => panic!("{other}"),
+            Ok(step) => assert!(
+                step.sent > 0 || step.delivered > 0,
+                "caught up without a failure"
+            ),
+        }
+    }
+    let failure = failure.unwrap_or_else(|| unreachable!());
+    assert_eq!(failure.topic, "account");
+    assert!(
+        failure.source.to_string().contains("authoriz"),
+        "{}",
+        failure.source
+    );
+    let stored = all_events(&store).await;
+    let failed = stored
+        .iter()
+        .find(|e| e.event_id == failure.event_id)
+        .unwrap_or_else(|| panic!("the failed event is not in the store"));
+    let checkpoint = relay.checkpoint().await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        checkpoint < failed.checkpoint,
+        "the checkpoint {checkpoint:?} passed the undelivered event at {:?}",
+        failed.checkpoint
+    );
+    assert_eq!(relay.metrics().failures, 1);
+    assert_eq!(relay.metrics().producers, 2);
+
+    drain(&mut relay, &store).await;
+    let read = read_until(&mock.bootstrap_servers(), &["account".to_owned()], |r| {
+        distinct(r) >= 240
+    })
+    .await;
+    let (missing, duplicates, inversions) = audit(&stored, &read);
+    eprintln!(
+        "refused produce: failed at {:?}, checkpoint then {checkpoint:?}, {} read, {duplicates} duplicates",
+        failed.checkpoint,
+        read.len()
+    );
+    assert_eq!((missing, inversions), (0, 0));
+}
+
+/// A broker slower than the message timeout: deliveries in flight time out (librdkafka fails
+/// them locally, not knowing whether the broker wrote them), the relay starts again from the
+/// first of them with a new producer, and once the broker is fast again everything is there,
+/// in order per stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deliveries_timing_out_on_a_slow_broker_are_sent_again_in_order() {
+    let store = pg::fresh_store("k_mock_slow").await;
+    deposit(&store, 1, 240, 8).await;
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap_or_else(|e| panic!("{e}"));
+    mock.create_topic("account", 3, 1)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let map = TopicMap::new()
+        .route("account", "account")
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_topic_creation(false);
+    let config = KafkaConfig::new(mock.bootstrap_servers())
+        .set("message.timeout.ms", "300")
+        .set("request.timeout.ms", "200");
+    let mut relay = OutboxRelay::new(store.clone(), config, "mock-relay")
+        .and_then(|r| r.with_topics(map))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_batch(20);
+    relay.step().await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    mock.broker_round_trip_time(1, Duration::from_millis(1_000))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut failures = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while failures < 2 && Instant::now() < deadline {
+        if let Err(error) = relay.step().await {
+            assert!(
+                error.to_string().contains("timed out"),
+                "not a timeout: {error}"
+            );
+            failures += 1;
+        }
+    }
+    mock.broker_round_trip_time(1, Duration::ZERO)
+        .unwrap_or_else(|e| panic!("{e}"));
+    drain(&mut relay, &store).await;
+    let stored = all_events(&store).await;
+    let read = read_until(&mock.bootstrap_servers(), &["account".to_owned()], |r| {
+        distinct(r) >= 240
+    })
+    .await;
+    let (missing, duplicates, inversions) = audit(&stored, &read);
+    eprintln!(
+        "slow broker: {failures} failed steps, {} read, {duplicates} duplicates, metrics {:?}",
+        read.len(),
+        relay.metrics()
+    );
+    assert_eq!(failures, 2, "deliveries did not time out");
+    assert_eq!((missing, inversions), (0, 0));
+}
+
+/// The events of target `cqrs_kafka::metrics`: their message and fields, as text.
+#[derive(Clone, Default)]
+struct Reports(std::sync::Arc<std::sync::Mutex<Vec<BTreeMap<String, String>>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Reports {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Fields<'a>(&'a mut BTreeMap<String, String>);
+        impl tracing::field::Visit for Fields<'_> {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.insert(field.name().to_owned(), format!("{value:?}"));
+            }
+        }
+        if event.metadata().target() == cqrs_kafka::METRICS_TARGET {
+            let mut fields = BTreeMap::new();
+            event.record(&mut Fields(&mut fields));
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(fields);
+        }
+    }
+}
+
+impl Reports {
+    /// The fields of the events whose message is `message`.
+    fn of(&self, message: &str) -> Vec<BTreeMap<String, String>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|f| f.get("message").map(String::as_str) == Some(message))
+            .cloned()
+            .collect()
+    }
+}
+
+/// While running, the relay reports its lag and counters and the subscriber the lag of each of
+/// its partitions, as tracing events, until both are caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn running_relay_and_subscriber_report_their_lag_as_tracing_events() {
+    use tracing::instrument::WithSubscriber;
+    use tracing_subscriber::layer::SubscriberExt;
+    let reports = Reports::default();
+    let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(reports.clone()));
+
+    let store = pg::fresh_store("k_reports").await;
+    effects_table(&store).await;
+    deposit(&store, 1, 50, 5).await;
+    let (map, topic) = account_topics("reports", 2);
+    let mut relay = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "reports")
+        .and_then(|r| r.with_topics(map))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_report_every(Duration::from_millis(50));
+    relay
+        .create_topics(&["account"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let handler = Transactional::new(
+        store.clone(),
+        DepositEffects {
+            schema: store.schema().to_owned(),
+            poison: false,
+        },
+    );
+    let subscriber = KafkaSubscriber::new(
+        &KafkaConfig::new(brokers()),
+        unique("reports"),
+        &[topic.as_str()],
+        handler,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .with_report_every(Duration::from_millis(50));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let relay = tokio::spawn(
+        relay
+            .run(Duration::from_millis(20), until_stopped(stopped.clone()))
+            .with_subscriber(dispatch.clone()),
+    );
+    let consumer = tokio::spawn(
+        subscriber
+            .run(until_stopped(stopped))
+            .with_subscriber(dispatch),
+    );
+    // Until the relay reports no lag and the consumer has applied everything and reported no lag
+    // in both partitions.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no reports of a caught-up relay and consumer"
+        );
+        let relay_done = reports.of("relay report").iter().any(|r| {
+            r.get("lag").map(String::as_str) == Some("0")
+                && r.get("delivered").map(String::as_str) == Some("50")
+        });
+        let lags = reports.of("consumer lag");
+        let caught_up: HashSet<&str> = lags
+            .iter()
+            .filter(|r| r.get("lag").map(String::as_str) == Some("0"))
+            .filter_map(|r| r.get("partition").map(String::as_str))
+            .collect();
+        if relay_done && effects(&store).await.1 == 50 && caught_up.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(true).ok();
+    relay.await.ok();
+    consumer.await.ok();
+    let relay_reports = reports.of("relay report");
+    let first = &relay_reports[0];
+    for field in ["relay", "lag", "delivered", "failures", "producers", "rate"] {
+        assert!(first.contains_key(field), "{field} missing from {first:?}");
+    }
+    let lags = reports.of("consumer lag");
+    for field in ["consumer", "topic", "partition", "lag", "high_watermark"] {
+        assert!(
+            lags[0].contains_key(field),
+            "{field} missing from {:?}",
+            lags[0]
+        );
+    }
+    assert!(lags.iter().all(|r| r.get("topic") == Some(&topic)));
 }

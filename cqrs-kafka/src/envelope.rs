@@ -5,7 +5,7 @@ use cqrs_core::{
     AggregateId, Checkpoint, EventId, Metadata, RawStoredEvent, StoredEvent, StreamId,
 };
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// The header names the relay sets on every message.
 pub mod header {
@@ -118,20 +118,6 @@ pub trait EventSerializer: Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct JsonEnvelope;
 
-#[derive(Serialize)]
-struct EnvelopeRef<'a, P> {
-    event_id: EventId,
-    aggregate_type: &'a str,
-    aggregate_id: &'a AggregateId,
-    version: u64,
-    event_type: &'a str,
-    schema_version: u32,
-    payload: &'a P,
-    metadata: &'a Metadata,
-    recorded_at: DateTime<Utc>,
-    checkpoint: Checkpoint,
-}
-
 #[derive(Deserialize)]
 struct Envelope {
     event_id: EventId,
@@ -189,49 +175,170 @@ impl EventSerializer for JsonEnvelope {
     }
 }
 
-/// Writes the envelope of `event` (its payload parsed or raw) as JSON to `out`.
-fn write_envelope<P: Serialize>(
+/// A payload the envelope writer can put in place: the stored JSON text as it is, or a parsed
+/// value serialized.
+trait PayloadJson {
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()>;
+}
+
+impl PayloadJson for serde_json::Value {
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        serde_json::to_writer(out, self)
+    }
+}
+
+impl PayloadJson for Box<serde_json::value::RawValue> {
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        out.extend_from_slice(self.get().as_bytes());
+        Ok(())
+    }
+}
+
+/// Writes the envelope of `event` (its payload parsed or raw) as JSON to `out`, field by field:
+/// the bytes `serde_json` writes for the envelope struct (a test holds them equal), without
+/// going through `fmt` for the ids, numbers and the time, which the relay's profile showed.
+fn write_envelope<P: PayloadJson>(
     event: &StoredEvent<P>,
     out: &mut Vec<u8>,
 ) -> Result<(), SerializeError> {
-    serde_json::to_writer(
-        out,
-        &EnvelopeRef {
+    let mut numbers = itoa::Buffer::new();
+    out.extend_from_slice(b"{\"event_id\":");
+    push_uuid(out, &event.event_id.0);
+    out.extend_from_slice(b",\"aggregate_type\":");
+    push_str(out, &event.stream.aggregate_type);
+    out.extend_from_slice(b",\"aggregate_id\":");
+    push_str(out, event.stream.aggregate_id.as_str());
+    out.extend_from_slice(b",\"version\":");
+    out.extend_from_slice(numbers.format(event.version).as_bytes());
+    out.extend_from_slice(b",\"event_type\":");
+    push_str(out, &event.event_type);
+    out.extend_from_slice(b",\"schema_version\":");
+    out.extend_from_slice(numbers.format(event.schema_version).as_bytes());
+    out.extend_from_slice(b",\"payload\":");
+    let written = event
+        .payload
+        .write_json(out)
+        .and_then(|()| {
+            out.extend_from_slice(b",\"metadata\":");
+            serde_json::to_writer(&mut *out, &event.metadata)
+        })
+        .map_err(|e| SerializeError {
             event_id: event.event_id,
-            aggregate_type: &event.stream.aggregate_type,
-            aggregate_id: &event.stream.aggregate_id,
-            version: event.version,
-            event_type: &event.event_type,
-            schema_version: event.schema_version,
-            payload: &event.payload,
-            metadata: &event.metadata,
-            recorded_at: event.recorded_at,
-            checkpoint: event.checkpoint,
-        },
-    )
-    .map_err(|e| SerializeError {
-        event_id: event.event_id,
-        stream: event.stream.clone(),
-        event_type: event.event_type.clone(),
-        reason: e.to_string(),
-    })
+            stream: event.stream.clone(),
+            event_type: event.event_type.clone(),
+            reason: e.to_string(),
+        });
+    written?;
+    out.extend_from_slice(b",\"recorded_at\":");
+    push_time(out, &event.recorded_at);
+    out.extend_from_slice(b",\"checkpoint\":{\"transaction\":");
+    out.extend_from_slice(numbers.format(event.checkpoint.transaction).as_bytes());
+    out.extend_from_slice(b",\"position\":");
+    out.extend_from_slice(numbers.format(event.checkpoint.position).as_bytes());
+    out.extend_from_slice(b"}}");
+    Ok(())
+}
+
+/// A JSON string: copied between quotes when nothing in it needs escaping (the usual case for
+/// type names and ids), else escaped by `serde_json`.
+fn push_str(out: &mut Vec<u8>, text: &str) {
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing a `str` into a `Vec` cannot fail.
+        let _ = serde_json::to_writer(&mut *out, text);
+    }
+}
+
+/// A UUID as a quoted, lower-case, hyphenated string.
+fn push_uuid(out: &mut Vec<u8>, id: &uuid::Uuid) {
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    out.push(b'"');
+    out.extend_from_slice(id.hyphenated().encode_lower(&mut text).as_bytes());
+    out.push(b'"');
+}
+
+/// `value` in decimal, zero-padded to `width` digits.
+fn push_padded(out: &mut Vec<u8>, value: u32, width: usize) {
+    let mut numbers = itoa::Buffer::new();
+    let digits = numbers.format(value).as_bytes();
+    out.extend(std::iter::repeat_n(
+        b'0',
+        width.saturating_sub(digits.len()),
+    ));
+    out.extend_from_slice(digits);
+}
+
+/// A time as chrono serializes it (RFC 3339, `Z`, fractional seconds in 0, 3, 6 or 9 digits as
+/// needed), quoted.
+fn push_time(out: &mut Vec<u8>, at: &DateTime<Utc>) {
+    use chrono::{Datelike, Timelike};
+    let year = at.year();
+    if !(0..=9999).contains(&year) {
+        // Outside RFC 3339's years: chrono's own (signed) form.
+        let _ = serde_json::to_writer(&mut *out, at);
+        return;
+    }
+    let (mut second, mut nano) = (at.second(), at.nanosecond());
+    if nano >= 1_000_000_000 {
+        // A leap second.
+        second += 1;
+        nano -= 1_000_000_000;
+    }
+    out.push(b'"');
+    push_padded(out, year.unsigned_abs(), 4);
+    out.push(b'-');
+    push_padded(out, at.month(), 2);
+    out.push(b'-');
+    push_padded(out, at.day(), 2);
+    out.push(b'T');
+    push_padded(out, at.hour(), 2);
+    out.push(b':');
+    push_padded(out, at.minute(), 2);
+    out.push(b':');
+    push_padded(out, second, 2);
+    if nano != 0 {
+        out.push(b'.');
+        if nano % 1_000_000 == 0 {
+            push_padded(out, nano / 1_000_000, 3);
+        } else if nano % 1_000 == 0 {
+            push_padded(out, nano / 1_000, 6);
+        } else {
+            push_padded(out, nano, 9);
+        }
+    }
+    out.extend_from_slice(b"Z\"");
 }
 
 /// The headers of `event`'s message.
 pub(crate) fn headers_of<P>(event: &StoredEvent<P>, content_type: &str) -> OwnedHeaders {
-    let event_id = event.event_id.to_string();
-    let schema = event.schema_version.to_string();
+    let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let mut numbers = itoa::Buffer::new();
     let mut headers = OwnedHeaders::new_with_capacity(7)
-        .insert(text(header::EVENT_ID, &event_id))
+        .insert(text(
+            header::EVENT_ID,
+            event.event_id.0.hyphenated().encode_lower(&mut id),
+        ))
         .insert(text(header::EVENT_TYPE, &event.event_type))
-        .insert(text(header::SCHEMA_VERSION, &schema))
+        .insert(text(
+            header::SCHEMA_VERSION,
+            numbers.format(event.schema_version),
+        ))
         .insert(text(header::AGGREGATE_TYPE, &event.stream.aggregate_type))
         .insert(text(header::CONTENT_TYPE, content_type));
-    if let Some(id) = &event.metadata.correlation_id {
-        headers = headers.insert(text(header::CORRELATION_ID, &id.to_string()));
+    if let Some(correlation) = &event.metadata.correlation_id {
+        headers = headers.insert(text(
+            header::CORRELATION_ID,
+            correlation.0.hyphenated().encode_lower(&mut id),
+        ));
     }
-    if let Some(id) = &event.metadata.causation_id {
-        headers = headers.insert(text(header::CAUSATION_ID, &id.to_string()));
+    if let Some(causation) = &event.metadata.causation_id {
+        headers = headers.insert(text(
+            header::CAUSATION_ID,
+            causation.0.hyphenated().encode_lower(&mut id),
+        ));
     }
     headers
 }
@@ -256,6 +363,93 @@ pub fn header_value<'a>(headers: &'a impl Headers, key: &str) -> Option<&'a str>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The envelope as `serde_json` writes it from a struct: what [`write_envelope`] must write.
+    #[derive(serde::Serialize)]
+    struct EnvelopeRef<'a, P> {
+        event_id: EventId,
+        aggregate_type: &'a str,
+        aggregate_id: &'a AggregateId,
+        version: u64,
+        event_type: &'a str,
+        schema_version: u32,
+        payload: &'a P,
+        metadata: &'a Metadata,
+        recorded_at: DateTime<Utc>,
+        checkpoint: Checkpoint,
+    }
+
+    fn by_serde<P: serde::Serialize>(event: &StoredEvent<P>) -> Vec<u8> {
+        serde_json::to_vec(&EnvelopeRef {
+            event_id: event.event_id,
+            aggregate_type: &event.stream.aggregate_type,
+            aggregate_id: &event.stream.aggregate_id,
+            version: event.version,
+            event_type: &event.event_type,
+            schema_version: event.schema_version,
+            payload: &event.payload,
+            metadata: &event.metadata,
+            recorded_at: event.recorded_at,
+            checkpoint: event.checkpoint,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_envelope_writer_writes_what_serde_writes() {
+        use chrono::TimeZone;
+        let times = [
+            Utc.with_ymd_and_hms(2026, 11, 30, 8, 5, 9).unwrap(),
+            Utc.timestamp_opt(1_764_489_909, 123_000_000).unwrap(),
+            Utc.timestamp_opt(1_764_489_909, 123_456_000).unwrap(),
+            Utc.timestamp_opt(1_764_489_909, 123_456_789).unwrap(),
+            Utc.timestamp_opt(1_764_489_909, 7_000).unwrap(),
+            // A leap second, and years outside 0..=9999.
+            Utc.timestamp_opt(1_483_228_799, 1_500_000_000).unwrap(),
+            Utc.with_ymd_and_hms(12_345, 1, 2, 3, 4, 5).unwrap(),
+            Utc.with_ymd_and_hms(-44, 3, 15, 12, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(7, 3, 15, 12, 0, 0).unwrap(),
+        ];
+        let full = Metadata::default()
+            .with_correlation_id(cqrs_core::CorrelationId::new())
+            .with_causation_id(EventId::new())
+            .with_user_id("u \"1\"")
+            .with_header("tenant", "t\u{1}");
+        for (i, recorded_at) in times.into_iter().enumerate() {
+            let mut e = event();
+            e.recorded_at = recorded_at;
+            if i % 2 == 1 {
+                e.metadata = full.clone();
+                e.stream = StreamId::new("or\"der\\", "o-\n1 ü");
+                e.event_type = "Created\t".to_owned();
+                e.checkpoint = Checkpoint::new(u64::MAX, 0);
+                e.version = u64::MAX;
+                e.schema_version = u32::MAX;
+            }
+            let mut ours = Vec::new();
+            write_envelope(&e, &mut ours).unwrap();
+            assert_eq!(
+                String::from_utf8(ours.clone()).unwrap(),
+                String::from_utf8(by_serde(&e)).unwrap()
+            );
+            // The raw payload path writes the same bytes.
+            let raw = StoredEvent {
+                payload: serde_json::value::to_raw_value(&e.payload).unwrap(),
+                event_id: e.event_id,
+                stream: e.stream.clone(),
+                version: e.version,
+                checkpoint: e.checkpoint,
+                recorded_at: e.recorded_at,
+                event_type: e.event_type.clone(),
+                schema_version: e.schema_version,
+                metadata: e.metadata.clone(),
+            };
+            let mut from_raw = Vec::new();
+            write_envelope(&raw, &mut from_raw).unwrap();
+            assert_eq!(from_raw, ours);
+            assert_eq!(JsonEnvelope.deserialize(&ours).unwrap(), e);
+        }
+    }
 
     fn event() -> StoredEvent {
         StoredEvent {

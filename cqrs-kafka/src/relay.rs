@@ -101,17 +101,22 @@ struct Prefetch {
     page: tokio::task::JoinHandle<Result<Page, cqrs_core::StoreError>>,
 }
 
-/// A page of events made into messages on the reading task: per event only what the relay needs
-/// once its message is queued, the values back to back in one buffer, and the headers. The
+/// A page of events made into messages on the reading tasks, in chunks (one per task). The
 /// events' payloads and metadata are dropped where they were read.
 struct Page {
+    chunks: Vec<Chunk>,
+    /// The event the serializer refused, after those above (nothing after it is sent).
+    refused: Option<crate::SerializeError>,
+}
+
+/// Per event only what the relay needs once its message is queued, the values back to back in
+/// one buffer, and the headers.
+struct Chunk {
     events: Vec<Outgoing>,
     /// The message values back to back: event `i`'s ends at `ends[i]`.
     values: Vec<u8>,
     ends: Vec<usize>,
     headers: Vec<OwnedHeaders>,
-    /// The event the serializer refused, after those above (nothing after it is sent).
-    refused: Option<crate::SerializeError>,
 }
 
 /// What a delivery report or a failed delivery needs of an event.
@@ -148,7 +153,7 @@ async fn load(
             batch - half,
         ));
         let mut page = load_part(store, serializer, from, half).await?;
-        if page.refused.is_some() || page.events.last().map(|e| e.checkpoint) != Some(middle) {
+        if page.refused.is_some() || page.last().map(|e| e.checkpoint) != Some(middle) {
             // Stopped early (a refused event), or not what the split promised: the first
             // half alone; the next page starts after it.
             second.abort();
@@ -166,15 +171,24 @@ async fn load(
 impl Page {
     /// Adds the events of `next`, which starts where this one ends.
     fn append(&mut self, next: Page) {
-        let offset = self.values.len();
-        self.values.extend_from_slice(&next.values);
-        self.ends
-            .extend(next.ends.into_iter().map(|end| end + offset));
-        self.headers.extend(next.headers);
-        self.events.extend(next.events);
+        self.chunks.extend(next.chunks);
         self.refused = next.refused;
     }
+
+    /// The last event.
+    fn last(&self) -> Option<&Outgoing> {
+        self.chunks.iter().rev().find_map(|c| c.events.last())
+    }
+
+    /// How many events.
+    fn len(&self) -> usize {
+        self.chunks.iter().map(|c| c.events.len()).sum()
+    }
 }
+
+/// The bytes reserved per event for the message values before a part is read: an envelope of a
+/// small event is ~350 bytes; growing a buffer of a few thousand values copies it whole.
+const VALUE_BYTES: usize = 512;
 
 /// Reads up to `batch` events after `from` and makes them messages, each as its row arrives (so
 /// the serialization overlaps the database sending the rest of the page).
@@ -185,23 +199,23 @@ async fn load_part(
     batch: usize,
 ) -> Result<Page, cqrs_core::StoreError> {
     let expected = batch.min(10_000);
-    let mut page = Page {
+    let mut chunk = Chunk {
         events: Vec::with_capacity(expected),
-        values: Vec::with_capacity(expected * 320),
+        values: Vec::with_capacity(expected * VALUE_BYTES),
         ends: Vec::with_capacity(expected),
         headers: Vec::with_capacity(expected),
-        refused: None,
     };
+    let mut refused = None;
     let content_type = serializer.content_type();
     store
         .read_all_raw_each(from, batch, |event| {
-            if let Err(error) = serializer.serialize_raw_into(&event, &mut page.values) {
-                page.refused = Some(error);
+            if let Err(error) = serializer.serialize_raw_into(&event, &mut chunk.values) {
+                refused = Some(error);
                 return ControlFlow::Break(());
             }
-            page.ends.push(page.values.len());
-            page.headers.push(headers_of(&event, content_type));
-            page.events.push(Outgoing {
+            chunk.ends.push(chunk.values.len());
+            chunk.headers.push(headers_of(&event, content_type));
+            chunk.events.push(Outgoing {
                 event_id: event.event_id,
                 checkpoint: event.checkpoint,
                 stream: event.stream,
@@ -209,7 +223,10 @@ async fn load_part(
             ControlFlow::Continue(())
         })
         .await?;
-    Ok(page)
+    Ok(Page {
+        chunks: vec![chunk],
+        refused,
+    })
 }
 
 /// A message queued in the producer.
@@ -544,7 +561,7 @@ impl OutboxRelay {
         let span = tracing::debug_span!(
             "cqrs.kafka.relay.batch",
             relay = self.lease.name(),
-            read = page.events.len(),
+            read = page.len(),
             in_flight = self.in_flight.len(),
             delivered = tracing::field::Empty,
         );
@@ -635,14 +652,14 @@ impl OutboxRelay {
             None => now().await,
         };
         let page = prefetched?;
-        if let (Some(last), None) = (page.events.last(), &page.refused) {
+        if let (Some(last), None) = (page.last(), &page.refused) {
             // A full page means a backlog: the next one is worth reading in two halves.
             let next = load(
                 self.store.clone(),
                 self.serializer.clone(),
                 last.checkpoint,
                 self.batch,
-                page.events.len() >= self.batch,
+                page.len() >= self.batch,
             );
             self.prefetch = Some(Prefetch {
                 from: last.checkpoint,
@@ -655,17 +672,12 @@ impl OutboxRelay {
     /// Queues the messages of `page` in the producer, behind what is in flight. Returns how many
     /// were queued, or the first failure (those before it stay queued).
     async fn send_page(&mut self, page: Page) -> Result<usize, KafkaError> {
-        let Page {
-            events,
-            values,
-            ends,
-            headers,
-            refused,
-        } = page;
+        let sent = page.len();
+        let Page { chunks, refused } = page;
         // One topic name per aggregate type of the page (rarely more than a few), shared by its
         // messages.
         let mut topics: Vec<(&str, Arc<str>)> = Vec::new();
-        for event in &events {
+        for event in chunks.iter().flat_map(|c| &c.events) {
             let kind = event.stream.aggregate_type.as_str();
             if !topics.iter().any(|(k, _)| *k == kind) {
                 topics.push((kind, self.map.topic(kind).into()));
@@ -676,28 +688,35 @@ impl OutboxRelay {
             .map(|(kind, topic)| (kind.to_owned(), topic))
             .collect();
         self.topics.ensure(topics.iter().map(|(_, t)| &**t)).await?;
-        if !events.is_empty() {
+        if sent > 0 {
             self.metrics.batches += 1;
         }
-        let sent = events.len();
-        let mut start = 0;
-        for ((event, end), headers) in events.into_iter().zip(ends).zip(headers) {
-            let topic = match topics.as_slice() {
-                [(_, only)] => only.clone(),
-                _ => topics
-                    .iter()
-                    .find(|(kind, _)| *kind == event.stream.aggregate_type)
-                    .map(|(_, topic)| topic.clone())
-                    .unwrap_or_else(|| self.map.topic(&event.stream.aggregate_type).into()),
-            };
-            let value = &values[start..end];
-            start = end;
-            let seq = self
-                .send(&event, &topic, value, headers)
-                .await
-                .map_err(|source| delivery_error(&event, &topic, source))?;
-            self.sent = Some(event.checkpoint);
-            self.in_flight.push_back(InFlight { event, topic, seq });
+        for chunk in chunks {
+            let Chunk {
+                events,
+                values,
+                ends,
+                headers,
+            } = chunk;
+            let mut start = 0;
+            for ((event, end), headers) in events.into_iter().zip(ends).zip(headers) {
+                let topic = match topics.as_slice() {
+                    [(_, only)] => only.clone(),
+                    _ => topics
+                        .iter()
+                        .find(|(kind, _)| *kind == event.stream.aggregate_type)
+                        .map(|(_, topic)| topic.clone())
+                        .unwrap_or_else(|| self.map.topic(&event.stream.aggregate_type).into()),
+                };
+                let value = &values[start..end];
+                start = end;
+                let seq = self
+                    .send(&event, &topic, value, headers)
+                    .await
+                    .map_err(|source| delivery_error(&event, &topic, source))?;
+                self.sent = Some(event.checkpoint);
+                self.in_flight.push_back(InFlight { event, topic, seq });
+            }
         }
         match refused {
             Some(error) => Err(KafkaError::Serialize(error)),

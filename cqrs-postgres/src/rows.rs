@@ -107,11 +107,13 @@ fn stored_event_with<P>(row: &PgRow) -> Result<StoredEvent<P>, StoreError>
 where
     P: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
 {
-    // By index (`sql::EVENT_COLUMNS`): a lookup by name costs a hash per column of every event.
-    let aggregate_type: String = row.try_get(3).map_err(backend)?;
-    let aggregate_id: String = row.try_get(4).map_err(backend)?;
+    // By index (`sql::EVENT_COLUMNS`): a lookup by name costs a hash per column of every event;
+    // unchecked: the columns' types are those of the store's own statements, and a value that
+    // does not decode is still an error (the check compares type infos per column and event).
+    let aggregate_type: String = row.try_get_unchecked(3).map_err(backend)?;
+    let aggregate_id: String = row.try_get_unchecked(4).map_err(backend)?;
     let stream = StreamId::new(aggregate_type, AggregateId::new(aggregate_id));
-    let version: i64 = row.try_get(5).map_err(backend)?;
+    let version: i64 = row.try_get_unchecked(5).map_err(backend)?;
     let corrupt = |message: String| StoreError::Corrupt {
         stream: stream.clone(),
         version: u64::try_from(version).unwrap_or(0),
@@ -119,12 +121,12 @@ where
     };
     let version =
         u64::try_from(version).map_err(|_| corrupt(format!("negative version {version}")))?;
-    let position: i64 = row.try_get(0).map_err(backend)?;
-    let transaction: &str = row.try_get(1).map_err(backend)?;
-    let schema_version: i32 = row.try_get(7).map_err(backend)?;
+    let position: i64 = row.try_get_unchecked(0).map_err(backend)?;
+    let transaction: &str = row.try_get_unchecked(1).map_err(backend)?;
+    let schema_version: i32 = row.try_get_unchecked(7).map_err(backend)?;
     // Straight into the struct: no `serde_json::Value` in between.
-    let metadata: Result<sqlx::types::Json<Metadata>, _> = row.try_get(9);
-    let event_id: uuid::Uuid = row.try_get(2).map_err(backend)?;
+    let metadata: Result<sqlx::types::Json<Metadata>, _> = row.try_get_unchecked(9);
+    let event_id: uuid::Uuid = row.try_get_unchecked(2).map_err(backend)?;
     Ok(StoredEvent {
         event_id: EventId(event_id),
         version,
@@ -135,11 +137,11 @@ where
             u64::try_from(position)
                 .map_err(|_| corrupt(format!("negative position {position}")))?,
         ),
-        recorded_at: row.try_get(10).map_err(backend)?,
-        event_type: row.try_get(6).map_err(backend)?,
+        recorded_at: row.try_get_unchecked(10).map_err(backend)?,
+        event_type: row.try_get_unchecked(6).map_err(backend)?,
         schema_version: u32::try_from(schema_version)
             .map_err(|_| corrupt(format!("negative schema version {schema_version}")))?,
-        payload: row.try_get(8).map_err(backend)?,
+        payload: row.try_get_unchecked(8).map_err(backend)?,
         metadata: metadata.map_err(|e| corrupt(format!("metadata: {e}")))?.0,
         stream,
     })

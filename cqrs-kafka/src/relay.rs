@@ -426,7 +426,8 @@ impl OutboxRelay {
     }
 
     /// How often [`run`](Self::run) reports the relay's lag and counters as a tracing event
-    /// (target `cqrs_kafka::metrics`, message `relay report`; 10 s by default).
+    /// (target `cqrs_kafka::metrics`, message `relay report`; 10 s by default, never with
+    /// `Duration::ZERO`).
     #[must_use]
     pub fn with_report_every(mut self, every: Duration) -> Self {
         self.report_every = every;
@@ -811,7 +812,7 @@ impl OutboxRelay {
         let mut backoff = Duration::from_millis(20);
         let mut reported = Instant::now();
         loop {
-            if reported.elapsed() >= self.report_every {
+            if !self.report_every.is_zero() && reported.elapsed() >= self.report_every {
                 reported = Instant::now();
                 self.report().await;
             }

@@ -325,7 +325,8 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
     }
 
     /// How often [`run`](Self::run) reports the lag of each assigned partition as tracing events
-    /// (target `cqrs_kafka::metrics`, message `consumer lag`; 10 s by default).
+    /// (target `cqrs_kafka::metrics`, message `consumer lag`; 10 s by default, never with
+    /// `Duration::ZERO`).
     #[must_use]
     pub fn with_report_every(mut self, every: Duration) -> Self {
         self.report_every = every;
@@ -477,12 +478,13 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
     ) -> Result<SubscriberMetrics, KafkaError> {
         tokio::pin!(shutdown);
         // On a task of its own, so that a long poll (a handler retrying) does not hold it up.
-        let reports = tokio::spawn(
-            self.lag_probe()
-                .report(self.report_every)
-                .with_current_subscriber(),
-        );
-        let _stop_reports = AbortOnDrop(reports);
+        let _stop_reports = (!self.report_every.is_zero()).then(|| {
+            AbortOnDrop(tokio::spawn(
+                self.lag_probe()
+                    .report(self.report_every)
+                    .with_current_subscriber(),
+            ))
+        });
         loop {
             let outcome = tokio::select! {
                 biased;

@@ -281,9 +281,12 @@ impl PostgresEventStore {
     /// planner walks the global-order index whatever its statistics say: on an events table not
     /// analyzed yet (after a bulk load, before autovacuum's first ANALYZE) it guesses that a
     /// ninth of the rows match and, for a few thousand rows, reads and sorts the whole table for
-    /// every page (measured: 30-95 ms per page of 5,000 at 100,000 events instead of 2 ms). The
-    /// transaction holds nothing but this one statement, so it reads the same snapshot as the
-    /// statement alone would.
+    /// every page (measured: 30-95 ms per page of 5,000 at 100,000 events instead of 2 ms). JIT
+    /// compilation is off for it too: disabling sorts adds a huge cost to any plan that still
+    /// needs one (the projection window's final ORDER BY over its scanned rows), which crossed
+    /// `jit_above_cost` and had each window of 2,000 compiled (200-340 ms instead of 2.4 ms).
+    /// The transaction holds nothing but this one statement, so it reads the same snapshot as
+    /// the statement alone would.
     async fn in_global_order<'q, E>(
         &self,
         query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
@@ -297,14 +300,9 @@ impl PostgresEventStore {
         if rows <= SORT_SAFE_PAGE {
             return rows::each_event(query, &self.pool, read, each).await;
         }
-        let mut tx = Tx::begin(&self.pool).await.map_err(backend)?;
-        if let Err(error) = sqlx::query("SET LOCAL enable_sort = off")
-            .execute(&mut *tx)
+        let mut tx = Tx::begin_with(&self.pool, sql::BEGIN_ORDERED_READ)
             .await
-        {
-            tx.rollback().await;
-            return Err(backend(error));
-        }
+            .map_err(backend)?;
         let read = rows::each_event(query, &mut *tx, read, each).await;
         tx.end(read, backend).await
     }
@@ -1108,6 +1106,70 @@ fn url_without_password(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::url_without_password;
+    use super::*;
+
+    /// The plans of the ordered reads with the settings `in_global_order` applies, on an events
+    /// table that was never analyzed: the global-order index, no JIT compilation.
+    #[tokio::test]
+    async fn ordered_reads_walk_the_index_without_jit_on_an_unanalyzed_table() {
+        let store = PostgresEventStore::connect(&database_url(), "unit_ordered_plans")
+            .await
+            .unwrap();
+        sqlx::query("DROP SCHEMA IF EXISTS unit_ordered_plans CASCADE")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        for n in 0..3u32 {
+            let events = (0..1_000)
+                .map(|i| EventData {
+                    event_id: EventId::new(),
+                    event_type: "Happened".to_owned(),
+                    schema_version: 1,
+                    payload: serde_json::json!({ "n": n * 1_000 + i }),
+                    metadata: cqrs_core::Metadata::default(),
+                })
+                .collect();
+            store
+                .append(
+                    &StreamId::new("thing", format!("t{n}")),
+                    ExpectedVersion::Any,
+                    events,
+                )
+                .await
+                .unwrap();
+        }
+        let types = vec!["Happened"];
+        let no_types: Vec<&str> = Vec::new();
+        for (name, statement, binds_filter) in [
+            ("read_all", store.sql.read_all.clone(), false),
+            (
+                "read_window_filtered",
+                store.sql.read_window_filtered.clone(),
+                true,
+            ),
+        ] {
+            let explain = format!("EXPLAIN (ANALYZE, FORMAT JSON) {statement}");
+            let mut query = sqlx::query(AssertSqlSafe(explain))
+                .bind("0")
+                .bind(0i64)
+                .bind(2_000i64);
+            if binds_filter {
+                query = query.bind(&no_types).bind(&types);
+            }
+            let mut tx = Tx::begin_with(store.pool(), sql::BEGIN_ORDERED_READ)
+                .await
+                .unwrap();
+            let plan: serde_json::Value = query.fetch_one(&mut *tx).await.unwrap().get(0);
+            tx.rollback().await;
+            let plan = plan.to_string();
+            assert!(!plan.contains("\"JIT\""), "{name} was JIT-compiled: {plan}");
+            assert!(
+                plan.contains("events_global_order"),
+                "{name} did not use the index: {plan}"
+            );
+        }
+    }
 
     #[test]
     fn passwords_never_reach_error_messages() {

@@ -35,6 +35,21 @@ impl Tx {
         Ok(tx)
     }
 
+    /// Takes a connection and opens a transaction on it with `begin`: `BEGIN` followed by
+    /// statements without parameters (`SET LOCAL ...`), sent as one simple query, so the
+    /// settings cost no round trip of their own.
+    pub(crate) async fn begin_with(
+        pool: &PgPool,
+        begin: &'static str,
+    ) -> Result<Self, sqlx::Error> {
+        let mut tx = Self {
+            conn: Some(pool.acquire().await?),
+            finished: false,
+        };
+        sqlx::raw_sql(begin).execute(&mut *tx).await?;
+        Ok(tx)
+    }
+
     /// Commits. Whatever the outcome, the server ended the transaction (a `COMMIT` that fails
     /// rolls back), unless the connection broke, and then the pool drops it.
     pub async fn commit(mut self) -> Result<(), sqlx::Error> {

@@ -1031,31 +1031,37 @@ async fn poison_and_malformed_messages_go_to_the_dead_letter_topic_and_the_rest_
 
 // On librdkafka's in-process mock cluster: broker responses no real broker gives on demand.
 
-/// A mock cluster of one broker with `topic` (`partitions` partitions) already there, and a relay
-/// on it that expects its topics to exist (the mock cluster has no CreateTopics).
-fn mock_relay(
-    store: &PostgresEventStore,
-    topic: &str,
-    partitions: i32,
-) -> (
-    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    OutboxRelay,
-) {
-    let mock = rdkafka::mocking::MockCluster::new(1).unwrap_or_else(|e| panic!("{e}"));
-    mock.create_topic(topic, partitions, 1)
+type Mock = rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+
+/// A mock cluster of one broker with topic `account` (3 partitions) already there, and a relay on
+/// it with `settings` that expects its topics to exist (the mock cluster has no CreateTopics).
+fn mock_relay(store: &PostgresEventStore, settings: &[(&str, &str)]) -> (Mock, OutboxRelay) {
+    let mock = Mock::new(1).unwrap_or_else(|e| panic!("{e}"));
+    mock.create_topic("account", 3, 1)
         .unwrap_or_else(|e| panic!("{e}"));
-    let map = TopicMap::new()
-        .route("account", topic)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .with_topic_creation(false);
-    let relay = OutboxRelay::new(
-        store.clone(),
-        KafkaConfig::new(mock.bootstrap_servers()),
-        "mock-relay",
-    )
-    .and_then(|r| r.with_topics(map))
-    .unwrap_or_else(|e| panic!("{e}"));
+    let config = settings
+        .iter()
+        .fold(KafkaConfig::new(mock.bootstrap_servers()), |c, (k, v)| {
+            c.set(*k, *v)
+        });
+    let relay = OutboxRelay::new(store.clone(), config, "mock-relay")
+        .and_then(|r| r.with_topics(TopicMap::new().with_topic_creation(false)))
+        .unwrap_or_else(|e| panic!("{e}"));
     (mock, relay)
+}
+
+/// Reads the mock cluster's `account` topic until every stored event is there: (missing,
+/// duplicates, inversions, messages read).
+async fn audit_mock(
+    mock: &Mock,
+    stored: &[cqrs_core::StoredEvent],
+) -> (usize, usize, usize, usize) {
+    let read = read_until(&mock.bootstrap_servers(), &["account".to_owned()], |r| {
+        distinct(r) >= stored.len()
+    })
+    .await;
+    let (missing, duplicates, inversions) = audit(stored, &read);
+    (missing, duplicates, inversions, read.len())
 }
 
 /// Produce requests the broker refuses (an authorization failure, which librdkafka does not
@@ -1067,7 +1073,7 @@ async fn refused_produce_requests_stop_the_checkpoint_before_them_and_reorder_no
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let store = pg::fresh_store("k_mock_refused").await;
     deposit(&store, 1, 240, 8).await;
-    let (mock, relay) = mock_relay(&store, "account", 3);
+    let (mock, relay) = mock_relay(&store, &[]);
     let mut relay = relay.with_batch(40);
     // The first step sends a page, which is delivered; then the broker refuses one produce
     // request while the relay keeps sending.
@@ -1113,15 +1119,10 @@ async fn refused_produce_requests_stop_the_checkpoint_before_them_and_reorder_no
     assert_eq!(relay.metrics().producers, 2);
 
     drain(&mut relay, &store).await;
-    let read = read_until(&mock.bootstrap_servers(), &["account".to_owned()], |r| {
-        distinct(r) >= 240
-    })
-    .await;
-    let (missing, duplicates, inversions) = audit(&stored, &read);
+    let (missing, duplicates, inversions, read) = audit_mock(&mock, &stored).await;
     eprintln!(
-        "refused produce: failed at {:?}, checkpoint then {checkpoint:?}, {} read, {duplicates} duplicates",
+        "refused produce: failed at {:?}, checkpoint then {checkpoint:?}, {read} read, {duplicates} duplicates",
         failed.checkpoint,
-        read.len()
     );
     assert_eq!((missing, inversions), (0, 0));
 }
@@ -1134,20 +1135,11 @@ async fn refused_produce_requests_stop_the_checkpoint_before_them_and_reorder_no
 async fn deliveries_timing_out_on_a_slow_broker_are_sent_again_in_order() {
     let store = pg::fresh_store("k_mock_slow").await;
     deposit(&store, 1, 240, 8).await;
-    let mock = rdkafka::mocking::MockCluster::new(1).unwrap_or_else(|e| panic!("{e}"));
-    mock.create_topic("account", 3, 1)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let map = TopicMap::new()
-        .route("account", "account")
-        .unwrap_or_else(|e| panic!("{e}"))
-        .with_topic_creation(false);
-    let config = KafkaConfig::new(mock.bootstrap_servers())
-        .set("message.timeout.ms", "300")
-        .set("request.timeout.ms", "200");
-    let mut relay = OutboxRelay::new(store.clone(), config, "mock-relay")
-        .and_then(|r| r.with_topics(map))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .with_batch(20);
+    let (mock, relay) = mock_relay(
+        &store,
+        &[("message.timeout.ms", "300"), ("request.timeout.ms", "200")],
+    );
+    let mut relay = relay.with_batch(20);
     relay.step().await.unwrap_or_else(|e| panic!("{e}"));
     tokio::time::sleep(Duration::from_millis(200)).await;
     mock.broker_round_trip_time(1, Duration::from_millis(1_000))
@@ -1167,14 +1159,9 @@ async fn deliveries_timing_out_on_a_slow_broker_are_sent_again_in_order() {
         .unwrap_or_else(|e| panic!("{e}"));
     drain(&mut relay, &store).await;
     let stored = all_events(&store).await;
-    let read = read_until(&mock.bootstrap_servers(), &["account".to_owned()], |r| {
-        distinct(r) >= 240
-    })
-    .await;
-    let (missing, duplicates, inversions) = audit(&stored, &read);
+    let (missing, duplicates, inversions, read) = audit_mock(&mock, &stored).await;
     eprintln!(
-        "slow broker: {failures} failed steps, {} read, {duplicates} duplicates, metrics {:?}",
-        read.len(),
+        "slow broker: {failures} failed steps, {read} read, {duplicates} duplicates, metrics {:?}",
         relay.metrics()
     );
     assert_eq!(failures, 2, "deliveries did not time out");

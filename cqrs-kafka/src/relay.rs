@@ -198,17 +198,25 @@ async fn load_part(
     from: Checkpoint,
     batch: usize,
 ) -> Result<Page, cqrs_core::StoreError> {
-    let expected = batch.min(10_000);
     let mut chunk = Chunk {
-        events: Vec::with_capacity(expected),
-        values: Vec::with_capacity(expected * VALUE_BYTES),
-        ends: Vec::with_capacity(expected),
-        headers: Vec::with_capacity(expected),
+        events: Vec::new(),
+        values: Vec::new(),
+        ends: Vec::new(),
+        headers: Vec::new(),
     };
     let mut refused = None;
     let content_type = serializer.content_type();
     store
         .read_all_raw_each(from, batch, |event| {
+            if chunk.events.is_empty() {
+                // Reserved at the first event, so that a caught-up relay's empty reads allocate
+                // nothing.
+                let expected = batch.min(10_000);
+                chunk.events.reserve(expected);
+                chunk.values.reserve(expected * VALUE_BYTES);
+                chunk.ends.reserve(expected);
+                chunk.headers.reserve(expected);
+            }
             if let Err(error) = serializer.serialize_raw_into(&event, &mut chunk.values) {
                 refused = Some(error);
                 return ControlFlow::Break(());

@@ -287,7 +287,7 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
         Ok(Self {
             consumer: Arc::new(consumer),
             dlq,
-            dlq_topics: Topics::new(config, 1, 1, true)?,
+            dlq_topics: Topics::new(config, 1, 1)?,
             dlq_suffix: ".dlq".to_owned(),
             handler,
             group,

@@ -23,7 +23,6 @@ impl Topics {
         config: &KafkaConfig,
         partitions: i32,
         replication: i32,
-        create: bool,
     ) -> Result<Self, KafkaError> {
         let admin = config
             .client("-admin", &[])
@@ -34,14 +33,16 @@ impl Topics {
             known: HashSet::new(),
             partitions,
             replication,
-            create,
+            create: true,
         })
     }
 
     /// The relay's: creating topics with `map`'s layout, if `map` creates topics.
     pub(crate) fn of(config: &KafkaConfig, map: &TopicMap) -> Result<Self, KafkaError> {
         let (partitions, replication) = map.layout();
-        Self::new(config, partitions, replication, map.creates_topics())
+        let mut topics = Self::new(config, partitions, replication)?;
+        topics.set_creation(map.creates_topics());
+        Ok(topics)
     }
 
     /// Turns creation on or off.

@@ -26,13 +26,7 @@ pub struct Tx {
 impl Tx {
     /// Takes a connection and opens a transaction on it.
     pub async fn begin(pool: &PgPool) -> Result<Self, sqlx::Error> {
-        let mut tx = Self {
-            conn: Some(pool.acquire().await?),
-            finished: false,
-        };
-        // Dropped from here on, `Drop` ends whatever reached the server.
-        sqlx::query("BEGIN").execute(&mut *tx).await?;
-        Ok(tx)
+        Self::begin_with(pool, "BEGIN").await
     }
 
     /// Takes a connection and opens a transaction on it with `begin`: `BEGIN` followed by
@@ -46,6 +40,7 @@ impl Tx {
             conn: Some(pool.acquire().await?),
             finished: false,
         };
+        // Dropped from here on, `Drop` ends whatever reached the server.
         sqlx::raw_sql(begin).execute(&mut *tx).await?;
         Ok(tx)
     }

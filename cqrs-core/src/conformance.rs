@@ -472,9 +472,10 @@ pub async fn payload_and_metadata_round_trip<S: EventStore>(store: S) {
         event_id: EventId::new(),
         event_type: "Named \"Thing\"; ✓".into(),
         schema_version: 7,
-        // No NUL character: PostgreSQL's jsonb cannot hold one, so no store is asked to.
+        // A NUL character too: stores keep payloads as JSON text (PostgreSQL's `jsonb` could
+        // not hold one; the store's `json` columns can).
         payload: json!({
-            "text": "line\nbreak \u{1F600} 'single' \"double\"; --",
+            "text": "line\nbreak \u{1F600} 'single' \"double\"; -- nul:\u{0}.",
             "n": -1.5,
             "list": [1, null, true],
             "nested": { "a": {} },

@@ -161,7 +161,7 @@ impl PostgresEventStore {
     /// [`StoreError::Backend`] when a migration fails.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let mut conn = self.pool.acquire().await.map_err(backend)?;
-        let result = migrate_on(&mut conn, &self.sql).await;
+        let result = migrate_on(&mut conn, &self.sql, None).await;
         if result.is_err() {
             // Do not hand a connection with our search_path back to a pool the user may share.
             conn.detach();
@@ -565,16 +565,11 @@ async fn copy_at(
     let base_i64 = to_i64(base).map_err(Insert::Failed)?;
     let mut data = String::with_capacity(events.len() * 256);
     for (event, version) in events.iter().zip(base + 1..) {
-        let metadata = serde_json::to_string(&event.metadata)
-            .map_err(|e| Insert::Failed(StoreError::backend(e)))?;
-        let schema_version = i32::try_from(event.schema_version).map_err(|_| {
-            Insert::Failed(StoreError::InvalidInput(format!(
-                "schema version {} of `{}` does not fit PostgreSQL's integer",
-                event.schema_version, event.event_type
-            )))
-        })?;
-        let payload = serde_json::to_string(&event.payload)
-            .map_err(|e| Insert::Failed(StoreError::backend(e)))?;
+        let Columns {
+            schema_version,
+            payload,
+            metadata,
+        } = Columns::of(event)?;
         // Ids and numbers need no escaping.
         let _ = write!(data, "{}\t", event.event_id.0.hyphenated());
         copy_escape(&mut data, &stream.aggregate_type);
@@ -618,6 +613,36 @@ async fn copy_at(
     };
     let row = tx.end(outcome, failed).await?;
     appended_from(&row, stream, base, events)
+}
+
+/// The columns of an event that the store computes: its schema version as PostgreSQL's `integer`
+/// and its payload and metadata as JSON text (the `json` columns keep the text as written).
+struct Columns {
+    schema_version: i32,
+    payload: String,
+    metadata: String,
+}
+
+impl Columns {
+    fn of(event: &EventData) -> Result<Self, Insert> {
+        let unwritable = |what: &str, e: serde_json::Error| {
+            Insert::Failed(StoreError::InvalidInput(format!(
+                "the {what} of `{}` cannot be written as JSON: {e}",
+                event.event_type
+            )))
+        };
+        Ok(Self {
+            schema_version: i32::try_from(event.schema_version).map_err(|_| {
+                Insert::Failed(StoreError::InvalidInput(format!(
+                    "schema version {} of `{}` does not fit PostgreSQL's integer",
+                    event.schema_version, event.event_type
+                )))
+            })?,
+            payload: serde_json::to_string(&event.payload).map_err(|e| unwritable("payload", e))?,
+            metadata: serde_json::to_string(&event.metadata)
+                .map_err(|e| unwritable("metadata", e))?,
+        })
+    }
 }
 
 /// Escapes a field for `COPY .. FROM STDIN` in text format.
@@ -709,19 +734,12 @@ async fn insert_at<'c, E: sqlx::PgExecutor<'c>>(
     let mut payloads = Vec::with_capacity(events.len());
     let mut metadata = Vec::with_capacity(events.len());
     for event in events {
+        let columns = Columns::of(event)?;
         ids.push(event.event_id.0);
         types.push(event.event_type.as_str());
-        versions.push(i32::try_from(event.schema_version).map_err(|_| {
-            Insert::Failed(StoreError::InvalidInput(format!(
-                "schema version {} of `{}` does not fit PostgreSQL's integer",
-                event.schema_version, event.event_type
-            )))
-        })?);
-        payloads.push(&event.payload);
-        metadata.push(
-            serde_json::to_value(&event.metadata)
-                .map_err(|e| Insert::Failed(StoreError::backend(e)))?,
-        );
+        versions.push(columns.schema_version);
+        payloads.push(columns.payload);
+        metadata.push(columns.metadata);
     }
     let base_i64 = to_i64(base).map_err(Insert::Failed)?;
     let query = sqlx::query(AssertSqlSafe(if events.len() == 1 {
@@ -783,7 +801,13 @@ async fn stream_version_on<'e, E: sqlx::PgExecutor<'e>>(
     to_u64(version)
 }
 
-async fn migrate_on(conn: &mut PgConnection, sql: &Sql) -> Result<(), StoreError> {
+/// Applies the migrations to the schema of `sql`: all of them, or those up to version `up_to`
+/// (the upgrade tests start from an older schema).
+async fn migrate_on(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    up_to: Option<i64>,
+) -> Result<(), StoreError> {
     // Serializes concurrent first migrations of a schema (CREATE SCHEMA IF NOT EXISTS can race).
     sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
         .bind(&sql.quoted_schema)
@@ -805,7 +829,11 @@ async fn migrate_on(conn: &mut PgConnection, sql: &Sql) -> Result<(), StoreError
         .execute(&mut *conn)
         .await
         .map_err(backend)?;
-        let migrated = MIGRATOR.run(&mut *conn).await.map_err(StoreError::backend);
+        let migrated = match up_to {
+            None => MIGRATOR.run(&mut *conn).await,
+            Some(version) => MIGRATOR.run_to(version, &mut *conn).await,
+        }
+        .map_err(StoreError::backend);
         sqlx::query("RESET search_path")
             .execute(&mut *conn)
             .await
@@ -1168,6 +1196,170 @@ mod tests {
                 plan.contains("events_global_order"),
                 "{name} did not use the index: {plan}"
             );
+        }
+    }
+
+    /// The JSON corpus of the upgrade test: escapes, non-ASCII, numbers at the edges of what
+    /// `serde_json` and `numeric` hold, nesting, empty containers, keys `jsonb` reorders.
+    fn tricky_payloads() -> Vec<serde_json::Value> {
+        vec![
+            serde_json::json!({ "text": "tab\t newline\n back\\slash \"quoted\" \u{1} é 🎉 \u{2028}" }),
+            serde_json::json!({ "max": u64::MAX, "min": i64::MIN, "tenth": 0.1, "huge": 1e300, "tiny": 5e-324 }),
+            serde_json::json!({ "zzz": 1, "a": 2, "mm": [null, true, false, [], {}, [[{ "deep": [1, 2.5, "x"] }]]] }),
+            serde_json::json!({}),
+            serde_json::json!([1, "two", { "three": 3 }]),
+            serde_json::json!("a bare string"),
+            serde_json::json!(42),
+        ]
+    }
+
+    fn tricky_events() -> Vec<EventData> {
+        tricky_payloads()
+            .into_iter()
+            .enumerate()
+            .map(|(i, payload)| {
+                let mut metadata = cqrs_core::Metadata::default()
+                    .with_correlation_id(cqrs_core::CorrelationId::new());
+                metadata.causation_id = Some(cqrs_core::CausationId::new());
+                metadata.user_id = Some(format!("ü-{i}\t\"x\""));
+                metadata
+                    .headers
+                    .insert("tenant".to_owned(), format!("t\\{i}\n"));
+                EventData {
+                    event_id: EventId::new(),
+                    event_type: format!("Tricky{i}"),
+                    schema_version: 1,
+                    payload,
+                    metadata,
+                }
+            })
+            .collect()
+    }
+
+    /// The first `n` events after `after` once they are readable: readers stop below the oldest
+    /// transaction open in the cluster, and tests running beside this one hold some open.
+    async fn read_settled(
+        store: &PostgresEventStore,
+        after: Checkpoint,
+        n: usize,
+    ) -> Vec<StoredEvent> {
+        for _ in 0..500 {
+            let events = store.read_all(after, n).await.unwrap();
+            if events.len() == n {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{n} events were not readable after 10 s");
+    }
+
+    async fn json_column_types(store: &PostgresEventStore) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT data_type::text FROM information_schema.columns \
+             WHERE table_schema = $1 AND table_name = 'events' \
+               AND column_name IN ('metadata', 'payload') ORDER BY column_name",
+        )
+        .bind(store.schema())
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+    }
+
+    /// A schema written before migration 0009 (payload and metadata as `jsonb`) reads the same
+    /// after it through every read path, and what is appended afterwards is stored as written.
+    #[tokio::test]
+    async fn events_written_as_jsonb_read_the_same_after_the_json_migration() {
+        let store = PostgresEventStore::connect(&database_url(), "unit_json_upgrade")
+            .await
+            .unwrap();
+        sqlx::query("DROP SCHEMA IF EXISTS unit_json_upgrade CASCADE")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let mut conn = store.pool().acquire().await.unwrap();
+        migrate_on(&mut conn, &store.sql, Some(20261130000008))
+            .await
+            .unwrap();
+        drop(conn);
+        assert_eq!(json_column_types(&store).await, ["jsonb", "jsonb"]);
+        let one = StreamId::new("thing", "one-by-one");
+        for event in tricky_events() {
+            store
+                .append(&one, ExpectedVersion::Any, vec![event])
+                .await
+                .unwrap();
+        }
+        let batch = StreamId::new("thing", "batch");
+        store
+            .append(&batch, ExpectedVersion::Any, tricky_events())
+            .await
+            .unwrap();
+        let before = read_settled(&store, Checkpoint::START, 2 * tricky_payloads().len()).await;
+
+        // The upgrade as it happens in production: the new version's process migrates before it
+        // reads (the old process's connections hold prepared reads whose result type changed,
+        // which PostgreSQL refuses: "cached plan must not change result type").
+        drop(store);
+        let store = PostgresEventStore::connect(&database_url(), "unit_json_upgrade")
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        assert_eq!(json_column_types(&store).await, ["json", "json"]);
+        let after = store
+            .read_all(Checkpoint::START, before.len())
+            .await
+            .unwrap();
+        assert_eq!(after, before);
+        let raw = store
+            .read_all_raw(Checkpoint::START, before.len())
+            .await
+            .unwrap();
+        assert_eq!(raw.len(), after.len());
+        for (raw, parsed) in raw.iter().zip(&after) {
+            let reparsed: serde_json::Value = serde_json::from_str(raw.payload.get()).unwrap();
+            assert_eq!(reparsed, parsed.payload, "{}", raw.event_type);
+            assert_eq!(raw.metadata, parsed.metadata);
+        }
+        for stream in [&one, &batch] {
+            let loaded: Vec<StoredEvent> =
+                store.load(stream, 0).map(Result::unwrap).collect().await;
+            let expected: Vec<&StoredEvent> =
+                after.iter().filter(|e| &e.stream == stream).collect();
+            assert_eq!(loaded.iter().collect::<Vec<_>>(), expected);
+            let replayed: Vec<ReplayEvent> =
+                store.replay(stream, 0).map(Result::unwrap).collect().await;
+            for (replayed, stored) in replayed.iter().zip(&expected) {
+                let cqrs_core::store::Payload::Text(text) = &replayed.payload else {
+                    panic!("replay returned a parsed payload");
+                };
+                let reparsed: serde_json::Value = serde_json::from_str(text).unwrap();
+                assert_eq!(reparsed, stored.payload);
+            }
+        }
+
+        // Appended after the migration, one by one and as a batch: the stored text is the
+        // text written, byte for byte.
+        let written = tricky_events();
+        let later = StreamId::new("thing", "later");
+        store
+            .append(&later, ExpectedVersion::Any, written[..1].to_vec())
+            .await
+            .unwrap();
+        store
+            .append(&later, ExpectedVersion::Exact(1), written[1..].to_vec())
+            .await
+            .unwrap();
+        let last = after.last().unwrap().checkpoint;
+        read_settled(&store, last, written.len()).await;
+        let raw = store.read_all_raw(last, 100).await.unwrap();
+        assert_eq!(raw.len(), written.len());
+        for (raw, event) in raw.iter().zip(&written) {
+            assert_eq!(
+                raw.payload.get(),
+                serde_json::to_string(&event.payload).unwrap()
+            );
+            assert_eq!(raw.metadata, event.metadata);
+            assert_eq!(raw.event_id, event.event_id);
         }
     }
 

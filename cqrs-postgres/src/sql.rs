@@ -85,8 +85,8 @@ impl Sql {
                 "WITH inserted AS ( \
                    INSERT INTO {s}.events \
                      (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
-                   SELECT e.event_id, $1, $2, $3 + e.ord, e.event_type, e.schema_version, e.payload, e.metadata \
-                   FROM UNNEST($4::uuid[], $5::text[], $6::int4[], $7::jsonb[], $8::jsonb[]) \
+                   SELECT e.event_id, $1, $2, $3 + e.ord, e.event_type, e.schema_version, e.payload::json, e.metadata::json \
+                   FROM UNNEST($4::uuid[], $5::text[], $6::int4[], $7::text[], $8::text[]) \
                      WITH ORDINALITY AS e(event_id, event_type, schema_version, payload, metadata, ord) \
                    WHERE $3 = 0 OR EXISTS ( \
                      SELECT 1 FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version = $3) \
@@ -100,7 +100,7 @@ impl Sql {
             insert_one: format!(
                 "INSERT INTO {s}.events \
                    (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
-                 SELECT $4::uuid, $1, $2, $3::int8 + 1, $5::text, $6::int4, $7::jsonb, $8::jsonb \
+                 SELECT $4::uuid, $1, $2, $3::int8 + 1, $5::text, $6::int4, $7::text::json, $8::text::json \
                  WHERE $3 = 0 OR EXISTS ( \
                    SELECT 1 FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version = $3) \
                  RETURNING ARRAY[global_position] AS positions, \

@@ -326,9 +326,16 @@ pub async fn k1(count: u64, runs: usize, samples: usize) -> K1 {
         serialize: Vec::new(),
         latencies: Vec::new(),
     };
-    for _ in 0..runs {
-        k.relay.push(relay(&store, events.len()).await);
-        k.raw.push(raw(&events).await);
+    for run in 0..runs {
+        // Each side goes first in every other run: neither always meets the broker as the
+        // other left it.
+        if run % 2 == 0 {
+            k.relay.push(relay(&store, events.len()).await);
+            k.raw.push(raw(&events).await);
+        } else {
+            k.raw.push(raw(&events).await);
+            k.relay.push(relay(&store, events.len()).await);
+        }
         k.read.push(read_only(&store, events.len()).await);
         k.serialize.push(serialize_only(&events));
     }

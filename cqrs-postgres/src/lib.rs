@@ -1136,17 +1136,26 @@ mod tests {
     use super::url_without_password;
     use super::*;
 
+    /// A store on `schema`, dropped first, not migrated.
+    async fn empty_schema(schema: &str) -> PostgresEventStore {
+        let store = PostgresEventStore::connect(&database_url(), schema)
+            .await
+            .unwrap();
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            store.sql.quoted_schema
+        )))
+        .execute(store.pool())
+        .await
+        .unwrap();
+        store
+    }
+
     /// The plans of the ordered reads with the settings `in_global_order` applies, on an events
     /// table that was never analyzed: the global-order index, no JIT compilation.
     #[tokio::test]
     async fn ordered_reads_walk_the_index_without_jit_on_an_unanalyzed_table() {
-        let store = PostgresEventStore::connect(&database_url(), "unit_ordered_plans")
-            .await
-            .unwrap();
-        sqlx::query("DROP SCHEMA IF EXISTS unit_ordered_plans CASCADE")
-            .execute(store.pool())
-            .await
-            .unwrap();
+        let store = empty_schema("unit_ordered_plans").await;
         store.migrate().await.unwrap();
         for n in 0..3u32 {
             let events = (0..1_000)
@@ -1269,13 +1278,7 @@ mod tests {
     /// after it through every read path, and what is appended afterwards is stored as written.
     #[tokio::test]
     async fn events_written_as_jsonb_read_the_same_after_the_json_migration() {
-        let store = PostgresEventStore::connect(&database_url(), "unit_json_upgrade")
-            .await
-            .unwrap();
-        sqlx::query("DROP SCHEMA IF EXISTS unit_json_upgrade CASCADE")
-            .execute(store.pool())
-            .await
-            .unwrap();
+        let store = empty_schema("unit_json_upgrade").await;
         let mut conn = store.pool().acquire().await.unwrap();
         migrate_on(&mut conn, &store.sql, Some(20261130000008))
             .await

@@ -359,7 +359,7 @@ pub async fn read_all_order_and_resumption<S: EventStore>(store: S) {
                 .unwrap_or_else(|e| panic!("{e}"));
         }
     }
-    let everything = read_settled(&store, appended.len()).await;
+    let everything = read_settled(&store, Checkpoint::START, appended.len()).await;
     let ours: Vec<&StoredEvent> = everything
         .iter()
         .filter(|e| streams.contains(&e.stream))
@@ -420,14 +420,19 @@ pub async fn read_all_order_and_resumption<S: EventStore>(store: S) {
     assert!(none.is_empty(), "limit 0 reads nothing");
 }
 
-/// Reads everything once `count` events are readable. A store may hold readers back while any
-/// transaction of the database is open (PostgreSQL's global order waits for the oldest running
-/// transaction, of any test), never skipping; this waits that out, up to 30 seconds.
-async fn read_settled<S: EventStore>(store: &S, count: usize) -> Vec<StoredEvent> {
+/// Reads every event after `after` once `count` of them are readable. A store may hold readers
+/// back while any transaction of the database is open (PostgreSQL's global order waits for the
+/// oldest running transaction, of any test), never skipping; this waits that out, up to 30
+/// seconds, and then returns what is readable (the caller asserts on it).
+pub async fn read_settled<S: EventStore>(
+    store: &S,
+    after: Checkpoint,
+    count: usize,
+) -> Vec<StoredEvent> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let all = store
-            .read_all(Checkpoint::START, usize::MAX)
+            .read_all(after, usize::MAX)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         if all.len() >= count || std::time::Instant::now() > deadline {
@@ -713,7 +718,7 @@ pub async fn read_filtered_returns_matches_and_how_far_it_scanned<S: EventStore>
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    let all = read_settled(&store, 20).await;
+    let all = read_settled(&store, Checkpoint::START, 20).await;
     let filter = [Subscription {
         aggregate_type: Some("conformance"),
         event_types: &["Wanted"],

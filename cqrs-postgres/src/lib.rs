@@ -1135,6 +1135,7 @@ fn url_without_password(url: &str) -> String {
 mod tests {
     use super::url_without_password;
     use super::*;
+    use cqrs_core::conformance::read_settled;
 
     /// A store on `schema`, dropped first, not migrated.
     async fn empty_schema(schema: &str) -> PostgresEventStore {
@@ -1245,23 +1246,6 @@ mod tests {
             .collect()
     }
 
-    /// The first `n` events after `after` once they are readable: readers stop below the oldest
-    /// transaction open in the cluster, and tests running beside this one hold some open.
-    async fn read_settled(
-        store: &PostgresEventStore,
-        after: Checkpoint,
-        n: usize,
-    ) -> Vec<StoredEvent> {
-        for _ in 0..500 {
-            let events = store.read_all(after, n).await.unwrap();
-            if events.len() == n {
-                return events;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("{n} events were not readable after 10 s");
-    }
-
     async fn json_column_types(store: &PostgresEventStore) -> Vec<String> {
         sqlx::query_scalar(
             "SELECT data_type::text FROM information_schema.columns \
@@ -1297,7 +1281,9 @@ mod tests {
             .append(&batch, ExpectedVersion::Any, tricky_events())
             .await
             .unwrap();
-        let before = read_settled(&store, Checkpoint::START, 2 * tricky_payloads().len()).await;
+        let appended = 2 * tricky_payloads().len();
+        let before = read_settled(&store, Checkpoint::START, appended).await;
+        assert_eq!(before.len(), appended);
 
         // The upgrade as it happens in production: the new version's process migrates before it
         // reads (the old process's connections hold prepared reads whose result type changed,

@@ -360,6 +360,9 @@ impl RawStoredEvent {
             serde_json::from_str(self.payload.get()).map_err(|e| crate::StoreError::Corrupt {
                 stream: self.stream.clone(),
                 version: self.version,
+                event_id: self.event_id,
+                event_type: self.event_type.clone(),
+                checkpoint: self.checkpoint,
                 message: format!("payload: {e}"),
             })?;
         Ok(StoredEvent {

@@ -6,6 +6,7 @@
 extern crate self as cqrs_core;
 
 pub mod aggregate;
+pub mod backoff;
 pub mod command;
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -19,6 +20,7 @@ pub mod store;
 pub mod testing;
 
 pub use aggregate::{Aggregate, SnapshotPolicy};
+pub use backoff::Backoff;
 pub use command::{Command, CommandMetadata, StreamExpectation};
 pub use envelope::{
     AggregateId, CausationId, Checkpoint, CommandId, CorrelationId, EventData, EventId, Metadata,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cqrs_core::{Checkpoint, EventStore};
-use cqrs_postgres::{CheckpointLease, PostgresEventStore};
+use cqrs_postgres::{Advance, CheckpointLease, PostgresEventStore};
 use rdkafka::ClientConfig;
 use rdkafka::ClientContext;
 use rdkafka::error::KafkaError as RdKafkaError;
@@ -596,12 +596,22 @@ impl OutboxRelay {
                 || self.moved.is_none_or(|at| at.elapsed() >= CHECKPOINT_EVERY);
             let checkpoint = if acked > stored && due {
                 let asked = Instant::now();
-                if !self.lease.advance(acked).await? {
-                    return Err(KafkaError::LeaseLost(self.lease.name().to_owned()));
+                match self.lease.advance(stored, acked).await? {
+                    Advance::Done => {
+                        self.held = Some((asked, acked));
+                        self.moved = Some(asked);
+                        acked
+                    }
+                    Advance::LeaseLost => {
+                        return Err(KafkaError::LeaseLost(self.lease.name().to_owned()));
+                    }
+                    // An earlier move whose outcome was in doubt went through: the next move
+                    // starts from what is stored.
+                    Advance::Moved { stored } => {
+                        self.held = Some((asked, stored));
+                        stored
+                    }
                 }
-                self.held = Some((asked, acked));
-                self.moved = Some(asked);
-                acked
             } else {
                 stored
             };
@@ -817,7 +827,8 @@ impl OutboxRelay {
     ) -> Result<RelayMetrics, KafkaError> {
         tokio::pin!(shutdown);
         let mut wakeups = None;
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff =
+            cqrs_core::Backoff::new(Duration::from_millis(20), Duration::from_secs(5));
         let mut reported = Instant::now();
         loop {
             if !self.report_every.is_zero() && reported.elapsed() >= self.report_every {
@@ -834,16 +845,17 @@ impl OutboxRelay {
             };
             let wait = match outcome {
                 Ok(step) if step.sent > 0 || step.delivered > 0 => {
-                    backoff = Duration::from_millis(20);
+                    backoff.reset();
                     continue;
                 }
-                Ok(_) => poll,
+                Ok(_) => {
+                    backoff.reset();
+                    poll
+                }
                 Err(error @ KafkaError::Serialize(_)) => return Err(error),
                 Err(error) => {
                     tracing::warn!(relay = self.lease.name(), %error, "relay step failed; retrying");
-                    let wait = backoff;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    wait
+                    backoff.next_delay()
                 }
             };
             let woken = async {

@@ -416,9 +416,13 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
                 return self.dead_letter(message, &error.to_string(), attempt).await;
             }
             self.metrics.retries += 1;
-            let exponent = (attempt - 1).min(16);
-            tokio::time::sleep((self.backoff * 2u32.pow(exponent)).min(Duration::from_secs(10)))
-                .await;
+            tokio::time::sleep(cqrs_core::Backoff::delay(
+                self.backoff,
+                Duration::from_secs(10),
+                attempt,
+                event.event_id.0.as_u64_pair().1,
+            ))
+            .await;
         }
     }
 

@@ -5,6 +5,7 @@
 //! The lease lives in `projection_checkpoints`, so `cqrs projections list` shows these followers
 //! with their lag and owner too.
 
+use std::future::Future;
 use std::time::Duration;
 
 use cqrs_core::{Checkpoint, StoreError};
@@ -12,6 +13,15 @@ use sqlx::{AssertSqlSafe, PgConnection, Row};
 
 use crate::PostgresEventStore;
 use crate::rows::{backend, to_i64};
+
+/// The shortest lease: shorter ones are raised to it (a lease must outlive the statement that
+/// renews it).
+pub const MIN_LEASE: Duration = Duration::from_millis(100);
+
+/// `lease` between [`MIN_LEASE`] and a day (so it is always a valid interval and a valid wait).
+fn clamp_lease(lease: Duration) -> Duration {
+    lease.clamp(MIN_LEASE, cqrs_core::backoff::MAX_WAIT)
+}
 
 /// One owner's hold on a named checkpoint: [`acquire`](Self::acquire) takes it (bumping the epoch
 /// on a takeover), [`advance`](Self::advance) moves the checkpoint only while this owner's epoch
@@ -38,15 +48,16 @@ impl CheckpointLease {
             store,
             name: name.into(),
             owner: owner.into(),
-            lease,
+            lease: clamp_lease(lease),
             epoch: None,
         }
     }
 
-    /// The same lease lasting `lease` after each acquire or advance.
+    /// The same lease lasting `lease` after each acquire or advance (clamped to between
+    /// [`MIN_LEASE`] and a day).
     #[must_use]
     pub fn with_lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
+        self.lease = clamp_lease(lease);
         self
     }
 
@@ -90,6 +101,12 @@ impl CheckpointLease {
     /// Takes or renews the lease and returns the stored checkpoint; `None` while another owner's
     /// lease is live.
     ///
+    /// Only a renewal by the holder of the current epoch keeps it; any other take gets a new epoch,
+    /// including a process restarted under the same owner name (it takes over at once) and a
+    /// second live process under that name (the two then fence each other out in turn: every
+    /// checkpoint move is a compare-and-set, so neither applies anything twice, but give each
+    /// process a name of its own).
+    ///
     /// # Errors
     /// [`StoreError::Backend`] when the database fails.
     pub async fn acquire(&mut self) -> Result<Option<Checkpoint>, StoreError> {
@@ -97,6 +114,7 @@ impl CheckpointLease {
             .bind(&self.name)
             .bind(&self.owner)
             .bind(self.lease.as_secs_f64())
+            .bind(self.epoch)
             .fetch_optional(self.store.pool())
             .await
             .map_err(backend)?;
@@ -108,28 +126,33 @@ impl CheckpointLease {
         crate::rows::checkpoint(&row).map(Some)
     }
 
-    /// Moves the checkpoint forward to `to` (never back) and renews the lease; `false` when this
-    /// owner no longer holds it (another took it over, or it expired): then nothing moved and the
-    /// owner must stop and [`acquire`](Self::acquire) again.
+    /// Moves the checkpoint from `from` (which must be the stored one) to `to` and renews the
+    /// lease. [`Advance::LeaseLost`] when this owner no longer holds the lease (another took it
+    /// over, or it expired): nothing moved and the owner must stop and [`acquire`](Self::acquire)
+    /// again. [`Advance::Moved`] when the stored checkpoint is not `from` any more (an earlier move
+    /// whose outcome was in doubt went through after all): nothing moved, the epoch is kept, and
+    /// the owner goes on from the stored checkpoint.
     ///
     /// # Errors
     /// [`StoreError::Backend`] when the database fails.
-    pub async fn advance(&mut self, to: Checkpoint) -> Result<bool, StoreError> {
+    pub async fn advance(&mut self, from: Checkpoint, to: Checkpoint) -> Result<Advance, StoreError> {
         let mut conn = self.store.pool().acquire().await.map_err(backend)?;
-        self.advance_on(&mut conn, to).await
+        self.advance_on(&mut conn, from, to).await
     }
 
-    /// [`advance`](Self::advance) on `conn`, e.g. inside the transaction of an effect.
+    /// [`advance`](Self::advance) on `conn`, e.g. inside the transaction of an effect (which the
+    /// caller rolls back unless the outcome is [`Advance::Done`]).
     ///
     /// # Errors
     /// [`StoreError::Backend`] when the database fails.
     pub async fn advance_on(
         &mut self,
         conn: &mut PgConnection,
+        from: Checkpoint,
         to: Checkpoint,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Advance, StoreError> {
         let Some(epoch) = self.epoch else {
-            return Ok(false);
+            return Ok(Advance::LeaseLost);
         };
         let moved = sqlx::query(AssertSqlSafe(self.store.sql.move_checkpoint.clone()))
             .bind(&self.name)
@@ -137,16 +160,109 @@ impl CheckpointLease {
             .bind(to.transaction.to_string())
             .bind(to_i64(to.position)?)
             .bind(self.lease.as_secs_f64())
-            .execute(conn)
+            .bind(from.transaction.to_string())
+            .bind(to_i64(from.position)?)
+            .execute(&mut *conn)
             .await
             .map_err(backend)?;
         if moved.rows_affected() == 1 {
-            Ok(true)
-        } else {
-            self.epoch = None;
-            Ok(false)
+            return Ok(Advance::Done);
+        }
+        // The update waited for any transaction holding the row: what it found is settled.
+        let row = sqlx::query(AssertSqlSafe(self.store.sql.checkpoint_state.clone()))
+            .bind(&self.name)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(backend)?;
+        if let Some(row) = row {
+            let stored_epoch: i64 = row.try_get("epoch").map_err(backend)?;
+            let live: bool = row.try_get("live").map_err(backend)?;
+            if stored_epoch == epoch && live {
+                return Ok(Advance::Moved {
+                    stored: crate::rows::checkpoint(&row)?,
+                });
+            }
+        }
+        self.epoch = None;
+        Ok(Advance::LeaseLost)
+    }
+
+    /// Extends the lease of the epoch held by its duration from now, without moving the
+    /// checkpoint (a heartbeat while a long batch runs); `false` when it is no longer held.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the database fails.
+    pub async fn renew(&self) -> Result<bool, StoreError> {
+        let Some(epoch) = self.epoch else {
+            return Ok(false);
+        };
+        renew(&self.store, &self.name, epoch, self.lease).await
+    }
+
+    /// A heartbeat for the epoch held: a future that renews the lease every third of its duration
+    /// until it is lost or the database fails (then it waits forever, leaving the verdict to the
+    /// next checkpoint move). Run it beside a long piece of work with `select!`.
+    #[must_use]
+    pub fn heartbeat(
+        &self,
+    ) -> impl Future<Output = std::convert::Infallible> + Send + 'static {
+        let (store, name, epoch, lease) = (
+            self.store.clone(),
+            self.name.clone(),
+            self.epoch,
+            self.lease,
+        );
+        async move {
+            let Some(epoch) = epoch else {
+                return futures::future::pending::<std::convert::Infallible>().await;
+            };
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                match renew(&store, &name, epoch, lease).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(error) => {
+                        tracing::debug!(checkpoint = %name, %error, "lease heartbeat failed");
+                        break;
+                    }
+                }
+            }
+            futures::future::pending::<std::convert::Infallible>().await
         }
     }
+}
+
+/// What a checkpoint move found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Advance {
+    /// The checkpoint moved and the lease was renewed.
+    Done,
+    /// The lease is not this owner's any more: nothing moved.
+    LeaseLost,
+    /// The stored checkpoint is not the expected start any more (an earlier in-doubt move went
+    /// through): nothing moved; go on from `stored`.
+    Moved {
+        /// The stored checkpoint.
+        stored: Checkpoint,
+    },
+}
+
+/// Extends the lease of `epoch` on checkpoint `name` by `lease` from now.
+async fn renew(
+    store: &PostgresEventStore,
+    name: &str,
+    epoch: i64,
+    lease: Duration,
+) -> Result<bool, StoreError> {
+    let renewed = sqlx::query(AssertSqlSafe(store.sql.renew_lease.clone()))
+        .bind(name)
+        .bind(epoch)
+        .bind(lease.as_secs_f64())
+        .execute(store.pool())
+        .await
+        .map_err(backend)?;
+    Ok(renewed.rows_affected() == 1)
 }
 
 /// The stored checkpoint named `name` ([`Checkpoint::START`] when there is none).

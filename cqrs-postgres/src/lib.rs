@@ -9,7 +9,7 @@ pub mod saga;
 mod sql;
 mod tx;
 
-pub use lease::{CheckpointLease, Inbox};
+pub use lease::{Advance, CheckpointLease, Inbox};
 pub use tx::Tx as Transaction;
 
 use std::fmt::Write as _;
@@ -25,7 +25,7 @@ use cqrs_core::{
     StoreError, StoredEvent, StreamId,
 };
 use futures::stream::{BoxStream, StreamExt};
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 use std::ops::ControlFlow;
 
@@ -77,6 +77,7 @@ pub struct PostgresEventStore {
     pub(crate) sql: Arc<Sql>,
     inline: Arc<[Arc<dyn projection::InlineProjection>]>,
     notifier: Arc<notify::Notifier>,
+    listener: Arc<notify::Listener>,
     channel: Arc<str>,
 }
 
@@ -135,6 +136,7 @@ impl PostgresEventStore {
             sql: Arc::new(sql),
             inline: Arc::new([]),
             notifier: Arc::default(),
+            listener: Arc::default(),
         })
     }
 
@@ -307,16 +309,17 @@ impl PostgresEventStore {
         tx.end(read, backend).await
     }
 
-    /// Subscribes to commit notifications of this schema's events.
+    /// Subscribes to commit notifications of this schema's events: the store's
+    /// [`EventStore::commit_signal`] as a waitable handle. Every subscriber of a store (and of its
+    /// clones) shares one listening connection, opened outside the pool.
     ///
     /// # Errors
-    /// [`StoreError::Backend`] when the listening connection cannot be opened.
+    /// [`StoreError::Backend`] outside a tokio runtime.
     pub async fn listen(&self) -> Result<Wakeups, StoreError> {
-        let mut listener = PgListener::connect_with(&self.pool)
-            .await
-            .map_err(backend)?;
-        listener.listen(&self.sql.channel).await.map_err(backend)?;
-        Ok(Wakeups { listener })
+        let signal = self
+            .commit_signal()
+            .ok_or_else(|| StoreError::backend("listening needs a tokio runtime"))?;
+        Ok(Wakeups { signal })
     }
 
     /// The rows of `stream` after `after_version` by `sql` (which binds type, id and version),
@@ -1029,6 +1032,12 @@ impl EventStore for PostgresEventStore {
         self.collect_in_global_order(query, limit, stored_event)
             .await
     }
+
+    /// Changes after commits of this schema's events, in this process and others (`LISTEN`
+    /// on one connection per store, outside its pool); `None` outside a tokio runtime.
+    fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.listener.subscribe(&self.pool, &self.channel)
+    }
 }
 
 /// The largest page read without disabling sorts (see `in_global_order`): below it the planner
@@ -1080,24 +1089,23 @@ impl SnapshotStore for PostgresEventStore {
 }
 
 /// Commit notifications of one schema's events, from [`PostgresEventStore::listen`].
+#[derive(Debug)]
 pub struct Wakeups {
-    listener: PgListener,
-}
-
-impl std::fmt::Debug for Wakeups {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Wakeups").finish_non_exhaustive()
-    }
+    signal: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Wakeups {
-    /// Waits for the next commit of events. A hint only: after a lost connection the listener
-    /// reconnects and notifications sent meanwhile are lost, so readers keep polling too.
+    /// Waits for the next commit of events. A hint only: notifications sent while the listening
+    /// connection was down are lost (everyone is woken once it is back), so readers keep polling
+    /// too.
     ///
     /// # Errors
-    /// [`StoreError::Backend`] when the listening connection fails and cannot be re-established.
+    /// [`StoreError::Backend`] when the store's listener has stopped (its store is gone).
     pub async fn next(&mut self) -> Result<(), StoreError> {
-        self.listener.recv().await.map(drop).map_err(backend)
+        self.signal
+            .changed()
+            .await
+            .map_err(|_| StoreError::backend("the store's commit listener has stopped"))
     }
 
     /// Waits for the next commit or `timeout`, whichever comes first; `true` if woken by a commit.

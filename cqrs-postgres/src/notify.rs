@@ -63,3 +63,115 @@ impl Notifier {
         });
     }
 }
+
+/// The receiving side: one listening connection per store (shared by its clones and every worker,
+/// relay and `listen()` on it), opened outside the store's pool so listeners never take
+/// connections appends need. It turns notifications into a counter on a `watch` channel; it
+/// reconnects by itself (and wakes everyone after a reconnection, since notifications sent
+/// meanwhile are lost) and stops when the last receiver is gone.
+#[derive(Debug, Default)]
+pub(crate) struct Listener {
+    sender: std::sync::Mutex<Option<tokio::sync::watch::Sender<u64>>>,
+}
+
+impl Listener {
+    /// A receiver of commit wake-ups on `channel`, starting the listening task if none runs;
+    /// `None` outside a tokio runtime.
+    pub(crate) fn subscribe(
+        self: &Arc<Self>,
+        pool: &PgPool,
+        channel: &Arc<str>,
+    ) -> Option<tokio::sync::watch::Receiver<u64>> {
+        let mut slot = self
+            .sender
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(sender) = slot.as_ref() {
+            return Some(sender.subscribe());
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let (sender, receiver) = tokio::sync::watch::channel(0u64);
+        *slot = Some(sender.clone());
+        let options = pool.connect_options().as_ref().clone();
+        let (me, channel) = (Arc::clone(self), Arc::clone(channel));
+        runtime.spawn(async move { me.listen(options, &channel, sender).await });
+        Some(receiver)
+    }
+
+    async fn listen(
+        self: Arc<Self>,
+        options: sqlx::postgres::PgConnectOptions,
+        channel: &str,
+        sender: tokio::sync::watch::Sender<u64>,
+    ) {
+        // A pool of one of its own: the listener's connection never counts against the store's.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .connect_lazy_with(options);
+        let mut backoff = cqrs_core::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        let mut listener: Option<sqlx::postgres::PgListener> = None;
+        loop {
+            if listener.is_none() {
+                let connected = async {
+                    let mut l = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                    l.listen(channel).await?;
+                    Ok::<_, sqlx::Error>(l)
+                };
+                let connected = tokio::select! {
+                    connected = connected => connected,
+                    () = sender.closed() => Err(sqlx::Error::PoolClosed),
+                };
+                match connected {
+                    Ok(l) => {
+                        listener = Some(l);
+                        backoff.reset();
+                        // Whatever committed while no one listened: readers look again.
+                        sender.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                    Err(error) => {
+                        if self.stop_if_unused(&sender) {
+                            return;
+                        }
+                        tracing::debug!(%error, "commit listener cannot connect; readers poll meanwhile");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        continue;
+                    }
+                }
+            }
+            let Some(l) = listener.as_mut() else { continue };
+            tokio::select! {
+                () = sender.closed() => {
+                    if self.stop_if_unused(&sender) {
+                        return;
+                    }
+                }
+                received = l.try_recv() => match received {
+                    Ok(Some(_)) => sender.send_modify(|n| *n = n.wrapping_add(1)),
+                    // The connection was lost; it reconnects on the next call. Wake everyone:
+                    // notifications sent meanwhile are lost.
+                    Ok(None) => sender.send_modify(|n| *n = n.wrapping_add(1)),
+                    Err(error) => {
+                        tracing::debug!(%error, "commit listener lost its connection; reconnecting");
+                        listener = None;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Clears the slot when no receiver is left (under the lock `subscribe` takes, so none can
+    /// appear meanwhile); `true` when the task should end.
+    fn stop_if_unused(&self, sender: &tokio::sync::watch::Sender<u64>) -> bool {
+        let mut slot = self
+            .sender
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if sender.receiver_count() == 0 {
+            *slot = None;
+            true
+        } else {
+            false
+        }
+    }
+}

@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 use crate::rows::{backend, to_i64, to_u64};
 use crate::tx::Tx;
+use crate::lease::Advance;
 use crate::{CheckpointLease, PostgresEventStore};
 
 /// Why a projection worker stopped.
@@ -30,6 +31,17 @@ pub enum WorkerError {
         /// The epoch this worker held, if any.
         epoch: Option<i64>,
     },
+    /// The window started at a checkpoint that is not the stored one any more: an earlier commit
+    /// of this worker whose outcome was in doubt (its future dropped after `COMMIT` was sent) went
+    /// through after all. Nothing of this batch was kept; step again from the stored checkpoint
+    /// ([`run`](ProjectionWorker::run) and [`catch_up`](ProjectionWorker::catch_up) do).
+    #[error("projection `{projection}`: the checkpoint moved to {stored} meanwhile; the batch was rolled back")]
+    CheckpointMoved {
+        /// The projection.
+        projection: &'static str,
+        /// The stored checkpoint.
+        stored: Checkpoint,
+    },
     /// The projection failed on an event; the batch was rolled back.
     #[error(transparent)]
     Projection(#[from] ProjectionError),
@@ -37,6 +49,33 @@ pub enum WorkerError {
     #[error(transparent)]
     Store(#[from] StoreError),
 }
+
+impl WorkerError {
+    /// Whether waiting cannot heal it: the schema or its tables do not exist (run the
+    /// migrations), the database refuses this user, or the projection failed outside its
+    /// retries. Connection failures, a server restarting, a lost lease and timeouts heal, and
+    /// [`ProjectionWorker::run`] rides them out.
+    #[must_use]
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::LeaseLost { .. } | Self::CheckpointMoved { .. } => false,
+            Self::Projection(_) => true,
+            Self::Store(StoreError::Backend(source)) => {
+                source.downcast_ref::<sqlx::Error>().is_some_and(|e| {
+                    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|code| {
+                        // undefined_table, undefined_column, invalid_schema_name,
+                        // insufficient_privilege, undefined_function
+                        matches!(&*code, "42P01" | "42703" | "3F000" | "42501" | "42883")
+                    }))
+                })
+            }
+            Self::Store(_) => false,
+        }
+    }
+}
+
+/// How many dead letters a redrive reads at a time.
+const REDRIVE_PAGE: i64 = 500;
 
 /// Lists and purges a projection's dead letters; retrying them needs the projection, so it is
 /// [`ProjectionWorker::retry`] and [`ProjectionWorker::retry_all`].
@@ -269,8 +308,84 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             P::SUBSCRIPTIONS,
             P::subscribes_to,
         )
-        .await?;
-        self.apply_window(epoch, from, window).await
+        .await;
+        match window {
+            Ok(window) => self.apply_window(epoch, from, window).await,
+            Err(WorkerError::Store(corrupt @ StoreError::Corrupt { .. })) => {
+                self.pass_corrupt(epoch, from, &corrupt).await
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Parks a stored row that cannot be read as an event (the first after `from`) as a dead
+    /// letter naming it, if the projection subscribes to its type, and moves the checkpoint past it,
+    /// in one transaction: one bad row never stops the projection. Under
+    /// [`FailureMode::BlockStream`] later events of its stream wait behind it, as behind any dead
+    /// letter.
+    async fn pass_corrupt(
+        &mut self,
+        epoch: i64,
+        from: Checkpoint,
+        corrupt: &StoreError,
+    ) -> Result<Step, WorkerError> {
+        let StoreError::Corrupt {
+            stream,
+            version,
+            event_id,
+            event_type,
+            checkpoint,
+            ..
+        } = corrupt
+        else {
+            return Err(StoreError::backend(corrupt.to_string()).into());
+        };
+        let subscribed = P::SUBSCRIPTIONS
+            .iter()
+            .any(|s| s.matches_type(&stream.aggregate_type, event_type));
+        let mut tx = Tx::begin(self.store.pool()).await.map_err(backend)?;
+        let outcome = async {
+            if subscribed {
+                tracing::warn!(projection = P::NAME, %stream, version, %checkpoint, error = %corrupt, "parking an unreadable stored event as a dead letter");
+                let failure = Failure {
+                    error: corrupt.to_string(),
+                    attempts: 1,
+                    first_failed_at: chrono::Utc::now(),
+                };
+                self.park_row(&mut tx, *event_id, stream, *version, &failure)
+                    .await?;
+            }
+            self.advance_in(&mut tx, epoch, from, *checkpoint).await
+        }
+        .await;
+        tx.end(outcome, |e| WorkerError::Store(backend(e))).await?;
+        let step = Step {
+            read: 1,
+            applied: 0,
+            parked: usize::from(subscribed),
+            checkpoint: *checkpoint,
+        };
+        self.metrics.record(&step, Duration::ZERO);
+        Ok(step)
+    }
+
+    /// Moves the checkpoint from `from` to `to` in `tx` under `epoch`, or the error that makes the
+    /// caller roll back.
+    async fn advance_in(
+        &mut self,
+        tx: &mut PgConnection,
+        epoch: i64,
+        from: Checkpoint,
+        to: Checkpoint,
+    ) -> Result<(), WorkerError> {
+        match self.lease.advance_on(tx, from, to).await? {
+            Advance::Done => Ok(()),
+            Advance::LeaseLost => Err(self.lease_lost(epoch)),
+            Advance::Moved { stored } => Err(WorkerError::CheckpointMoved {
+                projection: P::NAME,
+                stored,
+            }),
+        }
     }
 
     /// Applies a window read after `from` and moves the checkpoint to its end.
@@ -296,7 +411,11 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             events = page.len()
         );
         let started = std::time::Instant::now();
-        let mut step = match self.apply_batch(epoch, &page, last).instrument(span).await {
+        let mut step = match self
+            .apply_batch(epoch, &page, from, last)
+            .instrument(span)
+            .await
+        {
             Ok(step) => step,
             Err(error) => {
                 self.metrics.failed_batches += 1;
@@ -316,28 +435,35 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         &mut self,
         epoch: i64,
         page: &[cqrs_core::StoredEvent],
+        from: Checkpoint,
         last: Checkpoint,
     ) -> Result<Step, WorkerError> {
-        match self.apply_batch_in(epoch, page, last, false).await {
+        match self.apply_batch_in(epoch, page, from, last, false).await {
             Err(WorkerError::Projection(error)) => {
                 tracing::debug!(projection = P::NAME, %error, "a handler failed: running the batch event by event");
-                self.apply_batch_in(epoch, page, last, true).await
+                self.apply_batch_in(epoch, page, from, last, true).await
             }
             done => done,
         }
     }
 
+    /// One attempt at a batch in a transaction of its own, with the lease renewed beside it every
+    /// third of its duration, so a batch longer than the lease keeps it (the move at its end then
+    /// renews it from the commit's moment).
     async fn apply_batch_in(
         &mut self,
         epoch: i64,
         page: &[cqrs_core::StoredEvent],
+        from: Checkpoint,
         last: Checkpoint,
         careful: bool,
     ) -> Result<Step, WorkerError> {
         let mut tx = Tx::begin(self.store.pool()).await.map_err(backend)?;
-        let outcome = self
-            .apply_batch_on(&mut tx, epoch, page, last, careful)
-            .await;
+        let heartbeat = self.lease.heartbeat();
+        let outcome = tokio::select! {
+            outcome = self.apply_batch_on(&mut tx, epoch, page, from, last, careful) => outcome,
+            never = heartbeat => match never {},
+        };
         tx.end(outcome, |e| WorkerError::Store(backend(e))).await
     }
 
@@ -347,6 +473,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         tx: &mut PgConnection,
         epoch: i64,
         page: &[cqrs_core::StoredEvent],
+        from: Checkpoint,
         last: Checkpoint,
         careful: bool,
     ) -> Result<Step, WorkerError> {
@@ -395,10 +522,9 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
                 }
             }
         }
-        if !self.lease.advance_on(&mut *tx, last).await? {
-            // The caller rolls back the read-model change too.
-            return Err(self.lease_lost(epoch));
-        }
+        // Compare-and-set from the window's start; on any other outcome the caller rolls back the
+        // read-model change too.
+        self.advance_in(&mut *tx, epoch, from, last).await?;
         Ok(Step {
             read: page.len(),
             applied,
@@ -408,52 +534,91 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
     }
 
     /// Keeps the projection up to date until `shutdown` completes: catches up from the checkpoint,
-    /// then waits for a commit notification (`LISTEN/NOTIFY`) or `poll` (a lost notification costs
-    /// at most one poll interval), and catches up again. A shutdown rolls back the batch in flight
-    /// (or finds it committed), never half of it. The lease is renewed on every wake-up; a worker that loses it
-    /// keeps trying to take it back and otherwise stays idle. Returns the projection.
+    /// then waits for a commit wake-up ([`EventStore::commit_signal`]: one listening connection per
+    /// store, outside the pool, whatever runs on it) or `poll` (a lost notification costs at most
+    /// one poll interval), and catches up again. A shutdown rolls back the batch in flight (or finds
+    /// it committed), never half of it. The lease is renewed on every wake-up; a worker that loses
+    /// it keeps trying to take it back and otherwise stays idle.
+    ///
+    /// Failures that heal are ridden out: a broken connection, a server restarting or terminating
+    /// connections, a timeout are logged (`warn`) and the work is tried again after a backoff
+    /// (50 ms doubling to 5 s, with jitter); each try starts from the stored checkpoint, so nothing
+    /// is applied twice or skipped. Returns the projection on shutdown.
     ///
     /// # Errors
-    /// The first event the projection fails on ([`WorkerError::Projection`], the batch rolled
-    /// back), or a store failure.
+    /// Only what waiting cannot heal ([`WorkerError::is_permanent`]): the schema or its tables do
+    /// not exist (run the migrations), the database refuses this user.
     pub async fn run(
         mut self,
         poll: Duration,
         shutdown: impl Future<Output = ()>,
     ) -> Result<P, WorkerError> {
-        let mut wakeups = self.store.listen().await?;
+        let mut wakeups = self.store.commit_signal();
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut backoff =
+            cqrs_core::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         loop {
-            if self.acquire().await? {
-                loop {
-                    let step = tokio::select! {
-                        // A shutdown drops the batch in flight: its transaction rolls back whole.
-                        step = self.step() => step,
-                        () = &mut shutdown => return Ok(self.projection),
-                    };
-                    match step {
-                        Ok(step) if step.read == 0 => break,
-                        Ok(_) => {}
-                        Err(WorkerError::LeaseLost { .. }) => break,
-                        Err(error) => return Err(error),
-                    }
+            if let Some(signal) = &mut wakeups {
+                signal.borrow_and_update();
+            }
+            let worked = tokio::select! {
+                // A shutdown drops the batch in flight: its transaction rolls back whole.
+                worked = self.work_once() => worked,
+                () = &mut shutdown => return Ok(self.projection),
+            };
+            let wait = match worked {
+                Ok(()) => {
+                    backoff.reset();
+                    poll
                 }
-                tokio::select! {
-                    served = self.serve_requests() => {
-                        if let Err(error) = served {
-                            tracing::warn!(projection = P::NAME, %error, "serving an operator request failed");
+                Err(error) if error.is_permanent() => return Err(error),
+                Err(error) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(projection = P::NAME, %error, retry_in = ?wait, "projection worker failed; trying again");
+                    wait
+                }
+            };
+            let woken = async {
+                match &mut wakeups {
+                    Some(signal) => {
+                        if tokio::time::timeout(wait, signal.changed())
+                            .await
+                            .is_ok_and(|changed| changed.is_err())
+                        {
+                            tokio::time::sleep(wait).await;
                         }
                     }
-                    () = &mut shutdown => return Ok(self.projection),
+                    None => tokio::time::sleep(wait).await,
                 }
-            }
+            };
             tokio::select! {
                 () = &mut shutdown => return Ok(self.projection),
-                woken = wakeups.next_within(poll) => {
-                    woken?;
-                }
+                () = woken => {}
             }
         }
+    }
+
+    /// One round of [`run`](Self::run): take or renew the lease, step until caught up, serve the
+    /// operators' requests.
+    async fn work_once(&mut self) -> Result<(), WorkerError> {
+        if !self.acquire().await? {
+            return Ok(());
+        }
+        loop {
+            match self.step().await {
+                Ok(step) if step.read == 0 => break,
+                Ok(_) | Err(WorkerError::CheckpointMoved { .. }) => {}
+                Err(WorkerError::LeaseLost { .. }) => return Ok(()),
+                Err(error) => return Err(error),
+            }
+        }
+        if let Err(error) = self.serve_requests().await {
+            if matches!(error, WorkerError::Store(StoreError::Backend(_))) {
+                return Err(error);
+            }
+            tracing::warn!(projection = P::NAME, %error, "serving an operator request failed");
+        }
+        Ok(())
     }
 
     async fn blocked_streams(
@@ -505,12 +670,25 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         event: &cqrs_core::StoredEvent,
         failure: &Failure,
     ) -> Result<(), WorkerError> {
+        self.park_row(conn, event.event_id, &event.stream, event.version, failure)
+            .await
+    }
+
+    /// Parks the event `event_id`, version `version` of `stream`.
+    async fn park_row(
+        &self,
+        conn: &mut PgConnection,
+        event_id: cqrs_core::EventId,
+        stream: &cqrs_core::StreamId,
+        version: u64,
+        failure: &Failure,
+    ) -> Result<(), WorkerError> {
         sqlx::query(AssertSqlSafe(self.store.sql.park.clone()))
             .bind(P::NAME)
-            .bind(event.event_id.0)
-            .bind(&event.stream.aggregate_type)
-            .bind(event.stream.aggregate_id.as_str())
-            .bind(to_i64(event.version)?)
+            .bind(event_id.0)
+            .bind(&stream.aggregate_type)
+            .bind(stream.aggregate_id.as_str())
+            .bind(to_i64(version)?)
             .bind(&failure.error)
             .bind(i32::try_from(failure.attempts).unwrap_or(i32::MAX))
             .bind(failure.first_failed_at)
@@ -613,43 +791,62 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
-            let letters = sqlx::query(AssertSqlSafe(self.store.sql.stream_dead_letters.clone()))
-                .bind(P::NAME)
-                .bind(&stream.aggregate_type)
-                .bind(stream.aggregate_id.as_str())
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(backend)?
-                .iter()
-                .map(dead_letter)
-                .collect::<Result<Vec<_>, _>>()?;
+            // A page of letters at a time: a long blocked stream is never loaded whole.
             let mut redrive = Redrive::default();
-            for letter in letters {
-                let row = sqlx::query(AssertSqlSafe(self.store.sql.event_by_id.clone()))
-                    .bind(letter.event_id.0)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(backend)?;
-                let event = crate::rows::stored_event(&row)?;
-                match self.apply_with_retries(&mut tx, &event).await? {
-                    None => {
-                        sqlx::query(AssertSqlSafe(self.store.sql.resolve_dead_letter.clone()))
-                            .bind(letter.id)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(backend)?;
-                        redrive.applied += 1;
+            let mut after = i64::MIN;
+            'pages: loop {
+                let letters =
+                    sqlx::query(AssertSqlSafe(self.store.sql.stream_dead_letters.clone()))
+                        .bind(P::NAME)
+                        .bind(&stream.aggregate_type)
+                        .bind(stream.aggregate_id.as_str())
+                        .bind(after)
+                        .bind(REDRIVE_PAGE)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(backend)?;
+                let last_page = letters.len() < usize::try_from(REDRIVE_PAGE).unwrap_or(0);
+                for row in &letters {
+                    after = row.try_get("version").map_err(backend)?;
+                    let letter = dead_letter(row)?;
+                    let row = sqlx::query(AssertSqlSafe(self.store.sql.event_by_id.clone()))
+                        .bind(letter.event_id.0)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(backend)?;
+                    let outcome = match crate::rows::stored_event(&row) {
+                        Ok(event) => self.apply_with_retries(&mut tx, &event).await?,
+                        // Still unreadable: it stays parked, with the reason.
+                        Err(corrupt @ StoreError::Corrupt { .. }) => Some(Failure {
+                            error: corrupt.to_string(),
+                            attempts: 1,
+                            first_failed_at: letter.first_failed_at,
+                        }),
+                        Err(error) => return Err(error.into()),
+                    };
+                    match outcome {
+                        None => {
+                            sqlx::query(AssertSqlSafe(self.store.sql.resolve_dead_letter.clone()))
+                                .bind(letter.id)
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(backend)?;
+                            redrive.applied += 1;
+                        }
+                        Some(failure) => {
+                            sqlx::query(AssertSqlSafe(self.store.sql.fail_dead_letter.clone()))
+                                .bind(letter.id)
+                                .bind(failure.error)
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(backend)?;
+                            redrive.failed += 1;
+                            break 'pages;
+                        }
                     }
-                    Some(failure) => {
-                        sqlx::query(AssertSqlSafe(self.store.sql.fail_dead_letter.clone()))
-                            .bind(letter.id)
-                            .bind(failure.error)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(backend)?;
-                        redrive.failed += 1;
-                        break;
-                    }
+                }
+                if last_page {
+                    break;
                 }
             }
             Ok(redrive)
@@ -735,9 +932,18 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         let mut pause = Duration::from_millis(2);
         let mut next = self.prefetch(from, self.dense);
         loop {
-            let window = next
+            let window = match next
                 .await
-                .map_err(|e| StoreError::backend(format!("read task: {e}")))??;
+                .map_err(|e| StoreError::backend(format!("read task: {e}")))?
+            {
+                Ok(window) => window,
+                Err(WorkerError::Store(corrupt @ StoreError::Corrupt { .. })) => {
+                    from = self.pass_corrupt(epoch, from, &corrupt).await?.checkpoint;
+                    next = self.prefetch(from, self.dense);
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             let last = window.last;
             if last == from {
                 if from >= head {
@@ -756,6 +962,13 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             next = self.prefetch(last, window.dense);
             let step = match self.apply_window(epoch, from, window).await {
                 Ok(step) => step,
+                Err(WorkerError::CheckpointMoved { stored, .. }) => {
+                    // An earlier commit of ours went through after all: on from what it stored.
+                    next.abort();
+                    from = stored;
+                    next = self.prefetch(from, self.dense);
+                    continue;
+                }
                 Err(error) => {
                     next.abort();
                     return Err(error);

@@ -59,6 +59,10 @@ pub(crate) async fn fetch_events<'q>(
 
 /// Runs `query` (which selects `EVENT_COLUMNS`), reads each row with `read` and hands it to
 /// `each` as it arrives; after a `Break` the remaining rows are read and dropped.
+///
+/// A [`StoreError::Corrupt`] row ends the read there: after rows were handed over, the read
+/// succeeds with them (the reader's next read starts at the corrupt row); as the first row, it is
+/// the read's error, naming the row and its checkpoint, so the reader can park it and go on.
 pub(crate) async fn each_event<'q, 'c, E>(
     query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     executor: impl sqlx::Executor<'c, Database = sqlx::Postgres>,
@@ -71,9 +75,17 @@ where
     use futures::TryStreamExt;
     let mut rows = query.fetch(executor);
     let mut open = true;
+    let mut handed = false;
     while let Some(row) = rows.try_next().await.map_err(backend)? {
         if open {
-            open = each(read(&row)?).is_continue();
+            match read(&row) {
+                Ok(event) => {
+                    handed = true;
+                    open = each(event).is_continue();
+                }
+                Err(StoreError::Corrupt { .. }) if handed => open = false,
+                Err(error) => return Err(error),
+            }
         }
     }
     Ok(())
@@ -103,6 +115,11 @@ pub(crate) fn raw_stored_event(row: &PgRow) -> Result<RawStoredEvent, StoreError
 }
 
 /// A row of `EVENT_COLUMNS` with the payload decoded as `P`.
+///
+/// The columns that place the row (event id, stream, type, transaction id and position) are typed
+/// by the table and always read; anything else that does not fit (a negative version or schema
+/// version, metadata that is not ours, a payload that does not parse) is [`StoreError::Corrupt`]
+/// naming the row and its checkpoint, so a reader can park it and go on after it.
 fn stored_event_with<P>(row: &PgRow) -> Result<StoredEvent<P>, StoreError>
 where
     P: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
@@ -113,38 +130,63 @@ where
     let aggregate_type: String = row.try_get_unchecked(3).map_err(backend)?;
     let aggregate_id: String = row.try_get_unchecked(4).map_err(backend)?;
     let stream = StreamId::new(aggregate_type, AggregateId::new(aggregate_id));
+    let position: i64 = row.try_get_unchecked(0).map_err(backend)?;
+    let transaction: &str = row.try_get_unchecked(1).map_err(backend)?;
+    let event_id = EventId(row.try_get_unchecked::<uuid::Uuid, _>(2).map_err(backend)?);
+    let event_type: String = row.try_get_unchecked(6).map_err(backend)?;
+    // Without a checkpoint no reader could move past the row: only then is it a backend error.
+    let checkpoint = Checkpoint::new(
+        transaction.parse().map_err(|_| {
+            StoreError::backend(format!(
+                "event {event_id} of {stream}: transaction id `{transaction}` is not a number"
+            ))
+        })?,
+        u64::try_from(position).map_err(|_| {
+            StoreError::backend(format!(
+                "event {event_id} of {stream}: negative position {position}"
+            ))
+        })?,
+    );
     let version: i64 = row.try_get_unchecked(5).map_err(backend)?;
     let corrupt = |message: String| StoreError::Corrupt {
         stream: stream.clone(),
         version: u64::try_from(version).unwrap_or(0),
+        event_id,
+        event_type: event_type.clone(),
+        checkpoint,
         message,
     };
     let version =
         u64::try_from(version).map_err(|_| corrupt(format!("negative version {version}")))?;
-    let position: i64 = row.try_get_unchecked(0).map_err(backend)?;
-    let transaction: &str = row.try_get_unchecked(1).map_err(backend)?;
     let schema_version: i32 = row.try_get_unchecked(7).map_err(backend)?;
+    let schema_version = u32::try_from(schema_version)
+        .map_err(|_| corrupt(format!("negative schema version {schema_version}")))?;
     // Straight into the struct: no `serde_json::Value` in between.
-    let metadata: Result<sqlx::types::Json<Metadata>, _> = row.try_get_unchecked(9);
-    let event_id: uuid::Uuid = row.try_get_unchecked(2).map_err(backend)?;
+    let metadata: sqlx::types::Json<Metadata> = row
+        .try_get_unchecked(9)
+        .map_err(|e| corrupt(format!("metadata: {}", decode_cause(&e))))?;
+    let payload: P = row
+        .try_get_unchecked(8)
+        .map_err(|e| corrupt(format!("payload: {}", decode_cause(&e))))?;
     Ok(StoredEvent {
-        event_id: EventId(event_id),
+        event_id,
         version,
-        checkpoint: Checkpoint::new(
-            transaction
-                .parse()
-                .map_err(|_| corrupt(format!("transaction id `{transaction}`")))?,
-            u64::try_from(position)
-                .map_err(|_| corrupt(format!("negative position {position}")))?,
-        ),
+        checkpoint,
         recorded_at: row.try_get_unchecked(10).map_err(backend)?,
-        event_type: row.try_get_unchecked(6).map_err(backend)?,
-        schema_version: u32::try_from(schema_version)
-            .map_err(|_| corrupt(format!("negative schema version {schema_version}")))?,
-        payload: row.try_get_unchecked(8).map_err(backend)?,
-        metadata: metadata.map_err(|e| corrupt(format!("metadata: {e}")))?.0,
+        schema_version,
+        payload,
+        metadata: metadata.0,
+        event_type,
         stream,
     })
+}
+
+/// What a column decode error says, without sqlx's "error occurred while decoding column N" frame.
+fn decode_cause(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::ColumnDecode { source, .. } => source.to_string(),
+        other => other.to_string(),
+    }
 }
 
 /// A row of the replay query: version, type, schema version and the payload as JSON text, read by

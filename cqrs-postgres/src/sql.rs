@@ -39,6 +39,8 @@ pub(crate) struct Sql {
     pub(crate) load_snapshot: String,
     pub(crate) acquire_lease: String,
     pub(crate) move_checkpoint: String,
+    pub(crate) checkpoint_state: String,
+    pub(crate) renew_lease: String,
     pub(crate) read_checkpoint: String,
     pub(crate) blocked_streams: String,
     pub(crate) park: String,
@@ -178,28 +180,47 @@ impl Sql {
                 "SELECT aggregate_type, aggregate_id, first_version, last_version FROM {s}.command_keys \
                  WHERE idempotency_key = $1"
             ),
-            // Takes the lease when it is free, expired or already ours; a new owner gets a new epoch.
+            // Takes the lease when it is free, expired or held under this owner name. Only a renewal
+            // by the holder of the current epoch ($4) keeps the epoch: any other take (a new owner, a
+            // restarted process under the same name, a second live process under it) gets a new one,
+            // which fences every transaction still working under the old. Lease times are taken at
+            // the statement (`clock_timestamp()`), not at the transaction's start.
             acquire_lease: format!(
                 "INSERT INTO {s}.projection_checkpoints (projection, owner, epoch, lease_until) \
-                 VALUES ($1, $2, 1, now() + make_interval(secs => $3)) \
+                 VALUES ($1, $2, 1, clock_timestamp() + make_interval(secs => $3)) \
                  ON CONFLICT (projection) DO UPDATE SET \
                    epoch = CASE WHEN {s}.projection_checkpoints.owner = EXCLUDED.owner \
+                                 AND {s}.projection_checkpoints.epoch = $4::int8 \
                                 THEN {s}.projection_checkpoints.epoch \
                                 ELSE {s}.projection_checkpoints.epoch + 1 END, \
                    owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until \
                  WHERE {s}.projection_checkpoints.owner IS NULL \
                     OR {s}.projection_checkpoints.owner = EXCLUDED.owner \
-                    OR {s}.projection_checkpoints.lease_until < now() \
+                    OR {s}.projection_checkpoints.lease_until < clock_timestamp() \
                  RETURNING epoch, transaction_id::text AS transaction_text, global_position"
             ),
-            // Moves the checkpoint only for the current epoch and a live lease: a stalled old owner
-            // matches no row, and its transaction (with its read-model change) is rolled back.
+            // Compare-and-set: moves the checkpoint from exactly the window's start ($6, $7) to its
+            // end, for the current epoch and a live lease, and renews the lease from this moment.
+            // A stalled old owner matches no row; neither does a retry of a window whose first
+            // commit went through after all (an in-doubt COMMIT): its transaction, with the
+            // read-model change, is rolled back and nothing is applied twice.
             move_checkpoint: format!(
                 "UPDATE {s}.projection_checkpoints \
-                 SET transaction_id = $3::text::xid8, global_position = $4, updated_at = now(), \
-                     lease_until = now() + make_interval(secs => $5) \
-                 WHERE projection = $1 AND epoch = $2 AND lease_until >= now() \
-                   AND (transaction_id, global_position) <= ($3::text::xid8, $4)"
+                 SET transaction_id = $3::text::xid8, global_position = $4, updated_at = clock_timestamp(), \
+                     lease_until = clock_timestamp() + make_interval(secs => $5) \
+                 WHERE projection = $1 AND epoch = $2 AND lease_until >= clock_timestamp() \
+                   AND transaction_id = $6::text::xid8 AND global_position = $7"
+            ),
+            // Why a move matched no row: another epoch or an expired lease, or a moved checkpoint.
+            checkpoint_state: format!(
+                "SELECT epoch, COALESCE(lease_until >= clock_timestamp(), false) AS live, \
+                        transaction_id::text AS transaction_text, global_position \
+                 FROM {s}.projection_checkpoints WHERE projection = $1"
+            ),
+            // Extends a live lease of the current epoch (a heartbeat while a long batch runs).
+            renew_lease: format!(
+                "UPDATE {s}.projection_checkpoints SET lease_until = clock_timestamp() + make_interval(secs => $3) \
+                 WHERE projection = $1 AND epoch = $2 AND lease_until >= clock_timestamp()"
             ),
             blocked_streams: format!(
                 "SELECT DISTINCT aggregate_type, aggregate_id FROM {s}.projection_dead_letters WHERE projection = $1"
@@ -217,7 +238,8 @@ impl Sql {
             stream_dead_letters: format!(
                 "SELECT id, event_id, aggregate_type, aggregate_id, version, error, attempts, first_failed_at, last_failed_at \
                  FROM {s}.projection_dead_letters \
-                 WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3 ORDER BY version"
+                 WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3 AND version > $4 \
+                 ORDER BY version LIMIT $5"
             ),
             event_by_id: format!("SELECT {EVENT_COLUMNS} FROM {s}.events WHERE event_id = $1"),
             resolve_dead_letter: format!("DELETE FROM {s}.projection_dead_letters WHERE id = $1"),
@@ -231,14 +253,14 @@ impl Sql {
             reset_checkpoint: format!(
                 "UPDATE {s}.projection_checkpoints SET transaction_id = '0', global_position = 0, updated_at = now(), \
                    rebuild_requested_at = NULL, rebuilt_at = now(), request_error = NULL \
-                 WHERE projection = $1 AND epoch = $2 AND lease_until >= now()"
+                 WHERE projection = $1 AND epoch = $2 AND lease_until >= clock_timestamp()"
             ),
             reset_dead_letters: format!(
                 "DELETE FROM {s}.projection_dead_letters WHERE projection = $1"
             ),
             hold_lease: format!(
                 "SELECT 1 FROM {s}.projection_checkpoints \
-                 WHERE projection = $1 AND epoch = $2 AND lease_until >= now() FOR UPDATE"
+                 WHERE projection = $1 AND epoch = $2 AND lease_until >= clock_timestamp() FOR UPDATE"
             ),
             read_checkpoint: format!(
                 "SELECT transaction_id::text AS transaction_text, global_position, owner, epoch \

@@ -13,9 +13,10 @@ use crate::envelope::{EventId, StreamId};
 pub struct FailurePolicy {
     /// How many times an event is tried before it is parked as a dead letter.
     pub attempts: u32,
-    /// The wait before the second try; it doubles for each further try.
+    /// The wait before the second try; it doubles for each further try (with jitter, see
+    /// [`Backoff`](crate::Backoff)).
     pub backoff: Duration,
-    /// The longest wait between tries.
+    /// The longest wait between tries (clamped to a day).
     pub max_backoff: Duration,
     /// Whether later events of a parked event's stream wait behind it.
     pub mode: FailureMode,
@@ -96,7 +97,7 @@ impl FailurePolicy {
             policy: *self,
             attempts: 0,
             first_failed_at: None,
-            backoff: self.backoff,
+            backoff: crate::backoff::Backoff::new(self.backoff, self.max_backoff),
         }
     }
 }
@@ -108,7 +109,7 @@ pub struct Retries {
     policy: FailurePolicy,
     attempts: u32,
     first_failed_at: Option<DateTime<Utc>>,
-    backoff: Duration,
+    backoff: crate::backoff::Backoff,
 }
 
 impl Retries {
@@ -125,8 +126,7 @@ impl Retries {
                 first_failed_at: first,
             });
         }
-        tokio::time::sleep(self.backoff).await;
-        self.backoff = (self.backoff * 2).min(self.policy.max_backoff);
+        self.backoff.wait().await;
         None
     }
 }

@@ -49,9 +49,15 @@ impl Subscription {
     /// Whether a stored event is one of these.
     #[must_use]
     pub fn matches(&self, event: &StoredEvent) -> bool {
-        self.aggregate_type
-            .is_none_or(|t| t == event.stream.aggregate_type)
-            && self.event_types.contains(&event.event_type.as_str())
+        self.matches_type(&event.stream.aggregate_type, &event.event_type)
+    }
+
+    /// Whether events of `event_type` in streams of `aggregate_type` are among these (for a row
+    /// that cannot be read as a whole event).
+    #[must_use]
+    pub fn matches_type(&self, aggregate_type: &str, event_type: &str) -> bool {
+        self.aggregate_type.is_none_or(|t| t == aggregate_type)
+            && self.event_types.contains(&event_type)
     }
 }
 

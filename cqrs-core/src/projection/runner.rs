@@ -12,7 +12,7 @@ use tracing::Instrument as _;
 
 use super::Projection;
 use super::failure::{DeadLetter, Failure, FailureMode, FailurePolicy, Redrive, WAITS_BEHIND};
-use crate::envelope::{Checkpoint, StoredEvent, StreamId};
+use crate::envelope::{Checkpoint, EventId, StoredEvent, StreamId};
 use crate::store::{EventStore, StoreError};
 
 /// Where runners keep how far each projection got.
@@ -78,8 +78,9 @@ pub struct InMemoryDeadLetters {
 #[derive(Debug, Default)]
 struct Letters {
     next_id: i64,
-    /// By id, so by parking order; each with its projection and the event to redrive.
-    parked: BTreeMap<i64, (String, DeadLetter, StoredEvent)>,
+    /// By id, so by parking order; each with its projection. The event itself is not kept (a
+    /// blocked stream would hold a copy of each of its events): a redrive reads it again.
+    parked: BTreeMap<i64, (String, DeadLetter)>,
 }
 
 impl InMemoryDeadLetters {
@@ -95,8 +96,8 @@ impl InMemoryDeadLetters {
         let mut letters: Vec<DeadLetter> = lock(&self.inner)
             .parked
             .values()
-            .filter(|(p, ..)| p == projection)
-            .map(|(_, letter, _)| letter.clone())
+            .filter(|(p, _)| p == projection)
+            .map(|(_, letter)| letter.clone())
             .collect();
         letters.sort_by(|a, b| (&a.stream, a.version).cmp(&(&b.stream, b.version)));
         letters
@@ -107,50 +108,69 @@ impl InMemoryDeadLetters {
     pub fn purge(&self, projection: &str, older_than: Option<DateTime<Utc>>) -> u64 {
         let mut inner = lock(&self.inner);
         let before = inner.parked.len();
-        inner.parked.retain(|_, (p, letter, _)| {
+        inner.parked.retain(|_, (p, letter)| {
             p != projection || older_than.is_some_and(|t| letter.last_failed_at >= t)
         });
         (before - inner.parked.len()) as u64
     }
 
     fn park(&self, projection: &str, event: &StoredEvent, failure: Failure) {
+        self.park_row(
+            projection,
+            event.event_id,
+            &event.stream,
+            event.version,
+            failure,
+        );
+    }
+
+    fn park_row(
+        &self,
+        projection: &str,
+        event_id: EventId,
+        stream: &StreamId,
+        version: u64,
+        failure: Failure,
+    ) {
         let mut inner = lock(&self.inner);
         inner.next_id += 1;
         let id = inner.next_id;
         let letter = DeadLetter {
             id,
-            event_id: event.event_id,
-            stream: event.stream.clone(),
-            version: event.version,
+            event_id,
+            stream: stream.clone(),
+            version,
             error: failure.error,
             attempts: failure.attempts,
             first_failed_at: failure.first_failed_at,
             last_failed_at: Utc::now(),
         };
-        inner
-            .parked
-            .insert(id, (projection.to_owned(), letter, event.clone()));
+        inner.parked.insert(id, (projection.to_owned(), letter));
     }
 
     fn blocked_streams(&self, projection: &str) -> HashSet<StreamId> {
         lock(&self.inner)
             .parked
             .values()
-            .filter(|(p, ..)| p == projection)
-            .map(|(_, letter, _)| letter.stream.clone())
+            .filter(|(p, _)| p == projection)
+            .map(|(_, letter)| letter.stream.clone())
             .collect()
     }
 
-    /// The dead letters of `stream`, in version order, with their events.
-    fn of_stream(&self, projection: &str, stream: &StreamId) -> Vec<(i64, StoredEvent)> {
-        let mut letters: Vec<(i64, StoredEvent)> = lock(&self.inner)
+    /// The first dead letter of `stream` after version `after` (in version order): a redrive
+    /// walks a stream's letters one at a time instead of copying them all.
+    fn next_of_stream(&self, projection: &str, stream: &StreamId, after: Option<u64>) -> Option<DeadLetter> {
+        lock(&self.inner)
             .parked
-            .iter()
-            .filter(|(_, (p, letter, _))| p == projection && &letter.stream == stream)
-            .map(|(id, (.., event))| (*id, event.clone()))
-            .collect();
-        letters.sort_by_key(|(_, event)| event.version);
-        letters
+            .values()
+            .filter(|(p, letter)| {
+                p == projection
+                    && &letter.stream == stream
+                    && after.is_none_or(|after| letter.version > after)
+            })
+            .map(|(_, letter)| letter)
+            .min_by_key(|letter| letter.version)
+            .cloned()
     }
 
     fn resolve(&self, id: i64) {
@@ -158,7 +178,7 @@ impl InMemoryDeadLetters {
     }
 
     fn fail_again(&self, id: i64, error: String) {
-        if let Some((_, letter, _)) = lock(&self.inner).parked.get_mut(&id) {
+        if let Some((_, letter)) = lock(&self.inner).parked.get_mut(&id) {
             letter.error = error;
             letter.attempts += 1;
             letter.last_failed_at = Utc::now();
@@ -168,7 +188,7 @@ impl InMemoryDeadLetters {
     fn reset(&self, projection: &str) {
         lock(&self.inner)
             .parked
-            .retain(|_, (p, ..)| p != projection);
+            .retain(|_, (p, _)| p != projection);
     }
 }
 
@@ -366,10 +386,15 @@ where
     /// retried and parked as dead letters.
     pub async fn step(&mut self) -> Result<Step, StoreError> {
         let from = self.checkpoint().await?;
-        let (page, last) = self
+        let (page, last) = match self
             .store
             .read_filtered(from, self.batch, P::SUBSCRIPTIONS)
-            .await?;
+            .await
+        {
+            Ok(window) => window,
+            Err(corrupt @ StoreError::Corrupt { .. }) => return self.pass_corrupt(&corrupt).await,
+            Err(error) => return Err(error),
+        };
         if last == from {
             return Ok(Step {
                 read: 0,
@@ -396,6 +421,45 @@ where
         };
         self.metrics.record(&step, started.elapsed());
         self.checkpoints.save(P::NAME, last).await?;
+        Ok(step)
+    }
+
+    /// Parks a stored row the store cannot read as an event (the first after the checkpoint), if
+    /// the projection subscribes to its type, and moves the checkpoint past it.
+    async fn pass_corrupt(&mut self, corrupt: &StoreError) -> Result<Step, StoreError> {
+        let StoreError::Corrupt {
+            stream,
+            version,
+            event_id,
+            event_type,
+            checkpoint,
+            ..
+        } = corrupt
+        else {
+            return Err(StoreError::backend(corrupt.to_string()));
+        };
+        let subscribed = P::SUBSCRIPTIONS
+            .iter()
+            .any(|s| s.matches_type(&stream.aggregate_type, event_type));
+        if subscribed {
+            tracing::warn!(projection = P::NAME, %stream, version, %checkpoint, error = %corrupt, "parking an unreadable stored event as a dead letter");
+            let failure = Failure {
+                error: corrupt.to_string(),
+                attempts: 1,
+                first_failed_at: Utc::now(),
+            };
+            self.dead_letters
+                .park_row(P::NAME, *event_id, stream, *version, failure);
+        }
+        self.checkpoint = Some(*checkpoint);
+        let step = Step {
+            read: 1,
+            applied: 0,
+            parked: usize::from(subscribed),
+            checkpoint: *checkpoint,
+        };
+        self.metrics.record(&step, Duration::ZERO);
+        self.checkpoints.save(P::NAME, *checkpoint).await?;
         Ok(step)
     }
 
@@ -527,22 +591,55 @@ where
 
     /// Applies the dead letters of `stream` again, in version order: each one that applies is
     /// removed; the first that fails again stays (with the new error) and so do the ones after it.
+    ///
+    /// Each event is read again from the store (dead letters hold no copy of it); one the store
+    /// cannot read (or no longer has) fails again with the reason.
     pub async fn retry(&mut self, stream: &StreamId) -> Redrive {
         let mut redrive = Redrive::default();
-        for (id, event) in self.dead_letters.of_stream(P::NAME, stream) {
-            match self.apply_with_retries(&event).await {
+        let mut after = None;
+        while let Some(letter) = self.dead_letters.next_of_stream(P::NAME, stream, after) {
+            after = Some(letter.version);
+            let failure = match self.reread(&letter).await {
+                Ok(event) => self.apply_with_retries(&event).await,
+                Err(error) => Some(Failure {
+                    error,
+                    attempts: 1,
+                    first_failed_at: letter.first_failed_at,
+                }),
+            };
+            match failure {
                 None => {
-                    self.dead_letters.resolve(id);
+                    self.dead_letters.resolve(letter.id);
                     redrive.applied += 1;
                 }
                 Some(failure) => {
-                    self.dead_letters.fail_again(id, failure.error);
+                    self.dead_letters.fail_again(letter.id, failure.error);
                     redrive.failed += 1;
                     break;
                 }
             }
         }
         redrive
+    }
+
+    /// The event of a dead letter, read again from the store.
+    async fn reread(&self, letter: &DeadLetter) -> Result<StoredEvent, String> {
+        use futures::StreamExt as _;
+        let mut events = self
+            .store
+            .load(&letter.stream, letter.version.saturating_sub(1));
+        match events.next().await {
+            Some(Ok(event)) if event.event_id == letter.event_id => Ok(event),
+            Some(Ok(event)) => Err(format!(
+                "the store holds event {} at version {} of {}, not the parked {}",
+                event.event_id, letter.version, letter.stream, letter.event_id
+            )),
+            Some(Err(error)) => Err(error.to_string()),
+            None => Err(format!(
+                "the store has no version {} of {} any more",
+                letter.version, letter.stream
+            )),
+        }
     }
 
     /// [`ProjectionRunner::retry`] for every stream with dead letters.

@@ -94,18 +94,7 @@ impl RetryPolicy {
     /// retry together.
     #[must_use]
     pub fn delay(&self, attempt: u32, seed: u64) -> Duration {
-        let exponential = self
-            .backoff
-            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
-            .min(self.max_delay);
-        let half = exponential / 2;
-        // splitmix64 of the seed and the attempt: a spread in [0, 1).
-        let mut z = seed ^ u64::from(attempt).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        let spread = (z >> 11) as f64 / (1u64 << 53) as f64;
-        half + half.mul_f64(spread)
+        crate::backoff::Backoff::delay(self.backoff, self.max_delay, attempt, seed)
     }
 }
 

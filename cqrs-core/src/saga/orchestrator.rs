@@ -181,22 +181,24 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     /// it up where it was.
     pub async fn run(&self, poll: Duration, limit: usize, shutdown: impl Future<Output = ()>) {
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(20), Duration::from_secs(5));
         loop {
             let wait = tokio::select! {
                 biased;
                 () = &mut shutdown => return,
                 outcome = self.run_due(limit) => match outcome {
                     Ok(ended) if !ended.is_empty() => {
-                        backoff = Duration::from_millis(20);
+                        backoff.reset();
                         continue;
                     }
-                    Ok(_) => poll,
+                    Ok(_) => {
+                        backoff.reset();
+                        poll
+                    }
                     Err(error) => {
                         tracing::warn!(saga = S::NAME, owner = %self.owner, %error, "claiming due sagas failed; retrying");
-                        let wait = backoff;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        wait
+                        backoff.next_delay()
                     }
                 },
             };

@@ -206,14 +206,23 @@ pub enum StoreError {
     /// command with this key recorded its events.
     #[error("idempotency key `{}` was used already (events {}..={} of {})", .0.key, .0.first_version, .0.last_version, .0.stream)]
     KeyUsed(Box<KeyRecord>),
-    /// A stored record is unreadable outside its payload (metadata, version or position out of
-    /// range): named, never skipped.
-    #[error("stored event {version} of {stream} is corrupt: {message}")]
+    /// A stored row cannot be read as an event (a negative version, metadata that does not fit,
+    /// a payload that is not JSON or nested past [`MAX_JSON_DEPTH`]: written from outside the
+    /// store, or by an older version of it). Named, never skipped: a global read returns the events
+    /// before it and then this error for it, with its `checkpoint`, so a reader can park it (a
+    /// projection worker does) and go on after it.
+    #[error("stored event {version} of {stream} (`{event_type}`, id {event_id}, at {checkpoint}) is corrupt: {message}")]
     Corrupt {
         /// The stream.
         stream: StreamId,
-        /// The event's version.
+        /// The event's version (0 when the stored one is negative: `message` says so).
         version: u64,
+        /// The row's event id.
+        event_id: EventId,
+        /// The row's type name.
+        event_type: String,
+        /// Where the row is in the global order.
+        checkpoint: Checkpoint,
         /// What is wrong.
         message: String,
     },
@@ -520,8 +529,31 @@ pub fn classify_stored_ids<'a>(
     })))
 }
 
-/// Rejects what no store can hold (empty names, an id twice in one batch), so every store fails alike
-/// before it writes anything.
+/// How deeply arrays and objects may nest in a payload: what `serde_json` reads back (its recursion
+/// limit). Appends refuse deeper payloads with [`StoreError::InvalidInput`], so whatever an append
+/// accepts, every reader can read; a deeper one written from outside the store is a
+/// [`StoreError::Corrupt`] row that readers park and pass.
+pub const MAX_JSON_DEPTH: usize = 127;
+
+/// How deeply arrays and objects nest in `value` (a scalar: 0), without recursion.
+#[must_use]
+pub fn json_depth(value: &serde_json::Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((value, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match value {
+            serde_json::Value::Array(items) => Box::new(items.iter()),
+            serde_json::Value::Object(fields) => Box::new(fields.values()),
+            _ => continue,
+        };
+        deepest = deepest.max(depth + 1);
+        stack.extend(children.map(|child| (child, depth + 1)));
+    }
+    deepest
+}
+
+/// Rejects what no store can hold (empty names, an id twice in one batch, a payload nested deeper
+/// than [`MAX_JSON_DEPTH`]), so every store fails alike before it writes anything.
 ///
 /// # Errors
 /// [`StoreError::InvalidInput`] or [`StoreError::EventIdReused`].
@@ -542,6 +574,14 @@ pub fn validate_append(stream: &StreamId, events: &[EventData]) -> Result<(), St
         if event.event_type.is_empty() {
             return Err(StoreError::InvalidInput(format!(
                 "event {i} of the batch for {stream} has an empty type"
+            )));
+        }
+        let depth = json_depth(&event.payload);
+        if depth > MAX_JSON_DEPTH {
+            return Err(StoreError::InvalidInput(format!(
+                "the payload of event {i} (`{}`) of the batch for {stream} is nested {depth} levels deep; \
+                 at most {MAX_JSON_DEPTH} can be read back, so it is refused",
+                event.event_type
             )));
         }
         if !seen.insert(event.event_id) {

@@ -124,7 +124,8 @@ mod tests {
 
     #[test]
     fn waits_double_up_to_the_cap() {
-        let mut b = Backoff::new(Duration::from_millis(10), Duration::from_millis(70)).without_jitter();
+        let mut b =
+            Backoff::new(Duration::from_millis(10), Duration::from_millis(70)).without_jitter();
         let waits: Vec<u128> = (0..6).map(|_| b.next_delay().as_millis()).collect();
         assert_eq!(waits, [10, 20, 40, 70, 70, 70]);
         b.reset();
@@ -137,7 +138,10 @@ mod tests {
         for attempt in 1..=20u32 {
             let full = exponential(b.first(), b.max(), attempt);
             let wait = b.next_delay();
-            assert!(wait >= full / 2 && wait <= full, "{attempt}: {wait:?} of {full:?}");
+            assert!(
+                wait >= full / 2 && wait <= full,
+                "{attempt}: {wait:?} of {full:?}"
+            );
         }
     }
 

@@ -135,7 +135,11 @@ impl CheckpointLease {
     ///
     /// # Errors
     /// [`StoreError::Backend`] when the database fails.
-    pub async fn advance(&mut self, from: Checkpoint, to: Checkpoint) -> Result<Advance, StoreError> {
+    pub async fn advance(
+        &mut self,
+        from: Checkpoint,
+        to: Checkpoint,
+    ) -> Result<Advance, StoreError> {
         let mut conn = self.store.pool().acquire().await.map_err(backend)?;
         self.advance_on(&mut conn, from, to).await
     }
@@ -203,9 +207,7 @@ impl CheckpointLease {
     /// until it is lost or the database fails (then it waits forever, leaving the verdict to the
     /// next checkpoint move). Run it beside a long piece of work with `select!`.
     #[must_use]
-    pub fn heartbeat(
-        &self,
-    ) -> impl Future<Output = std::convert::Infallible> + Send + 'static {
+    pub fn heartbeat(&self) -> impl Future<Output = std::convert::Infallible> + Send + 'static {
         let (store, name, epoch, lease) = (
             self.store.clone(),
             self.name.clone(),

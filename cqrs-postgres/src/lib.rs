@@ -316,9 +316,13 @@ impl PostgresEventStore {
     /// # Errors
     /// [`StoreError::Backend`] outside a tokio runtime.
     pub async fn listen(&self) -> Result<Wakeups, StoreError> {
-        let signal = self
-            .commit_signal()
+        let (signal, mut listening) = self
+            .listener
+            .subscribe(&self.pool, &self.channel)
             .ok_or_else(|| StoreError::backend("listening needs a tokio runtime"))?;
+        // Commits from here on wake it, once the shared connection listens (a server that cannot
+        // be reached now leaves it to reconnect by itself; readers poll meanwhile).
+        let _ = tokio::time::timeout(LISTEN_WAIT, listening.wait_for(|l| *l)).await;
         Ok(Wakeups { signal })
     }
 
@@ -1036,7 +1040,9 @@ impl EventStore for PostgresEventStore {
     /// Changes after commits of this schema's events, in this process and others (`LISTEN`
     /// on one connection per store, outside its pool); `None` outside a tokio runtime.
     fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        self.listener.subscribe(&self.pool, &self.channel)
+        self.listener
+            .subscribe(&self.pool, &self.channel)
+            .map(|(signal, _)| signal)
     }
 }
 
@@ -1087,6 +1093,9 @@ impl SnapshotStore for PostgresEventStore {
         Ok(())
     }
 }
+
+/// How long [`PostgresEventStore::listen`] waits for the shared listening connection.
+const LISTEN_WAIT: Duration = Duration::from_secs(10);
 
 /// Commit notifications of one schema's events, from [`PostgresEventStore::listen`].
 #[derive(Debug)]

@@ -71,7 +71,14 @@ impl Notifier {
 /// meanwhile are lost) and stops when the last receiver is gone.
 #[derive(Debug, Default)]
 pub(crate) struct Listener {
-    sender: std::sync::Mutex<Option<tokio::sync::watch::Sender<u64>>>,
+    sender: std::sync::Mutex<Option<Running>>,
+}
+
+/// A running listening task: its wake-up counter, and whether it listens yet.
+#[derive(Debug)]
+struct Running {
+    wakeups: tokio::sync::watch::Sender<u64>,
+    listening: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Listener {
@@ -81,21 +88,28 @@ impl Listener {
         self: &Arc<Self>,
         pool: &PgPool,
         channel: &Arc<str>,
-    ) -> Option<tokio::sync::watch::Receiver<u64>> {
+    ) -> Option<(
+        tokio::sync::watch::Receiver<u64>,
+        tokio::sync::watch::Receiver<bool>,
+    )> {
         let mut slot = self
             .sender
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(sender) = slot.as_ref() {
-            return Some(sender.subscribe());
+        if let Some(running) = slot.as_ref() {
+            return Some((running.wakeups.subscribe(), running.listening.clone()));
         }
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let (sender, receiver) = tokio::sync::watch::channel(0u64);
-        *slot = Some(sender.clone());
+        let (listening_tx, listening) = tokio::sync::watch::channel(false);
+        *slot = Some(Running {
+            wakeups: sender.clone(),
+            listening: listening.clone(),
+        });
         let options = pool.connect_options().as_ref().clone();
         let (me, channel) = (Arc::clone(self), Arc::clone(channel));
-        runtime.spawn(async move { me.listen(options, &channel, sender).await });
-        Some(receiver)
+        runtime.spawn(async move { me.listen(options, &channel, sender, listening_tx).await });
+        Some((receiver, listening))
     }
 
     async fn listen(
@@ -103,13 +117,15 @@ impl Listener {
         options: sqlx::postgres::PgConnectOptions,
         channel: &str,
         sender: tokio::sync::watch::Sender<u64>,
+        listening: tokio::sync::watch::Sender<bool>,
     ) {
         // A pool of one of its own: the listener's connection never counts against the store's.
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
             .min_connections(0)
             .connect_lazy_with(options);
-        let mut backoff = cqrs_core::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        let mut backoff =
+            cqrs_core::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let mut listener: Option<sqlx::postgres::PgListener> = None;
         loop {
             if listener.is_none() {
@@ -126,8 +142,11 @@ impl Listener {
                     Ok(l) => {
                         listener = Some(l);
                         backoff.reset();
-                        // Whatever committed while no one listened: readers look again.
-                        sender.send_modify(|n| *n = n.wrapping_add(1));
+                        // After a reconnection, whatever committed while no one listened:
+                        // readers look again.
+                        if listening.send_replace(true) {
+                            sender.send_modify(|n| *n = n.wrapping_add(1));
+                        }
                     }
                     Err(error) => {
                         if self.stop_if_unused(&sender) {

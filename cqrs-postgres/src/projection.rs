@@ -14,9 +14,9 @@ use cqrs_core::{Checkpoint, EventStore, StoreError};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 use tracing::Instrument;
 
+use crate::lease::Advance;
 use crate::rows::{backend, to_i64, to_u64};
 use crate::tx::Tx;
-use crate::lease::Advance;
 use crate::{CheckpointLease, PostgresEventStore};
 
 /// Why a projection worker stopped.
@@ -35,7 +35,9 @@ pub enum WorkerError {
     /// of this worker whose outcome was in doubt (its future dropped after `COMMIT` was sent) went
     /// through after all. Nothing of this batch was kept; step again from the stored checkpoint
     /// ([`run`](ProjectionWorker::run) and [`catch_up`](ProjectionWorker::catch_up) do).
-    #[error("projection `{projection}`: the checkpoint moved to {stored} meanwhile; the batch was rolled back")]
+    #[error(
+        "projection `{projection}`: the checkpoint moved to {stored} meanwhile; the batch was rolled back"
+    )]
     CheckpointMoved {
         /// The projection.
         projection: &'static str,

@@ -574,12 +574,18 @@ async fn bad_stored_data_is_a_typed_error_naming_the_row() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let (mut after, mut read, mut corrupt) = (Checkpoint::START, Vec::new(), Vec::new());
     while read.len() < 7 || corrupt.is_empty() {
-        assert!(std::time::Instant::now() < deadline, "read {read:?}, corrupt {corrupt:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read {read:?}, corrupt {corrupt:?}"
+        );
         match store.read_all(after, 100).await {
             Ok(page) if page.is_empty() => tokio::time::sleep(Duration::from_millis(10)).await,
             Ok(page) => {
                 after = page.last().map_or(after, |e| e.checkpoint);
-                read.extend(page.into_iter().map(|e| (e.stream.aggregate_id.to_string(), e.version)));
+                read.extend(
+                    page.into_iter()
+                        .map(|e| (e.stream.aggregate_id.to_string(), e.version)),
+                );
             }
             Err(StoreError::Corrupt {
                 stream,

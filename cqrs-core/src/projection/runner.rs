@@ -159,7 +159,12 @@ impl InMemoryDeadLetters {
 
     /// The first dead letter of `stream` after version `after` (in version order): a redrive
     /// walks a stream's letters one at a time instead of copying them all.
-    fn next_of_stream(&self, projection: &str, stream: &StreamId, after: Option<u64>) -> Option<DeadLetter> {
+    fn next_of_stream(
+        &self,
+        projection: &str,
+        stream: &StreamId,
+        after: Option<u64>,
+    ) -> Option<DeadLetter> {
         lock(&self.inner)
             .parked
             .values()
@@ -186,9 +191,7 @@ impl InMemoryDeadLetters {
     }
 
     fn reset(&self, projection: &str) {
-        lock(&self.inner)
-            .parked
-            .retain(|_, (p, _)| p != projection);
+        lock(&self.inner).parked.retain(|_, (p, _)| p != projection);
     }
 }
 

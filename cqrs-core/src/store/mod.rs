@@ -211,7 +211,9 @@ pub enum StoreError {
     /// store, or by an older version of it). Named, never skipped: a global read returns the events
     /// before it and then this error for it, with its `checkpoint`, so a reader can park it (a
     /// projection worker does) and go on after it.
-    #[error("stored event {version} of {stream} (`{event_type}`, id {event_id}, at {checkpoint}) is corrupt: {message}")]
+    #[error(
+        "stored event {version} of {stream} (`{event_type}`, id {event_id}, at {checkpoint}) is corrupt: {message}"
+    )]
     Corrupt {
         /// The stream.
         stream: StreamId,

@@ -397,8 +397,8 @@ async fn status(store: &PostgresEventStore, name: &str) -> Result<(), Failure> {
     let head = store.head().await?.map_or(0, |h| h.position);
     println!("projection:   {}", p.name);
     println!(
-        "checkpoint:   position {} (transaction {}), head {head}, lag {}",
-        p.checkpoint.position, p.checkpoint.transaction, p.lag
+        "checkpoint:   position {} (transaction {}), head {head}, lag {} events ({:.1} s)",
+        p.checkpoint.position, p.checkpoint.transaction, p.lag, p.lag_seconds
     );
     println!("lease:        {}", lease_text(&p));
     println!("dead letters: {}", p.dead_letters);

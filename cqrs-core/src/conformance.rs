@@ -41,6 +41,7 @@ macro_rules! event_store_conformance_tests {
             snapshots_keep_the_latest,
             large_batches_behave_like_small_ones,
             read_filtered_returns_matches_and_how_far_it_scanned,
+            what_append_accepts_every_reader_reads,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -498,6 +499,77 @@ pub async fn payload_and_metadata_round_trip<S: EventStore>(store: S) {
     assert_eq!(got.payload, e.payload);
     assert_eq!(got.metadata, metadata);
     assert_eq!(got.version, 1);
+}
+
+/// Nothing an append accepts is unreadable: a payload nested [`MAX_JSON_DEPTH`] deep is stored
+/// and reads back through `load` and `read_all`; one level deeper is refused with
+/// [`StoreError::InvalidInput`] and writes nothing.
+///
+/// [`MAX_JSON_DEPTH`]: crate::store::MAX_JSON_DEPTH
+pub async fn what_append_accepts_every_reader_reads<S: EventStore>(store: S) {
+    let nested = |depth: usize| {
+        let mut value = json!("leaf");
+        for level in 0..depth {
+            value = if level % 2 == 0 {
+                json!([value])
+            } else {
+                json!({ "k": value })
+            };
+        }
+        value
+    };
+    let limit = crate::store::MAX_JSON_DEPTH;
+    let deepest = EventData {
+        payload: nested(limit),
+        ..event(0)
+    };
+    let s = stream("deep");
+    append_ok(&store, &s, ExpectedVersion::NoStream, vec![deepest.clone()]).await;
+    let stored = load(&store, &s).await;
+    assert_eq!(stored[0].payload, deepest.payload);
+    // In the global order too, once readable (the store may hold it back while another
+    // transaction of the database is open).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let all = store
+            .read_all(Checkpoint::START, usize::MAX)
+            .await
+            .unwrap_or_else(|e| panic!("read_all past a payload {limit} deep: {e}"));
+        if let Some(read) = all.iter().find(|e| e.event_id == deepest.event_id) {
+            assert_eq!(read.payload, deepest.payload);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deepest accepted payload is not in the global order"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let too_deep = s.clone();
+    match store
+        .append(
+            &too_deep,
+            ExpectedVersion::Any,
+            vec![EventData {
+                payload: nested(limit + 1),
+                ..event(1)
+            }],
+        )
+        .await
+    {
+        Err(StoreError::InvalidInput(message)) => {
+            assert!(message.contains("nested"), "{message}");
+        }
+        other => panic!(
+            "a payload {} deep: expected InvalidInput, got {other:?}",
+            limit + 1
+        ),
+    }
+    assert_eq!(
+        load(&store, &s).await.len(),
+        1,
+        "the refused append wrote nothing"
+    );
 }
 
 /// A command idempotency key is recorded with the append, once: a second use appends nothing and

@@ -356,15 +356,16 @@ impl RawStoredEvent {
     /// [`crate::StoreError::Corrupt`] naming the event when the payload is not JSON (a raw value
     /// is checked when it is made, so only a hand-made one can fail).
     pub fn parse(&self) -> Result<StoredEvent, crate::StoreError> {
-        let payload =
-            serde_json::from_str(self.payload.get()).map_err(|e| crate::StoreError::Corrupt {
+        let payload = serde_json::from_str(self.payload.get()).map_err(|e| {
+            crate::StoreError::Corrupt(Box::new(crate::store::CorruptEvent {
                 stream: self.stream.clone(),
                 version: self.version,
                 event_id: self.event_id,
                 event_type: self.event_type.clone(),
                 checkpoint: self.checkpoint,
                 message: format!("payload: {e}"),
-            })?;
+            }))
+        })?;
         Ok(StoredEvent {
             event_id: self.event_id,
             stream: self.stream.clone(),

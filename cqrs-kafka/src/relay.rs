@@ -16,7 +16,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cqrs_core::{Checkpoint, EventStore};
+use cqrs_core::Checkpoint;
 use cqrs_postgres::{Advance, CheckpointLease, PostgresEventStore};
 use rdkafka::ClientConfig;
 use rdkafka::ClientContext;
@@ -490,15 +490,13 @@ impl OutboxRelay {
         Ok(self.lease.checkpoint().await?)
     }
 
-    /// Events recorded but not yet acknowledged by the broker, in global positions (an upper
-    /// bound: positions of rolled-back appends are never used).
+    /// Events committed but not yet acknowledged by the broker (an exact count).
     ///
     /// # Errors
     /// [`KafkaError::Store`] when the database fails.
     pub async fn lag(&self) -> Result<u64, KafkaError> {
-        let head = self.store.head().await?.unwrap_or(Checkpoint::START);
         let at = self.checkpoint().await?;
-        Ok(head.position.saturating_sub(at.position))
+        Ok(self.store.lag_after(at).await?.events)
     }
 
     /// Reads the next batch after what was sent, sends it, then waits for the delivery reports

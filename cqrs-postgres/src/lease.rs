@@ -206,7 +206,6 @@ impl CheckpointLease {
     /// A heartbeat for the epoch held: a future that renews the lease every third of its duration
     /// until it is lost or the database fails (then it waits forever, leaving the verdict to the
     /// next checkpoint move). Run it beside a long piece of work with `select!`.
-    #[must_use]
     pub fn heartbeat(&self) -> impl Future<Output = std::convert::Infallible> + Send + 'static {
         let (store, name, epoch, lease) = (
             self.store.clone(),

@@ -205,6 +205,28 @@ impl PostgresEventStore {
             .await
     }
 
+    /// How far a reader at `checkpoint` is behind: the committed events after it (counted, so
+    /// it costs a walk of the global-order index over them) and the age of the oldest.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the database fails.
+    pub async fn lag_after(
+        &self,
+        checkpoint: Checkpoint,
+    ) -> Result<cqrs_core::projection::Lag, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(self.sql.lag.clone()))
+            .bind(checkpoint.transaction.to_string())
+            .bind(to_i64(checkpoint.position)?)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(backend)?;
+        let events: i64 = row.try_get("events").map_err(backend)?;
+        Ok(cqrs_core::projection::Lag {
+            events: to_u64(events)?,
+            seconds: row.try_get::<f64, _>("seconds").map_err(backend)?.max(0.0),
+        })
+    }
+
     /// The checkpoint of the `n`-th readable event after `after` (`None` when fewer are readable),
     /// without reading the events: readers split a long read at it and read both parts at once
     /// (every event up to it is settled, so a read up to it returns exactly `n` events).

@@ -10,6 +10,7 @@ pub use cqrs_core::projection::{
     DeadLetter, FailureMode, FailurePolicy, ProjectionMetrics, Redrive, Step,
 };
 use cqrs_core::projection::{Failure, Projection, ProjectionError, WAITS_BEHIND, event_span};
+use cqrs_core::store::CorruptEvent;
 use cqrs_core::{Checkpoint, EventStore, StoreError};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 use tracing::Instrument;
@@ -257,19 +258,23 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         self.metrics
     }
 
-    /// How far the projection is behind the head of the log, in global positions (an upper bound
-    /// of the events still to read: positions of rolled-back appends are never used).
+    /// How many committed events the projection has still to read (an exact count; see
+    /// [`lag_detail`](Self::lag_detail) for their age too).
     ///
     /// # Errors
     /// [`WorkerError::Store`] when the database fails.
     pub async fn lag(&self) -> Result<u64, WorkerError> {
-        let head: Option<i64> =
-            sqlx::query_scalar(AssertSqlSafe(self.store.sql.head_position.clone()))
-                .fetch_one(self.store.pool())
-                .await
-                .map_err(backend)?;
+        Ok(self.lag_detail().await?.events)
+    }
+
+    /// How far the projection is behind: the committed events after its checkpoint and how long
+    /// ago the oldest of them was recorded.
+    ///
+    /// # Errors
+    /// [`WorkerError::Store`] when the database fails.
+    pub async fn lag_detail(&self) -> Result<cqrs_core::projection::Lag, WorkerError> {
         let checkpoint = self.checkpoint().await?;
-        Ok(to_u64(head.unwrap_or(0))?.saturating_sub(checkpoint.position))
+        Ok(self.store.lag_after(checkpoint).await?)
     }
 
     /// The projection (e.g. to read in-process state in tests).
@@ -313,7 +318,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         .await;
         match window {
             Ok(window) => self.apply_window(epoch, from, window).await,
-            Err(WorkerError::Store(corrupt @ StoreError::Corrupt { .. })) => {
+            Err(WorkerError::Store(StoreError::Corrupt(corrupt))) => {
                 self.pass_corrupt(epoch, from, &corrupt).await
             }
             Err(error) => Err(error),
@@ -329,19 +334,16 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         &mut self,
         epoch: i64,
         from: Checkpoint,
-        corrupt: &StoreError,
+        corrupt: &CorruptEvent,
     ) -> Result<Step, WorkerError> {
-        let StoreError::Corrupt {
+        let CorruptEvent {
             stream,
             version,
             event_id,
             event_type,
             checkpoint,
             ..
-        } = corrupt
-        else {
-            return Err(StoreError::backend(corrupt.to_string()).into());
-        };
+        } = corrupt;
         let subscribed = P::SUBSCRIPTIONS
             .iter()
             .any(|s| s.matches_type(&stream.aggregate_type, event_type));
@@ -819,7 +821,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
                     let outcome = match crate::rows::stored_event(&row) {
                         Ok(event) => self.apply_with_retries(&mut tx, &event).await?,
                         // Still unreadable: it stays parked, with the reason.
-                        Err(corrupt @ StoreError::Corrupt { .. }) => Some(Failure {
+                        Err(corrupt @ StoreError::Corrupt(_)) => Some(Failure {
                             error: corrupt.to_string(),
                             attempts: 1,
                             first_failed_at: letter.first_failed_at,
@@ -939,7 +941,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
                 .map_err(|e| StoreError::backend(format!("read task: {e}")))?
             {
                 Ok(window) => window,
-                Err(WorkerError::Store(corrupt @ StoreError::Corrupt { .. })) => {
+                Err(WorkerError::Store(StoreError::Corrupt(corrupt))) => {
                     from = self.pass_corrupt(epoch, from, &corrupt).await?.checkpoint;
                     next = self.prefetch(from, self.dense);
                     continue;
@@ -1044,15 +1046,16 @@ async fn read_window(
 }
 
 /// Where a projection of the schema is, for operators (`cqrs projections list`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProjectionStatus {
     /// The projection's name.
     pub name: String,
     /// The checkpoint it has applied up to.
     pub checkpoint: Checkpoint,
-    /// Global positions between the checkpoint and the head of the log (an upper bound of the
-    /// events still to read).
+    /// Committed events after the checkpoint (an exact count).
     pub lag: u64,
+    /// How long ago the oldest of them was recorded (0 when caught up).
+    pub lag_seconds: f64,
     /// The worker holding (or last holding) the lease.
     pub owner: Option<String>,
     /// The lease's epoch: bumped by every takeover.
@@ -1075,8 +1078,12 @@ pub async fn projections(store: &PostgresEventStore) -> Result<Vec<ProjectionSta
         "SELECT c.projection, c.transaction_id::text AS transaction_text, c.global_position, c.owner, c.epoch, \
                 COALESCE(c.lease_until > now(), false) AS leased, c.updated_at, \
                 (SELECT count(*) FROM {s}.projection_dead_letters d WHERE d.projection = c.projection) AS dead_letters, \
-                (SELECT COALESCE(max(global_position), 0) FROM {s}.events) AS head \
-         FROM {s}.projection_checkpoints c ORDER BY c.projection"
+                l.lag, l.lag_seconds \
+         FROM {s}.projection_checkpoints c, LATERAL ( \
+           SELECT count(*) AS lag, \
+                  COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(e.recorded_at))::float8, 0) AS lag_seconds \
+           FROM {s}.events e WHERE (e.transaction_id, e.global_position) > (c.transaction_id, c.global_position)) l \
+         ORDER BY c.projection"
     )))
     .fetch_all(store.pool())
     .await
@@ -1084,11 +1091,15 @@ pub async fn projections(store: &PostgresEventStore) -> Result<Vec<ProjectionSta
     rows.iter()
         .map(|row| {
             let checkpoint = crate::rows::checkpoint(row)?;
-            let head: i64 = row.try_get("head").map_err(backend)?;
+            let lag: i64 = row.try_get("lag").map_err(backend)?;
             let dead_letters: i64 = row.try_get("dead_letters").map_err(backend)?;
             Ok(ProjectionStatus {
                 name: row.try_get("projection").map_err(backend)?,
-                lag: to_u64(head)?.saturating_sub(checkpoint.position),
+                lag: to_u64(lag)?,
+                lag_seconds: row
+                    .try_get::<f64, _>("lag_seconds")
+                    .map_err(backend)?
+                    .max(0.0),
                 checkpoint,
                 owner: row.try_get("owner").map_err(backend)?,
                 epoch: row.try_get("epoch").map_err(backend)?,

@@ -83,7 +83,7 @@ where
                     handed = true;
                     open = each(event).is_continue();
                 }
-                Err(StoreError::Corrupt { .. }) if handed => open = false,
+                Err(StoreError::Corrupt(_)) if handed => open = false,
                 Err(error) => return Err(error),
             }
         }
@@ -148,13 +148,15 @@ where
         })?,
     );
     let version: i64 = row.try_get_unchecked(5).map_err(backend)?;
-    let corrupt = |message: String| StoreError::Corrupt {
-        stream: stream.clone(),
-        version: u64::try_from(version).unwrap_or(0),
-        event_id,
-        event_type: event_type.clone(),
-        checkpoint,
-        message,
+    let corrupt = |message: String| {
+        StoreError::Corrupt(Box::new(cqrs_core::store::CorruptEvent {
+            stream: stream.clone(),
+            version: u64::try_from(version).unwrap_or(0),
+            event_id,
+            event_type: event_type.clone(),
+            checkpoint,
+            message,
+        }))
     };
     let version =
         u64::try_from(version).map_err(|_| corrupt(format!("negative version {version}")))?;

@@ -29,7 +29,7 @@ pub(crate) struct Sql {
     pub(crate) replay: String,
     pub(crate) read_all: String,
     pub(crate) read_window_filtered: String,
-    pub(crate) head_position: String,
+    pub(crate) lag: String,
     pub(crate) head: String,
     pub(crate) nth_after: String,
     pub(crate) events_by_id: String,
@@ -154,7 +154,13 @@ impl Sql {
                     OR (xid, global_position) = (SELECT xid, global_position FROM last) \
                  ORDER BY xid, global_position"
             ),
-            head_position: format!("SELECT max(global_position) FROM {s}.events"),
+            // Every committed event after a checkpoint: a reader never passes an open
+            // transaction, so nothing at or before its checkpoint is still unread.
+            lag: format!(
+                "SELECT count(*) AS events, \
+                        COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(recorded_at))::float8, 0) AS seconds \
+                 FROM {s}.events WHERE (transaction_id, global_position) > ($1::text::xid8, $2)"
+            ),
             head: format!(
                 "SELECT transaction_id::text AS transaction_text, global_position FROM {s}.events \
                  ORDER BY transaction_id DESC, global_position DESC LIMIT 1"

@@ -536,14 +536,14 @@ async fn bad_stored_data_is_a_typed_error_naming_the_row() {
         .load_all(&StreamId::new("account", "bad-metadata"))
         .await
     {
-        Err(StoreError::Corrupt {
-            stream,
-            version: 2,
-            message,
-            ..
-        }) => {
-            assert_eq!(stream, StreamId::new("account", "bad-metadata"));
-            assert!(message.starts_with("metadata"), "{message}");
+        Err(StoreError::Corrupt(corrupt)) => {
+            assert_eq!(corrupt.version, 2);
+            assert_eq!(corrupt.stream, StreamId::new("account", "bad-metadata"));
+            assert!(
+                corrupt.message.starts_with("metadata"),
+                "{}",
+                corrupt.message
+            );
         }
         other => panic!("expected a corrupt-record error, got {other:?}"),
     }
@@ -587,17 +587,11 @@ async fn bad_stored_data_is_a_typed_error_naming_the_row() {
                         .map(|e| (e.stream.aggregate_id.to_string(), e.version)),
                 );
             }
-            Err(StoreError::Corrupt {
-                stream,
-                version,
-                checkpoint,
-                message,
-                ..
-            }) => {
-                assert!(checkpoint > after, "{checkpoint} after {after}");
-                assert!(message.starts_with("metadata"), "{message}");
-                corrupt.push((stream.aggregate_id.to_string(), version));
-                after = checkpoint;
+            Err(StoreError::Corrupt(row)) => {
+                assert!(row.checkpoint > after, "{} after {after}", row.checkpoint);
+                assert!(row.message.starts_with("metadata"), "{}", row.message);
+                corrupt.push((row.stream.aggregate_id.to_string(), row.version));
+                after = row.checkpoint;
             }
             Err(other) => panic!("expected events or a corrupt-row error, got {other:?}"),
         }

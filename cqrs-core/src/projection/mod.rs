@@ -61,6 +61,16 @@ impl Subscription {
     }
 }
 
+/// How far a reader of the global order is behind.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Lag {
+    /// Committed events after the reader's checkpoint (an exact count, not a difference of
+    /// positions: positions interleave across transactions).
+    pub events: u64,
+    /// How long ago the oldest of them was recorded (0 when there are none).
+    pub seconds: f64,
+}
+
 /// The error a projection handler returns.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 

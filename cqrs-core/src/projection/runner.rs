@@ -395,7 +395,7 @@ where
             .await
         {
             Ok(window) => window,
-            Err(corrupt @ StoreError::Corrupt { .. }) => return self.pass_corrupt(&corrupt).await,
+            Err(StoreError::Corrupt(corrupt)) => return self.pass_corrupt(&corrupt).await,
             Err(error) => return Err(error),
         };
         if last == from {
@@ -429,18 +429,18 @@ where
 
     /// Parks a stored row the store cannot read as an event (the first after the checkpoint), if
     /// the projection subscribes to its type, and moves the checkpoint past it.
-    async fn pass_corrupt(&mut self, corrupt: &StoreError) -> Result<Step, StoreError> {
-        let StoreError::Corrupt {
+    async fn pass_corrupt(
+        &mut self,
+        corrupt: &crate::store::CorruptEvent,
+    ) -> Result<Step, StoreError> {
+        let crate::store::CorruptEvent {
             stream,
             version,
             event_id,
             event_type,
             checkpoint,
             ..
-        } = corrupt
-        else {
-            return Err(StoreError::backend(corrupt.to_string()));
-        };
+        } = corrupt;
         let subscribed = P::SUBSCRIPTIONS
             .iter()
             .any(|s| s.matches_type(&stream.aggregate_type, event_type));

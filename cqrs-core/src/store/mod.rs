@@ -207,27 +207,12 @@ pub enum StoreError {
     #[error("idempotency key `{}` was used already (events {}..={} of {})", .0.key, .0.first_version, .0.last_version, .0.stream)]
     KeyUsed(Box<KeyRecord>),
     /// A stored row cannot be read as an event (a negative version, metadata that does not fit,
-    /// a payload that is not JSON or nested past [`MAX_JSON_DEPTH`]: written from outside the
-    /// store, or by an older version of it). Named, never skipped: a global read returns the events
-    /// before it and then this error for it, with its `checkpoint`, so a reader can park it (a
-    /// projection worker does) and go on after it.
-    #[error(
-        "stored event {version} of {stream} (`{event_type}`, id {event_id}, at {checkpoint}) is corrupt: {message}"
-    )]
-    Corrupt {
-        /// The stream.
-        stream: StreamId,
-        /// The event's version (0 when the stored one is negative: `message` says so).
-        version: u64,
-        /// The row's event id.
-        event_id: EventId,
-        /// The row's type name.
-        event_type: String,
-        /// Where the row is in the global order.
-        checkpoint: Checkpoint,
-        /// What is wrong.
-        message: String,
-    },
+    /// a payload that is not JSON or nested too deep: written from outside the store, or by an
+    /// older version of it). Named, never skipped: a global read returns the events before it and
+    /// then this error for it, with its checkpoint, so a reader can park it (a projection worker
+    /// does) and go on after it.
+    #[error("{0}")]
+    Corrupt(Box<CorruptEvent>),
     /// A projection run inside the append's transaction failed, so nothing was appended.
     #[error("inline projection `{projection}` failed: {source}")]
     InlineProjection {
@@ -243,6 +228,26 @@ pub enum StoreError {
     /// The backend failed: a broken connection, a database error that is not one of the above.
     #[error("event store backend failed: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// A stored row that cannot be read as an event: what [`StoreError::Corrupt`] names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "stored event {version} of {stream} (`{event_type}`, id {event_id}, at {checkpoint}) is corrupt: {message}"
+)]
+pub struct CorruptEvent {
+    /// The stream.
+    pub stream: StreamId,
+    /// The event's version (0 when the stored one is negative: `message` says so).
+    pub version: u64,
+    /// The row's event id.
+    pub event_id: EventId,
+    /// The row's type name.
+    pub event_type: String,
+    /// Where the row is in the global order: a reader goes on after it.
+    pub checkpoint: Checkpoint,
+    /// What is wrong.
+    pub message: String,
 }
 
 impl StoreError {
@@ -531,11 +536,12 @@ pub fn classify_stored_ids<'a>(
     })))
 }
 
-/// How deeply arrays and objects may nest in a payload: what `serde_json` reads back (its recursion
-/// limit). Appends refuse deeper payloads with [`StoreError::InvalidInput`], so whatever an append
-/// accepts, every reader can read; a deeper one written from outside the store is a
-/// [`StoreError::Corrupt`] row that readers park and pass.
-pub const MAX_JSON_DEPTH: usize = 127;
+/// How deeply arrays and objects may nest in a payload. `serde_json` reads at most 127 levels
+/// back (its recursion limit); this leaves room for the envelopes a payload travels in (a broker
+/// message wraps it in an object or two). Appends refuse deeper payloads with
+/// [`StoreError::InvalidInput`], so whatever an append accepts, every reader can read; a deeper
+/// one written from outside the store is a [`StoreError::Corrupt`] row that readers park and pass.
+pub const MAX_JSON_DEPTH: usize = 100;
 
 /// How deeply arrays and objects nest in `value` (a scalar: 0), without recursion.
 #[must_use]

@@ -143,12 +143,24 @@ enum Sagas {
         /// Only this saga.
         #[arg(long)]
         saga: Option<String>,
-        /// Only in this state: running, compensating, completed, compensated, failed.
+        /// Only in this state: running, compensating, completed, compensated, failed,
+        /// unreadable, abandoned.
         #[arg(long, value_parser = parse_state)]
         state: Option<SagaStatus>,
     },
     /// One instance with its steps.
     Show {
+        /// The instance's id.
+        id: uuid::Uuid,
+    },
+    /// Makes an unreadable instance (set aside because its state or data did not read) or a
+    /// failed one due again now, after a fix: the next orchestrator run picks it up.
+    Retry {
+        /// The instance's id.
+        id: uuid::Uuid,
+    },
+    /// Ends an unfinished instance for good (nothing more runs or compensates).
+    Abandon {
         /// The instance's id.
         id: uuid::Uuid,
     },
@@ -171,9 +183,7 @@ fn parse_age(text: &str) -> Result<chrono::Duration, String> {
 }
 
 fn parse_state(text: &str) -> Result<SagaStatus, String> {
-    serde_json::from_value(serde_json::Value::String(text.to_owned())).map_err(|_| {
-        format!("`{text}`: one of running, compensating, completed, compensated, failed")
-    })
+    text.parse()
 }
 
 #[tokio::main]
@@ -320,8 +330,45 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let purged = DeadLetters::new(store).purge(&projection, before).await?;
             println!("purged {purged} dead letters of `{projection}`");
         }
+        Command::Sagas(Sagas::Retry { id }) => {
+            let sagas = PostgresSagaStore::new(store);
+            if sagas.retry(SagaId(id)).await? {
+                println!("saga {id} is due again");
+            } else {
+                return Err(format!("saga {id} is neither unreadable nor failed: nothing to retry").into());
+            }
+        }
+        Command::Sagas(Sagas::Abandon { id }) => {
+            let sagas = PostgresSagaStore::new(store);
+            if sagas.abandon(SagaId(id)).await? {
+                println!("saga {id} abandoned");
+            } else {
+                return Err(format!("saga {id} has ended already").into());
+            }
+        }
         Command::Sagas(Sagas::List { saga, state }) => {
             let sagas = PostgresSagaStore::new(store);
+            // Instances set aside whose state does not read at all are listed from their columns.
+            if state.is_none_or(|s| s == SagaStatus::Unreadable) {
+                let readable: std::collections::HashSet<SagaId> = sagas
+                    .list(saga.as_deref(), Some(SagaStatus::Unreadable))
+                    .await?
+                    .iter()
+                    .map(|s| s.id)
+                    .collect();
+                for q in sagas.quarantined(saga.as_deref()).await? {
+                    if !readable.contains(&q.id) {
+                        println!(
+                            "{} {:<24} {:<13} set aside {} error: {}",
+                            q.id,
+                            q.saga,
+                            SagaStatus::Unreadable,
+                            q.at.format("%Y-%m-%d %H:%M:%S"),
+                            q.error
+                        );
+                    }
+                }
+            }
             for s in sagas.list(saga.as_deref(), state).await? {
                 let done = s
                     .steps
@@ -332,7 +379,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "{} {:<24} {:<13} steps {done}/{} started {}{}",
                     s.id,
                     s.saga,
-                    format!("{:?}", s.status).to_lowercase(),
+                    s.status.as_str(),
                     s.steps.len(),
                     s.started_at.format("%Y-%m-%d %H:%M:%S"),
                     s.error.map(|e| format!(" error: {e}")).unwrap_or_default()
@@ -345,7 +392,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(format!("no saga {id}").into());
             };
             println!(
-                "saga {} ({}): {:?}, version {}",
+                "saga {} ({}): {}, version {}",
                 s.id, s.saga, s.status, s.version
             );
             if let Some(error) = &s.error {

@@ -106,8 +106,9 @@ async fn every_command_against_a_real_store() {
 
     // A projection with a checkpoint, an owner and a dead letter, as a worker leaves them.
     for sql in [
-        "INSERT INTO t_cli.projection_checkpoints (projection, global_position, owner, epoch, lease_until) \
-         VALUES ('balances', 1, 'worker-1', 3, now() + interval '1 minute')",
+        "INSERT INTO t_cli.projection_checkpoints (projection, transaction_id, global_position, owner, epoch, lease_until) \
+         SELECT 'balances', transaction_id, global_position, 'worker-1', 3, now() + interval '1 minute' \
+         FROM t_cli.events WHERE global_position = 1",
         "INSERT INTO t_cli.projection_dead_letters (projection, event_id, aggregate_type, aggregate_id, version, error, attempts, first_failed_at, last_failed_at) \
          SELECT 'balances', event_id, aggregate_type, aggregate_id, version, 'balance table is locked', 3, now(), now() \
          FROM t_cli.events WHERE version = 2",

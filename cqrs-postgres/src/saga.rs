@@ -4,11 +4,10 @@
 
 use std::time::Duration;
 
-use cqrs_core::saga::{SagaError, SagaId, SagaState, SagaStatus, SagaStore};
+use cqrs_core::saga::{Quarantined, SagaError, SagaId, SagaState, SagaStatus, SagaStore};
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::PostgresEventStore;
-use crate::rows::to_i64;
 
 /// Saga instances in the store's schema (`migrate()` creates the table).
 #[derive(Debug, Clone)]
@@ -28,25 +27,20 @@ impl PostgresSagaStore {
     }
 }
 
-fn backend(error: impl std::fmt::Display) -> SagaError {
-    SagaError::Backend(error.to_string())
-}
-
-fn status_text(status: SagaStatus) -> &'static str {
-    match status {
-        SagaStatus::Running => "running",
-        SagaStatus::Compensating => "compensating",
-        SagaStatus::Completed => "completed",
-        SagaStatus::Compensated => "compensated",
-        SagaStatus::Failed => "failed",
-    }
+fn backend(error: sqlx::Error) -> SagaError {
+    SagaError::backend(error)
 }
 
 fn lease_seconds(lease: Duration) -> f64 {
-    lease.as_secs_f64()
+    lease.min(cqrs_core::saga::MAX_DURATION).as_secs_f64()
 }
 
-/// A row's `state` column as a saga state; a row that does not read is an error naming it.
+fn to_i64(n: u64) -> Result<i64, SagaError> {
+    i64::try_from(n).map_err(|_| SagaError::InvalidInput(format!("{n} does not fit a bigint")))
+}
+
+/// A row's `state` column as a saga state (with the row's lease epoch); a row that does not read
+/// is [`SagaError::Data`] naming it.
 fn state_of(row: &sqlx::postgres::PgRow) -> Result<SagaState, SagaError> {
     let id: uuid::Uuid = row.try_get("id").map_err(backend)?;
     let state: sqlx::types::Json<SagaState> =
@@ -55,8 +49,20 @@ fn state_of(row: &sqlx::postgres::PgRow) -> Result<SagaState, SagaError> {
             saga: row.try_get::<String, _>("saga").unwrap_or_default(),
             message: format!("stored state does not read: {e}"),
         })?;
-    Ok(state.0)
+    let mut state = state.0;
+    let epoch: i64 = row.try_get("lease_epoch").map_err(backend)?;
+    state.lease_epoch = u64::try_from(epoch).unwrap_or(0);
+    // The status column is the truth for an instance set aside.
+    let status: String = row.try_get("status").map_err(backend)?;
+    if status == SagaStatus::Unreadable.as_str() {
+        state.status = SagaStatus::Unreadable;
+        state.error = row.try_get("quarantine_error").map_err(backend)?;
+    }
+    Ok(state)
 }
+
+/// The columns every read of an instance selects.
+const COLUMNS: &str = "id, saga, status, state, lease_epoch, quarantine_error";
 
 #[async_trait::async_trait]
 impl SagaStore for PostgresSagaStore {
@@ -66,20 +72,24 @@ impl SagaStore for PostgresSagaStore {
         owner: &str,
         lease: Duration,
     ) -> Result<bool, SagaError> {
+        // No conflict target: a row with this id, or of this saga started by the same event,
+        // makes it a no-op.
         let done = sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {} (id, saga, status, state, version, retry_at, lease_owner, lease_until, started_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8), $9, $10) \
-             ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO {} (id, saga, status, state, version, retry_at, lease_owner, lease_until, lease_epoch, \
+                             started_by, started_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, clock_timestamp() + make_interval(secs => $8), 1, $9, $10, $11) \
+             ON CONFLICT DO NOTHING",
             self.table()
         )))
         .bind(state.id.0)
         .bind(&state.saga)
-        .bind(status_text(state.status))
+        .bind(state.status.as_str())
         .bind(sqlx::types::Json(state))
-        .bind(to_i64(state.version).map_err(backend)?)
+        .bind(to_i64(state.version)?)
         .bind(state.retry_at)
         .bind(owner)
         .bind(lease_seconds(lease))
+        .bind(state.started_by)
         .bind(state.started_at)
         .bind(state.updated_at)
         .execute(self.store.pool())
@@ -88,36 +98,81 @@ impl SagaStore for PostgresSagaStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn save(&self, state: &SagaState) -> Result<(), SagaError> {
+    async fn save(&self, state: &SagaState, fence: Option<&str>) -> Result<(), SagaError> {
+        let table = self.table();
         let done = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {} SET status = $2, state = $3, version = $4, retry_at = $5, updated_at = $6 \
-             WHERE id = $1 AND version = $4 - 1",
-            self.table()
+            "UPDATE {table} SET status = $2, state = $3, version = $4, retry_at = $5, updated_at = $6 \
+             WHERE id = $1 AND version = $4 - 1 AND status <> 'unreadable' \
+               AND ($7::text IS NULL OR (lease_owner = $7 AND lease_epoch = $8 AND lease_until >= clock_timestamp()))"
         )))
         .bind(state.id.0)
-        .bind(status_text(state.status))
+        .bind(state.status.as_str())
         .bind(sqlx::types::Json(state))
-        .bind(to_i64(state.version).map_err(backend)?)
+        .bind(to_i64(state.version)?)
         .bind(state.retry_at)
         .bind(state.updated_at)
+        .bind(fence)
+        .bind(to_i64(state.lease_epoch)?)
         .execute(self.store.pool())
         .await
         .map_err(backend)?;
         if done.rows_affected() == 1 {
             return Ok(());
         }
-        match self.load(state.id).await? {
-            Some(_) => Err(SagaError::Conflict {
-                id: state.id,
-                expected: state.version.saturating_sub(1),
-            }),
-            None => Err(SagaError::NotFound(state.id)),
+        let row: Option<(i64, Option<String>, i64, bool)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT version, lease_owner, lease_epoch, COALESCE(lease_until >= clock_timestamp(), false) \
+             FROM {table} WHERE id = $1"
+        )))
+        .bind(state.id.0)
+        .fetch_optional(self.store.pool())
+        .await
+        .map_err(backend)?;
+        let Some((_, holder, epoch, live)) = row else {
+            return Err(SagaError::NotFound(state.id));
+        };
+        if let Some(owner) = fence {
+            let holds = holder.as_deref() == Some(owner)
+                && u64::try_from(epoch).ok() == Some(state.lease_epoch)
+                && live;
+            if !holds {
+                return Err(SagaError::LeaseLost {
+                    id: state.id,
+                    owner: owner.to_owned(),
+                    epoch: state.lease_epoch,
+                });
+            }
         }
+        Err(SagaError::Conflict {
+            id: state.id,
+            expected: state.version.saturating_sub(1),
+        })
+    }
+
+    async fn renew(
+        &self,
+        id: SagaId,
+        owner: &str,
+        epoch: u64,
+        lease: Duration,
+    ) -> Result<bool, SagaError> {
+        let done = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET lease_until = clock_timestamp() + make_interval(secs => $4) \
+             WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3 AND lease_until >= clock_timestamp()",
+            self.table()
+        )))
+        .bind(id.0)
+        .bind(owner)
+        .bind(to_i64(epoch)?)
+        .bind(lease_seconds(lease))
+        .execute(self.store.pool())
+        .await
+        .map_err(backend)?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn load(&self, id: SagaId) -> Result<Option<SagaState>, SagaError> {
         let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT id, saga, state FROM {} WHERE id = $1",
+            "SELECT {COLUMNS} FROM {} WHERE id = $1",
             self.table()
         )))
         .bind(id.0)
@@ -136,15 +191,16 @@ impl SagaStore for PostgresSagaStore {
     ) -> Result<Vec<SagaState>, SagaError> {
         let table = self.table();
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {table} SET lease_owner = $2, lease_until = now() + make_interval(secs => $3) \
+            "UPDATE {table} SET lease_owner = $2, lease_until = clock_timestamp() + make_interval(secs => $3), \
+                                lease_epoch = lease_epoch + 1 \
              WHERE id IN ( \
                SELECT id FROM {table} \
                WHERE saga = $1 \
                  AND (status IN ('running', 'compensating') \
                       OR (status = 'failed' AND (retry_at IS NULL OR retry_at <= now()))) \
-                 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until <= now()) \
+                 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until <= clock_timestamp()) \
                ORDER BY started_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, saga, state, started_at"
+             RETURNING {COLUMNS}, started_at"
         )))
         .bind(saga)
         .bind(owner)
@@ -153,7 +209,18 @@ impl SagaStore for PostgresSagaStore {
         .fetch_all(self.store.pool())
         .await
         .map_err(backend)?;
-        let mut claimed = rows.iter().map(state_of).collect::<Result<Vec<_>, _>>()?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match state_of(row) {
+                Ok(state) => claimed.push(state),
+                // One row that does not read is set aside; the others are claimed.
+                Err(SagaError::Data { id, message, .. }) => {
+                    tracing::error!(saga, %id, error = %message, "saga instance set aside as unreadable");
+                    self.quarantine(id, &message).await?;
+                }
+                Err(error) => return Err(error),
+            }
+        }
         claimed.sort_by_key(|s| s.started_at);
         Ok(claimed)
     }
@@ -171,22 +238,121 @@ impl SagaStore for PostgresSagaStore {
         Ok(())
     }
 
+    async fn quarantine(&self, id: SagaId, error: &str) -> Result<(), SagaError> {
+        let done = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET status = 'unreadable', quarantine_error = $2, quarantined_at = now(), \
+                           lease_owner = NULL, lease_until = NULL \
+             WHERE id = $1",
+            self.table()
+        )))
+        .bind(id.0)
+        .bind(error)
+        .execute(self.store.pool())
+        .await
+        .map_err(backend)?;
+        if done.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(SagaError::NotFound(id))
+        }
+    }
+
+    async fn retry(&self, id: SagaId) -> Result<bool, SagaError> {
+        // An unreadable instance goes back to the status its state holds (running when even that
+        // does not read: the next claim sets it aside again, with the reason, if it still fails).
+        let row: Option<(bool,)> = sqlx::query_as(AssertSqlSafe(format!(
+            "UPDATE {} SET \
+               status = CASE WHEN status <> 'unreadable' THEN status \
+                             WHEN state->>'status' IN ('running', 'compensating', 'failed') THEN state->>'status' \
+                             ELSE 'running' END, \
+               retry_at = NULL, quarantine_error = NULL, quarantined_at = NULL \
+             WHERE id = $1 AND status IN ('unreadable', 'failed') \
+             RETURNING true",
+            self.table()
+        )))
+        .bind(id.0)
+        .fetch_optional(self.store.pool())
+        .await
+        .map_err(backend)?;
+        if row.is_some() {
+            return Ok(true);
+        }
+        self.exists(id).await.map(|()| false)
+    }
+
+    async fn abandon(&self, id: SagaId) -> Result<bool, SagaError> {
+        let row: Option<(bool,)> = sqlx::query_as(AssertSqlSafe(format!(
+            "UPDATE {} SET status = 'abandoned', lease_owner = NULL, lease_until = NULL, \
+                           version = version + 1, updated_at = now() \
+             WHERE id = $1 AND status NOT IN ('completed', 'compensated', 'abandoned') \
+             RETURNING true",
+            self.table()
+        )))
+        .bind(id.0)
+        .fetch_optional(self.store.pool())
+        .await
+        .map_err(backend)?;
+        if row.is_some() {
+            return Ok(true);
+        }
+        self.exists(id).await.map(|()| false)
+    }
+
+    async fn quarantined(&self, saga: Option<&str>) -> Result<Vec<Quarantined>, SagaError> {
+        let rows: Vec<(uuid::Uuid, String, Option<String>, Option<chrono::DateTime<chrono::Utc>>)> =
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT id, saga, quarantine_error, quarantined_at FROM {} \
+                 WHERE status = 'unreadable' AND ($1::text IS NULL OR saga = $1) \
+                 ORDER BY quarantined_at, id",
+                self.table()
+            )))
+            .bind(saga)
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(backend)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, saga, error, at)| Quarantined {
+                id: SagaId(id),
+                saga,
+                error: error.unwrap_or_default(),
+                at: at.unwrap_or_default(),
+            })
+            .collect())
+    }
+
     async fn list(
         &self,
         saga: Option<&str>,
         status: Option<SagaStatus>,
     ) -> Result<Vec<SagaState>, SagaError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT id, saga, state FROM {} \
+            "SELECT {COLUMNS} FROM {} \
              WHERE ($1::text IS NULL OR saga = $1) AND ($2::text IS NULL OR status = $2) \
              ORDER BY started_at, id",
             self.table()
         )))
         .bind(saga)
-        .bind(status.map(status_text))
+        .bind(status.map(SagaStatus::as_str))
         .fetch_all(self.store.pool())
         .await
         .map_err(backend)?;
-        rows.iter().map(state_of).collect()
+        // Rows whose state does not read are listed by `quarantined`.
+        Ok(rows.iter().filter_map(|row| state_of(row).ok()).collect())
+    }
+}
+
+impl PostgresSagaStore {
+    /// `Ok` when instance `id` exists, else [`SagaError::NotFound`].
+    async fn exists(&self, id: SagaId) -> Result<(), SagaError> {
+        let found: Option<(i32,)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT 1 FROM {} WHERE id = $1",
+            self.table()
+        )))
+        .bind(id.0)
+        .fetch_optional(self.store.pool())
+        .await
+        .map_err(backend)?;
+        found.map(drop).ok_or(SagaError::NotFound(id))
     }
 }

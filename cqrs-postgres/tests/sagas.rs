@@ -138,7 +138,7 @@ async fn a_saga_runs_to_its_end_and_a_stale_save_is_refused() {
         .unwrap_or_else(|| panic!("stored"));
     stale.version -= 1;
     assert!(matches!(
-        store.save(&stale).await,
+        store.save(&stale, None).await,
         Err(SagaError::Conflict { .. })
     ));
     assert_eq!(Fulfillment::STEPS.len(), 3);

@@ -156,13 +156,64 @@ pub enum SagaStatus {
     Compensated,
     /// A compensation keeps failing: tried again at `retry_at`.
     Failed,
+    /// Set aside: its stored row or data could not be read (after a change to the data type, a
+    /// row edited by hand) or a step could not be driven. Never claimed; the others go on.
+    /// [`SagaStore::retry`] puts it back after a fix, [`SagaStore::abandon`] ends it.
+    Unreadable,
+    /// Ended by an operator without completing or compensating (final).
+    Abandoned,
 }
 
 impl SagaStatus {
     /// Whether the saga has ended for good.
     #[must_use]
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Completed | Self::Compensated)
+        matches!(self, Self::Completed | Self::Compensated | Self::Abandoned)
+    }
+
+    /// The status's stored name (`running`, `compensating`, ...), as `cqrs sagas list --state`
+    /// takes it.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Compensating => "compensating",
+            Self::Completed => "completed",
+            Self::Compensated => "compensated",
+            Self::Failed => "failed",
+            Self::Unreadable => "unreadable",
+            Self::Abandoned => "abandoned",
+        }
+    }
+}
+
+impl fmt::Display for SagaStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SagaStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            Self::Running,
+            Self::Compensating,
+            Self::Completed,
+            Self::Compensated,
+            Self::Failed,
+            Self::Unreadable,
+            Self::Abandoned,
+        ]
+        .into_iter()
+        .find(|status| status.as_str() == s)
+        .ok_or_else(|| {
+            format!(
+                "unknown saga state `{s}`; expected one of: running, compensating, completed, \
+                 compensated, failed, unreadable, abandoned"
+            )
+        })
     }
 }
 
@@ -207,8 +258,17 @@ pub struct SagaState {
     /// Whether the deadline fired (and made the saga compensate).
     #[serde(default)]
     pub deadline_fired: bool,
+    /// The event that started it, when an event did ([`SagaStarter`]): one instance per saga
+    /// and starting event, however often the event is delivered.
+    #[serde(default)]
+    pub started_by: Option<Uuid>,
     /// Bumped by every save: a save that names an older version is refused.
     pub version: u64,
+    /// The epoch of the lease this copy was claimed under (not stored in the state: the store
+    /// keeps it beside). A fenced save names it, so a save by an orchestrator whose lease was
+    /// taken over is refused.
+    #[serde(skip)]
+    pub lease_epoch: u64,
     /// When it started.
     pub started_at: DateTime<Utc>,
     /// When it was last saved.
@@ -235,7 +295,9 @@ impl SagaState {
             retry_at: None,
             deadline_at: None,
             deadline_fired: false,
+            started_by: None,
             version: 1,
+            lease_epoch: 0,
             started_at: now,
             updated_at: now,
         })
@@ -245,7 +307,7 @@ impl SagaState {
 /// Why a saga store refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SagaError {
-    /// Another orchestrator saved this saga since it was loaded (or holds it).
+    /// Another orchestrator saved this saga since it was loaded.
     #[error("saga {id} was changed by another orchestrator (expected version {expected})")]
     Conflict {
         /// The saga.
@@ -253,29 +315,79 @@ pub enum SagaError {
         /// The version this save expected.
         expected: u64,
     },
+    /// This orchestrator's lease on the instance is gone (expired, or another orchestrator took
+    /// the instance over): its save was refused and it must not go on with the instance.
+    #[error("saga {id}: `{owner}` no longer holds its lease (epoch {epoch})")]
+    LeaseLost {
+        /// The saga.
+        id: SagaId,
+        /// The orchestrator.
+        owner: String,
+        /// The lease epoch it held.
+        epoch: u64,
+    },
     /// No saga with this id.
     #[error("no saga {0}")]
     NotFound(SagaId),
-    /// The stored data does not fit the saga's data type.
+    /// The stored instance or its data cannot be read as saga `saga`.
     #[error("saga {id}: stored data does not fit `{saga}`: {message}")]
     Data {
         /// The saga.
         id: SagaId,
         /// The saga's name.
         saga: String,
-        /// serde's message.
+        /// What does not fit.
         message: String,
     },
-    /// The store failed.
-    #[error("saga store: {0}")]
-    Backend(String),
+    /// An argument the store cannot take (a lease or delay out of range).
+    #[error("saga store: invalid input: {0}")]
+    InvalidInput(String),
+    /// The store failed (a broken connection, a database error).
+    #[error("saga store failed: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl SagaError {
+    /// A backend error from anything that is an error.
+    pub fn backend(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Backend(error.into())
+    }
+}
+
+/// An instance set aside as [`SagaStatus::Unreadable`], as listed for operators (read from the
+/// store's own columns: its state may not read at all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    /// The instance.
+    pub id: SagaId,
+    /// Its saga.
+    pub saga: String,
+    /// Why it was set aside.
+    pub error: String,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
+/// The longest lease, deadline or retry delay the orchestrator and stores take: longer ones are
+/// clamped to it (so every one is a valid time and interval).
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
+/// `d` clamped to [`MAX_DURATION`], as a chrono duration.
+#[must_use]
+pub fn chrono_duration(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d.min(MAX_DURATION)).unwrap_or(chrono::Duration::zero())
 }
 
 /// Where saga instances are kept.
+///
+/// Every instance is leased to one orchestrator at a time, under an epoch that each claim by
+/// another orchestrator (or after the lease expired) bumps; a fenced [`save`](Self::save) names
+/// the owner and the epoch and is refused with [`SagaError::LeaseLost`] once they no longer hold.
 #[async_trait::async_trait]
 pub trait SagaStore: Send + Sync {
-    /// Stores a new instance leased to `owner` for `lease` (its creator runs it first); `false`
-    /// (storing nothing) when an instance with its id exists.
+    /// Stores a new instance leased to `owner` for `lease` under epoch 1 (its creator runs it
+    /// first); `false` (storing nothing) when an instance with its id, or of its saga started by
+    /// the same event (`started_by`), exists.
     ///
     /// # Errors
     /// [`SagaError::Backend`].
@@ -286,21 +398,38 @@ pub trait SagaStore: Send + Sync {
         lease: Duration,
     ) -> Result<bool, SagaError>;
 
-    /// Saves `state` if the stored version is `state.version - 1` (the caller bumped it).
+    /// Saves `state` if the stored version is `state.version - 1` (the caller bumped it) and,
+    /// with `fence`, only while `fence` holds a live lease on it under `state.lease_epoch`.
     ///
     /// # Errors
-    /// [`SagaError::Conflict`] when it is not, [`SagaError::Backend`].
-    async fn save(&self, state: &SagaState) -> Result<(), SagaError>;
+    /// [`SagaError::LeaseLost`] when the fence does not hold, [`SagaError::Conflict`] when the
+    /// version does not match, [`SagaError::NotFound`], [`SagaError::Backend`].
+    async fn save(&self, state: &SagaState, fence: Option<&str>) -> Result<(), SagaError>;
+
+    /// Extends `owner`'s lease on `id` under `epoch` by `lease` from now (the heartbeat while a
+    /// step runs); `false` when it no longer holds it.
+    ///
+    /// # Errors
+    /// [`SagaError::Backend`].
+    async fn renew(
+        &self,
+        id: SagaId,
+        owner: &str,
+        epoch: u64,
+        lease: Duration,
+    ) -> Result<bool, SagaError>;
 
     /// One instance.
     ///
     /// # Errors
-    /// [`SagaError::Backend`].
+    /// [`SagaError::Data`] when its stored state does not read, [`SagaError::Backend`].
     async fn load(&self, id: SagaId) -> Result<Option<SagaState>, SagaError>;
 
     /// Claims up to `limit` unfinished instances of `saga` that are due (running, compensating, or
     /// failed with `retry_at` passed) and not leased by another owner, leasing them to `owner`
-    /// until `now + lease`.
+    /// until `now + lease` under a new epoch (set in each returned state's `lease_epoch`). An
+    /// instance whose stored state does not read is set aside ([`SagaStatus::Unreadable`]) and
+    /// not returned: one bad row never stops the others.
     ///
     /// # Errors
     /// [`SagaError::Backend`].
@@ -318,7 +447,36 @@ pub trait SagaStore: Send + Sync {
     /// [`SagaError::Backend`].
     async fn release(&self, id: SagaId, owner: &str) -> Result<(), SagaError>;
 
+    /// Sets instance `id` aside as [`SagaStatus::Unreadable`] with `error`, releasing any lease:
+    /// claims skip it until [`retry`](Self::retry).
+    ///
+    /// # Errors
+    /// [`SagaError::NotFound`], [`SagaError::Backend`].
+    async fn quarantine(&self, id: SagaId, error: &str) -> Result<(), SagaError>;
+
+    /// Makes an unreadable or failed instance due now (after a fix): an unreadable one goes back
+    /// to the status its state holds. `false` when it is neither.
+    ///
+    /// # Errors
+    /// [`SagaError::NotFound`], [`SagaError::Backend`].
+    async fn retry(&self, id: SagaId) -> Result<bool, SagaError>;
+
+    /// Ends an unfinished instance as [`SagaStatus::Abandoned`] (an operator's decision: nothing
+    /// more runs or compensates). `false` when it had ended already.
+    ///
+    /// # Errors
+    /// [`SagaError::NotFound`], [`SagaError::Backend`].
+    async fn abandon(&self, id: SagaId) -> Result<bool, SagaError>;
+
+    /// The instances set aside, of `saga` (all with `None`), oldest first.
+    ///
+    /// # Errors
+    /// [`SagaError::Backend`].
+    async fn quarantined(&self, saga: Option<&str>) -> Result<Vec<Quarantined>, SagaError>;
+
     /// The instances of `saga` (all sagas with `None`) in `status` (any with `None`), oldest first.
+    /// Instances whose stored state does not read are left out (see
+    /// [`quarantined`](Self::quarantined)).
     ///
     /// # Errors
     /// [`SagaError::Backend`].
@@ -332,11 +490,17 @@ pub trait SagaStore: Send + Sync {
 /// Saga instances in process memory (clones share them).
 #[derive(Debug, Clone, Default)]
 pub struct InMemorySagaStore {
-    inner: Arc<Mutex<HashMap<SagaId, Stored>>>,
+    inner: Arc<Mutex<HashMap<SagaId, Entry>>>,
 }
 
-/// A stored instance and its lease (owner, until when), if any.
-type Stored = (SagaState, Option<(String, DateTime<Utc>)>);
+/// A stored instance, its lease (owner, until when) and lease epoch, and why it was set aside.
+#[derive(Debug)]
+struct Entry {
+    state: SagaState,
+    lease: Option<(String, DateTime<Utc>)>,
+    epoch: u64,
+    quarantined: Option<(String, DateTime<Utc>)>,
+}
 
 impl InMemorySagaStore {
     /// No instances yet.
@@ -345,8 +509,8 @@ impl InMemorySagaStore {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<SagaId, Stored>> {
-        // Every writer replaces whole entries: the map is consistent even after a panic elsewhere.
+    fn lock(&self) -> MutexGuard<'_, HashMap<SagaId, Entry>> {
+        // Every writer replaces whole fields: the map is consistent even after a panic elsewhere.
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -361,32 +525,84 @@ impl SagaStore for InMemorySagaStore {
         owner: &str,
         lease: Duration,
     ) -> Result<bool, SagaError> {
-        match self.lock().entry(state.id) {
-            std::collections::hash_map::Entry::Occupied(_) => Ok(false),
-            std::collections::hash_map::Entry::Vacant(entry) => {
-                entry.insert((state.clone(), Some((owner.to_owned(), lease_end(lease)))));
-                Ok(true)
-            }
+        let mut inner = self.lock();
+        let started_twice = state.started_by.is_some()
+            && inner.values().any(|e| {
+                e.state.saga == state.saga && e.state.started_by == state.started_by
+            });
+        if started_twice || inner.contains_key(&state.id) {
+            return Ok(false);
         }
+        let mut stored = state.clone();
+        stored.lease_epoch = 1;
+        inner.insert(
+            state.id,
+            Entry {
+                state: stored,
+                lease: Some((owner.to_owned(), lease_end(lease))),
+                epoch: 1,
+                quarantined: None,
+            },
+        );
+        Ok(true)
     }
 
-    async fn save(&self, state: &SagaState) -> Result<(), SagaError> {
+    async fn save(&self, state: &SagaState, fence: Option<&str>) -> Result<(), SagaError> {
         let mut inner = self.lock();
-        let Some((stored, _)) = inner.get_mut(&state.id) else {
+        let Some(entry) = inner.get_mut(&state.id) else {
             return Err(SagaError::NotFound(state.id));
         };
-        if stored.version + 1 != state.version {
+        if let Some(owner) = fence {
+            let now = Utc::now();
+            let holds = entry.epoch == state.lease_epoch
+                && entry
+                    .lease
+                    .as_ref()
+                    .is_some_and(|(holder, until)| holder == owner && *until >= now);
+            if !holds {
+                return Err(SagaError::LeaseLost {
+                    id: state.id,
+                    owner: owner.to_owned(),
+                    epoch: state.lease_epoch,
+                });
+            }
+        }
+        if entry.state.version + 1 != state.version {
             return Err(SagaError::Conflict {
                 id: state.id,
                 expected: state.version.saturating_sub(1),
             });
         }
-        *stored = state.clone();
+        entry.state = state.clone();
+        entry.state.lease_epoch = entry.epoch;
         Ok(())
     }
 
+    async fn renew(
+        &self,
+        id: SagaId,
+        owner: &str,
+        epoch: u64,
+        lease: Duration,
+    ) -> Result<bool, SagaError> {
+        let now = Utc::now();
+        let mut inner = self.lock();
+        let Some(entry) = inner.get_mut(&id) else {
+            return Ok(false);
+        };
+        let holds = entry.epoch == epoch
+            && entry
+                .lease
+                .as_ref()
+                .is_some_and(|(holder, until)| holder == owner && *until >= now);
+        if holds {
+            entry.lease = Some((owner.to_owned(), lease_end(lease)));
+        }
+        Ok(holds)
+    }
+
     async fn load(&self, id: SagaId) -> Result<Option<SagaState>, SagaError> {
-        Ok(self.lock().get(&id).map(|(state, _)| state.clone()))
+        Ok(self.lock().get(&id).map(|e| e.state.clone()))
     }
 
     async fn claim(
@@ -399,34 +615,93 @@ impl SagaStore for InMemorySagaStore {
         let now = Utc::now();
         let until = lease_end(lease);
         let mut inner = self.lock();
-        let mut due: Vec<&mut Stored> = inner
+        let mut due: Vec<&mut Entry> = inner
             .values_mut()
-            .filter(|(state, leased)| {
-                state.saga == saga
-                    && due_now(state, now)
-                    && leased
+            .filter(|e| {
+                e.state.saga == saga
+                    && e.quarantined.is_none()
+                    && due_now(&e.state, now)
+                    && e.lease
                         .as_ref()
                         .is_none_or(|(holder, until)| holder == owner || *until <= now)
             })
             .collect();
-        due.sort_by_key(|(state, _)| state.started_at);
+        due.sort_by_key(|e| e.state.started_at);
         Ok(due
             .into_iter()
             .take(limit)
             .map(|entry| {
-                entry.1 = Some((owner.to_owned(), until));
-                entry.0.clone()
+                entry.epoch += 1;
+                entry.lease = Some((owner.to_owned(), until));
+                entry.state.lease_epoch = entry.epoch;
+                entry.state.clone()
             })
             .collect())
     }
 
     async fn release(&self, id: SagaId, owner: &str) -> Result<(), SagaError> {
-        if let Some((_, leased)) = self.lock().get_mut(&id)
-            && leased.as_ref().is_some_and(|(holder, _)| holder == owner)
+        if let Some(entry) = self.lock().get_mut(&id)
+            && entry
+                .lease
+                .as_ref()
+                .is_some_and(|(holder, _)| holder == owner)
         {
-            *leased = None;
+            entry.lease = None;
         }
         Ok(())
+    }
+
+    async fn quarantine(&self, id: SagaId, error: &str) -> Result<(), SagaError> {
+        let mut inner = self.lock();
+        let entry = inner.get_mut(&id).ok_or(SagaError::NotFound(id))?;
+        entry.quarantined = Some((error.to_owned(), Utc::now()));
+        entry.lease = None;
+        Ok(())
+    }
+
+    async fn retry(&self, id: SagaId) -> Result<bool, SagaError> {
+        let mut inner = self.lock();
+        let entry = inner.get_mut(&id).ok_or(SagaError::NotFound(id))?;
+        if entry.quarantined.take().is_some() {
+            return Ok(true);
+        }
+        if entry.state.status == SagaStatus::Failed {
+            entry.state.retry_at = None;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn abandon(&self, id: SagaId) -> Result<bool, SagaError> {
+        let mut inner = self.lock();
+        let entry = inner.get_mut(&id).ok_or(SagaError::NotFound(id))?;
+        if entry.state.status.is_final() && entry.quarantined.is_none() {
+            return Ok(false);
+        }
+        entry.quarantined = None;
+        entry.lease = None;
+        entry.state.status = SagaStatus::Abandoned;
+        entry.state.version += 1;
+        entry.state.updated_at = Utc::now();
+        Ok(true)
+    }
+
+    async fn quarantined(&self, saga: Option<&str>) -> Result<Vec<Quarantined>, SagaError> {
+        let mut found: Vec<Quarantined> = self
+            .lock()
+            .values()
+            .filter(|e| saga.is_none_or(|n| e.state.saga == n))
+            .filter_map(|e| {
+                e.quarantined.as_ref().map(|(error, at)| Quarantined {
+                    id: e.state.id,
+                    saga: e.state.saga.clone(),
+                    error: error.clone(),
+                    at: *at,
+                })
+            })
+            .collect();
+        found.sort_by_key(|q| (q.at, q.id));
+        Ok(found)
     }
 
     async fn list(
@@ -437,9 +712,15 @@ impl SagaStore for InMemorySagaStore {
         let mut found: Vec<SagaState> = self
             .lock()
             .values()
-            .map(|(state, _)| state)
+            .map(|e| {
+                let mut state = e.state.clone();
+                if let Some((error, _)) = &e.quarantined {
+                    state.status = SagaStatus::Unreadable;
+                    state.error = Some(error.clone());
+                }
+                state
+            })
             .filter(|s| saga.is_none_or(|n| s.saga == n) && status.is_none_or(|st| s.status == st))
-            .cloned()
             .collect();
         found.sort_by_key(|s| (s.started_at, s.id));
         Ok(found)
@@ -448,7 +729,7 @@ impl SagaStore for InMemorySagaStore {
 
 /// When a lease of `lease` taken now ends.
 fn lease_end(lease: Duration) -> DateTime<Utc> {
-    Utc::now() + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX)
+    Utc::now() + chrono_duration(lease)
 }
 
 /// Whether an unfinished saga should run now.
@@ -456,7 +737,10 @@ fn due_now(state: &SagaState, now: DateTime<Utc>) -> bool {
     match state.status {
         SagaStatus::Running | SagaStatus::Compensating => true,
         SagaStatus::Failed => state.retry_at.is_none_or(|at| at <= now),
-        SagaStatus::Completed | SagaStatus::Compensated => false,
+        SagaStatus::Completed
+        | SagaStatus::Compensated
+        | SagaStatus::Unreadable
+        | SagaStatus::Abandoned => false,
     }
 }
 
@@ -472,8 +756,8 @@ mod orchestrator;
 mod starter;
 
 pub use fixture::{SagaFixture, SagaRun};
-pub use orchestrator::Orchestrator;
-pub use starter::{SagaStarter, StartedBy};
+pub use orchestrator::{MIN_LEASE, Orchestrator};
+pub use starter::{SagaStarter, StartedBy, started_id};
 
 #[cfg(test)]
 mod tests {

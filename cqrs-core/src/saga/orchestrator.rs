@@ -5,16 +5,29 @@ use std::time::Duration;
 
 use chrono::Utc;
 
+use futures::FutureExt as _;
+
 use super::{
     Saga, SagaError, SagaId, SagaState, SagaStatus, SagaStore, StepError, StepKey, StepOutcome,
+    chrono_duration,
 };
+
+/// The shortest lease an orchestrator takes: shorter ones are raised to it.
+pub const MIN_LEASE: Duration = Duration::from_millis(100);
 
 /// Runs the instances of saga `S` kept in store `St`, with the steps' context.
 ///
-/// Each move is saved before the next (with the version the orchestrator loaded, so a saga
-/// another orchestrator took over is refused with [`SagaError::Conflict`] rather than run twice);
-/// instances are claimed through a lease ([`SagaStore::claim`]) so two orchestrators never run the
-/// same one at once.
+/// Each move is saved before the next, fenced: the save names this orchestrator and the epoch of
+/// the lease it claimed the instance under, so once another orchestrator has taken the instance
+/// over (this one stalled past its lease) the save is refused with [`SagaError::LeaseLost`] and
+/// this one stops before the next side effect. While a step runs, its lease is renewed every third
+/// of its duration, so a step longer than the lease still runs once. What remains: a process that
+/// stalls mid-step (no heartbeat) past its lease lets another orchestrator run that step again,
+/// with the same [`StepKey`], which is why steps get it to dedupe on.
+///
+/// One bad instance never holds the others up: an instance whose stored state or data cannot be
+/// read (after a change to the data type) is set aside as [`SagaStatus::Unreadable`] and the run
+/// goes on with the next; a step or compensation that panics counts as a failed try of that step.
 pub struct Orchestrator<S: Saga, St> {
     store: St,
     context: S::Context,
@@ -54,7 +67,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     /// runs the instance next; [`Orchestrator::cancel_deadline`] lifts it.
     #[must_use]
     pub fn with_deadline(mut self, within: Duration) -> Self {
-        self.deadline = Some(within);
+        self.deadline = Some(within.min(super::MAX_DURATION));
         self
     }
 
@@ -72,30 +85,33 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         state.deadline_at = None;
         state.version += 1;
         state.updated_at = Utc::now();
-        self.store.save(&state).await?;
+        self.store.save(&state, None).await?;
         Ok(true)
     }
 
     /// A new instance under `id`, with this orchestrator's deadline.
     fn instance(&self, id: SagaId, data: &S::Data) -> Result<SagaState, SagaError> {
         let mut state = SagaState::start::<S>(id, data)?;
-        state.deadline_at = self.deadline.map(|d| {
-            state.started_at + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-        });
+        state.deadline_at = self
+            .deadline
+            .and_then(|d| state.started_at.checked_add_signed(chrono_duration(d)));
         Ok(state)
     }
 
-    /// How long a claimed instance stays this orchestrator's.
+    /// How long a claimed instance stays this orchestrator's without a renewal (renewed every
+    /// third of it while a step runs); clamped to between [`MIN_LEASE`] and
+    /// [`MAX_DURATION`](super::MAX_DURATION).
     #[must_use]
     pub fn with_lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
+        self.lease = lease.clamp(MIN_LEASE, super::MAX_DURATION);
         self
     }
 
-    /// How long a saga whose compensation keeps failing waits before it is tried again.
+    /// How long a saga whose compensation keeps failing waits before it is tried again (clamped
+    /// to [`MAX_DURATION`](super::MAX_DURATION)).
     #[must_use]
     pub fn with_compensation_retry(mut self, after: Duration) -> Self {
-        self.retry_failed_after = after;
+        self.retry_failed_after = after.min(super::MAX_DURATION);
         self
     }
 
@@ -139,10 +155,11 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     /// # Errors
     /// As [`Orchestrator::start`].
     pub async fn start_with_id(&self, id: SagaId, data: S::Data) -> Result<SagaState, SagaError> {
-        let state = self.instance(id, &data)?;
+        let mut state = self.instance(id, &data)?;
         if !self.store.create(&state, &self.owner, self.lease).await? {
             return self.store.load(id).await?.ok_or(SagaError::NotFound(id));
         }
+        state.lease_epoch = 1;
         let outcome = self.drive(state).await;
         self.store.release(id, &self.owner).await?;
         outcome
@@ -151,8 +168,12 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     /// Claims up to `limit` due instances (unfinished after a crash, or failed and due for another
     /// try), runs each as far as it goes and releases it; returns them as they ended.
     ///
+    /// An instance whose data cannot be read as `S::Data` (or whose stored steps are not the
+    /// saga's) is set aside as [`SagaStatus::Unreadable`] with the reason and the run goes on; one
+    /// another orchestrator saved or took over meanwhile is skipped.
+    ///
     /// # Errors
-    /// A failing store. An instance another orchestrator saved meanwhile is skipped.
+    /// A failing store.
     pub async fn run_due(&self, limit: usize) -> Result<Vec<SagaState>, SagaError> {
         let claimed = self
             .store
@@ -162,11 +183,22 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         for state in claimed {
             let id = state.id;
             let outcome = self.drive(state).await;
-            self.store.release(id, &self.owner).await?;
             match outcome {
-                Ok(state) => ended.push(state),
-                Err(SagaError::Conflict { .. }) => {}
-                Err(error) => return Err(error),
+                Ok(state) => {
+                    self.store.release(id, &self.owner).await?;
+                    ended.push(state);
+                }
+                Err(SagaError::Data { message, .. }) => {
+                    tracing::error!(saga = S::NAME, %id, error = %message, "saga instance set aside as unreadable");
+                    self.store.quarantine(id, &message).await?;
+                }
+                Err(error @ (SagaError::Conflict { .. } | SagaError::LeaseLost { .. })) => {
+                    tracing::warn!(saga = S::NAME, %id, %error, "saga instance taken over by another orchestrator; left to it");
+                }
+                Err(error) => {
+                    self.store.release(id, &self.owner).await?;
+                    return Err(error);
+                }
             }
         }
         Ok(ended)
@@ -226,7 +258,10 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             .map_err(|e| data_error::<S>(state.id, &e))?;
         loop {
             match state.status {
-                SagaStatus::Completed | SagaStatus::Compensated => return Ok(state),
+                SagaStatus::Completed
+                | SagaStatus::Compensated
+                | SagaStatus::Abandoned
+                | SagaStatus::Unreadable => return Ok(state),
                 SagaStatus::Running => {
                     if let Some(at) = state.deadline_at.filter(|at| *at <= Utc::now()) {
                         tracing::warn!(saga = S::NAME, id = %state.id, %at, "deadline passed: compensating");
@@ -245,7 +280,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                         self.save(&mut state, &data).await?;
                         continue;
                     };
-                    match self.attempt(state.id, step, false, &mut data).await {
+                    match self.attempt(&state, step, false, &mut data).await? {
                         Ok(()) => state.steps[step].1 = StepOutcome::Executed,
                         Err(error) => {
                             tracing::warn!(saga = S::NAME, id = %state.id, step = S::STEPS[step].name, %error, "step failed: compensating");
@@ -273,7 +308,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                         self.save(&mut state, &data).await?;
                         continue;
                     };
-                    match self.attempt(state.id, step, true, &mut data).await {
+                    match self.attempt(&state, step, true, &mut data).await? {
                         Ok(()) => {
                             state.steps[step].1 = StepOutcome::Compensated;
                             state.status = SagaStatus::Compensating;
@@ -287,11 +322,8 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                                 "compensation of `{}` failed: {error}",
                                 S::STEPS[step].name
                             ));
-                            state.retry_at = Some(
-                                Utc::now()
-                                    + chrono::Duration::from_std(self.retry_failed_after)
-                                        .unwrap_or(chrono::Duration::MAX),
-                            );
+                            state.retry_at = Utc::now()
+                                .checked_add_signed(chrono_duration(self.retry_failed_after));
                             self.save(&mut state, &data).await?;
                             return Ok(state);
                         }
@@ -301,14 +333,19 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         }
     }
 
-    /// Tries step `step` (or its compensation) by its retry policy and timeout; the last error.
+    /// Tries step `step` (or its compensation) by its retry policy and timeout; the inner result
+    /// is the step's (its last error as text; a panic counts as a failed try). Before each try the
+    /// lease is renewed, and while a try runs a heartbeat renews it every third of its duration:
+    /// the outer error is [`SagaError::LeaseLost`] once this orchestrator no longer holds the
+    /// instance, and then no further try starts.
     async fn attempt(
         &self,
-        id: SagaId,
+        state: &SagaState,
         step: usize,
         compensate: bool,
         data: &mut S::Data,
-    ) -> Result<(), String> {
+    ) -> Result<Result<(), String>, SagaError> {
+        let id = state.id;
         let spec = S::STEPS[step];
         let key = StepKey {
             saga: id,
@@ -319,28 +356,75 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         let seed = id.0.as_u64_pair().1;
         let mut last = String::new();
         for attempt in 1..=attempts {
+            self.fence(state).await?;
             let run = async {
-                if compensate {
-                    S::compensate(step, &self.context, data, &key).await
-                } else {
-                    S::execute(step, &self.context, data, &key).await
+                let run = async {
+                    if compensate {
+                        S::compensate(step, &self.context, data, &key).await
+                    } else {
+                        S::execute(step, &self.context, data, &key).await
+                    }
+                };
+                // A panicking step is that instance's failure, never the orchestrator's.
+                match std::panic::AssertUnwindSafe(run).catch_unwind().await {
+                    Ok(result) => result,
+                    Err(panic) => Err(format!("panicked: {}", panic_message(&*panic)).into()),
                 }
             };
-            let result: Result<(), StepError> = match spec.timeout {
-                Some(limit) => tokio::time::timeout(limit, run)
-                    .await
-                    .unwrap_or_else(|_| Err(format!("timed out after {limit:?}").into())),
-                None => run.await,
+            let run = async {
+                match spec.timeout {
+                    Some(limit) => tokio::time::timeout(limit, run)
+                        .await
+                        .unwrap_or_else(|_| Err(format!("timed out after {limit:?}").into())),
+                    None => run.await,
+                }
+            };
+            let result: Result<(), StepError> = tokio::select! {
+                result = run => result,
+                never = self.heartbeat(state) => match never {},
             };
             match result {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(Ok(())),
                 Err(error) => last = error.to_string(),
             }
             if attempt < attempts {
                 tokio::time::sleep(spec.retry.delay(attempt, seed)).await;
             }
         }
-        Err(last)
+        Ok(Err(last))
+    }
+
+    /// Renews the lease on `state` now, or [`SagaError::LeaseLost`].
+    async fn fence(&self, state: &SagaState) -> Result<(), SagaError> {
+        if self
+            .store
+            .renew(state.id, &self.owner, state.lease_epoch, self.lease)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(SagaError::LeaseLost {
+                id: state.id,
+                owner: self.owner.clone(),
+                epoch: state.lease_epoch,
+            })
+        }
+    }
+
+    /// Renews the lease on `state` every third of its duration while a step runs; after a lost
+    /// lease or a failing store it only waits (the save after the step decides).
+    async fn heartbeat(&self, state: &SagaState) -> std::convert::Infallible {
+        loop {
+            tokio::time::sleep(self.lease / 3).await;
+            match self.fence(state).await {
+                Ok(()) => {}
+                Err(error) => {
+                    tracing::warn!(saga = S::NAME, id = %state.id, %error, "saga lease not renewed during a step");
+                    break;
+                }
+            }
+        }
+        std::future::pending().await
     }
 
     /// Saves the next version of `state` with `data`.
@@ -348,8 +432,17 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         state.data = serde_json::to_value(data).map_err(|e| data_error::<S>(state.id, &e))?;
         state.version += 1;
         state.updated_at = Utc::now();
-        self.store.save(state).await
+        self.store.save(state, Some(&self.owner)).await
     }
+}
+
+/// The text of a panic's payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-text panic".to_owned())
 }
 
 pub(super) fn data_error<S: Saga>(id: SagaId, error: &serde_json::Error) -> SagaError {

@@ -20,8 +20,10 @@ pub trait StartedBy<E: DomainEvent>: Saga {
 
 /// Starts saga `S` from the events of `E`: a [`Projection`] to run with any projection runner.
 ///
-/// Each instance is stored under the id of the event that started it, so an event delivered
-/// twice (a redelivery, a rebuild, a second runner) finds its instance and starts nothing. The
+/// Each instance is keyed by the saga's name and the id of the event that started it (its id is
+/// derived from both, and `started_by` holds the event id), so an event delivered twice (a
+/// redelivery, a rebuild, a second runner) finds its instance and starts nothing, while any
+/// number of sagas can start from one event, each exactly once. The
 /// instance is only stored, not run: an [`Orchestrator`](super::Orchestrator) of `S` on the same
 /// store runs it ([`run_due`](super::Orchestrator::run_due)), so a slow saga never holds the
 /// event stream back.
@@ -59,6 +61,13 @@ impl<S, E, St> SagaStarter<S, E, St> {
     }
 }
 
+/// The id of the instance of saga `saga` that `event` starts: a name-based UUID (v5) of the saga's
+/// name in the namespace of the event's id, the same on every delivery and different per saga.
+#[must_use]
+pub fn started_id(saga: &str, event: &StoredEvent) -> SagaId {
+    SagaId(uuid::Uuid::new_v5(&event.event_id.0, saga.as_bytes()))
+}
+
 impl<S, E, St> Projection for SagaStarter<S, E, St>
 where
     S: StartedBy<E>,
@@ -89,8 +98,9 @@ where
                     version: event.version,
                     source,
                 };
-            let state = SagaState::start::<S>(SagaId(event.event_id.0), &data)
+            let mut state = SagaState::start::<S>(started_id(S::NAME, event), &data)
                 .map_err(|e| handler(Box::new(e)))?;
+            state.started_by = Some(event.event_id.0);
             if self
                 .store
                 .create(&state, &self.owner, Duration::ZERO)

@@ -335,7 +335,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if sagas.retry(SagaId(id)).await? {
                 println!("saga {id} is due again");
             } else {
-                return Err(format!("saga {id} is neither unreadable nor failed: nothing to retry").into());
+                return Err(format!(
+                    "saga {id} is neither unreadable nor failed: nothing to retry"
+                )
+                .into());
             }
         }
         Command::Sagas(Sagas::Abandon { id }) => {

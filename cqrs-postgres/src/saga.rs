@@ -214,9 +214,9 @@ impl SagaStore for PostgresSagaStore {
             match state_of(row) {
                 Ok(state) => claimed.push(state),
                 // One row that does not read is set aside; the others are claimed.
-                Err(SagaError::Data { id, message, .. }) => {
-                    tracing::error!(saga, %id, error = %message, "saga instance set aside as unreadable");
-                    self.quarantine(id, &message).await?;
+                Err(error @ SagaError::Data { id, .. }) => {
+                    tracing::error!(saga, %id, %error, "saga instance set aside as unreadable");
+                    self.quarantine(id, &error.to_string()).await?;
                 }
                 Err(error) => return Err(error),
             }
@@ -299,17 +299,21 @@ impl SagaStore for PostgresSagaStore {
     }
 
     async fn quarantined(&self, saga: Option<&str>) -> Result<Vec<Quarantined>, SagaError> {
-        let rows: Vec<(uuid::Uuid, String, Option<String>, Option<chrono::DateTime<chrono::Utc>>)> =
-            sqlx::query_as(AssertSqlSafe(format!(
-                "SELECT id, saga, quarantine_error, quarantined_at FROM {} \
+        let rows: Vec<(
+            uuid::Uuid,
+            String,
+            Option<String>,
+            Option<chrono::DateTime<chrono::Utc>>,
+        )> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT id, saga, quarantine_error, quarantined_at FROM {} \
                  WHERE status = 'unreadable' AND ($1::text IS NULL OR saga = $1) \
                  ORDER BY quarantined_at, id",
-                self.table()
-            )))
-            .bind(saga)
-            .fetch_all(self.store.pool())
-            .await
-            .map_err(backend)?;
+            self.table()
+        )))
+        .bind(saga)
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(backend)?;
         Ok(rows
             .into_iter()
             .map(|(id, saga, error, at)| Quarantined {

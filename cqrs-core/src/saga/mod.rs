@@ -527,9 +527,9 @@ impl SagaStore for InMemorySagaStore {
     ) -> Result<bool, SagaError> {
         let mut inner = self.lock();
         let started_twice = state.started_by.is_some()
-            && inner.values().any(|e| {
-                e.state.saga == state.saga && e.state.started_by == state.started_by
-            });
+            && inner
+                .values()
+                .any(|e| e.state.saga == state.saga && e.state.started_by == state.started_by);
         if started_twice || inner.contains_key(&state.id) {
             return Ok(false);
         }

@@ -188,9 +188,9 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                     self.store.release(id, &self.owner).await?;
                     ended.push(state);
                 }
-                Err(SagaError::Data { message, .. }) => {
-                    tracing::error!(saga = S::NAME, %id, error = %message, "saga instance set aside as unreadable");
-                    self.store.quarantine(id, &message).await?;
+                Err(error @ SagaError::Data { .. }) => {
+                    tracing::error!(saga = S::NAME, %id, %error, "saga instance set aside as unreadable");
+                    self.store.quarantine(id, &error.to_string()).await?;
                 }
                 Err(error @ (SagaError::Conflict { .. } | SagaError::LeaseLost { .. })) => {
                     tracing::warn!(saga = S::NAME, %id, %error, "saga instance taken over by another orchestrator; left to it");

@@ -12,15 +12,17 @@
 
 use futures::future::BoxFuture;
 
+pub mod engine;
 mod failure;
 mod runner;
 
+pub use engine::{DeliveryBackend, DeliveryError, Engine};
 pub use failure::{
     DeadLetter, Failure, FailureMode, FailurePolicy, Redrive, Retries, WAITS_BEHIND,
 };
 pub use runner::{
-    CheckpointStore, InMemoryCheckpoints, InMemoryDeadLetters, ProjectionMetrics, ProjectionRunner,
-    Step, event_span,
+    CheckpointStore, InMemoryBackend, InMemoryCheckpoints, InMemoryDeadLetters, ProjectionMetrics,
+    ProjectionRunner, Step, event_span,
 };
 
 use crate::envelope::{Checkpoint, RecordedEvent, StoredEvent};

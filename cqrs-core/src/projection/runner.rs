@@ -7,11 +7,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::FutureExt as _;
-use tracing::Instrument as _;
 
 use super::Projection;
-use super::failure::{DeadLetter, Failure, FailureMode, FailurePolicy, Redrive, WAITS_BEHIND};
+use super::engine::{DeliveryBackend, DeliveryError, Engine, Parked, Savepoint};
+use super::failure::{DeadLetter, Failure, FailurePolicy, Redrive};
 use crate::envelope::{Checkpoint, EventId, StoredEvent, StreamId};
 use crate::store::{EventStore, StoreError};
 
@@ -29,6 +28,23 @@ pub trait CheckpointStore: Send + Sync {
     /// # Errors
     /// [`StoreError::Backend`] when the store fails.
     async fn save(&self, projection: &str, checkpoint: Checkpoint) -> Result<(), StoreError>;
+
+    /// Records `to` only if the stored checkpoint is `from`; `false` (recording nothing) when it
+    /// is not. The default loads and saves (not atomic: override it where the store can).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the store fails.
+    async fn compare_and_save(
+        &self,
+        projection: &str,
+        from: Checkpoint,
+        to: Checkpoint,
+    ) -> Result<bool, StoreError> {
+        if self.load(projection).await? != from {
+            return Ok(false);
+        }
+        self.save(projection, to).await.map(|()| true)
+    }
 }
 
 /// Checkpoints in process memory (clones share them): the counterpart of a projection whose state
@@ -58,6 +74,23 @@ impl CheckpointStore for InMemoryCheckpoints {
     async fn save(&self, projection: &str, checkpoint: Checkpoint) -> Result<(), StoreError> {
         lock(&self.inner).insert(projection.to_owned(), checkpoint);
         Ok(())
+    }
+
+    async fn compare_and_save(
+        &self,
+        projection: &str,
+        from: Checkpoint,
+        to: Checkpoint,
+    ) -> Result<bool, StoreError> {
+        let mut inner = lock(&self.inner);
+        let stored = inner
+            .entry(projection.to_owned())
+            .or_insert(Checkpoint::START);
+        if *stored != from {
+            return Ok(false);
+        }
+        *stored = to;
+        Ok(true)
     }
 }
 
@@ -114,16 +147,6 @@ impl InMemoryDeadLetters {
         (before - inner.parked.len()) as u64
     }
 
-    fn park(&self, projection: &str, event: &StoredEvent, failure: Failure) {
-        self.park_row(
-            projection,
-            event.event_id,
-            &event.stream,
-            event.version,
-            failure,
-        );
-    }
-
     fn park_row(
         &self,
         projection: &str,
@@ -157,15 +180,16 @@ impl InMemoryDeadLetters {
             .collect()
     }
 
-    /// The first dead letter of `stream` after version `after` (in version order): a redrive
-    /// walks a stream's letters one at a time instead of copying them all.
-    fn next_of_stream(
+    /// Up to `limit` dead letters of `stream` after version `after`, in version order (a redrive
+    /// walks a stream's letters a page at a time).
+    fn of_stream(
         &self,
         projection: &str,
         stream: &StreamId,
         after: Option<u64>,
-    ) -> Option<DeadLetter> {
-        lock(&self.inner)
+        limit: usize,
+    ) -> Vec<DeadLetter> {
+        let mut letters: Vec<DeadLetter> = lock(&self.inner)
             .parked
             .values()
             .filter(|(p, letter)| {
@@ -173,9 +197,11 @@ impl InMemoryDeadLetters {
                     && &letter.stream == stream
                     && after.is_none_or(|after| letter.version > after)
             })
-            .map(|(_, letter)| letter)
-            .min_by_key(|letter| letter.version)
-            .cloned()
+            .map(|(_, letter)| letter.clone())
+            .collect();
+        letters.sort_by_key(|letter| letter.version);
+        letters.truncate(limit);
+        letters
     }
 
     fn resolve(&self, id: i64) {
@@ -245,124 +271,49 @@ pub fn event_span(projection: &'static str, event: &StoredEvent) -> tracing::Spa
     )
 }
 
-/// Keeps an in-process projection (its state in itself or in `Context`) up to date from any
-/// [`EventStore`].
-///
-/// Each [`step`](ProjectionRunner::step) reads a batch after the checkpoint (only the subscribed
-/// event types travel), applies it, parks what keeps failing (see [`FailurePolicy`]) and saves the
-/// checkpoint. [`run`](ProjectionRunner::run) catches up, then waits for the store's commit signal
-/// (the in-memory store wakes it at once) or the poll interval, and catches up again.
-///
-/// There is no transaction around in-process state: a handler that fails is called again for the
-/// same event, so it should check before it changes anything. For read models in PostgreSQL, use
-/// `cqrs_postgres::projection::ProjectionWorker`, which commits them with the checkpoint.
-pub struct ProjectionRunner<P: Projection, S>
+/// The in-memory adapter of the [`Engine`]: checkpoints in a [`CheckpointStore`], dead letters in
+/// [`InMemoryDeadLetters`], the context in the process. No unit of work rolls back: each event is
+/// applied once, with its retries, and the checkpoint moves (by compare-and-set) after the batch.
+pub struct InMemoryBackend<P: Projection, S>
 where
     P::Context: Sized,
 {
     store: S,
-    projection: P,
     context: P::Context,
     checkpoints: Arc<dyn CheckpointStore>,
     dead_letters: InMemoryDeadLetters,
-    /// Where this runner is; loaded from the checkpoint store on the first step.
+    /// Where the projection is; loaded from the checkpoint store on the first step.
     checkpoint: Option<Checkpoint>,
-    batch: usize,
-    policy: FailurePolicy,
-    metrics: ProjectionMetrics,
 }
 
-impl<P: Projection, S> std::fmt::Debug for ProjectionRunner<P, S>
+impl<P: Projection, S> std::fmt::Debug for InMemoryBackend<P, S>
 where
     P::Context: Sized,
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProjectionRunner")
+        f.debug_struct("InMemoryBackend")
             .field("projection", &P::NAME)
             .field("checkpoint", &self.checkpoint)
-            .field("batch", &self.batch)
-            .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }
 
-impl<P, S> ProjectionRunner<P, S>
+#[async_trait::async_trait]
+impl<P, S> DeliveryBackend<P> for InMemoryBackend<P, S>
 where
     P: Projection,
     P::Context: Sized,
-    S: EventStore,
+    S: EventStore + Clone + 'static,
 {
-    /// A runner of `projection` (handlers writing through `context`) over `store`, with in-memory
-    /// checkpoints and dead letters, batches of 1,000 events and the default [`FailurePolicy`].
-    pub fn new(store: S, projection: P, context: P::Context) -> Self {
-        Self {
-            store,
-            projection,
-            context,
-            checkpoints: Arc::new(InMemoryCheckpoints::new()),
-            dead_letters: InMemoryDeadLetters::new(),
-            checkpoint: None,
-            batch: 1_000,
-            policy: FailurePolicy::default(),
-            metrics: ProjectionMetrics::default(),
-        }
+    type Unit = ();
+    const TRANSACTIONAL: bool = false;
+    type Store = S;
+
+    fn event_store(&self) -> &S {
+        &self.store
     }
 
-    /// Where the checkpoint is kept (shared with a later runner of the same projection to resume).
-    #[must_use]
-    pub fn with_checkpoints(mut self, checkpoints: Arc<dyn CheckpointStore>) -> Self {
-        self.checkpoints = checkpoints;
-        self.checkpoint = None;
-        self
-    }
-
-    /// Where dead letters are parked (keep a clone to list and purge them).
-    #[must_use]
-    pub fn with_dead_letters(mut self, dead_letters: InMemoryDeadLetters) -> Self {
-        self.dead_letters = dead_letters;
-        self
-    }
-
-    /// What to do with events the projection keeps failing on.
-    #[must_use]
-    pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
-        self.policy = policy;
-        self
-    }
-
-    /// How many events one step reads at most.
-    #[must_use]
-    pub fn with_batch(mut self, batch: usize) -> Self {
-        self.batch = batch.max(1);
-        self
-    }
-
-    /// The projection.
-    pub fn projection(&self) -> &P {
-        &self.projection
-    }
-
-    /// The context handlers write through.
-    pub fn context(&self) -> &P::Context {
-        &self.context
-    }
-
-    /// The dead letters this runner parks into.
-    pub fn dead_letters(&self) -> &InMemoryDeadLetters {
-        &self.dead_letters
-    }
-
-    /// The runner's counters.
-    #[must_use]
-    pub fn metrics(&self) -> ProjectionMetrics {
-        self.metrics
-    }
-
-    /// The checkpoint of the last event read.
-    ///
-    /// # Errors
-    /// A failing checkpoint store.
-    pub async fn checkpoint(&mut self) -> Result<Checkpoint, StoreError> {
+    async fn load_checkpoint(&mut self) -> Result<Checkpoint, DeliveryError> {
         if let Some(checkpoint) = self.checkpoint {
             return Ok(checkpoint);
         }
@@ -371,267 +322,78 @@ where
         Ok(checkpoint)
     }
 
-    /// How far the projection is behind the head of the log, in global positions (an upper bound
-    /// of the events still to read).
-    ///
-    /// # Errors
-    /// A failing store.
-    pub async fn lag(&mut self) -> Result<u64, StoreError> {
-        let head = self.store.head().await?.unwrap_or(Checkpoint::START);
-        let checkpoint = self.checkpoint().await?;
-        Ok(head.position.saturating_sub(checkpoint.position))
+    async fn begin_unit(&mut self) -> Result<(), DeliveryError> {
+        Ok(())
     }
 
-    /// Applies the next batch after the checkpoint and saves the checkpoint.
-    ///
-    /// # Errors
-    /// A failing store or checkpoint store. Projection failures are not errors here: they are
-    /// retried and parked as dead letters.
-    pub async fn step(&mut self) -> Result<Step, StoreError> {
-        let from = self.checkpoint().await?;
-        let (page, last) = match self
-            .store
-            .read_filtered(from, self.batch, P::SUBSCRIPTIONS)
-            .await
-        {
-            Ok(window) => window,
-            Err(StoreError::Corrupt(corrupt)) => return self.pass_corrupt(&corrupt).await,
-            Err(error) => return Err(error),
-        };
-        if last == from {
-            return Ok(Step {
-                read: 0,
-                applied: 0,
-                parked: 0,
-                checkpoint: from,
-            });
-        }
-        let span = tracing::debug_span!(
-            "cqrs.projection.batch",
-            projection = P::NAME,
-            events = page.len()
+    fn unit_context<'a>(&'a mut self, (): &'a mut ()) -> &'a mut P::Context {
+        &mut self.context
+    }
+
+    async fn savepoint(&mut self, (): &mut (), _op: Savepoint) -> Result<(), DeliveryError> {
+        Ok(())
+    }
+
+    async fn blocked_streams(&mut self, (): &mut ()) -> Result<HashSet<StreamId>, DeliveryError> {
+        Ok(self.dead_letters.blocked_streams(P::NAME))
+    }
+
+    async fn park_event(&mut self, (): &mut (), parked: Parked<'_>) -> Result<(), DeliveryError> {
+        self.dead_letters.park_row(
+            P::NAME,
+            parked.event_id,
+            parked.stream,
+            parked.version,
+            parked.failure.clone(),
         );
-        let started = std::time::Instant::now();
-        let (applied, parked) = self.apply_batch(&page).instrument(span).await;
-        // The state moved: the runner moves on even if saving the checkpoint fails, so a retry
-        // after that error never applies the batch twice.
-        self.checkpoint = Some(last);
-        let step = Step {
-            read: page.len().max(1),
-            applied,
-            parked,
-            checkpoint: last,
-        };
-        self.metrics.record(&step, started.elapsed());
-        self.checkpoints.save(P::NAME, last).await?;
-        Ok(step)
+        Ok(())
     }
 
-    /// Parks a stored row the store cannot read as an event (the first after the checkpoint), if
-    /// the projection subscribes to its type, and moves the checkpoint past it.
-    async fn pass_corrupt(
+    async fn advance_checkpoint(
         &mut self,
-        corrupt: &crate::store::CorruptEvent,
-    ) -> Result<Step, StoreError> {
-        let crate::store::CorruptEvent {
-            stream,
-            version,
-            event_id,
-            event_type,
-            checkpoint,
-            ..
-        } = corrupt;
-        let subscribed = P::SUBSCRIPTIONS
-            .iter()
-            .any(|s| s.matches_type(&stream.aggregate_type, event_type));
-        if subscribed {
-            tracing::warn!(projection = P::NAME, %stream, version, %checkpoint, error = %corrupt, "parking an unreadable stored event as a dead letter");
-            let failure = Failure {
-                error: corrupt.to_string(),
-                attempts: 1,
-                first_failed_at: Utc::now(),
-            };
-            self.dead_letters
-                .park_row(P::NAME, *event_id, stream, *version, failure);
-        }
-        self.checkpoint = Some(*checkpoint);
-        let step = Step {
-            read: 1,
-            applied: 0,
-            parked: usize::from(subscribed),
-            checkpoint: *checkpoint,
-        };
-        self.metrics.record(&step, Duration::ZERO);
-        self.checkpoints.save(P::NAME, *checkpoint).await?;
-        Ok(step)
-    }
-
-    async fn apply_batch(&mut self, page: &[StoredEvent]) -> (usize, usize) {
-        let mut blocked = match self.policy.mode {
-            FailureMode::BlockStream => self.dead_letters.blocked_streams(P::NAME),
-            FailureMode::Skip => HashSet::new(),
-        };
-        let (mut applied, mut parked) = (0, 0);
-        for event in page.iter().filter(|e| P::subscribes_to(e)) {
-            if blocked.contains(&event.stream) {
-                let now = Utc::now();
-                let failure = Failure {
-                    error: WAITS_BEHIND.to_owned(),
-                    attempts: 0,
-                    first_failed_at: now,
-                };
-                self.dead_letters.park(P::NAME, event, failure);
-                parked += 1;
-                continue;
-            }
-            let span = event_span(P::NAME, event);
-            match self.apply_with_retries(event).instrument(span).await {
-                None => applied += 1,
-                Some(failure) => {
-                    tracing::warn!(
-                        projection = P::NAME, stream = %event.stream, version = event.version,
-                        attempts = failure.attempts, error = %failure.error,
-                        "parking the event as a dead letter"
-                    );
-                    self.dead_letters.park(P::NAME, event, failure);
-                    parked += 1;
-                    if self.policy.mode == FailureMode::BlockStream {
-                        blocked.insert(event.stream.clone());
-                    }
-                }
-            }
-        }
-        (applied, parked)
-    }
-
-    async fn apply_with_retries(&mut self, event: &StoredEvent) -> Option<Failure> {
-        let mut retries = self.policy.retries();
-        loop {
-            match self.projection.apply(event, &mut self.context).await {
-                Ok(_) => return None,
-                Err(error) => {
-                    if let Some(failure) = retries.failed(&error).await {
-                        return Some(failure);
-                    }
-                }
-            }
+        (): &mut (),
+        from: Checkpoint,
+        to: Checkpoint,
+    ) -> Result<(), DeliveryError> {
+        // The state moved already (there is no rollback): the runner moves on even if recording
+        // the checkpoint fails, so a retry after that error never applies the batch twice.
+        self.checkpoint = Some(to);
+        if self.checkpoints.compare_and_save(P::NAME, from, to).await? {
+            Ok(())
+        } else {
+            let stored = self.checkpoints.load(P::NAME).await?;
+            self.checkpoint = Some(stored);
+            Err(DeliveryError::CheckpointMoved {
+                projection: P::NAME,
+                stored,
+            })
         }
     }
 
-    /// Steps until every event committed before the call is applied (or parked); returns how many
-    /// were applied.
-    ///
-    /// # Errors
-    /// As [`ProjectionRunner::step`].
-    pub async fn catch_up(&mut self) -> Result<usize, StoreError> {
-        let head = self.store.head().await?.unwrap_or(Checkpoint::START);
-        let mut applied = 0;
-        let mut pause = Duration::from_millis(2);
-        loop {
-            let step = self.step().await?;
-            applied += step.applied;
-            if step.read > 0 {
-                pause = Duration::from_millis(2);
-            } else if step.checkpoint >= head {
-                return Ok(applied);
-            } else {
-                // The store holds committed events back for a moment (an older transaction is
-                // still open): wait for them rather than stop short.
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(100));
-            }
-        }
+    async fn end_unit(&mut self, (): (), _commit: bool) -> Result<(), DeliveryError> {
+        Ok(())
     }
 
-    /// Keeps the projection up to date until `shutdown` completes, then returns the runner (with
-    /// the projection and its state). It catches up, waits for the store's commit signal or `poll`
-    /// (whichever comes first), and catches up again. A shutdown during a batch lets that batch
-    /// finish: in-process state has no rollback, so the runner stops only between batches, with the
-    /// checkpoint saved.
-    ///
-    /// # Errors
-    /// A failing store or checkpoint store.
-    pub async fn run(
-        mut self,
-        poll: Duration,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<Self, StoreError> {
-        let mut signal = self.store.commit_signal();
-        let mut shutdown = std::pin::pin!(shutdown);
-        loop {
-            if let Some(signal) = &mut signal {
-                signal.borrow_and_update();
-            }
-            loop {
-                let step = self.step().await?;
-                if (&mut shutdown).now_or_never().is_some() {
-                    return Ok(self);
-                }
-                if step.read == 0 {
-                    break;
-                }
-            }
-            let woken = async {
-                match &mut signal {
-                    Some(signal) => {
-                        if tokio::time::timeout(poll, signal.changed())
-                            .await
-                            .is_ok_and(|changed| changed.is_err())
-                        {
-                            // The store is gone: no more signals, poll from now on.
-                            tokio::time::sleep(poll).await;
-                        }
-                    }
-                    None => tokio::time::sleep(poll).await,
-                }
-            };
-            tokio::select! {
-                () = &mut shutdown => return Ok(self),
-                () = woken => {}
-            }
-        }
+    async fn letters_of(
+        &mut self,
+        (): &mut (),
+        stream: &StreamId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, DeliveryError> {
+        Ok(self.dead_letters.of_stream(P::NAME, stream, after, limit))
     }
 
-    /// Applies the dead letters of `stream` again, in version order: each one that applies is
-    /// removed; the first that fails again stays (with the new error) and so do the ones after it.
-    ///
-    /// Each event is read again from the store (dead letters hold no copy of it); one the store
-    /// cannot read (or no longer has) fails again with the reason.
-    pub async fn retry(&mut self, stream: &StreamId) -> Redrive {
-        let mut redrive = Redrive::default();
-        let mut after = None;
-        while let Some(letter) = self.dead_letters.next_of_stream(P::NAME, stream, after) {
-            after = Some(letter.version);
-            let failure = match self.reread(&letter).await {
-                Ok(event) => self.apply_with_retries(&event).await,
-                Err(error) => Some(Failure {
-                    error,
-                    attempts: 1,
-                    first_failed_at: letter.first_failed_at,
-                }),
-            };
-            match failure {
-                None => {
-                    self.dead_letters.resolve(letter.id);
-                    redrive.applied += 1;
-                }
-                Some(failure) => {
-                    self.dead_letters.fail_again(letter.id, failure.error);
-                    redrive.failed += 1;
-                    break;
-                }
-            }
-        }
-        redrive
-    }
-
-    /// The event of a dead letter, read again from the store.
-    async fn reread(&self, letter: &DeadLetter) -> Result<StoredEvent, String> {
+    async fn reread_letter(
+        &mut self,
+        (): &mut (),
+        letter: &DeadLetter,
+    ) -> Result<Result<StoredEvent, String>, DeliveryError> {
         use futures::StreamExt as _;
         let mut events = self
             .store
             .load(&letter.stream, letter.version.saturating_sub(1));
-        match events.next().await {
+        Ok(match events.next().await {
             Some(Ok(event)) if event.event_id == letter.event_id => Ok(event),
             Some(Ok(event)) => Err(format!(
                 "the store holds event {} at version {} of {}, not the parked {}",
@@ -642,18 +404,220 @@ where
                 "the store has no version {} of {} any more",
                 letter.version, letter.stream
             )),
+        })
+    }
+
+    async fn resolve_letter(&mut self, (): &mut (), id: i64) -> Result<(), DeliveryError> {
+        self.dead_letters.resolve(id);
+        Ok(())
+    }
+
+    async fn fail_letter_again(
+        &mut self,
+        (): &mut (),
+        id: i64,
+        error: &str,
+    ) -> Result<(), DeliveryError> {
+        self.dead_letters.fail_again(id, error.to_owned());
+        Ok(())
+    }
+}
+
+/// A runner's error: what the store said (a runner holds no lease to lose).
+fn store_error(error: DeliveryError) -> StoreError {
+    match error {
+        DeliveryError::Store(error) => error,
+        other => StoreError::backend(other.to_string()),
+    }
+}
+
+/// Keeps an in-process projection (its state in itself or in `Context`) up to date from any
+/// [`EventStore`]: the [`Engine`] on an [`InMemoryBackend`].
+///
+/// Each [`step`](ProjectionRunner::step) reads a batch after the checkpoint (only the subscribed
+/// event types travel), applies it, parks what keeps failing (see [`FailurePolicy`]) and moves the
+/// checkpoint. [`run`](ProjectionRunner::run) catches up, then waits for the store's commit signal
+/// (the in-memory store wakes it at once) or the poll interval, and catches up again.
+///
+/// There is no transaction around in-process state: a handler that fails is called again for the
+/// same event, so it should check before it changes anything. For read models in PostgreSQL, use
+/// `cqrs_postgres::projection::ProjectionWorker`, which commits them with the checkpoint.
+pub struct ProjectionRunner<P: Projection, S>
+where
+    P::Context: Sized,
+{
+    engine: Engine<P, InMemoryBackend<P, S>>,
+}
+
+impl<P: Projection, S> std::fmt::Debug for ProjectionRunner<P, S>
+where
+    P::Context: Sized,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectionRunner")
+            .field("projection", &P::NAME)
+            .field("checkpoint", &self.engine.backend().checkpoint)
+            .field("batch", &self.engine.batch())
+            .field("policy", &self.engine.policy())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P, S> ProjectionRunner<P, S>
+where
+    P: Projection,
+    P::Context: Sized,
+    S: EventStore + Clone + 'static,
+{
+    /// A runner of `projection` (handlers writing through `context`) over `store`, with in-memory
+    /// checkpoints and dead letters, batches of 1,000 events and the default [`FailurePolicy`].
+    pub fn new(store: S, projection: P, context: P::Context) -> Self {
+        let backend = InMemoryBackend {
+            store,
+            context,
+            checkpoints: Arc::new(InMemoryCheckpoints::new()),
+            dead_letters: InMemoryDeadLetters::new(),
+            checkpoint: None,
+        };
+        Self {
+            engine: Engine::new(projection, backend, 1_000),
         }
+    }
+
+    /// Where the checkpoint is kept (shared with a later runner of the same projection to resume).
+    #[must_use]
+    pub fn with_checkpoints(mut self, checkpoints: Arc<dyn CheckpointStore>) -> Self {
+        let backend = self.engine.backend_mut();
+        backend.checkpoints = checkpoints;
+        backend.checkpoint = None;
+        self
+    }
+
+    /// Where dead letters are parked (keep a clone to list and purge them).
+    #[must_use]
+    pub fn with_dead_letters(mut self, dead_letters: InMemoryDeadLetters) -> Self {
+        self.engine.backend_mut().dead_letters = dead_letters;
+        self
+    }
+
+    /// What to do with events the projection keeps failing on.
+    #[must_use]
+    pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.engine.set_policy(policy);
+        self
+    }
+
+    /// How many events one step reads at most.
+    #[must_use]
+    pub fn with_batch(mut self, batch: usize) -> Self {
+        self.engine.set_batch(batch);
+        self
+    }
+
+    /// The projection.
+    pub fn projection(&self) -> &P {
+        self.engine.projection()
+    }
+
+    /// The context handlers write through.
+    pub fn context(&self) -> &P::Context {
+        &self.engine.backend().context
+    }
+
+    /// The dead letters this runner parks into.
+    pub fn dead_letters(&self) -> &InMemoryDeadLetters {
+        &self.engine.backend().dead_letters
+    }
+
+    /// The runner's counters.
+    #[must_use]
+    pub fn metrics(&self) -> ProjectionMetrics {
+        self.engine.metrics()
+    }
+
+    /// The checkpoint of the last event read.
+    ///
+    /// # Errors
+    /// A failing checkpoint store.
+    pub async fn checkpoint(&mut self) -> Result<Checkpoint, StoreError> {
+        self.engine
+            .backend_mut()
+            .load_checkpoint()
+            .await
+            .map_err(store_error)
+    }
+
+    /// How far the projection is behind the head of the log, in global positions (exact for the
+    /// in-memory store, whose positions are its commit order; an upper bound for others).
+    ///
+    /// # Errors
+    /// A failing store.
+    pub async fn lag(&mut self) -> Result<u64, StoreError> {
+        let head = self
+            .engine
+            .backend()
+            .store
+            .head()
+            .await?
+            .unwrap_or(Checkpoint::START);
+        let checkpoint = self.checkpoint().await?;
+        Ok(head.position.saturating_sub(checkpoint.position))
+    }
+
+    /// Applies the next batch after the checkpoint and moves the checkpoint.
+    ///
+    /// # Errors
+    /// A failing store or checkpoint store. Projection failures are not errors here: they are
+    /// retried and parked as dead letters.
+    pub async fn step(&mut self) -> Result<Step, StoreError> {
+        self.engine.step().await.map_err(store_error)
+    }
+
+    /// Steps until every event committed before the call is applied (or parked); returns how many
+    /// were applied.
+    ///
+    /// # Errors
+    /// As [`ProjectionRunner::step`].
+    pub async fn catch_up(&mut self) -> Result<usize, StoreError> {
+        self.engine.catch_up().await.map_err(store_error)
+    }
+
+    /// Keeps the projection up to date until `shutdown` completes, then returns the runner (with
+    /// the projection and its state). It catches up, waits for the store's commit signal or `poll`
+    /// (whichever comes first), and catches up again; a failing store is retried with a backoff.
+    /// Stop it only between batches (in-process state has no rollback): a shutdown during a batch
+    /// drops the rest of that batch, and the events applied in it are applied again on the next
+    /// run, so handlers of in-process state should be idempotent.
+    ///
+    /// # Errors
+    /// None today: every failure of an in-process runner is retried.
+    pub async fn run(
+        mut self,
+        poll: Duration,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<Self, StoreError> {
+        self.engine.run(poll, shutdown).await.map_err(store_error)?;
+        Ok(self)
+    }
+
+    /// Applies the dead letters of `stream` again, in version order: each one that applies is
+    /// removed; the first that fails again stays (with the new error) and so do the ones after it.
+    ///
+    /// Each event is read again from the store (dead letters hold no copy of it); one the store
+    /// cannot read (or no longer has) fails again with the reason.
+    pub async fn retry(&mut self, stream: &StreamId) -> Redrive {
+        self.engine.retry(stream).await.unwrap_or_else(|error| {
+            tracing::warn!(projection = P::NAME, %stream, %error, "redrive failed");
+            Redrive::default()
+        })
     }
 
     /// [`ProjectionRunner::retry`] for every stream with dead letters.
     pub async fn retry_all(&mut self) -> Redrive {
-        let mut total = Redrive::default();
-        for stream in self.dead_letters.blocked_streams(P::NAME) {
-            let done = self.retry(&stream).await;
-            total.applied += done.applied;
-            total.failed += done.failed;
-        }
-        total
+        self.engine.retry_all().await.unwrap_or_else(|error| {
+            tracing::warn!(projection = P::NAME, %error, "redrive failed");
+            Redrive::default()
+        })
     }
 
     /// Rebuilds the projection from the first event: `reset` empties its state, the checkpoint goes
@@ -666,16 +630,18 @@ where
         &mut self,
         reset: impl FnOnce(&mut P, &mut P::Context),
     ) -> Result<usize, StoreError> {
-        reset(&mut self.projection, &mut self.context);
-        self.checkpoint = Some(Checkpoint::START);
-        self.dead_letters.reset(P::NAME);
-        self.checkpoints.save(P::NAME, Checkpoint::START).await?;
+        let (projection, backend) = self.engine.parts_mut();
+        reset(projection, &mut backend.context);
+        backend.checkpoint = Some(Checkpoint::START);
+        backend.dead_letters.reset(P::NAME);
+        backend.checkpoints.save(P::NAME, Checkpoint::START).await?;
         tracing::info!(projection = P::NAME, "rebuilding from the first event");
         self.catch_up().await
     }
 
     /// The runner's parts: the projection and its context.
     pub fn into_parts(self) -> (P, P::Context) {
-        (self.projection, self.context)
+        let (projection, backend) = self.engine.into_parts();
+        (projection, backend.context)
     }
 }

@@ -1,0 +1,1009 @@
+//! The one delivery engine every projection runs on: read a window of the global order -> apply
+//! with retries -> park or block the stream -> move the checkpoint by compare-and-set -> catch up
+//! -> wait for a wake-up -> serve operator requests, over a [`DeliveryBackend`] port.
+//!
+//! The backends only adapt: [`InMemoryBackend`](super::InMemoryBackend) here (checkpoints and dead
+//! letters in process memory, for [`ProjectionRunner`](super::ProjectionRunner)) and the
+//! PostgreSQL one in `cqrs-postgres` (a transaction per batch, a lease with an epoch, the dead-letter
+//! table, operator requests, for `ProjectionWorker`). The rules are written once here: the same
+//! retries and parking, the same per-stream blocking, the same handling of rows no reader can
+//! decode, the same compare-and-set checkpoint, the same backoff over failures that heal.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::future::BoxFuture;
+use tracing::Instrument as _;
+
+use super::failure::{DeadLetter, Failure, FailureMode, FailurePolicy, Redrive, WAITS_BEHIND};
+use super::runner::{ProjectionMetrics, Step, event_span};
+use super::{Projection, ProjectionError, Subscription};
+use crate::envelope::{Checkpoint, EventId, StoredEvent, StreamId};
+use crate::store::{CorruptEvent, EventStore, StoreError};
+
+/// Why the engine stopped a batch (nothing of it was kept, for a transactional backend).
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// Another worker owns the projection (its lease is live), or took it over from this one:
+    /// this worker's last batch was rolled back and nothing it did after losing the lease was
+    /// kept.
+    #[error("projection `{projection}` is owned by another worker (this worker's epoch {epoch:?})")]
+    LeaseLost {
+        /// The projection.
+        projection: &'static str,
+        /// The epoch this worker held, if any.
+        epoch: Option<i64>,
+    },
+    /// The window started at a checkpoint that is not the stored one any more: an earlier commit
+    /// whose outcome was in doubt (its future dropped after `COMMIT` was sent) went through after
+    /// all. Nothing of this batch was kept; step again from the stored checkpoint (`run` and
+    /// `catch_up` do).
+    #[error(
+        "projection `{projection}`: the checkpoint moved to {stored} meanwhile; the batch was rolled back"
+    )]
+    CheckpointMoved {
+        /// The projection.
+        projection: &'static str,
+        /// The stored checkpoint.
+        stored: Checkpoint,
+    },
+    /// The projection failed on an event outside the retries (only a rebuild's reset can).
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+    /// The store failed; the batch was rolled back.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A savepoint operation inside a unit of work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Savepoint {
+    /// Set a savepoint before one event.
+    Set,
+    /// The event applied: release it.
+    Release,
+    /// The event failed: roll back to it.
+    Rollback,
+}
+
+/// An event (or a row that cannot be read as one) to park as a dead letter.
+#[derive(Debug, Clone, Copy)]
+pub struct Parked<'a> {
+    /// The event's id.
+    pub event_id: EventId,
+    /// Its stream.
+    pub stream: &'a StreamId,
+    /// Its version.
+    pub version: u64,
+    /// Why it is parked.
+    pub failure: &'a Failure,
+}
+
+/// An operator's request to a running projection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Rebuild from the first event.
+    Rebuild,
+    /// Retry the dead letters of a stream.
+    Retry(StreamId),
+}
+
+/// The subscribed events of a window of the global order.
+#[derive(Debug)]
+pub struct Window {
+    /// The subscribed events.
+    pub events: Vec<StoredEvent>,
+    /// The checkpoint of the last event scanned (subscribed or not).
+    pub last: Checkpoint,
+    /// Whether to read the next window plainly (see [`read_window`]).
+    pub dense: bool,
+}
+
+/// Where a projection's checkpoint, dead letters and unit of work live: what the engine needs
+/// from a backend. Implemented by [`InMemoryBackend`](super::InMemoryBackend) and by
+/// `cqrs_postgres::projection::PostgresBackend`.
+#[async_trait::async_trait]
+pub trait DeliveryBackend<P: Projection>: Send {
+    /// One unit of work: a database transaction, or nothing for state in the process.
+    type Unit: Send;
+
+    /// Whether a unit rolls back everything done in it. Then a batch is first applied without
+    /// savepoints (one round trip less per event) and, if a handler fails, again event by event
+    /// with a savepoint each; without it, each event is applied once, with its retries.
+    const TRANSACTIONAL: bool;
+
+    /// The store events are read from (cloned into the task that reads ahead).
+    type Store: EventStore + Clone + 'static;
+
+    /// The store.
+    fn event_store(&self) -> &Self::Store;
+
+    /// `Ok` while this backend may write the projection (holds its lease), else
+    /// [`DeliveryError::LeaseLost`].
+    ///
+    /// # Errors
+    /// As said.
+    fn check_ownership(&self) -> Result<(), DeliveryError> {
+        Ok(())
+    }
+
+    /// Takes or renews the ownership of the projection; `false` while another owner holds it.
+    ///
+    /// # Errors
+    /// A failing backend.
+    async fn acquire_ownership(&mut self) -> Result<bool, DeliveryError> {
+        Ok(true)
+    }
+
+    /// The stored checkpoint.
+    ///
+    /// # Errors
+    /// A failing backend.
+    async fn load_checkpoint(&mut self) -> Result<Checkpoint, DeliveryError>;
+
+    /// Opens a unit of work.
+    ///
+    /// # Errors
+    /// A failing backend.
+    async fn begin_unit(&mut self) -> Result<Self::Unit, DeliveryError>;
+
+    /// What handlers write through, in `unit`.
+    fn unit_context<'a>(&'a mut self, unit: &'a mut Self::Unit) -> &'a mut P::Context;
+
+    /// A savepoint operation (only called on transactional backends).
+    ///
+    /// # Errors
+    /// A failing backend.
+    async fn savepoint(
+        &mut self,
+        unit: &mut Self::Unit,
+        op: Savepoint,
+    ) -> Result<(), DeliveryError>;
+
+    /// The streams with dead letters.
+    ///
+    /// # Errors
+    /// A failing backend.
+    async fn blocked_streams(
+        &mut self,
+        unit: &mut Self::Unit,
+    ) -> Result<HashSet<StreamId>, DeliveryError>;
+
+    /// Parks an event as a dead letter.
+    ///
+    /// # Errors
+    /// A failing backend.
+    async fn park_event(
+        &mut self,
+        unit: &mut Self::Unit,
+        parked: Parked<'_>,
+    ) -> Result<(), DeliveryError>;
+
+    /// Moves the checkpoint from exactly `from` to `to` (compare-and-set), renewing the ownership.
+    ///
+    /// # Errors
+    /// [`DeliveryError::LeaseLost`], [`DeliveryError::CheckpointMoved`], a failing backend.
+    async fn advance_checkpoint(
+        &mut self,
+        unit: &mut Self::Unit,
+        from: Checkpoint,
+        to: Checkpoint,
+    ) -> Result<(), DeliveryError>;
+
+    /// Ends `unit`: commits it, or rolls it back.
+    ///
+    /// # Errors
+    /// A failing commit.
+    async fn end_unit(&mut self, unit: Self::Unit, commit: bool) -> Result<(), DeliveryError>;
+
+    /// Renews the ownership while a long batch runs; never completes (the default waits).
+    fn ownership_heartbeat(&self) -> BoxFuture<'static, Infallible> {
+        Box::pin(futures::future::pending())
+    }
+
+    /// Prepares `unit` for a redrive of `stream` (holds the lease, answers requests on it).
+    ///
+    /// # Errors
+    /// [`DeliveryError::LeaseLost`], a failing backend.
+    async fn begin_redrive(
+        &mut self,
+        _unit: &mut Self::Unit,
+        _stream: &StreamId,
+    ) -> Result<(), DeliveryError> {
+        Ok(())
+    }
+
+    /// Up to `limit` dead letters of `stream` after version `after`, in version order.
+    ///
+    /// # Errors
+    /// A failing backend.
+    async fn letters_of(
+        &mut self,
+        unit: &mut Self::Unit,
+        stream: &StreamId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, DeliveryError>;
+
+    /// The event of a dead letter, read again (`Err(reason)` when it cannot be read: it stays
+    /// parked with the reason).
+    ///
+    /// # Errors
+    /// A failing backend.
+    async fn reread_letter(
+        &mut self,
+        unit: &mut Self::Unit,
+        letter: &DeadLetter,
+    ) -> Result<Result<StoredEvent, String>, DeliveryError>;
+
+    /// A dead letter applied: remove it.
+    ///
+    /// # Errors
+    /// A failing backend.
+    async fn resolve_letter(&mut self, unit: &mut Self::Unit, id: i64)
+    -> Result<(), DeliveryError>;
+
+    /// A dead letter failed again: record the new error.
+    ///
+    /// # Errors
+    /// A failing backend.
+    async fn fail_letter_again(
+        &mut self,
+        unit: &mut Self::Unit,
+        id: i64,
+        error: &str,
+    ) -> Result<(), DeliveryError>;
+
+    /// Resets the read model, the checkpoint and the dead letters for a rebuild an operator asked
+    /// for, in `unit`.
+    ///
+    /// # Errors
+    /// [`DeliveryError::Store`] with `InvalidInput` when the backend has no reset.
+    async fn reset_for_rebuild(&mut self, _unit: &mut Self::Unit) -> Result<(), DeliveryError> {
+        Err(StoreError::InvalidInput(format!(
+            "projection `{}` has no reset: rebuilds on request are not available",
+            P::NAME
+        ))
+        .into())
+    }
+
+    /// The operators' pending requests.
+    ///
+    /// # Errors
+    /// A failing backend.
+    async fn pending_requests(&mut self) -> Result<Vec<Request>, DeliveryError> {
+        Ok(Vec::new())
+    }
+
+    /// Records the outcome of a served request.
+    ///
+    /// # Errors
+    /// A failing backend.
+    async fn request_answered(
+        &mut self,
+        _request: &Request,
+        _outcome: Result<(), String>,
+    ) -> Result<(), DeliveryError> {
+        Ok(())
+    }
+
+    /// Whether waiting cannot heal `error` (a missing schema, refused privileges): then `run`
+    /// returns it.
+    fn is_permanent(&self, _error: &DeliveryError) -> bool {
+        false
+    }
+}
+
+/// How many dead letters a redrive reads at a time.
+const REDRIVE_PAGE: usize = 500;
+
+/// The engine: a projection, its backend, and the rules.
+pub struct Engine<P: Projection, B> {
+    projection: P,
+    backend: B,
+    batch: usize,
+    policy: FailurePolicy,
+    metrics: ProjectionMetrics,
+    /// Whether most events read lately were subscribed ones: then the plain ordered read (and
+    /// filtering here) is cheaper than asking the store to filter.
+    dense: bool,
+}
+
+impl<P: Projection, B> std::fmt::Debug for Engine<P, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("projection", &P::NAME)
+            .field("batch", &self.batch)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: Projection, B> Engine<P, B> {
+    /// An engine for `projection` on `backend`, reading `batch` events at a time.
+    pub fn new(projection: P, backend: B, batch: usize) -> Self {
+        Self {
+            projection,
+            backend,
+            batch: batch.max(1),
+            policy: FailurePolicy::default(),
+            metrics: ProjectionMetrics::default(),
+            dense: false,
+        }
+    }
+
+    /// What to do with events the projection keeps failing on.
+    pub fn set_policy(&mut self, policy: FailurePolicy) {
+        self.policy = policy;
+    }
+
+    /// How many events one step reads at most (at least 1).
+    pub fn set_batch(&mut self, batch: usize) {
+        self.batch = batch.max(1);
+    }
+
+    /// The batch size.
+    #[must_use]
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// The failure policy.
+    #[must_use]
+    pub fn policy(&self) -> FailurePolicy {
+        self.policy
+    }
+
+    /// The projection.
+    pub fn projection(&self) -> &P {
+        &self.projection
+    }
+
+    /// The projection, to change it (a reset).
+    pub fn projection_mut(&mut self) -> &mut P {
+        &mut self.projection
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The backend, to change it.
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// The counters.
+    #[must_use]
+    pub fn metrics(&self) -> ProjectionMetrics {
+        self.metrics
+    }
+
+    /// The projection and the backend, both to change (a reset).
+    pub fn parts_mut(&mut self) -> (&mut P, &mut B) {
+        (&mut self.projection, &mut self.backend)
+    }
+
+    /// The engine's parts.
+    pub fn into_parts(self) -> (P, B) {
+        (self.projection, self.backend)
+    }
+}
+
+impl<P, B> Engine<P, B>
+where
+    P: Projection,
+    B: DeliveryBackend<P>,
+{
+    /// Applies the next window after the checkpoint in one unit of work, with the checkpoint
+    /// move. A row the store cannot read as an event is parked (if subscribed) and passed.
+    ///
+    /// # Errors
+    /// [`DeliveryError::LeaseLost`] when the backend does not own the projection (nothing is
+    /// kept), [`DeliveryError::CheckpointMoved`], [`DeliveryError::Store`].
+    pub async fn step(&mut self) -> Result<Step, DeliveryError> {
+        self.backend.check_ownership()?;
+        let from = self.backend.load_checkpoint().await?;
+        let window = read_window(
+            self.backend.event_store().clone(),
+            from,
+            self.batch,
+            self.dense,
+            P::SUBSCRIPTIONS,
+            P::subscribes_to,
+        )
+        .await;
+        match window {
+            Ok(window) => self.apply_window(from, window).await,
+            Err(StoreError::Corrupt(corrupt)) => self.pass_corrupt(from, &corrupt).await,
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Steps until every event committed before the call is applied (or parked); returns how
+    /// many were applied. The next window is read while one is applied.
+    ///
+    /// Readers never pass the oldest transaction still open (that keeps the global order
+    /// gap-free), so right after an append the newest events can be unreadable for a moment:
+    /// `catch_up` takes the head of the log first and waits (polling from 2 ms up to 100 ms)
+    /// until its checkpoint has passed it. Bound it with `tokio::time::timeout` if needed.
+    ///
+    /// # Errors
+    /// As [`Engine::step`].
+    pub async fn catch_up(&mut self) -> Result<usize, DeliveryError> {
+        self.backend.check_ownership()?;
+        let head = self
+            .backend
+            .event_store()
+            .head()
+            .await?
+            .unwrap_or(Checkpoint::START);
+        let mut from = self.backend.load_checkpoint().await?;
+        let mut applied = 0;
+        let mut pause = Duration::from_millis(2);
+        let mut next = self.prefetch(from, self.dense);
+        loop {
+            let window = match next
+                .await
+                .map_err(|e| StoreError::backend(format!("read task: {e}")))?
+            {
+                Ok(window) => window,
+                Err(StoreError::Corrupt(corrupt)) => {
+                    from = self.pass_corrupt(from, &corrupt).await?.checkpoint;
+                    next = self.prefetch(from, self.dense);
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            let last = window.last;
+            if last == from {
+                if from >= head {
+                    return Ok(applied);
+                }
+                // The store holds committed events back for a moment (an older transaction is
+                // still open): wait for them rather than stop short.
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+                next = self.prefetch(from, window.dense);
+                continue;
+            }
+            pause = Duration::from_millis(2);
+            // The next window is read while this one is applied; if this one does not commit,
+            // the prefetched window is dropped.
+            next = self.prefetch(last, window.dense);
+            match self.apply_window(from, window).await {
+                Ok(step) => {
+                    applied += step.applied;
+                    from = last;
+                }
+                Err(DeliveryError::CheckpointMoved { stored, .. }) => {
+                    // An earlier commit went through after all: on from what it stored.
+                    next.abort();
+                    from = stored;
+                    next = self.prefetch(from, self.dense);
+                }
+                Err(error) => {
+                    next.abort();
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    /// Reads the window after `from` on another task.
+    fn prefetch(
+        &self,
+        from: Checkpoint,
+        dense: bool,
+    ) -> tokio::task::JoinHandle<Result<Window, StoreError>> {
+        tokio::spawn(read_window(
+            self.backend.event_store().clone(),
+            from,
+            self.batch,
+            dense,
+            P::SUBSCRIPTIONS,
+            P::subscribes_to,
+        ))
+    }
+
+    /// Applies a window read after `from` and moves the checkpoint to its end.
+    async fn apply_window(
+        &mut self,
+        from: Checkpoint,
+        window: Window,
+    ) -> Result<Step, DeliveryError> {
+        self.dense = window.dense;
+        let (page, last) = (window.events, window.last);
+        if last == from {
+            return Ok(Step {
+                read: 0,
+                applied: 0,
+                parked: 0,
+                checkpoint: from,
+            });
+        }
+        let span = tracing::debug_span!(
+            "cqrs.projection.batch",
+            projection = P::NAME,
+            events = page.len()
+        );
+        let started = std::time::Instant::now();
+        let outcome = async {
+            if B::TRANSACTIONAL {
+                match self.apply_batch(&page, from, last, false).await {
+                    Err(DeliveryError::Projection(error)) => {
+                        tracing::debug!(projection = P::NAME, %error, "a handler failed: running the batch event by event");
+                        self.apply_batch(&page, from, last, true).await
+                    }
+                    done => done,
+                }
+            } else {
+                self.apply_batch(&page, from, last, true).await
+            }
+        }
+        .instrument(span)
+        .await;
+        let mut step = match outcome {
+            Ok(step) => step,
+            Err(error) => {
+                self.metrics.failed_batches += 1;
+                return Err(error);
+            }
+        };
+        // Events scanned but filtered out by the store count as read: the checkpoint moved.
+        step.read = step.read.max(1);
+        self.metrics.record(&step, started.elapsed());
+        Ok(step)
+    }
+
+    /// One attempt at a batch in a unit of its own, with the backend's heartbeat beside it.
+    /// `careful`: each event with a savepoint (transactional backends), retries and parking;
+    /// otherwise any failure ends the attempt (and the unit rolls back whole).
+    async fn apply_batch(
+        &mut self,
+        page: &[StoredEvent],
+        from: Checkpoint,
+        last: Checkpoint,
+        careful: bool,
+    ) -> Result<Step, DeliveryError> {
+        let mut unit = self.backend.begin_unit().await?;
+        let heartbeat = self.backend.ownership_heartbeat();
+        let outcome = tokio::select! {
+            outcome = self.apply_batch_in(&mut unit, page, from, last, careful) => outcome,
+            never = heartbeat => match never {},
+        };
+        self.end(unit, outcome).await
+    }
+
+    /// Ends `unit` by `outcome`: commits an `Ok`, rolls back an `Err` and returns it.
+    async fn end<T>(
+        &mut self,
+        unit: B::Unit,
+        outcome: Result<T, DeliveryError>,
+    ) -> Result<T, DeliveryError> {
+        match outcome {
+            Ok(value) => self.backend.end_unit(unit, true).await.map(|()| value),
+            Err(error) => {
+                // The first error is the one to report.
+                let _ = self.backend.end_unit(unit, false).await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn apply_batch_in(
+        &mut self,
+        unit: &mut B::Unit,
+        page: &[StoredEvent],
+        from: Checkpoint,
+        last: Checkpoint,
+        careful: bool,
+    ) -> Result<Step, DeliveryError> {
+        let mut blocked = match self.policy.mode {
+            FailureMode::BlockStream => self.backend.blocked_streams(unit).await?,
+            FailureMode::Skip => HashSet::new(),
+        };
+        let (mut applied, mut parked) = (0, 0);
+        for event in page.iter().filter(|e| P::subscribes_to(e)) {
+            if blocked.contains(&event.stream) {
+                let waits = Failure {
+                    error: WAITS_BEHIND.to_owned(),
+                    attempts: 0,
+                    first_failed_at: Utc::now(),
+                };
+                self.park(unit, event, &waits).await?;
+                parked += 1;
+                continue;
+            }
+            if !careful {
+                // Any failure rolls this unit back; the caller runs the batch carefully.
+                let context = self.backend.unit_context(unit);
+                self.projection
+                    .apply(event, context)
+                    .instrument(event_span(P::NAME, event))
+                    .await?;
+                applied += 1;
+                continue;
+            }
+            let span = event_span(P::NAME, event);
+            match self
+                .apply_with_retries(unit, event)
+                .instrument(span)
+                .await?
+            {
+                None => applied += 1,
+                Some(failure) => {
+                    tracing::warn!(
+                        projection = P::NAME, stream = %event.stream, version = event.version,
+                        attempts = failure.attempts, error = %failure.error,
+                        "parking the event as a dead letter"
+                    );
+                    self.park(unit, event, &failure).await?;
+                    parked += 1;
+                    if self.policy.mode == FailureMode::BlockStream {
+                        blocked.insert(event.stream.clone());
+                    }
+                }
+            }
+        }
+        // Compare-and-set from the window's start; on any other outcome the unit rolls back.
+        self.backend.advance_checkpoint(unit, from, last).await?;
+        Ok(Step {
+            read: page.len(),
+            applied,
+            parked,
+            checkpoint: last,
+        })
+    }
+
+    async fn park(
+        &mut self,
+        unit: &mut B::Unit,
+        event: &StoredEvent,
+        failure: &Failure,
+    ) -> Result<(), DeliveryError> {
+        self.backend
+            .park_event(
+                unit,
+                Parked {
+                    event_id: event.event_id,
+                    stream: &event.stream,
+                    version: event.version,
+                    failure,
+                },
+            )
+            .await
+    }
+
+    /// Applies one event by the policy's retries (inside a savepoint on a transactional
+    /// backend); `None` when it applied, else how it failed.
+    async fn apply_with_retries(
+        &mut self,
+        unit: &mut B::Unit,
+        event: &StoredEvent,
+    ) -> Result<Option<Failure>, DeliveryError> {
+        let mut retries = self.policy.retries();
+        loop {
+            if B::TRANSACTIONAL {
+                self.backend.savepoint(unit, Savepoint::Set).await?;
+            }
+            let context = self.backend.unit_context(unit);
+            match self.projection.apply(event, context).await {
+                Ok(_) => {
+                    if B::TRANSACTIONAL {
+                        self.backend.savepoint(unit, Savepoint::Release).await?;
+                    }
+                    return Ok(None);
+                }
+                Err(error) => {
+                    if B::TRANSACTIONAL {
+                        self.backend.savepoint(unit, Savepoint::Rollback).await?;
+                    }
+                    if let Some(failure) = retries.failed(&error).await {
+                        return Ok(Some(failure));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Parks a stored row that cannot be read as an event (the first after `from`) as a dead
+    /// letter naming it, if the projection subscribes to its type, and moves the checkpoint past
+    /// it, in one unit: one bad row never stops the projection. Under
+    /// [`FailureMode::BlockStream`] later events of its stream wait behind it, as behind any dead
+    /// letter.
+    async fn pass_corrupt(
+        &mut self,
+        from: Checkpoint,
+        corrupt: &CorruptEvent,
+    ) -> Result<Step, DeliveryError> {
+        let subscribed = P::SUBSCRIPTIONS
+            .iter()
+            .any(|s| s.matches_type(&corrupt.stream.aggregate_type, &corrupt.event_type));
+        let mut unit = self.backend.begin_unit().await?;
+        let outcome = async {
+            if subscribed {
+                tracing::warn!(projection = P::NAME, stream = %corrupt.stream, version = corrupt.version, checkpoint = %corrupt.checkpoint, error = %corrupt, "parking an unreadable stored event as a dead letter");
+                let failure = Failure {
+                    error: corrupt.to_string(),
+                    attempts: 1,
+                    first_failed_at: Utc::now(),
+                };
+                self.backend
+                    .park_event(
+                        &mut unit,
+                        Parked {
+                            event_id: corrupt.event_id,
+                            stream: &corrupt.stream,
+                            version: corrupt.version,
+                            failure: &failure,
+                        },
+                    )
+                    .await?;
+            }
+            self.backend
+                .advance_checkpoint(&mut unit, from, corrupt.checkpoint)
+                .await
+        }
+        .await;
+        self.end(unit, outcome).await?;
+        let step = Step {
+            read: 1,
+            applied: 0,
+            parked: usize::from(subscribed),
+            checkpoint: corrupt.checkpoint,
+        };
+        self.metrics.record(&step, Duration::ZERO);
+        Ok(step)
+    }
+
+    /// Applies the dead letters of `stream` again, in version order, in one unit (a page of
+    /// letters at a time, each event read again from the store): each one that applies is
+    /// removed; the first that fails again stays (with the new error) and so do the ones after
+    /// it.
+    ///
+    /// # Errors
+    /// [`DeliveryError::LeaseLost`], a failing backend.
+    pub async fn retry(&mut self, stream: &StreamId) -> Result<Redrive, DeliveryError> {
+        self.backend.check_ownership()?;
+        let mut unit = self.backend.begin_unit().await?;
+        let outcome = self.retry_in(&mut unit, stream).await;
+        self.end(unit, outcome).await
+    }
+
+    async fn retry_in(
+        &mut self,
+        unit: &mut B::Unit,
+        stream: &StreamId,
+    ) -> Result<Redrive, DeliveryError> {
+        self.backend.begin_redrive(unit, stream).await?;
+        let mut redrive = Redrive::default();
+        let mut after = None;
+        loop {
+            let letters = self
+                .backend
+                .letters_of(unit, stream, after, REDRIVE_PAGE)
+                .await?;
+            let last_page = letters.len() < REDRIVE_PAGE;
+            for letter in letters {
+                after = Some(letter.version);
+                let failure = match self.backend.reread_letter(unit, &letter).await? {
+                    Ok(event) => self.apply_with_retries(unit, &event).await?,
+                    Err(error) => Some(Failure {
+                        error,
+                        attempts: 1,
+                        first_failed_at: letter.first_failed_at,
+                    }),
+                };
+                match failure {
+                    None => {
+                        self.backend.resolve_letter(unit, letter.id).await?;
+                        redrive.applied += 1;
+                    }
+                    Some(failure) => {
+                        self.backend
+                            .fail_letter_again(unit, letter.id, &failure.error)
+                            .await?;
+                        redrive.failed += 1;
+                        return Ok(redrive);
+                    }
+                }
+            }
+            if last_page {
+                return Ok(redrive);
+            }
+        }
+    }
+
+    /// [`Engine::retry`] for every stream with dead letters.
+    ///
+    /// # Errors
+    /// As [`Engine::retry`].
+    pub async fn retry_all(&mut self) -> Result<Redrive, DeliveryError> {
+        self.backend.check_ownership()?;
+        let mut unit = self.backend.begin_unit().await?;
+        let streams = self.backend.blocked_streams(&mut unit).await;
+        self.backend.end_unit(unit, false).await?;
+        let mut total = Redrive::default();
+        for stream in streams? {
+            let done = self.retry(&stream).await?;
+            total.applied += done.applied;
+            total.failed += done.failed;
+        }
+        Ok(total)
+    }
+
+    /// Rebuilds from the first event with the backend's reset (read model, checkpoint and dead
+    /// letters in one unit), then catches up. Writers may keep writing meanwhile: the result
+    /// equals a clean replay.
+    ///
+    /// # Errors
+    /// As [`DeliveryBackend::reset`] and [`Engine::catch_up`].
+    pub async fn rebuild(&mut self) -> Result<usize, DeliveryError> {
+        self.backend.check_ownership()?;
+        let mut unit = self.backend.begin_unit().await?;
+        let outcome = self.backend.reset_for_rebuild(&mut unit).await;
+        self.end(unit, outcome).await?;
+        tracing::info!(projection = P::NAME, "rebuilding from the first event");
+        self.catch_up().await
+    }
+
+    /// Answers the operators' requests (see [`DeliveryBackend::requests`]): a rebuild, then the
+    /// dead letters asked to be retried, stream by stream. Returns whether there was anything to
+    /// do.
+    ///
+    /// # Errors
+    /// [`DeliveryError::LeaseLost`], a failing backend; a failed rebuild is recorded for the
+    /// operator and returned.
+    pub async fn serve_requests(&mut self) -> Result<bool, DeliveryError> {
+        self.backend.check_ownership()?;
+        let requests = self.backend.pending_requests().await?;
+        let served = !requests.is_empty();
+        for request in requests {
+            match &request {
+                Request::Rebuild => {
+                    let outcome = self.rebuild().await.map(|_| ());
+                    if let Err(error) = &outcome {
+                        self.backend
+                            .request_answered(&request, Err(error.to_string()))
+                            .await?;
+                    }
+                    outcome?;
+                }
+                Request::Retry(stream) => {
+                    let redrive = self.retry(stream).await?;
+                    tracing::info!(projection = P::NAME, %stream, applied = redrive.applied, failed = redrive.failed, "dead letters retried on request");
+                }
+            }
+        }
+        Ok(served)
+    }
+
+    /// Keeps the projection up to date until `shutdown` completes: catches up, serves the
+    /// operators' requests, waits for the store's commit signal or `poll` (whichever comes
+    /// first), and again. A shutdown drops the batch in flight: a transactional backend rolls it
+    /// back whole (or finds it committed), never half of it.
+    ///
+    /// Failures that heal are ridden out: a broken connection, a server restarting or
+    /// terminating connections, a timeout are logged (`warn`) and the work is tried again after
+    /// a backoff (50 ms doubling to 5 s, with jitter); each try starts from the stored checkpoint,
+    /// so nothing is applied twice or skipped.
+    ///
+    /// # Errors
+    /// Only what the backend says waiting cannot heal ([`DeliveryBackend::is_permanent`]).
+    pub async fn run(
+        &mut self,
+        poll: Duration,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), DeliveryError> {
+        let mut wakeups = self.backend.event_store().commit_signal();
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        loop {
+            if let Some(signal) = &mut wakeups {
+                signal.borrow_and_update();
+            }
+            let worked = tokio::select! {
+                worked = self.work_once() => worked,
+                () = &mut shutdown => return Ok(()),
+            };
+            let wait = match worked {
+                Ok(()) => {
+                    backoff.reset();
+                    poll
+                }
+                Err(error) if self.backend.is_permanent(&error) => return Err(error),
+                Err(error) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(projection = P::NAME, %error, retry_in = ?wait, "projection failed; trying again");
+                    wait
+                }
+            };
+            let woken = async {
+                match &mut wakeups {
+                    Some(signal) => {
+                        if tokio::time::timeout(wait, signal.changed())
+                            .await
+                            .is_ok_and(|changed| changed.is_err())
+                        {
+                            // The store is gone: no more signals, poll from now on.
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                    None => tokio::time::sleep(wait).await,
+                }
+            };
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                () = woken => {}
+            }
+        }
+    }
+
+    /// One round of [`run`](Self::run): take or renew ownership, step until caught up, serve the
+    /// operators' requests.
+    async fn work_once(&mut self) -> Result<(), DeliveryError> {
+        if !self.backend.acquire_ownership().await? {
+            return Ok(());
+        }
+        loop {
+            match self.step().await {
+                Ok(step) if step.read == 0 => break,
+                Ok(_) | Err(DeliveryError::CheckpointMoved { .. }) => {}
+                Err(DeliveryError::LeaseLost { .. }) => return Ok(()),
+                Err(error) => return Err(error),
+            }
+        }
+        if let Err(error) = self.serve_requests().await {
+            if matches!(error, DeliveryError::Store(StoreError::Backend(_))) {
+                return Err(error);
+            }
+            tracing::warn!(projection = P::NAME, %error, "serving an operator request failed");
+        }
+        Ok(())
+    }
+}
+
+/// The subscribed events among the next `batch` events after `from`.
+///
+/// Where few events are subscribed, the store filters (only those travel, and the checkpoint
+/// still moves past the others); where most are, it is cheaper to read the window as it is and
+/// filter here (the filtering query costs the server a materialized window). `dense` says which;
+/// the result says which to use next, from what this window held: the plain read above half
+/// subscribed, the filtered one below a quarter. Both give the same events.
+///
+/// # Errors
+/// The store's, including [`StoreError::Corrupt`] for a first row it cannot read.
+pub async fn read_window<S: EventStore>(
+    store: S,
+    from: Checkpoint,
+    batch: usize,
+    dense: bool,
+    subscriptions: &'static [Subscription],
+    subscribes_to: fn(&StoredEvent) -> bool,
+) -> Result<Window, StoreError> {
+    if !dense {
+        let (events, last) = store.read_filtered(from, batch, subscriptions).await?;
+        let dense = events.len() * 2 > batch;
+        return Ok(Window {
+            events,
+            last,
+            dense,
+        });
+    }
+    let mut events = store.read_all(from, batch).await?;
+    let last = events.last().map_or(from, |e| e.checkpoint);
+    let scanned = events.len();
+    events.retain(subscribes_to);
+    let dense = events.len() * 4 >= scanned;
+    Ok(Window {
+        events,
+        last,
+        dense,
+    })
+}

@@ -14,6 +14,8 @@ pub mod envelope;
 pub mod event;
 pub mod gateway;
 pub mod projection;
+#[cfg(feature = "conformance")]
+pub mod projection_conformance;
 pub mod query;
 pub mod saga;
 pub mod store;

@@ -128,8 +128,9 @@ pub struct PostgresBackend {
     lease: CheckpointLease,
     /// How to empty the read model, for rebuilds an operator asks for.
     reset: Option<Reset>,
-    /// The reset of the rebuild being run, if given for it.
-    reset_once: Option<ResetOnce>,
+    /// The reset of the rebuild being run, if given for it (in a mutex only so that the backend
+    /// stays `Sync`).
+    reset_once: std::sync::Mutex<Option<ResetOnce>>,
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -376,7 +377,11 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
     }
 
     async fn reset_for_rebuild(&mut self, unit: &mut Tx) -> Result<(), DeliveryError> {
-        let reset_once = self.reset_once.take();
+        let reset_once = self
+            .reset_once
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         if reset_once.is_none() && self.reset.is_none() {
             return Err(StoreError::InvalidInput(format!(
                 "the worker of `{}` ({}) has no reset: build it with ProjectionWorker::with_reset to allow rebuilds",
@@ -493,7 +498,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             lease: CheckpointLease::new(store.clone(), P::NAME, owner, Duration::from_secs(30)),
             store,
             reset: None,
-            reset_once: None,
+            reset_once: std::sync::Mutex::new(None),
         };
         Self {
             engine: Engine::new(projection, backend, 2_000),
@@ -676,9 +681,19 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             + Send
             + 'static,
     {
-        self.engine.backend_mut().reset_once = Some(Box::new(reset));
+        *self
+            .engine
+            .backend_mut()
+            .reset_once
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(reset));
         let rebuilt = self.engine.rebuild().await;
-        self.engine.backend_mut().reset_once = None;
+        self.engine
+            .backend_mut()
+            .reset_once
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         rebuilt
     }
 }

@@ -1,6 +1,7 @@
-//! The in-process `ProjectionRunner` on the in-memory store: live delivery woken by the commit
-//! signal, resumption from a shared checkpoint store, dead letters per stream or skipped, redrive,
-//! purge, rebuild during writes, and a shutdown that never splits state from checkpoint.
+//! The in-process `ProjectionRunner` on the in-memory store, beyond the engine conformance suite
+//! (`projection_conformance_memory.rs`: delivery, resumption, dead letters per stream or skipped,
+//! redrive, rebuild): live delivery woken by the commit signal, purge, rebuild during writes, and a
+//! shutdown that never splits state from checkpoint.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -9,7 +10,7 @@ use std::time::Duration;
 use cqrs_core::prelude::*;
 use cqrs_core::projection::{
     CheckpointStore, FailureMode, FailurePolicy, HandlerError, InMemoryCheckpoints,
-    InMemoryDeadLetters, ProjectionRunner, WAITS_BEHIND,
+    InMemoryDeadLetters, ProjectionRunner,
 };
 use cqrs_core::{Checkpoint, EventData};
 use cqrs_examples::bank::{AccountEvent, Deposit};
@@ -122,89 +123,6 @@ async fn a_live_runner_is_woken_by_commits_not_by_its_poll() {
     );
     assert_eq!(runner.lag().await.unwrap(), 0);
     assert_eq!(runner.metrics().applied, 60);
-}
-
-#[tokio::test]
-async fn a_restarted_runner_resumes_from_its_checkpoint_exactly_once() {
-    let store = InMemoryEventStore::new();
-    let checkpoints = Arc::new(InMemoryCheckpoints::new());
-    let totals = Totals::default();
-    deposit(&store, 1, 40).await;
-    let mut first = ProjectionRunner::new(store.clone(), totals.clone(), ())
-        .with_checkpoints(checkpoints.clone())
-        .with_batch(15);
-    assert_eq!(first.catch_up().await.unwrap(), 40);
-    drop(first);
-
-    deposit(&store, 41, 55).await;
-    let mut second = ProjectionRunner::new(store.clone(), totals.clone(), ())
-        .with_checkpoints(checkpoints)
-        .with_batch(15);
-    assert_eq!(second.catch_up().await.unwrap(), 15, "only the new events");
-    assert_eq!(totals.all(), (sum(55), 55));
-    assert_eq!(second.catch_up().await.unwrap(), 0);
-}
-
-#[tokio::test]
-async fn poison_events_block_their_stream_until_a_redrive() {
-    const M: u64 = 60;
-    let store = InMemoryEventStore::new();
-    deposit(&store, 1, M).await;
-    let totals = Totals {
-        poison: true,
-        ..Totals::default()
-    };
-    let letters = InMemoryDeadLetters::new();
-    let mut runner = ProjectionRunner::new(store.clone(), totals.clone(), ())
-        .with_batch(25)
-        .with_dead_letters(letters.clone())
-        .with_failure_policy(policy(FailureMode::BlockStream));
-    runner.catch_up().await.unwrap();
-
-    let poison: Vec<u64> = (1..=M).filter(|n| n % 13 == 0).collect();
-    let blocked = |n: u64| poison.iter().any(|p| p % 7 == n % 7 && *p <= n);
-    let applied: Vec<u64> = (1..=M).filter(|n| !blocked(*n)).collect();
-    assert_eq!(
-        totals.all(),
-        (applied.iter().sum(), applied.len() as u64),
-        "the other streams went on; nothing after a poison of its stream was applied"
-    );
-    let parked = letters.list("account_totals");
-    assert_eq!(parked.len() as u64, M - applied.len() as u64);
-    let failed: Vec<_> = parked.iter().filter(|l| l.attempts > 0).collect();
-    assert_eq!(
-        failed.len(),
-        poison.len(),
-        "the dead letters are the poisons"
-    );
-    assert!(
-        failed
-            .iter()
-            .all(|l| l.attempts == 3 && l.error.contains("poison deposit"))
-    );
-    assert!(
-        parked
-            .iter()
-            .filter(|l| l.attempts == 0)
-            .all(|l| l.error == WAITS_BEHIND)
-    );
-    assert_eq!(runner.metrics().parked, parked.len() as u64);
-
-    // Still poisoned: the redrive keeps them all, with one more attempt on the first of each stream.
-    let again = runner.retry_all().await;
-    assert_eq!((again.applied, again.failed), (0, poison.len()));
-    assert_eq!(letters.list("account_totals").len(), parked.len());
-
-    // Fixed: the redrive applies each stream's letters in order, and the totals are a clean run's.
-    let (mut fixed, ()) = runner.into_parts();
-    fixed.poison = false;
-    let mut runner = ProjectionRunner::new(store.clone(), fixed, ())
-        .with_dead_letters(letters.clone())
-        .with_failure_policy(policy(FailureMode::BlockStream));
-    let redrive = runner.retry_all().await;
-    assert_eq!((redrive.applied, redrive.failed), (parked.len(), 0));
-    assert_eq!(totals.all(), (sum(M), M));
-    assert!(letters.list("account_totals").is_empty());
 }
 
 #[tokio::test]

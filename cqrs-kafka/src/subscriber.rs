@@ -389,9 +389,15 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
                 return self.dead_letter(message, &malformed.to_string(), 0).await;
             }
         };
-        let mut attempt = 0;
+        // The same retry policy as every projection runtime: tries, backoff with jitter, give up.
+        let mut retries = cqrs_core::projection::FailurePolicy {
+            attempts: self.attempts,
+            backoff: self.backoff,
+            max_backoff: Duration::from_secs(10),
+            mode: cqrs_core::projection::FailureMode::Skip,
+        }
+        .retries();
         loop {
-            attempt += 1;
             let error = match self.handler.handle(&event).await {
                 Ok(Handled::Applied) => {
                     self.metrics.applied += 1;
@@ -407,22 +413,17 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
                 }
                 Err(error) => error,
             };
-            let last = matches!(error, HandleError::Malformed(_)) || attempt >= self.attempts;
-            if last {
+            let malformed = matches!(error, HandleError::Malformed(_));
+            if let Some(failure) = retries.failed_with(&error, malformed).await {
                 tracing::warn!(
                     consumer = %self.group, stream = %event.stream, version = event.version,
-                    attempts = attempt, %error, "dead-lettering the message"
+                    attempts = failure.attempts, %error, "dead-lettering the message"
                 );
-                return self.dead_letter(message, &error.to_string(), attempt).await;
+                return self
+                    .dead_letter(message, &failure.error, failure.attempts)
+                    .await;
             }
             self.metrics.retries += 1;
-            tokio::time::sleep(cqrs_core::Backoff::delay(
-                self.backoff,
-                Duration::from_secs(10),
-                attempt,
-                event.event_id.0.as_u64_pair().1,
-            ))
-            .await;
         }
     }
 

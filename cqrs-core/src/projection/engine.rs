@@ -885,8 +885,9 @@ where
 
     /// Keeps the projection up to date until `shutdown` completes: catches up, serves the
     /// operators' requests, waits for the store's commit signal or `poll` (whichever comes
-    /// first), and again. A shutdown drops the batch in flight: a transactional backend rolls it
-    /// back whole (or finds it committed), never half of it.
+    /// first), and again. On a transactional backend a shutdown drops the batch in flight, which
+    /// rolls back whole (or is found committed), never half of it; on one without rollback (state
+    /// in the process) the batch in flight finishes first, so state and checkpoint never part.
     ///
     /// Failures that heal are ridden out: a broken connection, a server restarting or
     /// terminating connections, a timeout are logged (`warn`) and the work is tried again after
@@ -908,12 +909,22 @@ where
             if let Some(signal) = &mut wakeups {
                 signal.borrow_and_update();
             }
-            let worked = tokio::select! {
-                worked = self.work_once() => worked,
-                () = &mut shutdown => return Ok(()),
+            let worked = if B::TRANSACTIONAL {
+                // A shutdown drops the batch in flight: its unit rolls back whole.
+                tokio::select! {
+                    worked = self.work_once(None::<std::pin::Pin<&mut std::future::Pending<()>>>) => worked,
+                    () = &mut shutdown => return Ok(()),
+                }
+            } else {
+                // In-process state has no rollback: stop only between batches, so state and
+                // checkpoint never part.
+                match self.work_once(Some(shutdown.as_mut())).await {
+                    Ok(true) => return Ok(()),
+                    other => other,
+                }
             };
             let wait = match worked {
-                Ok(()) => {
+                Ok(_) => {
                     backoff.reset();
                     poll
                 }
@@ -946,16 +957,26 @@ where
     }
 
     /// One round of [`run`](Self::run): take or renew ownership, step until caught up, serve the
-    /// operators' requests.
-    async fn work_once(&mut self) -> Result<(), DeliveryError> {
+    /// operators' requests. With `shutdown`, it is checked between steps: `Ok(true)` when it has
+    /// completed.
+    async fn work_once<F: Future<Output = ()>>(
+        &mut self,
+        mut shutdown: Option<std::pin::Pin<&mut F>>,
+    ) -> Result<bool, DeliveryError> {
         if !self.backend.acquire_ownership().await? {
-            return Ok(());
+            return Ok(false);
         }
         loop {
-            match self.step().await {
+            let step = self.step().await;
+            if let Some(shutdown) = shutdown.as_mut()
+                && futures::FutureExt::now_or_never(shutdown.as_mut()).is_some()
+            {
+                return Ok(true);
+            }
+            match step {
                 Ok(step) if step.read == 0 => break,
                 Ok(_) | Err(DeliveryError::CheckpointMoved { .. }) => {}
-                Err(DeliveryError::LeaseLost { .. }) => return Ok(()),
+                Err(DeliveryError::LeaseLost { .. }) => return Ok(false),
                 Err(error) => return Err(error),
             }
         }
@@ -965,7 +986,7 @@ where
             }
             tracing::warn!(projection = P::NAME, %error, "serving an operator request failed");
         }
-        Ok(())
+        Ok(false)
     }
 }
 

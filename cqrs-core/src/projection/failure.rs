@@ -116,9 +116,19 @@ impl Retries {
     /// Records a failed try: `Some(failure)` when the event has had its tries (or cannot succeed:
     /// a payload that does not decode is not retried), else `None` after waiting the backoff.
     pub async fn failed(&mut self, error: &ProjectionError) -> Option<Failure> {
+        let permanent = matches!(error, ProjectionError::Decode(_));
+        self.failed_with(error, permanent).await
+    }
+
+    /// [`Retries::failed`] for any error: `permanent` when trying again cannot help (the
+    /// consumers of brokers say so of a malformed message).
+    pub async fn failed_with(
+        &mut self,
+        error: &(dyn std::fmt::Display + Sync),
+        permanent: bool,
+    ) -> Option<Failure> {
         self.attempts += 1;
         let first = *self.first_failed_at.get_or_insert_with(Utc::now);
-        let permanent = matches!(error, ProjectionError::Decode(_));
         if permanent || self.attempts >= self.policy.attempts.max(1) {
             return Some(Failure {
                 error: error.to_string(),

@@ -585,9 +585,8 @@ where
     /// Keeps the projection up to date until `shutdown` completes, then returns the runner (with
     /// the projection and its state). It catches up, waits for the store's commit signal or `poll`
     /// (whichever comes first), and catches up again; a failing store is retried with a backoff.
-    /// Stop it only between batches (in-process state has no rollback): a shutdown during a batch
-    /// drops the rest of that batch, and the events applied in it are applied again on the next
-    /// run, so handlers of in-process state should be idempotent.
+    /// A shutdown during a batch lets that batch finish: in-process state has no rollback, so the
+    /// runner stops only between batches, with the checkpoint moved.
     ///
     /// # Errors
     /// None today: every failure of an in-process runner is retried.

@@ -186,6 +186,57 @@ async fn every_command_against_a_real_store() {
         )
     );
 
+    // An instance whose state does not read at all (edited by hand) and one whose data no longer
+    // fits: set aside by the next claim, listed as unreadable with the reason, retried, abandoned.
+    let garbage = "01234567-89ab-7def-8123-456789abcd01";
+    sqlx::query(
+        "INSERT INTO t_cli.saga_instances (id, saga, status, state, version, started_at, updated_at) \
+         VALUES ($1::uuid, 'order_fulfillment', 'running', '{\"not\": \"a saga\"}', 1, now() - interval '1 hour', now())",
+    )
+    .bind(garbage)
+    .execute(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query("UPDATE t_cli.saga_instances SET state = jsonb_set(state, '{data,amount_cents}', '\"lots\"') WHERE id = $1")
+        .bind(id.0)
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let services = Services::new(Arc::new(CommandGateway::new(InMemoryEventStore::new())));
+    let ran = Orchestrator::<FulfillmentSaga, _>::new(
+        PostgresSagaStore::new(store.clone()),
+        services,
+        "cli-run",
+    )
+    .run_due(10)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(ran.is_empty(), "{ran:?}");
+    let unreadable = stdout(&cqrs(&["sagas", "list", "--state", "unreadable"]));
+    assert_eq!(unreadable.lines().count(), 2, "{unreadable}");
+    assert!(
+        unreadable.contains(garbage) && unreadable.contains("does not read"),
+        "{unreadable}"
+    );
+    assert!(
+        unreadable.contains(&id.to_string()) && unreadable.contains("does not fit"),
+        "{unreadable}"
+    );
+    assert!(stdout(&cqrs(&["sagas", "retry", &id.to_string()])).contains("due again"));
+    assert!(stdout(&cqrs(&["sagas", "list", "--state", "running"])).contains(&id.to_string()));
+    assert!(stdout(&cqrs(&["sagas", "abandon", garbage])).contains("abandoned"));
+    assert_eq!(
+        failure(&cqrs(&["sagas", "abandon", garbage])).0,
+        1,
+        "ended already"
+    );
+    assert_eq!(
+        failure(&cqrs(&["sagas", "retry", garbage])).0,
+        1,
+        "nothing to retry"
+    );
+    assert!(stdout(&cqrs(&["sagas", "list", "--state", "unreadable"])).is_empty());
+
     // An unreachable database: one line, exit 1, and the password is not in it.
     let (code, line) = failure(&cqrs(&[
         "--database-url",

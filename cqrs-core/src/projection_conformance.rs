@@ -3,34 +3,19 @@
 //! so they cannot drift apart.
 //!
 //! The checks drive a [`LedgerRuntime`]: the backend's runtime of a ledger projection (one entry
-//! per application of a [`LedgerEvent::Credited`], no deduplication, so a double or a missing
-//! application shows) that the implementer writes with `#[derive(Projection)]` for its context.
+//! per application of a credit, no deduplication, so a double or a missing application shows)
+//! that the implementer writes with `#[derive(Projection)]` for its context, over an event enum of
+//! its own with one variant carrying an amount (the suite's events are the implementer's, so that
+//! enabling this feature adds no event type to anyone's build), and a second enum for noise.
 //! [`projection_conformance_tests!`](crate::projection_conformance_tests) turns them into one
 //! `#[tokio::test]` each.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::envelope::{EventData, Metadata, StreamId};
+use crate::envelope::{EventData, StreamId};
 use crate::projection::{DeadLetter, DeliveryError, FailureMode, FailurePolicy, Redrive, Step};
 use crate::store::{EventStore, ExpectedVersion};
-
-/// The events of the suite: credits of a ledger, and noise no ledger listens to.
-#[derive(Debug, Clone, PartialEq, crate::DomainEvent)]
-pub enum LedgerEvent {
-    /// An amount credited.
-    Credited {
-        /// The amount; the suite's poison amounts are multiples of 13.
-        amount: u64,
-    },
-}
-
-/// Events of another type in the same log: a ledger must pass them by.
-#[derive(Debug, Clone, PartialEq, crate::DomainEvent)]
-pub enum NoiseEvent {
-    /// Noise.
-    Noise,
-}
 
 /// Whether the ledger's handler fails on `amount`: while poisoned, on multiples of 13.
 #[must_use]
@@ -46,6 +31,12 @@ pub trait LedgerRuntime: Send + Sized {
 
     /// The store.
     fn store(&self) -> &Self::Store;
+
+    /// The credit of `amount`, as the ledger's event enum encodes it.
+    fn credit(amount: u64) -> EventData;
+
+    /// An event of another enum that the ledger does not listen to.
+    fn noise() -> EventData;
 
     /// A second runtime of the same ledger: the same checkpoint, dead letters and read model (a
     /// restarted process).
@@ -103,23 +94,19 @@ macro_rules! projection_conformance_tests {
 
 /// Appends credits `from..to` over 5 streams (`ledger-0` .. `ledger-4`), with a noise event after
 /// every tenth, one event per append.
-pub async fn append_credits<S: EventStore>(store: &S, from: u64, to: u64) {
+pub async fn append_credits<R: LedgerRuntime>(store: &R::Store, from: u64, to: u64) {
     for amount in from..to {
         let stream = StreamId::new("ledger", format!("ledger-{}", amount % 5));
-        let data = EventData::from_event(&LedgerEvent::Credited { amount }, Metadata::default())
-            .unwrap_or_else(|e| panic!("{e}"));
         store
-            .append(&stream, ExpectedVersion::Any, vec![data])
+            .append(&stream, ExpectedVersion::Any, vec![R::credit(amount)])
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         if amount % 10 == 9 {
-            let noise = EventData::from_event(&NoiseEvent::Noise, Metadata::default())
-                .unwrap_or_else(|e| panic!("{e}"));
             store
                 .append(
                     &StreamId::new("noise", "n"),
                     ExpectedVersion::Any,
-                    vec![noise],
+                    vec![R::noise()],
                 )
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
@@ -171,7 +158,7 @@ fn policy(mode: FailureMode) -> FailurePolicy {
 /// 300 credits among 30 noise events: each credit applied once, each stream in version order,
 /// the noise passed by.
 pub async fn applies_every_subscribed_event_once_in_stream_order<R: LedgerRuntime>(mut runtime: R) {
-    append_credits(runtime.store(), 0, 300).await;
+    append_credits::<R>(runtime.store(), 0, 300).await;
     caught_up(&mut runtime).await;
     assert_eq!(by_stream(&runtime.applications().await), replay(300));
     assert!(runtime.dead_letters().await.is_empty());
@@ -183,7 +170,7 @@ pub async fn applies_every_subscribed_event_once_in_stream_order<R: LedgerRuntim
 /// A few steps, then a second runtime of the same ledger (a restart) goes on from the stored
 /// checkpoint: nothing twice, nothing missed.
 pub async fn a_reopened_runtime_resumes_from_the_checkpoint<R: LedgerRuntime>(mut runtime: R) {
-    append_credits(runtime.store(), 0, 120).await;
+    append_credits::<R>(runtime.store(), 0, 120).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut applied = 0;
     while applied < 50 {
@@ -199,7 +186,7 @@ pub async fn a_reopened_runtime_resumes_from_the_checkpoint<R: LedgerRuntime>(mu
     }
     let mut reopened = runtime.reopen().await;
     drop(runtime);
-    append_credits(reopened.store(), 120, 200).await;
+    append_credits::<R>(reopened.store(), 120, 200).await;
     caught_up(&mut reopened).await;
     assert_eq!(by_stream(&reopened.applications().await), replay(200));
 }
@@ -211,7 +198,7 @@ pub async fn poison_events_block_their_stream_until_a_redrive<R: LedgerRuntime>(
     runtime.set_policy(policy(FailureMode::BlockStream)).await;
     runtime.set_poisoned(true);
     // Credits 0..40: poison 0, 13, 26, 39 (streams 0, 3, 1, 4); stream 2 has none.
-    append_credits(runtime.store(), 0, 40).await;
+    append_credits::<R>(runtime.store(), 0, 40).await;
     caught_up(&mut runtime).await;
     let applied = by_stream(&runtime.applications().await);
     let letters = runtime.dead_letters().await;
@@ -251,7 +238,7 @@ pub async fn poison_events_block_their_stream_until_a_redrive<R: LedgerRuntime>(
     assert_eq!((redrive.applied, redrive.failed), (parked, 0));
     assert!(runtime.dead_letters().await.is_empty());
     // New events of the unblocked streams flow again.
-    append_credits(runtime.store(), 40, 60).await;
+    append_credits::<R>(runtime.store(), 40, 60).await;
     caught_up(&mut runtime).await;
     assert_eq!(by_stream(&runtime.applications().await), replay(60));
 }
@@ -260,7 +247,7 @@ pub async fn poison_events_block_their_stream_until_a_redrive<R: LedgerRuntime>(
 pub async fn skip_mode_parks_only_the_failing_events<R: LedgerRuntime>(mut runtime: R) {
     runtime.set_policy(policy(FailureMode::Skip)).await;
     runtime.set_poisoned(true);
-    append_credits(runtime.store(), 0, 40).await;
+    append_credits::<R>(runtime.store(), 0, 40).await;
     caught_up(&mut runtime).await;
     let applied: Vec<u64> = runtime
         .applications()
@@ -282,9 +269,9 @@ pub async fn skip_mode_parks_only_the_failing_events<R: LedgerRuntime>(mut runti
 /// A rebuild empties the ledger and replays: the result equals a clean replay, also with events
 /// appended after the first catch-up.
 pub async fn a_rebuild_equals_a_clean_replay<R: LedgerRuntime>(mut runtime: R) {
-    append_credits(runtime.store(), 0, 100).await;
+    append_credits::<R>(runtime.store(), 0, 100).await;
     caught_up(&mut runtime).await;
-    append_credits(runtime.store(), 100, 150).await;
+    append_credits::<R>(runtime.store(), 100, 150).await;
     tokio::time::timeout(Duration::from_secs(60), runtime.rebuild())
         .await
         .unwrap_or_else(|_| panic!("rebuild did not finish in 60 s"))

@@ -92,13 +92,14 @@ impl std::fmt::Debug for PostgresEventStore {
 }
 
 impl PostgresEventStore {
-    /// Connects to `url` (a pool of up to 16 connections) and uses the tables in `schema`.
+    /// Connects to `url` (a pool of up to 16 connections, see [`PoolOptions`]) and uses the tables
+    /// in `schema`.
     ///
     /// # Errors
     /// [`StoreError::InvalidInput`] for an invalid schema name, [`StoreError::Backend`] when the
     /// server cannot be reached.
     pub async fn connect(url: &str, schema: &str) -> Result<Self, StoreError> {
-        Self::connect_within(url, schema, Duration::from_secs(60)).await
+        Self::connect_with(url, schema, PoolOptions::default()).await
     }
 
     /// As [`PostgresEventStore::connect`], giving up on a connection after `timeout` (a command
@@ -111,9 +112,35 @@ impl PostgresEventStore {
         schema: &str,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
+        Self::connect_with(
+            url,
+            schema,
+            PoolOptions {
+                acquire_timeout: timeout,
+                ..PoolOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// As [`PostgresEventStore::connect`], with the pool sized by `options`.
+    ///
+    /// # Errors
+    /// As [`PostgresEventStore::connect`]; [`StoreError::InvalidInput`] for a pool of 0.
+    pub async fn connect_with(
+        url: &str,
+        schema: &str,
+        options: PoolOptions,
+    ) -> Result<Self, StoreError> {
+        if options.max_connections == 0 {
+            return Err(StoreError::InvalidInput(
+                "a pool of 0 connections can run nothing: max_connections must be at least 1"
+                    .into(),
+            ));
+        }
         let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(timeout)
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout.min(cqrs_core::backoff::MAX_WAIT))
             .connect(url)
             .await
             .map_err(|e| StoreError::backend(ConnectError(url_without_password(url), e)))?;
@@ -1113,6 +1140,34 @@ impl SnapshotStore for PostgresEventStore {
             .await
             .map_err(backend)?;
         Ok(())
+    }
+}
+
+/// How the store's connection pool is sized ([`PostgresEventStore::connect_with`]).
+///
+/// What takes a connection, and for how long: each append or load one, for its statement (or its
+/// transaction); a running `ProjectionWorker` one for each batch's transaction and one for the
+/// next window it reads meanwhile; an `OutboxRelay` one or two for its reads and one for its
+/// checkpoint; a saga orchestrator one per store call. Commit wake-ups take none: a store has one
+/// listening connection of its own, outside the pool, whatever listens on it. So size the pool as
+/// the concurrent appends you want to run at once, plus two per worker and three per relay of the
+/// process, and keep the sum over all processes below the server's `max_connections`. Appends
+/// that find the pool busy wait up to `acquire_timeout`, then fail with a backend error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolOptions {
+    /// The most connections the pool opens (at least 1). Default 16.
+    pub max_connections: u32,
+    /// How long a caller waits for a free connection (or for the server to come up) before an
+    /// error. Default 60 s; clamped to a day.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(60),
+        }
     }
 }
 

@@ -260,7 +260,7 @@ impl SagaStore for PostgresSagaStore {
     async fn retry(&self, id: SagaId) -> Result<bool, SagaError> {
         // An unreadable instance goes back to the status its state holds (running when even that
         // does not read: the next claim sets it aside again, with the reason, if it still fails).
-        let row: Option<(bool,)> = sqlx::query_as(AssertSqlSafe(format!(
+        self.update_one(id, format!(
             "UPDATE {} SET \
                status = CASE WHEN status <> 'unreadable' THEN status \
                              WHEN state->>'status' IN ('running', 'compensating', 'failed') THEN state->>'status' \
@@ -269,33 +269,22 @@ impl SagaStore for PostgresSagaStore {
              WHERE id = $1 AND status IN ('unreadable', 'failed') \
              RETURNING true",
             self.table()
-        )))
-        .bind(id.0)
-        .fetch_optional(self.store.pool())
+        ))
         .await
-        .map_err(backend)?;
-        if row.is_some() {
-            return Ok(true);
-        }
-        self.exists(id).await.map(|()| false)
     }
 
     async fn abandon(&self, id: SagaId) -> Result<bool, SagaError> {
-        let row: Option<(bool,)> = sqlx::query_as(AssertSqlSafe(format!(
-            "UPDATE {} SET status = 'abandoned', lease_owner = NULL, lease_until = NULL, \
+        self.update_one(
+            id,
+            format!(
+                "UPDATE {} SET status = 'abandoned', lease_owner = NULL, lease_until = NULL, \
                            version = version + 1, updated_at = now() \
              WHERE id = $1 AND status NOT IN ('completed', 'compensated', 'abandoned') \
              RETURNING true",
-            self.table()
-        )))
-        .bind(id.0)
-        .fetch_optional(self.store.pool())
+                self.table()
+            ),
+        )
         .await
-        .map_err(backend)?;
-        if row.is_some() {
-            return Ok(true);
-        }
-        self.exists(id).await.map(|()| false)
     }
 
     async fn quarantined(&self, saga: Option<&str>) -> Result<Vec<Quarantined>, SagaError> {
@@ -347,6 +336,21 @@ impl SagaStore for PostgresSagaStore {
 }
 
 impl PostgresSagaStore {
+    /// Runs `sql` (an `UPDATE .. WHERE id = $1 AND <condition> RETURNING true`) on instance `id`:
+    /// `true` when it changed it, `false` when the condition did not hold, [`SagaError::NotFound`]
+    /// when there is no such instance.
+    async fn update_one(&self, id: SagaId, sql: String) -> Result<bool, SagaError> {
+        let row: Option<(bool,)> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(id.0)
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(backend)?;
+        if row.is_some() {
+            return Ok(true);
+        }
+        self.exists(id).await.map(|()| false)
+    }
+
     /// `Ok` when instance `id` exists, else [`SagaError::NotFound`].
     async fn exists(&self, id: SagaId) -> Result<(), SagaError> {
         let found: Option<(i32,)> = sqlx::query_as(AssertSqlSafe(format!(

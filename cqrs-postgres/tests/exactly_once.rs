@@ -303,16 +303,25 @@ async fn run_rides_out_terminated_connections() {
 async fn listeners_and_workers_never_starve_appends_of_connections() {
     let base = setup("crowded", 10).await;
     let url = cqrs_postgres::database_url();
-    let small = PostgresEventStore::new(
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(&url)
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-        base.schema(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let pool = cqrs_postgres::PoolOptions {
+        max_connections: 8,
+        acquire_timeout: Duration::from_secs(5),
+    };
+    let small = PostgresEventStore::connect_with(&url, base.schema(), pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(
+        PostgresEventStore::connect_with(
+            &url,
+            base.schema(),
+            cqrs_postgres::PoolOptions {
+                max_connections: 0,
+                ..pool
+            }
+        )
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
     let mut listeners = Vec::new();
     for _ in 0..32 {
         listeners.push(small.listen().await.unwrap_or_else(|e| panic!("{e}")));

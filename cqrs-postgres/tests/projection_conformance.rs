@@ -12,10 +12,22 @@ use cqrs_core::prelude::*;
 use cqrs_core::projection::{
     DeadLetter, DeliveryError, FailurePolicy, HandlerError, Redrive, Step,
 };
-use cqrs_core::projection_conformance::{LedgerEvent, LedgerRuntime, is_poison};
+use cqrs_core::projection_conformance::{LedgerRuntime, is_poison};
 use cqrs_postgres::PostgresEventStore;
 use cqrs_postgres::projection::{DeadLetters, ProjectionWorker};
 use sqlx::{AssertSqlSafe, PgConnection};
+
+/// The suite's credits.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+enum LedgerEvent {
+    Credited { amount: u64 },
+}
+
+/// Events the ledger does not listen to.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+enum NoiseEvent {
+    Noise,
+}
 
 /// The ledger in a table: one row per application, in application order.
 #[derive(Clone, Projection)]
@@ -106,6 +118,16 @@ impl LedgerRuntime for PostgresLedger {
 
     fn store(&self) -> &PostgresEventStore {
         &self.store
+    }
+
+    fn credit(amount: u64) -> cqrs_core::EventData {
+        cqrs_core::EventData::from_event(&LedgerEvent::Credited { amount }, Metadata::default())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn noise() -> cqrs_core::EventData {
+        cqrs_core::EventData::from_event(&NoiseEvent::Noise, Metadata::default())
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     async fn reopen(&self) -> Self {

@@ -303,6 +303,28 @@ started_sagas!(
     Trial = "trial",
 );
 
+/// A stored `SignedUp` event with id `event_id` as the first event of `signup/<id>`.
+fn signed_up(event_id: EventId, id: &str) -> StoredEvent {
+    let data = EventData::from_event(
+        &Signup::SignedUp {
+            email: format!("{id}@example.org"),
+        },
+        Metadata::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    StoredEvent {
+        event_id,
+        stream: StreamId::new("signup", id),
+        version: 1,
+        checkpoint: Checkpoint::new(1, 1),
+        recorded_at: chrono::Utc::now(),
+        event_type: data.event_type,
+        schema_version: data.schema_version,
+        payload: data.payload,
+        metadata: data.metadata,
+    }
+}
+
 /// Delivers `event` to the starter of saga `S` three times.
 async fn deliver<S, St>(store: &St, event: &StoredEvent)
 where
@@ -319,24 +341,7 @@ where
 }
 
 async fn one_instance_per_saga_and_event<St: SagaStore + Clone>(store: St) {
-    let data = EventData::from_event(
-        &Signup::SignedUp {
-            email: "a@example.org".into(),
-        },
-        Metadata::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let event = StoredEvent {
-        event_id: EventId::new(),
-        stream: StreamId::new("signup", "s1"),
-        version: 1,
-        checkpoint: Checkpoint::new(1, 1),
-        recorded_at: chrono::Utc::now(),
-        event_type: data.event_type,
-        schema_version: data.schema_version,
-        payload: data.payload,
-        metadata: data.metadata,
-    };
+    let event = signed_up(EventId::new(), "s1");
     // Two sagas first, then all five.
     deliver::<Welcome, _>(&store, &event).await;
     deliver::<Verify, _>(&store, &event).await;
@@ -408,24 +413,7 @@ async fn an_instance_started_before_the_migration_is_not_started_again() {
     .execute(events.pool())
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let data = EventData::from_event(
-        &Signup::SignedUp {
-            email: "b@example.org".into(),
-        },
-        Metadata::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let event = StoredEvent {
-        event_id,
-        stream: StreamId::new("signup", "s2"),
-        version: 1,
-        checkpoint: Checkpoint::new(1, 1),
-        recorded_at: chrono::Utc::now(),
-        event_type: data.event_type,
-        schema_version: data.schema_version,
-        payload: data.payload,
-        metadata: data.metadata,
-    };
+    let event = signed_up(event_id, "s2");
     deliver::<Welcome, _>(&store, &event).await;
     deliver::<Verify, _>(&store, &event).await;
     assert_eq!(

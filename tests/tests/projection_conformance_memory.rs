@@ -8,7 +8,19 @@ use cqrs_core::projection::{
     DeadLetter, DeliveryError, FailurePolicy, HandlerError, InMemoryCheckpoints,
     InMemoryDeadLetters, ProjectionRunner, Redrive, Step,
 };
-use cqrs_core::projection_conformance::{LedgerEvent, LedgerRuntime, is_poison};
+use cqrs_core::projection_conformance::{LedgerRuntime, is_poison};
+
+/// The suite's credits.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+enum LedgerEvent {
+    Credited { amount: u64 },
+}
+
+/// Events the ledger does not listen to.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+enum NoiseEvent {
+    Noise,
+}
 
 /// The ledger, in the process: one entry per application.
 #[derive(Clone, Default, Projection)]
@@ -82,6 +94,16 @@ impl LedgerRuntime for MemoryLedger {
 
     fn store(&self) -> &InMemoryEventStore {
         &self.store
+    }
+
+    fn credit(amount: u64) -> cqrs_core::EventData {
+        cqrs_core::EventData::from_event(&LedgerEvent::Credited { amount }, Metadata::default())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn noise() -> cqrs_core::EventData {
+        cqrs_core::EventData::from_event(&NoiseEvent::Noise, Metadata::default())
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     async fn reopen(&self) -> Self {

@@ -502,6 +502,18 @@ struct Entry {
     quarantined: Option<(String, DateTime<Utc>)>,
 }
 
+impl Entry {
+    /// Whether `owner` holds a live lease on the instance under `epoch`.
+    fn held_by(&self, owner: &str, epoch: u64) -> bool {
+        let now = Utc::now();
+        self.epoch == epoch
+            && self
+                .lease
+                .as_ref()
+                .is_some_and(|(holder, until)| holder == owner && *until >= now)
+    }
+}
+
 impl InMemorySagaStore {
     /// No instances yet.
     #[must_use]
@@ -552,20 +564,14 @@ impl SagaStore for InMemorySagaStore {
         let Some(entry) = inner.get_mut(&state.id) else {
             return Err(SagaError::NotFound(state.id));
         };
-        if let Some(owner) = fence {
-            let now = Utc::now();
-            let holds = entry.epoch == state.lease_epoch
-                && entry
-                    .lease
-                    .as_ref()
-                    .is_some_and(|(holder, until)| holder == owner && *until >= now);
-            if !holds {
-                return Err(SagaError::LeaseLost {
-                    id: state.id,
-                    owner: owner.to_owned(),
-                    epoch: state.lease_epoch,
-                });
-            }
+        if let Some(owner) = fence
+            && !entry.held_by(owner, state.lease_epoch)
+        {
+            return Err(SagaError::LeaseLost {
+                id: state.id,
+                owner: owner.to_owned(),
+                epoch: state.lease_epoch,
+            });
         }
         if entry.state.version + 1 != state.version {
             return Err(SagaError::Conflict {
@@ -585,16 +591,11 @@ impl SagaStore for InMemorySagaStore {
         epoch: u64,
         lease: Duration,
     ) -> Result<bool, SagaError> {
-        let now = Utc::now();
         let mut inner = self.lock();
         let Some(entry) = inner.get_mut(&id) else {
             return Ok(false);
         };
-        let holds = entry.epoch == epoch
-            && entry
-                .lease
-                .as_ref()
-                .is_some_and(|(holder, until)| holder == owner && *until >= now);
+        let holds = entry.held_by(owner, epoch);
         if holds {
             entry.lease = Some((owner.to_owned(), lease_end(lease)));
         }

@@ -166,7 +166,12 @@ async fn steps_cut_at_random_points_and_retried_at_once_apply_each_event_once() 
                 .map(|r| r.map(|s| s.read))
         };
         match outcome {
-            Err(_) => cuts += 1,
+            // Cut: step again at once, before anything else (a pause would let an in-doubt
+            // COMMIT finish before the next step reads the checkpoint, hiding the race).
+            Err(_) => {
+                cuts += 1;
+                continue;
+            }
             Ok(Ok(_)) => {}
             Ok(Err(WorkerError::CheckpointMoved { .. })) => moved += 1,
             Ok(Err(WorkerError::LeaseLost { .. })) => {

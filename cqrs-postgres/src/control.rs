@@ -4,7 +4,7 @@
 //! command line) does not run them: it records a request on the projection's row (or on the dead
 //! letters) and wakes the workers with a `NOTIFY`; the [`ProjectionWorker`] that owns the projection
 //! answers it on its next wake-up, under its lease, exactly as its own
-//! [`rebuild`](ProjectionWorker::rebuild) and [`retry`](ProjectionWorker::retry) would, and
+//! [`rebuild`](crate::projection::ProjectionWorker::rebuild) and [`retry`](crate::projection::ProjectionWorker::retry) would, and
 //! records the outcome, which the operator reads back.
 //!
 //! [`ProjectionWorker`]: crate::projection::ProjectionWorker

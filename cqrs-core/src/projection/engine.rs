@@ -842,7 +842,7 @@ where
     /// equals a clean replay.
     ///
     /// # Errors
-    /// As [`DeliveryBackend::reset`] and [`Engine::catch_up`].
+    /// As [`DeliveryBackend::reset_for_rebuild`] and [`Engine::catch_up`].
     pub async fn rebuild(&mut self) -> Result<usize, DeliveryError> {
         self.backend.check_ownership()?;
         let mut unit = self.backend.begin_unit().await?;
@@ -852,7 +852,7 @@ where
         self.catch_up().await
     }
 
-    /// Answers the operators' requests (see [`DeliveryBackend::requests`]): a rebuild, then the
+    /// Answers the operators' requests (see [`DeliveryBackend::pending_requests`]): a rebuild, then the
     /// dead letters asked to be retried, stream by stream. Returns whether there was anything to
     /// do.
     ///

@@ -355,8 +355,9 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
     /// skipped, or dead-lettered; then its offset is stored for the next commit.
     ///
     /// # Errors
-    /// [`KafkaError::Kafka`] when receiving fails or the dead-letter topic cannot be written
-    /// (the offset is then not stored: the message comes again).
+    /// [`KafkaError::Kafka`] when receiving fails or the dead-letter topic cannot be written: the
+    /// offset is then not stored and the partition is moved back to the message, so the next
+    /// poll gets the same message again (nothing after it is handled, or committed, before it).
     pub async fn poll(&mut self) -> Result<(), KafkaError> {
         let consumer = Arc::clone(&self.consumer);
         let message = consumer
@@ -371,7 +372,25 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
             partition = message.partition(),
             offset = message.offset(),
         );
-        self.process(&message).instrument(span).await?;
+        if let Err(error) = self.process(&message).instrument(span).await {
+            // Not handled and not dead-lettered (the dead-letter topic missing or unreachable):
+            // its offset is not stored, and the partition goes back to it, so the next poll gets
+            // this message again instead of the one after it, whose stored offset would commit
+            // past it.
+            if let Err(seek) = consumer.seek(
+                message.topic(),
+                message.partition(),
+                rdkafka::Offset::Offset(message.offset()),
+                Duration::from_secs(10),
+            ) {
+                tracing::warn!(consumer = %self.group, topic = message.topic(), partition = message.partition(), offset = message.offset(), error = %seek, "cannot go back to a message that failed; it is not committed, and the consumer restarts from it");
+                return Err(KafkaError::Kafka {
+                    operation: "seek back to a failed message",
+                    source: seek,
+                });
+            }
+            return Err(error);
+        }
         consumer
             .store_offset_from_message(&message)
             .map_err(KafkaError::kafka("store offset"))

@@ -1029,6 +1029,112 @@ async fn poison_and_malformed_messages_go_to_the_dead_letter_topic_and_the_rest_
     assert!(poisoned.iter().all(|l| l.2 == "3"), "{letters:?}");
 }
 
+/// A consumer whose dead-lettering fails (the dead-letter topic is managed elsewhere and missing)
+/// stays on the message it could not park: every poll gets it again, nothing after it is handled
+/// or committed, and once the topic exists it is parked and the rest flows. (Before: the next poll
+/// handled the message after it, whose stored offset then committed past the failed one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_dead_lettering_fails_is_never_skipped() {
+    let store = pg::fresh_store("k_dlq_fails").await;
+    effects_table(&store).await;
+    let (map, topic) = account_topics("dlqfails", 1);
+    let config = KafkaConfig::new(brokers())
+        .set("topic.metadata.propagation.max.ms", "200")
+        .set("message.timeout.ms", "3000");
+    let mut relay = OutboxRelay::new(store.clone(), config.clone(), "relay")
+        .and_then(|r| r.with_topics(map))
+        .unwrap_or_else(|e| panic!("{e}"));
+    relay
+        .create_topics(&["account"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A malformed message first in the partition, then 20 good events.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap_or_else(|e| panic!("{e}"));
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key("junk")
+                .payload(&b"{not json"[..]),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_or_else(|(e, _)| panic!("{e}"));
+    deposit(&store, 1, 20, 3).await;
+    drain(&mut relay, &store).await;
+
+    let handler = Transactional::new(
+        store.clone(),
+        DepositEffects {
+            schema: store.schema().to_owned(),
+            poison: false,
+        },
+    );
+    let mut subscriber =
+        KafkaSubscriber::new(&config, unique("dlqfails"), &[topic.as_str()], handler)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_dlq_topic_creation(false)
+            .with_retries(1, Duration::from_millis(1));
+    let mut failed = 0;
+    for _ in 0..4 {
+        match tokio::time::timeout(Duration::from_secs(30), subscriber.poll()).await {
+            Ok(Err(_)) => failed += 1,
+            Ok(Ok(())) => panic!("a poll succeeded: it moved past the message it could not park"),
+            Err(_) => panic!("poll hung"),
+        }
+        assert_eq!(
+            effects(&store).await.0,
+            0,
+            "a message after the failed one was handled"
+        );
+    }
+    let metrics = subscriber.metrics();
+    assert_eq!((failed, metrics.received, metrics.dead_lettered), (4, 4, 0));
+    subscriber.commit().unwrap_or_else(|e| panic!("{e}"));
+
+    // The dead-letter topic is made elsewhere: the message is parked and the rest flows.
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()
+            .unwrap_or_else(|e| panic!("{e}"));
+    let dlq = format!("{topic}.dlq");
+    admin
+        .create_topics(
+            &[rdkafka::admin::NewTopic::new(
+                &dlq,
+                1,
+                rdkafka::admin::TopicReplication::Fixed(1),
+            )],
+            &rdkafka::admin::AdminOptions::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while effects(&store).await.0 < 20 {
+        assert!(Instant::now() < deadline, "{:?}", subscriber.metrics());
+        let _ = tokio::time::timeout(Duration::from_secs(30), subscriber.poll()).await;
+    }
+    let metrics = subscriber.metrics();
+    assert_eq!(
+        (metrics.applied, metrics.dead_lettered),
+        (20, 1),
+        "{metrics:?}"
+    );
+    assert_eq!(effects(&store).await, (20, 20, 0));
+    let consumer = reader(&brokers(), std::slice::from_ref(&dlq));
+    let letter = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+        .await
+        .unwrap_or_else(|_| panic!("nothing in {dlq}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(letter.payload(), Some(&b"{not json"[..]));
+    eprintln!(
+        "4 polls failed on the unparkable message with nothing after it handled; then 1 parked, 20 applied"
+    );
+}
+
 // On librdkafka's in-process mock cluster: broker responses no real broker gives on demand.
 
 type Mock = rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;

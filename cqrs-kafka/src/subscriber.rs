@@ -55,15 +55,68 @@ pub enum HandleError {
     /// The handler failed (retried with a backoff, then dead-lettered).
     #[error("{0}")]
     Failed(String),
+    /// What the handler needs is down (the database unreachable, its connections terminated, the
+    /// pool exhausted): not the message's fault, so it is not dead-lettered however long it
+    /// lasts. The subscriber waits (backoff up to 10 s) and tries the same message again, and
+    /// nothing after it is handled meanwhile, so an outage never reorders an aggregate's events.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl From<ProjectionError> for HandleError {
     fn from(error: ProjectionError) -> Self {
         match error {
             ProjectionError::Decode(e) => Self::Malformed(e.to_string()),
+            ProjectionError::Handler { ref source, .. } if is_outage(&**source) => {
+                Self::Unavailable(error.to_string())
+            }
             e @ ProjectionError::Handler { .. } => Self::Failed(e.to_string()),
         }
     }
+}
+
+impl HandleError {
+    /// A database error as a handler error: [`HandleError::Unavailable`] when the database is
+    /// unreachable or dropped the connection, else [`HandleError::Failed`].
+    #[must_use]
+    pub fn from_database(error: &sqlx::Error) -> Self {
+        if is_outage(error) {
+            Self::Unavailable(error.to_string())
+        } else {
+            Self::Failed(error.to_string())
+        }
+    }
+}
+
+/// Whether `error` (or an error it wraps) says the database is out of reach rather than that
+/// this event cannot be applied: a broken or refused connection, an exhausted or closed pool, a
+/// server shutting down or terminating connections, too many connections.
+#[must_use]
+pub fn is_outage(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if let Some(sqlx) = error.downcast_ref::<sqlx::Error>() {
+            return match sqlx {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                // connection_exception (08xxx), admin/crash shutdown, cannot connect now,
+                // too many connections.
+                sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                    code.starts_with("08")
+                        || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+                }),
+                _ => false,
+            };
+        }
+        if error.downcast_ref::<std::io::Error>().is_some() {
+            return true;
+        }
+        next = error.source();
+    }
+    false
 }
 
 /// Applies events read from Kafka.
@@ -117,7 +170,12 @@ impl<P: Projection<Context = PgConnection>> Transactional<P> {
             .inbox
             .claim(tx, P::NAME, event.event_id)
             .await
-            .map_err(|e| HandleError::Failed(e.to_string()))?
+            .map_err(|e| match e {
+                cqrs_core::StoreError::Backend(source) if is_outage(&*source) => {
+                    HandleError::Unavailable(source.to_string())
+                }
+                other => HandleError::Failed(other.to_string()),
+            })?
         {
             return Ok(Handled::Duplicate);
         }
@@ -139,7 +197,7 @@ where
         if !P::subscribes_to(event) {
             return unknown_type::<P>(event);
         }
-        let failed = |e: sqlx::Error| HandleError::Failed(e.to_string());
+        let failed = |e: sqlx::Error| HandleError::from_database(&e);
         let mut tx = Transaction::begin(self.store.pool())
             .await
             .map_err(failed)?;
@@ -416,6 +474,7 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
             mode: cqrs_core::projection::FailureMode::Skip,
         }
         .retries();
+        let mut outage = cqrs_core::Backoff::new(self.backoff, Duration::from_secs(10));
         loop {
             let error = match self.handler.handle(&event).await {
                 Ok(Handled::Applied) => {
@@ -432,6 +491,15 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
                 }
                 Err(error) => error,
             };
+            if let HandleError::Unavailable(reason) = &error {
+                // Not the message's fault: wait and try it again, without spending its tries.
+                let wait = outage.next_delay();
+                tracing::warn!(consumer = %self.group, stream = %event.stream, version = event.version, %reason, retry_in = ?wait, "the handler's database is unavailable; waiting");
+                self.metrics.retries += 1;
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            outage.reset();
             let malformed = matches!(error, HandleError::Malformed(_));
             if let Some(failure) = retries.failed_with(&error, malformed).await {
                 tracing::warn!(

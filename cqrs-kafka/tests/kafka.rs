@@ -1135,6 +1135,104 @@ async fn a_message_whose_dead_lettering_fails_is_never_skipped() {
     );
 }
 
+/// A handler whose database is down for its first `down_for` calls.
+struct Outage<H> {
+    inner: H,
+    down_for: u32,
+}
+
+#[async_trait::async_trait]
+impl<H: cqrs_kafka::MessageHandler> cqrs_kafka::MessageHandler for Outage<H> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    async fn handle(
+        &mut self,
+        event: &cqrs_core::StoredEvent,
+    ) -> Result<cqrs_kafka::Handled, cqrs_kafka::HandleError> {
+        if self.down_for > 0 {
+            self.down_for -= 1;
+            return Err(cqrs_kafka::HandleError::Unavailable(
+                "the database is down".into(),
+            ));
+        }
+        self.inner.handle(event).await
+    }
+}
+
+/// A database outage longer than a message's tries dead-letters nothing: the subscriber waits on
+/// the message it is at and goes on after the outage, in order. A real unreachable database is
+/// classified as such (a closed pool, a refused connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_longer_than_the_retries_dead_letters_nothing() {
+    let store = pg::fresh_store("k_outage").await;
+    effects_table(&store).await;
+    deposit(&store, 1, 20, 3).await;
+    let (map, topic) = account_topics("outage", 1);
+    let config = KafkaConfig::new(brokers());
+    let mut relay = OutboxRelay::new(store.clone(), config.clone(), "relay")
+        .and_then(|r| r.with_topics(map))
+        .unwrap_or_else(|e| panic!("{e}"));
+    drain(&mut relay, &store).await;
+    let handler = Outage {
+        inner: Transactional::new(
+            store.clone(),
+            DepositEffects {
+                schema: store.schema().to_owned(),
+                poison: false,
+            },
+        ),
+        down_for: 12,
+    };
+    let mut subscriber =
+        KafkaSubscriber::new(&config, unique("outage"), &[topic.as_str()], handler)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_retries(3, Duration::from_millis(1));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while subscriber.metrics().applied < 20 {
+        assert!(Instant::now() < deadline, "{:?}", subscriber.metrics());
+        subscriber.poll().await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let metrics = subscriber.metrics();
+    assert_eq!(
+        (metrics.dead_lettered, metrics.received, metrics.retries),
+        (0, 20, 12),
+        "{metrics:?}"
+    );
+    // In order: the effects were written in the order of the events.
+    let amounts: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT amount FROM \"{}\".effects ORDER BY ctid",
+        store.schema()
+    )))
+    .fetch_all(store.pool())
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(amounts, (1..=20).collect::<Vec<i64>>());
+
+    // The real thing: a pool that can reach no server is an outage, not a failed event.
+    let stored = all_events(&store).await;
+    let unreachable = PostgresEventStore::new(
+        sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(Duration::from_millis(300))
+            .connect_lazy("postgres://postgres@127.0.0.1:1/nothing")
+            .unwrap_or_else(|e| panic!("{e}")),
+        store.schema(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut down = Transactional::new(
+        unreachable,
+        DepositEffects {
+            schema: store.schema().to_owned(),
+            poison: false,
+        },
+    );
+    assert!(matches!(
+        cqrs_kafka::MessageHandler::handle(&mut down, &stored[0]).await,
+        Err(cqrs_kafka::HandleError::Unavailable(_))
+    ));
+}
+
 // On librdkafka's in-process mock cluster: broker responses no real broker gives on demand.
 
 type Mock = rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;

@@ -105,8 +105,19 @@ struct Prefetch {
 /// events' payloads and metadata are dropped where they were read.
 struct Page {
     chunks: Vec<Chunk>,
-    /// The event the serializer refused, after those above (nothing after it is sent).
-    refused: Option<crate::SerializeError>,
+    /// Why the page stops after the events above (nothing after it is sent): an event the
+    /// serializer refused, or a stored row that cannot be read as an event.
+    refused: Option<KafkaError>,
+}
+
+/// Whether `error` stops [`OutboxRelay::run`]: an event the serializer refuses, or a stored row
+/// that cannot be read as an event. Nothing after either may be published before it, and waiting
+/// does not change it: fix the row (or the serializer) and start the relay again.
+fn stops(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::Serialize(_) | KafkaError::Store(cqrs_core::StoreError::Corrupt(_))
+    )
 }
 
 /// Per event only what the relay needs once its message is queued, the values back to back in
@@ -159,10 +170,16 @@ async fn load(
             second.abort();
             return Ok(page);
         }
-        let second = second
+        match second
             .await
-            .map_err(|e| cqrs_core::StoreError::backend(format!("relay read task: {e}")))??;
-        page.append(second);
+            .map_err(|e| cqrs_core::StoreError::backend(format!("relay read task: {e}")))?
+        {
+            Ok(second) => page.append(second),
+            // A row of the second half cannot be read: the first half alone; the next page
+            // reads up to that row and then stops at it.
+            Err(cqrs_core::StoreError::Corrupt(_)) => {}
+            Err(error) => return Err(error),
+        }
         return Ok(page);
     }
     load_part(store, serializer, from, batch).await
@@ -218,7 +235,7 @@ async fn load_part(
                 chunk.headers.reserve(expected);
             }
             if let Err(error) = serializer.serialize_raw_into(&event, &mut chunk.values) {
-                refused = Some(error);
+                refused = Some(KafkaError::Serialize(error));
                 return ControlFlow::Break(());
             }
             chunk.ends.push(chunk.values.len());
@@ -668,7 +685,15 @@ impl OutboxRelay {
             }
             None => now().await,
         };
-        let page = prefetched?;
+        let page = match prefetched {
+            // The first row after `from` cannot be read as an event: nothing is sent past it (the
+            // step acknowledges and checkpoints what is in flight, then stops with it).
+            Err(corrupt @ cqrs_core::StoreError::Corrupt(_)) => Page {
+                chunks: Vec::new(),
+                refused: Some(KafkaError::Store(corrupt)),
+            },
+            other => other?,
+        };
         if let (Some(last), None) = (page.last(), &page.refused) {
             // A full page means a backlog: the next one is worth reading in two halves.
             let next = load(
@@ -736,7 +761,7 @@ impl OutboxRelay {
             }
         }
         match refused {
-            Some(error) => Err(KafkaError::Serialize(error)),
+            Some(error) => Err(error),
             None => Ok(sent),
         }
     }
@@ -812,12 +837,15 @@ impl OutboxRelay {
 
     /// Publishes until `shutdown` completes: steps while there is work, then waits for a commit
     /// notification or `poll`. Failures (broker down, lease held elsewhere, database errors) are
-    /// logged and retried with a backoff up to 5 s; only an event that cannot be serialized stops
-    /// it (nothing after it may be published before it). Reports its lag and counters every
-    /// [`with_report_every`](Self::with_report_every). Returns the counters.
+    /// logged and retried with a backoff up to 5 s; only an event that cannot be serialized, or a
+    /// stored row that cannot be read as an event (written around the store), stops it: nothing
+    /// after it may be published before it, so it stops after delivering and checkpointing
+    /// everything before it, naming the event or the row and its checkpoint. Reports its lag and
+    /// counters every [`with_report_every`](Self::with_report_every). Returns the counters.
     ///
     /// # Errors
-    /// [`KafkaError::Serialize`] for an event the serializer refuses.
+    /// [`KafkaError::Serialize`] for an event the serializer refuses, [`KafkaError::Store`] with
+    /// [`StoreError::Corrupt`](cqrs_core::StoreError::Corrupt) for a row that cannot be read.
     pub async fn run(
         mut self,
         poll: Duration,
@@ -850,7 +878,7 @@ impl OutboxRelay {
                     backoff.reset();
                     poll
                 }
-                Err(error @ KafkaError::Serialize(_)) => return Err(error),
+                Err(error) if stops(&error) => return Err(error),
                 Err(error) => {
                     tracing::warn!(relay = self.lease.name(), %error, "relay step failed; retrying");
                     backoff.next_delay()

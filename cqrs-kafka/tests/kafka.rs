@@ -462,6 +462,88 @@ async fn an_event_the_serializer_refuses_stops_the_relay_before_it() {
     assert_eq!(amounts, (1..=4).collect());
 }
 
+/// A stored row that cannot be read as an event (metadata of another shape, written around the
+/// store) stops the relay like a refused event: everything before it is delivered and
+/// checkpointed, nothing after it is sent, the error names the row and its checkpoint, and
+/// `run` returns it instead of retrying for ever; with small pages and with one page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stored_row_that_cannot_be_read_stops_the_relay_before_it() {
+    let store = pg::fresh_store("k_corrupt").await;
+    deposit(&store, 1, 40, 3).await;
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO \"{}\".events (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
+         VALUES (gen_random_uuid(), 'account', 'bad', 1, 'MoneyDeposited', 2, '{{\"amount_cents\": 1, \"reference\": \"\"}}', '{{\"correlation_id\": [1]}}')",
+        store.schema()
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    deposit(&store, 41, 10, 3).await;
+    let (map, topic) = account_topics("corrupt", 3);
+    // The readable prefix: a global read returns the events before the row, then the row's error.
+    let mut stored = Vec::new();
+    loop {
+        let after = stored.last().map_or(
+            cqrs_core::Checkpoint::START,
+            |e: &cqrs_core::StoredEvent| e.checkpoint,
+        );
+        match store.read_all(after, 1_000).await {
+            // Held back a moment by another test's open transaction.
+            Ok(page) if page.is_empty() => tokio::time::sleep(Duration::from_millis(10)).await,
+            Ok(page) => stored.extend(page),
+            Err(cqrs_core::StoreError::Corrupt(_)) => break,
+            Err(error) => panic!("{error}"),
+        }
+    }
+    assert_eq!(stored.len(), 40, "the readable prefix");
+    for batch in [7, 4_000] {
+        let mut relay = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "corrupt")
+            .and_then(|r| r.with_topics(map.clone()))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_name(format!("corrupt-{batch}"))
+            .with_batch(batch);
+        let mut stopped = None;
+        for _ in 0..20 {
+            match relay.step().await {
+                Ok(_) => {}
+                Err(KafkaError::Store(cqrs_core::StoreError::Corrupt(row))) => {
+                    stopped = Some(row);
+                    break;
+                }
+                Err(error) => panic!("{error}"),
+            }
+        }
+        let row = stopped.unwrap_or_else(|| panic!("batch {batch}: the relay did not stop"));
+        assert_eq!(row.stream, StreamId::new("account", "bad"));
+        assert!(row.message.starts_with("metadata"), "{row}");
+        let checkpoint = relay.checkpoint().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(checkpoint, stored[39].checkpoint, "batch {batch}");
+        assert!(row.checkpoint > checkpoint);
+        // `run` stops on it too, rather than retrying for ever.
+        let ran = tokio::time::timeout(
+            Duration::from_secs(30),
+            relay.run(Duration::from_millis(50), std::future::pending()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("run kept retrying a row that cannot be read"));
+        assert!(matches!(
+            ran,
+            Err(KafkaError::Store(cqrs_core::StoreError::Corrupt(_)))
+        ));
+    }
+    let read = read_until(&brokers(), std::slice::from_ref(&topic), |r| {
+        distinct(r) >= 40
+    })
+    .await;
+    // Nothing after the row was sent by either relay.
+    assert!(
+        read.iter()
+            .all(|r| r.event.payload["amount_cents"].as_u64().unwrap_or(0) <= 40),
+        "an event after the unreadable row was published"
+    );
+    assert_eq!(distinct(&read), 40);
+}
+
 async fn effects_table(store: &PostgresEventStore) {
     sqlx::query(AssertSqlSafe(format!(
         "CREATE TABLE \"{}\".effects (event_id UUID NOT NULL, amount BIGINT NOT NULL)",

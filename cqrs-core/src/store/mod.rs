@@ -546,16 +546,34 @@ pub const MAX_JSON_DEPTH: usize = 100;
 /// How deeply arrays and objects nest in `value` (a scalar: 0), without recursion.
 #[must_use]
 pub fn json_depth(value: &serde_json::Value) -> usize {
-    let mut deepest = 0;
-    let mut stack = vec![(value, 0usize)];
+    use serde_json::Value;
+    fn containers(value: &Value) -> Option<Box<dyn Iterator<Item = &Value> + '_>> {
+        match value {
+            Value::Array(items) => Some(Box::new(items.iter())),
+            Value::Object(fields) => Some(Box::new(fields.values())),
+            _ => None,
+        }
+    }
+    // The common payload, an object of scalars, without allocating.
+    let Some(children) = containers(value) else {
+        return 0;
+    };
+    let mut deepest = 1;
+    let mut stack: Vec<(&Value, usize)> = Vec::new();
+    for child in children {
+        if matches!(child, Value::Array(_) | Value::Object(_)) {
+            stack.push((child, 2));
+        }
+    }
     while let Some((value, depth)) = stack.pop() {
-        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match value {
-            serde_json::Value::Array(items) => Box::new(items.iter()),
-            serde_json::Value::Object(fields) => Box::new(fields.values()),
-            _ => continue,
-        };
-        deepest = deepest.max(depth + 1);
-        stack.extend(children.map(|child| (child, depth + 1)));
+        deepest = deepest.max(depth);
+        if let Some(children) = containers(value) {
+            stack.extend(
+                children
+                    .filter(|c| matches!(c, Value::Array(_) | Value::Object(_)))
+                    .map(|c| (c, depth + 1)),
+            );
+        }
     }
     deepest
 }
@@ -600,4 +618,27 @@ pub fn validate_append(stream: &StreamId, events: &[EventData]) -> Result<(), St
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod depth_tests {
+    use super::json_depth;
+    use serde_json::json;
+
+    #[test]
+    fn depth_counts_nested_containers() {
+        assert_eq!(json_depth(&json!(1)), 0);
+        assert_eq!(json_depth(&json!({})), 1);
+        assert_eq!(json_depth(&json!({"a": 1, "b": "x"})), 1);
+        assert_eq!(json_depth(&json!({"a": [1, {"b": []}]})), 4);
+        assert_eq!(json_depth(&json!([[], [[[]]], {}])), 4);
+        let mut deep = json!(null);
+        for _ in 0..10_000 {
+            deep = serde_json::Value::Array(vec![deep]);
+        }
+        assert_eq!(json_depth(&deep), 10_000);
+        // Dropping a value that deep recurses in serde_json; leak it rather than overflow the
+        // test thread's stack.
+        std::mem::forget(deep);
+    }
 }

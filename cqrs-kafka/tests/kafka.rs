@@ -544,6 +544,27 @@ async fn a_stored_row_that_cannot_be_read_stops_the_relay_before_it() {
     assert_eq!(distinct(&read), 40);
 }
 
+/// A fresh store (schema `k_<name>`) with an effects table and deposits 1..=`count` over
+/// `accounts` accounts, relayed to a topic of `partitions`: the store, the config, the topic and
+/// the relay (to relay more).
+async fn relayed_deposits(
+    name: &str,
+    count: u64,
+    accounts: u64,
+    partitions: i32,
+) -> (PostgresEventStore, KafkaConfig, String, OutboxRelay) {
+    let store = pg::fresh_store(&format!("k_{name}")).await;
+    effects_table(&store).await;
+    deposit(&store, 1, count, accounts).await;
+    let (map, topic) = account_topics(name, partitions);
+    let config = KafkaConfig::new(brokers());
+    let mut relay = OutboxRelay::new(store.clone(), config.clone(), "relay")
+        .and_then(|r| r.with_topics(map))
+        .unwrap_or_else(|e| panic!("{e}"));
+    drain(&mut relay, &store).await;
+    (store, config, topic, relay)
+}
+
 async fn effects_table(store: &PostgresEventStore) {
     sqlx::query(AssertSqlSafe(format!(
         "CREATE TABLE \"{}\".effects (event_id UUID NOT NULL, amount BIGINT NOT NULL)",
@@ -963,15 +984,7 @@ async fn a_broker_stopped_and_restarted_mid_stream_loses_and_reorders_nothing() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_and_malformed_messages_go_to_the_dead_letter_topic_and_the_rest_flows() {
-    let store = pg::fresh_store("k_poison").await;
-    effects_table(&store).await;
-    deposit(&store, 1, 60, 5).await;
-    let (map, topic) = account_topics("poison", 2);
-    let config = KafkaConfig::new(brokers());
-    let mut relay = OutboxRelay::new(store.clone(), config.clone(), "relay")
-        .and_then(|r| r.with_topics(map))
-        .unwrap_or_else(|e| panic!("{e}"));
-    drain(&mut relay, &store).await;
+    let (store, config, topic, mut relay) = relayed_deposits("poison", 60, 5, 2).await;
 
     // Malformed messages from some other producer, between the good ones.
     let producer: FutureProducer = ClientConfig::new()
@@ -1248,15 +1261,7 @@ impl<H: cqrs_kafka::MessageHandler> cqrs_kafka::MessageHandler for Outage<H> {
 /// classified as such (a closed pool, a refused connection).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_longer_than_the_retries_dead_letters_nothing() {
-    let store = pg::fresh_store("k_outage").await;
-    effects_table(&store).await;
-    deposit(&store, 1, 20, 3).await;
-    let (map, topic) = account_topics("outage", 1);
-    let config = KafkaConfig::new(brokers());
-    let mut relay = OutboxRelay::new(store.clone(), config.clone(), "relay")
-        .and_then(|r| r.with_topics(map))
-        .unwrap_or_else(|e| panic!("{e}"));
-    drain(&mut relay, &store).await;
+    let (store, config, topic, _) = relayed_deposits("outage", 20, 3, 1).await;
     let handler = Outage {
         inner: Transactional::new(
             store.clone(),

@@ -322,6 +322,17 @@ struct DepositEffects {
     poison: bool,
 }
 
+/// The effects handler on `store`'s schema, fed from Kafka with its inbox.
+fn deposit_effects(store: &PostgresEventStore, poison: bool) -> Transactional<DepositEffects> {
+    Transactional::new(
+        store.clone(),
+        DepositEffects {
+            schema: store.schema().to_owned(),
+            poison,
+        },
+    )
+}
+
 #[async_trait::async_trait]
 impl Handles<AccountEvent, PgConnection> for DepositEffects {
     async fn handle(
@@ -695,13 +706,7 @@ async fn a_relay_killed_at_random_points_loses_nothing_and_keeps_per_stream_orde
             "the subscriber applied {applied} of {}",
             stored.len()
         );
-        let handler = Transactional::new(
-            store.clone(),
-            DepositEffects {
-                schema: store.schema().to_owned(),
-                poison: false,
-            },
-        );
+        let handler = deposit_effects(&store, false);
         let mut subscriber =
             KafkaSubscriber::new(&config, group.clone(), &[topic.as_str()], handler)
                 .unwrap_or_else(|e| panic!("{e}"));
@@ -1030,13 +1035,7 @@ async fn poison_and_malformed_messages_go_to_the_dead_letter_topic_and_the_rest_
         .collect();
     assert_eq!(poison.len(), 7);
 
-    let handler = Transactional::new(
-        store.clone(),
-        DepositEffects {
-            schema: store.schema().to_owned(),
-            poison: true,
-        },
-    );
+    let handler = deposit_effects(&store, true);
     let mut subscriber =
         KafkaSubscriber::new(&config, unique("poison"), &[topic.as_str()], handler)
             .unwrap_or_else(|e| panic!("{e}"))
@@ -1160,13 +1159,7 @@ async fn a_message_whose_dead_lettering_fails_is_never_skipped() {
     deposit(&store, 1, 20, 3).await;
     drain(&mut relay, &store).await;
 
-    let handler = Transactional::new(
-        store.clone(),
-        DepositEffects {
-            schema: store.schema().to_owned(),
-            poison: false,
-        },
-    );
+    let handler = deposit_effects(&store, false);
     let mut subscriber =
         KafkaSubscriber::new(&config, unique("dlqfails"), &[topic.as_str()], handler)
             .unwrap_or_else(|e| panic!("{e}"))
@@ -1263,13 +1256,7 @@ impl<H: cqrs_kafka::MessageHandler> cqrs_kafka::MessageHandler for Outage<H> {
 async fn a_database_outage_longer_than_the_retries_dead_letters_nothing() {
     let (store, config, topic, _) = relayed_deposits("outage", 20, 3, 1).await;
     let handler = Outage {
-        inner: Transactional::new(
-            store.clone(),
-            DepositEffects {
-                schema: store.schema().to_owned(),
-                poison: false,
-            },
-        ),
+        inner: deposit_effects(&store, false),
         down_for: 12,
     };
     let mut subscriber =
@@ -1307,13 +1294,7 @@ async fn a_database_outage_longer_than_the_retries_dead_letters_nothing() {
         store.schema(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let mut down = Transactional::new(
-        unreachable,
-        DepositEffects {
-            schema: store.schema().to_owned(),
-            poison: false,
-        },
-    );
+    let mut down = deposit_effects(&unreachable, false);
     assert!(matches!(
         cqrs_kafka::MessageHandler::handle(&mut down, &stored[0]).await,
         Err(cqrs_kafka::HandleError::Unavailable(_))
@@ -1516,13 +1497,7 @@ async fn running_relay_and_subscriber_report_their_lag_as_tracing_events() {
         .create_topics(&["account"])
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let handler = Transactional::new(
-        store.clone(),
-        DepositEffects {
-            schema: store.schema().to_owned(),
-            poison: false,
-        },
-    );
+    let handler = deposit_effects(&store, false);
     let subscriber = KafkaSubscriber::new(
         &KafkaConfig::new(brokers()),
         unique("reports"),

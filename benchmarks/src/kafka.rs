@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use cqrs_core::prelude::*;
 use cqrs_core::{Checkpoint, EventData, StoredEvent};
 use cqrs_examples::bank::{AccountEvent, Deposit};
-use cqrs_kafka::{EventSerializer, JsonEnvelope, KafkaConfig, OutboxRelay, TopicMap};
+use cqrs_kafka::{EventSerializer, JsonEnvelope, KafkaConfig, KafkaSink, OutboxRelay, TopicMap};
 use cqrs_postgres::{PostgresEventStore, database_url};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -90,13 +90,15 @@ async fn relay(store: &PostgresEventStore, count: usize) -> f64 {
     let map = TopicMap::new()
         .with_prefix(format!("{}.", unique("relay")))
         .unwrap_or_else(|e| panic!("{e}"));
-    let mut relay = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "bench")
-        .and_then(|r| r.with_topics(map))
+    let mut relay = KafkaSink::new(&KafkaConfig::new(brokers()))
+        .and_then(|s| s.with_topics(map))
+        .map(|s| OutboxRelay::new(store.clone(), s, "bench"))
         .unwrap_or_else(|e| panic!("{e}"))
         .with_name(unique("bench-relay"))
         .with_batch(5_000);
     // As for the raw producer: the topic exists before the timing starts.
     relay
+        .sink_mut()
         .create_topics(&["account"])
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -238,8 +240,9 @@ async fn latency(samples: usize) -> Vec<f64> {
         .unwrap_or_else(|e| panic!("{e}"));
     // The topic first, so the consumer can be assigned before the first append.
     fill(&store, 1).await;
-    let mut relay = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "latency")
-        .and_then(|r| r.with_topics(map))
+    let mut relay = KafkaSink::new(&KafkaConfig::new(brokers()))
+        .and_then(|s| s.with_topics(map))
+        .map(|s| OutboxRelay::new(store.clone(), s, "latency"))
         .unwrap_or_else(|e| panic!("{e}"));
     while relay
         .step()

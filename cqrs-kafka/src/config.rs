@@ -163,9 +163,12 @@ impl TopicMap {
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Result<Self, KafkaError> {
         let prefix = prefix.into();
         if !prefix.is_empty() && !legal_topic(&prefix) {
-            return Err(KafkaError::Config(format!(
-                "topic prefix `{prefix}` has characters Kafka does not allow (use a-z, A-Z, 0-9, `.`, `_`, `-`)"
-            )));
+            return Err(KafkaError::config(
+                crate::BROKER,
+                format_args!(
+                    "topic prefix `{prefix}` has characters Kafka does not allow (use a-z, A-Z, 0-9, `.`, `_`, `-`)"
+                ),
+            ));
         }
         self.prefix = prefix;
         Ok(self)
@@ -182,9 +185,12 @@ impl TopicMap {
     ) -> Result<Self, KafkaError> {
         let topic = topic.into();
         if !legal_topic(&topic) {
-            return Err(KafkaError::Config(format!(
-                "`{topic}` is not a legal topic name (1 to 249 of a-z, A-Z, 0-9, `.`, `_`, `-`)"
-            )));
+            return Err(KafkaError::config(
+                crate::BROKER,
+                format_args!(
+                    "`{topic}` is not a legal topic name (1 to 249 of a-z, A-Z, 0-9, `.`, `_`, `-`)"
+                ),
+            ));
         }
         self.routes.insert(aggregate_type.into(), topic);
         Ok(self)
@@ -196,9 +202,12 @@ impl TopicMap {
     /// [`KafkaError::Config`] when either is below 1.
     pub fn with_layout(mut self, partitions: i32, replication: i32) -> Result<Self, KafkaError> {
         if partitions < 1 || replication < 1 {
-            return Err(KafkaError::Config(format!(
-                "topics need at least 1 partition and 1 replica, not {partitions} and {replication}"
-            )));
+            return Err(KafkaError::config(
+                crate::BROKER,
+                format_args!(
+                    "topics need at least 1 partition and 1 replica, not {partitions} and {replication}"
+                ),
+            ));
         }
         self.partitions = partitions;
         self.replication = replication;

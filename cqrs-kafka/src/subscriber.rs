@@ -19,251 +19,20 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs_core::StoredEvent;
-use cqrs_core::projection::{Projection, ProjectionError};
-use cqrs_postgres::{Inbox, PostgresEventStore, Transaction};
+use cqrs_transport::{Consumer, EventSerializer, MessageHandler, Verdict};
 use rdkafka::Message;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use sqlx::PgConnection;
 use tracing::Instrument;
 use tracing::instrument::WithSubscriber;
 
 use crate::envelope::{header, text};
 use crate::topics::Topics;
-use crate::{EventSerializer, JsonEnvelope, KafkaConfig, KafkaError};
+use crate::{KafkaConfig, KafkaError};
 
-/// What a handler did with an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Handled {
-    /// The effect happened.
-    Applied,
-    /// The event was handled before (the inbox has it): no effect.
-    Duplicate,
-    /// The handler does not listen to this event type.
-    Skipped,
-}
-
-/// Why a handler did not handle an event.
-#[derive(Debug, thiserror::Error)]
-pub enum HandleError {
-    /// The event cannot be handled however often it is tried (an unknown type, a payload that
-    /// does not decode): dead-lettered at once.
-    #[error("{0}")]
-    Malformed(String),
-    /// The handler failed (retried with a backoff, then dead-lettered).
-    #[error("{0}")]
-    Failed(String),
-    /// What the handler needs is down (the database unreachable, its connections terminated, the
-    /// pool exhausted): not the message's fault, so it is not dead-lettered however long it
-    /// lasts. The subscriber waits (backoff up to 10 s) and tries the same message again, and
-    /// nothing after it is handled meanwhile, so an outage never reorders an aggregate's events.
-    #[error("unavailable: {0}")]
-    Unavailable(String),
-}
-
-impl From<ProjectionError> for HandleError {
-    fn from(error: ProjectionError) -> Self {
-        match error {
-            ProjectionError::Decode(e) => Self::Malformed(e.to_string()),
-            ProjectionError::Handler { ref source, .. } if is_outage(&**source) => {
-                Self::Unavailable(error.to_string())
-            }
-            e @ ProjectionError::Handler { .. } => Self::Failed(e.to_string()),
-        }
-    }
-}
-
-impl HandleError {
-    /// A database error as a handler error: [`HandleError::Unavailable`] when the database is
-    /// unreachable or dropped the connection, else [`HandleError::Failed`].
-    #[must_use]
-    pub fn from_database(error: &sqlx::Error) -> Self {
-        if is_outage(error) {
-            Self::Unavailable(error.to_string())
-        } else {
-            Self::Failed(error.to_string())
-        }
-    }
-}
-
-/// Whether `error` (or an error it wraps) says the database is out of reach rather than that
-/// this event cannot be applied: a broken or refused connection, an exhausted or closed pool, a
-/// server shutting down or terminating connections, too many connections.
-#[must_use]
-pub fn is_outage(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(error) = next {
-        if let Some(sqlx) = error.downcast_ref::<sqlx::Error>() {
-            return match sqlx {
-                sqlx::Error::Io(_)
-                | sqlx::Error::Tls(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed => true,
-                // connection_exception (08xxx), admin/crash shutdown, cannot connect now,
-                // too many connections.
-                sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-                    code.starts_with("08")
-                        || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
-                }),
-                _ => false,
-            };
-        }
-        if error.downcast_ref::<std::io::Error>().is_some() {
-            return true;
-        }
-        next = error.source();
-    }
-    false
-}
-
-/// Applies events read from Kafka.
-#[async_trait::async_trait]
-pub trait MessageHandler: Send {
-    /// The consumer's name (its inbox rows are kept under it).
-    fn name(&self) -> &str;
-
-    /// Handles one event.
-    ///
-    /// # Errors
-    /// [`HandleError`]: whether trying again can help.
-    async fn handle(&mut self, event: &StoredEvent) -> Result<Handled, HandleError>;
-}
-
-/// A projection writing PostgreSQL, fed from Kafka: each event's effect and its inbox row commit
-/// in one transaction, so a redelivery finds the row and does nothing.
-pub struct Transactional<P> {
-    store: PostgresEventStore,
-    inbox: Inbox,
-    projection: P,
-}
-
-impl<P> std::fmt::Debug for Transactional<P> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Transactional").finish_non_exhaustive()
-    }
-}
-
-impl<P: Projection<Context = PgConnection>> Transactional<P> {
-    /// `projection`, writing in `store`'s database (whose schema holds the inbox).
-    pub fn new(store: PostgresEventStore, projection: P) -> Self {
-        Self {
-            inbox: Inbox::new(&store),
-            store,
-            projection,
-        }
-    }
-
-    /// The projection.
-    pub fn projection(&self) -> &P {
-        &self.projection
-    }
-
-    async fn handle_in(
-        &mut self,
-        tx: &mut PgConnection,
-        event: &StoredEvent,
-    ) -> Result<Handled, HandleError> {
-        if !self
-            .inbox
-            .claim(tx, P::NAME, event.event_id)
-            .await
-            .map_err(|e| match e {
-                cqrs_core::StoreError::Backend(source) if is_outage(&*source) => {
-                    HandleError::Unavailable(source.to_string())
-                }
-                other => HandleError::Failed(other.to_string()),
-            })?
-        {
-            return Ok(Handled::Duplicate);
-        }
-        self.projection.apply(event, tx).await?;
-        Ok(Handled::Applied)
-    }
-}
-
-#[async_trait::async_trait]
-impl<P> MessageHandler for Transactional<P>
-where
-    P: Projection<Context = PgConnection> + Sync,
-{
-    fn name(&self) -> &str {
-        P::NAME
-    }
-
-    async fn handle(&mut self, event: &StoredEvent) -> Result<Handled, HandleError> {
-        if !P::subscribes_to(event) {
-            return unknown_type::<P>(event);
-        }
-        let failed = |e: sqlx::Error| HandleError::from_database(&e);
-        let mut tx = Transaction::begin(self.store.pool())
-            .await
-            .map_err(failed)?;
-        let outcome = self.handle_in(&mut tx, event).await;
-        tx.end(outcome, failed).await
-    }
-}
-
-/// A projection with `Context = ()` fed from Kafka, e.g. a
-/// [`SagaStarter`](cqrs_core::saga::SagaStarter). It has no inbox: it must be idempotent by
-/// itself (a saga starter is: an instance is stored under its starting event's id).
-#[derive(Debug)]
-pub struct InProcess<P>(pub P);
-
-#[async_trait::async_trait]
-impl<P> MessageHandler for InProcess<P>
-where
-    P: Projection<Context = ()> + Sync,
-{
-    fn name(&self) -> &str {
-        P::NAME
-    }
-
-    async fn handle(&mut self, event: &StoredEvent) -> Result<Handled, HandleError> {
-        if !P::subscribes_to(event) {
-            return unknown_type::<P>(event);
-        }
-        self.0.apply(event, &mut ()).await?;
-        Ok(Handled::Applied)
-    }
-}
-
-/// What an event `P` does not subscribe to is: skipped when its aggregate type is not one of
-/// `P`'s, malformed when it is (the aggregate's event enum does not know this type: a producer
-/// newer than this consumer, or a bad message).
-fn unknown_type<P: Projection>(event: &StoredEvent) -> Result<Handled, HandleError> {
-    let ours = P::SUBSCRIPTIONS
-        .iter()
-        .find(|s| s.aggregate_type == Some(event.stream.aggregate_type.as_str()));
-    match ours {
-        None => Ok(Handled::Skipped),
-        Some(subscription) => Err(HandleError::Malformed(format!(
-            "unknown event type `{}` of aggregate type `{}` (known: {})",
-            event.event_type,
-            event.stream.aggregate_type,
-            subscription.event_types.join(", ")
-        ))),
-    }
-}
-
-/// The subscriber's counters since it was created.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SubscriberMetrics {
-    /// Messages received.
-    pub received: u64,
-    /// Events applied.
-    pub applied: u64,
-    /// Redeliveries the inbox turned into no-ops.
-    pub duplicates: u64,
-    /// Events the handler does not listen to.
-    pub skipped: u64,
-    /// Handler attempts that failed and were tried again.
-    pub retries: u64,
-    /// Messages sent to a dead-letter topic.
-    pub dead_lettered: u64,
-}
+/// The subscriber's counters since it was created (every broker's consumer counts the same).
+pub type SubscriberMetrics = cqrs_transport::ConsumerMetrics;
 
 /// How far a consumer is behind in one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -286,12 +55,8 @@ pub struct KafkaSubscriber<H> {
     dlq: FutureProducer,
     dlq_topics: Topics,
     dlq_suffix: String,
-    handler: H,
+    core: Consumer<H>,
     group: String,
-    serializer: Arc<dyn EventSerializer>,
-    attempts: u32,
-    backoff: Duration,
-    metrics: SubscriberMetrics,
     report_every: Duration,
 }
 
@@ -299,8 +64,7 @@ impl<H> std::fmt::Debug for KafkaSubscriber<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaSubscriber")
             .field("group", &self.group)
-            .field("attempts", &self.attempts)
-            .field("metrics", &self.metrics)
+            .field("core", &self.core)
             .finish_non_exhaustive()
     }
 }
@@ -332,28 +96,24 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false")
             .create()
-            .map_err(|e| KafkaError::Config(e.to_string()))?;
+            .map_err(|e| KafkaError::config(crate::BROKER, e))?;
         consumer
             .subscribe(topics)
-            .map_err(KafkaError::kafka("subscribe"))?;
+            .map_err(crate::kafka("subscribe"))?;
         let dlq = config
             .client("-dlq", &[])
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .create()
-            .map_err(|e| KafkaError::Config(e.to_string()))?;
+            .map_err(|e| KafkaError::config(crate::BROKER, e))?;
         Ok(Self {
             consumer: Arc::new(consumer),
             dlq,
             dlq_topics: Topics::new(config, 1, 1)?,
             dlq_suffix: ".dlq".to_owned(),
-            handler,
+            core: Consumer::new(group.clone(), handler),
             group,
-            serializer: Arc::new(JsonEnvelope),
-            attempts: 5,
-            backoff: Duration::from_millis(100),
-            metrics: SubscriberMetrics::default(),
-            report_every: crate::REPORT_EVERY,
+            report_every: cqrs_transport::REPORT_EVERY,
         })
     }
 
@@ -361,8 +121,7 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
     /// most 10 s).
     #[must_use]
     pub fn with_retries(mut self, attempts: u32, backoff: Duration) -> Self {
-        self.attempts = attempts.max(1);
-        self.backoff = backoff;
+        self.core.set_retries(attempts, backoff);
         self
     }
 
@@ -383,7 +142,7 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
     }
 
     /// How often [`run`](Self::run) reports the lag of each assigned partition as tracing events
-    /// (target `cqrs_kafka::metrics`, message `consumer lag`; 10 s by default, never with
+    /// (target `cqrs::metrics`, message `consumer lag`; 10 s by default, never with
     /// `Duration::ZERO`).
     #[must_use]
     pub fn with_report_every(mut self, every: Duration) -> Self {
@@ -394,19 +153,19 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
     /// How message values become events (the relay's serializer).
     #[must_use]
     pub fn with_serializer(mut self, serializer: impl EventSerializer) -> Self {
-        self.serializer = Arc::new(serializer);
+        self.core.set_serializer(serializer);
         self
     }
 
     /// The counters.
     #[must_use]
     pub fn metrics(&self) -> SubscriberMetrics {
-        self.metrics
+        self.core.metrics()
     }
 
     /// The handler.
     pub fn handler(&self) -> &H {
-        &self.handler
+        self.core.handler()
     }
 
     /// Handles the next message (waiting for one): the event is applied, found a duplicate,
@@ -418,11 +177,8 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
     /// poll gets the same message again (nothing after it is handled, or committed, before it).
     pub async fn poll(&mut self) -> Result<(), KafkaError> {
         let consumer = Arc::clone(&self.consumer);
-        let message = consumer
-            .recv()
-            .await
-            .map_err(KafkaError::kafka("receive"))?;
-        self.metrics.received += 1;
+        let message = consumer.recv().await.map_err(crate::kafka("receive"))?;
+        self.core.received();
         let span = tracing::debug_span!(
             "cqrs.kafka.consume",
             consumer = %self.group,
@@ -442,75 +198,21 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
                 Duration::from_secs(10),
             ) {
                 tracing::warn!(consumer = %self.group, topic = message.topic(), partition = message.partition(), offset = message.offset(), error = %seek, "cannot go back to a message that failed; it is not committed, and the consumer restarts from it");
-                return Err(KafkaError::Kafka {
-                    operation: "seek back to a failed message",
-                    source: seek,
-                });
+                return Err(crate::kafka("seek back to a failed message")(seek));
             }
             return Err(error);
         }
         consumer
             .store_offset_from_message(&message)
-            .map_err(KafkaError::kafka("store offset"))
+            .map_err(crate::kafka("store offset"))
     }
 
     async fn process(&mut self, message: &BorrowedMessage<'_>) -> Result<(), KafkaError> {
-        let event = match message.payload() {
-            None => Err(crate::MalformedMessage::Empty),
-            Some(value) => self.serializer.deserialize(value),
-        };
-        let event = match event {
-            Ok(event) => event,
-            Err(malformed) => {
-                tracing::warn!(consumer = %self.group, error = %malformed, "malformed message");
-                return self.dead_letter(message, &malformed.to_string(), 0).await;
+        match self.core.process(message.payload()).await {
+            Verdict::Done(_) => Ok(()),
+            Verdict::DeadLetter { reason, attempts } => {
+                self.dead_letter(message, &reason, attempts).await
             }
-        };
-        // The same retry policy as every projection runtime: tries, backoff with jitter, give up.
-        let mut retries = cqrs_core::projection::FailurePolicy {
-            attempts: self.attempts,
-            backoff: self.backoff,
-            max_backoff: Duration::from_secs(10),
-            mode: cqrs_core::projection::FailureMode::Skip,
-        }
-        .retries();
-        let mut outage = cqrs_core::Backoff::new(self.backoff, Duration::from_secs(10));
-        loop {
-            let error = match self.handler.handle(&event).await {
-                Ok(Handled::Applied) => {
-                    self.metrics.applied += 1;
-                    return Ok(());
-                }
-                Ok(Handled::Duplicate) => {
-                    self.metrics.duplicates += 1;
-                    return Ok(());
-                }
-                Ok(Handled::Skipped) => {
-                    self.metrics.skipped += 1;
-                    return Ok(());
-                }
-                Err(error) => error,
-            };
-            if let HandleError::Unavailable(reason) = &error {
-                // Not the message's fault: wait and try it again, without spending its tries.
-                let wait = outage.next_delay();
-                tracing::warn!(consumer = %self.group, stream = %event.stream, version = event.version, %reason, retry_in = ?wait, "the handler's database is unavailable; waiting");
-                self.metrics.retries += 1;
-                tokio::time::sleep(wait).await;
-                continue;
-            }
-            outage.reset();
-            let malformed = matches!(error, HandleError::Malformed(_));
-            if let Some(failure) = retries.failed_with(&error, malformed).await {
-                tracing::warn!(
-                    consumer = %self.group, stream = %event.stream, version = event.version,
-                    attempts = failure.attempts, %error, "dead-lettering the message"
-                );
-                return self
-                    .dead_letter(message, &failure.error, failure.attempts)
-                    .await;
-            }
-            self.metrics.retries += 1;
         }
     }
 
@@ -549,11 +251,8 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
         self.dlq
             .send(record, Duration::from_secs(30))
             .await
-            .map_err(|(source, _)| KafkaError::Kafka {
-                operation: "send to the dead-letter topic",
-                source,
-            })?;
-        self.metrics.dead_lettered += 1;
+            .map_err(|(source, _)| crate::kafka("send to the dead-letter topic")(source))?;
+        self.core.dead_lettered();
         Ok(())
     }
 
@@ -593,7 +292,7 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
             }
         }
         self.commit()?;
-        Ok(self.metrics)
+        Ok(self.core.metrics())
     }
 
     /// Commits the offsets of the messages handled so far (they are also committed every
@@ -608,7 +307,7 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
             Err(rdkafka::error::KafkaError::ConsumerCommit(
                 rdkafka::types::RDKafkaErrorCode::NoOffset,
             )) => Ok(()),
-            other => other.map_err(KafkaError::kafka("commit")),
+            other => other.map_err(crate::kafka("commit")),
         }
     }
 
@@ -656,11 +355,13 @@ impl LagProbe {
         let consumer = Arc::clone(&self.consumer);
         tokio::task::spawn_blocking(move || partition_lag(&consumer))
             .await
-            .map_err(|e| KafkaError::Config(format!("the lag query panicked: {e}")))?
+            .map_err(|e| {
+                KafkaError::config(crate::BROKER, format_args!("the lag query panicked: {e}"))
+            })?
     }
 
     /// Every `every`, emits a `consumer lag` event per assigned partition (target
-    /// `cqrs_kafka::metrics`), until dropped.
+    /// `cqrs::metrics`), until dropped.
     async fn report(self, every: Duration) {
         loop {
             tokio::time::sleep(every).await;
@@ -693,12 +394,12 @@ impl Drop for AbortOnDrop {
 }
 
 fn partition_lag(consumer: &StreamConsumer) -> Result<Vec<PartitionLag>, KafkaError> {
-    let positions = consumer.position().map_err(KafkaError::kafka("position"))?;
+    let positions = consumer.position().map_err(crate::kafka("position"))?;
     let mut lags = Vec::new();
     for element in positions.elements() {
         let (low, high) = consumer
             .fetch_watermarks(element.topic(), element.partition(), Duration::from_secs(5))
-            .map_err(KafkaError::kafka("fetch watermarks"))?;
+            .map_err(crate::kafka("fetch watermarks"))?;
         let position = element.offset().to_raw().filter(|o| *o >= 0);
         lags.push(PartitionLag {
             topic: element.topic().to_owned(),

@@ -27,7 +27,7 @@ impl Topics {
         let admin = config
             .client("-admin", &[])
             .create()
-            .map_err(|e| KafkaError::Config(e.to_string()))?;
+            .map_err(|e| KafkaError::config(crate::BROKER, e))?;
         Ok(Self {
             admin,
             known: HashSet::new(),
@@ -82,15 +82,16 @@ impl Topics {
             .admin
             .create_topics(&new, &options)
             .await
-            .map_err(KafkaError::kafka("create topics"))?;
+            .map_err(crate::kafka("create topics"))?;
         for result in results {
             match result {
                 Ok(topic) | Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
                     self.known.insert(topic);
                 }
                 Err((topic, code)) => {
-                    return Err(KafkaError::CreateTopic {
-                        topic,
+                    return Err(KafkaError::Topology {
+                        broker: crate::BROKER,
+                        destination: topic,
                         reason: code.to_string(),
                     });
                 }

@@ -17,8 +17,8 @@ use cqrs_core::{EventData, RecordedEvent};
 use cqrs_examples::bank::{AccountEvent, Deposit};
 use cqrs_kafka::envelope::{header, header_value};
 use cqrs_kafka::{
-    EventSerializer, JsonEnvelope, KafkaConfig, KafkaError, KafkaSubscriber, OutboxRelay, TopicMap,
-    Transactional,
+    EventSerializer, JsonEnvelope, KafkaConfig, KafkaError, KafkaSink, KafkaSubscriber,
+    OutboxRelay, TopicMap, Transactional,
 };
 use cqrs_postgres::PostgresEventStore;
 use rand::Rng;
@@ -208,8 +208,9 @@ async fn every_event_reaches_its_topic_keyed_in_order_with_its_headers() {
     let store = pg::fresh_store("k_basic").await;
     deposit(&store, 1, 300, 7).await;
     let (map, topic) = account_topics("basic", 3);
-    let mut relay = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "relay-a")
-        .and_then(|r| r.with_topics(map.clone()))
+    let mut relay = KafkaSink::new(&KafkaConfig::new(brokers()))
+        .and_then(|s| s.with_topics(map.clone()))
+        .map(|s| OutboxRelay::new(store.clone(), s, "relay-a"))
         .unwrap_or_else(|e| panic!("{e}"))
         .with_batch(64);
     drain(&mut relay, &store).await;
@@ -218,7 +219,8 @@ async fn every_event_reaches_its_topic_keyed_in_order_with_its_headers() {
     assert_eq!(relay.metrics().failures, 0);
 
     // A second relay under the same name waits for the lease.
-    let mut other = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "relay-b")
+    let mut other = KafkaSink::new(&KafkaConfig::new(brokers()))
+        .map(|s| OutboxRelay::new(store.clone(), s, "relay-b"))
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(matches!(other.step().await, Err(KafkaError::LeaseLost(_))));
 
@@ -275,8 +277,9 @@ async fn with_creation_off_a_missing_topic_fails_the_delivery_and_nothing_is_ski
     let config = KafkaConfig::new(brokers())
         .set("topic.metadata.propagation.max.ms", "200")
         .set("message.timeout.ms", "3000");
-    let mut relay = OutboxRelay::new(store.clone(), config, "no-create")
-        .and_then(|r| r.with_topics(map.clone().with_topic_creation(false)))
+    let mut relay = KafkaSink::new(&config)
+        .and_then(|s| s.with_topics(map.clone().with_topic_creation(false)))
+        .map(|s| OutboxRelay::new(store.clone(), s, "no-create"))
         .unwrap_or_else(|e| panic!("{e}"))
         .with_batch(10);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -288,17 +291,19 @@ async fn with_creation_off_a_missing_topic_fails_the_delivery_and_nothing_is_ski
             Err(other) => panic!("{other}"),
         }
     };
-    assert_eq!(failure.topic, topic);
+    assert_eq!(failure.destination, topic);
     assert!(failure.to_string().contains(&topic), "{failure}");
     assert_eq!(
         relay.checkpoint().await.unwrap_or_else(|e| panic!("{e}")),
         cqrs_core::Checkpoint::START
     );
     // The topic is made elsewhere (here: by a relay that creates topics).
-    let mut creator = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "creator")
-        .and_then(|r| r.with_topics(map))
+    let mut creator = KafkaSink::new(&KafkaConfig::new(brokers()))
+        .and_then(|s| s.with_topics(map))
+        .map(|s| OutboxRelay::new(store.clone(), s, "creator"))
         .unwrap_or_else(|e| panic!("{e}"));
     creator
+        .sink_mut()
         .create_topics(&["account"])
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -374,8 +379,9 @@ async fn large_pages_read_in_two_halves_lose_and_reorder_nothing_under_concurren
             })
         })
         .collect();
-    let mut relay = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "halves")
-        .and_then(|r| r.with_topics(map))
+    let mut relay = KafkaSink::new(&KafkaConfig::new(brokers()))
+        .and_then(|s| s.with_topics(map))
+        .map(|s| OutboxRelay::new(store.clone(), s, "halves"))
         .unwrap_or_else(|e| panic!("{e}"))
         .with_batch(2_000);
     let mut full = 0;
@@ -438,8 +444,9 @@ async fn an_event_the_serializer_refuses_stops_the_relay_before_it() {
     let (map, topic) = account_topics("refuse", 6);
     let stored = all_events(&store).await;
     for batch in [3, 100] {
-        let mut relay = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "refuse")
-            .and_then(|r| r.with_topics(map.clone()))
+        let mut relay = KafkaSink::new(&KafkaConfig::new(brokers()))
+            .and_then(|s| s.with_topics(map.clone()))
+            .map(|s| OutboxRelay::new(store.clone(), s, "refuse"))
             .unwrap_or_else(|e| panic!("{e}"))
             .with_name(format!("refuse-{batch}"))
             .with_serializer(RefusesFive)
@@ -508,8 +515,9 @@ async fn a_stored_row_that_cannot_be_read_stops_the_relay_before_it() {
     }
     assert_eq!(stored.len(), 40, "the readable prefix");
     for batch in [7, 4_000] {
-        let mut relay = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "corrupt")
-            .and_then(|r| r.with_topics(map.clone()))
+        let mut relay = KafkaSink::new(&KafkaConfig::new(brokers()))
+            .and_then(|s| s.with_topics(map.clone()))
+            .map(|s| OutboxRelay::new(store.clone(), s, "corrupt"))
             .unwrap_or_else(|e| panic!("{e}"))
             .with_name(format!("corrupt-{batch}"))
             .with_batch(batch);
@@ -569,8 +577,9 @@ async fn relayed_deposits(
     deposit(&store, 1, count, accounts).await;
     let (map, topic) = account_topics(name, partitions);
     let config = KafkaConfig::new(brokers());
-    let mut relay = OutboxRelay::new(store.clone(), config.clone(), "relay")
-        .and_then(|r| r.with_topics(map))
+    let mut relay = KafkaSink::new(&config.clone())
+        .and_then(|s| s.with_topics(map))
+        .map(|s| OutboxRelay::new(store.clone(), s, "relay"))
         .unwrap_or_else(|e| panic!("{e}"));
     drain(&mut relay, &store).await;
     (store, config, topic, relay)
@@ -633,8 +642,9 @@ async fn a_relay_killed_at_random_points_loses_nothing_and_keeps_per_stream_orde
     let (mut step_time, mut drop_time) = (Duration::ZERO, Duration::ZERO);
     for kill in 0..KILLS {
         // The same owner restarted: it takes its lease back at once.
-        let mut relay = OutboxRelay::new(store.clone(), config.clone(), "relay")
-            .and_then(|r| r.with_topics(map.clone()))
+        let mut relay = KafkaSink::new(&config.clone())
+            .and_then(|s| s.with_topics(map.clone()))
+            .map(|s| OutboxRelay::new(store.clone(), s, "relay"))
             .unwrap_or_else(|e| panic!("{e}"))
             .with_batch(10);
         // A few pipelined steps (each sends a batch and acknowledges the one before), cut at a
@@ -667,8 +677,9 @@ async fn a_relay_killed_at_random_points_loses_nothing_and_keeps_per_stream_orde
     for writer in writers {
         writer.await.unwrap_or_else(|e| panic!("{e}"));
     }
-    let mut relay = OutboxRelay::new(store.clone(), config.clone(), "relay")
-        .and_then(|r| r.with_topics(map.clone()))
+    let mut relay = KafkaSink::new(&config.clone())
+        .and_then(|s| s.with_topics(map.clone()))
+        .map(|s| OutboxRelay::new(store.clone(), s, "relay"))
         .unwrap_or_else(|e| panic!("{e}"));
     drain(&mut relay, &store).await;
 
@@ -898,12 +909,14 @@ async fn a_broker_stopped_and_restarted_mid_stream_loses_and_reorders_nothing() 
             MESSAGE_TIMEOUT.as_millis().to_string(),
         );
     let name = "restart-relay";
-    let mut relay = OutboxRelay::new(store.clone(), config, "relay")
-        .and_then(|r| r.with_topics(map))
+    let mut relay = KafkaSink::new(&config)
+        .and_then(|s| s.with_topics(map))
+        .map(|s| OutboxRelay::new(store.clone(), s, "relay"))
         .unwrap_or_else(|e| panic!("{e}"))
         .with_name(name)
         .with_batch(50);
     relay
+        .sink_mut()
         .create_topics(&["account"])
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -1135,10 +1148,12 @@ async fn a_message_whose_dead_lettering_fails_is_never_skipped() {
     let config = KafkaConfig::new(brokers())
         .set("topic.metadata.propagation.max.ms", "200")
         .set("message.timeout.ms", "3000");
-    let mut relay = OutboxRelay::new(store.clone(), config.clone(), "relay")
-        .and_then(|r| r.with_topics(map))
+    let mut relay = KafkaSink::new(&config.clone())
+        .and_then(|s| s.with_topics(map))
+        .map(|s| OutboxRelay::new(store.clone(), s, "relay"))
         .unwrap_or_else(|e| panic!("{e}"));
     relay
+        .sink_mut()
         .create_topics(&["account"])
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -1316,8 +1331,9 @@ fn mock_relay(store: &PostgresEventStore, settings: &[(&str, &str)]) -> (Mock, O
         .fold(KafkaConfig::new(mock.bootstrap_servers()), |c, (k, v)| {
             c.set(*k, *v)
         });
-    let relay = OutboxRelay::new(store.clone(), config, "mock-relay")
-        .and_then(|r| r.with_topics(TopicMap::new().with_topic_creation(false)))
+    let relay = KafkaSink::new(&config)
+        .and_then(|s| s.with_topics(TopicMap::new().with_topic_creation(false)))
+        .map(|s| OutboxRelay::new(store.clone(), s, "mock-relay"))
         .unwrap_or_else(|e| panic!("{e}"));
     (mock, relay)
 }
@@ -1370,7 +1386,7 @@ async fn refused_produce_requests_stop_the_checkpoint_before_them_and_reorder_no
         }
     }
     let failure = failure.unwrap_or_else(|| unreachable!());
-    assert_eq!(failure.topic, "account");
+    assert_eq!(failure.destination, "account");
     assert!(
         failure.source.to_string().contains("authoriz"),
         "{}",
@@ -1489,11 +1505,13 @@ async fn running_relay_and_subscriber_report_their_lag_as_tracing_events() {
     effects_table(&store).await;
     deposit(&store, 1, 50, 5).await;
     let (map, topic) = account_topics("reports", 2);
-    let mut relay = OutboxRelay::new(store.clone(), KafkaConfig::new(brokers()), "reports")
-        .and_then(|r| r.with_topics(map))
+    let mut relay = KafkaSink::new(&KafkaConfig::new(brokers()))
+        .and_then(|s| s.with_topics(map))
+        .map(|s| OutboxRelay::new(store.clone(), s, "reports"))
         .unwrap_or_else(|e| panic!("{e}"))
         .with_report_every(Duration::from_millis(50));
     relay
+        .sink_mut()
         .create_topics(&["account"])
         .await
         .unwrap_or_else(|e| panic!("{e}"));

@@ -20,7 +20,7 @@ use cqrs_examples::fulfillment::{DECLINE_HEADER, FulfillmentSaga, Services};
 use cqrs_examples::order::{Order, OrderCommand, OrderError, OrderEvent, OrderItem};
 use cqrs_examples::order_summary::{self, OrderSummary};
 #[cfg(feature = "kafka")]
-use cqrs_kafka::{InProcess, KafkaConfig, KafkaSubscriber, OutboxRelay, TopicMap};
+use cqrs_kafka::{InProcess, KafkaConfig, KafkaSink, KafkaSubscriber, OutboxRelay, TopicMap};
 use cqrs_postgres::PostgresEventStore;
 use cqrs_postgres::saga::PostgresSagaStore;
 use futures::StreamExt;
@@ -604,11 +604,11 @@ async fn publish_and_subscribe(
     let config = KafkaConfig::new(brokers).client_id("order-fulfillment");
     let map = TopicMap::new().with_prefix(prefix)?;
     let topic = map.topic(Order::NAME);
-    let mut relay = OutboxRelay::new(events.clone(), config.clone(), owner())?
-        .with_name(format!("{prefix}kafka-relay"))
-        .with_topics(map)?;
+    let mut sink = KafkaSink::new(&config)?.with_topics(map)?;
     // The consumer subscribes before the first event: its topic must exist.
-    relay.create_topics(&[Order::NAME]).await?;
+    sink.create_topics(&[Order::NAME]).await?;
+    let relay =
+        OutboxRelay::new(events.clone(), sink, owner()).with_name(format!("{prefix}kafka-relay"));
     let subscriber = KafkaSubscriber::new(
         &config,
         format!("{prefix}order-fulfillment"),

@@ -1,14 +1,15 @@
-//! The outbox relay: publishes every recorded event to Kafka in the store's gap-safe global order.
+//! The outbox relay: publishes every recorded event to a broker in the store's gap-safe global
+//! order, written once for every [`Sink`].
 //!
 //! The event table is the outbox: nothing is written twice in the command path and there is no
 //! window between a commit and a publish in which an event can be lost. The relay reads after
-//! what it sent, sends a batch through an idempotent producer (`enable.idempotence=true`,
-//! `acks=all`, one partition per aggregate id by key) and, while that batch is in flight, awaits
-//! the delivery reports of the batch before it and moves the checkpoint to the last event of the
-//! delivered prefix (at most two batches are in flight). A failed delivery stops there: the next
-//! step starts again at the first undelivered event with a new producer, so nothing is skipped;
-//! what was delivered after it is sent again (consumers dedupe on the event id). A relay killed
-//! anywhere re-sends at most the batches in flight.
+//! what it sent, sends a page through the sink (one key per aggregate id, so the broker keeps an
+//! aggregate's order) and, while that page is in flight, awaits the confirms of the page before
+//! it and moves the checkpoint to the last event of the confirmed prefix (at most two pages are
+//! in flight). A failed delivery stops there: the next step starts again at the first
+//! unconfirmed event with a restarted sink, so nothing is skipped; what was delivered after it is
+//! sent again (consumers dedupe on the event id). A relay killed anywhere re-sends at most the
+//! pages in flight.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -18,22 +19,18 @@ use std::time::{Duration, Instant};
 
 use cqrs_core::Checkpoint;
 use cqrs_postgres::{Advance, CheckpointLease, PostgresEventStore};
-use rdkafka::ClientConfig;
-use rdkafka::ClientContext;
-use rdkafka::error::KafkaError as RdKafkaError;
-use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::types::RDKafkaErrorCode;
 use tracing::Instrument;
 
-use crate::envelope::headers_of;
-use crate::topics::Topics;
-use crate::{EventSerializer, JsonEnvelope, KafkaConfig, KafkaError, TopicMap};
+use crate::sink::{Layout, Outgoing as Message, Sink};
+use crate::{BrokerError, DeliveryError, EventSerializer, JsonEnvelope, TransportError};
 
-/// What one [`OutboxRelay::step`] did.
+/// Headers of a sink's messages.
+type HeadersOf<S> = <<S as Sink>::Layout as Layout>::Headers;
+
+/// What one [`Relay::step`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayStep {
-    /// Events read and queued in the producer (acknowledged during the next step).
+    /// Events read and queued in the sink (confirmed during the next step).
     pub sent: usize,
     /// Events acknowledged by the broker (sent by earlier steps, or by this one when it found
     /// nothing new).
@@ -53,34 +50,30 @@ pub struct RelayMetrics {
     pub delivered: u64,
     /// Deliveries that failed (each made the relay start again from the first undelivered event).
     pub failures: u64,
-    /// Producers created (1 + one per failure).
+    /// Sinks started (1 + one restart per failure: a new producer, channel or connection).
     pub producers: u64,
     /// Events per second of the last batch, send to last acknowledgement.
     pub last_rate: f64,
 }
 
-/// Publishes the events of a [`PostgresEventStore`] to Kafka; one per store at a time (a lease
-/// with an epoch on the checkpoint named [`with_name`](Self::with_name), `kafka-relay` by default).
-pub struct OutboxRelay {
+/// Publishes the events of a [`PostgresEventStore`] to a broker through sink `S`; one per store
+/// and name at a time (a lease with an epoch on the checkpoint named
+/// [`with_name`](Self::with_name), the sink's [`DEFAULT_NAME`](Sink::DEFAULT_NAME) by default).
+pub struct Relay<S: Sink> {
     store: PostgresEventStore,
-    config: KafkaConfig,
-    map: TopicMap,
-    topics: Topics,
+    sink: S,
     serializer: Arc<dyn EventSerializer>,
-    producer: ThreadedProducer<Reports>,
-    /// The sequence number of the next message queued (the delivery report's opaque).
-    next: usize,
     lease: CheckpointLease,
     batch: usize,
     metrics: RelayMetrics,
-    /// Sent, not yet acknowledged, in the global order.
-    in_flight: VecDeque<InFlight>,
+    /// Sent, not yet confirmed, in the global order.
+    in_flight: VecDeque<Outgoing>,
     /// The last event sent.
     sent: Option<Checkpoint>,
     /// A step is running (still set at the next step's start when a step was cut).
     stepping: bool,
     /// The page after the last one read, being read on another task meanwhile.
-    prefetch: Option<Prefetch>,
+    prefetch: Option<Prefetch<HeadersOf<S>>>,
     /// When this relay last took or renewed its lease (measured before asking) and the stored
     /// checkpoint then: within a third of the lease time a step needs no round trip to know it.
     held: Option<(Instant, Checkpoint)>,
@@ -88,7 +81,7 @@ pub struct OutboxRelay {
     acked: Option<Checkpoint>,
     /// When this relay last stored the checkpoint (never yet: the first acknowledged prefix is stored at once).
     moved: Option<Instant>,
-    /// How often [`run`](OutboxRelay::run) reports its counters and lag.
+    /// How often [`run`](Relay::run) reports its counters and lag.
     report_every: Duration,
 }
 
@@ -96,38 +89,28 @@ pub struct OutboxRelay {
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// A read of the page after `from` running on its own task.
-struct Prefetch {
+struct Prefetch<H> {
     from: Checkpoint,
-    page: tokio::task::JoinHandle<Result<Page, cqrs_core::StoreError>>,
+    page: tokio::task::JoinHandle<Result<Page<H>, cqrs_core::StoreError>>,
 }
 
 /// A page of events made into messages on the reading tasks, in chunks (one per task). The
 /// events' payloads and metadata are dropped where they were read.
-struct Page {
-    chunks: Vec<Chunk>,
+struct Page<H> {
+    chunks: Vec<Chunk<H>>,
     /// Why the page stops after the events above (nothing after it is sent): an event the
     /// serializer refused, or a stored row that cannot be read as an event.
-    refused: Option<KafkaError>,
-}
-
-/// Whether `error` stops [`OutboxRelay::run`]: an event the serializer refuses, or a stored row
-/// that cannot be read as an event. Nothing after either may be published before it, and waiting
-/// does not change it: fix the row (or the serializer) and start the relay again.
-fn stops(error: &KafkaError) -> bool {
-    matches!(
-        error,
-        KafkaError::Serialize(_) | KafkaError::Store(cqrs_core::StoreError::Corrupt(_))
-    )
+    refused: Option<TransportError>,
 }
 
 /// Per event only what the relay needs once its message is queued, the values back to back in
 /// one buffer, and the headers.
-struct Chunk {
+struct Chunk<H> {
     events: Vec<Outgoing>,
     /// The message values back to back: event `i`'s ends at `ends[i]`.
     values: Vec<u8>,
     ends: Vec<usize>,
-    headers: Vec<OwnedHeaders>,
+    headers: Vec<H>,
 }
 
 /// What a delivery report or a failed delivery needs of an event.
@@ -145,13 +128,14 @@ const SPLIT_FROM: usize = 2_000;
 /// event and both halves are read at once, on two connections and two tasks (everything up to
 /// the middle is settled, so the first half is exactly the events up to it; the second half is a
 /// gap-safe read of its own).
-async fn load(
+async fn load<L: Layout>(
     store: PostgresEventStore,
     serializer: Arc<dyn EventSerializer>,
+    layout: L,
     from: Checkpoint,
     batch: usize,
     split: bool,
-) -> Result<Page, cqrs_core::StoreError> {
+) -> Result<Page<L::Headers>, cqrs_core::StoreError> {
     let half = batch / 2;
     if split
         && batch >= SPLIT_FROM
@@ -160,10 +144,11 @@ async fn load(
         let second = tokio::spawn(load_part(
             store.clone(),
             serializer.clone(),
+            layout.clone(),
             middle,
             batch - half,
         ));
-        let mut page = load_part(store, serializer, from, half).await?;
+        let mut page = load_part(store, serializer, layout, from, half).await?;
         if page.refused.is_some() || page.last().map(|e| e.checkpoint) != Some(middle) {
             // Stopped early (a refused event), or not what the split promised: the first
             // half alone; the next page starts after it.
@@ -182,12 +167,12 @@ async fn load(
         }
         return Ok(page);
     }
-    load_part(store, serializer, from, batch).await
+    load_part(store, serializer, layout, from, batch).await
 }
 
-impl Page {
+impl<H> Page<H> {
     /// Adds the events of `next`, which starts where this one ends.
-    fn append(&mut self, next: Page) {
+    fn append(&mut self, next: Self) {
         self.chunks.extend(next.chunks);
         self.refused = next.refused;
     }
@@ -209,12 +194,13 @@ const VALUE_BYTES: usize = 512;
 
 /// Reads up to `batch` events after `from` and makes them messages, each as its row arrives (so
 /// the serialization overlaps the database sending the rest of the page).
-async fn load_part(
+async fn load_part<L: Layout>(
     store: PostgresEventStore,
     serializer: Arc<dyn EventSerializer>,
+    layout: L,
     from: Checkpoint,
     batch: usize,
-) -> Result<Page, cqrs_core::StoreError> {
+) -> Result<Page<L::Headers>, cqrs_core::StoreError> {
     let mut chunk = Chunk {
         events: Vec::new(),
         values: Vec::new(),
@@ -235,11 +221,11 @@ async fn load_part(
                 chunk.headers.reserve(expected);
             }
             if let Err(error) = serializer.serialize_raw_into(&event, &mut chunk.values) {
-                refused = Some(KafkaError::Serialize(error));
+                refused = Some(TransportError::Serialize(error));
                 return ControlFlow::Break(());
             }
             chunk.ends.push(chunk.values.len());
-            chunk.headers.push(headers_of(&event, content_type));
+            chunk.headers.push(layout.headers(&event, content_type));
             chunk.events.push(Outgoing {
                 event_id: event.event_id,
                 checkpoint: event.checkpoint,
@@ -254,148 +240,31 @@ async fn load_part(
     })
 }
 
-/// A message queued in the producer.
-struct InFlight {
-    event: Outgoing,
-    topic: Arc<str>,
-    /// Its sequence number.
-    seq: usize,
-}
-
-/// The producer's context: delivery reports by sequence number, for the relay to take in order.
-/// (Cheaper than a future per message: no channel or box is allocated per message.)
-struct Reports {
-    state: std::sync::Mutex<ReportState>,
-    arrived: tokio::sync::Notify,
-}
-
-struct ReportState {
-    /// The sequence number of `outcomes[0]`: reports of earlier messages are ignored.
-    first: usize,
-    outcomes: VecDeque<Option<Result<(), RdKafkaError>>>,
-}
-
-impl Reports {
-    fn state(&self) -> std::sync::MutexGuard<'_, ReportState> {
-        // A poisoned lock only means a panic elsewhere while holding it; the state is still whole.
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Takes the report of message `seq` if it has arrived; reports are taken in sequence.
-    fn take(&self, seq: usize) -> Option<Result<(), RdKafkaError>> {
-        let mut state = self.state();
-        if state.first != seq {
-            // The reports before `seq` belong to messages the relay dropped.
-            let skip = seq.saturating_sub(state.first).min(state.outcomes.len());
-            state.outcomes.drain(..skip);
-            state.first = seq;
-        }
-        let outcome = state.outcomes.front_mut()?.take()?;
-        state.outcomes.pop_front();
-        state.first += 1;
-        Some(outcome)
-    }
-}
-
-impl ClientContext for Reports {}
-
-impl ProducerContext for Reports {
-    type DeliveryOpaque = usize;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
-        let outcome = result.as_ref().map(|_| ()).map_err(|(e, _)| e.clone());
-        {
-            let mut state = self.state();
-            let Some(index) = seq.checked_sub(state.first) else {
-                return;
-            };
-            if state.outcomes.len() <= index {
-                state.outcomes.resize(index + 1, None);
-            }
-            state.outcomes[index] = Some(outcome);
-        }
-        self.arrived.notify_one();
-    }
-}
-
-impl std::fmt::Debug for OutboxRelay {
+impl<S: Sink> std::fmt::Debug for Relay<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OutboxRelay")
+        f.debug_struct("Relay")
+            .field("broker", &S::BROKER)
             .field("name", &self.lease.name())
             .field("owner", &self.lease.owner())
-            .field("config", &self.config)
-            .field("topics", &self.map)
             .field("batch", &self.batch)
             .field("metrics", &self.metrics)
             .finish_non_exhaustive()
     }
 }
 
-/// The producer's configuration: sane defaults, the user's properties, then what the relay's
-/// guarantees need.
-fn producer_config(config: &KafkaConfig) -> ClientConfig {
-    // A delivery not acknowledged within 30 s fails (librdkafka's default is 5 minutes): the relay
-    // then starts again from it with a new producer, which also recovers from a broker that lost
-    // the producer's state.
-    let mut client = config.client(
-        "-relay",
-        &[
-            ("linger.ms", "5"),
-            ("compression.type", "none"),
-            ("message.timeout.ms", "30000"),
-        ],
-    );
-    client
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("max.in.flight.requests.per.connection", "5");
-    client
-}
-
-/// A producer whose first message will have sequence number `first`.
-fn create_producer(
-    config: &KafkaConfig,
-    first: usize,
-) -> Result<ThreadedProducer<Reports>, KafkaError> {
-    let reports = Reports {
-        state: std::sync::Mutex::new(ReportState {
-            first,
-            outcomes: VecDeque::new(),
-        }),
-        arrived: tokio::sync::Notify::new(),
-    };
-    producer_config(config)
-        .create_with_context(reports)
-        .map_err(|e| KafkaError::Config(e.to_string()))
-}
-
-impl OutboxRelay {
-    /// A relay named `kafka-relay` run by `owner` (unique per process), topics from
-    /// [`TopicMap::new`], JSON envelopes, batches of 5,000 and a 30 s lease.
-    ///
-    /// # Errors
-    /// [`KafkaError::Config`] when librdkafka refuses the configuration.
-    pub fn new(
-        store: PostgresEventStore,
-        config: KafkaConfig,
-        owner: impl Into<String>,
-    ) -> Result<Self, KafkaError> {
-        let map = TopicMap::new();
-        Ok(Self {
-            topics: Topics::of(&config, &map)?,
-            producer: create_producer(&config, 0)?,
-            next: 0,
+impl<S: Sink> Relay<S> {
+    /// A relay publishing through `sink`, named [`S::DEFAULT_NAME`](Sink::DEFAULT_NAME), run by
+    /// `owner` (unique per process), JSON envelopes, pages of 5,000 and a 30 s lease.
+    pub fn new(store: PostgresEventStore, sink: S, owner: impl Into<String>) -> Self {
+        Self {
             lease: CheckpointLease::new(
                 store.clone(),
-                "kafka-relay",
+                S::DEFAULT_NAME,
                 owner,
                 Duration::from_secs(30),
             ),
             store,
-            config,
-            map,
+            sink,
             serializer: Arc::new(JsonEnvelope),
             batch: 5_000,
             metrics: RelayMetrics {
@@ -410,7 +279,17 @@ impl OutboxRelay {
             sent: None,
             stepping: false,
             report_every: crate::REPORT_EVERY,
-        })
+        }
+    }
+
+    /// The sink (to create destinations ahead of the first event, say).
+    pub fn sink_mut(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
+    /// The sink.
+    pub fn sink(&self) -> &S {
+        &self.sink
     }
 
     /// The checkpoint name (one relay of that name runs at a time; two names publish twice).
@@ -423,16 +302,6 @@ impl OutboxRelay {
             self.lease.duration(),
         );
         self
-    }
-
-    /// Which topic each aggregate type goes to, and how missing topics are created.
-    ///
-    /// # Errors
-    /// [`KafkaError::Config`] when librdkafka refuses the configuration.
-    pub fn with_topics(mut self, map: TopicMap) -> Result<Self, KafkaError> {
-        self.topics = Topics::of(&self.config, &map)?;
-        self.map = map;
-        Ok(self)
     }
 
     /// How events become message values.
@@ -451,7 +320,7 @@ impl OutboxRelay {
     }
 
     /// How often [`run`](Self::run) reports the relay's lag and counters as a tracing event
-    /// (target `cqrs_kafka::metrics`, message `relay report`; 10 s by default, never with
+    /// (target `cqrs::metrics`, message `relay report`; 10 s by default, never with
     /// `Duration::ZERO`).
     #[must_use]
     pub fn with_report_every(mut self, every: Duration) -> Self {
@@ -465,12 +334,12 @@ impl OutboxRelay {
         match self.lag().await {
             Ok(lag) => tracing::info!(
                 target: crate::METRICS_TARGET,
-                relay = self.lease.name(), lag, delivered = m.delivered, failures = m.failures,
+                broker = S::BROKER, relay = self.lease.name(), lag, delivered = m.delivered, failures = m.failures,
                 producers = m.producers, rate = m.last_rate, "relay report"
             ),
             Err(error) => tracing::warn!(
                 target: crate::METRICS_TARGET,
-                relay = self.lease.name(), %error, "relay report: the lag is unknown"
+                broker = S::BROKER, relay = self.lease.name(), %error, "relay report: the lag is unknown"
             ),
         }
     }
@@ -482,54 +351,44 @@ impl OutboxRelay {
         self
     }
 
-    /// Creates the topics of these aggregate types now if they are missing (the relay creates a
-    /// topic before its first event otherwise): a consumer that subscribes before anything was
-    /// published needs its topics to exist.
-    ///
-    /// # Errors
-    /// [`KafkaError::CreateTopic`] when the broker refuses.
-    pub async fn create_topics(&mut self, aggregate_types: &[&str]) -> Result<(), KafkaError> {
-        let topics: Vec<String> = aggregate_types.iter().map(|t| self.map.topic(t)).collect();
-        self.topics.ensure(topics.iter().map(String::as_str)).await
-    }
-
     /// The relay's counters.
     #[must_use]
     pub fn metrics(&self) -> RelayMetrics {
         self.metrics
     }
 
-    /// The checkpoint: every event up to it was acknowledged by the broker.
+    /// The checkpoint: every event up to it was confirmed by the broker.
     ///
     /// # Errors
-    /// [`KafkaError::Store`] when the database fails.
-    pub async fn checkpoint(&self) -> Result<Checkpoint, KafkaError> {
+    /// [`TransportError::Store`] when the database fails.
+    pub async fn checkpoint(&self) -> Result<Checkpoint, TransportError> {
         Ok(self.lease.checkpoint().await?)
     }
 
-    /// Events committed but not yet acknowledged by the broker (an exact count).
+    /// Events committed but not yet confirmed by the broker (an exact count).
     ///
     /// # Errors
-    /// [`KafkaError::Store`] when the database fails.
-    pub async fn lag(&self) -> Result<u64, KafkaError> {
+    /// [`TransportError::Store`] when the database fails.
+    pub async fn lag(&self) -> Result<u64, TransportError> {
         let at = self.checkpoint().await?;
         Ok(self.store.lag_after(at).await?.events)
     }
 
-    /// Reads the next batch after what was sent, sends it, then waits for the delivery reports
-    /// of the batches sent before it and moves the checkpoint over their delivered prefix.
+    /// Reads the next page after what was sent, sends it, then waits for the confirms of the
+    /// pages sent before it and moves the checkpoint over their confirmed prefix.
     ///
     /// Steps are pipelined: the batch a step sends is acknowledged during the next step, while
-    /// that one reads and sends its own, so the producer never runs dry between batches. A step
+    /// that one reads and sends its own, so the sink never runs dry between pages. A step
     /// that finds nothing new waits for everything in flight. A step cut midway, a lost lease
     /// or a failure drops what is in flight and starts again from the stored checkpoint (the
     /// messages already queued may still arrive: duplicates, never gaps).
     ///
     /// # Errors
-    /// [`KafkaError::LeaseLost`] when another relay holds the lease, [`KafkaError::Delivery`] when
-    /// a message was not delivered (the checkpoint stops before it; the producer is replaced),
-    /// [`KafkaError::Serialize`], [`KafkaError::Store`], [`KafkaError::CreateTopic`].
-    pub async fn step(&mut self) -> Result<RelayStep, KafkaError> {
+    /// [`TransportError::LeaseLost`] when another relay holds the lease,
+    /// [`TransportError::Delivery`] when a message was not confirmed (the checkpoint stops
+    /// before it; the sink is restarted), [`TransportError::Serialize`],
+    /// [`TransportError::Store`], [`TransportError::Topology`], [`TransportError::Broker`].
+    pub async fn step(&mut self) -> Result<RelayStep, TransportError> {
         if std::mem::replace(&mut self.stepping, true) {
             // The last step was cut: what it had in flight is unknown.
             self.reset();
@@ -548,12 +407,13 @@ impl OutboxRelay {
         self.sent = None;
         self.held = None;
         self.acked = None;
+        self.sink.forget();
         if let Some(prefetch) = self.prefetch.take() {
             prefetch.page.abort();
         }
     }
 
-    async fn pipelined_step(&mut self) -> Result<RelayStep, KafkaError> {
+    async fn pipelined_step(&mut self) -> Result<RelayStep, TransportError> {
         let stored = match self.held {
             // Renewed recently by this relay: no other can have taken it since.
             Some((at, checkpoint))
@@ -564,7 +424,7 @@ impl OutboxRelay {
             _ => {
                 let asked = Instant::now();
                 let Some(stored) = self.lease.acquire().await? else {
-                    return Err(KafkaError::LeaseLost(self.lease.name().to_owned()));
+                    return Err(TransportError::LeaseLost(self.lease.name().to_owned()));
                 };
                 self.held = Some((asked, stored));
                 stored
@@ -583,7 +443,8 @@ impl OutboxRelay {
         // At most one batch is in flight here (the last step's), two while this one sends.
         let page = self.read(from).await?;
         let span = tracing::debug_span!(
-            "cqrs.kafka.relay.batch",
+            "cqrs.relay.batch",
+            broker = S::BROKER,
             relay = self.lease.name(),
             read = page.len(),
             in_flight = self.in_flight.len(),
@@ -618,7 +479,7 @@ impl OutboxRelay {
                         acked
                     }
                     Advance::LeaseLost => {
-                        return Err(KafkaError::LeaseLost(self.lease.name().to_owned()));
+                        return Err(TransportError::LeaseLost(self.lease.name().to_owned()));
                     }
                     // An earlier move whose outcome was in doubt went through: the next move
                     // starts from what is stored.
@@ -631,13 +492,13 @@ impl OutboxRelay {
                 stored
             };
             if let Some(error) = failure {
-                if matches!(error, KafkaError::Delivery(_)) {
-                    // A fatal producer error (fenced epoch, ...) leaves the producer unusable, and
-                    // any failure may mean a topic went missing: start afresh.
+                if matches!(error, TransportError::Delivery(_)) {
+                    // A fatal client error (a fenced producer, a closed channel) leaves the
+                    // client unusable, and any failure may mean a destination went missing:
+                    // start afresh.
                     self.metrics.failures += 1;
-                    self.producer = create_producer(&self.config, self.next)?;
+                    self.sink.restart().await?;
                     self.metrics.producers += 1;
-                    self.topics.forget();
                 }
                 tracing::warn!(
                     relay = self.lease.name(), %error,
@@ -664,11 +525,12 @@ impl OutboxRelay {
     /// The page after `from`: the one prefetched during the last step if it starts there, else
     /// read now. A non-empty page starts the read of the next one, so the database read overlaps
     /// the serialization and sending of this one.
-    async fn read(&mut self, from: Checkpoint) -> Result<Page, KafkaError> {
+    async fn read(&mut self, from: Checkpoint) -> Result<Page<HeadersOf<S>>, TransportError> {
         let now = || {
             load(
                 self.store.clone(),
                 self.serializer.clone(),
+                self.sink.layout(),
                 from,
                 self.batch,
                 false,
@@ -690,7 +552,7 @@ impl OutboxRelay {
             // step acknowledges and checkpoints what is in flight, then stops with it).
             Err(corrupt @ cqrs_core::StoreError::Corrupt(_)) => Page {
                 chunks: Vec::new(),
-                refused: Some(KafkaError::Store(corrupt)),
+                refused: Some(TransportError::Store(corrupt)),
             },
             other => other?,
         };
@@ -699,6 +561,7 @@ impl OutboxRelay {
             let next = load(
                 self.store.clone(),
                 self.serializer.clone(),
+                self.sink.layout(),
                 last.checkpoint,
                 self.batch,
                 page.len() >= self.batch,
@@ -711,25 +574,20 @@ impl OutboxRelay {
         Ok(page)
     }
 
-    /// Queues the messages of `page` in the producer, behind what is in flight. Returns how many
+    /// Queues the messages of `page` in the sink, behind what is in flight. Returns how many
     /// were queued, or the first failure (those before it stay queued).
-    async fn send_page(&mut self, page: Page) -> Result<usize, KafkaError> {
+    async fn send_page(&mut self, page: Page<HeadersOf<S>>) -> Result<usize, TransportError> {
         let sent = page.len();
         let Page { chunks, refused } = page;
-        // One topic name per aggregate type of the page (rarely more than a few), shared by its
-        // messages.
-        let mut topics: Vec<(&str, Arc<str>)> = Vec::new();
+        // The aggregate types of the page (rarely more than a few).
+        let mut kinds: Vec<&str> = Vec::new();
         for event in chunks.iter().flat_map(|c| &c.events) {
             let kind = event.stream.aggregate_type.as_str();
-            if !topics.iter().any(|(k, _)| *k == kind) {
-                topics.push((kind, self.map.topic(kind).into()));
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
             }
         }
-        let topics: Vec<(String, Arc<str>)> = topics
-            .into_iter()
-            .map(|(kind, topic)| (kind.to_owned(), topic))
-            .collect();
-        self.topics.ensure(topics.iter().map(|(_, t)| &**t)).await?;
+        self.sink.prepare(&kinds).await?;
         if sent > 0 {
             self.metrics.batches += 1;
         }
@@ -742,22 +600,19 @@ impl OutboxRelay {
             } = chunk;
             let mut start = 0;
             for ((event, end), headers) in events.into_iter().zip(ends).zip(headers) {
-                let topic = match topics.as_slice() {
-                    [(_, only)] => only.clone(),
-                    _ => topics
-                        .iter()
-                        .find(|(kind, _)| *kind == event.stream.aggregate_type)
-                        .map(|(_, topic)| topic.clone())
-                        .unwrap_or_else(|| self.map.topic(&event.stream.aggregate_type).into()),
-                };
                 let value = &values[start..end];
                 start = end;
-                let seq = self
-                    .send(&event, &topic, value, headers)
-                    .await
-                    .map_err(|source| delivery_error(&event, &topic, source))?;
+                let message = Message {
+                    event_id: event.event_id,
+                    stream: &event.stream,
+                    value,
+                    headers,
+                };
+                if let Err(source) = self.sink.send(message).await {
+                    return Err(delivery_error(&self.sink, &event, source));
+                }
                 self.sent = Some(event.checkpoint);
-                self.in_flight.push_back(InFlight { event, topic, seq });
+                self.in_flight.push_back(event);
             }
         }
         match refused {
@@ -766,73 +621,33 @@ impl OutboxRelay {
         }
     }
 
-    /// Awaits the delivery reports of everything in flight but the last `keep`, in order: the
-    /// delivered prefix, the checkpoint after it (`stored` when nothing was delivered) and the
-    /// first failure. Cancel-safe: a report is taken off the queue only once it has arrived.
+    /// Awaits the confirms of everything in flight but the last `keep`, in order: the confirmed
+    /// prefix, the checkpoint after it (`stored` when nothing was confirmed) and the first
+    /// failure. Cancel-safe: the sink gives up a confirm only once it has arrived.
     async fn acknowledge(
         &mut self,
         keep: usize,
         stored: Checkpoint,
-    ) -> (usize, Checkpoint, Option<KafkaError>) {
+    ) -> (usize, Checkpoint, Option<TransportError>) {
         let mut delivered = 0;
         let mut checkpoint = stored;
         while self.in_flight.len() > keep {
-            let Some(seq) = self.in_flight.front().map(|f| f.seq) else {
-                break;
-            };
-            let reports = self.producer.context();
-            let outcome = loop {
-                // Registered before looking, so a report arriving in between still wakes it.
-                let arrived = reports.arrived.notified();
-                if let Some(outcome) = reports.take(seq) {
-                    break outcome;
-                }
-                arrived.await;
-            };
+            let outcome = self.sink.confirmed().await;
             let Some(done) = self.in_flight.pop_front() else {
                 break;
             };
             match outcome {
                 Ok(()) => {
                     delivered += 1;
-                    checkpoint = done.event.checkpoint;
+                    checkpoint = done.checkpoint;
                 }
                 Err(source) => {
-                    let error = delivery_error(&done.event, &done.topic, source);
+                    let error = delivery_error(&self.sink, &done, source);
                     return (delivered, checkpoint, Some(error));
                 }
             }
         }
         (delivered, checkpoint, None)
-    }
-
-    /// Queues `event` (serialized as `value`, with `headers`) in the producer, waiting while its
-    /// queue is full. Returns the message's sequence number.
-    async fn send(
-        &mut self,
-        event: &Outgoing,
-        topic: &str,
-        value: &[u8],
-        headers: OwnedHeaders,
-    ) -> Result<usize, RdKafkaError> {
-        let seq = self.next;
-        let mut record = BaseRecord::with_opaque_to(topic, seq)
-            .key(event.stream.aggregate_id.as_str())
-            .payload(value)
-            .headers(headers);
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => {
-                    self.next += 1;
-                    return Ok(seq);
-                }
-                Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                Err((error, _)) => return Err(error),
-            }
-        }
     }
 
     /// Publishes until `shutdown` completes: steps while there is work, then waits for a commit
@@ -844,13 +659,13 @@ impl OutboxRelay {
     /// counters every [`with_report_every`](Self::with_report_every). Returns the counters.
     ///
     /// # Errors
-    /// [`KafkaError::Serialize`] for an event the serializer refuses, [`KafkaError::Store`] with
+    /// [`TransportError::Serialize`] for an event the serializer refuses, [`TransportError::Store`] with
     /// [`StoreError::Corrupt`](cqrs_core::StoreError::Corrupt) for a row that cannot be read.
     pub async fn run(
         mut self,
         poll: Duration,
         shutdown: impl Future<Output = ()>,
-    ) -> Result<RelayMetrics, KafkaError> {
+    ) -> Result<RelayMetrics, TransportError> {
         tokio::pin!(shutdown);
         let mut wakeups = None;
         let mut backoff =
@@ -878,9 +693,9 @@ impl OutboxRelay {
                     backoff.reset();
                     poll
                 }
-                Err(error) if stops(&error) => return Err(error),
+                Err(error) if error.stops_relay() => return Err(error),
                 Err(error) => {
-                    tracing::warn!(relay = self.lease.name(), %error, "relay step failed; retrying");
+                    tracing::warn!(broker = S::BROKER, relay = self.lease.name(), %error, "relay step failed; retrying");
                     backoff.next_delay()
                 }
             };
@@ -903,11 +718,11 @@ impl OutboxRelay {
     }
 }
 
-fn delivery_error(event: &Outgoing, topic: &str, source: RdKafkaError) -> KafkaError {
-    KafkaError::Delivery(Box::new(crate::DeliveryError {
+fn delivery_error<S: Sink>(sink: &S, event: &Outgoing, source: BrokerError) -> TransportError {
+    TransportError::Delivery(Box::new(DeliveryError {
         event_id: event.event_id,
+        destination: sink.destination(&event.stream.aggregate_type),
         stream: event.stream.clone(),
-        topic: topic.to_owned(),
         source,
     }))
 }

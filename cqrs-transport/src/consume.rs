@@ -1,0 +1,207 @@
+//! What every broker's consumer does with a message, written once: decode the envelope, hand
+//! the event to the handler, retry a failing handler with the shared backoff, wait out an outage
+//! of the handler's database without spending the message's tries, and give the verdict: done
+//! (acknowledge it) or dead-letter it (with why and after how many tries).
+//!
+//! The broker adapters only receive, acknowledge and dead-letter: a message is acknowledged
+//! only after its effect committed (or after its dead letter is safely at the broker), so a
+//! crash at any point redelivers it and the handler's inbox turns the redelivery into a no-op.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cqrs_core::StoredEvent;
+use cqrs_core::projection::{FailureMode, FailurePolicy};
+
+use crate::envelope::MalformedMessage;
+use crate::handler::{HandleError, Handled, MessageHandler};
+use crate::{EventSerializer, JsonEnvelope};
+
+/// What a consumer does with a message once [`Consumer::process`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Applied, a duplicate, or not for this handler: acknowledge it.
+    Done(Handled),
+    /// Send it to the dead-letter place with `reason`, then acknowledge it.
+    DeadLetter {
+        /// Why: the handler's last error, or what is malformed.
+        reason: String,
+        /// How many times the handler was tried (0 for a malformed message).
+        attempts: u32,
+    },
+}
+
+/// A consumer's counters since it was created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConsumerMetrics {
+    /// Messages received.
+    pub received: u64,
+    /// Events applied.
+    pub applied: u64,
+    /// Redeliveries the inbox turned into no-ops.
+    pub duplicates: u64,
+    /// Events the handler does not listen to.
+    pub skipped: u64,
+    /// Handler attempts that failed and were tried again.
+    pub retries: u64,
+    /// Messages sent to a dead-letter place.
+    pub dead_lettered: u64,
+}
+
+/// The broker-independent part of a consumer: a handler, how message values become events, and
+/// the retry policy.
+pub struct Consumer<H> {
+    handler: H,
+    name: String,
+    serializer: Arc<dyn EventSerializer>,
+    attempts: u32,
+    backoff: Duration,
+    metrics: ConsumerMetrics,
+}
+
+impl<H> std::fmt::Debug for Consumer<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("name", &self.name)
+            .field("attempts", &self.attempts)
+            .field("backoff", &self.backoff)
+            .field("metrics", &self.metrics)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: MessageHandler> Consumer<H> {
+    /// A consumer named `name` (its consumer group, queue or durable name, for logs) feeding
+    /// `handler`: JSON envelopes, 5 tries per message with a backoff from 100 ms (doubling, with
+    /// jitter, at most 10 s).
+    pub fn new(name: impl Into<String>, handler: H) -> Self {
+        Self {
+            handler,
+            name: name.into(),
+            serializer: Arc::new(JsonEnvelope),
+            attempts: 5,
+            backoff: Duration::from_millis(100),
+            metrics: ConsumerMetrics::default(),
+        }
+    }
+
+    /// How often a failing handler is tried (at least once) and the first backoff.
+    pub fn set_retries(&mut self, attempts: u32, backoff: Duration) {
+        self.attempts = attempts.max(1);
+        self.backoff = backoff;
+    }
+
+    /// How message values become events (the relay's serializer).
+    pub fn set_serializer(&mut self, serializer: impl EventSerializer) {
+        self.serializer = Arc::new(serializer);
+    }
+
+    /// How many times a failing handler is tried.
+    #[must_use]
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// The consumer's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The counters.
+    #[must_use]
+    pub fn metrics(&self) -> ConsumerMetrics {
+        self.metrics
+    }
+
+    /// The handler.
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    /// Counts a message received (call once per delivery, redeliveries included).
+    pub fn received(&mut self) {
+        self.metrics.received += 1;
+    }
+
+    /// Counts a message whose dead letter the broker now has.
+    pub fn dead_lettered(&mut self) {
+        self.metrics.dead_lettered += 1;
+    }
+
+    /// The event in a message value (`None`: the message has no value).
+    ///
+    /// # Errors
+    /// [`MalformedMessage`] saying what is wrong with it.
+    pub fn decode(&self, value: Option<&[u8]>) -> Result<StoredEvent, MalformedMessage> {
+        match value {
+            None | Some([]) => Err(MalformedMessage::Empty),
+            Some(value) => self.serializer.deserialize(value),
+        }
+    }
+
+    /// Handles the message with value `value` until there is a verdict. A handler failure is
+    /// retried with the backoff; a malformed message or one that failed every try is to be
+    /// dead-lettered. While the handler's database is unavailable it waits and tries again
+    /// without end (an outage is not the message's fault), so nothing after it is handled first.
+    pub async fn process(&mut self, value: Option<&[u8]>) -> Verdict {
+        let event = match self.decode(value) {
+            Ok(event) => event,
+            Err(malformed) => {
+                tracing::warn!(consumer = %self.name, error = %malformed, "malformed message");
+                return Verdict::DeadLetter {
+                    reason: malformed.to_string(),
+                    attempts: 0,
+                };
+            }
+        };
+        self.process_event(&event).await
+    }
+
+    /// [`process`](Self::process) for a decoded event.
+    pub async fn process_event(&mut self, event: &StoredEvent) -> Verdict {
+        // The same retry policy as every projection runtime: tries, backoff with jitter, give up.
+        let mut retries = FailurePolicy {
+            attempts: self.attempts,
+            backoff: self.backoff,
+            max_backoff: Duration::from_secs(10),
+            mode: FailureMode::Skip,
+        }
+        .retries();
+        let mut outage = cqrs_core::Backoff::new(self.backoff, Duration::from_secs(10));
+        loop {
+            let error = match self.handler.handle(event).await {
+                Ok(handled) => {
+                    match handled {
+                        Handled::Applied => self.metrics.applied += 1,
+                        Handled::Duplicate => self.metrics.duplicates += 1,
+                        Handled::Skipped => self.metrics.skipped += 1,
+                    }
+                    return Verdict::Done(handled);
+                }
+                Err(error) => error,
+            };
+            if let HandleError::Unavailable(reason) = &error {
+                // Not the message's fault: wait and try it again, without spending its tries.
+                let wait = outage.next_delay();
+                tracing::warn!(consumer = %self.name, stream = %event.stream, version = event.version, %reason, retry_in = ?wait, "the handler's database is unavailable; waiting");
+                self.metrics.retries += 1;
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            outage.reset();
+            let malformed = matches!(error, HandleError::Malformed(_));
+            if let Some(failure) = retries.failed_with(&error, malformed).await {
+                tracing::warn!(
+                    consumer = %self.name, stream = %event.stream, version = event.version,
+                    attempts = failure.attempts, %error, "dead-lettering the message"
+                );
+                return Verdict::DeadLetter {
+                    reason: failure.error,
+                    attempts: failure.attempts,
+                };
+            }
+            self.metrics.retries += 1;
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! Durable JetStream consumers feeding projections and event-started sagas.
+//!
+//! A [`NatsConsumer`] pulls from a durable consumer on the events stream (explicit acks,
+//! optionally filtered to one aggregate type's subjects) and hands each event to a
+//! [`MessageHandler`] through the one [`Consumer`] core every broker shares. A message is
+//! acknowledged only after its effect committed (with its inbox row, for
+//! [`Transactional`](cqrs_transport::Transactional)), or after its dead letter was stored in the
+//! dead-letter stream. While a handler runs, the message's ack deadline is extended (in-progress
+//! acks every third of `ack_wait`), so a slow handler is not redelivered to another consumer. A
+//! message delivered `max_deliver` times without an answer (it keeps killing its consumer) is
+//! dead-lettered at its last delivery, not handled again.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::{AckKind, Context, Message};
+use cqrs_core::projection::Projection;
+use cqrs_transport::envelope::header;
+use cqrs_transport::{
+    Consumer, ConsumerMetrics, EventSerializer, MessageHandler, TransportError, Verdict,
+};
+use futures::StreamExt;
+
+use crate::jetstream::{connect, dead_letter_stream, events_stream};
+use crate::{BROKER, NatsConfig};
+
+/// Reads a durable JetStream consumer into a [`MessageHandler`].
+pub struct NatsConsumer<H> {
+    config: NatsConfig,
+    durable: String,
+    filter: Option<String>,
+    max_deliver: i64,
+    ack_wait: Duration,
+    core: Consumer<H>,
+}
+
+impl<H> std::fmt::Debug for NatsConsumer<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConsumer")
+            .field("durable", &self.durable)
+            .field("filter", &self.filter)
+            .field("max_deliver", &self.max_deliver)
+            .field("ack_wait", &self.ack_wait)
+            .field("core", &self.core)
+            .finish_non_exhaustive()
+    }
+}
+
+fn broker<E>(operation: &'static str) -> impl FnOnce(E) -> TransportError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    TransportError::broker(BROKER, operation)
+}
+
+impl<H: MessageHandler> NatsConsumer<H> {
+    /// A durable consumer named `durable` of every event in the stream, `max_deliver` 10, a
+    /// 30 s ack wait, 5 tries per message with a backoff from 100 ms.
+    ///
+    /// # Errors
+    /// [`TransportError::Config`] when `durable` is not a consumer name (empty, or with `.`,
+    /// `*`, `>` or whitespace).
+    pub fn new(
+        config: &NatsConfig,
+        durable: impl Into<String>,
+        handler: H,
+    ) -> Result<Self, TransportError> {
+        let durable = durable.into();
+        if durable.is_empty()
+            || durable
+                .chars()
+                .any(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace())
+        {
+            return Err(TransportError::config(
+                BROKER,
+                format_args!("`{durable}` is not a consumer name (no `.`, `*`, `>` or whitespace)"),
+            ));
+        }
+        Ok(Self {
+            config: config.clone(),
+            core: Consumer::new(durable.clone(), handler),
+            durable,
+            filter: None,
+            max_deliver: 10,
+            ack_wait: Duration::from_secs(30),
+        })
+    }
+
+    /// Only the events of `aggregate_type` (filter subject `<prefix>.<aggregate type>.>`).
+    #[must_use]
+    pub fn with_aggregate_type(mut self, aggregate_type: &str) -> Self {
+        self.filter = Some(self.config.subjects_of(aggregate_type));
+        self
+    }
+
+    /// The subjects of projection `P`'s subscription table: its aggregate type's subjects when
+    /// it subscribes to one aggregate type's events, else the whole stream (a server before 2.10
+    /// takes one filter subject per consumer; the handler skips what it does not listen to).
+    #[must_use]
+    pub fn with_subscriptions_of<P: Projection>(self) -> Self {
+        let mut types: Vec<&str> = P::SUBSCRIPTIONS
+            .iter()
+            .filter_map(|s| s.aggregate_type)
+            .collect();
+        types.sort_unstable();
+        types.dedup();
+        let all_typed = P::SUBSCRIPTIONS.iter().all(|s| s.aggregate_type.is_some());
+        match types.as_slice() {
+            [only] if all_typed => self.with_aggregate_type(only),
+            _ => self,
+        }
+    }
+
+    /// Deliveries of one message before it is dead-lettered without being handled again (10 by
+    /// default, at least 2): catches messages that kill the consumer before it can answer.
+    #[must_use]
+    pub fn with_max_deliver(mut self, max: u32) -> Self {
+        self.max_deliver = i64::from(max.max(2));
+        self
+    }
+
+    /// How long the server waits for an answer before redelivering (30 s by default); a running
+    /// handler extends it every third of it.
+    #[must_use]
+    pub fn with_ack_wait(mut self, wait: Duration) -> Self {
+        self.ack_wait = wait.max(Duration::from_millis(100));
+        self
+    }
+
+    /// How often a failing handler is tried (at least once) and the first backoff.
+    #[must_use]
+    pub fn with_retries(mut self, attempts: u32, backoff: Duration) -> Self {
+        self.core.set_retries(attempts, backoff);
+        self
+    }
+
+    /// How message values become events (the relay's serializer).
+    #[must_use]
+    pub fn with_serializer(mut self, serializer: impl EventSerializer) -> Self {
+        self.core.set_serializer(serializer);
+        self
+    }
+
+    /// The counters.
+    #[must_use]
+    pub fn metrics(&self) -> ConsumerMetrics {
+        self.core.metrics()
+    }
+
+    /// The handler.
+    pub fn handler(&self) -> &H {
+        self.core.handler()
+    }
+
+    /// The dead-letter subject of this consumer.
+    #[must_use]
+    pub fn dead_letter_subject(&self) -> String {
+        self.config.dead_letter_subject(&self.durable)
+    }
+
+    /// Creates (or, with declaration off, checks) the events stream, the dead-letter stream and
+    /// the durable consumer now. Idempotent.
+    ///
+    /// # Errors
+    /// [`TransportError::Broker`] when the server cannot be reached,
+    /// [`TransportError::Topology`] naming what is missing or refused.
+    pub async fn declare(&self) -> Result<(), TransportError> {
+        let js = connect(&self.config).await?;
+        self.consumer(&js).await.map(|_| ())
+    }
+
+    async fn consumer(
+        &self,
+        js: &Context,
+    ) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, TransportError> {
+        let stream = events_stream(js, &self.config).await?;
+        dead_letter_stream(js, &self.config).await?;
+        let config = pull::Config {
+            durable_name: Some(self.durable.clone()),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::All,
+            ack_wait: self.ack_wait,
+            max_deliver: self.max_deliver,
+            filter_subject: self
+                .filter
+                .clone()
+                .unwrap_or_else(|| format!("{}.>", self.config.prefix())),
+            ..pull::Config::default()
+        };
+        let topology = |reason: String| TransportError::Topology {
+            broker: BROKER,
+            destination: format!("consumer {} on {}", self.durable, self.config.stream()),
+            reason,
+        };
+        if self.config.declares() {
+            stream
+                .get_or_create_consumer(&self.durable, config)
+                .await
+                .map_err(|e| topology(e.to_string()))
+        } else {
+            stream
+                .get_consumer(&self.durable)
+                .await
+                .map_err(|e| topology(e.to_string()))
+        }
+    }
+
+    /// Consumes until `shutdown` completes. A lost connection is logged and re-established with
+    /// a backoff up to 10 s (unacknowledged messages come again; the inbox drops what was
+    /// applied). Returns the counters.
+    ///
+    /// # Errors
+    /// [`TransportError::Topology`] when declaration is off and a stream or the consumer is
+    /// missing: waiting does not create it.
+    pub async fn run(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<ConsumerMetrics, TransportError> {
+        tokio::pin!(shutdown);
+        let mut backoff =
+            cqrs_core::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        loop {
+            let session = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                outcome = self.session(&mut backoff) => outcome,
+            };
+            match session {
+                Ok(()) => break,
+                Err(error @ TransportError::Topology { .. }) if !self.config.declares() => {
+                    return Err(error);
+                }
+                Err(error) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(broker = BROKER, consumer = %self.durable, %error, retry_in = ?wait, "consumer session ended; reconnecting");
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        Ok(self.core.metrics())
+    }
+
+    async fn session(&mut self, backoff: &mut cqrs_core::Backoff) -> Result<(), TransportError> {
+        let js = connect(&self.config).await?;
+        let consumer = self.consumer(&js).await?;
+        let mut messages = consumer.messages().await.map_err(broker("pull"))?;
+        backoff.reset();
+        loop {
+            let message = match messages.next().await {
+                Some(Ok(message)) => message,
+                Some(Err(error)) => return Err(broker("receive")(error)),
+                None => {
+                    return Err(TransportError::Broker {
+                        broker: BROKER,
+                        operation: "receive",
+                        source: "the message stream ended".into(),
+                    });
+                }
+            };
+            self.handle(&js, &message).await?;
+        }
+    }
+
+    /// Handles one message and answers it: ack after the effect, term after the dead letter.
+    async fn handle(&mut self, js: &Context, message: &Message) -> Result<(), TransportError> {
+        self.core.received();
+        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        let verdict = if delivered >= self.max_deliver {
+            Verdict::DeadLetter {
+                reason: format!(
+                    "delivered {delivered} times without an answer (the consumer crashed or \
+                     timed out handling it)"
+                ),
+                attempts: 0,
+            }
+        } else {
+            let every = self.ack_wait / 3;
+            let keepalive = async {
+                loop {
+                    tokio::time::sleep(every).await;
+                    // A lost progress ack only risks a redelivery, which the inbox absorbs.
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+            };
+            tokio::select! {
+                verdict = self.core.process(Some(&message.payload)) => verdict,
+                () = keepalive => unreachable_verdict(),
+            }
+        };
+        match verdict {
+            Verdict::Done(_) => message.ack().await.map_err(|e| TransportError::Broker {
+                broker: BROKER,
+                operation: "acknowledge",
+                source: e,
+            }),
+            Verdict::DeadLetter { reason, attempts } => {
+                self.dead_letter(js, message, &reason, attempts).await?;
+                self.core.dead_lettered();
+                message
+                    .ack_with(AckKind::Term)
+                    .await
+                    .map_err(|e| TransportError::Broker {
+                        broker: BROKER,
+                        operation: "terminate a dead-lettered message",
+                        source: e,
+                    })
+            }
+        }
+    }
+
+    /// Stores `message` in the dead-letter stream with why, waiting for the stream's ack.
+    async fn dead_letter(
+        &self,
+        js: &Context,
+        message: &Message,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<(), TransportError> {
+        let mut headers = message.headers.clone().unwrap_or_else(HeaderMap::new);
+        headers.insert(header::DLQ_ERROR, reason);
+        headers.insert(header::DLQ_ATTEMPTS, attempts.to_string().as_str());
+        headers.insert(header::DLQ_CONSUMER, self.durable.as_str());
+        headers.insert(header::DLQ_TOPIC, message.subject.as_str());
+        if let Ok(info) = message.info() {
+            headers.insert(header::DLQ_OFFSET, info.stream_sequence.to_string().as_str());
+        }
+        // The dead letter keeps the message id of the event for the stream's dedup, suffixed so
+        // the dead-letter stream holds one per consumer.
+        js.publish_with_headers(
+            self.dead_letter_subject(),
+            headers,
+            message.payload.clone(),
+        )
+        .await
+        .map_err(broker("send to the dead-letter stream"))?
+        .await
+        .map_err(broker("send to the dead-letter stream"))?;
+        Ok(())
+    }
+}
+
+/// The keepalive loop never ends; this is its (unreachable) value.
+fn unreachable_verdict() -> Verdict {
+    Verdict::DeadLetter {
+        reason: "the ack keepalive stopped".to_owned(),
+        attempts: 0,
+    }
+}

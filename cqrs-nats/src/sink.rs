@@ -1,0 +1,179 @@
+//! The relay's NATS side: JetStream publishes with the event id as `Nats-Msg-Id`, their acks
+//! awaited in order while the next ones are in flight.
+
+use std::collections::VecDeque;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::Context;
+use async_nats::jetstream::context::PublishError;
+use async_nats::jetstream::publish::PublishAck;
+use cqrs_core::RawStoredEvent;
+use cqrs_transport::envelope::headers_of;
+use cqrs_transport::{BrokerError, Layout, Outgoing, Sink, TransportError};
+
+use crate::jetstream::{connect, events_stream};
+use crate::{BROKER, NatsConfig};
+
+/// The relay publishing to NATS JetStream: `NatsRelay::new(store, NatsSink::new(config), owner)`.
+pub type NatsRelay = cqrs_transport::Relay<NatsSink>;
+
+type PendingAck = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
+
+/// Publishes the relay's messages to the events stream: subject
+/// `<prefix>.<aggregate type>.<aggregate id>.<event type>`, `Nats-Msg-Id` = the event id (the
+/// server drops a resend within its duplicate window), the framework's headers. A message counts
+/// as sent once the stream acknowledged it (stored on its replicas).
+pub struct NatsSink {
+    config: NatsConfig,
+    js: Option<Context>,
+    pending: VecDeque<PendingAck>,
+    /// Acks of resends the server dropped as duplicates.
+    duplicates: u64,
+}
+
+impl std::fmt::Debug for NatsSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSink")
+            .field("config", &self.config)
+            .field("connected", &self.js.is_some())
+            .field("pending", &self.pending.len())
+            .field("duplicates", &self.duplicates)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsSink {
+    /// A sink to the server of `config` (connected at the first page).
+    #[must_use]
+    pub fn new(config: NatsConfig) -> Self {
+        Self {
+            config,
+            js: None,
+            pending: VecDeque::new(),
+            duplicates: 0,
+        }
+    }
+
+    /// How many resends the server acknowledged as duplicates (dropped within its window).
+    #[must_use]
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+
+    async fn context(&mut self) -> Result<&Context, TransportError> {
+        if self.js.is_none() {
+            self.pending.clear();
+            let js = connect(&self.config).await?;
+            events_stream(&js, &self.config).await?;
+            self.js = Some(js);
+        }
+        self.js
+            .as_ref()
+            .ok_or_else(|| TransportError::config(BROKER, "not connected"))
+    }
+}
+
+/// The subjects and headers of the relay's messages.
+#[derive(Clone)]
+pub struct NatsLayout {
+    config: NatsConfig,
+}
+
+impl std::fmt::Debug for NatsLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsLayout").finish_non_exhaustive()
+    }
+}
+
+/// What the layout builds for one message.
+#[derive(Debug)]
+pub struct NatsMessage {
+    subject: String,
+    headers: HeaderMap,
+}
+
+impl Layout for NatsLayout {
+    type Headers = NatsMessage;
+
+    fn headers(&self, event: &RawStoredEvent, content_type: &'static str) -> NatsMessage {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            event.event_id.to_string().as_str(),
+        );
+        headers_of(event, content_type, |key, value| {
+            headers.insert(key, value);
+        });
+        NatsMessage {
+            subject: self.config.subject(
+                &event.stream.aggregate_type,
+                event.stream.aggregate_id.as_str(),
+                &event.event_type,
+            ),
+            headers,
+        }
+    }
+}
+
+impl Sink for NatsSink {
+    const BROKER: &'static str = BROKER;
+    const DEFAULT_NAME: &'static str = "nats-relay";
+    type Layout = NatsLayout;
+
+    fn layout(&self) -> NatsLayout {
+        NatsLayout {
+            config: self.config.clone(),
+        }
+    }
+
+    fn destination(&self, aggregate_type: &str) -> String {
+        format!(
+            "stream {}, subjects {}",
+            self.config.stream(),
+            self.config.subjects_of(aggregate_type)
+        )
+    }
+
+    async fn prepare(&mut self, _aggregate_types: &[&str]) -> Result<(), TransportError> {
+        self.context().await.map(|_| ())
+    }
+
+    async fn send(&mut self, message: Outgoing<'_, NatsMessage>) -> Result<(), BrokerError> {
+        let js = self.context().await.map_err(Box::new)?;
+        let ack = js
+            .publish_with_headers(
+                message.headers.subject,
+                message.headers.headers,
+                bytes::Bytes::copy_from_slice(message.value),
+            )
+            .await?;
+        self.pending.push_back(ack.into_future());
+        Ok(())
+    }
+
+    async fn confirmed(&mut self) -> Result<(), BrokerError> {
+        let Some(front) = self.pending.front_mut() else {
+            return Err("no message is waiting for an ack".into());
+        };
+        // Awaited in place, and taken off the queue only once answered: cancel-safe.
+        let answer = front.as_mut().await;
+        self.pending.pop_front();
+        let ack = answer?;
+        if ack.duplicate {
+            self.duplicates += 1;
+        }
+        Ok(())
+    }
+
+    fn forget(&mut self) {
+        self.pending.clear();
+    }
+
+    async fn restart(&mut self) -> Result<(), TransportError> {
+        self.pending.clear();
+        self.js = None;
+        Ok(())
+    }
+}

@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 
 pub mod consume;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod envelope;
 mod error;
 pub mod handler;

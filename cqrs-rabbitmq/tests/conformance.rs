@@ -1,0 +1,137 @@
+//! The transport conformance suite against the real RabbitMQ (`AMQP_URL`, default
+//! amqp://guest:guest@127.0.0.1:5672/%2f) and the real PostgreSQL.
+
+use std::time::Duration;
+
+use cqrs_rabbitmq::{RabbitConfig, RabbitConsumer, RabbitSink, TransportError};
+use cqrs_transport::conformance::{self, BoxFuture, Broker, Recorder, Unused};
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+struct Rabbit;
+
+/// A namespace no earlier run used (exchanges and queues outlive a run).
+fn namespace(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("rmq_{name}_{}_{nanos}", std::process::id())
+}
+
+fn config(ns: &str) -> RabbitConfig {
+    RabbitConfig::from_env().with_exchange(format!("{ns}.events"))
+}
+
+fn queue(ns: &str, name: &str) -> String {
+    format!("{ns}.{name}")
+}
+
+impl Broker for Rabbit {
+    type Sink = RabbitSink;
+
+    fn sink(&self, ns: &str) -> RabbitSink {
+        RabbitSink::new(config(ns))
+    }
+
+    fn declare<'a>(
+        &'a self,
+        ns: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            RabbitConsumer::new(&config(ns), queue(ns, name), Unused)
+                .declare()
+                .await
+        })
+    }
+
+    fn consume(
+        &self,
+        ns: &str,
+        name: &str,
+        handler: Recorder,
+        shutdown: BoxFuture<'static, ()>,
+    ) -> BoxFuture<'static, Result<cqrs_rabbitmq::ConsumerMetrics, TransportError>> {
+        let consumer = RabbitConsumer::new(&config(ns), queue(ns, name), handler)
+            .with_retries(3, Duration::from_millis(10));
+        Box::pin(consumer.run(shutdown))
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        ns: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<u64, TransportError>> {
+        Box::pin(async move {
+            let (_, dead) =
+                RabbitConsumer::new(&config(ns), queue(ns, name), Unused)
+                    .depth()
+                    .await?;
+            Ok(u64::from(dead))
+        })
+    }
+
+    fn publish_foreign<'a>(
+        &'a self,
+        ns: &'a str,
+        name: &'a str,
+        value: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            let url = config(ns).url().to_owned();
+            let connection = Connection::connect(&url, ConnectionProperties::default())
+                .await
+                .map_err(TransportError::broker("RabbitMQ", "connect"))?;
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(TransportError::broker("RabbitMQ", "channel"))?;
+            // Straight into the queue through the default exchange, as a stranger would.
+            channel
+                .queue_declare(
+                    queue(ns, name).as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(TransportError::broker("RabbitMQ", "queue"))?;
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue(ns, name).as_str().into(),
+                    BasicPublishOptions::default(),
+                    value,
+                    BasicProperties::default(),
+                )
+                .await
+                .map_err(TransportError::broker("RabbitMQ", "publish"))?;
+            let _ = connection.close(200, "done".into()).await;
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_200_times_loses_nothing_and_keeps_each_aggregates_order() {
+    let report = conformance::relay_killed_at_random_points(&Rabbit, &namespace("kill"), 200).await;
+    println!("RabbitMQ, relay killed at random points: {report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_dead_lettered_and_the_rest_flows() {
+    conformance::poison_is_dead_lettered(&Rabbit, &namespace("poison")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killed_mid_handler_applies_the_event_once() {
+    conformance::consumer_killed_mid_handler(&Rabbit, &namespace("midkill")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_is_not_ours_is_dead_lettered() {
+    conformance::not_ours_is_dead_lettered(&Rabbit, &namespace("foreign")).await;
+}

@@ -1,0 +1,542 @@
+//! The transport conformance suite: the guarantees every broker crate must keep, written once and
+//! run against each real broker (feature `conformance`, for tests).
+//!
+//! A broker crate implements [`Broker`] (a sink and a consumer for a namespace of its own) and
+//! calls each check from a `#[tokio::test]`. Every check runs against the real PostgreSQL
+//! (`DATABASE_URL`) with a schema of its own, and a handler ([`Recorder`]) that writes each event
+//! it applies in the same transaction as its inbox row, so a second effect would show.
+//!
+//! - [`relay_killed_at_random_points`]: writers append while the relay is cut at random points
+//!   (a step dropped mid-flight, including after messages were sent and before their confirms or
+//!   the checkpoint move) and started again at once, hundreds of times: the consumer sees every
+//!   event, once, each aggregate's events in order.
+//! - [`poison_is_dead_lettered`]: an event the handler always fails on is retried, then lands in
+//!   the broker's dead-letter place; later events of other aggregates keep flowing.
+//! - [`consumer_killed_mid_handler`]: a consumer cut while its handler's transaction is open
+//!   (nothing acknowledged) is replaced; the event's effect happens exactly once.
+//! - [`not_ours_is_dead_lettered`]: a message on the consumed destination that is not an
+//!   envelope is dead-lettered, naming why, and does not stop the consumer.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cqrs_core::{EventData, EventId, EventStore, ExpectedVersion, Metadata, StoredEvent, StreamId};
+use cqrs_postgres::{Inbox, PostgresEventStore};
+use rand::Rng;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+
+use crate::{ConsumerMetrics, HandleError, Handled, MessageHandler, Relay, Sink, TransportError};
+
+/// A boxed future, as the harness returns them.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a broker crate supplies to the suite.
+pub trait Broker: Send + Sync + 'static {
+    /// Its sink.
+    type Sink: Sink;
+
+    /// A sink publishing into namespace `ns` (an exchange, a stream, a topic prefix of its own).
+    fn sink(&self, ns: &str) -> Self::Sink;
+
+    /// Declares consumer `name`'s topology in `ns`, so that what is published afterwards reaches
+    /// it.
+    fn declare<'a>(&'a self, ns: &'a str, name: &'a str)
+    -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Runs consumer `name` of `ns` into `handler` until `shutdown`; at most 3 tries per message.
+    fn consume(
+        &self,
+        ns: &str,
+        name: &str,
+        handler: Recorder,
+        shutdown: BoxFuture<'static, ()>,
+    ) -> BoxFuture<'static, Result<ConsumerMetrics, TransportError>>;
+
+    /// How many dead letters consumer `name` of `ns` has in the broker's dead-letter place.
+    fn dead_letters<'a>(
+        &'a self,
+        ns: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<u64, TransportError>>;
+
+    /// Publishes `value` (with no headers) where consumer `name` of `ns` reads, as a stranger
+    /// would.
+    fn publish_foreign<'a>(
+        &'a self,
+        ns: &'a str,
+        name: &'a str,
+        value: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
+}
+
+/// A store in a fresh schema `t_<name>` of `DATABASE_URL`'s database, with a table `applied`
+/// the [`Recorder`] writes.
+///
+/// # Panics
+/// When the database cannot be reached: the suite needs it.
+pub async fn fresh_store(name: &str) -> PostgresEventStore {
+    let url = cqrs_postgres::database_url();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(12)
+        .connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("the conformance suite needs PostgreSQL at {url}: {e}"));
+    let schema = format!("t_{name}");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("drop schema {schema}: {e}"));
+    let store = PostgresEventStore::new(pool.clone(), &schema).unwrap_or_else(|e| panic!("{e}"));
+    store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE \"{schema}\".applied (seq bigserial PRIMARY KEY, consumer text NOT NULL, \
+         aggregate_id text NOT NULL, version bigint NOT NULL, event_id uuid NOT NULL)"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    store
+}
+
+/// The suite's handler: records each event it applies (aggregate id, version, event id) in the
+/// same transaction as its inbox row. Events whose payload has `"poison": true` always fail.
+/// With [`hang_on`](Self::hang_on), the first attempt at that event writes its row, signals, and
+/// then never commits.
+#[derive(Clone)]
+pub struct Recorder {
+    store: PostgresEventStore,
+    inbox: Inbox,
+    name: String,
+    hang: Option<(EventId, Arc<Notify>, Arc<std::sync::atomic::AtomicBool>)>,
+}
+
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl Recorder {
+    /// A recorder named `name` (its inbox rows and applied rows are kept under it).
+    pub fn new(store: &PostgresEventStore, name: &str) -> Self {
+        Self {
+            inbox: Inbox::new(store),
+            store: store.clone(),
+            name: name.to_owned(),
+            hang: None,
+        }
+    }
+
+    /// The first attempt at `event` writes its row, notifies `reached`, then hangs with its
+    /// transaction open.
+    #[must_use]
+    pub fn hang_on(mut self, event: EventId, reached: Arc<Notify>) -> Self {
+        self.hang = Some((event, reached, Arc::default()));
+        self
+    }
+
+    async fn record(&mut self, event: &StoredEvent) -> Result<Handled, sqlx::Error> {
+        let mut tx = self.store.pool().begin().await?;
+        let fresh = self
+            .inbox
+            .claim(&mut tx, &self.name, event.event_id)
+            .await
+            .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        if !fresh {
+            return Ok(Handled::Duplicate);
+        }
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO \"{}\".applied (consumer, aggregate_id, version, event_id) VALUES ($1, $2, $3, $4)",
+            self.store.schema()
+        )))
+        .bind(&self.name)
+        .bind(event.stream.aggregate_id.as_str())
+        .bind(i64::try_from(event.version).unwrap_or(i64::MAX))
+        .bind(event.event_id.0)
+        .execute(&mut *tx)
+        .await?;
+        if let Some((id, reached, done)) = &self.hang
+            && *id == event.event_id
+            && !done.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            reached.notify_one();
+            std::future::pending::<()>().await;
+        }
+        tx.commit().await?;
+        Ok(Handled::Applied)
+    }
+}
+
+#[async_trait::async_trait]
+impl MessageHandler for Recorder {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn handle(&mut self, event: &StoredEvent) -> Result<Handled, HandleError> {
+        if event.payload.get("poison") == Some(&serde_json::Value::Bool(true)) {
+            return Err(HandleError::Failed(format!(
+                "poison event {} of {}",
+                event.version, event.stream
+            )));
+        }
+        self.record(event)
+            .await
+            .map_err(|e| HandleError::from_database(&e))
+    }
+}
+
+/// Appends `count` events to aggregate `id` of type `note` (payload `{"n": i}`, `"poison"` for
+/// the versions in `poison`). Returns the event ids.
+///
+/// # Panics
+/// When the append fails.
+pub async fn append(store: &PostgresEventStore, id: &str, count: u64, poison: &[u64]) -> Vec<EventId> {
+    let stream = StreamId::new("note", id);
+    let mut ids = Vec::new();
+    for i in 0..count {
+        let version_hint = i + 1;
+        let data = EventData {
+            event_id: EventId::new(),
+            event_type: "Noted".to_owned(),
+            schema_version: 1,
+            payload: serde_json::json!({ "n": i, "poison": poison.contains(&version_hint) }),
+            metadata: Metadata::default(),
+        };
+        ids.push(data.event_id);
+        store
+            .append(&stream, ExpectedVersion::Any, vec![data])
+            .await
+            .unwrap_or_else(|e| panic!("append to {stream}: {e}"));
+    }
+    ids
+}
+
+/// The rows `consumer` applied: per aggregate id, the versions in the order applied.
+async fn applied(pool: &PgPool, schema: &str, consumer: &str) -> BTreeMap<String, Vec<i64>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT aggregate_id, version FROM \"{schema}\".applied WHERE consumer = $1 ORDER BY seq"
+    )))
+    .bind(consumer)
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut by_id: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for (id, version) in rows {
+        by_id.entry(id).or_default().push(version);
+    }
+    by_id
+}
+
+/// How many events `consumer` applied.
+async fn applied_count(pool: &PgPool, schema: &str, consumer: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM \"{schema}\".applied WHERE consumer = $1"
+    )))
+    .bind(consumer)
+    .fetch_one(pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs consumer `name` on a task until the returned sender is dropped or sent to.
+fn start_consumer<B: Broker>(
+    broker: &B,
+    ns: &str,
+    name: &str,
+    handler: Recorder,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<ConsumerMetrics, TransportError>>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown: BoxFuture<'static, ()> = Box::pin(async move {
+        let _ = stopped.await;
+    });
+    let run = broker.consume(ns, name, handler, shutdown);
+    (stop, tokio::spawn(run))
+}
+
+/// Waits until `consumer` applied `count` events (at most `within`).
+async fn wait_applied(pool: &PgPool, schema: &str, consumer: &str, count: i64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = applied_count(pool, schema, consumer).await;
+        if now >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{consumer}: {now} of {count} events applied after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes everything in `store` through a fresh relay until its lag is 0.
+async fn drain<S: Sink>(relay: &mut Relay<S>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match relay.step().await {
+            Ok(step) if step.sent == 0 && step.delivered == 0 => {
+                if relay.lag().await.unwrap_or(1) == 0 {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(error) => {
+                assert!(Instant::now() < deadline, "the relay does not drain: {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        assert!(Instant::now() < deadline, "the relay does not drain");
+    }
+}
+
+/// What [`relay_killed_at_random_points`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KillReport {
+    /// Events appended.
+    pub events: u64,
+    /// Relay steps cut.
+    pub cuts: u32,
+    /// Events the consumer never applied.
+    pub missing: u64,
+    /// Events applied more than once.
+    pub doubled: u64,
+    /// Pairs of an aggregate's events applied out of version order.
+    pub inversions: u64,
+    /// Redeliveries the inbox dropped.
+    pub duplicates: u64,
+}
+
+/// Four writers append 12 aggregates' events while a relay is cut at a random point `cuts`
+/// times (a step dropped after 0 to 15 ms, a new relay made at once, as a restarted process
+/// would), then the last relay drains. The consumer must apply every event once, in each
+/// aggregate's order.
+///
+/// # Panics
+/// When a guarantee does not hold (with the figures).
+pub async fn relay_killed_at_random_points<B: Broker>(broker: &B, ns: &str, cuts: u32) -> KillReport {
+    let store = fresh_store(&format!("{ns}_kill")).await;
+    let consumer = "kill-consumer";
+    broker
+        .declare(ns, consumer)
+        .await
+        .unwrap_or_else(|e| panic!("declare: {e}"));
+    let (stop, running) = start_consumer(broker, ns, consumer, Recorder::new(&store, consumer));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for round in 0..10u64 {
+                    for a in 0..3 {
+                        append(&store, &format!("w{w}-a{a}"), 5, &[]).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(round % 3)).await;
+                }
+            })
+        })
+        .collect();
+    for cut in 0..cuts {
+        let mut relay = Relay::new(store.clone(), broker.sink(ns), "killed")
+            .with_batch(1 + (cut as usize % 7) * 10)
+            .with_lease(Duration::from_secs(5));
+        let after = Duration::from_micros(rand::rng().random_range(0..15_000));
+        let _ = tokio::time::timeout(after, async {
+            loop {
+                if relay.step().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        })
+        .await;
+        // Dropped mid-flight: whatever it sent and did not checkpoint is sent again by the next.
+    }
+    for writer in writers {
+        writer.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut relay = Relay::new(store.clone(), broker.sink(ns), "killed");
+    drain(&mut relay).await;
+    let events = 4 * 10 * 3 * 5;
+    let pool = store.pool().clone();
+    wait_applied(&pool, store.schema(), consumer, events, Duration::from_secs(60)).await;
+    // A moment for redeliveries still on their way, which must all be dropped.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop.send(());
+    let metrics = running
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("the consumer failed: {e}"));
+    let by_id = applied(&pool, store.schema(), consumer).await;
+    let mut missing = 0;
+    let mut doubled = 0;
+    let mut inversions = 0;
+    for w in 0..4 {
+        for a in 0..3 {
+            let versions = by_id.get(&format!("w{w}-a{a}")).cloned().unwrap_or_default();
+            let mut seen = versions.clone();
+            seen.sort_unstable();
+            let unique = {
+                let mut u = seen.clone();
+                u.dedup();
+                u
+            };
+            doubled += (seen.len() - unique.len()) as u64;
+            missing += 50u64.saturating_sub(unique.len() as u64);
+            inversions += versions.windows(2).filter(|p| p[1] < p[0]).count() as u64;
+        }
+    }
+    let report = KillReport {
+        events: 600,
+        cuts,
+        missing,
+        doubled,
+        inversions,
+        duplicates: metrics.duplicates,
+    };
+    assert_eq!(
+        (missing, doubled, inversions),
+        (0, 0, 0),
+        "the relay cut {cuts} times: {report:?}"
+    );
+    report
+}
+
+/// Aggregate `bad` has a poison event (version 2 of 3); 5 other aggregates have 4 events each.
+/// The poison event is tried 3 times, then dead-lettered; every other event is applied.
+///
+/// # Panics
+/// When a guarantee does not hold.
+pub async fn poison_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
+    let store = fresh_store(&format!("{ns}_poison")).await;
+    let consumer = "poison-consumer";
+    broker
+        .declare(ns, consumer)
+        .await
+        .unwrap_or_else(|e| panic!("declare: {e}"));
+    let (stop, running) = start_consumer(broker, ns, consumer, Recorder::new(&store, consumer));
+    append(&store, "bad", 3, &[2]).await;
+    for a in 0..5 {
+        append(&store, &format!("good-{a}"), 4, &[]).await;
+    }
+    let mut relay = Relay::new(store.clone(), broker.sink(ns), "poison");
+    drain(&mut relay).await;
+    let pool = store.pool().clone();
+    wait_applied(&pool, store.schema(), consumer, 2 + 20, Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let dead = broker
+            .dead_letters(ns, consumer)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        if dead == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{dead} dead letters, expected 1");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop.send(());
+    let metrics = running
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(metrics.dead_lettered, 1, "{metrics:?}");
+    assert_eq!(metrics.retries, 2, "two retries of the poison event: {metrics:?}");
+    let by_id = applied(&pool, store.schema(), consumer).await;
+    assert_eq!(by_id.get("bad"), Some(&vec![1, 3]), "the poison event is skipped, not its stream");
+}
+
+/// A consumer is cut while its handler's transaction is open (its row written, not committed,
+/// nothing acknowledged); a new consumer takes over. Every event is applied exactly once.
+///
+/// # Panics
+/// When a guarantee does not hold.
+pub async fn consumer_killed_mid_handler<B: Broker>(broker: &B, ns: &str) {
+    let store = fresh_store(&format!("{ns}_midkill")).await;
+    let consumer = "midkill-consumer";
+    broker
+        .declare(ns, consumer)
+        .await
+        .unwrap_or_else(|e| panic!("declare: {e}"));
+    let ids = append(&store, "victim", 10, &[]).await;
+    let reached = Arc::new(Notify::new());
+    let hanging = Recorder::new(&store, consumer).hang_on(ids[4], reached.clone());
+    let (_stop, running) = start_consumer(broker, ns, consumer, hanging);
+    let mut relay = Relay::new(store.clone(), broker.sink(ns), "midkill");
+    drain(&mut relay).await;
+    tokio::time::timeout(Duration::from_secs(30), reached.notified())
+        .await
+        .unwrap_or_else(|_| panic!("the handler never reached the fifth event"));
+    // Killed mid-handler: its transaction and its connection to the broker go with it.
+    running.abort();
+    let _ = running.await;
+    let (stop, running) = start_consumer(broker, ns, consumer, Recorder::new(&store, consumer));
+    let pool = store.pool().clone();
+    wait_applied(&pool, store.schema(), consumer, 10, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = stop.send(());
+    let _ = running.await;
+    let by_id = applied(&pool, store.schema(), consumer).await;
+    assert_eq!(
+        by_id.get("victim"),
+        Some(&(1..=10).collect::<Vec<i64>>()),
+        "each event applied once, in order"
+    );
+}
+
+/// A message that is not an envelope, on the consumer's destination: dead-lettered with why;
+/// the consumer goes on with the next event.
+///
+/// # Panics
+/// When a guarantee does not hold.
+pub async fn not_ours_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
+    let store = fresh_store(&format!("{ns}_foreign")).await;
+    let consumer = "foreign-consumer";
+    broker
+        .declare(ns, consumer)
+        .await
+        .unwrap_or_else(|e| panic!("declare: {e}"));
+    let (stop, running) = start_consumer(broker, ns, consumer, Recorder::new(&store, consumer));
+    broker
+        .publish_foreign(ns, consumer, b"{\"hello\": ")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    append(&store, "after", 2, &[]).await;
+    let mut relay = Relay::new(store.clone(), broker.sink(ns), "foreign");
+    drain(&mut relay).await;
+    let pool = store.pool().clone();
+    wait_applied(&pool, store.schema(), consumer, 2, Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while broker.dead_letters(ns, consumer).await.unwrap_or(0) != 1 {
+        assert!(Instant::now() < deadline, "the foreign message was not dead-lettered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop.send(());
+    let metrics = running
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((metrics.applied, metrics.dead_lettered), (2, 1), "{metrics:?}");
+}
+
+/// A handler for building a consumer only to declare its topology or count its dead letters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unused;
+
+#[async_trait::async_trait]
+impl MessageHandler for Unused {
+    fn name(&self) -> &str {
+        "unused"
+    }
+
+    async fn handle(&mut self, _: &StoredEvent) -> Result<Handled, HandleError> {
+        Ok(Handled::Skipped)
+    }
+}

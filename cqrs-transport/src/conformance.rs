@@ -314,10 +314,12 @@ pub struct KillReport {
     pub inversions: u64,
     /// Redeliveries the inbox dropped.
     pub duplicates: u64,
+    /// Messages the consumer received (the events and the resends of cut relays).
+    pub received: u64,
 }
 
-/// Four writers append 12 aggregates' events while a relay is cut at a random point `cuts`
-/// times (a step dropped after 0 to 15 ms, a new relay made at once, as a restarted process
+/// Four writers append to 12 aggregates while a relay is cut at a random point `cuts`
+/// times (a step dropped after 2 to 60 ms, a new relay made at once, as a restarted process
 /// would), then the last relay drains. The consumer must apply every event once, in each
 /// aggregate's order.
 ///
@@ -331,16 +333,22 @@ pub async fn relay_killed_at_random_points<B: Broker>(broker: &B, ns: &str, cuts
         .await
         .unwrap_or_else(|e| panic!("declare: {e}"));
     let (stop, running) = start_consumer(broker, ns, consumer, Recorder::new(&store, consumer));
+    // Writers append until the cuts are over, so that every relay has new events to send.
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let writers: Vec<_> = (0..4)
         .map(|w| {
             let store = store.clone();
+            let writing = writing.clone();
             tokio::spawn(async move {
-                for round in 0..10u64 {
+                let mut rounds = 0u64;
+                while writing.load(std::sync::atomic::Ordering::SeqCst) || rounds == 0 {
                     for a in 0..3 {
                         append(&store, &format!("w{w}-a{a}"), 5, &[]).await;
                     }
-                    tokio::time::sleep(Duration::from_millis(round % 3)).await;
+                    rounds += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                (w, rounds * 5)
             })
         })
         .collect();
@@ -348,7 +356,9 @@ pub async fn relay_killed_at_random_points<B: Broker>(broker: &B, ns: &str, cuts
         let mut relay = Relay::new(store.clone(), broker.sink(ns), "killed")
             .with_batch(1 + (cut as usize % 7) * 10)
             .with_lease(Duration::from_secs(5));
-        let after = Duration::from_micros(rand::rng().random_range(0..15_000));
+        // Connecting to the broker takes a few milliseconds: cut anywhere from before the first
+        // send to after several pages.
+        let after = Duration::from_micros(rand::rng().random_range(2_000..60_000));
         let _ = tokio::time::timeout(after, async {
             loop {
                 if relay.step().await.is_err() {
@@ -359,14 +369,26 @@ pub async fn relay_killed_at_random_points<B: Broker>(broker: &B, ns: &str, cuts
         .await;
         // Dropped mid-flight: whatever it sent and did not checkpoint is sent again by the next.
     }
+    writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut expected = BTreeMap::new();
     for writer in writers {
-        writer.await.unwrap_or_else(|e| panic!("{e}"));
+        let (w, per_aggregate) = writer.await.unwrap_or_else(|e| panic!("{e}"));
+        for a in 0..3 {
+            expected.insert(format!("w{w}-a{a}"), per_aggregate);
+        }
     }
     let mut relay = Relay::new(store.clone(), broker.sink(ns), "killed");
     drain(&mut relay).await;
-    let events = 4 * 10 * 3 * 5;
+    let events: u64 = expected.values().sum();
     let pool = store.pool().clone();
-    wait_applied(&pool, store.schema(), consumer, events, Duration::from_secs(60)).await;
+    wait_applied(
+        &pool,
+        store.schema(),
+        consumer,
+        i64::try_from(events).unwrap_or(i64::MAX),
+        Duration::from_secs(120),
+    )
+    .await;
     // A moment for redeliveries still on their way, which must all be dropped.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = stop.send(());
@@ -378,9 +400,9 @@ pub async fn relay_killed_at_random_points<B: Broker>(broker: &B, ns: &str, cuts
     let mut missing = 0;
     let mut doubled = 0;
     let mut inversions = 0;
-    for w in 0..4 {
-        for a in 0..3 {
-            let versions = by_id.get(&format!("w{w}-a{a}")).cloned().unwrap_or_default();
+    for (id, count) in &expected {
+        {
+            let versions = by_id.get(id).cloned().unwrap_or_default();
             let mut seen = versions.clone();
             seen.sort_unstable();
             let unique = {
@@ -389,17 +411,18 @@ pub async fn relay_killed_at_random_points<B: Broker>(broker: &B, ns: &str, cuts
                 u
             };
             doubled += (seen.len() - unique.len()) as u64;
-            missing += 50u64.saturating_sub(unique.len() as u64);
+            missing += count.saturating_sub(unique.len() as u64);
             inversions += versions.windows(2).filter(|p| p[1] < p[0]).count() as u64;
         }
     }
     let report = KillReport {
-        events: 600,
+        events,
         cuts,
         missing,
         doubled,
         inversions,
         duplicates: metrics.duplicates,
+        received: metrics.received,
     };
     assert_eq!(
         (missing, doubled, inversions),

@@ -96,6 +96,13 @@ impl KafkaConfig {
 
     /// The librdkafka configuration: brokers, client id (with `suffix`), `defaults`, then the
     /// properties (which override the defaults).
+    /// A librdkafka configuration for a client of these brokers with the user's properties (for
+    /// tools and tests that talk to the same cluster).
+    #[must_use]
+    pub fn client_config(&self) -> ClientConfig {
+        self.client("", &[])
+    }
+
     pub(crate) fn client(&self, suffix: &str, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
         config

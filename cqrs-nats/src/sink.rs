@@ -28,7 +28,9 @@ type PendingAck = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> 
 pub struct NatsSink {
     config: NatsConfig,
     js: Option<Context>,
-    pending: VecDeque<PendingAck>,
+    /// Acks awaited in order. Behind a mutex only so the sink is `Sync` (the futures are only
+    /// `Send`); it is reached through `get_mut`, never locked.
+    pending: std::sync::Mutex<VecDeque<PendingAck>>,
     /// Acks of resends the server dropped as duplicates.
     duplicates: u64,
 }
@@ -38,7 +40,7 @@ impl std::fmt::Debug for NatsSink {
         f.debug_struct("NatsSink")
             .field("config", &self.config)
             .field("connected", &self.js.is_some())
-            .field("pending", &self.pending.len())
+            .field("pending", &self.in_flight())
             .field("duplicates", &self.duplicates)
             .finish_non_exhaustive()
     }
@@ -51,7 +53,7 @@ impl NatsSink {
         Self {
             config,
             js: None,
-            pending: VecDeque::new(),
+            pending: std::sync::Mutex::default(),
             duplicates: 0,
         }
     }
@@ -62,9 +64,20 @@ impl NatsSink {
         self.duplicates
     }
 
+    /// The acks awaited.
+    fn acks(&mut self) -> &mut VecDeque<PendingAck> {
+        self.pending
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.pending.lock().map_or(0, |p| p.len())
+    }
+
     async fn context(&mut self) -> Result<&Context, TransportError> {
         if self.js.is_none() {
-            self.pending.clear();
+            self.acks().clear();
             let js = connect(&self.config).await?;
             events_stream(&js, &self.config).await?;
             self.js = Some(js);
@@ -149,17 +162,18 @@ impl Sink for NatsSink {
                 bytes::Bytes::copy_from_slice(message.value),
             )
             .await?;
-        self.pending.push_back(ack.into_future());
+        self.acks().push_back(ack.into_future());
         Ok(())
     }
 
     async fn confirmed(&mut self) -> Result<(), BrokerError> {
-        let Some(front) = self.pending.front_mut() else {
+        let pending = self.acks();
+        let Some(front) = pending.front_mut() else {
             return Err("no message is waiting for an ack".into());
         };
         // Awaited in place, and taken off the queue only once answered: cancel-safe.
         let answer = front.as_mut().await;
-        self.pending.pop_front();
+        pending.pop_front();
         let ack = answer?;
         if ack.duplicate {
             self.duplicates += 1;
@@ -168,11 +182,11 @@ impl Sink for NatsSink {
     }
 
     fn forget(&mut self) {
-        self.pending.clear();
+        self.acks().clear();
     }
 
     async fn restart(&mut self) -> Result<(), TransportError> {
-        self.pending.clear();
+        self.acks().clear();
         self.js = None;
         Ok(())
     }

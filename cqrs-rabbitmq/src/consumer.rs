@@ -275,7 +275,24 @@ impl<H: MessageHandler> RabbitConsumer<H> {
             .map_err(broker("consume"))?;
         backoff.reset();
         loop {
-            let delivery = match deliveries.next().await {
+            // lapin may never end the delivery stream of a connection that died: its state is
+            // watched, and a dead connection ends the session (what was not acknowledged comes
+            // again to the next one).
+            let next = loop {
+                tokio::select! {
+                    next = deliveries.next() => break next,
+                    () = tokio::time::sleep(crate::sink::WATCH_EVERY) => {
+                        if !connection.status().connected() || !channel.status().connected() {
+                            return Err(TransportError::Broker {
+                                broker: crate::BROKER,
+                                operation: "receive",
+                                source: "the connection or channel closed".into(),
+                            });
+                        }
+                    }
+                }
+            };
+            let delivery = match next {
                 Some(Ok(delivery)) => delivery,
                 Some(Err(error)) => return Err(broker("receive")(error)),
                 None => {

@@ -14,6 +14,12 @@ use lapin::{BasicProperties, Channel, Connection};
 use crate::topology::{connect, declare_events_exchange};
 use crate::{BROKER, RabbitConfig, broker};
 
+/// How long a confirm may take before the delivery counts as failed.
+const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How often a wait for a confirm looks at the channel's state.
+pub(crate) const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// The relay publishing to RabbitMQ: `RabbitRelay::new(store, RabbitSink::new(config), owner)`.
 pub type RabbitRelay = cqrs_transport::Relay<RabbitSink>;
 
@@ -171,8 +177,26 @@ impl Sink for RabbitSink {
         let Some(front) = self.pending.front_mut() else {
             return Err("no message is waiting for a confirm".into());
         };
-        // Awaited in place, and taken off the queue only once answered: cancel-safe.
-        let answer = front.await;
+        // Awaited in place, and taken off the queue only once answered: cancel-safe. lapin may
+        // never answer a confirm of a channel whose connection died: the channel's state is
+        // watched, and a confirm that takes longer than the timeout fails the delivery.
+        let channel = self.channel.clone();
+        let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+        let answer = loop {
+            tokio::select! {
+                answer = &mut *front => break answer,
+                () = tokio::time::sleep(WATCH_EVERY) => {
+                    if !channel.as_ref().is_some_and(|c| c.status().connected()) {
+                        self.pending.clear();
+                        return Err("the channel closed before the broker confirmed".into());
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        self.pending.clear();
+                        return Err(format!("no confirm within {CONFIRM_TIMEOUT:?}").into());
+                    }
+                }
+            }
+        };
         self.pending.pop_front();
         match answer? {
             Confirmation::Ack(None) => Ok(()),

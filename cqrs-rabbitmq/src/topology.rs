@@ -11,10 +11,25 @@ use crate::{BROKER, RabbitConfig, broker};
 /// A connection to the config's broker (no automatic recovery: the relay and the consumers
 /// reconnect themselves, with a backoff, and start again from what is confirmed).
 pub(crate) async fn connect(config: &RabbitConfig) -> Result<Connection, TransportError> {
-    Connection::connect(config.url(), ConnectionProperties::default())
-        .await
-        .map_err(broker("connect"))
+    // A broker that accepts TCP but does not answer (starting, or its app stopped) must not
+    // hold a relay or a consumer forever.
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        Connection::connect(config.url(), ConnectionProperties::default()),
+    )
+    .await
+    {
+        Ok(connected) => connected.map_err(broker("connect")),
+        Err(_) => Err(TransportError::Broker {
+            broker: BROKER,
+            operation: "connect",
+            source: format!("no answer within {CONNECT_TIMEOUT:?}").into(),
+        }),
+    }
 }
+
+/// How long connecting may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `error` as a missing or refused piece of topology.
 fn topology(destination: &str, error: &lapin::Error) -> TransportError {

@@ -563,3 +563,89 @@ impl MessageHandler for Unused {
         Ok(Handled::Skipped)
     }
 }
+
+/// The broker is stopped and started again `restarts` times (by `restart`, which returns once
+/// the broker is back) while writers append and a running relay ([`Relay::run`]) and consumer
+/// work. Both must come back by themselves: every event applied once, in each aggregate's order.
+///
+/// # Panics
+/// When a guarantee does not hold.
+pub async fn broker_restarted_mid_stream<B, R>(broker: &B, ns: &str, restarts: u32, mut restart: R)
+where
+    B: Broker,
+    R: FnMut(u32) -> BoxFuture<'static, ()>,
+{
+    let store = fresh_store(&format!("{ns}_restart")).await;
+    let consumer = "restart-consumer";
+    broker
+        .declare(ns, consumer)
+        .await
+        .unwrap_or_else(|e| panic!("declare: {e}"));
+    let (stop_consumer, consuming) =
+        start_consumer(broker, ns, consumer, Recorder::new(&store, consumer));
+    let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
+    let relay = Relay::new(store.clone(), broker.sink(ns), "restarted");
+    let relaying = tokio::spawn(relay.run(Duration::from_millis(50), async move {
+        let _ = relay_stopped.await;
+    }));
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writers: Vec<_> = (0..3)
+        .map(|a| {
+            let store = store.clone();
+            let writing = writing.clone();
+            tokio::spawn(async move {
+                let mut written = 0u64;
+                while writing.load(std::sync::atomic::Ordering::SeqCst) || written == 0 {
+                    append(&store, &format!("r{a}"), 2, &[]).await;
+                    written += 2;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                (format!("r{a}"), written)
+            })
+        })
+        .collect();
+    for n in 0..restarts {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        restart(n).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut expected = BTreeMap::new();
+    for writer in writers {
+        let (id, written) = writer.await.unwrap_or_else(|e| panic!("{e}"));
+        expected.insert(id, written);
+    }
+    let events: u64 = expected.values().sum();
+    let pool = store.pool().clone();
+    wait_applied(
+        &pool,
+        store.schema(),
+        consumer,
+        i64::try_from(events).unwrap_or(i64::MAX),
+        Duration::from_secs(120),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = stop_relay.send(());
+    let _ = stop_consumer.send(());
+    let relayed = relaying.await.unwrap_or_else(|e| panic!("{e}"));
+    let relayed = relayed.unwrap_or_else(|e| panic!("the relay stopped: {e}"));
+    let consumed = consuming
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("the consumer stopped: {e}"));
+    let by_id = applied(&pool, store.schema(), consumer).await;
+    for (id, written) in &expected {
+        let versions = by_id.get(id).cloned().unwrap_or_default();
+        let want: Vec<i64> = (1..=i64::try_from(*written).unwrap_or(0)).collect();
+        assert_eq!(
+            versions, want,
+            "{id}: applied once each, in order, across {restarts} broker restarts \
+             (relay {relayed:?}, consumer {consumed:?})"
+        );
+    }
+    println!(
+        "{} broker restarts: {events} events, relay {relayed:?}, consumer {consumed:?}",
+        restarts
+    );
+}

@@ -31,11 +31,12 @@ pub struct Outgoing<'a, H> {
     pub headers: H,
 }
 
-/// A broker the relay publishes to: messages are sent in order and confirmed in the order they
+/// A broker the relay publishes to (`Sync` so a running relay can be reported on from its own
+/// future): messages are sent in order and confirmed in the order they
 /// were sent. Everything about the broker (its client, destinations, confirms) lives here; the
 /// relay around it keeps the guarantees (lease, checkpoint behind confirmed messages only,
 /// restart from the checkpoint after any failure).
-pub trait Sink: Send + 'static {
+pub trait Sink: Send + Sync + 'static {
     /// The broker's name in errors and logs (`Kafka`, `RabbitMQ`, `NATS`).
     const BROKER: &'static str;
     /// The relay's checkpoint name unless one is given (`kafka-relay`, ...).

@@ -6,7 +6,8 @@
 # Needs the Rust toolchain pinned in rust-toolchain.toml and PostgreSQL at DATABASE_URL (default
 # postgres://postgres@127.0.0.1:5432/test); scripts/postgres-up.sh checks it and starts a local one.
 # The Kafka tests need a broker at KAFKA_BROKERS (default 127.0.0.1:9092): scripts/kafka-up.sh
-# installs (once, about 10 minutes) and starts one, with the build tools librdkafka needs.
+# installs (once, about 10 minutes) and starts one, with the build tools librdkafka needs. The
+# RabbitMQ and NATS tests need those servers: scripts/brokers-up.sh checks and starts them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,8 @@ export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 ./scripts/postgres-up.sh
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 ./scripts/kafka-up.sh
+# RabbitMQ and NATS JetStream for cqrs-rabbitmq and cqrs-nats (checked, started where possible).
+./scripts/brokers-up.sh
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

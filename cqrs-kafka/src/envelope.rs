@@ -33,8 +33,7 @@ mod tests {
 
     #[test]
     fn kafka_headers_carry_ids_and_types() {
-        let mut metadata = Metadata::default();
-        metadata.correlation_id = Some(cqrs_core::CorrelationId::new());
+        let metadata = Metadata::default().with_correlation_id(cqrs_core::CorrelationId::new());
         let event = StoredEvent {
             event_id: cqrs_core::EventId::new(),
             stream: cqrs_core::StreamId::new("order", "o-1"),

@@ -87,13 +87,15 @@ impl NatsConfig {
             ));
         }
         if prefix.is_empty()
-            || prefix.split('.').any(|t| {
-                t.is_empty() || t == "*" || t == ">" || t.chars().any(char::is_whitespace)
-            })
+            || prefix
+                .split('.')
+                .any(|t| t.is_empty() || t == "*" || t == ">" || t.chars().any(char::is_whitespace))
         {
             return Err(cqrs_transport::TransportError::config(
                 crate::BROKER,
-                format_args!("`{prefix}` is not a subject prefix (dot-separated tokens, no wildcards)"),
+                format_args!(
+                    "`{prefix}` is not a subject prefix (dot-separated tokens, no wildcards)"
+                ),
             ));
         }
         self.stream = stream;

@@ -13,7 +13,6 @@
 use std::future::Future;
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{AckKind, Context, Message};
 use cqrs_core::projection::Projection;
@@ -322,25 +321,24 @@ impl<H: MessageHandler> NatsConsumer<H> {
         reason: &str,
         attempts: u32,
     ) -> Result<(), TransportError> {
-        let mut headers = message.headers.clone().unwrap_or_else(HeaderMap::new);
+        let mut headers = message.headers.clone().unwrap_or_default();
         headers.insert(header::DLQ_ERROR, reason);
         headers.insert(header::DLQ_ATTEMPTS, attempts.to_string().as_str());
         headers.insert(header::DLQ_CONSUMER, self.durable.as_str());
         headers.insert(header::DLQ_TOPIC, message.subject.as_str());
         if let Ok(info) = message.info() {
-            headers.insert(header::DLQ_OFFSET, info.stream_sequence.to_string().as_str());
+            headers.insert(
+                header::DLQ_OFFSET,
+                info.stream_sequence.to_string().as_str(),
+            );
         }
         // The dead letter keeps the message id of the event for the stream's dedup, suffixed so
         // the dead-letter stream holds one per consumer.
-        js.publish_with_headers(
-            self.dead_letter_subject(),
-            headers,
-            message.payload.clone(),
-        )
-        .await
-        .map_err(broker("send to the dead-letter stream"))?
-        .await
-        .map_err(broker("send to the dead-letter stream"))?;
+        js.publish_with_headers(self.dead_letter_subject(), headers, message.payload.clone())
+            .await
+            .map_err(broker("send to the dead-letter stream"))?
+            .await
+            .map_err(broker("send to the dead-letter stream"))?;
         Ok(())
     }
 }

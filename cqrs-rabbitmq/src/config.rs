@@ -138,7 +138,10 @@ mod tests {
     #[test]
     fn routing_keys_name_aggregate_and_event_type() {
         let config = RabbitConfig::new("amqp://localhost");
-        assert_eq!(config.routing_key("order", "OrderPlaced"), "order.OrderPlaced");
+        assert_eq!(
+            config.routing_key("order", "OrderPlaced"),
+            "order.OrderPlaced"
+        );
         let config = config.with_routing_key(|a, _| a.to_owned());
         assert_eq!(config.routing_key("order", "OrderPlaced"), "order");
     }

@@ -25,12 +25,12 @@ use cqrs_transport::{
     Consumer, ConsumerMetrics, EventSerializer, MessageHandler, TransportError, Verdict,
 };
 use futures::StreamExt;
+use lapin::Confirmation;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
 };
-use lapin::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel};
 
@@ -328,16 +328,15 @@ impl<H: MessageHandler> RabbitConsumer<H> {
         reason: &str,
         attempts: u32,
     ) -> Result<(), TransportError> {
-        let mut headers = delivery
-            .properties
-            .headers()
-            .clone()
-            .unwrap_or_default();
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         let text = |value: &str| AMQPValue::LongString(LongString::from(value.as_bytes()));
         headers.insert(header::DLQ_ERROR.into(), text(reason));
         headers.insert(header::DLQ_ATTEMPTS.into(), text(&attempts.to_string()));
         headers.insert(header::DLQ_CONSUMER.into(), text(&self.spec.name));
-        headers.insert(header::DLQ_TOPIC.into(), text(&delivery.routing_key.to_string()));
+        headers.insert(
+            header::DLQ_TOPIC.into(),
+            text(&delivery.routing_key.to_string()),
+        );
         let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
         let confirm = channel
             .basic_publish(

@@ -7,9 +7,9 @@ use cqrs_core::RawStoredEvent;
 use cqrs_transport::envelope::headers_of;
 use cqrs_transport::{BrokerError, Layout, Outgoing, Sink, TransportError};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{Confirmation, PublisherConfirm};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
+use lapin::{Confirmation, PublisherConfirm};
 
 use crate::topology::{connect, declare_events_exchange};
 use crate::{BROKER, RabbitConfig, broker};
@@ -62,7 +62,10 @@ impl RabbitSink {
     /// The channel in confirm mode, connecting (and declaring or checking the exchange) first
     /// when there is none.
     async fn channel(&mut self) -> Result<&Channel, TransportError> {
-        let usable = self.channel.as_ref().is_some_and(|c| c.status().connected());
+        let usable = self
+            .channel
+            .as_ref()
+            .is_some_and(|c| c.status().connected());
         if !usable {
             self.pending.clear();
             let connection = match self.connection.take() {
@@ -150,7 +153,10 @@ impl Sink for RabbitSink {
     }
 
     fn destination(&self, aggregate_type: &str) -> String {
-        format!("exchange `{}`, routing key {aggregate_type}.*", self.config.exchange())
+        format!(
+            "exchange `{}`, routing key {aggregate_type}.*",
+            self.config.exchange()
+        )
     }
 
     async fn prepare(&mut self, _aggregate_types: &[&str]) -> Result<(), TransportError> {

@@ -44,8 +44,11 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Declares consumer `name`'s topology in `ns`, so that what is published afterwards reaches
     /// it.
-    fn declare<'a>(&'a self, ns: &'a str, name: &'a str)
-    -> BoxFuture<'a, Result<(), TransportError>>;
+    fn declare<'a>(
+        &'a self,
+        ns: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
 
     /// Runs consumer `name` of `ns` into `handler` until `shutdown`; at most 3 tries per message.
     fn consume(
@@ -118,7 +121,9 @@ pub struct Recorder {
 
 impl std::fmt::Debug for Recorder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Recorder").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Recorder")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -197,7 +202,12 @@ impl MessageHandler for Recorder {
 ///
 /// # Panics
 /// When the append fails.
-pub async fn append(store: &PostgresEventStore, id: &str, count: u64, poison: &[u64]) -> Vec<EventId> {
+pub async fn append(
+    store: &PostgresEventStore,
+    id: &str,
+    count: u64,
+    poison: &[u64],
+) -> Vec<EventId> {
     let stream = StreamId::new("note", id);
     let mut ids = Vec::new();
     for i in 0..count {
@@ -291,7 +301,10 @@ async fn drain<S: Sink>(relay: &mut Relay<S>) {
             }
             Ok(_) => {}
             Err(error) => {
-                assert!(Instant::now() < deadline, "the relay does not drain: {error}");
+                assert!(
+                    Instant::now() < deadline,
+                    "the relay does not drain: {error}"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -325,7 +338,11 @@ pub struct KillReport {
 ///
 /// # Panics
 /// When a guarantee does not hold (with the figures).
-pub async fn relay_killed_at_random_points<B: Broker>(broker: &B, ns: &str, cuts: u32) -> KillReport {
+pub async fn relay_killed_at_random_points<B: Broker>(
+    broker: &B,
+    ns: &str,
+    cuts: u32,
+) -> KillReport {
     let store = fresh_store(&format!("{ns}_kill")).await;
     let consumer = "kill-consumer";
     broker
@@ -346,7 +363,7 @@ pub async fn relay_killed_at_random_points<B: Broker>(broker: &B, ns: &str, cuts
                         append(&store, &format!("w{w}-a{a}"), 5, &[]).await;
                     }
                     rounds += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(Duration::from_millis(60)).await;
                 }
                 (w, rounds * 5)
             })
@@ -452,7 +469,14 @@ pub async fn poison_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
     let mut relay = Relay::new(store.clone(), broker.sink(ns), "poison");
     drain(&mut relay).await;
     let pool = store.pool().clone();
-    wait_applied(&pool, store.schema(), consumer, 2 + 20, Duration::from_secs(60)).await;
+    wait_applied(
+        &pool,
+        store.schema(),
+        consumer,
+        2 + 20,
+        Duration::from_secs(60),
+    )
+    .await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let dead = broker
@@ -471,9 +495,16 @@ pub async fn poison_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
         .unwrap_or_else(|e| panic!("{e}"))
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(metrics.dead_lettered, 1, "{metrics:?}");
-    assert_eq!(metrics.retries, 2, "two retries of the poison event: {metrics:?}");
+    assert_eq!(
+        metrics.retries, 2,
+        "two retries of the poison event: {metrics:?}"
+    );
     let by_id = applied(&pool, store.schema(), consumer).await;
-    assert_eq!(by_id.get("bad"), Some(&vec![1, 3]), "the poison event is skipped, not its stream");
+    assert_eq!(
+        by_id.get("bad"),
+        Some(&vec![1, 3]),
+        "the poison event is skipped, not its stream"
+    );
 }
 
 /// A consumer is cut while its handler's transaction is open (its row written, not committed,
@@ -502,7 +533,14 @@ pub async fn consumer_killed_mid_handler<B: Broker>(broker: &B, ns: &str) {
     let _ = running.await;
     let (stop, running) = start_consumer(broker, ns, consumer, Recorder::new(&store, consumer));
     let pool = store.pool().clone();
-    wait_applied(&pool, store.schema(), consumer, 10, Duration::from_secs(60)).await;
+    wait_applied(
+        &pool,
+        store.schema(),
+        consumer,
+        10,
+        Duration::from_secs(120),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = stop.send(());
     let _ = running.await;
@@ -538,7 +576,10 @@ pub async fn not_ours_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
     wait_applied(&pool, store.schema(), consumer, 2, Duration::from_secs(60)).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while broker.dead_letters(ns, consumer).await.unwrap_or(0) != 1 {
-        assert!(Instant::now() < deadline, "the foreign message was not dead-lettered");
+        assert!(
+            Instant::now() < deadline,
+            "the foreign message was not dead-lettered"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = stop.send(());
@@ -546,7 +587,11 @@ pub async fn not_ours_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
         .await
         .unwrap_or_else(|e| panic!("{e}"))
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((metrics.applied, metrics.dead_lettered), (2, 1), "{metrics:?}");
+    assert_eq!(
+        (metrics.applied, metrics.dead_lettered),
+        (2, 1),
+        "{metrics:?}"
+    );
 }
 
 /// A handler for building a consumer only to declare its topology or count its dead letters.

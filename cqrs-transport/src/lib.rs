@@ -1,8 +1,8 @@
 #![doc = include_str!("../README.md")]
 
-pub mod consume;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod consume;
 pub mod envelope;
 mod error;
 pub mod handler;

@@ -13,6 +13,7 @@ pub struct Nats;
 static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// Makes the harness talk to the server at `url` (once, before the first use).
+#[allow(dead_code, reason = "used by server_restart.rs, not by conformance.rs")]
 pub fn set_url(url: String) {
     let _ = URL.set(url);
 }
@@ -44,7 +45,11 @@ impl Broker for Nats {
         ns: &'a str,
         name: &'a str,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
-        Box::pin(async move { NatsConsumer::new(&config(ns), name, Unused)?.declare().await })
+        Box::pin(async move {
+            NatsConsumer::new(&config(ns), name, Unused)?
+                .declare()
+                .await
+        })
     }
 
     fn consume(
@@ -54,11 +59,10 @@ impl Broker for Nats {
         handler: Recorder,
         shutdown: BoxFuture<'static, ()>,
     ) -> BoxFuture<'static, Result<cqrs_nats::ConsumerMetrics, TransportError>> {
-        let consumer = NatsConsumer::new(&config(ns), name, handler)
-            .map(|c| {
-                c.with_retries(3, Duration::from_millis(10))
-                    .with_ack_wait(Duration::from_secs(2))
-            });
+        let consumer = NatsConsumer::new(&config(ns), name, handler).map(|c| {
+            c.with_retries(3, Duration::from_millis(10))
+                .with_ack_wait(Duration::from_secs(2))
+        });
         Box::pin(async move { consumer?.run(shutdown).await })
     }
 
@@ -111,4 +115,3 @@ impl Broker for Nats {
         })
     }
 }
-

@@ -64,10 +64,9 @@ impl Broker for Rabbit {
         name: &'a str,
     ) -> BoxFuture<'a, Result<u64, TransportError>> {
         Box::pin(async move {
-            let (_, dead) =
-                RabbitConsumer::new(&config(ns), queue(ns, name), Unused)
-                    .depth()
-                    .await?;
+            let (_, dead) = RabbitConsumer::new(&config(ns), queue(ns, name), Unused)
+                .depth()
+                .await?;
             Ok(u64::from(dead))
         })
     }
@@ -114,4 +113,3 @@ impl Broker for Rabbit {
         })
     }
 }
-

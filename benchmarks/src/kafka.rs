@@ -19,7 +19,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::{brokers, unique};
 
-async fn store() -> PostgresEventStore {
+pub(crate) async fn store() -> PostgresEventStore {
     let store = PostgresEventStore::connect(&database_url(), "bench_kafka")
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL at {}: {e}", database_url()));
@@ -43,7 +43,7 @@ fn deposit(n: u64) -> EventData {
 }
 
 /// Appends `count` deposits over 100 accounts, 1,000 per append.
-async fn fill(store: &PostgresEventStore, count: u64) {
+pub(crate) async fn fill(store: &PostgresEventStore, count: u64) {
     let mut n = 0;
     while n < count {
         let batch = (count - n).min(1_000);
@@ -67,7 +67,7 @@ async fn fill(store: &PostgresEventStore, count: u64) {
     }
 }
 
-async fn all_events(store: &PostgresEventStore, count: usize) -> Vec<StoredEvent> {
+pub(crate) async fn all_events(store: &PostgresEventStore, count: usize) -> Vec<StoredEvent> {
     let mut events = Vec::with_capacity(count);
     let mut at = Checkpoint::START;
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -8,6 +8,7 @@
 //! cargo bench -p cqrs-bench -- --only W1,L1 --out /tmp/report
 //! ```
 
+mod brokers;
 mod compile_cost;
 mod framework;
 mod kafka;
@@ -244,6 +245,20 @@ async fn main() {
         ),
     );
     report.workload(
+        "R1",
+        format!(
+            "publish {} events to RabbitMQ, confirms awaited (raw: a lapin publisher of the same bytes)",
+            s.bulk
+        ),
+    );
+    report.workload(
+        "N1",
+        format!(
+            "publish {} events to NATS JetStream, acks awaited (raw: an async-nats publisher of the same bytes)",
+            s.bulk
+        ),
+    );
+    report.workload(
         "L1",
         format!("single-row insert transactions, {}", s.sequential),
     );
@@ -390,6 +405,39 @@ async fn main() {
             "a raw rdkafka producer with the relay's settings, same bytes, headers and keys".into(),
         );
         report.cells.push(r);
+    }
+    if wanted("R1") || wanted("N1") {
+        let runs = if args.quick { s.runs } else { s.runs.max(5) };
+        let (rabbit, nats) = brokers::r1_n1(s.bulk, runs).await;
+        for (key, row, relay_note, raw_note) in [
+            (
+                "R1",
+                rabbit,
+                "the outbox relay from the store through cqrs-rabbitmq (one confirm channel, pages of 5,000, two in flight)",
+                "a raw lapin publisher on a confirm channel: same bytes, persistent, every confirm awaited",
+            ),
+            (
+                "N1",
+                nats,
+                "the outbox relay from the store through cqrs-nats (Nats-Msg-Id, pages of 5,000, two in flight)",
+                "a raw async-nats JetStream publisher: same bytes, Nats-Msg-Id, every ack awaited",
+            ),
+        ] {
+            if !wanted(key) {
+                continue;
+            }
+            let mut c = cell(
+                key,
+                report::FRAMEWORKS[0],
+                "events/s",
+                Figure::of(row.relay),
+            );
+            c.note = Some(relay_note.into());
+            report.cells.push(c);
+            let mut r = cell(key, report::FRAMEWORKS[3], "events/s", Figure::of(row.raw));
+            r.note = Some(raw_note.into());
+            report.cells.push(r);
+        }
     }
     let limits = [
         ("L1", 1, s.sequential),

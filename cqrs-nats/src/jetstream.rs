@@ -13,8 +13,14 @@ pub(crate) async fn connect(config: &NatsConfig) -> Result<Context, TransportErr
     let client = async_nats::connect(config.url())
         .await
         .map_err(TransportError::broker(BROKER, "connect"))?;
-    Ok(jetstream::new(client))
+    Ok(jetstream::ContextBuilder::new()
+        .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
+        .backpressure_on_inflight(true)
+        .build(client))
 }
+
+/// The client's limit of publish acks in flight (the sink keeps below it).
+pub(crate) const MAX_ACKS_IN_FLIGHT: usize = 8_192;
 
 /// The stream `name` over `subjects`: created when missing (declaration on), else checked.
 async fn ensure_stream(

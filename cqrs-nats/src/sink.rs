@@ -21,6 +21,18 @@ pub type NatsRelay = cqrs_transport::Relay<NatsSink>;
 
 type PendingAck = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
 
+/// An ack awaited, or already in (taken early to keep the acks in flight under the client's
+/// limit).
+enum Ack {
+    Pending(PendingAck),
+    Done(Result<PublishAck, PublishError>),
+}
+
+/// At most this many acks are left in flight: the client stops publishing (waits for a permit)
+/// at its limit, [`crate::jetstream::MAX_ACKS_IN_FLIGHT`], and the relay has two pages in
+/// flight, so older acks are awaited in place before the limit is reached.
+const WINDOW: usize = 4_096;
+
 /// Publishes the relay's messages to the events stream: subject
 /// `<prefix>.<aggregate type>.<aggregate id>.<event type>`, `Nats-Msg-Id` = the event id (the
 /// server drops a resend within its duplicate window), the framework's headers. A message counts
@@ -30,7 +42,7 @@ pub struct NatsSink {
     js: Option<Context>,
     /// Acks awaited in order. Behind a mutex only so the sink is `Sync` (the futures are only
     /// `Send`); it is reached through `get_mut`, never locked.
-    pending: std::sync::Mutex<VecDeque<PendingAck>>,
+    pending: std::sync::Mutex<VecDeque<Ack>>,
     /// Acks of resends the server dropped as duplicates.
     duplicates: u64,
 }
@@ -65,7 +77,7 @@ impl NatsSink {
     }
 
     /// The acks awaited.
-    fn acks(&mut self) -> &mut VecDeque<PendingAck> {
+    fn acks(&mut self) -> &mut VecDeque<Ack> {
         self.pending
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -154,6 +166,21 @@ impl Sink for NatsSink {
     }
 
     async fn send(&mut self, message: Outgoing<'_, NatsMessage>) -> Result<(), BrokerError> {
+        // Keep the acks in flight under the client's limit: take the oldest ones in place.
+        let acks = self.acks();
+        let waiting = acks.iter().filter(|a| matches!(a, Ack::Pending(_))).count();
+        if waiting >= WINDOW {
+            let mut excess = waiting + 1 - WINDOW;
+            for ack in acks.iter_mut() {
+                if excess == 0 {
+                    break;
+                }
+                if let Ack::Pending(future) = ack {
+                    *ack = Ack::Done(future.as_mut().await);
+                    excess -= 1;
+                }
+            }
+        }
         let js = self.context().await.map_err(Box::new)?;
         let ack = js
             .publish_with_headers(
@@ -162,7 +189,7 @@ impl Sink for NatsSink {
                 bytes::Bytes::copy_from_slice(message.value),
             )
             .await?;
-        self.acks().push_back(ack.into_future());
+        self.acks().push_back(Ack::Pending(ack.into_future()));
         Ok(())
     }
 
@@ -172,7 +199,15 @@ impl Sink for NatsSink {
             return Err("no message is waiting for an ack".into());
         };
         // Awaited in place, and taken off the queue only once answered: cancel-safe.
-        let answer = front.as_mut().await;
+        let answer = match front {
+            Ack::Pending(future) => future.as_mut().await,
+            Ack::Done(answer) => std::mem::replace(
+                answer,
+                Err(PublishError::new(
+                    async_nats::jetstream::context::PublishErrorKind::Other,
+                )),
+            ),
+        };
         pending.pop_front();
         let ack = answer?;
         if ack.duplicate {

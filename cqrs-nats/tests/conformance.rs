@@ -57,7 +57,7 @@ async fn pages_larger_than_the_ack_window_do_not_deadlock() {
     }
     let mut relay = cqrs_nats::NatsRelay::new(
         store.clone(),
-        cqrs_transport::conformance::Broker::sink(&Nats, &ns),
+        conformance::Broker::sink(&Nats, &ns),
         "window",
     )
     .with_batch(10_000);

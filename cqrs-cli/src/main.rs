@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod brokers;
 mod scaffold;
 use cqrs_core::saga::{SagaId, SagaStatus, SagaStore};
 use cqrs_core::{AggregateId, Checkpoint, EventStore, EventStoreExt, StoredEvent, StreamId};
@@ -40,7 +41,7 @@ enum Command {
     /// Projection checkpoints, lag and leases.
     #[command(subcommand)]
     Projections(Projections),
-    /// Dead letters of projections.
+    /// Dead letters of projections, and of RabbitMQ and NATS consumers.
     #[command(subcommand)]
     Dlq(Dlq),
     /// Saga instances.
@@ -104,6 +105,27 @@ enum Projections {
 
 #[derive(Subcommand)]
 enum Dlq {
+    /// The dead-letter queue (`<queue>.dlq`) of a RabbitMQ consumer (broker at `AMQP_URL`).
+    Rabbitmq {
+        /// The consumer's queue.
+        queue: String,
+        #[command(subcommand)]
+        action: brokers::Action,
+    },
+    /// The dead letters of a NATS JetStream consumer in the dead-letter stream (server at
+    /// `NATS_URL`).
+    Nats {
+        /// The durable consumer's name.
+        consumer: String,
+        /// The events stream (its dead-letter stream is `<stream>_DLQ`).
+        #[arg(long, default_value = "CQRS_EVENTS")]
+        stream: String,
+        /// The events' subject prefix.
+        #[arg(long, default_value = "cqrs.events")]
+        prefix: String,
+        #[command(subcommand)]
+        action: brokers::Action,
+    },
     /// A projection's dead letters.
     List {
         /// The projection's name.
@@ -193,9 +215,12 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("cqrs: {error}");
-            match error.downcast_ref::<NoAnswer>() {
-                Some(_) => ExitCode::from(3),
-                None => ExitCode::FAILURE,
+            if error.downcast_ref::<NoAnswer>().is_some() {
+                ExitCode::from(3)
+            } else if error.downcast_ref::<brokers::OverThreshold>().is_some() {
+                ExitCode::from(4)
+            } else {
+                ExitCode::FAILURE
             }
         }
     }
@@ -216,8 +241,28 @@ impl std::fmt::Display for NoAnswer {
 impl std::error::Error for NoAnswer {}
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    if let Command::New(New::Aggregate { name, path }) = &cli.command {
-        return new_aggregate(name, path);
+    match &cli.command {
+        Command::New(New::Aggregate { name, path }) => return new_aggregate(name, path),
+        // A broker's dead letters need no database.
+        Command::Dlq(Dlq::Rabbitmq { queue, action }) => {
+            let dead = cqrs_rabbitmq::RabbitDeadLetters::new(
+                &cqrs_rabbitmq::RabbitConfig::from_env(),
+                queue.clone(),
+            );
+            return brokers::run(&dead, action.clone()).await;
+        }
+        Command::Dlq(Dlq::Nats {
+            consumer,
+            stream,
+            prefix,
+            action,
+        }) => {
+            let config =
+                cqrs_nats::NatsConfig::from_env().with_stream(stream.clone(), prefix.clone())?;
+            let dead = cqrs_nats::NatsDeadLetters::new(&config, consumer.clone());
+            return brokers::run(&dead, action.clone()).await;
+        }
+        _ => {}
     }
     let url = cli.database_url.unwrap_or_else(cqrs_postgres::database_url);
     // The error names the server without its password.
@@ -225,7 +270,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .await
         .map_err(|e| format!("cannot reach the store: {e}"))?;
     match cli.command {
-        Command::New(_) => {}
+        Command::New(_) | Command::Dlq(Dlq::Rabbitmq { .. } | Dlq::Nats { .. }) => {}
         Command::Migrate => {
             store.migrate().await?;
             println!("schema `{}` is up to date", cli.schema);

@@ -33,6 +33,8 @@ pub struct NatsConsumer<H> {
     max_deliver: i64,
     ack_wait: Duration,
     core: Consumer<H>,
+    /// Warn when the dead letters pass this size, checked this often.
+    alert: Option<(u64, Duration)>,
 }
 
 impl<H> std::fmt::Debug for NatsConsumer<H> {
@@ -80,6 +82,7 @@ impl<H: MessageHandler> NatsConsumer<H> {
         Ok(Self {
             config: config.clone(),
             core: Consumer::new(durable.clone(), handler),
+            alert: None,
             durable,
             filter: None,
             max_deliver: 10,
@@ -125,6 +128,15 @@ impl<H: MessageHandler> NatsConsumer<H> {
     #[must_use]
     pub fn with_ack_wait(mut self, wait: Duration) -> Self {
         self.ack_wait = wait.max(Duration::from_millis(100));
+        self
+    }
+
+    /// While running, checks the size of this consumer's dead letters every `every` and logs a
+    /// `warn` event (target `cqrs::metrics`, message `dead letters over threshold`) when it is
+    /// over `threshold` (an `info` event with the count otherwise).
+    #[must_use]
+    pub fn with_dead_letter_alert(mut self, threshold: u64, every: Duration) -> Self {
+        self.alert = Some((threshold, every));
         self
     }
 
@@ -218,6 +230,16 @@ impl<H: MessageHandler> NatsConsumer<H> {
         shutdown: impl Future<Output = ()>,
     ) -> Result<ConsumerMetrics, TransportError> {
         tokio::pin!(shutdown);
+        let _alerts = self.alert.map(|(threshold, every)| {
+            cqrs_transport::dead_letters::AlertTask::spawn(
+                Box::new(crate::NatsDeadLetters::new(
+                    &self.config,
+                    self.durable.clone(),
+                )),
+                threshold,
+                every,
+            )
+        });
         let mut backoff =
             cqrs_core::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {

@@ -2,15 +2,17 @@
 
 mod config;
 pub mod consumer;
+mod dead_letters;
 mod jetstream;
 mod sink;
 
 pub use config::{NatsConfig, token};
 pub use consumer::NatsConsumer;
 pub use cqrs_transport::{
-    ConsumerMetrics, HandleError, Handled, InProcess, MessageHandler, RelayMetrics, RelayStep,
-    Transactional, TransportError,
+    BrokerDeadLetter, ConsumerMetrics, DeadLetterQueue, HandleError, Handled, InProcess,
+    MessageHandler, RelayMetrics, RelayStep, Transactional, TransportError,
 };
+pub use dead_letters::NatsDeadLetters;
 pub use sink::{NatsLayout, NatsMessage, NatsRelay, NatsSink};
 
 /// The broker's name in errors.

@@ -43,6 +43,8 @@ pub struct RabbitConsumer<H> {
     spec: QueueSpec,
     prefetch: u16,
     core: Consumer<H>,
+    /// Warn when the dead letters pass this size, checked this often.
+    alert: Option<(u64, Duration)>,
 }
 
 impl<H> std::fmt::Debug for RabbitConsumer<H> {
@@ -64,6 +66,7 @@ impl<H: MessageHandler> RabbitConsumer<H> {
         Self {
             config: config.clone(),
             core: Consumer::new(name.clone(), handler),
+            alert: None,
             spec: QueueSpec {
                 name,
                 bindings: vec!["#".to_owned()],
@@ -106,6 +109,15 @@ impl<H: MessageHandler> RabbitConsumer<H> {
     #[must_use]
     pub fn with_single_active_consumer(mut self, single: bool) -> Self {
         self.spec.single_active = single;
+        self
+    }
+
+    /// While running, checks the size of this consumer's dead letters every `every` and logs a
+    /// `warn` event (target `cqrs::metrics`, message `dead letters over threshold`) when it is
+    /// over `threshold` (an `info` event with the count otherwise).
+    #[must_use]
+    pub fn with_dead_letter_alert(mut self, threshold: u64, every: Duration) -> Self {
+        self.alert = Some((threshold, every));
         self
     }
 
@@ -216,6 +228,16 @@ impl<H: MessageHandler> RabbitConsumer<H> {
         shutdown: impl Future<Output = ()>,
     ) -> Result<ConsumerMetrics, TransportError> {
         tokio::pin!(shutdown);
+        let _alerts = self.alert.map(|(threshold, every)| {
+            cqrs_transport::dead_letters::AlertTask::spawn(
+                Box::new(crate::RabbitDeadLetters::new(
+                    &self.config,
+                    self.spec.name.clone(),
+                )),
+                threshold,
+                every,
+            )
+        });
         let mut backoff =
             cqrs_core::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {

@@ -2,15 +2,17 @@
 
 mod config;
 pub mod consumer;
+mod dead_letters;
 mod sink;
 mod topology;
 
 pub use config::{RabbitConfig, RoutingKey, default_routing_key};
 pub use consumer::RabbitConsumer;
 pub use cqrs_transport::{
-    ConsumerMetrics, HandleError, Handled, InProcess, MessageHandler, RelayMetrics, RelayStep,
-    Transactional, TransportError,
+    BrokerDeadLetter, ConsumerMetrics, DeadLetterQueue, HandleError, Handled, InProcess,
+    MessageHandler, RelayMetrics, RelayStep, Transactional, TransportError,
 };
+pub use dead_letters::RabbitDeadLetters;
 pub use sink::{RabbitLayout, RabbitMessage, RabbitRelay, RabbitSink};
 
 /// The broker's name in errors.

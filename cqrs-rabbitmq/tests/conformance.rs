@@ -23,6 +23,11 @@ async fn a_consumer_killed_mid_handler_applies_the_event_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_retried_after_a_fix_is_applied_once() {
+    conformance::dead_letter_retried_after_a_fix(&Rabbit, &namespace("fix")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_is_not_ours_is_dead_lettered() {
     conformance::not_ours_is_dead_lettered(&Rabbit, &namespace("foreign")).await;
 }

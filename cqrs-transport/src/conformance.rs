@@ -66,6 +66,11 @@ pub trait Broker: Send + Sync + 'static {
         name: &'a str,
     ) -> BoxFuture<'a, Result<u64, TransportError>>;
 
+    /// Consumer `name`'s dead letters, where the broker crate offers them to operators.
+    fn dead_letter_queue(&self, _ns: &str, _name: &str) -> Option<Box<dyn crate::DeadLetterQueue>> {
+        None
+    }
+
     /// Publishes `value` (with no headers) where consumer `name` of `ns` reads, as a stranger
     /// would.
     fn publish_foreign<'a>(
@@ -117,6 +122,7 @@ pub struct Recorder {
     inbox: Inbox,
     name: String,
     hang: Option<(EventId, Arc<Notify>, Arc<std::sync::atomic::AtomicBool>)>,
+    fixed: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -135,6 +141,7 @@ impl Recorder {
             store: store.clone(),
             name: name.to_owned(),
             hang: None,
+            fixed: None,
         }
     }
 
@@ -143,6 +150,13 @@ impl Recorder {
     #[must_use]
     pub fn hang_on(mut self, event: EventId, reached: Arc<Notify>) -> Self {
         self.hang = Some((event, reached, Arc::default()));
+        self
+    }
+
+    /// Poison events fail only until `fixed` is set (a bug fixed, a dependency back).
+    #[must_use]
+    pub fn poison_until(mut self, fixed: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.fixed = Some(fixed);
         self
     }
 
@@ -185,7 +199,11 @@ impl MessageHandler for Recorder {
     }
 
     async fn handle(&mut self, event: &StoredEvent) -> Result<Handled, HandleError> {
-        if event.payload.get("poison") == Some(&serde_json::Value::Bool(true)) {
+        let fixed = self
+            .fixed
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst));
+        if !fixed && event.payload.get("poison") == Some(&serde_json::Value::Bool(true)) {
             return Err(HandleError::Failed(format!(
                 "poison event {} of {}",
                 event.version, event.stream
@@ -592,6 +610,78 @@ pub async fn not_ours_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
         (2, 1),
         "{metrics:?}"
     );
+}
+
+/// A poison event is dead-lettered; the operator lists it (its error names why), fixes the cause
+/// and retries the dead letters: the event is applied exactly once and the dead-letter place is
+/// empty. A retry of an id that is not there is `false`.
+///
+/// # Panics
+/// When a guarantee does not hold, or the broker offers no dead-letter queue.
+pub async fn dead_letter_retried_after_a_fix<B: Broker>(broker: &B, ns: &str) {
+    let store = fresh_store(&format!("{ns}_fix")).await;
+    let consumer = "fix-consumer";
+    broker
+        .declare(ns, consumer)
+        .await
+        .unwrap_or_else(|e| panic!("declare: {e}"));
+    let queue = broker
+        .dead_letter_queue(ns, consumer)
+        .unwrap_or_else(|| panic!("the broker offers no dead-letter queue"));
+    let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handler = Recorder::new(&store, consumer).poison_until(fixed.clone());
+    let (stop, running) = start_consumer(broker, ns, consumer, handler);
+    let ids = append(&store, "fixme", 3, &[2]).await;
+    let mut relay = Relay::new(store.clone(), broker.sink(ns), "fix");
+    drain(&mut relay).await;
+    let pool = store.pool().clone();
+    wait_applied(&pool, store.schema(), consumer, 2, Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while queue.count().await.unwrap_or(0) != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the poison event was not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let letters = queue.list(10).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(
+        letter.event_id.as_deref(),
+        Some(ids[1].to_string().as_str())
+    );
+    assert!(
+        letter
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("poison")),
+        "the dead letter says why: {letter}"
+    );
+    assert!(
+        !queue
+            .retry("no-such-letter")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    );
+    // The bug is fixed; the operator retries.
+    fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        queue
+            .retry(&letter.id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    );
+    wait_applied(&pool, store.schema(), consumer, 3, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(queue.count().await.unwrap_or_else(|e| panic!("{e}")), 0);
+    assert_eq!(queue.retry_all().await.unwrap_or_else(|e| panic!("{e}")), 0);
+    let _ = stop.send(());
+    let _ = running.await;
+    let by_id = applied(&pool, store.schema(), consumer).await;
+    let mut versions = by_id.get("fixme").cloned().unwrap_or_default();
+    versions.sort_unstable();
+    assert_eq!(versions, vec![1, 2, 3], "the retried event applied once");
 }
 
 /// A handler for building a consumer only to declare its topology or count its dead letters.

@@ -3,6 +3,7 @@
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod consume;
+pub mod dead_letters;
 pub mod envelope;
 mod error;
 pub mod handler;
@@ -10,6 +11,7 @@ pub mod relay;
 pub mod sink;
 
 pub use consume::{Consumer, ConsumerMetrics, Verdict};
+pub use dead_letters::{BrokerDeadLetter, DeadLetterQueue};
 pub use envelope::{EventSerializer, JsonEnvelope, MalformedMessage, SerializeError};
 pub use error::{BrokerError, DeliveryError, TransportError};
 pub use handler::{HandleError, Handled, InProcess, MessageHandler, Transactional, is_outage};

@@ -91,6 +91,14 @@ impl Broker for Nats {
         })
     }
 
+    fn dead_letter_queue(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> Option<Box<dyn cqrs_nats::DeadLetterQueue>> {
+        Some(Box::new(cqrs_nats::NatsDeadLetters::new(&config(ns), name)))
+    }
+
     fn publish_foreign<'a>(
         &'a self,
         ns: &'a str,

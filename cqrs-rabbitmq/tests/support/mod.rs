@@ -71,6 +71,17 @@ impl Broker for Rabbit {
         })
     }
 
+    fn dead_letter_queue(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> Option<Box<dyn cqrs_rabbitmq::DeadLetterQueue>> {
+        Some(Box::new(cqrs_rabbitmq::RabbitDeadLetters::new(
+            &config(ns),
+            queue(ns, name),
+        )))
+    }
+
     fn publish_foreign<'a>(
         &'a self,
         ns: &'a str,

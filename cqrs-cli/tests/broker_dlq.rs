@@ -38,7 +38,7 @@ fn unique(name: &str) -> String {
 /// Runs `consumer` until it has dead-lettered one message (or 30 s).
 async fn until_dead_lettered<F>(run: F, count: impl Fn() -> Output)
 where
-    F: std::future::Future + Send + 'static,
+    F: Future + Send + 'static,
     F::Output: Send,
 {
     let running = tokio::spawn(run);

@@ -54,6 +54,30 @@ pub enum Backend {
         /// another's on a shared broker).
         topic_prefix: String,
     },
+    /// PostgreSQL, every event published to RabbitMQ by the outbox relay (a topic exchange),
+    /// sagas started by a consumer of a quorum queue bound to the order events.
+    PostgresRabbitMq {
+        /// The database.
+        database_url: String,
+        /// The schema holding the tables.
+        schema: String,
+        /// The broker, `amqp://user:password@host:5672/%2f`.
+        url: String,
+        /// Prefixes the exchange and the queue.
+        prefix: String,
+    },
+    /// PostgreSQL, every event published to a NATS JetStream stream by the outbox relay, sagas
+    /// started by a durable consumer filtered to the order events.
+    PostgresNats {
+        /// The database.
+        database_url: String,
+        /// The schema holding the tables.
+        schema: String,
+        /// The server, `nats://host:4222`.
+        url: String,
+        /// Prefixes the stream, its subjects and the consumer (letters, digits, `_`).
+        prefix: String,
+    },
 }
 
 impl Backend {
@@ -64,6 +88,18 @@ impl Backend {
             Self::Embedded => "embedded (in-memory store, in-process delivery)",
             Self::Postgres { .. } => "PostgreSQL (in-process delivery)",
             Self::PostgresKafka { .. } => "PostgreSQL + Kafka",
+            Self::PostgresRabbitMq { .. } => "PostgreSQL + RabbitMQ",
+            Self::PostgresNats { .. } => "PostgreSQL + NATS JetStream",
+        }
+    }
+
+    /// The cargo feature this backend needs, if any.
+    fn feature(&self) -> Option<(&'static str, bool)> {
+        match self {
+            Self::Embedded | Self::Postgres { .. } => None,
+            Self::PostgresKafka { .. } => Some(("kafka", cfg!(feature = "kafka"))),
+            Self::PostgresRabbitMq { .. } => Some(("rabbitmq", cfg!(feature = "rabbitmq"))),
+            Self::PostgresNats { .. } => Some(("nats", cfg!(feature = "nats"))),
         }
     }
 }
@@ -83,15 +119,14 @@ pub enum StartError {
     /// The database could not be reached or migrated.
     #[error("PostgreSQL: {0}")]
     Store(#[from] cqrs_core::StoreError),
-    /// The broker could not be reached or the topics not created.
-    #[cfg(feature = "kafka")]
-    #[error("Kafka: {0}")]
-    Kafka(#[from] cqrs_kafka::KafkaError),
-    /// Kafka was asked for in a build without it.
+    /// The broker could not be reached or its topics, exchanges or streams not declared.
+    #[error(transparent)]
+    Broker(#[from] cqrs_transport::TransportError),
+    /// A broker was asked for in a build without its feature.
     #[error(
-        "this build has no Kafka support: run with `cargo run -p order-fulfillment --features kafka`"
+        "this build has no {0} support: run with `cargo run -p order-fulfillment --features {0}`"
     )]
-    NoKafka,
+    NoBroker(&'static str),
 }
 
 /// A running service: its address, and a handle to stop it.
@@ -497,8 +532,8 @@ fn futures_shared(
 /// # Errors
 /// [`StartError`] when the address cannot be bound, the database or the broker cannot be reached.
 pub async fn start(addr: SocketAddr, backend: Backend) -> Result<Service, StartError> {
-    if cfg!(not(feature = "kafka")) && matches!(backend, Backend::PostgresKafka { .. }) {
-        return Err(StartError::NoKafka);
+    if let Some((feature, false)) = backend.feature() {
+        return Err(StartError::NoBroker(feature));
     }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -533,6 +568,16 @@ pub async fn start(addr: SocketAddr, backend: Backend) -> Result<Service, StartE
             database_url,
             schema,
             ..
+        }
+        | Backend::PostgresRabbitMq {
+            database_url,
+            schema,
+            ..
+        }
+        | Backend::PostgresNats {
+            database_url,
+            schema,
+            ..
         } => {
             let events =
                 PostgresEventStore::connect_within(database_url, schema, Duration::from_secs(10))
@@ -544,26 +589,33 @@ pub async fn start(addr: SocketAddr, backend: Backend) -> Result<Service, StartE
             let poll = Duration::from_millis(25);
             let read_model = summaries.clone();
             runtime.project(events.clone(), move || read_model.clone(), poll);
-            if let Backend::PostgresKafka {
-                brokers,
-                topic_prefix,
-                ..
-            } = &backend
-            {
+            match &backend {
                 #[cfg(feature = "kafka")]
-                {
+                Backend::PostgresKafka {
+                    brokers,
+                    topic_prefix,
+                    ..
+                } => {
                     let starter = starter(sagas.clone());
                     publish_and_subscribe(&mut runtime, &events, brokers, topic_prefix, starter)
                         .await?;
                 }
-                #[cfg(not(feature = "kafka"))]
-                {
-                    let _ = (brokers, topic_prefix);
-                    return Err(StartError::NoKafka);
+                #[cfg(feature = "rabbitmq")]
+                Backend::PostgresRabbitMq { url, prefix, .. } => {
+                    let starter = starter(sagas.clone());
+                    over_rabbitmq(&mut runtime, &events, url, prefix, starter).await?;
                 }
-            } else {
-                let starts = sagas.clone();
-                runtime.project(events.clone(), move || starter(starts.clone()), poll);
+                #[cfg(feature = "nats")]
+                Backend::PostgresNats { url, prefix, .. } => {
+                    let starter = starter(sagas.clone());
+                    over_nats(&mut runtime, &events, url, prefix, starter).await?;
+                }
+                Backend::Postgres { .. } => {
+                    let starts = sagas.clone();
+                    runtime.project(events.clone(), move || starter(starts.clone()), poll);
+                }
+                // A backend whose feature is off was refused above.
+                other => return Err(StartError::NoBroker(other.feature().map_or("?", |f| f.0))),
             }
             runtime.orchestrate(sagas, Services::new(orders.clone()));
             router(AppState {
@@ -589,6 +641,81 @@ pub async fn start(addr: SocketAddr, backend: Backend) -> Result<Service, StartE
         stop: runtime.stop,
         tasks: runtime.tasks,
     })
+}
+
+/// Runs `relay` and `consumer` until the service stops, logging why either stopped early.
+#[cfg(any(feature = "rabbitmq", feature = "nats"))]
+fn run_broker<S, F, C>(runtime: &mut Runtime, relay: cqrs_transport::Relay<S>, consume: F)
+where
+    S: cqrs_transport::Sink,
+    F: FnOnce(futures::future::BoxFuture<'static, ()>) -> C,
+    C: std::future::Future<
+            Output = Result<cqrs_transport::ConsumerMetrics, cqrs_transport::TransportError>,
+        > + Send
+        + 'static,
+{
+    let stopped = runtime.stopped();
+    runtime.spawn(async move {
+        if let Err(error) = relay.run(Duration::from_millis(250), stopped).await {
+            tracing::error!(%error, "the outbox relay stopped");
+        }
+    });
+    let consumer = consume(Box::pin(runtime.stopped()));
+    runtime.spawn(async move {
+        if let Err(error) = consumer.await {
+            tracing::error!(%error, "the saga starter's consumer stopped");
+        }
+    });
+}
+
+/// The relay publishing every event to RabbitMQ, and a quorum-queue consumer starting the sagas
+/// from the order events (its queue declared before the relay publishes).
+#[cfg(feature = "rabbitmq")]
+async fn over_rabbitmq(
+    runtime: &mut Runtime,
+    events: &PostgresEventStore,
+    url: &str,
+    prefix: &str,
+    starter: SagaStarter<FulfillmentSaga, OrderEvent, PostgresSagaStore>,
+) -> Result<(), StartError> {
+    use cqrs_rabbitmq::{InProcess, RabbitConfig, RabbitConsumer, RabbitRelay, RabbitSink};
+    let config = RabbitConfig::new(url).with_exchange(format!("{prefix}order-fulfillment.events"));
+    let consumer = RabbitConsumer::new(
+        &config,
+        format!("{prefix}order-fulfillment.sagas"),
+        InProcess(starter),
+    )
+    .with_bindings([format!("{}.#", Order::NAME)])
+    .with_single_active_consumer(true);
+    consumer.declare().await?;
+    let relay = RabbitRelay::new(events.clone(), RabbitSink::new(config), owner())
+        .with_name(format!("{prefix}rabbitmq-relay"));
+    run_broker(runtime, relay, |stopped| consumer.run(stopped));
+    Ok(())
+}
+
+/// The relay publishing every event to NATS JetStream, and a durable consumer starting the sagas
+/// from the order events' subjects.
+#[cfg(feature = "nats")]
+async fn over_nats(
+    runtime: &mut Runtime,
+    events: &PostgresEventStore,
+    url: &str,
+    prefix: &str,
+    starter: SagaStarter<FulfillmentSaga, OrderEvent, PostgresSagaStore>,
+) -> Result<(), StartError> {
+    use cqrs_nats::{InProcess, NatsConfig, NatsConsumer, NatsRelay, NatsSink};
+    let config = NatsConfig::new(url).with_stream(
+        format!("{}ORDER_FULFILLMENT", prefix.to_uppercase()),
+        format!("{}order-fulfillment", prefix.replace('.', "_")),
+    )?;
+    let consumer = NatsConsumer::new(&config, format!("{prefix}sagas"), InProcess(starter))?
+        .with_aggregate_type(Order::NAME);
+    consumer.declare().await?;
+    let relay = NatsRelay::new(events.clone(), NatsSink::new(config), owner())
+        .with_name(format!("{prefix}nats-relay"));
+    run_broker(runtime, relay, |stopped| consumer.run(stopped));
+    Ok(())
 }
 
 /// The relay publishing every event to Kafka, and a consumer group starting the sagas from the

@@ -8,7 +8,7 @@ use clap::Parser;
 use order_fulfillment::{Accepted, Backend, OrderView, PlaceOrder, Service};
 
 /// Runs the order-fulfillment service: in memory by default, on PostgreSQL with a database URL,
-/// on PostgreSQL + Kafka with brokers too.
+/// on PostgreSQL + Kafka, RabbitMQ or NATS with a broker too (one of them).
 #[derive(Parser)]
 #[command(name = "order-fulfillment", version, about)]
 struct Args {
@@ -24,9 +24,16 @@ struct Args {
     /// Kafka brokers; needs a database too.
     #[arg(long, env = "KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
-    /// Prefixes the Kafka topics and the consumer group.
+    /// Prefixes the Kafka topics and the consumer group (and the RabbitMQ exchange and queue, the
+    /// NATS stream and consumer).
     #[arg(long, default_value = "")]
     topic_prefix: String,
+    /// RabbitMQ (`amqp://user:password@host:5672/%2f`); needs a database too (feature `rabbitmq`).
+    #[arg(long, env = "AMQP_URL")]
+    amqp_url: Option<String>,
+    /// NATS with JetStream (`nats://host:4222`); needs a database too (feature `nats`).
+    #[arg(long, env = "NATS_URL")]
+    nats_url: Option<String>,
     /// Start, place an order that completes and one that is declined over HTTP, print what
     /// happened, stop.
     #[arg(long)]
@@ -36,29 +43,67 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let backend = match (args.database_url, args.kafka_brokers) {
-        (None, None) => Backend::Embedded,
-        (Some(database_url), None) => Backend::Postgres {
-            database_url,
-            schema: args.schema,
-        },
-        (Some(database_url), Some(brokers)) => Backend::PostgresKafka {
-            database_url,
-            schema: args.schema,
-            brokers,
-            topic_prefix: args.topic_prefix,
-        },
-        (None, Some(_)) => {
+    let brokers = [
+        args.kafka_brokers.as_ref().map(|_| "KAFKA_BROKERS"),
+        args.amqp_url.as_ref().map(|_| "AMQP_URL"),
+        args.nats_url.as_ref().map(|_| "NATS_URL"),
+    ];
+    let chosen: Vec<&str> = brokers.into_iter().flatten().collect();
+    if chosen.len() > 1 {
+        eprintln!(
+            "error: one broker at a time: {} are all set",
+            chosen.join(", ")
+        );
+        return ExitCode::from(2);
+    }
+    let Some(database_url) = args.database_url else {
+        if let Some(broker) = chosen.first() {
             eprintln!(
-                "error: Kafka needs PostgreSQL (the relay publishes the store's events): set DATABASE_URL or --database-url"
+                "error: {broker} needs PostgreSQL (the relay publishes the store's events): set DATABASE_URL or --database-url"
             );
             return ExitCode::from(2);
         }
+        return run(args.demo, args.addr, Backend::Embedded).await;
     };
-    let addr = if args.demo {
+    let schema = args.schema;
+    let prefix = args.topic_prefix;
+    let backend = if let Some(brokers) = args.kafka_brokers {
+        Backend::PostgresKafka {
+            database_url,
+            schema,
+            brokers,
+            topic_prefix: prefix,
+        }
+    } else if let Some(url) = args.amqp_url {
+        Backend::PostgresRabbitMq {
+            database_url,
+            schema,
+            url,
+            prefix,
+        }
+    } else if let Some(url) = args.nats_url {
+        Backend::PostgresNats {
+            database_url,
+            schema,
+            url,
+            prefix,
+        }
+    } else {
+        Backend::Postgres {
+            database_url,
+            schema,
+        }
+    };
+    run(args.demo, args.addr, backend).await
+}
+
+/// Starts the service on `backend` and serves (or, with `demo`, runs the demo and stops).
+async fn run(demo_only: bool, addr: SocketAddr, backend: Backend) -> ExitCode {
+    let args_demo = demo_only;
+    let addr = if args_demo {
         SocketAddr::from(([127, 0, 0, 1], 0))
     } else {
-        args.addr
+        addr
     };
     let service = match order_fulfillment::start(addr, backend).await {
         Ok(service) => service,
@@ -67,7 +112,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if args.demo {
+    if args_demo {
         let outcome = demo(&service).await;
         service.stop().await;
         return match outcome {

@@ -234,6 +234,23 @@ async fn check_store(schema: &str, confirmed: &str, declined: &str) {
     );
 }
 
+/// Without the `nats` feature, asking for NATS is a clear error, not a silent fallback.
+#[cfg(not(feature = "nats"))]
+#[tokio::test]
+async fn nats_mode_without_the_feature_is_refused() {
+    let backend = Backend::PostgresNats {
+        database_url: database_url(),
+        schema: unique("of_nonats"),
+        url: "nats://127.0.0.1:4222".into(),
+        prefix: String::new(),
+    };
+    let error = order_fulfillment::start(([127, 0, 0, 1], 0).into(), backend)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("started without NATS support"));
+    assert!(error.to_string().contains("--features nats"), "{error}");
+}
+
 /// Without the `kafka` feature, asking for Kafka is a clear error, not a silent fallback.
 #[cfg(not(feature = "kafka"))]
 #[tokio::test]
@@ -286,6 +303,45 @@ async fn postgres_and_kafka_service_over_http() {
         schema: schema.clone(),
         brokers: cqrs_kafka::KafkaConfig::from_env().brokers().to_owned(),
         topic_prefix: format!("{schema}."),
+    };
+    let service = order_fulfillment::start(([127, 0, 0, 1], 0).into(), backend)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (confirmed, declined) = exercise(&service).await;
+    service.stop().await;
+    check_store(&schema, &confirmed, &declined).await;
+}
+
+/// Events leave through the outbox relay to RabbitMQ; the sagas start only from the queue's
+/// consumer, so an order confirmed or cancelled proves the round trip through the broker.
+#[cfg(feature = "rabbitmq")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_and_rabbitmq_service_over_http() {
+    let schema = unique("of_rabbit");
+    let backend = Backend::PostgresRabbitMq {
+        database_url: database_url(),
+        schema: schema.clone(),
+        url: cqrs_rabbitmq::RabbitConfig::from_env().url().to_owned(),
+        prefix: format!("{schema}."),
+    };
+    let service = order_fulfillment::start(([127, 0, 0, 1], 0).into(), backend)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (confirmed, declined) = exercise(&service).await;
+    service.stop().await;
+    check_store(&schema, &confirmed, &declined).await;
+}
+
+/// The same through NATS JetStream.
+#[cfg(feature = "nats")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_and_nats_service_over_http() {
+    let schema = unique("of_nats");
+    let backend = Backend::PostgresNats {
+        database_url: database_url(),
+        schema: schema.clone(),
+        url: cqrs_nats::NatsConfig::from_env().url().to_owned(),
+        prefix: format!("{schema}_"),
     };
     let service = order_fulfillment::start(([127, 0, 0, 1], 0).into(), backend)
         .await

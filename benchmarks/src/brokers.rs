@@ -3,6 +3,7 @@
 //! same server in the same run, every confirm or ack awaited. Needs RabbitMQ at `AMQP_URL` and
 //! NATS at `NATS_URL` (`scripts/brokers-up.sh`).
 
+use std::future::Future;
 use std::time::Instant;
 
 use cqrs_core::StoredEvent;
@@ -25,13 +26,183 @@ fn unique(name: &str) -> String {
     format!("bench_{name}_{}_{nanos}", std::process::id())
 }
 
-/// Rates per run of one broker's relay and raw client, events/s.
+/// Rates per run of one broker's relay and raw client, events/s, and append -> consumer
+/// latencies through a running relay, ms.
 #[derive(Debug, Default)]
 pub struct BrokerRow {
     /// The relay.
     pub relay: Vec<f64>,
     /// The raw client.
     pub raw: Vec<f64>,
+    /// Append -> a consumer has it, ms.
+    pub latencies: Vec<f64>,
+}
+
+/// Appends one deposit per sample to `store` and waits until `received` yields its event id:
+/// the times, in ms.
+async fn append_to_receive(
+    store: &PostgresEventStore,
+    samples: usize,
+    mut received: impl futures::Stream<Item = Option<String>> + Unpin,
+) -> Vec<f64> {
+    use cqrs_core::prelude::*;
+    use futures::StreamExt;
+    let mut latencies = Vec::with_capacity(samples);
+    for n in 0..samples {
+        let data = crate::kafka::deposit(n as u64);
+        let id = data.event_id.to_string();
+        let started = Instant::now();
+        store
+            .append(
+                &StreamId::new("account", "latency"),
+                ExpectedVersion::Any,
+                vec![data],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        loop {
+            let got = tokio::time::timeout(std::time::Duration::from_secs(30), received.next())
+                .await
+                .unwrap_or_else(|_| panic!("no message within 30 s"))
+                .unwrap_or_else(|| panic!("the consumer ended"));
+            if got.as_deref() == Some(id.as_str()) {
+                break;
+            }
+        }
+        latencies.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    latencies
+}
+
+/// Append -> consumer latencies through a running RabbitMQ relay: a consumer of an exclusive
+/// queue bound to the relay's exchange, ms.
+async fn rabbit_latency(store: &PostgresEventStore, samples: usize) -> Vec<f64> {
+    use futures::StreamExt;
+    let exchange = unique("latency");
+    let config = RabbitConfig::from_env().with_exchange(exchange.clone());
+    let connection = Connection::connect(config.url(), ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let channel = connection
+        .create_channel()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    channel
+        .queue_bind(
+            queue.name().as_str().into(),
+            exchange.as_str().into(),
+            "#".into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deliveries = channel
+        .basic_consume(
+            queue.name().as_str().into(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..lapin::options::BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let relay = RabbitRelay::new(store.clone(), RabbitSink::new(config), "latency")
+        .with_name(unique("rabbit-latency"));
+    let latencies = with_running(relay, async {
+        let ids = deliveries.map(|delivery| {
+            delivery
+                .ok()?
+                .properties
+                .message_id()
+                .as_ref()
+                .map(ToString::to_string)
+        });
+        append_to_receive(store, samples, ids).await
+    })
+    .await;
+    let _ = connection.close(200, "done".into()).await;
+    latencies
+}
+
+/// Append -> consumer latencies through a running NATS relay: a core subscription to the
+/// relay's subjects, ms.
+async fn nats_latency(store: &PostgresEventStore, samples: usize) -> Vec<f64> {
+    use futures::StreamExt;
+    let ns = unique("latency");
+    let config = NatsConfig::from_env()
+        .with_stream(ns.to_uppercase(), ns.clone())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = async_nats::connect(config.url())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let subscription = client
+        .subscribe(format!("{ns}.>"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let relay = NatsRelay::new(store.clone(), NatsSink::new(config), "latency")
+        .with_name(unique("nats-latency"));
+    let latencies = with_running(relay, async {
+        let ids = subscription.map(|message| {
+            message
+                .headers
+                .as_ref()?
+                .get(async_nats::header::NATS_MESSAGE_ID)
+                .map(|v| v.as_str().to_owned())
+        });
+        append_to_receive(store, samples, ids).await
+    })
+    .await;
+    if let Ok(client) = async_nats::connect(NatsConfig::from_env().url()).await {
+        let _ = async_nats::jetstream::new(client)
+            .delete_stream(ns.to_uppercase())
+            .await;
+    }
+    latencies
+}
+
+/// Runs `relay` (after draining what is there) while `work` runs.
+async fn with_running<S: Sink, T>(mut relay: Relay<S>, work: impl Future<Output = T>) -> T {
+    // Caught up first, so the samples time one event each.
+    while relay
+        .step()
+        .await
+        .map(|s| s.sent > 0 || s.delivered > 0)
+        .unwrap_or_else(|e| panic!("{e}"))
+    {}
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(relay.run(std::time::Duration::from_secs(1), async {
+        stopped.await.ok();
+    }));
+    let out = work.await;
+    stop.send(()).ok();
+    running.await.ok();
+    out
 }
 
 /// The relay from the start of the log until it has delivered `count` events: events/s.
@@ -180,8 +351,9 @@ async fn raw_nats(events: &[StoredEvent]) -> f64 {
     rate
 }
 
-/// R1 (RabbitMQ) and N1 (NATS): `runs` runs of each side over `count` events.
-pub async fn r1_n1(count: u64, runs: usize) -> (BrokerRow, BrokerRow) {
+/// R1 (RabbitMQ) and N1 (NATS): `runs` runs of each side over `count` events, then `samples`
+/// append -> consumer latencies through each.
+pub async fn r1_n1(count: u64, runs: usize, samples: usize) -> (BrokerRow, BrokerRow) {
     let store: PostgresEventStore = store().await;
     fill(&store, count).await;
     let events = all_events(&store, count as usize).await;
@@ -209,5 +381,7 @@ pub async fn r1_n1(count: u64, runs: usize) -> (BrokerRow, BrokerRow) {
                 .await;
         }
     }
+    rabbit.latencies = rabbit_latency(&store, samples).await;
+    nats.latencies = nats_latency(&store, samples).await;
     (rabbit, nats)
 }

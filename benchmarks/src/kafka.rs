@@ -31,7 +31,7 @@ pub(crate) async fn store() -> PostgresEventStore {
     store
 }
 
-fn deposit(n: u64) -> EventData {
+pub(crate) fn deposit(n: u64) -> EventData {
     EventData::from_event(
         &AccountEvent::Deposited(Deposit {
             amount_cents: n,

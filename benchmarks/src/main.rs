@@ -408,7 +408,8 @@ async fn main() {
     }
     if wanted("R1") || wanted("N1") {
         let runs = if args.quick { s.runs } else { s.runs.max(5) };
-        let (rabbit, nats) = brokers::r1_n1(s.bulk, runs).await;
+        let samples = if args.quick { 20 } else { 300 };
+        let (rabbit, nats) = brokers::r1_n1(s.bulk, runs, samples).await;
         for (key, row, relay_note, raw_note) in [
             (
                 "R1",

@@ -218,8 +218,10 @@ impl Sink for RabbitSink {
 
     fn forget(&mut self) {
         // Confirms of forgotten messages would pile up on the channel: open a new one.
-        self.pending.clear();
-        self.channel = None;
+        if !self.pending.is_empty() {
+            self.pending.clear();
+            self.channel = None;
+        }
     }
 
     async fn restart(&mut self) -> Result<(), TransportError> {

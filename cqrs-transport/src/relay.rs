@@ -435,7 +435,13 @@ impl<S: Sink> Relay<S> {
             // Nothing sent yet, or another relay moved the checkpoint past what this one sent
             // (it lost the lease meanwhile): start from the stored checkpoint.
             _ => {
-                self.in_flight.clear();
+                // What is in flight is forgotten on both sides: the relay's list and the sink's
+                // confirms must stay one for one, or a confirm is taken for the wrong message and
+                // the relay ends up waiting for one that was never sent.
+                if !self.in_flight.is_empty() {
+                    self.in_flight.clear();
+                    self.sink.forget();
+                }
                 self.acked = None;
                 stored
             }

@@ -229,11 +229,23 @@ async fn a_broker_stopped_and_restarted_mid_stream_loses_and_reorders_nothing() 
         .unwrap_or_else(|e| panic!("{e}"))
         .unwrap_or(cqrs_core::Checkpoint::START);
     let started = Instant::now();
-    while relayed(&store, name).await < head {
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "the relay did not catch up after the restarts"
-        );
+    loop {
+        let at = relayed(&store, name).await;
+        if at >= head {
+            break;
+        }
+        if started.elapsed() >= Duration::from_secs(90) {
+            let lag = store.lag_after(at).await.map(|l| l.events).ok();
+            let log = std::fs::read_to_string(broker.dir.join("broker.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "the relay did not catch up after the restarts: checkpoint {at:?}, head {head:?}, \
+                 lag {lag:?}, relay task finished: {}; resumed after {resumes:?}; the broker's \
+                 log, last lines first:\n{}",
+                relaying.is_finished(),
+                tail.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = stop.send(());

@@ -318,7 +318,9 @@ async fn raw_nats(events: &[StoredEvent]) -> f64 {
     .unwrap_or_else(|e| panic!("{e}"));
     let values = values(events);
     let started = Instant::now();
-    let mut pending = Vec::with_capacity(events.len());
+    // The client waits for a permit at 5,000 acks in flight: keep below it, oldest first.
+    let mut pending: std::collections::VecDeque<async_nats::jetstream::context::PublishAckFuture> =
+        std::collections::VecDeque::with_capacity(4_096);
     for (event, value) in events.iter().zip(values) {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
@@ -328,7 +330,12 @@ async fn raw_nats(events: &[StoredEvent]) -> f64 {
         cqrs_transport::envelope::headers_of(event, "application/json", |key, value| {
             headers.insert(key, value);
         });
-        pending.push(
+        if pending.len() >= 4_096
+            && let Some(ack) = pending.pop_front()
+        {
+            ack.await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        pending.push_back(
             js.publish_with_headers(
                 format!(
                     "{prefix}.{}.{}.{}",

@@ -427,14 +427,19 @@ async fn main() {
             if !wanted(key) {
                 continue;
             }
-            let mut c = cell(
-                key,
-                report::FRAMEWORKS[0],
-                "events/s",
-                Figure::of(row.relay),
-            );
-            c.note = Some(relay_note.into());
-            report.cells.push(c);
+            report.cells.push(Cell {
+                p50_ms: Some(percentile(&row.latencies, 0.5)),
+                p99_ms: Some(percentile(&row.latencies, 0.99)),
+                note: Some(format!(
+                    "{relay_note}; latency append -> consumer over {samples} single appends"
+                )),
+                ..cell(
+                    key,
+                    report::FRAMEWORKS[0],
+                    "events/s",
+                    Figure::of(row.relay),
+                )
+            });
             let mut r = cell(key, report::FRAMEWORKS[3], "events/s", Figure::of(row.raw));
             r.note = Some(raw_note.into());
             report.cells.push(r);

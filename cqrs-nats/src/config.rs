@@ -22,26 +22,12 @@ pub struct NatsConfig {
 impl fmt::Debug for NatsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsConfig")
-            .field("url", &masked(&self.url))
+            .field("url", &cqrs_transport::masked_url(&self.url))
             .field("stream", &self.stream)
             .field("prefix", &self.prefix)
             .field("declare", &self.declare)
             .field("duplicate_window", &self.duplicate_window)
             .finish_non_exhaustive()
-    }
-}
-
-/// `url` with the password of its user info replaced by `***`.
-fn masked(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.split_once('@') {
-        Some((user_info, host)) => match user_info.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-            None => format!("{scheme}://***@{host}"),
-        },
-        None => url.to_owned(),
     }
 }
 

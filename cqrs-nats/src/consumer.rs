@@ -23,7 +23,7 @@ use cqrs_transport::{
 use futures::StreamExt;
 
 use crate::jetstream::{connect, dead_letter_stream, events_stream};
-use crate::{BROKER, NatsConfig};
+use crate::{BROKER, NatsConfig, broker};
 
 /// Reads a durable JetStream consumer into a [`MessageHandler`].
 pub struct NatsConsumer<H> {
@@ -47,13 +47,6 @@ impl<H> std::fmt::Debug for NatsConsumer<H> {
             .field("core", &self.core)
             .finish_non_exhaustive()
     }
-}
-
-fn broker<E>(operation: &'static str) -> impl FnOnce(E) -> TransportError
-where
-    E: std::error::Error + Send + Sync + 'static,
-{
-    TransportError::broker(BROKER, operation)
 }
 
 impl<H: MessageHandler> NatsConsumer<H> {
@@ -229,7 +222,6 @@ impl<H: MessageHandler> NatsConsumer<H> {
         mut self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<ConsumerMetrics, TransportError> {
-        tokio::pin!(shutdown);
         let _alerts = self.alert.map(|(threshold, every)| {
             cqrs_transport::dead_letters::AlertTask::spawn(
                 Box::new(crate::NatsDeadLetters::new(
@@ -240,34 +232,13 @@ impl<H: MessageHandler> NatsConsumer<H> {
                 every,
             )
         });
-        let mut backoff =
-            cqrs_core::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        loop {
-            let session = tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                outcome = self.session(&mut backoff) => outcome,
-            };
-            match session {
-                Ok(()) => break,
-                Err(error @ TransportError::Topology { .. }) if !self.config.declares() => {
-                    return Err(error);
-                }
-                Err(error) => {
-                    let wait = backoff.next_delay();
-                    tracing::warn!(broker = BROKER, consumer = %self.durable, %error, retry_in = ?wait, "consumer session ended; reconnecting");
-                    tokio::select! {
-                        biased;
-                        () = &mut shutdown => break,
-                        () = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
-        }
+        let name = self.durable.clone();
+        let declares = self.config.declares();
+        cqrs_transport::consume::reconnecting(&mut self, BROKER, &name, declares, shutdown).await?;
         Ok(self.core.metrics())
     }
 
-    async fn session(&mut self, backoff: &mut cqrs_core::Backoff) -> Result<(), TransportError> {
+    async fn consume(&mut self, backoff: &mut cqrs_core::Backoff) -> Result<(), TransportError> {
         let js = connect(&self.config).await?;
         let consumer = self.consumer(&js).await?;
         let mut messages = consumer.messages().await.map_err(broker("pull"))?;
@@ -370,5 +341,14 @@ fn unreachable_verdict() -> Verdict {
     Verdict::DeadLetter {
         reason: "the ack keepalive stopped".to_owned(),
         attempts: 0,
+    }
+}
+
+impl<H: MessageHandler> cqrs_transport::consume::Session for NatsConsumer<H> {
+    fn session(
+        &mut self,
+        backoff: &mut cqrs_core::Backoff,
+    ) -> impl Future<Output = Result<(), TransportError>> {
+        self.consume(backoff)
     }
 }

@@ -8,7 +8,7 @@ use cqrs_transport::envelope::header;
 use cqrs_transport::{BrokerDeadLetter, DeadLetterQueue, TransportError};
 
 use crate::jetstream::connect;
-use crate::{BROKER, NatsConfig};
+use crate::{BROKER, NatsConfig, broker};
 
 /// The dead letters of durable consumer `durable`: the messages on its subject of the
 /// dead-letter stream (`<prefix>-dlq.<durable>` in `<stream>_DLQ`), each known by its sequence
@@ -19,13 +19,6 @@ use crate::{BROKER, NatsConfig};
 pub struct NatsDeadLetters {
     config: NatsConfig,
     durable: String,
-}
-
-fn broker<E>(operation: &'static str) -> impl FnOnce(E) -> TransportError
-where
-    E: std::error::Error + Send + Sync + 'static,
-{
-    TransportError::broker(BROKER, operation)
 }
 
 impl NatsDeadLetters {

@@ -17,3 +17,11 @@ pub use sink::{NatsLayout, NatsMessage, NatsRelay, NatsSink};
 
 /// The broker's name in errors.
 pub(crate) const BROKER: &str = "NATS";
+
+/// The client's error while doing `operation`, as a [`TransportError::Broker`].
+pub(crate) fn broker<E>(operation: &'static str) -> impl FnOnce(E) -> TransportError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    TransportError::broker(BROKER, operation)
+}

@@ -26,24 +26,10 @@ pub struct RabbitConfig {
 impl fmt::Debug for RabbitConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitConfig")
-            .field("url", &masked(&self.url))
+            .field("url", &cqrs_transport::masked_url(&self.url))
             .field("exchange", &self.exchange)
             .field("declare", &self.declare)
             .finish_non_exhaustive()
-    }
-}
-
-/// `url` with the password of its user info replaced by `***`.
-fn masked(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.split_once('@') {
-        Some((user_info, host)) => match user_info.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
     }
 }
 

@@ -227,7 +227,6 @@ impl<H: MessageHandler> RabbitConsumer<H> {
         mut self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<ConsumerMetrics, TransportError> {
-        tokio::pin!(shutdown);
         let _alerts = self.alert.map(|(threshold, every)| {
             cqrs_transport::dead_letters::AlertTask::spawn(
                 Box::new(crate::RabbitDeadLetters::new(
@@ -238,36 +237,16 @@ impl<H: MessageHandler> RabbitConsumer<H> {
                 every,
             )
         });
-        let mut backoff =
-            cqrs_core::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        loop {
-            let session = tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                outcome = self.session(&mut backoff) => outcome,
-            };
-            match session {
-                Ok(()) => break,
-                Err(error @ TransportError::Topology { .. }) if !self.config.declares() => {
-                    return Err(error);
-                }
-                Err(error) => {
-                    let wait = backoff.next_delay();
-                    tracing::warn!(broker = crate::BROKER, queue = %self.spec.name, %error, retry_in = ?wait, "consumer session ended; reconnecting");
-                    tokio::select! {
-                        biased;
-                        () = &mut shutdown => break,
-                        () = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
-        }
+        let name = self.spec.name.clone();
+        let declares = self.config.declares();
+        cqrs_transport::consume::reconnecting(&mut self, crate::BROKER, &name, declares, shutdown)
+            .await?;
         Ok(self.core.metrics())
     }
 
     /// One connection's life: consume until the connection or channel fails. Cut at any point
     /// (shutdown), nothing is lost: what was not acknowledged comes again.
-    async fn session(&mut self, backoff: &mut cqrs_core::Backoff) -> Result<(), TransportError> {
+    async fn consume(&mut self, backoff: &mut cqrs_core::Backoff) -> Result<(), TransportError> {
         let connection = connect(&self.config).await?;
         let channel = connection
             .create_channel()
@@ -380,5 +359,14 @@ impl<H: MessageHandler> RabbitConsumer<H> {
                 source: format!("not confirmed: {other:?}").into(),
             }),
         }
+    }
+}
+
+impl<H: MessageHandler> cqrs_transport::consume::Session for RabbitConsumer<H> {
+    fn session(
+        &mut self,
+        backoff: &mut cqrs_core::Backoff,
+    ) -> impl Future<Output = Result<(), TransportError>> {
+        self.consume(backoff)
     }
 }

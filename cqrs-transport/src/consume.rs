@@ -7,6 +7,7 @@
 //! only after its effect committed (or after its dead letter is safely at the broker), so a
 //! crash at any point redelivers it and the handler's inbox turns the redelivery into a no-op.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use cqrs_core::projection::{FailureMode, FailurePolicy};
 
 use crate::envelope::MalformedMessage;
 use crate::handler::{HandleError, Handled, MessageHandler};
-use crate::{EventSerializer, JsonEnvelope};
+use crate::{EventSerializer, JsonEnvelope, TransportError};
 
 /// What a consumer does with a message once [`Consumer::process`] returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,6 +203,55 @@ impl<H: MessageHandler> Consumer<H> {
                 };
             }
             self.metrics.retries += 1;
+        }
+    }
+}
+
+/// One connection's life of a broker consumer: receive and handle until the connection fails.
+/// [`reconnecting`] runs sessions one after another.
+pub trait Session {
+    /// Connects and consumes until the connection or channel fails (an `Err`) or there is
+    /// nothing more to do (`Ok`). `backoff` is reset once connected.
+    fn session(
+        &mut self,
+        backoff: &mut cqrs_core::Backoff,
+    ) -> impl Future<Output = Result<(), TransportError>>;
+}
+
+/// Runs `consumer`'s sessions until `shutdown` completes: a session that ends in an error is
+/// logged and started again after a backoff up to 10 s (unacknowledged messages come again; the
+/// inbox drops what was applied). With `declares` off, a [`TransportError::Topology`] is
+/// returned instead: waiting does not create what operators must.
+///
+/// # Errors
+/// [`TransportError::Topology`] when the topology is missing and `declares` is off.
+pub async fn reconnecting<C: Session>(
+    consumer: &mut C,
+    broker: &'static str,
+    name: &str,
+    declares: bool,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TransportError> {
+    tokio::pin!(shutdown);
+    let mut backoff = cqrs_core::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    loop {
+        let session = tokio::select! {
+            biased;
+            () = &mut shutdown => return Ok(()),
+            outcome = consumer.session(&mut backoff) => outcome,
+        };
+        match session {
+            Ok(()) => return Ok(()),
+            Err(error @ TransportError::Topology { .. }) if !declares => return Err(error),
+            Err(error) => {
+                let wait = backoff.next_delay();
+                tracing::warn!(broker, consumer = %name, %error, retry_in = ?wait, "consumer session ended; reconnecting");
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => return Ok(()),
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
         }
     }
 }

@@ -101,3 +101,19 @@ pub struct DeliveryError {
     #[source]
     pub source: BrokerError,
 }
+
+/// `url` with the secret of its user info replaced by `***` (`scheme://user:***@host`, or
+/// `scheme://***@host` for a token alone), so a broker's address can be logged.
+#[must_use]
+pub fn masked_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((user_info, host)) => match user_info.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => format!("{scheme}://***@{host}"),
+        },
+        None => url.to_owned(),
+    }
+}

@@ -314,7 +314,28 @@ impl<H: MessageHandler> NatsConsumer<H> {
         reason: &str,
         attempts: u32,
     ) -> Result<(), TransportError> {
-        let mut headers = message.headers.clone().unwrap_or_default();
+        // The event's headers without the server's expectations of the events stream (the
+        // relay's `Nats-Expected-Last-Msg-Id` would be refused by the dead-letter stream).
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(original) = &message.headers {
+            for (name, values) in original.iter() {
+                let key: &str = name.as_ref();
+                if key.starts_with("Nats-") {
+                    continue;
+                }
+                for value in values {
+                    headers.append(key, value.as_str());
+                }
+            }
+            // The dead letter keeps the message id of the event for the stream's dedup,
+            // suffixed so the dead-letter stream holds one per consumer.
+            if let Some(id) = original.get(async_nats::header::NATS_MESSAGE_ID) {
+                headers.insert(
+                    async_nats::header::NATS_MESSAGE_ID,
+                    format!("{}-dlq-{}", id.as_str(), self.durable).as_str(),
+                );
+            }
+        }
         headers.insert(header::DLQ_ERROR, reason);
         headers.insert(header::DLQ_ATTEMPTS, attempts.to_string().as_str());
         headers.insert(header::DLQ_CONSUMER, self.durable.as_str());
@@ -325,8 +346,6 @@ impl<H: MessageHandler> NatsConsumer<H> {
                 info.stream_sequence.to_string().as_str(),
             );
         }
-        // The dead letter keeps the message id of the event for the stream's dedup, suffixed so
-        // the dead-letter stream holds one per consumer.
         js.publish_with_headers(self.dead_letter_subject(), headers, message.payload.clone())
             .await
             .map_err(broker("send to the dead-letter stream"))?

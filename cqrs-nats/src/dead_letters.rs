@@ -97,8 +97,9 @@ impl NatsDeadLetters {
         let mut headers = HeaderMap::new();
         for (name, values) in letter.headers.iter() {
             let name: &str = name.as_ref();
-            let message_id: &str = async_nats::header::NATS_MESSAGE_ID.as_ref();
-            if name.starts_with("cqrs-dlq-") || name == message_id {
+            // The server's headers (message id, expectations) are the sender's own: a new
+            // message id is set below; an expectation would be refused.
+            if name.starts_with("cqrs-dlq-") || name.starts_with("Nats-") {
                 continue;
             }
             for value in values {

@@ -437,11 +437,10 @@ impl<S: Sink> Relay<S> {
             _ => {
                 // What is in flight is forgotten on both sides: the relay's list and the sink's
                 // confirms must stay one for one, or a confirm is taken for the wrong message and
-                // the relay ends up waiting for one that was never sent.
-                if !self.in_flight.is_empty() {
-                    self.in_flight.clear();
-                    self.sink.forget();
-                }
+                // the relay ends up waiting for one that was never sent. The sink also learns
+                // that the next message does not follow the last one it sent.
+                self.in_flight.clear();
+                self.sink.forget();
                 self.acked = None;
                 stored
             }

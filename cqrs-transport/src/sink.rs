@@ -79,8 +79,10 @@ pub trait Sink: Send + Sync + 'static {
     /// The client's error for that message (not delivered).
     fn confirmed(&mut self) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
-    /// Forgets what is in flight: the relay starts again from its checkpoint (a step was cut).
-    /// Answers still arriving for forgotten messages are ignored.
+    /// Forgets what is in flight: the relay starts again from its checkpoint (a step was cut,
+    /// or it starts from the stored checkpoint). Answers still arriving for forgotten messages
+    /// are ignored, and the next message sent does not follow the last one sent (a sink that
+    /// chains its messages, as the NATS one does, starts a new chain).
     fn forget(&mut self);
 
     /// Starts afresh after a failed delivery (a new producer, channel or connection), forgetting

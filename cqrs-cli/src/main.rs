@@ -41,7 +41,7 @@ enum Command {
     /// Projection checkpoints, lag and leases.
     #[command(subcommand)]
     Projections(Projections),
-    /// Dead letters of projections, and of RabbitMQ and NATS consumers.
+    /// Dead letters of projections, and of Kafka, RabbitMQ and NATS consumers.
     #[command(subcommand)]
     Dlq(Dlq),
     /// Saga instances.
@@ -105,6 +105,15 @@ enum Projections {
 
 #[derive(Subcommand)]
 enum Dlq {
+    /// The dead-letter topic (`<topic>.dlq`) of a Kafka subscriber (brokers at `KAFKA_BROKERS`).
+    /// Ids are `<partition>:<offset>`; what was retried or purged is recorded as the offsets of
+    /// consumer group `cqrs-dlq.<dead-letter topic>` (the topic itself is never written to).
+    Kafka {
+        /// The dead-letter topic, e.g. `cqrs.order.dlq`.
+        topic: String,
+        #[command(subcommand)]
+        action: brokers::Action,
+    },
     /// The dead-letter queue (`<queue>.dlq`) of a RabbitMQ consumer (broker at `AMQP_URL`).
     Rabbitmq {
         /// The consumer's queue.
@@ -244,6 +253,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
         Command::New(New::Aggregate { name, path }) => return new_aggregate(name, path),
         // A broker's dead letters need no database.
+        Command::Dlq(Dlq::Kafka { topic, action }) => {
+            let dead = cqrs_kafka::KafkaDeadLetters::new(
+                &cqrs_kafka::KafkaConfig::from_env(),
+                topic.clone(),
+            );
+            return brokers::run(&dead, action.clone()).await;
+        }
         Command::Dlq(Dlq::Rabbitmq { queue, action }) => {
             let dead = cqrs_rabbitmq::RabbitDeadLetters::new(
                 &cqrs_rabbitmq::RabbitConfig::from_env(),
@@ -270,7 +286,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .await
         .map_err(|e| format!("cannot reach the store: {e}"))?;
     match cli.command {
-        Command::New(_) | Command::Dlq(Dlq::Rabbitmq { .. } | Dlq::Nats { .. }) => {}
+        Command::New(_)
+        | Command::Dlq(Dlq::Kafka { .. } | Dlq::Rabbitmq { .. } | Dlq::Nats { .. }) => {}
         Command::Migrate => {
             store.migrate().await?;
             println!("schema `{}` is up to date", cli.schema);

@@ -1,10 +1,12 @@
-//! `cqrs dlq rabbitmq|nats`: a consumer's dead letters at the real RabbitMQ and NATS servers,
+//! `cqrs dlq kafka|rabbitmq|nats`: a consumer's dead letters at the real Kafka, RabbitMQ and
+//! NATS servers,
 //! put there the way a consumer does (a message that is not an envelope), counted, listed,
 //! alerted on, retried and purged from the command line.
 
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use cqrs_kafka::{KafkaConfig, KafkaSubscriber};
 use cqrs_nats::{NatsConfig, NatsConsumer};
 use cqrs_rabbitmq::{RabbitConfig, RabbitConsumer};
 use cqrs_transport::conformance::Unused;
@@ -41,11 +43,20 @@ where
     F: Future + Send + 'static,
     F::Output: Send,
 {
+    until_dead_lettered_n(run, count, 1).await;
+}
+
+/// Runs `consumer` until it has dead-lettered `n` messages (or 60 s).
+async fn until_dead_lettered_n<F>(run: F, count: impl Fn() -> Output, n: u64)
+where
+    F: Future + Send + 'static,
+    F::Output: Send,
+{
     let running = tokio::spawn(run);
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (code, out) = text(&count());
-        if code == 0 && out.starts_with("1 dead letters") {
+        if code == 0 && out.starts_with(&format!("{n} dead letters")) {
             break;
         }
         assert!(Instant::now() < deadline, "no dead letter: {out}");
@@ -181,5 +192,145 @@ async fn nats_dead_letters_from_the_command_line() {
     assert!(
         out.contains("NO_SUCH_STREAM_DLQ"),
         "a missing stream is named: {out}"
+    );
+}
+
+/// The high watermark of partition 0 of `topic`.
+fn end_of(config: &KafkaConfig, topic: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = config
+        .client_config()
+        .create()
+        .unwrap_or_else(|e| panic!("{e}"));
+    consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_dead_letters_from_the_command_line() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let topic = unique("t");
+    let dlq = format!("{topic}.dlq");
+    let config = KafkaConfig::from_env();
+    // Three messages that are not envelopes: the subscriber dead-letters each to `<topic>.dlq`.
+    let producer: FutureProducer = config
+        .client_config()
+        .create()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let admin: rdkafka::admin::AdminClient<_> = config
+        .client_config()
+        .create()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _ = admin
+        .create_topics(
+            &[rdkafka::admin::NewTopic::new(
+                &topic,
+                1,
+                rdkafka::admin::TopicReplication::Fixed(1),
+            )],
+            &rdkafka::admin::AdminOptions::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for n in 0..3 {
+        let body = format!("not an envelope {n}");
+        producer
+            .send(
+                FutureRecord::to(&topic).key("k").payload(&body),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("{e}"));
+    }
+    let subscriber = KafkaSubscriber::new(&config, unique("g"), &[&topic], Unused)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_retries(1, Duration::from_millis(1));
+    let d = dlq.clone();
+    let count = move || cqrs(&["dlq", "kafka", &d, "count"], &[]);
+    until_dead_lettered_n(subscriber.run(std::future::pending::<()>()), count, 3).await;
+
+    let (code, out) = text(&cqrs(&["dlq", "kafka", &dlq, "list"], &[]));
+    assert_eq!(code, 0, "{out}");
+    let ids: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix('#')?.split_whitespace().next())
+        .collect();
+    assert_eq!(ids, ["0:0", "0:1", "0:2"], "{out}");
+    assert!(
+        out.contains("not an event envelope"),
+        "the list says why: {out}"
+    );
+    let (code, out) = text(&cqrs(
+        &["dlq", "kafka", &dlq, "count", "--alert-over", "2"],
+        &[],
+    ));
+    assert_eq!(code, 4, "over the alert size: exit 4: {out}");
+    let (code, out) = text(&cqrs(&["dlq", "kafka", &dlq, "retry", "0:7"], &[]));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("no dead letter #0:7"), "{out}");
+    let (code, out) = text(&cqrs(&["dlq", "kafka", &dlq, "retry", "seven"], &[]));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("no dead letter #seven"), "{out}");
+
+    // The middle one retried first: back on its topic, gone from the list, the others stay.
+    assert_eq!(end_of(&config, &topic), 3);
+    let (code, out) = text(&cqrs(&["dlq", "kafka", &dlq, "retry", "0:1"], &[]));
+    assert_eq!(
+        (code, out.trim()),
+        (0, "dead letter #0:1 sent back to its consumer")
+    );
+    assert_eq!(
+        end_of(&config, &topic),
+        4,
+        "sent back to the topic it came from"
+    );
+    let (_, out) = text(&cqrs(&["dlq", "kafka", &dlq, "list"], &[]));
+    let ids: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix('#')?.split_whitespace().next())
+        .collect();
+    assert_eq!(ids, ["0:0", "0:2"], "{out}");
+    let (_, out) = text(&cqrs(&["dlq", "kafka", &dlq, "retry", "0:1"], &[]));
+    assert!(
+        out.contains("no dead letter #0:1"),
+        "retried once only: {out}"
+    );
+    assert_eq!(end_of(&config, &topic), 4);
+
+    // The rest retried, then nothing is left to purge; the dead-letter topic itself unchanged.
+    let (code, out) = text(&cqrs(&["dlq", "kafka", &dlq, "retry-all"], &[]));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("2 dead letters sent back"), "{out}");
+    assert_eq!(end_of(&config, &topic), 6);
+    assert_eq!(
+        end_of(&config, &dlq),
+        3,
+        "the tool never writes to the dead-letter topic"
+    );
+    let (_, out) = text(&cqrs(&["dlq", "kafka", &dlq, "count"], &[]));
+    assert!(out.starts_with("0 dead letters"), "{out}");
+
+    // A subscriber of another group reads all six (still not envelopes) into the dead letters;
+    // purged, they are gone.
+    let again = KafkaSubscriber::new(&config, unique("g2"), &[&topic], Unused)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_retries(1, Duration::from_millis(1));
+    let d = dlq.clone();
+    let count = move || cqrs(&["dlq", "kafka", &d, "count"], &[]);
+    until_dead_lettered_n(again.run(std::future::pending::<()>()), count, 6).await;
+    let (_, out) = text(&cqrs(&["dlq", "kafka", &dlq, "purge"], &[]));
+    assert!(out.starts_with("purged 6 dead letters"), "{out}");
+    let (_, out) = text(&cqrs(&["dlq", "kafka", &dlq, "count"], &[]));
+    assert!(out.starts_with("0 dead letters"), "{out}");
+    let (code, out) = text(&cqrs(
+        &["dlq", "kafka", "no-such-topic-here.dlq", "count"],
+        &[],
+    ));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("no-such-topic-here.dlq"),
+        "a missing topic is named: {out}"
     );
 }

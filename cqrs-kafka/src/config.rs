@@ -94,8 +94,6 @@ impl KafkaConfig {
         &self.brokers
     }
 
-    /// The librdkafka configuration: brokers, client id (with `suffix`), `defaults`, then the
-    /// properties (which override the defaults).
     /// A librdkafka configuration for a client of these brokers with the user's properties (for
     /// tools and tests that talk to the same cluster).
     #[must_use]
@@ -103,6 +101,8 @@ impl KafkaConfig {
         self.client("", &[])
     }
 
+    /// The librdkafka configuration: brokers, client id (with `suffix`), `defaults`, then the
+    /// properties (which override the defaults).
     pub(crate) fn client(&self, suffix: &str, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
         config

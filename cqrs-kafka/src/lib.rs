@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod config;
+mod dead_letters;
 pub mod envelope;
 mod sink;
 pub mod subscriber;
@@ -8,9 +9,10 @@ mod topics;
 
 pub use config::{KafkaConfig, TopicMap};
 pub use cqrs_transport::{
-    DeliveryError, HandleError, Handled, InProcess, METRICS_TARGET, MessageHandler, RelayMetrics,
-    RelayStep, Transactional, is_outage,
+    BrokerDeadLetter, DeadLetterQueue, DeliveryError, HandleError, Handled, InProcess,
+    METRICS_TARGET, MessageHandler, RelayMetrics, RelayStep, Transactional, is_outage,
 };
+pub use dead_letters::KafkaDeadLetters;
 pub use envelope::{EventSerializer, JsonEnvelope, MalformedMessage, SerializeError};
 pub use sink::{KafkaLayout, KafkaSink, OutboxRelay};
 pub use subscriber::{KafkaSubscriber, LagProbe, PartitionLag, SubscriberMetrics};

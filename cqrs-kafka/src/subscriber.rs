@@ -58,6 +58,11 @@ pub struct KafkaSubscriber<H> {
     core: Consumer<H>,
     group: String,
     report_every: Duration,
+    /// The configuration and topics, for the dead-letter alert.
+    config: KafkaConfig,
+    topics: Vec<String>,
+    /// Warn when a dead-letter topic passes this size, checked this often.
+    alert: Option<(u64, Duration)>,
 }
 
 impl<H> std::fmt::Debug for KafkaSubscriber<H> {
@@ -114,6 +119,9 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
             core: Consumer::new(group.clone(), handler),
             group,
             report_every: cqrs_transport::REPORT_EVERY,
+            config: config.clone(),
+            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+            alert: None,
         })
     }
 
@@ -122,6 +130,16 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
     #[must_use]
     pub fn with_retries(mut self, attempts: u32, backoff: Duration) -> Self {
         self.core.set_retries(attempts, backoff);
+        self
+    }
+
+    /// While running, checks the size of each dead-letter topic (what
+    /// [`KafkaDeadLetters`](crate::KafkaDeadLetters) counts: not yet retried or purged) every
+    /// `every` and logs a `warn` event (target `cqrs::metrics`, message `dead letters over
+    /// threshold`) when it is over `threshold` (an `info` event with the count otherwise).
+    #[must_use]
+    pub fn with_dead_letter_alert(mut self, threshold: u64, every: Duration) -> Self {
+        self.alert = Some((threshold, every));
         self
     }
 
@@ -268,6 +286,24 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
         shutdown: impl Future<Output = ()>,
     ) -> Result<SubscriberMetrics, KafkaError> {
         tokio::pin!(shutdown);
+        let _alerts: Vec<_> = self
+            .alert
+            .map(|(threshold, every)| {
+                self.topics
+                    .iter()
+                    .map(|topic| {
+                        cqrs_transport::dead_letters::AlertTask::spawn(
+                            Box::new(crate::KafkaDeadLetters::new(
+                                &self.config,
+                                format!("{topic}{}", self.dlq_suffix),
+                            )),
+                            threshold,
+                            every,
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         // On a task of its own, so that a long poll (a handler retrying) does not hold it up.
         let _stop_reports = (!self.report_every.is_zero()).then(|| {
             AbortOnDrop(tokio::spawn(

@@ -7,10 +7,9 @@
 
 use std::time::Duration;
 
-use cqrs_kafka::{KafkaConfig, KafkaError, KafkaSink, KafkaSubscriber, TopicMap};
-use cqrs_transport::TransportError;
+use cqrs_kafka::{KafkaConfig, KafkaDeadLetters, KafkaError, KafkaSink, KafkaSubscriber, TopicMap};
 use cqrs_transport::conformance::{self, BoxFuture, Broker, Recorder};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use cqrs_transport::{DeadLetterQueue, TransportError};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 struct Kafka;
@@ -80,19 +79,19 @@ impl Broker for Kafka {
     ) -> BoxFuture<'a, Result<u64, TransportError>> {
         Box::pin(async move {
             let dlq = format!("{}.dlq", topic(ns));
-            tokio::task::spawn_blocking(move || {
-                let reader: BaseConsumer = config()
-                    .client_config()
-                    .create()
-                    .map_err(|e| KafkaError::config("Kafka", e))?;
-                // The dead-letter topic exists once the first dead letter was sent.
-                Ok(reader
-                    .fetch_watermarks(&dlq, 0, Duration::from_secs(5))
-                    .map_or(0, |(low, high)| u64::try_from(high - low).unwrap_or(0)))
-            })
-            .await
-            .map_err(|e| KafkaError::config("Kafka", e))?
+            // The dead-letter topic exists once the first dead letter was sent.
+            match KafkaDeadLetters::new(&config(), dlq).count().await {
+                Err(TransportError::Topology { .. }) => Ok(0),
+                count => count,
+            }
         })
+    }
+
+    fn dead_letter_queue(&self, ns: &str, _name: &str) -> Option<Box<dyn DeadLetterQueue>> {
+        Some(Box::new(KafkaDeadLetters::new(
+            &config(),
+            format!("{}.dlq", topic(ns)),
+        )))
     }
 
     fn publish_foreign<'a>(
@@ -135,4 +134,9 @@ async fn a_poison_message_is_dead_lettered_and_the_rest_flows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_is_not_ours_is_dead_lettered() {
     conformance::not_ours_is_dead_lettered(&Kafka, &namespace("foreign")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_retried_after_a_fix_is_applied_once() {
+    conformance::dead_letter_retried_after_a_fix(&Kafka, &namespace("fix")).await;
 }

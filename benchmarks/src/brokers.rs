@@ -300,7 +300,8 @@ async fn raw_rabbit(events: &[StoredEvent]) -> f64 {
     rate
 }
 
-/// A raw async-nats JetStream publisher, `Nats-Msg-Id` and the relay's headers, every ack awaited.
+/// A raw async-nats JetStream publisher, `Nats-Msg-Id`, `Nats-Expected-Last-Msg-Id` and the
+/// relay's headers, every ack awaited.
 async fn raw_nats(events: &[StoredEvent]) -> f64 {
     let url = NatsConfig::from_env().url().to_owned();
     let client = async_nats::connect(&url)
@@ -321,12 +322,18 @@ async fn raw_nats(events: &[StoredEvent]) -> f64 {
     // The client waits for a permit at 5,000 acks in flight: keep below it, oldest first.
     let mut pending: std::collections::VecDeque<async_nats::jetstream::context::PublishAckFuture> =
         std::collections::VecDeque::with_capacity(4_096);
+    let mut previous: Option<String> = None;
     for (event, value) in events.iter().zip(values) {
+        let id = event.event_id.to_string();
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            event.event_id.to_string().as_str(),
-        );
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        // The relay's order guard: stored only right after the previous message.
+        if let Some(previous) = previous.replace(id) {
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_MESSAGE_ID,
+                previous.as_str(),
+            );
+        }
         cqrs_transport::envelope::headers_of(event, "application/json", |key, value| {
             headers.insert(key, value);
         });

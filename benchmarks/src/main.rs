@@ -420,8 +420,8 @@ async fn main() {
             (
                 "N1",
                 nats,
-                "the outbox relay from the store through cqrs-nats (Nats-Msg-Id, pages of 5,000, two in flight)",
-                "a raw async-nats JetStream publisher: same bytes, Nats-Msg-Id, every ack awaited",
+                "the outbox relay from the store through cqrs-nats (Nats-Msg-Id, Nats-Expected-Last-Msg-Id, pages of 5,000, two in flight)",
+                "a raw async-nats JetStream publisher: same bytes, Nats-Msg-Id, Nats-Expected-Last-Msg-Id, every ack awaited",
             ),
         ] {
             if !wanted(key) {

@@ -55,8 +55,11 @@ pub struct NatsSink {
     config: NatsConfig,
     js: Option<Context>,
     /// Acks awaited in order. Behind a mutex only so the sink is `Sync` (the futures are only
-    /// `Send`); it is reached through `get_mut`, never locked.
+    /// `Send`); it is reached through `get_mut`, never locked. The answered ones (taken early)
+    /// are always a prefix: acks are taken oldest first.
     pending: std::sync::Mutex<VecDeque<Ack>>,
+    /// How many of `pending`, from the front, are answered.
+    answered: usize,
     /// Acks of resends the server dropped as duplicates.
     duplicates: u64,
     /// The message id of the last message sent in this run: the next one must be stored right
@@ -83,6 +86,7 @@ impl NatsSink {
             config,
             js: None,
             pending: std::sync::Mutex::default(),
+            answered: 0,
             duplicates: 0,
             previous: None,
         }
@@ -101,13 +105,19 @@ impl NatsSink {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Forgets every ack.
+    fn clear(&mut self) {
+        self.acks().clear();
+        self.answered = 0;
+    }
+
     fn in_flight(&self) -> usize {
         self.pending.lock().map_or(0, |p| p.len())
     }
 
     async fn context(&mut self) -> Result<&Context, TransportError> {
         if self.js.is_none() {
-            self.acks().clear();
+            self.clear();
             let js = connect(&self.config).await?;
             events_stream(&js, &self.config).await?;
             self.js = Some(js);
@@ -185,20 +195,17 @@ impl Sink for NatsSink {
     }
 
     async fn send(&mut self, message: Outgoing<'_, NatsMessage>) -> Result<(), BrokerError> {
-        // Keep the acks in flight under the client's limit: take the oldest ones in place.
+        // Keep the acks in flight under the client's limit: take the oldest one in place (the
+        // answered ones are a prefix, so it is the first after them).
+        let answered = self.answered;
         let acks = self.acks();
-        let waiting = acks.iter().filter(|a| matches!(a, Ack::Pending(_))).count();
-        if waiting >= WINDOW {
-            let mut excess = waiting + 1 - WINDOW;
-            for ack in acks.iter_mut() {
-                if excess == 0 {
-                    break;
-                }
-                if let Ack::Pending(future) = ack {
-                    *ack = Ack::Done(future.as_mut().await);
-                    excess -= 1;
-                }
+        if acks.len() - answered >= WINDOW
+            && let Some(ack) = acks.get_mut(answered)
+        {
+            if let Ack::Pending(future) = ack {
+                *ack = Ack::Done(future.as_mut().await);
             }
+            self.answered += 1;
         }
         let NatsMessage {
             subject,
@@ -238,7 +245,9 @@ impl Sink for NatsSink {
                 )),
             ),
         };
-        pending.pop_front();
+        if matches!(pending.pop_front(), Some(Ack::Done(_))) {
+            self.answered -= 1;
+        }
         let ack = answer.map_err(|error| -> BrokerError {
             if error.kind() == async_nats::jetstream::context::PublishErrorKind::WrongLastMessageId
             {
@@ -256,12 +265,12 @@ impl Sink for NatsSink {
     }
 
     fn forget(&mut self) {
-        self.acks().clear();
+        self.clear();
         self.previous = None;
     }
 
     async fn restart(&mut self) -> Result<(), TransportError> {
-        self.acks().clear();
+        self.clear();
         self.previous = None;
         self.js = None;
         Ok(())

@@ -9,6 +9,27 @@
 //! acks every third of `ack_wait`), so a slow handler is not redelivered to another consumer. A
 //! message delivered `max_deliver` times without an answer (it keeps killing its consumer) is
 //! dead-lettered at its last delivery, not handled again.
+//!
+//! # Order after lost deliveries
+//!
+//! The server counts a message as delivered when it sends it, and sends it again only after
+//! `ack_wait`. When deliveries are lost in transit (a cut connection; messages the client had
+//! pulled ahead when a session ended), the next pull gets newer messages at once and the lost ones
+//! later: pulling on would apply an aggregate's later events before its earlier ones (seen in
+//! `tests/network_cut.rs`: event 73 applied after 300). Waiting `ack_wait` out is not enough
+//! either (tried: the server moves expired deliveries to its redelivery queue on its own timer,
+//! and pull requests of before go on filling meanwhile). Every delivery carries the consumer's
+//! delivery sequence, one more than the one before, so a consumer that is the only one pulling
+//! from its durable sees the gap and **rewinds**: it deletes its durable and creates it again
+//! starting right after the last message it answered (the server's ack floor, or the last
+//! message this process acknowledged, whichever is later), so that everything after it comes
+//! again, in stream order; the inbox drops what had been applied. A process that dies between the
+//! delete and the create starts its durable from the stream's first message (the inbox drops
+//! what was applied). With declaration off the durable is the operators': the consumer stops
+//! with a [`TransportError::Topology`] naming the gap instead of rewinding it. Several processes
+//! on one durable each see gaps all the time (deliveries are spread among them, and so is each
+//! aggregate's order): declare that with [`NatsConsumer::with_shared_durable`], which turns the
+//! check off.
 
 use std::future::Future;
 use std::time::Duration;
@@ -35,6 +56,14 @@ pub struct NatsConsumer<H> {
     core: Consumer<H>,
     /// Warn when the dead letters pass this size, checked this often.
     alert: Option<(u64, Duration)>,
+    /// Whether other processes pull from the same durable (no gap check).
+    shared: bool,
+    /// The delivery sequence of the last message received.
+    last_delivery: Option<u64>,
+    /// The stream sequence of the last message answered (acknowledged or dead-lettered).
+    last_answered: Option<u64>,
+    /// Times deliveries were lost and the consumer waited for them.
+    gaps: u64,
 }
 
 impl<H> std::fmt::Debug for NatsConsumer<H> {
@@ -80,6 +109,10 @@ impl<H: MessageHandler> NatsConsumer<H> {
             filter: None,
             max_deliver: 10,
             ack_wait: Duration::from_secs(30),
+            shared: false,
+            last_delivery: None,
+            last_answered: None,
+            gaps: 0,
         })
     }
 
@@ -122,6 +155,22 @@ impl<H: MessageHandler> NatsConsumer<H> {
     pub fn with_ack_wait(mut self, wait: Duration) -> Self {
         self.ack_wait = wait.max(Duration::from_millis(100));
         self
+    }
+
+    /// Several processes pull from this durable (to spread the load): deliveries are shared
+    /// among them, so a gap in the delivery sequence is normal and not waited for, and an
+    /// aggregate's events may be applied out of order across them. Off by default: one process
+    /// per durable, each aggregate's events applied in order.
+    #[must_use]
+    pub fn with_shared_durable(mut self, shared: bool) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    /// How many times deliveries were lost in transit and the consumer rewound its durable.
+    #[must_use]
+    pub fn delivery_gaps(&self) -> u64 {
+        self.gaps
     }
 
     /// While running, checks the size of this consumer's dead letters every `every` and logs a
@@ -181,18 +230,7 @@ impl<H: MessageHandler> NatsConsumer<H> {
     ) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, TransportError> {
         let stream = events_stream(js, &self.config).await?;
         dead_letter_stream(js, &self.config).await?;
-        let config = pull::Config {
-            durable_name: Some(self.durable.clone()),
-            ack_policy: AckPolicy::Explicit,
-            deliver_policy: DeliverPolicy::All,
-            ack_wait: self.ack_wait,
-            max_deliver: self.max_deliver,
-            filter_subject: self
-                .filter
-                .clone()
-                .unwrap_or_else(|| format!("{}.>", self.config.prefix())),
-            ..pull::Config::default()
-        };
+        let config = self.durable_config(DeliverPolicy::All);
         let topology = |reason: String| TransportError::Topology {
             broker: BROKER,
             destination: format!("consumer {} on {}", self.durable, self.config.stream()),
@@ -209,6 +247,63 @@ impl<H: MessageHandler> NatsConsumer<H> {
                 .await
                 .map_err(|e| topology(e.to_string()))
         }
+    }
+
+    /// The durable's configuration, delivering from `from`.
+    fn durable_config(&self, from: DeliverPolicy) -> pull::Config {
+        pull::Config {
+            durable_name: Some(self.durable.clone()),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: from,
+            ack_wait: self.ack_wait,
+            max_deliver: self.max_deliver,
+            filter_subject: self
+                .filter
+                .clone()
+                .unwrap_or_else(|| format!("{}.>", self.config.prefix())),
+            ..pull::Config::default()
+        }
+    }
+
+    /// Deliveries were lost: deletes the durable and creates it again from right after the last
+    /// message answered, so that everything after it comes again in stream order.
+    async fn rewind(&mut self, js: &Context, lost: u64) -> Result<(), TransportError> {
+        let topology = |reason: String| TransportError::Topology {
+            broker: BROKER,
+            destination: format!("consumer {} on {}", self.durable, self.config.stream()),
+            reason,
+        };
+        if !self.config.declares() {
+            return Err(topology(format!(
+                "{lost} deliveries were lost in transit; with declaration off the consumer does \
+                 not rewind the operators' durable, and going on would apply newer events first"
+            )));
+        }
+        let stream = events_stream(js, &self.config).await?;
+        let floor = stream
+            .consumer_info(&self.durable)
+            .await
+            .map_err(broker("read the consumer's position"))?
+            .ack_floor
+            .stream_sequence;
+        let from = floor.max(self.last_answered.unwrap_or(0)) + 1;
+        tracing::warn!(
+            consumer = %self.durable, lost, from,
+            "deliveries lost in transit; starting the durable again from the last message answered"
+        );
+        stream
+            .delete_consumer(&self.durable)
+            .await
+            .map_err(broker("delete the consumer to rewind it"))?;
+        stream
+            .create_consumer(self.durable_config(DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            }))
+            .await
+            .map_err(|e| topology(e.to_string()))?;
+        self.gaps += 1;
+        self.last_delivery = None;
+        Ok(())
     }
 
     /// Consumes until `shutdown` completes. A lost connection is logged and re-established with
@@ -240,22 +335,46 @@ impl<H: MessageHandler> NatsConsumer<H> {
 
     async fn consume(&mut self, backoff: &mut cqrs_core::Backoff) -> Result<(), TransportError> {
         let js = connect(&self.config).await?;
-        let consumer = self.consumer(&js).await?;
-        let mut messages = consumer.messages().await.map_err(broker("pull"))?;
-        backoff.reset();
         loop {
-            let message = match messages.next().await {
-                Some(Ok(message)) => message,
-                Some(Err(error)) => return Err(broker("receive")(error)),
-                None => {
-                    return Err(TransportError::Broker {
-                        broker: BROKER,
-                        operation: "receive",
-                        source: "the message stream ended".into(),
-                    });
+            let consumer = self.consumer(&js).await?;
+            let mut messages = consumer.messages().await.map_err(broker("pull"))?;
+            backoff.reset();
+            let lost = loop {
+                let message = match messages.next().await {
+                    Some(Ok(message)) => message,
+                    Some(Err(error)) => return Err(broker("receive")(error)),
+                    None => {
+                        return Err(TransportError::Broker {
+                            broker: BROKER,
+                            operation: "receive",
+                            source: "the message stream ended".into(),
+                        });
+                    }
+                };
+                if let Some(lost) = self.lost_before(&message) {
+                    break lost;
+                }
+                self.handle(&js, &message).await?;
+                if let Ok(info) = message.info() {
+                    self.last_answered = self.last_answered.max(Some(info.stream_sequence));
                 }
             };
-            self.handle(&js, &message).await?;
+            // Deliveries were lost: stop pulling (what was pulled ahead is dropped, unanswered)
+            // and start again right after the last message answered.
+            drop(messages);
+            self.rewind(&js, lost).await?;
+        }
+    }
+
+    /// How many deliveries before `message` were lost (its delivery sequence is more than one
+    /// past the last one received), when some were; `message` is then left unanswered.
+    fn lost_before(&mut self, message: &Message) -> Option<u64> {
+        let info = message.info().ok()?;
+        let delivery = info.consumer_sequence;
+        let last = self.last_delivery.replace(delivery);
+        match last {
+            Some(last) if !self.shared && delivery > last + 1 => Some(delivery - last - 1),
+            _ => None,
         }
     }
 

@@ -784,3 +784,79 @@ where
         restarts
     );
 }
+
+/// A TCP proxy to a broker whose connections can all be cut at once: a network failure between
+/// the framework and a live broker (both ends see the connection closed; bytes in flight are
+/// lost; the broker keeps its state). Point the relay and consumers at
+/// `127.0.0.1:<`[`port`](Self::port)`>` and pass [`cut`](Self::cut) as the restart of
+/// [`broker_restarted_mid_stream`].
+#[derive(Debug)]
+pub struct CutProxy {
+    port: u16,
+    connections: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl CutProxy {
+    /// Listens on a free loopback port and forwards every connection to `target` (`host:port`).
+    ///
+    /// # Panics
+    /// When no loopback port can be bound.
+    pub async fn start(target: impl Into<String>) -> Self {
+        let target = target.into();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind a proxy port: {e}"));
+        let port = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .port();
+        let connections: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let held = connections.clone();
+        let accepting = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let piping = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                held.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(piping);
+            }
+        });
+        Self {
+            port,
+            connections,
+            accepting,
+        }
+    }
+
+    /// The port to connect to.
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Drops every connection through the proxy now; returns how many there were. New
+    /// connections are accepted at once.
+    pub fn cut(&self) -> usize {
+        let mut connections = self
+            .connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let cut = connections.len();
+        for connection in connections.drain(..) {
+            connection.abort();
+        }
+        cut
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.accepting.abort();
+        self.cut();
+    }
+}

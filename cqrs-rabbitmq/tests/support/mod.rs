@@ -19,8 +19,18 @@ pub fn namespace(name: &str) -> String {
     format!("rmq_{name}_{}_{nanos}", std::process::id())
 }
 
+/// The broker the harness talks to: `AMQP_URL` unless a test set another (a proxy to it).
+static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Makes the harness talk to the broker at `url` (once, before the first use).
+#[allow(dead_code, reason = "used by network_cut.rs only")]
+pub fn set_url(url: String) {
+    let _ = URL.set(url);
+}
+
 fn config(ns: &str) -> RabbitConfig {
-    RabbitConfig::from_env().with_exchange(format!("{ns}.events"))
+    let url = URL.get_or_init(|| RabbitConfig::from_env().url().to_owned());
+    RabbitConfig::new(url.clone()).with_exchange(format!("{ns}.events"))
 }
 
 fn queue(ns: &str, name: &str) -> String {

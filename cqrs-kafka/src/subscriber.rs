@@ -286,17 +286,30 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
         shutdown: impl Future<Output = ()>,
     ) -> Result<SubscriberMetrics, KafkaError> {
         tokio::pin!(shutdown);
+        let dead_letter_topics: Vec<String> = self
+            .topics
+            .iter()
+            .map(|topic| format!("{topic}{}", self.dlq_suffix))
+            .collect();
+        if self.alert.is_some() {
+            // Watched from the start: a dead-letter topic that does not exist yet (it is made at
+            // the first dead letter) would be reported as unknown at every check.
+            if let Err(error) = self
+                .dlq_topics
+                .ensure(dead_letter_topics.iter().map(String::as_str))
+                .await
+            {
+                tracing::warn!(consumer = %self.group, %error, "dead-letter topics not created");
+            }
+        }
         let _alerts: Vec<_> = self
             .alert
             .map(|(threshold, every)| {
-                self.topics
+                dead_letter_topics
                     .iter()
                     .map(|topic| {
                         cqrs_transport::dead_letters::AlertTask::spawn(
-                            Box::new(crate::KafkaDeadLetters::new(
-                                &self.config,
-                                format!("{topic}{}", self.dlq_suffix),
-                            )),
+                            Box::new(crate::KafkaDeadLetters::new(&self.config, topic.clone())),
                             threshold,
                             every,
                         )

@@ -1164,3 +1164,113 @@ async fn running_relay_and_subscriber_report_their_lag_as_tracing_events() {
     }
     assert!(lags.iter().all(|r| r.get("topic") == Some(&topic)));
 }
+
+/// A subscriber with a dead-letter alert warns (target `cqrs::metrics`, `dead letters over
+/// threshold`) once its dead-letter topic holds more letters than the threshold, and never
+/// reports the count as unknown (the dead-letter topic is made before the first check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_subscriber_warns_when_its_dead_letters_pass_the_alert_size() {
+    use tracing::instrument::WithSubscriber;
+    use tracing_subscriber::layer::SubscriberExt;
+    let reports = Reports::default();
+    let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(reports.clone()));
+    let config = KafkaConfig::new(brokers());
+    let topic = unique("alert");
+    let admin: rdkafka::admin::AdminClient<_> = config
+        .client_config()
+        .create()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _ = admin
+        .create_topics(
+            &[rdkafka::admin::NewTopic::new(
+                &topic,
+                1,
+                rdkafka::admin::TopicReplication::Fixed(1),
+            )],
+            &rdkafka::admin::AdminOptions::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let subscriber = KafkaSubscriber::new(
+        &config,
+        unique("alert"),
+        &[topic.as_str()],
+        cqrs_transport::conformance::Unused,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .with_retries(1, Duration::from_millis(1))
+    .with_dead_letter_alert(1, Duration::from_secs(1));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(
+        subscriber
+            .run(async move {
+                let _ = stopped.await;
+            })
+            .with_subscriber(dispatch),
+    );
+    // The first check, before any dead letter: a count of 0, not an unknown one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reports.of("dead letters").is_empty() {
+        assert!(
+            reports.of("dead letters: unknown").is_empty(),
+            "the dead-letter topic did not exist at the first check: {:?}",
+            reports.of("dead letters: unknown")
+        );
+        assert!(Instant::now() < deadline, "no dead-letter check reported");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        reports.of("dead letters")[0]
+            .get("count")
+            .map(String::as_str),
+        Some("0")
+    );
+    let producer: FutureProducer = config
+        .client_config()
+        .create()
+        .unwrap_or_else(|e| panic!("{e}"));
+    for n in 0..2 {
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .key("k")
+                    .payload(&format!("{{not json {n}")),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("{e}"));
+    }
+    let alert = loop {
+        if let Some(alert) = reports
+            .of("dead letters over threshold")
+            .into_iter()
+            .find(|r| r.get("count").map(String::as_str) == Some("2"))
+        {
+            break alert;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no alert; reports: {:?}",
+            reports.of("dead letters")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let _ = stop.send(());
+    let metrics = running
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(metrics.dead_lettered, 2, "{metrics:?}");
+    assert_eq!(alert.get("threshold").map(String::as_str), Some("1"));
+    assert!(
+        alert
+            .get("place")
+            .is_some_and(|p| p.contains(&format!("{topic}.dlq"))),
+        "{alert:?}"
+    );
+    assert!(
+        reports.of("dead letters: unknown").is_empty(),
+        "the count was never unknown: {:?}",
+        reports.of("dead letters: unknown")
+    );
+}

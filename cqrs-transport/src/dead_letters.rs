@@ -136,18 +136,23 @@ impl AlertTask {
         threshold: u64,
         every: std::time::Duration,
     ) -> Self {
+        use tracing::instrument::WithSubscriber;
         let every = every.max(std::time::Duration::from_secs(1));
-        Self(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                if let Err(error) = alert_over(&*queue, threshold).await {
-                    tracing::warn!(
-                        target: crate::METRICS_TARGET,
-                        place = %queue.describe(), %error, "dead letters: unknown"
-                    );
+        // On the caller's subscriber, as the consumer's other reports are.
+        Self(tokio::spawn(
+            async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if let Err(error) = alert_over(&*queue, threshold).await {
+                        tracing::warn!(
+                            target: crate::METRICS_TARGET,
+                            place = %queue.describe(), %error, "dead letters: unknown"
+                        );
+                    }
                 }
             }
-        }))
+            .with_current_subscriber(),
+        ))
     }
 }
 

@@ -140,3 +140,12 @@ async fn a_message_that_is_not_ours_is_dead_lettered() {
 async fn a_dead_letter_retried_after_a_fix_is_applied_once() {
     conformance::dead_letter_retried_after_a_fix(&Kafka, &namespace("fix")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_under_one_name_publish_each_event_once_in_order() {
+    let (events, refused) =
+        conformance::two_relays_under_one_name(&Kafka, &namespace("twins")).await;
+    println!(
+        "Kafka, two relays under one name: {events} events, {refused} steps refused the lease"
+    );
+}

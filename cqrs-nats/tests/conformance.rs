@@ -81,3 +81,10 @@ async fn pages_larger_than_the_ack_window_do_not_deadlock() {
     .unwrap_or_else(|_| panic!("the relay hung with pages of 10,000"));
     assert_eq!(drained, 12_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_under_one_name_publish_each_event_once_in_order() {
+    let (events, refused) =
+        conformance::two_relays_under_one_name(&Nats, &namespace("twins")).await;
+    println!("NATS, two relays under one name: {events} events, {refused} steps refused the lease");
+}

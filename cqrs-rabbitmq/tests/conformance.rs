@@ -31,3 +31,12 @@ async fn a_dead_letter_retried_after_a_fix_is_applied_once() {
 async fn a_message_that_is_not_ours_is_dead_lettered() {
     conformance::not_ours_is_dead_lettered(&Rabbit, &namespace("foreign")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_under_one_name_publish_each_event_once_in_order() {
+    let (events, refused) =
+        conformance::two_relays_under_one_name(&Rabbit, &namespace("twins")).await;
+    println!(
+        "RabbitMQ, two relays under one name: {events} events, {refused} steps refused the lease"
+    );
+}

@@ -432,24 +432,7 @@ pub async fn relay_killed_at_random_points<B: Broker>(
         .unwrap_or_else(|e| panic!("{e}"))
         .unwrap_or_else(|e| panic!("the consumer failed: {e}"));
     let by_id = applied(&pool, store.schema(), consumer).await;
-    let mut missing = 0;
-    let mut doubled = 0;
-    let mut inversions = 0;
-    for (id, count) in &expected {
-        {
-            let versions = by_id.get(id).cloned().unwrap_or_default();
-            let mut seen = versions.clone();
-            seen.sort_unstable();
-            let unique = {
-                let mut u = seen.clone();
-                u.dedup();
-                u
-            };
-            doubled += (seen.len() - unique.len()) as u64;
-            missing += count.saturating_sub(unique.len() as u64);
-            inversions += versions.windows(2).filter(|p| p[1] < p[0]).count() as u64;
-        }
-    }
+    let (missing, doubled, inversions) = tally(&expected, &by_id);
     let report = KillReport {
         events,
         cuts,
@@ -523,6 +506,119 @@ pub async fn poison_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
         Some(&vec![1, 3]),
         "the poison event is skipped, not its stream"
     );
+}
+
+/// Per aggregate of `expected` (id -> events written), against what was applied in order:
+/// (missing, applied twice, inversions).
+fn tally(expected: &BTreeMap<String, u64>, by_id: &BTreeMap<String, Vec<i64>>) -> (u64, u64, u64) {
+    let (mut missing, mut doubled, mut inversions) = (0, 0, 0);
+    for (id, count) in expected {
+        let versions = by_id.get(id).cloned().unwrap_or_default();
+        let mut unique = versions.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        doubled += (versions.len() - unique.len()) as u64;
+        missing += count.saturating_sub(unique.len() as u64);
+        inversions += versions.windows(2).filter(|p| p[1] < p[0]).count() as u64;
+    }
+    (missing, doubled, inversions)
+}
+
+/// Two relays run at once under one name and one owner (a process started twice by mistake, or
+/// an old one still running beside its replacement) while writers append, with a lease short
+/// enough that it changes hands: the consumer applies every event once, in each aggregate's
+/// order. Returns (events, steps that found the lease held by the other).
+///
+/// # Panics
+/// When a guarantee does not hold (with the figures).
+pub async fn two_relays_under_one_name<B: Broker>(broker: &B, ns: &str) -> (u64, u64) {
+    let store = fresh_store(&format!("{ns}_twins")).await;
+    let consumer = "twins-consumer";
+    broker
+        .declare(ns, consumer)
+        .await
+        .unwrap_or_else(|e| panic!("declare: {e}"));
+    let (stop, running) = start_consumer(broker, ns, consumer, Recorder::new(&store, consumer));
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let store = store.clone();
+            let writing = writing.clone();
+            tokio::spawn(async move {
+                let mut written = 0u64;
+                while writing.load(std::sync::atomic::Ordering::SeqCst) || written == 0 {
+                    append(&store, &format!("t{w}"), 3, &[]).await;
+                    written += 3;
+                    tokio::time::sleep(Duration::from_millis(15)).await;
+                }
+                (format!("t{w}"), written)
+            })
+        })
+        .collect();
+    let relaying = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let twins: Vec<_> = (0..2)
+        .map(|_| {
+            let mut relay = Relay::new(store.clone(), broker.sink(ns), "twin")
+                .with_name("twins")
+                .with_batch(20)
+                .with_lease(Duration::from_millis(600));
+            let relaying = relaying.clone();
+            tokio::spawn(async move {
+                let mut refused = 0u64;
+                while relaying.load(std::sync::atomic::Ordering::SeqCst) {
+                    match relay.step().await {
+                        Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                        Err(TransportError::LeaseLost(_)) => {
+                            refused += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+                refused
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut expected = BTreeMap::new();
+    for writer in writers {
+        let (id, written) = writer.await.unwrap_or_else(|e| panic!("{e}"));
+        expected.insert(id, written);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relaying.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut refused = 0;
+    for twin in twins {
+        refused += twin.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut relay = Relay::new(store.clone(), broker.sink(ns), "twin").with_name("twins");
+    drain(&mut relay).await;
+    let events: u64 = expected.values().sum();
+    let pool = store.pool().clone();
+    wait_applied(
+        &pool,
+        store.schema(),
+        consumer,
+        i64::try_from(events).unwrap_or(i64::MAX),
+        Duration::from_secs(120),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop.send(());
+    let metrics = running
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("the consumer failed: {e}"));
+    let by_id = applied(&pool, store.schema(), consumer).await;
+    let (missing, doubled, inversions) = tally(&expected, &by_id);
+    assert_eq!(
+        (missing, doubled, inversions),
+        (0, 0, 0),
+        "two relays under one name: {events} events, {refused} steps refused the lease, \
+         consumer {metrics:?}"
+    );
+    (events, refused)
 }
 
 /// A consumer is cut while its handler's transaction is open (its row written, not committed,

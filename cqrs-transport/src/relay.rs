@@ -415,7 +415,11 @@ impl<S: Sink> Relay<S> {
 
     async fn pipelined_step(&mut self) -> Result<RelayStep, TransportError> {
         let stored = match self.held {
-            // Renewed recently by this relay: no other can have taken it since.
+            // Renewed recently by this relay: no other owner can have taken it since (a live
+            // twin under the same owner name can, with a new epoch: this relay then publishes for
+            // at most a third of the lease before its next move is refused; what it sent twice
+            // is dropped by the broker's dedup or the consumer's inbox, and its order holds:
+            // `conformance::two_relays_under_one_name`).
             Some((at, checkpoint))
                 if self.lease.epoch().is_some() && at.elapsed() < self.lease.duration() / 3 =>
             {

@@ -23,9 +23,10 @@
 //! from its durable sees the gap and **rewinds**: it deletes its durable and creates it again
 //! starting right after the last message it answered (the server's ack floor, or the last
 //! message this process acknowledged, whichever is later), so that everything after it comes
-//! again, in stream order; the inbox drops what had been applied. A process that dies between the
-//! delete and the create starts its durable from the stream's first message (the inbox drops
-//! what was applied). With declaration off the durable is the operators': the consumer stops
+//! again, in stream order; the inbox drops what had been applied. A create that fails is tried
+//! again from the same place by the next session; a process that dies between the delete and
+//! the create starts its durable from the stream's first message (the inbox drops what was
+//! applied). With declaration off the durable is the operators': the consumer stops
 //! with a [`TransportError::Topology`] naming the gap instead of rewinding it. Several processes
 //! on one durable each see gaps all the time (deliveries are spread among them, and so is each
 //! aggregate's order): declare that with [`NatsConsumer::with_shared_durable`], which turns the
@@ -62,8 +63,9 @@ pub struct NatsConsumer<H> {
     last_delivery: Option<u64>,
     /// The stream sequence of the last message answered (acknowledged or dead-lettered).
     last_answered: Option<u64>,
-    /// Times deliveries were lost and the consumer waited for them.
-    gaps: u64,
+    /// Where the durable starts when this consumer creates it: after a rewind whose create did
+    /// not go through, right after the last message answered (else the stream's first).
+    resume_from: Option<u64>,
 }
 
 impl<H> std::fmt::Debug for NatsConsumer<H> {
@@ -112,7 +114,7 @@ impl<H: MessageHandler> NatsConsumer<H> {
             shared: false,
             last_delivery: None,
             last_answered: None,
-            gaps: 0,
+            resume_from: None,
         })
     }
 
@@ -165,12 +167,6 @@ impl<H: MessageHandler> NatsConsumer<H> {
     pub fn with_shared_durable(mut self, shared: bool) -> Self {
         self.shared = shared;
         self
-    }
-
-    /// How many times deliveries were lost in transit and the consumer rewound its durable.
-    #[must_use]
-    pub fn delivery_gaps(&self) -> u64 {
-        self.gaps
     }
 
     /// While running, checks the size of this consumer's dead letters every `every` and logs a
@@ -230,7 +226,10 @@ impl<H: MessageHandler> NatsConsumer<H> {
     ) -> Result<async_nats::jetstream::consumer::Consumer<pull::Config>, TransportError> {
         let stream = events_stream(js, &self.config).await?;
         dead_letter_stream(js, &self.config).await?;
-        let config = self.durable_config(DeliverPolicy::All);
+        let config = self.durable_config(match self.resume_from {
+            Some(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
+            None => DeliverPolicy::All,
+        });
         let topology = |reason: String| TransportError::Topology {
             broker: BROKER,
             destination: format!("consumer {} on {}", self.durable, self.config.stream()),
@@ -291,18 +290,15 @@ impl<H: MessageHandler> NatsConsumer<H> {
             consumer = %self.durable, lost, from,
             "deliveries lost in transit; starting the durable again from the last message answered"
         );
+        // Kept until the durable is created again, also by a later session if this one fails.
+        self.resume_from = Some(from);
+        self.last_delivery = None;
         stream
             .delete_consumer(&self.durable)
             .await
             .map_err(broker("delete the consumer to rewind it"))?;
-        stream
-            .create_consumer(self.durable_config(DeliverPolicy::ByStartSequence {
-                start_sequence: from,
-            }))
-            .await
-            .map_err(|e| topology(e.to_string()))?;
-        self.gaps += 1;
-        self.last_delivery = None;
+        self.consumer(js).await?;
+        self.resume_from = None;
         Ok(())
     }
 
@@ -337,6 +333,7 @@ impl<H: MessageHandler> NatsConsumer<H> {
         let js = connect(&self.config).await?;
         loop {
             let consumer = self.consumer(&js).await?;
+            self.resume_from = None;
             let mut messages = consumer.messages().await.map_err(broker("pull"))?;
             backoff.reset();
             let lost = loop {

@@ -412,27 +412,9 @@ pub async fn relay_killed_at_random_points<B: Broker>(
             expected.insert(format!("w{w}-a{a}"), per_aggregate);
         }
     }
-    let mut relay = Relay::new(store.clone(), broker.sink(ns), "killed");
-    drain(&mut relay).await;
-    let events: u64 = expected.values().sum();
-    let pool = store.pool().clone();
-    wait_applied(
-        &pool,
-        store.schema(),
-        consumer,
-        i64::try_from(events).unwrap_or(i64::MAX),
-        Duration::from_secs(120),
-    )
-    .await;
-    // A moment for redeliveries still on their way, which must all be dropped.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = stop.send(());
-    let metrics = running
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|e| panic!("the consumer failed: {e}"));
-    let by_id = applied(&pool, store.schema(), consumer).await;
-    let (missing, doubled, inversions) = tally(&expected, &by_id);
+    let relay = Relay::new(store.clone(), broker.sink(ns), "killed");
+    let (events, metrics, (missing, doubled, inversions)) =
+        drain_and_tally(relay, &store, consumer, &expected, stop, running).await;
     let report = KillReport {
         events,
         cuts,
@@ -508,6 +490,80 @@ pub async fn poison_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
     );
 }
 
+/// Writers appending `per_append` events at a time to aggregates `<prefix>0..<prefix>2`, each
+/// pausing `pause` between appends, until [`Writers::stop`].
+struct Writers {
+    writing: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(String, u64)>>,
+}
+
+impl Writers {
+    fn start(store: &PostgresEventStore, prefix: &str, per_append: u64, pause: Duration) -> Self {
+        let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let tasks = (0..3)
+            .map(|a| {
+                let store = store.clone();
+                let writing = writing.clone();
+                let id = format!("{prefix}{a}");
+                tokio::spawn(async move {
+                    let mut written = 0u64;
+                    while writing.load(std::sync::atomic::Ordering::SeqCst) || written == 0 {
+                        append(&store, &id, per_append, &[]).await;
+                        written += per_append;
+                        tokio::time::sleep(pause).await;
+                    }
+                    (id, written)
+                })
+            })
+            .collect();
+        Self { writing, tasks }
+    }
+
+    /// Stops them; each aggregate with how many events it was given.
+    async fn stop(self) -> BTreeMap<String, u64> {
+        self.writing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut expected = BTreeMap::new();
+        for task in self.tasks {
+            let (id, written) = task.await.unwrap_or_else(|e| panic!("{e}"));
+            expected.insert(id, written);
+        }
+        expected
+    }
+}
+
+/// Drains what is left through `relay`, waits until the consumer applied all of `expected`
+/// (and a moment more for redeliveries on their way, which must all be dropped), stops it, and
+/// tallies what it applied: (events, its counters, (missing, applied twice, inversions)).
+async fn drain_and_tally<S: Sink>(
+    mut relay: Relay<S>,
+    store: &PostgresEventStore,
+    consumer: &str,
+    expected: &BTreeMap<String, u64>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<Result<ConsumerMetrics, TransportError>>,
+) -> (u64, ConsumerMetrics, (u64, u64, u64)) {
+    drain(&mut relay).await;
+    let events: u64 = expected.values().sum();
+    let pool = store.pool().clone();
+    wait_applied(
+        &pool,
+        store.schema(),
+        consumer,
+        i64::try_from(events).unwrap_or(i64::MAX),
+        Duration::from_secs(120),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop.send(());
+    let metrics = running
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("the consumer failed: {e}"));
+    let by_id = applied(&pool, store.schema(), consumer).await;
+    (events, metrics, tally(expected, &by_id))
+}
+
 /// Per aggregate of `expected` (id -> events written), against what was applied in order:
 /// (missing, applied twice, inversions).
 fn tally(expected: &BTreeMap<String, u64>, by_id: &BTreeMap<String, Vec<i64>>) -> (u64, u64, u64) {
@@ -539,22 +595,7 @@ pub async fn two_relays_under_one_name<B: Broker>(broker: &B, ns: &str) -> (u64,
         .await
         .unwrap_or_else(|e| panic!("declare: {e}"));
     let (stop, running) = start_consumer(broker, ns, consumer, Recorder::new(&store, consumer));
-    let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let writers: Vec<_> = (0..3)
-        .map(|w| {
-            let store = store.clone();
-            let writing = writing.clone();
-            tokio::spawn(async move {
-                let mut written = 0u64;
-                while writing.load(std::sync::atomic::Ordering::SeqCst) || written == 0 {
-                    append(&store, &format!("t{w}"), 3, &[]).await;
-                    written += 3;
-                    tokio::time::sleep(Duration::from_millis(15)).await;
-                }
-                (format!("t{w}"), written)
-            })
-        })
-        .collect();
+    let writers = Writers::start(&store, "t", 3, Duration::from_millis(15));
     let relaying = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let twins: Vec<_> = (0..2)
         .map(|_| {
@@ -580,38 +621,16 @@ pub async fn two_relays_under_one_name<B: Broker>(broker: &B, ns: &str) -> (u64,
         })
         .collect();
     tokio::time::sleep(Duration::from_secs(4)).await;
-    writing.store(false, std::sync::atomic::Ordering::SeqCst);
-    let mut expected = BTreeMap::new();
-    for writer in writers {
-        let (id, written) = writer.await.unwrap_or_else(|e| panic!("{e}"));
-        expected.insert(id, written);
-    }
+    let expected = writers.stop().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     relaying.store(false, std::sync::atomic::Ordering::SeqCst);
     let mut refused = 0;
     for twin in twins {
         refused += twin.await.unwrap_or_else(|e| panic!("{e}"));
     }
-    let mut relay = Relay::new(store.clone(), broker.sink(ns), "twin").with_name("twins");
-    drain(&mut relay).await;
-    let events: u64 = expected.values().sum();
-    let pool = store.pool().clone();
-    wait_applied(
-        &pool,
-        store.schema(),
-        consumer,
-        i64::try_from(events).unwrap_or(i64::MAX),
-        Duration::from_secs(120),
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = stop.send(());
-    let metrics = running
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|e| panic!("the consumer failed: {e}"));
-    let by_id = applied(&pool, store.schema(), consumer).await;
-    let (missing, doubled, inversions) = tally(&expected, &by_id);
+    let relay = Relay::new(store.clone(), broker.sink(ns), "twin").with_name("twins");
+    let (events, metrics, (missing, doubled, inversions)) =
+        drain_and_tally(relay, &store, consumer, &expected, stop, running).await;
     assert_eq!(
         (missing, doubled, inversions),
         (0, 0, 0),
@@ -819,33 +838,13 @@ where
     let relaying = tokio::spawn(relay.run(Duration::from_millis(50), async move {
         let _ = relay_stopped.await;
     }));
-    let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let writers: Vec<_> = (0..3)
-        .map(|a| {
-            let store = store.clone();
-            let writing = writing.clone();
-            tokio::spawn(async move {
-                let mut written = 0u64;
-                while writing.load(std::sync::atomic::Ordering::SeqCst) || written == 0 {
-                    append(&store, &format!("r{a}"), 2, &[]).await;
-                    written += 2;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                (format!("r{a}"), written)
-            })
-        })
-        .collect();
+    let writers = Writers::start(&store, "r", 2, Duration::from_millis(10));
     for n in 0..restarts {
         tokio::time::sleep(Duration::from_millis(700)).await;
         restart(n).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    writing.store(false, std::sync::atomic::Ordering::SeqCst);
-    let mut expected = BTreeMap::new();
-    for writer in writers {
-        let (id, written) = writer.await.unwrap_or_else(|e| panic!("{e}"));
-        expected.insert(id, written);
-    }
+    let expected = writers.stop().await;
     let events: u64 = expected.values().sum();
     let pool = store.pool().clone();
     wait_applied(
@@ -947,6 +946,19 @@ impl CutProxy {
             connection.abort();
         }
         cut
+    }
+}
+
+impl CutProxy {
+    /// The "restart" of [`broker_restarted_mid_stream`]: cuts every connection (and panics when
+    /// there was none: the relay and consumer are not going through the proxy).
+    pub fn cuts(self: Arc<Self>) -> impl FnMut(u32) -> BoxFuture<'static, ()> {
+        move |_n| {
+            let cut = self.cut();
+            Box::pin(async move {
+                assert!(cut > 0, "nothing was connected through the proxy");
+            })
+        }
     }
 }
 

@@ -10,6 +10,7 @@ mod sql;
 mod tx;
 
 pub use lease::{Advance, CheckpointLease, Inbox};
+pub use rows::is_outage;
 pub use tx::Tx as Transaction;
 
 use std::fmt::Write as _;

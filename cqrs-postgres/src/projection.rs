@@ -111,6 +111,151 @@ fn dead_letter(row: &sqlx::postgres::PgRow) -> Result<DeadLetter, WorkerError> {
     })
 }
 
+/// The dead-letter statements both PostgreSQL backends run (on `projection_dead_letters`, under
+/// `projection`), in the unit's transaction.
+mod letters {
+    use super::{
+        AssertSqlSafe, DeadLetter, DeliveryError, HashSet, Parked, PgConnection, Row, Savepoint,
+        StoreError, StreamId, backend, dead_letter, to_i64,
+    };
+    use crate::PostgresEventStore;
+
+    pub(super) async fn savepoint(conn: &mut PgConnection, op: Savepoint) -> Result<(), DeliveryError> {
+        let statement = match op {
+            Savepoint::Set => "SAVEPOINT cqrs_event",
+            Savepoint::Release => "RELEASE SAVEPOINT cqrs_event",
+            Savepoint::Rollback => "ROLLBACK TO SAVEPOINT cqrs_event",
+        };
+        sqlx::query(statement).execute(conn).await.map_err(backend)?;
+        Ok(())
+    }
+
+    pub(super) async fn blocked_streams(
+        store: &PostgresEventStore,
+        conn: &mut PgConnection,
+        projection: &str,
+    ) -> Result<HashSet<StreamId>, DeliveryError> {
+        let rows = sqlx::query(AssertSqlSafe(store.sql.blocked_streams.clone()))
+            .bind(projection)
+            .fetch_all(conn)
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(|row| {
+                let aggregate_type: String = row.try_get(0).map_err(backend)?;
+                let aggregate_id: String = row.try_get(1).map_err(backend)?;
+                Ok(StreamId::new(aggregate_type, aggregate_id))
+            })
+            .collect()
+    }
+
+    pub(super) async fn park(
+        store: &PostgresEventStore,
+        conn: &mut PgConnection,
+        projection: &str,
+        parked: Parked<'_>,
+    ) -> Result<(), DeliveryError> {
+        sqlx::query(AssertSqlSafe(store.sql.park.clone()))
+            .bind(projection)
+            .bind(parked.event_id.0)
+            .bind(&parked.stream.aggregate_type)
+            .bind(parked.stream.aggregate_id.as_str())
+            .bind(to_i64(parked.version)?)
+            .bind(&parked.failure.error)
+            .bind(i32::try_from(parked.failure.attempts).unwrap_or(i32::MAX))
+            .bind(parked.failure.first_failed_at)
+            .bind(chrono::Utc::now())
+            .execute(conn)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    pub(super) async fn of_stream(
+        store: &PostgresEventStore,
+        conn: &mut PgConnection,
+        projection: &str,
+        stream: &StreamId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, DeliveryError> {
+        let after = match after {
+            Some(version) => to_i64(version)?,
+            None => i64::MIN,
+        };
+        let rows = sqlx::query(AssertSqlSafe(store.sql.stream_dead_letters.clone()))
+            .bind(projection)
+            .bind(&stream.aggregate_type)
+            .bind(stream.aggregate_id.as_str())
+            .bind(after)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(conn)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(dead_letter).collect()
+    }
+
+    pub(super) async fn reread(
+        store: &PostgresEventStore,
+        conn: &mut PgConnection,
+        letter: &DeadLetter,
+    ) -> Result<Result<cqrs_core::StoredEvent, String>, DeliveryError> {
+        let row = sqlx::query(AssertSqlSafe(store.sql.event_by_id.clone()))
+            .bind(letter.event_id.0)
+            .fetch_optional(conn)
+            .await
+            .map_err(backend)?;
+        let Some(row) = row else {
+            return Ok(Err(format!(
+                "event {} (version {} of {}) is not in this database's event store",
+                letter.event_id, letter.version, letter.stream
+            )));
+        };
+        match crate::rows::stored_event(&row) {
+            Ok(event) => Ok(Ok(event)),
+            // Still unreadable: it stays parked, with the reason.
+            Err(corrupt @ StoreError::Corrupt(_)) => Ok(Err(corrupt.to_string())),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    pub(super) async fn resolve(
+        store: &PostgresEventStore,
+        conn: &mut PgConnection,
+        id: i64,
+    ) -> Result<(), DeliveryError> {
+        sqlx::query(AssertSqlSafe(store.sql.resolve_dead_letter.clone()))
+            .bind(id)
+            .execute(conn)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    pub(super) async fn fail_again(
+        store: &PostgresEventStore,
+        conn: &mut PgConnection,
+        id: i64,
+        error: &str,
+    ) -> Result<(), DeliveryError> {
+        sqlx::query(AssertSqlSafe(store.sql.fail_dead_letter.clone()))
+            .bind(id)
+            .bind(error)
+            .execute(conn)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+}
+
+/// Whether a projection's error is its database being out of reach (see [`crate::is_outage`]).
+fn projection_outage(error: &cqrs_core::projection::ProjectionError) -> bool {
+    match error {
+        cqrs_core::projection::ProjectionError::Handler { source, .. } => crate::is_outage(&**source),
+        cqrs_core::projection::ProjectionError::Decode(_) => false,
+    }
+}
+
 /// Empties a read model inside the rebuild's transaction.
 type Reset = Arc<
     dyn for<'c> Fn(&'c mut PgConnection) -> BoxFuture<'c, Result<(), sqlx::Error>> + Send + Sync,
@@ -208,48 +353,15 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
     }
 
     async fn savepoint(&mut self, unit: &mut Tx, op: Savepoint) -> Result<(), DeliveryError> {
-        let statement = match op {
-            Savepoint::Set => "SAVEPOINT cqrs_event",
-            Savepoint::Release => "RELEASE SAVEPOINT cqrs_event",
-            Savepoint::Rollback => "ROLLBACK TO SAVEPOINT cqrs_event",
-        };
-        sqlx::query(statement)
-            .execute(&mut **unit)
-            .await
-            .map_err(backend)?;
-        Ok(())
+        letters::savepoint(unit, op).await
     }
 
     async fn blocked_streams(&mut self, unit: &mut Tx) -> Result<HashSet<StreamId>, DeliveryError> {
-        let rows = sqlx::query(AssertSqlSafe(self.store.sql.blocked_streams.clone()))
-            .bind(P::NAME)
-            .fetch_all(&mut **unit)
-            .await
-            .map_err(backend)?;
-        rows.iter()
-            .map(|row| {
-                let aggregate_type: String = row.try_get(0).map_err(backend)?;
-                let aggregate_id: String = row.try_get(1).map_err(backend)?;
-                Ok(StreamId::new(aggregate_type, aggregate_id))
-            })
-            .collect()
+        letters::blocked_streams(&self.store, unit, P::NAME).await
     }
 
     async fn park_event(&mut self, unit: &mut Tx, parked: Parked<'_>) -> Result<(), DeliveryError> {
-        sqlx::query(AssertSqlSafe(self.store.sql.park.clone()))
-            .bind(P::NAME)
-            .bind(parked.event_id.0)
-            .bind(&parked.stream.aggregate_type)
-            .bind(parked.stream.aggregate_id.as_str())
-            .bind(to_i64(parked.version)?)
-            .bind(&parked.failure.error)
-            .bind(i32::try_from(parked.failure.attempts).unwrap_or(i32::MAX))
-            .bind(parked.failure.first_failed_at)
-            .bind(chrono::Utc::now())
-            .execute(&mut **unit)
-            .await
-            .map_err(backend)?;
-        Ok(())
+        letters::park(&self.store, unit, P::NAME, parked).await
     }
 
     async fn advance_checkpoint(
@@ -312,20 +424,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, DeliveryError> {
-        let after = match after {
-            Some(version) => to_i64(version)?,
-            None => i64::MIN,
-        };
-        let rows = sqlx::query(AssertSqlSafe(self.store.sql.stream_dead_letters.clone()))
-            .bind(P::NAME)
-            .bind(&stream.aggregate_type)
-            .bind(stream.aggregate_id.as_str())
-            .bind(after)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&mut **unit)
-            .await
-            .map_err(backend)?;
-        rows.iter().map(dead_letter).collect()
+        letters::of_stream(&self.store, unit, P::NAME, stream, after, limit).await
     }
 
     async fn reread_letter(
@@ -333,32 +432,11 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
         unit: &mut Tx,
         letter: &DeadLetter,
     ) -> Result<Result<cqrs_core::StoredEvent, String>, DeliveryError> {
-        let row = sqlx::query(AssertSqlSafe(self.store.sql.event_by_id.clone()))
-            .bind(letter.event_id.0)
-            .fetch_optional(&mut **unit)
-            .await
-            .map_err(backend)?;
-        let Some(row) = row else {
-            return Ok(Err(format!(
-                "event {} (version {} of {}) is no longer stored",
-                letter.event_id, letter.version, letter.stream
-            )));
-        };
-        match crate::rows::stored_event(&row) {
-            Ok(event) => Ok(Ok(event)),
-            // Still unreadable: it stays parked, with the reason.
-            Err(corrupt @ StoreError::Corrupt(_)) => Ok(Err(corrupt.to_string())),
-            Err(error) => Err(error.into()),
-        }
+        letters::reread(&self.store, unit, letter).await
     }
 
     async fn resolve_letter(&mut self, unit: &mut Tx, id: i64) -> Result<(), DeliveryError> {
-        sqlx::query(AssertSqlSafe(self.store.sql.resolve_dead_letter.clone()))
-            .bind(id)
-            .execute(&mut **unit)
-            .await
-            .map_err(backend)?;
-        Ok(())
+        letters::resolve(&self.store, unit, id).await
     }
 
     async fn fail_letter_again(
@@ -367,13 +445,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
         id: i64,
         error: &str,
     ) -> Result<(), DeliveryError> {
-        sqlx::query(AssertSqlSafe(self.store.sql.fail_dead_letter.clone()))
-            .bind(id)
-            .bind(error)
-            .execute(&mut **unit)
-            .await
-            .map_err(backend)?;
-        Ok(())
+        letters::fail_again(&self.store, unit, id, error).await
     }
 
     async fn reset_for_rebuild(&mut self, unit: &mut Tx) -> Result<(), DeliveryError> {
@@ -460,6 +532,158 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
             .map_err(backend)?;
         }
         Ok(())
+    }
+
+    fn is_permanent(&self, error: &DeliveryError) -> bool {
+        is_permanent(error)
+    }
+
+    fn is_outage(&self, error: &cqrs_core::projection::ProjectionError) -> bool {
+        projection_outage(error)
+    }
+}
+
+/// The PostgreSQL adapter of the delivery engine for a projection fed from a broker
+/// ([`Engine::deliver`]): a transaction per batch of received messages, each event claimed in
+/// the [`Inbox`](crate::Inbox) (a redelivery applies nothing), dead letters in
+/// `projection_dead_letters` under the projection's name (so later events of a stream wait
+/// behind its dead letter across restarts, and operators see them with `cqrs dlq list`). There is
+/// no checkpoint and no lease: the broker's acknowledgements are the checkpoint, and its
+/// consumer group, queue or durable decides who consumes. Dead letters are sent back through the
+/// broker's own dead-letter place (`cqrs dlq <broker> retry`); the engine's own redrive
+/// ([`Engine::retry`]) reads the event from this database's event store, so it works only where
+/// the consumer's database also holds the log.
+pub struct InboxBackend {
+    store: PostgresEventStore,
+    inbox: crate::Inbox,
+}
+
+impl std::fmt::Debug for InboxBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboxBackend")
+            .field("schema", &self.store.schema())
+            .finish_non_exhaustive()
+    }
+}
+
+impl InboxBackend {
+    /// The backend in `store`'s schema (which holds the inbox and the dead letters).
+    #[must_use]
+    pub fn new(store: PostgresEventStore) -> Self {
+        Self {
+            inbox: crate::Inbox::new(&store),
+            store,
+        }
+    }
+
+    /// The store whose database the projection writes.
+    #[must_use]
+    pub fn store(&self) -> &PostgresEventStore {
+        &self.store
+    }
+
+    /// The store, giving up the backend.
+    #[must_use]
+    pub fn into_store(self) -> PostgresEventStore {
+        self.store
+    }
+}
+
+#[async_trait::async_trait]
+impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for InboxBackend {
+    type Unit = Tx;
+    const TRANSACTIONAL: bool = true;
+    type Store = PostgresEventStore;
+
+    fn event_store(&self) -> &PostgresEventStore {
+        &self.store
+    }
+
+    /// The start: a broker source has no checkpoint of its own (its acknowledgements are).
+    async fn load_checkpoint(&mut self) -> Result<Checkpoint, DeliveryError> {
+        Ok(Checkpoint::START)
+    }
+
+    async fn begin_unit(&mut self) -> Result<Tx, DeliveryError> {
+        Ok(Tx::begin(self.store.pool()).await.map_err(backend)?)
+    }
+
+    fn unit_context<'a>(&'a mut self, unit: &'a mut Tx) -> &'a mut PgConnection {
+        unit
+    }
+
+    async fn savepoint(&mut self, unit: &mut Tx, op: Savepoint) -> Result<(), DeliveryError> {
+        letters::savepoint(unit, op).await
+    }
+
+    async fn blocked_streams(&mut self, unit: &mut Tx) -> Result<HashSet<StreamId>, DeliveryError> {
+        letters::blocked_streams(&self.store, unit, P::NAME).await
+    }
+
+    async fn park_event(&mut self, unit: &mut Tx, parked: Parked<'_>) -> Result<(), DeliveryError> {
+        letters::park(&self.store, unit, P::NAME, parked).await
+    }
+
+    /// Nothing to move: the caller acknowledges the messages once the unit committed.
+    async fn advance_checkpoint(
+        &mut self,
+        _unit: &mut Tx,
+        _from: Checkpoint,
+        _to: Checkpoint,
+    ) -> Result<(), DeliveryError> {
+        Ok(())
+    }
+
+    async fn end_unit(&mut self, unit: Tx, commit: bool) -> Result<(), DeliveryError> {
+        if commit {
+            unit.commit().await.map_err(backend)?;
+        } else {
+            unit.rollback().await;
+        }
+        Ok(())
+    }
+
+    async fn claim(
+        &mut self,
+        unit: &mut Tx,
+        event: &cqrs_core::StoredEvent,
+    ) -> Result<bool, DeliveryError> {
+        Ok(self.inbox.claim(unit, P::NAME, event.event_id).await?)
+    }
+
+    fn is_outage(&self, error: &cqrs_core::projection::ProjectionError) -> bool {
+        projection_outage(error)
+    }
+
+    async fn letters_of(
+        &mut self,
+        unit: &mut Tx,
+        stream: &StreamId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, DeliveryError> {
+        letters::of_stream(&self.store, unit, P::NAME, stream, after, limit).await
+    }
+
+    async fn reread_letter(
+        &mut self,
+        unit: &mut Tx,
+        letter: &DeadLetter,
+    ) -> Result<Result<cqrs_core::StoredEvent, String>, DeliveryError> {
+        letters::reread(&self.store, unit, letter).await
+    }
+
+    async fn resolve_letter(&mut self, unit: &mut Tx, id: i64) -> Result<(), DeliveryError> {
+        letters::resolve(&self.store, unit, id).await
+    }
+
+    async fn fail_letter_again(
+        &mut self,
+        unit: &mut Tx,
+        id: i64,
+        error: &str,
+    ) -> Result<(), DeliveryError> {
+        letters::fail_again(&self.store, unit, id, error).await
     }
 
     fn is_permanent(&self, error: &DeliveryError) -> bool {

@@ -3,15 +3,19 @@
 //!
 //! A broker crate implements [`Broker`] (a sink and a consumer for a namespace of its own) and
 //! calls each check from a `#[tokio::test]`. Every check runs against the real PostgreSQL
-//! (`DATABASE_URL`) with a schema of its own, and a handler ([`Recorder`]) that writes each event
-//! it applies in the same transaction as its inbox row, so a second effect would show.
+//! (`DATABASE_URL`) with a schema of its own, and a handler ([`Recorder`]): a projection run by
+//! the core's delivery engine ([`Transactional`]) that writes each event it applies in the same
+//! transaction as its inbox row, so a second effect would show.
 //!
 //! - [`relay_killed_at_random_points`]: writers append while the relay is cut at random points
 //!   (a step dropped mid-flight, including after messages were sent and before their confirms or
 //!   the checkpoint move) and started again at once, hundreds of times: the consumer sees every
 //!   event, once, each aggregate's events in order.
 //! - [`poison_is_dead_lettered`]: an event the handler always fails on is retried, then lands in
-//!   the broker's dead-letter place; later events of other aggregates keep flowing.
+//!   the broker's dead-letter place; the later events of its aggregate wait behind it (dead
+//!   letters too), later events of other aggregates keep flowing.
+//! - [`dead_letter_retried_after_a_fix`]: the operator retries the dead letters after a fix;
+//!   each is applied once, in the aggregate's order.
 //! - [`consumer_killed_mid_handler`]: a consumer cut while its handler's transaction is open
 //!   (nothing acknowledged) is replaced; the event's effect happens exactly once.
 //! - [`not_ours_is_dead_lettered`]: a message on the consumed destination that is not an
@@ -23,13 +27,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cqrs_core::projection::{HandlerError, Projection, ProjectionError, Subscription};
 use cqrs_core::{EventData, EventId, EventStore, ExpectedVersion, Metadata, StoredEvent, StreamId};
-use cqrs_postgres::{Inbox, PostgresEventStore};
+use cqrs_postgres::PostgresEventStore;
 use rand::Rng;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
 
-use crate::{ConsumerMetrics, HandleError, Handled, MessageHandler, Relay, Sink, TransportError};
+use crate::{
+    ConsumerMetrics, HandleError, Handled, MessageHandler, Relay, Sink, Transactional, TransportError,
+};
 
 /// A boxed future, as the harness returns them.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -112,106 +119,130 @@ pub async fn fresh_store(name: &str) -> PostgresEventStore {
     store
 }
 
-/// The suite's handler: records each event it applies (aggregate id, version, event id) in the
-/// same transaction as its inbox row. Events whose payload has `"poison": true` always fail.
-/// With [`hang_on`](Self::hang_on), the first attempt at that event writes its row, signals, and
-/// then never commits.
-#[derive(Clone)]
-pub struct Recorder {
-    store: PostgresEventStore,
-    inbox: Inbox,
+/// The suite's handler: the projection [`Recording`] run by the delivery engine through
+/// [`Transactional`], exactly as an application's projection fed from a broker, so every check
+/// exercises the engine's inbox, retries, parking and per-aggregate blocking.
+pub struct Recorder(Transactional<Recording>);
+
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Recorder").field(&self.0).finish()
+    }
+}
+
+/// Records each event it applies (consumer name, aggregate id, version, event id) in table
+/// `applied`, in the engine's transaction (with the inbox row). Events whose payload has
+/// `"poison": true` always fail. With [`Recorder::hang_on`], the first attempt at that event
+/// writes its row, signals, and then never commits.
+pub struct Recording {
+    schema: String,
     name: String,
     hang: Option<(EventId, Arc<Notify>, Arc<std::sync::atomic::AtomicBool>)>,
     fixed: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
-impl std::fmt::Debug for Recorder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Recorder")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+/// The suite's events: `Noted` of aggregate type `note`.
+const NOTES: &[Subscription] = &[Subscription {
+    aggregate_type: Some("note"),
+    event_types: &["Noted"],
+}];
+
+impl Projection for Recording {
+    const NAME: &'static str = "conformance_recorder";
+    type Context = PgConnection;
+    const SUBSCRIPTIONS: &'static [Subscription] = NOTES;
+
+    fn apply<'a>(
+        &'a mut self,
+        event: &'a StoredEvent,
+        conn: &'a mut PgConnection,
+    ) -> BoxFuture<'a, Result<bool, ProjectionError>> {
+        Box::pin(async move {
+            let failed = |source: HandlerError| ProjectionError::Handler {
+                projection: Self::NAME,
+                stream: event.stream.clone(),
+                version: event.version,
+                source,
+            };
+            let fixed = self
+                .fixed
+                .as_ref()
+                .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst));
+            if !fixed && event.payload.get("poison") == Some(&serde_json::Value::Bool(true)) {
+                return Err(failed(
+                    format!("poison event {} of {}", event.version, event.stream).into(),
+                ));
+            }
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO \"{}\".applied (consumer, aggregate_id, version, event_id) VALUES ($1, $2, $3, $4)",
+                self.schema
+            )))
+            .bind(&self.name)
+            .bind(event.stream.aggregate_id.as_str())
+            .bind(i64::try_from(event.version).unwrap_or(i64::MAX))
+            .bind(event.event_id.0)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| failed(e.into()))?;
+            if let Some((id, reached, done)) = &self.hang
+                && *id == event.event_id
+                && !done.swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                reached.notify_one();
+                std::future::pending::<()>().await;
+            }
+            Ok(true)
+        })
     }
 }
 
 impl Recorder {
-    /// A recorder named `name` (its inbox rows and applied rows are kept under it).
+    /// A recorder whose `applied` rows say `name`.
     pub fn new(store: &PostgresEventStore, name: &str) -> Self {
-        Self {
-            inbox: Inbox::new(store),
-            store: store.clone(),
-            name: name.to_owned(),
-            hang: None,
-            fixed: None,
-        }
+        Self(Transactional::new(
+            store.clone(),
+            Recording {
+                schema: store.schema().to_owned(),
+                name: name.to_owned(),
+                hang: None,
+                fixed: None,
+            },
+        ))
+    }
+
+    fn recording(self, change: impl FnOnce(&mut Recording)) -> Self {
+        let Self(handler) = self;
+        let (mut recording, store) = handler.into_parts();
+        change(&mut recording);
+        Self(Transactional::new(store, recording))
     }
 
     /// The first attempt at `event` writes its row, notifies `reached`, then hangs with its
     /// transaction open.
     #[must_use]
-    pub fn hang_on(mut self, event: EventId, reached: Arc<Notify>) -> Self {
-        self.hang = Some((event, reached, Arc::default()));
-        self
+    pub fn hang_on(self, event: EventId, reached: Arc<Notify>) -> Self {
+        self.recording(|r| r.hang = Some((event, reached, Arc::default())))
     }
 
     /// Poison events fail only until `fixed` is set (a bug fixed, a dependency back).
     #[must_use]
-    pub fn poison_until(mut self, fixed: Arc<std::sync::atomic::AtomicBool>) -> Self {
-        self.fixed = Some(fixed);
-        self
-    }
-
-    async fn record(&mut self, event: &StoredEvent) -> Result<Handled, sqlx::Error> {
-        let mut tx = self.store.pool().begin().await?;
-        let fresh = self
-            .inbox
-            .claim(&mut tx, &self.name, event.event_id)
-            .await
-            .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-        if !fresh {
-            return Ok(Handled::Duplicate);
-        }
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO \"{}\".applied (consumer, aggregate_id, version, event_id) VALUES ($1, $2, $3, $4)",
-            self.store.schema()
-        )))
-        .bind(&self.name)
-        .bind(event.stream.aggregate_id.as_str())
-        .bind(i64::try_from(event.version).unwrap_or(i64::MAX))
-        .bind(event.event_id.0)
-        .execute(&mut *tx)
-        .await?;
-        if let Some((id, reached, done)) = &self.hang
-            && *id == event.event_id
-            && !done.swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            reached.notify_one();
-            std::future::pending::<()>().await;
-        }
-        tx.commit().await?;
-        Ok(Handled::Applied)
+    pub fn poison_until(self, fixed: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.recording(|r| r.fixed = Some(fixed))
     }
 }
 
 #[async_trait::async_trait]
 impl MessageHandler for Recorder {
     fn name(&self) -> &str {
-        &self.name
+        self.0.name()
+    }
+
+    fn set_retries(&mut self, attempts: u32, backoff: Duration) {
+        self.0.set_retries(attempts, backoff);
     }
 
     async fn handle(&mut self, event: &StoredEvent) -> Result<Handled, HandleError> {
-        let fixed = self
-            .fixed
-            .as_ref()
-            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst));
-        if !fixed && event.payload.get("poison") == Some(&serde_json::Value::Bool(true)) {
-            return Err(HandleError::Failed(format!(
-                "poison event {} of {}",
-                event.version, event.stream
-            )));
-        }
-        self.record(event)
-            .await
-            .map_err(|e| HandleError::from_database(&e))
+        self.0.handle(event).await
     }
 }
 
@@ -433,7 +464,10 @@ pub async fn relay_killed_at_random_points<B: Broker>(
 }
 
 /// Aggregate `bad` has a poison event (version 2 of 3); 5 other aggregates have 4 events each.
-/// The poison event is tried 3 times, then dead-lettered; every other event is applied.
+/// The poison event is tried 3 times, then dead-lettered, and the later event of its aggregate
+/// waits behind it (dead-lettered too, saying so): per-aggregate order holds through a dead
+/// letter. Every event of the other aggregates is applied. The consumer's database records both
+/// dead letters under the projection's name, the first with its error and tries.
 ///
 /// # Panics
 /// When a guarantee does not hold.
@@ -445,7 +479,7 @@ pub async fn poison_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
         .await
         .unwrap_or_else(|e| panic!("declare: {e}"));
     let (stop, running) = start_consumer(broker, ns, consumer, Recorder::new(&store, consumer));
-    append(&store, "bad", 3, &[2]).await;
+    let bad = append(&store, "bad", 3, &[2]).await;
     for a in 0..5 {
         append(&store, &format!("good-{a}"), 4, &[]).await;
     }
@@ -456,7 +490,7 @@ pub async fn poison_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
         &pool,
         store.schema(),
         consumer,
-        2 + 20,
+        1 + 20,
         Duration::from_secs(60),
     )
     .await;
@@ -466,10 +500,10 @@ pub async fn poison_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
             .dead_letters(ns, consumer)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        if dead == 1 {
+        if dead == 2 {
             break;
         }
-        assert!(Instant::now() < deadline, "{dead} dead letters, expected 1");
+        assert!(Instant::now() < deadline, "{dead} dead letters, expected 2");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = stop.send(());
@@ -477,7 +511,7 @@ pub async fn poison_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
         .await
         .unwrap_or_else(|e| panic!("{e}"))
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(metrics.dead_lettered, 1, "{metrics:?}");
+    assert_eq!(metrics.dead_lettered, 2, "{metrics:?}");
     assert_eq!(
         metrics.retries, 2,
         "two retries of the poison event: {metrics:?}"
@@ -485,9 +519,24 @@ pub async fn poison_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
     let by_id = applied(&pool, store.schema(), consumer).await;
     assert_eq!(
         by_id.get("bad"),
-        Some(&vec![1, 3]),
-        "the poison event is skipped, not its stream"
+        Some(&vec![1]),
+        "the event after the poison one waits behind it"
     );
+    let letters = cqrs_postgres::projection::DeadLetters::new(store.clone())
+        .list(Recording::NAME)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let recorded: Vec<_> = letters
+        .iter()
+        .map(|l| (l.event_id, l.version, l.attempts))
+        .collect();
+    assert_eq!(
+        recorded,
+        vec![(bad[1], 2, 3), (bad[2], 3, 0)],
+        "the consumer's database records both: {letters:?}"
+    );
+    assert!(letters[0].error.contains("poison"), "{letters:?}");
+    assert_eq!(letters[1].error, cqrs_core::projection::WAITS_BEHIND);
 }
 
 /// Writers appending `per_append` events at a time to aggregates `<prefix>0..<prefix>2`, each
@@ -727,9 +776,11 @@ pub async fn not_ours_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
     );
 }
 
-/// A poison event is dead-lettered; the operator lists it (its error names why), fixes the cause
-/// and retries the dead letters: the event is applied exactly once and the dead-letter place is
-/// empty. A retry of an id that is not there is `false`.
+/// A poison event is dead-lettered and the next event of its aggregate waits behind it (also
+/// in the dead-letter place); the operator lists them (the errors say why), fixes the cause and
+/// retries the first: it is applied once; then retries all: the one that waited is applied
+/// after it, in the aggregate's order, and the dead-letter place is empty. A retry of an id
+/// that is not there is `false`.
 ///
 /// # Panics
 /// When a guarantee does not hold, or the broker offers no dead-letter queue.
@@ -750,28 +801,33 @@ pub async fn dead_letter_retried_after_a_fix<B: Broker>(broker: &B, ns: &str) {
     let mut relay = Relay::new(store.clone(), broker.sink(ns), "fix");
     drain(&mut relay).await;
     let pool = store.pool().clone();
-    wait_applied(&pool, store.schema(), consumer, 2, Duration::from_secs(60)).await;
+    wait_applied(&pool, store.schema(), consumer, 1, Duration::from_secs(60)).await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while queue.count().await.unwrap_or(0) != 1 {
+    while queue.count().await.unwrap_or(0) != 2 {
         assert!(
             Instant::now() < deadline,
-            "the poison event was not dead-lettered"
+            "the poison event and the one behind it were not dead-lettered"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let letters = queue.list(10).await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(letters.len(), 1, "{letters:?}");
-    let letter = &letters[0];
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    let (poison, behind) = (&letters[0], &letters[1]);
     assert_eq!(
-        letter.event_id.as_deref(),
+        poison.event_id.as_deref(),
         Some(ids[1].to_string().as_str())
     );
     assert!(
-        letter
-            .error
-            .as_deref()
-            .is_some_and(|e| e.contains("poison")),
-        "the dead letter says why: {letter}"
+        poison.error.as_deref().is_some_and(|e| e.contains("poison")),
+        "the dead letter says why: {poison}"
+    );
+    assert_eq!(
+        behind.event_id.as_deref(),
+        Some(ids[2].to_string().as_str())
+    );
+    assert!(
+        behind.error.as_deref().is_some_and(|e| e.contains("waits behind")),
+        "the dead letter says why: {behind}"
     );
     assert!(
         !queue
@@ -779,14 +835,16 @@ pub async fn dead_letter_retried_after_a_fix<B: Broker>(broker: &B, ns: &str) {
             .await
             .unwrap_or_else(|e| panic!("{e}"))
     );
-    // The bug is fixed; the operator retries.
+    // The bug is fixed; the operator retries the poison event, then all that is left.
     fixed.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(
         queue
-            .retry(&letter.id)
+            .retry(&poison.id)
             .await
             .unwrap_or_else(|e| panic!("{e}"))
     );
+    wait_applied(&pool, store.schema(), consumer, 2, Duration::from_secs(60)).await;
+    assert_eq!(queue.retry_all().await.unwrap_or_else(|e| panic!("{e}")), 1);
     wait_applied(&pool, store.schema(), consumer, 3, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(queue.count().await.unwrap_or_else(|e| panic!("{e}")), 0);
@@ -794,9 +852,16 @@ pub async fn dead_letter_retried_after_a_fix<B: Broker>(broker: &B, ns: &str) {
     let _ = stop.send(());
     let _ = running.await;
     let by_id = applied(&pool, store.schema(), consumer).await;
-    let mut versions = by_id.get("fixme").cloned().unwrap_or_default();
-    versions.sort_unstable();
-    assert_eq!(versions, vec![1, 2, 3], "the retried event applied once");
+    assert_eq!(
+        by_id.get("fixme"),
+        Some(&vec![1, 2, 3]),
+        "each applied once, in order"
+    );
+    let left = cqrs_postgres::projection::DeadLetters::new(store.clone())
+        .list(Recording::NAME)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(left.is_empty(), "the consumer's dead letters resolved: {left:?}");
 }
 
 /// A handler for building a consumer only to declare its topology or count its dead letters.

@@ -75,7 +75,8 @@ impl<H: MessageHandler> Consumer<H> {
     /// A consumer named `name` (its consumer group, queue or durable name, for logs) feeding
     /// `handler`: JSON envelopes, 5 tries per message with a backoff from 100 ms (doubling, with
     /// jitter, at most 10 s).
-    pub fn new(name: impl Into<String>, handler: H) -> Self {
+    pub fn new(name: impl Into<String>, mut handler: H) -> Self {
+        handler.set_retries(5, Duration::from_millis(100));
         Self {
             handler,
             name: name.into(),
@@ -90,6 +91,7 @@ impl<H: MessageHandler> Consumer<H> {
     pub fn set_retries(&mut self, attempts: u32, backoff: Duration) {
         self.attempts = attempts.max(1);
         self.backoff = backoff;
+        self.handler.set_retries(self.attempts, backoff);
     }
 
     /// How message values become events (the relay's serializer).
@@ -191,6 +193,15 @@ impl<H: MessageHandler> Consumer<H> {
                 continue;
             }
             outage.reset();
+            if let HandleError::Parked { reason, attempts } = error {
+                // The handler retried and parked it by itself (a projection on the engine).
+                self.metrics.retries += u64::from(attempts.saturating_sub(1));
+                tracing::warn!(
+                    consumer = %self.name, stream = %event.stream, version = event.version,
+                    attempts, %reason, "dead-lettering the message"
+                );
+                return Verdict::DeadLetter { reason, attempts };
+            }
             let malformed = matches!(error, HandleError::Malformed(_));
             if let Some(failure) = retries.failed_with(&error, malformed).await {
                 tracing::warn!(

@@ -8,9 +8,16 @@
 //! [`SagaStarter`](cqrs_core::saga::SagaStarter), which is idempotent by itself (an instance is
 //! keyed by its starting event's id).
 
+use std::time::Duration;
+
 use cqrs_core::StoredEvent;
-use cqrs_core::projection::{Projection, ProjectionError};
-use cqrs_postgres::{Inbox, PostgresEventStore, Transaction};
+use cqrs_core::projection::{
+    Delivered, Engine, FailureMode, FailurePolicy, Projection, ProjectionError, ProjectionMetrics,
+    unknown_event_type,
+};
+pub use cqrs_postgres::is_outage;
+use cqrs_postgres::PostgresEventStore;
+use cqrs_postgres::projection::InboxBackend;
 use sqlx::PgConnection;
 
 /// What a handler did with an event.
@@ -40,6 +47,16 @@ pub enum HandleError {
     /// nothing after it is handled meanwhile, so an outage never reorders an aggregate's events.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The handler gave up on the event and parked it where it keeps its dead letters (after
+    /// its own retries, or behind an earlier dead letter of its aggregate): the consumer sends
+    /// it to the broker's dead-letter place at once, without trying it again.
+    #[error("{reason}")]
+    Parked {
+        /// Why (the last error, or that it waits behind an earlier dead letter).
+        reason: String,
+        /// How many times it was tried (0 for one that waits or cannot be applied).
+        attempts: u32,
+    },
 }
 
 impl From<ProjectionError> for HandleError {
@@ -67,42 +84,16 @@ impl HandleError {
     }
 }
 
-/// Whether `error` (or an error it wraps) says the database is out of reach rather than that
-/// this event cannot be applied: a broken or refused connection, an exhausted or closed pool, a
-/// server shutting down or terminating connections, too many connections.
-#[must_use]
-pub fn is_outage(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(error) = next {
-        if let Some(sqlx) = error.downcast_ref::<sqlx::Error>() {
-            return match sqlx {
-                sqlx::Error::Io(_)
-                | sqlx::Error::Tls(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed => true,
-                // connection_exception (08xxx), admin/crash shutdown, cannot connect now,
-                // too many connections.
-                sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-                    code.starts_with("08")
-                        || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
-                }),
-                _ => false,
-            };
-        }
-        if error.downcast_ref::<std::io::Error>().is_some() {
-            return true;
-        }
-        next = error.source();
-    }
-    false
-}
-
 /// Applies events received from a broker.
 #[async_trait::async_trait]
 pub trait MessageHandler: Send {
     /// The consumer's name (its inbox rows are kept under it).
     fn name(&self) -> &str;
+
+    /// How often a failing event is tried and the first backoff, for a handler that retries
+    /// by itself (the consumer's [`set_retries`](crate::Consumer::set_retries) passes them on;
+    /// the default ignores them: the consumer retries).
+    fn set_retries(&mut self, _attempts: u32, _backoff: Duration) {}
 
     /// Handles one event.
     ///
@@ -111,55 +102,67 @@ pub trait MessageHandler: Send {
     async fn handle(&mut self, event: &StoredEvent) -> Result<Handled, HandleError>;
 }
 
-/// A projection writing PostgreSQL, fed from a broker: each event's effect and its inbox row commit
-/// in one transaction, so a redelivery finds the row and does nothing.
-pub struct Transactional<P> {
-    store: PostgresEventStore,
-    inbox: Inbox,
-    projection: P,
+/// A projection writing PostgreSQL, fed from a broker: the core's delivery
+/// [`Engine`] on an [`InboxBackend`], so a message is handled by the same rules as an event read
+/// from the store by a [`ProjectionWorker`](cqrs_postgres::projection::ProjectionWorker). Each
+/// event's effect commits with its inbox row (a redelivery finds the row and does nothing); a
+/// failing handler is retried with the backoff and then parked in `projection_dead_letters`
+/// under the projection's name; by default ([`FailureMode::BlockStream`]) later events of its
+/// aggregate are parked behind it until it is sent back from the broker's dead-letter place and
+/// applies, so per-aggregate order holds through a dead letter. Parked events go to the broker's
+/// dead-letter place too ([`HandleError::Parked`]).
+pub struct Transactional<P: Projection> {
+    engine: Engine<P, InboxBackend>,
 }
 
-impl<P> std::fmt::Debug for Transactional<P> {
+impl<P: Projection> std::fmt::Debug for Transactional<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Transactional").finish_non_exhaustive()
+        f.debug_struct("Transactional")
+            .field("projection", &P::NAME)
+            .field("policy", &self.engine.policy())
+            .finish_non_exhaustive()
     }
 }
 
 impl<P: Projection<Context = PgConnection>> Transactional<P> {
-    /// `projection`, writing in `store`'s database (whose schema holds the inbox).
+    /// `projection`, writing in `store`'s database (whose schema holds the inbox and the dead
+    /// letters), with the default [`FailurePolicy`] (later events of an aggregate wait behind
+    /// its dead letter; the consumer's [`set_retries`](MessageHandler::set_retries) sets the
+    /// tries).
     pub fn new(store: PostgresEventStore, projection: P) -> Self {
         Self {
-            inbox: Inbox::new(&store),
-            store,
-            projection,
+            engine: Engine::new(projection, InboxBackend::new(store), 1),
         }
+    }
+
+    /// Where events after a dead letter go: [`FailureMode::BlockStream`] (the default) parks
+    /// later events of its aggregate behind it; [`FailureMode::Skip`] applies them (for
+    /// projections that do not depend on order within an aggregate).
+    #[must_use]
+    pub fn with_failure_mode(mut self, mode: FailureMode) -> Self {
+        let policy = FailurePolicy {
+            mode,
+            ..self.engine.policy()
+        };
+        self.engine.set_policy(policy);
+        self
     }
 
     /// The projection.
     pub fn projection(&self) -> &P {
-        &self.projection
+        self.engine.projection()
     }
 
-    async fn handle_in(
-        &mut self,
-        tx: &mut PgConnection,
-        event: &StoredEvent,
-    ) -> Result<Handled, HandleError> {
-        if !self
-            .inbox
-            .claim(tx, P::NAME, event.event_id)
-            .await
-            .map_err(|e| match e {
-                cqrs_core::StoreError::Backend(source) if is_outage(&*source) => {
-                    HandleError::Unavailable(source.to_string())
-                }
-                other => HandleError::Failed(other.to_string()),
-            })?
-        {
-            return Ok(Handled::Duplicate);
-        }
-        self.projection.apply(event, tx).await?;
-        Ok(Handled::Applied)
+    /// The projection and the store, to build another handler from them.
+    pub fn into_parts(self) -> (P, PostgresEventStore) {
+        let (projection, backend) = self.engine.into_parts();
+        (projection, backend.into_store())
+    }
+
+    /// The engine's counters (events applied and parked).
+    #[must_use]
+    pub fn metrics(&self) -> ProjectionMetrics {
+        self.engine.metrics()
     }
 }
 
@@ -172,16 +175,31 @@ where
         P::NAME
     }
 
+    fn set_retries(&mut self, attempts: u32, backoff: Duration) {
+        let policy = FailurePolicy {
+            attempts: attempts.max(1),
+            backoff,
+            max_backoff: Duration::from_secs(10),
+            ..self.engine.policy()
+        };
+        self.engine.set_policy(policy);
+    }
+
     async fn handle(&mut self, event: &StoredEvent) -> Result<Handled, HandleError> {
-        if !P::subscribes_to(event) {
-            return unknown_type::<P>(event);
-        }
-        let failed = |e: sqlx::Error| HandleError::from_database(&e);
-        let mut tx = Transaction::begin(self.store.pool())
+        let delivered = self
+            .engine
+            .deliver(std::slice::from_ref(event))
             .await
-            .map_err(failed)?;
-        let outcome = self.handle_in(&mut tx, event).await;
-        tx.end(outcome, failed).await
+            .map_err(|error| HandleError::Unavailable(error.to_string()))?;
+        match delivered.into_iter().next() {
+            Some(Delivered::Applied) => Ok(Handled::Applied),
+            Some(Delivered::Duplicate) => Ok(Handled::Duplicate),
+            Some(Delivered::Skipped) | None => Ok(Handled::Skipped),
+            Some(Delivered::Parked(failure)) => Err(HandleError::Parked {
+                reason: failure.error,
+                attempts: failure.attempts,
+            }),
+        }
     }
 }
 
@@ -210,19 +228,10 @@ where
 }
 
 /// What an event `P` does not subscribe to is: skipped when its aggregate type is not one of
-/// `P`'s, malformed when it is (the aggregate's event enum does not know this type: a producer
-/// newer than this consumer, or a bad message).
+/// `P`'s, malformed when it is (see [`unknown_event_type`]).
 fn unknown_type<P: Projection>(event: &StoredEvent) -> Result<Handled, HandleError> {
-    let ours = P::SUBSCRIPTIONS
-        .iter()
-        .find(|s| s.aggregate_type == Some(event.stream.aggregate_type.as_str()));
-    match ours {
+    match unknown_event_type::<P>(event) {
         None => Ok(Handled::Skipped),
-        Some(subscription) => Err(HandleError::Malformed(format!(
-            "unknown event type `{}` of aggregate type `{}` (known: {})",
-            event.event_type,
-            event.stream.aggregate_type,
-            subscription.event_types.join(", ")
-        ))),
+        Some(reason) => Err(HandleError::Malformed(reason)),
     }
 }

@@ -91,6 +91,48 @@ pub enum Request {
     Retry(StreamId),
 }
 
+/// What became of an event handed to [`Engine::deliver`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// Applied.
+    Applied,
+    /// Applied before (the backend's inbox has it): nothing was done.
+    Duplicate,
+    /// Not an event the projection listens to (another aggregate type).
+    Skipped,
+    /// Parked as a dead letter (it failed every try, cannot be decoded, is of an unknown type
+    /// of one of the projection's aggregates, or waits behind an earlier dead letter of its
+    /// stream): send it to the broker's dead-letter place.
+    Parked(Failure),
+}
+
+/// One try at an event, with its retries.
+#[derive(Debug, PartialEq, Eq)]
+enum Attempt {
+    Applied,
+    Duplicate,
+    Failed(Failure),
+}
+
+/// Why an event that `P` does not subscribe to cannot be applied, when it should have been:
+/// `None` when its aggregate type is not one of `P`'s (not for `P`: skip it), else a reason
+/// naming the unknown event type and the known ones (the aggregate's event enum does not have
+/// it: a producer newer than this consumer, or a message that is not ours).
+#[must_use]
+pub fn unknown_event_type<P: Projection>(event: &StoredEvent) -> Option<String> {
+    P::SUBSCRIPTIONS
+        .iter()
+        .find(|s| s.aggregate_type == Some(event.stream.aggregate_type.as_str()))
+        .map(|subscription| {
+            format!(
+                "unknown event type `{}` of aggregate type `{}` (known: {})",
+                event.event_type,
+                event.stream.aggregate_type,
+                subscription.event_types.join(", ")
+            )
+        })
+}
+
 /// The subscribed events of a window of the global order.
 #[derive(Debug)]
 pub struct Window {
@@ -192,6 +234,29 @@ pub trait DeliveryBackend<P: Projection>: Send {
         from: Checkpoint,
         to: Checkpoint,
     ) -> Result<(), DeliveryError>;
+
+    /// Claims `event` for this projection in `unit` (the inbox of a broker source): `false` when
+    /// it was applied before (a redelivery), and then nothing is applied. Backends that read the
+    /// store need none (their checkpoint says what was applied): the default claims everything.
+    /// Called inside the event's savepoint, so a failed try releases its claim.
+    ///
+    /// # Errors
+    /// A failing backend.
+    async fn claim(
+        &mut self,
+        _unit: &mut Self::Unit,
+        _event: &StoredEvent,
+    ) -> Result<bool, DeliveryError> {
+        Ok(true)
+    }
+
+    /// Whether a handler's error says that what the handler needs is down (its database
+    /// unreachable, its connection terminated) rather than that the event cannot be applied.
+    /// The engine then neither retries nor parks the event: the unit ends with the error and the
+    /// caller tries again after the outage, so an outage never parks events. Default: never.
+    fn is_outage(&self, _error: &ProjectionError) -> bool {
+        false
+    }
 
     /// Ends `unit`: commits it, or rolls it back.
     ///
@@ -635,8 +700,8 @@ where
                 .instrument(span)
                 .await?
             {
-                None => applied += 1,
-                Some(failure) => {
+                Attempt::Applied | Attempt::Duplicate => applied += 1,
+                Attempt::Failed(failure) => {
                     tracing::warn!(
                         projection = P::NAME, stream = %event.stream, version = event.version,
                         attempts = failure.attempts, error = %failure.error,
@@ -680,16 +745,27 @@ where
     }
 
     /// Applies one event by the policy's retries (inside a savepoint on a transactional
-    /// backend); `None` when it applied, else how it failed.
+    /// backend), claiming it first ([`DeliveryBackend::claim`]).
+    ///
+    /// # Errors
+    /// A failing backend, or the handler's error when it is an outage
+    /// ([`DeliveryBackend::is_outage`]): not the event's fault, so it is neither retried nor
+    /// parked.
     async fn apply_with_retries(
         &mut self,
         unit: &mut B::Unit,
         event: &StoredEvent,
-    ) -> Result<Option<Failure>, DeliveryError> {
+    ) -> Result<Attempt, DeliveryError> {
         let mut retries = self.policy.retries();
         loop {
             if B::TRANSACTIONAL {
                 self.backend.savepoint(unit, Savepoint::Set).await?;
+            }
+            if !self.backend.claim(unit, event).await? {
+                if B::TRANSACTIONAL {
+                    self.backend.savepoint(unit, Savepoint::Release).await?;
+                }
+                return Ok(Attempt::Duplicate);
             }
             let context = self.backend.unit_context(unit);
             match self.projection.apply(event, context).await {
@@ -697,16 +773,183 @@ where
                     if B::TRANSACTIONAL {
                         self.backend.savepoint(unit, Savepoint::Release).await?;
                     }
-                    return Ok(None);
+                    return Ok(Attempt::Applied);
                 }
                 Err(error) => {
                     if B::TRANSACTIONAL {
                         self.backend.savepoint(unit, Savepoint::Rollback).await?;
                     }
+                    if self.backend.is_outage(&error) {
+                        return Err(error.into());
+                    }
                     if let Some(failure) = retries.failed(&error).await {
-                        return Ok(Some(failure));
+                        return Ok(Attempt::Failed(failure));
                     }
                 }
+            }
+        }
+    }
+
+    /// Applies events received from a broker (in the order received) in one unit of work, by
+    /// the same rules as a window of the store: each is claimed in the backend's inbox (a
+    /// redelivery is [`Delivered::Duplicate`]), applied with the policy's retries, and parked
+    /// when it keeps failing; under [`FailureMode::BlockStream`] an event whose stream has a
+    /// dead letter is parked behind it ([`WAITS_BEHIND`]). An event that is itself the first
+    /// dead letter of its stream (an operator sent it back) is tried again: applied, its letter
+    /// is removed and the events parked behind it may follow; failed, the letter keeps the new
+    /// error. An event of one of the projection's aggregate types whose event type it does not
+    /// know is parked at once (a producer newer than this consumer, or a foreign message).
+    ///
+    /// There is no checkpoint to move: the caller acknowledges the messages to the broker after
+    /// this returns `Ok` (the unit committed), and sends the parked ones to the broker's
+    /// dead-letter place first. On `Err` nothing of the batch was kept: acknowledge nothing and
+    /// try again later (the inbox drops what a lost commit acknowledgment kept after all).
+    ///
+    /// # Errors
+    /// [`DeliveryError::LeaseLost`] (a backend that owns nothing never says it), a failing
+    /// backend, a handler's outage ([`DeliveryBackend::is_outage`]).
+    pub async fn deliver(&mut self, events: &[StoredEvent]) -> Result<Vec<Delivered>, DeliveryError> {
+        self.backend.check_ownership()?;
+        let started = std::time::Instant::now();
+        let outcome = if B::TRANSACTIONAL {
+            match self.deliver_unit(events, false).await {
+                Err(DeliveryError::Projection(error)) if !self.backend.is_outage(&error) => {
+                    tracing::debug!(projection = P::NAME, %error, "a handler failed: delivering event by event");
+                    self.deliver_unit(events, true).await
+                }
+                done => done,
+            }
+        } else {
+            self.deliver_unit(events, true).await
+        };
+        let delivered = match outcome {
+            Ok(delivered) => delivered,
+            Err(error) => {
+                self.metrics.failed_batches += 1;
+                return Err(error);
+            }
+        };
+        let step = Step {
+            read: events.len(),
+            applied: delivered.iter().filter(|d| **d == Delivered::Applied).count(),
+            parked: delivered.iter().filter(|d| matches!(d, Delivered::Parked(_))).count(),
+            checkpoint: Checkpoint::START,
+        };
+        self.metrics.record(&step, started.elapsed());
+        Ok(delivered)
+    }
+
+    async fn deliver_unit(
+        &mut self,
+        events: &[StoredEvent],
+        careful: bool,
+    ) -> Result<Vec<Delivered>, DeliveryError> {
+        let mut unit = self.backend.begin_unit().await?;
+        let heartbeat = self.backend.ownership_heartbeat();
+        let outcome = tokio::select! {
+            outcome = async {
+                let mut delivered = Vec::with_capacity(events.len());
+                for event in events {
+                    let one = self
+                        .deliver_one(&mut unit, event, careful)
+                        .instrument(event_span(P::NAME, event))
+                        .await?;
+                    delivered.push(one);
+                }
+                Ok(delivered)
+            } => outcome,
+            never = heartbeat => match never {},
+        };
+        self.end(unit, outcome).await
+    }
+
+    async fn deliver_one(
+        &mut self,
+        unit: &mut B::Unit,
+        event: &StoredEvent,
+        careful: bool,
+    ) -> Result<Delivered, DeliveryError> {
+        let unknown = if P::subscribes_to(event) {
+            None
+        } else {
+            match unknown_event_type::<P>(event) {
+                None => return Ok(Delivered::Skipped),
+                Some(reason) => Some(reason),
+            }
+        };
+        // The first dead letter of the stream, and this event's own letter if it has one.
+        let head = self
+            .backend
+            .letters_of(unit, &event.stream, None, 1)
+            .await?
+            .pop();
+        let own = match &head {
+            None => None,
+            Some(head) if head.event_id == event.event_id => Some(head.id),
+            Some(_) => self
+                .backend
+                .letters_of(unit, &event.stream, event.version.checked_sub(1), 1)
+                .await?
+                .pop()
+                .filter(|letter| letter.event_id == event.event_id)
+                .map(|letter| letter.id),
+        };
+        // An earlier event than the dead letter (a redelivery) does not wait behind it.
+        let behind = head
+            .is_some_and(|head| head.event_id != event.event_id && event.version >= head.version);
+        if behind && self.policy.mode == FailureMode::BlockStream {
+            let waits = Failure {
+                error: WAITS_BEHIND.to_owned(),
+                attempts: 0,
+                first_failed_at: Utc::now(),
+            };
+            // Already parked behind it (sent back too early): it stays as it was.
+            if own.is_none() {
+                self.park(unit, event, &waits).await?;
+            }
+            return Ok(Delivered::Parked(waits));
+        }
+        let attempt = if let Some(reason) = unknown {
+            Attempt::Failed(Failure {
+                error: reason,
+                attempts: 0,
+                first_failed_at: Utc::now(),
+            })
+        } else if careful {
+            self.apply_with_retries(unit, event).await?
+        } else if self.backend.claim(unit, event).await? {
+            let context = self.backend.unit_context(unit);
+            self.projection.apply(event, context).await?;
+            Attempt::Applied
+        } else {
+            Attempt::Duplicate
+        };
+        match attempt {
+            Attempt::Applied | Attempt::Duplicate => {
+                if let Some(id) = own {
+                    self.backend.resolve_letter(unit, id).await?;
+                }
+                Ok(if attempt == Attempt::Applied {
+                    Delivered::Applied
+                } else {
+                    Delivered::Duplicate
+                })
+            }
+            Attempt::Failed(failure) => {
+                tracing::warn!(
+                    projection = P::NAME, stream = %event.stream, version = event.version,
+                    attempts = failure.attempts, error = %failure.error,
+                    "parking the event as a dead letter"
+                );
+                match own {
+                    Some(id) => {
+                        self.backend
+                            .fail_letter_again(unit, id, &failure.error)
+                            .await?;
+                    }
+                    None => self.park(unit, event, &failure).await?,
+                }
+                Ok(Delivered::Parked(failure))
             }
         }
     }
@@ -792,7 +1035,10 @@ where
             for letter in letters {
                 after = Some(letter.version);
                 let failure = match self.backend.reread_letter(unit, &letter).await? {
-                    Ok(event) => self.apply_with_retries(unit, &event).await?,
+                    Ok(event) => match self.apply_with_retries(unit, &event).await? {
+                        Attempt::Applied | Attempt::Duplicate => None,
+                        Attempt::Failed(failure) => Some(failure),
+                    },
                     Err(error) => Some(Failure {
                         error,
                         attempts: 1,

@@ -16,7 +16,7 @@ pub mod engine;
 mod failure;
 mod runner;
 
-pub use engine::{DeliveryBackend, DeliveryError, Engine};
+pub use engine::{Delivered, DeliveryBackend, DeliveryError, Engine, unknown_event_type};
 pub use failure::{
     DeadLetter, Failure, FailureMode, FailurePolicy, Redrive, Retries, WAITS_BEHIND,
 };

@@ -120,13 +120,19 @@ mod letters {
     };
     use crate::PostgresEventStore;
 
-    pub(super) async fn savepoint(conn: &mut PgConnection, op: Savepoint) -> Result<(), DeliveryError> {
+    pub(super) async fn savepoint(
+        conn: &mut PgConnection,
+        op: Savepoint,
+    ) -> Result<(), DeliveryError> {
         let statement = match op {
             Savepoint::Set => "SAVEPOINT cqrs_event",
             Savepoint::Release => "RELEASE SAVEPOINT cqrs_event",
             Savepoint::Rollback => "ROLLBACK TO SAVEPOINT cqrs_event",
         };
-        sqlx::query(statement).execute(conn).await.map_err(backend)?;
+        sqlx::query(statement)
+            .execute(conn)
+            .await
+            .map_err(backend)?;
         Ok(())
     }
 
@@ -251,7 +257,9 @@ mod letters {
 /// Whether a projection's error is its database being out of reach (see [`crate::is_outage`]).
 fn projection_outage(error: &cqrs_core::projection::ProjectionError) -> bool {
     match error {
-        cqrs_core::projection::ProjectionError::Handler { source, .. } => crate::is_outage(&**source),
+        cqrs_core::projection::ProjectionError::Handler { source, .. } => {
+            crate::is_outage(&**source)
+        }
         cqrs_core::projection::ProjectionError::Decode(_) => false,
     }
 }

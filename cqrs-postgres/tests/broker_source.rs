@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::fresh_store;
-use futures::TryStreamExt as _;
 use cqrs_core::prelude::*;
 use cqrs_core::projection::{
     Delivered, Engine, FailureMode, FailurePolicy, HandlerError, WAITS_BEHIND,
@@ -22,6 +21,7 @@ use cqrs_core::{EventData, EventId, RecordedEvent, StoredEvent};
 use cqrs_examples::bank::{AccountEvent, Deposit};
 use cqrs_postgres::PostgresEventStore;
 use cqrs_postgres::projection::{DeadLetters, InboxBackend};
+use futures::TryStreamExt as _;
 use sqlx::{AssertSqlSafe, PgConnection};
 
 /// Records each deposit it applies, in order (not idempotent: a second application shows).
@@ -152,7 +152,10 @@ async fn letters(store: &PostgresEventStore) -> Vec<(EventId, u64, u32, String)>
         .collect()
 }
 
-async fn deliver(engine: &mut Engine<DepositsSeen, InboxBackend>, event: &StoredEvent) -> Delivered {
+async fn deliver(
+    engine: &mut Engine<DepositsSeen, InboxBackend>,
+    event: &StoredEvent,
+) -> Delivered {
     let mut delivered = engine
         .deliver(std::slice::from_ref(event))
         .await
@@ -294,7 +297,10 @@ async fn an_unknown_type_of_our_aggregate_is_parked_and_another_aggregate_is_ski
     // Version 2 of the store's own stream waits behind the parked unknown one.
     let mut next = one[1].clone();
     next.version = 3;
-    assert_eq!(parked_after(&deliver(&mut engine, &next).await).1, WAITS_BEHIND);
+    assert_eq!(
+        parked_after(&deliver(&mut engine, &next).await).1,
+        WAITS_BEHIND
+    );
     assert_eq!(seen(&store, "acct-1").await, vec![1]);
 }
 
@@ -317,10 +323,7 @@ async fn an_outage_of_the_handlers_database_is_an_error_and_parks_nothing() {
     assert!(seen(&store, "acct-1").await.is_empty());
     // Back: the same messages (never acknowledged) apply once.
     outage.store(false, Ordering::SeqCst);
-    let delivered = engine
-        .deliver(&one)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let delivered = engine.deliver(&one).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(delivered, vec![Delivered::Applied, Delivered::Applied]);
     assert_eq!(seen(&store, "acct-1").await, vec![1, 2]);
 }

@@ -35,7 +35,8 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
 
 use crate::{
-    ConsumerMetrics, HandleError, Handled, MessageHandler, Relay, Sink, Transactional, TransportError,
+    ConsumerMetrics, HandleError, Handled, MessageHandler, Relay, Sink, Transactional,
+    TransportError,
 };
 
 /// A boxed future, as the harness returns them.
@@ -818,7 +819,10 @@ pub async fn dead_letter_retried_after_a_fix<B: Broker>(broker: &B, ns: &str) {
         Some(ids[1].to_string().as_str())
     );
     assert!(
-        poison.error.as_deref().is_some_and(|e| e.contains("poison")),
+        poison
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("poison")),
         "the dead letter says why: {poison}"
     );
     assert_eq!(
@@ -826,7 +830,10 @@ pub async fn dead_letter_retried_after_a_fix<B: Broker>(broker: &B, ns: &str) {
         Some(ids[2].to_string().as_str())
     );
     assert!(
-        behind.error.as_deref().is_some_and(|e| e.contains("waits behind")),
+        behind
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("waits behind")),
         "the dead letter says why: {behind}"
     );
     assert!(
@@ -861,7 +868,10 @@ pub async fn dead_letter_retried_after_a_fix<B: Broker>(broker: &B, ns: &str) {
         .list(Recording::NAME)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(left.is_empty(), "the consumer's dead letters resolved: {left:?}");
+    assert!(
+        left.is_empty(),
+        "the consumer's dead letters resolved: {left:?}"
+    );
 }
 
 /// A handler for building a consumer only to declare its topology or count its dead letters.

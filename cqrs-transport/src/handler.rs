@@ -15,8 +15,8 @@ use cqrs_core::projection::{
     Delivered, Engine, FailureMode, FailurePolicy, Projection, ProjectionError, ProjectionMetrics,
     unknown_event_type,
 };
-pub use cqrs_postgres::is_outage;
 use cqrs_postgres::PostgresEventStore;
+pub use cqrs_postgres::is_outage;
 use cqrs_postgres::projection::InboxBackend;
 use sqlx::PgConnection;
 

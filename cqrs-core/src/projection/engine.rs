@@ -808,7 +808,10 @@ where
     /// # Errors
     /// [`DeliveryError::LeaseLost`] (a backend that owns nothing never says it), a failing
     /// backend, a handler's outage ([`DeliveryBackend::is_outage`]).
-    pub async fn deliver(&mut self, events: &[StoredEvent]) -> Result<Vec<Delivered>, DeliveryError> {
+    pub async fn deliver(
+        &mut self,
+        events: &[StoredEvent],
+    ) -> Result<Vec<Delivered>, DeliveryError> {
         self.backend.check_ownership()?;
         let started = std::time::Instant::now();
         let outcome = if B::TRANSACTIONAL {
@@ -831,8 +834,14 @@ where
         };
         let step = Step {
             read: events.len(),
-            applied: delivered.iter().filter(|d| **d == Delivered::Applied).count(),
-            parked: delivered.iter().filter(|d| matches!(d, Delivered::Parked(_))).count(),
+            applied: delivered
+                .iter()
+                .filter(|d| **d == Delivered::Applied)
+                .count(),
+            parked: delivered
+                .iter()
+                .filter(|d| matches!(d, Delivered::Parked(_)))
+                .count(),
             checkpoint: Checkpoint::START,
         };
         self.metrics.record(&step, started.elapsed());

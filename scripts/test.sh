@@ -7,7 +7,9 @@
 # postgres://postgres@127.0.0.1:5432/test); scripts/postgres-up.sh checks it and starts a local one.
 # The Kafka tests need a broker at KAFKA_BROKERS (default 127.0.0.1:9092): scripts/kafka-up.sh
 # installs (once, about 10 minutes) and starts one, with the build tools librdkafka needs. The
-# RabbitMQ and NATS tests need those servers: scripts/brokers-up.sh checks and starts them.
+# RabbitMQ and NATS tests need those servers: scripts/brokers-up.sh checks and starts them. The
+# SQS tests need a local SQS server at SQS_ENDPOINT (default http://127.0.0.1:4566):
+# scripts/sqs-up.sh installs (once, from PyPI) and starts one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +21,9 @@ export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 ./scripts/kafka-up.sh
 # RabbitMQ and NATS JetStream for cqrs-rabbitmq and cqrs-nats (checked, started where possible).
 ./scripts/brokers-up.sh
+# A local SQS server for cqrs-sqs (ministack from PyPI).
+export SQS_ENDPOINT="${SQS_ENDPOINT:-http://127.0.0.1:4566}"
+./scripts/sqs-up.sh
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
@@ -38,7 +43,7 @@ cargo run --locked -q -p cqrs-examples --bin order >/dev/null
 cargo run --locked -q -p cqrs-examples --bin bank_account >/dev/null
 cargo run --locked -q -p cqrs-examples --bin fulfillment >/dev/null
 # The README's first command, as a self-check: the service on the embedded default, driven over HTTP.
-env -u DATABASE_URL -u KAFKA_BROKERS -u AMQP_URL -u NATS_URL cargo run --locked -q -p order-fulfillment -- --demo >/dev/null
+env -u DATABASE_URL -u KAFKA_BROKERS -u AMQP_URL -u NATS_URL -u SQS_ENDPOINT cargo run --locked -q -p order-fulfillment -- --demo >/dev/null
 
 echo "==> benchmark smoke runs"
 cargo bench --locked -q -p cqrs-core --bench execute -- --quick >/dev/null

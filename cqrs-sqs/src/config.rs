@@ -232,8 +232,18 @@ mod tests {
 
     #[test]
     fn queue_names_are_checked() {
-        assert!(SqsConfig::local("http://x").with_queue("orders.fifo").is_ok());
-        for bad in ["orders", ".fifo", "a b.fifo", "a.b.fifo", &format!("{}.fifo", "x".repeat(72))] {
+        assert!(
+            SqsConfig::local("http://x")
+                .with_queue("orders.fifo")
+                .is_ok()
+        );
+        for bad in [
+            "orders",
+            ".fifo",
+            "a b.fifo",
+            "a.b.fifo",
+            &format!("{}.fifo", "x".repeat(72)),
+        ] {
             let error = SqsConfig::local("http://x")
                 .with_queue(bad)
                 .expect_err(bad)

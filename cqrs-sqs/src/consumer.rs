@@ -19,9 +19,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::types::{
-    Message, MessageAttributeValue, MessageSystemAttributeName,
-};
+use aws_sdk_sqs::types::{Message, MessageAttributeValue, MessageSystemAttributeName};
 use cqrs_transport::envelope::header;
 use cqrs_transport::{
     Consumer, ConsumerMetrics, EventSerializer, MessageHandler, TransportError, Verdict,
@@ -195,9 +193,7 @@ impl<H: MessageHandler> SqsConsumer<H> {
                 .wait_time_seconds(wait)
                 .visibility_timeout(visibility_secs)
                 .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
-                .message_system_attribute_names(
-                    MessageSystemAttributeName::ApproximateReceiveCount,
-                )
+                .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
                 .message_attribute_names("All")
                 .send()
                 .await
@@ -212,7 +208,9 @@ impl<H: MessageHandler> SqsConsumer<H> {
                     .filter_map(|m| m.receipt_handle.clone())
                     .collect();
                 let verdict = {
-                    let process = self.core.process(message.body.as_deref().map(str::as_bytes));
+                    let process = self
+                        .core
+                        .process(message.body.as_deref().map(str::as_bytes));
                     tokio::pin!(process);
                     let mut extend = tokio::time::interval(visibility / 3);
                     extend.tick().await;
@@ -226,8 +224,7 @@ impl<H: MessageHandler> SqsConsumer<H> {
                     }
                 };
                 if let Verdict::DeadLetter { reason, attempts } = verdict {
-                    dead_letter(&client, &dlq_url, &self.queue, message, &reason, attempts)
-                        .await?;
+                    dead_letter(&client, &dlq_url, &self.queue, message, &reason, attempts).await?;
                     self.core.dead_lettered();
                 }
                 if let Some(receipt) = &message.receipt_handle {
@@ -294,7 +291,15 @@ pub(crate) async fn dead_letter(
     for (key, value) in own {
         attributes.insert(key.to_owned(), text(&value)?);
     }
-    send_copy(client, dlq_url, message, attributes, "dlq", "send to the dead-letter queue").await
+    send_copy(
+        client,
+        dlq_url,
+        message,
+        attributes,
+        "dlq",
+        "send to the dead-letter queue",
+    )
+    .await
 }
 
 /// Sends a copy of `message` (its body, its group) with `attributes` to the queue at `url`, with

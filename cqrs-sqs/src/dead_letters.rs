@@ -86,7 +86,15 @@ impl SqsDeadLetters {
             attributes.remove(key);
         }
         let source_url = existing(client, &source).await?;
-        send_copy(client, &source_url, letter, attributes, "retry", "send a dead letter back").await?;
+        send_copy(
+            client,
+            &source_url,
+            letter,
+            attributes,
+            "retry",
+            "send a dead letter back",
+        )
+        .await?;
         if let Some(receipt) = &letter.receipt_handle {
             client
                 .delete_message()

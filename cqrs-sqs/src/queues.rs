@@ -27,9 +27,9 @@ where
 
 /// Whether the SDK error says the queue does not exist.
 pub(crate) fn is_missing_queue(error: &impl ProvideErrorMetadata) -> bool {
-    error.code().is_some_and(|code| {
-        code.contains("NonExistentQueue") || code.contains("QueueDoesNotExist")
-    })
+    error
+        .code()
+        .is_some_and(|code| code.contains("NonExistentQueue") || code.contains("QueueDoesNotExist"))
 }
 
 /// The URL of `queue`: created first (with its dead-letter queue and redrive policy) when the
@@ -49,14 +49,20 @@ pub(crate) async fn queue_url(
     existing(client, queue).await
 }
 
-/// The URL of `queue`, which must exist.
-pub(crate) async fn existing(client: &Client, queue: &str) -> Result<String, TransportError> {
-    match client.get_queue_url().queue_name(queue).send().await {
-        Ok(out) => out.queue_url().map(str::to_owned).ok_or_else(|| TransportError::Topology {
+/// The URL the service returned for `queue`.
+fn returned_url(url: Option<&str>, queue: &str) -> Result<String, TransportError> {
+    url.map(str::to_owned)
+        .ok_or_else(|| TransportError::Topology {
             broker: BROKER,
             destination: queue.to_owned(),
             reason: "the server returned no URL".to_owned(),
-        }),
+        })
+}
+
+/// The URL of `queue`, which must exist.
+pub(crate) async fn existing(client: &Client, queue: &str) -> Result<String, TransportError> {
+    match client.get_queue_url().queue_name(queue).send().await {
+        Ok(out) => returned_url(out.queue_url(), queue),
         Err(error) if error.as_service_error().is_some_and(is_missing_queue) => {
             Err(TransportError::Topology {
                 broker: BROKER,
@@ -70,7 +76,11 @@ pub(crate) async fn existing(client: &Client, queue: &str) -> Result<String, Tra
 }
 
 /// Creates `queue` and its dead-letter queue (idempotent) and returns the queue's URL.
-async fn declare(client: &Client, config: &SqsConfig, queue: &str) -> Result<String, TransportError> {
+async fn declare(
+    client: &Client,
+    config: &SqsConfig,
+    queue: &str,
+) -> Result<String, TransportError> {
     let dlq = dead_letter_queue(queue);
     let dlq_url = create(client, &dlq, HashMap::new()).await?;
     let attributes = client
@@ -125,11 +135,7 @@ async fn create(
         .send()
         .await
     {
-        Ok(out) => out.queue_url().map(str::to_owned).ok_or_else(|| TransportError::Topology {
-            broker: BROKER,
-            destination: queue.to_owned(),
-            reason: "the server returned no URL".to_owned(),
-        }),
+        Ok(out) => returned_url(out.queue_url(), queue),
         // It exists with other attributes (set by operators): use it as it is.
         Err(error)
             if error

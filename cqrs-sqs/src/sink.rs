@@ -202,7 +202,11 @@ impl SqsSink {
 }
 
 /// Sends `batch` to the queue at `url`; the answer for each message by sequence number.
-async fn send_batch(client: Client, url: String, batch: Vec<Entry>) -> Vec<(u64, Result<(), String>)> {
+async fn send_batch(
+    client: Client,
+    url: String,
+    batch: Vec<Entry>,
+) -> Vec<(u64, Result<(), String>)> {
     let seqs: Vec<u64> = batch.iter().map(|e| e.seq).collect();
     let groups: Vec<String> = batch.iter().map(|e| e.group.clone()).collect();
     let mut entries = Vec::with_capacity(batch.len());
@@ -266,7 +270,9 @@ async fn send_batch(client: Client, url: String, batch: Vec<Entry>) -> Vec<(u64,
         }
         Err(error) => {
             let reason = DisplayErrorContext(&error).to_string();
-            seqs.into_iter().map(|seq| (seq, Err(reason.clone()))).collect()
+            seqs.into_iter()
+                .map(|seq| (seq, Err(reason.clone())))
+                .collect()
         }
     }
 }

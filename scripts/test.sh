@@ -19,7 +19,8 @@ export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 ./scripts/postgres-up.sh
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 ./scripts/kafka-up.sh
-# RabbitMQ and NATS JetStream for cqrs-rabbitmq and cqrs-nats (checked, started where possible).
+# RabbitMQ, NATS JetStream and Redis for cqrs-rabbitmq, cqrs-nats and cqrs-redis (checked,
+# started where possible).
 ./scripts/brokers-up.sh
 # A local SQS server for cqrs-sqs (ministack from PyPI).
 export SQS_ENDPOINT="${SQS_ENDPOINT:-http://127.0.0.1:4566}"
@@ -30,20 +31,20 @@ cargo fmt --all -- --check
 
 echo "==> cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo clippy -p order-fulfillment --features kafka,rabbitmq,nats --all-targets --locked -- -D warnings
+cargo clippy -p order-fulfillment --features kafka,rabbitmq,nats,sqs --all-targets --locked -- -D warnings
 
 echo "==> cargo test"
 cargo test --workspace --locked
 # The order service's PostgreSQL + Kafka, RabbitMQ and NATS modes (features, so that its embedded
 # run needs no cmake and no broker client).
-cargo test -p order-fulfillment --features kafka,rabbitmq,nats --locked
+cargo test -p order-fulfillment --features kafka,rabbitmq,nats,sqs --locked
 
 echo "==> examples"
 cargo run --locked -q -p cqrs-examples --bin order >/dev/null
 cargo run --locked -q -p cqrs-examples --bin bank_account >/dev/null
 cargo run --locked -q -p cqrs-examples --bin fulfillment >/dev/null
 # The README's first command, as a self-check: the service on the embedded default, driven over HTTP.
-env -u DATABASE_URL -u KAFKA_BROKERS -u AMQP_URL -u NATS_URL -u SQS_ENDPOINT cargo run --locked -q -p order-fulfillment -- --demo >/dev/null
+env -u DATABASE_URL -u KAFKA_BROKERS -u AMQP_URL -u NATS_URL -u SQS_ENDPOINT -u SQS_QUEUE cargo run --locked -q -p order-fulfillment -- --demo >/dev/null
 
 echo "==> benchmark smoke runs"
 cargo bench --locked -q -p cqrs-core --bench execute -- --quick >/dev/null

@@ -19,7 +19,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use crate::kafka::{all_events, fill, store};
 
 /// A name no earlier run used.
-fn unique(name: &str) -> String {
+pub(crate) fn unique(name: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
@@ -40,7 +40,7 @@ pub struct BrokerRow {
 
 /// Appends one deposit per sample to `store` and waits until `received` yields its event id:
 /// the times, in ms.
-async fn append_to_receive(
+pub(crate) async fn append_to_receive(
     store: &PostgresEventStore,
     samples: usize,
     mut received: impl futures::Stream<Item = Option<String>> + Unpin,
@@ -187,7 +187,10 @@ async fn nats_latency(store: &PostgresEventStore, samples: usize) -> Vec<f64> {
 }
 
 /// Runs `relay` (after draining what is there) while `work` runs.
-async fn with_running<S: Sink, T>(mut relay: Relay<S>, work: impl Future<Output = T>) -> T {
+pub(crate) async fn with_running<S: Sink, T>(
+    mut relay: Relay<S>,
+    work: impl Future<Output = T>,
+) -> T {
     // Caught up first, so the samples time one event each.
     while relay
         .step()
@@ -206,7 +209,7 @@ async fn with_running<S: Sink, T>(mut relay: Relay<S>, work: impl Future<Output 
 }
 
 /// The relay from the start of the log until it has delivered `count` events: events/s.
-async fn relay<S: Sink>(mut relay: Relay<S>, count: usize) -> f64 {
+pub(crate) async fn relay<S: Sink>(mut relay: Relay<S>, count: usize) -> f64 {
     // As for the raw client: connected, the destination declared, before the timing starts.
     relay
         .sink_mut()
@@ -226,7 +229,7 @@ async fn relay<S: Sink>(mut relay: Relay<S>, count: usize) -> f64 {
 }
 
 /// The envelope bytes of `events`, as the relay sends them.
-fn values(events: &[StoredEvent]) -> Vec<Vec<u8>> {
+pub(crate) fn values(events: &[StoredEvent]) -> Vec<Vec<u8>> {
     events
         .iter()
         .map(|e| JsonEnvelope.serialize(e).unwrap_or_else(|e| panic!("{e}")))

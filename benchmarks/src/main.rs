@@ -16,6 +16,7 @@ mod ours;
 mod peers;
 mod raw;
 mod report;
+mod sqs;
 mod workloads;
 
 use std::path::PathBuf;
@@ -259,6 +260,13 @@ async fn main() {
         ),
     );
     report.workload(
+        "S1",
+        format!(
+            "send {} events to an SQS FIFO queue on a local server, answers awaited (raw: the SDK sending the same batches)",
+            s.bulk
+        ),
+    );
+    report.workload(
         "L1",
         format!("single-row insert transactions, {}", s.sequential),
     );
@@ -444,6 +452,24 @@ async fn main() {
             r.note = Some(raw_note.into());
             report.cells.push(r);
         }
+    }
+    if wanted("S1") {
+        let runs = if args.quick { s.runs } else { s.runs.max(5) };
+        let samples = if args.quick { 20 } else { 300 };
+        let row = sqs::s1(s.bulk, runs, samples).await;
+        report.cells.push(Cell {
+            p50_ms: Some(percentile(&row.latencies, 0.5)),
+            p99_ms: Some(percentile(&row.latencies, 0.99)),
+            note: Some(format!(
+                "the outbox relay from the store through cqrs-sqs (batches of ten, 16 in flight, a group never in two at once, pages of 5,000); latency append -> a receive loop over {samples} single appends"
+            )),
+            ..cell("S1", report::FRAMEWORKS[0], "events/s", Figure::of(row.relay))
+        });
+        let mut r = cell("S1", report::FRAMEWORKS[3], "events/s", Figure::of(row.raw));
+        r.note = Some(
+            "the raw SDK: the same batches of ten (bodies, group and deduplication ids, attributes), 16 requests in flight".into(),
+        );
+        report.cells.push(r);
     }
     let limits = [
         ("L1", 1, s.sequential),

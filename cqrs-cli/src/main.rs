@@ -135,6 +135,16 @@ enum Dlq {
         #[command(subcommand)]
         action: brokers::Action,
     },
+    /// The dead-letter queue (`<queue>-dlq.fifo`) of an SQS consumer (`SQS_ENDPOINT` for a
+    /// local server, else AWS with `AWS_REGION` and the normal credentials). Ids are the dead
+    /// letters' message ids; a letter behind an earlier one of its message group (aggregate) is
+    /// reached only after that one.
+    Sqs {
+        /// The consumer's FIFO queue, e.g. `shop-events.fifo`.
+        queue: String,
+        #[command(subcommand)]
+        action: brokers::Action,
+    },
     /// A projection's dead letters.
     List {
         /// The projection's name.
@@ -278,6 +288,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let dead = cqrs_nats::NatsDeadLetters::new(&config, consumer.clone());
             return brokers::run(&dead, action.clone()).await;
         }
+        Command::Dlq(Dlq::Sqs { queue, action }) => {
+            let config = cqrs_sqs::SqsConfig::from_env();
+            let dead = cqrs_sqs::SqsDeadLetters::new(&config, cqrs_sqs::dead_letter_queue(queue));
+            return brokers::run(&dead, action.clone()).await;
+        }
         _ => {}
     }
     let url = cli.database_url.unwrap_or_else(cqrs_postgres::database_url);
@@ -287,7 +302,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .map_err(|e| format!("cannot reach the store: {e}"))?;
     match cli.command {
         Command::New(_)
-        | Command::Dlq(Dlq::Kafka { .. } | Dlq::Rabbitmq { .. } | Dlq::Nats { .. }) => {}
+        | Command::Dlq(
+            Dlq::Kafka { .. } | Dlq::Rabbitmq { .. } | Dlq::Nats { .. } | Dlq::Sqs { .. },
+        ) => {}
         Command::Migrate => {
             store.migrate().await?;
             println!("schema `{}` is up to date", cli.schema);

@@ -1,5 +1,5 @@
-//! `cqrs dlq kafka|rabbitmq|nats`: a consumer's dead letters at the real Kafka, RabbitMQ and
-//! NATS servers,
+//! `cqrs dlq kafka|rabbitmq|nats|sqs`: a consumer's dead letters at the real Kafka, RabbitMQ and
+//! NATS servers and the local SQS server,
 //! put there the way a consumer does (a message that is not an envelope), counted, listed,
 //! alerted on, retried and purged from the command line.
 
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use cqrs_kafka::{KafkaConfig, KafkaSubscriber};
 use cqrs_nats::{NatsConfig, NatsConsumer};
 use cqrs_rabbitmq::{RabbitConfig, RabbitConsumer};
+use cqrs_sqs::{SqsConfig, SqsConsumer};
 use cqrs_transport::conformance::Unused;
 
 fn cqrs(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -35,6 +36,16 @@ fn unique(name: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     format!("cli_{name}_{}_{nanos}", std::process::id())
+}
+
+/// The id of the first dead letter `cqrs dlq ... list` printed (`#<id> ...`).
+fn first_id(listed: &str) -> String {
+    listed
+        .trim_start_matches('#')
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Runs `consumer` until it has dead-lettered one message (or 30 s).
@@ -173,12 +184,7 @@ async fn nats_dead_letters_from_the_command_line() {
     let (code, out) = text(&run(&["list"]));
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("not an event envelope"), "{out}");
-    let id = out
-        .trim_start_matches('#')
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned();
+    let id = first_id(&out);
     let (code, out) = text(&run(&["retry", &id]));
     assert_eq!(code, 0, "{out}");
     // Back on its subject, the consumer (not running) has not seen it again: no dead letters.
@@ -192,6 +198,62 @@ async fn nats_dead_letters_from_the_command_line() {
     assert!(
         out.contains("NO_SUCH_STREAM_DLQ"),
         "a missing stream is named: {out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_dead_letters_from_the_command_line() {
+    let queue = format!("{}.fifo", unique("q"));
+    let config = SqsConfig::from_env();
+    let consumer = SqsConsumer::new(&config, queue.clone(), Unused)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_wait(Duration::from_secs(1));
+    consumer.declare().await.unwrap_or_else(|e| panic!("{e}"));
+    // A stranger's message straight into the queue: the consumer dead-letters it.
+    let client = config.client().await;
+    let url = client
+        .get_queue_url()
+        .queue_name(&queue)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .queue_url
+        .unwrap_or_default();
+    client
+        .send_message()
+        .queue_url(&url)
+        .message_body("not an envelope")
+        .message_group_id("stranger")
+        .message_deduplication_id("m-1")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let q = queue.clone();
+    let count = move || cqrs(&["dlq", "sqs", &q, "count"], &[]);
+    until_dead_lettered(consumer.run(std::future::pending::<()>()), count).await;
+
+    let (code, out) = text(&cqrs(&["dlq", "sqs", &queue, "list"], &[]));
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("not an event envelope"),
+        "the list says why: {out}"
+    );
+    let id = first_id(&out);
+    let (code, out) = text(&cqrs(&["dlq", "sqs", &queue, "retry", "nope"], &[]));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("no dead letter #nope"), "{out}");
+    // Sent back to the queue (nothing consumes it now), then gone from the dead letters.
+    let (code, out) = text(&cqrs(&["dlq", "sqs", &queue, "retry", &id], &[]));
+    assert_eq!(code, 0, "{out}");
+    let (_, out) = text(&cqrs(&["dlq", "sqs", &queue, "count"], &[]));
+    assert!(out.starts_with("0 dead letters"), "{out}");
+    let (_, out) = text(&cqrs(&["dlq", "sqs", &queue, "purge"], &[]));
+    assert!(out.starts_with("purged 0 dead letters"), "{out}");
+    let (code, out) = text(&cqrs(&["dlq", "sqs", "no-such-queue.fifo", "count"], &[]));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("no-such-queue-dlq.fifo"),
+        "a missing queue is named: {out}"
     );
 }
 

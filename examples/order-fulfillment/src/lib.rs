@@ -78,6 +78,19 @@ pub enum Backend {
         /// Prefixes the stream, its subjects and the consumer (letters, digits, `_`).
         prefix: String,
     },
+    /// PostgreSQL, every event sent to an SQS FIFO queue by the outbox relay, sagas started by a
+    /// consumer of that queue.
+    PostgresSqs {
+        /// The database.
+        database_url: String,
+        /// The schema holding the tables.
+        schema: String,
+        /// A local server's endpoint (`http://127.0.0.1:4566`), or `None` for AWS (`AWS_REGION`
+        /// and the normal credentials).
+        endpoint: Option<String>,
+        /// The FIFO queue (`<name>.fifo`).
+        queue: String,
+    },
 }
 
 impl Backend {
@@ -90,6 +103,7 @@ impl Backend {
             Self::PostgresKafka { .. } => "PostgreSQL + Kafka",
             Self::PostgresRabbitMq { .. } => "PostgreSQL + RabbitMQ",
             Self::PostgresNats { .. } => "PostgreSQL + NATS JetStream",
+            Self::PostgresSqs { .. } => "PostgreSQL + SQS",
         }
     }
 
@@ -100,6 +114,7 @@ impl Backend {
             Self::PostgresKafka { .. } => Some(("kafka", cfg!(feature = "kafka"))),
             Self::PostgresRabbitMq { .. } => Some(("rabbitmq", cfg!(feature = "rabbitmq"))),
             Self::PostgresNats { .. } => Some(("nats", cfg!(feature = "nats"))),
+            Self::PostgresSqs { .. } => Some(("sqs", cfg!(feature = "sqs"))),
         }
     }
 }
@@ -578,6 +593,11 @@ pub async fn start(addr: SocketAddr, backend: Backend) -> Result<Service, StartE
             database_url,
             schema,
             ..
+        }
+        | Backend::PostgresSqs {
+            database_url,
+            schema,
+            ..
         } => {
             let events =
                 PostgresEventStore::connect_within(database_url, schema, Duration::from_secs(10))
@@ -609,6 +629,13 @@ pub async fn start(addr: SocketAddr, backend: Backend) -> Result<Service, StartE
                 Backend::PostgresNats { url, prefix, .. } => {
                     let starter = starter(sagas.clone());
                     over_nats(&mut runtime, &events, url, prefix, starter).await?;
+                }
+                #[cfg(feature = "sqs")]
+                Backend::PostgresSqs {
+                    endpoint, queue, ..
+                } => {
+                    let starter = starter(sagas.clone());
+                    over_sqs(&mut runtime, &events, endpoint.as_deref(), queue, starter).await?;
                 }
                 Backend::Postgres { .. } => {
                     let starts = sagas.clone();
@@ -644,7 +671,7 @@ pub async fn start(addr: SocketAddr, backend: Backend) -> Result<Service, StartE
 }
 
 /// Runs `relay` and `consumer` until the service stops, logging why either stopped early.
-#[cfg(any(feature = "rabbitmq", feature = "nats"))]
+#[cfg(any(feature = "rabbitmq", feature = "nats", feature = "sqs"))]
 fn run_broker<S, F, C>(runtime: &mut Runtime, relay: cqrs_transport::Relay<S>, consume: F)
 where
     S: cqrs_transport::Sink,
@@ -714,6 +741,32 @@ async fn over_nats(
     consumer.declare().await?;
     let relay = NatsRelay::new(events.clone(), NatsSink::new(config), owner())
         .with_name(format!("{prefix}nats-relay"));
+    run_broker(runtime, relay, |stopped| consumer.run(stopped));
+    Ok(())
+}
+
+/// The relay sending every event to an SQS FIFO queue (a message group per order), and a
+/// consumer of that queue starting the sagas (other aggregates' events are skipped).
+#[cfg(feature = "sqs")]
+async fn over_sqs(
+    runtime: &mut Runtime,
+    events: &PostgresEventStore,
+    endpoint: Option<&str>,
+    queue: &str,
+    starter: SagaStarter<FulfillmentSaga, OrderEvent, PostgresSagaStore>,
+) -> Result<(), StartError> {
+    use cqrs_sqs::{InProcess, SqsConfig, SqsConsumer, SqsRelay, SqsSink};
+    let config = match endpoint {
+        Some(endpoint) => SqsConfig::local(endpoint),
+        None => SqsConfig::from_env(),
+    }
+    .with_queue(queue)?;
+    let consumer =
+        SqsConsumer::new(&config, queue, InProcess(starter))?.with_wait(Duration::from_secs(1));
+    consumer.declare().await?;
+    let base = queue.trim_end_matches(".fifo");
+    let relay = SqsRelay::new(events.clone(), SqsSink::new(config), owner())
+        .with_name(format!("{base}-sqs-relay"));
     run_broker(runtime, relay, |stopped| consumer.run(stopped));
     Ok(())
 }

@@ -8,7 +8,7 @@ use clap::Parser;
 use order_fulfillment::{Accepted, Backend, OrderView, PlaceOrder, Service};
 
 /// Runs the order-fulfillment service: in memory by default, on PostgreSQL with a database URL,
-/// on PostgreSQL + Kafka, RabbitMQ or NATS with a broker too (one of them).
+/// on PostgreSQL + Kafka, RabbitMQ, NATS or SQS with a broker too (one of them).
 #[derive(Parser)]
 #[command(name = "order-fulfillment", version, about)]
 struct Args {
@@ -34,6 +34,13 @@ struct Args {
     /// NATS with JetStream (`nats://host:4222`); needs a database too (feature `nats`).
     #[arg(long, env = "NATS_URL")]
     nats_url: Option<String>,
+    /// A local SQS server (`http://127.0.0.1:4566`); needs a database too (feature `sqs`). For
+    /// AWS itself set `SQS_QUEUE` without it (`AWS_REGION` and the normal credentials).
+    #[arg(long, env = "SQS_ENDPOINT")]
+    sqs_endpoint: Option<String>,
+    /// The SQS FIFO queue (with `SQS_ENDPOINT`, default `order-fulfillment.fifo`).
+    #[arg(long, env = "SQS_QUEUE")]
+    sqs_queue: Option<String>,
     /// Start, place an order that completes and one that is declined over HTTP, print what
     /// happened, stop.
     #[arg(long)]
@@ -47,6 +54,8 @@ async fn main() -> ExitCode {
         args.kafka_brokers.as_ref().map(|_| "KAFKA_BROKERS"),
         args.amqp_url.as_ref().map(|_| "AMQP_URL"),
         args.nats_url.as_ref().map(|_| "NATS_URL"),
+        (args.sqs_endpoint.is_some() || args.sqs_queue.is_some())
+            .then_some("SQS_ENDPOINT/SQS_QUEUE"),
     ];
     let chosen: Vec<&str> = brokers.into_iter().flatten().collect();
     if chosen.len() > 1 {
@@ -87,6 +96,15 @@ async fn main() -> ExitCode {
             schema,
             url,
             prefix,
+        }
+    } else if args.sqs_endpoint.is_some() || args.sqs_queue.is_some() {
+        Backend::PostgresSqs {
+            database_url,
+            schema,
+            endpoint: args.sqs_endpoint,
+            queue: args
+                .sqs_queue
+                .unwrap_or_else(|| "order-fulfillment.fifo".to_owned()),
         }
     } else {
         Backend::Postgres {

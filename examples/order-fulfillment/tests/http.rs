@@ -190,6 +190,17 @@ fn unique(name: &str) -> String {
     format!("{name}_{}", uuid::Uuid::now_v7().simple())
 }
 
+/// Starts the service on `backend` (tables in `schema`), places the two orders, stops it, and
+/// checks what it wrote.
+async fn round_trip(schema: &str, backend: Backend) {
+    let service = order_fulfillment::start(([127, 0, 0, 1], 0).into(), backend)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (confirmed, declined) = exercise(&service).await;
+    service.stop().await;
+    check_store(schema, &confirmed, &declined).await;
+}
+
 /// The store and sagas the service wrote, checked from outside.
 async fn check_store(schema: &str, confirmed: &str, declined: &str) {
     let store = PostgresEventStore::connect(&database_url(), schema)
@@ -251,6 +262,23 @@ async fn nats_mode_without_the_feature_is_refused() {
     assert!(error.to_string().contains("--features nats"), "{error}");
 }
 
+/// Without the `sqs` feature, asking for SQS is a clear error, not a silent fallback.
+#[cfg(not(feature = "sqs"))]
+#[tokio::test]
+async fn sqs_mode_without_the_feature_is_refused() {
+    let backend = Backend::PostgresSqs {
+        database_url: database_url(),
+        schema: unique("of_nosqs"),
+        endpoint: Some("http://127.0.0.1:4566".into()),
+        queue: "order-fulfillment.fifo".into(),
+    };
+    let error = order_fulfillment::start(([127, 0, 0, 1], 0).into(), backend)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("started without SQS support"));
+    assert!(error.to_string().contains("--features sqs"), "{error}");
+}
+
 /// Without the `kafka` feature, asking for Kafka is a clear error, not a silent fallback.
 #[cfg(not(feature = "kafka"))]
 #[tokio::test]
@@ -284,12 +312,7 @@ async fn postgres_service_over_http() {
         database_url: database_url(),
         schema: schema.clone(),
     };
-    let service = order_fulfillment::start(([127, 0, 0, 1], 0).into(), backend)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (confirmed, declined) = exercise(&service).await;
-    service.stop().await;
-    check_store(&schema, &confirmed, &declined).await;
+    round_trip(&schema, backend).await;
 }
 
 /// Events leave through the outbox relay; the sagas start only from the Kafka consumer group, so
@@ -304,12 +327,7 @@ async fn postgres_and_kafka_service_over_http() {
         brokers: cqrs_kafka::KafkaConfig::from_env().brokers().to_owned(),
         topic_prefix: format!("{schema}."),
     };
-    let service = order_fulfillment::start(([127, 0, 0, 1], 0).into(), backend)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (confirmed, declined) = exercise(&service).await;
-    service.stop().await;
-    check_store(&schema, &confirmed, &declined).await;
+    round_trip(&schema, backend).await;
 }
 
 /// Events leave through the outbox relay to RabbitMQ; the sagas start only from the queue's
@@ -324,12 +342,7 @@ async fn postgres_and_rabbitmq_service_over_http() {
         url: cqrs_rabbitmq::RabbitConfig::from_env().url().to_owned(),
         prefix: format!("{schema}."),
     };
-    let service = order_fulfillment::start(([127, 0, 0, 1], 0).into(), backend)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (confirmed, declined) = exercise(&service).await;
-    service.stop().await;
-    check_store(&schema, &confirmed, &declined).await;
+    round_trip(&schema, backend).await;
 }
 
 /// The same through NATS JetStream.
@@ -343,10 +356,21 @@ async fn postgres_and_nats_service_over_http() {
         url: cqrs_nats::NatsConfig::from_env().url().to_owned(),
         prefix: format!("{schema}_"),
     };
-    let service = order_fulfillment::start(([127, 0, 0, 1], 0).into(), backend)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (confirmed, declined) = exercise(&service).await;
-    service.stop().await;
-    check_store(&schema, &confirmed, &declined).await;
+    round_trip(&schema, backend).await;
+}
+
+/// The same through an SQS FIFO queue on the local server.
+#[cfg(feature = "sqs")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_and_sqs_service_over_http() {
+    let schema = unique("of_sqs");
+    let backend = Backend::PostgresSqs {
+        database_url: database_url(),
+        schema: schema.clone(),
+        endpoint: Some(
+            std::env::var("SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4566".to_owned()),
+        ),
+        queue: format!("{}.fifo", schema.replace('.', "_")),
+    };
+    round_trip(&schema, backend).await;
 }

@@ -449,6 +449,9 @@ impl<S: Sink> Relay<S> {
                 stored
             }
         };
+        // The lease is renewed while the step runs: a page that takes longer than the lease to
+        // send and confirm (a slow broker, a large page) does not hand the relay over mid-step.
+        let heartbeat = self.lease.heartbeat();
         // At most one batch is in flight here (the last step's), two while this one sends.
         let page = self.read(from).await?;
         let span = tracing::debug_span!(
@@ -459,7 +462,7 @@ impl<S: Sink> Relay<S> {
             in_flight = self.in_flight.len(),
             delivered = tracing::field::Empty,
         );
-        async {
+        let work = async {
             let started = Instant::now();
             // Wait for what earlier steps sent; all of it when this one sent nothing or failed.
             let (sent, send_failure) = match self.send_page(page).await {
@@ -527,8 +530,11 @@ impl<S: Sink> Relay<S> {
                 checkpoint,
             })
         }
-        .instrument(span)
-        .await
+        .instrument(span);
+        tokio::select! {
+            outcome = work => outcome,
+            never = heartbeat => match never {},
+        }
     }
 
     /// The page after `from`: the one prefetched during the last step if it starts there, else

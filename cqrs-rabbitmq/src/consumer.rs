@@ -313,10 +313,19 @@ impl<H: MessageHandler> RabbitConsumer<H> {
                     self.core.dead_lettered();
                 }
             }
-            delivery
-                .ack(BasicAckOptions::default())
-                .await
-                .map_err(broker("acknowledge"))?;
+            // lapin may never answer an ack sent on a connection that died meanwhile: after 10 s
+            // the session ends (the message comes again; the inbox drops it).
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                delivery.ack(BasicAckOptions::default()),
+            )
+            .await
+            .map_err(|_| TransportError::Broker {
+                broker: crate::BROKER,
+                operation: "acknowledge",
+                source: "no answer within 10 s (the connection is gone)".into(),
+            })?
+            .map_err(broker("acknowledge"))?;
         }
     }
 

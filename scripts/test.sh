@@ -31,20 +31,20 @@ cargo fmt --all -- --check
 
 echo "==> cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo clippy -p order-fulfillment --features kafka,rabbitmq,nats,sqs --all-targets --locked -- -D warnings
+cargo clippy -p order-fulfillment --features kafka,rabbitmq,nats,sqs,redis --all-targets --locked -- -D warnings
 
 echo "==> cargo test"
 cargo test --workspace --locked
 # The order service's PostgreSQL + Kafka, RabbitMQ and NATS modes (features, so that its embedded
 # run needs no cmake and no broker client).
-cargo test -p order-fulfillment --features kafka,rabbitmq,nats,sqs --locked
+cargo test -p order-fulfillment --features kafka,rabbitmq,nats,sqs,redis --locked
 
 echo "==> examples"
 cargo run --locked -q -p cqrs-examples --bin order >/dev/null
 cargo run --locked -q -p cqrs-examples --bin bank_account >/dev/null
 cargo run --locked -q -p cqrs-examples --bin fulfillment >/dev/null
 # The README's first command, as a self-check: the service on the embedded default, driven over HTTP.
-env -u DATABASE_URL -u KAFKA_BROKERS -u AMQP_URL -u NATS_URL -u SQS_ENDPOINT -u SQS_QUEUE cargo run --locked -q -p order-fulfillment -- --demo >/dev/null
+env -u DATABASE_URL -u KAFKA_BROKERS -u AMQP_URL -u NATS_URL -u SQS_ENDPOINT -u SQS_QUEUE -u SQS_QUEUE_URL -u REDIS_URL cargo run --locked -q -p order-fulfillment -- --demo >/dev/null
 
 echo "==> benchmark smoke runs"
 cargo bench --locked -q -p cqrs-core --bench execute -- --quick >/dev/null

@@ -11,6 +11,7 @@
 mod brokers;
 mod compile_cost;
 mod framework;
+mod idempotency;
 mod kafka;
 mod ours;
 mod peers;
@@ -19,6 +20,8 @@ mod report;
 mod sqs;
 mod workloads;
 
+/// The commands per mode of I1.
+const I1_COMMANDS: u64 = 2_000;
 /// The events of S1 (see where it runs).
 const S1_EVENTS: u64 = 10_000;
 
@@ -270,6 +273,21 @@ async fn main() {
         ),
     );
     report.workload(
+        "I1",
+        format!(
+            "{} sequential deposits on PostgreSQL, a new idempotency key each: without a key",
+            s.sequential.min(I1_COMMANDS)
+        ),
+    );
+    report.workload(
+        "I1s",
+        "the same, the key recorded by the store (execute_idempotent)",
+    );
+    report.workload(
+        "I1r",
+        "the same, the key in Redis (RedisIdempotency::execute_command)",
+    );
+    report.workload(
         "L1",
         format!("single-row insert transactions, {}", s.sequential),
     );
@@ -475,6 +493,34 @@ async fn main() {
             "the raw SDK: the same batches of ten (bodies, group and deduplication ids, attributes), 16 requests in flight".into(),
         );
         report.cells.push(r);
+    }
+    if wanted("I1") {
+        let row = idempotency::i1(s.sequential.min(I1_COMMANDS) as usize).await;
+        for (key, latencies, note) in [
+            ("I1", &row.plain, "CommandGateway::execute, no key"),
+            (
+                "I1s",
+                &row.store_keys,
+                "CommandGateway::execute_idempotent: the key in the events' transaction",
+            ),
+            (
+                "I1r",
+                &row.redis_keys,
+                "cqrs-redis RedisIdempotency::execute_command: one script looks for the outcome and takes the lock, the command, one script stores the outcome and releases the lock (2 Redis round trips)",
+            ),
+        ] {
+            report.cells.push(Cell {
+                p50_ms: Some(percentile(latencies, 0.5)),
+                p99_ms: Some(percentile(latencies, 0.99)),
+                note: Some(note.into()),
+                ..cell(
+                    key,
+                    report::FRAMEWORKS[0],
+                    "commands/s",
+                    Figure::of(vec![idempotency::IdempotencyRow::rate(latencies)]),
+                )
+            });
+        }
     }
     let limits = [
         ("L1", 1, s.sequential),

@@ -135,12 +135,12 @@ enum Dlq {
         #[command(subcommand)]
         action: brokers::Action,
     },
-    /// The dead-letter queue (`<queue>-dlq.fifo`) of an SQS consumer (`SQS_ENDPOINT` for a
-    /// local server, else AWS with `AWS_REGION` and the normal credentials). Ids are the dead
-    /// letters' message ids; a letter behind an earlier one of its message group (aggregate) is
-    /// reached only after that one.
+    /// The dead-letter queue (`<queue>-dlq.fifo`, `<queue>-dlq` for a standard queue) of an
+    /// SQS consumer (`SQS_ENDPOINT` for a local server, else AWS with `AWS_REGION` and the normal
+    /// credentials). Ids are the dead letters' message ids; on a FIFO queue a letter behind an
+    /// earlier one of its message group (aggregate) is reached only after that one.
     Sqs {
-        /// The consumer's FIFO queue, e.g. `shop-events.fifo`.
+        /// The consumer's queue, e.g. `shop-events.fifo` (or a standard queue, `shop-events`).
         queue: String,
         #[command(subcommand)]
         action: brokers::Action,

@@ -369,16 +369,32 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
                 stream: stream.clone(),
             });
         }
+        self.recorded(record).await
+    }
+
+    /// The outcome a keyed command recorded, rebuilt from the store: its stream, the version
+    /// after it and its events (`record.first_version..=record.last_version`). For idempotency
+    /// records kept outside the store (a Redis backend) that answer a retry as
+    /// [`execute_idempotent`](Self::execute_idempotent) does.
+    ///
+    /// # Errors
+    /// A store failure, or an event that does not decode.
+    pub async fn recorded(
+        &self,
+        record: KeyRecord,
+    ) -> Result<Executed<A::Event>, CommandError<A::Error>> {
         let mut events = Vec::new();
-        let mut tail = self
-            .store
-            .load(stream, record.first_version.saturating_sub(1));
-        while let Some(stored) = tail.next().await {
-            let stored = stored?;
-            if stored.version > record.last_version {
-                break;
+        {
+            let mut tail = self
+                .store
+                .load(&record.stream, record.first_version.saturating_sub(1));
+            while let Some(stored) = tail.next().await {
+                let stored = stored?;
+                if stored.version > record.last_version {
+                    break;
+                }
+                events.push(stored.into_recorded()?);
             }
-            events.push(stored.into_recorded()?);
         }
         Ok(Executed {
             stream: record.stream,

@@ -10,6 +10,10 @@ use redis::aio::ConnectionManager;
 
 use crate::{RELEASE, millis};
 
+/// Sets the mark `KEYS[1]` for `ARGV[1]` ms, then deletes the claim `KEYS[2]` if it still holds
+/// the caller's token `ARGV[2]`.
+const FINISH: &str = "redis.call('set', KEYS[1], 1, 'PX', ARGV[1]); if redis.call('get', KEYS[2]) == ARGV[2] then return redis.call('del', KEYS[2]) else return 0 end";
+
 /// What [`RedisInbox::claim`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -91,6 +95,20 @@ impl RedisInbox {
         )
     }
 
+    /// Whether `consumer` has marked `event` handled (and the mark is still kept).
+    ///
+    /// # Errors
+    /// Redis failing or out of reach.
+    pub async fn is_handled(
+        &self,
+        consumer: &str,
+        event: EventId,
+    ) -> Result<bool, redis::RedisError> {
+        let (done, _) = self.keys(consumer, event);
+        let mut conn = self.conn.clone();
+        redis::cmd("EXISTS").arg(&done).query_async(&mut conn).await
+    }
+
     /// Claims `event` for `consumer`.
     ///
     /// # Errors
@@ -129,7 +147,8 @@ impl RedisInbox {
         Ok(Claim::New(token))
     }
 
-    /// Marks `event` handled by `consumer` and drops the claim.
+    /// Marks `event` handled by `consumer` and drops the claim, in one round trip (the mark is
+    /// what closes the at-least-once window, so nothing else waits before it).
     ///
     /// # Errors
     /// Redis failing: the event is then handled again when redelivered.
@@ -139,16 +158,18 @@ impl RedisInbox {
         event: EventId,
         token: &str,
     ) -> Result<(), redis::RedisError> {
-        let (done, _) = self.keys(consumer, event);
+        let (done, claim) = self.keys(consumer, event);
         let mut conn = self.conn.clone();
-        let () = redis::cmd("SET")
+        let _: i64 = redis::cmd("EVAL")
+            .arg(FINISH)
+            .arg(2)
             .arg(&done)
-            .arg(1)
-            .arg("PX")
+            .arg(&claim)
             .arg(millis(self.retention))
+            .arg(token)
             .query_async(&mut conn)
             .await?;
-        self.abandon(consumer, event, token).await
+        Ok(())
     }
 
     /// Drops this caller's claim (the handler failed: the next delivery tries again).

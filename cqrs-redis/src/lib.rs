@@ -5,6 +5,10 @@ mod inbox;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use cqrs_core::{
+    Aggregate, AggregateId, CommandError, CommandGateway, CommandMetadata, EventStore, Executed,
+    KeyRecord, StreamId,
+};
 use redis::aio::ConnectionManager;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -13,6 +17,13 @@ pub use inbox::{Claim, Deduplicated, RedisInbox};
 
 /// Deletes `KEYS[1]` only while it holds `ARGV[1]` (the caller's lock token).
 const RELEASE: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+/// One round trip to start an execution: the stored outcome `KEYS[1]` if there is one
+/// (`{1, outcome}`), else the lock `KEYS[2]` taken with token `ARGV[1]` for `ARGV[2]` ms
+/// (`{2, ''}`), else the token of the caller holding it (`{3, token}`).
+const ACQUIRE: &str = "local r = redis.call('get', KEYS[1]) if r then return {1, r} end if redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end return {3, redis.call('get', KEYS[2]) or ''}";
+/// One round trip to end an execution: the outcome `ARGV[1]` stored under `KEYS[1]` for
+/// `ARGV[2]` ms, then the lock `KEYS[2]` released if it still holds `ARGV[3]`.
+const COMPLETE: &str = "redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) if redis.call('get', KEYS[2]) == ARGV[3] then return redis.call('del', KEYS[2]) end return 0";
 /// Extends `KEYS[1]` to `ARGV[2]` ms only while it holds `ARGV[1]`.
 const RENEW: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end";
 
@@ -186,32 +197,25 @@ impl RedisIdempotency {
         let started = Instant::now();
         let token = format!("{}:{fingerprint}", uuid::Uuid::now_v7().simple());
         loop {
-            if let Some(outcome) = self
-                .stored(&mut conn, key, &result_key, &fingerprint)
-                .await?
-            {
-                return Ok(outcome);
-            }
-            let acquired: Option<String> = redis::cmd("SET")
+            let (found, value): (u8, String) = redis::cmd("EVAL")
+                .arg(ACQUIRE)
+                .arg(2)
+                .arg(&result_key)
                 .arg(&lock_key)
                 .arg(&token)
-                .arg("NX")
-                .arg("PX")
                 .arg(millis(self.lock_ttl))
                 .query_async(&mut conn)
                 .await?;
-            if acquired.is_some() {
-                break;
-            }
-            // The holder's lock says which request it executes.
-            let holder: Option<String> = redis::cmd("GET")
-                .arg(&lock_key)
-                .query_async(&mut conn)
-                .await?;
-            if holder.is_some_and(|h| !h.ends_with(&fingerprint)) {
-                return Err(IdempotencyError::KeyReused {
-                    key: key.to_owned(),
-                });
+            match found {
+                1 => return Self::decode(key, &value, &fingerprint),
+                2 => break,
+                // The holder's token says which request it executes.
+                _ if !value.is_empty() && !value.ends_with(&fingerprint) => {
+                    return Err(IdempotencyError::KeyReused {
+                        key: key.to_owned(),
+                    });
+                }
+                _ => {}
             }
             match self.wait {
                 Some(wait) if started.elapsed() < wait => {
@@ -223,14 +227,6 @@ impl RedisIdempotency {
                     });
                 }
             }
-        }
-        // Stored between the first look and the lock: the holder before has finished.
-        if let Some(outcome) = self
-            .stored(&mut conn, key, &result_key, &fingerprint)
-            .await?
-        {
-            self.release(&mut conn, &lock_key, &token).await;
-            return Ok(outcome);
         }
         let outcome = self.run_locked(&lock_key, &token, operation).await;
         let value = match outcome {
@@ -248,28 +244,92 @@ impl RedisIdempotency {
             .and_then(|s| serde_json::to_string(&s));
         match stored {
             Ok(text) => {
-                let saved: Result<(), redis::RedisError> = redis::cmd("SET")
+                let saved: Result<i64, redis::RedisError> = redis::cmd("EVAL")
+                    .arg(COMPLETE)
+                    .arg(2)
                     .arg(&result_key)
+                    .arg(&lock_key)
                     .arg(text)
-                    .arg("PX")
                     .arg(millis(self.result_ttl))
+                    .arg(&token)
                     .query_async(&mut conn)
                     .await;
                 if let Err(error) = saved {
                     // The operation happened: its outcome is returned, but a retry with this
-                    // key will execute again (the at-least-once window).
+                    // key will execute again once the lock expires (the at-least-once window).
                     tracing::error!(%key, %error, "the outcome of an idempotent operation could not be stored; a retry will execute it again");
                 }
             }
             Err(error) => {
                 tracing::error!(%key, %error, "the outcome of an idempotent operation does not serialize; a retry will execute it again");
+                self.release(&mut conn, &lock_key, &token).await;
             }
         }
-        self.release(&mut conn, &lock_key, &token).await;
         Ok(Outcome {
             value,
             replayed: false,
         })
+    }
+
+    /// [`CommandGateway::execute_idempotent`] with Redis as the key record: `command` runs once
+    /// per `key` through `gateway`; what Redis keeps is the [`KeyRecord`] (the stream and the
+    /// versions of the events the command appended), and a retry with the key gets those events
+    /// back from the store ([`CommandGateway::recorded`]), `replayed` set, without deciding
+    /// again. The key is fingerprinted with the stream: a key used for another aggregate is
+    /// [`IdempotencyError::KeyReused`]. A rejected command records nothing (a retry decides
+    /// again), as with the store's keys.
+    ///
+    /// For stores without command keys, or when the key must be shared with effects outside the
+    /// store; the record is not in the events' transaction (see the type's docs for the window
+    /// that leaves).
+    ///
+    /// # Errors
+    /// As [`execute`](Self::execute), with the gateway's [`CommandError`] as the operation's
+    /// error (also when the store fails while rebuilding a replayed outcome).
+    pub async fn execute_command<A, S>(
+        &self,
+        gateway: &CommandGateway<A, S>,
+        key: &str,
+        id: impl Into<AggregateId>,
+        command: A::Command,
+        metadata: CommandMetadata,
+    ) -> Result<Outcome<Executed<A::Event>>, IdempotencyError<CommandError<A::Error>>>
+    where
+        A: Aggregate,
+        A::Command: Clone,
+        S: EventStore,
+    {
+        let stream = StreamId::new(A::NAME, id.into());
+        let mut executed = None;
+        let record = self
+            .execute(key, &stream, || async {
+                let done = gateway
+                    .execute(stream.aggregate_id.clone(), command, metadata)
+                    .await?;
+                let record = KeyRecord {
+                    key: key.to_owned(),
+                    stream: done.stream.clone(),
+                    first_version: done.version + 1 - done.events.len() as u64,
+                    last_version: done.version,
+                };
+                executed = Some(done);
+                Ok(record)
+            })
+            .await?;
+        match executed {
+            Some(value) => Ok(Outcome {
+                value,
+                replayed: false,
+            }),
+            None => gateway
+                .recorded(record.value)
+                .await
+                .map(|value| Outcome {
+                    value,
+                    replayed: true,
+                })
+                .map_err(IdempotencyError::Operation),
+        }
     }
 
     /// Runs `operation`, renewing the lock every third of its TTL while it runs.
@@ -285,8 +345,10 @@ impl RedisIdempotency {
     {
         let operation = operation();
         tokio::pin!(operation);
-        let mut renew = tokio::time::interval(self.lock_ttl / 3);
-        renew.tick().await;
+        // Not `interval`: its first tick waits for the timer wheel's next millisecond, a
+        // millisecond added to every execution.
+        let every = self.lock_ttl / 3;
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let mut conn = self.conn.clone();
         loop {
             tokio::select! {
@@ -308,32 +370,27 @@ impl RedisIdempotency {
         }
     }
 
-    async fn stored<T: DeserializeOwned, E>(
-        &self,
-        conn: &mut ConnectionManager,
+    /// The outcome stored as `text`, if it was stored for the request with `fingerprint`.
+    fn decode<T: DeserializeOwned, E>(
         key: &str,
-        result_key: &str,
+        text: &str,
         fingerprint: &str,
-    ) -> Result<Option<Outcome<T>>, IdempotencyError<E>> {
-        let text: Option<String> = redis::cmd("GET").arg(result_key).query_async(conn).await?;
-        let Some(text) = text else {
-            return Ok(None);
-        };
+    ) -> Result<Outcome<T>, IdempotencyError<E>> {
         let decode = |source| IdempotencyError::Decode {
             key: key.to_owned(),
             source,
         };
-        let stored: Stored = serde_json::from_str(&text).map_err(decode)?;
+        let stored: Stored = serde_json::from_str(text).map_err(decode)?;
         if stored.fingerprint != fingerprint {
             return Err(IdempotencyError::KeyReused {
                 key: key.to_owned(),
             });
         }
         let value = serde_json::from_value(stored.value).map_err(decode)?;
-        Ok(Some(Outcome {
+        Ok(Outcome {
             value,
             replayed: true,
-        }))
+        })
     }
 
     /// Releases the lock if it is still this caller's (best effort: it expires anyway).

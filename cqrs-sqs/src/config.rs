@@ -11,18 +11,25 @@ use crate::BROKER;
 
 /// The SQS endpoint, credentials and the queue the relay sends to.
 ///
-/// Queues are FIFO queues (names end in `.fifo`): the relay sends every event to
+/// Queues are FIFO queues by default (names end in `.fifo`): the relay sends every event to
 /// [`queue`](Self::queue) with `MessageGroupId` = its stream (the server hands a group's messages
 /// out in order, one consumer at a time) and `MessageDeduplicationId` = its event id (the server
 /// drops a resend within its 5-minute window). SQS has no fan-out of its own: a second consumer
 /// of the same events reads a queue of its own, fed by a relay of its own (its own name, so its
 /// own checkpoint).
+///
+/// A standard queue ([`with_standard_queue`](Self::with_standard_queue)) takes more messages per
+/// second, but **keeps no order** (an aggregate's events may be applied in any order, by
+/// several consumers at once) and may deliver a message twice (the consumer's inbox drops the
+/// second). Use it only for handlers that do not depend on order: counters, notifications,
+/// saga starters keyed by the starting event.
 #[derive(Clone)]
 pub struct SqsConfig {
     endpoint: Option<String>,
     region: String,
     credentials: Option<(String, String)>,
     queue: String,
+    fifo: bool,
     declare: bool,
     visibility: Duration,
     max_receive_count: u32,
@@ -35,6 +42,7 @@ impl fmt::Debug for SqsConfig {
             .field("region", &self.region)
             .field("static_credentials", &self.credentials.is_some())
             .field("queue", &self.queue)
+            .field("fifo", &self.fifo)
             .field("declare", &self.declare)
             .field("visibility", &self.visibility)
             .field("max_receive_count", &self.max_receive_count)
@@ -52,6 +60,7 @@ impl SqsConfig {
             region: region.into(),
             credentials: None,
             queue: "cqrs-events.fifo".to_owned(),
+            fifo: true,
             declare: true,
             visibility: Duration::from_secs(30),
             max_receive_count: 10,
@@ -68,7 +77,9 @@ impl SqsConfig {
 
     /// From the environment: `SQS_ENDPOINT` (a local server, with static credentials from
     /// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` or `test`/`test`), else AWS with the normal
-    /// chain; `AWS_REGION` (default `us-east-1`); `SQS_QUEUE` (default `cqrs-events.fifo`).
+    /// chain; `AWS_REGION` (default `us-east-1`); `SQS_QUEUE` (default `cqrs-events.fifo`; a
+    /// name without `.fifo` is a standard queue, see the type's docs), or `SQS_QUEUE_URL` (the
+    /// queue's URL as the console shows it; its last path segment is the name).
     #[must_use]
     pub fn from_env() -> Self {
         let region = std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".to_owned());
@@ -81,7 +92,14 @@ impl SqsConfig {
                 .with_endpoint(endpoint)
                 .with_static_credentials(id, secret);
         }
-        if let Ok(queue) = std::env::var("SQS_QUEUE") {
+        let from_url = std::env::var("SQS_QUEUE_URL").ok().and_then(|url| {
+            url.trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .map(str::to_owned)
+        });
+        if let Some(queue) = std::env::var("SQS_QUEUE").ok().or(from_url) {
+            config.fifo = queue.ends_with(".fifo");
             config.queue = queue;
         }
         config
@@ -112,8 +130,23 @@ impl SqsConfig {
     /// letters, digits, `-` and `_`, ending in `.fifo`).
     pub fn with_queue(mut self, queue: impl Into<String>) -> Result<Self, TransportError> {
         let queue = queue.into();
-        check_queue_name(&queue)?;
+        check_queue_name(&queue, true)?;
         self.queue = queue;
+        self.fifo = true;
+        Ok(self)
+    }
+
+    /// A standard queue for the relay to send to, and for consumers made with this
+    /// configuration: no order, possible duplicates (see the type's docs).
+    ///
+    /// # Errors
+    /// [`TransportError::Config`] when `queue` is not a standard queue name (1 to 80 characters
+    /// of letters, digits, `-` and `_`, not ending in `.fifo`).
+    pub fn with_standard_queue(mut self, queue: impl Into<String>) -> Result<Self, TransportError> {
+        let queue = queue.into();
+        check_queue_name(&queue, false)?;
+        self.queue = queue;
+        self.fifo = false;
         Ok(self)
     }
 
@@ -144,6 +177,12 @@ impl SqsConfig {
     #[must_use]
     pub fn queue(&self) -> &str {
         &self.queue
+    }
+
+    /// Whether the queues are FIFO queues (else standard ones).
+    #[must_use]
+    pub fn is_fifo(&self) -> bool {
+        self.fifo
     }
 
     /// Whether queues are declared by this crate.
@@ -196,33 +235,45 @@ impl SqsConfig {
     }
 }
 
-/// The dead-letter queue of FIFO queue `queue`: `<name>-dlq.fifo`.
+/// The dead-letter queue of `queue`: `<name>-dlq.fifo` for a FIFO queue, `<name>-dlq` for a
+/// standard one (SQS wants a dead-letter queue of its source's kind).
 #[must_use]
 pub fn dead_letter_queue(queue: &str) -> String {
-    let base = queue.strip_suffix(".fifo").unwrap_or(queue);
-    format!("{base}-dlq.fifo")
+    match queue.strip_suffix(".fifo") {
+        Some(base) => format!("{base}-dlq.fifo"),
+        None => format!("{queue}-dlq"),
+    }
 }
 
-/// `Ok` for a FIFO queue name whose dead-letter queue name is also valid.
-pub(crate) fn check_queue_name(queue: &str) -> Result<(), TransportError> {
-    let base = queue.strip_suffix(".fifo");
+/// `Ok` for a queue name of the kind asked for whose dead-letter queue name is also valid.
+pub(crate) fn check_queue_name(queue: &str, fifo: bool) -> Result<(), TransportError> {
+    let base = if fifo {
+        queue.strip_suffix(".fifo")
+    } else {
+        Some(queue).filter(|q| !q.ends_with(".fifo"))
+    };
     let valid = base.is_some_and(|base| {
         !base.is_empty()
-            // `<base>-dlq.fifo` must fit in 80 characters too.
-            && base.len() + "-dlq.fifo".len() <= 80
+            // `<base>-dlq[.fifo]` must fit in 80 characters too.
+            && base.len() + "-dlq".len() + if fifo { ".fifo".len() } else { 0 } <= 80
             && base
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     });
-    if valid {
-        Ok(())
-    } else {
-        Err(TransportError::config(
+    match (valid, fifo) {
+        (true, _) => Ok(()),
+        (false, true) => Err(TransportError::config(
             BROKER,
             format_args!(
-                "`{queue}` is not a FIFO queue name this crate can use: letters, digits, `-` and `_`, ending in `.fifo`, at most 71 characters before `.fifo` (its dead-letter queue adds `-dlq`)"
+                "`{queue}` is not a FIFO queue name this crate can use: letters, digits, `-` and `_`, ending in `.fifo`, at most 71 characters before `.fifo` (its dead-letter queue adds `-dlq`); for a standard queue (no order) use `with_standard_queue`"
             ),
-        ))
+        )),
+        (false, false) => Err(TransportError::config(
+            BROKER,
+            format_args!(
+                "`{queue}` is not a standard queue name this crate can use: letters, digits, `-` and `_`, at most 76 characters (its dead-letter queue adds `-dlq`), not ending in `.fifo` (that is a FIFO queue: use `with_queue`)"
+            ),
+        )),
     }
 }
 
@@ -251,6 +302,23 @@ mod tests {
             assert!(error.contains("not a FIFO queue name"), "{error}");
         }
         assert_eq!(dead_letter_queue("orders.fifo"), "orders-dlq.fifo");
+        let standard = SqsConfig::local("http://x")
+            .with_standard_queue("orders")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!standard.is_fifo());
+        assert_eq!(dead_letter_queue("orders"), "orders-dlq");
+        for bad in ["orders.fifo", "", "a b", &"x".repeat(77)] {
+            let error = SqsConfig::local("http://x")
+                .with_standard_queue(bad)
+                .expect_err(bad)
+                .to_string();
+            assert!(error.contains("not a standard queue name"), "{error}");
+        }
+        let error = SqsConfig::local("http://x")
+            .with_queue("orders")
+            .expect_err("a standard name as FIFO")
+            .to_string();
+        assert!(error.contains("with_standard_queue"), "{error}");
     }
 
     #[test]

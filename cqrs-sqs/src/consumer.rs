@@ -10,8 +10,10 @@
 //! consumer is moved there by the service itself after `maxReceiveCount` receives (the queue's
 //! redrive policy), without the error.
 //!
-//! Order: the service hands out a message group (one aggregate) to one consumer at a time, in
-//! order, so several consumers on one queue keep each aggregate's order.
+//! Order: on a FIFO queue the service hands out a message group (one aggregate) to one consumer
+//! at a time, in order, so several consumers on one queue keep each aggregate's order. A
+//! standard queue keeps no order and may deliver twice: the inbox drops the second delivery,
+//! nothing restores the order.
 //!
 //! [`Transactional`]: cqrs_transport::Transactional
 
@@ -32,7 +34,7 @@ use crate::{BROKER, SqsConfig};
 /// How many message attributes SQS takes per message.
 const MAX_ATTRIBUTES: usize = 10;
 
-/// Long-polls a FIFO queue into a [`MessageHandler`].
+/// Long-polls a queue into a [`MessageHandler`].
 pub struct SqsConsumer<H> {
     config: SqsConfig,
     queue: String,
@@ -54,18 +56,19 @@ impl<H> std::fmt::Debug for SqsConsumer<H> {
 }
 
 impl<H: MessageHandler> SqsConsumer<H> {
-    /// A consumer of FIFO queue `queue` (the relay's [`SqsConfig::queue`], or one a relay of its
-    /// own feeds) into `handler`: 10 messages per receive, long polls of 2 s.
+    /// A consumer of queue `queue` (the relay's [`SqsConfig::queue`], or one a relay of its
+    /// own feeds) into `handler`: 10 messages per receive, long polls of 2 s. A FIFO queue,
+    /// unless `config` is for standard queues ([`SqsConfig::with_standard_queue`]).
     ///
     /// # Errors
-    /// [`TransportError::Config`] when `queue` is not a FIFO queue name.
+    /// [`TransportError::Config`] when `queue` is not a queue name of that kind.
     pub fn new(
         config: &SqsConfig,
         queue: impl Into<String>,
         handler: H,
     ) -> Result<Self, TransportError> {
         let queue = queue.into();
-        crate::config::check_queue_name(&queue)?;
+        crate::config::check_queue_name(&queue, config.is_fifo())?;
         Ok(Self {
             config: config.clone(),
             core: Consumer::new(queue.clone(), handler),
@@ -130,7 +133,7 @@ impl<H: MessageHandler> SqsConsumer<H> {
         &self.queue
     }
 
-    /// Its dead-letter queue (`<queue>-dlq.fifo`).
+    /// Its dead-letter queue (`<queue>-dlq.fifo`, or `<queue>-dlq` for a standard queue).
     #[must_use]
     pub fn dead_letter_queue(&self) -> String {
         dead_letter_queue(&self.queue)
@@ -212,8 +215,11 @@ impl<H: MessageHandler> SqsConsumer<H> {
                         .core
                         .process(message.body.as_deref().map(str::as_bytes));
                     tokio::pin!(process);
-                    let mut extend = tokio::time::interval(visibility / 3);
-                    extend.tick().await;
+                    // Not `interval`: its first tick waits for the timer wheel's next
+                    // millisecond, which would cost every message a millisecond.
+                    let every = visibility / 3;
+                    let mut extend =
+                        tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                     loop {
                         tokio::select! {
                             verdict = &mut process => break verdict,
@@ -303,7 +309,7 @@ pub(crate) async fn dead_letter(
 }
 
 /// Sends a copy of `message` (its body, its group) with `attributes` to the queue at `url`, with
-/// deduplication id `<message id>-<suffix>`.
+/// deduplication id `<message id>-<suffix>` (a standard queue takes neither).
 pub(crate) async fn send_copy(
     client: &Client,
     url: &str,
@@ -319,16 +325,17 @@ pub(crate) async fn send_copy(
         .cloned()
         .unwrap_or_else(|| "cqrs-no-group".to_owned());
     let id = message.message_id.as_deref().unwrap_or("no-id");
-    client
+    let mut send = client
         .send_message()
         .queue_url(url)
         .message_body(message.body.as_deref().unwrap_or(" "))
-        .message_group_id(group)
-        .message_deduplication_id(truncate(&format!("{id}-{suffix}"), 128))
-        .set_message_attributes(Some(attributes))
-        .send()
-        .await
-        .map_err(sdk(operation))?;
+        .set_message_attributes(Some(attributes));
+    if crate::queues::is_fifo(url) {
+        send = send
+            .message_group_id(group)
+            .message_deduplication_id(truncate(&format!("{id}-{suffix}"), 128));
+    }
+    send.send().await.map_err(sdk(operation))?;
     Ok(())
 }
 

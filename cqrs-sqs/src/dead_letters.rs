@@ -19,7 +19,8 @@ use crate::{BROKER, SqsConfig};
 /// How long a retry holds the letters it received.
 const HOLD_SECS: i32 = 30;
 
-/// The dead letters of one SQS consumer: its FIFO dead-letter queue (`<queue>-dlq.fifo`).
+/// The dead letters of one SQS consumer: its dead-letter queue (`<queue>-dlq.fifo`, or
+/// `<queue>-dlq` for a standard queue).
 #[derive(Debug, Clone)]
 pub struct SqsDeadLetters {
     config: SqsConfig,
@@ -27,7 +28,8 @@ pub struct SqsDeadLetters {
 }
 
 impl SqsDeadLetters {
-    /// The dead-letter queue named `queue` (`<consumer queue>-dlq.fifo`).
+    /// The dead-letter queue named `queue` ([`dead_letter_queue`](crate::dead_letter_queue) of
+    /// the consumer's queue).
     pub fn new(config: &SqsConfig, queue: impl Into<String>) -> Self {
         Self {
             config: config.clone(),

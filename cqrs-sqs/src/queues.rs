@@ -1,5 +1,5 @@
-//! Queue URLs, declaration (a FIFO queue with a redrive policy to its FIFO dead-letter queue),
-//! message attributes and group ids.
+//! Queue URLs, declaration (a queue with a redrive policy to its dead-letter queue of the same
+//! kind), message attributes and group ids.
 
 use std::collections::HashMap;
 
@@ -116,18 +116,21 @@ async fn declare(
     .await
 }
 
-/// Creates FIFO queue `queue` with `attributes` (explicit deduplication ids, not content-based),
-/// or finds it when it exists already with other attributes.
+/// Creates queue `queue` with `attributes` (a FIFO queue when its name ends in `.fifo`, with
+/// explicit deduplication ids, not content-based), or finds it when it exists already with
+/// other attributes.
 async fn create(
     client: &Client,
     queue: &str,
     mut attributes: HashMap<QueueAttributeName, String>,
 ) -> Result<String, TransportError> {
-    attributes.insert(QueueAttributeName::FifoQueue, "true".to_owned());
-    attributes.insert(
-        QueueAttributeName::ContentBasedDeduplication,
-        "false".to_owned(),
-    );
+    if is_fifo(queue) {
+        attributes.insert(QueueAttributeName::FifoQueue, "true".to_owned());
+        attributes.insert(
+            QueueAttributeName::ContentBasedDeduplication,
+            "false".to_owned(),
+        );
+    }
     match client
         .create_queue()
         .queue_name(queue)
@@ -150,6 +153,11 @@ async fn create(
             reason: DisplayErrorContext(&error).to_string(),
         }),
     }
+}
+
+/// Whether `queue` (a name or a URL) is a FIFO queue.
+pub(crate) fn is_fifo(queue: &str) -> bool {
+    queue.ends_with(".fifo")
 }
 
 /// A text message attribute.

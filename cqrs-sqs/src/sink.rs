@@ -77,7 +77,8 @@ type InFlight = Pin<Box<dyn Future<Output = Answered> + Send + Sync>>;
 
 /// Publishes the relay's messages to a FIFO queue ([`SqsConfig::queue`]): `MessageGroupId` =
 /// the aggregate ([`group_id`]), `MessageDeduplicationId` = the event id, the framework's
-/// headers as message attributes. A message counts as sent once the service answered the batch
+/// headers as message attributes. To a standard queue: the same without the two ids, every
+/// batch sent as soon as it is full (no order to keep). A message counts as sent once the service answered the batch
 /// that holds it with success for it.
 pub struct SqsSink {
     config: SqsConfig,
@@ -146,13 +147,15 @@ impl SqsSink {
         let Some((client, url)) = &self.client else {
             return;
         };
+        // A standard queue keeps no order: no group waits for another batch.
+        let fifo = self.config.is_fifo();
         while self.in_flight.len() < IN_FLIGHT && (all || self.unsent.len() >= BATCH) {
             let (mut batch, mut groups, mut bytes) = (Vec::new(), Vec::<String>::new(), 0);
             let mut index = 0;
             while batch.len() < BATCH && index < self.unsent.len().min(SCAN) {
                 let entry = &self.unsent[index];
                 let size = entry.size();
-                if self.busy.contains(&entry.group)
+                if (fifo && self.busy.contains(&entry.group))
                     || (!batch.is_empty() && bytes + size > BATCH_BYTES)
                 {
                     index += 1;
@@ -162,7 +165,7 @@ impl SqsSink {
                     break;
                 };
                 bytes += size;
-                if !groups.contains(&entry.group) {
+                if fifo && !groups.contains(&entry.group) {
                     groups.push(entry.group.clone());
                 }
                 batch.push(entry);
@@ -173,7 +176,7 @@ impl SqsSink {
             self.busy.extend(groups.iter().cloned());
             let seqs: Vec<u64> = batch.iter().map(|e| e.seq).collect();
             // On a task of its own: it goes on if the relay drops this sink's future.
-            let task = tokio::spawn(send_batch(client.clone(), url.clone(), batch));
+            let task = tokio::spawn(send_batch(client.clone(), url.clone(), batch, fifo));
             self.in_flight.push(Box::pin(async move {
                 let answers = match task.await {
                     Ok(answers) => answers,
@@ -201,24 +204,28 @@ impl SqsSink {
     }
 }
 
-/// Sends `batch` to the queue at `url`; the answer for each message by sequence number.
+/// Sends `batch` to the queue at `url` (with group and deduplication ids when `fifo`); the
+/// answer for each message by sequence number.
 async fn send_batch(
     client: Client,
     url: String,
     batch: Vec<Entry>,
+    fifo: bool,
 ) -> Vec<(u64, Result<(), String>)> {
     let seqs: Vec<u64> = batch.iter().map(|e| e.seq).collect();
     let groups: Vec<String> = batch.iter().map(|e| e.group.clone()).collect();
     let mut entries = Vec::with_capacity(batch.len());
     for entry in batch {
-        match SendMessageBatchRequestEntry::builder()
+        let mut built = SendMessageBatchRequestEntry::builder()
             .id(entry.seq.to_string())
             .message_body(entry.body)
-            .message_group_id(entry.group)
-            .message_deduplication_id(entry.dedup)
-            .set_message_attributes(Some(entry.attributes))
-            .build()
-        {
+            .set_message_attributes(Some(entry.attributes));
+        if fifo {
+            built = built
+                .message_group_id(entry.group)
+                .message_deduplication_id(entry.dedup);
+        }
+        match built.build() {
             Ok(built) => entries.push(built),
             Err(error) => {
                 return seqs
@@ -265,7 +272,9 @@ async fn send_batch(
                     (seq, answer)
                 })
                 .collect();
-            warn_inversions(&groups, &answered);
+            if fifo {
+                warn_inversions(&groups, &answered);
+            }
             answered
         }
         Err(error) => {

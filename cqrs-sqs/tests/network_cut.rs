@@ -19,7 +19,7 @@ async fn the_network_cut_three_times_mid_stream_loses_and_reorders_nothing() {
     let proxy = Arc::new(CutProxy::start(target).await);
     support::set_endpoint(format!("http://127.0.0.1:{}", proxy.port()));
     conformance::broker_restarted_mid_stream(
-        &support::Sqs,
+        &support::Sqs::FIFO,
         &support::namespace("netcut"),
         3,
         proxy.cuts(),

@@ -121,7 +121,7 @@ impl ReplayEvent {
 
 /// What a command idempotency key recorded: the stream and the versions of the events that the first
 /// command with this key appended (`first_version > last_version` when it appended none).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KeyRecord {
     /// The key.
     pub key: String,

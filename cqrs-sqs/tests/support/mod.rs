@@ -7,7 +7,35 @@ use std::time::Duration;
 use cqrs_sqs::{DeadLetterQueue, SqsConfig, SqsConsumer, SqsDeadLetters, SqsSink, TransportError};
 use cqrs_transport::conformance::{BoxFuture, Broker, Recorder, Unused};
 
-pub struct Sqs;
+/// The harness on FIFO queues ([`Sqs::FIFO`]) or standard ones ([`Sqs::STANDARD`]).
+pub struct Sqs {
+    fifo: bool,
+}
+
+impl Sqs {
+    pub const FIFO: Self = Self { fifo: true };
+    #[allow(dead_code, reason = "used by conformance.rs, not by network_cut.rs")]
+    pub const STANDARD: Self = Self { fifo: false };
+
+    fn queue(&self, ns: &str) -> String {
+        if self.fifo {
+            format!("{ns}.fifo")
+        } else {
+            ns.to_owned()
+        }
+    }
+
+    fn config(&self, ns: &str) -> SqsConfig {
+        let endpoint = ENDPOINT.get_or_init(server);
+        let config = SqsConfig::local(endpoint.clone()).with_visibility(Duration::from_secs(2));
+        if self.fifo {
+            config.with_queue(self.queue(ns))
+        } else {
+            config.with_standard_queue(self.queue(ns))
+        }
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
 
 /// The endpoint the harness talks to: `SQS_ENDPOINT` unless a test set one (a proxy).
 static ENDPOINT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -31,23 +59,11 @@ pub fn namespace(name: &str) -> String {
     format!("sqs_{name}_{}_{nanos}", std::process::id())
 }
 
-fn queue(ns: &str) -> String {
-    format!("{ns}.fifo")
-}
-
-pub fn config(ns: &str) -> SqsConfig {
-    let endpoint = ENDPOINT.get_or_init(server);
-    SqsConfig::local(endpoint.clone())
-        .with_visibility(Duration::from_secs(2))
-        .with_queue(queue(ns))
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
 impl Broker for Sqs {
     type Sink = SqsSink;
 
     fn sink(&self, ns: &str) -> SqsSink {
-        SqsSink::new(config(ns))
+        SqsSink::new(self.config(ns))
     }
 
     fn declare<'a>(
@@ -56,7 +72,7 @@ impl Broker for Sqs {
         _name: &'a str,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
-            SqsConsumer::new(&config(ns), queue(ns), Unused)?
+            SqsConsumer::new(&self.config(ns), self.queue(ns), Unused)?
                 .declare()
                 .await
         })
@@ -69,7 +85,7 @@ impl Broker for Sqs {
         handler: Recorder,
         shutdown: BoxFuture<'static, ()>,
     ) -> BoxFuture<'static, Result<cqrs_sqs::ConsumerMetrics, TransportError>> {
-        let consumer = SqsConsumer::new(&config(ns), queue(ns), handler).map(|c| {
+        let consumer = SqsConsumer::new(&self.config(ns), self.queue(ns), handler).map(|c| {
             c.with_retries(3, Duration::from_millis(10))
                 .with_wait(Duration::from_secs(1))
         });
@@ -82,16 +98,19 @@ impl Broker for Sqs {
         _name: &'a str,
     ) -> BoxFuture<'a, Result<u64, TransportError>> {
         Box::pin(async move {
-            SqsDeadLetters::new(&config(ns), cqrs_sqs::dead_letter_queue(&queue(ns)))
-                .count()
-                .await
+            SqsDeadLetters::new(
+                &self.config(ns),
+                cqrs_sqs::dead_letter_queue(&self.queue(ns)),
+            )
+            .count()
+            .await
         })
     }
 
     fn dead_letter_queue(&self, ns: &str, _name: &str) -> Option<Box<dyn DeadLetterQueue>> {
         Some(Box::new(SqsDeadLetters::new(
-            &config(ns),
-            cqrs_sqs::dead_letter_queue(&queue(ns)),
+            &self.config(ns),
+            cqrs_sqs::dead_letter_queue(&self.queue(ns)),
         )))
     }
 
@@ -102,23 +121,26 @@ impl Broker for Sqs {
         value: &'a [u8],
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
-            let config = config(ns);
+            let config = self.config(ns);
             let client = config.client().await;
             let url = client
                 .get_queue_url()
-                .queue_name(queue(ns))
+                .queue_name(self.queue(ns))
                 .send()
                 .await
                 .map_err(TransportError::broker("SQS", "get queue url"))?
                 .queue_url
                 .unwrap_or_default();
-            client
+            let mut send = client
                 .send_message()
                 .queue_url(url)
-                .message_body(String::from_utf8_lossy(value))
-                .message_group_id("stranger")
-                .message_deduplication_id(uuid_like())
-                .send()
+                .message_body(String::from_utf8_lossy(value));
+            if self.fifo {
+                send = send
+                    .message_group_id("stranger")
+                    .message_deduplication_id(uuid_like());
+            }
+            send.send()
                 .await
                 .map_err(TransportError::broker("SQS", "send"))?;
             Ok(())

@@ -137,11 +137,38 @@ pub enum StartError {
     /// The broker could not be reached or its topics, exchanges or streams not declared.
     #[error(transparent)]
     Broker(#[from] cqrs_transport::TransportError),
-    /// A broker was asked for in a build without its feature.
+    /// A broker (or Redis) was asked for in a build without its feature.
     #[error(
         "this build has no {0} support: run with `cargo run -p order-fulfillment --features {0}`"
     )]
-    NoBroker(&'static str),
+    MissingFeature(&'static str),
+    /// Redis could not be reached.
+    #[error("Redis at {url}: {reason}")]
+    Redis {
+        /// The URL asked for (its password hidden).
+        url: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Where the service records the `Idempotency-Key`s of `POST /orders`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Keys {
+    /// In the event store, in the transaction of the order's events
+    /// (`CommandGateway::execute_idempotent`): a key and its order commit together.
+    #[default]
+    Store,
+    /// In Redis (feature `redis`): the request body is fingerprinted (the same key with another
+    /// body is refused with 422), the first answer is kept a day and returned to every retry, a
+    /// concurrent retry waits for it (up to 5 s, then 409). Not in the events' transaction: see
+    /// the cqrs-redis docs for the window that leaves.
+    Redis {
+        /// `redis://host:6379`.
+        url: String,
+        /// Prefixes the Redis keys (one service's keys apart from another's).
+        prefix: String,
+    },
 }
 
 /// A running service: its address, and a handle to stop it.
@@ -288,6 +315,8 @@ struct AppState<S: EventStore> {
     orders: Arc<CommandGateway<Order, S>>,
     summaries: SharedSummaries,
     backend: &'static str,
+    #[cfg(feature = "redis")]
+    redis: Option<cqrs_redis::RedisIdempotency>,
 }
 
 impl<S: EventStore> Clone for AppState<S> {
@@ -296,6 +325,8 @@ impl<S: EventStore> Clone for AppState<S> {
             orders: self.orders.clone(),
             summaries: self.summaries.clone(),
             backend: self.backend,
+            #[cfg(feature = "redis")]
+            redis: self.redis.clone(),
         }
     }
 }
@@ -352,9 +383,17 @@ async fn place_order<S: EventStore>(
     }
     let id = AggregateId::generate();
     let command = OrderCommand::CreateOrder {
-        customer_id: order.customer_id,
-        items: order.items,
+        customer_id: order.customer_id.clone(),
+        items: order.items.clone(),
     };
+    #[cfg(feature = "redis")]
+    if let (Some(redis), Some(Ok(key))) = (
+        &state.redis,
+        headers.get("idempotency-key").map(|v| v.to_str()),
+    ) {
+        let request = (id, command, metadata, correlation);
+        return place_through_redis(redis, &state.orders, key, &order, request).await;
+    }
     let outcome = match headers.get("idempotency-key").map(|v| v.to_str()) {
         None => state.orders.execute(id, command, metadata).await,
         Some(Ok(key)) => {
@@ -400,18 +439,81 @@ async fn place_order<S: EventStore>(
     accepted(executed.stream.aggregate_id.as_str(), correlation)
 }
 
-fn accepted(order_id: &str, correlation: CorrelationId) -> Response {
+/// `POST /orders` with its `Idempotency-Key` recorded in Redis: the first answer to the key
+/// and this body is kept and returned to every retry.
+#[cfg(feature = "redis")]
+async fn place_through_redis<S: EventStore>(
+    redis: &cqrs_redis::RedisIdempotency,
+    orders: &CommandGateway<Order, S>,
+    key: &str,
+    order: &PlaceOrder,
+    (id, command, metadata, correlation): (
+        AggregateId,
+        OrderCommand,
+        CommandMetadata,
+        CorrelationId,
+    ),
+) -> Response {
+    use cqrs_redis::IdempotencyError;
+    let outcome = redis
+        .execute(key, order, || async {
+            let executed = orders.execute(id, command, metadata).await?;
+            let correlation = executed
+                .events
+                .first()
+                .and_then(|e| e.metadata.correlation_id)
+                .unwrap_or(correlation);
+            Ok(accepted_body(
+                executed.stream.aggregate_id.as_str(),
+                correlation,
+            ))
+        })
+        .await;
+    match outcome {
+        Ok(outcome) => accepted_response(outcome.value),
+        Err(IdempotencyError::KeyReused { .. }) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Idempotency-Key was used with another request body",
+        ),
+        Err(IdempotencyError::InProgress { .. }) => error(
+            StatusCode::CONFLICT,
+            "a request with this Idempotency-Key is still being processed: retry later",
+        ),
+        Err(IdempotencyError::Operation(CommandError::Rejected(rejection))) => {
+            error(StatusCode::UNPROCESSABLE_ENTITY, rejection.to_string())
+        }
+        Err(IdempotencyError::Operation(other)) => command_failed(&other),
+        Err(failure @ IdempotencyError::Redis(_)) => {
+            tracing::warn!(error = %failure, "idempotency record unavailable");
+            error(StatusCode::SERVICE_UNAVAILABLE, failure.to_string())
+        }
+        Err(failure) => {
+            tracing::error!(error = %failure, "idempotency record unusable");
+            error(StatusCode::INTERNAL_SERVER_ERROR, failure.to_string())
+        }
+    }
+}
+
+fn accepted_body(order_id: &str, correlation: CorrelationId) -> Accepted {
     let location = format!("/orders/{order_id}");
+    Accepted {
+        order_id: order_id.to_owned(),
+        correlation_id: correlation.to_string(),
+        location,
+    }
+}
+
+fn accepted_response(body: Accepted) -> Response {
     (
         StatusCode::ACCEPTED,
-        [(header::LOCATION, location.clone())],
-        axum::Json(Accepted {
-            order_id: order_id.to_owned(),
-            correlation_id: correlation.to_string(),
-            location,
-        }),
+        [(header::LOCATION, body.location.clone())],
+        axum::Json(body),
     )
         .into_response()
+}
+
+fn accepted(order_id: &str, correlation: CorrelationId) -> Response {
+    accepted_response(accepted_body(order_id, correlation))
 }
 
 fn command_failed(failure: &CommandError<OrderError>) -> Response {
@@ -547,8 +649,41 @@ fn futures_shared(
 /// # Errors
 /// [`StartError`] when the address cannot be bound, the database or the broker cannot be reached.
 pub async fn start(addr: SocketAddr, backend: Backend) -> Result<Service, StartError> {
+    start_with(addr, backend, Keys::Store).await
+}
+
+/// [`start`], with the `Idempotency-Key`s recorded where `keys` says.
+///
+/// # Errors
+/// As [`start`], and when Redis cannot be reached or the build has no `redis` feature.
+pub async fn start_with(
+    addr: SocketAddr,
+    backend: Backend,
+    keys: Keys,
+) -> Result<Service, StartError> {
     if let Some((feature, false)) = backend.feature() {
-        return Err(StartError::NoBroker(feature));
+        return Err(StartError::MissingFeature(feature));
+    }
+    #[cfg(feature = "redis")]
+    let redis = match &keys {
+        Keys::Store => None,
+        Keys::Redis { url, prefix } => {
+            let conn = cqrs_redis::connect(url)
+                .await
+                .map_err(|e| StartError::Redis {
+                    url: without_userinfo(url),
+                    reason: e.to_string(),
+                })?;
+            Some(
+                cqrs_redis::RedisIdempotency::new(conn)
+                    .with_prefix(prefix.clone())
+                    .with_wait(Duration::from_secs(5)),
+            )
+        }
+    };
+    #[cfg(not(feature = "redis"))]
+    if let Keys::Redis { .. } = keys {
+        return Err(StartError::MissingFeature("redis"));
     }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -573,6 +708,8 @@ pub async fn start(addr: SocketAddr, backend: Backend) -> Result<Service, StartE
                 orders,
                 summaries,
                 backend: backend.name(),
+                #[cfg(feature = "redis")]
+                redis: redis.clone(),
             })
         }
         Backend::Postgres {
@@ -642,13 +779,19 @@ pub async fn start(addr: SocketAddr, backend: Backend) -> Result<Service, StartE
                     runtime.project(events.clone(), move || starter(starts.clone()), poll);
                 }
                 // A backend whose feature is off was refused above.
-                other => return Err(StartError::NoBroker(other.feature().map_or("?", |f| f.0))),
+                other => {
+                    return Err(StartError::MissingFeature(
+                        other.feature().map_or("?", |f| f.0),
+                    ));
+                }
             }
             runtime.orchestrate(sagas, Services::new(orders.clone()));
             router(AppState {
                 orders,
                 summaries,
                 backend: backend.name(),
+                #[cfg(feature = "redis")]
+                redis: redis.clone(),
             })
         }
     };
@@ -668,6 +811,15 @@ pub async fn start(addr: SocketAddr, backend: Backend) -> Result<Service, StartE
         stop: runtime.stop,
         tasks: runtime.tasks,
     })
+}
+
+/// `url` without its user and password, for messages.
+#[cfg(feature = "redis")]
+fn without_userinfo(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://…@{host}"),
+        _ => url.to_owned(),
+    }
 }
 
 /// Runs `relay` and `consumer` until the service stops, logging why either stopped early.

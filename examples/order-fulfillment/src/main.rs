@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use order_fulfillment::{Accepted, Backend, OrderView, PlaceOrder, Service};
+use order_fulfillment::{Accepted, Backend, Keys, OrderView, PlaceOrder, Service};
 
 /// Runs the order-fulfillment service: in memory by default, on PostgreSQL with a database URL,
 /// on PostgreSQL + Kafka, RabbitMQ, NATS or SQS with a broker too (one of them).
@@ -38,9 +38,14 @@ struct Args {
     /// AWS itself set `SQS_QUEUE` without it (`AWS_REGION` and the normal credentials).
     #[arg(long, env = "SQS_ENDPOINT")]
     sqs_endpoint: Option<String>,
-    /// The SQS FIFO queue (with `SQS_ENDPOINT`, default `order-fulfillment.fifo`).
+    /// The SQS FIFO queue (with `SQS_ENDPOINT`, default `order-fulfillment.fifo`); or
+    /// `SQS_QUEUE_URL`, the queue's URL (its last path segment is the name).
     #[arg(long, env = "SQS_QUEUE")]
     sqs_queue: Option<String>,
+    /// Record `Idempotency-Key`s in Redis (`redis://host:6379`) instead of the event store
+    /// (feature `redis`).
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: Option<String>,
     /// Start, place an order that completes and one that is declined over HTTP, print what
     /// happened, stop.
     #[arg(long)]
@@ -49,7 +54,16 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if args.sqs_queue.is_none()
+        && let Ok(url) = std::env::var("SQS_QUEUE_URL")
+    {
+        args.sqs_queue = url
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .map(str::to_owned);
+    }
     let brokers = [
         args.kafka_brokers.as_ref().map(|_| "KAFKA_BROKERS"),
         args.amqp_url.as_ref().map(|_| "AMQP_URL"),
@@ -65,6 +79,13 @@ async fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    let keys = match args.redis_url {
+        Some(url) => Keys::Redis {
+            url,
+            prefix: "order-fulfillment:idem".to_owned(),
+        },
+        None => Keys::Store,
+    };
     let Some(database_url) = args.database_url else {
         if let Some(broker) = chosen.first() {
             eprintln!(
@@ -72,7 +93,7 @@ async fn main() -> ExitCode {
             );
             return ExitCode::from(2);
         }
-        return run(args.demo, args.addr, Backend::Embedded).await;
+        return run(args.demo, args.addr, Backend::Embedded, keys).await;
     };
     let schema = args.schema;
     let prefix = args.topic_prefix;
@@ -112,18 +133,18 @@ async fn main() -> ExitCode {
             schema,
         }
     };
-    run(args.demo, args.addr, backend).await
+    run(args.demo, args.addr, backend, keys).await
 }
 
 /// Starts the service on `backend` and serves (or, with `demo`, runs the demo and stops).
-async fn run(demo_only: bool, addr: SocketAddr, backend: Backend) -> ExitCode {
+async fn run(demo_only: bool, addr: SocketAddr, backend: Backend, keys: Keys) -> ExitCode {
     let args_demo = demo_only;
     let addr = if args_demo {
         SocketAddr::from(([127, 0, 0, 1], 0))
     } else {
         addr
     };
-    let service = match order_fulfillment::start(addr, backend).await {
+    let service = match order_fulfillment::start_with(addr, backend, keys).await {
         Ok(service) => service,
         Err(error) => {
             eprintln!("error: {error}");

@@ -124,7 +124,8 @@ async fn exercise(service: &Service) -> (String, String) {
     assert_eq!(view.summary.version, 2, "created, cancelled");
 
     // A retried request with the same idempotency key is the same order.
-    let key = [("idempotency-key", "checkout-7")];
+    let key = uuid::Uuid::now_v7().to_string();
+    let key = [("idempotency-key", key.as_str())];
     let first: Accepted = json(place(&client, &url, &order(false), &key).await).await;
     let again = place(&client, &url, &order(false), &key).await;
     assert_eq!(again.status(), StatusCode::ACCEPTED);
@@ -294,6 +295,84 @@ async fn kafka_mode_without_the_feature_is_refused() {
         .err()
         .unwrap_or_else(|| panic!("started without Kafka support"));
     assert!(error.to_string().contains("--features kafka"), "{error}");
+}
+
+/// Without the `redis` feature, asking for Redis keys is a clear error.
+#[cfg(not(feature = "redis"))]
+#[tokio::test]
+async fn redis_keys_without_the_feature_are_refused() {
+    let keys = order_fulfillment::Keys::Redis {
+        url: "redis://127.0.0.1:6379".into(),
+        prefix: "of".into(),
+    };
+    let error = order_fulfillment::start_with(([127, 0, 0, 1], 0).into(), Backend::Embedded, keys)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("started without Redis support"));
+    assert!(error.to_string().contains("--features redis"), "{error}");
+}
+
+/// `Idempotency-Key`s through Redis: the whole service check, then 8 concurrent retries of one
+/// key place one order and all get its answer, the key with another body is refused, and an
+/// unreachable Redis is a clear start error.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_service_with_redis_keys_over_http() {
+    let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let keys = order_fulfillment::Keys::Redis {
+        url: redis,
+        prefix: unique("of_idem"),
+    };
+    let service =
+        order_fulfillment::start_with(([127, 0, 0, 1], 0).into(), Backend::Embedded, keys)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    exercise(&service).await;
+
+    let url = format!("http://{}", service.addr());
+    let client = reqwest::Client::new();
+    let key = uuid::Uuid::now_v7().to_string();
+    let racing: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, url, key) = (client.clone(), url.clone(), key.clone());
+            tokio::spawn(async move {
+                let response =
+                    place(&client, &url, &order(false), &[("idempotency-key", &key)]).await;
+                assert_eq!(response.status(), StatusCode::ACCEPTED);
+                json::<Accepted>(response).await
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in racing {
+        answers.push(task.await.unwrap_or_else(|e| panic!("{e}")));
+    }
+    assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
+    wait_for(&client, &url, &answers[0].order_id, "Confirmed").await;
+
+    let response = place(&client, &url, &order(true), &[("idempotency-key", &key)]).await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: ErrorBody = json(response).await;
+    assert!(
+        body.error.contains("another request body"),
+        "{}",
+        body.error
+    );
+    service.stop().await;
+
+    let keys = order_fulfillment::Keys::Redis {
+        url: "redis://user:secret@127.0.0.1:1".into(),
+        prefix: "of".into(),
+    };
+    let error = order_fulfillment::start_with(([127, 0, 0, 1], 0).into(), Backend::Embedded, keys)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("started without Redis"));
+    let message = error.to_string();
+    assert!(
+        message.contains("127.0.0.1:1") && !message.contains("secret"),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -838,6 +838,57 @@ async fn insert_at<'c, E: sqlx::PgExecutor<'c>>(
     appended_from(&row, stream, base, events)
 }
 
+/// A keyed append at `base` in one statement (`Sql::insert_keyed`): `None` when the key was
+/// taken, the stream was not at `base`, or a unique index refused a row (the statement then
+/// wrote nothing): the transaction path sorts out which.
+async fn insert_keyed(
+    pool: &PgPool,
+    sql: &Sql,
+    stream: &StreamId,
+    base: u64,
+    events: &[EventData],
+    key: &str,
+) -> Result<Option<AppendResult>, StoreError> {
+    let mut ids = Vec::with_capacity(events.len());
+    let mut types = Vec::with_capacity(events.len());
+    let mut versions = Vec::with_capacity(events.len());
+    let mut payloads = Vec::with_capacity(events.len());
+    let mut metadata = Vec::with_capacity(events.len());
+    for event in events {
+        let columns = Columns::of(event).map_err(|e| match e {
+            Insert::Failed(error) => error,
+            Insert::Lost => StoreError::backend("an event's columns could not be encoded"),
+        })?;
+        ids.push(event.event_id.0);
+        types.push(event.event_type.as_str());
+        versions.push(columns.schema_version);
+        payloads.push(columns.payload);
+        metadata.push(columns.metadata);
+    }
+    let row = sqlx::query(AssertSqlSafe(sql.insert_keyed.clone()))
+        .bind(&stream.aggregate_type)
+        .bind(stream.aggregate_id.as_str())
+        .bind(to_i64(base)?)
+        .bind(&ids)
+        .bind(&types)
+        .bind(&versions)
+        .bind(&payloads)
+        .bind(&metadata)
+        .bind(key)
+        .fetch_one(pool)
+        .await;
+    let row = match row {
+        Ok(row) => row,
+        Err(error) if is_unique_violation(&error) => return Ok(None),
+        Err(error) => return Err(backend(error)),
+    };
+    match appended_from(&row, stream, base, events) {
+        Ok(result) => Ok(Some(result)),
+        Err(Insert::Lost) => Ok(None),
+        Err(Insert::Failed(error)) => Err(error),
+    }
+}
+
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     error
         .as_database_error()
@@ -966,6 +1017,22 @@ impl EventStore for PostgresEventStore {
         key: &str,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
+        // The common case in one statement (no transaction block, one round trip).
+        let base = match expected {
+            ExpectedVersion::Exact(n) => Some(n),
+            ExpectedVersion::NoStream => Some(0),
+            ExpectedVersion::Any | ExpectedVersion::StreamExists => None,
+        };
+        if let Some(base) = base
+            && self.inline.is_empty()
+            && !events.is_empty()
+            && events.len() < COPY_THRESHOLD
+            && let Some(result) =
+                insert_keyed(&self.pool, &self.sql, stream, base, &events, key).await?
+        {
+            self.notifier.committed(&self.pool, &self.channel);
+            return Ok(result);
+        }
         for _ in 0..ANY_VERSION_ATTEMPTS {
             let mut tx = Tx::begin(&self.pool).await.map_err(backend)?;
             match self

@@ -34,6 +34,7 @@ pub(crate) struct Sql {
     pub(crate) nth_after: String,
     pub(crate) events_by_id: String,
     pub(crate) claim_key: String,
+    pub(crate) insert_keyed: String,
     pub(crate) set_key_versions: String,
     pub(crate) find_key: String,
     pub(crate) load_snapshot: String,
@@ -174,6 +175,32 @@ impl Sql {
             ),
             events_by_id: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events WHERE event_id = ANY($1)"
+            ),
+            // A keyed append in one statement: the key is recorded (with the versions the events
+            // get) only when the stream is at the expected version and the key is free (a caller
+            // racing with the same key waits on it), and the events go in only when it was. No
+            // row position back means: taken key, moved stream, or both; the caller then takes
+            // the transaction path, which tells them apart.
+            insert_keyed: format!(
+                "WITH claimed AS ( \
+                   INSERT INTO {s}.command_keys (idempotency_key, aggregate_type, aggregate_id, first_version, last_version) \
+                   SELECT $9, $1, $2, $3 + 1, $3 + cardinality($4::uuid[]) \
+                   WHERE $3 = 0 OR EXISTS ( \
+                     SELECT 1 FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version = $3) \
+                   ON CONFLICT (idempotency_key) DO NOTHING \
+                   RETURNING 1), \
+                 inserted AS ( \
+                   INSERT INTO {s}.events \
+                     (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
+                   SELECT e.event_id, $1, $2, $3 + e.ord, e.event_type, e.schema_version, e.payload::json, e.metadata::json \
+                   FROM UNNEST($4::uuid[], $5::text[], $6::int4[], $7::text[], $8::text[]) \
+                     WITH ORDINALITY AS e(event_id, event_type, schema_version, payload, metadata, ord) \
+                   WHERE EXISTS (SELECT 1 FROM claimed) \
+                   ORDER BY e.ord \
+                   RETURNING global_position, version) \
+                 SELECT COALESCE(array_agg(global_position ORDER BY version), '{{}}') AS positions, \
+                        pg_current_xact_id()::text AS transaction_text, now() AS recorded_at \
+                 FROM inserted"
             ),
             claim_key: format!(
                 "INSERT INTO {s}.command_keys (idempotency_key, aggregate_type, aggregate_id, first_version, last_version) \

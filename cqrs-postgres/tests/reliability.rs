@@ -738,6 +738,59 @@ async fn gateway_keys_and_snapshots_on_postgres() {
     assert_eq!((account.balance_cents, version), (151, 152));
 }
 
+/// Keyed commands cut at random points (also after the statement that records the key and the
+/// events was sent) and retried at once with the same key, as a client that timed out would:
+/// each key's deposit is recorded once, and the retry answers with the first command's events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_commands_cut_and_retried_at_once_execute_once() {
+    let store = fresh_store("keyed_cut").await;
+    let accounts = CommandGateway::<Account, _>::new(store.clone());
+    accounts
+        .execute(
+            "acc",
+            AccountCommand::Open { owner: "o".into() },
+            CommandMetadata::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deposit = |n: u64| {
+        AccountCommand::Deposit(cqrs_examples::bank::Deposit {
+            amount_cents: n,
+            reference: format!("d{n}"),
+        })
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let (mut cut, mut total) = (0, 0);
+    for n in 1..=300u64 {
+        let key = format!("deposit-{n}");
+        let after = Duration::from_micros(rng.random_range(0..2_500));
+        let first = tokio::time::timeout(
+            after,
+            accounts.execute_idempotent(&key, "acc", deposit(n), CommandMetadata::new()),
+        )
+        .await;
+        if first.is_err() {
+            cut += 1;
+        }
+        let retried = accounts
+            .execute_idempotent(&key, "acc", deposit(n), CommandMetadata::new())
+            .await
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+        assert_eq!(retried.events.len(), 1, "{key}: the first command's event");
+        if let Ok(Ok(first)) = first {
+            assert_eq!(first.events[0].event_id, retried.events[0].event_id);
+        }
+        total += n;
+    }
+    let (account, version) = accounts.load("acc").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (account.balance_cents, version),
+        (total, 301),
+        "every deposit once ({cut} of 300 first tries cut)"
+    );
+    assert!(cut > 30, "the cuts land: {cut}");
+}
+
 /// Whether the pool's next connection is still inside a transaction begun by an earlier
 /// statement: `SAVEPOINT` is refused outside a transaction block.
 async fn inside_a_stale_transaction(pool: &sqlx::PgPool) -> bool {

@@ -1,8 +1,8 @@
 //! The network between the framework and a live SQS server cut mid-stream (every connection
 //! through a TCP proxy dropped at once, requests in flight lost or answered into a closed
 //! socket, the server itself up): the relay and the consumer come back by themselves, and every
-//! event is applied once, in order per aggregate. (A local server keeps its queues in memory, so
-//! restarting it would lose them: cutting the network is the outage that can be tested.)
+//! event is applied once, in order per aggregate. (`server_restart.rs` restarts the server
+//! itself.)
 
 mod support;
 

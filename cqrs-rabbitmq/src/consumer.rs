@@ -313,19 +313,8 @@ impl<H: MessageHandler> RabbitConsumer<H> {
                     self.core.dead_lettered();
                 }
             }
-            // lapin may never answer an ack sent on a connection that died meanwhile: after 10 s
-            // the session ends (the message comes again; the inbox drops it).
-            tokio::time::timeout(
-                Duration::from_secs(10),
-                delivery.ack(BasicAckOptions::default()),
-            )
-            .await
-            .map_err(|_| TransportError::Broker {
-                broker: crate::BROKER,
-                operation: "acknowledge",
-                source: "no answer within 10 s (the connection is gone)".into(),
-            })?
-            .map_err(broker("acknowledge"))?;
+            // The session ends on no answer (the message comes again; the inbox drops it).
+            answered("acknowledge", delivery.ack(BasicAckOptions::default())).await?;
         }
     }
 
@@ -348,18 +337,20 @@ impl<H: MessageHandler> RabbitConsumer<H> {
             text(&delivery.routing_key.to_string()),
         );
         let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
-        let confirm = channel
-            .basic_publish(
-                self.config.dead_letter_exchange().into(),
-                self.spec.name.as_str().into(),
-                BasicPublishOptions::default(),
-                &delivery.data,
-                properties.with_delivery_mode(2),
-            )
-            .await
-            .map_err(broker("send to the dead-letter exchange"))?
-            .await
-            .map_err(broker("send to the dead-letter exchange"))?;
+        const OPERATION: &str = "send to the dead-letter exchange";
+        let confirm = answered(OPERATION, async {
+            channel
+                .basic_publish(
+                    self.config.dead_letter_exchange().into(),
+                    self.spec.name.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &delivery.data,
+                    properties.with_delivery_mode(2),
+                )
+                .await?
+                .await
+        })
+        .await?;
         match confirm {
             Confirmation::Ack(None) => Ok(()),
             other => Err(TransportError::Broker {
@@ -369,6 +360,29 @@ impl<H: MessageHandler> RabbitConsumer<H> {
             }),
         }
     }
+}
+
+/// How long the consumer waits for the broker to answer an ack or a dead letter's publish.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
+/// `request`'s answer, or a broker error naming `operation` when there is none within
+/// [`ANSWER_WITHIN`]: lapin may never answer a request sent on a connection that died meanwhile.
+async fn answered<T>(
+    operation: &'static str,
+    request: impl Future<Output = lapin::Result<T>>,
+) -> Result<T, TransportError> {
+    tokio::time::timeout(ANSWER_WITHIN, request)
+        .await
+        .map_err(|_| TransportError::Broker {
+            broker: crate::BROKER,
+            operation,
+            source: format!(
+                "no answer within {} s (the connection is gone)",
+                ANSWER_WITHIN.as_secs()
+            )
+            .into(),
+        })?
+        .map_err(broker(operation))
 }
 
 impl<H: MessageHandler> cqrs_transport::consume::Session for RabbitConsumer<H> {

@@ -29,7 +29,14 @@ pub(crate) enum Action {
     /// Send every one there is now back to its consumer.
     RetryAll,
     /// Drop them all.
-    Purge,
+    Purge {
+        /// Say how many would be purged, purge nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Purge without asking (needed when the input is not a terminal).
+        #[arg(long, short)]
+        yes: bool,
+    },
 }
 
 /// The dead letters are over the alert size (exit code 4).
@@ -50,7 +57,7 @@ pub(crate) async fn run(queue: &dyn DeadLetterQueue, action: Action) -> Result<(
     match action {
         Action::Count { alert_over } => {
             let count = queue.count().await?;
-            println!("{count} dead letters in {place}");
+            out!("{count} dead letters in {place}");
             if let Some(threshold) = alert_over
                 && count > threshold
             {
@@ -62,26 +69,38 @@ pub(crate) async fn run(queue: &dyn DeadLetterQueue, action: Action) -> Result<(
         Action::List { limit } => {
             let letters = queue.list(limit).await?;
             if letters.is_empty() {
-                println!("no dead letters in {place}");
+                out!("no dead letters in {place}");
             }
             for letter in letters {
-                println!("{letter}");
+                out!("{letter}");
             }
         }
         Action::Retry { id } => {
             if queue.retry(&id).await? {
-                println!("dead letter #{id} sent back to its consumer");
+                out!("dead letter #{id} sent back to its consumer");
             } else {
                 return Err(format!("no dead letter #{id} in {place} (see `list`)").into());
             }
         }
         Action::RetryAll => {
             let retried = queue.retry_all().await?;
-            println!("{retried} dead letters sent back to their consumer from {place}");
+            out!("{retried} dead letters sent back to their consumer from {place}");
         }
-        Action::Purge => {
+        Action::Purge { dry_run, yes } => {
+            let count = queue.count().await?;
+            if dry_run {
+                out!("would purge {count} dead letters from {place}");
+                return Ok(());
+            }
+            if count > 0
+                && !yes
+                && !crate::confirmed(&format!("purge {count} dead letters from {place}"))?
+            {
+                out!("purged nothing");
+                return Ok(());
+            }
             let purged = queue.purge().await?;
-            println!("purged {purged} dead letters from {place}");
+            out!("purged {purged} dead letters from {place}");
         }
     }
     Ok(())

@@ -5,6 +5,14 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+/// Prints a line to stdout; a closed pipe (`cqrs events tail | head -1`) ends the program
+/// quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::print_line(format_args!($($arg)*))
+    };
+}
+
 mod brokers;
 mod scaffold;
 use cqrs_core::saga::{SagaId, SagaStatus, SagaStore};
@@ -171,9 +179,15 @@ enum Dlq {
     Purge {
         /// The projection's name.
         projection: String,
-        /// Only those that last failed longer ago than this (`30m`, `12h`, `7d`).
+        /// Only those that last failed longer ago than this (`30m`, `12h`, `7d`, `2w`, `1h 30m`).
         #[arg(long, value_parser = parse_age)]
         older_than: Option<chrono::Duration>,
+        /// Say how many would be purged, purge nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Purge without asking (needed when the input is not a terminal).
+        #[arg(long, short)]
+        yes: bool,
     },
 }
 
@@ -207,24 +221,46 @@ enum Sagas {
     },
 }
 
-/// `30s`, `30m`, `12h`, `7d`.
+/// An age: `30s`, `30m`, `12h`, `7d`, `2w`, `1h 30m` (humantime's units; never negative), at
+/// most what a date can go back.
 fn parse_age(text: &str) -> Result<chrono::Duration, String> {
-    let split = text.len().saturating_sub(1);
-    let (number, unit) = text.split_at(split);
-    let n: i64 = number
-        .parse()
-        .map_err(|_| format!("`{text}`: expected a number and a unit, like 30m, 12h or 7d"))?;
-    match unit {
-        "s" => Ok(chrono::Duration::seconds(n)),
-        "m" => Ok(chrono::Duration::minutes(n)),
-        "h" => Ok(chrono::Duration::hours(n)),
-        "d" => Ok(chrono::Duration::days(n)),
-        _ => Err(format!("`{text}`: the unit is s, m, h or d")),
+    let age = humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}`: {e} (expected an age such as 30m, 12h, 7d or 2w)"))?;
+    chrono::Duration::from_std(age)
+        .ok()
+        .filter(|age| chrono::Utc::now().checked_sub_signed(*age).is_some())
+        .ok_or_else(|| format!("`{text}`: longer than any date can go back"))
+}
+
+/// Asks on the terminal whether to go on (`y`/`yes`); without a terminal, says to pass
+/// `--yes`.
+fn confirmed(question: &str) -> Result<bool, Box<dyn std::error::Error>> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        return Err(format!("{question}: the input is not a terminal, pass --yes to go on").into());
     }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
 }
 
 fn parse_state(text: &str) -> Result<SagaStatus, String> {
     text.parse()
+}
+
+/// Writes a line to stdout; exits with success when the reader went away.
+fn print_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("cqrs: cannot write the output: {error}");
+        std::process::exit(1);
+    }
 }
 
 #[tokio::main]
@@ -307,7 +343,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         ) => {}
         Command::Migrate => {
             store.migrate().await?;
-            println!("schema `{}` is up to date", cli.schema);
+            out!("schema `{}` is up to date", cli.schema);
         }
         Command::Events(Events::Show { stream }) => {
             let Some((kind, id)) = stream.split_once('/') else {
@@ -341,9 +377,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Projections(Projections::List) => {
-            println!(
+            out!(
                 "{:<28} {:>10} {:>8} {:>6} {:<16} {:>6}  updated",
-                "projection", "position", "lag", "epoch", "owner", "dlq"
+                "projection",
+                "position",
+                "lag",
+                "epoch",
+                "owner",
+                "dlq"
             );
             for p in projections(&store).await? {
                 let owner = match (&p.owner, p.leased) {
@@ -351,7 +392,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     (Some(owner), false) => format!("({owner})"),
                     (None, _) => "-".to_owned(),
                 };
-                println!(
+                out!(
                     "{:<28} {:>10} {:>8} {:>6} {:<16} {:>6}  {}",
                     p.name,
                     p.checkpoint.position,
@@ -385,10 +426,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Dlq(Dlq::List { projection }) => {
             let letters = DeadLetters::new(store).list(&projection).await?;
             if letters.is_empty() {
-                println!("no dead letters for `{projection}`");
+                out!("no dead letters for `{projection}`");
             }
             for l in letters {
-                println!(
+                out!(
                     "#{} {} v{} event {} attempts {} first {} last {}: {}",
                     l.id,
                     l.stream,
@@ -404,15 +445,45 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Dlq(Dlq::Purge {
             projection,
             older_than,
+            dry_run,
+            yes,
         }) => {
-            let before = older_than.map(|age| chrono::Utc::now() - age);
-            let purged = DeadLetters::new(store).purge(&projection, before).await?;
-            println!("purged {purged} dead letters of `{projection}`");
+            let now = chrono::Utc::now();
+            // The parser checked that the age fits.
+            let before = older_than.and_then(|age| now.checked_sub_signed(age));
+            let letters = DeadLetters::new(store);
+            let matching = letters
+                .list(&projection)
+                .await?
+                .into_iter()
+                .filter(|l| before.is_none_or(|before| l.last_failed_at < before))
+                .count();
+            let which = match before {
+                Some(before) => format!(
+                    "{matching} dead letters of `{projection}` that last failed before {}",
+                    before.format("%Y-%m-%d %H:%M:%S UTC")
+                ),
+                None => format!("all {matching} dead letters of `{projection}`"),
+            };
+            if dry_run {
+                out!("would purge {which}");
+                return Ok(());
+            }
+            if matching == 0 {
+                out!("purged 0 dead letters of `{projection}`");
+                return Ok(());
+            }
+            if !yes && !confirmed(&format!("purge {which}"))? {
+                out!("purged nothing");
+                return Ok(());
+            }
+            let purged = letters.purge(&projection, before).await?;
+            out!("purged {purged} dead letters of `{projection}`");
         }
         Command::Sagas(Sagas::Retry { id }) => {
             let sagas = PostgresSagaStore::new(store);
             if sagas.retry(SagaId(id)).await? {
-                println!("saga {id} is due again");
+                out!("saga {id} is due again");
             } else {
                 return Err(format!(
                     "saga {id} is neither unreadable nor failed: nothing to retry"
@@ -423,7 +494,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Sagas(Sagas::Abandon { id }) => {
             let sagas = PostgresSagaStore::new(store);
             if sagas.abandon(SagaId(id)).await? {
-                println!("saga {id} abandoned");
+                out!("saga {id} abandoned");
             } else {
                 return Err(format!("saga {id} has ended already").into());
             }
@@ -440,7 +511,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .collect();
                 for q in sagas.quarantined(saga.as_deref()).await? {
                     if !readable.contains(&q.id) {
-                        println!(
+                        out!(
                             "{} {:<24} {:<13} set aside {} error: {}",
                             q.id,
                             q.saga,
@@ -457,7 +528,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .iter()
                     .filter(|(_, o)| !matches!(o, cqrs_core::saga::StepOutcome::Pending))
                     .count();
-                println!(
+                out!(
                     "{} {:<24} {:<13} steps {done}/{} started {}{}",
                     s.id,
                     s.saga,
@@ -473,23 +544,26 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let Some(s) = sagas.load(SagaId(id)).await? else {
                 return Err(format!("no saga {id}").into());
             };
-            println!(
+            out!(
                 "saga {} ({}): {}, version {}",
-                s.id, s.saga, s.status, s.version
+                s.id,
+                s.saga,
+                s.status,
+                s.version
             );
             if let Some(error) = &s.error {
-                println!("error: {error}");
+                out!("error: {error}");
             }
             if let Some(at) = s.deadline_at {
-                println!(
+                out!(
                     "deadline: {at}{}",
                     if s.deadline_fired { " (fired)" } else { "" }
                 );
             }
             for (name, outcome) in &s.steps {
-                println!("  {name}: {outcome:?}");
+                out!("  {name}: {outcome:?}");
             }
-            println!("data: {}", s.data);
+            out!("data: {}", s.data);
         }
     }
     Ok(())
@@ -524,32 +598,35 @@ async fn status(store: &PostgresEventStore, name: &str) -> Result<(), Failure> {
     let p = find(store, name).await?;
     let requests = Control::new(store.clone()).requests(name).await?;
     let head = store.head().await?.map_or(0, |h| h.position);
-    println!("projection:   {}", p.name);
-    println!(
+    out!("projection:   {}", p.name);
+    out!(
         "checkpoint:   position {} (transaction {}), head {head}, lag {} events ({:.1} s)",
-        p.checkpoint.position, p.checkpoint.transaction, p.lag, p.lag_seconds
+        p.checkpoint.position,
+        p.checkpoint.transaction,
+        p.lag,
+        p.lag_seconds
     );
-    println!("lease:        {}", lease_text(&p));
-    println!("dead letters: {}", p.dead_letters);
-    println!("updated:      {}", p.updated_at.format("%Y-%m-%d %H:%M:%S"));
+    out!("lease:        {}", lease_text(&p));
+    out!("dead letters: {}", p.dead_letters);
+    out!("updated:      {}", p.updated_at.format("%Y-%m-%d %H:%M:%S"));
     if let Some(r) = requests {
         if let Some(at) = r.rebuild_requested_at {
-            println!(
+            out!(
                 "rebuild:      requested at {}, not started yet",
                 at.format("%Y-%m-%d %H:%M:%S")
             );
         }
         if let Some(at) = r.rebuilt_at {
-            println!("last rebuild: {}", at.format("%Y-%m-%d %H:%M:%S"));
+            out!("last rebuild: {}", at.format("%Y-%m-%d %H:%M:%S"));
         }
         if r.retries_pending > 0 {
-            println!(
+            out!(
                 "retries:      {} dead letters waiting for the worker",
                 r.retries_pending
             );
         }
         if let Some(error) = r.error {
-            println!("last request failed: {error}");
+            out!("last request failed: {error}");
         }
     }
     Ok(())
@@ -600,7 +677,7 @@ async fn rebuild(
         );
     }
     if no_wait {
-        println!("rebuild of `{name}` requested");
+        out!("rebuild of `{name}` requested");
         return Ok(());
     }
     let started = std::time::Instant::now();
@@ -642,7 +719,7 @@ async fn rebuild(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bar.finish_and_clear();
-    println!(
+    out!(
         "rebuilt `{name}` up to position {target} in {:.1} s",
         started.elapsed().as_secs_f64()
     );
@@ -663,7 +740,7 @@ async fn retry(store: &PostgresEventStore, id: i64, timeout: Duration) -> Result
     .await?;
     match outcome {
         Some(LetterState::Gone) => {
-            println!("dead letter #{id} of `{projection}` applied");
+            out!("dead letter #{id} of `{projection}` applied");
             Ok(())
         }
         Some(LetterState::Failed(error)) => {
@@ -684,7 +761,7 @@ async fn retry_all(
     let control = Control::new(store.clone());
     let asked = control.request_retry_all(projection).await?;
     if asked == 0 {
-        println!("no dead letters for `{projection}`");
+        out!("no dead letters for `{projection}`");
         return Ok(());
     }
     let answered = wait_for(timeout, || async {
@@ -709,7 +786,7 @@ async fn retry_all(
         )
         .into());
     }
-    println!("retried {asked} dead letters of `{projection}`: all applied");
+    out!("retried {asked} dead letters of `{projection}`: all applied");
     Ok(())
 }
 
@@ -722,7 +799,7 @@ fn new_aggregate(name: &str, path: &std::path::Path) -> Result<(), Failure> {
         .status()
         .is_ok_and(|s| s.success());
     let module = &written.module;
-    println!(
+    out!(
         "wrote {} (aggregate `{}`: 3 commands, 3 events, their tests){}",
         written.file.display(),
         module.type_name,
@@ -733,13 +810,13 @@ fn new_aggregate(name: &str, path: &std::path::Path) -> Result<(), Failure> {
         }
     );
     match &written.registered_in {
-        Some(root) => println!("declared `mod {}` in {}", module.module, root.display()),
-        None => println!(
+        Some(root) => out!("declared `mod {}` in {}", module.module, root.display()),
+        None => out!(
             "declare it in your crate root: `pub mod {};` (if not done yet)",
             module.module
         ),
     }
-    println!(
+    out!(
         "the crate needs: cqrs-core and thiserror in [dependencies]; then `cargo test {}`",
         module.module
     );
@@ -767,7 +844,7 @@ async fn tail_start(store: &PostgresEventStore, limit: usize) -> Result<Checkpoi
 }
 
 fn print_event(event: &StoredEvent) {
-    println!(
+    out!(
         "{} {} v{} {} (schema {}) at {} position {} {}",
         event.recorded_at.format("%Y-%m-%d %H:%M:%S%.3f"),
         event.stream,

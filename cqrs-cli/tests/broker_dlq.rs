@@ -131,7 +131,7 @@ async fn rabbitmq_dead_letters_from_the_command_line() {
     );
     let (_, out) = text(&cqrs(&["dlq", "rabbitmq", &queue, "count"], &[]));
     assert!(out.starts_with("0 dead letters"), "{out}");
-    let (_, out) = text(&cqrs(&["dlq", "rabbitmq", &queue, "purge"], &[]));
+    let (_, out) = text(&cqrs(&["dlq", "rabbitmq", &queue, "purge", "--yes"], &[]));
     assert!(out.starts_with("purged 0 dead letters"), "{out}");
     let (code, out) = text(&cqrs(
         &["dlq", "rabbitmq", "no-such-queue-here", "count"],
@@ -247,7 +247,7 @@ async fn sqs_dead_letters_from_the_command_line() {
     assert_eq!(code, 0, "{out}");
     let (_, out) = text(&cqrs(&["dlq", "sqs", &queue, "count"], &[]));
     assert!(out.starts_with("0 dead letters"), "{out}");
-    let (_, out) = text(&cqrs(&["dlq", "sqs", &queue, "purge"], &[]));
+    let (_, out) = text(&cqrs(&["dlq", "sqs", &queue, "purge", "--yes"], &[]));
     assert!(out.starts_with("purged 0 dead letters"), "{out}");
     let (code, out) = text(&cqrs(&["dlq", "sqs", "no-such-queue.fifo", "count"], &[]));
     assert_eq!(code, 1, "{out}");
@@ -382,7 +382,7 @@ async fn kafka_dead_letters_from_the_command_line() {
     let d = dlq.clone();
     let count = move || cqrs(&["dlq", "kafka", &d, "count"], &[]);
     until_dead_lettered_n(again.run(std::future::pending::<()>()), count, 6).await;
-    let (_, out) = text(&cqrs(&["dlq", "kafka", &dlq, "purge"], &[]));
+    let (_, out) = text(&cqrs(&["dlq", "kafka", &dlq, "purge", "--yes"], &[]));
     assert!(out.starts_with("purged 6 dead letters"), "{out}");
     let (_, out) = text(&cqrs(&["dlq", "kafka", &dlq, "count"], &[]));
     assert!(out.starts_with("0 dead letters"), "{out}");

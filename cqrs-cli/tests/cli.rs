@@ -140,11 +140,46 @@ async fn every_command_against_a_real_store() {
     assert!(
         stdout(&cqrs(&["dlq", "purge", "balances", "--older-than", "1d"])).contains("purged 0")
     );
-    let (code, usage) = failure(&cqrs(&["dlq", "purge", "balances", "--older-than", "7w"]));
-    assert_eq!(code, 2, "{usage}");
-    assert!(usage.contains("the unit is s, m, h or d"), "{usage}");
-    assert!(stdout(&cqrs(&["dlq", "purge", "balances"])).contains("purged 1"));
+    // Ages that are not ages are usage errors, never a panic or a purge of everything.
+    for bad in ["7é", "-5d", "99999999999999d", "5", "d"] {
+        let (code, usage) = failure(&cqrs(&[
+            "dlq",
+            "purge",
+            "balances",
+            &format!("--older-than={bad}"),
+        ]));
+        assert_eq!(code, 2, "{bad}: {usage}");
+        assert!(
+            usage.contains(&format!("`{bad}`")) && !usage.contains("panicked"),
+            "{usage}"
+        );
+    }
+    assert!(
+        stdout(&cqrs(&[
+            "dlq",
+            "purge",
+            "balances",
+            "--older-than",
+            "1h 30m",
+            "--dry-run"
+        ]))
+        .contains("would purge 0 dead letters of `balances` that last failed before")
+    );
+    assert_eq!(
+        stdout(&cqrs(&["dlq", "purge", "balances", "--dry-run"])),
+        "would purge all 1 dead letters of `balances`\n"
+    );
+    // Without a terminal to ask on, a purge needs --yes; nothing is purged without it.
+    let (code, line) = failure(&cqrs(&["dlq", "purge", "balances"]));
+    assert_eq!(code, 1);
+    assert!(line.contains("pass --yes"), "{line}");
+    assert!(stdout(&cqrs(&["dlq", "list", "balances"])).contains("attempts 3"));
+    assert!(stdout(&cqrs(&["dlq", "purge", "balances", "--yes"])).contains("purged 1"));
     assert!(stdout(&cqrs(&["dlq", "list", "balances"])).contains("no dead letters"));
+    // A typo gets a suggestion.
+    let (code, usage) = failure(&cqrs(&["projection", "list"]));
+    assert_eq!(code, 2);
+    assert!(usage.contains("projections"), "{usage}");
 
     // Sagas: one stored and not run yet.
     let sagas = PostgresSagaStore::new(store.clone());
@@ -236,6 +271,47 @@ async fn every_command_against_a_real_store() {
         "nothing to retry"
     );
     assert!(stdout(&cqrs(&["sagas", "list", "--state", "unreadable"])).is_empty());
+
+    // A reader that goes away after one line: a quiet exit, no panic.
+    let events: Vec<cqrs_core::EventData> = (0..3_000)
+        .map(|n| cqrs_core::EventData {
+            event_id: cqrs_core::EventId::new(),
+            event_type: "Ticked".into(),
+            schema_version: 1,
+            payload: serde_json::json!({ "n": n }),
+            metadata: Metadata::default(),
+        })
+        .collect();
+    store
+        .append(
+            &StreamId::new("ticks", "t-1"),
+            ExpectedVersion::NoStream,
+            events,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cqrs"))
+        .args(["--schema", SCHEMA, "events", "tail", "--limit", "3000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run cqrs: {e}"));
+    {
+        use std::io::BufRead;
+        let stdout = child.stdout.take().unwrap_or_else(|| panic!("piped"));
+        let mut first = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut first)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!first.is_empty());
+    }
+    let ended = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert!(
+        ended.status.success() && stderr.is_empty(),
+        "exit {:?}: {stderr}",
+        ended.status.code()
+    );
 
     // An unreachable database: one line, exit 1, and the password is not in it.
     let (code, line) = failure(&cqrs(&[

@@ -74,10 +74,7 @@ impl StartedBy<OrderEvent> for FulfillmentSaga {
         Some(Fulfillment {
             order_id: event.stream.aggregate_id.as_str().to_owned(),
             items: items.iter().map(|i| (i.sku.clone(), i.quantity)).collect(),
-            amount_cents: items
-                .iter()
-                .map(|i| u64::from(i.quantity) * i.unit_price_cents)
-                .sum(),
+            amount_cents: crate::order::order_total(items).unwrap_or(u64::MAX),
             payment_id: None,
             shipment_id: None,
             decline_payment: event

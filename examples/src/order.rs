@@ -17,6 +17,16 @@ pub struct OrderItem {
     pub unit_price_cents: u64,
 }
 
+/// The sum of the lines, in cents; `None` when it does not fit in a `u64`.
+#[must_use]
+pub fn order_total(items: &[OrderItem]) -> Option<u64> {
+    items.iter().try_fold(0u64, |total, item| {
+        u64::from(item.quantity)
+            .checked_mul(item.unit_price_cents)
+            .and_then(|line| total.checked_add(line))
+    })
+}
+
 /// Where an order is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum OrderStatus {
@@ -103,6 +113,17 @@ pub enum OrderError {
     /// A quantity of zero.
     #[error("item `{0}` has quantity 0")]
     ZeroQuantity(String),
+    /// No customer.
+    #[error("an order needs a customer_id")]
+    NoCustomer,
+    /// An item without a product.
+    #[error("every item needs a sku")]
+    NoSku,
+    /// A total that does not fit in 64 bits of cents.
+    #[error(
+        "the order's total does not fit: {0} items whose prices and quantities multiply past 2^64 cents"
+    )]
+    TotalTooLarge(usize),
     /// Only pending orders can be confirmed.
     #[error("only a pending order can be confirmed; this one is {0:?}")]
     NotPending(OrderStatus),
@@ -140,8 +161,17 @@ impl Order {
         if items.is_empty() {
             return Err(OrderError::NoItems);
         }
+        if customer_id.trim().is_empty() {
+            return Err(OrderError::NoCustomer);
+        }
+        if items.iter().any(|i| i.sku.trim().is_empty()) {
+            return Err(OrderError::NoSku);
+        }
         if let Some(item) = items.iter().find(|i| i.quantity == 0) {
             return Err(OrderError::ZeroQuantity(item.sku.clone()));
+        }
+        if order_total(&items).is_none() {
+            return Err(OrderError::TotalTooLarge(items.len()));
         }
         Ok(vec![OrderEvent::OrderCreated { customer_id, items }])
     }
@@ -180,10 +210,8 @@ impl Order {
         self.status = OrderStatus::Pending;
         customer_id.clone_into(&mut self.customer_id);
         self.items = items.to_vec();
-        self.total_cents = items
-            .iter()
-            .map(|i| u64::from(i.quantity) * i.unit_price_cents)
-            .sum();
+        // Checked when the order was created; an event written otherwise saturates, never panics.
+        self.total_cents = order_total(items).unwrap_or(u64::MAX);
     }
 
     fn apply_order_confirmed(&mut self) {
@@ -228,6 +256,36 @@ mod tests {
 
     fn cancel() -> OrderCommand {
         OrderCommand::CancelOrder { reason: "r".into() }
+    }
+
+    #[test]
+    fn a_total_past_u64_is_refused_and_a_stored_one_saturates() {
+        let huge = || OrderItem {
+            sku: "gold".into(),
+            quantity: u32::MAX,
+            unit_price_cents: u64::MAX,
+        };
+        AggregateFixture::<Order>::given_no_previous_events()
+            .when(OrderCommand::CreateOrder {
+                customer_id: "c".into(),
+                items: vec![huge()],
+            })
+            .then_expect_error(OrderError::TotalTooLarge(1));
+        assert_eq!(order_total(&[huge()]), None);
+        // Two lines that fit alone but not together.
+        let half = OrderItem {
+            sku: "h".into(),
+            quantity: 1,
+            unit_price_cents: u64::MAX / 2 + 1,
+        };
+        assert_eq!(order_total(&[half.clone(), half]), None);
+        // An event written by something else: the state saturates instead of panicking.
+        AggregateFixture::<Order>::given([OrderEvent::OrderCreated {
+            customer_id: "c".into(),
+            items: vec![huge()],
+        }])
+        .when(OrderCommand::ConfirmOrder)
+        .then_state(|o| assert_eq!(o.total_cents, u64::MAX));
     }
 
     #[test]

@@ -51,10 +51,7 @@ pub fn apply(
 ) -> Result<(), HandlerError> {
     let id = event.stream.aggregate_id.to_string();
     if let OrderEvent::OrderCreated { customer_id, items } = &event.event {
-        let total_cents = items
-            .iter()
-            .map(|i| u64::from(i.quantity) * i.unit_price_cents)
-            .sum();
+        let total_cents = crate::order::order_total(items).unwrap_or(u64::MAX);
         orders.insert(
             id,
             OrderSummary {

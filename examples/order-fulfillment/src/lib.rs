@@ -235,8 +235,9 @@ async fn shutdown_signal() {
     }
 }
 
-/// The body of `POST /orders`.
+/// The body of `POST /orders` (a field it does not know is refused).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PlaceOrder {
     /// Who orders.
     pub customer_id: String,
@@ -336,6 +337,13 @@ fn router<S: EventStore + Clone + 'static>(state: AppState<S>) -> Router {
         .route("/", get(index::<S>))
         .route("/orders", post(place_order::<S>))
         .route("/orders/{id}", get(get_order::<S>))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route: see GET /") })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this route: see GET /",
+            )
+        })
         .with_state(state)
 }
 
@@ -411,15 +419,22 @@ async fn place_order<S: EventStore>(
     };
     let executed = match outcome {
         Ok(executed) => executed,
-        // The key placed an order before: that one is the answer.
+        // The key placed an order before: that one is the answer, if it was this request.
         Err(CommandError::KeyReused { used_for, .. }) => {
             let first = state.orders.store().load(&used_for, 0).next().await;
             return match first {
+                Some(Ok(event)) if !same_order(&event, &order) => error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Idempotency-Key was used with another request body",
+                ),
                 Some(Ok(event)) => accepted(
                     used_for.aggregate_id.as_str(),
                     event.metadata.correlation_id.unwrap_or(correlation),
                 ),
-                Some(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "reading the order an idempotency key placed");
+                    unavailable()
+                }
                 None => error(
                     StatusCode::CONFLICT,
                     format!("Idempotency-Key was used for {used_for}, which has no events"),
@@ -437,6 +452,21 @@ async fn place_order<S: EventStore>(
         .and_then(|e| e.metadata.correlation_id)
         .unwrap_or(correlation);
     accepted(executed.stream.aggregate_id.as_str(), correlation)
+}
+
+/// Whether `first`, the first event of the order an idempotency key placed, is the order `body`
+/// asks for (the same customer, items and payment flag).
+fn same_order(first: &cqrs_core::StoredEvent, body: &PlaceOrder) -> bool {
+    let declined = first
+        .metadata
+        .headers
+        .get(DECLINE_HEADER)
+        .is_some_and(|v| v == "true");
+    matches!(
+        first.decode::<OrderEvent>(),
+        Ok(OrderEvent::OrderCreated { customer_id, items })
+            if customer_id == body.customer_id && items == body.items && declined == body.decline_payment
+    )
 }
 
 /// `POST /orders` with its `Idempotency-Key` recorded in Redis: the first answer to the key
@@ -485,11 +515,17 @@ async fn place_through_redis<S: EventStore>(
         Err(IdempotencyError::Operation(other)) => command_failed(&other),
         Err(failure @ IdempotencyError::Redis(_)) => {
             tracing::warn!(error = %failure, "idempotency record unavailable");
-            error(StatusCode::SERVICE_UNAVAILABLE, failure.to_string())
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the idempotency record is unavailable: retry later",
+            )
         }
         Err(failure) => {
             tracing::error!(error = %failure, "idempotency record unusable");
-            error(StatusCode::INTERNAL_SERVER_ERROR, failure.to_string())
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the idempotency record is unusable (the service logged why)",
+            )
         }
     }
 }
@@ -518,14 +554,25 @@ fn accepted(order_id: &str, correlation: CorrelationId) -> Response {
 
 fn command_failed(failure: &CommandError<OrderError>) -> Response {
     tracing::warn!(error = %failure, "command failed");
-    let status = match failure {
-        CommandError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+    // What went wrong inside stays in the log: the client gets what it can act on.
+    match failure {
+        CommandError::Store(_) => unavailable(),
         CommandError::TooManyConflicts { .. } | CommandError::AlreadyExists { .. } => {
-            StatusCode::CONFLICT
+            error(StatusCode::CONFLICT, failure.to_string())
         }
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    error(status, failure.to_string())
+        _ => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the order could not be placed (the service logged why)",
+        ),
+    }
+}
+
+/// 503 with a body that names no internals.
+fn unavailable() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the order store is unavailable: retry later",
+    )
 }
 
 /// `GET /orders/{id}`: the read model's summary (eventually consistent: a few milliseconds

@@ -87,6 +87,18 @@ async fn exercise(service: &Service) -> (String, String) {
     .await;
     assert_eq!(index["backend"], service.backend().name());
 
+    // A total past 2^64 cents is refused (it panicked in the read model and the saga starter
+    // before, killing them: every later order answered 202, then 404 for good); the orders
+    // below prove the background tasks alive.
+    let huge = json!({
+        "customer_id": "ada",
+        "items": [{"sku": "gold", "quantity": u32::MAX, "unit_price_cents": u64::MAX}],
+    });
+    let response = place(&client, &url, &huge, &[]).await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: ErrorBody = json(response).await;
+    assert!(body.error.contains("does not fit"), "{}", body.error);
+
     // An order that completes: 202 with the id, a correlation id and where to follow it.
     let correlation = uuid::Uuid::now_v7().to_string();
     let response = place(
@@ -132,6 +144,15 @@ async fn exercise(service: &Service) -> (String, String) {
     let again: Accepted = json(again).await;
     assert_eq!(again, first);
     wait_for(&client, &url, &first.order_id, "Confirmed").await;
+    // The same key with another body is not that order.
+    let other = place(&client, &url, &order(true), &key).await;
+    assert_eq!(other.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: ErrorBody = json(other).await;
+    assert!(
+        body.error.contains("another request body"),
+        "{}",
+        body.error
+    );
 
     // Bad input: one clear line each, with the right status.
     let empty = json!({"customer_id": "ada", "items": []});
@@ -139,6 +160,39 @@ async fn exercise(service: &Service) -> (String, String) {
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let body: ErrorBody = json(response).await;
     assert!(body.error.contains("at least one item"), "{}", body.error);
+
+    for (bad, says) in [
+        (
+            json!({"customer_id": " ", "items": [{"sku": "a", "quantity": 1, "unit_price_cents": 1}]}),
+            "customer_id",
+        ),
+        (
+            json!({"customer_id": "ada", "items": [{"sku": "", "quantity": 1, "unit_price_cents": 1}]}),
+            "sku",
+        ),
+        (
+            json!({"customer_id": "ada", "items": [{"sku": "a", "quantity": 1, "unit_price_cents": 1}], "coupon": "FREE"}),
+            "coupon",
+        ),
+    ] {
+        let response = place(&client, &url, &bad, &[]).await;
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+        let body: ErrorBody = json(response).await;
+        assert!(body.error.contains(says), "{bad}: {}", body.error);
+    }
+    // Unknown routes and methods answer JSON too.
+    for (request, status) in [
+        (client.get(format!("{url}/nowhere")), StatusCode::NOT_FOUND),
+        (
+            client.get(format!("{url}/orders")),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+    ] {
+        let response = request.send().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(response.status(), status);
+        let body: ErrorBody = json(response).await;
+        assert!(body.error.contains("see GET /"), "{}", body.error);
+    }
 
     let response = place(&client, &url, &json!({"customer": "ada"}), &[]).await;
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);

@@ -16,7 +16,7 @@ macro_rules! out {
 mod brokers;
 mod scaffold;
 use cqrs_core::saga::{SagaId, SagaStatus, SagaStore};
-use cqrs_core::{AggregateId, Checkpoint, EventStore, EventStoreExt, StoredEvent, StreamId};
+use cqrs_core::{AggregateId, EventStore, EventStoreExt, StoredEvent, StreamId};
 use cqrs_postgres::PostgresEventStore;
 use cqrs_postgres::control::{Control, LetterState};
 use cqrs_postgres::projection::{DeadLetters, ProjectionStatus, projections, read_checkpoint};
@@ -361,7 +361,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Events(Events::Tail { limit, follow }) => {
-            let mut after = tail_start(&store, limit).await?;
+            let mut after = store.checkpoint_before_last(limit).await?;
             loop {
                 let page = store.read_all(after, 1_000).await?;
                 for event in &page {
@@ -821,26 +821,6 @@ fn new_aggregate(name: &str, path: &std::path::Path) -> Result<(), Failure> {
         module.module
     );
     Ok(())
-}
-
-/// The checkpoint after which the last `limit` readable events come.
-async fn tail_start(store: &PostgresEventStore, limit: usize) -> Result<Checkpoint, Failure> {
-    let mut window: std::collections::VecDeque<Checkpoint> = std::collections::VecDeque::new();
-    let mut after = Checkpoint::START;
-    let mut start = Checkpoint::START;
-    loop {
-        let page = store.read_all(after, 5_000).await?;
-        let Some(last) = page.last() else {
-            return Ok(start);
-        };
-        after = last.checkpoint;
-        for event in &page {
-            window.push_back(event.checkpoint);
-            if window.len() > limit {
-                start = window.pop_front().unwrap_or(start);
-            }
-        }
-    }
 }
 
 fn print_event(event: &StoredEvent) {

@@ -282,6 +282,21 @@ impl PostgresEventStore {
         Ok(nth)
     }
 
+    /// The checkpoint after which the last `n` readable events of the global order come
+    /// ([`Checkpoint::START`] when there are `n` or fewer), found by reading the order's index
+    /// backwards: `n` rows, whatever the log's length (`cqrs events tail`).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the database fails.
+    pub async fn checkpoint_before_last(&self, n: usize) -> Result<Checkpoint, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(self.sql.nth_from_end.clone()))
+            .bind(i64::try_from(n).unwrap_or(i64::MAX))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        row.map_or(Ok(Checkpoint::START), |row| rows::checkpoint(&row))
+    }
+
     /// [`read_all_raw`](Self::read_all_raw) handing each event to `each` as its row arrives, so
     /// the caller's work on it overlaps the database sending the rest of the page. `each` stops
     /// the page with [`ControlFlow::Break`] (the rows left are read and dropped).

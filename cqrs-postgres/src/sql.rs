@@ -32,6 +32,7 @@ pub(crate) struct Sql {
     pub(crate) lag: String,
     pub(crate) head: String,
     pub(crate) nth_after: String,
+    pub(crate) nth_from_end: String,
     pub(crate) events_by_id: String,
     pub(crate) claim_key: String,
     pub(crate) insert_keyed: String,
@@ -172,6 +173,12 @@ impl Sql {
                  WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
                    AND (transaction_id, global_position) > ($1::text::xid8, $2) \
                  ORDER BY transaction_id, global_position OFFSET $3 - 1 LIMIT 1"
+            ),
+            // The ($1 + 1)-th readable event from the end, by the index read backwards.
+            nth_from_end: format!(
+                "SELECT transaction_id::text AS transaction_text, global_position FROM {s}.events \
+                 WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                 ORDER BY transaction_id DESC, global_position DESC OFFSET $1 LIMIT 1"
             ),
             events_by_id: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events WHERE event_id = ANY($1)"

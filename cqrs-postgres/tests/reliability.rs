@@ -870,3 +870,43 @@ async fn cut_transactions_never_leak_into_the_next_use_of_the_connection() {
     assert!(cut_mid_flight > 30, "only {cut_mid_flight} of 150 were cut");
     eprintln!("cut transactions: {cut_mid_flight} of 150 appends cut mid-flight, 0 leaked");
 }
+
+/// `checkpoint_before_last(n)`: reading after it gives exactly the last `n` events of the global
+/// order (what `cqrs events tail` starts from), for every `n` from 0 past the log's length.
+#[tokio::test]
+async fn the_last_n_events_start_after_checkpoint_before_last() {
+    let store = fresh_store("before_last").await;
+    for (s, n) in [("a", 7u64), ("b", 11), ("c", 5)] {
+        for chunk in 0..n {
+            store
+                .append(
+                    &stream(s),
+                    ExpectedVersion::Exact(chunk),
+                    vec![event(chunk)],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    let all = store
+        .read_all(Checkpoint::START, 1_000)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(all.len(), 23);
+    for n in [0, 1, 10, 22, 23, 24, 1_000] {
+        let start = store
+            .checkpoint_before_last(n)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let tail = store
+            .read_all(start, 1_000)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let expected = &all[all.len().saturating_sub(n)..];
+        assert_eq!(
+            tail.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+            expected.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+            "the last {n}"
+        );
+    }
+}

@@ -266,10 +266,19 @@ fn print_line(line: std::fmt::Arguments<'_>) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let schema = cli.schema.clone();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("cqrs: {error}");
+            let message = error.to_string();
+            // The server names the missing table, with a position in our SQL: say what to do.
+            if message.contains("relation \"") && message.contains("does not exist") {
+                eprintln!(
+                    "cqrs: schema `{schema}` has no framework tables (is it the right schema? if so, run `cqrs migrate --schema {schema}`): {message}"
+                );
+            } else {
+                eprintln!("cqrs: {message}");
+            }
             if error.downcast_ref::<NoAnswer>().is_some() {
                 ExitCode::from(3)
             } else if error.downcast_ref::<brokers::OverThreshold>().is_some() {
@@ -342,8 +351,26 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Dlq::Kafka { .. } | Dlq::Rabbitmq { .. } | Dlq::Nats { .. } | Dlq::Sqs { .. },
         ) => {}
         Command::Migrate => {
+            let before = store.applied_migrations().await?;
             store.migrate().await?;
-            out!("schema `{}` is up to date", cli.schema);
+            let after = store.applied_migrations().await?;
+            let new: Vec<&(i64, String)> = after.iter().filter(|m| !before.contains(m)).collect();
+            if new.is_empty() {
+                out!(
+                    "schema `{}` is up to date ({} migrations, none to apply)",
+                    cli.schema,
+                    after.len()
+                );
+            } else {
+                out!(
+                    "applied {} migrations to schema `{}`; it is up to date:",
+                    new.len(),
+                    cli.schema
+                );
+                for (version, description) in new {
+                    out!("  {version} {description}");
+                }
+            }
         }
         Command::Events(Events::Show { stream }) => {
             let Some((kind, id)) = stream.split_once('/') else {

@@ -51,9 +51,16 @@ async fn every_command_against_a_real_store() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
 
-    assert!(stdout(&cqrs(&["migrate"])).contains("schema `t_cli` is up to date"));
+    let first = stdout(&cqrs(&["migrate"]));
     assert!(
-        stdout(&cqrs(&["migrate"])).contains("up to date"),
+        first.starts_with("applied ") && first.contains("migrations to schema `t_cli`"),
+        "{first}"
+    );
+    let applied = first.lines().count() - 1;
+    assert!(applied >= 9, "{first}");
+    assert_eq!(
+        stdout(&cqrs(&["migrate"])),
+        format!("schema `t_cli` is up to date ({applied} migrations, none to apply)\n"),
         "idempotent"
     );
 
@@ -313,6 +320,19 @@ async fn every_command_against_a_real_store() {
         ended.status.code()
     );
 
+    // A schema never migrated: what to run.
+    let (code, line) = failure(
+        &std::process::Command::new(env!("CARGO_BIN_EXE_cqrs"))
+            .args(["--schema", "t_cli_never_migrated", "events", "tail"])
+            .output()
+            .unwrap_or_else(|e| panic!("run cqrs: {e}")),
+    );
+    assert_eq!(code, 1);
+    assert!(
+        line.contains("run `cqrs migrate --schema t_cli_never_migrated`"),
+        "{line}"
+    );
+
     // An unreachable database: one line, exit 1, and the password is not in it.
     let (code, line) = failure(&cqrs(&[
         "--database-url",
@@ -324,7 +344,19 @@ async fn every_command_against_a_real_store() {
         line.starts_with("cqrs: cannot reach the store:")
             && line.contains("127.0.0.1:1")
             && !line.contains("hunter2")
+            && line.contains("refused")
             && line.lines().count() == 1,
+        "{line}"
+    );
+    // A password in the query string is hidden too.
+    let (code, line) = failure(&cqrs(&[
+        "--database-url",
+        "postgres://postgres@127.0.0.1:1/x?password=hunter2",
+        "migrate",
+    ]));
+    assert_eq!(code, 1);
+    assert!(
+        line.contains("password=***") && !line.contains("hunter2"),
         "{line}"
     );
 }

@@ -143,8 +143,33 @@ impl PostgresEventStore {
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout.min(cqrs_core::backoff::MAX_WAIT))
             .connect(url)
-            .await
-            .map_err(|e| StoreError::backend(ConnectError(url_without_password(url), e)))?;
+            .await;
+        let pool = match pool {
+            Ok(pool) => pool,
+            Err(sqlx::Error::PoolTimedOut) => {
+                // The pool retried until its timeout and says only that: one more try on its
+                // own gives the cause (refused, unknown host, authentication, no database).
+                let cause = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    <PgConnection as sqlx::Connection>::connect(url),
+                )
+                .await;
+                let error = match cause {
+                    Ok(Err(cause)) => cause,
+                    _ => sqlx::Error::PoolTimedOut,
+                };
+                return Err(StoreError::backend(ConnectError(
+                    url_without_password(url),
+                    error,
+                )));
+            }
+            Err(e) => {
+                return Err(StoreError::backend(ConnectError(
+                    url_without_password(url),
+                    e,
+                )));
+            }
+        };
         Self::new(pool, schema)
     }
 
@@ -197,6 +222,29 @@ impl PostgresEventStore {
             conn.detach();
         }
         result
+    }
+
+    /// The migrations applied to this schema, oldest first: version and description (none when
+    /// the schema was never migrated).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the database fails.
+    pub async fn applied_migrations(&self) -> Result<Vec<(i64, String)>, StoreError> {
+        let table = format!("{}._sqlx_migrations", self.sql.quoted_schema);
+        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(&table)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(backend)?;
+        if exists.is_none() {
+            return Ok(Vec::new());
+        }
+        sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT version, description FROM {table} WHERE success ORDER BY version"
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)
     }
 
     /// The connection pool.
@@ -1294,9 +1342,12 @@ impl Wakeups {
 #[error("cannot connect to PostgreSQL at {0}: {1}")]
 struct ConnectError(String, #[source] sqlx::Error);
 
-/// `url` with the password replaced, for error messages.
+/// `url` with every password replaced, for error messages: the one in the user info
+/// (`postgres://app:secret@host`), a `password=` parameter of a URL's query
+/// (`?password=secret`) and a `password=` pair of a key/value connection string
+/// (`host=db password=secret`, quoted or not).
 fn url_without_password(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let url = match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let credentials = &url[scheme + 3..at];
             match credentials.split_once(':') {
@@ -1305,7 +1356,32 @@ fn url_without_password(url: &str) -> String {
             }
         }
         _ => url.to_owned(),
+    };
+    let mut out = String::with_capacity(url.len());
+    let mut rest = url.as_str();
+    while let Some(at) = rest.to_ascii_lowercase().find("password=") {
+        let value = at + "password=".len();
+        out.push_str(&rest[..value]);
+        out.push_str("***");
+        let tail = &rest[value..];
+        let end = if let Some(quoted) = tail.strip_prefix('\'') {
+            // A quoted value runs to the next unescaped quote.
+            let mut escaped = false;
+            quoted
+                .char_indices()
+                .find(|&(_, c)| {
+                    let close = c == '\'' && !escaped;
+                    escaped = c == '\\' && !escaped;
+                    close
+                })
+                .map_or(tail.len(), |(i, _)| i + 2)
+        } else {
+            tail.find(['&', ' ', '\t', '\n']).unwrap_or(tail.len())
+        };
+        rest = &tail[end..];
     }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -1540,5 +1616,21 @@ mod tests {
             "postgres://postgres@127.0.0.1/test"
         );
         assert_eq!(url_without_password("not a url"), "not a url");
+        assert_eq!(
+            url_without_password("postgres://db/x?user=app&password=s3cr3t&sslmode=require"),
+            "postgres://db/x?user=app&password=***&sslmode=require"
+        );
+        assert_eq!(
+            url_without_password("host=db user=app PASSWORD=s3cr3t dbname=x"),
+            "host=db user=app PASSWORD=*** dbname=x"
+        );
+        assert_eq!(
+            url_without_password("host=db password='s3 cr\\'3t' dbname=x"),
+            "host=db password=*** dbname=x"
+        );
+        assert_eq!(
+            url_without_password("postgres://a:b@db/x?password=c"),
+            "postgres://a:***@db/x?password=***"
+        );
     }
 }

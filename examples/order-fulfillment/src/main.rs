@@ -16,7 +16,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:3000")]
     addr: SocketAddr,
     /// PostgreSQL (default: in memory).
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
     /// The PostgreSQL schema.
     #[arg(long, default_value = "order_fulfillment")]
@@ -29,10 +29,10 @@ struct Args {
     #[arg(long, default_value = "")]
     topic_prefix: String,
     /// RabbitMQ (`amqp://user:password@host:5672/%2f`); needs a database too (feature `rabbitmq`).
-    #[arg(long, env = "AMQP_URL")]
+    #[arg(long, env = "AMQP_URL", hide_env_values = true)]
     amqp_url: Option<String>,
     /// NATS with JetStream (`nats://host:4222`); needs a database too (feature `nats`).
-    #[arg(long, env = "NATS_URL")]
+    #[arg(long, env = "NATS_URL", hide_env_values = true)]
     nats_url: Option<String>,
     /// A local SQS server (`http://127.0.0.1:4566`); needs a database too (feature `sqs`). For
     /// AWS itself set `SQS_QUEUE` without it (`AWS_REGION` and the normal credentials).
@@ -44,7 +44,7 @@ struct Args {
     sqs_queue: Option<String>,
     /// Record `Idempotency-Key`s in Redis (`redis://host:6379`) instead of the event store
     /// (feature `redis`).
-    #[arg(long, env = "REDIS_URL")]
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
     /// Start, place an order that completes and one that is declined over HTTP, print what
     /// happened, stop.

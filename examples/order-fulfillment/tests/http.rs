@@ -507,3 +507,21 @@ async fn postgres_and_sqs_service_over_http() {
     };
     round_trip(&schema, backend).await;
 }
+
+/// `--help` shows which variables it reads, never their values (a password in the URL).
+#[test]
+fn help_never_prints_a_secret_from_the_environment() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_order-fulfillment"))
+        .arg("--help")
+        .env("DATABASE_URL", "postgres://app:s3cr3t@db:5432/x")
+        .env("AMQP_URL", "amqp://u:s3cr3t@mq:5672/%2f")
+        .env("REDIS_URL", "redis://:s3cr3t@cache:6379")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{help}");
+    assert!(
+        help.contains("DATABASE_URL") && !help.contains("s3cr3t"),
+        "{help}"
+    );
+}

@@ -13,12 +13,15 @@
 use std::fmt::Debug;
 
 use crate::aggregate::Aggregate;
+use crate::command::{Command, StreamExpectation};
 use crate::event::DomainEvent;
 
 /// The *given* half: an aggregate rebuilt from past events.
 #[derive(Debug)]
 pub struct AggregateFixture<A> {
     state: A,
+    /// How many events it recorded (the stream's version).
+    version: u64,
 }
 
 impl<A: Aggregate> AggregateFixture<A> {
@@ -27,38 +30,107 @@ impl<A: Aggregate> AggregateFixture<A> {
     pub fn given_no_previous_events() -> Self {
         Self {
             state: A::initial(),
+            version: 0,
         }
     }
 
     /// An aggregate that recorded `events`.
     pub fn given(events: impl IntoIterator<Item = A::Event>) -> Self {
         let mut state = A::initial();
+        let mut version = 0;
         for event in events {
             state.apply(&event);
+            version += 1;
         }
-        Self { state }
+        Self { state, version }
     }
 
-    /// The *when*: decides `command` against the state.
+    /// The *when*: decides `command` against the state, as the command gateway would: a command
+    /// that needs an existing aggregate, given no events, is not decided (the gateway answers
+    /// `NotFound`; assert it with [`FixtureResult::then_expect_not_found`]), nor is a creating
+    /// command given events (`AlreadyExists`).
     pub fn when(mut self, command: A::Command) -> FixtureResult<A> {
-        let result = self.state.handle(command);
-        if let Ok(events) = &result {
-            for event in events {
-                self.state.apply(event);
-            }
-        }
+        let decision = match (command.expectation(), self.version) {
+            (StreamExpectation::MustExist, 0) => Decision::NotFound,
+            (StreamExpectation::MustNotExist, version) if version > 0 => Decision::AlreadyExists,
+            _ => match self.state.handle(command) {
+                Ok(events) => {
+                    for event in &events {
+                        self.state.apply(event);
+                    }
+                    Decision::Recorded(events)
+                }
+                Err(error) => Decision::Rejected(error),
+            },
+        };
         FixtureResult {
             state: self.state,
-            result,
+            result: decision,
+        }
+    }
+}
+
+/// What the *when* came to.
+enum Decision<A: Aggregate> {
+    Recorded(Vec<A::Event>),
+    Rejected(A::Error),
+    /// The command needs an existing aggregate and there was none.
+    NotFound,
+    /// The command creates the aggregate and there was one.
+    AlreadyExists,
+}
+
+impl<A: Aggregate> Debug for Decision<A>
+where
+    A::Event: Debug,
+    A::Error: Debug,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Recorded(events) => f.debug_tuple("Recorded").field(events).finish(),
+            Self::Rejected(error) => f.debug_tuple("Rejected").field(error).finish(),
+            Self::NotFound => f.write_str("NotFound"),
+            Self::AlreadyExists => f.write_str("AlreadyExists"),
+        }
+    }
+}
+
+impl<A: Aggregate> Decision<A> {
+    /// The recorded events, or a panic message saying what happened instead.
+    fn recorded(&self) -> Result<&Vec<A::Event>, String>
+    where
+        A::Error: Debug,
+    {
+        match self {
+            Self::Recorded(events) => Ok(events),
+            Self::Rejected(error) => Err(format!("the command was rejected: {error:?}")),
+            Self::NotFound => Err(
+                "the command needs an existing aggregate and `given` recorded no event: the gateway answers NotFound (use then_expect_not_found, or give the creating events)".to_owned(),
+            ),
+            Self::AlreadyExists => Err(
+                "the command creates the aggregate and `given` recorded events: the gateway answers AlreadyExists (use then_expect_already_exists)".to_owned(),
+            ),
         }
     }
 }
 
 /// The *then*: what the command decided and the state after it, with assertions.
-#[derive(Debug)]
 pub struct FixtureResult<A: Aggregate> {
     state: A,
-    result: Result<Vec<A::Event>, A::Error>,
+    result: Decision<A>,
+}
+
+impl<A: Aggregate + Debug> Debug for FixtureResult<A>
+where
+    A::Event: Debug,
+    A::Error: Debug,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FixtureResult")
+            .field("state", &self.state)
+            .field("result", &self.result)
+            .finish()
+    }
 }
 
 impl<A: Aggregate> FixtureResult<A> {
@@ -75,7 +147,7 @@ impl<A: Aggregate> FixtureResult<A> {
         A::Error: Debug,
     {
         let expected: Vec<A::Event> = expected.into_iter().collect();
-        match &self.result {
+        match self.result.recorded() {
             Ok(events) => {
                 assert_eq!(
                     events, &expected,
@@ -103,9 +175,7 @@ impl<A: Aggregate> FixtureResult<A> {
                     }
                 }
             }
-            Err(error) => {
-                panic!("expected events {expected:?}, the command was rejected: {error:?}")
-            }
+            Err(what) => panic!("expected events {expected:?}; {what}"),
         }
         self
     }
@@ -134,12 +204,53 @@ impl<A: Aggregate> FixtureResult<A> {
         A::Error: PartialEq + Debug,
     {
         match &self.result {
-            Ok(events) => panic!("expected error {expected:?}, the command recorded {events:?}"),
-            Err(error) => assert_eq!(
+            Decision::Rejected(error) => assert_eq!(
                 error, &expected,
                 "the command was rejected with another error"
             ),
+            Decision::Recorded(events) => {
+                panic!("expected error {expected:?}, the command recorded {events:?}")
+            }
+            other => panic!("expected error {expected:?}, got {other:?}"),
         }
+        self
+    }
+
+    /// Asserts that the gateway would answer `NotFound`: the command needs an existing aggregate
+    /// and `given` recorded no event.
+    ///
+    /// # Panics
+    /// When the command was decided.
+    #[track_caller]
+    pub fn then_expect_not_found(self) -> Self
+    where
+        A::Event: Debug,
+        A::Error: Debug,
+    {
+        assert!(
+            matches!(self.result, Decision::NotFound),
+            "expected NotFound, got {:?}",
+            self.result
+        );
+        self
+    }
+
+    /// Asserts that the gateway would answer `AlreadyExists`: the command creates the aggregate
+    /// and `given` recorded events.
+    ///
+    /// # Panics
+    /// When the command was decided.
+    #[track_caller]
+    pub fn then_expect_already_exists(self) -> Self
+    where
+        A::Event: Debug,
+        A::Error: Debug,
+    {
+        assert!(
+            matches!(self.result, Decision::AlreadyExists),
+            "expected AlreadyExists, got {:?}",
+            self.result
+        );
         self
     }
 
@@ -153,12 +264,20 @@ impl<A: Aggregate> FixtureResult<A> {
         A::Event: Debug,
     {
         match &self.result {
-            Ok(events) => panic!("expected error `{message}`, the command recorded {events:?}"),
-            Err(error) => assert_eq!(
+            Decision::Rejected(error) => assert_eq!(
                 error.to_string(),
                 message,
                 "the command was rejected with another error"
             ),
+            Decision::Recorded(events) => {
+                panic!("expected error `{message}`, the command recorded {events:?}")
+            }
+            Decision::NotFound => {
+                panic!("expected error `{message}`, the aggregate does not exist (NotFound)")
+            }
+            Decision::AlreadyExists => {
+                panic!("expected error `{message}`, the aggregate exists already (AlreadyExists)")
+            }
         }
         self
     }
@@ -172,16 +291,29 @@ impl<A: Aggregate> FixtureResult<A> {
     where
         A::Error: Debug,
     {
-        match &self.result {
+        match self.result.recorded() {
             Ok(_) => check(&self.state),
-            Err(error) => panic!("expected a new state, the command was rejected: {error:?}"),
+            Err(what) => panic!("expected a new state; {what}"),
         }
         self
     }
 
     /// The decision itself, for assertions of your own.
-    pub fn into_result(self) -> Result<Vec<A::Event>, A::Error> {
-        self.result
+    ///
+    /// # Panics
+    /// When the gateway would not have decided the command (`NotFound`, `AlreadyExists`): assert
+    /// those with [`then_expect_not_found`](Self::then_expect_not_found) and
+    /// [`then_expect_already_exists`](Self::then_expect_already_exists).
+    #[track_caller]
+    pub fn into_result(self) -> Result<Vec<A::Event>, A::Error>
+    where
+        A::Error: Debug,
+    {
+        match self.result {
+            Decision::Recorded(events) => Ok(events),
+            Decision::Rejected(error) => Err(error),
+            other => panic!("{}", other.recorded().err().unwrap_or_default()),
+        }
     }
 }
 

@@ -130,7 +130,7 @@ fn the_fixture_fails_on_other_events() {
 #[test]
 #[should_panic(expected = "the command was rejected")]
 fn the_fixture_fails_when_events_were_expected_but_the_command_was_rejected() {
-    AggregateFixture::<Order>::given_no_previous_events()
+    AggregateFixture::<Order>::given([created(), OrderEvent::OrderConfirmed])
         .when(OrderCommand::ConfirmOrder)
         .then_expect_events([OrderEvent::OrderConfirmed]);
 }
@@ -191,4 +191,28 @@ mod broken_serde {
                 text: "hello".into(),
             }]);
     }
+}
+
+/// The fixture answers as the gateway would: a command that needs an existing aggregate, given
+/// no events, is `NotFound` (it used to be decided against the empty state); a creating command
+/// given events is `AlreadyExists`.
+#[test]
+fn the_fixture_keeps_the_commands_stream_expectation() {
+    AggregateFixture::<Account>::given_no_previous_events()
+        .when(AccountCommand::Deposit(Deposit {
+            amount_cents: 5,
+            reference: String::new(),
+        }))
+        .then_expect_not_found();
+    AggregateFixture::<Account>::given([AccountEvent::Opened { owner: "o".into() }])
+        .when(AccountCommand::Open { owner: "p".into() })
+        .then_expect_already_exists();
+}
+
+#[test]
+#[should_panic(expected = "the gateway answers NotFound")]
+fn the_fixture_says_why_a_command_on_no_aggregate_records_nothing() {
+    AggregateFixture::<Account>::given_no_previous_events()
+        .when(AccountCommand::Withdraw { amount_cents: 5 })
+        .then_expect_no_events();
 }

@@ -689,7 +689,7 @@ async fn copy_at(
             schema_version,
             payload,
             metadata,
-        } = Columns::of(event)?;
+        } = Columns::of(event).map_err(Insert::Failed)?;
         // Ids and numbers need no escaping.
         let _ = write!(data, "{}\t", event.event_id.0.hyphenated());
         copy_escape(&mut data, &stream.aggregate_type);
@@ -744,24 +744,54 @@ struct Columns {
 }
 
 impl Columns {
-    fn of(event: &EventData) -> Result<Self, Insert> {
+    fn of(event: &EventData) -> Result<Self, StoreError> {
         let unwritable = |what: &str, e: serde_json::Error| {
-            Insert::Failed(StoreError::InvalidInput(format!(
+            StoreError::InvalidInput(format!(
                 "the {what} of `{}` cannot be written as JSON: {e}",
                 event.event_type
-            )))
+            ))
         };
         Ok(Self {
             schema_version: i32::try_from(event.schema_version).map_err(|_| {
-                Insert::Failed(StoreError::InvalidInput(format!(
+                StoreError::InvalidInput(format!(
                     "schema version {} of `{}` does not fit PostgreSQL's integer",
                     event.schema_version, event.event_type
-                )))
+                ))
             })?,
             payload: serde_json::to_string(&event.payload).map_err(|e| unwritable("payload", e))?,
             metadata: serde_json::to_string(&event.metadata)
                 .map_err(|e| unwritable("metadata", e))?,
         })
+    }
+}
+
+/// The columns of a batch, one array per column, as the array statements bind them.
+struct ColumnArrays<'e> {
+    ids: Vec<uuid::Uuid>,
+    types: Vec<&'e str>,
+    versions: Vec<i32>,
+    payloads: Vec<String>,
+    metadata: Vec<String>,
+}
+
+impl<'e> ColumnArrays<'e> {
+    fn of(events: &'e [EventData]) -> Result<Self, StoreError> {
+        let mut arrays = Self {
+            ids: Vec::with_capacity(events.len()),
+            types: Vec::with_capacity(events.len()),
+            versions: Vec::with_capacity(events.len()),
+            payloads: Vec::with_capacity(events.len()),
+            metadata: Vec::with_capacity(events.len()),
+        };
+        for event in events {
+            let columns = Columns::of(event)?;
+            arrays.ids.push(event.event_id.0);
+            arrays.types.push(event.event_type.as_str());
+            arrays.versions.push(columns.schema_version);
+            arrays.payloads.push(columns.payload);
+            arrays.metadata.push(columns.metadata);
+        }
+        Ok(arrays)
     }
 }
 
@@ -848,19 +878,13 @@ async fn insert_at<'c, E: sqlx::PgExecutor<'c>>(
     base: u64,
     events: &[EventData],
 ) -> Result<AppendResult, Insert> {
-    let mut ids = Vec::with_capacity(events.len());
-    let mut types = Vec::with_capacity(events.len());
-    let mut versions = Vec::with_capacity(events.len());
-    let mut payloads = Vec::with_capacity(events.len());
-    let mut metadata = Vec::with_capacity(events.len());
-    for event in events {
-        let columns = Columns::of(event)?;
-        ids.push(event.event_id.0);
-        types.push(event.event_type.as_str());
-        versions.push(columns.schema_version);
-        payloads.push(columns.payload);
-        metadata.push(columns.metadata);
-    }
+    let ColumnArrays {
+        ids,
+        types,
+        versions,
+        payloads,
+        metadata,
+    } = ColumnArrays::of(events).map_err(Insert::Failed)?;
     let base_i64 = to_i64(base).map_err(Insert::Failed)?;
     let query = sqlx::query(AssertSqlSafe(if events.len() == 1 {
         sql.insert_one.clone()
@@ -912,31 +936,16 @@ async fn insert_keyed(
     events: &[EventData],
     key: &str,
 ) -> Result<Option<AppendResult>, StoreError> {
-    let mut ids = Vec::with_capacity(events.len());
-    let mut types = Vec::with_capacity(events.len());
-    let mut versions = Vec::with_capacity(events.len());
-    let mut payloads = Vec::with_capacity(events.len());
-    let mut metadata = Vec::with_capacity(events.len());
-    for event in events {
-        let columns = Columns::of(event).map_err(|e| match e {
-            Insert::Failed(error) => error,
-            Insert::Lost => StoreError::backend("an event's columns could not be encoded"),
-        })?;
-        ids.push(event.event_id.0);
-        types.push(event.event_type.as_str());
-        versions.push(columns.schema_version);
-        payloads.push(columns.payload);
-        metadata.push(columns.metadata);
-    }
+    let columns = ColumnArrays::of(events)?;
     let row = sqlx::query(AssertSqlSafe(sql.insert_keyed.clone()))
         .bind(&stream.aggregate_type)
         .bind(stream.aggregate_id.as_str())
         .bind(to_i64(base)?)
-        .bind(&ids)
-        .bind(&types)
-        .bind(&versions)
-        .bind(&payloads)
-        .bind(&metadata)
+        .bind(&columns.ids)
+        .bind(&columns.types)
+        .bind(&columns.versions)
+        .bind(&columns.payloads)
+        .bind(&columns.metadata)
         .bind(key)
         .fetch_one(pool)
         .await;

@@ -29,7 +29,6 @@ pub struct SqsConfig {
     region: String,
     credentials: Option<(String, String)>,
     queue: String,
-    fifo: bool,
     declare: bool,
     visibility: Duration,
     max_receive_count: u32,
@@ -42,7 +41,7 @@ impl fmt::Debug for SqsConfig {
             .field("region", &self.region)
             .field("static_credentials", &self.credentials.is_some())
             .field("queue", &self.queue)
-            .field("fifo", &self.fifo)
+            .field("fifo", &self.is_fifo())
             .field("declare", &self.declare)
             .field("visibility", &self.visibility)
             .field("max_receive_count", &self.max_receive_count)
@@ -60,7 +59,6 @@ impl SqsConfig {
             region: region.into(),
             credentials: None,
             queue: "cqrs-events.fifo".to_owned(),
-            fifo: true,
             declare: true,
             visibility: Duration::from_secs(30),
             max_receive_count: 10,
@@ -99,7 +97,6 @@ impl SqsConfig {
                 .map(str::to_owned)
         });
         if let Some(queue) = std::env::var("SQS_QUEUE").ok().or(from_url) {
-            config.fifo = queue.ends_with(".fifo");
             config.queue = queue;
         }
         config
@@ -132,7 +129,6 @@ impl SqsConfig {
         let queue = queue.into();
         check_queue_name(&queue, true)?;
         self.queue = queue;
-        self.fifo = true;
         Ok(self)
     }
 
@@ -146,7 +142,6 @@ impl SqsConfig {
         let queue = queue.into();
         check_queue_name(&queue, false)?;
         self.queue = queue;
-        self.fifo = false;
         Ok(self)
     }
 
@@ -179,10 +174,11 @@ impl SqsConfig {
         &self.queue
     }
 
-    /// Whether the queues are FIFO queues (else standard ones).
+    /// Whether the queues are FIFO queues (else standard ones): what the queue's name says,
+    /// as in SQS (a FIFO queue's name ends in `.fifo`).
     #[must_use]
     pub fn is_fifo(&self) -> bool {
-        self.fifo
+        crate::queues::is_fifo(&self.queue)
     }
 
     /// Whether queues are declared by this crate.

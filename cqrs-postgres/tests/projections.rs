@@ -484,7 +484,12 @@ async fn a_rebuild_during_live_writes_equals_a_clean_replay() {
     let mut worker =
         ProjectionWorker::new(store.clone(), DepositTotals::new(&store), "w").with_batch(40);
     assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
+    // The rebuild must have something to replay: wait for the writer's first events.
     worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
+    while totals(&store).await.1 == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
+    }
     let schema = store.schema().to_owned();
     let replayed = worker
         .rebuild(move |conn| {

@@ -16,7 +16,31 @@ ready() {
   fi
 }
 
+# The TLS tests need a server that offers TLS: a local cluster without it gets a self-signed
+# certificate (as Debian's own clusters have) and `ssl = on`, applied by a reload.
+tls_on() {
+  command -v psql >/dev/null 2>&1 || return 0
+  [ "$(psql "$url" -qtAc 'show ssl' 2>/dev/null)" = on ] && return 0
+  if [ "$(id -u)" = 0 ] && id postgres >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1; then
+    dir=/var/lib/postgresql/cqrs-tls
+    mkdir -p "$dir"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=localhost" \
+      -addext "basicConstraints=critical,CA:FALSE" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+      -keyout "$dir/server.key" -out "$dir/server.crt" >/dev/null 2>&1
+    chown -R postgres:postgres "$dir"
+    chmod 600 "$dir/server.key"
+    psql "$url" -qtAc "ALTER SYSTEM SET ssl_cert_file = '$dir/server.crt'" >/dev/null
+    psql "$url" -qtAc "ALTER SYSTEM SET ssl_key_file = '$dir/server.key'" >/dev/null
+    psql "$url" -qtAc "ALTER SYSTEM SET ssl = on" >/dev/null
+    psql "$url" -qtAc "SELECT pg_reload_conf()" >/dev/null
+    sleep 1
+    [ "$(psql "$url" -qtAc 'show ssl')" = on ] && { echo "==> TLS turned on in PostgreSQL (self-signed certificate in $dir)"; return 0; }
+  fi
+  echo "warning: PostgreSQL at $url does not offer TLS; the TLS test will fail (turn on ssl in its configuration)" >&2
+}
+
 if ready; then
+  tls_on
   exit 0
 fi
 if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
@@ -25,7 +49,7 @@ if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
     pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
   done
   for _ in $(seq 1 30); do
-    ready && exit 0
+    ready && { tls_on; exit 0; }
     sleep 1
   done
 fi

@@ -32,6 +32,10 @@ struct Cli {
     /// The PostgreSQL schema holding the store.
     #[arg(long, global = true, default_value = "cqrs")]
     schema: String,
+    /// Print what read commands find as JSON, one object per line (events, projections, dead
+    /// letters, sagas); nothing for an empty list.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -55,6 +59,12 @@ enum Command {
     /// Saga instances.
     #[command(subcommand)]
     Sagas(Sagas),
+    /// Print a completion script for a shell, e.g. `cqrs completions bash >
+    /// ~/.local/share/bash-completion/completions/cqrs`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -198,9 +208,8 @@ enum Sagas {
         /// Only this saga.
         #[arg(long)]
         saga: Option<String>,
-        /// Only in this state: running, compensating, completed, compensated, failed,
-        /// unreadable, abandoned.
-        #[arg(long, value_parser = parse_state)]
+        /// Only in this state.
+        #[arg(long, value_parser = state_parser())]
         state: Option<SagaStatus>,
     },
     /// One instance with its steps.
@@ -246,8 +255,11 @@ fn confirmed(question: &str) -> Result<bool, Box<dyn std::error::Error>> {
     Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
 }
 
-fn parse_state(text: &str) -> Result<SagaStatus, String> {
-    text.parse()
+/// The saga states `--state` takes, listed in `--help` and suggested on a typo.
+fn state_parser() -> impl clap::builder::TypedValueParser<Value = SagaStatus> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(SagaStatus::ALL.map(SagaStatus::as_str))
+        .try_map(|state: String| state.parse::<SagaStatus>())
 }
 
 /// Writes a line to stdout; exits with success when the reader went away.
@@ -305,8 +317,16 @@ impl std::fmt::Display for NoAnswer {
 impl std::error::Error for NoAnswer {}
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    let json = cli.json;
     match &cli.command {
         Command::New(New::Aggregate { name, path }) => return new_aggregate(name, path),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "cqrs", &mut script);
+            out!("{}", String::from_utf8_lossy(&script).trim_end());
+            return Ok(());
+        }
         // A broker's dead letters need no database.
         Command::Dlq(Dlq::Kafka { topic, action }) => {
             let dead = cqrs_kafka::KafkaDeadLetters::new(
@@ -347,6 +367,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .map_err(|e| format!("cannot reach the store: {e}"))?;
     match cli.command {
         Command::New(_)
+        | Command::Completions { .. }
         | Command::Dlq(
             Dlq::Kafka { .. } | Dlq::Rabbitmq { .. } | Dlq::Nats { .. } | Dlq::Sqs { .. },
         ) => {}
@@ -384,7 +405,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(format!("no events in stream {stream}").into());
             }
             for event in &events {
-                print_event(event);
+                print_event(event, json);
             }
         }
         Command::Events(Events::Tail { limit, follow }) => {
@@ -392,7 +413,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             loop {
                 let page = store.read_all(after, 1_000).await?;
                 for event in &page {
-                    print_event(event);
+                    print_event(event, json);
                     after = event.checkpoint;
                 }
                 if !follow {
@@ -404,35 +425,44 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Projections(Projections::List) => {
-            out!(
-                "{:<28} {:>10} {:>8} {:>6} {:<16} {:>6}  updated",
+            let all = projections(&store).await?;
+            if json {
+                for p in &all {
+                    out!("{}", projection_json(p));
+                }
+                return Ok(());
+            }
+            let mut table = table([
                 "projection",
                 "position",
                 "lag",
+                "lag (s)",
                 "epoch",
                 "owner",
-                "dlq"
-            );
-            for p in projections(&store).await? {
+                "dlq",
+                "updated",
+            ]);
+            for p in all {
                 let owner = match (&p.owner, p.leased) {
                     (Some(owner), true) => owner.clone(),
                     (Some(owner), false) => format!("({owner})"),
                     (None, _) => "-".to_owned(),
                 };
-                out!(
-                    "{:<28} {:>10} {:>8} {:>6} {:<16} {:>6}  {}",
+                table.add_row([
                     p.name,
-                    p.checkpoint.position,
-                    p.lag,
-                    p.epoch,
+                    p.checkpoint.position.to_string(),
+                    p.lag.to_string(),
+                    format!("{:.1}", p.lag_seconds),
+                    p.epoch.to_string(),
                     owner,
-                    p.dead_letters,
-                    p.updated_at.format("%Y-%m-%d %H:%M:%S")
-                );
+                    p.dead_letters.to_string(),
+                    p.updated_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                ]);
             }
+            out!("{table}");
         }
         Command::Projections(Projections::Status { name }) => {
-            status(&store, &name).await?;
+            status(&store, &name, json).await?;
         }
         Command::Projections(Projections::Rebuild {
             name,
@@ -452,6 +482,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Dlq(Dlq::List { projection }) => {
             let letters = DeadLetters::new(store).list(&projection).await?;
+            if json {
+                for l in &letters {
+                    out!(
+                        "{}",
+                        serde_json::json!({
+                            "id": l.id,
+                            "projection": projection,
+                            "stream": l.stream.to_string(),
+                            "version": l.version,
+                            "event_id": l.event_id.0,
+                            "attempts": l.attempts,
+                            "first_failed_at": l.first_failed_at,
+                            "last_failed_at": l.last_failed_at,
+                            "error": l.error,
+                        })
+                    );
+                }
+                return Ok(());
+            }
             if letters.is_empty() {
                 out!("no dead letters for `{projection}`");
             }
@@ -537,7 +586,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .map(|s| s.id)
                     .collect();
                 for q in sagas.quarantined(saga.as_deref()).await? {
-                    if !readable.contains(&q.id) {
+                    if readable.contains(&q.id) {
+                        continue;
+                    }
+                    if json {
+                        out!(
+                            "{}",
+                            serde_json::json!({
+                                "id": q.id.0,
+                                "saga": q.saga,
+                                "status": SagaStatus::Unreadable,
+                                "set_aside_at": q.at,
+                                "error": q.error,
+                            })
+                        );
+                    } else {
                         out!(
                             "{} {:<24} {:<13} set aside {} error: {}",
                             q.id,
@@ -555,6 +618,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .iter()
                     .filter(|(_, o)| !matches!(o, cqrs_core::saga::StepOutcome::Pending))
                     .count();
+                if json {
+                    out!(
+                        "{}",
+                        serde_json::json!({
+                            "id": s.id.0,
+                            "saga": s.saga,
+                            "status": s.status,
+                            "steps_done": done,
+                            "steps": s.steps.len(),
+                            "started_at": s.started_at,
+                            "updated_at": s.updated_at,
+                            "error": s.error,
+                        })
+                    );
+                    continue;
+                }
                 out!(
                     "{} {:<24} {:<13} steps {done}/{} started {}{}",
                     s.id,
@@ -571,6 +650,38 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let Some(s) = sagas.load(SagaId(id)).await? else {
                 return Err(format!("no saga {id}").into());
             };
+            if json {
+                let steps: Vec<serde_json::Value> = s
+                    .steps
+                    .iter()
+                    .map(|(name, outcome)| {
+                        serde_json::json!({
+                            "name": name,
+                            "outcome": step_text(outcome).0,
+                            "error": step_text(outcome).1,
+                        })
+                    })
+                    .collect();
+                out!(
+                    "{}",
+                    serde_json::json!({
+                        "id": s.id.0,
+                        "saga": s.saga,
+                        "status": s.status,
+                        "version": s.version,
+                        "error": s.error,
+                        "retry_at": s.retry_at,
+                        "deadline_at": s.deadline_at,
+                        "deadline_fired": s.deadline_fired,
+                        "started_by": s.started_by,
+                        "started_at": s.started_at,
+                        "updated_at": s.updated_at,
+                        "steps": steps,
+                        "data": s.data,
+                    })
+                );
+                return Ok(());
+            }
             out!(
                 "saga {} ({}): {}, version {}",
                 s.id,
@@ -588,7 +699,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 );
             }
             for (name, outcome) in &s.steps {
-                out!("  {name}: {outcome:?}");
+                match step_text(outcome) {
+                    (outcome, Some(error)) => out!("  {name}: {outcome}: {error}"),
+                    (outcome, None) => out!("  {name}: {outcome}"),
+                }
             }
             out!("data: {}", s.data);
         }
@@ -621,10 +735,22 @@ fn lease_text(p: &ProjectionStatus) -> String {
     }
 }
 
-async fn status(store: &PostgresEventStore, name: &str) -> Result<(), Failure> {
+async fn status(store: &PostgresEventStore, name: &str, json: bool) -> Result<(), Failure> {
     let p = find(store, name).await?;
     let requests = Control::new(store.clone()).requests(name).await?;
     let head = store.head().await?.map_or(0, |h| h.position);
+    if json {
+        let mut object = projection_json(&p);
+        object["head"] = head.into();
+        if let Some(r) = requests {
+            object["rebuild_requested_at"] = serde_json::json!(r.rebuild_requested_at);
+            object["rebuilt_at"] = serde_json::json!(r.rebuilt_at);
+            object["retries_pending"] = r.retries_pending.into();
+            object["request_error"] = serde_json::json!(r.error);
+        }
+        out!("{object}");
+        return Ok(());
+    }
     out!("projection:   {}", p.name);
     out!(
         "checkpoint:   position {} (transaction {}), head {head}, lag {} events ({:.1} s)",
@@ -850,7 +976,68 @@ fn new_aggregate(name: &str, path: &std::path::Path) -> Result<(), Failure> {
     Ok(())
 }
 
-fn print_event(event: &StoredEvent) {
+/// A table for the terminal: columns as wide as their widest cell, no borders, so that a long
+/// name widens its column instead of shifting the others.
+fn table<const N: usize>(header: [&str; N]) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table
+        .load_style(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(header);
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    table
+}
+
+/// A projection's status as one JSON object.
+fn projection_json(p: &ProjectionStatus) -> serde_json::Value {
+    serde_json::json!({
+        "name": p.name,
+        "transaction": p.checkpoint.transaction,
+        "position": p.checkpoint.position,
+        "lag": p.lag,
+        "lag_seconds": p.lag_seconds,
+        "owner": p.owner,
+        "leased": p.leased,
+        "epoch": p.epoch,
+        "dead_letters": p.dead_letters,
+        "updated_at": p.updated_at,
+    })
+}
+
+/// A step's outcome in words, and its error.
+fn step_text(outcome: &cqrs_core::saga::StepOutcome) -> (&'static str, Option<&str>) {
+    use cqrs_core::saga::StepOutcome;
+    match outcome {
+        StepOutcome::Pending => ("pending", None),
+        StepOutcome::Executed => ("executed", None),
+        StepOutcome::Failed { error } => ("failed", Some(error)),
+        StepOutcome::Compensated => ("compensated", None),
+    }
+}
+
+fn print_event(event: &StoredEvent, json: bool) {
+    if json {
+        out!(
+            "{}",
+            serde_json::json!({
+                "stream": event.stream.to_string(),
+                "aggregate_type": event.stream.aggregate_type,
+                "aggregate_id": event.stream.aggregate_id.to_string(),
+                "version": event.version,
+                "event_id": event.event_id.0,
+                "event_type": event.event_type,
+                "schema_version": event.schema_version,
+                "recorded_at": event.recorded_at,
+                "transaction": event.checkpoint.transaction,
+                "position": event.checkpoint.position,
+                "payload": event.payload,
+                "metadata": event.metadata,
+            })
+        );
+        return;
+    }
     out!(
         "{} {} v{} {} (schema {}) at {} position {} {}",
         event.recorded_at.format("%Y-%m-%d %H:%M:%S%.3f"),

@@ -32,6 +32,14 @@ fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Each line of a successful command's output, parsed as JSON.
+fn json_lines(output: &Output) -> Vec<serde_json::Value> {
+    stdout(output)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect()
+}
+
 /// The one line of a failed command and its exit code.
 fn failure(output: &Output) -> (i32, String) {
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
@@ -93,6 +101,23 @@ async fn every_command_against_a_real_store() {
     assert_eq!(lines.len(), 2, "{shown}");
     assert!(lines[0].contains("account/a-1 v1 AccountOpened") && lines[0].contains("\"Ada\""));
     assert!(lines[1].contains("v2 MoneyDeposited (schema 2)") && lines[1].contains("1250"));
+    // The same as JSON, one object per line.
+    let objects = json_lines(&cqrs(&["events", "show", "account/a-1", "--json"]));
+    assert_eq!(objects.len(), 2);
+    assert_eq!(objects[0]["stream"], "account/a-1");
+    assert_eq!(objects[0]["aggregate_id"], "a-1");
+    assert_eq!(objects[0]["event_type"], "AccountOpened");
+    assert_eq!(objects[0]["payload"]["owner"], "Ada");
+    assert_eq!(objects[1]["version"], 2);
+    assert_eq!(objects[1]["schema_version"], 2);
+    assert_eq!(objects[1]["payload"]["amount_cents"], 1_250);
+    assert!(objects[1]["position"].as_u64().is_some_and(|p| p > 0));
+    assert!(
+        objects[1]["recorded_at"]
+            .as_str()
+            .is_some_and(|t| t.contains('T'))
+    );
+    assert!(objects[1]["metadata"].is_object());
     assert_eq!(
         failure(&cqrs(&["events", "show", "account/nobody"])),
         (1, "cqrs: no events in stream account/nobody\n".to_owned())
@@ -137,6 +162,48 @@ async fn every_command_against_a_real_store() {
         "{row}"
     );
 
+    let object = &json_lines(&cqrs(&["projections", "list", "--json"]))[0];
+    assert_eq!(object["name"], "balances");
+    assert_eq!(object["owner"], "worker-1");
+    assert_eq!(object["leased"], true);
+    assert_eq!(
+        (object["epoch"].clone(), object["dead_letters"].clone()),
+        (3.into(), 1.into())
+    );
+    let status = &json_lines(&cqrs(&["projections", "status", "balances", "--json"]))[0];
+    assert_eq!(status["lag"], 1);
+    assert!(status["head"].as_u64().is_some_and(|h| h >= 2), "{status}");
+    // A long name widens its column; the others stay aligned under their headers.
+    sqlx::query(
+        "INSERT INTO t_cli.projection_checkpoints (projection, transaction_id, global_position) \
+         SELECT 'a_projection_with_a_name_longer_than_any_column', transaction_id, global_position \
+         FROM t_cli.events WHERE global_position = 1",
+    )
+    .execute(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let table = stdout(&cqrs(&["projections", "list"]));
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    let lag_column = lines[0].find("lag").unwrap_or_else(|| panic!("{table}"));
+    for line in &lines[1..] {
+        assert_eq!(
+            line.split_whitespace().count(),
+            9,
+            "one value per column (the date has two): {table}"
+        );
+        assert_eq!(&line[lag_column..lag_column + 1], "1", "{table}");
+    }
+    sqlx::query("DELETE FROM t_cli.projection_checkpoints WHERE projection <> 'balances'")
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let letter = &json_lines(&cqrs(&["dlq", "list", "balances", "--json"]))[0];
+    assert_eq!(letter["stream"], "account/a-1");
+    assert_eq!(letter["version"], 2);
+    assert_eq!(letter["attempts"], 3);
+    assert_eq!(letter["error"], "balance table is locked");
     let letters = stdout(&cqrs(&["dlq", "list", "balances"]));
     assert!(
         letters.contains("account/a-1 v2")
@@ -183,6 +250,19 @@ async fn every_command_against_a_real_store() {
     assert!(stdout(&cqrs(&["dlq", "list", "balances"])).contains("attempts 3"));
     assert!(stdout(&cqrs(&["dlq", "purge", "balances", "--yes"])).contains("purged 1"));
     assert!(stdout(&cqrs(&["dlq", "list", "balances"])).contains("no dead letters"));
+    // Completion scripts, without a database.
+    for shell in ["bash", "zsh", "fish"] {
+        let script = std::process::Command::new(env!("CARGO_BIN_EXE_cqrs"))
+            .args(["completions", shell])
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let script = stdout(&script);
+        assert!(
+            script.contains("cqrs") && script.contains("projections") && script.contains("--json"),
+            "{shell}: {script}"
+        );
+    }
     // A typo gets a suggestion.
     let (code, usage) = failure(&cqrs(&["projection", "list"]));
     assert_eq!(code, 2);
@@ -210,12 +290,29 @@ async fn every_command_against_a_real_store() {
         "{listed}"
     );
     assert!(stdout(&cqrs(&["sagas", "list", "--state", "completed"])).is_empty());
-    assert_eq!(failure(&cqrs(&["sagas", "list", "--state", "done"])).0, 2);
+    assert!(stdout(&cqrs(&["sagas", "list", "--state", "completed", "--json"])).is_empty());
+    let (code, usage) = failure(&cqrs(&["sagas", "list", "--state", "done"]));
+    assert_eq!(code, 2);
+    assert!(
+        usage.contains("possible values") && usage.contains("compensating"),
+        "{usage}"
+    );
+    let listed = &json_lines(&cqrs(&["sagas", "list", "--json"]))[0];
+    assert_eq!(listed["id"], id.to_string());
+    assert_eq!(listed["status"], "running");
+    assert_eq!(
+        (listed["steps_done"].clone(), listed["steps"].clone()),
+        (0.into(), 5.into())
+    );
     let shown = stdout(&cqrs(&["sagas", "show", &id.to_string()]));
     assert!(
-        shown.contains("reserve_inventory: Pending") && shown.contains("\"o-9\""),
+        shown.contains("reserve_inventory: pending") && shown.contains("\"o-9\""),
         "{shown}"
     );
+    let shown = &json_lines(&cqrs(&["sagas", "show", &id.to_string(), "--json"]))[0];
+    assert_eq!(shown["steps"][0]["name"], "reserve_inventory");
+    assert_eq!(shown["steps"][0]["outcome"], "pending");
+    assert_eq!(shown["data"]["order_id"], "o-9");
     assert_eq!(
         failure(&cqrs(&[
             "sagas",

@@ -380,21 +380,64 @@ impl RawStoredEvent {
     }
 }
 
-impl StoredEvent {
+/// How a stored event's payload is held: parsed ([`serde_json::Value`], what
+/// [`StoredEvent`] holds by default) or as the JSON text the store holds
+/// (`Box<RawValue>`, in a [`RawStoredEvent`]). Either decodes into a domain event; from the text
+/// the derive deserializes a current-version payload directly, with no `Value` built on the way.
+pub trait Payload: Clone + fmt::Debug + Send + Sync + 'static + sealed::Sealed {
+    /// Decodes the payload into `E` ([`DomainEvent::decode`](crate::DomainEvent::decode) or
+    /// [`DomainEvent::decode_json`](crate::DomainEvent::decode_json)).
+    ///
+    /// # Errors
+    /// As [`DomainEvent::decode`](crate::DomainEvent::decode).
+    fn decode_into<E: crate::DomainEvent>(
+        &self,
+        event_type: &str,
+        schema_version: u32,
+    ) -> Result<E, crate::DecodeError>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for serde_json::Value {}
+    impl Sealed for Box<serde_json::value::RawValue> {}
+}
+
+impl Payload for serde_json::Value {
+    fn decode_into<E: crate::DomainEvent>(
+        &self,
+        event_type: &str,
+        schema_version: u32,
+    ) -> Result<E, crate::DecodeError> {
+        E::decode(event_type, schema_version, self)
+    }
+}
+
+impl Payload for Box<serde_json::value::RawValue> {
+    fn decode_into<E: crate::DomainEvent>(
+        &self,
+        event_type: &str,
+        schema_version: u32,
+    ) -> Result<E, crate::DecodeError> {
+        E::decode_json(event_type, schema_version, self.get())
+    }
+}
+
+impl<P: Payload> StoredEvent<P> {
     /// Decodes the payload into `E`, upcasting older schema versions.
     ///
     /// # Errors
     /// [`crate::StoreError::Decode`] naming the stream, version and type when the type is unknown to
     /// `E`, the version is newer than `E` knows, an upcaster fails or the payload does not fit.
     pub fn decode<E: crate::DomainEvent>(&self) -> Result<E, crate::StoreError> {
-        E::decode(&self.event_type, self.schema_version, &self.payload).map_err(|error| {
-            crate::StoreError::Decode {
+        self.payload
+            .decode_into(&self.event_type, self.schema_version)
+            .map_err(|error| crate::StoreError::Decode {
                 stream: self.stream.clone(),
                 version: self.version,
                 event_type: self.event_type.clone(),
                 error: Box::new(error),
-            }
-        })
+            })
     }
 
     /// Decodes into a typed [`RecordedEvent`], copying the envelope (the payload is decoded, not
@@ -432,6 +475,42 @@ impl StoredEvent {
             recorded_at: self.recorded_at,
             metadata: self.metadata,
             event,
+        })
+    }
+}
+
+impl StoredEvent {
+    /// The event with its payload written back to JSON text, the envelope moved.
+    ///
+    /// # Errors
+    /// [`crate::StoreError::Corrupt`] naming the event if the payload cannot be written (a map
+    /// with keys that are not strings cannot be held in a `Value`, so this does not happen).
+    pub fn into_raw(self) -> Result<RawStoredEvent, crate::StoreError> {
+        let payload = match serde_json::value::to_raw_value(&self.payload) {
+            Ok(payload) => payload,
+            Err(e) => {
+                return Err(crate::StoreError::Corrupt(Box::new(
+                    crate::store::CorruptEvent {
+                        stream: self.stream,
+                        version: self.version,
+                        event_id: self.event_id,
+                        event_type: self.event_type,
+                        checkpoint: self.checkpoint,
+                        message: format!("payload: {e}"),
+                    },
+                )));
+            }
+        };
+        Ok(StoredEvent {
+            event_id: self.event_id,
+            stream: self.stream,
+            version: self.version,
+            checkpoint: self.checkpoint,
+            recorded_at: self.recorded_at,
+            event_type: self.event_type,
+            schema_version: self.schema_version,
+            payload,
+            metadata: self.metadata,
         })
     }
 }

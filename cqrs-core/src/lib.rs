@@ -26,7 +26,7 @@ pub use backoff::Backoff;
 pub use command::{Command, CommandMetadata, StreamExpectation};
 pub use envelope::{
     AggregateId, CausationId, Checkpoint, CommandId, CorrelationId, EventData, EventId, Metadata,
-    RawStoredEvent, RecordedEvent, StoredEvent, StreamId,
+    Payload, RawStoredEvent, RecordedEvent, StoredEvent, StreamId,
 };
 pub use event::{ApplyTo, DecodeError, DomainEvent, EncodedEvent, UpcastError};
 pub use gateway::{CommandError, CommandGateway, Executed};
@@ -76,14 +76,15 @@ pub mod __private {
     pub use serde_json;
 
     /// Routes a decoded event to its handler, mapping the handler's error.
-    pub async fn handle<P, E>(
+    pub async fn handle<P, E, T>(
         projection: &mut P,
-        event: &crate::StoredEvent,
+        event: &crate::StoredEvent<T>,
         context: &mut P::Context,
     ) -> Result<bool, crate::projection::ProjectionError>
     where
         P: crate::projection::Projection + crate::projection::Handles<E, P::Context>,
         E: crate::DomainEvent,
+        T: crate::Payload,
     {
         let recorded = event.to_recorded::<E>()?;
         projection

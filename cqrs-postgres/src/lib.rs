@@ -265,22 +265,6 @@ impl PostgresEventStore {
         &self.sql.channel
     }
 
-    /// [`EventStore::read_all`] with each payload left as the stored JSON text: what a publisher
-    /// that forwards events (the Kafka relay) reads, as parsing a payload only to write it out
-    /// again is most of the cost of forwarding it. Same order, same gap safety.
-    ///
-    /// # Errors
-    /// As [`EventStore::read_all`].
-    pub async fn read_all_raw(
-        &self,
-        after: Checkpoint,
-        limit: usize,
-    ) -> Result<Vec<RawStoredEvent>, StoreError> {
-        let query = self.read_all_query(after, limit)?;
-        self.collect_in_global_order(query, limit, rows::raw_stored_event)
-            .await
-    }
-
     /// How far a reader at `checkpoint` is behind: the committed events after it (counted, so
     /// it costs a walk of the global-order index over them) and the age of the oldest.
     ///
@@ -345,7 +329,7 @@ impl PostgresEventStore {
         row.map_or(Ok(Checkpoint::START), |row| rows::checkpoint(&row))
     }
 
-    /// [`read_all_raw`](Self::read_all_raw) handing each event to `each` as its row arrives, so
+    /// [`EventStore::read_all_raw`] handing each event to `each` as its row arrives, so
     /// the caller's work on it overlaps the database sending the rest of the page. `each` stops
     /// the page with [`ControlFlow::Break`] (the rows left are read and dropped).
     ///
@@ -1157,36 +1141,18 @@ impl EventStore for PostgresEventStore {
         scan: usize,
         filter: &[cqrs_core::projection::Subscription],
     ) -> Result<(Vec<StoredEvent>, Checkpoint), StoreError> {
-        if scan == 0 {
-            return Ok((Vec::new(), after));
-        }
-        // Any aggregate type when one subscription is not tied to one; else the subscribed ones.
-        let aggregate_types: Vec<&str> = if filter.iter().all(|s| s.aggregate_type.is_some()) {
-            filter.iter().filter_map(|s| s.aggregate_type).collect()
-        } else {
-            Vec::new()
-        };
-        let event_types: Vec<&str> = filter
-            .iter()
-            .flat_map(|s| s.event_types.iter().copied())
-            .collect();
-        let query = sqlx::query(AssertSqlSafe(self.sql.read_window_filtered.clone()))
-            .bind(after.transaction.to_string())
-            .bind(to_i64(after.position)?)
-            .bind(i64::try_from(scan).unwrap_or(i64::MAX))
-            .bind(&aggregate_types)
-            .bind(&event_types);
-        let rows = self
-            .collect_in_global_order(query, scan, stored_event)
-            .await?;
-        // The last row is the window's end, subscribed or not; the query matched each event type
-        // with each aggregate type: keep the exact pairs.
-        let scanned_to = rows.last().map_or(after, |e| e.checkpoint);
-        let events = rows
-            .into_iter()
-            .filter(|e| filter.iter().any(|s| s.matches(e)))
-            .collect();
-        Ok((events, scanned_to))
+        self.read_filtered_with(after, scan, filter, stored_event)
+            .await
+    }
+
+    async fn read_filtered_raw(
+        &self,
+        after: Checkpoint,
+        scan: usize,
+        filter: &[cqrs_core::projection::Subscription],
+    ) -> Result<(Vec<RawStoredEvent>, Checkpoint), StoreError> {
+        self.read_filtered_with(after, scan, filter, rows::raw_stored_event)
+            .await
     }
 
     async fn find_key(&self, key: &str) -> Result<Option<KeyRecord>, StoreError> {
@@ -1226,12 +1192,65 @@ impl EventStore for PostgresEventStore {
             .await
     }
 
+    /// Each payload left as the stored JSON text: what a publisher that forwards events (the
+    /// relays) and the projection engine read, as parsing a payload into a `Value` is most of the
+    /// cost of reading it. Same order, same gap safety.
+    async fn read_all_raw(
+        &self,
+        after: Checkpoint,
+        limit: usize,
+    ) -> Result<Vec<RawStoredEvent>, StoreError> {
+        let query = self.read_all_query(after, limit)?;
+        self.collect_in_global_order(query, limit, rows::raw_stored_event)
+            .await
+    }
+
     /// Changes after commits of this schema's events, in this process and others (`LISTEN`
     /// on one connection per store, outside its pool); `None` outside a tokio runtime.
     fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         self.listener
             .subscribe(&self.pool, &self.channel)
             .map(|(signal, _)| signal)
+    }
+}
+
+impl PostgresEventStore {
+    /// [`EventStore::read_filtered`] reading each row with `read`.
+    async fn read_filtered_with<P: Send>(
+        &self,
+        after: Checkpoint,
+        scan: usize,
+        filter: &[cqrs_core::projection::Subscription],
+        read: fn(&sqlx::postgres::PgRow) -> Result<StoredEvent<P>, StoreError>,
+    ) -> Result<(Vec<StoredEvent<P>>, Checkpoint), StoreError> {
+        if scan == 0 {
+            return Ok((Vec::new(), after));
+        }
+        // Any aggregate type when one subscription is not tied to one; else the subscribed ones.
+        let aggregate_types: Vec<&str> = if filter.iter().all(|s| s.aggregate_type.is_some()) {
+            filter.iter().filter_map(|s| s.aggregate_type).collect()
+        } else {
+            Vec::new()
+        };
+        let event_types: Vec<&str> = filter
+            .iter()
+            .flat_map(|s| s.event_types.iter().copied())
+            .collect();
+        let query = sqlx::query(AssertSqlSafe(self.sql.read_window_filtered.clone()))
+            .bind(after.transaction.to_string())
+            .bind(to_i64(after.position)?)
+            .bind(i64::try_from(scan).unwrap_or(i64::MAX))
+            .bind(&aggregate_types)
+            .bind(&event_types);
+        let rows = self.collect_in_global_order(query, scan, read).await?;
+        // The last row is the window's end, subscribed or not; the query matched each event type
+        // with each aggregate type: keep the exact pairs.
+        let scanned_to = rows.last().map_or(after, |e| e.checkpoint);
+        let events = rows
+            .into_iter()
+            .filter(|e| filter.iter().any(|s| s.matches(e)))
+            .collect();
+        Ok((events, scanned_to))
     }
 }
 
@@ -1348,8 +1367,17 @@ impl Wakeups {
 
 /// A connection failure, naming the server (without its password).
 #[derive(Debug, thiserror::Error)]
-#[error("cannot connect to PostgreSQL at {0}: {1}")]
+#[error("cannot connect to PostgreSQL at {0}: {1}{hint}", hint = tls_hint(.1))]
 struct ConnectError(String, #[source] sqlx::Error);
+
+/// What to do about a TLS failure that is this build's, not the server's.
+fn tls_hint(error: &sqlx::Error) -> &'static str {
+    if cfg!(feature = "tls") || !matches!(error, sqlx::Error::Tls(_)) {
+        ""
+    } else {
+        " (cqrs-postgres was built without TLS: enable its `tls` feature)"
+    }
+}
 
 /// `url` with every password replaced, for error messages: the one in the user info
 /// (`postgres://app:secret@host`), a `password=` parameter of a URL's query

@@ -284,6 +284,10 @@ pub struct PostgresBackend {
     /// The reset of the rebuild being run, if given for it (in a mutex only so that the backend
     /// stays `Sync`).
     reset_once: std::sync::Mutex<Option<ResetOnce>>,
+    /// Whether to keep the connection of a committed batch for the next one (while catching
+    /// up), and the one kept: the next batch then begins without the pool's liveness ping.
+    hold: bool,
+    held: Option<sqlx::pool::PoolConnection<sqlx::Postgres>>,
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -353,7 +357,22 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
     }
 
     async fn begin_unit(&mut self) -> Result<Tx, DeliveryError> {
+        if let Some(conn) = self.held.take() {
+            match Tx::begin_on(conn, "BEGIN").await {
+                Ok(unit) => return Ok(unit),
+                Err(error) => {
+                    tracing::debug!(%error, "the connection kept between batches broke: taking another");
+                }
+            }
+        }
         Ok(Tx::begin(self.store.pool()).await.map_err(backend)?)
+    }
+
+    fn hold_connection(&mut self, hold: bool) {
+        self.hold = hold;
+        if !hold {
+            self.held = None;
+        }
     }
 
     fn unit_context<'a>(&'a mut self, unit: &'a mut Tx) -> &'a mut PgConnection {
@@ -389,7 +408,9 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
     }
 
     async fn end_unit(&mut self, unit: Tx, commit: bool) -> Result<(), DeliveryError> {
-        if commit {
+        if commit && self.hold {
+            self.held = Some(unit.commit_keeping().await.map_err(backend)?);
+        } else if commit {
             unit.commit().await.map_err(backend)?;
         } else {
             unit.rollback().await;
@@ -651,10 +672,10 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for InboxBackend 
         Ok(())
     }
 
-    async fn claim(
+    async fn claim<T: cqrs_core::Payload>(
         &mut self,
         unit: &mut Tx,
-        event: &cqrs_core::StoredEvent,
+        event: &cqrs_core::StoredEvent<T>,
     ) -> Result<bool, DeliveryError> {
         Ok(self.inbox.claim(unit, P::NAME, event.event_id).await?)
     }
@@ -731,6 +752,8 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             store,
             reset: None,
             reset_once: std::sync::Mutex::new(None),
+            hold: false,
+            held: None,
         };
         Self {
             engine: Engine::new(projection, backend, 2_000),

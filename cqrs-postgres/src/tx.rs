@@ -45,6 +45,32 @@ impl Tx {
         Ok(tx)
     }
 
+    /// Opens a transaction on `conn`, a connection this process took from the pool and ended
+    /// its last transaction on (no liveness ping: a connection that broke since fails here, and
+    /// is closed).
+    pub(crate) async fn begin_on(
+        conn: PoolConnection<Postgres>,
+        begin: &'static str,
+    ) -> Result<Self, sqlx::Error> {
+        let mut tx = Self {
+            conn: Some(conn),
+            finished: false,
+        };
+        sqlx::raw_sql(begin).execute(&mut *tx).await?;
+        Ok(tx)
+    }
+
+    /// Commits and hands the connection back to the caller for its next transaction
+    /// ([`Tx::begin_on`]). A commit that fails closes the connection.
+    pub(crate) async fn commit_keeping(mut self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        sqlx::query("COMMIT").execute(&mut *self).await?;
+        self.finished = true;
+        Ok(self
+            .conn
+            .take()
+            .unwrap_or_else(|| unreachable!("a transaction's connection is taken only on drop")))
+    }
+
     /// Commits. Whatever the outcome, the server ended the transaction (a `COMMIT` that fails
     /// rolls back), unless the connection broke, and then the pool drops it.
     pub async fn commit(mut self) -> Result<(), sqlx::Error> {

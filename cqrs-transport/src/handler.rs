@@ -230,7 +230,7 @@ where
 /// What an event `P` does not subscribe to is: skipped when its aggregate type is not one of
 /// `P`'s, malformed when it is (see [`unknown_event_type`]).
 fn unknown_type<P: Projection>(event: &StoredEvent) -> Result<Handled, HandleError> {
-    match unknown_event_type::<P>(event) {
+    match unknown_event_type::<P, _>(event) {
         None => Ok(Handled::Skipped),
         Some(reason) => Err(HandleError::Malformed(reason)),
     }

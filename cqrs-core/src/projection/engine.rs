@@ -21,7 +21,7 @@ use tracing::Instrument as _;
 use super::failure::{DeadLetter, Failure, FailureMode, FailurePolicy, Redrive, WAITS_BEHIND};
 use super::runner::{ProjectionMetrics, Step, event_span};
 use super::{Projection, ProjectionError, Subscription};
-use crate::envelope::{Checkpoint, EventId, StoredEvent, StreamId};
+use crate::envelope::{Checkpoint, EventId, Payload, RawStoredEvent, StoredEvent, StreamId};
 use crate::store::{CorruptEvent, EventStore, StoreError};
 
 /// Why the engine stopped a batch (nothing of it was kept, for a transactional backend).
@@ -119,7 +119,7 @@ enum Attempt {
 /// naming the unknown event type and the known ones (the aggregate's event enum does not have
 /// it: a producer newer than this consumer, or a message that is not ours).
 #[must_use]
-pub fn unknown_event_type<P: Projection>(event: &StoredEvent) -> Option<String> {
+pub fn unknown_event_type<P: Projection, T>(event: &StoredEvent<T>) -> Option<String> {
     P::SUBSCRIPTIONS
         .iter()
         .find(|s| s.aggregate_type == Some(event.stream.aggregate_type.as_str()))
@@ -133,11 +133,43 @@ pub fn unknown_event_type<P: Projection>(event: &StoredEvent) -> Option<String> 
         })
 }
 
+/// An event the engine applies: parsed (what a broker consumer hands to
+/// [`Engine::deliver`]) or with its payload still the stored text (what a window of the store
+/// holds, applied through [`Projection::apply_raw`]).
+trait Deliverable: Payload {
+    fn apply_to<'a, P: Projection>(
+        event: &'a StoredEvent<Self>,
+        projection: &'a mut P,
+        context: &'a mut P::Context,
+    ) -> BoxFuture<'a, Result<bool, ProjectionError>>;
+}
+
+impl Deliverable for serde_json::Value {
+    fn apply_to<'a, P: Projection>(
+        event: &'a StoredEvent<Self>,
+        projection: &'a mut P,
+        context: &'a mut P::Context,
+    ) -> BoxFuture<'a, Result<bool, ProjectionError>> {
+        projection.apply(event, context)
+    }
+}
+
+impl Deliverable for Box<serde_json::value::RawValue> {
+    fn apply_to<'a, P: Projection>(
+        event: &'a StoredEvent<Self>,
+        projection: &'a mut P,
+        context: &'a mut P::Context,
+    ) -> BoxFuture<'a, Result<bool, ProjectionError>> {
+        projection.apply_raw(event, context)
+    }
+}
+
 /// The subscribed events of a window of the global order.
 #[derive(Debug)]
 pub struct Window {
-    /// The subscribed events.
-    pub events: Vec<StoredEvent>,
+    /// The subscribed events, their payloads as the stored JSON text (decoded by the
+    /// projection's handlers, [`Projection::apply_raw`]).
+    pub events: Vec<RawStoredEvent>,
     /// The checkpoint of the last event scanned (subscribed or not).
     pub last: Checkpoint,
     /// Whether to read the next window plainly (see [`read_window`]).
@@ -242,10 +274,10 @@ pub trait DeliveryBackend<P: Projection>: Send {
     ///
     /// # Errors
     /// A failing backend.
-    async fn claim(
+    async fn claim<T: Payload>(
         &mut self,
         _unit: &mut Self::Unit,
-        _event: &StoredEvent,
+        _event: &StoredEvent<T>,
     ) -> Result<bool, DeliveryError> {
         Ok(true)
     }
@@ -257,6 +289,11 @@ pub trait DeliveryBackend<P: Projection>: Send {
     fn is_outage(&self, _error: &ProjectionError) -> bool {
         false
     }
+
+    /// Whether to keep a connection (or whatever a unit runs on) from one unit to the next: `true`
+    /// while [`Engine::catch_up`] runs batch after batch, `false` after it. Default: nothing to
+    /// keep.
+    fn hold_connection(&mut self, _hold: bool) {}
 
     /// Ends `unit`: commits it, or rolls it back.
     ///
@@ -375,6 +412,12 @@ pub struct Engine<P: Projection, B> {
     /// Whether most events read lately were subscribed ones: then the plain ordered read (and
     /// filtering here) is cheaper than asking the store to filter.
     dense: bool,
+    /// Known: the projection has no dead letters. Only the owner parks events (a unit that
+    /// parks under a lost ownership rolls back), and operators only remove letters, so once a
+    /// batch found none, none appear until this engine parks one: the next batches skip asking
+    /// the backend for blocked streams (a round trip per batch). Forgotten on any park, any
+    /// failed batch and any operator request served.
+    no_dead_letters: bool,
 }
 
 impl<P: Projection, B> std::fmt::Debug for Engine<P, B> {
@@ -397,12 +440,14 @@ impl<P: Projection, B> Engine<P, B> {
             policy: FailurePolicy::default(),
             metrics: ProjectionMetrics::default(),
             dense: false,
+            no_dead_letters: false,
         }
     }
 
     /// What to do with events the projection keeps failing on.
     pub fn set_policy(&mut self, policy: FailurePolicy) {
         self.policy = policy;
+        self.no_dead_letters = false;
     }
 
     /// How many events one step reads at most (at least 1).
@@ -439,6 +484,7 @@ impl<P: Projection, B> Engine<P, B> {
 
     /// The backend, to change it.
     pub fn backend_mut(&mut self) -> &mut B {
+        self.no_dead_letters = false;
         &mut self.backend
     }
 
@@ -450,6 +496,7 @@ impl<P: Projection, B> Engine<P, B> {
 
     /// The projection and the backend, both to change (a reset).
     pub fn parts_mut(&mut self) -> (&mut P, &mut B) {
+        self.no_dead_letters = false;
         (&mut self.projection, &mut self.backend)
     }
 
@@ -471,7 +518,9 @@ where
     /// [`DeliveryError::LeaseLost`] when the backend does not own the projection (nothing is
     /// kept), [`DeliveryError::CheckpointMoved`], [`DeliveryError::Store`].
     pub async fn step(&mut self) -> Result<Step, DeliveryError> {
-        self.backend.check_ownership()?;
+        // A catch-up cut short may have left a connection kept.
+        self.backend.hold_connection(false);
+        self.owns()?;
         let from = self.backend.load_checkpoint().await?;
         let window = read_window(
             self.backend.event_store().clone(),
@@ -500,7 +549,15 @@ where
     /// # Errors
     /// As [`Engine::step`].
     pub async fn catch_up(&mut self) -> Result<usize, DeliveryError> {
-        self.backend.check_ownership()?;
+        self.backend.hold_connection(true);
+        let outcome = self.catch_up_held().await;
+        self.backend.hold_connection(false);
+        outcome
+    }
+
+    /// [`Engine::catch_up`], the backend keeping its connection between batches.
+    async fn catch_up_held(&mut self) -> Result<usize, DeliveryError> {
+        self.owns()?;
         let head = self
             .backend
             .event_store()
@@ -559,6 +616,14 @@ where
         }
     }
 
+    /// Whether the backend owns the projection; when it does not, what was known about its dead
+    /// letters is forgotten (another owner may have parked some meanwhile).
+    fn owns(&mut self) -> Result<(), DeliveryError> {
+        self.backend.check_ownership().inspect_err(|_| {
+            self.no_dead_letters = false;
+        })
+    }
+
     /// Reads the window after `from` on another task.
     fn prefetch(
         &self,
@@ -571,7 +636,7 @@ where
             self.batch,
             dense,
             P::SUBSCRIPTIONS,
-            P::subscribes_to,
+            P::subscribes_to::<Box<serde_json::value::RawValue>>,
         ))
     }
 
@@ -616,6 +681,7 @@ where
             Ok(step) => step,
             Err(error) => {
                 self.metrics.failed_batches += 1;
+                self.no_dead_letters = false;
                 return Err(error);
             }
         };
@@ -630,7 +696,7 @@ where
     /// otherwise any failure ends the attempt (and the unit rolls back whole).
     async fn apply_batch(
         &mut self,
-        page: &[StoredEvent],
+        page: &[RawStoredEvent],
         from: Checkpoint,
         last: Checkpoint,
         careful: bool,
@@ -663,13 +729,18 @@ where
     async fn apply_batch_in(
         &mut self,
         unit: &mut B::Unit,
-        page: &[StoredEvent],
+        page: &[RawStoredEvent],
         from: Checkpoint,
         last: Checkpoint,
         careful: bool,
     ) -> Result<Step, DeliveryError> {
         let mut blocked = match self.policy.mode {
-            FailureMode::BlockStream => self.backend.blocked_streams(unit).await?,
+            FailureMode::BlockStream if self.no_dead_letters => HashSet::new(),
+            FailureMode::BlockStream => {
+                let blocked = self.backend.blocked_streams(unit).await?;
+                self.no_dead_letters = blocked.is_empty();
+                blocked
+            }
             FailureMode::Skip => HashSet::new(),
         };
         let (mut applied, mut parked) = (0, 0);
@@ -688,7 +759,7 @@ where
                 // Any failure rolls this unit back; the caller runs the batch carefully.
                 let context = self.backend.unit_context(unit);
                 self.projection
-                    .apply(event, context)
+                    .apply_raw(event, context)
                     .instrument(event_span(P::NAME, event))
                     .await?;
                 applied += 1;
@@ -725,12 +796,13 @@ where
         })
     }
 
-    async fn park(
+    async fn park<T>(
         &mut self,
         unit: &mut B::Unit,
-        event: &StoredEvent,
+        event: &StoredEvent<T>,
         failure: &Failure,
     ) -> Result<(), DeliveryError> {
+        self.no_dead_letters = false;
         self.backend
             .park_event(
                 unit,
@@ -751,10 +823,10 @@ where
     /// A failing backend, or the handler's error when it is an outage
     /// ([`DeliveryBackend::is_outage`]): not the event's fault, so it is neither retried nor
     /// parked.
-    async fn apply_with_retries(
+    async fn apply_with_retries<T: Deliverable>(
         &mut self,
         unit: &mut B::Unit,
-        event: &StoredEvent,
+        event: &StoredEvent<T>,
     ) -> Result<Attempt, DeliveryError> {
         let mut retries = self.policy.retries();
         loop {
@@ -768,7 +840,7 @@ where
                 return Ok(Attempt::Duplicate);
             }
             let context = self.backend.unit_context(unit);
-            match self.projection.apply(event, context).await {
+            match T::apply_to(event, &mut self.projection, context).await {
                 Ok(_) => {
                     if B::TRANSACTIONAL {
                         self.backend.savepoint(unit, Savepoint::Release).await?;
@@ -812,7 +884,7 @@ where
         &mut self,
         events: &[StoredEvent],
     ) -> Result<Vec<Delivered>, DeliveryError> {
-        self.backend.check_ownership()?;
+        self.owns()?;
         let started = std::time::Instant::now();
         let outcome = if B::TRANSACTIONAL {
             match self.deliver_unit(events, false).await {
@@ -881,7 +953,7 @@ where
         let unknown = if P::subscribes_to(event) {
             None
         } else {
-            match unknown_event_type::<P>(event) {
+            match unknown_event_type::<P, _>(event) {
                 None => return Ok(Delivered::Skipped),
                 Some(reason) => Some(reason),
             }
@@ -976,6 +1048,7 @@ where
         let subscribed = P::SUBSCRIPTIONS
             .iter()
             .any(|s| s.matches_type(&corrupt.stream.aggregate_type, &corrupt.event_type));
+        self.no_dead_letters = false;
         let mut unit = self.backend.begin_unit().await?;
         let outcome = async {
             if subscribed {
@@ -1021,7 +1094,8 @@ where
     /// # Errors
     /// [`DeliveryError::LeaseLost`], a failing backend.
     pub async fn retry(&mut self, stream: &StreamId) -> Result<Redrive, DeliveryError> {
-        self.backend.check_ownership()?;
+        self.owns()?;
+        self.no_dead_letters = false;
         let mut unit = self.backend.begin_unit().await?;
         let outcome = self.retry_in(&mut unit, stream).await;
         self.end(unit, outcome).await
@@ -1079,7 +1153,7 @@ where
     /// # Errors
     /// As [`Engine::retry`].
     pub async fn retry_all(&mut self) -> Result<Redrive, DeliveryError> {
-        self.backend.check_ownership()?;
+        self.owns()?;
         let mut unit = self.backend.begin_unit().await?;
         let streams = self.backend.blocked_streams(&mut unit).await;
         self.backend.end_unit(unit, false).await?;
@@ -1099,7 +1173,8 @@ where
     /// # Errors
     /// As [`DeliveryBackend::reset_for_rebuild`] and [`Engine::catch_up`].
     pub async fn rebuild(&mut self) -> Result<usize, DeliveryError> {
-        self.backend.check_ownership()?;
+        self.owns()?;
+        self.no_dead_letters = false;
         let mut unit = self.backend.begin_unit().await?;
         let outcome = self.backend.reset_for_rebuild(&mut unit).await;
         self.end(unit, outcome).await?;
@@ -1115,9 +1190,12 @@ where
     /// [`DeliveryError::LeaseLost`], a failing backend; a failed rebuild is recorded for the
     /// operator and returned.
     pub async fn serve_requests(&mut self) -> Result<bool, DeliveryError> {
-        self.backend.check_ownership()?;
+        self.owns()?;
         let requests = self.backend.pending_requests().await?;
         let served = !requests.is_empty();
+        if served {
+            self.no_dead_letters = false;
+        }
         for request in requests {
             match &request {
                 Request::Rebuild => {
@@ -1218,6 +1296,7 @@ where
         &mut self,
         mut shutdown: Option<std::pin::Pin<&mut F>>,
     ) -> Result<bool, DeliveryError> {
+        self.no_dead_letters = false;
         if !self.backend.acquire_ownership().await? {
             return Ok(false);
         }
@@ -1261,10 +1340,10 @@ pub async fn read_window<S: EventStore>(
     batch: usize,
     dense: bool,
     subscriptions: &'static [Subscription],
-    subscribes_to: fn(&StoredEvent) -> bool,
+    subscribes_to: fn(&RawStoredEvent) -> bool,
 ) -> Result<Window, StoreError> {
     if !dense {
-        let (events, last) = store.read_filtered(from, batch, subscriptions).await?;
+        let (events, last) = store.read_filtered_raw(from, batch, subscriptions).await?;
         let dense = events.len() * 2 > batch;
         return Ok(Window {
             events,
@@ -1272,7 +1351,7 @@ pub async fn read_window<S: EventStore>(
             dense,
         });
     }
-    let mut events = store.read_all(from, batch).await?;
+    let mut events = store.read_all_raw(from, batch).await?;
     let last = events.last().map_or(from, |e| e.checkpoint);
     let scanned = events.len();
     events.retain(subscribes_to);

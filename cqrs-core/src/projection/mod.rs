@@ -25,7 +25,7 @@ pub use runner::{
     ProjectionRunner, Step, event_span,
 };
 
-use crate::envelope::{Checkpoint, RecordedEvent, StoredEvent};
+use crate::envelope::{Checkpoint, RawStoredEvent, RecordedEvent, StoredEvent};
 use crate::event::DomainEvent;
 use crate::store::{EventStore, StoreError};
 
@@ -50,7 +50,7 @@ impl Subscription {
 
     /// Whether a stored event is one of these.
     #[must_use]
-    pub fn matches(&self, event: &StoredEvent) -> bool {
+    pub fn matches<T>(&self, event: &StoredEvent<T>) -> bool {
         self.matches_type(&event.stream.aggregate_type, &event.event_type)
     }
 
@@ -133,7 +133,7 @@ pub trait Projection: Send {
     const SUBSCRIPTIONS: &'static [Subscription];
 
     /// Whether `event` is one this projection listens to.
-    fn subscribes_to(event: &StoredEvent) -> bool {
+    fn subscribes_to<T>(event: &StoredEvent<T>) -> bool {
         Self::SUBSCRIPTIONS.iter().any(|s| s.matches(event))
     }
 
@@ -148,6 +148,24 @@ pub trait Projection: Send {
         event: &'a StoredEvent,
         context: &'a mut Self::Context,
     ) -> BoxFuture<'a, Result<bool, ProjectionError>>;
+
+    /// [`Projection::apply`] for an event whose payload is still the stored JSON text: what the
+    /// runners read from a store. The derive decodes the text straight into the event enum (no
+    /// [`serde_json::Value`] on the way, most of what catching up costs); this default parses the
+    /// payload and calls [`Projection::apply`], so a projection written by hand needs only that.
+    ///
+    /// # Errors
+    /// As [`Projection::apply`].
+    fn apply_raw<'a>(
+        &'a mut self,
+        event: &'a RawStoredEvent,
+        context: &'a mut Self::Context,
+    ) -> BoxFuture<'a, Result<bool, ProjectionError>> {
+        Box::pin(async move {
+            let parsed = event.parse()?;
+            self.apply(&parsed, context).await
+        })
+    }
 }
 
 /// Feeds `projection` every event it subscribes to after `after` in the store's global order, in

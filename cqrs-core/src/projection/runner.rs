@@ -261,7 +261,7 @@ impl ProjectionMetrics {
 /// The span runners open around one event's application (`cqrs.projection.event`, at trace level,
 /// under the batch's `cqrs.projection.batch` span at debug level).
 #[must_use]
-pub fn event_span(projection: &'static str, event: &StoredEvent) -> tracing::Span {
+pub fn event_span<T>(projection: &'static str, event: &StoredEvent<T>) -> tracing::Span {
     tracing::trace_span!(
         "cqrs.projection.event",
         projection,

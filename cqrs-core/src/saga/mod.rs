@@ -165,6 +165,17 @@ pub enum SagaStatus {
 }
 
 impl SagaStatus {
+    /// Every status, in the order of a saga's life.
+    pub const ALL: [Self; 7] = [
+        Self::Running,
+        Self::Compensating,
+        Self::Completed,
+        Self::Compensated,
+        Self::Failed,
+        Self::Unreadable,
+        Self::Abandoned,
+    ];
+
     /// Whether the saga has ended for good.
     #[must_use]
     pub fn is_final(self) -> bool {
@@ -197,23 +208,15 @@ impl std::str::FromStr for SagaStatus {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [
-            Self::Running,
-            Self::Compensating,
-            Self::Completed,
-            Self::Compensated,
-            Self::Failed,
-            Self::Unreadable,
-            Self::Abandoned,
-        ]
-        .into_iter()
-        .find(|status| status.as_str() == s)
-        .ok_or_else(|| {
-            format!(
-                "unknown saga state `{s}`; expected one of: running, compensating, completed, \
+        Self::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown saga state `{s}`; expected one of: running, compensating, completed, \
                  compensated, failed, unreadable, abandoned"
-            )
-        })
+                )
+            })
     }
 }
 

@@ -12,7 +12,7 @@ use futures::{StreamExt, TryStreamExt};
 
 pub use memory::InMemoryEventStore;
 
-use crate::envelope::{Checkpoint, EventData, EventId, StoredEvent, StreamId};
+use crate::envelope::{Checkpoint, EventData, EventId, RawStoredEvent, StoredEvent, StreamId};
 use crate::event::{DecodeError, DomainEvent};
 
 /// What an append expects of the stream's current version.
@@ -374,6 +374,45 @@ pub trait EventStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError>;
 
+    /// [`EventStore::read_all`] with each payload kept as the stored JSON text: what a reader that
+    /// decodes payloads itself reads (the projection engine decodes straight into the event enum,
+    /// a publisher forwards the text), since building a [`serde_json::Value`] is most of a read's
+    /// cost. The default reads parsed events and writes each payload back to text; stores that
+    /// hold the text override it.
+    ///
+    /// # Errors
+    /// As [`EventStore::read_all`].
+    async fn read_all_raw(
+        &self,
+        after: Checkpoint,
+        limit: usize,
+    ) -> Result<Vec<RawStoredEvent>, StoreError> {
+        self.read_all(after, limit)
+            .await?
+            .into_iter()
+            .map(StoredEvent::into_raw)
+            .collect()
+    }
+
+    /// [`EventStore::read_filtered`] with each payload kept as the stored JSON text (see
+    /// [`EventStore::read_all_raw`]).
+    ///
+    /// # Errors
+    /// As [`EventStore::read_filtered`].
+    async fn read_filtered_raw(
+        &self,
+        after: Checkpoint,
+        scan: usize,
+        filter: &[crate::projection::Subscription],
+    ) -> Result<(Vec<RawStoredEvent>, Checkpoint), StoreError> {
+        let (events, scanned_to) = self.read_filtered(after, scan, filter).await?;
+        let events = events
+            .into_iter()
+            .map(StoredEvent::into_raw)
+            .collect::<Result<_, _>>()?;
+        Ok((events, scanned_to))
+    }
+
     /// The checkpoint of the last event in the global order among those committed now (`None` for
     /// an empty store). A reader whose checkpoint has reached it has seen every event committed
     /// before the call, even where the store holds the newest events back for a moment (the
@@ -466,6 +505,23 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
         filter: &[crate::projection::Subscription],
     ) -> Result<(Vec<StoredEvent>, Checkpoint), StoreError> {
         (**self).read_filtered(after, scan, filter).await
+    }
+
+    async fn read_all_raw(
+        &self,
+        after: Checkpoint,
+        limit: usize,
+    ) -> Result<Vec<RawStoredEvent>, StoreError> {
+        (**self).read_all_raw(after, limit).await
+    }
+
+    async fn read_filtered_raw(
+        &self,
+        after: Checkpoint,
+        scan: usize,
+        filter: &[crate::projection::Subscription],
+    ) -> Result<(Vec<RawStoredEvent>, Checkpoint), StoreError> {
+        (**self).read_filtered_raw(after, scan, filter).await
     }
 
     async fn head(&self) -> Result<Option<Checkpoint>, StoreError> {

@@ -37,26 +37,26 @@ fn generate(model: &ProjectionStruct<'_>) -> TokenStream {
         .events
         .iter()
         .map(|e| quote_spanned!(e.span()=> ::cqrs_core::projection::Subscription::to::<#e>()));
-    let routes = model.events.iter().map(|e| {
-        let call = quote_spanned! {e.span()=>
-            ::cqrs_core::__private::handle::<Self, #e>(self, event, context).await
-        };
-        quote! {
-            if ::cqrs_core::projection::Subscription::to::<#e>().matches(event) {
-                return #call;
+    let routes: Vec<_> = model
+        .events
+        .iter()
+        .map(|e| {
+            let call = quote_spanned! {e.span()=>
+                ::cqrs_core::__private::handle::<Self, #e, _>(self, event, context).await
+            };
+            quote! {
+                if ::cqrs_core::projection::Subscription::to::<#e>().matches(event) {
+                    return #call;
+                }
             }
-        }
-    });
-    quote! {
-        #[automatically_derived]
-        impl ::cqrs_core::projection::Projection for #ident {
-            const NAME: &'static str = #name;
-            type Context = #context;
-            const SUBSCRIPTIONS: &'static [::cqrs_core::projection::Subscription] = &[#(#subscriptions),*];
-
-            fn apply<'__cqrs>(
+        })
+        .collect();
+    // `apply` and `apply_raw`: the same routes, for either payload.
+    let method = |name: TokenStream, event: TokenStream| {
+        quote! {
+            fn #name<'__cqrs>(
                 &'__cqrs mut self,
-                event: &'__cqrs ::cqrs_core::StoredEvent,
+                event: &'__cqrs #event,
                 context: &'__cqrs mut #context,
             ) -> ::cqrs_core::__private::BoxFuture<
                 '__cqrs,
@@ -67,6 +67,20 @@ fn generate(model: &ProjectionStruct<'_>) -> TokenStream {
                     ::core::result::Result::Ok(false)
                 })
             }
+        }
+    };
+    let apply = method(quote!(apply), quote!(::cqrs_core::StoredEvent));
+    let apply_raw = method(quote!(apply_raw), quote!(::cqrs_core::RawStoredEvent));
+    quote! {
+        #[automatically_derived]
+        impl ::cqrs_core::projection::Projection for #ident {
+            const NAME: &'static str = #name;
+            type Context = #context;
+            const SUBSCRIPTIONS: &'static [::cqrs_core::projection::Subscription] = &[#(#subscriptions),*];
+
+            #apply
+
+            #apply_raw
         }
     }
 }

@@ -1,7 +1,6 @@
 use cqrs_core::prelude::*;
 use cqrs_core::projection::HandlerError;
 use cqrs_core::RecordedEvent;
-use cqrs_core::projection::Projection as _;
 
 #[derive(Debug, DomainEvent)]
 enum NoteEvent {

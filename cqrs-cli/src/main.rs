@@ -987,6 +987,10 @@ fn table<const N: usize>(header: [&str; N]) -> comfy_table::Table {
     for column in table.column_iter_mut() {
         column.set_padding((0, 2));
     }
+    // No trailing blanks after the last column.
+    if let Some(last) = table.column_mut(N.saturating_sub(1)) {
+        last.set_padding((0, 0));
+    }
     table
 }
 

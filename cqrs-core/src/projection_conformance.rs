@@ -77,6 +77,7 @@ macro_rules! projection_conformance_tests {
             applies_every_subscribed_event_once_in_stream_order,
             a_reopened_runtime_resumes_from_the_checkpoint,
             poison_events_block_their_stream_until_a_redrive,
+            a_late_dead_letter_blocks_later_batches,
             skip_mode_parks_only_the_failing_events,
             a_rebuild_equals_a_clean_replay,
         );
@@ -241,6 +242,45 @@ pub async fn poison_events_block_their_stream_until_a_redrive<R: LedgerRuntime>(
     append_credits::<R>(runtime.store(), 40, 60).await;
     caught_up(&mut runtime).await;
     assert_eq!(by_stream(&runtime.applications().await), replay(60));
+}
+
+/// Clean batches first (no dead letters, so the engine stops asking for blocked streams), then a
+/// poison credit: the events of its stream in the same batch and in every later batch wait
+/// behind it, the other streams go on.
+pub async fn a_late_dead_letter_blocks_later_batches<R: LedgerRuntime>(mut runtime: R) {
+    runtime.set_policy(policy(FailureMode::BlockStream)).await;
+    runtime.set_poisoned(true);
+    for (from, to) in [(1, 5), (5, 9), (9, 13)] {
+        append_credits::<R>(runtime.store(), from, to).await;
+        caught_up(&mut runtime).await;
+    }
+    assert!(runtime.dead_letters().await.is_empty());
+    // 13 is poison (ledger-3); 18 follows it in the same batch, 23 and 28 in later ones. 26 is
+    // poison too (ledger-1), the last of its stream here.
+    for (from, to) in [(13, 20), (20, 25), (25, 30)] {
+        append_credits::<R>(runtime.store(), from, to).await;
+        caught_up(&mut runtime).await;
+    }
+    let mut expected = replay(30);
+    expected.insert("ledger-3".to_owned(), vec![3, 8]);
+    expected.insert("ledger-1".to_owned(), vec![1, 6, 11, 16, 21]);
+    // Credit 0 (poison) was never appended.
+    expected.remove("ledger-0");
+    let mut applied = by_stream(&runtime.applications().await);
+    applied.remove("ledger-0");
+    assert_eq!(applied, expected);
+    let parked: Vec<u64> = runtime
+        .dead_letters()
+        .await
+        .iter()
+        .filter(|l| l.stream.aggregate_id.to_string() == "ledger-3")
+        .map(|l| l.version)
+        .collect();
+    assert_eq!(
+        parked.len(),
+        4,
+        "13, then 18, 23 and 28 behind it: {parked:?}"
+    );
 }
 
 /// In skip mode only the failing credits are parked; the rest of their streams is applied.

@@ -133,6 +133,7 @@ impl PostgresEventStore {
         schema: &str,
         options: PoolOptions,
     ) -> Result<Self, StoreError> {
+        tls_provider();
         if options.max_connections == 0 {
             return Err(StoreError::InvalidInput(
                 "a pool of 0 connections can run nothing: max_connections must be at least 1"
@@ -181,6 +182,7 @@ impl PostgresEventStore {
     /// # Errors
     /// [`StoreError::InvalidInput`] for an invalid schema name.
     pub fn new(pool: PgPool, schema: &str) -> Result<Self, StoreError> {
+        tls_provider();
         let sql = Sql::new(schema)?;
         Ok(Self {
             pool,
@@ -1369,6 +1371,18 @@ impl Wakeups {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot connect to PostgreSQL at {0}: {1}{hint}", hint = tls_hint(.1))]
 struct ConnectError(String, #[source] sqlx::Error);
+
+/// Makes sure rustls has a process-wide crypto provider before a TLS connection needs one.
+/// rustls picks one by its crate features, and finds none when a build enables two (ring here,
+/// aws-lc-rs through an AWS SDK, say): sqlx's TLS handshake then panics. ring is installed
+/// unless the application installed one first.
+fn tls_provider() {
+    #[cfg(feature = "tls")]
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race to another installer is fine: there is a provider either way.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
 
 /// What to do about a TLS failure that is this build's, not the server's.
 fn tls_hint(error: &sqlx::Error) -> &'static str {

@@ -131,6 +131,8 @@ pub(crate) struct EventEnum<'a> {
 /// One event variant.
 pub(crate) struct EventVariant<'a> {
     pub(crate) ident: &'a Ident,
+    /// The variant's attributes (checked for ones the derive would ignore).
+    pub(crate) attrs: &'a [syn::Attribute],
     /// The stable type name.
     pub(crate) name: attr::Spanned<String>,
     /// Whether `name` was written, not derived.
@@ -257,6 +259,7 @@ impl<'a> EventVariant<'a> {
         };
         Some(Self {
             ident: &variant.ident,
+            attrs: &variant.attrs,
             name,
             explicit_name,
             version,

@@ -16,6 +16,7 @@ pub(crate) fn event_enum(cx: &mut Ctxt, input: &EventEnum<'_>) {
     event_versions_start_at_one(cx, input);
     upcasts_form_a_chain(cx, input);
     event_fields_serialize_by_reference(cx, input);
+    event_variants_have_no_serde_attributes(cx, input);
 }
 
 /// A type name is stored with every event and read back by name: it must be non-empty text without
@@ -116,6 +117,48 @@ fn upcasts_form_a_chain(cx: &mut Ctxt, input: &EventEnum<'_>) {
                     ),
                 );
             }
+        }
+    }
+}
+
+/// The derive encodes each variant itself, under its type name: serde's variant attributes
+/// (from a `Serialize` derive beside it) would be silently ignored, and a `rename` would look
+/// as if it named the stored type.
+fn event_variants_have_no_serde_attributes(cx: &mut Ctxt, input: &EventEnum<'_>) {
+    for v in &input.variants {
+        for attr in v.attrs.iter().filter(|a| a.path().is_ident("serde")) {
+            let _ = attr.parse_nested_meta(|meta| {
+                let key = meta
+                    .path
+                    .get_ident()
+                    .map_or_else(|| "...".to_owned(), ToString::to_string);
+                if key == "rename" || key == "alias" {
+                    cx.error_spanned_by(
+                        &meta.path,
+                        format_args!(
+                            "#[serde({key})] does not change the stored type name of an event: write #[event(name = \"...\")] on the variant `{}`",
+                            v.ident
+                        ),
+                    );
+                } else {
+                    cx.error_spanned_by(
+                        &meta.path,
+                        format_args!(
+                            "#[serde({key})] on an event variant is ignored: DomainEvent encodes each variant's fields itself (name it with #[event(name = \"...\")], shape its payload with a newtype variant `{}(YourStruct)`)",
+                            v.ident
+                        ),
+                    );
+                }
+                // Skip the value: this pass only looks for keys.
+                if meta.input.peek(syn::Token![=]) {
+                    meta.value()?.parse::<syn::Expr>()?;
+                } else if meta.input.peek(syn::token::Paren) {
+                    let content;
+                    syn::parenthesized!(content in meta.input);
+                    content.parse::<proc_macro2::TokenStream>()?;
+                }
+                Ok(())
+            });
         }
     }
 }

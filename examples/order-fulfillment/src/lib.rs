@@ -316,6 +316,8 @@ struct AppState<S: EventStore> {
     orders: Arc<CommandGateway<Order, S>>,
     summaries: SharedSummaries,
     backend: &'static str,
+    /// The background tasks, for `/health`.
+    tasks: Tasks,
     #[cfg(feature = "redis")]
     redis: Option<cqrs_redis::RedisIdempotency>,
 }
@@ -326,6 +328,7 @@ impl<S: EventStore> Clone for AppState<S> {
             orders: self.orders.clone(),
             summaries: self.summaries.clone(),
             backend: self.backend,
+            tasks: self.tasks.clone(),
             #[cfg(feature = "redis")]
             redis: self.redis.clone(),
         }
@@ -335,6 +338,7 @@ impl<S: EventStore> Clone for AppState<S> {
 fn router<S: EventStore + Clone + 'static>(state: AppState<S>) -> Router {
     Router::new()
         .route("/", get(index::<S>))
+        .route("/health", get(health::<S>))
         .route("/orders", post(place_order::<S>))
         .route("/orders/{id}", get(get_order::<S>))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route: see GET /") })
@@ -351,8 +355,47 @@ async fn index<S: EventStore>(State(state): State<AppState<S>>) -> impl IntoResp
     axum::Json(serde_json::json!({
         "service": "order-fulfillment",
         "backend": state.backend,
-        "routes": ["POST /orders", "GET /orders/{id}"],
+        "routes": ["POST /orders", "GET /orders/{id}", "GET /health"],
     }))
+}
+
+/// `GET /health`: 200 when the store answers (within 2 s) and every background task (projection,
+/// saga starter and orchestrator, relay, consumer, HTTP server) still runs; else 503 saying
+/// which part is not well. Nothing internal is shown: the store's error goes to the log.
+async fn health<S: EventStore>(State(state): State<AppState<S>>) -> Response {
+    let store =
+        match tokio::time::timeout(Duration::from_secs(2), state.orders.store().head()).await {
+            Ok(Ok(head)) => Ok(head.map_or(0, |h| h.position)),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "health: the event store failed");
+                Err("failing")
+            }
+            Err(_) => Err("not answering within 2 s"),
+        };
+    let (running, ended) = {
+        let tasks = state
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ended = tasks.iter().filter(|t| t.is_finished()).count();
+        (tasks.len() - ended, ended)
+    };
+    let healthy = store.is_ok() && ended == 0;
+    let body = serde_json::json!({
+        "status": if healthy { "ok" } else { "unavailable" },
+        "store": match &store {
+            Ok(_) => "reachable",
+            Err(why) => why,
+        },
+        "head": store.ok(),
+        "background_tasks": { "running": running, "ended": ended },
+    });
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
 }
 
 /// `POST /orders`: dispatches `CreateOrder`. An `Idempotency-Key` header makes a retried request
@@ -601,10 +644,14 @@ async fn get_order<S: EventStore>(
     }
 }
 
+/// The service's background tasks, as `/health` sees them.
+type Tasks = Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>;
+
 /// What the service runs besides the HTTP server.
 struct Runtime {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    watched: Tasks,
 }
 
 impl Runtime {
@@ -612,6 +659,7 @@ impl Runtime {
         Self {
             stop: watch::Sender::new(false),
             tasks: Vec::new(),
+            watched: Tasks::default(),
         }
     }
 
@@ -625,7 +673,12 @@ impl Runtime {
     }
 
     fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
-        self.tasks.push(tokio::spawn(task));
+        let task = tokio::spawn(task);
+        self.watched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(task.abort_handle());
+        self.tasks.push(task);
     }
 
     /// Runs `projection` over `store` until the service stops; a failing store is logged and the
@@ -755,6 +808,7 @@ pub async fn start_with(
                 orders,
                 summaries,
                 backend: backend.name(),
+                tasks: runtime.watched.clone(),
                 #[cfg(feature = "redis")]
                 redis: redis.clone(),
             })
@@ -837,6 +891,7 @@ pub async fn start_with(
                 orders,
                 summaries,
                 backend: backend.name(),
+                tasks: runtime.watched.clone(),
                 #[cfg(feature = "redis")]
                 redis: redis.clone(),
             })
@@ -1007,4 +1062,50 @@ async fn publish_and_subscribe(
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/health` answers 503 naming the part once a background task has ended, 200 before.
+    #[tokio::test]
+    async fn health_is_unavailable_once_a_background_task_ended() {
+        let tasks = Tasks::default();
+        let state = AppState {
+            orders: Arc::new(CommandGateway::<Order, _>::new(InMemoryEventStore::new())),
+            summaries: SharedSummaries::default(),
+            backend: "embedded",
+            tasks: tasks.clone(),
+            #[cfg(feature = "redis")]
+            redis: None,
+        };
+        let running = tokio::spawn(std::future::pending::<()>());
+        tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(running.abort_handle());
+        let healthy = health(State(state.clone())).await;
+        assert_eq!(healthy.status(), StatusCode::OK);
+
+        let ended = tokio::spawn(async {});
+        let handle = ended.abort_handle();
+        ended.await.unwrap_or_else(|e| panic!("{e}"));
+        tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(handle);
+        let response = health(State(state)).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let body: serde_json::Value =
+            serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(body["status"], "unavailable");
+        assert_eq!(body["store"], "reachable");
+        assert_eq!(body["background_tasks"]["ended"], 1);
+        assert_eq!(body["background_tasks"]["running"], 1);
+        running.abort();
+    }
 }

@@ -86,6 +86,22 @@ async fn exercise(service: &Service) -> (String, String) {
     )
     .await;
     assert_eq!(index["backend"], service.backend().name());
+    let health = client
+        .get(format!("{url}/health"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(health.status(), StatusCode::OK);
+    let health: serde_json::Value = json(health).await;
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["store"], "reachable", "{health}");
+    assert_eq!(health["background_tasks"]["ended"], 0, "{health}");
+    assert!(
+        health["background_tasks"]["running"]
+            .as_u64()
+            .is_some_and(|n| n >= 3),
+        "{health}"
+    );
 
     // A total past 2^64 cents is refused (it panicked in the read model and the saga starter
     // before, killing them: every later order answered 202, then 404 for good); the orders

@@ -99,6 +99,18 @@ pub mod __private {
         Ok(true)
     }
 
+    /// A state with `snapshot(...)` is stored as JSON.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` has `snapshot(...)` but cannot be stored as a snapshot",
+        note = "derive `serde::Serialize` and `serde::Deserialize` for `{Self}` (a snapshot is the state as JSON), or remove `snapshot(...)`"
+    )]
+    pub trait SnapshotState: serde::Serialize + serde::de::DeserializeOwned {}
+
+    impl<T: serde::Serialize + serde::de::DeserializeOwned> SnapshotState for T {}
+
+    /// Checks at compile time that `T` can be snapshotted.
+    pub const fn snapshot_state<T: SnapshotState>() {}
+
     /// Decodes a payload into a variant's fields, mapping serde's error.
     pub fn decode_payload<T: serde::de::DeserializeOwned>(
         event_type: &'static str,

@@ -441,6 +441,8 @@ pub(crate) struct AggregateStruct<'a> {
 
 /// `snapshot(every = N, version = V)`.
 pub(crate) struct Snapshot {
+    /// The `snapshot` key.
+    pub(crate) span: Span,
     pub(crate) every: attr::Spanned<u64>,
     pub(crate) version: attr::Spanned<u32>,
 }
@@ -581,6 +583,7 @@ impl Snapshot {
             return Ok(None);
         };
         Ok(Some(Self {
+            span,
             every: attr::Spanned {
                 value: every.value.0,
                 span: every.value.1,

@@ -77,7 +77,7 @@ mod shadowing {
 
     impl ::std::error::Error for ThingError {}
 
-    #[derive(Debug, Default, ::cqrs_core::Aggregate)]
+    #[derive(Debug, Default, ::cqrs_core::Aggregate, ::serde::Serialize, ::serde::Deserialize)]
     #[aggregate(name = "thing", command = ThingCommand, event = ThingEvent, error = ThingError, snapshot(every = 10))]
     pub struct Thing {
         size: u32,

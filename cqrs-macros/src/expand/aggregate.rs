@@ -32,6 +32,19 @@ fn generate(model: &AggregateStruct<'_>) -> syn::Result<TokenStream> {
         let (every, version) = (s.every.value, s.version.value);
         quote!(const SNAPSHOT: ::cqrs_core::SnapshotPolicy = ::cqrs_core::SnapshotPolicy::every(#every, #version);)
     });
+    // A snapshotted state is stored as JSON: not serializable is an error on `snapshot`, not
+    // later where `with_snapshots` is called.
+    let snapshot_state = model.snapshot.as_ref().map(|s| {
+        // The state's name re-spanned too: the error lands on `snapshot`, not on the struct.
+        let mut state = ident.clone();
+        state.set_span(s.span);
+        let check = quote_spanned!(s.span=> ::cqrs_core::__private::snapshot_state::<#state>());
+        quote! {
+            const _: fn() = || {
+                #check;
+            };
+        }
+    });
     // Spanned at the user's tokens: a missing `Default` is reported on the aggregate's name, a
     // missing event application on the event type named in the attribute. The associated types'
     // bounds ("is not a command", "is not an error") are reported on those types by the compiler.
@@ -54,6 +67,8 @@ fn generate(model: &AggregateStruct<'_>) -> syn::Result<TokenStream> {
                 #apply
             }
         }
+
+        #snapshot_state
     })
 }
 

@@ -47,7 +47,7 @@ pub enum BasketError {
     Empty,
 }
 
-#[derive(Debug, Default, Aggregate)]
+#[derive(Debug, Default, Aggregate, serde::Serialize, serde::Deserialize)]
 #[aggregate(
     name = "basket",
     command = BasketCommand,

@@ -356,16 +356,8 @@ impl RawStoredEvent {
     /// [`crate::StoreError::Corrupt`] naming the event when the payload is not JSON (a raw value
     /// is checked when it is made, so only a hand-made one can fail).
     pub fn parse(&self) -> Result<StoredEvent, crate::StoreError> {
-        let payload = serde_json::from_str(self.payload.get()).map_err(|e| {
-            crate::StoreError::Corrupt(Box::new(crate::store::CorruptEvent {
-                stream: self.stream.clone(),
-                version: self.version,
-                event_id: self.event_id,
-                event_type: self.event_type.clone(),
-                checkpoint: self.checkpoint,
-                message: format!("payload: {e}"),
-            }))
-        })?;
+        let payload =
+            serde_json::from_str(self.payload.get()).map_err(|e| self.corrupt_payload(&e))?;
         Ok(StoredEvent {
             event_id: self.event_id,
             stream: self.stream.clone(),
@@ -479,29 +471,10 @@ impl<P: Payload> StoredEvent<P> {
     }
 }
 
-impl StoredEvent {
-    /// The event with its payload written back to JSON text, the envelope moved.
-    ///
-    /// # Errors
-    /// [`crate::StoreError::Corrupt`] naming the event if the payload cannot be written (a map
-    /// with keys that are not strings cannot be held in a `Value`, so this does not happen).
-    pub fn into_raw(self) -> Result<RawStoredEvent, crate::StoreError> {
-        let payload = match serde_json::value::to_raw_value(&self.payload) {
-            Ok(payload) => payload,
-            Err(e) => {
-                return Err(crate::StoreError::Corrupt(Box::new(
-                    crate::store::CorruptEvent {
-                        stream: self.stream,
-                        version: self.version,
-                        event_id: self.event_id,
-                        event_type: self.event_type,
-                        checkpoint: self.checkpoint,
-                        message: format!("payload: {e}"),
-                    },
-                )));
-            }
-        };
-        Ok(StoredEvent {
+impl<P> StoredEvent<P> {
+    /// The same event with its payload turned into another form by `f`, the envelope moved.
+    pub fn map_payload<Q>(self, f: impl FnOnce(P) -> Q) -> StoredEvent<Q> {
+        StoredEvent {
             event_id: self.event_id,
             stream: self.stream,
             version: self.version,
@@ -509,9 +482,35 @@ impl StoredEvent {
             recorded_at: self.recorded_at,
             event_type: self.event_type,
             schema_version: self.schema_version,
-            payload,
+            payload: f(self.payload),
             metadata: self.metadata,
-        })
+        }
+    }
+
+    /// [`crate::StoreError::Corrupt`] naming this event, for a payload that `error` says cannot
+    /// be read or written.
+    fn corrupt_payload(&self, error: &serde_json::Error) -> crate::StoreError {
+        crate::StoreError::Corrupt(Box::new(crate::store::CorruptEvent {
+            stream: self.stream.clone(),
+            version: self.version,
+            event_id: self.event_id,
+            event_type: self.event_type.clone(),
+            checkpoint: self.checkpoint,
+            message: format!("payload: {error}"),
+        }))
+    }
+}
+
+impl StoredEvent {
+    /// The event with its payload written back to JSON text, the envelope moved.
+    ///
+    /// # Errors
+    /// [`crate::StoreError::Corrupt`] naming the event if the payload cannot be written (a map
+    /// with keys that are not strings cannot be held in a `Value`, so this does not happen).
+    pub fn into_raw(self) -> Result<RawStoredEvent, crate::StoreError> {
+        let payload =
+            serde_json::value::to_raw_value(&self.payload).map_err(|e| self.corrupt_payload(&e))?;
+        Ok(self.map_payload(|_| payload))
     }
 }
 

@@ -149,18 +149,22 @@ fn event_variants_have_no_serde_attributes(cx: &mut Ctxt, input: &EventEnum<'_>)
                         ),
                     );
                 }
-                // Skip the value: this pass only looks for keys.
-                if meta.input.peek(syn::Token![=]) {
-                    meta.value()?.parse::<syn::Expr>()?;
-                } else if meta.input.peek(syn::token::Paren) {
-                    let content;
-                    syn::parenthesized!(content in meta.input);
-                    content.parse::<proc_macro2::TokenStream>()?;
-                }
-                Ok(())
+                skip_value(&meta)
             });
         }
     }
+}
+
+/// Skips a nested meta's value (`= expr` or `(...)`): the serde checks only look at keys.
+fn skip_value(meta: &syn::meta::ParseNestedMeta<'_>) -> syn::Result<()> {
+    if meta.input.peek(syn::Token![=]) {
+        meta.value()?.parse::<syn::Expr>()?;
+    } else if meta.input.peek(syn::token::Paren) {
+        let content;
+        syn::parenthesized!(content in meta.input);
+        content.parse::<proc_macro2::TokenStream>()?;
+    }
+    Ok(())
 }
 
 /// See [`UNSUPPORTED_SERDE`].
@@ -184,15 +188,7 @@ fn event_fields_serialize_by_reference(cx: &mut Ctxt, input: &EventEnum<'_>) {
                         ),
                     );
                 }
-                // Skip the value: this pass only looks for keys.
-                if meta.input.peek(syn::Token![=]) {
-                    meta.value()?.parse::<syn::Expr>()?;
-                } else if meta.input.peek(syn::token::Paren) {
-                    let content;
-                    syn::parenthesized!(content in meta.input);
-                    content.parse::<proc_macro2::TokenStream>()?;
-                }
-                Ok(())
+                skip_value(&meta)
             });
         }
     }

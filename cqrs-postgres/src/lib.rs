@@ -159,17 +159,9 @@ impl PostgresEventStore {
                     Ok(Err(cause)) => cause,
                     _ => sqlx::Error::PoolTimedOut,
                 };
-                return Err(StoreError::backend(ConnectError(
-                    url_without_password(url),
-                    error,
-                )));
+                return Err(connect_error(url, error));
             }
-            Err(e) => {
-                return Err(StoreError::backend(ConnectError(
-                    url_without_password(url),
-                    e,
-                )));
-            }
+            Err(error) => return Err(connect_error(url, error)),
         };
         Self::new(pool, schema)
     }
@@ -1371,6 +1363,11 @@ impl Wakeups {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot connect to PostgreSQL at {0}: {1}{hint}", hint = tls_hint(.1))]
 struct ConnectError(String, #[source] sqlx::Error);
+
+/// A failure to connect to `url`, named without its password.
+fn connect_error(url: &str, error: sqlx::Error) -> StoreError {
+    StoreError::backend(ConnectError(url_without_password(url), error))
+}
 
 /// Makes sure rustls has a process-wide crypto provider before a TLS connection needs one.
 /// rustls picks one by its crate features, and finds none when a build enables two (ring here,

@@ -99,19 +99,8 @@ pub(crate) fn stored_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
 
 /// A row of `EVENT_COLUMNS` as a stored event whose payload is the stored JSON text.
 pub(crate) fn raw_stored_event(row: &PgRow) -> Result<RawStoredEvent, StoreError> {
-    stored_event_with::<sqlx::types::Json<Box<serde_json::value::RawValue>>>(row).map(|e| {
-        StoredEvent {
-            payload: e.payload.0,
-            event_id: e.event_id,
-            stream: e.stream,
-            version: e.version,
-            checkpoint: e.checkpoint,
-            recorded_at: e.recorded_at,
-            event_type: e.event_type,
-            schema_version: e.schema_version,
-            metadata: e.metadata,
-        }
-    })
+    stored_event_with::<sqlx::types::Json<Box<serde_json::value::RawValue>>>(row)
+        .map(|e| e.map_payload(|payload| payload.0))
 }
 
 /// A row of `EVENT_COLUMNS` with the payload decoded as `P`.

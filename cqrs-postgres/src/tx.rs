@@ -36,13 +36,7 @@ impl Tx {
         pool: &PgPool,
         begin: &'static str,
     ) -> Result<Self, sqlx::Error> {
-        let mut tx = Self {
-            conn: Some(pool.acquire().await?),
-            finished: false,
-        };
-        // Dropped from here on, `Drop` ends whatever reached the server.
-        sqlx::raw_sql(begin).execute(&mut *tx).await?;
-        Ok(tx)
+        Self::begin_on(pool.acquire().await?, begin).await
     }
 
     /// Opens a transaction on `conn`, a connection this process took from the pool and ended
@@ -56,6 +50,7 @@ impl Tx {
             conn: Some(conn),
             finished: false,
         };
+        // Dropped from here on, `Drop` ends whatever reached the server.
         sqlx::raw_sql(begin).execute(&mut *tx).await?;
         Ok(tx)
     }

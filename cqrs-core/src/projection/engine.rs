@@ -413,10 +413,10 @@ pub struct Engine<P: Projection, B> {
     /// filtering here) is cheaper than asking the store to filter.
     dense: bool,
     /// Known: the projection has no dead letters. Only the owner parks events (a unit that
-    /// parks under a lost ownership rolls back), and operators only remove letters, so once a
-    /// batch found none, none appear until this engine parks one: the next batches skip asking
-    /// the backend for blocked streams (a round trip per batch). Forgotten on any park, any
-    /// failed batch and any operator request served.
+    /// parks under a lost ownership rolls back), and operators, retries and rebuilds only remove
+    /// letters, so once a batch found none, none appear until this engine parks one: the next
+    /// batches skip asking the backend for blocked streams (a round trip per batch). Forgotten
+    /// on any park, any failed batch and whenever ownership is lost or taken (again).
     no_dead_letters: bool,
 }
 
@@ -1095,7 +1095,6 @@ where
     /// [`DeliveryError::LeaseLost`], a failing backend.
     pub async fn retry(&mut self, stream: &StreamId) -> Result<Redrive, DeliveryError> {
         self.owns()?;
-        self.no_dead_letters = false;
         let mut unit = self.backend.begin_unit().await?;
         let outcome = self.retry_in(&mut unit, stream).await;
         self.end(unit, outcome).await
@@ -1174,7 +1173,6 @@ where
     /// As [`DeliveryBackend::reset_for_rebuild`] and [`Engine::catch_up`].
     pub async fn rebuild(&mut self) -> Result<usize, DeliveryError> {
         self.owns()?;
-        self.no_dead_letters = false;
         let mut unit = self.backend.begin_unit().await?;
         let outcome = self.backend.reset_for_rebuild(&mut unit).await;
         self.end(unit, outcome).await?;
@@ -1193,9 +1191,6 @@ where
         self.owns()?;
         let requests = self.backend.pending_requests().await?;
         let served = !requests.is_empty();
-        if served {
-            self.no_dead_letters = false;
-        }
         for request in requests {
             match &request {
                 Request::Rebuild => {

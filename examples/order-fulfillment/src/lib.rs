@@ -177,7 +177,7 @@ pub struct Service {
     addr: SocketAddr,
     backend: Backend,
     stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Tasks,
 }
 
 impl Service {
@@ -198,7 +198,13 @@ impl Service {
     pub async fn stop(self) {
         // Every receiver may be gone already (tasks that ended): nothing to tell then.
         self.stop.send_replace(true);
-        for task in self.tasks {
+        let tasks = std::mem::take(
+            &mut *self
+                .tasks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for task in tasks {
             if let Err(error) = task.await {
                 tracing::warn!(%error, "a service task ended abnormally");
             }
@@ -644,22 +650,20 @@ async fn get_order<S: EventStore>(
     }
 }
 
-/// The service's background tasks, as `/health` sees them.
-type Tasks = Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>;
+/// The service's background tasks: awaited by [`Service::stop`], looked at by `/health`.
+type Tasks = Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>;
 
 /// What the service runs besides the HTTP server.
 struct Runtime {
     stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
-    watched: Tasks,
+    tasks: Tasks,
 }
 
 impl Runtime {
     fn new() -> Self {
         Self {
             stop: watch::Sender::new(false),
-            tasks: Vec::new(),
-            watched: Tasks::default(),
+            tasks: Tasks::default(),
         }
     }
 
@@ -673,12 +677,10 @@ impl Runtime {
     }
 
     fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
-        let task = tokio::spawn(task);
-        self.watched
+        self.tasks
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(task.abort_handle());
-        self.tasks.push(task);
+            .push(tokio::spawn(task));
     }
 
     /// Runs `projection` over `store` until the service stops; a failing store is logged and the
@@ -808,7 +810,7 @@ pub async fn start_with(
                 orders,
                 summaries,
                 backend: backend.name(),
-                tasks: runtime.watched.clone(),
+                tasks: runtime.tasks.clone(),
                 #[cfg(feature = "redis")]
                 redis: redis.clone(),
             })
@@ -891,7 +893,7 @@ pub async fn start_with(
                 orders,
                 summaries,
                 backend: backend.name(),
-                tasks: runtime.watched.clone(),
+                tasks: runtime.tasks.clone(),
                 #[cfg(feature = "redis")]
                 redis: redis.clone(),
             })
@@ -1081,20 +1083,22 @@ mod tests {
             redis: None,
         };
         let running = tokio::spawn(std::future::pending::<()>());
+        let running_abort = running.abort_handle();
         tasks
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(running.abort_handle());
+            .push(running);
         let healthy = health(State(state.clone())).await;
         assert_eq!(healthy.status(), StatusCode::OK);
 
         let ended = tokio::spawn(async {});
-        let handle = ended.abort_handle();
-        ended.await.unwrap_or_else(|e| panic!("{e}"));
+        while !ended.is_finished() {
+            tokio::task::yield_now().await;
+        }
         tasks
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(handle);
+            .push(ended);
         let response = health(State(state)).await;
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         let body = axum::body::to_bytes(response.into_body(), 1 << 16)
@@ -1106,6 +1110,6 @@ mod tests {
         assert_eq!(body["store"], "reachable");
         assert_eq!(body["background_tasks"]["ended"], 1);
         assert_eq!(body["background_tasks"]["running"], 1);
-        running.abort();
+        running_abort.abort();
     }
 }

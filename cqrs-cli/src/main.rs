@@ -59,6 +59,10 @@ enum Command {
     /// Saga instances.
     #[command(subcommand)]
     Sagas(Sagas),
+    /// The store itself: whether it is on the server its transaction ids belong to, and the
+    /// repair after a restore or a move to another server.
+    #[command(subcommand)]
+    Store(Store),
     /// Print a completion script for a shell, e.g. `cqrs completions bash >
     /// ~/.local/share/bash-completion/completions/cqrs`.
     Completions {
@@ -118,6 +122,25 @@ enum Projections {
         /// How long to wait for the worker to start it, in seconds (exit code 3 after).
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum Store {
+    /// Whether the store's transaction ids belong to this server (exit code 1 when it was
+    /// restored or moved from another one, with what to run).
+    Check,
+    /// After a restore (`pg_restore`), a logical-replication switchover or an upgrade: re-stamps
+    /// the events' transaction ids into this server's range in the same global order, moves
+    /// every checkpoint with them, and records this server (see docs/operations.md). Stop the
+    /// writers first.
+    Rebase {
+        /// Say what was found, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Rebase without asking (needed when the input is not a terminal).
+        #[arg(long, short)]
+        yes: bool,
     },
 }
 
@@ -392,6 +415,60 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     out!("  {version} {description}");
                 }
             }
+        }
+        Command::Store(Store::Check) => match store.check_server().await? {
+            None => out!(
+                "schema `{}`: its transaction ids belong to this server",
+                cli.schema
+            ),
+            Some(moved) => return Err(moved.to_string().into()),
+        },
+        Command::Store(Store::Rebase { dry_run, yes }) => {
+            let moved = store.check_server().await?;
+            match (&moved, dry_run) {
+                (None, _) => {
+                    out!(
+                        "schema `{}`: its transaction ids belong to this server; nothing to rebase",
+                        cli.schema
+                    );
+                    return Ok(());
+                }
+                (Some(moved), true) => {
+                    out!("{moved}");
+                    out!("(dry run: nothing changed)");
+                    return Ok(());
+                }
+                (Some(moved), false) => {
+                    out!("{moved}");
+                    if !yes
+                        && !confirmed(&format!(
+                            "rebase schema `{}` onto this server (writers stopped)",
+                            cli.schema
+                        ))?
+                    {
+                        out!("nothing changed");
+                        return Ok(());
+                    }
+                }
+            }
+            let rebased = store.rebase().await?;
+            if rebased.restamped {
+                out!(
+                    "re-stamped {} events with {} transaction ids below this server's counter \
+                     ({} empty transactions run to make room), in the same order; moved {} checkpoints",
+                    rebased.events,
+                    rebased.transactions,
+                    rebased.burned,
+                    rebased.checkpoints
+                );
+            }
+            out!(
+                "schema `{}` now belongs to this server (system identifier {})",
+                cli.schema,
+                rebased
+                    .server
+                    .map_or_else(|| "unknown".to_owned(), |s| s.to_string())
+            );
         }
         Command::Events(Events::Show { stream }) => {
             let Some((kind, id)) = stream.split_once('/') else {

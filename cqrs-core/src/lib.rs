@@ -32,8 +32,8 @@ pub use event::{ApplyTo, DecodeError, DomainEvent, EncodedEvent, UpcastError};
 pub use gateway::{CommandError, CommandGateway, Executed};
 pub use query::{Query, QueryBus, QueryError, QueryHandler};
 pub use store::{
-    EventStore, EventStoreExt, ExpectedVersion, InMemoryEventStore, KeyRecord, Snapshot,
-    SnapshotStore, StoreError,
+    EventStore, EventStoreExt, ExpectedVersion, InMemoryEventStore, KeyRecord, MoveEvidence,
+    Snapshot, SnapshotStore, StoreError, StoreMoved,
 };
 
 /// `#[derive(Aggregate)]`: implements [`Aggregate`](trait@Aggregate); see the crate docs.

@@ -6,11 +6,13 @@ mod notify;
 pub mod projection;
 mod rows;
 pub mod saga;
+mod server;
 mod sql;
 mod tx;
 
 pub use lease::{Advance, CheckpointLease, Inbox};
 pub use rows::is_outage;
+pub use server::Rebased;
 pub use tx::Tx as Transaction;
 
 use std::fmt::Write as _;
@@ -80,6 +82,7 @@ pub struct PostgresEventStore {
     notifier: Arc<notify::Notifier>,
     listener: Arc<notify::Listener>,
     channel: Arc<str>,
+    server: Arc<server::ServerGuard>,
 }
 
 impl std::fmt::Debug for PostgresEventStore {
@@ -140,9 +143,16 @@ impl PostgresEventStore {
                     .into(),
             ));
         }
+        // Every new connection may be to another server (a switchover): check it again.
+        let server = Arc::new(server::ServerGuard::default());
+        let connected = Arc::clone(&server);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout.min(cqrs_core::backoff::MAX_WAIT))
+            .after_connect(move |_, _| {
+                connected.connected();
+                Box::pin(async { Ok(()) })
+            })
             .connect(url)
             .await;
         let pool = match pool {
@@ -163,7 +173,9 @@ impl PostgresEventStore {
             }
             Err(error) => return Err(connect_error(url, error)),
         };
-        Self::new(pool, schema)
+        let mut store = Self::new(pool, schema)?;
+        store.server = server;
+        Ok(store)
     }
 
     /// A store on `pool` using the tables in `schema`.
@@ -184,6 +196,7 @@ impl PostgresEventStore {
             inline: Arc::new([]),
             notifier: Arc::default(),
             listener: Arc::default(),
+            server: Arc::default(),
         })
     }
 
@@ -268,6 +281,7 @@ impl PostgresEventStore {
         &self,
         checkpoint: Checkpoint,
     ) -> Result<cqrs_core::projection::Lag, StoreError> {
+        self.same_server().await?;
         let row = sqlx::query(AssertSqlSafe(self.sql.lag.clone()))
             .bind(checkpoint.transaction.to_string())
             .bind(to_i64(checkpoint.position)?)
@@ -315,6 +329,7 @@ impl PostgresEventStore {
     /// # Errors
     /// [`StoreError::Backend`] when the database fails.
     pub async fn checkpoint_before_last(&self, n: usize) -> Result<Checkpoint, StoreError> {
+        self.same_server().await?;
         let row = sqlx::query(AssertSqlSafe(self.sql.nth_from_end.clone()))
             .bind(i64::try_from(n).unwrap_or(i64::MAX))
             .fetch_optional(&self.pool)
@@ -333,11 +348,19 @@ impl PostgresEventStore {
         &self,
         after: Checkpoint,
         limit: usize,
-        each: impl FnMut(RawStoredEvent) -> ControlFlow<()> + Send,
+        mut each: impl FnMut(RawStoredEvent) -> ControlFlow<()> + Send,
     ) -> Result<(), StoreError> {
         let query = self.read_all_query(after, limit)?;
-        self.in_global_order(query, limit, rows::raw_stored_event, each)
-            .await
+        let mut read = 0;
+        self.in_global_order(query, limit, rows::raw_stored_event, |event| {
+            read += 1;
+            each(event)
+        })
+        .await?;
+        if read == 0 {
+            self.nothing_after(after).await?;
+        }
+        Ok(())
     }
 
     /// The query of the readable events after `after`, at most `limit`.
@@ -390,6 +413,7 @@ impl PostgresEventStore {
         if rows == 0 {
             return Ok(());
         }
+        self.same_server().await?;
         if rows <= SORT_SAFE_PAGE {
             return rows::each_event(query, &self.pool, read, each).await;
         }
@@ -1032,6 +1056,7 @@ impl EventStore for PostgresEventStore {
                 })
             };
         }
+        self.same_server().await?;
         let appended = self.append_on(stream, expected, &events).await?;
         self.notifier.committed(&self.pool, &self.channel);
         Ok(appended)
@@ -1067,6 +1092,7 @@ impl EventStore for PostgresEventStore {
         key: &str,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
+        self.same_server().await?;
         // The common case in one statement (no transaction block, one round trip).
         let base = match expected {
             ExpectedVersion::Exact(n) => Some(n),
@@ -1169,6 +1195,7 @@ impl EventStore for PostgresEventStore {
     }
 
     async fn head(&self) -> Result<Option<Checkpoint>, StoreError> {
+        self.same_server().await?;
         let row = sqlx::query(AssertSqlSafe(self.sql.head.clone()))
             .fetch_optional(&self.pool)
             .await
@@ -1182,8 +1209,13 @@ impl EventStore for PostgresEventStore {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let query = self.read_all_query(after, limit)?;
-        self.collect_in_global_order(query, limit, stored_event)
-            .await
+        let events = self
+            .collect_in_global_order(query, limit, stored_event)
+            .await?;
+        if events.is_empty() {
+            self.nothing_after(after).await?;
+        }
+        Ok(events)
     }
 
     /// Each payload left as the stored JSON text: what a publisher that forwards events (the
@@ -1195,8 +1227,13 @@ impl EventStore for PostgresEventStore {
         limit: usize,
     ) -> Result<Vec<RawStoredEvent>, StoreError> {
         let query = self.read_all_query(after, limit)?;
-        self.collect_in_global_order(query, limit, rows::raw_stored_event)
-            .await
+        let events = self
+            .collect_in_global_order(query, limit, rows::raw_stored_event)
+            .await?;
+        if events.is_empty() {
+            self.nothing_after(after).await?;
+        }
+        Ok(events)
     }
 
     /// Changes after commits of this schema's events, in this process and others (`LISTEN`
@@ -1237,6 +1274,9 @@ impl PostgresEventStore {
             .bind(&aggregate_types)
             .bind(&event_types);
         let rows = self.collect_in_global_order(query, scan, read).await?;
+        if rows.is_empty() {
+            self.nothing_after(after).await?;
+        }
         // The last row is the window's end, subscribed or not; the query matched each event type
         // with each aggregate type: keep the exact pairs.
         let scanned_to = rows.last().map_or(after, |e| e.checkpoint);

@@ -225,9 +225,81 @@ pub enum StoreError {
     /// The arguments cannot be stored (for example an empty aggregate type).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// The store's global order cannot be trusted on the server it is on now (it was restored or
+    /// replicated from another one, or a reader holds a position from before such a move).
+    /// Reads in the global order and appends are refused until the operator repairs it, so no
+    /// reader skips an event; what to run is in the error.
+    #[error("{0}")]
+    Moved(Box<StoreMoved>),
     /// The backend failed: a broken connection, a database error that is not one of the above.
     #[error("event store backend failed: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What [`StoreError::Moved`] found, and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{store}: {evidence}; {remedy}")]
+pub struct StoreMoved {
+    /// Which store (for PostgreSQL: the schema).
+    pub store: String,
+    /// What was found.
+    pub evidence: MoveEvidence,
+    /// What to run.
+    pub remedy: String,
+}
+
+/// The evidence that a store's global order was moved under it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MoveEvidence {
+    /// The stored events carry transaction ids at or past the server's next one: they were
+    /// stamped by another server. Readers would never read them, and events appended here would
+    /// be ordered before them.
+    TransactionIdsAhead {
+        /// The highest transaction id stored.
+        highest: u64,
+        /// The server's next transaction id.
+        next: u64,
+    },
+    /// The store was written on another server (a restore, a logical replica, an upgrade by
+    /// dump or `pg_upgrade`): its transaction ids do not order against this server's.
+    ServerChanged {
+        /// The server identity the store recorded.
+        recorded: String,
+        /// This server's identity.
+        current: String,
+    },
+    /// A reader's position is past every transaction the server has run: the store was restored
+    /// or re-stamped under it, and the position means nothing here.
+    CheckpointAhead {
+        /// The reader's position.
+        checkpoint: Checkpoint,
+        /// The server's next transaction id.
+        next: u64,
+    },
+}
+
+impl fmt::Display for MoveEvidence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TransactionIdsAhead { highest, next } => write!(
+                f,
+                "its events carry transaction ids up to {highest}, past this server's next \
+                 ({next}): they were stamped by another server (a restore or a move), so readers \
+                 would never read them and events appended here would be ordered before them"
+            ),
+            Self::ServerChanged { recorded, current } => write!(
+                f,
+                "its events were written on another PostgreSQL server (system identifier \
+                 {recorded}; this one is {current}): a restore, a logical replica or an upgrade \
+                 moved them, and their transaction ids do not order against this server's"
+            ),
+            Self::CheckpointAhead { checkpoint, next } => write!(
+                f,
+                "a reader's position {checkpoint} is past every transaction this server has run \
+                 (next {next}): the store was restored or re-stamped under it"
+            ),
+        }
+    }
 }
 
 /// A stored row that cannot be read as an event: what [`StoreError::Corrupt`] names.

@@ -1,0 +1,472 @@
+//! Which server a store's transaction ids belong to: the check that refuses a store restored or
+//! replicated into another server, and the rebase that repairs it.
+//!
+//! Events are ordered by the id of the transaction that wrote them (`pg_current_xact_id()`), and
+//! readers only read below the oldest transaction still running. Those ids are one server's
+//! counter. `pg_dump`/`pg_restore` and logical replication copy them into a server whose counter
+//! may be far lower: there the restored events are never readable, new appends are ordered
+//! before them, and a reader resuming from its checkpoint skips the new ones, all without an
+//! error. So the store records the server it was written on (`store_server`), and before its
+//! first global read or append on each new connection it checks that the stored ids are below the
+//! server's next one and that the server is the recorded one. [`PostgresEventStore::rebase`]
+//! re-stamps the ids into this server's range, keeping the order, and moves every checkpoint with
+//! them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cqrs_core::{Checkpoint, MoveEvidence, StoreError, StoreMoved};
+use sqlx::{AssertSqlSafe, PgConnection, Row};
+
+use crate::PostgresEventStore;
+use crate::rows::{backend, to_u64};
+use crate::sql::Sql;
+use crate::tx::Tx;
+
+/// Whether the server was checked since the pool last connected.
+#[derive(Debug)]
+pub(crate) struct ServerGuard {
+    /// Bumped by every connection a pool the store opened makes.
+    connections: AtomicU64,
+    /// The value of `connections` when a check last passed (0: never).
+    checked: AtomicU64,
+}
+
+impl Default for ServerGuard {
+    fn default() -> Self {
+        Self {
+            connections: AtomicU64::new(1),
+            checked: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ServerGuard {
+    /// A new connection was made: check again before the next global read or append (it may be
+    /// to another server, e.g. after a switchover).
+    pub(crate) fn connected(&self) {
+        self.connections.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn is_checked(&self) -> bool {
+        self.checked.load(Ordering::Acquire) == self.connections.load(Ordering::Acquire)
+    }
+}
+
+/// What a check of the server found.
+enum Found {
+    /// The ids belong to this server.
+    Same,
+    /// The schema is not migrated (yet): nothing to check; the statement that follows says so.
+    NotMigrated,
+    /// The store was moved.
+    Moved(MoveEvidence),
+}
+
+/// The server's state as the check reads it.
+struct State {
+    highest: Option<u64>,
+    next: u64,
+    recorded: Option<i64>,
+    current: Option<i64>,
+}
+
+impl State {
+    fn evidence(&self) -> Option<MoveEvidence> {
+        if let Some(highest) = self.highest
+            && highest >= self.next
+        {
+            return Some(MoveEvidence::TransactionIdsAhead {
+                highest,
+                next: self.next,
+            });
+        }
+        match (self.recorded, self.current) {
+            (Some(recorded), Some(current)) if recorded != current => {
+                Some(MoveEvidence::ServerChanged {
+                    recorded: recorded.to_string(),
+                    current: current.to_string(),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+async fn state(conn: &mut PgConnection, sql: &Sql) -> Result<Option<State>, StoreError> {
+    let s = &sql.quoted_schema;
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "SELECT (SELECT max(transaction_id) FROM {s}.events)::text AS highest, \
+                pg_snapshot_xmax(pg_current_snapshot())::text AS next, \
+                (SELECT system_identifier FROM {s}.store_server) AS recorded, \
+                {s}.cqrs_system_identifier() AS current"
+    )))
+    .fetch_one(&mut *conn)
+    .await;
+    let row = match row {
+        Ok(row) => row,
+        // undefined_table, undefined_function, invalid_schema_name: not migrated to this version.
+        Err(sqlx::Error::Database(db))
+            if db
+                .code()
+                .is_some_and(|c| matches!(&*c, "42P01" | "42883" | "3F000")) =>
+        {
+            return Ok(None);
+        }
+        Err(error) => return Err(backend(error)),
+    };
+    let highest: Option<String> = row.try_get("highest").map_err(backend)?;
+    let next: String = row.try_get("next").map_err(backend)?;
+    Ok(Some(State {
+        highest: highest.map(|h| xid(&h)).transpose()?,
+        next: xid(&next)?,
+        recorded: row.try_get("recorded").map_err(backend)?,
+        current: row.try_get("current").map_err(backend)?,
+    }))
+}
+
+fn xid(text: &str) -> Result<u64, StoreError> {
+    text.parse()
+        .map_err(|e| StoreError::backend(format!("transaction id `{text}` is not a number: {e}")))
+}
+
+async fn check(conn: &mut PgConnection, sql: &Sql) -> Result<Found, StoreError> {
+    Ok(match state(conn, sql).await? {
+        None => Found::NotMigrated,
+        Some(state) => state.evidence().map_or(Found::Same, Found::Moved),
+    })
+}
+
+/// What [`PostgresEventStore::rebase`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Rebased {
+    /// The events in the store.
+    pub events: u64,
+    /// Whether their transaction ids were re-stamped (only when they were at or past the
+    /// server's next one).
+    pub restamped: bool,
+    /// How many distinct transaction ids they carry after the rebase (events whose order the
+    /// global position alone keeps share one).
+    pub transactions: u64,
+    /// Transaction ids the server ran empty to make room below its counter.
+    pub burned: u64,
+    /// Checkpoints (projections, relays) moved with the events.
+    pub checkpoints: u64,
+    /// The server identity recorded before.
+    pub previous_server: Option<i64>,
+    /// The server identity recorded now.
+    pub server: Option<i64>,
+}
+
+impl Rebased {
+    /// Whether anything changed.
+    #[must_use]
+    pub fn changed(&self) -> bool {
+        self.restamped || self.previous_server != self.server
+    }
+}
+
+/// How many times the rebase makes room and tries again when appends come between.
+const REBASE_ATTEMPTS: usize = 5;
+
+impl PostgresEventStore {
+    /// Refuses a global read or append on a store moved to another server (checked once per
+    /// new connection of a pool the store opened; once per store on a pool given to
+    /// [`PostgresEventStore::new`]).
+    pub(crate) async fn same_server(&self) -> Result<(), StoreError> {
+        if self.server.is_checked() {
+            return Ok(());
+        }
+        let mut conn = self.pool().acquire().await.map_err(backend)?;
+        let connections = self.server.connections.load(Ordering::Acquire);
+        match check(&mut conn, &self.sql).await? {
+            Found::Same => {
+                self.server.checked.fetch_max(connections, Ordering::AcqRel);
+                Ok(())
+            }
+            Found::NotMigrated => Ok(()),
+            Found::Moved(evidence) => Err(self.moved(evidence)),
+        }
+    }
+
+    fn moved(&self, evidence: MoveEvidence) -> StoreError {
+        let remedy = match evidence {
+            MoveEvidence::CheckpointAhead { .. } => {
+                "restart the reader: it reloads its stored checkpoint, which the rebase moved"
+                    .to_owned()
+            }
+            _ => format!(
+                "stop the writers and run `cqrs store rebase --schema {}` \
+                 (PostgresEventStore::rebase), see docs/operations.md",
+                self.schema()
+            ),
+        };
+        StoreError::Moved(Box::new(StoreMoved {
+            store: format!("schema `{}`", self.schema()),
+            evidence,
+            remedy,
+        }))
+    }
+
+    /// A read that found nothing after `after`: an error if `after` is past every transaction
+    /// the server has run (a position from before a restore or a rebase, which would otherwise
+    /// read nothing, for ever).
+    pub(crate) async fn nothing_after(&self, after: Checkpoint) -> Result<(), StoreError> {
+        if after.transaction == 0 {
+            return Ok(());
+        }
+        let next: String =
+            sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+                .fetch_one(self.pool())
+                .await
+                .map_err(backend)?;
+        let next = xid(&next)?;
+        if after.transaction >= next {
+            return Err(self.moved(MoveEvidence::CheckpointAhead {
+                checkpoint: after,
+                next,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Whether this store was moved to another server: `None` when its transaction ids belong to
+    /// the server it is on (or the schema is not migrated), else what was found. Reads and
+    /// appends answer [`StoreError::Moved`] with the same evidence.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the database fails.
+    pub async fn check_server(&self) -> Result<Option<StoreMoved>, StoreError> {
+        let mut conn = self.pool().acquire().await.map_err(backend)?;
+        Ok(match check(&mut conn, &self.sql).await? {
+            Found::Same | Found::NotMigrated => None,
+            Found::Moved(evidence) => match self.moved(evidence) {
+                StoreError::Moved(moved) => Some(*moved),
+                _ => None,
+            },
+        })
+    }
+
+    /// Makes a store restored or replicated into this server readable and writable again,
+    /// exactly where it was: when its events carry transaction ids at or past the server's next
+    /// one, they are re-stamped below it in one transaction, in the same global order, and every
+    /// checkpoint (projections, relays) moves with them, so each reader resumes after the same
+    /// event; then this server is recorded as the store's. A store whose ids are already below
+    /// the counter (e.g. after `pg_upgrade`, which keeps the counter) only has the server
+    /// recorded. Running it again does nothing.
+    ///
+    /// Stop the writers first (appends wait for it, and are refused until it ran). Readers
+    /// running across it get [`MoveEvidence::CheckpointAhead`] if they kept a position from
+    /// before, and resume from the moved checkpoint when restarted; the store's own workers and
+    /// relays reload it on that error.
+    ///
+    /// Where the server's counter is lower than the number of ids to re-stamp (a freshly
+    /// created server), it first runs that many empty transactions (asynchronous commit: about
+    /// 100,000 a second).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the database fails (nothing changed: it can run again).
+    pub async fn rebase(&self) -> Result<Rebased, StoreError> {
+        let s = self.sql.quoted_schema.clone();
+        let mut burned = 0;
+        for _ in 0..REBASE_ATTEMPTS {
+            // How many ids the order needs: a new one wherever the global position goes down.
+            let needed = transactions_needed(self, &s).await?;
+            let next = {
+                let mut conn = self.pool().acquire().await.map_err(backend)?;
+                match state(&mut conn, &self.sql).await? {
+                    Some(state) => state.next,
+                    None => {
+                        return Err(StoreError::InvalidInput(format!(
+                            "schema `{}` is not migrated: run `cqrs migrate` first",
+                            self.schema()
+                        )));
+                    }
+                }
+            };
+            // Ids 1..=needed must be below every id handed out from now on.
+            let room = needed + 2;
+            if next < room {
+                burn(self, room - next).await?;
+                burned += room - next;
+            }
+            if let Some(rebased) = self.rebase_once(&s, burned).await? {
+                self.server.checked.store(0, Ordering::Release);
+                return Ok(rebased);
+            }
+        }
+        Err(StoreError::backend(format!(
+            "schema `{}`: events kept being appended while rebasing ({REBASE_ATTEMPTS} tries): \
+             stop the writers and run it again",
+            self.schema()
+        )))
+    }
+
+    /// One try, under an exclusive lock of the events and checkpoints: `None` when events were
+    /// appended since the room was made and there is not enough of it.
+    async fn rebase_once(&self, s: &str, burned: u64) -> Result<Option<Rebased>, StoreError> {
+        let mut tx = Tx::begin(self.pool()).await.map_err(backend)?;
+        let outcome = async {
+            sqlx::query(AssertSqlSafe(format!(
+                "LOCK TABLE {s}.events, {s}.projection_checkpoints, {s}.store_server \
+                 IN ACCESS EXCLUSIVE MODE"
+            )))
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+            let Some(state) = state(&mut tx, &self.sql).await? else {
+                return Err(StoreError::backend(
+                    "the store's tables vanished while rebasing",
+                ));
+            };
+            let events: i64 =
+                sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {s}.events")))
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(backend)?;
+            let mut rebased = Rebased {
+                events: to_u64(events)?,
+                restamped: false,
+                transactions: 0,
+                burned,
+                checkpoints: 0,
+                previous_server: state.recorded,
+                server: state.current.or(state.recorded),
+            };
+            if state.highest.is_some_and(|highest| highest >= state.next) {
+                let Some(moved) = restamp(&mut tx, s, state.next).await? else {
+                    return Ok(None);
+                };
+                rebased.restamped = true;
+                rebased.transactions = moved.0;
+                rebased.checkpoints = moved.1;
+            }
+            if rebased.server != rebased.previous_server {
+                sqlx::query(AssertSqlSafe(format!(
+                    "UPDATE {s}.store_server SET system_identifier = $1, recorded_at = now()"
+                )))
+                .bind(rebased.server)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            }
+            Ok(Some(rebased))
+        }
+        .await;
+        tx.end(outcome, backend).await
+    }
+}
+
+/// The distinct ids the events need to keep their order: one more wherever, walking the global
+/// order, the global position goes down.
+async fn transactions_needed(store: &PostgresEventStore, s: &str) -> Result<u64, StoreError> {
+    let needed: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FILTER (WHERE previous IS NULL OR global_position < previous) FROM ( \
+           SELECT global_position, \
+                  lag(global_position) OVER (ORDER BY transaction_id, global_position) AS previous \
+           FROM {s}.events) ordered"
+    )))
+    .fetch_one(store.pool())
+    .await
+    .map_err(backend)?;
+    to_u64(needed.unwrap_or(0))
+}
+
+/// Runs `n` empty transactions, each taking a transaction id (asynchronous commit), so the
+/// server's counter passes the ids a rebase gives.
+async fn burn(store: &PostgresEventStore, n: u64) -> Result<(), StoreError> {
+    tracing::info!(
+        schema = store.schema(),
+        transactions = n,
+        "rebase: advancing the server's transaction counter"
+    );
+    let mut conn = Detached(Some(store.pool().acquire().await.map_err(backend)?));
+    let Some(running) = conn.0.as_mut() else {
+        return Ok(());
+    };
+    // A DO block that commits must be sent alone, outside a transaction block.
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DO $$ BEGIN FOR i IN 1..{n} LOOP \
+           PERFORM set_config('synchronous_commit', 'off', true); \
+           PERFORM pg_current_xact_id(); \
+           COMMIT; \
+         END LOOP; END $$"
+    )))
+    .execute(&mut **running)
+    .await
+    .map_err(backend)?;
+    // Finished: the connection goes back to the pool.
+    conn.0.take();
+    Ok(())
+}
+
+/// A connection closed when dropped (a future cut mid-statement), unless taken out.
+struct Detached(Option<sqlx::pool::PoolConnection<sqlx::Postgres>>);
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(conn.detach());
+        }
+    }
+}
+
+/// Re-stamps the events with ids `1..=k` in their global order, and moves each checkpoint to the
+/// new place of the last event at or before it. `None` when `next` leaves no room for `k`.
+/// Returns `k` and the checkpoints moved.
+async fn restamp(
+    conn: &mut PgConnection,
+    s: &str,
+    next: u64,
+) -> Result<Option<(u64, u64)>, StoreError> {
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE TEMPORARY TABLE cqrs_rebase ON COMMIT DROP AS \
+           SELECT global_position, old_xid, \
+                  sum(starts) OVER (ORDER BY old_xid, global_position ROWS UNBOUNDED PRECEDING)::bigint AS new_xid \
+           FROM (SELECT global_position, transaction_id AS old_xid, \
+                        CASE WHEN global_position > lag(global_position) OVER (ORDER BY transaction_id, global_position) \
+                             THEN 0 ELSE 1 END AS starts \
+                 FROM {s}.events) ordered; \
+         CREATE INDEX ON cqrs_rebase (old_xid, global_position); \
+         ANALYZE cqrs_rebase"
+    )))
+    .execute(&mut *conn)
+    .await
+    .map_err(backend)?;
+    let k: Option<i64> = sqlx::query_scalar("SELECT max(new_xid) FROM cqrs_rebase")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(backend)?;
+    let k = to_u64(k.unwrap_or(0))?;
+    if next < k + 2 {
+        return Ok(None);
+    }
+    let checkpoints = sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {s}.projection_checkpoints c \
+         SET transaction_id = coalesce(m.new_xid, 0)::text::xid8, \
+             global_position = coalesce(m.global_position, 0) \
+         FROM {s}.projection_checkpoints before \
+         LEFT JOIN LATERAL ( \
+           SELECT new_xid, global_position FROM cqrs_rebase r \
+           WHERE (r.old_xid, r.global_position) <= (before.transaction_id, before.global_position) \
+           ORDER BY r.old_xid DESC, r.global_position DESC LIMIT 1) m ON true \
+         WHERE c.projection = before.projection \
+           AND (before.transaction_id, before.global_position) <> ('0'::xid8, 0)"
+    )))
+    .execute(&mut *conn)
+    .await
+    .map_err(backend)?
+    .rows_affected();
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {s}.events e SET transaction_id = r.new_xid::text::xid8 \
+         FROM cqrs_rebase r WHERE e.global_position = r.global_position"
+    )))
+    .execute(&mut *conn)
+    .await
+    .map_err(backend)?;
+    sqlx::raw_sql("DROP TABLE cqrs_rebase")
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+    Ok(Some((k, checkpoints)))
+}

@@ -4,7 +4,8 @@
 # once and the benchmarks' smoke runs.
 # Run from anywhere: `./scripts/test.sh`.
 # Needs the Rust toolchain pinned in rust-toolchain.toml and PostgreSQL at DATABASE_URL (default
-# postgres://postgres@127.0.0.1:5432/test); scripts/postgres-up.sh checks it and starts a local one.
+# postgres://postgres@127.0.0.1:5432/test); scripts/postgres-up.sh checks it and starts a local one,
+# and scripts/postgres-second-up.sh a second server for the dump-and-restore test.
 # The Kafka tests need a broker at KAFKA_BROKERS (default 127.0.0.1:9092): scripts/kafka-up.sh
 # installs (once, about 10 minutes) and starts one, with the build tools librdkafka needs. The
 # RabbitMQ and NATS tests need those servers: scripts/brokers-up.sh checks and starts them. The
@@ -17,6 +18,10 @@ command -v cargo >/dev/null 2>&1 || { echo "error: cargo is not installed; insta
 
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 ./scripts/postgres-up.sh
+# A second PostgreSQL server (another transaction counter and identity) for the test that
+# restores a dump into it: started from this machine's PostgreSQL binaries if not up.
+export SECOND_DATABASE_URL="${SECOND_DATABASE_URL:-postgres://postgres@127.0.0.1:5433/postgres}"
+./scripts/postgres-second-up.sh
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 ./scripts/kafka-up.sh
 # RabbitMQ, NATS JetStream and Redis for cqrs-rabbitmq, cqrs-nats and cqrs-redis (checked,

@@ -461,6 +461,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     rebased.burned,
                     rebased.checkpoints
                 );
+            } else {
+                out!(
+                    "its {} events carry transaction ids below this server's counter: kept as they are",
+                    rebased.events
+                );
             }
             out!(
                 "schema `{}` now belongs to this server (system identifier {})",

@@ -464,3 +464,90 @@ async fn every_command_against_a_real_store() {
         "{line}"
     );
 }
+
+/// `cqrs store check` and `cqrs store rebase` on a store whose transaction ids came from another
+/// server (shifted past this one's counter, as a restore leaves them).
+#[tokio::test]
+async fn store_check_and_rebase_after_a_move() {
+    const MOVED: &str = "t_cli_moved";
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cqrs"))
+            .args(["--schema", MOVED])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("run cqrs: {e}"))
+    };
+    let url = cqrs_postgres::database_url();
+    let pool = sqlx::PgPool::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {MOVED} CASCADE"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    stdout(&run(&["migrate"]));
+    let store = PostgresEventStore::new(pool.clone(), MOVED).unwrap_or_else(|e| panic!("{e}"));
+    let accounts = CommandGateway::<Account, _>::new(store.clone());
+    for id in ["a-1", "a-2", "a-3"] {
+        accounts
+            .execute(
+                id,
+                AccountCommand::Open {
+                    owner: "ann".into(),
+                },
+                CommandMetadata::new(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(
+        stdout(&run(&["store", "check"])),
+        format!("schema `{MOVED}`: its transaction ids belong to this server\n")
+    );
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {MOVED}.events SET transaction_id = (transaction_id::text::bigint + 5000000000)::text::xid8"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    let (code, line) = failure(&run(&["store", "check"]));
+    assert_eq!(code, 1);
+    assert!(
+        line.starts_with(&format!(
+            "cqrs: schema `{MOVED}`: its events carry transaction ids up to"
+        )) && line.contains(&format!("run `cqrs store rebase --schema {MOVED}`")),
+        "{line}"
+    );
+    // Reads in the global order are refused, saying the same.
+    let (code, line) = failure(&run(&["events", "tail"]));
+    assert_eq!(code, 1);
+    assert!(line.contains("cqrs store rebase"), "{line}");
+
+    let dry = stdout(&run(&["store", "rebase", "--dry-run"]));
+    assert!(
+        dry.contains("past this server's next") && dry.ends_with("(dry run: nothing changed)\n"),
+        "{dry}"
+    );
+    let (code, line) = failure(&run(&["store", "rebase"]));
+    assert_eq!(code, 1);
+    assert!(line.contains("pass --yes"), "{line}");
+
+    let done = stdout(&run(&["store", "rebase", "--yes"]));
+    assert!(
+        done.contains("re-stamped 3 events with ")
+            && done.contains("moved 0 checkpoints")
+            && done.contains(&format!("schema `{MOVED}` now belongs to this server")),
+        "{done}"
+    );
+    stdout(&run(&["store", "check"]));
+    let tail = stdout(&run(&["events", "tail"]));
+    assert_eq!(tail.matches("AccountOpened").count(), 3, "{tail}");
+    assert_eq!(
+        stdout(&run(&["store", "rebase", "--yes"])),
+        format!("schema `{MOVED}`: its transaction ids belong to this server; nothing to rebase\n")
+    );
+}

@@ -12,26 +12,15 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::fresh_store;
+use common::{deposit, fresh_store, global_order, read_after};
 use cqrs_core::prelude::*;
 use cqrs_core::projection::HandlerError;
-use cqrs_core::{Checkpoint, EventData, EventStore, ExpectedVersion, MoveEvidence, StoreError};
-use cqrs_examples::bank::{AccountEvent, Deposit};
+use cqrs_core::{Checkpoint, EventStore, ExpectedVersion, MoveEvidence, StoreError};
+use cqrs_examples::bank::AccountEvent;
 use cqrs_postgres::projection::ProjectionWorker;
 use cqrs_postgres::{CheckpointLease, PostgresEventStore};
 use futures::TryStreamExt as _;
 use sqlx::{AssertSqlSafe, PgConnection};
-
-fn deposit(amount_cents: u64) -> EventData {
-    EventData::from_event(
-        &AccountEvent::Deposited(Deposit {
-            amount_cents,
-            reference: String::new(),
-        }),
-        Metadata::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// `writers` tasks append `each` deposits, one transaction per event, at once (so commits
 /// interleave).
@@ -55,49 +44,22 @@ async fn append_concurrently(store: &PostgresEventStore, writers: usize, each: u
     }
 }
 
-/// Every event id in the global order, read with plain SQL (whatever the store would refuse).
-async fn stored_order(store: &PostgresEventStore) -> Vec<uuid::Uuid> {
-    sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT event_id FROM \"{}\".events ORDER BY transaction_id, global_position",
-        store.schema()
-    )))
-    .fetch_all(store.pool())
-    .await
-    .unwrap_or_else(|e| panic!("{e}"))
-}
-
 /// The ids of `events`.
 fn ids(events: &[cqrs_core::StoredEvent]) -> Vec<uuid::Uuid> {
     events.iter().map(|e| e.event_id.0).collect()
-}
-
-/// Everything readable after `after`, page by page.
-async fn read_after(store: &PostgresEventStore, mut after: Checkpoint) -> Vec<uuid::Uuid> {
-    let mut all = Vec::new();
-    loop {
-        let page = store
-            .read_all(after, 37)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let Some(last) = page.last() else {
-            return all;
-        };
-        after = last.checkpoint;
-        all.extend(ids(&page));
-    }
 }
 
 /// [`read_after`] until it reads `n` events: readers do not pass a transaction still open
 /// anywhere on the server (another test's), so what was just appended can take a moment.
 async fn read_n_after(store: &PostgresEventStore, after: Checkpoint, n: usize) -> Vec<uuid::Uuid> {
     for _ in 0..100 {
-        let read = read_after(store, after).await;
+        let read = read_after(store, after, 37).await;
         if read.len() >= n {
             return read;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    read_after(store, after).await
+    read_after(store, after, 37).await
 }
 
 /// The first `n` events of the global order (waiting for them to be readable).
@@ -157,7 +119,7 @@ fn evidence(error: StoreError) -> MoveEvidence {
 async fn transaction_ids_ahead_of_the_server_are_refused_then_rebased_in_the_same_order() {
     let store = fresh_store("moved_ahead").await;
     append_concurrently(&store, 8, 25).await;
-    let written = stored_order(&store).await;
+    let written = global_order(store.pool(), store.schema()).await;
     assert_eq!(written.len(), 200);
 
     // A reader read 120 events and keeps its checkpoint.
@@ -231,7 +193,11 @@ async fn transaction_ids_ahead_of_the_server_are_refused_then_rebased_in_the_sam
             .unwrap_or_else(|e| panic!("{e}"))
             .is_some()
     );
-    assert_eq!(stored_order(&store).await, written, "nothing changed");
+    assert_eq!(
+        global_order(store.pool(), store.schema()).await,
+        written,
+        "nothing changed"
+    );
 
     let rebased = moved.rebase().await.unwrap_or_else(|e| panic!("{e}"));
     assert!(rebased.restamped, "{rebased:?}");
@@ -244,7 +210,7 @@ async fn transaction_ids_ahead_of_the_server_are_refused_then_rebased_in_the_sam
 
     // The same events in the same order, from the start; the checkpoint resumes after the same
     // event.
-    assert_eq!(stored_order(&store).await, written);
+    assert_eq!(global_order(store.pool(), store.schema()).await, written);
     assert_eq!(
         read_n_after(&moved, Checkpoint::START, written.len()).await,
         written
@@ -308,7 +274,7 @@ async fn a_rebase_keeps_an_order_the_global_position_does_not() {
     .execute(store.pool())
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let restored = stored_order(&store).await;
+    let restored = global_order(store.pool(), store.schema()).await;
     let mut lease = CheckpointLease::new(store.clone(), "relay", "r", Duration::from_secs(30));
     lease.acquire().await.unwrap_or_else(|e| panic!("{e}"));
     // A checkpoint at the 77th event of that order.
@@ -351,7 +317,7 @@ async fn a_rebase_keeps_an_order_the_global_position_does_not() {
 async fn a_changed_server_is_refused_and_a_rebase_only_records_the_new_one() {
     let store = fresh_store("moved_server").await;
     append_concurrently(&store, 2, 5).await;
-    let written = stored_order(&store).await;
+    let written = global_order(store.pool(), store.schema()).await;
     let xids_before: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
         "SELECT transaction_id::text FROM \"{}\".events ORDER BY global_position",
         store.schema()
@@ -419,7 +385,7 @@ async fn a_rebase_cut_at_any_point_leaves_all_or_nothing() {
         .advance(Checkpoint::START, page[49].checkpoint)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let written = stored_order(&store).await;
+    let written = global_order(store.pool(), store.schema()).await;
     shift_ids(&store, 3_000_000_000).await;
 
     let moved = reopen(&store).await;
@@ -448,7 +414,7 @@ async fn a_rebase_cut_at_any_point_leaves_all_or_nothing() {
             (high, low) == (120, 0) || (high, low) == (0, 120),
             "{high} {low}"
         );
-        assert_eq!(stored_order(&store).await, written);
+        assert_eq!(global_order(store.pool(), store.schema()).await, written);
         if finished > 0 {
             break;
         }
@@ -569,6 +535,6 @@ async fn a_worker_running_across_a_move_applies_every_event_once() {
     .fetch_all(store.pool())
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let order = stored_order(&store).await;
+    let order = global_order(store.pool(), store.schema()).await;
     assert_eq!(applied, order, "applied in the global order");
 }

@@ -290,8 +290,8 @@ impl fmt::Display for MoveEvidence {
             Self::ServerChanged { recorded, current } => write!(
                 f,
                 "its events were written on another PostgreSQL server (system identifier \
-                 {recorded}; this one is {current}): a restore, a logical replica or an upgrade \
-                 moved them, and their transaction ids do not order against this server's"
+                 {recorded}; this one is {current}): restored, replicated or upgraded here, \
+                 their transaction ids may not order against this server's"
             ),
             Self::CheckpointAhead { checkpoint, next } => write!(
                 f,

@@ -38,3 +38,48 @@ pub async fn fresh_store_with(name: &str, connections: u32) -> PostgresEventStor
         .unwrap_or_else(|e| panic!("migrate {schema}: {e}"));
     store
 }
+
+/// A deposit event of `amount_cents`.
+pub fn deposit(amount_cents: u64) -> cqrs_core::EventData {
+    use cqrs_examples::bank::{AccountEvent, Deposit};
+    cqrs_core::EventData::from_event(
+        &AccountEvent::Deposited(Deposit {
+            amount_cents,
+            reference: String::new(),
+        }),
+        cqrs_core::Metadata::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The ids of every event readable after `after`, read through the store in pages of `page`.
+pub async fn read_after(
+    store: &PostgresEventStore,
+    mut after: cqrs_core::Checkpoint,
+    page: usize,
+) -> Vec<uuid::Uuid> {
+    use cqrs_core::EventStore as _;
+    let mut all = Vec::new();
+    loop {
+        let events = store
+            .read_all(after, page)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Some(last) = events.last() else {
+            return all;
+        };
+        after = last.checkpoint;
+        all.extend(events.iter().map(|e| e.event_id.0));
+    }
+}
+
+/// Every event id of `schema` in the global order, read with plain SQL (whatever the store would
+/// refuse).
+pub async fn global_order(pool: &sqlx::PgPool, schema: &str) -> Vec<uuid::Uuid> {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT event_id FROM \"{schema}\".events ORDER BY transaction_id, global_position"
+    )))
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}

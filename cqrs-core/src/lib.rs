@@ -99,6 +99,29 @@ pub mod __private {
         Ok(true)
     }
 
+    /// What a saga step's method returns: a future of `Result<(), E>`. A method that is not
+    /// `async` (or whose output is not a `Result<(), E>`) is reported with this message at the
+    /// step's method name, instead of "`Result<..>` is not a future" and a suggestion to remove an
+    /// `.await` from the derive's code.
+    #[diagnostic::on_unimplemented(
+        message = "saga step methods are `async fn(&self, data: &mut Data, key: &StepKey) -> Result<(), E>`: this one returns `{Self}`",
+        label = "make this method `async fn`, returning `Result<(), E>`",
+        note = "`E` is any error that converts into `cqrs_core::saga::StepError` (a boxed error)"
+    )]
+    pub trait StepFuture<E>: Future<Output = Result<(), E>> {}
+
+    #[diagnostic::do_not_recommend]
+    impl<E, F: Future<Output = Result<(), E>>> StepFuture<E> for F {}
+
+    /// Runs a saga step's future, its error boxed.
+    pub fn step<'a, E, F>(future: F) -> BoxFuture<'a, Result<(), crate::saga::StepError>>
+    where
+        E: Into<crate::saga::StepError>,
+        F: StepFuture<E> + Send + 'a,
+    {
+        Box::pin(async move { future.await.map_err(Into::into) })
+    }
+
     /// A state with `snapshot(...)` is stored as JSON.
     #[diagnostic::on_unimplemented(
         message = "`{Self}` has `snapshot(...)` but cannot be stored as a snapshot",

@@ -14,7 +14,7 @@ pub(crate) enum Shape<'a> {
     /// `Variant`
     Unit,
     /// `Variant(Type)`
-    Newtype,
+    Newtype(&'a syn::Type),
     /// `Variant { a: A, b: B }`
     Struct(Vec<&'a Field>),
 }
@@ -25,7 +25,9 @@ fn shape<'a>(cx: &mut Ctxt, variant: &'a Variant, what: &str) -> Option<Shape<'a
     match &variant.fields {
         Fields::Unit => Some(Shape::Unit),
         Fields::Named(named) => Some(Shape::Struct(named.named.iter().collect())),
-        Fields::Unnamed(unnamed) if unnamed.unnamed.len() == 1 => Some(Shape::Newtype),
+        Fields::Unnamed(unnamed) if unnamed.unnamed.len() == 1 => {
+            Some(Shape::Newtype(&unnamed.unnamed[0].ty))
+        }
         Fields::Unnamed(unnamed) => {
             let v = variant.ident.unraw();
             cx.error_spanned_by(

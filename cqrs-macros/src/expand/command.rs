@@ -38,9 +38,15 @@ fn generate(model: &CommandEnum<'_>) -> syn::Result<TokenStream> {
         quote!(Self::#variant { .. } => ::cqrs_core::StreamExpectation::#expectation,)
     });
     let handle_arms = model.variants.iter().map(|v| {
-        // A missing handler, wrong arguments or a wrong return type (the arm must be the declared
-        // `Result<Vec<Event>, Error>`) are reported at the variant.
-        super::dispatch_arm(v.ident, &v.shape, aggregate, &v.handler)
+        // A missing handler, or one of another signature than the declared
+        // `fn(&self, fields..) -> Result<Vec<Event>, Error>`, is reported at the handler's name.
+        super::dispatch_arm(
+            v.ident,
+            &v.shape,
+            aggregate,
+            &v.handler,
+            &super::Handler::Command,
+        )
     });
     Ok(quote! {
         #[automatically_derived]

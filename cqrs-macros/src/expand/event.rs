@@ -143,7 +143,7 @@ fn encode_arm(v: &EventVariant<'_>) -> TokenStream {
                 ::cqrs_core::__private::serde_json::Map::new()
             )),
         ),
-        Shape::Newtype => (
+        Shape::Newtype(_) => (
             quote!(Self::#variant(__value)),
             quote!(::cqrs_core::__private::encode_payload(#name, __value)?),
         ),
@@ -215,7 +215,7 @@ fn build_variant(v: &EventVariant<'_>, decoder: &TokenStream) -> TokenStream {
             let _: ::cqrs_core::__private::serde::de::IgnoredAny = #decoder(#name, #current, __payload)?;
             Self::#variant
         },
-        Shape::Newtype => quote! {
+        Shape::Newtype(_) => quote! {
             Self::#variant(#decoder(#name, #current, __payload)?)
         },
         Shape::Struct(fields) => {
@@ -244,10 +244,15 @@ fn decode_json_arm(v: &EventVariant<'_>) -> TokenStream {
 
 fn apply_impl(model: &EventEnum<'_>, aggregate: &syn::Type) -> TokenStream {
     let ident = model.ident;
-    let arms = model
-        .variants
-        .iter()
-        .map(|v| super::dispatch_arm(v.ident, &v.shape, aggregate, &v.apply));
+    let arms = model.variants.iter().map(|v| {
+        super::dispatch_arm(
+            v.ident,
+            &v.shape,
+            aggregate,
+            &v.apply,
+            &super::Handler::Apply,
+        )
+    });
     quote! {
         #[automatically_derived]
         impl ::cqrs_core::ApplyTo<#aggregate> for #ident {

@@ -32,23 +32,66 @@ fn finish(
     }
 }
 
-/// `Self::Variant { a, b } => <Aggregate>::method(__aggregate, a, b),` for every shape: the fields
-/// become arguments (by value for commands, by reference for events, as the match binds them). The
-/// call is spanned at the variant, so a missing method or a type mismatch is reported there.
+/// Which method a dispatch arm calls.
+enum Handler {
+    /// A command handler: `fn(&self, fields by value..) -> Result<Vec<Event>, Error>`.
+    Command,
+    /// An event's `apply_*`: `fn(&mut self, &fields..)`.
+    Apply,
+}
+
+/// `Self::Variant { a, b } => <Aggregate>::method(__aggregate, a, b)` for every shape: the fields
+/// become arguments (by value for commands, by reference for events, as the match binds them).
+///
+/// A command handler is first taken as a function pointer of the expected arguments, at the
+/// method's name (the `handler = ...` value, or the variant when the name is derived): a
+/// missing method is reported there, and a method of another signature as one "expected fn
+/// pointer `fn(&Counter, u32) -> ..`, found fn item `fn(&Counter, u64) -> .. {Counter::increment}`"
+/// error, with no follow-on error from the call (which is to the pointer, so it is well typed)
+/// and no suggestion to edit generated code. An `apply_*` method is called directly instead, so
+/// that deref coercion works as in any call (`fn apply_renamed(&mut self, name: &str)` for a
+/// `name: String` field): a pointer of the exact type would refuse it.
 fn dispatch_arm(
     variant: &Ident,
     shape: &Shape<'_>,
     aggregate: &syn::Type,
     method: &Ident,
+    handler: &Handler,
 ) -> TokenStream {
-    let (pattern, args) = match shape {
-        Shape::Unit => (quote!(Self::#variant), quote!()),
-        Shape::Newtype => (quote!(Self::#variant(__value)), quote!(, __value)),
+    let (pattern, args, types) = match shape {
+        Shape::Unit => (quote!(Self::#variant), quote!(), Vec::new()),
+        Shape::Newtype(ty) => (
+            quote!(Self::#variant(__value)),
+            quote!(, __value),
+            vec![*ty],
+        ),
         Shape::Struct(fields) => {
             let names: Vec<_> = fields.iter().map(|f| &f.ident).collect();
-            (quote!(Self::#variant { #(#names),* }), quote!(#(, #names)*))
+            (
+                quote!(Self::#variant { #(#names),* }),
+                quote!(#(, #names)*),
+                fields.iter().map(|f| &f.ty).collect(),
+            )
         }
     };
-    let call = quote_spanned!(variant.span()=> <#aggregate>::#method(__aggregate #args));
-    quote!(#pattern => #call,)
+    match handler {
+        Handler::Command => {
+            // The return type is left to the call, which the arm returns: a wrong one is reported
+            // there, against `handle`'s declared type (naming the aggregate's types here would
+            // repeat "not an aggregate" when it is not one).
+            let signature = quote_spanned!(variant.span()=> fn(&#aggregate #(, #types)*) -> _);
+            let method_path = quote_spanned!(method.span()=> <#aggregate>::#method);
+            let call = quote_spanned!(variant.span()=> __method(__aggregate #args));
+            quote! {
+                #pattern => {
+                    let __method: #signature = #method_path;
+                    #call
+                }
+            }
+        }
+        Handler::Apply => {
+            let call = quote_spanned!(variant.span()=> <#aggregate>::#method(__aggregate #args));
+            quote!(#pattern => #call,)
+        }
+    }
 }

@@ -55,27 +55,26 @@ fn generate(model: &SagaEnum<'_>) -> syn::Result<TokenStream> {
             timeout: #timeout,
         })
     });
-    // Each call is spanned at its variant: a missing method or a wrong signature is reported there.
-    // Method-call syntax, so a context behind a smart pointer (`Arc<Services>`) finds the
-    // methods of what it points to.
-    let call = |index: usize, variant: &syn::Ident, method: &syn::Ident| {
-        let call = quote_spanned!(variant.span()=> (*__context).#method(__data, __key));
+    // Each call is spanned at the method's name (the `execute = ...` / `compensate = ...` value,
+    // or the variant): a missing method, wrong arguments or a method that is not `async` is
+    // reported there. Method-call syntax, so a context behind a smart pointer (`Arc<Services>`)
+    // finds the methods of what it points to.
+    let call = |index: usize, method: &syn::Ident| {
+        let call = quote_spanned!(method.span()=> (*__context).#method(__data, __key));
         quote! {
-            #index => ::std::boxed::Box::pin(async move {
-                #call.await.map_err(::core::convert::Into::into)
-            }),
+            #index => ::cqrs_core::__private::step(#call),
         }
     };
     let execute_arms = model
         .steps
         .iter()
         .enumerate()
-        .map(|(i, step)| call(i, step.ident, &step.execute));
+        .map(|(i, step)| call(i, &step.execute));
     let compensate_arms = model
         .steps
         .iter()
         .enumerate()
-        .filter_map(|(i, step)| step.compensate.as_ref().map(|m| call(i, step.ident, m)));
+        .filter_map(|(i, step)| step.compensate.as_ref().map(|m| call(i, m)));
     let variants = model.steps.iter().map(|step| step.ident);
     // The steps are the table, never values: naming them keeps the enum's variants from being
     // reported as never constructed.

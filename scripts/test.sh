@@ -48,6 +48,8 @@ echo "==> examples"
 cargo run --locked -q -p cqrs-examples --bin order >/dev/null
 cargo run --locked -q -p cqrs-examples --bin bank_account >/dev/null
 cargo run --locked -q -p cqrs-examples --bin fulfillment >/dev/null
+# docs/setup.md built and run as a new crate outside the workspace (its Cargo.toml and main.rs).
+./scripts/setup-check.sh
 # The README's first command, as a self-check: the service on the embedded default, driven over HTTP.
 env -u DATABASE_URL -u KAFKA_BROKERS -u AMQP_URL -u NATS_URL -u SQS_ENDPOINT -u SQS_QUEUE -u SQS_QUEUE_URL -u REDIS_URL cargo run --locked -q -p order-fulfillment -- --demo >/dev/null
 

@@ -626,7 +626,10 @@ impl<'a> ProjectionStruct<'a> {
         let mut name = Slot::new(attr::KEY_NAME);
         let mut events: Slot<Vec<syn::Path>> = Slot::new(attr::KEY_EVENTS);
         let mut context = Slot::new(attr::KEY_CONTEXT);
+        // Keys written but not parsed were reported already; they are not "missing" too.
+        let mut written = Vec::new();
         attr::for_each_meta(cx, &input.attrs, attr::PROJECTION, |cx, meta| {
+            written.extend(meta.path.get_ident().map(ToString::to_string));
             if attr::KEY_NAME.is(meta) {
                 let lit = attr::parse_string(meta, attr::KEY_NAME)?;
                 name.set(cx, meta, lit);
@@ -683,13 +686,14 @@ impl<'a> ProjectionStruct<'a> {
                 format_args!("derive(Projection) needs `#[projection(name = \"...\", events(...))]` on `{ident}`"),
             );
         } else {
-            if name.is_none() {
+            let was_written = |key: Key| written.iter().any(|w| w == key.0);
+            if name.is_none() && !was_written(attr::KEY_NAME) {
                 cx.error_spanned_by(
                     ident,
                     format_args!("`#[projection(...)]` on `{ident}` is missing name = \"...\""),
                 );
             }
-            if events.is_none() {
+            if events.is_none() && !was_written(attr::KEY_EVENTS) {
                 cx.error_spanned_by(
                     ident,
                     format_args!(

@@ -120,10 +120,16 @@ pub(crate) fn for_each_meta(
             }
             Ok(())
         });
-        if let Err(error) = parsed {
+        // The derive's own messages first. When a key was refused, what syn says after it
+        // ("unexpected token, expected `)`" for the rest of a nested list the key's parser left)
+        // follows from the same mistake: it is dropped.
+        let refused = !errors.is_empty();
+        for error in errors {
             cx.syn_error(error);
         }
-        for error in errors {
+        if let Err(error) = parsed
+            && !refused
+        {
             cx.syn_error(error);
         }
     }
@@ -173,8 +179,26 @@ pub(crate) fn parse_int(meta: &ParseNestedMeta<'_>, key: Key) -> syn::Result<(u6
     let value = meta.value()?;
     if value.peek(LitInt) {
         let lit: LitInt = value.parse()?;
-        let n = lit.base10_parse::<u64>()?;
+        let n = lit.base10_parse::<u64>().map_err(|_| {
+            syn::Error::new(
+                lit.span(),
+                format_args!(
+                    "expected a whole number of 0 or more, not `{lit}`: write {} = 1",
+                    key.0
+                ),
+            )
+        })?;
         Ok((n, lit.span()))
+    } else if value.peek(LitStr) {
+        let lit: LitStr = value.parse()?;
+        Err(syn::Error::new(
+            lit.span(),
+            format_args!(
+                "expected a whole number, not a string: write {} = {}",
+                key.0,
+                lit.value().trim()
+            ),
+        ))
     } else {
         Err(value.error(format_args!("expected a whole number: write {} = 1", key.0)))
     }
@@ -225,7 +249,27 @@ pub(crate) fn parse_type(
 pub(crate) fn parse_ident(meta: &ParseNestedMeta<'_>, key: Key) -> syn::Result<Ident> {
     let value = meta.value()?;
     reject_string(value, key, "a method name")?;
-    value.call(syn::ext::IdentExt::parse_any)
+    let ident: Ident = value.call(syn::ext::IdentExt::parse_any)?;
+    if value.peek(syn::Token![::]) || value.peek(syn::Token![.]) || value.peek(syn::token::Paren) {
+        // `handler = Counter::increment`, `apply = self.apply_x`, `execute = charge()`.
+        let rest: proc_macro2::TokenStream = value.parse()?;
+        let last = rest
+            .into_iter()
+            .filter_map(|t| match t {
+                proc_macro2::TokenTree::Ident(i) => Some(i),
+                _ => None,
+            })
+            .last()
+            .unwrap_or_else(|| ident.clone());
+        return Err(syn::Error::new(
+            ident.span(),
+            format_args!(
+                "{key} takes the name of a method, without a path or call: write {} = {last}",
+                key.0
+            ),
+        ));
+    }
+    Ok(ident)
 }
 
 /// `key = path::to::function`.

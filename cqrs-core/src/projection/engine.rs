@@ -24,13 +24,26 @@ use super::{Projection, ProjectionError, Subscription};
 use crate::envelope::{Checkpoint, EventId, Payload, RawStoredEvent, StoredEvent, StreamId};
 use crate::store::{CorruptEvent, EventStore, StoreError};
 
+fn lease_lost(projection: &str, epoch: Option<i64>) -> String {
+    match epoch {
+        None => format!(
+            "this worker holds no lease on projection `{projection}`: call `acquire()` first (or \
+             `run`, which takes it), or another worker owns it"
+        ),
+        Some(epoch) => format!(
+            "projection `{projection}` is owned by another worker now (this worker held epoch \
+             {epoch})"
+        ),
+    }
+}
+
 /// Why the engine stopped a batch (nothing of it was kept, for a transactional backend).
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
     /// Another worker owns the projection (its lease is live), or took it over from this one:
     /// this worker's last batch was rolled back and nothing it did after losing the lease was
     /// kept.
-    #[error("projection `{projection}` is owned by another worker (this worker's epoch {epoch:?})")]
+    #[error("{}", lease_lost(projection, *epoch))]
     LeaseLost {
         /// The projection.
         projection: &'static str,

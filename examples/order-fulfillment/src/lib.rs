@@ -443,27 +443,38 @@ async fn place_order<S: EventStore>(
         customer_id: order.customer_id.clone(),
         items: order.items.clone(),
     };
-    #[cfg(feature = "redis")]
-    if let (Some(redis), Some(Ok(key))) = (
-        &state.redis,
-        headers.get("idempotency-key").map(|v| v.to_str()),
-    ) {
-        let request = (id, command, metadata, correlation);
-        return place_through_redis(redis, &state.orders, key, &order, request).await;
-    }
-    let outcome = match headers.get("idempotency-key").map(|v| v.to_str()) {
-        None => state.orders.execute(id, command, metadata).await,
-        Some(Ok(key)) => {
-            state
-                .orders
-                .execute_idempotent(key, id, command, metadata)
-                .await
+    // A key is the client's: two customers who happen to send the same key place two orders.
+    let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(key)) if key.trim().is_empty() => {
+            return error(StatusCode::BAD_REQUEST, "Idempotency-Key is empty");
         }
+        Some(Ok(key)) if key.len() > MAX_KEY_LEN => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("Idempotency-Key is longer than {MAX_KEY_LEN} characters"),
+            );
+        }
+        Some(Ok(key)) => Some(client_key(&order.customer_id, key)),
         Some(Err(_)) => {
             return error(
                 StatusCode::BAD_REQUEST,
                 "Idempotency-Key is not visible ASCII",
             );
+        }
+    };
+    #[cfg(feature = "redis")]
+    if let (Some(redis), Some(key)) = (&state.redis, &key) {
+        let request = (id, command, metadata, correlation);
+        return place_through_redis(redis, &state.orders, key, &order, request).await;
+    }
+    let outcome = match &key {
+        None => state.orders.execute(id, command, metadata).await,
+        Some(key) => {
+            state
+                .orders
+                .execute_idempotent(key, id, command, metadata)
+                .await
         }
     };
     let executed = match outcome {
@@ -501,6 +512,15 @@ async fn place_order<S: EventStore>(
         .and_then(|e| e.metadata.correlation_id)
         .unwrap_or(correlation);
     accepted(executed.stream.aggregate_id.as_str(), correlation)
+}
+
+/// The longest `Idempotency-Key` accepted.
+const MAX_KEY_LEN: usize = 255;
+
+/// The key as recorded: scoped to the customer (the client of this service), length-prefixed
+/// so that no customer id and key can spell another pair's.
+fn client_key(customer_id: &str, key: &str) -> String {
+    format!("{}:{customer_id}:{key}", customer_id.len())
 }
 
 /// Whether `first`, the first event of the order an idempotency key placed, is the order `body`

@@ -170,6 +170,27 @@ async fn exercise(service: &Service) -> (String, String) {
         body.error
     );
 
+    // A key is scoped to its client: another customer sending the same key places its own order.
+    let mut grace = order(false);
+    grace["customer_id"] = json!("grace");
+    let theirs = place(&client, &url, &grace, &key).await;
+    assert_eq!(theirs.status(), StatusCode::ACCEPTED);
+    let theirs: Accepted = json(theirs).await;
+    assert_ne!(theirs.order_id, first.order_id);
+    let view = wait_for(&client, &url, &theirs.order_id, "Confirmed").await;
+    assert_eq!(view.summary.customer_id, "grace");
+    // An empty key is refused, not shared by everyone who sends one.
+    for empty in ["", "  "] {
+        let response = place(&client, &url, &order(false), &[("idempotency-key", empty)]).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{empty:?}");
+        let body: ErrorBody = json(response).await;
+        assert!(
+            body.error.contains("Idempotency-Key is empty"),
+            "{}",
+            body.error
+        );
+    }
+
     // Bad input: one clear line each, with the right status.
     let empty = json!({"customer_id": "ada", "items": []});
     let response = place(&client, &url, &empty, &[]).await;

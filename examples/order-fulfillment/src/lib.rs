@@ -324,6 +324,8 @@ struct AppState<S: EventStore> {
     backend: &'static str,
     /// The background tasks, for `/health`.
     tasks: Tasks,
+    /// How many were restarted after a panic, for `/health`.
+    restarts: Arc<std::sync::atomic::AtomicU64>,
     #[cfg(feature = "redis")]
     redis: Option<cqrs_redis::RedisIdempotency>,
 }
@@ -335,6 +337,7 @@ impl<S: EventStore> Clone for AppState<S> {
             summaries: self.summaries.clone(),
             backend: self.backend,
             tasks: self.tasks.clone(),
+            restarts: Arc::clone(&self.restarts),
             #[cfg(feature = "redis")]
             redis: self.redis.clone(),
         }
@@ -394,7 +397,11 @@ async fn health<S: EventStore>(State(state): State<AppState<S>>) -> Response {
             Err(why) => why,
         },
         "head": store.ok(),
-        "background_tasks": { "running": running, "ended": ended },
+        "background_tasks": {
+            "running": running,
+            "ended": ended,
+            "restarted_after_a_panic": state.restarts.load(std::sync::atomic::Ordering::Relaxed),
+        },
     });
     let status = if healthy {
         StatusCode::OK
@@ -677,6 +684,8 @@ type Tasks = Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>;
 struct Runtime {
     stop: watch::Sender<bool>,
     tasks: Tasks,
+    /// Background tasks restarted after a panic.
+    restarts: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Runtime {
@@ -684,6 +693,7 @@ impl Runtime {
         Self {
             stop: watch::Sender::new(false),
             tasks: Tasks::default(),
+            restarts: Arc::default(),
         }
     }
 
@@ -703,30 +713,29 @@ impl Runtime {
             .push(tokio::spawn(task));
     }
 
-    /// Runs `projection` over `store` until the service stops; a failing store is logged and the
-    /// runner started again from its last checkpoint after a second.
-    fn project<P, S>(
-        &mut self,
-        store: S,
-        projection: impl Fn() -> P + Send + 'static,
-        poll: Duration,
-    ) where
-        P: Projection<Context = ()> + Sync + 'static,
-        S: EventStore + Clone + 'static,
+    /// Supervises the task `make` builds: runs it until the service stops, and if it panics (a
+    /// bug: a bad request cannot reach one, see the overflow checks), logs it and starts a new
+    /// one after a second, so one bad event does not leave the service answering 202 and then
+    /// 404 for good. `/health` counts the restarts.
+    fn supervise<F, Fut>(&mut self, name: &'static str, make: F)
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
     {
-        let checkpoints = Arc::new(InMemoryCheckpoints::new());
-        let stopped = self.stopped();
         let mut stop = self.stop.subscribe();
+        let restarts = Arc::clone(&self.restarts);
         self.spawn(async move {
-            let stopped = futures_shared(stopped);
             loop {
-                let runner = ProjectionRunner::new(store.clone(), projection(), ())
-                    .with_checkpoints(checkpoints.clone());
-                match runner.run(poll, stopped.clone()).await {
-                    Ok(_) => return,
-                    Err(error) => {
-                        tracing::warn!(projection = P::NAME, %error, "projection failed; restarting in 1 s");
+                match tokio::spawn(make()).await {
+                    Err(error) if error.is_panic() => {
+                        restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::error!(
+                            task = name,
+                            "a background task panicked; restarting it in 1 s"
+                        );
                     }
+                    // Ended (the service stops) or cancelled.
+                    _ => return,
                 }
                 tokio::select! {
                     _ = stop.wait_for(|stopped| *stopped) => return,
@@ -736,12 +745,63 @@ impl Runtime {
         });
     }
 
+    /// Runs `projection` over `store` until the service stops; a failing store is logged and the
+    /// runner started again from its last checkpoint after a second (and after a panic, by the
+    /// supervisor).
+    fn project<P, S>(
+        &mut self,
+        store: S,
+        projection: impl Fn() -> P + Send + Sync + 'static,
+        poll: Duration,
+    ) where
+        P: Projection<Context = ()> + Sync + 'static,
+        S: EventStore + Clone + 'static,
+    {
+        let checkpoints = Arc::new(InMemoryCheckpoints::new());
+        let projection = Arc::new(projection);
+        let stop = self.stop.clone();
+        self.supervise(P::NAME, move || {
+            let (store, projection, checkpoints) =
+                (store.clone(), Arc::clone(&projection), Arc::clone(&checkpoints));
+            let mut stop = stop.subscribe();
+            async move {
+                let stopped = futures_shared({
+                    let mut stop = stop.clone();
+                    async move {
+                        let _ = stop.wait_for(|stopped| *stopped).await;
+                    }
+                });
+                loop {
+                    let runner = ProjectionRunner::new(store.clone(), projection(), ())
+                        .with_checkpoints(checkpoints.clone());
+                    match runner.run(poll, stopped.clone()).await {
+                        Ok(_) => return,
+                        Err(error) => {
+                            tracing::warn!(projection = P::NAME, %error, "projection failed; restarting in 1 s");
+                        }
+                    }
+                    tokio::select! {
+                        _ = stop.wait_for(|stopped| *stopped) => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        });
+    }
+
     fn orchestrate<St: SagaStore + Clone + 'static>(&mut self, sagas: St, services: Services) {
-        let stopped = self.stopped();
-        self.spawn(async move {
-            Orchestrator::<FulfillmentSaga, _>::new(sagas, services, owner())
-                .run(Duration::from_millis(20), 32, stopped)
-                .await;
+        let stop = self.stop.clone();
+        self.supervise("saga orchestrator", move || {
+            let (sagas, services) = (sagas.clone(), services.clone());
+            let mut stop = stop.subscribe();
+            async move {
+                let stopped = async move {
+                    let _ = stop.wait_for(|stopped| *stopped).await;
+                };
+                Orchestrator::<FulfillmentSaga, _>::new(sagas, services, owner())
+                    .run(Duration::from_millis(20), 32, stopped)
+                    .await;
+            }
         });
     }
 }
@@ -831,6 +891,7 @@ pub async fn start_with(
                 summaries,
                 backend: backend.name(),
                 tasks: runtime.tasks.clone(),
+                restarts: Arc::clone(&runtime.restarts),
                 #[cfg(feature = "redis")]
                 redis: redis.clone(),
             })
@@ -914,6 +975,7 @@ pub async fn start_with(
                 summaries,
                 backend: backend.name(),
                 tasks: runtime.tasks.clone(),
+                restarts: Arc::clone(&runtime.restarts),
                 #[cfg(feature = "redis")]
                 redis: redis.clone(),
             })
@@ -1090,6 +1152,35 @@ async fn publish_and_subscribe(
 mod tests {
     use super::*;
 
+    /// A supervised task that panics is logged and started again; one that ends is not.
+    #[tokio::test]
+    async fn a_panicking_background_task_is_restarted() {
+        let mut runtime = Runtime::new();
+        let starts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = Arc::clone(&starts);
+        runtime.supervise("flaky", move || {
+            let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                assert!(n >= 2, "a bug in the task (start {n})");
+            }
+        });
+        let supervisor = runtime
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+            .expect("the supervisor");
+        tokio::time::timeout(Duration::from_secs(10), supervisor)
+            .await
+            .expect("the task ends on its third start")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(starts.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(
+            runtime.restarts.load(std::sync::atomic::Ordering::SeqCst),
+            2
+        );
+    }
+
     /// `/health` answers 503 naming the part once a background task has ended, 200 before.
     #[tokio::test]
     async fn health_is_unavailable_once_a_background_task_ended() {
@@ -1099,6 +1190,7 @@ mod tests {
             summaries: SharedSummaries::default(),
             backend: "embedded",
             tasks: tasks.clone(),
+            restarts: Arc::default(),
             #[cfg(feature = "redis")]
             redis: None,
         };

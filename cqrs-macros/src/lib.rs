@@ -8,6 +8,9 @@ mod ctxt;
 mod expand;
 mod valid;
 
+#[cfg(test)]
+mod fuzz;
+
 use proc_macro::TokenStream;
 use syn::{DeriveInput, parse_macro_input};
 

@@ -314,7 +314,7 @@ impl PostgresEventStore {
             .bind(to_i64(after.position)?)
             .bind(i64::try_from(n).unwrap_or(i64::MAX));
         let mut nth = None;
-        self.in_global_order(query, n, rows::checkpoint, |checkpoint| {
+        self.in_global_order(query, after, n, rows::checkpoint, |checkpoint| {
             nth = Some(checkpoint);
             ControlFlow::Continue(())
         })
@@ -348,19 +348,11 @@ impl PostgresEventStore {
         &self,
         after: Checkpoint,
         limit: usize,
-        mut each: impl FnMut(RawStoredEvent) -> ControlFlow<()> + Send,
+        each: impl FnMut(RawStoredEvent) -> ControlFlow<()> + Send,
     ) -> Result<(), StoreError> {
         let query = self.read_all_query(after, limit)?;
-        let mut read = 0;
-        self.in_global_order(query, limit, rows::raw_stored_event, |event| {
-            read += 1;
-            each(event)
-        })
-        .await?;
-        if read == 0 {
-            self.nothing_after(after).await?;
-        }
-        Ok(())
+        self.in_global_order(query, after, limit, rows::raw_stored_event, each)
+            .await
     }
 
     /// The query of the readable events after `after`, at most `limit`.
@@ -380,11 +372,12 @@ impl PostgresEventStore {
     async fn collect_in_global_order<'q, E: Send>(
         &self,
         query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        after: Checkpoint,
         rows: usize,
         read: fn(&sqlx::postgres::PgRow) -> Result<E, StoreError>,
     ) -> Result<Vec<E>, StoreError> {
         let mut events = Vec::with_capacity(rows.min(10_000));
-        self.in_global_order(query, rows, read, |e| {
+        self.in_global_order(query, after, rows, read, |e| {
             events.push(e);
             ControlFlow::Continue(())
         })
@@ -392,8 +385,10 @@ impl PostgresEventStore {
         Ok(events)
     }
 
-    /// Runs `query`, which walks up to `rows` events of the global order, handing each row read
-    /// by `read` to `each`. Above [`SORT_SAFE_PAGE`] rows it runs with sorts disabled, so the
+    /// Runs `query`, which walks up to `rows` events of the global order after `after`, handing
+    /// each row read by `read` to `each`. On a store moved to another server it refuses (see
+    /// [`PostgresEventStore::rebase`]); when nothing is read, it checks that `after` is not past
+    /// every transaction of the server (a position from before a move). Above [`SORT_SAFE_PAGE`] rows it runs with sorts disabled, so the
     /// planner walks the global-order index whatever its statistics say: on an events table not
     /// analyzed yet (after a bulk load, before autovacuum's first ANALYZE) it guesses that a
     /// ninth of the rows match and, for a few thousand rows, reads and sorts the whole table for
@@ -406,22 +401,33 @@ impl PostgresEventStore {
     async fn in_global_order<'q, E>(
         &self,
         query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        after: Checkpoint,
         rows: usize,
         read: fn(&sqlx::postgres::PgRow) -> Result<E, StoreError>,
-        each: impl FnMut(E) -> ControlFlow<()> + Send,
+        mut each: impl FnMut(E) -> ControlFlow<()> + Send,
     ) -> Result<(), StoreError> {
         if rows == 0 {
             return Ok(());
         }
         self.same_server().await?;
+        let mut found = false;
+        let each = |event| {
+            found = true;
+            each(event)
+        };
         if rows <= SORT_SAFE_PAGE {
-            return rows::each_event(query, &self.pool, read, each).await;
+            rows::each_event(query, &self.pool, read, each).await?;
+        } else {
+            let mut tx = Tx::begin_with(&self.pool, sql::BEGIN_ORDERED_READ)
+                .await
+                .map_err(backend)?;
+            let read = rows::each_event(query, &mut *tx, read, each).await;
+            tx.end(read, backend).await?;
         }
-        let mut tx = Tx::begin_with(&self.pool, sql::BEGIN_ORDERED_READ)
-            .await
-            .map_err(backend)?;
-        let read = rows::each_event(query, &mut *tx, read, each).await;
-        tx.end(read, backend).await
+        if !found {
+            self.nothing_after(after).await?;
+        }
+        Ok(())
     }
 
     /// Subscribes to commit notifications of this schema's events: the store's
@@ -1209,13 +1215,8 @@ impl EventStore for PostgresEventStore {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let query = self.read_all_query(after, limit)?;
-        let events = self
-            .collect_in_global_order(query, limit, stored_event)
-            .await?;
-        if events.is_empty() {
-            self.nothing_after(after).await?;
-        }
-        Ok(events)
+        self.collect_in_global_order(query, after, limit, stored_event)
+            .await
     }
 
     /// Each payload left as the stored JSON text: what a publisher that forwards events (the
@@ -1227,13 +1228,8 @@ impl EventStore for PostgresEventStore {
         limit: usize,
     ) -> Result<Vec<RawStoredEvent>, StoreError> {
         let query = self.read_all_query(after, limit)?;
-        let events = self
-            .collect_in_global_order(query, limit, rows::raw_stored_event)
-            .await?;
-        if events.is_empty() {
-            self.nothing_after(after).await?;
-        }
-        Ok(events)
+        self.collect_in_global_order(query, after, limit, rows::raw_stored_event)
+            .await
     }
 
     /// Changes after commits of this schema's events, in this process and others (`LISTEN`
@@ -1273,10 +1269,9 @@ impl PostgresEventStore {
             .bind(i64::try_from(scan).unwrap_or(i64::MAX))
             .bind(&aggregate_types)
             .bind(&event_types);
-        let rows = self.collect_in_global_order(query, scan, read).await?;
-        if rows.is_empty() {
-            self.nothing_after(after).await?;
-        }
+        let rows = self
+            .collect_in_global_order(query, after, scan, read)
+            .await?;
         // The last row is the window's end, subscribed or not; the query matched each event type
         // with each aggregate type: keep the exact pairs.
         let scanned_to = rows.last().map_or(after, |e| e.checkpoint);

@@ -33,12 +33,13 @@ pub(crate) fn to_u64(n: i64) -> Result<u64, StoreError> {
 pub(crate) fn checkpoint(row: &PgRow) -> Result<Checkpoint, StoreError> {
     let transaction: String = row.try_get("transaction_text").map_err(backend)?;
     let position: i64 = row.try_get("global_position").map_err(backend)?;
-    let transaction = transaction.parse().map_err(|e| {
-        StoreError::backend(format!(
-            "transaction id `{transaction}` is not a number: {e}"
-        ))
-    })?;
-    Ok(Checkpoint::new(transaction, to_u64(position)?))
+    Ok(Checkpoint::new(xid(&transaction)?, to_u64(position)?))
+}
+
+/// A transaction id (`xid8`) read as text.
+pub(crate) fn xid(text: &str) -> Result<u64, StoreError> {
+    text.parse()
+        .map_err(|e| StoreError::backend(format!("transaction id `{text}` is not a number: {e}")))
 }
 
 /// Runs `query` (which selects `EVENT_COLUMNS`) and reads every row as a stored event, into a

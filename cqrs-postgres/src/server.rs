@@ -18,7 +18,7 @@ use cqrs_core::{Checkpoint, MoveEvidence, StoreError, StoreMoved};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
 use crate::PostgresEventStore;
-use crate::rows::{backend, to_u64};
+use crate::rows::{backend, to_u64, xid};
 use crate::sql::Sql;
 use crate::tx::Tx;
 
@@ -104,14 +104,7 @@ async fn state(conn: &mut PgConnection, sql: &Sql) -> Result<Option<State>, Stor
     .await;
     let row = match row {
         Ok(row) => row,
-        // undefined_table, undefined_function, invalid_schema_name: not migrated to this version.
-        Err(sqlx::Error::Database(db))
-            if db
-                .code()
-                .is_some_and(|c| matches!(&*c, "42P01" | "42883" | "3F000")) =>
-        {
-            return Ok(None);
-        }
+        Err(error) if not_migrated(&error) => return Ok(None),
         Err(error) => return Err(backend(error)),
     };
     let highest: Option<String> = row.try_get("highest").map_err(backend)?;
@@ -124,9 +117,11 @@ async fn state(conn: &mut PgConnection, sql: &Sql) -> Result<Option<State>, Stor
     }))
 }
 
-fn xid(text: &str) -> Result<u64, StoreError> {
-    text.parse()
-        .map_err(|e| StoreError::backend(format!("transaction id `{text}` is not a number: {e}")))
+/// undefined_table, undefined_function, invalid_schema_name: the schema is not migrated to this
+/// version.
+fn not_migrated(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db)
+        if db.code().is_some_and(|c| matches!(&*c, "42P01" | "42883" | "3F000")))
 }
 
 async fn check(conn: &mut PgConnection, sql: &Sql) -> Result<Found, StoreError> {
@@ -190,6 +185,11 @@ impl PostgresEventStore {
     }
 
     fn moved(&self, evidence: MoveEvidence) -> StoreError {
+        StoreError::Moved(Box::new(self.report(evidence)))
+    }
+
+    /// What was found, with what to do about it.
+    fn report(&self, evidence: MoveEvidence) -> StoreMoved {
         let remedy = match evidence {
             MoveEvidence::CheckpointAhead { .. } => {
                 "restart the reader: it reloads its stored checkpoint, which the rebase moved"
@@ -201,11 +201,11 @@ impl PostgresEventStore {
                 self.schema()
             ),
         };
-        StoreError::Moved(Box::new(StoreMoved {
+        StoreMoved {
             store: format!("schema `{}`", self.schema()),
             evidence,
             remedy,
-        }))
+        }
     }
 
     /// A read that found nothing after `after`: an error if `after` is past every transaction
@@ -240,10 +240,7 @@ impl PostgresEventStore {
         let mut conn = self.pool().acquire().await.map_err(backend)?;
         Ok(match check(&mut conn, &self.sql).await? {
             Found::Same | Found::NotMigrated => None,
-            Found::Moved(evidence) => match self.moved(evidence) {
-                StoreError::Moved(moved) => Some(*moved),
-                _ => None,
-            },
+            Found::Moved(evidence) => Some(self.report(evidence)),
         })
     }
 
@@ -267,32 +264,20 @@ impl PostgresEventStore {
     /// # Errors
     /// [`StoreError::Backend`] when the database fails (nothing changed: it can run again).
     pub async fn rebase(&self) -> Result<Rebased, StoreError> {
-        let s = self.sql.quoted_schema.clone();
         let mut burned = 0;
         for _ in 0..REBASE_ATTEMPTS {
-            // How many ids the order needs: a new one wherever the global position goes down.
-            let needed = transactions_needed(self, &s).await?;
-            let next = {
-                let mut conn = self.pool().acquire().await.map_err(backend)?;
-                match state(&mut conn, &self.sql).await? {
-                    Some(state) => state.next,
-                    None => {
-                        return Err(StoreError::InvalidInput(format!(
-                            "schema `{}` is not migrated: run `cqrs migrate` first",
-                            self.schema()
-                        )));
-                    }
+            match self.rebase_once(burned).await? {
+                Attempt::Done(rebased) => {
+                    self.server.checked.store(0, Ordering::Release);
+                    return Ok(rebased);
                 }
-            };
-            // Ids 1..=needed must be below every id handed out from now on.
-            let room = needed + 2;
-            if next < room {
-                burn(self, room - next).await?;
-                burned += room - next;
-            }
-            if let Some(rebased) = self.rebase_once(&s, burned).await? {
-                self.server.checked.store(0, Ordering::Release);
-                return Ok(rebased);
+                // Ids 1..=ids must be below every id handed out from now on: make room, then
+                // again (appends may come between).
+                Attempt::NeedsRoom { ids, next } => {
+                    let room = ids + 2 - next;
+                    burn(self, room).await?;
+                    burned += room;
+                }
             }
         }
         Err(StoreError::backend(format!(
@@ -302,22 +287,27 @@ impl PostgresEventStore {
         )))
     }
 
-    /// One try, under an exclusive lock of the events and checkpoints: `None` when events were
-    /// appended since the room was made and there is not enough of it.
-    async fn rebase_once(&self, s: &str, burned: u64) -> Result<Option<Rebased>, StoreError> {
+    /// One try, under an exclusive lock of the events and checkpoints.
+    async fn rebase_once(&self, burned: u64) -> Result<Attempt, StoreError> {
+        let s = &self.sql.quoted_schema;
         let mut tx = Tx::begin(self.pool()).await.map_err(backend)?;
         let outcome = async {
-            sqlx::query(AssertSqlSafe(format!(
+            let locked = sqlx::query(AssertSqlSafe(format!(
                 "LOCK TABLE {s}.events, {s}.projection_checkpoints, {s}.store_server \
                  IN ACCESS EXCLUSIVE MODE"
             )))
             .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-            let Some(state) = state(&mut tx, &self.sql).await? else {
-                return Err(StoreError::backend(
-                    "the store's tables vanished while rebasing",
-                ));
+            .await;
+            let state = match locked {
+                Ok(_) => state(&mut tx, &self.sql).await?,
+                Err(error) if not_migrated(&error) => None,
+                Err(error) => return Err(backend(error)),
+            };
+            let Some(state) = state else {
+                return Err(StoreError::InvalidInput(format!(
+                    "schema `{}` is not migrated: run `cqrs migrate` first",
+                    self.schema()
+                )));
             };
             let events: i64 =
                 sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {s}.events")))
@@ -334,12 +324,19 @@ impl PostgresEventStore {
                 server: state.current.or(state.recorded),
             };
             if state.highest.is_some_and(|highest| highest >= state.next) {
-                let Some(moved) = restamp(&mut tx, s, state.next).await? else {
-                    return Ok(None);
-                };
-                rebased.restamped = true;
-                rebased.transactions = moved.0;
-                rebased.checkpoints = moved.1;
+                match restamp(&mut tx, s, state.next).await? {
+                    Restamp::Done { ids, checkpoints } => {
+                        rebased.restamped = true;
+                        rebased.transactions = ids;
+                        rebased.checkpoints = checkpoints;
+                    }
+                    Restamp::NeedsRoom { ids } => {
+                        return Ok(Attempt::NeedsRoom {
+                            ids,
+                            next: state.next,
+                        });
+                    }
+                }
             }
             if rebased.server != rebased.previous_server {
                 sqlx::query(AssertSqlSafe(format!(
@@ -350,26 +347,29 @@ impl PostgresEventStore {
                 .await
                 .map_err(backend)?;
             }
-            Ok(Some(rebased))
+            Ok(Attempt::Done(rebased))
         }
         .await;
         tx.end(outcome, backend).await
     }
 }
 
-/// The distinct ids the events need to keep their order: one more wherever, walking the global
-/// order, the global position goes down.
-async fn transactions_needed(store: &PostgresEventStore, s: &str) -> Result<u64, StoreError> {
-    let needed: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT count(*) FILTER (WHERE previous IS NULL OR global_position < previous) FROM ( \
-           SELECT global_position, \
-                  lag(global_position) OVER (ORDER BY transaction_id, global_position) AS previous \
-           FROM {s}.events) ordered"
-    )))
-    .fetch_one(store.pool())
-    .await
-    .map_err(backend)?;
-    to_u64(needed.unwrap_or(0))
+/// How one try of a rebase ended.
+enum Attempt {
+    Done(Rebased),
+    /// The ids `1..=ids` the order needs are not all below the server's `next` one.
+    NeedsRoom {
+        ids: u64,
+        next: u64,
+    },
+}
+
+/// How a re-stamping ended.
+enum Restamp {
+    /// The events carry ids `1..=ids`; `checkpoints` were moved.
+    Done { ids: u64, checkpoints: u64 },
+    /// Nothing changed: the order needs ids `1..=ids`, not all below the server's next one.
+    NeedsRoom { ids: u64 },
 }
 
 /// Runs `n` empty transactions, each taking a transaction id (asynchronous commit), so the
@@ -411,14 +411,10 @@ impl Drop for Detached {
     }
 }
 
-/// Re-stamps the events with ids `1..=k` in their global order, and moves each checkpoint to the
-/// new place of the last event at or before it. `None` when `next` leaves no room for `k`.
-/// Returns `k` and the checkpoints moved.
-async fn restamp(
-    conn: &mut PgConnection,
-    s: &str,
-    next: u64,
-) -> Result<Option<(u64, u64)>, StoreError> {
+/// Re-stamps the events with ids `1..=k` in their global order (a new id wherever, walking the
+/// order, the global position goes down), and moves each checkpoint to the new place of the last
+/// event at or before it; unless `next` leaves no room for `k`.
+async fn restamp(conn: &mut PgConnection, s: &str, next: u64) -> Result<Restamp, StoreError> {
     sqlx::raw_sql(AssertSqlSafe(format!(
         "CREATE TEMPORARY TABLE cqrs_rebase ON COMMIT DROP AS \
            SELECT global_position, old_xid, \
@@ -439,7 +435,7 @@ async fn restamp(
         .map_err(backend)?;
     let k = to_u64(k.unwrap_or(0))?;
     if next < k + 2 {
-        return Ok(None);
+        return Ok(Restamp::NeedsRoom { ids: k });
     }
     let checkpoints = sqlx::query(AssertSqlSafe(format!(
         "UPDATE {s}.projection_checkpoints c \
@@ -468,5 +464,8 @@ async fn restamp(
         .execute(&mut *conn)
         .await
         .map_err(backend)?;
-    Ok(Some((k, checkpoints)))
+    Ok(Restamp::Done {
+        ids: k,
+        checkpoints,
+    })
 }

@@ -472,10 +472,7 @@ impl<'a> AggregateStruct<'a> {
             .attrs
             .iter()
             .any(|a| a.path().is_ident(attr::AGGREGATE));
-        // Keys written but not parsed were reported already; they are not "missing" too.
-        let mut written = Vec::new();
-        attr::for_each_meta(cx, &input.attrs, attr::AGGREGATE, |cx, meta| {
-            written.extend(meta.path.get_ident().map(ToString::to_string));
+        let written = attr::for_each_meta(cx, &input.attrs, attr::AGGREGATE, |cx, meta| {
             if attr::KEY_NAME.is(meta) {
                 let lit = attr::parse_string(meta, attr::KEY_NAME)?;
                 name.set(cx, meta, lit);
@@ -534,7 +531,7 @@ impl<'a> AggregateStruct<'a> {
                 (attr::KEY_ERROR, "error = YourError"),
             ]
             .into_iter()
-            .filter(|(key, _)| !written.iter().any(|w| w == key.0))
+            .filter(|(key, _)| !written.has(*key))
             .map(|(_, example)| example)
             .collect();
             if !missing.is_empty() {
@@ -626,10 +623,7 @@ impl<'a> ProjectionStruct<'a> {
         let mut name = Slot::new(attr::KEY_NAME);
         let mut events: Slot<Vec<syn::Path>> = Slot::new(attr::KEY_EVENTS);
         let mut context = Slot::new(attr::KEY_CONTEXT);
-        // Keys written but not parsed were reported already; they are not "missing" too.
-        let mut written = Vec::new();
-        attr::for_each_meta(cx, &input.attrs, attr::PROJECTION, |cx, meta| {
-            written.extend(meta.path.get_ident().map(ToString::to_string));
+        let written = attr::for_each_meta(cx, &input.attrs, attr::PROJECTION, |cx, meta| {
             if attr::KEY_NAME.is(meta) {
                 let lit = attr::parse_string(meta, attr::KEY_NAME)?;
                 name.set(cx, meta, lit);
@@ -686,14 +680,13 @@ impl<'a> ProjectionStruct<'a> {
                 format_args!("derive(Projection) needs `#[projection(name = \"...\", events(...))]` on `{ident}`"),
             );
         } else {
-            let was_written = |key: Key| written.iter().any(|w| w == key.0);
-            if name.is_none() && !was_written(attr::KEY_NAME) {
+            if name.is_none() && !written.has(attr::KEY_NAME) {
                 cx.error_spanned_by(
                     ident,
                     format_args!("`#[projection(...)]` on `{ident}` is missing name = \"...\""),
                 );
             }
-            if events.is_none() && !was_written(attr::KEY_EVENTS) {
+            if events.is_none() && !written.has(attr::KEY_EVENTS) {
                 cx.error_spanned_by(
                     ident,
                     format_args!(

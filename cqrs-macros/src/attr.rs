@@ -95,14 +95,26 @@ impl<T> Slot<T> {
     }
 }
 
+/// The keys written in an attribute, parsed or refused.
+#[derive(Default)]
+pub(crate) struct Written(Vec<String>);
+
+impl Written {
+    /// Whether `key` was written (a key refused was reported already: it is not "missing" too).
+    pub(crate) fn has(&self, key: Key) -> bool {
+        self.0.iter().any(|w| w == key.0)
+    }
+}
+
 /// Calls `each` for every `key` or `key = value` in every `#[name(..)]` among `attrs`; other
-/// attributes are not ours and are left alone.
+/// attributes are not ours and are left alone. Returns the keys written.
 pub(crate) fn for_each_meta(
     cx: &mut Ctxt,
     attrs: &[Attribute],
     name: &str,
     mut each: impl FnMut(&mut Ctxt, &ParseNestedMeta<'_>) -> syn::Result<()>,
-) {
+) -> Written {
+    let mut written = Written::default();
     for attr in attrs.iter().filter(|a| a.path().is_ident(name)) {
         if let syn::Meta::Path(path) = &attr.meta {
             cx.error_spanned_by(
@@ -113,6 +125,9 @@ pub(crate) fn for_each_meta(
         }
         let mut errors = Vec::new();
         let parsed = attr.parse_nested_meta(|meta| {
+            written
+                .0
+                .extend(meta.path.get_ident().map(ToString::to_string));
             // Errors of one key are collected so the following keys are still checked.
             if let Err(error) = each(cx, &meta) {
                 errors.push(error);
@@ -133,6 +148,7 @@ pub(crate) fn for_each_meta(
             cx.syn_error(error);
         }
     }
+    written
 }
 
 /// Consumes what follows a key we rejected, so parsing can go on with the next key.
@@ -189,17 +205,8 @@ pub(crate) fn parse_int(meta: &ParseNestedMeta<'_>, key: Key) -> syn::Result<(u6
             )
         })?;
         Ok((n, lit.span()))
-    } else if value.peek(LitStr) {
-        let lit: LitStr = value.parse()?;
-        Err(syn::Error::new(
-            lit.span(),
-            format_args!(
-                "expected a whole number, not a string: write {} = {}",
-                key.0,
-                lit.value().trim()
-            ),
-        ))
     } else {
+        reject_string(value, key, "a whole number")?;
         Err(value.error(format_args!("expected a whole number: write {} = 1", key.0)))
     }
 }

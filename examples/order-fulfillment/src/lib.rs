@@ -699,11 +699,7 @@ impl Runtime {
 
     /// A future that completes when the service stops.
     fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut stop = self.stop.subscribe();
-        async move {
-            // An error means the sender is gone: the service is gone too.
-            let _ = stop.wait_for(|stopped| *stopped).await;
-        }
+        stopped(&self.stop)
     }
 
     fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
@@ -763,14 +759,9 @@ impl Runtime {
         self.supervise(P::NAME, move || {
             let (store, projection, checkpoints) =
                 (store.clone(), Arc::clone(&projection), Arc::clone(&checkpoints));
+            let stopped = futures_shared(stopped(&stop));
             let mut stop = stop.subscribe();
             async move {
-                let stopped = futures_shared({
-                    let mut stop = stop.clone();
-                    async move {
-                        let _ = stop.wait_for(|stopped| *stopped).await;
-                    }
-                });
                 loop {
                     let runner = ProjectionRunner::new(store.clone(), projection(), ())
                         .with_checkpoints(checkpoints.clone());
@@ -793,11 +784,8 @@ impl Runtime {
         let stop = self.stop.clone();
         self.supervise("saga orchestrator", move || {
             let (sagas, services) = (sagas.clone(), services.clone());
-            let mut stop = stop.subscribe();
+            let stopped = stopped(&stop);
             async move {
-                let stopped = async move {
-                    let _ = stop.wait_for(|stopped| *stopped).await;
-                };
                 Orchestrator::<FulfillmentSaga, _>::new(sagas, services, owner())
                     .run(Duration::from_millis(20), 32, stopped)
                     .await;
@@ -815,6 +803,14 @@ fn owner() -> String {
 /// Starts a fulfillment saga per `OrderCreated` (idempotent: one instance per starting event).
 fn starter<St: SagaStore>(sagas: St) -> SagaStarter<FulfillmentSaga, OrderEvent, St> {
     SagaStarter::new(sagas, owner())
+}
+
+/// A future that completes when `stop` is set (or dropped: the service is gone too).
+fn stopped(stop: &watch::Sender<bool>) -> impl Future<Output = ()> + Send + use<> {
+    let mut stop = stop.subscribe();
+    async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    }
 }
 
 /// A clonable future that completes when `stopped` does.

@@ -60,6 +60,10 @@ pub struct CommandMetadata {
     pub user_id: Option<String>,
     /// Extra headers copied to every event.
     pub headers: BTreeMap<String, String>,
+    /// The trace the command continues (e.g. the HTTP request's `traceparent`): its span and its
+    /// events' [`TRACEPARENT`](crate::trace::TRACEPARENT) join it. Without one, the events carry
+    /// the trace the command runs in, if any ([`trace::current`](crate::trace::current)).
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 impl CommandMetadata {
@@ -90,6 +94,13 @@ impl CommandMetadata {
         self
     }
 
+    /// Continuing this trace (see [`trace`](Self::trace)).
+    #[must_use]
+    pub fn with_trace(mut self, trace: crate::trace::TraceContext) -> Self {
+        self.trace = Some(trace);
+        self
+    }
+
     /// The correlation id the events get: the given one, or the command id.
     #[must_use]
     pub fn effective_correlation_id(&self) -> CorrelationId {
@@ -97,14 +108,19 @@ impl CommandMetadata {
             .unwrap_or(CorrelationId(self.command_id.0))
     }
 
-    /// The event metadata this command's events carry.
+    /// The event metadata this command's events carry (with its [`trace`](Self::trace) under
+    /// [`TRACEPARENT`](crate::trace::TRACEPARENT)).
     #[must_use]
     pub fn event_metadata(&self) -> crate::envelope::Metadata {
+        let mut headers = self.headers.clone();
+        if let Some(trace) = &self.trace {
+            headers.insert(crate::trace::TRACEPARENT.to_owned(), trace.to_string());
+        }
         crate::envelope::Metadata {
             correlation_id: Some(self.effective_correlation_id()),
             causation_id: Some(self.command_id.into()),
             user_id: self.user_id.clone(),
-            headers: self.headers.clone(),
+            headers,
         }
     }
 }

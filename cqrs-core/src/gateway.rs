@@ -413,21 +413,40 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
     where
         A::Command: Clone,
     {
-        let span = tracing::debug_span!(
+        let trace = metadata.trace.or_else(crate::trace::current);
+        let correlation = metadata.effective_correlation_id();
+        let span = tracing::info_span!(
             "cqrs.execute",
             aggregate = A::NAME,
             id = %id,
             command = command.command_name(),
             command_id = %metadata.command_id,
+            correlation_id = %correlation.0,
+            causation_id = %metadata.command_id,
+            trace_id = tracing::field::Empty,
+            outcome = tracing::field::Empty,
         );
-        async {
+        let name = command.command_name();
+        let started = std::time::Instant::now();
+        let work = async {
             // One command per aggregate at a time inside this gateway: they would only collide.
             let stripe = self.hasher.hash_one(&id) as usize % self.stripes.len();
             let _serialized = self.stripes[stripe].lock().await;
             self.decide_and_append(id, command, metadata, key).await
         }
-        .instrument(span)
-        .await
+        .instrument(span.clone());
+        let outcome = crate::trace::scope(trace, &span, work).await;
+        let label = match &outcome {
+            Ok(_) => "ok",
+            Err(CommandError::Rejected(_)) => "rejected",
+            Err(CommandError::NotFound { .. }) => "not_found",
+            Err(CommandError::AlreadyExists { .. }) => "already_exists",
+            Err(CommandError::TooManyConflicts { .. }) => "conflict",
+            Err(_) => "error",
+        };
+        span.record("outcome", label);
+        crate::telemetry::command(A::NAME, name, label, started.elapsed());
+        outcome
     }
 
     async fn decide_and_append(
@@ -441,7 +460,13 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
         A::Command: Clone,
     {
         let stream = StreamId::new(A::NAME, id.clone());
-        let event_metadata = metadata.event_metadata();
+        let mut event_metadata = metadata.event_metadata();
+        if let Some(trace) = crate::trace::current() {
+            // Inside the command's span: with OpenTelemetry, its readers become its children.
+            event_metadata
+                .headers
+                .insert(crate::trace::TRACEPARENT.to_owned(), trace.to_string());
+        }
         let expectation = command.expectation();
         let mut conflicts = 0;
         let mut refresh = false;
@@ -522,6 +547,7 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
                 }
                 Err(StoreError::Conflict { actual, .. }) => {
                     conflicts += 1;
+                    crate::telemetry::conflict(A::NAME);
                     tracing::debug!(conflicts, expected = version, actual, "version conflict");
                     if conflicts > self.max_retries {
                         return Err(CommandError::TooManyConflicts {

@@ -19,7 +19,9 @@ pub mod projection_conformance;
 pub mod query;
 pub mod saga;
 pub mod store;
+pub mod telemetry;
 pub mod testing;
+pub mod trace;
 
 pub use aggregate::{Aggregate, SnapshotPolicy};
 pub use backoff::Backoff;

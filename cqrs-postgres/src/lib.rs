@@ -37,6 +37,8 @@ pub use sqlx;
 use crate::rows::{backend, fetch_events, replay_event, stored_event, to_i64, to_u64};
 use crate::sql::Sql;
 use crate::tx::Tx;
+use tracing::Instrument as _;
+use cqrs_core::telemetry;
 
 /// The embedded migrations: the events, snapshots and command-key tables.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -1037,9 +1039,9 @@ async fn migrate_on(
     result
 }
 
-#[async_trait::async_trait]
-impl EventStore for PostgresEventStore {
-    async fn append(
+impl PostgresEventStore {
+    /// [`EventStore::append`] without its span and metrics.
+    async fn append_unobserved(
         &self,
         stream: &StreamId,
         expected: ExpectedVersion,
@@ -1068,29 +1070,9 @@ impl EventStore for PostgresEventStore {
         Ok(appended)
     }
 
-    fn load<'a>(
-        &'a self,
-        stream: &'a StreamId,
-        after_version: u64,
-    ) -> BoxStream<'a, Result<StoredEvent, StoreError>> {
-        self.stream_rows(&self.sql.load, stream, after_version, stored_event)
-    }
 
-    fn replay<'a>(
-        &'a self,
-        stream: &'a StreamId,
-        after_version: u64,
-    ) -> BoxStream<'a, Result<ReplayEvent, StoreError>> {
-        // Only what rehydration needs, and the payload as text: the derive deserializes it
-        // straight into the event, without a `serde_json::Value` in between.
-        self.stream_rows(&self.sql.replay, stream, after_version, replay_event)
-    }
-
-    async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError> {
-        self.version_of(stream).await
-    }
-
-    async fn append_with_key(
+    /// [`EventStore::append_with_key`] without its span and metrics.
+    async fn append_with_key_unobserved(
         &self,
         stream: &StreamId,
         expected: ExpectedVersion,
@@ -1161,6 +1143,73 @@ impl EventStore for PostgresEventStore {
         )))
     }
 
+}
+
+#[async_trait::async_trait]
+impl EventStore for PostgresEventStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError> {
+        let count = events.len();
+        telemetry::observe_append(
+            "postgres",
+            stream,
+            count,
+            self.append_unobserved(stream, expected, events),
+        )
+        .await
+    }
+
+    fn load<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after_version: u64,
+    ) -> BoxStream<'a, Result<StoredEvent, StoreError>> {
+        let span = tracing::debug_span!("cqrs.load", stream = %stream, after_version);
+        Box::pin(telemetry::InSpan::new(
+            self.stream_rows(&self.sql.load, stream, after_version, stored_event),
+            span,
+        ))
+    }
+
+    fn replay<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after_version: u64,
+    ) -> BoxStream<'a, Result<ReplayEvent, StoreError>> {
+        // Only what rehydration needs, and the payload as text: the derive deserializes it
+        // straight into the event, without a `serde_json::Value` in between.
+        let span = tracing::debug_span!("cqrs.load", stream = %stream, after_version);
+        Box::pin(telemetry::InSpan::new(
+            self.stream_rows(&self.sql.replay, stream, after_version, replay_event),
+            span,
+        ))
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError> {
+        self.version_of(stream).await
+    }
+
+    async fn append_with_key(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+        key: &str,
+    ) -> Result<AppendResult, StoreError> {
+        let count = events.len();
+        telemetry::observe_append(
+            "postgres",
+            stream,
+            count,
+            self.append_with_key_unobserved(stream, expected, events, key),
+        )
+        .await
+    }
+
     async fn read_filtered(
         &self,
         after: Checkpoint,
@@ -1168,6 +1217,7 @@ impl EventStore for PostgresEventStore {
         filter: &[cqrs_core::projection::Subscription],
     ) -> Result<(Vec<StoredEvent>, Checkpoint), StoreError> {
         self.read_filtered_with(after, scan, filter, stored_event)
+            .instrument(read_span(after, scan))
             .await
     }
 
@@ -1178,6 +1228,7 @@ impl EventStore for PostgresEventStore {
         filter: &[cqrs_core::projection::Subscription],
     ) -> Result<(Vec<RawStoredEvent>, Checkpoint), StoreError> {
         self.read_filtered_with(after, scan, filter, rows::raw_stored_event)
+            .instrument(read_span(after, scan))
             .await
     }
 
@@ -1200,6 +1251,13 @@ impl EventStore for PostgresEventStore {
         .transpose()
     }
 
+    async fn lag(
+        &self,
+        after: Checkpoint,
+    ) -> Result<Option<cqrs_core::projection::Lag>, StoreError> {
+        self.lag_after(after).await.map(Some)
+    }
+
     async fn head(&self) -> Result<Option<Checkpoint>, StoreError> {
         self.same_server().await?;
         let row = sqlx::query(AssertSqlSafe(self.sql.head.clone()))
@@ -1216,6 +1274,7 @@ impl EventStore for PostgresEventStore {
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let query = self.read_all_query(after, limit)?;
         self.collect_in_global_order(query, after, limit, stored_event)
+            .instrument(read_span(after, limit))
             .await
     }
 
@@ -1229,6 +1288,7 @@ impl EventStore for PostgresEventStore {
     ) -> Result<Vec<RawStoredEvent>, StoreError> {
         let query = self.read_all_query(after, limit)?;
         self.collect_in_global_order(query, after, limit, rows::raw_stored_event)
+            .instrument(read_span(after, limit))
             .await
     }
 
@@ -1239,6 +1299,16 @@ impl EventStore for PostgresEventStore {
             .subscribe(&self.pool, &self.channel)
             .map(|(signal, _)| signal)
     }
+}
+
+/// The span of a read in the global order.
+fn read_span(after: Checkpoint, limit: usize) -> tracing::Span {
+    tracing::debug_span!(
+        "cqrs.read",
+        after.transaction = after.transaction,
+        after.position = after.position,
+        limit
+    )
 }
 
 impl PostgresEventStore {

@@ -805,6 +805,12 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         self.engine.metrics()
     }
 
+    /// The counters, readable while the worker runs: take it before calling `run`.
+    #[must_use]
+    pub fn metrics_handle(&self) -> cqrs_core::telemetry::MetricsHandle<ProjectionMetrics> {
+        self.engine.metrics_handle()
+    }
+
     /// How many committed events the projection has still to read (an exact count; see
     /// [`lag_detail`](Self::lag_detail) for their age too).
     ///

@@ -11,6 +11,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tracing::Instrument as _;
+
 use cqrs_core::StoredEvent;
 use cqrs_core::projection::{FailureMode, FailurePolicy};
 
@@ -57,7 +59,7 @@ pub struct Consumer<H> {
     serializer: Arc<dyn EventSerializer>,
     attempts: u32,
     backoff: Duration,
-    metrics: ConsumerMetrics,
+    metrics: cqrs_core::telemetry::MetricsHandle<ConsumerMetrics>,
 }
 
 impl<H> std::fmt::Debug for Consumer<H> {
@@ -83,7 +85,7 @@ impl<H: MessageHandler> Consumer<H> {
             serializer: Arc::new(JsonEnvelope),
             attempts: 5,
             backoff: Duration::from_millis(100),
-            metrics: ConsumerMetrics::default(),
+            metrics: cqrs_core::telemetry::MetricsHandle::default(),
         }
     }
 
@@ -114,7 +116,13 @@ impl<H: MessageHandler> Consumer<H> {
     /// The counters.
     #[must_use]
     pub fn metrics(&self) -> ConsumerMetrics {
-        self.metrics
+        self.metrics.get()
+    }
+
+    /// The counters, readable while the consumer runs: take it before calling `run`.
+    #[must_use]
+    pub fn metrics_handle(&self) -> cqrs_core::telemetry::MetricsHandle<ConsumerMetrics> {
+        self.metrics.clone()
     }
 
     /// The handler.
@@ -124,12 +132,12 @@ impl<H: MessageHandler> Consumer<H> {
 
     /// Counts a message received (call once per delivery, redeliveries included).
     pub fn received(&mut self) {
-        self.metrics.received += 1;
+        self.metrics.update(|m| m.received += 1);
     }
 
     /// Counts a message whose dead letter the broker now has.
     pub fn dead_lettered(&mut self) {
-        self.metrics.dead_lettered += 1;
+        self.metrics.update(|m| m.dead_lettered += 1);
     }
 
     /// The event in a message value (`None`: the message has no value).
@@ -152,6 +160,7 @@ impl<H: MessageHandler> Consumer<H> {
             Ok(event) => event,
             Err(malformed) => {
                 tracing::warn!(consumer = %self.name, error = %malformed, "malformed message");
+                cqrs_core::telemetry::consumed(&self.name, "dead_lettered");
                 return Verdict::DeadLetter {
                     reason: malformed.to_string(),
                     attempts: 0,
@@ -161,8 +170,34 @@ impl<H: MessageHandler> Consumer<H> {
         self.process_event(&event).await
     }
 
-    /// [`process`](Self::process) for a decoded event.
+    /// [`process`](Self::process) for a decoded event: in a `cqrs.consume` span that continues
+    /// the event's trace ([`cqrs_core::trace`]), so what the handler does (a command it sends)
+    /// joins the trace of the command that recorded the event.
     pub async fn process_event(&mut self, event: &StoredEvent) -> Verdict {
+        let span = tracing::info_span!(
+            "cqrs.consume",
+            consumer = %self.name,
+            event_type = %event.event_type,
+            stream = %event.stream,
+            version = event.version,
+            trace_id = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let trace = cqrs_core::trace::TraceContext::of(&event.metadata);
+        let work = self.handle_event(event).instrument(span.clone());
+        let verdict = cqrs_core::trace::scope(trace, &span, work).await;
+        let outcome = match &verdict {
+            Verdict::Done(Handled::Applied) => "applied",
+            Verdict::Done(Handled::Duplicate) => "duplicate",
+            Verdict::Done(Handled::Skipped) => "skipped",
+            Verdict::DeadLetter { .. } => "dead_lettered",
+        };
+        span.record("outcome", outcome);
+        cqrs_core::telemetry::consumed(&self.name, outcome);
+        verdict
+    }
+
+    async fn handle_event(&mut self, event: &StoredEvent) -> Verdict {
         // The same retry policy as every projection runtime: tries, backoff with jitter, give up.
         let mut retries = FailurePolicy {
             attempts: self.attempts,
@@ -176,9 +211,9 @@ impl<H: MessageHandler> Consumer<H> {
             let error = match self.handler.handle(event).await {
                 Ok(handled) => {
                     match handled {
-                        Handled::Applied => self.metrics.applied += 1,
-                        Handled::Duplicate => self.metrics.duplicates += 1,
-                        Handled::Skipped => self.metrics.skipped += 1,
+                        Handled::Applied => self.metrics.update(|m| m.applied += 1),
+                        Handled::Duplicate => self.metrics.update(|m| m.duplicates += 1),
+                        Handled::Skipped => self.metrics.update(|m| m.skipped += 1),
                     }
                     return Verdict::Done(handled);
                 }
@@ -188,14 +223,16 @@ impl<H: MessageHandler> Consumer<H> {
                 // Not the message's fault: wait and try it again, without spending its tries.
                 let wait = outage.next_delay();
                 tracing::warn!(consumer = %self.name, stream = %event.stream, version = event.version, %reason, retry_in = ?wait, "the handler's database is unavailable; waiting");
-                self.metrics.retries += 1;
+                self.metrics.update(|m| m.retries += 1);
+                cqrs_core::telemetry::consumer_retry(&self.name);
                 tokio::time::sleep(wait).await;
                 continue;
             }
             outage.reset();
             if let HandleError::Parked { reason, attempts } = error {
                 // The handler retried and parked it by itself (a projection on the engine).
-                self.metrics.retries += u64::from(attempts.saturating_sub(1));
+                self.metrics
+                    .update(|m| m.retries += u64::from(attempts.saturating_sub(1)));
                 tracing::warn!(
                     consumer = %self.name, stream = %event.stream, version = event.version,
                     attempts, %reason, "dead-lettering the message"
@@ -213,7 +250,8 @@ impl<H: MessageHandler> Consumer<H> {
                     attempts: failure.attempts,
                 };
             }
-            self.metrics.retries += 1;
+            self.metrics.update(|m| m.retries += 1);
+            cqrs_core::telemetry::consumer_retry(&self.name);
         }
     }
 }

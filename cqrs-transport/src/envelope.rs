@@ -20,6 +20,8 @@ pub mod header {
     pub const CORRELATION_ID: &str = "cqrs-correlation-id";
     /// The causation id, when the event has one.
     pub const CAUSATION_ID: &str = "cqrs-causation-id";
+    /// The W3C trace context of the command that recorded the event, when it ran in a trace.
+    pub const TRACEPARENT: &str = cqrs_core::trace::TRACEPARENT;
     /// The serializer's content type.
     pub const CONTENT_TYPE: &str = "content-type";
     /// On a dead letter: why the consumer gave up.
@@ -339,6 +341,9 @@ pub fn headers_of<P>(
             header::CAUSATION_ID,
             causation.0.hyphenated().encode_lower(&mut id),
         );
+    }
+    if let Some(trace) = event.metadata.headers.get(cqrs_core::trace::TRACEPARENT) {
+        header(header::TRACEPARENT, trace);
     }
 }
 

@@ -65,7 +65,7 @@ pub struct Relay<S: Sink> {
     serializer: Arc<dyn EventSerializer>,
     lease: CheckpointLease,
     batch: usize,
-    metrics: RelayMetrics,
+    metrics: cqrs_core::telemetry::MetricsHandle<RelayMetrics>,
     /// Sent, not yet confirmed, in the global order.
     in_flight: VecDeque<Outgoing>,
     /// The last event sent.
@@ -267,10 +267,10 @@ impl<S: Sink> Relay<S> {
             sink,
             serializer: Arc::new(JsonEnvelope),
             batch: 5_000,
-            metrics: RelayMetrics {
+            metrics: cqrs_core::telemetry::MetricsHandle::new(RelayMetrics {
                 producers: 1,
                 ..RelayMetrics::default()
-            },
+            }),
             in_flight: VecDeque::new(),
             prefetch: None,
             held: None,
@@ -330,7 +330,7 @@ impl<S: Sink> Relay<S> {
 
     /// Emits the `relay report` event: lag, delivered, failures, producers, the last rate.
     async fn report(&self) {
-        let m = self.metrics;
+        let m = self.metrics.get();
         match self.lag().await {
             Ok(lag) => tracing::info!(
                 target: crate::METRICS_TARGET,
@@ -354,7 +354,13 @@ impl<S: Sink> Relay<S> {
     /// The relay's counters.
     #[must_use]
     pub fn metrics(&self) -> RelayMetrics {
-        self.metrics
+        self.metrics.get()
+    }
+
+    /// The counters, readable while the relay runs: take it before calling `run`.
+    #[must_use]
+    pub fn metrics_handle(&self) -> cqrs_core::telemetry::MetricsHandle<RelayMetrics> {
+        self.metrics.clone()
     }
 
     /// The checkpoint: every event up to it was confirmed by the broker.
@@ -473,7 +479,7 @@ impl<S: Sink> Relay<S> {
             let base = self.acked.map_or(stored, |acked| acked.max(stored));
             let (delivered, acked, failure) = self.acknowledge(keep, base).await;
             self.acked = Some(acked);
-            self.metrics.delivered += delivered as u64;
+            self.metrics.update(|m| m.delivered += delivered as u64);
             tracing::Span::current().record("delivered", delivered);
             let failure = failure.or(send_failure);
             // The checkpoint is stored at most every CHECKPOINT_EVERY while publishing (a stored
@@ -508,9 +514,10 @@ impl<S: Sink> Relay<S> {
                     // A fatal client error (a fenced producer, a closed channel) leaves the
                     // client unusable, and any failure may mean a destination went missing:
                     // start afresh.
-                    self.metrics.failures += 1;
+                    self.metrics.update(|m| m.failures += 1);
+                    cqrs_core::telemetry::relay_failure(self.lease.name(), S::BROKER);
                     self.sink.restart().await?;
-                    self.metrics.producers += 1;
+                    self.metrics.update(|m| m.producers += 1);
                 }
                 tracing::warn!(
                     relay = self.lease.name(), %error,
@@ -519,11 +526,14 @@ impl<S: Sink> Relay<S> {
                 return Err(error);
             }
             let elapsed = started.elapsed().as_secs_f64();
+            let mut rate = None;
             if delivered > 0 && elapsed > 0.0 {
                 #[allow(clippy::cast_precision_loss)]
-                let rate = delivered as f64 / elapsed;
-                self.metrics.last_rate = rate;
+                let per_second = delivered as f64 / elapsed;
+                self.metrics.update(|m| m.last_rate = per_second);
+                rate = Some(per_second);
             }
+            cqrs_core::telemetry::relay_delivered(self.lease.name(), S::BROKER, delivered, rate);
             Ok(RelayStep {
                 sent,
                 delivered,
@@ -604,7 +614,7 @@ impl<S: Sink> Relay<S> {
         }
         self.sink.prepare(&kinds).await?;
         if sent > 0 {
-            self.metrics.batches += 1;
+            self.metrics.update(|m| m.batches += 1);
         }
         for chunk in chunks {
             let Chunk {
@@ -696,7 +706,7 @@ impl<S: Sink> Relay<S> {
             }
             let outcome = tokio::select! {
                 biased;
-                () = &mut shutdown => return Ok(self.metrics),
+                () = &mut shutdown => return Ok(self.metrics.get()),
                 outcome = self.step() => outcome,
             };
             let wait = match outcome {
@@ -726,7 +736,7 @@ impl<S: Sink> Relay<S> {
             };
             tokio::select! {
                 biased;
-                () = &mut shutdown => return Ok(self.metrics),
+                () = &mut shutdown => return Ok(self.metrics.get()),
                 () = woken => {}
             }
         }

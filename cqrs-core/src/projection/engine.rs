@@ -20,7 +20,8 @@ use tracing::Instrument as _;
 
 use super::failure::{DeadLetter, Failure, FailureMode, FailurePolicy, Redrive, WAITS_BEHIND};
 use super::runner::{ProjectionMetrics, Step, event_span};
-use super::{Projection, ProjectionError, Subscription};
+use super::{Lag, Projection, ProjectionError, Subscription};
+use crate::telemetry::MetricsHandle;
 use crate::envelope::{Checkpoint, EventId, Payload, RawStoredEvent, StoredEvent, StreamId};
 use crate::store::{CorruptEvent, EventStore, StoreError};
 
@@ -412,6 +413,9 @@ pub trait DeliveryBackend<P: Projection>: Send {
     }
 }
 
+/// How often a running engine counts its lag with the store.
+const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(10);
+
 /// How many dead letters a redrive reads at a time.
 const REDRIVE_PAGE: usize = 500;
 
@@ -421,7 +425,9 @@ pub struct Engine<P: Projection, B> {
     backend: B,
     batch: usize,
     policy: FailurePolicy,
-    metrics: ProjectionMetrics,
+    metrics: MetricsHandle<ProjectionMetrics>,
+    /// When the lag was last counted by the store.
+    lag_counted: Option<std::time::Instant>,
     /// Whether most events read lately were subscribed ones: then the plain ordered read (and
     /// filtering here) is cheaper than asking the store to filter.
     dense: bool,
@@ -451,7 +457,8 @@ impl<P: Projection, B> Engine<P, B> {
             backend,
             batch: batch.max(1),
             policy: FailurePolicy::default(),
-            metrics: ProjectionMetrics::default(),
+            metrics: MetricsHandle::default(),
+            lag_counted: None,
             dense: false,
             no_dead_letters: false,
         }
@@ -504,7 +511,31 @@ impl<P: Projection, B> Engine<P, B> {
     /// The counters.
     #[must_use]
     pub fn metrics(&self) -> ProjectionMetrics {
-        self.metrics
+        self.metrics.get()
+    }
+
+    /// The counters of the running engine, readable while it runs.
+    #[must_use]
+    pub fn metrics_handle(&self) -> MetricsHandle<ProjectionMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Counts a step (and reports it to the metrics recorder).
+    fn count(&self, step: &Step, elapsed: Duration) {
+        self.metrics.update(|m| m.record(step, elapsed));
+        crate::telemetry::projection_step(P::NAME, step.applied, step.parked);
+    }
+
+    /// Counts a batch that failed.
+    fn count_failure(&self) {
+        self.metrics.update(|m| m.failed_batches += 1);
+        crate::telemetry::projection_failed_batch(P::NAME);
+    }
+
+    /// Sets the lag (and reports it).
+    fn set_lag(&self, lag: Lag) {
+        self.metrics.update(|m| m.lag = Some(lag));
+        crate::telemetry::projection_lag(P::NAME, lag);
     }
 
     /// The projection and the backend, both to change (a reset).
@@ -653,6 +684,33 @@ where
         ))
     }
 
+    /// After a step that read something: how far behind in time is the age of the last event it
+    /// applied (every step); how many events are behind is counted by the store at most every
+    /// ten seconds (a count over them), and kept in between.
+    async fn sample_lag(&mut self, at: Checkpoint, newest: Option<chrono::DateTime<Utc>>) {
+        let before = self.metrics.get().lag;
+        let mut events = before.map(|lag| lag.events);
+        if self
+            .lag_counted
+            .is_none_or(|counted| counted.elapsed() >= LAG_SAMPLE_EVERY)
+        {
+            self.lag_counted = Some(std::time::Instant::now());
+            match self.backend.event_store().lag(at).await {
+                Ok(Some(lag)) => events = Some(lag.events),
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::debug!(projection = P::NAME, %error, "could not count the lag");
+                }
+            }
+        }
+        let Some(events) = events else { return };
+        let seconds = newest.map_or_else(
+            || before.map_or(0.0, |lag| lag.seconds),
+            |at| (Utc::now() - at).to_std().map_or(0.0, |age| age.as_secs_f64()),
+        );
+        self.set_lag(Lag { events, seconds });
+    }
+
     /// Applies a window read after `from` and moves the checkpoint to its end.
     async fn apply_window(
         &mut self,
@@ -662,6 +720,8 @@ where
         self.dense = window.dense;
         let (page, last) = (window.events, window.last);
         if last == from {
+            // Nothing new: exactly caught up.
+            self.set_lag(Lag::default());
             return Ok(Step {
                 read: 0,
                 applied: 0,
@@ -693,14 +753,16 @@ where
         let mut step = match outcome {
             Ok(step) => step,
             Err(error) => {
-                self.metrics.failed_batches += 1;
+                self.count_failure();
                 self.no_dead_letters = false;
                 return Err(error);
             }
         };
         // Events scanned but filtered out by the store count as read: the checkpoint moved.
         step.read = step.read.max(1);
-        self.metrics.record(&step, started.elapsed());
+        self.count(&step, started.elapsed());
+        self.sample_lag(step.checkpoint, page.last().map(|e| e.recorded_at))
+            .await;
         Ok(step)
     }
 
@@ -913,7 +975,7 @@ where
         let delivered = match outcome {
             Ok(delivered) => delivered,
             Err(error) => {
-                self.metrics.failed_batches += 1;
+                self.count_failure();
                 return Err(error);
             }
         };
@@ -929,7 +991,7 @@ where
                 .count(),
             checkpoint: Checkpoint::START,
         };
-        self.metrics.record(&step, started.elapsed());
+        self.count(&step, started.elapsed());
         Ok(delivered)
     }
 
@@ -1095,7 +1157,7 @@ where
             parked: usize::from(subscribed),
             checkpoint: corrupt.checkpoint,
         };
-        self.metrics.record(&step, Duration::ZERO);
+        self.count(&step, Duration::ZERO);
         Ok(step)
     }
 

@@ -245,6 +245,11 @@ pub struct ProjectionMetrics {
     pub failed_batches: u64,
     /// Events per second of the last batch that applied any.
     pub events_per_second: f64,
+    /// How far behind it was when last sampled: exact (`Lag::events == 0`) after a step that found
+    /// nothing new; otherwise counted by the store at most every ten seconds, with `seconds` the
+    /// age of the last event applied. `None` until the first step, or when the store cannot
+    /// count.
+    pub lag: Option<super::Lag>,
 }
 
 impl ProjectionMetrics {
@@ -533,6 +538,12 @@ where
     #[must_use]
     pub fn metrics(&self) -> ProjectionMetrics {
         self.engine.metrics()
+    }
+
+    /// The counters, readable while the worker runs: take it before calling `run`.
+    #[must_use]
+    pub fn metrics_handle(&self) -> crate::telemetry::MetricsHandle<ProjectionMetrics> {
+        self.engine.metrics_handle()
     }
 
     /// The checkpoint of the last event read.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use chrono::Utc;
 
 use futures::FutureExt as _;
+use tracing::Instrument as _;
 
 use super::{
     Saga, SagaError, SagaId, SagaState, SagaStatus, SagaStore, StepError, StepKey, StepOutcome,
@@ -268,6 +269,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                         state.deadline_fired = true;
                         state.error = Some(format!("the deadline passed at {at}"));
                         state.status = SagaStatus::Compensating;
+                        crate::telemetry::saga_status(S::NAME, state.status);
                         self.save(&mut state, &data).await?;
                         continue;
                     }
@@ -277,10 +279,17 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                         .position(|(_, o)| *o == StepOutcome::Pending)
                     else {
                         state.status = SagaStatus::Completed;
+                        crate::telemetry::saga_status(S::NAME, state.status);
                         self.save(&mut state, &data).await?;
                         continue;
                     };
-                    match self.attempt(&state, step, false, &mut data).await? {
+                    let outcome = self.attempt(&state, step, false, &mut data).await?;
+                    crate::telemetry::saga_step(
+                        S::NAME,
+                        S::STEPS[step].name,
+                        if outcome.is_ok() { "ok" } else { "failed" },
+                    );
+                    match outcome {
                         Ok(()) => state.steps[step].1 = StepOutcome::Executed,
                         Err(error) => {
                             tracing::warn!(saga = S::NAME, id = %state.id, step = S::STEPS[step].name, %error, "step failed: compensating");
@@ -289,6 +298,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                             };
                             state.error = Some(error);
                             state.status = SagaStatus::Compensating;
+                            crate::telemetry::saga_status(S::NAME, state.status);
                         }
                     }
                     self.save(&mut state, &data).await?;
@@ -304,11 +314,22 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                         .map(|(i, _)| i)
                     else {
                         state.status = SagaStatus::Compensated;
+                        crate::telemetry::saga_status(S::NAME, state.status);
                         state.retry_at = None;
                         self.save(&mut state, &data).await?;
                         continue;
                     };
-                    match self.attempt(&state, step, true, &mut data).await? {
+                    let outcome = self.attempt(&state, step, true, &mut data).await?;
+                    crate::telemetry::saga_step(
+                        S::NAME,
+                        S::STEPS[step].name,
+                        if outcome.is_ok() {
+                            "compensated"
+                        } else {
+                            "compensation_failed"
+                        },
+                    );
+                    match outcome {
                         Ok(()) => {
                             state.steps[step].1 = StepOutcome::Compensated;
                             state.status = SagaStatus::Compensating;
@@ -318,6 +339,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                         Err(error) => {
                             tracing::error!(saga = S::NAME, id = %state.id, step = S::STEPS[step].name, %error, "compensation failed: the saga is failed until it is tried again");
                             state.status = SagaStatus::Failed;
+                            crate::telemetry::saga_status(S::NAME, state.status);
                             state.error = Some(format!(
                                 "compensation of `{}` failed: {error}",
                                 S::STEPS[step].name
@@ -352,10 +374,34 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             step: spec.name,
             compensate,
         };
+        let span = tracing::info_span!(
+            "cqrs.saga.step",
+            saga = S::NAME,
+            id = %id,
+            step = spec.name,
+            compensate,
+            attempts = tracing::field::Empty,
+        );
+        self.attempt_in(state, step, compensate, data, key)
+            .instrument(span)
+            .await
+    }
+
+    async fn attempt_in(
+        &self,
+        state: &SagaState,
+        step: usize,
+        compensate: bool,
+        data: &mut S::Data,
+        key: StepKey,
+    ) -> Result<Result<(), String>, SagaError> {
+        let id = state.id;
+        let spec = S::STEPS[step];
         let attempts = spec.retry.attempts.max(1);
         let seed = id.0.as_u64_pair().1;
         let mut last = String::new();
         for attempt in 1..=attempts {
+            tracing::Span::current().record("attempts", attempt);
             self.fence(state).await?;
             let run = async {
                 let run = async {

@@ -170,9 +170,13 @@ impl EventStore for InMemoryEventStore {
         events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
-        let result = self.lock().append(stream, expected, events);
-        self.signal(&result, |r| !r.events.is_empty());
-        result
+        let count = events.len();
+        crate::telemetry::observe_append("memory", stream, count, async {
+            let result = self.lock().append(stream, expected, events);
+            self.signal(&result, |r| !r.events.is_empty());
+            result
+        })
+        .await
     }
 
     async fn append_with_key(
@@ -183,25 +187,29 @@ impl EventStore for InMemoryEventStore {
         key: &str,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
-        let mut inner = self.lock();
-        if let Some(record) = inner.keys.get(key) {
-            return Err(StoreError::KeyUsed(Box::new(record.clone())));
-        }
-        let result = inner.append(stream, expected, events)?;
-        let record = KeyRecord {
-            key: key.to_owned(),
-            stream: stream.clone(),
-            first_version: result
-                .events
-                .first()
-                .map_or(result.version + 1, |e| e.version),
-            last_version: result.version,
-        };
-        inner.keys.insert(key.to_owned(), record);
-        drop(inner);
-        let result = Ok(result);
-        self.signal(&result, |r: &AppendResult| !r.events.is_empty());
-        result
+        let count = events.len();
+        crate::telemetry::observe_append("memory", stream, count, async {
+            let mut inner = self.lock();
+            if let Some(record) = inner.keys.get(key) {
+                return Err(StoreError::KeyUsed(Box::new(record.clone())));
+            }
+            let result = inner.append(stream, expected, events)?;
+            let record = KeyRecord {
+                key: key.to_owned(),
+                stream: stream.clone(),
+                first_version: result
+                    .events
+                    .first()
+                    .map_or(result.version + 1, |e| e.version),
+                last_version: result.version,
+            };
+            inner.keys.insert(key.to_owned(), record);
+            drop(inner);
+            let result = Ok(result);
+            self.signal(&result, |r: &AppendResult| !r.events.is_empty());
+            result
+        })
+        .await
     }
 
     async fn find_key(&self, key: &str) -> Result<Option<KeyRecord>, StoreError> {
@@ -243,6 +251,21 @@ impl EventStore for InMemoryEventStore {
 
     async fn head(&self) -> Result<Option<Checkpoint>, StoreError> {
         Ok(self.lock().log.last().map(|e| e.checkpoint))
+    }
+
+    async fn lag(&self, after: Checkpoint) -> Result<Option<crate::projection::Lag>, StoreError> {
+        let inner = self.lock();
+        let start = inner.log.partition_point(|e| e.checkpoint <= after);
+        let behind = &inner.log[start..];
+        let seconds = behind.first().map_or(0.0, |oldest| {
+            (Utc::now() - oldest.recorded_at)
+                .to_std()
+                .map_or(0.0, |age| age.as_secs_f64())
+        });
+        Ok(Some(crate::projection::Lag {
+            events: behind.len() as u64,
+            seconds,
+        }))
     }
 
     fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {

@@ -494,6 +494,17 @@ pub trait EventStore: Send + Sync {
     /// [`StoreError::Backend`].
     async fn head(&self) -> Result<Option<Checkpoint>, StoreError>;
 
+    /// How far a reader at `after` is behind: the committed events after it and the age of the
+    /// oldest (`None` when the store cannot count them; the default). Projection workers sample
+    /// it for their lag metrics.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`].
+    async fn lag(&self, after: Checkpoint) -> Result<Option<crate::projection::Lag>, StoreError> {
+        let _ = after;
+        Ok(None)
+    }
+
     /// A signal that changes whenever events commit, for readers to wait on instead of polling
     /// (mark it seen before reading, then wait for `changed()`); `None` when the store has no such
     /// signal in this process, and readers poll.
@@ -598,6 +609,10 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
 
     async fn head(&self) -> Result<Option<Checkpoint>, StoreError> {
         (**self).head().await
+    }
+
+    async fn lag(&self, after: Checkpoint) -> Result<Option<crate::projection::Lag>, StoreError> {
+        (**self).lag(after).await
     }
 
     fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {

@@ -413,7 +413,8 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
     where
         A::Command: Clone,
     {
-        let trace = metadata.trace.or_else(crate::trace::current);
+        let given = metadata.trace;
+        let trace = given.or_else(crate::trace::current);
         let correlation = metadata.effective_correlation_id();
         let span = tracing::info_span!(
             "cqrs.execute",
@@ -435,7 +436,16 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
             self.decide_and_append(id, command, metadata, key).await
         }
         .instrument(span.clone());
-        let outcome = crate::trace::scope(trace, &span, work).await;
+        if let Some(trace) = &trace {
+            if given.is_some() {
+                // A trace from elsewhere (a request's header): the command's span continues it.
+                crate::trace::follow(&span, trace);
+            } else {
+                // The caller's own (its span is already the parent).
+                crate::trace::record(&span, trace);
+            }
+        }
+        let outcome = crate::trace::scope(trace, work).await;
         let label = match &outcome {
             Ok(_) => "ok",
             Err(CommandError::Rejected(_)) => "rejected",

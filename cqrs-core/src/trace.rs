@@ -9,6 +9,8 @@
 //! the `trace_id` field, and [`current`] returns the context for code that passes it on (a handler
 //! that sends a command of its own continues the trace).
 //!
+//! Trace state is read from the `traceparent` alone (`tracestate` is not carried).
+//!
 //! Nothing is stored when there is no trace: an event's metadata only grows when a trace exists.
 
 use std::fmt;
@@ -167,28 +169,28 @@ pub fn current() -> Option<TraceContext> {
     CURRENT.try_with(|current| *current).ok().flatten()
 }
 
-/// Runs `work` under `context` ([`current`] returns it inside), and makes `span` (the span the
-/// work runs in, not yet entered) a child of `context`'s span with the feature `opentelemetry`.
-/// `span` gets `trace_id` recorded when it has that field.
-pub async fn scope<F: Future>(
-    context: Option<TraceContext>,
-    span: &tracing::Span,
-    work: F,
-) -> F::Output {
-    if let Some(context) = &context {
-        follow(span, context);
-    }
+/// Runs `work` under `context`: [`current`] returns it inside (where OpenTelemetry does not
+/// say otherwise). `None` runs `work` outside any trace.
+pub async fn scope<F: Future>(context: Option<TraceContext>, work: F) -> F::Output {
     CURRENT.scope(context, work).await
 }
 
-/// Makes `span` continue `context`: its parent with OpenTelemetry, and its `trace_id` field.
+/// Makes `span` (not yet entered) continue `context` from elsewhere (a message, a request): its
+/// parent with the feature `opentelemetry`, and its `trace_id` field ([`record`]).
 pub fn follow(span: &tracing::Span, context: &TraceContext) {
     if span.is_disabled() {
         return;
     }
-    span.record("trace_id", context.trace_id_hex());
+    record(span, context);
     #[cfg(feature = "opentelemetry")]
     otel::set_parent(span, context);
+}
+
+/// Records `context`'s trace id in `span`'s `trace_id` field, if it has one.
+pub fn record(span: &tracing::Span, context: &TraceContext) {
+    if !span.is_disabled() {
+        span.record("trace_id", context.trace_id_hex());
+    }
 }
 
 #[cfg(feature = "opentelemetry")]
@@ -287,7 +289,7 @@ mod tests {
     async fn scope_sets_the_current_context() {
         let context = TraceContext::parse(VALUE).unwrap();
         assert_eq!(current(), None);
-        let inside = scope(Some(context), &tracing::Span::none(), async { current() }).await;
+        let inside = scope(Some(context), async { current() }).await;
         assert_eq!(inside, Some(context));
     }
 }

@@ -149,3 +149,8 @@ async fn two_relays_under_one_name_publish_each_event_once_in_order() {
         "Kafka, two relays under one name: {events} events, {refused} steps refused the lease"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_event_is_handled_in_the_trace_of_its_command() {
+    conformance::trace_follows_each_event(&Kafka, &namespace("trace")).await;
+}

@@ -66,3 +66,8 @@ async fn standard_queue_a_message_that_is_not_ours_is_dead_lettered() {
 async fn standard_queue_a_dead_letter_retried_after_a_fix_is_applied_once() {
     conformance::dead_letter_retried_after_a_fix(&Sqs::STANDARD, &namespace("stdfix")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_event_is_handled_in_the_trace_of_its_command() {
+    conformance::trace_follows_each_event(&Sqs::FIFO, &namespace("trace")).await;
+}

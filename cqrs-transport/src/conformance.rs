@@ -20,6 +20,8 @@
 //!   (nothing acknowledged) is replaced; the event's effect happens exactly once.
 //! - [`not_ours_is_dead_lettered`]: a message on the consumed destination that is not an
 //!   envelope is dead-lettered, naming why, and does not stop the consumer.
+//! - [`trace_follows_each_event`]: the handler of each event runs in the trace of the command
+//!   that recorded it ([`cqrs_core::trace::current`]), across the broker.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -112,7 +114,7 @@ pub async fn fresh_store(name: &str) -> PostgresEventStore {
     store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "CREATE TABLE \"{schema}\".applied (seq bigserial PRIMARY KEY, consumer text NOT NULL, \
-         aggregate_id text NOT NULL, version bigint NOT NULL, event_id uuid NOT NULL)"
+         aggregate_id text NOT NULL, version bigint NOT NULL, event_id uuid NOT NULL, trace text)"
     )))
     .execute(&pool)
     .await
@@ -175,13 +177,15 @@ impl Projection for Recording {
                 ));
             }
             sqlx::query(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO \"{}\".applied (consumer, aggregate_id, version, event_id) VALUES ($1, $2, $3, $4)",
+                "INSERT INTO \"{}\".applied (consumer, aggregate_id, version, event_id, trace) \
+                 VALUES ($1, $2, $3, $4, $5)",
                 self.schema
             )))
             .bind(&self.name)
             .bind(event.stream.aggregate_id.as_str())
             .bind(i64::try_from(event.version).unwrap_or(i64::MAX))
             .bind(event.event_id.0)
+            .bind(cqrs_core::trace::current().map(|t| t.trace_id_hex()))
             .execute(&mut *conn)
             .await
             .map_err(|e| failed(e.into()))?;
@@ -792,6 +796,70 @@ pub async fn not_ours_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
         (2, 1),
         "{metrics:?}"
     );
+}
+
+/// Events recorded by commands in three traces (and some in none): the consumer's handler runs
+/// each in its command's trace (what it sends joins that trace), across the broker.
+///
+/// # Panics
+/// When a guarantee does not hold.
+pub async fn trace_follows_each_event<B: Broker>(broker: &B, ns: &str) {
+    let store = fresh_store(&format!("{ns}_trace")).await;
+    let consumer = "trace-consumer";
+    broker
+        .declare(ns, consumer)
+        .await
+        .unwrap_or_else(|e| panic!("declare: {e}"));
+    let (stop, running) = start_consumer(broker, ns, consumer, Recorder::new(&store, consumer));
+    let mut expected = BTreeMap::new();
+    for n in 0..4u8 {
+        let trace = (n > 0).then(|| cqrs_core::trace::TraceContext {
+            trace_id: [n; 16],
+            parent_id: [n + 1; 8],
+            flags: 1,
+        });
+        let mut command = cqrs_core::CommandMetadata::new();
+        if let Some(trace) = trace {
+            command = command.with_trace(trace);
+        }
+        let stream = StreamId::new("note", format!("traced-{n}"));
+        let events = (0..3)
+            .map(|i| EventData {
+                event_id: EventId::new(),
+                event_type: "Noted".to_owned(),
+                schema_version: 1,
+                payload: serde_json::json!({ "n": i }),
+                metadata: command.event_metadata(),
+            })
+            .collect();
+        store
+            .append(&stream, ExpectedVersion::NoStream, events)
+            .await
+            .unwrap_or_else(|e| panic!("append to {stream}: {e}"));
+        expected.insert(stream.aggregate_id.as_str().to_owned(), trace.map(|t| t.trace_id_hex()));
+    }
+    let mut relay = Relay::new(store.clone(), broker.sink(ns), "trace");
+    drain(&mut relay).await;
+    let pool = store.pool().clone();
+    wait_applied(&pool, store.schema(), consumer, 12, Duration::from_secs(60)).await;
+    let _ = stop.send(());
+    let _ = running.await;
+    let rows: Vec<(String, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT aggregate_id, trace FROM \"{}\".applied WHERE consumer = $1",
+        store.schema()
+    )))
+    .bind(consumer)
+    .fetch_all(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rows.len(), 12, "{rows:?}");
+    for (id, trace) in rows {
+        assert_eq!(
+            Some(&trace),
+            expected.get(&id),
+            "the handler of an event of {id} ran in the wrong trace"
+        );
+    }
 }
 
 /// A poison event is dead-lettered and the next event of its aggregate waits behind it (also

@@ -183,9 +183,13 @@ impl<H: MessageHandler> Consumer<H> {
             trace_id = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
+        // Each message is handled in its own event's trace (or in none).
         let trace = cqrs_core::trace::TraceContext::of(&event.metadata);
+        if let Some(trace) = &trace {
+            cqrs_core::trace::follow(&span, trace);
+        }
         let work = self.handle_event(event).instrument(span.clone());
-        let verdict = cqrs_core::trace::scope(trace, &span, work).await;
+        let verdict = cqrs_core::trace::scope(trace, work).await;
         let outcome = match &verdict {
             Verdict::Done(Handled::Applied) => "applied",
             Verdict::Done(Handled::Duplicate) => "duplicate",

@@ -300,6 +300,7 @@ fn print_line(line: std::fmt::Arguments<'_>) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    init_logs();
     let cli = Cli::parse();
     let schema = cli.schema.clone();
     match run(cli).await {
@@ -323,6 +324,20 @@ async fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The framework's logs (a relay or a worker saying why it stopped) on stderr, by `RUST_LOG`
+/// (default `warn`: the commands' own output is on stdout), coloured on a terminal unless
+/// `NO_COLOR` is set.
+fn init_logs() {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+        .init();
 }
 
 type Failure = Box<dyn std::error::Error>;

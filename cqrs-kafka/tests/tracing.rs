@@ -114,8 +114,9 @@ async fn one_trace_follows_a_command_through_the_event_the_relay_kafka_and_the_c
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     };
+    let root = tracing::dispatcher::with_default(&dispatch, || tracing::info_span!("test.request"));
     request
-        .instrument(tracing::info_span!("test.request"))
+        .instrument(root)
         .with_subscriber(dispatch.clone())
         .await;
 

@@ -348,6 +348,7 @@ fn router<S: EventStore + Clone + 'static>(state: AppState<S>) -> Router {
     Router::new()
         .route("/", get(index::<S>))
         .route("/health", get(health::<S>))
+        .route("/metrics", get(prometheus_metrics))
         .route("/orders", post(place_order::<S>))
         .route("/orders/{id}", get(get_order::<S>))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route: see GET /") })
@@ -364,8 +365,50 @@ async fn index<S: EventStore>(State(state): State<AppState<S>>) -> impl IntoResp
     axum::Json(serde_json::json!({
         "service": "order-fulfillment",
         "backend": state.backend,
-        "routes": ["POST /orders", "GET /orders/{id}", "GET /health"],
+        "routes": ["POST /orders", "GET /orders/{id}", "GET /health", "GET /metrics"],
     }))
+}
+
+/// The process's Prometheus recorder: installed as the `metrics` recorder by the first call (the
+/// framework's metrics, [`cqrs_core::telemetry`], go to it from then on); `None` when the
+/// application installed another recorder before.
+pub fn prometheus() -> Option<&'static metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            match metrics::set_global_recorder(recorder) {
+                Ok(()) => {
+                    cqrs_core::telemetry::describe();
+                    Some(handle)
+                }
+                Err(_) => {
+                    tracing::warn!("another metrics recorder is installed: GET /metrics is off");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// `GET /metrics`: the framework's metrics in the Prometheus text format.
+async fn prometheus_metrics() -> Response {
+    match prometheus() {
+        Some(handle) => {
+            handle.run_upkeep();
+            (
+                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                handle.render(),
+            )
+                .into_response()
+        }
+        None => error(
+            StatusCode::NOT_FOUND,
+            "metrics go to the application's own recorder",
+        ),
+    }
 }
 
 /// `GET /health`: 200 when the store answers (within 2 s) and every background task (projection,
@@ -442,6 +485,15 @@ async fn place_order<S: EventStore>(
         }
     };
     let mut metadata = CommandMetadata::new().correlated(correlation);
+    // A W3C `traceparent` from the caller: the command and its events join that trace (an
+    // invalid one is ignored, as the recommendation asks).
+    if let Some(trace) = headers
+        .get(cqrs_core::trace::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| cqrs_core::trace::TraceContext::parse(v).ok())
+    {
+        metadata = metadata.with_trace(trace);
+    }
     if order.decline_payment {
         metadata = metadata.with_header(DECLINE_HEADER, "true");
     }
@@ -842,6 +894,8 @@ pub async fn start_with(
     if let Some((feature, false)) = backend.feature() {
         return Err(StartError::MissingFeature(feature));
     }
+    // The metrics recorder before anything reports.
+    let _ = prometheus();
     #[cfg(feature = "redis")]
     let redis = match &keys {
         Keys::Store => None,

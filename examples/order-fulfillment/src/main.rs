@@ -54,6 +54,98 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    #[cfg(feature = "otlp")]
+    let tracer = init_tracing();
+    #[cfg(not(feature = "otlp"))]
+    init_tracing();
+    let code = serve().await;
+    #[cfg(feature = "otlp")]
+    if let Some(provider) = tracer {
+        // Sends what is still buffered.
+        if let Err(error) = provider.shutdown() {
+            eprintln!("warning: the OTLP exporter did not shut down cleanly: {error}");
+        }
+    }
+    code
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`); with the feature `otlp` and
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, spans are also
+/// exported over OTLP/HTTP (the standard `OTEL_*` variables configure the exporter; the service
+/// name defaults to `order-fulfillment`).
+#[cfg(feature = "otlp")]
+fn init_tracing() -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let configured = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()));
+    let provider = if configured {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+        {
+            Ok(exporter) => {
+                let mut resource = opentelemetry_sdk::Resource::builder();
+                if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+                    resource = resource.with_service_name("order-fulfillment");
+                }
+                Some(
+                    opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                        .with_batch_exporter(exporter)
+                        .with_resource(resource.build())
+                        .build(),
+                )
+            }
+            Err(error) => {
+                eprintln!("warning: no OTLP export: {error}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    // Spans at `info` and above: the commands, the consumers, the saga steps (the store's calls
+    // are `debug`).
+    let otel = provider.as_ref().map(|provider| {
+        use tracing_subscriber::Layer as _;
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("order-fulfillment"))
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+    });
+    tracing_subscriber::registry()
+        .with(log_layer())
+        .with(otel)
+        .init();
+    provider
+}
+
+/// [`init_tracing`] without OTLP: logs only.
+#[cfg(not(feature = "otlp"))]
+fn init_tracing() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    tracing_subscriber::registry().with(log_layer()).init();
+}
+
+/// Human-readable logs on stderr, by `RUST_LOG` (default `info`), coloured on a terminal unless
+/// `NO_COLOR` is set.
+fn log_layer<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use std::io::IsTerminal as _;
+    use tracing_subscriber::Layer as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+        .with_filter(filter)
+}
+
+async fn serve() -> ExitCode {
     let mut args = Args::parse();
     if args.sqs_queue.is_none()
         && let Ok(url) = std::env::var("SQS_QUEUE_URL")

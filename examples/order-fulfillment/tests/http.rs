@@ -562,3 +562,76 @@ fn help_never_prints_a_secret_from_the_environment() {
         "{help}"
     );
 }
+
+/// A request's `traceparent` reaches the events its command recorded; `GET /metrics` serves the
+/// framework's metrics in the Prometheus text format (the command just counted, the projection's
+/// events and lag, the store's appends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requests_trace_reaches_its_events_and_metrics_are_served() {
+    let schema = unique("of_trace");
+    let backend = Backend::Postgres {
+        database_url: database_url(),
+        schema: schema.clone(),
+    };
+    let service = order_fulfillment::start(([127, 0, 0, 1], 0).into(), backend)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("http://{}", service.addr());
+    let client = reqwest::Client::new();
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let response = place(&client, &url, &order(false), &[("traceparent", traceparent)]).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let accepted: Accepted = json(response).await;
+    wait_for(&client, &url, &accepted.order_id, "Confirmed").await;
+    // A broken traceparent is ignored, not refused.
+    let response = place(&client, &url, &order(false), &[("traceparent", "00-zz")]).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+
+    let metrics = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET /metrics: {e}"));
+    assert_eq!(metrics.status(), StatusCode::OK);
+    assert!(
+        metrics
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v.to_str().is_ok_and(|v| v.starts_with("text/plain")))
+    );
+    let text = metrics.text().await.unwrap_or_else(|e| panic!("{e}"));
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series))
+            .and_then(|rest| rest.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no `{series}` in:\n{text}"))
+    };
+    assert!(
+        value(r#"cqrs_commands_total{aggregate="order",command="CreateOrder",outcome="ok"}"#)
+            >= 2.0
+    );
+    assert!(value(r#"cqrs_events_appended_total{store="postgres",aggregate="order"}"#) >= 2.0);
+    assert!(value(r#"cqrs_projection_events_total{projection="order_summary_http"}"#) >= 1.0);
+    assert!(text.contains("# HELP cqrs_commands_total"), "{text}");
+    assert!(text.contains("cqrs_projection_lag_events{projection="), "{text}");
+    service.stop().await;
+
+    let store = PostgresEventStore::connect(&database_url(), &schema)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let events = store
+        .load_all(&StreamId::new("order", accepted.order_id.as_str()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let created = &events[0];
+    assert_eq!(created.event_type, "OrderCreated");
+    let stored = created
+        .metadata
+        .headers
+        .get(cqrs_core::trace::TRACEPARENT)
+        .unwrap_or_else(|| panic!("no traceparent on {created:?}"));
+    // The same trace; the parent is the command's span when OpenTelemetry is on, else the
+    // request's.
+    let context = cqrs_core::trace::TraceContext::parse(stored).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(context.trace_id_hex(), "0af7651916cd43dd8448eb211c80319c");
+}

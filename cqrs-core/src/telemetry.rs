@@ -84,7 +84,10 @@ pub fn describe() {
     describe_counter!(PROJECTION_EVENTS, "Events projections applied");
     describe_counter!(DEAD_LETTERS, "Events parked or messages dead-lettered");
     describe_counter!(PROJECTION_FAILED_BATCHES, "Projection batches rolled back");
-    describe_gauge!(PROJECTION_LAG_EVENTS, "Events a projection has still to read");
+    describe_gauge!(
+        PROJECTION_LAG_EVENTS,
+        "Events a projection has still to read"
+    );
     describe_gauge!(
         PROJECTION_LAG_SECONDS,
         Unit::Seconds,
@@ -100,7 +103,12 @@ pub fn describe() {
 }
 
 /// Records a command's outcome and duration.
-pub fn command(aggregate: &'static str, command: &'static str, outcome: &'static str, took: Duration) {
+pub fn command(
+    aggregate: &'static str,
+    command: &'static str,
+    outcome: &'static str,
+    took: Duration,
+) {
     metrics::counter!(COMMANDS, "aggregate" => aggregate, "command" => command, "outcome" => outcome)
         .increment(1);
     metrics::histogram!(COMMAND_DURATION, "aggregate" => aggregate, "command" => command)
@@ -144,7 +152,8 @@ pub fn projection_lag(projection: &'static str, lag: crate::projection::Lag) {
 
 /// Records a saga step try's outcome.
 pub fn saga_step(saga: &'static str, step: &'static str, outcome: &'static str) {
-    metrics::counter!(SAGA_STEPS, "saga" => saga, "step" => step, "outcome" => outcome).increment(1);
+    metrics::counter!(SAGA_STEPS, "saga" => saga, "step" => step, "outcome" => outcome)
+        .increment(1);
 }
 
 /// Records a saga instance reaching `status`.
@@ -254,11 +263,19 @@ impl<M: Copy> MetricsHandle<M> {
     /// The counters now.
     #[must_use]
     pub fn get(&self) -> M {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Changes the counters.
     pub fn update<R>(&self, change: impl FnOnce(&mut M) -> R) -> R {
-        change(&mut self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+        change(
+            &mut self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 }

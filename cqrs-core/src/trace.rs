@@ -234,10 +234,7 @@ mod tests {
     #[test]
     fn parses_and_formats_the_w3c_example() {
         let context = TraceContext::parse(VALUE).unwrap();
-        assert_eq!(
-            context.trace_id_hex(),
-            "4bf92f3577b34da6a3ce929d0e0e4736"
-        );
+        assert_eq!(context.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert!(context.sampled());
         assert_eq!(context.to_string(), VALUE);
     }
@@ -252,7 +249,10 @@ mod tests {
         for (value, reason) in [
             ("", "too short"),
             (&format!("ff{}", &VALUE[2..]), "version ff is invalid"),
-            (&format!("{VALUE}-x"), "unexpected characters after the flags"),
+            (
+                &format!("{VALUE}-x"),
+                "unexpected characters after the flags",
+            ),
             (&VALUE.to_uppercase(), "the trace id is not hex"),
             (
                 "00-00000000000000000000000000000000-00f067aa0ba902b7-01",

@@ -56,9 +56,12 @@ impl Exported {
     }
 }
 
+/// The version of each event handled, and the trace it was handled in.
+type Seen = Vec<(u64, Option<TraceContext>)>;
+
 /// Remembers the trace each event was handled in, and opens a span of its own there.
 #[derive(Debug, Clone, Default)]
-struct Handler(Arc<Mutex<Vec<(u64, Option<TraceContext>)>>>);
+struct Handler(Arc<Mutex<Seen>>);
 
 #[async_trait::async_trait]
 impl MessageHandler for Handler {
@@ -161,16 +164,20 @@ async fn one_trace_follows_a_command_through_the_event_the_relay_kafka_and_the_c
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     while handled.0.lock().map(|h| h.len()).unwrap_or(0) < 2 {
-        assert!(Instant::now() < deadline, "the consumer did not handle both");
+        assert!(
+            Instant::now() < deadline,
+            "the consumer did not handle both"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _ = stop.send(());
     let _ = consumer.await;
     let _ = provider.force_flush();
 
-    let [request] = exported.named("test.request").try_into().unwrap_or_else(|s: Vec<_>| {
-        panic!("one request span expected, got {}", s.len())
-    });
+    let [request] = exported
+        .named("test.request")
+        .try_into()
+        .unwrap_or_else(|s: Vec<_>| panic!("one request span expected, got {}", s.len()));
     let trace = request.span_context.trace_id();
     let executes = exported.named("cqrs.execute");
     assert_eq!(executes.len(), 2);
@@ -194,7 +201,9 @@ async fn one_trace_follows_a_command_through_the_event_the_relay_kafka_and_the_c
     assert!(
         appends.len() >= 2
             && appends.iter().all(|a| a.span_context.trace_id() == trace
-                && executes.iter().any(|e| e.span_context.span_id() == a.parent_span_id)),
+                && executes
+                    .iter()
+                    .any(|e| e.span_context.span_id() == a.parent_span_id)),
         "appends outside their commands' spans"
     );
     // Each consume span continues the span of the command that recorded the event, across the
@@ -213,12 +222,16 @@ async fn one_trace_follows_a_command_through_the_event_the_relay_kafka_and_the_c
     }
     let handlers = exported.named("test.handler");
     assert_eq!(handlers.len(), 2);
-    assert!(handlers.iter().all(|h| h.span_context.trace_id() == trace
-        && consumes.iter().any(|c| c.span_context.span_id() == h.parent_span_id)));
+    assert!(handlers.iter().all(|h| {
+        h.span_context.trace_id() == trace
+            && consumes
+                .iter()
+                .any(|c| c.span_context.span_id() == h.parent_span_id)
+    }));
     let seen = handled.0.lock().map(|h| h.clone()).unwrap_or_default();
     assert!(
-        seen.iter().all(|(_, context)| context
-            .is_some_and(|c| c.trace_id == trace.to_bytes())),
+        seen.iter()
+            .all(|(_, context)| context.is_some_and(|c| c.trace_id == trace.to_bytes())),
         "{seen:?}"
     );
 }

@@ -37,8 +37,8 @@ pub use sqlx;
 use crate::rows::{backend, fetch_events, replay_event, stored_event, to_i64, to_u64};
 use crate::sql::Sql;
 use crate::tx::Tx;
-use tracing::Instrument as _;
 use cqrs_core::telemetry;
+use tracing::Instrument as _;
 
 /// The embedded migrations: the events, snapshots and command-key tables.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -1070,7 +1070,6 @@ impl PostgresEventStore {
         Ok(appended)
     }
 
-
     /// [`EventStore::append_with_key`] without its span and metrics.
     async fn append_with_key_unobserved(
         &self,
@@ -1142,7 +1141,6 @@ impl PostgresEventStore {
             "{stream}: lost the race for a version {ANY_VERSION_ATTEMPTS} times in a row"
         )))
     }
-
 }
 
 #[async_trait::async_trait]

@@ -836,7 +836,10 @@ pub async fn trace_follows_each_event<B: Broker>(broker: &B, ns: &str) {
             .append(&stream, ExpectedVersion::NoStream, events)
             .await
             .unwrap_or_else(|e| panic!("append to {stream}: {e}"));
-        expected.insert(stream.aggregate_id.as_str().to_owned(), trace.map(|t| t.trace_id_hex()));
+        expected.insert(
+            stream.aggregate_id.as_str().to_owned(),
+            trace.map(|t| t.trace_id_hex()),
+        );
     }
     let mut relay = Relay::new(store.clone(), broker.sink(ns), "trace");
     drain(&mut relay).await;

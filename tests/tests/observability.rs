@@ -206,25 +206,35 @@ fn the_gateway_and_the_store_report_commands_conflicts_and_appends() {
         metrics.counter(names::EVENTS_APPENDED, "aggregate=order,store=memory"),
         3
     );
-    assert_eq!(metrics.histogram_count(names::APPEND_DURATION, "store=memory"), 3);
     assert_eq!(
-        metrics.histogram_count(names::COMMAND_DURATION, "aggregate=order,command=CreateOrder"),
+        metrics.histogram_count(names::APPEND_DURATION, "store=memory"),
+        3
+    );
+    assert_eq!(
+        metrics.histogram_count(
+            names::COMMAND_DURATION,
+            "aggregate=order,command=CreateOrder"
+        ),
         2
     );
     let executes: Vec<_> = spans.iter().filter(|s| s.name == "cqrs.execute").collect();
     assert_eq!(executes.len(), 5);
     for span in &executes {
-        for field in ["aggregate", "id", "command", "command_id", "correlation_id", "outcome"] {
+        for field in [
+            "aggregate",
+            "id",
+            "command",
+            "command_id",
+            "correlation_id",
+            "outcome",
+        ] {
             assert!(span.fields.contains_key(field), "{field} missing: {span:?}");
         }
         // No trace anywhere: no trace id.
         assert!(!span.fields.contains_key("trace_id"), "{span:?}");
     }
     // Four tries to append (the conflicting one too), three appended.
-    assert_eq!(
-        spans.iter().filter(|s| s.name == "cqrs.append").count(),
-        4
-    );
+    assert_eq!(spans.iter().filter(|s| s.name == "cqrs.append").count(), 4);
 }
 
 #[test]
@@ -247,10 +257,19 @@ fn a_commands_trace_goes_into_its_events_and_its_span() {
         .await;
         // And one outside any trace carries none.
         gateway
-            .execute("o-1", OrderCommand::ShipOrder { tracking: "t-1".into() }, CommandMetadata::new())
+            .execute(
+                "o-1",
+                OrderCommand::ShipOrder {
+                    tracking: "t-1".into(),
+                },
+                CommandMetadata::new(),
+            )
             .await
             .unwrap();
-        store.load_all(&StreamId::new("order", "o-1")).await.unwrap()
+        store
+            .load_all(&StreamId::new("order", "o-1"))
+            .await
+            .unwrap()
     });
     let traces: Vec<Option<&str>> = events
         .iter()
@@ -346,11 +365,20 @@ fn a_running_projection_reports_events_dead_letters_and_lag_through_its_handle()
     let projection = "projection=observed_totals";
     assert_eq!(metrics.counter(names::PROJECTION_EVENTS, projection), 37);
     assert_eq!(
-        metrics.counter(names::DEAD_LETTERS, "name=observed_totals,source=projection"),
+        metrics.counter(
+            names::DEAD_LETTERS,
+            "name=observed_totals,source=projection"
+        ),
         3
     );
-    assert_eq!(metrics.gauge(names::PROJECTION_LAG_EVENTS, projection), Some(0.0));
-    assert_eq!(metrics.gauge(names::PROJECTION_LAG_SECONDS, projection), Some(0.0));
+    assert_eq!(
+        metrics.gauge(names::PROJECTION_LAG_EVENTS, projection),
+        Some(0.0)
+    );
+    assert_eq!(
+        metrics.gauge(names::PROJECTION_LAG_SECONDS, projection),
+        Some(0.0)
+    );
     assert!(spans.iter().any(|s| s.name == "cqrs.projection.batch"
         && s.fields.get("projection").map(String::as_str) == Some("observed_totals")));
 }

@@ -21,9 +21,9 @@ use tracing::Instrument as _;
 use super::failure::{DeadLetter, Failure, FailureMode, FailurePolicy, Redrive, WAITS_BEHIND};
 use super::runner::{ProjectionMetrics, Step, event_span};
 use super::{Lag, Projection, ProjectionError, Subscription};
-use crate::telemetry::MetricsHandle;
 use crate::envelope::{Checkpoint, EventId, Payload, RawStoredEvent, StoredEvent, StreamId};
 use crate::store::{CorruptEvent, EventStore, StoreError};
+use crate::telemetry::MetricsHandle;
 
 fn lease_lost(projection: &str, epoch: Option<i64>) -> String {
     match epoch {
@@ -706,7 +706,11 @@ where
         let Some(events) = events else { return };
         let seconds = newest.map_or_else(
             || before.map_or(0.0, |lag| lag.seconds),
-            |at| (Utc::now() - at).to_std().map_or(0.0, |age| age.as_secs_f64()),
+            |at| {
+                (Utc::now() - at)
+                    .to_std()
+                    .map_or(0.0, |age| age.as_secs_f64())
+            },
         );
         self.set_lag(Lag { events, seconds });
     }

@@ -579,7 +579,13 @@ async fn a_requests_trace_reaches_its_events_and_metrics_are_served() {
     let url = format!("http://{}", service.addr());
     let client = reqwest::Client::new();
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-    let response = place(&client, &url, &order(false), &[("traceparent", traceparent)]).await;
+    let response = place(
+        &client,
+        &url,
+        &order(false),
+        &[("traceparent", traceparent)],
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     let accepted: Accepted = json(response).await;
     wait_for(&client, &url, &accepted.order_id, "Confirmed").await;
@@ -613,7 +619,10 @@ async fn a_requests_trace_reaches_its_events_and_metrics_are_served() {
     assert!(value(r#"cqrs_events_appended_total{store="postgres",aggregate="order"}"#) >= 2.0);
     assert!(value(r#"cqrs_projection_events_total{projection="order_summary_http"}"#) >= 1.0);
     assert!(text.contains("# HELP cqrs_commands_total"), "{text}");
-    assert!(text.contains("cqrs_projection_lag_events{projection="), "{text}");
+    assert!(
+        text.contains("cqrs_projection_lag_events{projection="),
+        "{text}"
+    );
     service.stop().await;
 
     let store = PostgresEventStore::connect(&database_url(), &schema)

@@ -11,6 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use tracing::Instrument as _;
 
 use cqrs_core::StoredEvent;
@@ -212,7 +213,18 @@ impl<H: MessageHandler> Consumer<H> {
         .retries();
         let mut outage = cqrs_core::Backoff::new(self.backoff, Duration::from_secs(10));
         loop {
-            let error = match self.handler.handle(event).await {
+            // A panicking handler is a failure of this message (retried, then dead-lettered),
+            // never the consumer's end.
+            let handled = std::panic::AssertUnwindSafe(self.handler.handle(event))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    Err(HandleError::Failed(format!(
+                        "the handler panicked: {}",
+                        cqrs_core::panic_message(&*panic)
+                    )))
+                });
+            let error = match handled {
                 Ok(handled) => {
                     match handled {
                         Handled::Applied => self.metrics.update(|m| m.applied += 1),
@@ -306,5 +318,66 @@ pub async fn reconnecting<C: Session>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cqrs_core::{EventId, Metadata, StreamId};
+
+    /// Panics on version 2.
+    struct Panicky;
+
+    #[async_trait::async_trait]
+    impl MessageHandler for Panicky {
+        fn name(&self) -> &str {
+            "panicky"
+        }
+
+        async fn handle(&mut self, event: &StoredEvent) -> Result<Handled, HandleError> {
+            assert!(event.version != 2, "bad event {}", event.version);
+            Ok(Handled::Applied)
+        }
+    }
+
+    fn event(version: u64) -> StoredEvent {
+        StoredEvent {
+            event_id: EventId::new(),
+            stream: StreamId::new("note", "n-1"),
+            version,
+            event_type: "Noted".to_owned(),
+            schema_version: 1,
+            payload: serde_json::json!({}),
+            metadata: Metadata::default(),
+            recorded_at: chrono::Utc::now(),
+            checkpoint: cqrs_core::Checkpoint::START,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_dead_letters_the_message_and_the_consumer_goes_on() {
+        let mut consumer = Consumer::new("c", Panicky);
+        consumer.set_retries(3, Duration::from_millis(1));
+        assert_eq!(
+            consumer.process_event(&event(1)).await,
+            Verdict::Done(Handled::Applied)
+        );
+        match consumer.process_event(&event(2)).await {
+            Verdict::DeadLetter { reason, attempts } => {
+                assert_eq!(attempts, 3);
+                assert!(
+                    reason.contains("the handler panicked: bad event 2"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            consumer.process_event(&event(3)).await,
+            Verdict::Done(Handled::Applied)
+        );
+        let metrics = consumer.metrics();
+        assert_eq!((metrics.applied, metrics.retries), (2, 2));
     }
 }

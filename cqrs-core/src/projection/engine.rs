@@ -158,13 +158,33 @@ trait Deliverable: Payload {
     ) -> BoxFuture<'a, Result<bool, ProjectionError>>;
 }
 
+/// `apply`, with a panic of the handler turned into its failure on `event` (retried, then parked
+/// by the policy like any other): one bad event never kills the worker.
+fn guarded<'a, P: Projection, T: Sync>(
+    event: &'a StoredEvent<T>,
+    apply: BoxFuture<'a, Result<bool, ProjectionError>>,
+) -> BoxFuture<'a, Result<bool, ProjectionError>> {
+    use futures::FutureExt as _;
+    Box::pin(async move {
+        match std::panic::AssertUnwindSafe(apply).catch_unwind().await {
+            Ok(outcome) => outcome,
+            Err(panic) => Err(ProjectionError::Handler {
+                projection: P::NAME,
+                stream: event.stream.clone(),
+                version: event.version,
+                source: format!("panicked: {}", crate::panic_message(&*panic)).into(),
+            }),
+        }
+    })
+}
+
 impl Deliverable for serde_json::Value {
     fn apply_to<'a, P: Projection>(
         event: &'a StoredEvent<Self>,
         projection: &'a mut P,
         context: &'a mut P::Context,
     ) -> BoxFuture<'a, Result<bool, ProjectionError>> {
-        projection.apply(event, context)
+        guarded::<P, _>(event, projection.apply(event, context))
     }
 }
 
@@ -174,7 +194,7 @@ impl Deliverable for Box<serde_json::value::RawValue> {
         projection: &'a mut P,
         context: &'a mut P::Context,
     ) -> BoxFuture<'a, Result<bool, ProjectionError>> {
-        projection.apply_raw(event, context)
+        guarded::<P, _>(event, projection.apply_raw(event, context))
     }
 }
 
@@ -837,8 +857,7 @@ where
             if !careful {
                 // Any failure rolls this unit back; the caller runs the batch carefully.
                 let context = self.backend.unit_context(unit);
-                self.projection
-                    .apply_raw(event, context)
+                Deliverable::apply_to(event, &mut self.projection, context)
                     .instrument(event_span(P::NAME, event))
                     .await?;
                 applied += 1;

@@ -414,7 +414,9 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 // A panicking step is that instance's failure, never the orchestrator's.
                 match std::panic::AssertUnwindSafe(run).catch_unwind().await {
                     Ok(result) => result,
-                    Err(panic) => Err(format!("panicked: {}", panic_message(&*panic)).into()),
+                    Err(panic) => {
+                        Err(format!("panicked: {}", crate::panic_message(&*panic)).into())
+                    }
                 }
             };
             let run = async {
@@ -480,15 +482,6 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         state.updated_at = Utc::now();
         self.store.save(state, Some(&self.owner)).await
     }
-}
-
-/// The text of a panic's payload.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a non-text panic".to_owned())
 }
 
 pub(super) fn data_error<S: Saga>(id: SagaId, error: &serde_json::Error) -> SagaError {

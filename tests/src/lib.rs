@@ -14,3 +14,8 @@ pub struct Guide;
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/derives.md")]
 pub struct DerivesGuide;
+
+/// Traces, metrics and logs (`docs/observability.md`), its examples compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/observability.md")]
+pub struct ObservabilityGuide;

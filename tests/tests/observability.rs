@@ -386,3 +386,76 @@ fn a_running_projection_reports_events_dead_letters_and_lag_through_its_handle_a
     assert!(spans.iter().any(|s| s.name == "cqrs.projection.batch"
         && s.fields.get("projection").map(String::as_str) == Some("observed_totals")));
 }
+
+/// What the steps of [`Traced`] saw: the trace each ran in.
+#[derive(Clone, Default)]
+struct SeenTraces(Arc<Mutex<Vec<Option<TraceContext>>>>);
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct Nothing {}
+
+/// A saga of two steps that record the trace they run in.
+#[derive(Debug, Saga)]
+#[saga(name = "traced", data = Nothing, context = SeenTraces)]
+enum Traced {
+    First,
+    Second,
+}
+
+impl SeenTraces {
+    async fn first(&self, _: &mut Nothing, _: &StepKey) -> Result<(), cqrs_core::saga::StepError> {
+        self.0.lock().unwrap().push(cqrs_core::trace::current());
+        Ok(())
+    }
+
+    async fn second(&self, _: &mut Nothing, _: &StepKey) -> Result<(), cqrs_core::saga::StepError> {
+        self.0.lock().unwrap().push(cqrs_core::trace::current());
+        Ok(())
+    }
+}
+
+#[test]
+fn a_sagas_steps_run_in_the_trace_it_started_in_even_after_a_restart() {
+    let ((), metrics, spans) = observed(async {
+        let store = cqrs_core::saga::InMemorySagaStore::new();
+        let seen = SeenTraces::default();
+        let trace = TraceContext::parse(TRACE).unwrap();
+        // Submitted in a trace, run later by another orchestrator outside it.
+        let submitted =
+            cqrs_core::saga::Orchestrator::<Traced, _>::new(store.clone(), seen.clone(), "a");
+        cqrs_core::trace::scope(Some(trace), async {
+            submitted.submit(Nothing {}).await.unwrap();
+        })
+        .await;
+        let later =
+            cqrs_core::saga::Orchestrator::<Traced, _>::new(store.clone(), seen.clone(), "b");
+        let ran = later.run_due(10).await.unwrap();
+        assert_eq!(ran.len(), 1);
+        assert_eq!(ran[0].status, cqrs_core::saga::SagaStatus::Completed);
+        assert_eq!(*seen.0.lock().unwrap(), [Some(trace), Some(trace)]);
+    });
+    for step in ["first", "second"] {
+        assert_eq!(
+            metrics.counter(
+                names::SAGA_STEPS,
+                &format!("outcome=ok,saga=traced,step={step}")
+            ),
+            1
+        );
+    }
+    assert_eq!(
+        metrics.counter(names::SAGAS, "saga=traced,status=completed"),
+        1
+    );
+    let steps: Vec<_> = spans
+        .iter()
+        .filter(|s| s.name == "cqrs.saga.step")
+        .collect();
+    assert_eq!(steps.len(), 2);
+    assert!(
+        steps
+            .iter()
+            .all(|s| s.fields.get("trace_id").map(String::as_str)
+                == Some("4bf92f3577b34da6a3ce929d0e0e4736"))
+    );
+}

@@ -857,9 +857,10 @@ where
             if !careful {
                 // Any failure rolls this unit back; the caller runs the batch carefully.
                 let context = self.backend.unit_context(unit);
-                Deliverable::apply_to(event, &mut self.projection, context)
-                    .instrument(event_span(P::NAME, event))
-                    .await?;
+                let trace = crate::trace::TraceContext::of(&event.metadata);
+                let apply = Deliverable::apply_to(event, &mut self.projection, context)
+                    .instrument(event_span(P::NAME, event));
+                crate::trace::scope(trace, apply).await?;
                 applied += 1;
                 continue;
             }
@@ -938,7 +939,10 @@ where
                 return Ok(Attempt::Duplicate);
             }
             let context = self.backend.unit_context(unit);
-            match T::apply_to(event, &mut self.projection, context).await {
+            // In the event's trace: what the handler sends (a command) continues it.
+            let trace = crate::trace::TraceContext::of(&event.metadata);
+            let applied = T::apply_to(event, &mut self.projection, context);
+            match crate::trace::scope(trace, applied).await {
                 Ok(_) => {
                     if B::TRANSACTIONAL {
                         self.backend.savepoint(unit, Savepoint::Release).await?;

@@ -264,16 +264,23 @@ impl ProjectionMetrics {
 }
 
 /// The span runners open around one event's application (`cqrs.projection.event`, at trace level,
-/// under the batch's `cqrs.projection.batch` span at debug level).
+/// under the batch's `cqrs.projection.batch` span at debug level), continuing the event's trace.
 #[must_use]
 pub fn event_span<T>(projection: &'static str, event: &StoredEvent<T>) -> tracing::Span {
-    tracing::trace_span!(
+    let span = tracing::trace_span!(
         "cqrs.projection.event",
         projection,
         stream = %event.stream,
         version = event.version,
         event_type = %event.event_type,
-    )
+        trace_id = tracing::field::Empty,
+    );
+    if !span.is_disabled()
+        && let Some(trace) = crate::trace::TraceContext::of(&event.metadata)
+    {
+        crate::trace::follow(&span, &trace);
+    }
+    span
 }
 
 /// The in-memory adapter of the [`Engine`]: checkpoints in a [`CheckpointStore`], dead letters in

@@ -265,6 +265,10 @@ pub struct SagaState {
     /// and starting event, however often the event is delivered.
     #[serde(default)]
     pub started_by: Option<Uuid>,
+    /// The W3C `traceparent` the instance was started in (the starting event's, or the caller's):
+    /// its steps run in that trace, so the commands they send continue it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
     /// Bumped by every save: a save that names an older version is refused.
     pub version: u64,
     /// The epoch of the lease this copy was claimed under (not stored in the state: the store
@@ -299,6 +303,7 @@ impl SagaState {
             deadline_at: None,
             deadline_fired: false,
             started_by: None,
+            trace: crate::trace::current().map(|t| t.to_string()),
             version: 1,
             lease_epoch: 0,
             started_at: now,

@@ -381,10 +381,20 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             step = spec.name,
             compensate,
             attempts = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
         );
-        self.attempt_in(state, step, compensate, data, key)
-            .instrument(span)
-            .await
+        // In the trace the instance started in: what the step sends continues it.
+        let trace = state
+            .trace
+            .as_deref()
+            .and_then(|t| crate::trace::TraceContext::parse(t).ok());
+        if let Some(trace) = &trace {
+            crate::trace::follow(&span, trace);
+        }
+        let work = self
+            .attempt_in(state, step, compensate, data, key)
+            .instrument(span);
+        crate::trace::scope(trace, work).await
     }
 
     async fn attempt_in(

@@ -101,6 +101,10 @@ where
             let mut state = SagaState::start::<S>(started_id(S::NAME, event), &data)
                 .map_err(|e| handler(Box::new(e)))?;
             state.started_by = Some(event.event_id.0);
+            if state.trace.is_none() {
+                state.trace =
+                    crate::trace::TraceContext::of(&event.metadata).map(|t| t.to_string());
+            }
             if self
                 .store
                 .create(&state, &self.owner, Duration::ZERO)

@@ -26,7 +26,7 @@
 //! `cqrs.execute` (`aggregate`, `id`, `command`, `command_id`, `correlation_id`, `causation_id`,
 //! `trace_id`), `cqrs.append` (`stream`, `events`), `cqrs.load` (`stream`), `cqrs.read` (`after`,
 //! `limit`), `cqrs.projection.batch` (`projection`, `events`), `cqrs.saga.step` (`saga`, `id`,
-//! `step`, `compensate`), `cqrs.relay.batch` (`broker`, `relay`, `read`, `delivered`),
+//! `step`, `compensate`, `trace_id`), `cqrs.relay.batch` (`broker`, `relay`, `read`, `delivered`),
 //! `cqrs.consume` (`consumer`, `event_type`, `stream`, `version`, `trace_id`). See [`crate::trace`]
 //! for how one trace follows a command to its consumers.
 

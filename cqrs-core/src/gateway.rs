@@ -130,6 +130,7 @@ pub struct CommandGateway<A: Aggregate, S> {
     snapshots: Option<Snapshotter<A>>,
     stripes: Box<[futures::lock::Mutex<()>]>,
     hasher: RandomState,
+    metrics: crate::telemetry::CommandMetrics,
 }
 
 impl<A: Aggregate, S> std::fmt::Debug for CommandGateway<A, S> {
@@ -160,6 +161,7 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
                 .map(|_| futures::lock::Mutex::new(()))
                 .collect(),
             hasher: RandomState::new(),
+            metrics: crate::telemetry::CommandMetrics::default(),
         }
     }
 
@@ -445,7 +447,12 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
                 crate::trace::record(&span, trace);
             }
         }
-        let outcome = crate::trace::scope(trace, work).await;
+        // Only a trace given here needs a scope: one from the caller is already current.
+        let outcome = if given.is_some() {
+            crate::trace::scope(trace, work).await
+        } else {
+            work.await
+        };
         let label = match &outcome {
             Ok(_) => "ok",
             Err(CommandError::Rejected(_)) => "rejected",
@@ -455,7 +462,7 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
             Err(_) => "error",
         };
         span.record("outcome", label);
-        crate::telemetry::command(A::NAME, name, label, started.elapsed());
+        self.metrics.record(A::NAME, name, label, started.elapsed());
         outcome
     }
 

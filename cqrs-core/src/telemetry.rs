@@ -1,6 +1,7 @@
 //! Metrics through the [`metrics`] facade, with stable names: install any recorder (Prometheus,
 //! OpenTelemetry, StatsD, ...) before starting the gateway and the workers, and every part of the
-//! framework reports into it. With no recorder installed the calls cost a few nanoseconds.
+//! framework reports into it. Gateways and stores register their handles once per label set
+//! and keep them, so install the recorder before creating them.
 //!
 //! | name | kind | labels | what |
 //! |---|---|---|---|
@@ -30,6 +31,8 @@
 //! `cqrs.consume` (`consumer`, `event_type`, `stream`, `version`, `trace_id`). See [`crate::trace`]
 //! for how one trace follows a command to its consumers.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 /// The metric names, for dashboards and tests.
@@ -102,29 +105,62 @@ pub fn describe() {
     describe_counter!(CONSUMER_RETRIES, "Consumer handler tries that failed");
 }
 
-/// Records a command's outcome and duration.
-pub fn command(
-    aggregate: &'static str,
-    command: &'static str,
-    outcome: &'static str,
-    took: Duration,
-) {
-    metrics::counter!(COMMANDS, "aggregate" => aggregate, "command" => command, "outcome" => outcome)
-        .increment(1);
-    metrics::histogram!(COMMAND_DURATION, "aggregate" => aggregate, "command" => command)
-        .record(took.as_secs_f64());
+/// The command metrics of one gateway: handles registered on first use per command and outcome,
+/// then kept (registering builds and hashes the labels; a kept handle is an atomic add). Install
+/// the recorder before creating the gateway.
+#[derive(Debug, Default)]
+pub(crate) struct CommandMetrics(Mutex<HashMap<(&'static str, &'static str), Timed>>);
+
+/// A counter and a histogram.
+type Timed = (metrics::Counter, metrics::Histogram);
+
+impl CommandMetrics {
+    /// Records a command's outcome and duration.
+    pub(crate) fn record(
+        &self,
+        aggregate: &'static str,
+        command: &'static str,
+        outcome: &'static str,
+        took: Duration,
+    ) {
+        let mut handles = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (count, duration) = handles.entry((command, outcome)).or_insert_with(|| {
+            (
+                metrics::counter!(COMMANDS, "aggregate" => aggregate, "command" => command, "outcome" => outcome),
+                metrics::histogram!(COMMAND_DURATION, "aggregate" => aggregate, "command" => command),
+            )
+        });
+        count.increment(1);
+        duration.record(took.as_secs_f64());
+    }
+}
+
+/// The append metrics of one store: handles registered on first use per aggregate type, then
+/// kept. Install the recorder before creating the store.
+#[derive(Debug, Default)]
+pub struct AppendMetrics(Mutex<HashMap<String, Timed>>);
+
+impl AppendMetrics {
+    /// Records an append of `events` events to a stream of `aggregate` by `store`.
+    pub fn record(&self, store: &'static str, aggregate: &str, events: usize, took: Duration) {
+        let mut handles = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if !handles.contains_key(aggregate) {
+            let registered = (
+                metrics::counter!(EVENTS_APPENDED, "store" => store, "aggregate" => aggregate.to_owned()),
+                metrics::histogram!(APPEND_DURATION, "store" => store),
+            );
+            handles.insert(aggregate.to_owned(), registered);
+        }
+        if let Some((count, duration)) = handles.get(aggregate) {
+            count.increment(events as u64);
+            duration.record(took.as_secs_f64());
+        }
+    }
 }
 
 /// Records a version conflict the gateway retries.
 pub fn conflict(aggregate: &'static str) {
     metrics::counter!(COMMAND_CONFLICTS, "aggregate" => aggregate).increment(1);
-}
-
-/// Records an append of `events` events to a stream of `aggregate` by `store`.
-pub fn appended(store: &'static str, aggregate: &str, events: usize, took: Duration) {
-    metrics::counter!(EVENTS_APPENDED, "store" => store, "aggregate" => aggregate.to_owned())
-        .increment(events as u64);
-    metrics::histogram!(APPEND_DURATION, "store" => store).record(took.as_secs_f64());
 }
 
 /// Records a projection step that applied `applied` events and parked `parked`.
@@ -193,9 +229,10 @@ pub fn consumer_retry(consumer: &str) {
 }
 
 /// Runs an append of `events` events to `stream` by `store` in a `cqrs.append` span, and
-/// records it ([`appended`]) when it commits. Stores call it around their appends.
+/// records it in `metrics` when it commits. Stores call it around their appends.
 pub async fn observe_append<F>(
     store: &'static str,
+    metrics: &AppendMetrics,
     stream: &crate::StreamId,
     events: usize,
     append: F,
@@ -208,7 +245,7 @@ where
     let started = std::time::Instant::now();
     let result = append.instrument(span).await;
     if result.is_ok() {
-        appended(store, &stream.aggregate_type, events, started.elapsed());
+        metrics.record(store, &stream.aggregate_type, events, started.elapsed());
     }
     result
 }
@@ -246,7 +283,7 @@ impl<S: futures::Stream> futures::Stream for InSpan<S> {
 /// A running worker's counters, readable from elsewhere while `run(self)` owns the worker: take
 /// it (`metrics_handle()`) before starting the worker; [`get`](Self::get) copies the counters.
 #[derive(Debug, Default)]
-pub struct MetricsHandle<M>(std::sync::Arc<std::sync::Mutex<M>>);
+pub struct MetricsHandle<M>(std::sync::Arc<Mutex<M>>);
 
 impl<M> Clone for MetricsHandle<M> {
     fn clone(&self) -> Self {
@@ -257,25 +294,17 @@ impl<M> Clone for MetricsHandle<M> {
 impl<M: Copy> MetricsHandle<M> {
     /// A handle on `counters`.
     pub fn new(counters: M) -> Self {
-        Self(std::sync::Arc::new(std::sync::Mutex::new(counters)))
+        Self(std::sync::Arc::new(Mutex::new(counters)))
     }
 
     /// The counters now.
     #[must_use]
     pub fn get(&self) -> M {
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Changes the counters.
     pub fn update<R>(&self, change: impl FnOnce(&mut M) -> R) -> R {
-        change(
-            &mut self
-                .0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+        change(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }

@@ -85,6 +85,7 @@ pub struct PostgresEventStore {
     listener: Arc<notify::Listener>,
     channel: Arc<str>,
     server: Arc<server::ServerGuard>,
+    appends: Arc<telemetry::AppendMetrics>,
 }
 
 impl std::fmt::Debug for PostgresEventStore {
@@ -199,6 +200,7 @@ impl PostgresEventStore {
             notifier: Arc::default(),
             listener: Arc::default(),
             server: Arc::default(),
+            appends: Arc::default(),
         })
     }
 
@@ -1154,6 +1156,7 @@ impl EventStore for PostgresEventStore {
         let count = events.len();
         telemetry::observe_append(
             "postgres",
+            &self.appends,
             stream,
             count,
             self.append_unobserved(stream, expected, events),
@@ -1201,6 +1204,7 @@ impl EventStore for PostgresEventStore {
         let count = events.len();
         telemetry::observe_append(
             "postgres",
+            &self.appends,
             stream,
             count,
             self.append_with_key_unobserved(stream, expected, events, key),

@@ -23,6 +23,8 @@ pub struct InMemoryEventStore {
     inner: Arc<Mutex<Inner>>,
     /// Bumped after every commit: the wake-up of in-process readers.
     commits: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The appends' metric handles.
+    appends: Arc<crate::telemetry::AppendMetrics>,
 }
 
 #[derive(Default)]
@@ -171,7 +173,7 @@ impl EventStore for InMemoryEventStore {
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
         let count = events.len();
-        crate::telemetry::observe_append("memory", stream, count, async {
+        crate::telemetry::observe_append("memory", &self.appends, stream, count, async {
             let result = self.lock().append(stream, expected, events);
             self.signal(&result, |r| !r.events.is_empty());
             result
@@ -188,7 +190,7 @@ impl EventStore for InMemoryEventStore {
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
         let count = events.len();
-        crate::telemetry::observe_append("memory", stream, count, async {
+        crate::telemetry::observe_append("memory", &self.appends, stream, count, async {
             let mut inner = self.lock();
             if let Some(record) = inner.keys.get(key) {
                 return Err(StoreError::KeyUsed(Box::new(record.clone())));

@@ -447,9 +447,9 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
                 crate::trace::record(&span, trace);
             }
         }
-        // Only a trace given here needs a scope: one from the caller is already current.
+        // A trace from the caller is already current: only a given one needs a scope.
         let outcome = if given.is_some() {
-            crate::trace::scope(trace, work).await
+            crate::trace::scope_if_needed(trace, work).await
         } else {
             work.await
         };

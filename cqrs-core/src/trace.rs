@@ -175,6 +175,17 @@ pub async fn scope<F: Future>(context: Option<TraceContext>, work: F) -> F::Outp
     CURRENT.scope(context, work).await
 }
 
+/// Runs `work` under `context` when that changes anything (a context to set, or one to clear),
+/// else runs it as it is: the common case of no trace anywhere costs nothing.
+pub async fn scope_if_needed<F: Future>(context: Option<TraceContext>, work: F) -> F::Output {
+    let current = CURRENT.try_with(|current| *current).ok().flatten();
+    if context == current {
+        work.await
+    } else {
+        CURRENT.scope(context, work).await
+    }
+}
+
 /// Makes `span` (not yet entered) continue `context` from elsewhere (a message, a request): its
 /// parent with the feature `opentelemetry`, and its `trace_id` field ([`record`]).
 pub fn follow(span: &tracing::Span, context: &TraceContext) {
@@ -291,5 +302,11 @@ mod tests {
         assert_eq!(current(), None);
         let inside = scope(Some(context), async { current() }).await;
         assert_eq!(inside, Some(context));
+        // Cleared inside a scope when the work has no trace; set when it has one.
+        let cleared = scope(Some(context), scope_if_needed(None, async { current() })).await;
+        assert_eq!(cleared, None);
+        let set = scope_if_needed(Some(context), async { current() }).await;
+        assert_eq!(set, Some(context));
+        assert_eq!(scope_if_needed(None, async { current() }).await, None);
     }
 }

@@ -190,7 +190,7 @@ impl<H: MessageHandler> Consumer<H> {
             cqrs_core::trace::follow(&span, trace);
         }
         let work = self.handle_event(event).instrument(span.clone());
-        let verdict = cqrs_core::trace::scope(trace, work).await;
+        let verdict = cqrs_core::trace::scope_if_needed(trace, work).await;
         let outcome = match &verdict {
             Verdict::Done(Handled::Applied) => "applied",
             Verdict::Done(Handled::Duplicate) => "duplicate",

@@ -860,7 +860,7 @@ where
                 let trace = crate::trace::TraceContext::of(&event.metadata);
                 let apply = Deliverable::apply_to(event, &mut self.projection, context)
                     .instrument(event_span(P::NAME, event));
-                crate::trace::scope(trace, apply).await?;
+                crate::trace::scope_if_needed(trace, apply).await?;
                 applied += 1;
                 continue;
             }
@@ -942,7 +942,7 @@ where
             // In the event's trace: what the handler sends (a command) continues it.
             let trace = crate::trace::TraceContext::of(&event.metadata);
             let applied = T::apply_to(event, &mut self.projection, context);
-            match crate::trace::scope(trace, applied).await {
+            match crate::trace::scope_if_needed(trace, applied).await {
                 Ok(_) => {
                     if B::TRANSACTIONAL {
                         self.backend.savepoint(unit, Savepoint::Release).await?;

@@ -394,7 +394,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         let work = self
             .attempt_in(state, step, compensate, data, key)
             .instrument(span);
-        crate::trace::scope(trace, work).await
+        crate::trace::scope_if_needed(trace, work).await
     }
 
     async fn attempt_in(

@@ -248,32 +248,46 @@ impl<H: MessageHandler> RabbitConsumer<H> {
     /// (shutdown), nothing is lost: what was not acknowledged comes again.
     async fn consume(&mut self, backoff: &mut cqrs_core::Backoff) -> Result<(), TransportError> {
         let connection = connect(&self.config).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(broker("open a channel"))?;
-        declare_queue(&channel, &self.config, &self.spec).await?;
-        let dead_letters = connection
-            .create_channel()
-            .await
-            .map_err(broker("open the dead-letter channel"))?;
-        dead_letters
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(broker("enable publisher confirms"))?;
-        channel
-            .basic_qos(self.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(broker("set the prefetch"))?;
-        let mut deliveries = channel
-            .basic_consume(
+        // Every step of the setup is bounded like the acks: a connection cut while it runs may
+        // leave lapin never answering, and a session stuck here would hold the queue's messages
+        // back for good.
+        let channel = answered("open a channel", connection.create_channel()).await?;
+        tokio::time::timeout(
+            ANSWER_WITHIN,
+            declare_queue(&channel, &self.config, &self.spec),
+        )
+        .await
+        .map_err(|_| TransportError::Broker {
+            broker: crate::BROKER,
+            operation: "declare the queue",
+            source: format!(
+                "no answer within {} s (the connection is gone)",
+                ANSWER_WITHIN.as_secs()
+            )
+            .into(),
+        })??;
+        let dead_letters =
+            answered("open the dead-letter channel", connection.create_channel()).await?;
+        answered(
+            "enable publisher confirms",
+            dead_letters.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        answered(
+            "set the prefetch",
+            channel.basic_qos(self.prefetch, BasicQosOptions::default()),
+        )
+        .await?;
+        let mut deliveries = answered(
+            "consume",
+            channel.basic_consume(
                 self.spec.name.as_str().into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
-            )
-            .await
-            .map_err(broker("consume"))?;
+            ),
+        )
+        .await?;
         backoff.reset();
         loop {
             // lapin may never end the delivery stream of a connection that died: its state is

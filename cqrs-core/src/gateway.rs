@@ -447,12 +447,7 @@ impl<A: Aggregate, S: EventStore> CommandGateway<A, S> {
                 crate::trace::record(&span, trace);
             }
         }
-        // A trace from the caller is already current: only a given one needs a scope.
-        let outcome = if given.is_some() {
-            crate::trace::scope_if_needed(trace, work).await
-        } else {
-            work.await
-        };
+        let outcome = crate::trace::scope_if_needed(trace, work).await;
         let label = match &outcome {
             Ok(_) => "ok",
             Err(CommandError::Rejected(_)) => "rejected",

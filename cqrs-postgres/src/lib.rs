@@ -464,13 +464,14 @@ impl PostgresEventStore {
             Ok(after) => after,
             Err(error) => return futures::stream::once(async { Err(error) }).boxed(),
         };
-        sqlx::query(AssertSqlSafe(sql.to_owned()))
+        let rows = sqlx::query(AssertSqlSafe(sql.to_owned()))
             .bind(&stream.aggregate_type)
             .bind(stream.aggregate_id.as_str())
             .bind(after)
             .fetch(&self.pool)
-            .map(move |row| row.map_err(backend).and_then(|row| read(&row)))
-            .boxed()
+            .map(move |row| row.map_err(backend).and_then(|row| read(&row)));
+        let span = tracing::debug_span!("cqrs.load", stream = %stream, after_version);
+        telemetry::InSpan::new(rows, span).boxed()
     }
 
     async fn version_of(&self, stream: &StreamId) -> Result<u64, StoreError> {
@@ -1169,11 +1170,7 @@ impl EventStore for PostgresEventStore {
         stream: &'a StreamId,
         after_version: u64,
     ) -> BoxStream<'a, Result<StoredEvent, StoreError>> {
-        let span = tracing::debug_span!("cqrs.load", stream = %stream, after_version);
-        Box::pin(telemetry::InSpan::new(
-            self.stream_rows(&self.sql.load, stream, after_version, stored_event),
-            span,
-        ))
+        self.stream_rows(&self.sql.load, stream, after_version, stored_event)
     }
 
     fn replay<'a>(
@@ -1183,11 +1180,7 @@ impl EventStore for PostgresEventStore {
     ) -> BoxStream<'a, Result<ReplayEvent, StoreError>> {
         // Only what rehydration needs, and the payload as text: the derive deserializes it
         // straight into the event, without a `serde_json::Value` in between.
-        let span = tracing::debug_span!("cqrs.load", stream = %stream, after_version);
-        Box::pin(telemetry::InSpan::new(
-            self.stream_rows(&self.sql.replay, stream, after_version, replay_event),
-            span,
-        ))
+        self.stream_rows(&self.sql.replay, stream, after_version, replay_event)
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError> {

@@ -90,8 +90,19 @@ fn dispatch_arm(
             }
         }
         Handler::Apply => {
-            let call = quote_spanned!(variant.span()=> <#aggregate>::#method(__aggregate #args));
-            quote!(#pattern => #call,)
+            // Each field is passed by reference; the referent is left to the method (`&_`), so
+            // `name: &str` for a `String` field is taken as a call takes it, by deref coercion.
+            // Arity, `&mut self` and by-reference arguments are checked at the pointer.
+            let refs = types.iter().map(|_| quote!(&_));
+            let signature = quote_spanned!(variant.span()=> fn(&mut #aggregate #(, #refs)*));
+            let method_path = quote_spanned!(method.span()=> <#aggregate>::#method);
+            let call = quote_spanned!(variant.span()=> __method(__aggregate #args));
+            quote! {
+                #pattern => {
+                    let __method: #signature = #method_path;
+                    #call
+                }
+            }
         }
     }
 }

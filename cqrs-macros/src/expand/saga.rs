@@ -60,7 +60,13 @@ fn generate(model: &SagaEnum<'_>) -> syn::Result<TokenStream> {
     // reported there. Method-call syntax, so a context behind a smart pointer (`Arc<Services>`)
     // finds the methods of what it points to.
     let call = |index: usize, method: &syn::Ident| {
-        let call = quote_spanned!(method.span()=> (*__context).#method(__data, __key));
+        // The arguments are placed at the method's name but keep the derive's hygiene, so they
+        // count as generated code: rustc reports a wrong argument there without offering to edit
+        // the variant ("remove the extra argument", "consider dereferencing"), which is no call.
+        let at = proc_macro2::Span::call_site().located_at(method.span());
+        let data = quote_spanned!(at=> data);
+        let args = quote!(#data, key);
+        let call = quote_spanned!(method.span()=> (*context).#method(#args));
         quote! {
             #index => ::cqrs_core::__private::step(#call),
         }
@@ -118,11 +124,12 @@ fn step_method(
     compensate: bool,
 ) -> TokenStream {
     quote! {
+        #[allow(unused_variables)]
         fn #name<'__cqrs>(
             __step: usize,
-            __context: &'__cqrs #context,
-            __data: &'__cqrs mut #data,
-            __key: &'__cqrs ::cqrs_core::saga::StepKey,
+            context: &'__cqrs #context,
+            data: &'__cqrs mut #data,
+            key: &'__cqrs ::cqrs_core::saga::StepKey,
         ) -> ::cqrs_core::__private::BoxFuture<
             '__cqrs,
             ::core::result::Result<(), ::cqrs_core::saga::StepError>,

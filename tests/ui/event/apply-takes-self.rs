@@ -1,0 +1,34 @@
+use cqrs_core::prelude::*;
+
+#[derive(Debug, DomainEvent)]
+#[event(aggregate = Counter)]
+enum CounterEvent {
+    Added { by: u32 },
+}
+
+#[derive(Debug, Clone, Command)]
+#[command(aggregate = Counter)]
+enum CounterCommand {
+    Increment { by: u32 },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("refused")]
+struct Refused;
+
+#[derive(Debug, Default, Aggregate)]
+#[aggregate(name = "counter", command = CounterCommand, event = CounterEvent, error = Refused)]
+struct Counter {
+    total: u64,
+}
+
+impl Counter {
+    fn increment(&self, by: u32) -> Result<Vec<CounterEvent>, Refused> {
+        Ok(vec![CounterEvent::Added { by }])
+    }
+    fn apply_added(&self, by: &u32) {
+        let _ = (self.total, by);
+    }
+}
+
+fn main() {}

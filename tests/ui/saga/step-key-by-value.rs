@@ -1,0 +1,30 @@
+use cqrs_core::saga::{StepError, StepKey};
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Order {
+    id: String,
+}
+
+struct Services;
+
+impl Services {
+    async fn reserve(&self, _: &mut Order, _: &StepKey) -> Result<(), StepError> {
+        Ok(())
+    }
+    async fn release(&self, _: &mut Order, _: &StepKey) -> Result<(), StepError> {
+        Ok(())
+    }
+    async fn ship(&self, _: &mut Order, _: StepKey) -> Result<(), StepError> {
+        Ok(())
+    }
+}
+
+#[derive(cqrs_core::Saga)]
+#[saga(name = "fulfillment", data = Order, context = Services)]
+enum Fulfillment {
+    #[step(compensate = release)]
+    Reserve,
+    Ship,
+}
+
+fn main() {}

@@ -1113,13 +1113,36 @@ impl CutProxy {
 }
 
 impl CutProxy {
-    /// The "restart" of [`broker_restarted_mid_stream`]: cuts every connection (and panics when
-    /// there was none: the relay and consumer are not going through the proxy).
+    /// How many connections through the proxy are open now.
+    #[must_use]
+    pub fn open(&self) -> usize {
+        self.connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|connection| !connection.is_finished())
+            .count()
+    }
+
+    /// The "restart" of [`broker_restarted_mid_stream`]: cuts every connection once at least one
+    /// is open (a client still backing off from the last cut has not reconnected yet; cutting
+    /// nothing would prove nothing), and panics when none opens within 30 s: the relay and
+    /// consumer are not going through the proxy, or did not come back after the last cut.
     pub fn cuts(self: Arc<Self>) -> impl FnMut(u32) -> BoxFuture<'static, ()> {
-        move |_n| {
-            let cut = self.cut();
+        move |n| {
+            let proxy = Arc::clone(&self);
             Box::pin(async move {
-                assert!(cut > 0, "nothing was connected through the proxy");
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                while proxy.open() == 0 {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "nothing connected through the proxy within 30 s before cut {}: the \
+                         relay and consumer do not use it, or did not come back after a cut",
+                        n + 1
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                proxy.cut();
             })
         }
     }

@@ -41,6 +41,7 @@ macro_rules! event_store_conformance_tests {
             racing_keyed_appends_at_one_version,
             snapshots_keep_the_latest,
             large_batches_behave_like_small_ones,
+            racing_large_batches_one_winner_per_version,
             read_filtered_returns_matches_and_how_far_it_scanned,
             what_append_accepts_every_reader_reads,
         );
@@ -848,6 +849,18 @@ pub async fn large_batches_behave_like_small_ones<S: EventStore>(store: S) {
     );
     let stored = load(&store, &s).await;
     assert_eq!(stored.len(), 4_000);
+    for (e, appended) in stored.iter().zip(&done.events) {
+        assert_eq!(
+            (e.event_id, e.version, e.checkpoint, e.recorded_at),
+            (
+                appended.event_id,
+                appended.version,
+                appended.checkpoint,
+                appended.recorded_at
+            ),
+            "what the append reported is what was stored"
+        );
+    }
     for (e, original) in stored.iter().zip(&first) {
         assert_eq!(
             (&e.event_type, &e.payload, &e.metadata),
@@ -855,6 +868,81 @@ pub async fn large_batches_behave_like_small_ones<S: EventStore>(store: S) {
         );
         assert_eq!(e.stream, s);
     }
+}
+
+/// Writers racing large batches (thousands of events each, which a store may write another way)
+/// onto one stream: exactly one wins each base version, the losers get a conflict and write
+/// nothing, `Any` appends all go in one after another, and the global order holds every batch
+/// whole and in version order.
+pub async fn racing_large_batches_one_winner_per_version<S: EventStore + Clone + 'static>(
+    store: S,
+) {
+    const WRITERS: u64 = 4;
+    const BATCH: u64 = 1_200;
+    let s = stream("big-race");
+    let batch = |writer: u64| -> Vec<EventData> {
+        (0..BATCH)
+            .map(|n| {
+                let mut e = event(writer * 10_000 + n);
+                e.metadata = e.metadata.with_header("writer", writer.to_string());
+                e
+            })
+            .collect()
+    };
+    let race = |expected: ExpectedVersion| {
+        (0..WRITERS)
+            .map(|writer| {
+                let (store, s, events) = (store.clone(), s.clone(), batch(writer));
+                tokio::spawn(async move { store.append(&s, expected, events).await })
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut won = 0;
+    for task in race(ExpectedVersion::NoStream) {
+        match task.await.unwrap_or_else(|e| panic!("writer task: {e}")) {
+            Ok(done) => {
+                assert_eq!(done.version, BATCH);
+                won += 1;
+            }
+            Err(StoreError::Conflict { actual, .. }) => assert!(actual >= BATCH, "{actual}"),
+            Err(other) => panic!("expected success or a conflict, got {other}"),
+        }
+    }
+    assert_eq!(won, 1, "one winner for NoStream");
+    for task in race(ExpectedVersion::Any) {
+        task.await
+            .unwrap_or_else(|e| panic!("writer task: {e}"))
+            .unwrap_or_else(|e| panic!("an Any append of a large batch: {e}"));
+    }
+    let stored = load(&store, &s).await;
+    assert_eq!(stored.len() as u64, BATCH * (WRITERS + 1));
+    for (chunk, i) in stored.chunks(BATCH as usize).zip(0u64..) {
+        let writer = chunk[0].metadata.headers.get("writer").cloned();
+        for (e, n) in chunk.iter().zip(0u64..) {
+            assert_eq!(
+                e.version,
+                i * BATCH + n + 1,
+                "gap or disorder in the stream"
+            );
+            assert_eq!(
+                e.metadata.headers.get("writer").cloned(),
+                writer,
+                "two batches interleaved at version {}",
+                e.version
+            );
+        }
+    }
+    let read: Vec<u64> = read_settled(&store, Checkpoint::START, stored.len())
+        .await
+        .into_iter()
+        .filter(|e| e.stream == s)
+        .map(|e| e.version)
+        .collect();
+    let expected: Vec<u64> = (1..=BATCH * (WRITERS + 1)).collect();
+    assert_eq!(
+        read, expected,
+        "the global order holds the stream in version order"
+    );
 }
 
 /// A filtered read returns the matching events of the scanned window in the global order, and the

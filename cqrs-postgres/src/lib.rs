@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod control;
+mod copy;
 pub mod lease;
 mod notify;
 pub mod projection;
@@ -15,7 +16,6 @@ pub use rows::is_outage;
 pub use server::Rebased;
 pub use tx::Tx as Transaction;
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +34,7 @@ use std::ops::ControlFlow;
 
 pub use sqlx;
 
+use crate::copy::{COPY_THRESHOLD, copy_at};
 use crate::rows::{backend, fetch_events, replay_event, stored_event, to_i64, to_u64};
 use crate::sql::Sql;
 use crate::tx::Tx;
@@ -675,79 +676,6 @@ impl PostgresEventStore {
     }
 }
 
-/// From this many events, an append streams them with `COPY` instead of one `INSERT`.
-const COPY_THRESHOLD: usize = 1_000;
-
-/// Appends a large batch with `COPY` in a transaction: checks the stream is at `base`, copies the
-/// rows at versions `base + 1..` (the unique constraints still decide races: a concurrent writer
-/// makes the copy fail, as the `INSERT` would), then reads the positions back.
-async fn copy_at(
-    pool: &PgPool,
-    sql: &Sql,
-    stream: &StreamId,
-    base: u64,
-    events: &[EventData],
-) -> Result<AppendResult, Insert> {
-    let failed = |e: sqlx::Error| {
-        if is_unique_violation(&e) {
-            Insert::Lost
-        } else {
-            Insert::Failed(backend(e))
-        }
-    };
-    let base_i64 = to_i64(base).map_err(Insert::Failed)?;
-    let mut data = String::with_capacity(events.len() * 256);
-    for (event, version) in events.iter().zip(base + 1..) {
-        let Columns {
-            schema_version,
-            payload,
-            metadata,
-        } = Columns::of(event).map_err(Insert::Failed)?;
-        // Ids and numbers need no escaping.
-        let _ = write!(data, "{}\t", event.event_id.0.hyphenated());
-        copy_escape(&mut data, &stream.aggregate_type);
-        data.push('\t');
-        copy_escape(&mut data, stream.aggregate_id.as_str());
-        let _ = write!(data, "\t{version}\t");
-        copy_escape(&mut data, &event.event_type);
-        let _ = write!(data, "\t{schema_version}\t");
-        copy_escape(&mut data, &payload);
-        data.push('\t');
-        copy_escape(&mut data, &metadata);
-        data.push('\n');
-    }
-    let mut tx = Tx::begin(pool).await.map_err(failed)?;
-    if base > 0 {
-        let at_base = sqlx::query_scalar(AssertSqlSafe(sql.version_exists.clone()))
-            .bind(&stream.aggregate_type)
-            .bind(stream.aggregate_id.as_str())
-            .bind(base_i64)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(failed);
-        if !matches!(at_base, Ok(true)) {
-            tx.rollback().await;
-            return Err(at_base.err().unwrap_or(Insert::Lost));
-        }
-    }
-    let mut copy = tx.copy_in_raw(&sql.copy).await.map_err(failed)?;
-    // A failure while sending leaves the protocol state to chance: returning drops the
-    // transaction, which closes the connection. `finish` reports the server's verdict cleanly.
-    copy.send(data.as_bytes()).await.map_err(failed)?;
-    let outcome = match copy.finish().await {
-        Ok(_) => sqlx::query(AssertSqlSafe(sql.copied_positions.clone()))
-            .bind(&stream.aggregate_type)
-            .bind(stream.aggregate_id.as_str())
-            .bind(base_i64)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(failed),
-        Err(error) => Err(failed(error)),
-    };
-    let row = tx.end(outcome, failed).await?;
-    appended_from(&row, stream, base, events)
-}
-
 /// The columns of an event that the store computes: its schema version as PostgreSQL's `integer`
 /// and its payload and metadata as JSON text (the `json` columns keep the text as written).
 struct Columns {
@@ -808,26 +736,6 @@ impl<'e> ColumnArrays<'e> {
     }
 }
 
-/// Escapes a field for `COPY .. FROM STDIN` in text format.
-fn copy_escape(out: &mut String, field: &str) {
-    if !field
-        .bytes()
-        .any(|b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t'))
-    {
-        out.push_str(field);
-        return;
-    }
-    for c in field.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c => out.push(c),
-        }
-    }
-}
-
 /// The outcome of an append from the one-row summary both append statements return.
 fn appended_from(
     row: &sqlx::postgres::PgRow,
@@ -875,7 +783,7 @@ enum Keyed {
 }
 
 /// Why an `INSERT` attempt did not append.
-enum Insert {
+pub(crate) enum Insert {
     /// A unique violation, or the expected base version was not the stream's: the caller decides
     /// between replay, reuse, conflict and another attempt.
     Lost,
@@ -974,7 +882,7 @@ async fn insert_keyed(
     }
 }
 
-fn is_unique_violation(error: &sqlx::Error) -> bool {
+pub(crate) fn is_unique_violation(error: &sqlx::Error) -> bool {
     error
         .as_database_error()
         .is_some_and(|e| e.is_unique_violation())

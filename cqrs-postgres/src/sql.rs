@@ -22,9 +22,12 @@ pub(crate) struct Sql {
     pub(crate) insert: String,
     pub(crate) insert_one: String,
     pub(crate) stream_version: String,
-    pub(crate) version_exists: String,
+    /// Before a binary `COPY`: whether the stream is at the base version, the transaction's id
+    /// and time, the events' global positions.
+    pub(crate) copy_prepare: String,
     pub(crate) copy: String,
-    pub(crate) copied_positions: String,
+    /// The events table's name, quoted, as `pg_get_serial_sequence` takes it.
+    pub(crate) events_table: String,
     pub(crate) load: String,
     pub(crate) replay: String,
     pub(crate) read_all: String,
@@ -110,19 +113,20 @@ impl Sql {
                  RETURNING ARRAY[global_position] AS positions, \
                    transaction_id::text AS transaction_text, recorded_at"
             ),
-            version_exists: format!(
-                "SELECT EXISTS (SELECT 1 FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version = $3)"
+            copy_prepare: format!(
+                "SELECT ($3 = 0 OR EXISTS ( \
+                   SELECT 1 FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version = $3)) AS at_base, \
+                   pg_current_xact_id()::text AS transaction_text, now() AS recorded_at, \
+                   ARRAY(SELECT nextval((SELECT pg_get_serial_sequence($5, 'global_position'))::regclass) \
+                         FROM generate_series(1, $4) ORDER BY 1) AS positions"
             ),
             copy: format!(
                 "COPY {s}.events \
-                   (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
-                 FROM STDIN"
+                   (global_position, transaction_id, event_id, aggregate_type, aggregate_id, version, \
+                    event_type, schema_version, payload, metadata) \
+                 FROM STDIN (FORMAT binary)"
             ),
-            copied_positions: format!(
-                "SELECT COALESCE(array_agg(global_position ORDER BY version), '{{}}') AS positions, \
-                        pg_current_xact_id()::text AS transaction_text, now() AS recorded_at \
-                 FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3"
-            ),
+            events_table: format!("{s}.events"),
             stream_version: format!(
                 "SELECT COALESCE(MAX(version), 0) FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2"
             ),

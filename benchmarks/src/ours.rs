@@ -120,15 +120,18 @@ impl Framework for Ours {
 
     async fn bulk(&self, id: u64, count: u64) -> Result<(), Failure> {
         let stream = StreamId::new("account", id_of(id));
-        let events: Vec<EventData> = (0..count).map(deposit_event).collect();
-        for (i, chunk) in events.chunks(10_000).enumerate() {
-            let expected = if i == 0 {
+        // Each batch built as it is appended (as the raw COPY builds its rows), not cloned.
+        for start in (0..count).step_by(10_000) {
+            let expected = if start == 0 {
                 ExpectedVersion::NoStream
             } else {
-                ExpectedVersion::Exact(i as u64 * 10_000)
+                ExpectedVersion::Exact(start)
             };
+            let chunk: Vec<EventData> = (start..count.min(start + 10_000))
+                .map(deposit_event)
+                .collect();
             self.store
-                .append(&stream, expected, chunk.to_vec())
+                .append(&stream, expected, chunk)
                 .await
                 .map_err(Failure::other)?;
         }

@@ -227,6 +227,18 @@ async fn main() {
             s.same_aggregate
         ),
     );
+    report.workload(
+        "W1g",
+        "W1 with the store's group commit on (this framework only)",
+    );
+    report.workload(
+        "W2g",
+        "W2 with the store's group commit on (this framework only)",
+    );
+    report.workload(
+        "W3g",
+        "W3 with the store's group commit on (this framework only)",
+    );
     report.workload("W4", format!("rehydrate a {}-event stream", s.stream));
     report.workload(
         "W4s",
@@ -336,6 +348,36 @@ async fn main() {
                 runs.push(workloads::w2(make(kind, "w2", 10).await, &s).await);
             }
             report.cells.push(throughput("W2", name, "cmd/s", &runs));
+        }
+        if matches!(kind, Kind::Ours) {
+            for key in ["W1g", "W2g", "W3g"] {
+                if !wanted(key) {
+                    continue;
+                }
+                let mut runs = Vec::new();
+                let mut stats = Vec::new();
+                for _ in 0..s.runs {
+                    let store = ours_store(&format!("bench_ours_{}", key.to_lowercase()), 10)
+                        .await
+                        .with_group_commit(cqrs_postgres::GroupCommit::default());
+                    let f: Arc<dyn Framework> = Arc::new(ours::Ours::new(store.clone()));
+                    runs.push(match key {
+                        "W1g" => workloads::w1(&*f, &s).await,
+                        "W2g" => workloads::w2(f, &s).await,
+                        _ => workloads::w3(f, &s).await.0,
+                    });
+                    stats.push(store.group_commit_stats().unwrap_or_default());
+                }
+                let mut c = throughput(key, name, "cmd/s", &runs);
+                let (grouped, groups, alone) = stats.iter().fold((0, 0, 0), |a, g| {
+                    (a.0 + g.grouped, a.1 + g.groups, a.2 + g.alone)
+                });
+                c.note = Some(format!(
+                    "group commit: {groups} groups of {:.1} appends on average, {alone} appends alone",
+                    grouped as f64 / groups.max(1) as f64
+                ));
+                report.cells.push(c);
+            }
         }
         if wanted("W3") {
             let (mut runs, mut conflicts) = (Vec::new(), 0);

@@ -2,6 +2,7 @@
 
 pub mod control;
 mod copy;
+mod group;
 pub mod lease;
 mod notify;
 pub mod projection;
@@ -11,6 +12,7 @@ mod server;
 mod sql;
 mod tx;
 
+pub use group::{GroupCommit, GroupCommitStats};
 pub use lease::{Advance, CheckpointLease, Inbox};
 pub use rows::is_outage;
 pub use server::Rebased;
@@ -87,6 +89,7 @@ pub struct PostgresEventStore {
     channel: Arc<str>,
     server: Arc<server::ServerGuard>,
     appends: Arc<telemetry::AppendMetrics>,
+    group: Option<Arc<group::Grouper>>,
 }
 
 impl std::fmt::Debug for PostgresEventStore {
@@ -202,6 +205,7 @@ impl PostgresEventStore {
             listener: Arc::default(),
             server: Arc::default(),
             appends: Arc::default(),
+            group: None,
         })
     }
 
@@ -219,6 +223,22 @@ impl PostgresEventStore {
         all.push(Arc::new(projection::Inline(projection)));
         self.inline = all.into();
         self
+    }
+
+    /// Groups concurrent appends (see [`GroupCommit`]): an append that finds others of this store
+    /// in flight is written with them by one statement, one transaction and one commit flush,
+    /// each on its own expected version (a conflict fails only its own append). Applies to
+    /// appends without an idempotency key, inline projections or `COPY`. Off by default.
+    #[must_use]
+    pub fn with_group_commit(mut self, config: GroupCommit) -> Self {
+        self.group = Some(Arc::new(group::Grouper::new(config)));
+        self
+    }
+
+    /// What group commit did so far (`None` when it is off).
+    #[must_use]
+    pub fn group_commit_stats(&self) -> Option<GroupCommitStats> {
+        self.group.as_ref().map(|group| group.stats())
     }
 
     /// Creates the schema if needed and applies the embedded migrations; safe to call from several
@@ -509,6 +529,10 @@ impl PostgresEventStore {
                 self.insert_with_inline(stream, base, events).await
             } else if events.len() >= COPY_THRESHOLD {
                 copy_at(&self.pool, &self.sql, stream, base, events).await
+            } else if let Some(group) = &self.group {
+                group
+                    .insert(&self.pool, &self.sql, stream, base, events)
+                    .await
             } else {
                 insert_at(&self.pool, &self.sql, stream, base, events).await
             };
@@ -707,7 +731,7 @@ impl Columns {
 }
 
 /// The columns of a batch, one array per column, as the array statements bind them.
-struct ColumnArrays<'e> {
+pub(crate) struct ColumnArrays<'e> {
     ids: Vec<uuid::Uuid>,
     types: Vec<&'e str>,
     versions: Vec<i32>,
@@ -792,7 +816,7 @@ pub(crate) enum Insert {
 }
 
 /// Inserts `events` at versions `base + 1..` if the stream is exactly at `base`, in one statement.
-async fn insert_at<'c, E: sqlx::PgExecutor<'c>>(
+pub(crate) async fn insert_at<'c, E: sqlx::PgExecutor<'c>>(
     executor: E,
     sql: &Sql,
     stream: &StreamId,

@@ -26,6 +26,8 @@ pub(crate) struct Sql {
     /// and time, the events' global positions.
     pub(crate) copy_prepare: String,
     pub(crate) copy: String,
+    /// The appends of a group in one statement, each on its own condition.
+    pub(crate) insert_group: String,
     /// The events table's name, quoted, as `pg_get_serial_sequence` takes it.
     pub(crate) events_table: String,
     pub(crate) load: String,
@@ -119,6 +121,30 @@ impl Sql {
                    pg_current_xact_id()::text AS transaction_text, now() AS recorded_at, \
                    ARRAY(SELECT nextval((SELECT pg_get_serial_sequence($5, 'global_position'))::regclass) \
                          FROM generate_series(1, $4) ORDER BY 1) AS positions"
+            ),
+            insert_group: format!(
+                "WITH e AS ( \
+                   SELECT * FROM UNNEST($1::int4[], $2::text[], $3::text[], $4::int8[], $5::int8[], \
+                                        $6::uuid[], $7::text[], $8::int4[], $9::text[], $10::text[]) \
+                     AS e(idx, aggregate_type, aggregate_id, base, ord, event_id, event_type, schema_version, payload, metadata)), \
+                 heads AS (SELECT DISTINCT idx, aggregate_type, aggregate_id, base FROM e), \
+                 ok AS ( \
+                   SELECT h.idx FROM heads h \
+                   WHERE (h.base = 0 OR EXISTS (SELECT 1 FROM {s}.events x \
+                            WHERE x.aggregate_type = h.aggregate_type AND x.aggregate_id = h.aggregate_id AND x.version = h.base)) \
+                     AND NOT EXISTS (SELECT 1 FROM {s}.events x \
+                            WHERE x.aggregate_type = h.aggregate_type AND x.aggregate_id = h.aggregate_id AND x.version = h.base + 1) \
+                     AND NOT EXISTS (SELECT 1 FROM e i JOIN {s}.events x ON x.event_id = i.event_id WHERE i.idx = h.idx)), \
+                 inserted AS ( \
+                   INSERT INTO {s}.events \
+                     (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
+                   SELECT e.event_id, e.aggregate_type, e.aggregate_id, e.base + e.ord, e.event_type, e.schema_version, \
+                          e.payload::json, e.metadata::json \
+                   FROM e JOIN ok USING (idx) \
+                   ORDER BY e.idx, e.ord \
+                   RETURNING aggregate_type, aggregate_id, version, global_position) \
+                 SELECT h.idx, i.version, i.global_position, pg_current_xact_id()::text AS transaction_text, now() AS recorded_at \
+                 FROM inserted i JOIN heads h ON h.aggregate_type = i.aggregate_type AND h.aggregate_id = i.aggregate_id"
             ),
             copy: format!(
                 "COPY {s}.events \

@@ -181,7 +181,8 @@ fn throughput(workload: &str, framework: &str, unit: &str, runs: &[Run]) -> Cell
 async fn main() {
     let args = args();
     let s: Sizes = if args.quick { QUICK } else { FULL };
-    let wanted = |w: &str| args.only.is_empty() || args.only.iter().any(|o| o == w);
+    let wanted =
+        |w: &str| args.only.is_empty() || args.only.iter().any(|o| o.eq_ignore_ascii_case(w));
     let url = database_url();
     let mut report = Report::default();
     report.context.insert("runs".into(), s.runs.to_string());

@@ -394,7 +394,17 @@ async fn write_group(pool: &PgPool, sql: &Sql, stats: &Stats, group: Vec<Request
             return;
         }
     };
-    match positions_of(&rows) {
+    let index: HashMap<(&str, &str), usize> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, (stream, ..))| {
+            (
+                (stream.aggregate_type.as_str(), stream.aggregate_id.as_str()),
+                i,
+            )
+        })
+        .collect();
+    match positions_of(&rows, &index) {
         Ok((mut positions, transaction, recorded_at)) => {
             for (i, (stream, base, event_ids, reply)) in requests.into_iter().enumerate() {
                 let outcome = match positions.remove(&i) {
@@ -435,21 +445,26 @@ type Written = HashMap<usize, Vec<(i64, i64)>>;
 
 fn positions_of(
     rows: &[sqlx::postgres::PgRow],
+    index: &HashMap<(&str, &str), usize>,
 ) -> Result<(Written, u64, chrono::DateTime<chrono::Utc>), StoreError> {
     let mut written: Written = HashMap::new();
     let (mut transaction, mut recorded_at) = (0, chrono::DateTime::<chrono::Utc>::UNIX_EPOCH);
     for row in rows {
-        let index: i32 = row.try_get("idx").map_err(backend)?;
+        let aggregate_type: &str = row.try_get("aggregate_type").map_err(backend)?;
+        let aggregate_id: &str = row.try_get("aggregate_id").map_err(backend)?;
         let version: i64 = row.try_get("version").map_err(backend)?;
         let position: i64 = row.try_get("global_position").map_err(backend)?;
-        let text: String = row.try_get("transaction_text").map_err(backend)?;
+        let text: &str = row.try_get("transaction_text").map_err(backend)?;
         transaction = text
             .parse()
             .map_err(|e| StoreError::backend(format!("transaction id `{text}`: {e}")))?;
         recorded_at = row.try_get("recorded_at").map_err(backend)?;
-        let index = usize::try_from(index)
-            .map_err(|_| StoreError::backend(format!("append index {index}")))?;
-        written.entry(index).or_default().push((version, position));
+        let Some(&i) = index.get(&(aggregate_type, aggregate_id)) else {
+            return Err(StoreError::backend(format!(
+                "a group wrote to {aggregate_type}/{aggregate_id}, which none of its appends names"
+            )));
+        };
+        written.entry(i).or_default().push((version, position));
     }
     Ok((written, transaction, recorded_at))
 }

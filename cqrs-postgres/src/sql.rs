@@ -123,28 +123,22 @@ impl Sql {
                          FROM generate_series(1, $4) ORDER BY 1) AS positions"
             ),
             insert_group: format!(
-                "WITH e AS ( \
-                   SELECT * FROM UNNEST($1::int4[], $2::text[], $3::text[], $4::int8[], $5::int8[], \
-                                        $6::uuid[], $7::text[], $8::int4[], $9::text[], $10::text[]) \
-                     AS e(idx, aggregate_type, aggregate_id, base, ord, event_id, event_type, schema_version, payload, metadata)), \
-                 heads AS (SELECT DISTINCT idx, aggregate_type, aggregate_id, base FROM e), \
-                 ok AS ( \
-                   SELECT h.idx FROM heads h \
-                   WHERE (h.base = 0 OR EXISTS (SELECT 1 FROM {s}.events x \
-                            WHERE x.aggregate_type = h.aggregate_type AND x.aggregate_id = h.aggregate_id AND x.version = h.base)) \
-                     AND NOT EXISTS (SELECT 1 FROM {s}.events x \
-                            WHERE x.aggregate_type = h.aggregate_type AND x.aggregate_id = h.aggregate_id AND x.version = h.base + 1) \
-                     AND NOT EXISTS (SELECT 1 FROM e i JOIN {s}.events x ON x.event_id = i.event_id WHERE i.idx = h.idx)), \
-                 inserted AS ( \
-                   INSERT INTO {s}.events \
-                     (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
-                   SELECT e.event_id, e.aggregate_type, e.aggregate_id, e.base + e.ord, e.event_type, e.schema_version, \
-                          e.payload::json, e.metadata::json \
-                   FROM e JOIN ok USING (idx) \
-                   ORDER BY e.idx, e.ord \
-                   RETURNING aggregate_type, aggregate_id, version, global_position) \
-                 SELECT h.idx, i.version, i.global_position, pg_current_xact_id()::text AS transaction_text, now() AS recorded_at \
-                 FROM inserted i JOIN heads h ON h.aggregate_type = i.aggregate_type AND h.aggregate_id = i.aggregate_id"
+                "INSERT INTO {s}.events \
+                   (event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata) \
+                 SELECT e.event_id, e.aggregate_type, e.aggregate_id, e.base + e.ord, e.event_type, e.schema_version, \
+                        e.payload::json, e.metadata::json \
+                 FROM UNNEST($1::int4[], $2::text[], $3::text[], $4::int8[], $5::int8[], \
+                             $6::uuid[], $7::text[], $8::int4[], $9::text[], $10::text[]) \
+                   AS e(idx, aggregate_type, aggregate_id, base, ord, event_id, event_type, schema_version, payload, metadata) \
+                 WHERE (e.base = 0 OR EXISTS (SELECT 1 FROM {s}.events x \
+                          WHERE x.aggregate_type = e.aggregate_type AND x.aggregate_id = e.aggregate_id AND x.version = e.base)) \
+                   AND NOT EXISTS (SELECT 1 FROM {s}.events x \
+                          WHERE x.aggregate_type = e.aggregate_type AND x.aggregate_id = e.aggregate_id AND x.version = e.base + 1) \
+                   AND NOT EXISTS (SELECT 1 FROM UNNEST($1::int4[], $6::uuid[]) AS d(idx, event_id) \
+                          WHERE d.idx = e.idx AND EXISTS (SELECT 1 FROM {s}.events x WHERE x.event_id = d.event_id)) \
+                 ORDER BY e.idx, e.ord \
+                 RETURNING aggregate_type, aggregate_id, version, global_position, \
+                   transaction_id::text AS transaction_text, recorded_at"
             ),
             copy: format!(
                 "COPY {s}.events \

@@ -137,7 +137,7 @@ async fn cut_and_terminated_appends_are_stored_exactly_once() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let terminated: Vec<bool> = sqlx::query_scalar(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                     WHERE pid <> pg_backend_pid() AND query LIKE 'WITH e AS%' \
+                     WHERE pid <> pg_backend_pid() AND query LIKE 'INSERT INTO%AS e(idx,%' \
                        AND query LIKE '%' || $1 || '%' AND state = 'active'",
                 )
                 .bind(format!("\"{schema}\".events"))
@@ -213,6 +213,10 @@ async fn cut_and_terminated_appends_are_stored_exactly_once() {
         "{total} events, {cuts} appends cut and retried, {killed} group statements terminated, {stats:?}"
     );
     assert!(stats.groups > 0, "{stats:?}");
+    assert!(
+        killed > 0,
+        "no group statement was terminated: the test proved less than it says"
+    );
 }
 
 /// A writer without group commit races the grouped one on the same streams: the statements it

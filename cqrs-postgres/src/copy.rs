@@ -14,15 +14,15 @@
 //! identity values as `INSERT .. OVERRIDING SYSTEM VALUE` does). `recorded_at` keeps its default,
 //! `now()`, the same for every statement of a transaction.
 
-use cqrs_core::store::{AppendResult, AppendedEvent};
-use cqrs_core::{Checkpoint, EventData, StoreError, StreamId};
+use cqrs_core::store::AppendResult;
+use cqrs_core::{EventData, StoreError, StreamId};
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row};
 
-use crate::rows::{backend, to_i64, to_u64};
+use crate::rows::{backend, to_i64, xid};
 use crate::sql::Sql;
 use crate::tx::Tx;
-use crate::{Insert, is_unique_violation};
+use crate::{Columns, Insert, appended, is_unique_violation};
 
 /// From this many events, an append streams them with `COPY` instead of one `INSERT`.
 pub(crate) const COPY_THRESHOLD: usize = 1_000;
@@ -101,23 +101,15 @@ pub(crate) async fn copy_at(
         Err(error) => Err(failed(error)),
     };
     tx.end(outcome, failed).await?;
-    let mut appended = Vec::with_capacity(events.len());
-    for ((event, version), &position) in events.iter().zip(base + 1..).zip(&prepared.positions) {
-        appended.push(AppendedEvent {
-            event_id: event.event_id,
-            version,
-            checkpoint: Checkpoint::new(
-                prepared.transaction,
-                to_u64(position).map_err(Insert::Failed)?,
-            ),
-            recorded_at: prepared.recorded_at,
-        });
-    }
-    Ok(AppendResult {
-        stream: stream.clone(),
-        version: base + events.len() as u64,
-        events: appended,
-    })
+    appended(
+        stream,
+        base,
+        events.iter().map(|e| e.event_id),
+        &prepared.positions,
+        prepared.transaction,
+        prepared.recorded_at,
+    )
+    .map_err(Insert::Failed)
 }
 
 /// What the round trip before the `COPY` returned.
@@ -134,12 +126,8 @@ impl Prepared {
         if !row.try_get::<bool, _>("at_base").map_err(failed)? {
             return Ok(None);
         }
-        let transaction: String = row.try_get("transaction_text").map_err(failed)?;
-        let transaction = transaction.parse().map_err(|e| {
-            Insert::Failed(StoreError::backend(format!(
-                "transaction id `{transaction}`: {e}"
-            )))
-        })?;
+        let transaction: &str = row.try_get("transaction_text").map_err(failed)?;
+        let transaction = xid(transaction).map_err(Insert::Failed)?;
         Ok(Some(Self {
             transaction,
             recorded_at: row.try_get("recorded_at").map_err(failed)?,
@@ -173,18 +161,7 @@ impl Rows {
         event: &EventData,
         version: u64,
     ) -> Result<(), StoreError> {
-        let unwritable = |what: &str, e: serde_json::Error| {
-            StoreError::InvalidInput(format!(
-                "the {what} of `{}` cannot be written as JSON: {e}",
-                event.event_type
-            ))
-        };
-        let schema_version = i32::try_from(event.schema_version).map_err(|_| {
-            StoreError::InvalidInput(format!(
-                "schema version {} of `{}` does not fit PostgreSQL's integer",
-                event.schema_version, event.event_type
-            ))
-        })?;
+        let schema_version = Columns::schema_version(event)?;
         self.starts.push(self.data.len());
         self.data.extend_from_slice(&FIELDS.to_be_bytes());
         self.fixed(&0_i64.to_be_bytes());
@@ -196,9 +173,9 @@ impl Rows {
         self.text(event.event_type.as_bytes())?;
         self.fixed(&schema_version.to_be_bytes());
         self.json(&event.payload)
-            .map_err(|e| unwritable("payload", e))?;
+            .map_err(|e| Columns::unwritable(event, "payload", e))?;
         self.json(&event.metadata)
-            .map_err(|e| unwritable("metadata", e))?;
+            .map_err(|e| Columns::unwritable(event, "metadata", e))?;
         Ok(())
     }
 

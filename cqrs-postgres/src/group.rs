@@ -26,15 +26,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use cqrs_core::store::{AppendResult, AppendedEvent};
-use cqrs_core::{Checkpoint, EventData, StoreError, StreamId};
+use cqrs_core::store::AppendResult;
+use cqrs_core::{EventData, StoreError, StreamId};
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::rows::{backend, to_i64, to_u64};
+use crate::rows::{backend, to_i64, to_u64, xid};
 use crate::sql::Sql;
-use crate::{ColumnArrays, Insert, insert_at};
+use crate::{ColumnArrays, Insert, appended, insert_at};
 
 /// How a store groups concurrent appends (see the [module docs](self)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -411,7 +411,7 @@ async fn write_group(pool: &PgPool, sql: &Sql, stats: &Stats, group: Vec<Request
                     None => Outcome::Lost,
                     Some(mut written) => {
                         written.sort_unstable();
-                        appended(
+                        group_member(
                             &stream,
                             base,
                             &event_ids,
@@ -454,10 +454,7 @@ fn positions_of(
         let aggregate_id: &str = row.try_get("aggregate_id").map_err(backend)?;
         let version: i64 = row.try_get("version").map_err(backend)?;
         let position: i64 = row.try_get("global_position").map_err(backend)?;
-        let text: &str = row.try_get("transaction_text").map_err(backend)?;
-        transaction = text
-            .parse()
-            .map_err(|e| StoreError::backend(format!("transaction id `{text}`: {e}")))?;
+        transaction = xid(row.try_get("transaction_text").map_err(backend)?)?;
         recorded_at = row.try_get("recorded_at").map_err(backend)?;
         let Some(&i) = index.get(&(aggregate_type, aggregate_id)) else {
             return Err(StoreError::backend(format!(
@@ -470,7 +467,7 @@ fn positions_of(
 }
 
 /// The outcome of one append of the group from its `(version, position)` pairs in version order.
-fn appended(
+fn group_member(
     stream: &StreamId,
     base: i64,
     event_ids: &[uuid::Uuid],
@@ -485,23 +482,19 @@ fn appended(
             event_ids.len()
         )));
     }
-    let mut events = Vec::with_capacity(written.len());
-    for (&id, &(version, position)) in event_ids.iter().zip(written) {
-        let (version, position) = match (to_u64(version), to_u64(position)) {
-            (Ok(v), Ok(p)) => (v, p),
-            (Err(e), _) | (_, Err(e)) => return Outcome::Failed(e),
-        };
-        events.push(AppendedEvent {
-            event_id: cqrs_core::EventId(id),
-            version,
-            checkpoint: Checkpoint::new(transaction, position),
+    let positions: Vec<i64> = written.iter().map(|&(_, position)| position).collect();
+    let result = to_u64(base).and_then(|base| {
+        appended(
+            stream,
+            base,
+            event_ids.iter().map(|&id| cqrs_core::EventId(id)),
+            &positions,
+            transaction,
             recorded_at,
-        });
+        )
+    });
+    match result {
+        Ok(result) => Outcome::Appended(result),
+        Err(error) => Outcome::Failed(error),
     }
-    let base = to_u64(base).unwrap_or_default();
-    Outcome::Appended(AppendResult {
-        stream: stream.clone(),
-        version: base + events.len() as u64,
-        events,
-    })
 }

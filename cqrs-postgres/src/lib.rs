@@ -37,7 +37,7 @@ use std::ops::ControlFlow;
 pub use sqlx;
 
 use crate::copy::{COPY_THRESHOLD, copy_at};
-use crate::rows::{backend, fetch_events, replay_event, stored_event, to_i64, to_u64};
+use crate::rows::{backend, fetch_events, replay_event, stored_event, to_i64, to_u64, xid};
 use crate::sql::Sql;
 use crate::tx::Tx;
 use cqrs_core::telemetry;
@@ -702,7 +702,7 @@ impl PostgresEventStore {
 
 /// The columns of an event that the store computes: its schema version as PostgreSQL's `integer`
 /// and its payload and metadata as JSON text (the `json` columns keep the text as written).
-struct Columns {
+pub(crate) struct Columns {
     schema_version: i32,
     payload: String,
     metadata: String,
@@ -710,23 +710,35 @@ struct Columns {
 
 impl Columns {
     fn of(event: &EventData) -> Result<Self, StoreError> {
-        let unwritable = |what: &str, e: serde_json::Error| {
-            StoreError::InvalidInput(format!(
-                "the {what} of `{}` cannot be written as JSON: {e}",
-                event.event_type
-            ))
-        };
         Ok(Self {
-            schema_version: i32::try_from(event.schema_version).map_err(|_| {
-                StoreError::InvalidInput(format!(
-                    "schema version {} of `{}` does not fit PostgreSQL's integer",
-                    event.schema_version, event.event_type
-                ))
-            })?,
-            payload: serde_json::to_string(&event.payload).map_err(|e| unwritable("payload", e))?,
+            schema_version: Self::schema_version(event)?,
+            payload: serde_json::to_string(&event.payload)
+                .map_err(|e| Self::unwritable(event, "payload", e))?,
             metadata: serde_json::to_string(&event.metadata)
-                .map_err(|e| unwritable("metadata", e))?,
+                .map_err(|e| Self::unwritable(event, "metadata", e))?,
         })
+    }
+
+    /// The event's schema version as PostgreSQL's `integer`.
+    pub(crate) fn schema_version(event: &EventData) -> Result<i32, StoreError> {
+        i32::try_from(event.schema_version).map_err(|_| {
+            StoreError::InvalidInput(format!(
+                "schema version {} of `{}` does not fit PostgreSQL's integer",
+                event.schema_version, event.event_type
+            ))
+        })
+    }
+
+    /// The error for a payload or metadata (`what`) that serde_json cannot write.
+    pub(crate) fn unwritable(
+        event: &EventData,
+        what: &str,
+        error: serde_json::Error,
+    ) -> StoreError {
+        StoreError::InvalidInput(format!(
+            "the {what} of `{}` cannot be written as JSON: {error}",
+            event.event_type
+        ))
     }
 }
 
@@ -773,26 +785,41 @@ fn appended_from(
         // The stream was not at `base` (the statement's condition): nothing went in.
         return Err(Insert::Lost);
     }
-    let transaction: String = row.try_get("transaction_text").map_err(failed)?;
-    let transaction: u64 = transaction.parse().map_err(|e| {
-        Insert::Failed(StoreError::backend(format!(
-            "transaction id `{transaction}`: {e}"
-        )))
-    })?;
-    let recorded_at = row.try_get("recorded_at").map_err(failed)?;
-    let mut appended = Vec::with_capacity(events.len());
-    for ((event, position), version) in events.iter().zip(positions).zip(base + 1..) {
-        appended.push(AppendedEvent {
-            event_id: event.event_id,
+    let transaction: &str = row.try_get("transaction_text").map_err(failed)?;
+    appended(
+        stream,
+        base,
+        events.iter().map(|e| e.event_id),
+        &positions,
+        xid(transaction).map_err(Insert::Failed)?,
+        row.try_get("recorded_at").map_err(failed)?,
+    )
+    .map_err(Insert::Failed)
+}
+
+/// The outcome of an append whose events (`event_ids`, in version order) went in at versions
+/// `base + 1..` and global `positions` in `transaction`: what every append path returns.
+pub(crate) fn appended(
+    stream: &StreamId,
+    base: u64,
+    event_ids: impl Iterator<Item = EventId>,
+    positions: &[i64],
+    transaction: u64,
+    recorded_at: chrono::DateTime<chrono::Utc>,
+) -> Result<AppendResult, StoreError> {
+    let mut events = Vec::with_capacity(positions.len());
+    for ((event_id, &position), version) in event_ids.zip(positions).zip(base + 1..) {
+        events.push(AppendedEvent {
+            event_id,
             version,
-            checkpoint: Checkpoint::new(transaction, to_u64(position).map_err(Insert::Failed)?),
+            checkpoint: Checkpoint::new(transaction, to_u64(position)?),
             recorded_at,
         });
     }
     Ok(AppendResult {
         stream: stream.clone(),
         version: base + events.len() as u64,
-        events: appended,
+        events,
     })
 }
 

@@ -74,35 +74,27 @@ fn dispatch_arm(
             )
         }
     };
-    match handler {
-        Handler::Command => {
-            // The return type is left to the call, which the arm returns: a wrong one is reported
-            // there, against `handle`'s declared type (naming the aggregate's types here would
-            // repeat "not an aggregate" when it is not one).
-            let signature = quote_spanned!(variant.span()=> fn(&#aggregate #(, #types)*) -> _);
-            let method_path = quote_spanned!(method.span()=> <#aggregate>::#method);
-            let call = quote_spanned!(variant.span()=> __method(__aggregate #args));
-            quote! {
-                #pattern => {
-                    let __method: #signature = #method_path;
-                    #call
-                }
-            }
-        }
+    // The method is taken as a function pointer of the expected signature at its name (the
+    // error for a wrong signature lands there, stating both), then called through it.
+    let signature = match handler {
+        // The return type is left to the call, which the arm returns: a wrong one is reported
+        // there, against `handle`'s declared type (naming the aggregate's types here would
+        // repeat "not an aggregate" when it is not one).
+        Handler::Command => quote_spanned!(variant.span()=> fn(&#aggregate #(, #types)*) -> _),
+        // Each field is passed by reference; the referent is left to the method (`&_`), so
+        // `name: &str` for a `String` field is taken as a call takes it, by deref coercion.
+        // Arity, `&mut self` and by-reference arguments are checked at the pointer.
         Handler::Apply => {
-            // Each field is passed by reference; the referent is left to the method (`&_`), so
-            // `name: &str` for a `String` field is taken as a call takes it, by deref coercion.
-            // Arity, `&mut self` and by-reference arguments are checked at the pointer.
             let refs = types.iter().map(|_| quote!(&_));
-            let signature = quote_spanned!(variant.span()=> fn(&mut #aggregate #(, #refs)*));
-            let method_path = quote_spanned!(method.span()=> <#aggregate>::#method);
-            let call = quote_spanned!(variant.span()=> __method(__aggregate #args));
-            quote! {
-                #pattern => {
-                    let __method: #signature = #method_path;
-                    #call
-                }
-            }
+            quote_spanned!(variant.span()=> fn(&mut #aggregate #(, #refs)*))
+        }
+    };
+    let method_path = quote_spanned!(method.span()=> <#aggregate>::#method);
+    let call = quote_spanned!(variant.span()=> __method(__aggregate #args));
+    quote! {
+        #pattern => {
+            let __method: #signature = #method_path;
+            #call
         }
     }
 }

@@ -34,6 +34,16 @@ pub struct Executed<E> {
     pub events: Vec<RecordedEvent<E>>,
 }
 
+impl<E> Executed<E> {
+    /// The place of the command's last event in the global order: what to hand to
+    /// [`wait_until_caught_up`](crate::projection::wait_until_caught_up) to read a projection
+    /// that reflects the command (read-your-writes). `None` when the command recorded no event.
+    #[must_use]
+    pub fn checkpoint(&self) -> Option<crate::envelope::Checkpoint> {
+        self.events.last().map(|e| e.checkpoint)
+    }
+}
+
 /// Why a command did not record its events.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError<E> {

@@ -14,12 +14,16 @@ use futures::future::BoxFuture;
 
 pub mod engine;
 mod failure;
+mod fixture;
+mod freshness;
 mod runner;
 
 pub use engine::{Delivered, DeliveryBackend, DeliveryError, Engine, unknown_event_type};
 pub use failure::{
     DeadLetter, Failure, FailureMode, FailurePolicy, Redrive, Retries, WAITS_BEHIND,
 };
+pub use fixture::{CaughtUp, FixtureError, ProjectionFixture};
+pub use freshness::{NotCaughtUp, Progress, wait_until_caught_up};
 pub use runner::{
     CheckpointStore, InMemoryBackend, InMemoryCheckpoints, InMemoryDeadLetters, ProjectionMetrics,
     ProjectionRunner, Step, event_span,

@@ -45,6 +45,14 @@ pub trait CheckpointStore: Send + Sync {
         }
         self.save(projection, to).await.map(|()| true)
     }
+
+    /// Resolves when the checkpoint of `projection` may have moved, or after `at_most`, whichever
+    /// comes first: what [`wait_until_caught_up`](super::wait_until_caught_up) waits on between
+    /// reads. The default sleeps `at_most`; a store that can signal its saves wakes the waiter.
+    async fn moved(&self, projection: &str, at_most: Duration) {
+        let _ = projection;
+        tokio::time::sleep(at_most).await;
+    }
 }
 
 /// Checkpoints in process memory (clones share them): the counterpart of a projection whose state
@@ -52,6 +60,8 @@ pub trait CheckpointStore: Send + Sync {
 #[derive(Debug, Clone, Default)]
 pub struct InMemoryCheckpoints {
     inner: Arc<Mutex<HashMap<String, Checkpoint>>>,
+    /// Woken by every save: what waiters for a checkpoint wait on.
+    saved: Arc<tokio::sync::Notify>,
 }
 
 impl InMemoryCheckpoints {
@@ -73,6 +83,7 @@ impl CheckpointStore for InMemoryCheckpoints {
 
     async fn save(&self, projection: &str, checkpoint: Checkpoint) -> Result<(), StoreError> {
         lock(&self.inner).insert(projection.to_owned(), checkpoint);
+        self.saved.notify_waiters();
         Ok(())
     }
 
@@ -90,7 +101,15 @@ impl CheckpointStore for InMemoryCheckpoints {
             return Ok(false);
         }
         *stored = to;
+        drop(inner);
+        self.saved.notify_waiters();
         Ok(true)
+    }
+
+    async fn moved(&self, _projection: &str, at_most: Duration) {
+        // A save between the waiter's read and this call is caught by the next read, at most
+        // `at_most` later (the waiter's pause is short).
+        let _ = tokio::time::timeout(at_most, self.saved.notified()).await;
     }
 }
 
@@ -503,6 +522,14 @@ where
         backend.checkpoints = checkpoints;
         backend.checkpoint = None;
         self
+    }
+
+    /// Where the checkpoint is kept: hand it to
+    /// [`wait_until_caught_up`](super::wait_until_caught_up) to wait for the runner (which may be
+    /// running on another task) to pass a command's events.
+    #[must_use]
+    pub fn checkpoints(&self) -> Arc<dyn CheckpointStore> {
+        Arc::clone(&self.engine.backend().checkpoints)
     }
 
     /// Where dead letters are parked (keep a clone to list and purge them).

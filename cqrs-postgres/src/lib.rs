@@ -2,6 +2,7 @@
 
 pub mod control;
 mod copy;
+pub mod freshness;
 mod group;
 pub mod lease;
 mod notify;
@@ -12,6 +13,7 @@ mod server;
 mod sql;
 mod tx;
 
+pub use freshness::{CaughtUpIn, PostgresFixture};
 pub use group::{GroupCommit, GroupCommitStats};
 pub use lease::{Advance, CheckpointLease, Inbox};
 pub use rows::is_outage;
@@ -87,6 +89,7 @@ pub struct PostgresEventStore {
     notifier: Arc<notify::Notifier>,
     listener: Arc<notify::Listener>,
     channel: Arc<str>,
+    moves: Arc<notify::Moves>,
     server: Arc<server::ServerGuard>,
     appends: Arc<telemetry::AppendMetrics>,
     group: Option<Arc<group::Grouper>>,
@@ -199,6 +202,7 @@ impl PostgresEventStore {
             pool,
             schema: schema.into(),
             channel: sql.channel.as_str().into(),
+            moves: Arc::new(notify::Moves::new(&sql.checkpoint_channel)),
             sql: Arc::new(sql),
             inline: Arc::new([]),
             notifier: Arc::default(),
@@ -295,6 +299,11 @@ impl PostgresEventStore {
     #[must_use]
     pub fn channel(&self) -> &str {
         &self.sql.channel
+    }
+
+    /// Signals waiters for a projection checkpoint of this schema that one moved.
+    pub(crate) fn checkpoint_moved(&self) {
+        self.moves.moved(&self.pool);
     }
 
     /// How far a reader at `checkpoint` is behind: the committed events after it (counted, so

@@ -194,3 +194,59 @@ impl Listener {
         }
     }
 }
+
+/// Moves of projection checkpoints on their own channel: workers signal after each committed
+/// batch (coalesced and after the commit, as appends are), and waiters for a checkpoint
+/// (`wait_until_caught_up`) are woken by it instead of polling. The listening connection opens
+/// on the first wait and stays while the store does.
+#[derive(Debug)]
+pub(crate) struct Moves {
+    notifier: Arc<Notifier>,
+    listener: Arc<Listener>,
+    channel: Arc<str>,
+    /// Keeps the listening task alive between waits (each wait would reconnect otherwise).
+    kept: std::sync::Mutex<Option<tokio::sync::watch::Receiver<u64>>>,
+}
+
+impl Moves {
+    pub(crate) fn new(channel: &str) -> Self {
+        Self {
+            notifier: Arc::default(),
+            listener: Arc::default(),
+            channel: channel.into(),
+            kept: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Signals that a checkpoint of this schema moved (after the commit).
+    pub(crate) fn moved(&self, pool: &PgPool) {
+        self.notifier.committed(pool, &self.channel);
+    }
+
+    /// Resolves at the next signal, or after `at_most`; a signal before this call is not seen
+    /// (the waiter reads the checkpoint again at most `at_most` later).
+    pub(crate) async fn next(&self, pool: &PgPool, at_most: Duration) {
+        let receiver = {
+            let mut kept = self
+                .kept
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if kept.is_none() {
+                *kept = self
+                    .listener
+                    .subscribe(pool, &self.channel)
+                    .map(|(signal, _)| signal);
+            }
+            kept.clone()
+        };
+        let Some(mut receiver) = receiver else {
+            tokio::time::sleep(at_most).await;
+            return;
+        };
+        receiver.mark_unchanged();
+        let deadline = tokio::time::Instant::now() + at_most;
+        if let Ok(Err(_stopped)) = tokio::time::timeout_at(deadline, receiver.changed()).await {
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}

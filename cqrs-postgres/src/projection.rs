@@ -414,7 +414,10 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
             unit.commit().await.map_err(backend)?;
         } else {
             unit.rollback().await;
+            return Ok(());
         }
+        // Waiters for the checkpoint read it again now rather than at their next poll.
+        self.store.checkpoint_moved();
         Ok(())
     }
 

@@ -19,6 +19,8 @@ const EVENT_COLUMNS: &str = "global_position, transaction_id::text AS transactio
 pub(crate) struct Sql {
     pub(crate) quoted_schema: String,
     pub(crate) channel: String,
+    /// The `NOTIFY` channel of the schema's checkpoint moves.
+    pub(crate) checkpoint_channel: String,
     pub(crate) insert: String,
     pub(crate) insert_one: String,
     pub(crate) stream_version: String,
@@ -88,6 +90,7 @@ impl Sql {
         let s = quote_ident(schema);
         Ok(Self {
             channel: channel(schema),
+            checkpoint_channel: format!("{}_checkpoints", channel(schema)),
             // One row back whatever the batch size: the positions in version order, and the
             // transaction id and time that every row of the statement shares.
             insert: format!(

@@ -40,7 +40,12 @@ async fn the_fixture_feeds_given_events_through_the_engine() {
                 reference: String::new(),
             })],
         )
-        .given("o-2", [OrderEvent::OrderCancelled { reason: "late".into() }])
+        .given(
+            "o-2",
+            [OrderEvent::OrderCancelled {
+                reason: "late".into(),
+            }],
+        )
         .caught_up()
         .await
         .unwrap()
@@ -75,14 +80,20 @@ async fn a_failing_handler_shows_as_a_dead_letter_not_as_a_fixture_error() {
         .then_dead_letters(|letters| {
             assert_eq!(letters.len(), 1);
             assert_eq!(letters[0].stream, StreamId::new("order", "o-1"));
-            assert!(letters[0].error.contains("before its creation"), "{}", letters[0].error);
+            assert!(
+                letters[0].error.contains("before its creation"),
+                "{}",
+                letters[0].error
+            );
         })
         .then(|summaries| assert_eq!(summaries.orders.len(), 1));
     assert_eq!(done.applied(), 1);
 }
 
 #[tokio::test]
-#[should_panic(expected = "projection `order_summary` parked 1 event(s) as dead letters:\n  event 1 of order/o-9: ")]
+#[should_panic(
+    expected = "projection `order_summary` parked 1 event(s) as dead letters:\n  event 1 of order/o-9: "
+)]
 async fn then_no_dead_letters_names_the_parked_event() {
     let _ = ProjectionFixture::new(OrderSummaries::default())
         .given("o-9", [OrderEvent::OrderDelivered])
@@ -106,7 +117,11 @@ struct AuditLog {
 
 #[async_trait::async_trait]
 impl Handles<Audit> for AuditLog {
-    async fn handle(&mut self, event: &RecordedEvent<Audit>, (): &mut ()) -> Result<(), HandlerError> {
+    async fn handle(
+        &mut self,
+        event: &RecordedEvent<Audit>,
+        (): &mut (),
+    ) -> Result<(), HandlerError> {
         let Audit::Noted { text } = &event.event;
         self.lines.push(format!("{}: {text}", event.stream));
         Ok(())
@@ -120,11 +135,22 @@ async fn events_of_no_aggregate_need_their_stream_named() {
         .caught_up()
         .await
         .unwrap_err();
-    assert!(matches!(error, FixtureError::NoAggregateType { event_type: "Noted" }));
-    assert!(error.to_string().contains("given_in(StreamId::new("), "{error}");
+    assert!(matches!(
+        error,
+        FixtureError::NoAggregateType {
+            event_type: "Noted"
+        }
+    ));
+    assert!(
+        error.to_string().contains("given_in(StreamId::new("),
+        "{error}"
+    );
 
     ProjectionFixture::new(AuditLog::default())
-        .given_in(StreamId::new("audit", "1"), [Audit::Noted { text: "a".into() }])
+        .given_in(
+            StreamId::new("audit", "1"),
+            [Audit::Noted { text: "a".into() }],
+        )
         .caught_up()
         .await
         .unwrap()
@@ -238,12 +264,20 @@ async fn a_stopped_projection_times_out_saying_where_it_is() {
     .await
     .unwrap_err();
     assert!(started.elapsed() >= Duration::from_millis(200));
-    let NotCaughtUp::TimedOut { reached, target, .. } = &error else {
+    let NotCaughtUp::TimedOut {
+        reached, target, ..
+    } = &error
+    else {
         panic!("{error}");
     };
     assert_eq!(*reached, first.checkpoint().unwrap());
     assert_eq!(*target, second.checkpoint().unwrap());
-    assert!(error.to_string().starts_with("projection `shared_summaries` did not reach"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .starts_with("projection `shared_summaries` did not reach"),
+        "{error}"
+    );
     // A target already passed returns at once, and so does a command that recorded nothing.
     let reached = wait_until_caught_up(
         checkpoints.as_ref(),

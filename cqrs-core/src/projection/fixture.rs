@@ -284,13 +284,7 @@ where
     /// When an event was parked, naming each with its error.
     #[must_use]
     pub fn then_no_dead_letters(self) -> Self {
-        assert!(
-            self.dead_letters.is_empty(),
-            "projection `{}` parked {} event(s) as dead letters:\n{}",
-            P::NAME,
-            self.dead_letters.len(),
-            letters(&self.dead_letters)
-        );
+        assert_no_dead_letters(P::NAME, &self.dead_letters);
         self
     }
 
@@ -320,11 +314,21 @@ where
     }
 }
 
-/// One line per dead letter: where it is and why.
-pub(crate) fn letters(dead_letters: &[DeadLetter]) -> String {
-    dead_letters
+/// The assertion of `then_no_dead_letters`, shared by the fixtures of every store.
+///
+/// # Panics
+/// When `dead_letters` is not empty, naming each parked event (stream, version) and its error.
+pub fn assert_no_dead_letters(projection: &str, dead_letters: &[DeadLetter]) {
+    if dead_letters.is_empty() {
+        return;
+    }
+    let lines = dead_letters
         .iter()
         .map(|l| format!("  event {} of {}: {}", l.version, l.stream, l.error))
         .collect::<Vec<_>>()
-        .join("\n")
+        .join("\n");
+    panic!(
+        "projection `{projection}` parked {} event(s) as dead letters:\n{lines}",
+        dead_letters.len()
+    );
 }

@@ -22,7 +22,7 @@ pub use engine::{Delivered, DeliveryBackend, DeliveryError, Engine, unknown_even
 pub use failure::{
     DeadLetter, Failure, FailureMode, FailurePolicy, Redrive, Retries, WAITS_BEHIND,
 };
-pub use fixture::{CaughtUp, FixtureError, ProjectionFixture};
+pub use fixture::{CaughtUp, FixtureError, ProjectionFixture, assert_no_dead_letters};
 pub use freshness::{NotCaughtUp, Progress, wait_until_caught_up};
 pub use runner::{
     CheckpointStore, InMemoryBackend, InMemoryCheckpoints, InMemoryDeadLetters, ProjectionMetrics,

@@ -276,6 +276,33 @@ impl fmt::Display for Checkpoint {
     }
 }
 
+/// A text that is not a checkpoint (`<transaction>:<position>`, as [`Checkpoint`] displays).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a checkpoint: expected `<transaction>:<position>`, two unsigned integers")]
+pub struct ParseCheckpointError(pub String);
+
+impl std::str::FromStr for Checkpoint {
+    type Err = ParseCheckpointError;
+
+    /// Parses what [`Display`](fmt::Display) writes, so a checkpoint can travel in a URL or a
+    /// header (read-your-writes across a service boundary).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let invalid = || ParseCheckpointError(text.chars().take(64).collect());
+        let (transaction, position) = text.split_once(':').ok_or_else(invalid)?;
+        let number = |s: &str| {
+            // `u64::from_str` takes a leading `+`: the display never writes one.
+            s.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| s.parse::<u64>().ok())
+                .flatten()
+        };
+        match (number(transaction), number(position)) {
+            (Some(transaction), Some(position)) => Ok(Self::new(transaction, position)),
+            _ => Err(invalid()),
+        }
+    }
+}
+
 /// An event ready to append: encoded, with its id and metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventData {

@@ -342,3 +342,30 @@ async fn failing_reads_are_retried_until_the_timeout_and_then_named() {
         "reading the checkpoint of projection `p`: event store backend failed: connection reset"
     );
 }
+
+#[test]
+fn checkpoints_travel_as_text() {
+    let checkpoint = Checkpoint::new(981_234, 17);
+    assert_eq!(checkpoint.to_string().parse::<Checkpoint>(), Ok(checkpoint));
+    assert_eq!("0:0".parse::<Checkpoint>(), Ok(Checkpoint::START));
+    for bad in [
+        "",
+        "1",
+        "1:",
+        ":1",
+        "a:1",
+        "+1:2",
+        "1:-2",
+        "1:2:3",
+        " 1:2",
+        "18446744073709551616:1",
+    ] {
+        let error = bad.parse::<Checkpoint>().unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "`{bad}` is not a checkpoint: expected `<transaction>:<position>`, two unsigned integers"
+            )
+        );
+    }
+}

@@ -7,15 +7,17 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use cqrs_core::RecordedEvent;
 use cqrs_core::prelude::*;
-use cqrs_core::projection::{HandlerError, InMemoryCheckpoints, ProjectionRunner};
+use cqrs_core::projection::{
+    HandlerError, InMemoryCheckpoints, NotCaughtUp, ProjectionRunner, wait_until_caught_up,
+};
 use cqrs_core::saga::{InMemorySagaStore, Orchestrator, SagaStarter, SagaStore};
-use cqrs_core::{CorrelationId, EventStore};
+use cqrs_core::{Checkpoint, CorrelationId, EventStore};
 use cqrs_examples::fulfillment::{DECLINE_HEADER, FulfillmentSaga, Services};
 use cqrs_examples::order::{Order, OrderCommand, OrderError, OrderEvent, OrderItem};
 use cqrs_examples::order_summary::{self, OrderSummary};
@@ -265,6 +267,11 @@ pub struct Accepted {
     pub correlation_id: String,
     /// Where to follow it: `/orders/{order_id}`.
     pub location: String,
+    /// The order's place in the global order (`<transaction>:<position>`): `GET
+    /// /orders/{order_id}?after={checkpoint}` waits until the read model has it (read-your-writes).
+    /// Absent on a retry answered from an earlier request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
 }
 
 /// The answer to `GET /orders/{id}`.
@@ -321,6 +328,8 @@ impl Handles<OrderEvent> for SharedSummaries {
 struct AppState<S: EventStore> {
     orders: Arc<CommandGateway<Order, S>>,
     summaries: SharedSummaries,
+    /// How far the summaries' runner got: what `?after=` waits on.
+    summaries_progress: Arc<InMemoryCheckpoints>,
     backend: &'static str,
     /// The background tasks, for `/health`.
     tasks: Tasks,
@@ -335,6 +344,7 @@ impl<S: EventStore> Clone for AppState<S> {
         Self {
             orders: self.orders.clone(),
             summaries: self.summaries.clone(),
+            summaries_progress: Arc::clone(&self.summaries_progress),
             backend: self.backend,
             tasks: self.tasks.clone(),
             restarts: Arc::clone(&self.restarts),
@@ -549,6 +559,7 @@ async fn place_order<S: EventStore>(
                 Some(Ok(event)) => accepted(
                     used_for.aggregate_id.as_str(),
                     event.metadata.correlation_id.unwrap_or(correlation),
+                    Some(event.checkpoint),
                 ),
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "reading the order an idempotency key placed");
@@ -570,7 +581,11 @@ async fn place_order<S: EventStore>(
         .first()
         .and_then(|e| e.metadata.correlation_id)
         .unwrap_or(correlation);
-    accepted(executed.stream.aggregate_id.as_str(), correlation)
+    accepted(
+        executed.stream.aggregate_id.as_str(),
+        correlation,
+        executed.checkpoint(),
+    )
 }
 
 /// The longest `Idempotency-Key` accepted.
@@ -624,6 +639,7 @@ async fn place_through_redis<S: EventStore>(
             Ok(accepted_body(
                 executed.stream.aggregate_id.as_str(),
                 correlation,
+                executed.checkpoint(),
             ))
         })
         .await;
@@ -658,12 +674,17 @@ async fn place_through_redis<S: EventStore>(
     }
 }
 
-fn accepted_body(order_id: &str, correlation: CorrelationId) -> Accepted {
+fn accepted_body(
+    order_id: &str,
+    correlation: CorrelationId,
+    checkpoint: Option<Checkpoint>,
+) -> Accepted {
     let location = format!("/orders/{order_id}");
     Accepted {
         order_id: order_id.to_owned(),
         correlation_id: correlation.to_string(),
         location,
+        checkpoint: checkpoint.map(|c| c.to_string()),
     }
 }
 
@@ -676,8 +697,12 @@ fn accepted_response(body: Accepted) -> Response {
         .into_response()
 }
 
-fn accepted(order_id: &str, correlation: CorrelationId) -> Response {
-    accepted_response(accepted_body(order_id, correlation))
+fn accepted(
+    order_id: &str,
+    correlation: CorrelationId,
+    checkpoint: Option<Checkpoint>,
+) -> Response {
+    accepted_response(accepted_body(order_id, correlation, checkpoint))
 }
 
 fn command_failed(failure: &CommandError<OrderError>) -> Response {
@@ -703,12 +728,63 @@ fn unavailable() -> Response {
     )
 }
 
+/// The query of `GET /orders/{id}`.
+#[derive(Debug, Deserialize)]
+struct ReadAfter {
+    /// A checkpoint from a `202`: answer once the read model has reached it.
+    after: Option<String>,
+}
+
+/// The longest `GET /orders/{id}?after=` waits for the read model.
+const READ_YOUR_WRITES_WAIT: Duration = Duration::from_secs(5);
+
 /// `GET /orders/{id}`: the read model's summary (eventually consistent: a few milliseconds
-/// behind the `202`).
+/// behind the `202`). With `?after={checkpoint}` (the `checkpoint` of a `202`) it answers once
+/// the read model has passed that point, so a client reads its own write; `503` with
+/// `Retry-After` if the read model does not get there within 5 s.
 async fn get_order<S: EventStore>(
     State(state): State<AppState<S>>,
     Path(id): Path<String>,
+    query: Result<Query<ReadAfter>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    let after = match query {
+        Ok(Query(ReadAfter { after: None })) => None,
+        Ok(Query(ReadAfter { after: Some(text) })) => match text.parse::<Checkpoint>() {
+            Ok(checkpoint) => Some(checkpoint),
+            Err(invalid) => return error(StatusCode::BAD_REQUEST, invalid.to_string()),
+        },
+        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+    };
+    if let Some(after) = after {
+        let waited = wait_until_caught_up(
+            state.summaries_progress.as_ref(),
+            SharedSummaries::NAME,
+            after,
+            READ_YOUR_WRITES_WAIT,
+        )
+        .await;
+        match waited {
+            Ok(_) => {}
+            Err(NotCaughtUp::TimedOut { reached, .. }) => {
+                tracing::warn!(%after, %reached, "read model did not catch up in time");
+                let mut response = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "the read model has not reached {after} yet (it is at {reached}): retry later"
+                    ),
+                );
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("1"),
+                );
+                return response;
+            }
+            Err(failure @ NotCaughtUp::Store { .. }) => {
+                tracing::warn!(error = %failure, "reading the read model's checkpoint");
+                return unavailable();
+            }
+        }
+    }
     let found = state
         .summaries
         .orders
@@ -801,11 +877,13 @@ impl Runtime {
         store: S,
         projection: impl Fn() -> P + Send + Sync + 'static,
         poll: Duration,
-    ) where
+    ) -> Arc<InMemoryCheckpoints>
+    where
         P: Projection<Context = ()> + Sync + 'static,
         S: EventStore + Clone + 'static,
     {
         let checkpoints = Arc::new(InMemoryCheckpoints::new());
+        let progress = Arc::clone(&checkpoints);
         let projection = Arc::new(projection);
         let stop = self.stop.clone();
         self.supervise(P::NAME, move || {
@@ -830,6 +908,7 @@ impl Runtime {
                 }
             }
         });
+        progress
     }
 
     fn orchestrate<St: SagaStore + Clone + 'static>(&mut self, sagas: St, services: Services) {
@@ -932,13 +1011,15 @@ pub async fn start_with(
             let sagas = InMemorySagaStore::new();
             let poll = Duration::from_secs(1);
             let read_model = summaries.clone();
-            runtime.project(events.clone(), move || read_model.clone(), poll);
+            let summaries_progress =
+                runtime.project(events.clone(), move || read_model.clone(), poll);
             let starts = sagas.clone();
-            runtime.project(events, move || starter(starts.clone()), poll);
+            let _ = runtime.project(events, move || starter(starts.clone()), poll);
             runtime.orchestrate(sagas, Services::new(orders.clone()));
             router(AppState {
                 orders,
                 summaries,
+                summaries_progress,
                 backend: backend.name(),
                 tasks: runtime.tasks.clone(),
                 restarts: Arc::clone(&runtime.restarts),
@@ -979,7 +1060,8 @@ pub async fn start_with(
             // PostgreSQL has no in-process commit signal: the runners poll.
             let poll = Duration::from_millis(25);
             let read_model = summaries.clone();
-            runtime.project(events.clone(), move || read_model.clone(), poll);
+            let summaries_progress =
+                runtime.project(events.clone(), move || read_model.clone(), poll);
             match &backend {
                 #[cfg(feature = "kafka")]
                 Backend::PostgresKafka {
@@ -1010,7 +1092,7 @@ pub async fn start_with(
                 }
                 Backend::Postgres { .. } => {
                     let starts = sagas.clone();
-                    runtime.project(events.clone(), move || starter(starts.clone()), poll);
+                    let _ = runtime.project(events.clone(), move || starter(starts.clone()), poll);
                 }
                 // A backend whose feature is off was refused above.
                 other => {
@@ -1023,6 +1105,7 @@ pub async fn start_with(
             router(AppState {
                 orders,
                 summaries,
+                summaries_progress,
                 backend: backend.name(),
                 tasks: runtime.tasks.clone(),
                 restarts: Arc::clone(&runtime.restarts),
@@ -1238,6 +1321,7 @@ mod tests {
         let state = AppState {
             orders: Arc::new(CommandGateway::<Order, _>::new(InMemoryEventStore::new())),
             summaries: SharedSummaries::default(),
+            summaries_progress: Arc::default(),
             backend: "embedded",
             tasks: tasks.clone(),
             restarts: Arc::default(),

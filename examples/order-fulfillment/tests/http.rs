@@ -147,6 +147,33 @@ async fn exercise(service: &Service) -> (String, String) {
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     let declined: Accepted = json(response).await;
     assert_ne!(declined.order_id, confirmed.order_id);
+    // Read-your-writes: with the 202's checkpoint the first read finds the order (no polling).
+    let checkpoint = declined
+        .checkpoint
+        .as_deref()
+        .expect("a 202 carries its checkpoint");
+    let response = client
+        .get(format!(
+            "{url}/orders/{}?after={checkpoint}",
+            declined.order_id
+        ))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status(), StatusCode::OK);
+    let view: OrderView = json(response).await;
+    assert_eq!(view.order_id, declined.order_id);
+    let response = client
+        .get(format!("{url}/orders/{}?after=nope", declined.order_id))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: ErrorBody = json(response).await;
+    assert_eq!(
+        body.error,
+        "`nope` is not a checkpoint: expected `<transaction>:<position>`, two unsigned integers"
+    );
     assert!(declined.correlation_id.parse::<uuid::Uuid>().is_ok());
     let view = wait_for(&client, &url, &declined.order_id, "Cancelled").await;
     assert_eq!(view.summary.version, 2, "created, cancelled");

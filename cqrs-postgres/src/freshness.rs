@@ -135,14 +135,13 @@ impl<P: Projection<Context = PgConnection>> CaughtUpIn<P> {
     ///
     /// # Panics
     /// When an event was parked, naming each with its error.
-    #[must_use]
+    #[track_caller]
     pub fn then_no_dead_letters(self) -> Self {
         assert_no_dead_letters(P::NAME, &self.dead_letters);
         self
     }
 
     /// Checks the dead letters (in the order they were parked).
-    #[must_use]
     pub fn then_dead_letters(self, check: impl FnOnce(&[DeadLetter])) -> Self {
         check(&self.dead_letters);
         self

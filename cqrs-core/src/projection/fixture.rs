@@ -265,14 +265,12 @@ where
     P::Context: Sized,
 {
     /// Checks the read model (the projection's own state).
-    #[must_use]
     pub fn then(self, check: impl FnOnce(&P)) -> Self {
         check(&self.projection);
         self
     }
 
     /// Checks what the handlers wrote through their context.
-    #[must_use]
     pub fn then_context(self, check: impl FnOnce(&P::Context)) -> Self {
         check(&self.context);
         self
@@ -282,14 +280,13 @@ where
     ///
     /// # Panics
     /// When an event was parked, naming each with its error.
-    #[must_use]
+    #[track_caller]
     pub fn then_no_dead_letters(self) -> Self {
         assert_no_dead_letters(P::NAME, &self.dead_letters);
         self
     }
 
     /// Checks the dead letters (in the order they were parked).
-    #[must_use]
     pub fn then_dead_letters(self, check: impl FnOnce(&[DeadLetter])) -> Self {
         check(&self.dead_letters);
         self
@@ -318,6 +315,7 @@ where
 ///
 /// # Panics
 /// When `dead_letters` is not empty, naming each parked event (stream, version) and its error.
+#[track_caller]
 pub fn assert_no_dead_letters(projection: &str, dead_letters: &[DeadLetter]) {
     if dead_letters.is_empty() {
         return;

@@ -37,6 +37,7 @@ cargo fmt --all -- --check
 echo "==> cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy -p order-fulfillment --features kafka,rabbitmq,nats,sqs,redis --all-targets --locked -- -D warnings
+cargo clippy -p evently --all-features --all-targets --locked -- -D warnings
 
 echo "==> cargo test"
 cargo test --workspace --locked
@@ -54,7 +55,7 @@ cargo run --locked -q -p cqrs-examples --bin fulfillment >/dev/null
 env -u DATABASE_URL -u KAFKA_BROKERS -u AMQP_URL -u NATS_URL -u SQS_ENDPOINT -u SQS_QUEUE -u SQS_QUEUE_URL -u REDIS_URL cargo run --locked -q -p order-fulfillment -- --demo >/dev/null
 
 echo "==> benchmark smoke runs"
-cargo bench --locked -q -p cqrs-core --bench execute -- --quick >/dev/null
+cargo bench --locked -q -p evently-core --bench execute -- --quick >/dev/null
 # The suite against the peers, the raw limits and the broker (its full run: `cargo bench -p cqrs-bench`).
 cargo bench --locked -q -p cqrs-bench -- --quick >/dev/null
 

@@ -6,12 +6,12 @@
 use std::future::Future;
 use std::time::Instant;
 
-use cqrs_core::StoredEvent;
-use cqrs_kafka::{EventSerializer, JsonEnvelope};
-use cqrs_nats::{NatsConfig, NatsRelay, NatsSink};
-use cqrs_postgres::PostgresEventStore;
-use cqrs_rabbitmq::{RabbitConfig, RabbitRelay, RabbitSink};
-use cqrs_transport::{Relay, Sink};
+use evently_core::StoredEvent;
+use evently_kafka::{EventSerializer, JsonEnvelope};
+use evently_nats::{NatsConfig, NatsRelay, NatsSink};
+use evently_postgres::PostgresEventStore;
+use evently_rabbitmq::{RabbitConfig, RabbitRelay, RabbitSink};
+use evently_transport::{Relay, Sink};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
@@ -45,7 +45,7 @@ pub(crate) async fn append_to_receive(
     samples: usize,
     mut received: impl futures::Stream<Item = Option<String>> + Unpin,
 ) -> Vec<f64> {
-    use cqrs_core::prelude::*;
+    use evently_core::prelude::*;
     use futures::StreamExt;
     let mut latencies = Vec::with_capacity(samples);
     for n in 0..samples {
@@ -269,7 +269,7 @@ async fn raw_rabbit(events: &[StoredEvent]) -> f64 {
     let mut pending = Vec::with_capacity(events.len());
     for (event, value) in events.iter().zip(&values) {
         let mut headers = FieldTable::default();
-        cqrs_transport::envelope::headers_of(event, "application/json", |key, value| {
+        evently_transport::envelope::headers_of(event, "application/json", |key, value| {
             headers.insert(
                 key.into(),
                 lapin::types::AMQPValue::LongString(value.as_bytes().into()),
@@ -337,7 +337,7 @@ async fn raw_nats(events: &[StoredEvent]) -> f64 {
                 previous.as_str(),
             );
         }
-        cqrs_transport::envelope::headers_of(event, "application/json", |key, value| {
+        evently_transport::envelope::headers_of(event, "application/json", |key, value| {
             headers.insert(key, value);
         });
         if pending.len() >= 4_096

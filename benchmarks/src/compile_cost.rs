@@ -13,7 +13,7 @@ const PER: usize = 5;
 fn derived(k: usize) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "//! Aggregate {k}, with the derives.\n");
-    let _ = writeln!(s, "use cqrs_core::prelude::*;\n");
+    let _ = writeln!(s, "use evently_core::prelude::*;\n");
     let _ = writeln!(s, "#[derive(Debug, Clone, PartialEq, DomainEvent)]");
     let _ = writeln!(s, "#[event(aggregate = Agg{k})]");
     let _ = writeln!(s, "pub enum Agg{k}Event {{");
@@ -68,8 +68,8 @@ fn by_hand(k: usize) -> String {
     let text = format!(
         r#"//! Aggregate __K__, every trait by hand.
 
-use cqrs_core::event::EncodeError;
-use cqrs_core::{{Aggregate, Command, DecodeError, DomainEvent, EncodedEvent, StreamExpectation}};
+use evently_core::event::EncodeError;
+use evently_core::{{Aggregate, Command, DecodeError, DomainEvent, EncodedEvent, StreamExpectation}};
 use serde::{{Deserialize, Serialize}};
 
 #[derive(Debug, Clone, PartialEq)]

@@ -1,16 +1,16 @@
 //! I1: what an idempotency key adds to a command's latency. Deposits through the command
 //! gateway on PostgreSQL, one after another on one account per mode, each with a new key:
 //! without a key, with the key recorded by the store in the events' transaction
-//! (`execute_idempotent`), and with the key in Redis (`cqrs_redis::RedisIdempotency::
+//! (`execute_idempotent`), and with the key in Redis (`evently_redis::RedisIdempotency::
 //! execute_command`: a lock, the command, the outcome stored, the lock released). The modes
 //! take turns command by command, so that they share the server's state. Needs Redis at
 //! `REDIS_URL` (default redis://127.0.0.1:6379).
 
 use std::time::Instant;
 
-use cqrs_core::{CommandGateway, CommandMetadata};
 use cqrs_examples::bank::{Account, AccountCommand, Deposit};
-use cqrs_postgres::PostgresEventStore;
+use evently_core::{CommandGateway, CommandMetadata};
+use evently_postgres::PostgresEventStore;
 
 /// Latencies per mode, ms, and the rate of each mode's commands (commands/s of its own time).
 #[derive(Debug, Default)]
@@ -39,7 +39,7 @@ fn deposit(n: usize) -> AccountCommand {
 
 /// `commands` deposits per mode, taking turns.
 pub async fn i1(commands: usize) -> IdempotencyRow {
-    let url = cqrs_postgres::database_url();
+    let url = evently_postgres::database_url();
     let store = PostgresEventStore::connect(&url, "bench_idempotency")
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
@@ -50,11 +50,11 @@ pub async fn i1(commands: usize) -> IdempotencyRow {
     store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
     let redis_url =
         std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let conn = cqrs_redis::connect(&redis_url)
+    let conn = evently_redis::connect(&redis_url)
         .await
         .unwrap_or_else(|e| panic!("Redis at {redis_url}: {e}"));
     let run = uuid::Uuid::now_v7().simple().to_string();
-    let redis = cqrs_redis::RedisIdempotency::new(conn)
+    let redis = evently_redis::RedisIdempotency::new(conn)
         .with_prefix(format!("bench:i1:{run}"))
         .with_result_ttl(std::time::Duration::from_secs(600));
     let accounts = CommandGateway::<Account, _>::new(store);

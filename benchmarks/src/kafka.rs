@@ -8,11 +8,11 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use cqrs_core::prelude::*;
-use cqrs_core::{Checkpoint, EventData, StoredEvent};
 use cqrs_examples::bank::{AccountEvent, Deposit};
-use cqrs_kafka::{EventSerializer, JsonEnvelope, KafkaConfig, KafkaSink, OutboxRelay, TopicMap};
-use cqrs_postgres::{PostgresEventStore, database_url};
+use evently_core::prelude::*;
+use evently_core::{Checkpoint, EventData, StoredEvent};
+use evently_kafka::{EventSerializer, JsonEnvelope, KafkaConfig, KafkaSink, OutboxRelay, TopicMap};
+use evently_postgres::{PostgresEventStore, database_url};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -37,7 +37,7 @@ pub(crate) fn deposit(n: u64) -> EventData {
             amount_cents: n,
             reference: format!("payment {n}"),
         }),
-        Metadata::default().with_correlation_id(cqrs_core::CorrelationId::new()),
+        Metadata::default().with_correlation_id(evently_core::CorrelationId::new()),
     )
     .unwrap_or_else(|e| panic!("{e}"))
 }

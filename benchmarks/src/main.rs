@@ -28,7 +28,7 @@ const S1_EVENTS: u64 = 10_000;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cqrs_postgres::{PostgresEventStore, database_url};
+use evently_postgres::{PostgresEventStore, database_url};
 use framework::Framework;
 use report::{Cell, Figure, Report, buckets, percentile};
 use workloads::{FULL, QUICK, Run, Sizes};
@@ -360,7 +360,7 @@ async fn main() {
                 for _ in 0..s.runs {
                     let store = ours_store(&format!("bench_ours_{}", key.to_lowercase()), 10)
                         .await
-                        .with_group_commit(cqrs_postgres::GroupCommit::default());
+                        .with_group_commit(evently_postgres::GroupCommit::default());
                     let f: Arc<dyn Framework> = Arc::new(ours::Ours::new(store.clone()));
                     runs.push(match key {
                         "W1g" => workloads::w1(&*f, &s).await,

@@ -1,9 +1,9 @@
 //! This framework: the derived bank account through `CommandGateway` on `PostgresEventStore`.
 
-use cqrs_core::prelude::*;
-use cqrs_core::{CommandError, EventData, EventStoreExt, Snapshot, SnapshotStore};
 use cqrs_examples::bank::{Account, AccountCommand, AccountEvent, Deposit};
-use cqrs_postgres::PostgresEventStore;
+use evently_core::prelude::*;
+use evently_core::{CommandError, EventData, EventStoreExt, Snapshot, SnapshotStore};
+use evently_postgres::PostgresEventStore;
 
 use crate::framework::{Failure, Framework, REFERENCE, amount};
 

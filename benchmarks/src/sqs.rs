@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
-use cqrs_core::StoredEvent;
-use cqrs_postgres::PostgresEventStore;
-use cqrs_sqs::{SqsConfig, SqsRelay, SqsSink, group_id};
+use evently_core::StoredEvent;
+use evently_postgres::PostgresEventStore;
+use evently_sqs::{SqsConfig, SqsRelay, SqsSink, group_id};
 use futures::StreamExt as _;
 
 use crate::brokers::{BrokerRow, append_to_receive, relay, unique, values, with_running};
@@ -54,7 +54,7 @@ async fn raw_sqs(events: &[StoredEvent]) -> f64 {
                 .enumerate()
                 .map(|(i, (event, value))| {
                     let mut attributes = HashMap::new();
-                    cqrs_transport::envelope::headers_of(event, "application/json", |k, v| {
+                    evently_transport::envelope::headers_of(event, "application/json", |k, v| {
                         if let Ok(v) = MessageAttributeValue::builder()
                             .data_type("String")
                             .string_value(v)
@@ -143,7 +143,7 @@ async fn sqs_latency(store: &PostgresEventStore, samples: usize) -> Vec<f64> {
                         message
                             .message_attributes
                             .as_ref()
-                            .and_then(|a| a.get(cqrs_transport::envelope::header::EVENT_ID))
+                            .and_then(|a| a.get(evently_transport::envelope::header::EVENT_ID))
                             .and_then(|v| v.string_value())
                             .map(str::to_owned),
                     );

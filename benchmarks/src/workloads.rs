@@ -3,10 +3,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cqrs_core::RecordedEvent;
-use cqrs_core::prelude::*;
 use cqrs_examples::bank::AccountEvent;
-use cqrs_postgres::PostgresEventStore;
+use evently_core::RecordedEvent;
+use evently_core::prelude::*;
+use evently_postgres::PostgresEventStore;
 
 use crate::framework::{Failure, Framework};
 
@@ -193,7 +193,7 @@ pub async fn w5(f: &dyn Framework, s: &Sizes) -> f64 {
 }
 
 /// Counts deposits in memory: the framework's cost of a catch-up, without a read model's.
-#[derive(cqrs_core::Projection)]
+#[derive(evently_core::Projection)]
 #[projection(name = "deposit_count", events(AccountEvent), context = sqlx::PgConnection)]
 struct DepositCount {
     deposits: u64,
@@ -205,7 +205,7 @@ impl Handles<AccountEvent, sqlx::PgConnection> for DepositCount {
         &mut self,
         event: &RecordedEvent<AccountEvent>,
         _: &mut sqlx::PgConnection,
-    ) -> Result<(), cqrs_core::projection::HandlerError> {
+    ) -> Result<(), evently_core::projection::HandlerError> {
         if matches!(event.event, AccountEvent::Deposited(_)) {
             self.deposits += 1;
         }
@@ -224,7 +224,7 @@ struct DepositPayload {
 /// P1: a `ProjectionWorker` catching up over the `bulk` events of `store` (written by W5 or
 /// here); and one raw ordered read of the same rows with serde. Returns events/s of each.
 pub async fn p1(store: &PostgresEventStore, s: &Sizes) -> (f64, f64) {
-    let mut worker = cqrs_postgres::projection::ProjectionWorker::new(
+    let mut worker = evently_postgres::projection::ProjectionWorker::new(
         store.clone(),
         DepositCount { deposits: 0 },
         format!("bench-{}", uuid::Uuid::now_v7()),

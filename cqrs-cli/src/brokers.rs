@@ -2,7 +2,7 @@
 //! holds for a consumer, through the one [`DeadLetterQueue`] port.
 
 use clap::Subcommand;
-use cqrs_transport::DeadLetterQueue;
+use evently_transport::DeadLetterQueue;
 
 use crate::Failure;
 

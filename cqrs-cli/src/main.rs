@@ -15,12 +15,12 @@ macro_rules! out {
 
 mod brokers;
 mod scaffold;
-use cqrs_core::saga::{SagaId, SagaStatus, SagaStore};
-use cqrs_core::{AggregateId, EventStore, EventStoreExt, StoredEvent, StreamId};
-use cqrs_postgres::PostgresEventStore;
-use cqrs_postgres::control::{Control, LetterState};
-use cqrs_postgres::projection::{DeadLetters, ProjectionStatus, projections, read_checkpoint};
-use cqrs_postgres::saga::PostgresSagaStore;
+use evently_core::saga::{SagaId, SagaStatus, SagaStore};
+use evently_core::{AggregateId, EventStore, EventStoreExt, StoredEvent, StreamId};
+use evently_postgres::PostgresEventStore;
+use evently_postgres::control::{Control, LetterState};
+use evently_postgres::projection::{DeadLetters, ProjectionStatus, projections, read_checkpoint};
+use evently_postgres::saga::PostgresSagaStore;
 
 /// Operate a cqrs PostgreSQL store.
 #[derive(Parser)]
@@ -367,15 +367,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         // A broker's dead letters need no database.
         Command::Dlq(Dlq::Kafka { topic, action }) => {
-            let dead = cqrs_kafka::KafkaDeadLetters::new(
-                &cqrs_kafka::KafkaConfig::from_env(),
+            let dead = evently_kafka::KafkaDeadLetters::new(
+                &evently_kafka::KafkaConfig::from_env(),
                 topic.clone(),
             );
             return brokers::run(&dead, action.clone()).await;
         }
         Command::Dlq(Dlq::Rabbitmq { queue, action }) => {
-            let dead = cqrs_rabbitmq::RabbitDeadLetters::new(
-                &cqrs_rabbitmq::RabbitConfig::from_env(),
+            let dead = evently_rabbitmq::RabbitDeadLetters::new(
+                &evently_rabbitmq::RabbitConfig::from_env(),
                 queue.clone(),
             );
             return brokers::run(&dead, action.clone()).await;
@@ -387,18 +387,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             action,
         }) => {
             let config =
-                cqrs_nats::NatsConfig::from_env().with_stream(stream.clone(), prefix.clone())?;
-            let dead = cqrs_nats::NatsDeadLetters::new(&config, consumer.clone());
+                evently_nats::NatsConfig::from_env().with_stream(stream.clone(), prefix.clone())?;
+            let dead = evently_nats::NatsDeadLetters::new(&config, consumer.clone());
             return brokers::run(&dead, action.clone()).await;
         }
         Command::Dlq(Dlq::Sqs { queue, action }) => {
-            let config = cqrs_sqs::SqsConfig::from_env();
-            let dead = cqrs_sqs::SqsDeadLetters::new(&config, cqrs_sqs::dead_letter_queue(queue));
+            let config = evently_sqs::SqsConfig::from_env();
+            let dead =
+                evently_sqs::SqsDeadLetters::new(&config, evently_sqs::dead_letter_queue(queue));
             return brokers::run(&dead, action.clone()).await;
         }
         _ => {}
     }
-    let url = cli.database_url.unwrap_or_else(cqrs_postgres::database_url);
+    let url = cli
+        .database_url
+        .unwrap_or_else(evently_postgres::database_url);
     // The error names the server without its password.
     let store = PostgresEventStore::connect_within(&url, &cli.schema, Duration::from_secs(5))
         .await
@@ -713,7 +716,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 let done = s
                     .steps
                     .iter()
-                    .filter(|(_, o)| !matches!(o, cqrs_core::saga::StepOutcome::Pending))
+                    .filter(|(_, o)| !matches!(o, evently_core::saga::StepOutcome::Pending))
                     .count();
                 if json {
                     out!(
@@ -1108,8 +1111,8 @@ fn projection_json(p: &ProjectionStatus) -> serde_json::Value {
 }
 
 /// A step's outcome in words, and its error.
-fn step_text(outcome: &cqrs_core::saga::StepOutcome) -> (&'static str, Option<&str>) {
-    use cqrs_core::saga::StepOutcome;
+fn step_text(outcome: &evently_core::saga::StepOutcome) -> (&'static str, Option<&str>) {
+    use evently_core::saga::StepOutcome;
     match outcome {
         StepOutcome::Pending => ("pending", None),
         StepOutcome::Executed => ("executed", None),

@@ -3,7 +3,7 @@
 //!
 //! Rules: a __label__ needs a non-empty name; a closed __label__ takes no more changes.
 
-use cqrs_core::prelude::*;
+use evently::prelude::*;
 
 /// The events of a __label__: facts, named in the past tense, never changed once recorded.
 #[derive(Debug, Clone, PartialEq, DomainEvent)]
@@ -109,7 +109,7 @@ impl __Name__ {
 
 #[cfg(test)]
 mod tests {
-    use cqrs_core::testing::AggregateFixture;
+    use evently::testing::AggregateFixture;
 
     use super::*;
 

@@ -6,11 +6,11 @@
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use cqrs_kafka::{KafkaConfig, KafkaSubscriber};
-use cqrs_nats::{NatsConfig, NatsConsumer};
-use cqrs_rabbitmq::{RabbitConfig, RabbitConsumer};
-use cqrs_sqs::{SqsConfig, SqsConsumer};
-use cqrs_transport::conformance::Unused;
+use evently_kafka::{KafkaConfig, KafkaSubscriber};
+use evently_nats::{NatsConfig, NatsConsumer};
+use evently_rabbitmq::{RabbitConfig, RabbitConsumer};
+use evently_sqs::{SqsConfig, SqsConsumer};
+use evently_transport::conformance::Unused;
 
 fn cqrs(args: &[&str], env: &[(&str, &str)]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_cqrs"))

@@ -4,12 +4,12 @@
 use std::process::Output;
 use std::sync::Arc;
 
-use cqrs_core::prelude::*;
-use cqrs_core::saga::Orchestrator;
 use cqrs_examples::bank::{Account, AccountCommand, Deposit};
 use cqrs_examples::fulfillment::{Fulfillment, FulfillmentSaga, Services};
-use cqrs_postgres::PostgresEventStore;
-use cqrs_postgres::saga::PostgresSagaStore;
+use evently_core::prelude::*;
+use evently_core::saga::Orchestrator;
+use evently_postgres::PostgresEventStore;
+use evently_postgres::saga::PostgresSagaStore;
 use sqlx::AssertSqlSafe;
 
 const SCHEMA: &str = "t_cli";
@@ -48,7 +48,7 @@ fn failure(output: &Output) -> (i32, String) {
 
 #[tokio::test]
 async fn every_command_against_a_real_store() {
-    let url = cqrs_postgres::database_url();
+    let url = evently_postgres::database_url();
     let pool = sqlx::PgPool::connect(&url)
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
@@ -384,9 +384,9 @@ async fn every_command_against_a_real_store() {
     assert!(stdout(&cqrs(&["sagas", "list", "--state", "unreadable"])).is_empty());
 
     // A reader that goes away after one line: a quiet exit, no panic.
-    let events: Vec<cqrs_core::EventData> = (0..3_000)
-        .map(|n| cqrs_core::EventData {
-            event_id: cqrs_core::EventId::new(),
+    let events: Vec<evently_core::EventData> = (0..3_000)
+        .map(|n| evently_core::EventData {
+            event_id: evently_core::EventId::new(),
             event_type: "Ticked".into(),
             schema_version: 1,
             payload: serde_json::json!({ "n": n }),
@@ -478,7 +478,7 @@ async fn store_check_and_rebase_after_a_move() {
             .output()
             .unwrap_or_else(|e| panic!("run cqrs: {e}"))
     };
-    let url = cqrs_postgres::database_url();
+    let url = evently_postgres::database_url();
     let pool = sqlx::PgPool::connect(&url)
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));

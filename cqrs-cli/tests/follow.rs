@@ -6,10 +6,10 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use cqrs_core::EventData;
-use cqrs_core::prelude::*;
 use cqrs_examples::bank::{AccountEvent, Deposit};
-use cqrs_postgres::PostgresEventStore;
+use evently_core::EventData;
+use evently_core::prelude::*;
+use evently_postgres::PostgresEventStore;
 
 #[path = "../../cqrs-postgres/tests/common/mod.rs"]
 mod pg;
@@ -46,7 +46,7 @@ async fn tail_follow_prints_new_events_as_they_commit() {
     deposit(&store, 101).await;
     // Readers stop below the cluster's oldest open transaction: wait until the event is readable.
     while store
-        .read_all(cqrs_core::Checkpoint::START, 1)
+        .read_all(evently_core::Checkpoint::START, 1)
         .await
         .unwrap_or_else(|e| panic!("{e}"))
         .is_empty()

@@ -6,12 +6,12 @@
 use std::process::Output;
 use std::time::Duration;
 
-use cqrs_core::prelude::*;
-use cqrs_core::projection::HandlerError;
-use cqrs_core::{EventData, RecordedEvent};
 use cqrs_examples::bank::{AccountEvent, Deposit};
-use cqrs_postgres::PostgresEventStore;
-use cqrs_postgres::projection::{DeadLetters, FailureMode, FailurePolicy, ProjectionWorker};
+use evently_core::prelude::*;
+use evently_core::projection::HandlerError;
+use evently_core::{EventData, RecordedEvent};
+use evently_postgres::PostgresEventStore;
+use evently_postgres::projection::{DeadLetters, FailureMode, FailurePolicy, ProjectionWorker};
 use futures::FutureExt;
 use sqlx::{AssertSqlSafe, PgConnection};
 

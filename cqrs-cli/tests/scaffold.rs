@@ -1,5 +1,6 @@
-//! `cqrs new aggregate` into a fresh crate: the generated module compiles without warnings and its
-//! tests pass.
+//! `cqrs new aggregate` into a fresh crate that depends on the `evently` facade alone: the
+//! generated module (its derives resolving the framework through the facade) compiles without
+//! warnings and its tests pass.
 
 use std::path::Path;
 use std::process::Command;
@@ -30,9 +31,9 @@ fn a_scaffolded_aggregate_builds_and_its_tests_pass() {
     std::fs::create_dir_all(krate.join("src")).unwrap_or_else(|e| panic!("{e}"));
     let manifest = format!(
         "[package]\nname = \"scaffolded\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n\
-         [dependencies]\ncqrs-core = {{ path = {:?} }}\nthiserror = \"2\"\n\n\
+         [dependencies]\nevently = {{ path = {:?} }}\nthiserror = \"2\"\n\n\
          # Not a member of the workspace this directory sits in.\n[workspace]\n",
-        workspace.join("cqrs-core")
+        workspace.join("evently")
     );
     std::fs::write(krate.join("Cargo.toml"), manifest).unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(krate.join("src/lib.rs"), "//! A crate of one aggregate.\n")

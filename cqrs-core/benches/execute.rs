@@ -6,8 +6,8 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use cqrs_core::prelude::*;
-use cqrs_core::{DecodeError, EncodedEvent, StreamExpectation, event::EncodeError};
+use evently_core::prelude::*;
+use evently_core::{DecodeError, EncodedEvent, StreamExpectation, event::EncodeError};
 use serde::{Deserialize, Serialize};
 
 /// The account with the derives.

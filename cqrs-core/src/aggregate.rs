@@ -14,7 +14,7 @@ use crate::event::DomainEvent;
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not an aggregate",
     label = "not an aggregate",
-    note = "add `#[derive(cqrs_core::Aggregate)]` with `#[aggregate(name = \"...\", command = ..., event = ..., error = ...)]` to `{Self}`"
+    note = "add `#[derive(evently_core::Aggregate)]` with `#[aggregate(name = \"...\", command = ..., event = ..., error = ...)]` to `{Self}`"
 )]
 pub trait Aggregate: Sized + Send + Sync + 'static {
     /// The aggregate type's stable name, the first half of every stream id, e.g. `"order"`.

@@ -12,7 +12,7 @@ use crate::envelope::{CommandId, CorrelationId};
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a command",
     label = "not a command",
-    note = "add `#[derive(cqrs_core::Command)]` with `#[command(aggregate = ...)]` to `{Self}`"
+    note = "add `#[derive(evently_core::Command)]` with `#[command(aggregate = ...)]` to `{Self}`"
 )]
 pub trait Command: Send + 'static {
     /// The aggregate that decides this command.

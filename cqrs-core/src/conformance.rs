@@ -6,7 +6,7 @@
 //! `#[tokio::test]` each:
 //!
 //! ```text
-//! cqrs_core::event_store_conformance_tests!(|_test_name| async { cqrs_core::InMemoryEventStore::new() });
+//! evently_core::event_store_conformance_tests!(|_test_name| async { evently_core::InMemoryEventStore::new() });
 //! ```
 
 use std::collections::{BTreeMap, HashSet};

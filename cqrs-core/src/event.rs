@@ -10,7 +10,7 @@ use std::fmt;
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a domain event",
     label = "not a domain event",
-    note = "add `#[derive(cqrs_core::DomainEvent)]` to the event enum"
+    note = "add `#[derive(evently_core::DomainEvent)]` to the event enum"
 )]
 pub trait DomainEvent: Sized + Send + Sync + 'static {
     /// Every type name this enum decodes, in declaration order.

@@ -1,9 +1,9 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-// Lets the derives' absolute `::cqrs_core::...` paths resolve inside this crate's own tests too.
+// Lets the derives' absolute `::evently_core::...` paths resolve inside this crate's own tests too.
 #[allow(unused_extern_crates)] // used by the doctests and unit tests, not by the library
-extern crate self as cqrs_core;
+extern crate self as evently_core;
 
 pub mod aggregate;
 pub mod backoff;
@@ -40,20 +40,20 @@ pub use store::{
 
 /// `#[derive(Aggregate)]`: implements [`Aggregate`](trait@Aggregate); see the crate docs.
 #[cfg(feature = "derive")]
-pub use cqrs_macros::Aggregate;
+pub use evently_macros::Aggregate;
 /// `#[derive(Command)]`: implements [`Command`](trait@Command); see the crate docs.
 #[cfg(feature = "derive")]
-pub use cqrs_macros::Command;
+pub use evently_macros::Command;
 /// `#[derive(DomainEvent)]`: implements [`DomainEvent`](trait@DomainEvent); see the crate docs.
 #[cfg(feature = "derive")]
-pub use cqrs_macros::DomainEvent;
+pub use evently_macros::DomainEvent;
 /// `#[derive(Projection)]`: implements [`Projection`](trait@projection::Projection); see
 /// [`projection`].
 #[cfg(feature = "derive")]
-pub use cqrs_macros::Projection;
+pub use evently_macros::Projection;
 /// `#[derive(Saga)]`: implements [`Saga`](trait@saga::Saga) for an enum of steps; see [`saga`].
 #[cfg(feature = "derive")]
-pub use cqrs_macros::Saga;
+pub use evently_macros::Saga;
 
 /// The text of a panic's payload (what a runtime that turns a handler's panic into its failure
 /// records as the error).
@@ -77,7 +77,7 @@ pub mod prelude {
     pub use crate::saga::{Saga, StepKey};
     pub use crate::store::{EventStore, ExpectedVersion, InMemoryEventStore};
     #[cfg(feature = "derive")]
-    pub use cqrs_macros::{Aggregate, Command, DomainEvent, Projection, Saga};
+    pub use evently_macros::{Aggregate, Command, DomainEvent, Projection, Saga};
 }
 
 /// What the derives' generated code refers to. Not public API: it may change in any release.
@@ -119,7 +119,7 @@ pub mod __private {
     #[diagnostic::on_unimplemented(
         message = "saga step methods are `async fn(&self, data: &mut Data, key: &StepKey) -> Result<(), E>`: this one returns `{Self}`",
         label = "make this method `async fn`, returning `Result<(), E>`",
-        note = "`E` is any error that converts into `cqrs_core::saga::StepError` (a boxed error)"
+        note = "`E` is any error that converts into `evently_core::saga::StepError` (a boxed error)"
     )]
     pub trait StepFuture<E>: Future<Output = Result<(), E>> {}
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 /// A typed request for data from a read model.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a query",
-    note = "implement `cqrs_core::query::Query` for `{Self}`, naming its `Output`"
+    note = "implement `evently_core::query::Query` for `{Self}`, naming its `Output`"
 )]
 pub trait Query: Send + 'static {
     /// What the query answers.

@@ -1,8 +1,8 @@
 //! A given/when/then fixture for aggregates: test domain logic without a store.
 //!
 //! ```
-//! # use cqrs_core::testing::AggregateFixture;
-//! # fn doc<A: cqrs_core::Aggregate>(given: Vec<A::Event>, command: A::Command, expected: Vec<A::Event>)
+//! # use evently_core::testing::AggregateFixture;
+//! # fn doc<A: evently_core::Aggregate>(given: Vec<A::Event>, command: A::Command, expected: Vec<A::Event>)
 //! # where A::Event: PartialEq + std::fmt::Debug, A::Error: std::fmt::Debug {
 //! AggregateFixture::<A>::given(given)
 //!     .when(command)

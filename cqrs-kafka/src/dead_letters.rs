@@ -14,8 +14,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use cqrs_transport::envelope::header;
-use cqrs_transport::{BrokerDeadLetter, DeadLetterQueue, TransportError};
+use evently_transport::envelope::header;
+use evently_transport::{BrokerDeadLetter, DeadLetterQueue, TransportError};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};

@@ -1,7 +1,7 @@
 //! What a Kafka message carries: the event envelope of every broker
-//! ([`cqrs_transport::envelope`]) and its headers as Kafka headers.
+//! ([`evently_transport::envelope`]) and its headers as Kafka headers.
 
-pub use cqrs_transport::envelope::{
+pub use evently_transport::envelope::{
     EventSerializer, JsonEnvelope, MalformedMessage, SerializeError, header, headers_of,
 };
 use rdkafka::message::{Header, Headers};
@@ -25,7 +25,7 @@ pub fn header_value<'a>(headers: &'a impl Headers, key: &str) -> Option<&'a str>
 
 #[cfg(test)]
 mod tests {
-    use cqrs_core::{Metadata, StoredEvent};
+    use evently_core::{Metadata, StoredEvent};
     use rdkafka::message::OwnedHeaders;
 
     use super::*;
@@ -33,12 +33,12 @@ mod tests {
 
     #[test]
     fn kafka_headers_carry_ids_and_types() {
-        let metadata = Metadata::default().with_correlation_id(cqrs_core::CorrelationId::new());
+        let metadata = Metadata::default().with_correlation_id(evently_core::CorrelationId::new());
         let event = StoredEvent {
-            event_id: cqrs_core::EventId::new(),
-            stream: cqrs_core::StreamId::new("order", "o-1"),
+            event_id: evently_core::EventId::new(),
+            stream: evently_core::StreamId::new("order", "o-1"),
             version: 1,
-            checkpoint: cqrs_core::Checkpoint::default(),
+            checkpoint: evently_core::Checkpoint::default(),
             recorded_at: chrono::Utc::now(),
             event_type: "OrderPlaced".into(),
             schema_version: 2,
@@ -46,7 +46,7 @@ mod tests {
             metadata,
         };
         let headers: OwnedHeaders =
-            cqrs_transport::Layout::headers(&KafkaLayout, &event, "application/json");
+            evently_transport::Layout::headers(&KafkaLayout, &event, "application/json");
         assert_eq!(
             header_value(&headers, header::EVENT_ID),
             Some(event.event_id.to_string().as_str())

@@ -8,17 +8,17 @@ pub mod subscriber;
 mod topics;
 
 pub use config::{KafkaConfig, TopicMap};
-pub use cqrs_transport::{
+pub use dead_letters::KafkaDeadLetters;
+pub use envelope::{EventSerializer, JsonEnvelope, MalformedMessage, SerializeError};
+pub use evently_transport::{
     BrokerDeadLetter, DeadLetterQueue, DeliveryError, HandleError, Handled, InProcess,
     METRICS_TARGET, MessageHandler, RelayMetrics, RelayStep, Transactional, is_outage,
 };
-pub use dead_letters::KafkaDeadLetters;
-pub use envelope::{EventSerializer, JsonEnvelope, MalformedMessage, SerializeError};
 pub use sink::{KafkaLayout, KafkaSink, OutboxRelay};
 pub use subscriber::{KafkaSubscriber, LagProbe, PartitionLag, SubscriberMetrics};
 
 /// What went wrong talking to Kafka or the store: the error of every broker crate.
-pub type KafkaError = cqrs_transport::TransportError;
+pub type KafkaError = evently_transport::TransportError;
 
 /// The broker's name in errors.
 pub(crate) const BROKER: &str = "Kafka";

@@ -4,8 +4,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs_core::RawStoredEvent;
-use cqrs_transport::{BrokerError, Layout, Outgoing, Sink};
+use evently_core::RawStoredEvent;
+use evently_transport::{BrokerError, Layout, Outgoing, Sink};
 use rdkafka::ClientConfig;
 use rdkafka::ClientContext;
 use rdkafka::error::KafkaError as RdKafkaError;
@@ -18,7 +18,7 @@ use crate::topics::Topics;
 use crate::{KafkaConfig, KafkaError, TopicMap};
 
 /// The relay publishing to Kafka: `OutboxRelay::new(store, KafkaSink::new(&config)?, owner)`.
-pub type OutboxRelay = cqrs_transport::Relay<KafkaSink>;
+pub type OutboxRelay = evently_transport::Relay<KafkaSink>;
 
 /// Publishes the relay's messages to Kafka: one topic per aggregate type ([`TopicMap`]), the
 /// aggregate id as the key (one partition per aggregate, so its order holds), an idempotent
@@ -112,7 +112,7 @@ impl Layout for KafkaLayout {
 
     fn headers(&self, event: &RawStoredEvent, content_type: &'static str) -> OwnedHeaders {
         let mut headers = Some(OwnedHeaders::new_with_capacity(7));
-        cqrs_transport::envelope::headers_of(event, content_type, |key, value| {
+        evently_transport::envelope::headers_of(event, content_type, |key, value| {
             headers = headers.take().map(|h| h.insert(text(key, value)));
         });
         headers.unwrap_or_default()

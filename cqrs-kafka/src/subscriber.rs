@@ -3,9 +3,9 @@
 //! A [`KafkaSubscriber`] reads its topics in a consumer group and hands each event to a
 //! [`MessageHandler`]: [`Transactional`] for a projection that writes PostgreSQL
 //! (`derive(Projection)` with `context = PgConnection`, the same type a
-//! [`ProjectionWorker`](cqrs_postgres::projection::ProjectionWorker) runs from the store), whose
+//! [`ProjectionWorker`](evently_postgres::projection::ProjectionWorker) runs from the store), whose
 //! effect commits with an inbox row so a redelivered message has no second effect; [`InProcess`]
-//! for a projection with `Context = ()`, e.g. a [`SagaStarter`](cqrs_core::saga::SagaStarter),
+//! for a projection with `Context = ()`, e.g. a [`SagaStarter`](evently_core::saga::SagaStarter),
 //! which is idempotent by itself (an instance is keyed by its starting event's id).
 //!
 //! The offset of a message is stored after it was handled or dead-lettered and committed in the
@@ -19,7 +19,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs_transport::{Consumer, EventSerializer, MessageHandler, Verdict};
+use evently_transport::{Consumer, EventSerializer, MessageHandler, Verdict};
 use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, OwnedHeaders};
@@ -32,7 +32,7 @@ use crate::topics::Topics;
 use crate::{KafkaConfig, KafkaError};
 
 /// The subscriber's counters since it was created (every broker's consumer counts the same).
-pub type SubscriberMetrics = cqrs_transport::ConsumerMetrics;
+pub type SubscriberMetrics = evently_transport::ConsumerMetrics;
 
 /// How far a consumer is behind in one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,7 +118,7 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
             dlq_suffix: ".dlq".to_owned(),
             core: Consumer::new(group.clone(), handler),
             group,
-            report_every: cqrs_transport::REPORT_EVERY,
+            report_every: evently_transport::REPORT_EVERY,
             config: config.clone(),
             topics: topics.iter().map(|t| (*t).to_owned()).collect(),
             alert: None,
@@ -308,7 +308,7 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
                 dead_letter_topics
                     .iter()
                     .map(|topic| {
-                        cqrs_transport::dead_letters::AlertTask::spawn(
+                        evently_transport::dead_letters::AlertTask::spawn(
                             Box::new(crate::KafkaDeadLetters::new(&self.config, topic.clone())),
                             threshold,
                             every,

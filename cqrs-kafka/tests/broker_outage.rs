@@ -16,9 +16,9 @@ use common::*;
 
 use std::time::{Duration, Instant};
 
-use cqrs_core::prelude::*;
-use cqrs_kafka::{KafkaConfig, KafkaSink, OutboxRelay};
-use cqrs_postgres::PostgresEventStore;
+use evently_core::prelude::*;
+use evently_kafka::{KafkaConfig, KafkaSink, OutboxRelay};
+use evently_postgres::PostgresEventStore;
 use support::unique;
 
 /// A tansu broker of the test's own on a free loopback port, storing in SQLite in a directory of
@@ -159,8 +159,8 @@ impl Drop for OwnBroker {
 }
 
 /// The stored checkpoint of the relay named `name`.
-async fn relayed(store: &PostgresEventStore, name: &str) -> cqrs_core::Checkpoint {
-    cqrs_postgres::projection::read_checkpoint(store, name)
+async fn relayed(store: &PostgresEventStore, name: &str) -> evently_core::Checkpoint {
+    evently_postgres::projection::read_checkpoint(store, name)
         .await
         .unwrap_or_else(|e| panic!("{e}"))
 }
@@ -169,7 +169,7 @@ async fn relayed(store: &PostgresEventStore, name: &str) -> cqrs_core::Checkpoin
 async fn relayed_past(
     store: &PostgresEventStore,
     name: &str,
-    past: cqrs_core::Checkpoint,
+    past: evently_core::Checkpoint,
     broker: &mut OwnBroker,
 ) -> Duration {
     let started = Instant::now();
@@ -260,7 +260,7 @@ async fn a_broker_stopped_and_restarted_mid_stream_loses_and_reorders_nothing() 
         .head()
         .await
         .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or(cqrs_core::Checkpoint::START);
+        .unwrap_or(evently_core::Checkpoint::START);
     let started = Instant::now();
     loop {
         let at = relayed(&store, name).await;

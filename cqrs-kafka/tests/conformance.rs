@@ -7,9 +7,11 @@
 
 use std::time::Duration;
 
-use cqrs_kafka::{KafkaConfig, KafkaDeadLetters, KafkaError, KafkaSink, KafkaSubscriber, TopicMap};
-use cqrs_transport::conformance::{self, BoxFuture, Broker, Recorder};
-use cqrs_transport::{DeadLetterQueue, TransportError};
+use evently_kafka::{
+    KafkaConfig, KafkaDeadLetters, KafkaError, KafkaSink, KafkaSubscriber, TopicMap,
+};
+use evently_transport::conformance::{self, BoxFuture, Broker, Recorder};
+use evently_transport::{DeadLetterQueue, TransportError};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 struct Kafka;
@@ -60,7 +62,7 @@ impl Broker for Kafka {
         name: &str,
         handler: Recorder,
         shutdown: BoxFuture<'static, ()>,
-    ) -> BoxFuture<'static, Result<cqrs_kafka::SubscriberMetrics, TransportError>> {
+    ) -> BoxFuture<'static, Result<evently_kafka::SubscriberMetrics, TransportError>> {
         // A consumer killed without leaving its group holds its partitions until its session
         // times out: a short session so that its replacement takes over within seconds.
         let config = config()

@@ -13,17 +13,17 @@ use common::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use cqrs_core::RecordedEvent;
-use cqrs_core::prelude::*;
-use cqrs_core::projection::{FailureMode, HandlerError};
-use cqrs_core::testing::cut_after;
 use cqrs_examples::bank::AccountEvent;
-use cqrs_kafka::envelope::{header, header_value};
-use cqrs_kafka::{
+use evently_core::RecordedEvent;
+use evently_core::prelude::*;
+use evently_core::projection::{FailureMode, HandlerError};
+use evently_core::testing::cut_after;
+use evently_kafka::envelope::{header, header_value};
+use evently_kafka::{
     EventSerializer, JsonEnvelope, KafkaConfig, KafkaError, KafkaSink, KafkaSubscriber,
     OutboxRelay, TopicMap, Transactional,
 };
-use cqrs_postgres::PostgresEventStore;
+use evently_postgres::PostgresEventStore;
 use rand::Rng;
 use rdkafka::ClientConfig;
 use rdkafka::message::Message;
@@ -123,7 +123,7 @@ async fn with_creation_off_a_missing_topic_fails_the_delivery_and_nothing_is_ski
     assert!(failure.to_string().contains(&topic), "{failure}");
     assert_eq!(
         relay.checkpoint().await.unwrap_or_else(|e| panic!("{e}")),
-        cqrs_core::Checkpoint::START
+        evently_core::Checkpoint::START
     );
     // The topic is made elsewhere (here: by a relay that creates topics).
     let mut creator = KafkaSink::new(&KafkaConfig::new(brokers()))
@@ -244,10 +244,10 @@ impl EventSerializer for RefusesFive {
 
     fn serialize(
         &self,
-        event: &cqrs_core::StoredEvent,
-    ) -> Result<Vec<u8>, cqrs_kafka::SerializeError> {
+        event: &evently_core::StoredEvent,
+    ) -> Result<Vec<u8>, evently_kafka::SerializeError> {
         if event.payload["amount_cents"] == 5 {
-            return Err(cqrs_kafka::SerializeError {
+            return Err(evently_kafka::SerializeError {
                 event_id: event.event_id,
                 stream: event.stream.clone(),
                 event_type: event.event_type.clone(),
@@ -260,7 +260,7 @@ impl EventSerializer for RefusesFive {
     fn deserialize(
         &self,
         value: &[u8],
-    ) -> Result<cqrs_core::StoredEvent, cqrs_kafka::MalformedMessage> {
+    ) -> Result<evently_core::StoredEvent, evently_kafka::MalformedMessage> {
         JsonEnvelope.deserialize(value)
     }
 }
@@ -330,14 +330,14 @@ async fn a_stored_row_that_cannot_be_read_stops_the_relay_before_it() {
     let mut stored = Vec::new();
     loop {
         let after = stored.last().map_or(
-            cqrs_core::Checkpoint::START,
-            |e: &cqrs_core::StoredEvent| e.checkpoint,
+            evently_core::Checkpoint::START,
+            |e: &evently_core::StoredEvent| e.checkpoint,
         );
         match store.read_all(after, 1_000).await {
             // Held back a moment by another test's open transaction.
             Ok(page) if page.is_empty() => tokio::time::sleep(Duration::from_millis(10)).await,
             Ok(page) => stored.extend(page),
-            Err(cqrs_core::StoreError::Corrupt(_)) => break,
+            Err(evently_core::StoreError::Corrupt(_)) => break,
             Err(error) => panic!("{error}"),
         }
     }
@@ -353,7 +353,7 @@ async fn a_stored_row_that_cannot_be_read_stops_the_relay_before_it() {
         for _ in 0..20 {
             match relay.step().await {
                 Ok(_) => {}
-                Err(KafkaError::Store(cqrs_core::StoreError::Corrupt(row))) => {
+                Err(KafkaError::Store(evently_core::StoreError::Corrupt(row))) => {
                     stopped = Some(row);
                     break;
                 }
@@ -375,7 +375,7 @@ async fn a_stored_row_that_cannot_be_read_stops_the_relay_before_it() {
         .unwrap_or_else(|_| panic!("run kept retrying a row that cannot be read"));
         assert!(matches!(
             ran,
-            Err(KafkaError::Store(cqrs_core::StoreError::Corrupt(_)))
+            Err(KafkaError::Store(evently_core::StoreError::Corrupt(_)))
         ));
     }
     let read = read_until(&brokers(), std::slice::from_ref(&topic), |r| {
@@ -832,18 +832,18 @@ struct Outage<H> {
 }
 
 #[async_trait::async_trait]
-impl<H: cqrs_kafka::MessageHandler> cqrs_kafka::MessageHandler for Outage<H> {
+impl<H: evently_kafka::MessageHandler> evently_kafka::MessageHandler for Outage<H> {
     fn name(&self) -> &str {
         self.inner.name()
     }
 
     async fn handle(
         &mut self,
-        event: &cqrs_core::StoredEvent,
-    ) -> Result<cqrs_kafka::Handled, cqrs_kafka::HandleError> {
+        event: &evently_core::StoredEvent,
+    ) -> Result<evently_kafka::Handled, evently_kafka::HandleError> {
         if self.down_for > 0 {
             self.down_for -= 1;
-            return Err(cqrs_kafka::HandleError::Unavailable(
+            return Err(evently_kafka::HandleError::Unavailable(
                 "the database is down".into(),
             ));
         }
@@ -898,8 +898,8 @@ async fn a_database_outage_longer_than_the_retries_dead_letters_nothing() {
     .unwrap_or_else(|e| panic!("{e}"));
     let mut down = deposit_effects(&unreachable, false);
     assert!(matches!(
-        cqrs_kafka::MessageHandler::handle(&mut down, &stored[0]).await,
-        Err(cqrs_kafka::HandleError::Unavailable(_))
+        evently_kafka::MessageHandler::handle(&mut down, &stored[0]).await,
+        Err(evently_kafka::HandleError::Unavailable(_))
     ));
 }
 
@@ -929,7 +929,7 @@ fn mock_relay(store: &PostgresEventStore, settings: &[(&str, &str)]) -> (Mock, O
 /// duplicates, inversions, messages read).
 async fn audit_mock(
     mock: &Mock,
-    stored: &[cqrs_core::StoredEvent],
+    stored: &[evently_core::StoredEvent],
 ) -> (usize, usize, usize, usize) {
     let read = read_until(&mock.bootstrap_servers(), &["account".to_owned()], |r| {
         distinct(r) >= stored.len()
@@ -1043,7 +1043,7 @@ async fn deliveries_timing_out_on_a_slow_broker_are_sent_again_in_order() {
     assert_eq!((missing, inversions), (0, 0));
 }
 
-/// The events of target `cqrs_kafka::metrics`: their message and fields, as text.
+/// The events of target `evently_kafka::metrics`: their message and fields, as text.
 #[derive(Clone, Default)]
 struct Reports(std::sync::Arc<std::sync::Mutex<Vec<BTreeMap<String, String>>>>);
 
@@ -1055,7 +1055,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Reports {
                 self.0.insert(field.name().to_owned(), format!("{value:?}"));
             }
         }
-        if event.metadata().target() == cqrs_kafka::METRICS_TARGET {
+        if event.metadata().target() == evently_kafka::METRICS_TARGET {
             let mut fields = BTreeMap::new();
             event.record(&mut Fields(&mut fields));
             self.0
@@ -1197,7 +1197,7 @@ async fn a_running_subscriber_warns_when_its_dead_letters_pass_the_alert_size() 
         &config,
         unique("alert"),
         &[topic.as_str()],
-        cqrs_transport::conformance::Unused,
+        evently_transport::conformance::Unused,
     )
     .unwrap_or_else(|e| panic!("{e}"))
     .with_retries(1, Duration::from_millis(1))

@@ -15,11 +15,11 @@ use common::*;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cqrs_core::prelude::*;
-use cqrs_core::trace::{TRACEPARENT, TraceContext};
 use cqrs_examples::bank::{Account, AccountCommand, Deposit};
-use cqrs_kafka::envelope::header;
-use cqrs_kafka::{
+use evently_core::prelude::*;
+use evently_core::trace::{TRACEPARENT, TraceContext};
+use evently_kafka::envelope::header;
+use evently_kafka::{
     HandleError, Handled, KafkaConfig, KafkaSink, KafkaSubscriber, MessageHandler, OutboxRelay,
 };
 use opentelemetry::trace::TracerProvider as _;
@@ -69,12 +69,12 @@ impl MessageHandler for Handler {
         "trace-handler"
     }
 
-    async fn handle(&mut self, event: &cqrs_core::StoredEvent) -> Result<Handled, HandleError> {
+    async fn handle(&mut self, event: &evently_core::StoredEvent) -> Result<Handled, HandleError> {
         let _span = tracing::info_span!("test.handler", version = event.version).entered();
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push((event.version, cqrs_core::trace::current()));
+            .push((event.version, evently_core::trace::current()));
         Ok(Handled::Applied)
     }
 }

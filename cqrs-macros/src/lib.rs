@@ -1,6 +1,6 @@
 //! Derive macros of the cqrs framework. Use them through `cqrs-core`, which re-exports them and holds
-//! the traits they implement: `#[derive(cqrs_core::Aggregate)]`, `#[derive(cqrs_core::Command)]`,
-//! `#[derive(cqrs_core::DomainEvent)]`. The attribute reference is in the `cqrs-core` crate docs.
+//! the traits they implement: `#[derive(evently_core::Aggregate)]`, `#[derive(evently_core::Command)]`,
+//! `#[derive(evently_core::DomainEvent)]`. The attribute reference is in the `cqrs-core` crate docs.
 
 mod ast;
 mod attr;
@@ -14,7 +14,7 @@ mod fuzz;
 use proc_macro::TokenStream;
 use syn::{DeriveInput, parse_macro_input};
 
-/// Implements `cqrs_core::DomainEvent` for an enum of events, and `cqrs_core::ApplyTo<A>` when the
+/// Implements `evently_core::DomainEvent` for an enum of events, and `evently_core::ApplyTo<A>` when the
 /// enum names its aggregate with `#[event(aggregate = A)]`.
 ///
 /// Variant keys: `name = "..."` (stable type name, default: the variant's name), `version = N`
@@ -26,7 +26,7 @@ pub fn derive_domain_event(input: TokenStream) -> TokenStream {
     expand::event::derive(&input).into()
 }
 
-/// Implements `cqrs_core::Command` for an enum of commands: `#[command(aggregate = A)]` on the enum;
+/// Implements `evently_core::Command` for an enum of commands: `#[command(aggregate = A)]` on the enum;
 /// each variant calls `A::<variant in snake_case>(&self, fields..)`, or `#[command(handler = name)]`.
 /// `#[command(create)]` marks a command that starts a new aggregate, `#[command(create_or_update)]`
 /// one that works on a new or existing aggregate.
@@ -36,7 +36,7 @@ pub fn derive_command(input: TokenStream) -> TokenStream {
     expand::command::derive(&input).into()
 }
 
-/// Implements `cqrs_core::projection::Projection`:
+/// Implements `evently_core::projection::Projection`:
 /// `#[projection(name = "order_summary", events(OrderEvent, PaymentEvent))]`, optionally
 /// `context = sqlx::PgConnection` (default `()`); one `Handles<E, Context>` impl per listed enum.
 #[proc_macro_derive(Projection, attributes(projection))]
@@ -45,7 +45,7 @@ pub fn derive_projection(input: TokenStream) -> TokenStream {
     expand::projection::derive(&input).into()
 }
 
-/// Implements `cqrs_core::saga::Saga` for an enum of steps (unit variants, run in order):
+/// Implements `evently_core::saga::Saga` for an enum of steps (unit variants, run in order):
 /// `#[saga(name = "order_fulfillment", data = Order, context = Services)]` on the enum; per step
 /// `#[step(execute = method, compensate = method, retry(attempts = 3, backoff_ms = 100,
 /// max_delay_ms = 2000), timeout_ms = 5000, name = "...")]`, all optional: `execute` defaults to the
@@ -57,7 +57,7 @@ pub fn derive_saga(input: TokenStream) -> TokenStream {
     expand::saga::derive(&input).into()
 }
 
-/// Implements `cqrs_core::Aggregate`:
+/// Implements `evently_core::Aggregate`:
 /// `#[aggregate(name = "order", command = OrderCommand, event = OrderEvent, error = OrderError)]`,
 /// optionally `snapshot(every = 100, version = 1)`.
 #[proc_macro_derive(Aggregate, attributes(aggregate))]

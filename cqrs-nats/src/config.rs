@@ -22,7 +22,7 @@ pub struct NatsConfig {
 impl fmt::Debug for NatsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsConfig")
-            .field("url", &cqrs_transport::masked_url(&self.url))
+            .field("url", &evently_transport::masked_url(&self.url))
             .field("stream", &self.stream)
             .field("prefix", &self.prefix)
             .field("declare", &self.declare)
@@ -54,20 +54,20 @@ impl NatsConfig {
     /// The stream's name and its subject prefix.
     ///
     /// # Errors
-    /// [`TransportError::Config`](cqrs_transport::TransportError::Config) when the stream name
+    /// [`TransportError::Config`](evently_transport::TransportError::Config) when the stream name
     /// has `.`, `*`, `>` or whitespace, or the prefix is empty or has wildcards.
     pub fn with_stream(
         mut self,
         stream: impl Into<String>,
         prefix: impl Into<String>,
-    ) -> Result<Self, cqrs_transport::TransportError> {
+    ) -> Result<Self, evently_transport::TransportError> {
         let (stream, prefix) = (stream.into(), prefix.into());
         if stream.is_empty()
             || stream
                 .chars()
                 .any(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace())
         {
-            return Err(cqrs_transport::TransportError::config(
+            return Err(evently_transport::TransportError::config(
                 crate::BROKER,
                 format_args!("`{stream}` is not a stream name (no `.`, `*`, `>` or whitespace)"),
             ));
@@ -77,7 +77,7 @@ impl NatsConfig {
                 .split('.')
                 .any(|t| t.is_empty() || t == "*" || t == ">" || t.chars().any(char::is_whitespace))
         {
-            return Err(cqrs_transport::TransportError::config(
+            return Err(evently_transport::TransportError::config(
                 crate::BROKER,
                 format_args!(
                     "`{prefix}` is not a subject prefix (dot-separated tokens, no wildcards)"

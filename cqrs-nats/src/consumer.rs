@@ -4,7 +4,7 @@
 //! optionally filtered to one aggregate type's subjects) and hands each event to a
 //! [`MessageHandler`] through the one [`Consumer`] core every broker shares. A message is
 //! acknowledged only after its effect committed (with its inbox row, for
-//! [`Transactional`](cqrs_transport::Transactional)), or after its dead letter was stored in the
+//! [`Transactional`](evently_transport::Transactional)), or after its dead letter was stored in the
 //! dead-letter stream. While a handler runs, the message's ack deadline is extended (in-progress
 //! acks every third of `ack_wait`), so a slow handler is not redelivered to another consumer. A
 //! message delivered `max_deliver` times without an answer (it keeps killing its consumer) is
@@ -37,9 +37,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{AckKind, Context, Message};
-use cqrs_core::projection::Projection;
-use cqrs_transport::envelope::header;
-use cqrs_transport::{
+use evently_core::projection::Projection;
+use evently_transport::envelope::header;
+use evently_transport::{
     Consumer, ConsumerMetrics, EventSerializer, MessageHandler, TransportError, Verdict,
 };
 use futures::StreamExt;
@@ -314,7 +314,7 @@ impl<H: MessageHandler> NatsConsumer<H> {
         shutdown: impl Future<Output = ()>,
     ) -> Result<ConsumerMetrics, TransportError> {
         let _alerts = self.alert.map(|(threshold, every)| {
-            cqrs_transport::dead_letters::AlertTask::spawn(
+            evently_transport::dead_letters::AlertTask::spawn(
                 Box::new(crate::NatsDeadLetters::new(
                     &self.config,
                     self.durable.clone(),
@@ -325,11 +325,12 @@ impl<H: MessageHandler> NatsConsumer<H> {
         });
         let name = self.durable.clone();
         let declares = self.config.declares();
-        cqrs_transport::consume::reconnecting(&mut self, BROKER, &name, declares, shutdown).await?;
+        evently_transport::consume::reconnecting(&mut self, BROKER, &name, declares, shutdown)
+            .await?;
         Ok(self.core.metrics())
     }
 
-    async fn consume(&mut self, backoff: &mut cqrs_core::Backoff) -> Result<(), TransportError> {
+    async fn consume(&mut self, backoff: &mut evently_core::Backoff) -> Result<(), TransportError> {
         let js = connect(&self.config).await?;
         loop {
             let consumer = self.consumer(&js).await?;
@@ -479,10 +480,10 @@ fn unreachable_verdict() -> Verdict {
     }
 }
 
-impl<H: MessageHandler> cqrs_transport::consume::Session for NatsConsumer<H> {
+impl<H: MessageHandler> evently_transport::consume::Session for NatsConsumer<H> {
     fn session(
         &mut self,
-        backoff: &mut cqrs_core::Backoff,
+        backoff: &mut evently_core::Backoff,
     ) -> impl Future<Output = Result<(), TransportError>> {
         self.consume(backoff)
     }

@@ -4,8 +4,8 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::Context;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::Stream;
-use cqrs_transport::envelope::header;
-use cqrs_transport::{BrokerDeadLetter, DeadLetterQueue, TransportError};
+use evently_transport::envelope::header;
+use evently_transport::{BrokerDeadLetter, DeadLetterQueue, TransportError};
 
 use crate::jetstream::connect;
 use crate::{BROKER, NatsConfig, broker};

@@ -2,7 +2,7 @@
 //! declaration off, only checked.
 
 use async_nats::jetstream::{self, Context, stream};
-use cqrs_transport::TransportError;
+use evently_transport::TransportError;
 
 use crate::{BROKER, NatsConfig};
 

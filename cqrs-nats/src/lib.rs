@@ -8,11 +8,11 @@ mod sink;
 
 pub use config::{NatsConfig, token};
 pub use consumer::NatsConsumer;
-pub use cqrs_transport::{
+pub use dead_letters::NatsDeadLetters;
+pub use evently_transport::{
     BrokerDeadLetter, ConsumerMetrics, DeadLetterQueue, HandleError, Handled, InProcess,
     MessageHandler, RelayMetrics, RelayStep, Transactional, TransportError,
 };
-pub use dead_letters::NatsDeadLetters;
 pub use sink::{NatsLayout, NatsMessage, NatsRelay, NatsSink};
 
 /// The broker's name in errors.

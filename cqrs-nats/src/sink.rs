@@ -23,15 +23,15 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::Context;
 use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::publish::PublishAck;
-use cqrs_core::RawStoredEvent;
-use cqrs_transport::envelope::headers_of;
-use cqrs_transport::{BrokerError, Layout, Outgoing, Sink, TransportError};
+use evently_core::RawStoredEvent;
+use evently_transport::envelope::headers_of;
+use evently_transport::{BrokerError, Layout, Outgoing, Sink, TransportError};
 
 use crate::jetstream::{connect, events_stream};
 use crate::{BROKER, NatsConfig};
 
 /// The relay publishing to NATS JetStream: `NatsRelay::new(store, NatsSink::new(config), owner)`.
-pub type NatsRelay = cqrs_transport::Relay<NatsSink>;
+pub type NatsRelay = evently_transport::Relay<NatsSink>;
 
 type PendingAck = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
 

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use cqrs_nats::{NatsConfig, NatsConsumer, NatsSink, TransportError};
-use cqrs_transport::Sink;
-use cqrs_transport::conformance::Unused;
+use evently_nats::{NatsConfig, NatsConsumer, NatsSink, TransportError};
+use evently_transport::Sink;
+use evently_transport::conformance::Unused;
 
 fn unique(name: &str) -> String {
     let nanos = std::time::SystemTime::now()

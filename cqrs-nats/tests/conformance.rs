@@ -3,7 +3,7 @@
 
 mod support;
 
-use cqrs_transport::conformance;
+use evently_transport::conformance;
 use support::{Nats, namespace};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,7 +38,7 @@ async fn a_message_that_is_not_ours_is_dead_lettered() {
 /// of 5,000 hung for good (found by the N1 benchmark).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_larger_than_the_ack_window_do_not_deadlock() {
-    use cqrs_core::{EventData, EventId, EventStore, ExpectedVersion, Metadata, StreamId};
+    use evently_core::{EventData, EventId, EventStore, ExpectedVersion, Metadata, StreamId};
     let ns = namespace("window");
     let store = conformance::fresh_store(&ns).await;
     for chunk in 0..12u64 {
@@ -60,7 +60,7 @@ async fn pages_larger_than_the_ack_window_do_not_deadlock() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    let mut relay = cqrs_nats::NatsRelay::new(
+    let mut relay = evently_nats::NatsRelay::new(
         store.clone(),
         conformance::Broker::sink(&Nats, &ns),
         "window",

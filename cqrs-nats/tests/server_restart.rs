@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cqrs_transport::conformance;
+use evently_transport::conformance;
 
 /// `nats-server` with JetStream on `port`, storing in `dir`.
 fn start(port: u16, dir: &std::path::Path) -> std::process::Child {

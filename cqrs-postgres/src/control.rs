@@ -12,7 +12,7 @@
 //! [`ProjectionWorker::retry`]: crate::projection::ProjectionWorker::retry
 
 use chrono::{DateTime, Utc};
-use cqrs_core::StoreError;
+use evently_core::StoreError;
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::PostgresEventStore;

@@ -14,8 +14,8 @@
 //! identity values as `INSERT .. OVERRIDING SYSTEM VALUE` does). `recorded_at` keeps its default,
 //! `now()`, the same for every statement of a transaction.
 
-use cqrs_core::store::AppendResult;
-use cqrs_core::{EventData, StoreError, StreamId};
+use evently_core::store::AppendResult;
+use evently_core::{EventData, StoreError, StreamId};
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row};
 

@@ -1,8 +1,8 @@
 //! Read-your-writes and the projection fixture for read models in PostgreSQL.
 //!
 //! [`PostgresEventStore`] is a [`Progress`]: hand it to
-//! [`wait_until_caught_up`](cqrs_core::projection::wait_until_caught_up) with a command's
-//! [`Executed::checkpoint`](cqrs_core::Executed::checkpoint) to wait until the projection's
+//! [`wait_until_caught_up`](evently_core::projection::wait_until_caught_up) with a command's
+//! [`Executed::checkpoint`](evently_core::Executed::checkpoint) to wait until the projection's
 //! worker (in this process or any other) has committed past the command's events. The
 //! checkpoint is read from the checkpoint table, one indexed row per read; between reads the
 //! waiter sleeps until a worker of the schema signals a committed batch (`NOTIFY` after the
@@ -15,10 +15,10 @@
 
 use std::time::Duration;
 
-use cqrs_core::projection::{
+use evently_core::projection::{
     DeadLetter, FixtureError, Progress, Projection, ProjectionFixture, assert_no_dead_letters,
 };
-use cqrs_core::{Checkpoint, StoreError};
+use evently_core::{Checkpoint, StoreError};
 use sqlx::PgConnection;
 
 use crate::PostgresEventStore;

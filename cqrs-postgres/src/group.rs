@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use cqrs_core::store::AppendResult;
-use cqrs_core::{EventData, StoreError, StreamId};
+use evently_core::store::AppendResult;
+use evently_core::{EventData, StoreError, StreamId};
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -487,7 +487,7 @@ fn group_member(
         appended(
             stream,
             base,
-            event_ids.iter().map(|&id| cqrs_core::EventId(id)),
+            event_ids.iter().map(|&id| evently_core::EventId(id)),
             &positions,
             transaction,
             recorded_at,

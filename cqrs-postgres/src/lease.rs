@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use cqrs_core::{Checkpoint, StoreError};
+use evently_core::{Checkpoint, StoreError};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
 use crate::PostgresEventStore;
@@ -20,7 +20,7 @@ pub const MIN_LEASE: Duration = Duration::from_millis(100);
 
 /// `lease` between [`MIN_LEASE`] and a day (so it is always a valid interval and a valid wait).
 fn clamp_lease(lease: Duration) -> Duration {
-    lease.clamp(MIN_LEASE, cqrs_core::backoff::MAX_WAIT)
+    lease.clamp(MIN_LEASE, evently_core::backoff::MAX_WAIT)
 }
 
 /// One owner's hold on a named checkpoint: [`acquire`](Self::acquire) takes it (bumping the epoch
@@ -309,7 +309,7 @@ impl Inbox {
         &self,
         conn: &mut PgConnection,
         consumer: &str,
-        event_id: cqrs_core::EventId,
+        event_id: evently_core::EventId,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(AssertSqlSafe(self.claim.clone()))
             .bind(consumer)

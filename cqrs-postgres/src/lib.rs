@@ -23,11 +23,11 @@ pub use tx::Tx as Transaction;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs_core::store::{
+use evently_core::store::{
     AppendResult, AppendedEvent, KeyRecord, ReplayEvent, Snapshot, SnapshotStore,
     classify_stored_ids, validate_append,
 };
-use cqrs_core::{
+use evently_core::{
     AggregateId, Checkpoint, EventData, EventId, EventStore, ExpectedVersion, RawStoredEvent,
     StoreError, StoredEvent, StreamId,
 };
@@ -42,7 +42,7 @@ use crate::copy::{COPY_THRESHOLD, copy_at};
 use crate::rows::{backend, fetch_events, replay_event, stored_event, to_i64, to_u64, xid};
 use crate::sql::Sql;
 use crate::tx::Tx;
-use cqrs_core::telemetry;
+use evently_core::telemetry;
 use tracing::Instrument as _;
 
 /// The embedded migrations: the events, snapshots and command-key tables.
@@ -158,7 +158,7 @@ impl PostgresEventStore {
         let connected = Arc::clone(&server);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
-            .acquire_timeout(options.acquire_timeout.min(cqrs_core::backoff::MAX_WAIT))
+            .acquire_timeout(options.acquire_timeout.min(evently_core::backoff::MAX_WAIT))
             .after_connect(move |_, _| {
                 connected.connected();
                 Box::pin(async { Ok(()) })
@@ -220,7 +220,7 @@ impl PostgresEventStore {
     #[must_use]
     pub fn with_inline<P>(mut self, projection: P) -> Self
     where
-        P: cqrs_core::projection::Projection<Context = PgConnection> + Clone + Sync + 'static,
+        P: evently_core::projection::Projection<Context = PgConnection> + Clone + Sync + 'static,
     {
         let mut all: Vec<Arc<dyn projection::InlineProjection>> =
             self.inline.iter().cloned().collect();
@@ -314,7 +314,7 @@ impl PostgresEventStore {
     pub async fn lag_after(
         &self,
         checkpoint: Checkpoint,
-    ) -> Result<cqrs_core::projection::Lag, StoreError> {
+    ) -> Result<evently_core::projection::Lag, StoreError> {
         self.same_server().await?;
         let row = sqlx::query(AssertSqlSafe(self.sql.lag.clone()))
             .bind(checkpoint.transaction.to_string())
@@ -323,7 +323,7 @@ impl PostgresEventStore {
             .await
             .map_err(backend)?;
         let events: i64 = row.try_get("events").map_err(backend)?;
-        Ok(cqrs_core::projection::Lag {
+        Ok(evently_core::projection::Lag {
             events: to_u64(events)?,
             seconds: row.try_get::<f64, _>("seconds").map_err(backend)?.max(0.0),
         })
@@ -1177,7 +1177,7 @@ impl EventStore for PostgresEventStore {
         &self,
         after: Checkpoint,
         scan: usize,
-        filter: &[cqrs_core::projection::Subscription],
+        filter: &[evently_core::projection::Subscription],
     ) -> Result<(Vec<StoredEvent>, Checkpoint), StoreError> {
         self.read_filtered_with(after, scan, filter, stored_event)
             .instrument(read_span(after, scan))
@@ -1188,7 +1188,7 @@ impl EventStore for PostgresEventStore {
         &self,
         after: Checkpoint,
         scan: usize,
-        filter: &[cqrs_core::projection::Subscription],
+        filter: &[evently_core::projection::Subscription],
     ) -> Result<(Vec<RawStoredEvent>, Checkpoint), StoreError> {
         self.read_filtered_with(after, scan, filter, rows::raw_stored_event)
             .instrument(read_span(after, scan))
@@ -1217,7 +1217,7 @@ impl EventStore for PostgresEventStore {
     async fn lag(
         &self,
         after: Checkpoint,
-    ) -> Result<Option<cqrs_core::projection::Lag>, StoreError> {
+    ) -> Result<Option<evently_core::projection::Lag>, StoreError> {
         self.lag_after(after).await.map(Some)
     }
 
@@ -1280,7 +1280,7 @@ impl PostgresEventStore {
         &self,
         after: Checkpoint,
         scan: usize,
-        filter: &[cqrs_core::projection::Subscription],
+        filter: &[evently_core::projection::Subscription],
         read: fn(&sqlx::postgres::PgRow) -> Result<StoredEvent<P>, StoreError>,
     ) -> Result<(Vec<StoredEvent<P>>, Checkpoint), StoreError> {
         if scan == 0 {
@@ -1504,7 +1504,7 @@ fn url_without_password(url: &str) -> String {
 mod tests {
     use super::url_without_password;
     use super::*;
-    use cqrs_core::conformance::read_settled;
+    use evently_core::conformance::read_settled;
 
     /// A store on `schema`, dropped first, not migrated.
     async fn empty_schema(schema: &str) -> PostgresEventStore {
@@ -1534,7 +1534,7 @@ mod tests {
                     event_type: "Happened".to_owned(),
                     schema_version: 1,
                     payload: serde_json::json!({ "n": n * 1_000 + i }),
-                    metadata: cqrs_core::Metadata::default(),
+                    metadata: evently_core::Metadata::default(),
                 })
                 .collect();
             store
@@ -1597,9 +1597,9 @@ mod tests {
             .into_iter()
             .enumerate()
             .map(|(i, payload)| {
-                let mut metadata = cqrs_core::Metadata::default()
-                    .with_correlation_id(cqrs_core::CorrelationId::new());
-                metadata.causation_id = Some(cqrs_core::CausationId::new());
+                let mut metadata = evently_core::Metadata::default()
+                    .with_correlation_id(evently_core::CorrelationId::new());
+                metadata.causation_id = Some(evently_core::CausationId::new());
                 metadata.user_id = Some(format!("ü-{i}\t\"x\""));
                 metadata
                     .headers
@@ -1687,7 +1687,7 @@ mod tests {
             let replayed: Vec<ReplayEvent> =
                 store.replay(stream, 0).map(Result::unwrap).collect().await;
             for (replayed, stored) in replayed.iter().zip(&expected) {
-                let cqrs_core::store::Payload::Text(text) = &replayed.payload else {
+                let evently_core::store::Payload::Text(text) = &replayed.payload else {
                     panic!("replay returned a parsed payload");
                 };
                 let reparsed: serde_json::Value = serde_json::from_str(text).unwrap();

@@ -125,7 +125,7 @@ impl Listener {
             .min_connections(0)
             .connect_lazy_with(options);
         let mut backoff =
-            cqrs_core::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+            evently_core::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let mut listener: Option<sqlx::postgres::PgListener> = None;
         loop {
             if listener.is_none() {

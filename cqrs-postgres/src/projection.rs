@@ -1,4 +1,4 @@
-//! PostgreSQL projections: the core's delivery engine ([`cqrs_core::projection::Engine`]) on a
+//! PostgreSQL projections: the core's delivery engine ([`evently_core::projection::Engine`]) on a
 //! PostgreSQL backend. The read-model change and the checkpoint move commit in one transaction,
 //! the checkpoint moves by compare-and-set from the window's start under the epoch of the lease
 //! that makes one worker the owner at a time, and dead letters and operator requests live in the
@@ -9,12 +9,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs_core::projection::engine::{Parked, Request, Savepoint};
-pub use cqrs_core::projection::{
+use evently_core::projection::engine::{Parked, Request, Savepoint};
+pub use evently_core::projection::{
     DeadLetter, FailureMode, FailurePolicy, ProjectionMetrics, Redrive, Step,
 };
-use cqrs_core::projection::{DeliveryBackend, DeliveryError, Engine, Projection};
-use cqrs_core::{Checkpoint, StoreError, StreamId};
+use evently_core::projection::{DeliveryBackend, DeliveryError, Engine, Projection};
+use evently_core::{Checkpoint, StoreError, StreamId};
 use futures::future::BoxFuture;
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
@@ -101,7 +101,7 @@ fn dead_letter(row: &sqlx::postgres::PgRow) -> Result<DeadLetter, WorkerError> {
     let attempts: i32 = row.try_get("attempts").map_err(backend)?;
     Ok(DeadLetter {
         id: row.try_get("id").map_err(backend)?,
-        event_id: cqrs_core::EventId(row.try_get("event_id").map_err(backend)?),
+        event_id: evently_core::EventId(row.try_get("event_id").map_err(backend)?),
         stream: StreamId::new(aggregate_type, aggregate_id),
         version: to_u64(row.try_get("version").map_err(backend)?)?,
         error: row.try_get("error").map_err(backend)?,
@@ -205,7 +205,7 @@ mod letters {
         store: &PostgresEventStore,
         conn: &mut PgConnection,
         letter: &DeadLetter,
-    ) -> Result<Result<cqrs_core::StoredEvent, String>, DeliveryError> {
+    ) -> Result<Result<evently_core::StoredEvent, String>, DeliveryError> {
         let row = sqlx::query(AssertSqlSafe(store.sql.event_by_id.clone()))
             .bind(letter.event_id.0)
             .fetch_optional(conn)
@@ -255,12 +255,12 @@ mod letters {
 }
 
 /// Whether a projection's error is its database being out of reach (see [`crate::is_outage`]).
-fn projection_outage(error: &cqrs_core::projection::ProjectionError) -> bool {
+fn projection_outage(error: &evently_core::projection::ProjectionError) -> bool {
     match error {
-        cqrs_core::projection::ProjectionError::Handler { source, .. } => {
+        evently_core::projection::ProjectionError::Handler { source, .. } => {
             crate::is_outage(&**source)
         }
-        cqrs_core::projection::ProjectionError::Decode(_) => false,
+        evently_core::projection::ProjectionError::Decode(_) => false,
     }
 }
 
@@ -463,7 +463,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
         &mut self,
         unit: &mut Tx,
         letter: &DeadLetter,
-    ) -> Result<Result<cqrs_core::StoredEvent, String>, DeliveryError> {
+    ) -> Result<Result<evently_core::StoredEvent, String>, DeliveryError> {
         letters::reread(&self.store, unit, letter).await
     }
 
@@ -570,7 +570,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
         is_permanent(error)
     }
 
-    fn is_outage(&self, error: &cqrs_core::projection::ProjectionError) -> bool {
+    fn is_outage(&self, error: &evently_core::projection::ProjectionError) -> bool {
         projection_outage(error)
     }
 }
@@ -675,15 +675,15 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for InboxBackend 
         Ok(())
     }
 
-    async fn claim<T: cqrs_core::Payload>(
+    async fn claim<T: evently_core::Payload>(
         &mut self,
         unit: &mut Tx,
-        event: &cqrs_core::StoredEvent<T>,
+        event: &evently_core::StoredEvent<T>,
     ) -> Result<bool, DeliveryError> {
         Ok(self.inbox.claim(unit, P::NAME, event.event_id).await?)
     }
 
-    fn is_outage(&self, error: &cqrs_core::projection::ProjectionError) -> bool {
+    fn is_outage(&self, error: &evently_core::projection::ProjectionError) -> bool {
         projection_outage(error)
     }
 
@@ -701,7 +701,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for InboxBackend 
         &mut self,
         unit: &mut Tx,
         letter: &DeadLetter,
-    ) -> Result<Result<cqrs_core::StoredEvent, String>, DeliveryError> {
+    ) -> Result<Result<evently_core::StoredEvent, String>, DeliveryError> {
         letters::reread(&self.store, unit, letter).await
     }
 
@@ -810,7 +810,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
 
     /// The counters, readable while the worker runs: take it before calling `run`.
     #[must_use]
-    pub fn metrics_handle(&self) -> cqrs_core::telemetry::MetricsHandle<ProjectionMetrics> {
+    pub fn metrics_handle(&self) -> evently_core::telemetry::MetricsHandle<ProjectionMetrics> {
         self.engine.metrics_handle()
     }
 
@@ -828,7 +828,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
     ///
     /// # Errors
     /// [`WorkerError::Store`] when the database fails.
-    pub async fn lag_detail(&self) -> Result<cqrs_core::projection::Lag, WorkerError> {
+    pub async fn lag_detail(&self) -> Result<evently_core::projection::Lag, WorkerError> {
         let checkpoint = self.checkpoint().await?;
         Ok(self.engine.backend().store.lag_after(checkpoint).await?)
     }
@@ -877,7 +877,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
 
     /// Keeps the projection up to date until `shutdown` completes: catches up from the checkpoint,
     /// serves the operators' requests, then waits for a commit wake-up
-    /// ([`EventStore::commit_signal`](cqrs_core::EventStore::commit_signal): one listening
+    /// ([`EventStore::commit_signal`](evently_core::EventStore::commit_signal): one listening
     /// connection per store, outside the pool, whatever runs on it) or `poll` (a lost notification
     /// costs at most one poll interval), and again. A shutdown rolls back the batch in flight (or
     /// finds it committed), never half of it. The lease is renewed on every wake-up; a worker that
@@ -1044,7 +1044,7 @@ pub(crate) trait InlineProjection: Send + Sync {
     /// Applies the subscribed ones of `events` through `conn`.
     fn apply_all<'a>(
         &'a self,
-        events: &'a [cqrs_core::StoredEvent],
+        events: &'a [evently_core::StoredEvent],
         conn: &'a mut PgConnection,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 }
@@ -1058,7 +1058,7 @@ where
 {
     fn apply_all<'a>(
         &'a self,
-        events: &'a [cqrs_core::StoredEvent],
+        events: &'a [evently_core::StoredEvent],
         conn: &'a mut PgConnection,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {

@@ -1,7 +1,7 @@
 //! Reading rows into the core types, with every out-of-range value a typed error.
 
-use cqrs_core::store::{Payload, ReplayEvent};
-use cqrs_core::{
+use evently_core::store::{Payload, ReplayEvent};
+use evently_core::{
     AggregateId, Checkpoint, EventId, Metadata, RawStoredEvent, StoreError, StoredEvent, StreamId,
 };
 use std::ops::ControlFlow;
@@ -139,7 +139,7 @@ where
     );
     let version: i64 = row.try_get_unchecked(5).map_err(backend)?;
     let corrupt = |message: String| {
-        StoreError::Corrupt(Box::new(cqrs_core::store::CorruptEvent {
+        StoreError::Corrupt(Box::new(evently_core::store::CorruptEvent {
             stream: stream.clone(),
             version: u64::try_from(version).unwrap_or(0),
             event_id,

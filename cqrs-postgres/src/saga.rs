@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cqrs_core::saga::{Quarantined, SagaError, SagaId, SagaState, SagaStatus, SagaStore};
+use evently_core::saga::{Quarantined, SagaError, SagaId, SagaState, SagaStatus, SagaStore};
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::PostgresEventStore;
@@ -32,7 +32,7 @@ fn backend(error: sqlx::Error) -> SagaError {
 }
 
 fn lease_seconds(lease: Duration) -> f64 {
-    lease.min(cqrs_core::saga::MAX_DURATION).as_secs_f64()
+    lease.min(evently_core::saga::MAX_DURATION).as_secs_f64()
 }
 
 fn to_i64(n: u64) -> Result<i64, SagaError> {

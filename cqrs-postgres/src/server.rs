@@ -14,7 +14,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use cqrs_core::{Checkpoint, MoveEvidence, StoreError, StoreMoved};
+use evently_core::{Checkpoint, MoveEvidence, StoreError, StoreMoved};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
 use crate::PostgresEventStore;

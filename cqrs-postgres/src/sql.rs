@@ -1,7 +1,7 @@
 //! The SQL of the store, with the schema name quoted in once at construction. Every value is a bind
 //! parameter; the schema name is the only text put into a statement, validated and quoted.
 
-use cqrs_core::StoreError;
+use evently_core::StoreError;
 
 /// The columns every read of events selects, first and in this order (`rows::stored_event` reads
 /// them by index). The transaction id goes out as text under another name:

@@ -13,14 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::fresh_store;
-use cqrs_core::prelude::*;
-use cqrs_core::projection::{
+use cqrs_examples::bank::{AccountEvent, Deposit};
+use evently_core::prelude::*;
+use evently_core::projection::{
     Delivered, Engine, FailureMode, FailurePolicy, HandlerError, WAITS_BEHIND,
 };
-use cqrs_core::{EventData, EventId, RecordedEvent, StoredEvent};
-use cqrs_examples::bank::{AccountEvent, Deposit};
-use cqrs_postgres::PostgresEventStore;
-use cqrs_postgres::projection::{DeadLetters, InboxBackend};
+use evently_core::{EventData, EventId, RecordedEvent, StoredEvent};
+use evently_postgres::PostgresEventStore;
+use evently_postgres::projection::{DeadLetters, InboxBackend};
 use futures::TryStreamExt as _;
 use sqlx::{AssertSqlSafe, PgConnection};
 

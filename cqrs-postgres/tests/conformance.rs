@@ -2,4 +2,4 @@
 
 mod common;
 
-cqrs_core::event_store_conformance_tests!(|name: &'static str| common::fresh_store(name));
+evently_core::event_store_conformance_tests!(|name: &'static str| common::fresh_store(name));

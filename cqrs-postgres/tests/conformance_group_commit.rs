@@ -3,8 +3,8 @@
 
 mod common;
 
-cqrs_core::event_store_conformance_tests!(|name: &'static str| async move {
+evently_core::event_store_conformance_tests!(|name: &'static str| async move {
     common::fresh_store(&format!("gc_{name}"))
         .await
-        .with_group_commit(cqrs_postgres::GroupCommit::default())
+        .with_group_commit(evently_postgres::GroupCommit::default())
 });

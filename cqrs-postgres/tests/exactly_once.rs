@@ -10,12 +10,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{fresh_store, pool};
-use cqrs_core::prelude::*;
-use cqrs_core::projection::HandlerError;
-use cqrs_core::{Checkpoint, EventData, EventStoreExt as _, RecordedEvent, StoreError};
 use cqrs_examples::bank::{AccountEvent, Deposit};
-use cqrs_postgres::PostgresEventStore;
-use cqrs_postgres::projection::{DeadLetters, ProjectionWorker, WorkerError, read_checkpoint};
+use evently_core::prelude::*;
+use evently_core::projection::HandlerError;
+use evently_core::{Checkpoint, EventData, EventStoreExt as _, RecordedEvent, StoreError};
+use evently_postgres::PostgresEventStore;
+use evently_postgres::projection::{DeadLetters, ProjectionWorker, WorkerError, read_checkpoint};
 use rand::Rng as _;
 use sqlx::{AssertSqlSafe, PgConnection};
 
@@ -260,7 +260,7 @@ async fn two_live_workers_under_one_name_apply_each_event_once() {
 async fn run_rides_out_terminated_connections() {
     let store = setup("terminated", 1_000).await;
     let app = "cqrs_terminated_worker";
-    let url = cqrs_postgres::database_url();
+    let url = evently_postgres::database_url();
     let separator = if url.contains('?') { '&' } else { '?' };
     let worker_store = PostgresEventStore::connect(
         &format!("{url}{separator}application_name={app}"),
@@ -318,8 +318,8 @@ async fn run_rides_out_terminated_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_and_workers_never_starve_appends_of_connections() {
     let base = setup("crowded", 10).await;
-    let url = cqrs_postgres::database_url();
-    let pool = cqrs_postgres::PoolOptions {
+    let url = evently_postgres::database_url();
+    let pool = evently_postgres::PoolOptions {
         max_connections: 8,
         acquire_timeout: Duration::from_secs(5),
     };
@@ -330,7 +330,7 @@ async fn listeners_and_workers_never_starve_appends_of_connections() {
         PostgresEventStore::connect_with(
             &url,
             base.schema(),
-            cqrs_postgres::PoolOptions {
+            evently_postgres::PoolOptions {
                 max_connections: 0,
                 ..pool
             }
@@ -431,7 +431,7 @@ async fn unreadable_rows_are_parked_with_their_position_and_passed() {
         value
     };
     let deep_event = |depth: usize| EventData {
-        event_id: cqrs_core::EventId::new(),
+        event_id: evently_core::EventId::new(),
         event_type: deposited_type(),
         schema_version: 2,
         payload: serde_json::json!({ "amount_cents": 1, "reference": "", "extra": nested(depth) }),
@@ -439,7 +439,7 @@ async fn unreadable_rows_are_parked_with_their_position_and_passed() {
     };
     // The append side: the deepest readable payload is accepted and read back; one deeper is
     // refused, naming why.
-    let limit = cqrs_core::store::MAX_JSON_DEPTH;
+    let limit = evently_core::store::MAX_JSON_DEPTH;
     store
         .append(
             &StreamId::new("account", "deepest"),
@@ -463,7 +463,7 @@ async fn unreadable_rows_are_parked_with_their_position_and_passed() {
         .load_all(&StreamId::new("account", "deepest"))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(cqrs_core::store::json_depth(&deepest[0].payload), limit);
+    assert_eq!(evently_core::store::json_depth(&deepest[0].payload), limit);
 
     // The read side: rows written around the store (its version check dropped, as an import
     // from elsewhere might have).

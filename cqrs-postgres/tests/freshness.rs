@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::fresh_store;
-use cqrs_core::prelude::*;
-use cqrs_core::projection::{HandlerError, NotCaughtUp, ProjectionFixture, wait_until_caught_up};
-use cqrs_core::{CommandGateway, RecordedEvent};
 use cqrs_examples::order::{Order, OrderCommand, OrderEvent, OrderItem};
-use cqrs_postgres::projection::ProjectionWorker;
-use cqrs_postgres::{PostgresEventStore, PostgresFixture};
+use evently_core::prelude::*;
+use evently_core::projection::{
+    HandlerError, NotCaughtUp, ProjectionFixture, wait_until_caught_up,
+};
+use evently_core::{CommandGateway, RecordedEvent};
+use evently_postgres::projection::ProjectionWorker;
+use evently_postgres::{PostgresEventStore, PostgresFixture};
 use sqlx::{AssertSqlSafe, PgConnection};
 
 /// One row per order, inserted by its creation: a second insert of the same order fails (so a
@@ -150,7 +152,7 @@ async fn the_fixture_runs_the_worker_on_the_real_tables() {
 /// One worker process under `owner` until `stop` says so, its connections tagged with `app` so
 /// they can be terminated.
 async fn worker_store(store: &PostgresEventStore, app: &str) -> PostgresEventStore {
-    let url = cqrs_postgres::database_url();
+    let url = evently_postgres::database_url();
     let separator = if url.contains('?') { '&' } else { '?' };
     PostgresEventStore::connect(
         &format!("{url}{separator}application_name={app}"),
@@ -163,7 +165,7 @@ async fn worker_store(store: &PostgresEventStore, app: &str) -> PostgresEventSto
 fn spawn_worker(
     store: &PostgresEventStore,
     owner: &str,
-) -> tokio::task::JoinHandle<Result<OrderRows, cqrs_postgres::projection::WorkerError>> {
+) -> tokio::task::JoinHandle<Result<OrderRows, evently_postgres::projection::WorkerError>> {
     let worker = ProjectionWorker::new(store.clone(), rows(store), owner)
         .with_batch(7)
         .with_lease(Duration::from_millis(300));
@@ -264,7 +266,7 @@ async fn every_command_reads_its_own_write_through_worker_deaths() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(count, 240);
-    let letters = cqrs_postgres::projection::DeadLetters::new(store.clone())
+    let letters = evently_postgres::projection::DeadLetters::new(store.clone())
         .list("order_rows")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -298,5 +300,5 @@ async fn a_wait_with_no_worker_times_out_with_the_checkpoint_reached() {
     let NotCaughtUp::TimedOut { reached, .. } = error else {
         panic!("{error}");
     };
-    assert_eq!(reached, cqrs_core::Checkpoint::START);
+    assert_eq!(reached, evently_core::Checkpoint::START);
 }

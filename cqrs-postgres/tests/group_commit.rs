@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{fresh_store, pool};
-use cqrs_core::conformance::event;
-use cqrs_core::prelude::*;
-use cqrs_core::{Checkpoint, EventData, EventStoreExt, StoreError};
-use cqrs_postgres::{GroupCommit, PostgresEventStore};
+use evently_core::conformance::event;
+use evently_core::prelude::*;
+use evently_core::{Checkpoint, EventData, EventStoreExt, StoreError};
+use evently_postgres::{GroupCommit, PostgresEventStore};
 use rand::{Rng, SeedableRng};
 
 fn stream(id: &str) -> StreamId {
@@ -48,7 +48,7 @@ async fn append_surely(
         match outcome {
             Ok(done) => return (done.version, cuts),
             Err(StoreError::AlreadyAppended(original)) => return (original.version, cuts),
-            Err(error) if cqrs_postgres::is_outage(&error) => {}
+            Err(error) if evently_postgres::is_outage(&error) => {}
             Err(other) => panic!("{s}: {other}"),
         }
     }
@@ -169,7 +169,7 @@ async fn cut_and_terminated_appends_are_stored_exactly_once() {
             (writer, written, cuts)
         }));
     }
-    let mut expected: BTreeMap<String, Vec<cqrs_core::EventId>> = BTreeMap::new();
+    let mut expected: BTreeMap<String, Vec<evently_core::EventId>> = BTreeMap::new();
     let mut cuts = 0;
     for task in tasks {
         let (writer, written, c) = task.await.unwrap_or_else(|e| panic!("{e}"));
@@ -197,7 +197,7 @@ async fn cut_and_terminated_appends_are_stored_exactly_once() {
         assert_eq!(stored_ids, wanted, "{id}: each event exactly once");
         total += stored.len();
     }
-    let read = cqrs_core::conformance::read_settled(&store, Checkpoint::START, total).await;
+    let read = evently_core::conformance::read_settled(&store, Checkpoint::START, total).await;
     assert_eq!(read.len(), total);
     let mut last: BTreeMap<String, u64> = BTreeMap::new();
     for e in &read {

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::fresh_store;
-use cqrs_core::prelude::*;
-use cqrs_core::projection::{
+use evently_core::prelude::*;
+use evently_core::projection::{
     DeadLetter, DeliveryError, FailurePolicy, HandlerError, Redrive, Step,
 };
-use cqrs_core::projection_conformance::{LedgerRuntime, is_poison};
-use cqrs_postgres::PostgresEventStore;
-use cqrs_postgres::projection::{DeadLetters, ProjectionWorker};
+use evently_core::projection_conformance::{LedgerRuntime, is_poison};
+use evently_postgres::PostgresEventStore;
+use evently_postgres::projection::{DeadLetters, ProjectionWorker};
 use sqlx::{AssertSqlSafe, PgConnection};
 
 /// The suite's credits.
@@ -120,13 +120,13 @@ impl LedgerRuntime for PostgresLedger {
         &self.store
     }
 
-    fn credit(amount: u64) -> cqrs_core::EventData {
-        cqrs_core::EventData::from_event(&LedgerEvent::Credited { amount }, Metadata::default())
+    fn credit(amount: u64) -> evently_core::EventData {
+        evently_core::EventData::from_event(&LedgerEvent::Credited { amount }, Metadata::default())
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn noise() -> cqrs_core::EventData {
-        cqrs_core::EventData::from_event(&NoiseEvent::Noise, Metadata::default())
+    fn noise() -> evently_core::EventData {
+        evently_core::EventData::from_event(&NoiseEvent::Noise, Metadata::default())
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -200,4 +200,4 @@ impl LedgerRuntime for PostgresLedger {
     }
 }
 
-cqrs_core::projection_conformance_tests!(|test: &'static str| PostgresLedger::new(test));
+evently_core::projection_conformance_tests!(|test: &'static str| PostgresLedger::new(test));

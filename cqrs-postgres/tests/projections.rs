@@ -7,12 +7,12 @@ mod common;
 use std::time::Duration;
 
 use common::fresh_store;
-use cqrs_core::prelude::*;
-use cqrs_core::projection::HandlerError;
-use cqrs_core::{EventData, RecordedEvent};
 use cqrs_examples::bank::{AccountEvent, Deposit};
-use cqrs_postgres::PostgresEventStore;
-use cqrs_postgres::projection::{
+use evently_core::prelude::*;
+use evently_core::projection::HandlerError;
+use evently_core::{EventData, RecordedEvent};
+use evently_postgres::PostgresEventStore;
+use evently_postgres::projection::{
     DeadLetters, FailureMode, FailurePolicy, ProjectionWorker, WorkerError, read_checkpoint,
 };
 use sqlx::{AssertSqlSafe, PgConnection};
@@ -595,7 +595,7 @@ async fn inline_projections_give_read_your_writes() {
     assert!(
         matches!(
             error,
-            cqrs_core::StoreError::InlineProjection {
+            evently_core::StoreError::InlineProjection {
                 projection: "inline_totals",
                 ..
             }
@@ -621,7 +621,7 @@ async fn dense_and_sparse_phases_give_exactly_the_subscribed_events() {
     let _horizon = XMIN_HORIZON.read().await;
     let store = setup("projection_phases", 0).await;
     let noise = |n: u64| EventData {
-        event_id: cqrs_core::EventId::new(),
+        event_id: evently_core::EventId::new(),
         event_type: "Noise".into(),
         schema_version: 1,
         payload: serde_json::json!({ "n": n }),

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{fresh_store, fresh_store_with, pool};
-use cqrs_core::conformance::event;
-use cqrs_core::prelude::*;
-use cqrs_core::{Checkpoint, EventData, EventId, EventStoreExt, StoreError, StoredEvent};
 use cqrs_examples::bank::{Account, AccountCommand};
-use cqrs_postgres::PostgresEventStore;
+use evently_core::conformance::event;
+use evently_core::prelude::*;
+use evently_core::{Checkpoint, EventData, EventId, EventStoreExt, StoreError, StoredEvent};
+use evently_postgres::PostgresEventStore;
 use rand::{Rng, SeedableRng};
 use sqlx::AssertSqlSafe;
 
@@ -526,7 +526,10 @@ async fn bad_stored_data_is_a_typed_error_naming_the_row() {
             ..
         }) => {
             assert_eq!(event_type, "MoneyExploded");
-            assert!(matches!(*error, cqrs_core::DecodeError::UnknownType { .. }));
+            assert!(matches!(
+                *error,
+                evently_core::DecodeError::UnknownType { .. }
+            ));
         }
         other => panic!("expected an unknown-type error, got {other:?}"),
     }
@@ -677,7 +680,7 @@ async fn commits_wake_listeners() {
 /// processes) racing with one key execute the command once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_keys_and_snapshots_on_postgres() {
-    use cqrs_core::SnapshotStore;
+    use evently_core::SnapshotStore;
     let store = fresh_store("gateway_pg").await;
     let open = CommandGateway::<Account, _>::new(store.clone()).with_snapshots(store.clone());
     open.execute(
@@ -889,7 +892,7 @@ async fn the_last_n_events_start_after_checkpoint_before_last() {
         }
     }
     // Another test's open transaction holds the cluster's read horizon back: wait it out.
-    let all = cqrs_core::conformance::read_settled(&store, Checkpoint::START, 23).await;
+    let all = evently_core::conformance::read_settled(&store, Checkpoint::START, 23).await;
     assert_eq!(all.len(), 23);
     for n in [0, 1, 10, 22, 23, 24, 1_000] {
         let start = store

@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::fresh_store;
-use cqrs_core::prelude::*;
-use cqrs_core::saga::{
+use evently_core::prelude::*;
+use evently_core::saga::{
     InMemorySagaStore, Orchestrator, SagaError, SagaStarter, SagaState, SagaStatus, SagaStore,
     StartedBy, StepError, StepKey,
 };
-use cqrs_core::{Checkpoint, EventData, EventId, StoredEvent};
-use cqrs_postgres::saga::PostgresSagaStore;
+use evently_core::{Checkpoint, EventData, EventId, StoredEvent};
+use evently_postgres::saga::PostgresSagaStore;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
@@ -108,7 +108,7 @@ async fn postgres(name: &str) -> PostgresSagaStore {
 /// An instance of `wedge` whose data the strict code cannot read, started before `others`.
 async fn bad_instance<St: SagaStore>(store: &St) -> SagaState {
     let mut bad = SagaState::start::<Lenient>(
-        cqrs_core::saga::SagaId::new(),
+        evently_core::saga::SagaId::new(),
         &LenientTicket {
             n: serde_json::json!("seven"),
         },
@@ -367,7 +367,10 @@ async fn one_instance_per_saga_and_event<St: SagaStore + Clone>(store: St) {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(instances.len(), 1, "{name}");
         assert_eq!(instances[0].started_by, Some(event.event_id.0));
-        assert_eq!(instances[0].id, cqrs_core::saga::started_id(name, &event));
+        assert_eq!(
+            instances[0].id,
+            evently_core::saga::started_id(name, &event)
+        );
     }
     assert_eq!(
         store
@@ -397,7 +400,7 @@ async fn an_instance_started_before_the_migration_is_not_started_again() {
     let store = PostgresSagaStore::new(events.clone());
     let event_id = EventId::new();
     // As the old starter stored it: id = event id, no started_by in the state.
-    let old = SagaState::start::<Welcome>(cqrs_core::saga::SagaId(event_id.0), &Ticket { n: 1 })
+    let old = SagaState::start::<Welcome>(evently_core::saga::SagaId(event_id.0), &Ticket { n: 1 })
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(
         store
@@ -603,7 +606,7 @@ async fn a_stalled_orchestrator_is_fenced_out_on_postgres() {
         Box::pin(async move {
             let pool = common::pool(4).await;
             PostgresSagaStore::new(
-                cqrs_postgres::PostgresEventStore::new(pool, &schema)
+                evently_postgres::PostgresEventStore::new(pool, &schema)
                     .unwrap_or_else(|e| panic!("{e}")),
             )
         })

@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::fresh_store;
-use cqrs_core::Saga;
-use cqrs_core::saga::{
+use evently_core::Saga;
+use evently_core::saga::{
     Orchestrator, Saga as _, SagaError, SagaStatus, SagaStore, StepError, StepKey, StepOutcome,
 };
-use cqrs_postgres::saga::PostgresSagaStore;
+use evently_postgres::saga::PostgresSagaStore;
 use serde::{Deserialize, Serialize};
 
 /// Counts every execution by step key, across orchestrators; fails the payment of orders whose
@@ -119,7 +119,7 @@ async fn a_saga_runs_to_its_end_and_a_stale_save_is_refused() {
     assert_eq!(
         store
             .list(
-                Some(<Fulfillment as cqrs_core::saga::Saga>::NAME),
+                Some(<Fulfillment as evently_core::saga::Saga>::NAME),
                 Some(SagaStatus::Completed)
             )
             .await
@@ -225,7 +225,7 @@ async fn a_saga_left_by_a_dead_orchestrator_is_resumed() {
         "dying",
     )
     .with_lease(Duration::from_millis(50));
-    let id = cqrs_core::saga::SagaId::new();
+    let id = evently_core::saga::SagaId::new();
     // The orchestrator dies while the payment hangs, once the reservation is saved (however
     // long that takes on a loaded machine).
     let reservation_saved = async {
@@ -342,11 +342,11 @@ async fn sagas_cut_at_random_points_on_postgres_resume_to_an_end() {
         let dying =
             Orchestrator::<Fulfillment, _>::new(store.clone(), Arc::new(services.clone()), "dying")
                 .with_lease(Duration::from_millis(1));
-        let id = cqrs_core::saga::SagaId::new();
+        let id = evently_core::saga::SagaId::new();
         // Amounts that are multiples of 5 are declined: those sagas compensate.
         let order = Order { amount: run % 10 };
         let cut = usize::try_from(run % 50).unwrap_or(0);
-        let _ = cqrs_core::testing::cut_after(cut, dying.start_with_id(id, order)).await;
+        let _ = evently_core::testing::cut_after(cut, dying.start_with_id(id, order)).await;
         let Some(saved) = store.load(id).await.unwrap_or_else(|e| panic!("{e}")) else {
             never_stored += 1;
             continue;

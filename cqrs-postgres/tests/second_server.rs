@@ -11,9 +11,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{deposit, fresh_store, global_order, read_after};
-use cqrs_core::prelude::*;
-use cqrs_core::{Checkpoint, EventStore, ExpectedVersion, MoveEvidence, StoreError};
-use cqrs_postgres::{CheckpointLease, PostgresEventStore, database_url};
+use evently_core::prelude::*;
+use evently_core::{Checkpoint, EventStore, ExpectedVersion, MoveEvidence, StoreError};
+use evently_postgres::{CheckpointLease, PostgresEventStore, database_url};
 use sqlx::AssertSqlSafe;
 
 fn second_url() -> String {
@@ -210,7 +210,7 @@ async fn a_store_dumped_and_restored_into_another_server_is_refused_then_rebased
             .is_none()
     );
     assert_eq!(read_after(&process, Checkpoint::START, 500).await, written);
-    let resumed = cqrs_postgres::projection::read_checkpoint(&process, "reader")
+    let resumed = evently_postgres::projection::read_checkpoint(&process, "reader")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(read_after(&process, resumed, 500).await, written[600..]);

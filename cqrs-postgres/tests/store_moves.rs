@@ -13,12 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{deposit, fresh_store, global_order, read_after};
-use cqrs_core::prelude::*;
-use cqrs_core::projection::HandlerError;
-use cqrs_core::{Checkpoint, EventStore, ExpectedVersion, MoveEvidence, StoreError};
 use cqrs_examples::bank::AccountEvent;
-use cqrs_postgres::projection::ProjectionWorker;
-use cqrs_postgres::{CheckpointLease, PostgresEventStore};
+use evently_core::prelude::*;
+use evently_core::projection::HandlerError;
+use evently_core::{Checkpoint, EventStore, ExpectedVersion, MoveEvidence, StoreError};
+use evently_postgres::projection::ProjectionWorker;
+use evently_postgres::{CheckpointLease, PostgresEventStore};
 use futures::TryStreamExt as _;
 use sqlx::{AssertSqlSafe, PgConnection};
 
@@ -45,7 +45,7 @@ async fn append_concurrently(store: &PostgresEventStore, writers: usize, each: u
 }
 
 /// The ids of `events`.
-fn ids(events: &[cqrs_core::StoredEvent]) -> Vec<uuid::Uuid> {
+fn ids(events: &[evently_core::StoredEvent]) -> Vec<uuid::Uuid> {
     events.iter().map(|e| e.event_id.0).collect()
 }
 
@@ -63,7 +63,7 @@ async fn read_n_after(store: &PostgresEventStore, after: Checkpoint, n: usize) -
 }
 
 /// The first `n` events of the global order (waiting for them to be readable).
-async fn first_n(store: &PostgresEventStore, n: usize) -> Vec<cqrs_core::StoredEvent> {
+async fn first_n(store: &PostgresEventStore, n: usize) -> Vec<evently_core::StoredEvent> {
     for _ in 0..100 {
         let page = store
             .read_all(Checkpoint::START, n)
@@ -94,7 +94,7 @@ async fn shift_ids(store: &PostgresEventStore, shift: u64) {
 
 /// Another process's view of the store: a pool of its own, so it checks the server anew.
 async fn reopen(store: &PostgresEventStore) -> PostgresEventStore {
-    PostgresEventStore::connect(&cqrs_postgres::database_url(), store.schema())
+    PostgresEventStore::connect(&evently_postgres::database_url(), store.schema())
         .await
         .unwrap_or_else(|e| panic!("{e}"))
 }
@@ -139,7 +139,7 @@ async fn transaction_ids_ahead_of_the_server_are_refused_then_rebased_in_the_sam
             .advance(Checkpoint::START, held)
             .await
             .unwrap_or_else(|e| panic!("{e}")),
-        cqrs_postgres::Advance::Done
+        evently_postgres::Advance::Done
     );
 
     shift_ids(&store, 1_000_000_000).await;
@@ -304,7 +304,7 @@ async fn a_rebase_keeps_an_order_the_global_position_does_not() {
         read_n_after(&moved, Checkpoint::START, restored.len()).await,
         restored
     );
-    let checkpoint = cqrs_postgres::projection::read_checkpoint(&moved, "relay")
+    let checkpoint = evently_postgres::projection::read_checkpoint(&moved, "relay")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
@@ -423,7 +423,7 @@ async fn a_rebase_cut_at_any_point_leaves_all_or_nothing() {
         moved.rebase().await.unwrap_or_else(|e| panic!("{e}"));
     }
     eprintln!("rebases cut: {cut}, finished: {finished}");
-    let resumed = cqrs_postgres::projection::read_checkpoint(&moved, "reader")
+    let resumed = evently_postgres::projection::read_checkpoint(&moved, "reader")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(read_n_after(&moved, resumed, 70).await, written[50..]);

@@ -8,7 +8,7 @@
 
 mod common;
 
-use cqrs_postgres::{PostgresEventStore, database_url};
+use evently_postgres::{PostgresEventStore, database_url};
 
 /// `DATABASE_URL` with `params` added to its query.
 fn with(params: &str) -> String {
@@ -20,7 +20,7 @@ fn with(params: &str) -> String {
 #[cfg(feature = "tls")]
 #[tokio::test]
 async fn a_store_over_tls_encrypts_and_checks_the_servers_certificate() {
-    use cqrs_core::{EventData, EventStore as _, ExpectedVersion, Metadata, StreamId};
+    use evently_core::{EventData, EventStore as _, ExpectedVersion, Metadata, StreamId};
 
     let plain = common::pool(1).await;
     let ssl: String = sqlx::query_scalar("SHOW ssl")
@@ -61,7 +61,7 @@ async fn a_store_over_tls_encrypts_and_checks_the_servers_certificate() {
             &stream,
             ExpectedVersion::NoStream,
             vec![EventData {
-                event_id: cqrs_core::EventId::new(),
+                event_id: evently_core::EventId::new(),
                 event_type: "Opened".into(),
                 schema_version: 1,
                 payload: serde_json::json!({ "owner": "tls" }),

@@ -26,7 +26,7 @@ pub struct RabbitConfig {
 impl fmt::Debug for RabbitConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitConfig")
-            .field("url", &cqrs_transport::masked_url(&self.url))
+            .field("url", &evently_transport::masked_url(&self.url))
             .field("exchange", &self.exchange)
             .field("declare", &self.declare)
             .finish_non_exhaustive()
@@ -71,7 +71,7 @@ impl RabbitConfig {
 
     /// Whether this crate declares the exchanges and queues it uses (the default; declaring is
     /// idempotent) or only checks that they exist (topology managed by operators): a missing one
-    /// is then a [`TransportError::Topology`](cqrs_transport::TransportError::Topology) naming it.
+    /// is then a [`TransportError::Topology`](evently_transport::TransportError::Topology) naming it.
     #[must_use]
     pub fn with_declare(mut self, declare: bool) -> Self {
         self.declare = declare;

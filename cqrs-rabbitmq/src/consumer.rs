@@ -15,13 +15,13 @@
 //! of several with [`with_single_active_consumer`](RabbitConsumer::with_single_active_consumer)
 //! (the others wait as hot standbys).
 //!
-//! [`Transactional`]: cqrs_transport::Transactional
+//! [`Transactional`]: evently_transport::Transactional
 
 use std::future::Future;
 use std::time::Duration;
 
-use cqrs_transport::envelope::header;
-use cqrs_transport::{
+use evently_transport::envelope::header;
+use evently_transport::{
     Consumer, ConsumerMetrics, EventSerializer, MessageHandler, TransportError, Verdict,
 };
 use futures::StreamExt;
@@ -228,7 +228,7 @@ impl<H: MessageHandler> RabbitConsumer<H> {
         shutdown: impl Future<Output = ()>,
     ) -> Result<ConsumerMetrics, TransportError> {
         let _alerts = self.alert.map(|(threshold, every)| {
-            cqrs_transport::dead_letters::AlertTask::spawn(
+            evently_transport::dead_letters::AlertTask::spawn(
                 Box::new(crate::RabbitDeadLetters::new(
                     &self.config,
                     self.spec.name.clone(),
@@ -239,14 +239,20 @@ impl<H: MessageHandler> RabbitConsumer<H> {
         });
         let name = self.spec.name.clone();
         let declares = self.config.declares();
-        cqrs_transport::consume::reconnecting(&mut self, crate::BROKER, &name, declares, shutdown)
-            .await?;
+        evently_transport::consume::reconnecting(
+            &mut self,
+            crate::BROKER,
+            &name,
+            declares,
+            shutdown,
+        )
+        .await?;
         Ok(self.core.metrics())
     }
 
     /// One connection's life: consume until the connection or channel fails. Cut at any point
     /// (shutdown), nothing is lost: what was not acknowledged comes again.
-    async fn consume(&mut self, backoff: &mut cqrs_core::Backoff) -> Result<(), TransportError> {
+    async fn consume(&mut self, backoff: &mut evently_core::Backoff) -> Result<(), TransportError> {
         let connection = connect(&self.config).await?;
         // Every step of the setup is bounded like the acks: a connection cut while it runs may
         // leave lapin never answering, and a session stuck here would hold the queue's messages
@@ -399,10 +405,10 @@ async fn answered<T>(
         .map_err(broker(operation))
 }
 
-impl<H: MessageHandler> cqrs_transport::consume::Session for RabbitConsumer<H> {
+impl<H: MessageHandler> evently_transport::consume::Session for RabbitConsumer<H> {
     fn session(
         &mut self,
-        backoff: &mut cqrs_core::Backoff,
+        backoff: &mut evently_core::Backoff,
     ) -> impl Future<Output = Result<(), TransportError>> {
         self.consume(backoff)
     }

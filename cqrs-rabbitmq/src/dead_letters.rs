@@ -1,6 +1,6 @@
 //! A consumer's dead-letter queue (`<queue>.dlq`), for operators: count, list, retry, purge.
 
-use cqrs_transport::{BrokerDeadLetter, DeadLetterQueue, TransportError};
+use evently_transport::{BrokerDeadLetter, DeadLetterQueue, TransportError};
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions, QueuePurgeOptions,

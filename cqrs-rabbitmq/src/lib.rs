@@ -8,11 +8,11 @@ mod topology;
 
 pub use config::{RabbitConfig, RoutingKey, default_routing_key};
 pub use consumer::RabbitConsumer;
-pub use cqrs_transport::{
+pub use dead_letters::RabbitDeadLetters;
+pub use evently_transport::{
     BrokerDeadLetter, ConsumerMetrics, DeadLetterQueue, HandleError, Handled, InProcess,
     MessageHandler, RelayMetrics, RelayStep, Transactional, TransportError,
 };
-pub use dead_letters::RabbitDeadLetters;
 pub use sink::{RabbitLayout, RabbitMessage, RabbitRelay, RabbitSink};
 
 /// The broker's name in errors.

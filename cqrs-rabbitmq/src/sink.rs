@@ -3,9 +3,9 @@
 
 use std::collections::VecDeque;
 
-use cqrs_core::RawStoredEvent;
-use cqrs_transport::envelope::headers_of;
-use cqrs_transport::{BrokerError, Layout, Outgoing, Sink, TransportError};
+use evently_core::RawStoredEvent;
+use evently_transport::envelope::headers_of;
+use evently_transport::{BrokerError, Layout, Outgoing, Sink, TransportError};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
@@ -21,7 +21,7 @@ const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 pub(crate) const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The relay publishing to RabbitMQ: `RabbitRelay::new(store, RabbitSink::new(config), owner)`.
-pub type RabbitRelay = cqrs_transport::Relay<RabbitSink>;
+pub type RabbitRelay = evently_transport::Relay<RabbitSink>;
 
 /// Publishes the relay's messages to the config's topic exchange: routing key from the aggregate
 /// type and event type, `message_id` = the event id, persistent delivery mode, the framework's

@@ -1,7 +1,7 @@
 //! Connecting, and the exchanges and queues the relay and consumers use: declared (idempotently)
 //! or, with declaration off, only checked.
 
-use cqrs_transport::TransportError;
+use evently_transport::TransportError;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};

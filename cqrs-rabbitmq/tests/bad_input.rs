@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use cqrs_rabbitmq::{RabbitConfig, RabbitConsumer, RabbitSink, TransportError};
-use cqrs_transport::Sink;
-use cqrs_transport::conformance::Unused;
+use evently_rabbitmq::{RabbitConfig, RabbitConsumer, RabbitSink, TransportError};
+use evently_transport::Sink;
+use evently_transport::conformance::Unused;
 
 fn unique(name: &str) -> String {
     let nanos = std::time::SystemTime::now()

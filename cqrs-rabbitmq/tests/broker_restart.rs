@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use cqrs_transport::conformance;
+use evently_transport::conformance;
 
 fn rabbitmqctl(command: &str) {
     let status = std::process::Command::new("rabbitmqctl")
@@ -19,7 +19,7 @@ fn rabbitmqctl(command: &str) {
 
 async fn wait_up() {
     for _ in 0..200 {
-        let url = cqrs_rabbitmq::RabbitConfig::from_env().url().to_owned();
+        let url = evently_rabbitmq::RabbitConfig::from_env().url().to_owned();
         if lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
             .await
             .is_ok()

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use cqrs_core::{EventId, StoredEvent};
-use cqrs_transport::{HandleError, Handled, MessageHandler};
+use evently_core::{EventId, StoredEvent};
+use evently_transport::{HandleError, Handled, MessageHandler};
 use redis::aio::ConnectionManager;
 
 use crate::{RELEASE, millis};
@@ -34,7 +34,7 @@ pub enum Claim {
 /// before [`finish`](Self::finish) leaves the claim to expire, and the redelivered event is
 /// handled again (the at-least-once window, as long as one handler run). A Redis that keeps
 /// nothing on disk forgets every mark when it restarts. Where the effect is a PostgreSQL write,
-/// use the PostgreSQL inbox (`cqrs_transport::Transactional`) instead: it has neither window.
+/// use the PostgreSQL inbox (`evently_transport::Transactional`) instead: it has neither window.
 #[derive(Clone)]
 pub struct RedisInbox {
     conn: ConnectionManager,

@@ -5,7 +5,7 @@ mod inbox;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use cqrs_core::{
+use evently_core::{
     Aggregate, AggregateId, CommandError, CommandGateway, CommandMetadata, EventStore, Executed,
     KeyRecord, StreamId,
 };

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cqrs_redis::{Claim, Deduplicated, IdempotencyError, RedisIdempotency, RedisInbox};
-use cqrs_transport::{HandleError, Handled, MessageHandler};
+use evently_redis::{Claim, Deduplicated, IdempotencyError, RedisIdempotency, RedisInbox};
+use evently_transport::{HandleError, Handled, MessageHandler};
 
 fn url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
@@ -18,7 +18,7 @@ fn unique(name: &str) -> String {
 }
 
 async fn idempotency(prefix: &str) -> RedisIdempotency {
-    let conn = cqrs_redis::connect(&url())
+    let conn = evently_redis::connect(&url())
         .await
         .unwrap_or_else(|e| panic!("Redis at {}: {e}", url()));
     RedisIdempotency::new(conn).with_prefix(prefix)
@@ -208,7 +208,7 @@ async fn a_redis_restart_forgets_the_keys_as_documented() {
     let mut server = start();
     let url = format!("redis://127.0.0.1:{port}");
     let conn = loop {
-        if let Ok(conn) = cqrs_redis::connect(&url).await {
+        if let Ok(conn) = evently_redis::connect(&url).await {
             break conn;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -270,7 +270,7 @@ impl MessageHandler for Counting {
         "counting"
     }
 
-    async fn handle(&mut self, _: &cqrs_core::StoredEvent) -> Result<Handled, HandleError> {
+    async fn handle(&mut self, _: &evently_core::StoredEvent) -> Result<Handled, HandleError> {
         if self.failing.load(Ordering::SeqCst) {
             return Err(HandleError::Failed("down".into()));
         }
@@ -279,23 +279,23 @@ impl MessageHandler for Counting {
     }
 }
 
-fn event() -> cqrs_core::StoredEvent {
-    cqrs_core::StoredEvent {
-        event_id: cqrs_core::EventId::new(),
-        stream: cqrs_core::StreamId::new("order", "o-1"),
+fn event() -> evently_core::StoredEvent {
+    evently_core::StoredEvent {
+        event_id: evently_core::EventId::new(),
+        stream: evently_core::StreamId::new("order", "o-1"),
         version: 1,
-        checkpoint: cqrs_core::Checkpoint::START,
+        checkpoint: evently_core::Checkpoint::START,
         recorded_at: chrono::Utc::now(),
         event_type: "OrderPlaced".into(),
         schema_version: 1,
         payload: serde_json::json!({}),
-        metadata: cqrs_core::Metadata::default(),
+        metadata: evently_core::Metadata::default(),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_inbox_handles_each_event_once() {
-    let conn = cqrs_redis::connect(&url())
+    let conn = evently_redis::connect(&url())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let inbox = RedisInbox::new(conn).with_prefix(unique("inbox"));
@@ -316,7 +316,7 @@ async fn the_redis_inbox_handles_each_event_once() {
     assert_eq!(handler.handle(&event).await.ok(), Some(Handled::Duplicate));
     assert_eq!(handled.load(Ordering::SeqCst), 1);
     // Another consumer holding a claim: the event waits (an outage, its tries not spent).
-    let other = cqrs_core::EventId::new();
+    let other = evently_core::EventId::new();
     let Claim::New(_token) = inbox
         .claim("counting", other)
         .await
@@ -338,8 +338,8 @@ async fn the_redis_inbox_handles_each_event_once() {
 /// nothing (its retry decides again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn commands_through_the_gateway_run_once_per_key() {
-    use cqrs_core::{CommandError, CommandGateway, CommandMetadata, InMemoryEventStore};
     use cqrs_examples::bank::{Account, AccountCommand, AccountError, Deposit};
+    use evently_core::{CommandError, CommandGateway, CommandMetadata, InMemoryEventStore};
 
     let idem = idempotency(&unique("gateway"))
         .await
@@ -392,7 +392,7 @@ async fn commands_through_the_gateway_run_once_per_key() {
             })
         })
         .collect();
-    let mut by_key: HashMap<usize, Vec<(bool, u64, cqrs_core::EventId)>> = HashMap::new();
+    let mut by_key: HashMap<usize, Vec<(bool, u64, evently_core::EventId)>> = HashMap::new();
     for task in tasks {
         for (index, replayed, version, event) in task.await.unwrap_or_else(|e| panic!("{e}")) {
             by_key
@@ -478,7 +478,7 @@ async fn commands_through_the_gateway_run_once_per_key() {
 /// A handler whose effect (counted per event) comes after 1 ms of work, and which notes when
 /// its effect ended.
 struct Effect {
-    effects: Arc<std::sync::Mutex<HashMap<cqrs_core::EventId, u64>>>,
+    effects: Arc<std::sync::Mutex<HashMap<evently_core::EventId, u64>>>,
     ended: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
@@ -488,7 +488,7 @@ impl MessageHandler for Effect {
         "effect"
     }
 
-    async fn handle(&mut self, event: &cqrs_core::StoredEvent) -> Result<Handled, HandleError> {
+    async fn handle(&mut self, event: &evently_core::StoredEvent) -> Result<Handled, HandleError> {
         tokio::time::sleep(Duration::from_millis(1)).await;
         *self
             .effects
@@ -512,7 +512,7 @@ impl MessageHandler for Effect {
 /// released).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_inbox_window_is_between_the_effect_and_the_mark() {
-    let conn = cqrs_redis::connect(&url())
+    let conn = evently_redis::connect(&url())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let inbox = RedisInbox::new(conn)

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 use aws_sdk_sqs::config::{Credentials, Region};
-use cqrs_transport::TransportError;
+use evently_transport::TransportError;
 
 use crate::BROKER;
 

@@ -15,15 +15,15 @@
 //! standard queue keeps no order and may deliver twice: the inbox drops the second delivery,
 //! nothing restores the order.
 //!
-//! [`Transactional`]: cqrs_transport::Transactional
+//! [`Transactional`]: evently_transport::Transactional
 
 use std::future::Future;
 use std::time::Duration;
 
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{Message, MessageAttributeValue, MessageSystemAttributeName};
-use cqrs_transport::envelope::header;
-use cqrs_transport::{
+use evently_transport::envelope::header;
+use evently_transport::{
     Consumer, ConsumerMetrics, EventSerializer, MessageHandler, TransportError, Verdict,
 };
 
@@ -164,7 +164,7 @@ impl<H: MessageHandler> SqsConsumer<H> {
         shutdown: impl Future<Output = ()>,
     ) -> Result<ConsumerMetrics, TransportError> {
         let _alerts = self.alert.map(|(threshold, every)| {
-            cqrs_transport::dead_letters::AlertTask::spawn(
+            evently_transport::dead_letters::AlertTask::spawn(
                 Box::new(crate::SqsDeadLetters::new(
                     &self.config,
                     self.dead_letter_queue(),
@@ -175,12 +175,13 @@ impl<H: MessageHandler> SqsConsumer<H> {
         });
         let name = self.queue.clone();
         let declares = self.config.declares();
-        cqrs_transport::consume::reconnecting(&mut self, BROKER, &name, declares, shutdown).await?;
+        evently_transport::consume::reconnecting(&mut self, BROKER, &name, declares, shutdown)
+            .await?;
         Ok(self.core.metrics())
     }
 
     /// One session: receive and handle until the service fails.
-    async fn consume(&mut self, backoff: &mut cqrs_core::Backoff) -> Result<(), TransportError> {
+    async fn consume(&mut self, backoff: &mut evently_core::Backoff) -> Result<(), TransportError> {
         let client = self.config.client().await;
         let url = queue_url(&client, &self.config, &self.queue).await?;
         let dlq = dead_letter_queue(&self.queue);
@@ -348,10 +349,10 @@ fn truncate(text: &str, max: usize) -> String {
     text[..end].to_owned()
 }
 
-impl<H: MessageHandler> cqrs_transport::consume::Session for SqsConsumer<H> {
+impl<H: MessageHandler> evently_transport::consume::Session for SqsConsumer<H> {
     fn session(
         &mut self,
-        backoff: &mut cqrs_core::Backoff,
+        backoff: &mut evently_core::Backoff,
     ) -> impl Future<Output = Result<(), TransportError>> {
         self.consume(backoff)
     }

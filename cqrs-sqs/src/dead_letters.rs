@@ -9,8 +9,8 @@
 
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName, QueueAttributeName};
-use cqrs_transport::envelope::header;
-use cqrs_transport::{BrokerDeadLetter, DeadLetterQueue, TransportError};
+use evently_transport::envelope::header;
+use evently_transport::{BrokerDeadLetter, DeadLetterQueue, TransportError};
 
 use crate::consumer::send_copy;
 use crate::queues::{existing, sdk};

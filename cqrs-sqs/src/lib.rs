@@ -8,11 +8,11 @@ mod sink;
 
 pub use config::{SqsConfig, dead_letter_queue};
 pub use consumer::SqsConsumer;
-pub use cqrs_transport::{
+pub use dead_letters::SqsDeadLetters;
+pub use evently_transport::{
     BrokerDeadLetter, ConsumerMetrics, DeadLetterQueue, HandleError, Handled, InProcess,
     MessageHandler, RelayMetrics, RelayStep, Transactional, TransportError,
 };
-pub use dead_letters::SqsDeadLetters;
 pub use queues::group_id;
 pub use sink::{SqsLayout, SqsMessage, SqsRelay, SqsSink};
 

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName};
-use cqrs_core::StreamId;
-use cqrs_transport::TransportError;
+use evently_core::StreamId;
+use evently_transport::TransportError;
 
 use crate::config::dead_letter_queue;
 use crate::{BROKER, SqsConfig};

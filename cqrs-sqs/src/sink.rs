@@ -26,9 +26,9 @@ use std::pin::Pin;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
-use cqrs_core::RawStoredEvent;
-use cqrs_transport::envelope::headers_of;
-use cqrs_transport::{BrokerError, Layout, Outgoing, Sink, TransportError};
+use evently_core::RawStoredEvent;
+use evently_transport::envelope::headers_of;
+use evently_transport::{BrokerError, Layout, Outgoing, Sink, TransportError};
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 
@@ -36,7 +36,7 @@ use crate::queues::{group_id, queue_url, text};
 use crate::{BROKER, SqsConfig};
 
 /// The relay publishing to SQS: `SqsRelay::new(store, SqsSink::new(config), owner)`.
-pub type SqsRelay = cqrs_transport::Relay<SqsSink>;
+pub type SqsRelay = evently_transport::Relay<SqsSink>;
 
 /// Messages per `SendMessageBatch` (the service's limit).
 const BATCH: usize = 10;

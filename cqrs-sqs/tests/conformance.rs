@@ -3,7 +3,7 @@
 
 mod support;
 
-use cqrs_transport::conformance;
+use evently_transport::conformance;
 use support::{Sqs, namespace};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

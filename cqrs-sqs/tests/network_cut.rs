@@ -8,7 +8,7 @@ mod support;
 
 use std::sync::Arc;
 
-use cqrs_transport::conformance::{self, CutProxy};
+use evently_transport::conformance::{self, CutProxy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_network_cut_three_times_mid_stream_loses_and_reorders_nothing() {

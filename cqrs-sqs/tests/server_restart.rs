@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cqrs_transport::conformance;
+use evently_transport::conformance;
 
 /// The ministack that `scripts/sqs-up.sh` installed (or `SQS_SERVER`).
 fn binary() -> String {

@@ -21,7 +21,7 @@
 //! - [`not_ours_is_dead_lettered`]: a message on the consumed destination that is not an
 //!   envelope is dead-lettered, naming why, and does not stop the consumer.
 //! - [`trace_follows_each_event`]: the handler of each event runs in the trace of the command
-//!   that recorded it ([`cqrs_core::trace::current`]), across the broker.
+//!   that recorded it ([`evently_core::trace::current`]), across the broker.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -29,9 +29,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cqrs_core::projection::{HandlerError, Projection, ProjectionError, Subscription};
-use cqrs_core::{EventData, EventId, EventStore, ExpectedVersion, Metadata, StoredEvent, StreamId};
-use cqrs_postgres::PostgresEventStore;
+use evently_core::projection::{HandlerError, Projection, ProjectionError, Subscription};
+use evently_core::{
+    EventData, EventId, EventStore, ExpectedVersion, Metadata, StoredEvent, StreamId,
+};
+use evently_postgres::PostgresEventStore;
 use rand::Rng;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
@@ -97,7 +99,7 @@ pub trait Broker: Send + Sync + 'static {
 /// # Panics
 /// When the database cannot be reached: the suite needs it.
 pub async fn fresh_store(name: &str) -> PostgresEventStore {
-    let url = cqrs_postgres::database_url();
+    let url = evently_postgres::database_url();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(12)
         .connect(&url)
@@ -185,7 +187,7 @@ impl Projection for Recording {
             .bind(event.stream.aggregate_id.as_str())
             .bind(i64::try_from(event.version).unwrap_or(i64::MAX))
             .bind(event.event_id.0)
-            .bind(cqrs_core::trace::current().map(|t| t.trace_id_hex()))
+            .bind(evently_core::trace::current().map(|t| t.trace_id_hex()))
             .execute(&mut *conn)
             .await
             .map_err(|e| failed(e.into()))?;
@@ -544,7 +546,7 @@ pub async fn poison_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
         Some(&vec![1]),
         "the event after the poison one waits behind it"
     );
-    let letters = cqrs_postgres::projection::DeadLetters::new(store.clone())
+    let letters = evently_postgres::projection::DeadLetters::new(store.clone())
         .list(Recording::NAME)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -558,7 +560,7 @@ pub async fn poison_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
         "the consumer's database records both: {letters:?}"
     );
     assert!(letters[0].error.contains("poison"), "{letters:?}");
-    assert_eq!(letters[1].error, cqrs_core::projection::WAITS_BEHIND);
+    assert_eq!(letters[1].error, evently_core::projection::WAITS_BEHIND);
 }
 
 /// Writers appending `per_append` events at a time to aggregates `<prefix>0..<prefix>2`, each
@@ -813,12 +815,12 @@ pub async fn trace_follows_each_event<B: Broker>(broker: &B, ns: &str) {
     let (stop, running) = start_consumer(broker, ns, consumer, Recorder::new(&store, consumer));
     let mut expected = BTreeMap::new();
     for n in 0..4u8 {
-        let trace = (n > 0).then(|| cqrs_core::trace::TraceContext {
+        let trace = (n > 0).then(|| evently_core::trace::TraceContext {
             trace_id: [n; 16],
             parent_id: [n + 1; 8],
             flags: 1,
         });
-        let mut command = cqrs_core::CommandMetadata::new();
+        let mut command = evently_core::CommandMetadata::new();
         if let Some(trace) = trace {
             command = command.with_trace(trace);
         }
@@ -952,7 +954,7 @@ pub async fn dead_letter_retried_after_a_fix<B: Broker>(broker: &B, ns: &str) {
         Some(&vec![1, 2, 3]),
         "each applied once, in order"
     );
-    let left = cqrs_postgres::projection::DeadLetters::new(store.clone())
+    let left = evently_postgres::projection::DeadLetters::new(store.clone())
         .list(Recording::NAME)
         .await
         .unwrap_or_else(|e| panic!("{e}"));

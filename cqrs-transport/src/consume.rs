@@ -14,8 +14,8 @@ use std::time::Duration;
 use futures::FutureExt as _;
 use tracing::Instrument as _;
 
-use cqrs_core::StoredEvent;
-use cqrs_core::projection::{FailureMode, FailurePolicy};
+use evently_core::StoredEvent;
+use evently_core::projection::{FailureMode, FailurePolicy};
 
 use crate::envelope::MalformedMessage;
 use crate::handler::{HandleError, Handled, MessageHandler};
@@ -60,7 +60,7 @@ pub struct Consumer<H> {
     serializer: Arc<dyn EventSerializer>,
     attempts: u32,
     backoff: Duration,
-    metrics: cqrs_core::telemetry::MetricsHandle<ConsumerMetrics>,
+    metrics: evently_core::telemetry::MetricsHandle<ConsumerMetrics>,
 }
 
 impl<H> std::fmt::Debug for Consumer<H> {
@@ -86,7 +86,7 @@ impl<H: MessageHandler> Consumer<H> {
             serializer: Arc::new(JsonEnvelope),
             attempts: 5,
             backoff: Duration::from_millis(100),
-            metrics: cqrs_core::telemetry::MetricsHandle::default(),
+            metrics: evently_core::telemetry::MetricsHandle::default(),
         }
     }
 
@@ -122,7 +122,7 @@ impl<H: MessageHandler> Consumer<H> {
 
     /// The counters, readable while the consumer runs: take it before calling `run`.
     #[must_use]
-    pub fn metrics_handle(&self) -> cqrs_core::telemetry::MetricsHandle<ConsumerMetrics> {
+    pub fn metrics_handle(&self) -> evently_core::telemetry::MetricsHandle<ConsumerMetrics> {
         self.metrics.clone()
     }
 
@@ -161,7 +161,7 @@ impl<H: MessageHandler> Consumer<H> {
             Ok(event) => event,
             Err(malformed) => {
                 tracing::warn!(consumer = %self.name, error = %malformed, "malformed message");
-                cqrs_core::telemetry::consumed(&self.name, "dead_lettered");
+                evently_core::telemetry::consumed(&self.name, "dead_lettered");
                 return Verdict::DeadLetter {
                     reason: malformed.to_string(),
                     attempts: 0,
@@ -172,7 +172,7 @@ impl<H: MessageHandler> Consumer<H> {
     }
 
     /// [`process`](Self::process) for a decoded event: in a `cqrs.consume` span that continues
-    /// the event's trace ([`cqrs_core::trace`]), so what the handler does (a command it sends)
+    /// the event's trace ([`evently_core::trace`]), so what the handler does (a command it sends)
     /// joins the trace of the command that recorded the event.
     pub async fn process_event(&mut self, event: &StoredEvent) -> Verdict {
         let span = tracing::info_span!(
@@ -185,12 +185,12 @@ impl<H: MessageHandler> Consumer<H> {
             outcome = tracing::field::Empty,
         );
         // Each message is handled in its own event's trace (or in none).
-        let trace = cqrs_core::trace::TraceContext::of(&event.metadata);
+        let trace = evently_core::trace::TraceContext::of(&event.metadata);
         if let Some(trace) = &trace {
-            cqrs_core::trace::follow(&span, trace);
+            evently_core::trace::follow(&span, trace);
         }
         let work = self.handle_event(event).instrument(span.clone());
-        let verdict = cqrs_core::trace::scope_if_needed(trace, work).await;
+        let verdict = evently_core::trace::scope_if_needed(trace, work).await;
         let outcome = match &verdict {
             Verdict::Done(Handled::Applied) => "applied",
             Verdict::Done(Handled::Duplicate) => "duplicate",
@@ -198,7 +198,7 @@ impl<H: MessageHandler> Consumer<H> {
             Verdict::DeadLetter { .. } => "dead_lettered",
         };
         span.record("outcome", outcome);
-        cqrs_core::telemetry::consumed(&self.name, outcome);
+        evently_core::telemetry::consumed(&self.name, outcome);
         verdict
     }
 
@@ -211,7 +211,7 @@ impl<H: MessageHandler> Consumer<H> {
             mode: FailureMode::Skip,
         }
         .retries();
-        let mut outage = cqrs_core::Backoff::new(self.backoff, Duration::from_secs(10));
+        let mut outage = evently_core::Backoff::new(self.backoff, Duration::from_secs(10));
         loop {
             // A panicking handler is a failure of this message (retried, then dead-lettered),
             // never the consumer's end.
@@ -221,7 +221,7 @@ impl<H: MessageHandler> Consumer<H> {
                 .unwrap_or_else(|panic| {
                     Err(HandleError::Failed(format!(
                         "the handler panicked: {}",
-                        cqrs_core::panic_message(&*panic)
+                        evently_core::panic_message(&*panic)
                     )))
                 });
             let error = match handled {
@@ -240,7 +240,7 @@ impl<H: MessageHandler> Consumer<H> {
                 let wait = outage.next_delay();
                 tracing::warn!(consumer = %self.name, stream = %event.stream, version = event.version, %reason, retry_in = ?wait, "the handler's database is unavailable; waiting");
                 self.metrics.update(|m| m.retries += 1);
-                cqrs_core::telemetry::consumer_retry(&self.name);
+                evently_core::telemetry::consumer_retry(&self.name);
                 tokio::time::sleep(wait).await;
                 continue;
             }
@@ -267,7 +267,7 @@ impl<H: MessageHandler> Consumer<H> {
                 };
             }
             self.metrics.update(|m| m.retries += 1);
-            cqrs_core::telemetry::consumer_retry(&self.name);
+            evently_core::telemetry::consumer_retry(&self.name);
         }
     }
 }
@@ -279,7 +279,7 @@ pub trait Session {
     /// nothing more to do (`Ok`). `backoff` is reset once connected.
     fn session(
         &mut self,
-        backoff: &mut cqrs_core::Backoff,
+        backoff: &mut evently_core::Backoff,
     ) -> impl Future<Output = Result<(), TransportError>>;
 }
 
@@ -298,7 +298,8 @@ pub async fn reconnecting<C: Session>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TransportError> {
     tokio::pin!(shutdown);
-    let mut backoff = cqrs_core::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    let mut backoff =
+        evently_core::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
         let session = tokio::select! {
             biased;
@@ -324,7 +325,7 @@ pub async fn reconnecting<C: Session>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cqrs_core::{EventId, Metadata, StreamId};
+    use evently_core::{EventId, Metadata, StreamId};
 
     /// Panics on version 2.
     struct Panicky;
@@ -351,7 +352,7 @@ mod tests {
             payload: serde_json::json!({}),
             metadata: Metadata::default(),
             recorded_at: chrono::Utc::now(),
-            checkpoint: cqrs_core::Checkpoint::START,
+            checkpoint: evently_core::Checkpoint::START,
         }
     }
 

@@ -1,7 +1,7 @@
 //! What a message carries on every broker: the event envelope (JSON by default) and its headers.
 
 use chrono::{DateTime, Utc};
-use cqrs_core::{
+use evently_core::{
     AggregateId, Checkpoint, EventId, Metadata, RawStoredEvent, StoredEvent, StreamId,
 };
 use serde::Deserialize;
@@ -21,7 +21,7 @@ pub mod header {
     /// The causation id, when the event has one.
     pub const CAUSATION_ID: &str = "cqrs-causation-id";
     /// The W3C trace context of the command that recorded the event, when it ran in a trace.
-    pub const TRACEPARENT: &str = cqrs_core::trace::TRACEPARENT;
+    pub const TRACEPARENT: &str = evently_core::trace::TRACEPARENT;
     /// The serializer's content type.
     pub const CONTENT_TYPE: &str = "content-type";
     /// On a dead letter: why the consumer gave up.
@@ -342,7 +342,7 @@ pub fn headers_of<P>(
             causation.0.hyphenated().encode_lower(&mut id),
         );
     }
-    if let Some(trace) = event.metadata.headers.get(cqrs_core::trace::TRACEPARENT) {
+    if let Some(trace) = event.metadata.headers.get(evently_core::trace::TRACEPARENT) {
         header(header::TRACEPARENT, trace);
     }
 }
@@ -398,7 +398,7 @@ mod tests {
             Utc.with_ymd_and_hms(7, 3, 15, 12, 0, 0).unwrap(),
         ];
         let full = Metadata::default()
-            .with_correlation_id(cqrs_core::CorrelationId::new())
+            .with_correlation_id(evently_core::CorrelationId::new())
             .with_causation_id(EventId::new())
             .with_user_id("u \"1\"")
             .with_header("tenant", "t\u{1}");
@@ -448,7 +448,7 @@ mod tests {
             event_type: "OrderCreated".to_owned(),
             schema_version: 2,
             payload: serde_json::json!({"total": 5}),
-            metadata: Metadata::default().with_correlation_id(cqrs_core::CorrelationId::new()),
+            metadata: Metadata::default().with_correlation_id(evently_core::CorrelationId::new()),
         }
     }
 

@@ -1,6 +1,6 @@
 //! What goes wrong between the store and a broker.
 
-use cqrs_core::{EventId, StoreError, StreamId};
+use evently_core::{EventId, StoreError, StreamId};
 
 use crate::envelope::SerializeError;
 

@@ -2,22 +2,22 @@
 //!
 //! [`Transactional`] runs a projection that writes PostgreSQL (`derive(Projection)` with
 //! `context = PgConnection`, the same type a
-//! [`ProjectionWorker`](cqrs_postgres::projection::ProjectionWorker) runs from the store): each
+//! [`ProjectionWorker`](evently_postgres::projection::ProjectionWorker) runs from the store): each
 //! event's effect commits with an inbox row, so a redelivered message has no second effect.
 //! [`InProcess`] runs a projection with `Context = ()`, e.g. a
-//! [`SagaStarter`](cqrs_core::saga::SagaStarter), which is idempotent by itself (an instance is
+//! [`SagaStarter`](evently_core::saga::SagaStarter), which is idempotent by itself (an instance is
 //! keyed by its starting event's id).
 
 use std::time::Duration;
 
-use cqrs_core::StoredEvent;
-use cqrs_core::projection::{
+use evently_core::StoredEvent;
+use evently_core::projection::{
     Delivered, Engine, FailureMode, FailurePolicy, Projection, ProjectionError, ProjectionMetrics,
     unknown_event_type,
 };
-use cqrs_postgres::PostgresEventStore;
-pub use cqrs_postgres::is_outage;
-use cqrs_postgres::projection::InboxBackend;
+use evently_postgres::PostgresEventStore;
+pub use evently_postgres::is_outage;
+use evently_postgres::projection::InboxBackend;
 use sqlx::PgConnection;
 
 /// What a handler did with an event.
@@ -104,7 +104,7 @@ pub trait MessageHandler: Send {
 
 /// A projection writing PostgreSQL, fed from a broker: the core's delivery
 /// [`Engine`] on an [`InboxBackend`], so a message is handled by the same rules as an event read
-/// from the store by a [`ProjectionWorker`](cqrs_postgres::projection::ProjectionWorker). Each
+/// from the store by a [`ProjectionWorker`](evently_postgres::projection::ProjectionWorker). Each
 /// event's effect commits with its inbox row (a redelivery finds the row and does nothing); a
 /// failing handler is retried with the backoff and then parked in `projection_dead_letters`
 /// under the projection's name; by default ([`FailureMode::BlockStream`]) later events of its
@@ -204,7 +204,7 @@ where
 }
 
 /// A projection with `Context = ()` fed from a broker, e.g. a
-/// [`SagaStarter`](cqrs_core::saga::SagaStarter). It has no inbox: it must be idempotent by
+/// [`SagaStarter`](evently_core::saga::SagaStarter). It has no inbox: it must be idempotent by
 /// itself (a saga starter is: an instance is stored under its starting event's id).
 #[derive(Debug)]
 pub struct InProcess<P>(pub P);

@@ -17,8 +17,8 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cqrs_core::Checkpoint;
-use cqrs_postgres::{Advance, CheckpointLease, PostgresEventStore};
+use evently_core::Checkpoint;
+use evently_postgres::{Advance, CheckpointLease, PostgresEventStore};
 use tracing::Instrument;
 
 use crate::sink::{Layout, Outgoing as Message, Sink};
@@ -65,7 +65,7 @@ pub struct Relay<S: Sink> {
     serializer: Arc<dyn EventSerializer>,
     lease: CheckpointLease,
     batch: usize,
-    metrics: cqrs_core::telemetry::MetricsHandle<RelayMetrics>,
+    metrics: evently_core::telemetry::MetricsHandle<RelayMetrics>,
     /// Sent, not yet confirmed, in the global order.
     in_flight: VecDeque<Outgoing>,
     /// The last event sent.
@@ -91,7 +91,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// A read of the page after `from` running on its own task.
 struct Prefetch<H> {
     from: Checkpoint,
-    page: tokio::task::JoinHandle<Result<Page<H>, cqrs_core::StoreError>>,
+    page: tokio::task::JoinHandle<Result<Page<H>, evently_core::StoreError>>,
 }
 
 /// A page of events made into messages on the reading tasks, in chunks (one per task). The
@@ -115,8 +115,8 @@ struct Chunk<H> {
 
 /// What a delivery report or a failed delivery needs of an event.
 struct Outgoing {
-    event_id: cqrs_core::EventId,
-    stream: cqrs_core::StreamId,
+    event_id: evently_core::EventId,
+    stream: evently_core::StreamId,
     checkpoint: Checkpoint,
 }
 
@@ -135,7 +135,7 @@ async fn load<L: Layout>(
     from: Checkpoint,
     batch: usize,
     split: bool,
-) -> Result<Page<L::Headers>, cqrs_core::StoreError> {
+) -> Result<Page<L::Headers>, evently_core::StoreError> {
     let half = batch / 2;
     if split
         && batch >= SPLIT_FROM
@@ -157,12 +157,12 @@ async fn load<L: Layout>(
         }
         match second
             .await
-            .map_err(|e| cqrs_core::StoreError::backend(format!("relay read task: {e}")))?
+            .map_err(|e| evently_core::StoreError::backend(format!("relay read task: {e}")))?
         {
             Ok(second) => page.append(second),
             // A row of the second half cannot be read: the first half alone; the next page
             // reads up to that row and then stops at it.
-            Err(cqrs_core::StoreError::Corrupt(_)) => {}
+            Err(evently_core::StoreError::Corrupt(_)) => {}
             Err(error) => return Err(error),
         }
         return Ok(page);
@@ -200,7 +200,7 @@ async fn load_part<L: Layout>(
     layout: L,
     from: Checkpoint,
     batch: usize,
-) -> Result<Page<L::Headers>, cqrs_core::StoreError> {
+) -> Result<Page<L::Headers>, evently_core::StoreError> {
     let mut chunk = Chunk {
         events: Vec::new(),
         values: Vec::new(),
@@ -267,7 +267,7 @@ impl<S: Sink> Relay<S> {
             sink,
             serializer: Arc::new(JsonEnvelope),
             batch: 5_000,
-            metrics: cqrs_core::telemetry::MetricsHandle::new(RelayMetrics {
+            metrics: evently_core::telemetry::MetricsHandle::new(RelayMetrics {
                 producers: 1,
                 ..RelayMetrics::default()
             }),
@@ -359,7 +359,7 @@ impl<S: Sink> Relay<S> {
 
     /// The counters, readable while the relay runs: take it before calling `run`.
     #[must_use]
-    pub fn metrics_handle(&self) -> cqrs_core::telemetry::MetricsHandle<RelayMetrics> {
+    pub fn metrics_handle(&self) -> evently_core::telemetry::MetricsHandle<RelayMetrics> {
         self.metrics.clone()
     }
 
@@ -515,7 +515,7 @@ impl<S: Sink> Relay<S> {
                     // client unusable, and any failure may mean a destination went missing:
                     // start afresh.
                     self.metrics.update(|m| m.failures += 1);
-                    cqrs_core::telemetry::relay_failure(self.lease.name(), S::BROKER);
+                    evently_core::telemetry::relay_failure(self.lease.name(), S::BROKER);
                     self.sink.restart().await?;
                     self.metrics.update(|m| m.producers += 1);
                 }
@@ -533,7 +533,7 @@ impl<S: Sink> Relay<S> {
                 self.metrics.update(|m| m.last_rate = per_second);
                 rate = Some(per_second);
             }
-            cqrs_core::telemetry::relay_delivered(self.lease.name(), S::BROKER, delivered, rate);
+            evently_core::telemetry::relay_delivered(self.lease.name(), S::BROKER, delivered, rate);
             Ok(RelayStep {
                 sent,
                 delivered,
@@ -565,7 +565,7 @@ impl<S: Sink> Relay<S> {
             Some(prefetch) if prefetch.from == from => prefetch
                 .page
                 .await
-                .map_err(|e| cqrs_core::StoreError::backend(format!("relay read task: {e}")))?,
+                .map_err(|e| evently_core::StoreError::backend(format!("relay read task: {e}")))?,
             Some(stale) => {
                 stale.page.abort();
                 now().await
@@ -575,7 +575,7 @@ impl<S: Sink> Relay<S> {
         let page = match prefetched {
             // The first row after `from` cannot be read as an event: nothing is sent past it (the
             // step acknowledges and checkpoints what is in flight, then stops with it).
-            Err(corrupt @ cqrs_core::StoreError::Corrupt(_)) => Page {
+            Err(corrupt @ evently_core::StoreError::Corrupt(_)) => Page {
                 chunks: Vec::new(),
                 refused: Some(TransportError::Store(corrupt)),
             },
@@ -685,7 +685,7 @@ impl<S: Sink> Relay<S> {
     ///
     /// # Errors
     /// [`TransportError::Serialize`] for an event the serializer refuses, [`TransportError::Store`] with
-    /// [`StoreError::Corrupt`](cqrs_core::StoreError::Corrupt) for a row that cannot be read.
+    /// [`StoreError::Corrupt`](evently_core::StoreError::Corrupt) for a row that cannot be read.
     pub async fn run(
         mut self,
         poll: Duration,
@@ -694,7 +694,7 @@ impl<S: Sink> Relay<S> {
         tokio::pin!(shutdown);
         let mut wakeups = None;
         let mut backoff =
-            cqrs_core::Backoff::new(Duration::from_millis(20), Duration::from_secs(5));
+            evently_core::Backoff::new(Duration::from_millis(20), Duration::from_secs(5));
         let mut reported = Instant::now();
         loop {
             if !self.report_every.is_zero() && reported.elapsed() >= self.report_every {

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 
-use cqrs_core::{EventId, RawStoredEvent, StreamId};
+use evently_core::{EventId, RawStoredEvent, StreamId};
 
 use crate::{BrokerError, TransportError};
 

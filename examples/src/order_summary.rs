@@ -2,9 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use cqrs_core::RecordedEvent;
-use cqrs_core::prelude::*;
-use cqrs_core::projection::HandlerError;
+use evently_core::RecordedEvent;
+use evently_core::prelude::*;
+use evently_core::projection::HandlerError;
 
 use crate::order::{OrderEvent, OrderStatus};
 

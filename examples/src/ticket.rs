@@ -3,7 +3,7 @@
 //!
 //! Rules: a ticket needs a non-empty name; a closed ticket takes no more changes.
 
-use cqrs_core::prelude::*;
+use evently_core::prelude::*;
 
 /// The events of a ticket: facts, named in the past tense, never changed once recorded.
 #[derive(Debug, Clone, PartialEq, DomainEvent)]
@@ -109,7 +109,7 @@ impl Ticket {
 
 #[cfg(test)]
 mod tests {
-    use cqrs_core::testing::AggregateFixture;
+    use evently_core::testing::AggregateFixture;
 
     use super::*;
 

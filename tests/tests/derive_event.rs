@@ -1,6 +1,6 @@
 //! `#[derive(DomainEvent)]`: type names, versions, encoding, decoding, upcasting and its errors.
 
-use cqrs_core::{DecodeError, DomainEvent, UpcastError};
+use evently_core::{DecodeError, DomainEvent, UpcastError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 

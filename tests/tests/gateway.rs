@@ -4,14 +4,14 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use cqrs_core::prelude::*;
-use cqrs_core::store::AppendResult;
-use cqrs_core::{
+use cqrs_examples::bank::{Account, AccountCommand, AccountError, AccountEvent, Deposit};
+use cqrs_examples::order::{Order, OrderCommand, OrderError, OrderItem, OrderStatus};
+use evently_core::prelude::*;
+use evently_core::store::AppendResult;
+use evently_core::{
     Checkpoint, CorrelationId, EventData, EventId, EventStoreExt, KeyRecord, StoreError,
     StoredEvent,
 };
-use cqrs_examples::bank::{Account, AccountCommand, AccountError, AccountEvent, Deposit};
-use cqrs_examples::order::{Order, OrderCommand, OrderError, OrderItem, OrderStatus};
 use futures::stream::BoxStream;
 
 fn items() -> Vec<OrderItem> {
@@ -605,7 +605,7 @@ async fn racing_callers_with_one_key_get_one_execution() {
 
 #[tokio::test]
 async fn snapshots_are_taken_every_n_events_and_used_to_load() {
-    use cqrs_core::{Snapshot, SnapshotStore};
+    use evently_core::{Snapshot, SnapshotStore};
 
     let store = InMemoryEventStore::new();
     let gateway = CommandGateway::<Account, _>::new(store.clone())

@@ -33,9 +33,9 @@ mod shadowing {
     pub mod serde_json {}
     pub mod core {}
     pub mod std {}
-    pub mod cqrs_core {}
+    pub mod evently_core {}
 
-    #[derive(Debug, ::cqrs_core::DomainEvent)]
+    #[derive(Debug, ::evently_core::DomainEvent)]
     #[event(aggregate = Thing)]
     pub enum ThingEvent {
         Made {
@@ -48,13 +48,15 @@ mod shadowing {
     }
 
     pub fn up(
-        v: ::cqrs_core::__private::serde_json::Value,
-    ) -> ::core::result::Result<::cqrs_core::__private::serde_json::Value, ::cqrs_core::UpcastError>
-    {
+        v: ::evently_core::__private::serde_json::Value,
+    ) -> ::core::result::Result<
+        ::evently_core::__private::serde_json::Value,
+        ::evently_core::UpcastError,
+    > {
         ::core::result::Result::Ok(v)
     }
 
-    #[derive(Debug, ::core::clone::Clone, ::cqrs_core::Command)]
+    #[derive(Debug, ::core::clone::Clone, ::evently_core::Command)]
     #[command(aggregate = Thing)]
     pub enum ThingCommand {
         #[command(create)]
@@ -77,13 +79,15 @@ mod shadowing {
 
     impl ::std::error::Error for ThingError {}
 
-    #[derive(Debug, Default, ::cqrs_core::Aggregate, ::serde::Serialize, ::serde::Deserialize)]
+    #[derive(
+        Debug, Default, ::evently_core::Aggregate, ::serde::Serialize, ::serde::Deserialize,
+    )]
     #[aggregate(name = "thing", command = ThingCommand, event = ThingEvent, error = ThingError, snapshot(every = 10))]
     pub struct Thing {
         size: u32,
     }
 
-    #[derive(Debug, Default, ::cqrs_core::Projection)]
+    #[derive(Debug, Default, ::evently_core::Projection)]
     #[projection(name = "things", events(ThingEvent))]
     pub struct Things {
         pub seen: u32,
@@ -96,7 +100,7 @@ mod shadowing {
 
     pub struct ThingServices;
 
-    #[derive(::cqrs_core::Saga)]
+    #[derive(::evently_core::Saga)]
     #[saga(name = "thing_saga", data = ThingData, context = ThingServices)]
     pub enum ThingSaga {
         #[step(compensate, retry(attempts = 2, backoff_ms = 1), timeout_ms = 100)]
@@ -104,13 +108,13 @@ mod shadowing {
         Finish,
     }
 
-    type StepResult = ::core::result::Result<(), ::cqrs_core::saga::StepError>;
+    type StepResult = ::core::result::Result<(), ::evently_core::saga::StepError>;
 
     impl ThingServices {
         async fn start(
             &self,
             data: &mut ThingData,
-            _key: &::cqrs_core::saga::StepKey,
+            _key: &::evently_core::saga::StepKey,
         ) -> StepResult {
             data.steps += 1;
             ::core::result::Result::Ok(())
@@ -119,7 +123,7 @@ mod shadowing {
         async fn compensate_start(
             &self,
             _data: &mut ThingData,
-            _key: &::cqrs_core::saga::StepKey,
+            _key: &::evently_core::saga::StepKey,
         ) -> StepResult {
             ::core::result::Result::Ok(())
         }
@@ -127,7 +131,7 @@ mod shadowing {
         async fn finish(
             &self,
             data: &mut ThingData,
-            _key: &::cqrs_core::saga::StepKey,
+            _key: &::evently_core::saga::StepKey,
         ) -> StepResult {
             data.steps += 1;
             ::core::result::Result::Ok(())
@@ -165,12 +169,12 @@ mod shadowing {
 
 // The handler is user code (async_trait's own output is not ours to make hygienic): outside.
 #[async_trait::async_trait]
-impl cqrs_core::projection::Handles<shadowing::ThingEvent> for shadowing::Things {
+impl evently_core::projection::Handles<shadowing::ThingEvent> for shadowing::Things {
     async fn handle(
         &mut self,
-        _event: &cqrs_core::RecordedEvent<shadowing::ThingEvent>,
+        _event: &evently_core::RecordedEvent<shadowing::ThingEvent>,
         (): &mut (),
-    ) -> Result<(), cqrs_core::projection::HandlerError> {
+    ) -> Result<(), evently_core::projection::HandlerError> {
         self.seen += 1;
         Ok(())
     }
@@ -178,7 +182,7 @@ impl cqrs_core::projection::Handles<shadowing::ThingEvent> for shadowing::Things
 
 #[test]
 fn generated_code_is_hygienic_and_works() {
-    use cqrs_core::testing::AggregateFixture;
+    use evently_core::testing::AggregateFixture;
     use shadowing::{Thing, ThingCommand, ThingEvent};
 
     let result = AggregateFixture::<Thing>::given([ThingEvent::Made {
@@ -188,20 +192,20 @@ fn generated_code_is_hygienic_and_works() {
     .when(ThingCommand::Grow(2))
     .into_result();
     assert!(matches!(result.as_deref(), Ok([ThingEvent::Grown(2)])));
-    assert_eq!(<Thing as cqrs_core::Aggregate>::NAME, "thing");
+    assert_eq!(<Thing as evently_core::Aggregate>::NAME, "thing");
     assert_eq!(
-        <Thing as cqrs_core::Aggregate>::SNAPSHOT,
-        cqrs_core::SnapshotPolicy::every(10, 1)
+        <Thing as evently_core::Aggregate>::SNAPSHOT,
+        evently_core::SnapshotPolicy::every(10, 1)
     );
     assert_eq!(
-        <ThingEvent as cqrs_core::DomainEvent>::EVENT_TYPES,
+        <ThingEvent as evently_core::DomainEvent>::EVENT_TYPES,
         ["Made", "Grown", "Gone"]
     );
 }
 
 #[tokio::test]
 async fn a_derived_saga_in_a_shadowing_module_runs() {
-    use cqrs_core::saga::{InMemorySagaStore, Orchestrator, SagaStatus};
+    use evently_core::saga::{InMemorySagaStore, Orchestrator, SagaStatus};
     let saga = Orchestrator::<shadowing::ThingSaga, _>::new(
         InMemorySagaStore::new(),
         shadowing::ThingServices,

@@ -6,13 +6,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cqrs_core::prelude::*;
-use cqrs_core::projection::{FailureMode, FailurePolicy, HandlerError, ProjectionRunner};
-use cqrs_core::telemetry::names;
-use cqrs_core::trace::{TRACEPARENT, TraceContext};
-use cqrs_core::{EventData, EventStoreExt};
 use cqrs_examples::bank::{AccountEvent, Deposit};
 use cqrs_examples::order::{Order, OrderCommand, OrderItem};
+use evently_core::prelude::*;
+use evently_core::projection::{FailureMode, FailurePolicy, HandlerError, ProjectionRunner};
+use evently_core::telemetry::names;
+use evently_core::trace::{TRACEPARENT, TraceContext};
+use evently_core::{EventData, EventStoreExt};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tracing_subscriber::layer::SubscriberExt as _;
 
@@ -248,7 +248,7 @@ fn a_commands_trace_goes_into_its_events_and_its_span() {
             .await
             .unwrap();
         // A command sent while handling something in that trace continues it.
-        cqrs_core::trace::scope(Some(trace), async {
+        evently_core::trace::scope(Some(trace), async {
             gateway
                 .execute("o-1", OrderCommand::ConfirmOrder, CommandMetadata::new())
                 .await
@@ -403,13 +403,21 @@ enum Traced {
 }
 
 impl SeenTraces {
-    async fn first(&self, _: &mut Nothing, _: &StepKey) -> Result<(), cqrs_core::saga::StepError> {
-        self.0.lock().unwrap().push(cqrs_core::trace::current());
+    async fn first(
+        &self,
+        _: &mut Nothing,
+        _: &StepKey,
+    ) -> Result<(), evently_core::saga::StepError> {
+        self.0.lock().unwrap().push(evently_core::trace::current());
         Ok(())
     }
 
-    async fn second(&self, _: &mut Nothing, _: &StepKey) -> Result<(), cqrs_core::saga::StepError> {
-        self.0.lock().unwrap().push(cqrs_core::trace::current());
+    async fn second(
+        &self,
+        _: &mut Nothing,
+        _: &StepKey,
+    ) -> Result<(), evently_core::saga::StepError> {
+        self.0.lock().unwrap().push(evently_core::trace::current());
         Ok(())
     }
 }
@@ -417,21 +425,21 @@ impl SeenTraces {
 #[test]
 fn a_sagas_steps_run_in_the_trace_it_started_in_even_after_a_restart() {
     let ((), metrics, spans) = observed(async {
-        let store = cqrs_core::saga::InMemorySagaStore::new();
+        let store = evently_core::saga::InMemorySagaStore::new();
         let seen = SeenTraces::default();
         let trace = TraceContext::parse(TRACE).unwrap();
         // Submitted in a trace, run later by another orchestrator outside it.
         let submitted =
-            cqrs_core::saga::Orchestrator::<Traced, _>::new(store.clone(), seen.clone(), "a");
-        cqrs_core::trace::scope(Some(trace), async {
+            evently_core::saga::Orchestrator::<Traced, _>::new(store.clone(), seen.clone(), "a");
+        evently_core::trace::scope(Some(trace), async {
             submitted.submit(Nothing {}).await.unwrap();
         })
         .await;
         let later =
-            cqrs_core::saga::Orchestrator::<Traced, _>::new(store.clone(), seen.clone(), "b");
+            evently_core::saga::Orchestrator::<Traced, _>::new(store.clone(), seen.clone(), "b");
         let ran = later.run_due(10).await.unwrap();
         assert_eq!(ran.len(), 1);
-        assert_eq!(ran[0].status, cqrs_core::saga::SagaStatus::Completed);
+        assert_eq!(ran[0].status, evently_core::saga::SagaStatus::Completed);
         assert_eq!(*seen.0.lock().unwrap(), [Some(trace), Some(trace)]);
     });
     for step in ["first", "second"] {

@@ -1,11 +1,11 @@
 //! `#[derive(Projection)]`: subscriptions, routing, decoding, and catching up from the global order.
 
-use cqrs_core::prelude::*;
-use cqrs_core::projection::{ProjectionError, Subscription, catch_up};
-use cqrs_core::{Checkpoint, EventData, EventId};
 use cqrs_examples::bank::{Account, AccountCommand};
 use cqrs_examples::order::{Order, OrderCommand, OrderEvent, OrderItem, OrderStatus};
 use cqrs_examples::order_summary::OrderSummaries;
+use evently_core::prelude::*;
+use evently_core::projection::{ProjectionError, Subscription, catch_up};
+use evently_core::{Checkpoint, EventData, EventId};
 
 fn create() -> OrderCommand {
     OrderCommand::CreateOrder {
@@ -150,7 +150,7 @@ async fn an_undecodable_event_or_a_failing_handler_stops_at_a_named_event() {
     assert!(
         matches!(
             error.error,
-            ProjectionError::Decode(cqrs_core::StoreError::Decode { version: 2, .. })
+            ProjectionError::Decode(evently_core::StoreError::Decode { version: 2, .. })
         ),
         "{error}"
     );

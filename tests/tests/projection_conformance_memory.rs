@@ -3,12 +3,12 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cqrs_core::prelude::*;
-use cqrs_core::projection::{
+use evently_core::prelude::*;
+use evently_core::projection::{
     DeadLetter, DeliveryError, FailurePolicy, HandlerError, InMemoryCheckpoints,
     InMemoryDeadLetters, ProjectionRunner, Redrive, Step,
 };
-use cqrs_core::projection_conformance::{LedgerRuntime, is_poison};
+use evently_core::projection_conformance::{LedgerRuntime, is_poison};
 
 /// The suite's credits.
 #[derive(Debug, Clone, PartialEq, DomainEvent)]
@@ -84,7 +84,7 @@ impl MemoryLedger {
     }
 }
 
-fn store_error(error: cqrs_core::StoreError) -> DeliveryError {
+fn store_error(error: evently_core::StoreError) -> DeliveryError {
     DeliveryError::Store(error)
 }
 
@@ -96,13 +96,13 @@ impl LedgerRuntime for MemoryLedger {
         &self.store
     }
 
-    fn credit(amount: u64) -> cqrs_core::EventData {
-        cqrs_core::EventData::from_event(&LedgerEvent::Credited { amount }, Metadata::default())
+    fn credit(amount: u64) -> evently_core::EventData {
+        evently_core::EventData::from_event(&LedgerEvent::Credited { amount }, Metadata::default())
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn noise() -> cqrs_core::EventData {
-        cqrs_core::EventData::from_event(&NoiseEvent::Noise, Metadata::default())
+    fn noise() -> evently_core::EventData {
+        evently_core::EventData::from_event(&NoiseEvent::Noise, Metadata::default())
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -164,4 +164,4 @@ impl LedgerRuntime for MemoryLedger {
     }
 }
 
-cqrs_core::projection_conformance_tests!(|_test: &'static str| async { MemoryLedger::new() });
+evently_core::projection_conformance_tests!(|_test: &'static str| async { MemoryLedger::new() });

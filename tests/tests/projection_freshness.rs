@@ -6,15 +6,15 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cqrs_core::prelude::*;
-use cqrs_core::projection::{
-    CheckpointStore, FixtureError, HandlerError, InMemoryCheckpoints, NotCaughtUp,
-    ProjectionFixture, ProjectionRunner, wait_until_caught_up,
-};
-use cqrs_core::{Checkpoint, CommandGateway, StoreError};
 use cqrs_examples::bank::{AccountEvent, Deposit};
 use cqrs_examples::order::{Order, OrderCommand, OrderEvent, OrderItem, OrderStatus};
 use cqrs_examples::order_summary::{OrderSummaries, OrderSummary, apply};
+use evently_core::prelude::*;
+use evently_core::projection::{
+    CheckpointStore, FixtureError, HandlerError, InMemoryCheckpoints, NotCaughtUp,
+    ProjectionFixture, ProjectionRunner, wait_until_caught_up,
+};
+use evently_core::{Checkpoint, CommandGateway, StoreError};
 
 fn created(customer: &str, cents: u64) -> OrderEvent {
     OrderEvent::OrderCreated {

@@ -7,13 +7,13 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cqrs_core::prelude::*;
-use cqrs_core::projection::{
+use cqrs_examples::bank::{AccountEvent, Deposit};
+use evently_core::prelude::*;
+use evently_core::projection::{
     CheckpointStore, FailureMode, FailurePolicy, HandlerError, InMemoryCheckpoints,
     InMemoryDeadLetters, ProjectionRunner,
 };
-use cqrs_core::{Checkpoint, EventData};
-use cqrs_examples::bank::{AccountEvent, Deposit};
+use evently_core::{Checkpoint, EventData};
 
 /// Per account: the sum and the count of its deposits. Not idempotent: a double or lost
 /// application shows. The state is shared so tests can read it while the runner runs.
@@ -237,7 +237,7 @@ async fn a_shutdown_mid_catch_up_keeps_state_and_checkpoint_together() {
 #[derive(Clone)]
 struct OneBadRow {
     inner: InMemoryEventStore,
-    bad: cqrs_core::EventId,
+    bad: evently_core::EventId,
 }
 
 #[async_trait::async_trait]
@@ -247,7 +247,7 @@ impl EventStore for OneBadRow {
         stream: &StreamId,
         expected: ExpectedVersion,
         events: Vec<EventData>,
-    ) -> Result<cqrs_core::store::AppendResult, cqrs_core::StoreError> {
+    ) -> Result<evently_core::store::AppendResult, evently_core::StoreError> {
         self.inner.append(stream, expected, events).await
     }
 
@@ -255,7 +255,8 @@ impl EventStore for OneBadRow {
         &'a self,
         stream: &'a StreamId,
         after_version: u64,
-    ) -> futures::stream::BoxStream<'a, Result<cqrs_core::StoredEvent, cqrs_core::StoreError>> {
+    ) -> futures::stream::BoxStream<'a, Result<evently_core::StoredEvent, evently_core::StoreError>>
+    {
         use futures::StreamExt as _;
         let bad = self.bad;
         self.inner
@@ -267,7 +268,7 @@ impl EventStore for OneBadRow {
             .boxed()
     }
 
-    async fn stream_version(&self, stream: &StreamId) -> Result<u64, cqrs_core::StoreError> {
+    async fn stream_version(&self, stream: &StreamId) -> Result<u64, evently_core::StoreError> {
         self.inner.stream_version(stream).await
     }
 
@@ -277,7 +278,7 @@ impl EventStore for OneBadRow {
         expected: ExpectedVersion,
         events: Vec<EventData>,
         key: &str,
-    ) -> Result<cqrs_core::store::AppendResult, cqrs_core::StoreError> {
+    ) -> Result<evently_core::store::AppendResult, evently_core::StoreError> {
         self.inner
             .append_with_key(stream, expected, events, key)
             .await
@@ -286,7 +287,7 @@ impl EventStore for OneBadRow {
     async fn find_key(
         &self,
         key: &str,
-    ) -> Result<Option<cqrs_core::KeyRecord>, cqrs_core::StoreError> {
+    ) -> Result<Option<evently_core::KeyRecord>, evently_core::StoreError> {
         self.inner.find_key(key).await
     }
 
@@ -294,7 +295,7 @@ impl EventStore for OneBadRow {
         &self,
         after: Checkpoint,
         limit: usize,
-    ) -> Result<Vec<cqrs_core::StoredEvent>, cqrs_core::StoreError> {
+    ) -> Result<Vec<evently_core::StoredEvent>, evently_core::StoreError> {
         let mut page = self.inner.read_all(after, limit).await?;
         if let Some(at) = page.iter().position(|e| e.event_id == self.bad) {
             if at == 0 {
@@ -305,14 +306,14 @@ impl EventStore for OneBadRow {
         Ok(page)
     }
 
-    async fn head(&self) -> Result<Option<Checkpoint>, cqrs_core::StoreError> {
+    async fn head(&self) -> Result<Option<Checkpoint>, evently_core::StoreError> {
         self.inner.head().await
     }
 }
 
 /// The error a store gives for a row it cannot read as an event.
-fn corrupt(row: &cqrs_core::StoredEvent) -> cqrs_core::StoreError {
-    cqrs_core::StoreError::Corrupt(Box::new(cqrs_core::store::CorruptEvent {
+fn corrupt(row: &evently_core::StoredEvent) -> evently_core::StoreError {
+    evently_core::StoreError::Corrupt(Box::new(evently_core::store::CorruptEvent {
         stream: row.stream.clone(),
         version: row.version,
         event_id: row.event_id,

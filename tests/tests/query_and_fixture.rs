@@ -1,11 +1,11 @@
 //! The query bus and the given/when/then fixture.
 
-use cqrs_core::testing::AggregateFixture;
-use cqrs_core::{Query, QueryBus, QueryError, QueryHandler, query::HandlerError};
 use cqrs_examples::bank::{
     Account, AccountCommand, AccountError, AccountEvent, Deposit, GetBalance,
 };
 use cqrs_examples::order::{Order, OrderCommand, OrderError, OrderEvent, OrderItem, OrderStatus};
+use evently_core::testing::AggregateFixture;
+use evently_core::{Query, QueryBus, QueryError, QueryHandler, query::HandlerError};
 
 struct Balances;
 
@@ -144,8 +144,8 @@ fn the_fixture_fails_when_an_error_was_expected_but_events_were_recorded() {
 }
 
 mod broken_serde {
-    use cqrs_core::prelude::*;
-    use cqrs_core::testing::AggregateFixture;
+    use evently_core::prelude::*;
+    use evently_core::testing::AggregateFixture;
 
     /// `skip_deserializing` on a field makes the stored form lossy: the fixture notices.
     #[derive(Debug, Clone, PartialEq, DomainEvent)]

@@ -7,12 +7,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use cqrs_core::Saga;
-use cqrs_core::saga::{
+use cqrs_examples::order::OrderEvent;
+use evently_core::Saga;
+use evently_core::saga::{
     InMemorySagaStore, Orchestrator, Saga, SagaId, SagaStatus, SagaStore, StepError, StepKey,
     StepOutcome,
 };
-use cqrs_examples::order::OrderEvent;
 use serde::{Deserialize, Serialize};
 
 /// Fake services: effects are recorded by step key (so a repeated call with the same key has no
@@ -337,7 +337,7 @@ async fn sagas_cut_at_every_point_resume_to_an_end() {
             .with_compensation_retry(Duration::ZERO);
         let id = SagaId::new();
         let cut = run / 4 % 25;
-        let _ = cqrs_core::testing::cut_after(cut, first.start_with_id(id, order())).await;
+        let _ = evently_core::testing::cut_after(cut, first.start_with_id(id, order())).await;
         let recorded: Vec<(String, StepOutcome)> = store
             .load(id)
             .await
@@ -400,8 +400,8 @@ async fn a_saga_started_twice_under_one_id_runs_once() {
     assert_eq!(saga.context().calls().len(), 4);
 }
 
-impl cqrs_core::saga::StartedBy<OrderEvent> for Fulfillment {
-    fn start(event: &cqrs_core::RecordedEvent<OrderEvent>) -> Option<Order> {
+impl evently_core::saga::StartedBy<OrderEvent> for Fulfillment {
+    fn start(event: &evently_core::RecordedEvent<OrderEvent>) -> Option<Order> {
         match &event.event {
             OrderEvent::OrderCreated { items, .. } => Some(Order {
                 // Correlated by the order: the aggregate the event belongs to.
@@ -421,10 +421,10 @@ impl cqrs_core::saga::StartedBy<OrderEvent> for Fulfillment {
 /// starters reading the log from the start); the orchestrator then runs them to the end.
 #[tokio::test]
 async fn order_created_starts_one_saga_per_event_even_when_delivered_twice() {
-    use cqrs_core::projection::ProjectionRunner;
-    use cqrs_core::saga::SagaStarter;
-    use cqrs_core::{CommandGateway, CommandMetadata, InMemoryEventStore};
     use cqrs_examples::order::{Order as OrderAggregate, OrderCommand, OrderItem};
+    use evently_core::projection::ProjectionRunner;
+    use evently_core::saga::SagaStarter;
+    use evently_core::{CommandGateway, CommandMetadata, InMemoryEventStore};
 
     let events = InMemoryEventStore::new();
     let orders = CommandGateway::<OrderAggregate, _>::new(events.clone());
@@ -485,7 +485,7 @@ async fn order_created_starts_one_saga_per_event_even_when_delivered_twice() {
 
 #[tokio::test]
 async fn the_saga_fixture_gives_the_sequence_of_steps_and_compensations() {
-    use cqrs_core::saga::SagaFixture;
+    use evently_core::saga::SagaFixture;
     let run = SagaFixture::<Fulfillment>::new(Services::default())
         .failing("ship", 3)
         .failing_compensation("reserve", 4)

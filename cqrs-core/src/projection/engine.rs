@@ -212,7 +212,7 @@ pub struct Window {
 
 /// Where a projection's checkpoint, dead letters and unit of work live: what the engine needs
 /// from a backend. Implemented by [`InMemoryBackend`](super::InMemoryBackend) and by
-/// `cqrs_postgres::projection::PostgresBackend`.
+/// `evently_postgres::projection::PostgresBackend`.
 #[async_trait::async_trait]
 pub trait DeliveryBackend<P: Projection>: Send {
     /// One unit of work: a database transaction, or nothing for state in the process.

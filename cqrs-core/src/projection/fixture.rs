@@ -2,8 +2,8 @@
 //! (decoding, routing, retries, dead letters) the runners use, on the in-memory store.
 //!
 //! ```
-//! # use cqrs_core::projection::{Projection, ProjectionFixture};
-//! # async fn doc<P: Projection<Context = ()>, E: cqrs_core::DomainEvent>(
+//! # use evently_core::projection::{Projection, ProjectionFixture};
+//! # async fn doc<P: Projection<Context = ()>, E: evently_core::DomainEvent>(
 //! #     summary: P,
 //! #     placed: E,
 //! #     paid: E,

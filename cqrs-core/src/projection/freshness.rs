@@ -8,9 +8,9 @@
 //!
 //! ```
 //! # use std::time::Duration;
-//! # use cqrs_core::projection::{Projection, Progress, wait_until_caught_up};
-//! # async fn doc<P: Projection, A: cqrs_core::Aggregate>(
-//! #     executed: cqrs_core::Executed<A::Event>,
+//! # use evently_core::projection::{Projection, Progress, wait_until_caught_up};
+//! # async fn doc<P: Projection, A: evently_core::Aggregate>(
+//! #     executed: evently_core::Executed<A::Event>,
 //! #     progress: &impl Progress,
 //! # ) -> Result<(), Box<dyn std::error::Error>> {
 //! if let Some(written) = executed.checkpoint() {

@@ -84,7 +84,7 @@ pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 #[diagnostic::on_unimplemented(
     message = "projection `{Self}` has no handler for `{E}`",
     label = "no `Handles<{E}, {Context}>` for `{Self}`",
-    note = "implement `cqrs_core::projection::Handles<{E}, {Context}>` for `{Self}` (with `#[async_trait::async_trait]`)"
+    note = "implement `evently_core::projection::Handles<{E}, {Context}>` for `{Self}` (with `#[async_trait::async_trait]`)"
 )]
 #[async_trait::async_trait]
 pub trait Handles<E: DomainEvent, Context: Send + ?Sized = ()>: Send {
@@ -124,7 +124,7 @@ pub enum ProjectionError {
 /// A read model fed by events: derive it with `#[derive(Projection)]`.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a projection",
-    note = "add `#[derive(cqrs_core::Projection)]` with `#[projection(name = \"...\", events(...))]` to `{Self}`"
+    note = "add `#[derive(evently_core::Projection)]` with `#[projection(name = \"...\", events(...))]` to `{Self}`"
 )]
 pub trait Projection: Send {
     /// The projection's stable name: its checkpoint and dead letters are kept under it.

@@ -472,7 +472,7 @@ fn store_error(error: DeliveryError) -> StoreError {
 ///
 /// There is no transaction around in-process state: a handler that fails is called again for the
 /// same event, so it should check before it changes anything. For read models in PostgreSQL, use
-/// `cqrs_postgres::projection::ProjectionWorker`, which commits them with the checkpoint.
+/// `evently_postgres::projection::ProjectionWorker`, which commits them with the checkpoint.
 pub struct ProjectionRunner<P: Projection, S>
 where
     P::Context: Sized,

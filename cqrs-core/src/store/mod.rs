@@ -337,7 +337,7 @@ impl StoreError {
 
 /// An append-only store of event streams with one global order.
 ///
-/// Every implementation passes the same conformance suite (`cqrs_core::conformance`, feature
+/// Every implementation passes the same conformance suite (`evently_core::conformance`, feature
 /// `conformance`): the expected-version matrix, idempotent appends, concurrent writers and the global
 /// order.
 #[async_trait::async_trait]

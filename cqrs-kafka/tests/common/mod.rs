@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crate::support::unique;
-use cqrs_core::EventData;
-use cqrs_core::prelude::*;
 use cqrs_examples::bank::{AccountEvent, Deposit};
-use cqrs_kafka::{EventSerializer, JsonEnvelope, OutboxRelay, TopicMap};
-use cqrs_postgres::PostgresEventStore;
+use evently_core::EventData;
+use evently_core::prelude::*;
+use evently_kafka::{EventSerializer, JsonEnvelope, OutboxRelay, TopicMap};
+use evently_postgres::PostgresEventStore;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -22,7 +22,7 @@ pub(crate) async fn deposit(store: &PostgresEventStore, first: u64, count: u64, 
             amount_cents: n,
             reference: String::new(),
         });
-        let metadata = Metadata::default().with_correlation_id(cqrs_core::CorrelationId::new());
+        let metadata = Metadata::default().with_correlation_id(evently_core::CorrelationId::new());
         let data = EventData::from_event(&event, metadata).unwrap_or_else(|e| panic!("{e}"));
         store
             .append(
@@ -36,9 +36,9 @@ pub(crate) async fn deposit(store: &PostgresEventStore, first: u64, count: u64, 
 }
 
 /// Every event in the store, in the global order.
-pub(crate) async fn all_events(store: &PostgresEventStore) -> Vec<cqrs_core::StoredEvent> {
+pub(crate) async fn all_events(store: &PostgresEventStore) -> Vec<evently_core::StoredEvent> {
     let mut events = Vec::new();
-    let mut at = cqrs_core::Checkpoint::START;
+    let mut at = evently_core::Checkpoint::START;
     loop {
         let page = store
             .read_all(at, 1_000)
@@ -71,7 +71,7 @@ pub(crate) async fn drain(relay: &mut OutboxRelay, store: &PostgresEventStore) {
 #[derive(Debug, Clone)]
 pub(crate) struct Read {
     pub(crate) key: String,
-    pub(crate) event: cqrs_core::StoredEvent,
+    pub(crate) event: evently_core::StoredEvent,
     pub(crate) headers: BTreeMap<String, String>,
     pub(crate) partition: i32,
 }
@@ -152,7 +152,7 @@ pub(crate) async fn read_until(
 
 /// Checks what was read against what the store has: (missing, duplicates, order inversions).
 /// An inversion is an event read for the first time after a later event of its stream.
-pub(crate) fn audit(stored: &[cqrs_core::StoredEvent], read: &[Read]) -> (usize, usize, usize) {
+pub(crate) fn audit(stored: &[evently_core::StoredEvent], read: &[Read]) -> (usize, usize, usize) {
     let mut seen = HashSet::new();
     let mut duplicates = 0;
     let mut last_version: HashMap<&StreamId, u64> = HashMap::new();

@@ -2,7 +2,7 @@
 
 /// The brokers of `KAFKA_BROKERS` (default `127.0.0.1:9092`).
 pub fn brokers() -> String {
-    cqrs_kafka::KafkaConfig::from_env().brokers().to_owned()
+    evently_kafka::KafkaConfig::from_env().brokers().to_owned()
 }
 
 /// `name` made unique on the shared broker (topics and groups outlive a run).

@@ -30,7 +30,7 @@ fn generate(model: &AggregateStruct<'_>) -> syn::Result<TokenStream> {
     let name = &name.value;
     let snapshot = model.snapshot.as_ref().map(|s| {
         let (every, version) = (s.every.value, s.version.value);
-        quote!(const SNAPSHOT: ::cqrs_core::SnapshotPolicy = ::cqrs_core::SnapshotPolicy::every(#every, #version);)
+        quote!(const SNAPSHOT: __evently::SnapshotPolicy = __evently::SnapshotPolicy::every(#every, #version);)
     });
     // A snapshotted state is stored as JSON: not serializable is an error on `snapshot`, not
     // later where `with_snapshots` is called.
@@ -38,7 +38,7 @@ fn generate(model: &AggregateStruct<'_>) -> syn::Result<TokenStream> {
         // The state's name re-spanned too: the error lands on `snapshot`, not on the struct.
         let mut state = ident.clone();
         state.set_span(s.span);
-        let check = quote_spanned!(s.span=> ::cqrs_core::__private::snapshot_state::<#state>());
+        let check = quote_spanned!(s.span=> __evently::__private::snapshot_state::<#state>());
         quote! {
             const _: fn() = || {
                 #check;
@@ -49,10 +49,11 @@ fn generate(model: &AggregateStruct<'_>) -> syn::Result<TokenStream> {
     // missing event application on the event type named in the attribute. The associated types'
     // bounds ("is not a command", "is not an error") are reported on those types by the compiler.
     let initial = quote_spanned!(ident.span()=> <Self as ::core::default::Default>::default());
-    let apply = quote_spanned!(event.span()=> <#event as ::cqrs_core::ApplyTo<Self>>::apply_to(event, self));
+    let apply =
+        quote_spanned!(event.span()=> <#event as __evently::ApplyTo<Self>>::apply_to(event, self));
     Ok(quote! {
         #[automatically_derived]
-        impl ::cqrs_core::Aggregate for #ident {
+        impl __evently::Aggregate for #ident {
             const NAME: &'static str = #name;
             #snapshot
             type Command = #command;
@@ -83,7 +84,7 @@ fn stub(model: &AggregateStruct<'_>) -> TokenStream {
         return TokenStream::new();
     };
     quote! {
-        impl ::cqrs_core::Aggregate for #ident {
+        impl __evently::Aggregate for #ident {
             const NAME: &'static str = "";
             type Command = #command;
             type Event = #event;

@@ -35,7 +35,7 @@ fn generate(model: &CommandEnum<'_>) -> syn::Result<TokenStream> {
             Expectation::MustNotExist => quote!(MustNotExist),
             Expectation::Any => quote!(Any),
         };
-        quote!(Self::#variant { .. } => ::cqrs_core::StreamExpectation::#expectation,)
+        quote!(Self::#variant { .. } => __evently::StreamExpectation::#expectation,)
     });
     let handle_arms = model.variants.iter().map(|v| {
         // A missing handler, or one of another signature than the declared
@@ -50,14 +50,14 @@ fn generate(model: &CommandEnum<'_>) -> syn::Result<TokenStream> {
     });
     Ok(quote! {
         #[automatically_derived]
-        impl ::cqrs_core::Command for #ident {
+        impl __evently::Command for #ident {
             type Aggregate = #aggregate;
 
             fn command_name(&self) -> &'static str {
                 match self { #(#name_arms)* }
             }
 
-            fn expectation(&self) -> ::cqrs_core::StreamExpectation {
+            fn expectation(&self) -> __evently::StreamExpectation {
                 match self { #(#expectation_arms)* }
             }
 
@@ -65,8 +65,8 @@ fn generate(model: &CommandEnum<'_>) -> syn::Result<TokenStream> {
                 self,
                 __aggregate: &#aggregate,
             ) -> ::core::result::Result<
-                ::std::vec::Vec<<#aggregate as ::cqrs_core::Aggregate>::Event>,
-                <#aggregate as ::cqrs_core::Aggregate>::Error,
+                ::std::vec::Vec<<#aggregate as __evently::Aggregate>::Event>,
+                <#aggregate as __evently::Aggregate>::Error,
             > {
                 match self { #(#handle_arms)* }
             }
@@ -81,18 +81,18 @@ fn stub(model: &CommandEnum<'_>) -> TokenStream {
         return TokenStream::new();
     };
     quote! {
-        impl ::cqrs_core::Command for #ident {
+        impl __evently::Command for #ident {
             type Aggregate = #aggregate;
             fn command_name(&self) -> &'static str { "" }
-            fn expectation(&self) -> ::cqrs_core::StreamExpectation {
-                ::cqrs_core::StreamExpectation::Any
+            fn expectation(&self) -> __evently::StreamExpectation {
+                __evently::StreamExpectation::Any
             }
             fn handle(
                 self,
                 _: &#aggregate,
             ) -> ::core::result::Result<
-                ::std::vec::Vec<<#aggregate as ::cqrs_core::Aggregate>::Event>,
-                <#aggregate as ::cqrs_core::Aggregate>::Error,
+                ::std::vec::Vec<<#aggregate as __evently::Aggregate>::Event>,
+                <#aggregate as __evently::Aggregate>::Error,
             > {
                 ::core::unreachable!()
             }

@@ -48,7 +48,7 @@ fn generate(model: &EventEnum<'_>) -> TokenStream {
     let aggregate_type = model.aggregate.as_ref().map(|aggregate| {
         quote! {
             const AGGREGATE_TYPE: ::core::option::Option<&'static str> =
-                ::core::option::Option::Some(<#aggregate as ::cqrs_core::Aggregate>::NAME);
+                ::core::option::Option::Some(<#aggregate as __evently::Aggregate>::NAME);
         }
     });
     quote! {
@@ -58,7 +58,7 @@ fn generate(model: &EventEnum<'_>) -> TokenStream {
             #(#helpers)*
 
             #[automatically_derived]
-            impl ::cqrs_core::DomainEvent for #ident {
+            impl __evently::DomainEvent for #ident {
                 const EVENT_TYPES: &'static [&'static str] = &[#(#names),*];
                 #aggregate_type
 
@@ -70,19 +70,19 @@ fn generate(model: &EventEnum<'_>) -> TokenStream {
                     match self { #(#version_arms)* }
                 }
 
-                fn encode(&self) -> ::core::result::Result<::cqrs_core::EncodedEvent, ::cqrs_core::event::EncodeError> {
+                fn encode(&self) -> ::core::result::Result<__evently::EncodedEvent, __evently::event::EncodeError> {
                     ::core::result::Result::Ok(match self { #(#encode_arms)* })
                 }
 
                 fn decode(
                     event_type: &str,
                     schema_version: u32,
-                    payload: &::cqrs_core::__private::serde_json::Value,
-                ) -> ::core::result::Result<Self, ::cqrs_core::DecodeError> {
+                    payload: &__evently::__private::serde_json::Value,
+                ) -> ::core::result::Result<Self, __evently::DecodeError> {
                     match event_type {
                         #(#decode_arms)*
                         __other => ::core::result::Result::Err(
-                            ::cqrs_core::__private::unknown_type(__other, <Self as ::cqrs_core::DomainEvent>::EVENT_TYPES),
+                            __evently::__private::unknown_type(__other, <Self as __evently::DomainEvent>::EVENT_TYPES),
                         ),
                     }
                 }
@@ -91,12 +91,12 @@ fn generate(model: &EventEnum<'_>) -> TokenStream {
                     event_type: &str,
                     schema_version: u32,
                     json: &str,
-                ) -> ::core::result::Result<Self, ::cqrs_core::DecodeError> {
+                ) -> ::core::result::Result<Self, __evently::DecodeError> {
                     match event_type {
                         #(#decode_json_arms)*
                         _ => {
-                            let __value = ::cqrs_core::__private::parse_json(event_type, schema_version, json)?;
-                            <Self as ::cqrs_core::DomainEvent>::decode(event_type, schema_version, &__value)
+                            let __value = __evently::__private::parse_json(event_type, schema_version, json)?;
+                            <Self as __evently::DomainEvent>::decode(event_type, schema_version, &__value)
                         }
                     }
                 }
@@ -124,12 +124,12 @@ fn helper_structs(v: &EventVariant<'_>) -> TokenStream {
         quote!(#(#attrs)* #name: #ty,)
     });
     quote! {
-        #[derive(::cqrs_core::__private::serde::Serialize)]
-        #[serde(crate = "::cqrs_core::__private::serde")]
+        #[derive(__evently::__private::serde::Serialize)]
+        #[serde(crate = "__evently::__private::serde")]
         struct #ser<'__cqrs> { #(#ser_fields)* }
 
-        #[derive(::cqrs_core::__private::serde::Deserialize)]
-        #[serde(crate = "::cqrs_core::__private::serde")]
+        #[derive(__evently::__private::serde::Deserialize)]
+        #[serde(crate = "__evently::__private::serde")]
         struct #de { #(#de_fields)* }
     }
 }
@@ -139,25 +139,25 @@ fn encode_arm(v: &EventVariant<'_>) -> TokenStream {
     let (pattern, payload) = match &v.shape {
         Shape::Unit => (
             quote!(Self::#variant),
-            quote!(::cqrs_core::__private::serde_json::Value::Object(
-                ::cqrs_core::__private::serde_json::Map::new()
+            quote!(__evently::__private::serde_json::Value::Object(
+                __evently::__private::serde_json::Map::new()
             )),
         ),
         Shape::Newtype(_) => (
             quote!(Self::#variant(__value)),
-            quote!(::cqrs_core::__private::encode_payload(#name, __value)?),
+            quote!(__evently::__private::encode_payload(#name, __value)?),
         ),
         Shape::Struct(fields) => {
             let ser = helper_ident("Ser", v.ident);
             let names: Vec<_> = fields.iter().map(|f| &f.ident).collect();
             (
                 quote!(Self::#variant { #(#names),* }),
-                quote!(::cqrs_core::__private::encode_payload(#name, &#ser { #(#names),* })?),
+                quote!(__evently::__private::encode_payload(#name, &#ser { #(#names),* })?),
             )
         }
     };
     quote! {
-        #pattern => ::cqrs_core::EncodedEvent {
+        #pattern => __evently::EncodedEvent {
             event_type: #name,
             schema_version: #version,
             payload: #payload,
@@ -175,7 +175,7 @@ fn decode_arm(v: &EventVariant<'_>) -> TokenStream {
         let with = quote_spanned!(u.span=> #with);
         quote! {
             if __found <= #from {
-                __value = ::cqrs_core::__private::upcast(#name, #from, #with, __value)?;
+                __value = __evently::__private::upcast(#name, #from, #with, __value)?;
             }
         }
     });
@@ -189,16 +189,16 @@ fn decode_arm(v: &EventVariant<'_>) -> TokenStream {
             }
         }
     });
-    let build = build_variant(v, &quote!(::cqrs_core::__private::decode_payload));
+    let build = build_variant(v, &quote!(__evently::__private::decode_payload));
     quote! {
         #name => {
-            let __upcasted: ::cqrs_core::__private::serde_json::Value;
-            let __payload: &::cqrs_core::__private::serde_json::Value = match schema_version {
+            let __upcasted: __evently::__private::serde_json::Value;
+            let __payload: &__evently::__private::serde_json::Value = match schema_version {
                 #current => payload,
                 #upcast_arm
                 __found => {
                     return ::core::result::Result::Err(
-                        ::cqrs_core::__private::unsupported_version(#name, __found, #oldest, #current),
+                        __evently::__private::unsupported_version(#name, __found, #oldest, #current),
                     );
                 }
             };
@@ -212,7 +212,7 @@ fn build_variant(v: &EventVariant<'_>, decoder: &TokenStream) -> TokenStream {
     let (variant, name, current) = (v.ident, &v.name.value, v.version.value);
     match &v.shape {
         Shape::Unit => quote! {
-            let _: ::cqrs_core::__private::serde::de::IgnoredAny = #decoder(#name, #current, __payload)?;
+            let _: __evently::__private::serde::de::IgnoredAny = #decoder(#name, #current, __payload)?;
             Self::#variant
         },
         Shape::Newtype(_) => quote! {
@@ -233,7 +233,7 @@ fn build_variant(v: &EventVariant<'_>, decoder: &TokenStream) -> TokenStream {
 /// older one (which needs upcasting) or an unknown type goes through `decode`.
 fn decode_json_arm(v: &EventVariant<'_>) -> TokenStream {
     let (name, current) = (&v.name.value, v.version.value);
-    let build = build_variant(v, &quote!(::cqrs_core::__private::decode_payload_str));
+    let build = build_variant(v, &quote!(__evently::__private::decode_payload_str));
     quote! {
         #name if schema_version == #current => {
             let __payload: &str = json;
@@ -255,7 +255,7 @@ fn apply_impl(model: &EventEnum<'_>, aggregate: &syn::Type) -> TokenStream {
     });
     quote! {
         #[automatically_derived]
-        impl ::cqrs_core::ApplyTo<#aggregate> for #ident {
+        impl __evently::ApplyTo<#aggregate> for #ident {
             fn apply_to(&self, __aggregate: &mut #aggregate) {
                 match self { #(#arms)* }
             }
@@ -268,25 +268,25 @@ fn stub(model: &EventEnum<'_>) -> TokenStream {
     let ident = model.ident;
     let apply = model.aggregate.as_ref().map(|aggregate| {
         quote! {
-            impl ::cqrs_core::ApplyTo<#aggregate> for #ident {
+            impl __evently::ApplyTo<#aggregate> for #ident {
                 fn apply_to(&self, _: &mut #aggregate) {}
             }
         }
     });
     quote! {
         const _: () = {
-            impl ::cqrs_core::DomainEvent for #ident {
+            impl __evently::DomainEvent for #ident {
                 const EVENT_TYPES: &'static [&'static str] = &[];
                 fn event_type(&self) -> &'static str { "" }
                 fn schema_version(&self) -> u32 { 0 }
-                fn encode(&self) -> ::core::result::Result<::cqrs_core::EncodedEvent, ::cqrs_core::event::EncodeError> {
+                fn encode(&self) -> ::core::result::Result<__evently::EncodedEvent, __evently::event::EncodeError> {
                     ::core::unreachable!()
                 }
                 fn decode(
                     _: &str,
                     _: u32,
-                    _: &::cqrs_core::__private::serde_json::Value,
-                ) -> ::core::result::Result<Self, ::cqrs_core::DecodeError> {
+                    _: &__evently::__private::serde_json::Value,
+                ) -> ::core::result::Result<Self, __evently::DecodeError> {
                     ::core::unreachable!()
                 }
             }

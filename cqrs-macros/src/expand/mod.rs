@@ -1,4 +1,4 @@
-//! Code generation. Every path is absolute (`::cqrs_core::...`, `::core::...`) and every trait method
+//! Code generation. Every path is absolute (`__evently::...`, `::core::...`) and every trait method
 //! is called in fully qualified form, so the output compiles whatever the user's module shadows.
 
 pub(crate) mod aggregate;
@@ -12,6 +12,40 @@ use quote::{quote, quote_spanned};
 
 use crate::ast::Shape;
 
+/// The path of the crate the generated code uses: `evently-core` when the user's package depends
+/// on it (under whatever name), else the `evently` facade (which re-exports it whole), else
+/// `::evently_core` (rustc then says it is unresolved, and the crate docs say what to add).
+fn framework() -> TokenStream {
+    use proc_macro_crate::{FoundCrate, crate_name};
+    let named = |name: String| {
+        let ident = Ident::new(&name, proc_macro2::Span::call_site());
+        quote!(::#ident)
+    };
+    match (crate_name("evently-core"), crate_name("evently")) {
+        // Inside evently-core (its tests and doctests too): it names itself `evently_core`.
+        (Ok(FoundCrate::Itself), _) => quote!(::evently_core),
+        (Ok(FoundCrate::Name(name)), _) => named(name),
+        // Inside the facade: it names itself `evently`.
+        (Err(_), Ok(FoundCrate::Itself)) => quote!(::evently),
+        (Err(_), Ok(FoundCrate::Name(name))) => named(name),
+        (Err(_), Err(_)) => quote!(::evently_core),
+    }
+}
+
+/// Places a derive's output in an anonymous constant that binds `__evently` to the framework
+/// crate: impls inside it apply everywhere, and nothing it binds leaks into the user's module.
+fn in_scope(tokens: TokenStream) -> TokenStream {
+    let framework = framework();
+    quote! {
+        #[doc(hidden)]
+        #[allow(unused_qualifications)]
+        const _: () = {
+            use #framework as __evently;
+            #tokens
+        };
+    }
+}
+
 /// The derive's output: the generated code, or the errors plus a stub impl so the user sees these
 /// errors and not a cascade of "trait not implemented" from every use of the type. A generic type
 /// gets no stub: its error says generics are not supported, and a stub without them would not fit.
@@ -21,11 +55,13 @@ fn finish(
     stub: impl FnOnce() -> TokenStream,
 ) -> TokenStream {
     match result {
-        Ok(tokens) => tokens,
+        Ok(tokens) => in_scope(tokens),
+        // The errors stay outside the constant: rustc reports them and stops there, before
+        // resolving the stub's paths.
         Err(error) => {
             let mut tokens = error.to_compile_error();
             if input.generics.params.is_empty() {
-                tokens.extend(stub());
+                tokens.extend(in_scope(stub()));
             }
             tokens
         }

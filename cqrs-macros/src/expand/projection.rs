@@ -36,16 +36,16 @@ fn generate(model: &ProjectionStruct<'_>) -> TokenStream {
     let subscriptions = model
         .events
         .iter()
-        .map(|e| quote_spanned!(e.span()=> ::cqrs_core::projection::Subscription::to::<#e>()));
+        .map(|e| quote_spanned!(e.span()=> __evently::projection::Subscription::to::<#e>()));
     let routes: Vec<_> = model
         .events
         .iter()
         .map(|e| {
             let call = quote_spanned! {e.span()=>
-                ::cqrs_core::__private::handle::<Self, #e, _>(self, event, context).await
+                __evently::__private::handle::<Self, #e, _>(self, event, context).await
             };
             quote! {
-                if ::cqrs_core::projection::Subscription::to::<#e>().matches(event) {
+                if __evently::projection::Subscription::to::<#e>().matches(event) {
                     return #call;
                 }
             }
@@ -58,9 +58,9 @@ fn generate(model: &ProjectionStruct<'_>) -> TokenStream {
                 &'__cqrs mut self,
                 event: &'__cqrs #event,
                 context: &'__cqrs mut #context,
-            ) -> ::cqrs_core::__private::BoxFuture<
+            ) -> __evently::__private::BoxFuture<
                 '__cqrs,
-                ::core::result::Result<bool, ::cqrs_core::projection::ProjectionError>,
+                ::core::result::Result<bool, __evently::projection::ProjectionError>,
             > {
                 ::std::boxed::Box::pin(async move {
                     #(#routes)*
@@ -69,14 +69,14 @@ fn generate(model: &ProjectionStruct<'_>) -> TokenStream {
             }
         }
     };
-    let apply = method(quote!(apply), quote!(::cqrs_core::StoredEvent));
-    let apply_raw = method(quote!(apply_raw), quote!(::cqrs_core::RawStoredEvent));
+    let apply = method(quote!(apply), quote!(__evently::StoredEvent));
+    let apply_raw = method(quote!(apply_raw), quote!(__evently::RawStoredEvent));
     quote! {
         #[automatically_derived]
-        impl ::cqrs_core::projection::Projection for #ident {
+        impl __evently::projection::Projection for #ident {
             const NAME: &'static str = #name;
             type Context = #context;
-            const SUBSCRIPTIONS: &'static [::cqrs_core::projection::Subscription] = &[#(#subscriptions),*];
+            const SUBSCRIPTIONS: &'static [__evently::projection::Subscription] = &[#(#subscriptions),*];
 
             #apply
 
@@ -90,17 +90,17 @@ fn stub(model: &ProjectionStruct<'_>) -> TokenStream {
     let ident = model.ident;
     let context = context(model);
     quote! {
-        impl ::cqrs_core::projection::Projection for #ident {
+        impl __evently::projection::Projection for #ident {
             const NAME: &'static str = "";
             type Context = #context;
-            const SUBSCRIPTIONS: &'static [::cqrs_core::projection::Subscription] = &[];
+            const SUBSCRIPTIONS: &'static [__evently::projection::Subscription] = &[];
             fn apply<'__cqrs>(
                 &'__cqrs mut self,
-                _: &'__cqrs ::cqrs_core::StoredEvent,
+                _: &'__cqrs __evently::StoredEvent,
                 _: &'__cqrs mut #context,
-            ) -> ::cqrs_core::__private::BoxFuture<
+            ) -> __evently::__private::BoxFuture<
                 '__cqrs,
-                ::core::result::Result<bool, ::cqrs_core::projection::ProjectionError>,
+                ::core::result::Result<bool, __evently::projection::ProjectionError>,
             > {
                 ::std::boxed::Box::pin(async { ::core::result::Result::Ok(false) })
             }

@@ -34,13 +34,13 @@ fn generate(model: &SagaEnum<'_>) -> syn::Result<TokenStream> {
                 let max = retry
                     .max_delay_ms
                     .map_or(backoff.saturating_mul(32), |m| m.0);
-                quote!(::cqrs_core::saga::RetryPolicy {
+                quote!(__evently::saga::RetryPolicy {
                     attempts: #attempts,
                     backoff: ::core::time::Duration::from_millis(#backoff),
                     max_delay: ::core::time::Duration::from_millis(#max),
                 })
             }
-            None => quote!(::cqrs_core::saga::RetryPolicy::NONE),
+            None => quote!(__evently::saga::RetryPolicy::NONE),
         };
         let timeout = match step.timeout_ms {
             Some((ms, _)) => {
@@ -48,7 +48,7 @@ fn generate(model: &SagaEnum<'_>) -> syn::Result<TokenStream> {
             }
             None => quote!(::core::option::Option::None),
         };
-        quote!(::cqrs_core::saga::StepSpec {
+        quote!(__evently::saga::StepSpec {
             name: #step_name,
             compensable: #compensable,
             retry: #retry,
@@ -68,7 +68,7 @@ fn generate(model: &SagaEnum<'_>) -> syn::Result<TokenStream> {
         let args = quote!(#data, key);
         let call = quote_spanned!(method.span()=> (*context).#method(#args));
         quote! {
-            #index => ::cqrs_core::__private::step(#call),
+            #index => __evently::__private::step(#call),
         }
     };
     let execute_arms = model
@@ -102,9 +102,9 @@ fn generate(model: &SagaEnum<'_>) -> syn::Result<TokenStream> {
     );
     Ok(quote! {
         #[automatically_derived]
-        impl ::cqrs_core::saga::Saga for #ident {
+        impl __evently::saga::Saga for #ident {
             const NAME: &'static str = #name;
-            const STEPS: &'static [::cqrs_core::saga::StepSpec] = &[#(#specs),*];
+            const STEPS: &'static [__evently::saga::StepSpec] = &[#(#specs),*];
             type Data = #data;
             type Context = #context;
 
@@ -129,16 +129,16 @@ fn step_method(
             __step: usize,
             context: &'__cqrs #context,
             data: &'__cqrs mut #data,
-            key: &'__cqrs ::cqrs_core::saga::StepKey,
-        ) -> ::cqrs_core::__private::BoxFuture<
+            key: &'__cqrs __evently::saga::StepKey,
+        ) -> __evently::__private::BoxFuture<
             '__cqrs,
-            ::core::result::Result<(), ::cqrs_core::saga::StepError>,
+            ::core::result::Result<(), __evently::saga::StepError>,
         > {
             #prelude
             match __step {
                 #(#arms)*
                 _ => ::std::boxed::Box::pin(::core::future::ready(::core::result::Result::Err(
-                    ::cqrs_core::saga::no_such_step(<Self as ::cqrs_core::saga::Saga>::NAME, __step, #compensate),
+                    __evently::saga::no_such_step(<Self as __evently::saga::Saga>::NAME, __step, #compensate),
                 ))),
             }
         }
@@ -170,9 +170,9 @@ fn stub(model: &SagaEnum<'_>) -> TokenStream {
         true,
     );
     quote! {
-        impl ::cqrs_core::saga::Saga for #ident {
+        impl __evently::saga::Saga for #ident {
             const NAME: &'static str = "";
-            const STEPS: &'static [::cqrs_core::saga::StepSpec] = &[];
+            const STEPS: &'static [__evently::saga::StepSpec] = &[];
             type Data = #data;
             type Context = #context;
             #execute

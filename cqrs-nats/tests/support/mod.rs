@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use cqrs_nats::{NatsConfig, NatsConsumer, NatsSink, TransportError};
-use cqrs_transport::conformance::{BoxFuture, Broker, Recorder, Unused};
+use evently_nats::{NatsConfig, NatsConsumer, NatsSink, TransportError};
+use evently_transport::conformance::{BoxFuture, Broker, Recorder, Unused};
 
 pub struct Nats;
 
@@ -58,7 +58,7 @@ impl Broker for Nats {
         name: &str,
         handler: Recorder,
         shutdown: BoxFuture<'static, ()>,
-    ) -> BoxFuture<'static, Result<cqrs_nats::ConsumerMetrics, TransportError>> {
+    ) -> BoxFuture<'static, Result<evently_nats::ConsumerMetrics, TransportError>> {
         let consumer = NatsConsumer::new(&config(ns), name, handler).map(|c| {
             c.with_retries(3, Duration::from_millis(10))
                 .with_ack_wait(Duration::from_secs(2))
@@ -95,8 +95,11 @@ impl Broker for Nats {
         &self,
         ns: &str,
         name: &str,
-    ) -> Option<Box<dyn cqrs_nats::DeadLetterQueue>> {
-        Some(Box::new(cqrs_nats::NatsDeadLetters::new(&config(ns), name)))
+    ) -> Option<Box<dyn evently_nats::DeadLetterQueue>> {
+        Some(Box::new(evently_nats::NatsDeadLetters::new(
+            &config(ns),
+            name,
+        )))
     }
 
     fn publish_foreign<'a>(

@@ -1,7 +1,7 @@
 //! Shared by the PostgreSQL tests: a fresh store in a schema of its own per test.
 #![allow(dead_code)] // each test binary uses a different part
 
-use cqrs_postgres::{PostgresEventStore, database_url};
+use evently_postgres::{PostgresEventStore, database_url};
 use sqlx::postgres::PgPoolOptions;
 
 /// A pool on `DATABASE_URL` with room for `connections`.
@@ -40,14 +40,14 @@ pub async fn fresh_store_with(name: &str, connections: u32) -> PostgresEventStor
 }
 
 /// A deposit event of `amount_cents`.
-pub fn deposit(amount_cents: u64) -> cqrs_core::EventData {
+pub fn deposit(amount_cents: u64) -> evently_core::EventData {
     use cqrs_examples::bank::{AccountEvent, Deposit};
-    cqrs_core::EventData::from_event(
+    evently_core::EventData::from_event(
         &AccountEvent::Deposited(Deposit {
             amount_cents,
             reference: String::new(),
         }),
-        cqrs_core::Metadata::default(),
+        evently_core::Metadata::default(),
     )
     .unwrap_or_else(|e| panic!("{e}"))
 }
@@ -55,10 +55,10 @@ pub fn deposit(amount_cents: u64) -> cqrs_core::EventData {
 /// The ids of every event readable after `after`, read through the store in pages of `page`.
 pub async fn read_after(
     store: &PostgresEventStore,
-    mut after: cqrs_core::Checkpoint,
+    mut after: evently_core::Checkpoint,
     page: usize,
 ) -> Vec<uuid::Uuid> {
-    use cqrs_core::EventStore as _;
+    use evently_core::EventStore as _;
     let mut all = Vec::new();
     loop {
         let events = store

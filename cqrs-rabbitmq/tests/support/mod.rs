@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use cqrs_rabbitmq::{RabbitConfig, RabbitConsumer, RabbitSink, TransportError};
-use cqrs_transport::conformance::{BoxFuture, Broker, Recorder, Unused};
+use evently_rabbitmq::{RabbitConfig, RabbitConsumer, RabbitSink, TransportError};
+use evently_transport::conformance::{BoxFuture, Broker, Recorder, Unused};
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -62,7 +62,7 @@ impl Broker for Rabbit {
         name: &str,
         handler: Recorder,
         shutdown: BoxFuture<'static, ()>,
-    ) -> BoxFuture<'static, Result<cqrs_rabbitmq::ConsumerMetrics, TransportError>> {
+    ) -> BoxFuture<'static, Result<evently_rabbitmq::ConsumerMetrics, TransportError>> {
         let consumer = RabbitConsumer::new(&config(ns), queue(ns, name), handler)
             .with_retries(3, Duration::from_millis(10));
         Box::pin(consumer.run(shutdown))
@@ -85,8 +85,8 @@ impl Broker for Rabbit {
         &self,
         ns: &str,
         name: &str,
-    ) -> Option<Box<dyn cqrs_rabbitmq::DeadLetterQueue>> {
-        Some(Box::new(cqrs_rabbitmq::RabbitDeadLetters::new(
+    ) -> Option<Box<dyn evently_rabbitmq::DeadLetterQueue>> {
+        Some(Box::new(evently_rabbitmq::RabbitDeadLetters::new(
             &config(ns),
             queue(ns, name),
         )))

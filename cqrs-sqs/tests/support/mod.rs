@@ -4,8 +4,10 @@
 
 use std::time::Duration;
 
-use cqrs_sqs::{DeadLetterQueue, SqsConfig, SqsConsumer, SqsDeadLetters, SqsSink, TransportError};
-use cqrs_transport::conformance::{BoxFuture, Broker, Recorder, Unused};
+use evently_sqs::{
+    DeadLetterQueue, SqsConfig, SqsConsumer, SqsDeadLetters, SqsSink, TransportError,
+};
+use evently_transport::conformance::{BoxFuture, Broker, Recorder, Unused};
 
 /// The harness on FIFO queues ([`Sqs::FIFO`]) or standard ones ([`Sqs::STANDARD`]).
 pub struct Sqs {
@@ -84,7 +86,7 @@ impl Broker for Sqs {
         _name: &str,
         handler: Recorder,
         shutdown: BoxFuture<'static, ()>,
-    ) -> BoxFuture<'static, Result<cqrs_sqs::ConsumerMetrics, TransportError>> {
+    ) -> BoxFuture<'static, Result<evently_sqs::ConsumerMetrics, TransportError>> {
         let consumer = SqsConsumer::new(&self.config(ns), self.queue(ns), handler).map(|c| {
             c.with_retries(3, Duration::from_millis(10))
                 .with_wait(Duration::from_secs(1))
@@ -100,7 +102,7 @@ impl Broker for Sqs {
         Box::pin(async move {
             SqsDeadLetters::new(
                 &self.config(ns),
-                cqrs_sqs::dead_letter_queue(&self.queue(ns)),
+                evently_sqs::dead_letter_queue(&self.queue(ns)),
             )
             .count()
             .await
@@ -110,7 +112,7 @@ impl Broker for Sqs {
     fn dead_letter_queue(&self, ns: &str, _name: &str) -> Option<Box<dyn DeadLetterQueue>> {
         Some(Box::new(SqsDeadLetters::new(
             &self.config(ns),
-            cqrs_sqs::dead_letter_queue(&self.queue(ns)),
+            evently_sqs::dead_letter_queue(&self.queue(ns)),
         )))
     }
 

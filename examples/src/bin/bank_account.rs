@@ -3,9 +3,9 @@
 //!
 //! Run: `cargo run -p cqrs-examples --bin bank_account`
 
-use cqrs_core::prelude::*;
-use cqrs_core::{EventData, EventId, QueryBus};
 use cqrs_examples::bank::{Account, AccountCommand, Deposit, GetBalance};
+use evently_core::prelude::*;
+use evently_core::{EventData, EventId, QueryBus};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -6,11 +6,11 @@
 //!
 //! `cargo run -p cqrs-examples --bin fulfillment`
 
-use cqrs_core::projection::ProjectionRunner;
-use cqrs_core::saga::{InMemorySagaStore, Orchestrator, SagaStarter, SagaStatus, SagaStore};
-use cqrs_core::{CommandGateway, CommandMetadata, InMemoryEventStore};
 use cqrs_examples::fulfillment::{FulfillmentSaga, Services};
 use cqrs_examples::order::{Order, OrderCommand, OrderEvent, OrderItem, OrderStatus};
+use evently_core::projection::ProjectionRunner;
+use evently_core::saga::{InMemorySagaStore, Orchestrator, SagaStarter, SagaStatus, SagaStore};
+use evently_core::{CommandGateway, CommandMetadata, InMemoryEventStore};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

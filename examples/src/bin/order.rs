@@ -3,9 +3,9 @@
 //!
 //! Run: `cargo run -p cqrs-examples --bin order`
 
-use cqrs_core::prelude::*;
-use cqrs_core::{CorrelationId, EventStoreExt};
 use cqrs_examples::order::{Order, OrderCommand, OrderItem};
+use evently_core::prelude::*;
+use evently_core::{CorrelationId, EventStoreExt};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

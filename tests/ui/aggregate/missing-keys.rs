@@ -1,4 +1,4 @@
-use cqrs_core::prelude::*;
+use evently_core::prelude::*;
 
 #[derive(Debug, DomainEvent)]
 #[event(aggregate = Counter)]

@@ -1,4 +1,4 @@
-use cqrs_core::prelude::*;
+use evently_core::prelude::*;
 
 #[derive(DomainEvent)]
 enum CounterEvent {
@@ -6,7 +6,7 @@ enum CounterEvent {
     Added { by: u32 },
 }
 
-fn up(v: serde_json::Value) -> Result<serde_json::Value, cqrs_core::UpcastError> {
+fn up(v: serde_json::Value) -> Result<serde_json::Value, evently_core::UpcastError> {
     Ok(v)
 }
 

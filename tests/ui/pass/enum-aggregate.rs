@@ -1,5 +1,5 @@
 //! An aggregate that is an enum (a state machine) and commands of every shape.
-use cqrs_core::prelude::*;
+use evently_core::prelude::*;
 
 #[derive(Debug, Clone, PartialEq, DomainEvent)]
 #[event(aggregate = Door)]

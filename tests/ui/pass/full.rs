@@ -1,6 +1,6 @@
 //! Every attribute of the three derives, used together.
-use cqrs_core::prelude::*;
-use cqrs_core::UpcastError;
+use evently_core::prelude::*;
+use evently_core::UpcastError;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Line {

@@ -1,6 +1,6 @@
-use cqrs_core::prelude::*;
-use cqrs_core::projection::HandlerError;
-use cqrs_core::RecordedEvent;
+use evently_core::prelude::*;
+use evently_core::projection::HandlerError;
+use evently_core::RecordedEvent;
 
 #[derive(Debug, DomainEvent)]
 enum NoteEvent {
@@ -27,6 +27,6 @@ impl Handles<NoteEvent, Sink> for Notes {
 }
 
 fn main() {
-    assert_eq!(<Notes as cqrs_core::projection::Projection>::NAME, "notes.v2");
+    assert_eq!(<Notes as evently_core::projection::Projection>::NAME, "notes.v2");
     let _ = Sink::default().lines;
 }

@@ -1,6 +1,6 @@
-use cqrs_core::prelude::*;
-use cqrs_core::projection::HandlerError;
-use cqrs_core::RecordedEvent;
+use evently_core::prelude::*;
+use evently_core::projection::HandlerError;
+use evently_core::RecordedEvent;
 
 #[derive(Debug, DomainEvent)]
 enum NoteEvent {

@@ -1,4 +1,4 @@
-use cqrs_core::saga::{StepError, StepKey};
+use evently_core::saga::{StepError, StepKey};
 
 struct Order {
     id: String,
@@ -13,7 +13,7 @@ impl Services {
     }
 }
 
-#[derive(cqrs_core::Saga)]
+#[derive(evently_core::Saga)]
 #[saga(name = "fulfillment", data = Order, context = Services)]
 enum Fulfillment {
     Reserve,

@@ -1,4 +1,4 @@
-use cqrs_core::saga::{StepError, StepKey};
+use evently_core::saga::{StepError, StepKey};
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Order {
@@ -19,7 +19,7 @@ impl Services {
     }
 }
 
-#[derive(cqrs_core::Saga)]
+#[derive(evently_core::Saga)]
 #[saga(name = "fulfillment", data = Order, context = Services)]
 enum Fulfillment {
     #[step(retry = 3)]

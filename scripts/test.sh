@@ -39,6 +39,17 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy -p order-fulfillment --features kafka,rabbitmq,nats,sqs,redis --all-targets --locked -- -D warnings
 cargo clippy -p evently --all-features --all-targets --locked -- -D warnings
 
+echo "==> cargo publish --dry-run (the publishable crates package, in dependency order)"
+# Without the verify build: it would compile every crate again from its package (librdkafka
+# included), minutes that the workspace build above already spends on the same sources.
+published="$(mktemp)"
+cargo publish --workspace --dry-run --no-verify --locked --allow-dirty >"$published" 2>&1 \
+  || { cat "$published"; exit 1; }
+# Every warning but the dry run's own "aborting upload" is a packaging mistake.
+if grep -E "^warning" "$published" | grep -v "aborting upload due to dry run"; then exit 1; fi
+echo "packaged: $(grep -c '^ *Packaged' "$published") crates"
+rm -f "$published"
+
 echo "==> cargo test"
 cargo test --workspace --locked
 # The order service's PostgreSQL + Kafka, RabbitMQ and NATS modes (features, so that its embedded

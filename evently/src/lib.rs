@@ -7,6 +7,9 @@ pub use evently_core::*;
 /// package needs no `async-trait` dependency of its own.
 pub use evently_core::__private::async_trait;
 
+/// The JSON crate of payloads and upcasters (`fn(serde_json::Value) -> Result<Value, _>`).
+pub use evently_core::__private::serde_json;
+
 /// The PostgreSQL event store, projection workers, saga store, inbox and dead letters
 /// (`evently-postgres`).
 #[cfg(feature = "postgres")]
@@ -15,23 +18,8 @@ pub use evently_postgres as postgres;
 
 /// The transport layer every broker crate shares: the outbox relay, the consumer core and
 /// delivery (`evently-transport`).
-#[cfg(any(
-    feature = "kafka",
-    feature = "rabbitmq",
-    feature = "nats",
-    feature = "sqs",
-    feature = "redis"
-))]
-#[cfg_attr(
-    docsrs,
-    doc(cfg(any(
-        feature = "kafka",
-        feature = "rabbitmq",
-        feature = "nats",
-        feature = "sqs",
-        feature = "redis"
-    )))
-)]
+#[cfg(feature = "transport")]
+#[cfg_attr(docsrs, doc(cfg(feature = "transport")))]
 pub use evently_transport as transport;
 
 /// The outbox relay to Kafka and Kafka consumers (`evently-kafka`).

@@ -2,8 +2,8 @@
 //!
 //! Shows newtype event variants, a schema version with an upcaster, a snapshot policy and a query.
 
-use evently_core::prelude::*;
-use evently_core::{Query, UpcastError};
+use evently::prelude::*;
+use evently::{Query, UpcastError};
 use serde::{Deserialize, Serialize};
 
 /// Money moved into the account.

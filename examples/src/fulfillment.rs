@@ -15,8 +15,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use evently_core::saga::{StartedBy, StepError, StepKey};
-use evently_core::{CommandGateway, CommandMetadata, EventStore, RecordedEvent, Saga};
+use evently::saga::{StartedBy, StepError, StepKey};
+use evently::{CommandGateway, CommandMetadata, EventStore, RecordedEvent, Saga};
 use serde::{Deserialize, Serialize};
 
 use crate::order::{Order, OrderCommand, OrderEvent};

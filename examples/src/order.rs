@@ -3,7 +3,7 @@
 //! Rules: only a pending order can be confirmed; an order can be cancelled unless it is shipped,
 //! delivered or cancelled already.
 
-use evently_core::prelude::*;
+use evently::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// One line of an order.
@@ -233,7 +233,7 @@ impl Order {
 
 #[cfg(test)]
 mod tests {
-    use evently_core::testing::AggregateFixture;
+    use evently::testing::AggregateFixture;
 
     use super::*;
 

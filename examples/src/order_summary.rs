@@ -2,9 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use evently_core::RecordedEvent;
-use evently_core::prelude::*;
-use evently_core::projection::HandlerError;
+use evently::RecordedEvent;
+use evently::prelude::*;
+use evently::projection::HandlerError;
 
 use crate::order::{OrderEvent, OrderStatus};
 

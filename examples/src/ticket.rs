@@ -3,7 +3,7 @@
 //!
 //! Rules: a ticket needs a non-empty name; a closed ticket takes no more changes.
 
-use evently_core::prelude::*;
+use evently::prelude::*;
 
 /// The events of a ticket: facts, named in the past tense, never changed once recorded.
 #[derive(Debug, Clone, PartialEq, DomainEvent)]
@@ -109,7 +109,7 @@ impl Ticket {
 
 #[cfg(test)]
 mod tests {
-    use evently_core::testing::AggregateFixture;
+    use evently::testing::AggregateFixture;
 
     use super::*;
 

@@ -14,17 +14,17 @@ use axum::routing::{get, post};
 use cqrs_examples::fulfillment::{DECLINE_HEADER, FulfillmentSaga, Services};
 use cqrs_examples::order::{Order, OrderCommand, OrderError, OrderEvent, OrderItem};
 use cqrs_examples::order_summary::{self, OrderSummary};
-use evently_core::RecordedEvent;
-use evently_core::prelude::*;
-use evently_core::projection::{
+use evently::RecordedEvent;
+#[cfg(feature = "kafka")]
+use evently::kafka::{InProcess, KafkaConfig, KafkaSink, KafkaSubscriber, OutboxRelay, TopicMap};
+use evently::postgres::PostgresEventStore;
+use evently::postgres::saga::PostgresSagaStore;
+use evently::prelude::*;
+use evently::projection::{
     HandlerError, InMemoryCheckpoints, NotCaughtUp, ProjectionRunner, wait_until_caught_up,
 };
-use evently_core::saga::{InMemorySagaStore, Orchestrator, SagaStarter, SagaStore};
-use evently_core::{Checkpoint, CorrelationId, EventStore};
-#[cfg(feature = "kafka")]
-use evently_kafka::{InProcess, KafkaConfig, KafkaSink, KafkaSubscriber, OutboxRelay, TopicMap};
-use evently_postgres::PostgresEventStore;
-use evently_postgres::saga::PostgresSagaStore;
+use evently::saga::{InMemorySagaStore, Orchestrator, SagaStarter, SagaStore};
+use evently::{Checkpoint, CorrelationId, EventStore};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -135,10 +135,10 @@ pub enum StartError {
     },
     /// The database could not be reached or migrated.
     #[error("PostgreSQL: {0}")]
-    Store(#[from] evently_core::StoreError),
+    Store(#[from] evently::StoreError),
     /// The broker could not be reached or its topics, exchanges or streams not declared.
     #[error(transparent)]
-    Broker(#[from] evently_transport::TransportError),
+    Broker(#[from] evently::transport::TransportError),
     /// A broker (or Redis) was asked for in a build without its feature.
     #[error(
         "this build has no {0} support: run with `cargo run -p order-fulfillment --features {0}`"
@@ -336,7 +336,7 @@ struct AppState<S: EventStore> {
     /// How many were restarted after a panic, for `/health`.
     restarts: Arc<std::sync::atomic::AtomicU64>,
     #[cfg(feature = "redis")]
-    redis: Option<evently_redis::RedisIdempotency>,
+    redis: Option<evently::redis::RedisIdempotency>,
 }
 
 impl<S: EventStore> Clone for AppState<S> {
@@ -380,7 +380,7 @@ async fn index<S: EventStore>(State(state): State<AppState<S>>) -> impl IntoResp
 }
 
 /// The process's Prometheus recorder: installed as the `metrics` recorder by the first call (the
-/// framework's metrics, [`evently_core::telemetry`], go to it from then on); `None` when the
+/// framework's metrics, [`evently::telemetry`], go to it from then on); `None` when the
 /// application installed another recorder before.
 pub fn prometheus() -> Option<&'static metrics_exporter_prometheus::PrometheusHandle> {
     static HANDLE: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
@@ -391,7 +391,7 @@ pub fn prometheus() -> Option<&'static metrics_exporter_prometheus::PrometheusHa
             let handle = recorder.handle();
             match metrics::set_global_recorder(recorder) {
                 Ok(()) => {
-                    evently_core::telemetry::describe();
+                    evently::telemetry::describe();
                     Some(handle)
                 }
                 Err(_) => {
@@ -498,9 +498,9 @@ async fn place_order<S: EventStore>(
     // A W3C `traceparent` from the caller: the command and its events join that trace (an
     // invalid one is ignored, as the recommendation asks).
     if let Some(trace) = headers
-        .get(evently_core::trace::TRACEPARENT)
+        .get(evently::trace::TRACEPARENT)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| evently_core::trace::TraceContext::parse(v).ok())
+        .and_then(|v| evently::trace::TraceContext::parse(v).ok())
     {
         metadata = metadata.with_trace(trace);
     }
@@ -599,7 +599,7 @@ fn client_key(customer_id: &str, key: &str) -> String {
 
 /// Whether `first`, the first event of the order an idempotency key placed, is the order `body`
 /// asks for (the same customer, items and payment flag).
-fn same_order(first: &evently_core::StoredEvent, body: &PlaceOrder) -> bool {
+fn same_order(first: &evently::StoredEvent, body: &PlaceOrder) -> bool {
     let declined = first
         .metadata
         .headers
@@ -616,7 +616,7 @@ fn same_order(first: &evently_core::StoredEvent, body: &PlaceOrder) -> bool {
 /// and this body is kept and returned to every retry.
 #[cfg(feature = "redis")]
 async fn place_through_redis<S: EventStore>(
-    redis: &evently_redis::RedisIdempotency,
+    redis: &evently::redis::RedisIdempotency,
     orders: &CommandGateway<Order, S>,
     key: &str,
     order: &PlaceOrder,
@@ -627,7 +627,7 @@ async fn place_through_redis<S: EventStore>(
         CorrelationId,
     ),
 ) -> Response {
-    use evently_redis::IdempotencyError;
+    use evently::redis::IdempotencyError;
     let outcome = redis
         .execute(key, order, || async {
             let executed = orders.execute(id, command, metadata).await?;
@@ -979,14 +979,14 @@ pub async fn start_with(
     let redis = match &keys {
         Keys::Store => None,
         Keys::Redis { url, prefix } => {
-            let conn = evently_redis::connect(url)
+            let conn = evently::redis::connect(url)
                 .await
                 .map_err(|e| StartError::Redis {
                     url: without_userinfo(url),
                     reason: e.to_string(),
                 })?;
             Some(
-                evently_redis::RedisIdempotency::new(conn)
+                evently::redis::RedisIdempotency::new(conn)
                     .with_prefix(prefix.clone())
                     .with_wait(Duration::from_secs(5)),
             )
@@ -1143,12 +1143,15 @@ fn without_userinfo(url: &str) -> String {
 
 /// Runs `relay` and `consumer` until the service stops, logging why either stopped early.
 #[cfg(any(feature = "rabbitmq", feature = "nats", feature = "sqs"))]
-fn run_broker<S, F, C>(runtime: &mut Runtime, relay: evently_transport::Relay<S>, consume: F)
+fn run_broker<S, F, C>(runtime: &mut Runtime, relay: evently::transport::Relay<S>, consume: F)
 where
-    S: evently_transport::Sink,
+    S: evently::transport::Sink,
     F: FnOnce(futures::future::BoxFuture<'static, ()>) -> C,
     C: std::future::Future<
-            Output = Result<evently_transport::ConsumerMetrics, evently_transport::TransportError>,
+            Output = Result<
+                evently::transport::ConsumerMetrics,
+                evently::transport::TransportError,
+            >,
         > + Send
         + 'static,
 {
@@ -1176,7 +1179,7 @@ async fn over_rabbitmq(
     prefix: &str,
     starter: SagaStarter<FulfillmentSaga, OrderEvent, PostgresSagaStore>,
 ) -> Result<(), StartError> {
-    use evently_rabbitmq::{InProcess, RabbitConfig, RabbitConsumer, RabbitRelay, RabbitSink};
+    use evently::rabbitmq::{InProcess, RabbitConfig, RabbitConsumer, RabbitRelay, RabbitSink};
     let config = RabbitConfig::new(url).with_exchange(format!("{prefix}order-fulfillment.events"));
     let consumer = RabbitConsumer::new(
         &config,
@@ -1202,7 +1205,7 @@ async fn over_nats(
     prefix: &str,
     starter: SagaStarter<FulfillmentSaga, OrderEvent, PostgresSagaStore>,
 ) -> Result<(), StartError> {
-    use evently_nats::{InProcess, NatsConfig, NatsConsumer, NatsRelay, NatsSink};
+    use evently::nats::{InProcess, NatsConfig, NatsConsumer, NatsRelay, NatsSink};
     let config = NatsConfig::new(url).with_stream(
         format!("{}ORDER_FULFILLMENT", prefix.to_uppercase()),
         format!("{}order-fulfillment", prefix.replace('.', "_")),
@@ -1226,7 +1229,7 @@ async fn over_sqs(
     queue: &str,
     starter: SagaStarter<FulfillmentSaga, OrderEvent, PostgresSagaStore>,
 ) -> Result<(), StartError> {
-    use evently_sqs::{InProcess, SqsConfig, SqsConsumer, SqsRelay, SqsSink};
+    use evently::sqs::{InProcess, SqsConfig, SqsConsumer, SqsRelay, SqsSink};
     let config = match endpoint {
         Some(endpoint) => SqsConfig::local(endpoint),
         None => SqsConfig::from_env(),

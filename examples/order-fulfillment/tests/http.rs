@@ -3,11 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use evently_core::EventStoreExt;
-use evently_core::saga::{SagaStatus, SagaStore};
-use evently_core::{EventStore, StreamId};
-use evently_postgres::PostgresEventStore;
-use evently_postgres::saga::PostgresSagaStore;
+use evently::EventStoreExt;
+use evently::postgres::PostgresEventStore;
+use evently::postgres::saga::PostgresSagaStore;
+use evently::saga::{SagaStatus, SagaStore};
+use evently::{EventStore, StreamId};
 use order_fulfillment::{Accepted, Backend, ErrorBody, OrderView, Service};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -302,7 +302,7 @@ async fn exercise(service: &Service) -> (String, String) {
 }
 
 fn database_url() -> String {
-    evently_postgres::database_url()
+    evently::postgres::database_url()
 }
 
 fn unique(name: &str) -> String {
@@ -521,7 +521,7 @@ async fn postgres_and_kafka_service_over_http() {
     let backend = Backend::PostgresKafka {
         database_url: database_url(),
         schema: schema.clone(),
-        brokers: evently_kafka::KafkaConfig::from_env().brokers().to_owned(),
+        brokers: evently::kafka::KafkaConfig::from_env().brokers().to_owned(),
         topic_prefix: format!("{schema}."),
     };
     round_trip(&schema, backend).await;
@@ -536,7 +536,7 @@ async fn postgres_and_rabbitmq_service_over_http() {
     let backend = Backend::PostgresRabbitMq {
         database_url: database_url(),
         schema: schema.clone(),
-        url: evently_rabbitmq::RabbitConfig::from_env().url().to_owned(),
+        url: evently::rabbitmq::RabbitConfig::from_env().url().to_owned(),
         prefix: format!("{schema}."),
     };
     round_trip(&schema, backend).await;
@@ -550,7 +550,7 @@ async fn postgres_and_nats_service_over_http() {
     let backend = Backend::PostgresNats {
         database_url: database_url(),
         schema: schema.clone(),
-        url: evently_nats::NatsConfig::from_env().url().to_owned(),
+        url: evently::nats::NatsConfig::from_env().url().to_owned(),
         prefix: format!("{schema}_"),
     };
     round_trip(&schema, backend).await;
@@ -664,11 +664,10 @@ async fn a_requests_trace_reaches_its_events_and_metrics_are_served() {
     let stored = created
         .metadata
         .headers
-        .get(evently_core::trace::TRACEPARENT)
+        .get(evently::trace::TRACEPARENT)
         .unwrap_or_else(|| panic!("no traceparent on {created:?}"));
     // The same trace; the parent is the command's span when OpenTelemetry is on, else the
     // request's.
-    let context =
-        evently_core::trace::TraceContext::parse(stored).unwrap_or_else(|e| panic!("{e}"));
+    let context = evently::trace::TraceContext::parse(stored).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(context.trace_id_hex(), "0af7651916cd43dd8448eb211c80319c");
 }

@@ -4,8 +4,8 @@
 //! Run: `cargo run -p cqrs-examples --bin bank_account`
 
 use cqrs_examples::bank::{Account, AccountCommand, Deposit, GetBalance};
-use evently_core::prelude::*;
-use evently_core::{EventData, EventId, QueryBus};
+use evently::prelude::*;
+use evently::{EventData, EventId, QueryBus};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

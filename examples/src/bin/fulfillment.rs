@@ -8,9 +8,9 @@
 
 use cqrs_examples::fulfillment::{FulfillmentSaga, Services};
 use cqrs_examples::order::{Order, OrderCommand, OrderEvent, OrderItem, OrderStatus};
-use evently_core::projection::ProjectionRunner;
-use evently_core::saga::{InMemorySagaStore, Orchestrator, SagaStarter, SagaStatus, SagaStore};
-use evently_core::{CommandGateway, CommandMetadata, InMemoryEventStore};
+use evently::projection::ProjectionRunner;
+use evently::saga::{InMemorySagaStore, Orchestrator, SagaStarter, SagaStatus, SagaStore};
+use evently::{CommandGateway, CommandMetadata, InMemoryEventStore};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

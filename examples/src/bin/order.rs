@@ -4,8 +4,8 @@
 //! Run: `cargo run -p cqrs-examples --bin order`
 
 use cqrs_examples::order::{Order, OrderCommand, OrderItem};
-use evently_core::prelude::*;
-use evently_core::{CorrelationId, EventStoreExt};
+use evently::prelude::*;
+use evently::{CorrelationId, EventStoreExt};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

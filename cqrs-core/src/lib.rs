@@ -83,6 +83,18 @@ pub mod prelude {
 /// What the derives' generated code refers to. Not public API: it may change in any release.
 #[doc(hidden)]
 pub mod __private {
+    /// The error of a step index outside a saga's table (only reachable through a hand-written
+    /// call of the generated dispatch).
+    #[must_use]
+    pub fn no_such_step(
+        saga: &'static str,
+        step: usize,
+        compensate: bool,
+    ) -> crate::saga::StepError {
+        let what = if compensate { "compensation" } else { "step" };
+        format!("saga `{saga}` has no {what} at index {step}").into()
+    }
+
     pub use async_trait::async_trait;
     pub use futures::future::BoxFuture;
     pub use serde;

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::envelope::{EventData, StreamId};
-use crate::projection::{DeadLetter, DeliveryError, FailureMode, FailurePolicy, Redrive, Step};
+use crate::projection::{Batch, DeadLetter, DeliveryError, FailureMode, FailurePolicy, Redrive};
 use crate::store::{EventStore, ExpectedVersion};
 
 /// Whether the ledger's handler fails on `amount`: while poisoned, on multiples of 13.
@@ -50,7 +50,7 @@ pub trait LedgerRuntime: Send + Sized {
     async fn set_policy(&mut self, policy: FailurePolicy);
 
     /// One step.
-    async fn step(&mut self) -> Result<Step, DeliveryError>;
+    async fn step(&mut self) -> Result<Batch, DeliveryError>;
 
     /// Catch up.
     async fn catch_up(&mut self) -> Result<usize, DeliveryError>;

@@ -1,6 +1,8 @@
-//! Derive macros of the cqrs framework. Use them through `cqrs-core`, which re-exports them and holds
-//! the traits they implement: `#[derive(evently_core::Aggregate)]`, `#[derive(evently_core::Command)]`,
-//! `#[derive(evently_core::DomainEvent)]`. The attribute reference is in the `cqrs-core` crate docs.
+//! The five derives of evently: `Aggregate`, `Command`, `DomainEvent`, `Projection` and `Saga`.
+//! Use them through the `evently` facade (or `evently-core`), which re-exports them and holds the
+//! traits they implement: `#[derive(evently::Aggregate)]`. The generated code names the framework
+//! through whichever of the two the package depends on. The attribute reference is the guide's
+//! `docs/derives.md`; every misuse is a compile error on the offending token (the trybuild suite).
 
 mod ast;
 mod attr;

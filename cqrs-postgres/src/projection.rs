@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use evently_core::projection::engine::{Parked, Request, Savepoint};
 pub use evently_core::projection::{
-    DeadLetter, FailureMode, FailurePolicy, ProjectionMetrics, Redrive, Step,
+    Batch, DeadLetter, FailureMode, FailurePolicy, ProjectionMetrics, Redrive,
 };
 use evently_core::projection::{DeliveryBackend, DeliveryError, Engine, Projection};
 use evently_core::{Checkpoint, StoreError, StreamId};
@@ -862,7 +862,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
     /// [`WorkerError::LeaseLost`] when this worker does not own the projection (nothing is
     /// committed), [`WorkerError::CheckpointMoved`] after an in-doubt commit of this worker went
     /// through (nothing of this batch is kept; step again), [`WorkerError::Store`].
-    pub async fn step(&mut self) -> Result<Step, WorkerError> {
+    pub async fn step(&mut self) -> Result<Batch, WorkerError> {
         self.engine.step().await
     }
 

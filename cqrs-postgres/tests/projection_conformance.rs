@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use common::fresh_store;
 use evently_core::prelude::*;
 use evently_core::projection::{
-    DeadLetter, DeliveryError, FailurePolicy, HandlerError, Redrive, Step,
+    Batch, DeadLetter, DeliveryError, FailurePolicy, HandlerError, Redrive,
 };
 use evently_core::projection_conformance::{LedgerRuntime, is_poison};
 use evently_postgres::PostgresEventStore;
@@ -148,7 +148,7 @@ impl LedgerRuntime for PostgresLedger {
         self.worker = self.worker().await;
     }
 
-    async fn step(&mut self) -> Result<Step, DeliveryError> {
+    async fn step(&mut self) -> Result<Batch, DeliveryError> {
         self.worker.step().await
     }
 

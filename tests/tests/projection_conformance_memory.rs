@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use evently_core::prelude::*;
 use evently_core::projection::{
-    DeadLetter, DeliveryError, FailurePolicy, HandlerError, InMemoryCheckpoints,
-    InMemoryDeadLetters, ProjectionRunner, Redrive, Step,
+    Batch, DeadLetter, DeliveryError, FailurePolicy, HandlerError, InMemoryCheckpoints,
+    InMemoryDeadLetters, ProjectionRunner, Redrive,
 };
 use evently_core::projection_conformance::{LedgerRuntime, is_poison};
 
@@ -126,7 +126,7 @@ impl LedgerRuntime for MemoryLedger {
         self.runner = self.runner();
     }
 
-    async fn step(&mut self) -> Result<Step, DeliveryError> {
+    async fn step(&mut self) -> Result<Batch, DeliveryError> {
         self.runner.step().await.map_err(store_error)
     }
 

@@ -19,7 +19,7 @@ use futures::future::BoxFuture;
 use tracing::Instrument as _;
 
 use super::failure::{DeadLetter, Failure, FailureMode, FailurePolicy, Redrive, WAITS_BEHIND};
-use super::runner::{ProjectionMetrics, Step, event_span};
+use super::runner::{Batch, ProjectionMetrics, event_span};
 use super::{Lag, Projection, ProjectionError, Subscription};
 use crate::envelope::{Checkpoint, EventId, Payload, RawStoredEvent, StoredEvent, StreamId};
 use crate::store::{CorruptEvent, EventStore, StoreError};
@@ -541,7 +541,7 @@ impl<P: Projection, B> Engine<P, B> {
     }
 
     /// Counts a step (and reports it to the metrics recorder).
-    fn count(&self, step: &Step, elapsed: Duration) {
+    fn count(&self, step: &Batch, elapsed: Duration) {
         self.metrics.update(|m| m.record(step, elapsed));
         crate::telemetry::projection_step(P::NAME, step.applied, step.parked);
     }
@@ -581,7 +581,7 @@ where
     /// # Errors
     /// [`DeliveryError::LeaseLost`] when the backend does not own the projection (nothing is
     /// kept), [`DeliveryError::CheckpointMoved`], [`DeliveryError::Store`].
-    pub async fn step(&mut self) -> Result<Step, DeliveryError> {
+    pub async fn step(&mut self) -> Result<Batch, DeliveryError> {
         // A catch-up cut short may have left a connection kept.
         self.backend.hold_connection(false);
         self.owns()?;
@@ -740,13 +740,13 @@ where
         &mut self,
         from: Checkpoint,
         window: Window,
-    ) -> Result<Step, DeliveryError> {
+    ) -> Result<Batch, DeliveryError> {
         self.dense = window.dense;
         let (page, last) = (window.events, window.last);
         if last == from {
             // Nothing new: exactly caught up.
             self.set_lag(Lag::default());
-            return Ok(Step {
+            return Ok(Batch {
                 read: 0,
                 applied: 0,
                 parked: 0,
@@ -799,7 +799,7 @@ where
         from: Checkpoint,
         last: Checkpoint,
         careful: bool,
-    ) -> Result<Step, DeliveryError> {
+    ) -> Result<Batch, DeliveryError> {
         let mut unit = self.backend.begin_unit().await?;
         let heartbeat = self.backend.ownership_heartbeat();
         let outcome = tokio::select! {
@@ -832,7 +832,7 @@ where
         from: Checkpoint,
         last: Checkpoint,
         careful: bool,
-    ) -> Result<Step, DeliveryError> {
+    ) -> Result<Batch, DeliveryError> {
         let mut blocked = match self.policy.mode {
             FailureMode::BlockStream if self.no_dead_letters => HashSet::new(),
             FailureMode::BlockStream => {
@@ -887,7 +887,7 @@ where
         }
         // Compare-and-set from the window's start; on any other outcome the unit rolls back.
         self.backend.advance_checkpoint(unit, from, last).await?;
-        Ok(Step {
+        Ok(Batch {
             read: page.len(),
             applied,
             parked,
@@ -1006,7 +1006,7 @@ where
                 return Err(error);
             }
         };
-        let step = Step {
+        let step = Batch {
             read: events.len(),
             applied: delivered
                 .iter()
@@ -1146,7 +1146,7 @@ where
         &mut self,
         from: Checkpoint,
         corrupt: &CorruptEvent,
-    ) -> Result<Step, DeliveryError> {
+    ) -> Result<Batch, DeliveryError> {
         let subscribed = P::SUBSCRIPTIONS
             .iter()
             .any(|s| s.matches_type(&corrupt.stream.aggregate_type, &corrupt.event_type));
@@ -1178,7 +1178,7 @@ where
         }
         .await;
         self.end(unit, outcome).await?;
-        let step = Step {
+        let step = Batch {
             read: 1,
             applied: 0,
             parked: usize::from(subscribed),

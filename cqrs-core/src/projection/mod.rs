@@ -25,8 +25,8 @@ pub use failure::{
 pub use fixture::{CaughtUp, FixtureError, ProjectionFixture, assert_no_dead_letters};
 pub use freshness::{NotCaughtUp, Progress, wait_until_caught_up};
 pub use runner::{
-    CheckpointStore, InMemoryBackend, InMemoryCheckpoints, InMemoryDeadLetters, ProjectionMetrics,
-    ProjectionRunner, Step, event_span,
+    Batch, CheckpointStore, InMemoryBackend, InMemoryCheckpoints, InMemoryDeadLetters,
+    ProjectionMetrics, ProjectionRunner, event_span,
 };
 
 use crate::envelope::{Checkpoint, RawStoredEvent, RecordedEvent, StoredEvent};

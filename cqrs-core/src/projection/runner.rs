@@ -240,9 +240,10 @@ impl InMemoryDeadLetters {
     }
 }
 
-/// What one step of a runner did.
+/// What one step of a runner did: one batch of the global order read, applied and checkpointed
+/// (named apart from saga steps).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Step {
+pub struct Batch {
     /// Events read from the global order (handled or skipped); 0 when there was nothing new.
     pub read: usize,
     /// Events the projection handled.
@@ -273,7 +274,7 @@ pub struct ProjectionMetrics {
 
 impl ProjectionMetrics {
     /// Counts a batch that took `elapsed`.
-    pub fn record(&mut self, step: &Step, elapsed: Duration) {
+    pub fn record(&mut self, step: &Batch, elapsed: Duration) {
         self.applied += step.applied as u64;
         self.parked += step.parked as u64;
         if step.applied > 0 {
@@ -614,7 +615,7 @@ where
     /// # Errors
     /// A failing store or checkpoint store. Projection failures are not errors here: they are
     /// retried and parked as dead letters.
-    pub async fn step(&mut self) -> Result<Step, StoreError> {
+    pub async fn step(&mut self) -> Result<Batch, StoreError> {
         self.engine.step().await.map_err(store_error)
     }
 

@@ -753,13 +753,6 @@ fn due_now(state: &SagaState, now: DateTime<Utc>) -> bool {
     }
 }
 
-/// The error of a step index outside the saga's table (only reachable through a hand-written call).
-#[must_use]
-pub fn no_such_step(saga: &'static str, step: usize, compensate: bool) -> StepError {
-    let what = if compensate { "compensation" } else { "step" };
-    format!("saga `{saga}` has no {what} at index {step}").into()
-}
-
 mod fixture;
 mod orchestrator;
 mod starter;

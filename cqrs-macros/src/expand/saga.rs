@@ -138,7 +138,7 @@ fn step_method(
             match __step {
                 #(#arms)*
                 _ => ::std::boxed::Box::pin(::core::future::ready(::core::result::Result::Err(
-                    __evently::saga::no_such_step(<Self as __evently::saga::Saga>::NAME, __step, #compensate),
+                    __evently::__private::no_such_step(<Self as __evently::saga::Saga>::NAME, __step, #compensate),
                 ))),
             }
         }

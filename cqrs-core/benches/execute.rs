@@ -1,7 +1,7 @@
 //! In-memory `CommandGateway::execute` through the derives against the same aggregate written by hand
 //! (a `match` per trait), to show what the derives cost. Prints a table of medians.
 //!
-//! Run: `cargo bench -p cqrs-core --bench execute` (add `-- --quick` for a smoke run).
+//! Run: `cargo bench -p evently-core --bench execute` (add `-- --quick` for a smoke run).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

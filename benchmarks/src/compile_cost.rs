@@ -220,7 +220,7 @@ fn generate(dir: &Path, aggregates: usize) -> std::io::Result<()> {
             dir.join(name).join("Cargo.toml"),
             format!(
                 "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[dependencies]\n\
-                 cqrs-core = {{ path = {:?} }}\nserde = {{ version = \"1\", features = [\"derive\"] }}\n\
+                 evently-core = {{ path = {:?} }}\nserde = {{ version = \"1\", features = [\"derive\"] }}\n\
                  serde_json = \"1\"\nthiserror = \"2\"\n",
                 root.join("cqrs-core")
             ),
@@ -276,7 +276,7 @@ pub struct Timings {
 /// A generated crate that does not build, or files that cannot be written.
 pub fn measure(dir: &Path, aggregates: usize, runs: usize) -> Result<Timings, String> {
     generate(dir, aggregates).map_err(|e| format!("generating into {}: {e}", dir.display()))?;
-    // The dependencies (cqrs-core, serde, ...) once, outside the timings.
+    // The dependencies (evently-core, serde, ...) once, outside the timings.
     cargo(dir, &["build", "--quiet", "--workspace"])?;
     let mut t = Timings {
         clean_derive: Vec::new(),

@@ -30,6 +30,7 @@
 use std::time::{Duration, Instant};
 
 use super::runner::CheckpointStore;
+use crate::backoff::Backoff;
 use crate::envelope::Checkpoint;
 use crate::store::StoreError;
 
@@ -93,7 +94,7 @@ pub enum NotCaughtUp {
 
 /// The longest pause between two reads of a checkpoint that does not signal its moves.
 const MAX_POLL: Duration = Duration::from_millis(50);
-/// The first pause (doubled after each read that found the projection behind).
+/// The first pause (doubled after each read that found the projection behind, by [`Backoff`]).
 const FIRST_POLL: Duration = Duration::from_millis(1);
 
 /// Waits until `projection` has passed `target` (its checkpoint is at or after it) and returns
@@ -113,7 +114,7 @@ pub async fn wait_until_caught_up<G: Progress + ?Sized>(
     timeout: Duration,
 ) -> Result<Checkpoint, NotCaughtUp> {
     let started = Instant::now();
-    let mut pause = FIRST_POLL;
+    let mut pauses = Backoff::new(FIRST_POLL, MAX_POLL).without_jitter();
     let mut reached = Checkpoint::START;
     loop {
         let failed = match progress.checkpoint_of(projection).await {
@@ -142,7 +143,8 @@ pub async fn wait_until_caught_up<G: Progress + ?Sized>(
                 },
             });
         };
-        progress.moved(projection, pause.min(left)).await;
-        pause = (pause * 2).min(MAX_POLL);
+        progress
+            .moved(projection, pauses.next_delay().min(left))
+            .await;
     }
 }

@@ -19,7 +19,7 @@ use evently_core::saga::{SagaId, SagaStatus, SagaStore};
 use evently_core::{AggregateId, EventStore, EventStoreExt, StoredEvent, StreamId};
 use evently_postgres::PostgresEventStore;
 use evently_postgres::control::{Control, LetterState};
-use evently_postgres::projection::{DeadLetters, ProjectionStatus, projections, read_checkpoint};
+use evently_postgres::control::{DeadLetters, ProjectionStatus, projections, read_checkpoint};
 use evently_postgres::saga::PostgresSagaStore;
 
 /// Operate a cqrs PostgreSQL store.

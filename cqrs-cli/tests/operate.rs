@@ -11,7 +11,8 @@ use evently_core::prelude::*;
 use evently_core::projection::HandlerError;
 use evently_core::{EventData, RecordedEvent};
 use evently_postgres::PostgresEventStore;
-use evently_postgres::projection::{DeadLetters, FailureMode, FailurePolicy, ProjectionWorker};
+use evently_postgres::control::DeadLetters;
+use evently_postgres::projection::{FailureMode, FailurePolicy, ProjectionWorker};
 use futures::FutureExt;
 use sqlx::{AssertSqlSafe, PgConnection};
 

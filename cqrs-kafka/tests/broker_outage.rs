@@ -160,7 +160,7 @@ impl Drop for OwnBroker {
 
 /// The stored checkpoint of the relay named `name`.
 async fn relayed(store: &PostgresEventStore, name: &str) -> evently_core::Checkpoint {
-    evently_postgres::projection::read_checkpoint(store, name)
+    evently_postgres::control::read_checkpoint(store, name)
         .await
         .unwrap_or_else(|e| panic!("{e}"))
 }

@@ -9,14 +9,18 @@
 //!
 //! [`ProjectionWorker`]: crate::projection::ProjectionWorker
 //! [`ProjectionWorker::rebuild`]: crate::projection::ProjectionWorker::rebuild
-//! [`ProjectionWorker::retry`]: crate::projection::ProjectionWorker::retry
+//! [`ProjectionWorker::retry`](crate::projection::ProjectionWorker::retry): crate::projection::ProjectionWorker::retry
 
 use chrono::{DateTime, Utc};
 use evently_core::StoreError;
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::PostgresEventStore;
-use crate::rows::backend;
+use crate::projection::WorkerError;
+use crate::projection::letters::dead_letter;
+use crate::rows::{backend, to_u64};
+use evently_core::Checkpoint;
+use evently_core::projection::DeadLetter;
 
 /// The state of the requests on one projection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,4 +195,128 @@ impl Control {
             Ok(LetterState::Failed(row.try_get("error").map_err(backend)?))
         }
     }
+}
+
+/// Lists and purges a projection's dead letters; retrying them needs the projection, so it is
+/// [`ProjectionWorker::retry`](crate::projection::ProjectionWorker::retry) and [`ProjectionWorker::retry_all`](crate::projection::ProjectionWorker::retry_all).
+#[derive(Debug, Clone)]
+pub struct DeadLetters {
+    store: PostgresEventStore,
+}
+
+impl DeadLetters {
+    /// The dead letters of the projections in `store`'s schema.
+    #[must_use]
+    pub fn new(store: PostgresEventStore) -> Self {
+        Self { store }
+    }
+
+    /// The dead letters of `projection`, by stream and version.
+    ///
+    /// # Errors
+    /// [`WorkerError::Store`] when the database fails.
+    pub async fn list(&self, projection: &str) -> Result<Vec<DeadLetter>, WorkerError> {
+        let rows = sqlx::query(AssertSqlSafe(self.store.sql.list_dead_letters.clone()))
+            .bind(projection)
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(backend)?;
+        rows.iter().map(dead_letter).collect()
+    }
+
+    /// Removes the dead letters of `projection` that last failed before `older_than` (all of them
+    /// with `None`), without applying them; returns how many.
+    ///
+    /// # Errors
+    /// [`WorkerError::Store`] when the database fails.
+    pub async fn purge(
+        &self,
+        projection: &str,
+        older_than: Option<DateTime<Utc>>,
+    ) -> Result<u64, WorkerError> {
+        let done = sqlx::query(AssertSqlSafe(self.store.sql.purge_dead_letters.clone()))
+            .bind(projection)
+            .bind(older_than)
+            .execute(self.store.pool())
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// Where a projection of the schema is, for operators (`cqrs projections list`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectionStatus {
+    /// The projection's name.
+    pub name: String,
+    /// The checkpoint it has applied up to.
+    pub checkpoint: Checkpoint,
+    /// Committed events after the checkpoint (an exact count).
+    pub lag: u64,
+    /// How long ago the oldest of them was recorded (0 when caught up).
+    pub lag_seconds: f64,
+    /// The worker holding (or last holding) the lease.
+    pub owner: Option<String>,
+    /// The lease's epoch: bumped by every takeover.
+    pub epoch: i64,
+    /// Whether the lease is live now.
+    pub leased: bool,
+    /// How many dead letters it has.
+    pub dead_letters: u64,
+    /// When its checkpoint last moved.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Every projection with a checkpoint in `store`'s schema, by name.
+///
+/// # Errors
+/// [`WorkerError::Store`] when the database fails.
+pub async fn projections(store: &PostgresEventStore) -> Result<Vec<ProjectionStatus>, WorkerError> {
+    let s = &store.sql.quoted_schema;
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT c.projection, c.transaction_id::text AS transaction_text, c.global_position, c.owner, c.epoch, \
+                COALESCE(c.lease_until > now(), false) AS leased, c.updated_at, \
+                (SELECT count(*) FROM {s}.projection_dead_letters d WHERE d.projection = c.projection) AS dead_letters, \
+                l.lag, l.lag_seconds \
+         FROM {s}.projection_checkpoints c, LATERAL ( \
+           SELECT count(*) AS lag, \
+                  COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(e.recorded_at))::float8, 0) AS lag_seconds \
+           FROM {s}.events e WHERE (e.transaction_id, e.global_position) > (c.transaction_id, c.global_position)) l \
+         ORDER BY c.projection"
+    )))
+    .fetch_all(store.pool())
+    .await
+    .map_err(backend)?;
+    rows.iter()
+        .map(|row| {
+            let checkpoint = crate::rows::checkpoint(row)?;
+            let lag: i64 = row.try_get("lag").map_err(backend)?;
+            let dead_letters: i64 = row.try_get("dead_letters").map_err(backend)?;
+            Ok(ProjectionStatus {
+                name: row.try_get("projection").map_err(backend)?,
+                lag: to_u64(lag)?,
+                lag_seconds: row
+                    .try_get::<f64, _>("lag_seconds")
+                    .map_err(backend)?
+                    .max(0.0),
+                checkpoint,
+                owner: row.try_get("owner").map_err(backend)?,
+                epoch: row.try_get("epoch").map_err(backend)?,
+                leased: row.try_get("leased").map_err(backend)?,
+                dead_letters: to_u64(dead_letters)?,
+                updated_at: row.try_get("updated_at").map_err(backend)?,
+            })
+        })
+        .collect()
+}
+
+/// The stored checkpoint of projection `name` ([`Checkpoint::START`] before its first step).
+///
+/// # Errors
+/// [`WorkerError::Store`] when the database fails.
+pub async fn read_checkpoint(
+    store: &PostgresEventStore,
+    name: &str,
+) -> Result<Checkpoint, WorkerError> {
+    Ok(crate::lease::read(store, name).await?)
 }

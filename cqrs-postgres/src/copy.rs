@@ -19,10 +19,10 @@ use evently_core::{EventData, StoreError, StreamId};
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row};
 
+use crate::insert::{Columns, Insert, appended, is_unique_violation};
 use crate::rows::{backend, to_i64, xid};
 use crate::sql::Sql;
 use crate::tx::Tx;
-use crate::{Columns, Insert, appended, is_unique_violation};
 
 /// From this many events, an append streams them with `COPY` instead of one `INSERT`.
 pub(crate) const COPY_THRESHOLD: usize = 1_000;

@@ -22,7 +22,8 @@ use evently_core::{Checkpoint, StoreError};
 use sqlx::PgConnection;
 
 use crate::PostgresEventStore;
-use crate::projection::{DeadLetters, ProjectionWorker, WorkerError};
+use crate::control::DeadLetters;
+use crate::projection::{ProjectionWorker, WorkerError};
 
 #[async_trait::async_trait]
 impl Progress for PostgresEventStore {

@@ -1,25 +1,4 @@
 //! Group commit: concurrent appends written by one statement, in one transaction and one flush.
-//!
-//! With [`PostgresEventStore::with_group_commit`](crate::PostgresEventStore::with_group_commit),
-//! an append that finds no other append of the store in flight goes straight to the database as
-//! before (no wait, no hop: a single writer's latency is unchanged). One that finds others in
-//! flight is handed to a leader task, which collects what is queued (and, with a
-//! [`window`](GroupCommit::window), what arrives within it), at most one append per stream and
-//! [`max_appends`](GroupCommit::max_appends) in all, and writes them with one `INSERT`: one
-//! statement is one transaction, so the group costs one commit flush.
-//!
-//! Each append keeps its own condition. The statement inserts an append's events only if its
-//! stream is exactly at the append's base version and none of its event ids is stored yet; an
-//! append that fails its condition inserts nothing and answers as a lost race does without group
-//! commit (the caller then reports the conflict, or `AlreadyAppended` for a retry, or tries again
-//! for `Any`), while the others commit. When the statement fails as a whole (a race with a writer
-//! outside the group that the conditions could not see, two appends with one event id), nothing of
-//! it was written: every append of the group is then written alone, as without group commit. When
-//! the connection breaks mid-statement, every append of the group gets the error, as a single
-//! append would: the outcome is in doubt, and a retry with the same event ids is answered exactly.
-//!
-//! The global order is unchanged: the events of one statement share a transaction id and take
-//! positions in append-then-version order, so readers see each stream in version order.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -32,11 +11,32 @@ use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::insert::{ColumnArrays, Insert, appended, insert_at};
 use crate::rows::{backend, to_i64, to_u64, xid};
 use crate::sql::Sql;
-use crate::{ColumnArrays, Insert, appended, insert_at};
 
-/// How a store groups concurrent appends (see the [module docs](self)).
+/// How a store groups concurrent appends: by one statement, in one transaction and one flush.
+///
+/// With [`PostgresEventStore::with_group_commit`](crate::PostgresEventStore::with_group_commit),
+/// an append that finds no other append of the store in flight goes straight to the database as
+/// before (no wait, no hop: a single writer's latency is unchanged). One that finds others in
+/// flight is handed to a leader task, which collects what is queued (and, with a
+/// [`window`](GroupCommit::window), what arrives within it), at most one append per stream and
+/// [`max_appends`](GroupCommit::max_appends) in all, and writes them with one `INSERT`: one
+/// statement is one transaction, so the group costs one commit flush.
+///
+/// Each append keeps its own condition. The statement inserts an append's events only if its
+/// stream is exactly at the append's base version and none of its event ids is stored yet; an
+/// append that fails its condition inserts nothing and answers as a lost race does without group
+/// commit (the caller then reports the conflict, or `AlreadyAppended` for a retry, or tries again
+/// for `Any`), while the others commit. When the statement fails as a whole (a race with a writer
+/// outside the group that the conditions could not see, two appends with one event id), nothing of
+/// it was written: every append of the group is then written alone, as without group commit. When
+/// the connection breaks mid-statement, every append of the group gets the error, as a single
+/// append would: the outcome is in doubt, and a retry with the same event ids is answered exactly.
+///
+/// The global order is unchanged: the events of one statement share a transaction id and take
+/// positions in append-then-version order, so readers see each stream in version order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupCommit {
     max_appends: usize,
@@ -375,7 +375,7 @@ async fn write_group(pool: &PgPool, sql: &Sql, stats: &Stats, group: Vec<Request
         .fetch_add(requests.len() as u64, Ordering::Relaxed);
     let rows = match rows {
         Ok(rows) => rows,
-        Err(error @ sqlx::Error::Database(_)) if !crate::is_outage(&error) => {
+        Err(error @ sqlx::Error::Database(_)) if !crate::rows::is_outage(&error) => {
             // The server refused the statement (a unique violation from a writer outside the
             // group, say): nothing of it was written.
             stats.split.fetch_add(1, Ordering::Relaxed);

@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use evently_core::StoreError;
 use sqlx::PgPool;
+
+use crate::PostgresEventStore;
 
 /// The longest a commit waits for its notification while others are being notified.
 pub(crate) const COALESCE: Duration = Duration::from_millis(2);
@@ -247,6 +250,59 @@ impl Moves {
         let deadline = tokio::time::Instant::now() + at_most;
         if let Ok(Err(_stopped)) = tokio::time::timeout_at(deadline, receiver.changed()).await {
             tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+impl PostgresEventStore {
+    /// Subscribes to commit notifications of this schema's events: the store's
+    /// [`EventStore::commit_signal`](evently_core::EventStore::commit_signal) as a waitable handle. Every subscriber of a store (and of its
+    /// clones) shares one listening connection, opened outside the pool.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] outside a tokio runtime.
+    pub async fn listen(&self) -> Result<Wakeups, StoreError> {
+        let (signal, mut listening) = self
+            .listener
+            .subscribe(&self.pool, &self.channel)
+            .ok_or_else(|| StoreError::backend("listening needs a tokio runtime"))?;
+        // Commits from here on wake it, once the shared connection listens (a server that cannot
+        // be reached now leaves it to reconnect by itself; readers poll meanwhile).
+        let _ = tokio::time::timeout(LISTEN_WAIT, listening.wait_for(|l| *l)).await;
+        Ok(Wakeups { signal })
+    }
+}
+
+/// How long [`PostgresEventStore::listen`] waits for the shared listening connection.
+const LISTEN_WAIT: Duration = Duration::from_secs(10);
+/// Commit notifications of one schema's events, from [`PostgresEventStore::listen`].
+#[derive(Debug)]
+pub struct Wakeups {
+    signal: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Wakeups {
+    /// Waits for the next commit of events. A hint only: notifications sent while the listening
+    /// connection was down are lost (everyone is woken once it is back), so readers keep polling
+    /// too.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the store's listener has stopped (its store is gone).
+    pub async fn next(&mut self) -> Result<(), StoreError> {
+        self.signal
+            .changed()
+            .await
+            .map_err(|_| StoreError::backend("the store's commit listener has stopped"))
+    }
+
+    /// Waits for the next commit or `timeout`, whichever comes first; `true` if woken by a commit.
+    ///
+    /// # Errors
+    /// As [`Wakeups::next`].
+    pub async fn next_within(&mut self, timeout: Duration) -> Result<bool, StoreError> {
+        match tokio::time::timeout(timeout, self.next()).await {
+            Ok(result) => result.map(|()| true),
+            Err(_) => Ok(false),
         }
     }
 }

@@ -20,7 +20,8 @@ use evently_core::projection::{
 };
 use evently_core::{EventData, EventId, RecordedEvent, StoredEvent};
 use evently_postgres::PostgresEventStore;
-use evently_postgres::projection::{DeadLetters, InboxBackend};
+use evently_postgres::control::DeadLetters;
+use evently_postgres::projection::InboxBackend;
 use futures::TryStreamExt as _;
 use sqlx::{AssertSqlSafe, PgConnection};
 

@@ -15,7 +15,8 @@ use evently_core::prelude::*;
 use evently_core::projection::HandlerError;
 use evently_core::{Checkpoint, EventData, EventStoreExt as _, RecordedEvent, StoreError};
 use evently_postgres::PostgresEventStore;
-use evently_postgres::projection::{DeadLetters, ProjectionWorker, WorkerError, read_checkpoint};
+use evently_postgres::control::{DeadLetters, read_checkpoint};
+use evently_postgres::projection::{ProjectionWorker, WorkerError};
 use rand::Rng as _;
 use sqlx::{AssertSqlSafe, PgConnection};
 

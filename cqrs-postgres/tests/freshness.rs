@@ -266,7 +266,7 @@ async fn every_command_reads_its_own_write_through_worker_deaths() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(count, 240);
-    let letters = evently_postgres::projection::DeadLetters::new(store.clone())
+    let letters = evently_postgres::control::DeadLetters::new(store.clone())
         .list("order_rows")
         .await
         .unwrap_or_else(|e| panic!("{e}"));

@@ -14,7 +14,8 @@ use evently_core::projection::{
 };
 use evently_core::projection_conformance::{LedgerRuntime, is_poison};
 use evently_postgres::PostgresEventStore;
-use evently_postgres::projection::{DeadLetters, ProjectionWorker};
+use evently_postgres::control::DeadLetters;
+use evently_postgres::projection::ProjectionWorker;
 use sqlx::{AssertSqlSafe, PgConnection};
 
 /// The suite's credits.

@@ -12,9 +12,8 @@ use evently_core::prelude::*;
 use evently_core::projection::HandlerError;
 use evently_core::{EventData, RecordedEvent};
 use evently_postgres::PostgresEventStore;
-use evently_postgres::projection::{
-    DeadLetters, FailureMode, FailurePolicy, ProjectionWorker, WorkerError, read_checkpoint,
-};
+use evently_postgres::control::{DeadLetters, read_checkpoint};
+use evently_postgres::projection::{FailureMode, FailurePolicy, ProjectionWorker, WorkerError};
 use sqlx::{AssertSqlSafe, PgConnection};
 
 /// Adds every deposit to one row: not idempotent, so any double or lost application shows.

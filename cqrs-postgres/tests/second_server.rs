@@ -210,7 +210,7 @@ async fn a_store_dumped_and_restored_into_another_server_is_refused_then_rebased
             .is_none()
     );
     assert_eq!(read_after(&process, Checkpoint::START, 500).await, written);
-    let resumed = evently_postgres::projection::read_checkpoint(&process, "reader")
+    let resumed = evently_postgres::control::read_checkpoint(&process, "reader")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(read_after(&process, resumed, 500).await, written[600..]);

@@ -304,7 +304,7 @@ async fn a_rebase_keeps_an_order_the_global_position_does_not() {
         read_n_after(&moved, Checkpoint::START, restored.len()).await,
         restored
     );
-    let checkpoint = evently_postgres::projection::read_checkpoint(&moved, "relay")
+    let checkpoint = evently_postgres::control::read_checkpoint(&moved, "relay")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
@@ -423,7 +423,7 @@ async fn a_rebase_cut_at_any_point_leaves_all_or_nothing() {
         moved.rebase().await.unwrap_or_else(|e| panic!("{e}"));
     }
     eprintln!("rebases cut: {cut}, finished: {finished}");
-    let resumed = evently_postgres::projection::read_checkpoint(&moved, "reader")
+    let resumed = evently_postgres::control::read_checkpoint(&moved, "reader")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(read_n_after(&moved, resumed, 70).await, written[50..]);

@@ -546,7 +546,7 @@ pub async fn poison_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
         Some(&vec![1]),
         "the event after the poison one waits behind it"
     );
-    let letters = evently_postgres::projection::DeadLetters::new(store.clone())
+    let letters = evently_postgres::control::DeadLetters::new(store.clone())
         .list(Recording::NAME)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -954,7 +954,7 @@ pub async fn dead_letter_retried_after_a_fix<B: Broker>(broker: &B, ns: &str) {
         Some(&vec![1, 2, 3]),
         "each applied once, in order"
     );
-    let left = evently_postgres::projection::DeadLetters::new(store.clone())
+    let left = evently_postgres::control::DeadLetters::new(store.clone())
         .list(Recording::NAME)
         .await
         .unwrap_or_else(|e| panic!("{e}"));

@@ -1,0 +1,50 @@
+//! Snapshots: one row per stream, the latest wins.
+
+use evently_core::store::{Snapshot, SnapshotStore};
+use evently_core::{StoreError, StreamId};
+use sqlx::{AssertSqlSafe, Row};
+
+use crate::rows::{backend, to_i64, to_u64};
+use crate::store::PostgresEventStore;
+#[async_trait::async_trait]
+impl SnapshotStore for PostgresEventStore {
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(self.sql.load_snapshot.clone()))
+            .bind(&stream.aggregate_type)
+            .bind(stream.aggregate_id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        row.map(|row| {
+            let schema_version: i32 = row.try_get("schema_version").map_err(backend)?;
+            Ok(Snapshot {
+                stream: stream.clone(),
+                version: to_u64(row.try_get("version").map_err(backend)?)?,
+                schema_version: u32::try_from(schema_version).map_err(|_| {
+                    StoreError::backend(format!("snapshot schema version {schema_version}"))
+                })?,
+                state: row.try_get("state").map_err(backend)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        let schema_version = i32::try_from(snapshot.schema_version).map_err(|_| {
+            StoreError::InvalidInput(format!(
+                "snapshot schema version {}",
+                snapshot.schema_version
+            ))
+        })?;
+        sqlx::query(AssertSqlSafe(self.sql.save_snapshot.clone()))
+            .bind(&snapshot.stream.aggregate_type)
+            .bind(snapshot.stream.aggregate_id.as_str())
+            .bind(to_i64(snapshot.version)?)
+            .bind(schema_version)
+            .bind(&snapshot.state)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+}

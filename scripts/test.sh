@@ -39,6 +39,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy -p order-fulfillment --features kafka,rabbitmq,nats,sqs,redis --all-targets --locked -- -D warnings
 cargo clippy -p evently --all-features --all-targets --locked -- -D warnings
 
+echo "==> cargo doc (broken intra-doc links and other rustdoc warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+RUSTDOCFLAGS="-D warnings" cargo doc -p evently --all-features --no-deps --locked
+
 echo "==> cargo publish --dry-run (the publishable crates package, in dependency order)"
 # Without the verify build: it would compile every crate again from its package (librdkafka
 # included), minutes that the workspace build above already spends on the same sources.

@@ -112,7 +112,7 @@ pub fn render(name: &str) -> Result<Module, String> {
     })
 }
 
-/// What [`write`] did.
+/// What [`write`](fn@write) did.
 #[derive(Debug)]
 pub struct Written {
     /// The module.

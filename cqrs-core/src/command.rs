@@ -1,53 +1,11 @@
-//! Commands: requests to change one aggregate, dispatched to its handler methods.
+//! Commands: requests to change one aggregate, dispatched to its handler methods, and the
+//! metadata they carry. The [`Command`] trait and [`StreamExpectation`] live with
+//! [`Aggregate`](crate::Aggregate) (the two traits name each other) and are re-exported here.
 
 use std::collections::BTreeMap;
 
-use crate::aggregate::Aggregate;
+pub use crate::aggregate::{Command, StreamExpectation};
 use crate::envelope::{CommandId, CorrelationId};
-
-/// An enum of the commands of one aggregate, each variant dispatched to a handler method.
-///
-/// Derive it: `#[derive(Command)]` with `#[command(aggregate = Order)]`; the variant `ConfirmOrder`
-/// calls `Order::confirm_order(&self, ..fields)`, override with `#[command(handler = name)]`.
-#[diagnostic::on_unimplemented(
-    message = "`{Self}` is not a command",
-    label = "not a command",
-    note = "add `#[derive(evently_core::Command)]` with `#[command(aggregate = ...)]` to `{Self}`"
-)]
-pub trait Command: Send + 'static {
-    /// The aggregate that decides this command.
-    type Aggregate: Aggregate;
-
-    /// The variant's name, for logs and errors.
-    fn command_name(&self) -> &'static str;
-
-    /// Whether the target aggregate must exist already, must not, or either.
-    fn expectation(&self) -> StreamExpectation;
-
-    /// Runs the handler for this command against the aggregate's state.
-    ///
-    /// # Errors
-    /// The aggregate's error, when the command is rejected.
-    #[allow(clippy::type_complexity)] // the two associated types are the clearest spelling
-    fn handle(
-        self,
-        aggregate: &Self::Aggregate,
-    ) -> Result<Vec<<Self::Aggregate as Aggregate>::Event>, <Self::Aggregate as Aggregate>::Error>;
-}
-
-/// What a command expects of its target stream, declared per variant: `#[command(create)]` for a
-/// command that starts a new aggregate, `#[command(create_or_update)]` for one that works either way,
-/// nothing for the default (the aggregate must exist).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum StreamExpectation {
-    /// The aggregate must have been created already.
-    #[default]
-    MustExist,
-    /// The aggregate must not exist yet.
-    MustNotExist,
-    /// Either.
-    Any,
-}
 
 /// Who sent a command and why: becomes the metadata of every event it records.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

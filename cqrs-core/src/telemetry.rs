@@ -180,10 +180,10 @@ pub fn projection_failed_batch(projection: &'static str) {
 }
 
 /// Records how far a projection is behind.
-pub fn projection_lag(projection: &'static str, lag: crate::projection::Lag) {
+pub fn projection_lag(projection: &'static str, events: u64, seconds: f64) {
     #[allow(clippy::cast_precision_loss)] // a gauge: f64 is its type
-    metrics::gauge!(PROJECTION_LAG_EVENTS, "projection" => projection).set(lag.events as f64);
-    metrics::gauge!(PROJECTION_LAG_SECONDS, "projection" => projection).set(lag.seconds);
+    metrics::gauge!(PROJECTION_LAG_EVENTS, "projection" => projection).set(events as f64);
+    metrics::gauge!(PROJECTION_LAG_SECONDS, "projection" => projection).set(seconds);
 }
 
 /// Records a saga step try's outcome.
@@ -192,9 +192,9 @@ pub fn saga_step(saga: &'static str, step: &'static str, outcome: &'static str) 
         .increment(1);
 }
 
-/// Records a saga instance reaching `status`.
-pub fn saga_status(saga: &'static str, status: crate::saga::SagaStatus) {
-    metrics::counter!(SAGAS, "saga" => saga, "status" => status.as_str()).increment(1);
+/// Records a saga instance reaching `status` (its name: `completed`, `compensated`, ...).
+pub fn saga_status(saga: &'static str, status: &'static str) {
+    metrics::counter!(SAGAS, "saga" => saga, "status" => status).increment(1);
 }
 
 /// Records a relay step that delivered `events` at `rate` events per second.
@@ -230,7 +230,7 @@ pub fn consumer_retry(consumer: &str) {
 
 /// Runs an append of `events` events to `stream` by `store` in a `cqrs.append` span, and
 /// records it in `metrics` when it commits. Stores call it around their appends.
-pub async fn observe_append<F>(
+pub async fn observe_append<F, T, E>(
     store: &'static str,
     metrics: &AppendMetrics,
     stream: &crate::StreamId,
@@ -238,7 +238,7 @@ pub async fn observe_append<F>(
     append: F,
 ) -> F::Output
 where
-    F: Future<Output = Result<crate::store::AppendResult, crate::StoreError>>,
+    F: Future<Output = Result<T, E>>,
 {
     use tracing::Instrument;
     let span = tracing::debug_span!("cqrs.append", store, stream = %stream, events);

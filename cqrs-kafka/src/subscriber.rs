@@ -1,10 +1,10 @@
 //! Kafka consumers feeding projections and event-started sagas.
 //!
 //! A [`KafkaSubscriber`] reads its topics in a consumer group and hands each event to a
-//! [`MessageHandler`]: [`Transactional`] for a projection that writes PostgreSQL
+//! [`MessageHandler`]: [`Transactional`](crate::Transactional) for a projection that writes PostgreSQL
 //! (`derive(Projection)` with `context = PgConnection`, the same type a
 //! [`ProjectionWorker`](evently_postgres::projection::ProjectionWorker) runs from the store), whose
-//! effect commits with an inbox row so a redelivered message has no second effect; [`InProcess`]
+//! effect commits with an inbox row so a redelivered message has no second effect; [`InProcess`](crate::InProcess)
 //! for a projection with `Context = ()`, e.g. a [`SagaStarter`](evently_core::saga::SagaStarter),
 //! which is idempotent by itself (an instance is keyed by its starting event's id).
 //!
@@ -80,7 +80,7 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
     /// dead letters to `<topic>.dlq`.
     ///
     /// # Errors
-    /// [`KafkaError::Config`] when librdkafka refuses the configuration, [`KafkaError::Kafka`]
+    /// [`KafkaError::Config`] when librdkafka refuses the configuration, [`KafkaError::Broker`]
     /// when the subscription fails.
     pub fn new(
         config: &KafkaConfig,
@@ -190,7 +190,7 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
     /// skipped, or dead-lettered; then its offset is stored for the next commit.
     ///
     /// # Errors
-    /// [`KafkaError::Kafka`] when receiving fails or the dead-letter topic cannot be written: the
+    /// [`KafkaError::Broker`] when receiving fails or the dead-letter topic cannot be written: the
     /// offset is then not stored and the partition is moved back to the message, so the next
     /// poll gets the same message again (nothing after it is handled, or committed, before it).
     pub async fn poll(&mut self) -> Result<(), KafkaError> {
@@ -280,7 +280,7 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
     /// [`with_report_every`](Self::with_report_every). Returns the counters.
     ///
     /// # Errors
-    /// [`KafkaError::Kafka`] when the final commit fails.
+    /// [`KafkaError::Broker`] when the final commit fails.
     pub async fn run(
         mut self,
         shutdown: impl Future<Output = ()>,
@@ -348,7 +348,7 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
     /// second in the background).
     ///
     /// # Errors
-    /// [`KafkaError::Kafka`] when the commit fails (nothing handled is lost: those messages come
+    /// [`KafkaError::Broker`] when the commit fails (nothing handled is lost: those messages come
     /// again and the inbox skips them).
     pub fn commit(&self) -> Result<(), KafkaError> {
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
@@ -363,7 +363,7 @@ impl<H: MessageHandler> KafkaSubscriber<H> {
     /// How far this consumer is behind in each partition assigned to it.
     ///
     /// # Errors
-    /// [`KafkaError::Kafka`] when the broker does not answer.
+    /// [`KafkaError::Broker`] when the broker does not answer.
     pub async fn lag(&self) -> Result<Vec<PartitionLag>, KafkaError> {
         self.lag_probe().lag().await
     }
@@ -399,7 +399,7 @@ impl LagProbe {
     /// the offset after the last message it handed out (all of the partition before its first).
     ///
     /// # Errors
-    /// [`KafkaError::Kafka`] when the broker does not answer.
+    /// [`KafkaError::Broker`] when the broker does not answer.
     pub async fn lag(&self) -> Result<Vec<PartitionLag>, KafkaError> {
         let consumer = Arc::clone(&self.consumer);
         tokio::task::spawn_blocking(move || partition_lag(&consumer))

@@ -5,12 +5,39 @@ use std::time::Duration;
 
 use evently_core::StoreError;
 use sqlx::PgConnection;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgPool, PgPoolOptions};
 
-use crate::server;
+use crate::notify;
+use crate::sql::Sql;
 use crate::store::PostgresEventStore;
+use crate::store::ServerGuard;
 
 impl PostgresEventStore {
+    /// A store on `pool` using the tables in `schema`.
+    ///
+    /// The schema name is validated as a PostgreSQL identifier (1 to 63 bytes, no NUL) and always
+    /// quoted, so any such name is safe, quotes and semicolons included.
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidInput`] for an invalid schema name.
+    pub fn new(pool: PgPool, schema: &str) -> Result<Self, StoreError> {
+        tls_provider();
+        let sql = Sql::new(schema)?;
+        Ok(Self {
+            pool,
+            schema: schema.into(),
+            channel: sql.channel.as_str().into(),
+            moves: Arc::new(notify::Moves::new(&sql.checkpoint_channel)),
+            sql: Arc::new(sql),
+            inline: Arc::new([]),
+            notifier: Arc::default(),
+            listener: Arc::default(),
+            server: Arc::default(),
+            appends: Arc::default(),
+            group: None,
+        })
+    }
+
     /// Connects to `url` (a pool of up to 16 connections, see [`PoolOptions`]) and uses the tables
     /// in `schema`.
     ///
@@ -59,7 +86,7 @@ impl PostgresEventStore {
             ));
         }
         // Every new connection may be to another server (a switchover): check it again.
-        let server = Arc::new(server::ServerGuard::default());
+        let server = Arc::new(ServerGuard::default());
         let connected = Arc::clone(&server);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)

@@ -4,6 +4,7 @@ mod append;
 mod connect;
 pub mod control;
 mod copy;
+mod event_store;
 pub mod freshness;
 mod group;
 mod inbox;

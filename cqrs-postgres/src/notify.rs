@@ -15,8 +15,6 @@ use std::time::Duration;
 use evently_core::StoreError;
 use sqlx::PgPool;
 
-use crate::PostgresEventStore;
-
 /// The longest a commit waits for its notification while others are being notified.
 pub(crate) const COALESCE: Duration = Duration::from_millis(2);
 
@@ -254,31 +252,12 @@ impl Moves {
     }
 }
 
-impl PostgresEventStore {
-    /// Subscribes to commit notifications of this schema's events: the store's
-    /// [`EventStore::commit_signal`](evently_core::EventStore::commit_signal) as a waitable handle. Every subscriber of a store (and of its
-    /// clones) shares one listening connection, opened outside the pool.
-    ///
-    /// # Errors
-    /// [`StoreError::Backend`] outside a tokio runtime.
-    pub async fn listen(&self) -> Result<Wakeups, StoreError> {
-        let (signal, mut listening) = self
-            .listener
-            .subscribe(&self.pool, &self.channel)
-            .ok_or_else(|| StoreError::backend("listening needs a tokio runtime"))?;
-        // Commits from here on wake it, once the shared connection listens (a server that cannot
-        // be reached now leaves it to reconnect by itself; readers poll meanwhile).
-        let _ = tokio::time::timeout(LISTEN_WAIT, listening.wait_for(|l| *l)).await;
-        Ok(Wakeups { signal })
-    }
-}
-
-/// How long [`PostgresEventStore::listen`] waits for the shared listening connection.
-const LISTEN_WAIT: Duration = Duration::from_secs(10);
-/// Commit notifications of one schema's events, from [`PostgresEventStore::listen`].
+/// How long [`PostgresEventStore::listen`](crate::PostgresEventStore::listen) waits for the shared listening connection.
+pub(crate) const LISTEN_WAIT: Duration = Duration::from_secs(10);
+/// Commit notifications of one schema's events, from [`PostgresEventStore::listen`](crate::PostgresEventStore::listen).
 #[derive(Debug)]
 pub struct Wakeups {
-    signal: tokio::sync::watch::Receiver<u64>,
+    pub(crate) signal: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Wakeups {

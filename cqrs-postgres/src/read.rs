@@ -6,6 +6,7 @@ use evently_core::{Checkpoint, RawStoredEvent, StoreError, StoredEvent, StreamId
 use futures::stream::{BoxStream, StreamExt};
 use sqlx::{AssertSqlSafe, Row};
 
+use crate::notify::{LISTEN_WAIT, Wakeups};
 use crate::rows;
 use crate::rows::{backend, to_i64, to_u64};
 use crate::sql;
@@ -248,6 +249,25 @@ pub(crate) fn read_span(after: Checkpoint, limit: usize) -> tracing::Span {
 /// prefers the ordered index scan even without statistics, at 100,000 events (measured: it
 /// switches to scanning and sorting the table between 2,000 and 5,000).
 pub(crate) const SORT_SAFE_PAGE: usize = 1_000;
+
+impl PostgresEventStore {
+    /// Subscribes to commit notifications of this schema's events: the store's
+    /// [`EventStore::commit_signal`](evently_core::EventStore::commit_signal) as a waitable handle. Every subscriber of a store (and of its
+    /// clones) shares one listening connection, opened outside the pool.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] outside a tokio runtime.
+    pub async fn listen(&self) -> Result<Wakeups, StoreError> {
+        let (signal, mut listening) = self
+            .listener
+            .subscribe(&self.pool, &self.channel)
+            .ok_or_else(|| StoreError::backend("listening needs a tokio runtime"))?;
+        // Commits from here on wake it, once the shared connection listens (a server that cannot
+        // be reached now leaves it to reconnect by itself; readers poll meanwhile).
+        let _ = tokio::time::timeout(LISTEN_WAIT, listening.wait_for(|l| *l)).await;
+        Ok(Wakeups { signal })
+    }
+}
 
 #[cfg(test)]
 mod tests {

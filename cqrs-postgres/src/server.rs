@@ -12,7 +12,7 @@
 //! re-stamps the ids into this server's range, keeping the order, and moves every checkpoint with
 //! them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use evently_core::{Checkpoint, MoveEvidence, StoreError, StoreMoved};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
@@ -21,36 +21,6 @@ use crate::PostgresEventStore;
 use crate::rows::{backend, to_u64, xid};
 use crate::sql::Sql;
 use crate::tx::Tx;
-
-/// Whether the server was checked since the pool last connected.
-#[derive(Debug)]
-pub(crate) struct ServerGuard {
-    /// Bumped by every connection a pool the store opened makes.
-    connections: AtomicU64,
-    /// The value of `connections` when a check last passed (0: never).
-    checked: AtomicU64,
-}
-
-impl Default for ServerGuard {
-    fn default() -> Self {
-        Self {
-            connections: AtomicU64::new(1),
-            checked: AtomicU64::new(0),
-        }
-    }
-}
-
-impl ServerGuard {
-    /// A new connection was made: check again before the next global read or append (it may be
-    /// to another server, e.g. after a switchover).
-    pub(crate) fn connected(&self) {
-        self.connections.fetch_add(1, Ordering::AcqRel);
-    }
-
-    fn is_checked(&self) -> bool {
-        self.checked.load(Ordering::Acquire) == self.connections.load(Ordering::Acquire)
-    }
-}
 
 /// What a check of the server found.
 enum Found {

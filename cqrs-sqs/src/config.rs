@@ -178,7 +178,7 @@ impl SqsConfig {
     /// as in SQS (a FIFO queue's name ends in `.fifo`).
     #[must_use]
     pub fn is_fifo(&self) -> bool {
-        crate::queues::is_fifo(&self.queue)
+        is_fifo(&self.queue)
     }
 
     /// Whether queues are declared by this crate.
@@ -271,6 +271,11 @@ pub(crate) fn check_queue_name(queue: &str, fifo: bool) -> Result<(), TransportE
             ),
         )),
     }
+}
+
+/// Whether `queue` (a name or a URL) is a FIFO queue.
+pub(crate) fn is_fifo(queue: &str) -> bool {
+    queue.ends_with(".fifo")
 }
 
 #[cfg(test)]

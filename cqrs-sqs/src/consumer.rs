@@ -21,14 +21,14 @@ use std::future::Future;
 use std::time::Duration;
 
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::types::{Message, MessageAttributeValue, MessageSystemAttributeName};
+use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
 use evently_transport::envelope::header;
 use evently_transport::{
     Consumer, ConsumerMetrics, EventSerializer, MessageHandler, TransportError, Verdict,
 };
 
 use crate::config::dead_letter_queue;
-use crate::queues::{queue_url, sdk, text};
+use crate::queues::{queue_url, sdk, send_copy, text, truncate};
 use crate::{BROKER, SqsConfig};
 
 /// How many message attributes SQS takes per message.
@@ -307,46 +307,6 @@ pub(crate) async fn dead_letter(
         "send to the dead-letter queue",
     )
     .await
-}
-
-/// Sends a copy of `message` (its body, its group) with `attributes` to the queue at `url`, with
-/// deduplication id `<message id>-<suffix>` (a standard queue takes neither).
-pub(crate) async fn send_copy(
-    client: &Client,
-    url: &str,
-    message: &Message,
-    attributes: std::collections::HashMap<String, MessageAttributeValue>,
-    suffix: &str,
-    operation: &'static str,
-) -> Result<(), TransportError> {
-    let group = message
-        .attributes
-        .as_ref()
-        .and_then(|a| a.get(&MessageSystemAttributeName::MessageGroupId))
-        .cloned()
-        .unwrap_or_else(|| "cqrs-no-group".to_owned());
-    let id = message.message_id.as_deref().unwrap_or("no-id");
-    let mut send = client
-        .send_message()
-        .queue_url(url)
-        .message_body(message.body.as_deref().unwrap_or(" "))
-        .set_message_attributes(Some(attributes));
-    if crate::queues::is_fifo(url) {
-        send = send
-            .message_group_id(group)
-            .message_deduplication_id(truncate(&format!("{id}-{suffix}"), 128));
-    }
-    send.send().await.map_err(sdk(operation))?;
-    Ok(())
-}
-
-/// At most `max` bytes of `text`, cut on a character boundary.
-fn truncate(text: &str, max: usize) -> String {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
 }
 
 impl<H: MessageHandler> evently_transport::consume::Session for SqsConsumer<H> {

@@ -12,8 +12,7 @@ use aws_sdk_sqs::types::{Message, MessageSystemAttributeName, QueueAttributeName
 use evently_transport::envelope::header;
 use evently_transport::{BrokerDeadLetter, DeadLetterQueue, TransportError};
 
-use crate::consumer::send_copy;
-use crate::queues::{existing, sdk};
+use crate::queues::{existing, sdk, send_copy};
 use crate::{BROKER, SqsConfig};
 
 /// How long a retry holds the letters it received.

@@ -5,11 +5,13 @@ use std::collections::HashMap;
 
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata};
-use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName};
+use aws_sdk_sqs::types::{
+    Message, MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
+};
 use evently_core::StreamId;
 use evently_transport::TransportError;
 
-use crate::config::dead_letter_queue;
+use crate::config::{dead_letter_queue, is_fifo};
 use crate::{BROKER, SqsConfig};
 
 /// The SDK's error while doing `operation`, with its whole context (the service's code and
@@ -155,11 +157,6 @@ async fn create(
     }
 }
 
-/// Whether `queue` (a name or a URL) is a FIFO queue.
-pub(crate) fn is_fifo(queue: &str) -> bool {
-    queue.ends_with(".fifo")
-}
-
 /// A text message attribute.
 ///
 /// # Errors
@@ -186,6 +183,46 @@ pub fn group_id(stream: &StreamId) -> String {
             uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, plain.as_bytes()).simple()
         )
     }
+}
+
+/// Sends a copy of `message` (its body, its group) with `attributes` to the queue at `url`, with
+/// deduplication id `<message id>-<suffix>` (a standard queue takes neither).
+pub(crate) async fn send_copy(
+    client: &Client,
+    url: &str,
+    message: &Message,
+    attributes: HashMap<String, MessageAttributeValue>,
+    suffix: &str,
+    operation: &'static str,
+) -> Result<(), TransportError> {
+    let group = message
+        .attributes
+        .as_ref()
+        .and_then(|a| a.get(&MessageSystemAttributeName::MessageGroupId))
+        .cloned()
+        .unwrap_or_else(|| "cqrs-no-group".to_owned());
+    let id = message.message_id.as_deref().unwrap_or("no-id");
+    let mut send = client
+        .send_message()
+        .queue_url(url)
+        .message_body(message.body.as_deref().unwrap_or(" "))
+        .set_message_attributes(Some(attributes));
+    if is_fifo(url) {
+        send = send
+            .message_group_id(group)
+            .message_deduplication_id(truncate(&format!("{id}-{suffix}"), 128));
+    }
+    send.send().await.map_err(sdk(operation))?;
+    Ok(())
+}
+
+/// At most `max` bytes of `text`, cut on a character boundary.
+pub(crate) fn truncate(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 #[cfg(test)]

@@ -555,7 +555,7 @@ impl<P: Projection, B> Engine<P, B> {
     /// Sets the lag (and reports it).
     fn set_lag(&self, lag: Lag) {
         self.metrics.update(|m| m.lag = Some(lag));
-        crate::telemetry::projection_lag(P::NAME, lag);
+        crate::telemetry::projection_lag(P::NAME, lag.events, lag.seconds);
     }
 
     /// The projection and the backend, both to change (a reset).

@@ -98,7 +98,10 @@ const MAX_POLL: Duration = Duration::from_millis(50);
 const FIRST_POLL: Duration = Duration::from_millis(1);
 
 /// Waits until `projection` has passed `target` (its checkpoint is at or after it) and returns
-/// the checkpoint it reached; see the [module docs](self) for what "passed" means.
+/// the checkpoint it reached. An event it passed was applied, or skipped (not one it subscribes
+/// to), or parked as a dead letter: the wait is about the projection's progress, not the handler's
+/// success (list the dead letters to tell the last case apart). A stopped projection passes
+/// nothing: the wait ends at its timeout.
 ///
 /// Reads the checkpoint at once, then whenever `progress` signals a move or after a pause that
 /// grows from 1 ms to 50 ms. A transient failure to read the checkpoint is retried until the

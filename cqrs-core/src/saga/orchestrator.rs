@@ -269,7 +269,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                         state.deadline_fired = true;
                         state.error = Some(format!("the deadline passed at {at}"));
                         state.status = SagaStatus::Compensating;
-                        crate::telemetry::saga_status(S::NAME, state.status);
+                        crate::telemetry::saga_status(S::NAME, state.status.as_str());
                         self.save(&mut state, &data).await?;
                         continue;
                     }
@@ -279,7 +279,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                         .position(|(_, o)| *o == StepOutcome::Pending)
                     else {
                         state.status = SagaStatus::Completed;
-                        crate::telemetry::saga_status(S::NAME, state.status);
+                        crate::telemetry::saga_status(S::NAME, state.status.as_str());
                         self.save(&mut state, &data).await?;
                         continue;
                     };
@@ -298,7 +298,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                             };
                             state.error = Some(error);
                             state.status = SagaStatus::Compensating;
-                            crate::telemetry::saga_status(S::NAME, state.status);
+                            crate::telemetry::saga_status(S::NAME, state.status.as_str());
                         }
                     }
                     self.save(&mut state, &data).await?;
@@ -314,7 +314,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                         .map(|(i, _)| i)
                     else {
                         state.status = SagaStatus::Compensated;
-                        crate::telemetry::saga_status(S::NAME, state.status);
+                        crate::telemetry::saga_status(S::NAME, state.status.as_str());
                         state.retry_at = None;
                         self.save(&mut state, &data).await?;
                         continue;
@@ -339,7 +339,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                         Err(error) => {
                             tracing::error!(saga = S::NAME, id = %state.id, step = S::STEPS[step].name, %error, "compensation failed: the saga is failed until it is tried again");
                             state.status = SagaStatus::Failed;
-                            crate::telemetry::saga_status(S::NAME, state.status);
+                            crate::telemetry::saga_status(S::NAME, state.status.as_str());
                             state.error = Some(format!(
                                 "compensation of `{}` failed: {error}",
                                 S::STEPS[step].name

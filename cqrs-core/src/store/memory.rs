@@ -255,7 +255,7 @@ impl EventStore for InMemoryEventStore {
         Ok(self.lock().log.last().map(|e| e.checkpoint))
     }
 
-    async fn lag(&self, after: Checkpoint) -> Result<Option<crate::projection::Lag>, StoreError> {
+    async fn lag(&self, after: Checkpoint) -> Result<Option<super::Lag>, StoreError> {
         let inner = self.lock();
         let start = inner.log.partition_point(|e| e.checkpoint <= after);
         let behind = &inner.log[start..];
@@ -264,7 +264,7 @@ impl EventStore for InMemoryEventStore {
                 .to_std()
                 .map_or(0.0, |age| age.as_secs_f64())
         });
-        Ok(Some(crate::projection::Lag {
+        Ok(Some(super::Lag {
             events: behind.len() as u64,
             seconds,
         }))

@@ -1,6 +1,8 @@
 //! The event store: append-only streams with optimistic concurrency, idempotent appends and one
 //! global order.
 
+mod decode;
+mod filter;
 mod memory;
 
 use std::fmt;
@@ -10,6 +12,7 @@ use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
+pub use filter::{Lag, Subscription};
 pub use memory::InMemoryEventStore;
 
 use crate::envelope::{Checkpoint, EventData, EventId, RawStoredEvent, StoredEvent, StreamId};
@@ -422,7 +425,7 @@ pub trait EventStore: Send + Sync {
         &self,
         after: Checkpoint,
         scan: usize,
-        filter: &[crate::projection::Subscription],
+        filter: &[Subscription],
     ) -> Result<(Vec<StoredEvent>, Checkpoint), StoreError> {
         let page = self.read_all(after, scan).await?;
         let scanned_to = page.last().map_or(after, |e| e.checkpoint);
@@ -475,7 +478,7 @@ pub trait EventStore: Send + Sync {
         &self,
         after: Checkpoint,
         scan: usize,
-        filter: &[crate::projection::Subscription],
+        filter: &[Subscription],
     ) -> Result<(Vec<RawStoredEvent>, Checkpoint), StoreError> {
         let (events, scanned_to) = self.read_filtered(after, scan, filter).await?;
         let events = events
@@ -500,7 +503,7 @@ pub trait EventStore: Send + Sync {
     ///
     /// # Errors
     /// [`StoreError::Backend`].
-    async fn lag(&self, after: Checkpoint) -> Result<Option<crate::projection::Lag>, StoreError> {
+    async fn lag(&self, after: Checkpoint) -> Result<Option<Lag>, StoreError> {
         let _ = after;
         Ok(None)
     }
@@ -585,7 +588,7 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
         &self,
         after: Checkpoint,
         scan: usize,
-        filter: &[crate::projection::Subscription],
+        filter: &[Subscription],
     ) -> Result<(Vec<StoredEvent>, Checkpoint), StoreError> {
         (**self).read_filtered(after, scan, filter).await
     }
@@ -602,7 +605,7 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
         &self,
         after: Checkpoint,
         scan: usize,
-        filter: &[crate::projection::Subscription],
+        filter: &[Subscription],
     ) -> Result<(Vec<RawStoredEvent>, Checkpoint), StoreError> {
         (**self).read_filtered_raw(after, scan, filter).await
     }
@@ -611,7 +614,7 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
         (**self).head().await
     }
 
-    async fn lag(&self, after: Checkpoint) -> Result<Option<crate::projection::Lag>, StoreError> {
+    async fn lag(&self, after: Checkpoint) -> Result<Option<Lag>, StoreError> {
         (**self).lag(after).await
     }
 

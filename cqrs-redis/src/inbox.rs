@@ -217,7 +217,7 @@ impl<H> Deduplicated<H> {
 }
 
 fn unavailable(error: &redis::RedisError) -> HandleError {
-    HandleError::Unavailable(format!("Redis: {error}"))
+    HandleError::Unavailable(format!("Redis: {error}").into())
 }
 
 #[async_trait::async_trait]
@@ -240,10 +240,13 @@ impl<H: MessageHandler> MessageHandler for Deduplicated<H> {
         {
             Claim::Done => return Ok(Handled::Duplicate),
             Claim::InProgress => {
-                return Err(HandleError::Unavailable(format!(
-                    "event {} is being handled by another consumer of `{name}`",
-                    event.event_id
-                )));
+                return Err(HandleError::Unavailable(
+                    format!(
+                        "event {} is being handled by another consumer of `{name}`",
+                        event.event_id
+                    )
+                    .into(),
+                ));
             }
             Claim::New(token) => token,
         };

@@ -219,10 +219,13 @@ impl<H: MessageHandler> Consumer<H> {
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|panic| {
-                    Err(HandleError::Failed(format!(
-                        "the handler panicked: {}",
-                        evently_core::panic_message(&*panic)
-                    )))
+                    Err(HandleError::Failed(
+                        format!(
+                            "the handler panicked: {}",
+                            evently_core::panic_message(&*panic)
+                        )
+                        .into(),
+                    ))
                 });
             let error = match handled {
                 Ok(handled) => {
@@ -235,7 +238,8 @@ impl<H: MessageHandler> Consumer<H> {
                 }
                 Err(error) => error,
             };
-            if let HandleError::Unavailable(reason) = &error {
+            if let HandleError::Unavailable(_) = &error {
+                let reason = error.report();
                 // Not the message's fault: wait and try it again, without spending its tries.
                 let wait = outage.next_delay();
                 tracing::warn!(consumer = %self.name, stream = %event.stream, version = event.version, %reason, retry_in = ?wait, "the handler's database is unavailable; waiting");
@@ -256,7 +260,7 @@ impl<H: MessageHandler> Consumer<H> {
                 return Verdict::DeadLetter { reason, attempts };
             }
             let malformed = matches!(error, HandleError::Malformed(_));
-            if let Some(failure) = retries.failed_with(&error, malformed).await {
+            if let Some(failure) = retries.failed_with(&error.report(), malformed).await {
                 tracing::warn!(
                     consumer = %self.name, stream = %event.stream, version = event.version,
                     attempts = failure.attempts, %error, "dead-lettering the message"

@@ -31,22 +31,27 @@ pub enum Handled {
     Skipped,
 }
 
-/// Why a handler did not handle an event.
+/// The error behind a [`HandleError`]: the handler's own error, kept whole (its `source()` chain
+/// included), or a message (`"text".into()`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a handler did not handle an event. Each variant carries the error that decided it as its
+/// source, so a report walks down to the database's or the decoder's own error.
 #[derive(Debug, thiserror::Error)]
 pub enum HandleError {
     /// The event cannot be handled however often it is tried (an unknown type, a payload that
     /// does not decode): dead-lettered at once.
-    #[error("{0}")]
-    Malformed(String),
+    #[error(transparent)]
+    Malformed(BoxError),
     /// The handler failed (retried with a backoff, then dead-lettered).
-    #[error("{0}")]
-    Failed(String),
+    #[error(transparent)]
+    Failed(BoxError),
     /// What the handler needs is down (the database unreachable, its connections terminated, the
     /// pool exhausted): not the message's fault, so it is not dead-lettered however long it
     /// lasts. The consumer waits (backoff up to 10 s) and tries the same message again, and
     /// nothing after it is handled meanwhile, so an outage never reorders an aggregate's events.
-    #[error("unavailable: {0}")]
-    Unavailable(String),
+    #[error("unavailable")]
+    Unavailable(#[source] BoxError),
     /// The handler gave up on the event and parked it where it keeps its dead letters (after
     /// its own retries, or behind an earlier dead letter of its aggregate): the consumer sends
     /// it to the broker's dead-letter place at once, without trying it again.
@@ -62,25 +67,42 @@ pub enum HandleError {
 impl From<ProjectionError> for HandleError {
     fn from(error: ProjectionError) -> Self {
         match error {
-            ProjectionError::Decode(e) => Self::Malformed(e.to_string()),
+            ProjectionError::Decode(e) => Self::Malformed(Box::new(e)),
             ProjectionError::Handler { ref source, .. } if is_outage(&**source) => {
-                Self::Unavailable(error.to_string())
+                Self::Unavailable(Box::new(error))
             }
-            e @ ProjectionError::Handler { .. } => Self::Failed(e.to_string()),
+            e @ ProjectionError::Handler { .. } => Self::Failed(Box::new(e)),
         }
     }
 }
 
 impl HandleError {
     /// A database error as a handler error: [`HandleError::Unavailable`] when the database is
-    /// unreachable or dropped the connection, else [`HandleError::Failed`].
+    /// unreachable or dropped the connection, else [`HandleError::Failed`]; the error is kept as
+    /// the source.
     #[must_use]
-    pub fn from_database(error: &sqlx::Error) -> Self {
-        if is_outage(error) {
-            Self::Unavailable(error.to_string())
+    pub fn from_database(error: sqlx::Error) -> Self {
+        if is_outage(&error) {
+            Self::Unavailable(Box::new(error))
         } else {
-            Self::Failed(error.to_string())
+            Self::Failed(Box::new(error))
         }
+    }
+
+    /// The whole chain as one line, `error: cause: cause`: what logs and dead letters record.
+    #[must_use]
+    pub fn report(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            let cause_text = cause.to_string();
+            if !text.ends_with(&cause_text) {
+                text.push_str(": ");
+                text.push_str(&cause_text);
+            }
+            source = cause.source();
+        }
+        text
     }
 }
 
@@ -190,7 +212,7 @@ where
             .engine
             .deliver(std::slice::from_ref(event))
             .await
-            .map_err(|error| HandleError::Unavailable(error.to_string()))?;
+            .map_err(|error| HandleError::Unavailable(Box::new(error)))?;
         match delivered.into_iter().next() {
             Some(Delivered::Applied) => Ok(Handled::Applied),
             Some(Delivered::Duplicate) => Ok(Handled::Duplicate),
@@ -232,6 +254,45 @@ where
 fn unknown_type<P: Projection>(event: &StoredEvent) -> Result<Handled, HandleError> {
     match unknown_event_type::<P, _>(event) {
         None => Ok(Handled::Skipped),
-        Some(reason) => Err(HandleError::Malformed(reason)),
+        Some(reason) => Err(HandleError::Malformed(reason.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    /// The database's own error stays reachable behind a handler error, and the one-line report
+    /// names each cause once.
+    #[test]
+    fn handle_errors_keep_their_source() {
+        let down = HandleError::from_database(sqlx::Error::PoolTimedOut);
+        assert!(matches!(down, HandleError::Unavailable(_)));
+        let source = down.source().expect("a source");
+        assert!(matches!(
+            source.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::PoolTimedOut)
+        ));
+        assert_eq!(down.report(), format!("unavailable: {source}"));
+
+        let refused = HandleError::from_database(sqlx::Error::RowNotFound);
+        assert!(matches!(refused, HandleError::Failed(_)));
+        assert_eq!(refused.to_string(), sqlx::Error::RowNotFound.to_string());
+
+        let failed = HandleError::from(ProjectionError::Handler {
+            projection: "summaries",
+            stream: evently_core::StreamId::new("order", "o-1"),
+            version: 3,
+            source: "the row is locked".into(),
+        });
+        assert!(matches!(failed, HandleError::Failed(_)));
+        // The handler's message is part of the projection error's text: not repeated.
+        assert_eq!(
+            failed.report(),
+            "projection `summaries` failed on event 3 of order/o-1: the row is locked"
+        );
+        let malformed = HandleError::Malformed("unknown event type `Nope`".into());
+        assert_eq!(malformed.report(), "unknown event type `Nope`");
     }
 }

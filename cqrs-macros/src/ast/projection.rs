@@ -1,0 +1,113 @@
+//! `#[derive(Projection)]`: the projection struct and the enums it handles.
+
+use syn::{Data, DeriveInput, Ident};
+
+use crate::attr::{self, Slot};
+use crate::ctxt::Ctxt;
+
+/// `#[derive(Projection)]` input.
+pub(crate) struct ProjectionStruct<'a> {
+    pub(crate) ident: &'a Ident,
+    pub(crate) name: Option<attr::Spanned<String>>,
+    /// The event enums, as written.
+    pub(crate) events: Vec<syn::Path>,
+    pub(crate) context: Option<syn::Type>,
+}
+
+impl<'a> ProjectionStruct<'a> {
+    pub(crate) fn from_ast(cx: &mut Ctxt, input: &'a DeriveInput) -> Self {
+        if !input.generics.params.is_empty() {
+            cx.error_spanned_by(
+                &input.generics,
+                "derive(Projection) does not support generic parameters: use a concrete type",
+            );
+        }
+        if let Data::Union(data) = &input.data {
+            cx.error_spanned_by(
+                data.union_token,
+                "derive(Projection) works on a struct or an enum, not a union",
+            );
+        }
+        let mut name = Slot::new(attr::KEY_NAME);
+        let mut events: Slot<Vec<syn::Path>> = Slot::new(attr::KEY_EVENTS);
+        let mut context = Slot::new(attr::KEY_CONTEXT);
+        let written = attr::for_each_meta(cx, &input.attrs, attr::PROJECTION, |cx, meta| {
+            if attr::KEY_NAME.is(meta) {
+                let lit = attr::parse_string(meta, attr::KEY_NAME)?;
+                name.set(cx, meta, lit);
+            } else if attr::KEY_CONTEXT.is(meta) {
+                let ty = attr::parse_type(cx, meta, attr::KEY_CONTEXT)?;
+                context.set(cx, meta, ty);
+            } else if attr::KEY_EVENTS.is(meta) {
+                if !meta.input.peek(syn::token::Paren) {
+                    return Err(meta.error("expected `events(EventEnum, ...)`"));
+                }
+                let content;
+                syn::parenthesized!(content in meta.input);
+                let list: Vec<syn::Path> =
+                    syn::punctuated::Punctuated::<syn::Path, syn::Token![,]>::parse_terminated(
+                        &content,
+                    )
+                    .map_err(|e| {
+                        syn::Error::new(
+                            e.span(),
+                            "expected the names of event enums: events(OrderEvent, PaymentEvent)",
+                        )
+                    })?
+                    .into_iter()
+                    .collect();
+                if list.is_empty() {
+                    cx.error_spanned_by(
+                        &meta.path,
+                        "`events()` is empty: list the event enums this projection handles, events(OrderEvent, ...)",
+                    );
+                }
+                events.set(cx, meta, list);
+            } else {
+                return Err(attr::unknown_key(
+                    meta,
+                    "`#[projection(...)]`",
+                    &[attr::KEY_NAME, attr::KEY_EVENTS, attr::KEY_CONTEXT],
+                ));
+            }
+            Ok(())
+        });
+        let ident = &input.ident;
+        let name = name.get().map(|s| attr::Spanned {
+            value: s.value.value(),
+            span: s.value.span(),
+        });
+        let events = events.get().map(|s| s.value);
+        if !input
+            .attrs
+            .iter()
+            .any(|a| a.path().is_ident(attr::PROJECTION))
+        {
+            cx.error_spanned_by(
+                ident,
+                format_args!("derive(Projection) needs `#[projection(name = \"...\", events(...))]` on `{ident}`"),
+            );
+        } else {
+            if name.is_none() && !written.has(attr::KEY_NAME) {
+                cx.error_spanned_by(
+                    ident,
+                    format_args!("`#[projection(...)]` on `{ident}` is missing name = \"...\""),
+                );
+            }
+            if events.is_none() && !written.has(attr::KEY_EVENTS) {
+                cx.error_spanned_by(
+                    ident,
+                    format_args!(
+                        "`#[projection(...)]` on `{ident}` is missing events(EventEnum, ...)"
+                    ),
+                );
+            }
+        }
+        Self {
+            ident,
+            name,
+            events: events.unwrap_or_default(),
+            context: context.get().map(|s| s.value),
+        }
+    }
+}

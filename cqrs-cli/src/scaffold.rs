@@ -4,7 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
+use clap::Subcommand;
 use heck::{ToSnakeCase, ToUpperCamelCase};
+
+use crate::Failure;
 
 /// The template; `__Name__`, `__name__` and `__label__` stand for the aggregate's type name, its
 /// snake-case name and its name in words.
@@ -216,4 +219,50 @@ mod tests {
             assert!(error.contains("cannot be an aggregate name"), "{error}");
         }
     }
+}
+
+#[derive(Subcommand)]
+pub(crate) enum New {
+    /// A module with an aggregate, its commands, events, error and given/when/then tests.
+    Aggregate {
+        /// The aggregate's name, e.g. `SupportTicket` (or `support_ticket`).
+        name: String,
+        /// The source directory to write `<name>.rs` into; a `lib.rs` or `main.rs` there gets
+        /// the `mod` line.
+        #[arg(long, default_value = "src")]
+        path: PathBuf,
+    },
+}
+
+pub(crate) fn new_aggregate(name: &str, path: &Path) -> Result<(), Failure> {
+    let written = write(name, path)?;
+    // Best effort: the template is formatted for typical names; long ones may wrap differently.
+    let formatted = std::process::Command::new("rustfmt")
+        .args(["--edition", "2024"])
+        .arg(&written.file)
+        .status()
+        .is_ok_and(|s| s.success());
+    let module = &written.module;
+    out!(
+        "wrote {} (aggregate `{}`: 3 commands, 3 events, their tests){}",
+        written.file.display(),
+        module.type_name,
+        if formatted {
+            ""
+        } else {
+            "; rustfmt was not run"
+        }
+    );
+    match &written.registered_in {
+        Some(root) => out!("declared `mod {}` in {}", module.module, root.display()),
+        None => out!(
+            "declare it in your crate root: `pub mod {};` (if not done yet)",
+            module.module
+        ),
+    }
+    out!(
+        "the crate needs: evently and thiserror in [dependencies]; then `cargo test {}`",
+        module.module
+    );
+    Ok(())
 }

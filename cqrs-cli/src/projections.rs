@@ -1,0 +1,261 @@
+//! `cqrs projections`: checkpoints, lag, leases, and rebuilds asked of the workers.
+
+use clap::Subcommand;
+use std::time::Duration;
+
+use evently_core::EventStore;
+use evently_postgres::PostgresEventStore;
+use evently_postgres::control::{Control, ProjectionStatus, projections, read_checkpoint};
+
+use crate::{Failure, NoAnswer, table, wait_for};
+
+#[derive(Subcommand)]
+pub(crate) enum Projections {
+    /// Every projection: checkpoint, lag, lease and dead letters.
+    List,
+    /// One projection in detail, with the operator requests on it.
+    Status {
+        /// The projection's name.
+        name: String,
+    },
+    /// Asks the projection's worker to rebuild its read model from the first event, and follows
+    /// the replay with a progress bar (the worker needs `ProjectionWorker::with_reset`).
+    Rebuild {
+        /// The projection's name.
+        name: String,
+        /// Record the request and return at once.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the worker to start it, in seconds (exit code 3 after).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+}
+
+/// Runs a `projections` command.
+pub(crate) async fn run(
+    store: &PostgresEventStore,
+    command: Projections,
+    json: bool,
+) -> Result<(), Failure> {
+    match command {
+        Projections::List => {
+            let all = projections(store).await?;
+            if json {
+                for p in &all {
+                    out!("{}", projection_json(p));
+                }
+                return Ok(());
+            }
+            let mut table = table([
+                "projection",
+                "position",
+                "lag",
+                "lag (s)",
+                "epoch",
+                "owner",
+                "dlq",
+                "updated",
+            ]);
+            for p in all {
+                let owner = match (&p.owner, p.leased) {
+                    (Some(owner), true) => owner.clone(),
+                    (Some(owner), false) => format!("({owner})"),
+                    (None, _) => "-".to_owned(),
+                };
+                table.add_row([
+                    p.name,
+                    p.checkpoint.position.to_string(),
+                    p.lag.to_string(),
+                    format!("{:.1}", p.lag_seconds),
+                    p.epoch.to_string(),
+                    owner,
+                    p.dead_letters.to_string(),
+                    p.updated_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                ]);
+            }
+            out!("{table}");
+        }
+        Projections::Status { name } => {
+            status(store, &name, json).await?;
+        }
+        Projections::Rebuild {
+            name,
+            no_wait,
+            timeout,
+        } => {
+            rebuild(store, &name, no_wait, Duration::from_secs(timeout)).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The status of projection `name`, or an error naming the known ones.
+pub(crate) async fn find(
+    store: &PostgresEventStore,
+    name: &str,
+) -> Result<ProjectionStatus, Failure> {
+    let all = projections(store).await?;
+    let known: Vec<String> = all.iter().map(|p| p.name.clone()).collect();
+    all.into_iter().find(|p| p.name == name).ok_or_else(|| {
+        format!(
+            "no projection `{name}` (known: {})",
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        )
+        .into()
+    })
+}
+
+fn lease_text(p: &ProjectionStatus) -> String {
+    match (&p.owner, p.leased) {
+        (Some(owner), true) => format!("held by {owner} (epoch {})", p.epoch),
+        (Some(owner), false) => format!("expired (last held by {owner}, epoch {})", p.epoch),
+        (None, _) => "never taken".to_owned(),
+    }
+}
+
+async fn status(store: &PostgresEventStore, name: &str, json: bool) -> Result<(), Failure> {
+    let p = find(store, name).await?;
+    let requests = Control::new(store.clone()).requests(name).await?;
+    let head = store.head().await?.map_or(0, |h| h.position);
+    if json {
+        let mut object = projection_json(&p);
+        object["head"] = head.into();
+        if let Some(r) = requests {
+            object["rebuild_requested_at"] = serde_json::json!(r.rebuild_requested_at);
+            object["rebuilt_at"] = serde_json::json!(r.rebuilt_at);
+            object["retries_pending"] = r.retries_pending.into();
+            object["request_error"] = serde_json::json!(r.error);
+        }
+        out!("{object}");
+        return Ok(());
+    }
+    out!("projection:   {}", p.name);
+    out!(
+        "checkpoint:   position {} (transaction {}), head {head}, lag {} events ({:.1} s)",
+        p.checkpoint.position,
+        p.checkpoint.transaction,
+        p.lag,
+        p.lag_seconds
+    );
+    out!("lease:        {}", lease_text(&p));
+    out!("dead letters: {}", p.dead_letters);
+    out!("updated:      {}", p.updated_at.format("%Y-%m-%d %H:%M:%S"));
+    if let Some(r) = requests {
+        if let Some(at) = r.rebuild_requested_at {
+            out!(
+                "rebuild:      requested at {}, not started yet",
+                at.format("%Y-%m-%d %H:%M:%S")
+            );
+        }
+        if let Some(at) = r.rebuilt_at {
+            out!("last rebuild: {}", at.format("%Y-%m-%d %H:%M:%S"));
+        }
+        if r.retries_pending > 0 {
+            out!(
+                "retries:      {} dead letters waiting for the worker",
+                r.retries_pending
+            );
+        }
+        if let Some(error) = r.error {
+            out!("last request failed: {error}");
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn no_answer(p: &ProjectionStatus, timeout: Duration) -> Failure {
+    Box::new(NoAnswer(format!(
+        "no worker answered within {} s (lease {}); the request stands and runs when the worker of `{}` does",
+        timeout.as_secs(),
+        lease_text(p),
+        p.name
+    )))
+}
+
+async fn rebuild(
+    store: &PostgresEventStore,
+    name: &str,
+    no_wait: bool,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let p = find(store, name).await?;
+    let control = Control::new(store.clone());
+    let Some(requested) = control.request_rebuild(name).await? else {
+        return Err(format!("no projection `{name}`").into());
+    };
+    if !p.leased {
+        eprintln!(
+            "note: no worker holds `{name}` now ({}); it rebuilds when one starts",
+            lease_text(&p)
+        );
+    }
+    if no_wait {
+        out!("rebuild of `{name}` requested");
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let began = wait_for(timeout, || async {
+        let r = control
+            .requests(name)
+            .await?
+            .ok_or("the projection vanished")?;
+        if let Some(error) = r.error {
+            return Err(format!("the worker refused: {error}").into());
+        }
+        let began =
+            r.rebuild_requested_at.is_none() && r.rebuilt_at.is_some_and(|at| at >= requested);
+        Ok(began.then_some(()))
+    })
+    .await?;
+    if began.is_none() {
+        return Err(no_answer(&p, timeout));
+    }
+    // The read model was reset; follow the replay to the head as it was then.
+    let target = store.head().await?.map_or(0, |h| h.position);
+    let bar = indicatif::ProgressBar::new(target);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({per_sec}, {eta})")
+            .map_err(|e| e.to_string())?
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("rebuilding {name}"));
+    loop {
+        let at = read_checkpoint(store, name).await?.position;
+        bar.set_position(at.min(target));
+        if at >= target {
+            break;
+        }
+        if let Some(error) = control.requests(name).await?.and_then(|r| r.error) {
+            bar.abandon();
+            return Err(format!("the rebuild failed: {error}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bar.finish_and_clear();
+    out!(
+        "rebuilt `{name}` up to position {target} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A projection's status as one JSON object.
+fn projection_json(p: &ProjectionStatus) -> serde_json::Value {
+    serde_json::json!({
+        "name": p.name,
+        "transaction": p.checkpoint.transaction,
+        "position": p.checkpoint.position,
+        "lag": p.lag,
+        "lag_seconds": p.lag_seconds,
+        "owner": p.owner,
+        "leased": p.leased,
+        "epoch": p.epoch,
+        "dead_letters": p.dead_letters,
+        "updated_at": p.updated_at,
+    })
+}

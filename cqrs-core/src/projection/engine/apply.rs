@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use tracing::Instrument as _;
 
 use super::*;
+
 /// One try at an event, with its retries.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Attempt {

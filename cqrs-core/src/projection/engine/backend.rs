@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 
 use super::*;
+
 /// A savepoint operation inside a unit of work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Savepoint {

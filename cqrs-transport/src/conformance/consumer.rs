@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use crate::{HandleError, Handled, MessageHandler, Relay};
 
 use super::*;
+
 /// Aggregate `bad` has a poison event (version 2 of 3); 5 other aggregates have 4 events each.
 /// The poison event is tried 3 times, then dead-lettered, and the later event of its aggregate
 /// waits behind it (dead-lettered too, saying so): per-aggregate order holds through a dead

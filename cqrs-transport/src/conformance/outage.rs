@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::Relay;
 
 use super::*;
+
 /// The broker is stopped and started again `restarts` times (by `restart`, which returns once
 /// the broker is back) while writers append and a running relay ([`Relay::run`]) and consumer
 /// work. Both must come back by themselves: every event applied once, in each aggregate's order.

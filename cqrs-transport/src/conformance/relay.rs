@@ -11,6 +11,7 @@ use rand::Rng;
 use crate::{ConsumerMetrics, Relay, Sink, TransportError};
 
 use super::*;
+
 /// What [`relay_killed_at_random_points`] saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KillReport {

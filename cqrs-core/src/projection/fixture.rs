@@ -25,7 +25,8 @@ use std::collections::HashMap;
 
 use super::Projection;
 use super::failure::DeadLetter;
-use super::runner::{InMemoryDeadLetters, ProjectionRunner};
+use super::memory::InMemoryDeadLetters;
+use super::runner::ProjectionRunner;
 use crate::envelope::{AggregateId, Checkpoint, EventData, Metadata, StreamId};
 use crate::event::{DomainEvent, EncodeError};
 use crate::store::{EventStore, ExpectedVersion, InMemoryEventStore, StoreError};

@@ -29,7 +29,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::runner::CheckpointStore;
+use super::memory::CheckpointStore;
 use crate::backoff::Backoff;
 use crate::envelope::Checkpoint;
 use crate::store::StoreError;

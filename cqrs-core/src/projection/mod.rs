@@ -16,6 +16,7 @@ pub mod engine;
 mod failure;
 mod fixture;
 mod freshness;
+mod memory;
 mod runner;
 
 pub use engine::{Delivered, DeliveryBackend, DeliveryError, Engine, unknown_event_type};
@@ -24,10 +25,8 @@ pub use failure::{
 };
 pub use fixture::{CaughtUp, FixtureError, ProjectionFixture, assert_no_dead_letters};
 pub use freshness::{NotCaughtUp, Progress, wait_until_caught_up};
-pub use runner::{
-    Batch, CheckpointStore, InMemoryBackend, InMemoryCheckpoints, InMemoryDeadLetters,
-    ProjectionMetrics, ProjectionRunner, event_span,
-};
+pub use memory::{CheckpointStore, InMemoryCheckpoints, InMemoryDeadLetters};
+pub use runner::{Batch, InMemoryBackend, ProjectionMetrics, ProjectionRunner, event_span};
 
 use crate::envelope::{Checkpoint, RawStoredEvent, RecordedEvent, StoredEvent};
 use crate::event::DomainEvent;

@@ -2,7 +2,7 @@
 //! default 127.0.0.1:9092) and the real PostgreSQL: the same checks RabbitMQ and NATS pass, but
 //! for `consumer_killed_mid_handler`: on the tansu test broker a consumer that replaces one
 //! killed without leaving its group is not assigned the partitions again (seen waiting 120 s
-//! with a 6 s session timeout), so that check does not run here; `kafka.rs` covers the Kafka
+//! with a 6 s session timeout), so that check does not run here; `relay.rs` covers the Kafka
 //! consumer's exactly-once effect with redeliveries instead.
 
 use std::time::Duration;

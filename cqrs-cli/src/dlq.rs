@@ -171,6 +171,7 @@ pub(crate) async fn run(
                             "attempts": l.attempts,
                             "first_failed_at": l.first_failed_at,
                             "last_failed_at": l.last_failed_at,
+                            "reason": l.reason.as_str(),
                             "error": l.error,
                         })
                     );

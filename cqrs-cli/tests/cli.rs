@@ -202,6 +202,7 @@ async fn every_command_against_a_real_store() {
     assert_eq!(letter["stream"], "account/a-1");
     assert_eq!(letter["version"], 2);
     assert_eq!(letter["attempts"], 3);
+    assert_eq!(letter["reason"], "failed");
     assert_eq!(letter["error"], "balance table is locked");
     let letters = stdout(&cqrs(&["dlq", "list", "balances"]));
     assert!(

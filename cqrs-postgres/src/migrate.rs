@@ -250,4 +250,49 @@ mod tests {
             assert_eq!(raw.event_id, event.event_id);
         }
     }
+
+    /// Dead letters written before the reason column keep their meaning: the ones that waited
+    /// behind another read as `WaitsBehind`, the rest as `Failed`.
+    #[tokio::test]
+    async fn dead_letters_from_before_the_reason_column_read_with_their_reason() {
+        use evently_core::projection::{LetterReason, WAITS_BEHIND};
+        let store = empty_schema("unit_reason_upgrade").await;
+        let mut conn = store.pool().acquire().await.unwrap();
+        migrate_on(&mut conn, &store.sql, Some(20261204000011))
+            .await
+            .unwrap();
+        for (version, error, attempts) in
+            [(1, "boom", 3), (2, WAITS_BEHIND, 0), (3, "unknown type", 0)]
+        {
+            sqlx::query(AssertSqlSafe(format!(
+                "INSERT INTO {}.projection_dead_letters \
+                   (projection, event_id, aggregate_type, aggregate_id, version, error, attempts, first_failed_at, last_failed_at) \
+                 VALUES ('p', $1, 'thing', 't-1', $2, $3, $4, now(), now())",
+                store.sql.quoted_schema
+            )))
+            .bind(uuid::Uuid::now_v7())
+            .bind(version)
+            .bind(error)
+            .bind(attempts)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        }
+        migrate_on(&mut conn, &store.sql, None).await.unwrap();
+        drop(conn);
+        let letters = crate::control::DeadLetters::new(store)
+            .list("p")
+            .await
+            .unwrap();
+        let reasons: Vec<(u64, LetterReason)> =
+            letters.iter().map(|l| (l.version, l.reason)).collect();
+        assert_eq!(
+            reasons,
+            [
+                (1, LetterReason::Failed),
+                (2, LetterReason::WaitsBehind),
+                (3, LetterReason::Failed)
+            ]
+        );
+    }
 }

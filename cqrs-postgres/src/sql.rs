@@ -294,16 +294,16 @@ impl Sql {
             ),
             park: format!(
                 "INSERT INTO {s}.projection_dead_letters \
-                   (projection, event_id, aggregate_type, aggregate_id, version, error, attempts, first_failed_at, last_failed_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                   (projection, event_id, aggregate_type, aggregate_id, version, error, attempts, first_failed_at, last_failed_at, reason) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
                  ON CONFLICT (projection, event_id) DO NOTHING"
             ),
             list_dead_letters: format!(
-                "SELECT id, event_id, aggregate_type, aggregate_id, version, error, attempts, first_failed_at, last_failed_at \
+                "SELECT id, event_id, aggregate_type, aggregate_id, version, reason, error, attempts, first_failed_at, last_failed_at \
                  FROM {s}.projection_dead_letters WHERE projection = $1 ORDER BY aggregate_type, aggregate_id, version"
             ),
             stream_dead_letters: format!(
-                "SELECT id, event_id, aggregate_type, aggregate_id, version, error, attempts, first_failed_at, last_failed_at \
+                "SELECT id, event_id, aggregate_type, aggregate_id, version, reason, error, attempts, first_failed_at, last_failed_at \
                  FROM {s}.projection_dead_letters \
                  WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3 AND version > $4 \
                  ORDER BY version LIMIT $5"
@@ -312,7 +312,7 @@ impl Sql {
             resolve_dead_letter: format!("DELETE FROM {s}.projection_dead_letters WHERE id = $1"),
             fail_dead_letter: format!(
                 "UPDATE {s}.projection_dead_letters \
-                 SET attempts = attempts + 1, error = $2, last_failed_at = now() WHERE id = $1"
+                 SET attempts = attempts + 1, reason = 'failed', error = $2, last_failed_at = now() WHERE id = $1"
             ),
             purge_dead_letters: format!(
                 "DELETE FROM {s}.projection_dead_letters WHERE projection = $1 AND ($2::timestamptz IS NULL OR last_failed_at < $2)"

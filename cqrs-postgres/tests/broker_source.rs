@@ -16,7 +16,7 @@ use common::fresh_store;
 use cqrs_examples::bank::{AccountEvent, Deposit};
 use evently_core::prelude::*;
 use evently_core::projection::{
-    Delivered, Engine, FailureMode, FailurePolicy, HandlerError, WAITS_BEHIND,
+    Delivered, Engine, FailureMode, FailurePolicy, HandlerError, LetterReason, WAITS_BEHIND,
 };
 use evently_core::{EventData, EventId, RecordedEvent, StoredEvent};
 use evently_postgres::PostgresEventStore;
@@ -165,9 +165,18 @@ async fn deliver(
     delivered.remove(0)
 }
 
+/// The tries and the error of a parked event, checking that its reason goes with its error.
 fn parked_after(delivered: &Delivered) -> (u32, &str) {
     match delivered {
-        Delivered::Parked(failure) => (failure.attempts, failure.error.as_str()),
+        Delivered::Parked(failure) => {
+            let expected = if failure.error == WAITS_BEHIND {
+                LetterReason::WaitsBehind
+            } else {
+                LetterReason::Failed
+            };
+            assert_eq!(failure.reason, expected, "{failure:?}");
+            (failure.attempts, failure.error.as_str())
+        }
         other => panic!("expected a parked event, got {other:?}"),
     }
 }

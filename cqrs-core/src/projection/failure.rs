@@ -56,7 +56,9 @@ pub struct DeadLetter {
     pub stream: StreamId,
     /// The event's version.
     pub version: u64,
-    /// The last error (or, for an event parked behind another, why it waits).
+    /// Why it is parked: it kept failing, or it waits behind an earlier dead letter of its stream.
+    pub reason: LetterReason,
+    /// The last error (or, for an event parked behind another, [`WAITS_BEHIND`]).
     pub error: String,
     /// How many times it was tried (0: parked behind an earlier dead letter, never tried).
     pub attempts: u32,
@@ -66,8 +68,53 @@ pub struct DeadLetter {
     pub last_failed_at: DateTime<Utc>,
 }
 
-/// Why an event parked behind an earlier dead letter of its stream waits.
+/// The error text of an event parked behind an earlier dead letter of its stream.
 pub const WAITS_BEHIND: &str = "waits behind an earlier dead letter of its stream";
+
+/// Why an event is a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LetterReason {
+    /// Its projection kept failing on it (or could not decode it): the letter's `error` is the
+    /// last error.
+    Failed,
+    /// It was never tried: an earlier dead letter of its stream blocks it
+    /// ([`FailureMode::BlockStream`]); a redrive applies it after that one.
+    WaitsBehind,
+}
+
+impl LetterReason {
+    /// The name stored and printed: `failed`, `waits_behind`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Failed => "failed",
+            Self::WaitsBehind => "waits_behind",
+        }
+    }
+}
+
+impl std::fmt::Display for LetterReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A reason name that is not one of [`LetterReason`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a dead-letter reason (expected failed or waits_behind)")]
+pub struct UnknownLetterReason(pub String);
+
+impl std::str::FromStr for LetterReason {
+    type Err = UnknownLetterReason;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "failed" => Ok(Self::Failed),
+            "waits_behind" => Ok(Self::WaitsBehind),
+            other => Err(UnknownLetterReason(other.to_owned())),
+        }
+    }
+}
 
 /// What a redrive did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -81,6 +128,8 @@ pub struct Redrive {
 /// An event that failed every try.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
+    /// Why the event is parked.
+    pub reason: LetterReason,
     /// The last error.
     pub error: String,
     /// How many tries.
@@ -131,6 +180,7 @@ impl Retries {
         let first = *self.first_failed_at.get_or_insert_with(Utc::now);
         if permanent || self.attempts >= self.policy.attempts.max(1) {
             return Some(Failure {
+                reason: LetterReason::Failed,
                 error: error.to_string(),
                 attempts: self.attempts,
                 first_failed_at: first,

@@ -2,7 +2,7 @@
 //! the embedded default, and what tests run against.
 
 use crate::envelope::{Checkpoint, EventId, StreamId};
-use crate::projection::failure::{DeadLetter, Failure};
+use crate::projection::failure::{DeadLetter, Failure, LetterReason};
 use crate::store::StoreError;
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -173,6 +173,7 @@ impl InMemoryDeadLetters {
             event_id,
             stream: stream.clone(),
             version,
+            reason: failure.reason,
             error: failure.error,
             attempts: failure.attempts,
             first_failed_at: failure.first_failed_at,
@@ -220,6 +221,7 @@ impl InMemoryDeadLetters {
 
     pub(super) fn fail_again(&self, id: i64, error: String) {
         if let Some((_, letter)) = lock(&self.inner).parked.get_mut(&id) {
+            letter.reason = LetterReason::Failed;
             letter.error = error;
             letter.attempts += 1;
             letter.last_failed_at = Utc::now();

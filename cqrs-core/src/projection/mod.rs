@@ -21,7 +21,8 @@ mod runner;
 
 pub use engine::{Delivered, DeliveryBackend, DeliveryError, Engine, unknown_event_type};
 pub use failure::{
-    DeadLetter, Failure, FailureMode, FailurePolicy, Redrive, Retries, WAITS_BEHIND,
+    DeadLetter, Failure, FailureMode, FailurePolicy, LetterReason, Redrive, Retries,
+    UnknownLetterReason, WAITS_BEHIND,
 };
 pub use fixture::{CaughtUp, FixtureError, ProjectionFixture, assert_no_dead_letters};
 pub use freshness::{NotCaughtUp, Progress, wait_until_caught_up};

@@ -60,6 +60,7 @@ pub(super) async fn park(
         .bind(i32::try_from(parked.failure.attempts).unwrap_or(i32::MAX))
         .bind(parked.failure.first_failed_at)
         .bind(chrono::Utc::now())
+        .bind(parked.failure.reason.as_str())
         .execute(conn)
         .await
         .map_err(backend)?;
@@ -147,7 +148,11 @@ pub(crate) fn dead_letter(row: &sqlx::postgres::PgRow) -> Result<DeadLetter, Wor
     let aggregate_type: String = row.try_get("aggregate_type").map_err(backend)?;
     let aggregate_id: String = row.try_get("aggregate_id").map_err(backend)?;
     let attempts: i32 = row.try_get("attempts").map_err(backend)?;
+    let reason: String = row.try_get("reason").map_err(backend)?;
     Ok(DeadLetter {
+        reason: reason
+            .parse()
+            .map_err(|e| DeliveryError::Store(StoreError::backend(e)))?,
         id: row.try_get("id").map_err(backend)?,
         event_id: evently_core::EventId(row.try_get("event_id").map_err(backend)?),
         stream: StreamId::new(aggregate_type, aggregate_id),

@@ -1,6 +1,7 @@
 //! The consumer: poison messages, messages that are not ours, a consumer cut mid-handler, dead
 //! letters retried after a fix, and the trace of each event.
 
+use evently_core::projection::LetterReason;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -86,6 +87,11 @@ pub async fn poison_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
         "the consumer's database records both: {letters:?}"
     );
     assert!(letters[0].error.contains("poison"), "{letters:?}");
+    assert_eq!(
+        (letters[0].reason, letters[1].reason),
+        (LetterReason::Failed, LetterReason::WaitsBehind),
+        "{letters:?}"
+    );
     assert_eq!(letters[1].error, evently_core::projection::WAITS_BEHIND);
 }
 /// A consumer is cut while its handler's transaction is open (its row written, not committed,

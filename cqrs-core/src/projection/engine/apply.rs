@@ -2,7 +2,7 @@
 //! failing, in one unit of work with the checkpoint move.
 
 use crate::envelope::{Checkpoint, Payload, RawStoredEvent, StoredEvent};
-use crate::projection::failure::{Failure, FailureMode, WAITS_BEHIND};
+use crate::projection::failure::{Failure, FailureMode, LetterReason, WAITS_BEHIND};
 use crate::projection::runner::{Batch, event_span};
 use crate::projection::{Lag, Projection, ProjectionError};
 use chrono::Utc;
@@ -183,6 +183,7 @@ where
         for event in page.iter().filter(|e| P::subscribes_to(e)) {
             if blocked.contains(&event.stream) {
                 let waits = Failure {
+                    reason: LetterReason::WaitsBehind,
                     error: WAITS_BEHIND.to_owned(),
                     attempts: 0,
                     first_failed_at: Utc::now(),

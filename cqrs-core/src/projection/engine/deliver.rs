@@ -3,7 +3,7 @@
 
 use crate::envelope::{Checkpoint, StoredEvent};
 use crate::projection::Projection;
-use crate::projection::failure::{Failure, FailureMode, WAITS_BEHIND};
+use crate::projection::failure::{Failure, FailureMode, LetterReason, WAITS_BEHIND};
 use crate::projection::runner::{Batch, event_span};
 use crate::store::CorruptEvent;
 use chrono::Utc;
@@ -135,6 +135,7 @@ where
             .is_some_and(|head| head.event_id != event.event_id && event.version >= head.version);
         if behind && self.policy.mode == FailureMode::BlockStream {
             let waits = Failure {
+                reason: LetterReason::WaitsBehind,
                 error: WAITS_BEHIND.to_owned(),
                 attempts: 0,
                 first_failed_at: Utc::now(),
@@ -147,6 +148,7 @@ where
         }
         let attempt = if let Some(reason) = unknown {
             Attempt::Failed(Failure {
+                reason: LetterReason::Failed,
                 error: reason,
                 attempts: 0,
                 first_failed_at: Utc::now(),
@@ -209,6 +211,7 @@ where
             if subscribed {
                 tracing::warn!(projection = P::NAME, stream = %corrupt.stream, version = corrupt.version, checkpoint = %corrupt.checkpoint, error = %corrupt, "parking an unreadable stored event as a dead letter");
                 let failure = Failure {
+                    reason: LetterReason::Failed,
                     error: corrupt.to_string(),
                     attempts: 1,
                     first_failed_at: Utc::now(),

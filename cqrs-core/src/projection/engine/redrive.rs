@@ -3,7 +3,7 @@
 
 use crate::envelope::StreamId;
 use crate::projection::Projection;
-use crate::projection::failure::{Failure, Redrive};
+use crate::projection::failure::{Failure, LetterReason, Redrive};
 
 use super::*;
 
@@ -48,6 +48,7 @@ where
                         Attempt::Failed(failure) => Some(failure),
                     },
                     Err(error) => Some(Failure {
+                        reason: LetterReason::Failed,
                         error,
                         attempts: 1,
                         first_failed_at: letter.first_failed_at,

@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::ast::{AggregateStruct, EventEnum, ProjectionStruct, SagaEnum, Shape};
+use crate::ast::{
+    AggregateStruct, CommandEnum, CommandVariant, EventEnum, ProjectionStruct, SagaEnum, Shape,
+};
 use crate::attr::Spanned;
 use crate::ctxt::Ctxt;
 
@@ -340,6 +342,46 @@ fn snapshot_values_are_positive(cx: &mut Ctxt, input: &AggregateStruct<'_>) {
             snapshot.version.span,
             "snapshot schema versions start at 1: write version = 1 or higher",
         );
+    }
+}
+
+pub(crate) fn command(cx: &mut Ctxt, input: &CommandEnum<'_>) {
+    shared_handlers_take_the_same_fields(cx, input);
+}
+
+/// Two variants may dispatch to one handler method only with the same fields (names and types,
+/// in order): the handler takes the fields as its arguments, so any other pair cannot compile, and
+/// rustc would report it on generated code.
+fn shared_handlers_take_the_same_fields(cx: &mut Ctxt, input: &CommandEnum<'_>) {
+    let mut first: BTreeMap<String, &CommandVariant<'_>> = BTreeMap::new();
+    for variant in &input.variants {
+        let handler = variant.handler.to_string();
+        let Some(earlier) = first.get(&handler) else {
+            first.insert(handler, variant);
+            continue;
+        };
+        if fields_of(&earlier.shape) != fields_of(&variant.shape) {
+            cx.error_spanned_by(
+                &variant.handler,
+                format_args!(
+                    "`{}` and `{}` both dispatch to handler `{handler}` but carry different fields: a handler takes one set of fields as its arguments; give `{}` its own handler with #[command(handler = ...)]",
+                    earlier.ident, variant.ident, variant.ident
+                ),
+            );
+        }
+    }
+}
+
+/// A variant's fields as the handler receives them: names (none for a newtype) and types, in order.
+fn fields_of(shape: &Shape<'_>) -> Vec<(Option<String>, String)> {
+    let ty = |ty: &syn::Type| quote::ToTokens::to_token_stream(ty).to_string();
+    match shape {
+        Shape::Unit => Vec::new(),
+        Shape::Newtype(t) => vec![(None, ty(t))],
+        Shape::Struct(fields) => fields
+            .iter()
+            .map(|f| (f.ident.as_ref().map(ToString::to_string), ty(&f.ty)))
+            .collect(),
     }
 }
 

@@ -9,7 +9,7 @@ mod projection;
 mod saga;
 
 pub(crate) use aggregate::AggregateStruct;
-pub(crate) use command::{CommandEnum, Expectation};
+pub(crate) use command::{CommandEnum, CommandVariant, Expectation};
 pub(crate) use event::{EventEnum, EventVariant};
 pub(crate) use projection::ProjectionStruct;
 pub(crate) use saga::SagaEnum;

@@ -7,10 +7,12 @@ use syn::ext::IdentExt;
 
 use crate::ast::{CommandEnum, Expectation};
 use crate::ctxt::Ctxt;
+use crate::valid;
 
 pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
     let mut cx = Ctxt::default();
     let model = CommandEnum::from_ast(&mut cx, input);
+    valid::command(&mut cx, &model);
     let result = cx.check().and_then(|()| generate(&model));
     super::finish(input, result, || stub(&model))
 }

@@ -1,0 +1,37 @@
+use evently_core::prelude::*;
+
+#[derive(Debug, DomainEvent)]
+#[event(aggregate = Counter)]
+enum CounterEvent {
+    Added { by: u32 },
+}
+
+// Two variants may share a handler only with the same fields: `Bump` carries none.
+#[derive(Debug, Clone, Command)]
+#[command(aggregate = Counter)]
+enum CounterCommand {
+    Increment { by: u32 },
+    #[command(handler = increment)]
+    Bump,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("refused")]
+struct Refused;
+
+#[derive(Debug, Default, Aggregate)]
+#[aggregate(name = "counter", command = CounterCommand, event = CounterEvent, error = Refused)]
+struct Counter {
+    total: u64,
+}
+
+impl Counter {
+    fn increment(&self, by: u32) -> Result<Vec<CounterEvent>, Refused> {
+        Ok(vec![CounterEvent::Added { by }])
+    }
+    fn apply_added(&mut self, by: &u32) {
+        self.total += u64::from(*by);
+    }
+}
+
+fn main() {}

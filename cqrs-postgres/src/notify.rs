@@ -1,12 +1,11 @@
 //! Commit notifications, sent after the commit and coalesced.
 //!
-//! A `NOTIFY` inside the appending transaction (the first design: a statement trigger) makes
-//! PostgreSQL take a global lock on its notification queue at every commit, which serializes the
-//! commits of all concurrent writers: with 8 writers it halved the command rate (the benchmark's
-//! W2: 4,900 against 9,500 commands/s without it). So the store notifies after a successful append
-//! instead, from one task per store that sends at most one `NOTIFY` per [`COALESCE`] window and
-//! always one after the last commit of a burst. Listeners are woken at most [`COALESCE`] late;
-//! a missed notification still costs them at most one poll interval, as before.
+//! A `NOTIFY` inside the appending transaction makes PostgreSQL take a global lock on its
+//! notification queue at every commit, which serializes the commits of all concurrent writers
+//! (the cost: docs/benchmarks.md). So the store notifies after a successful append instead, from
+//! one task per store that sends at most one `NOTIFY` per [`COALESCE`] window and always one after
+//! the last commit of a burst. Listeners are woken at most [`COALESCE`] late; a missed
+//! notification costs them at most one poll interval.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -130,16 +130,15 @@ impl PostgresEventStore {
     /// Runs `query`, which walks up to `rows` events of the global order after `after`, handing
     /// each row read by `read` to `each`. On a store moved to another server it refuses (see
     /// [`PostgresEventStore::rebase`]); when nothing is read, it checks that `after` is not past
-    /// every transaction of the server (a position from before a move). Above [`SORT_SAFE_PAGE`] rows it runs with sorts disabled, so the
-    /// planner walks the global-order index whatever its statistics say: on an events table not
-    /// analyzed yet (after a bulk load, before autovacuum's first ANALYZE) it guesses that a
-    /// ninth of the rows match and, for a few thousand rows, reads and sorts the whole table for
-    /// every page (measured: 30-95 ms per page of 5,000 at 100,000 events instead of 2 ms). JIT
-    /// compilation is off for it too: disabling sorts adds a huge cost to any plan that still
-    /// needs one (the projection window's final ORDER BY over its scanned rows), which crossed
-    /// `jit_above_cost` and had each window of 2,000 compiled (200-340 ms instead of 2.4 ms).
-    /// The transaction holds nothing but this one statement, so it reads the same snapshot as
-    /// the statement alone would.
+    /// every transaction of the server (a position from before a move).
+    ///
+    /// Above [`SORT_SAFE_PAGE`] rows it runs with sorts disabled, so the planner walks the
+    /// global-order index whatever its statistics say: on an events table not analyzed yet (after
+    /// a bulk load, before autovacuum's first ANALYZE) it would read and sort the whole table for
+    /// every page. JIT compilation is off too: disabling sorts inflates the cost of any plan that
+    /// still sorts (the projection window's final ORDER BY), past `jit_above_cost`. Figures in
+    /// docs/benchmarks.md ("Why the store reads as it does"). The transaction holds nothing but
+    /// this one statement, so it reads the same snapshot as the statement alone would.
     pub(crate) async fn in_global_order<'q, E>(
         &self,
         query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
@@ -246,8 +245,7 @@ pub(crate) fn read_span(after: Checkpoint, limit: usize) -> tracing::Span {
     )
 }
 /// The largest page read without disabling sorts (see `in_global_order`): below it the planner
-/// prefers the ordered index scan even without statistics, at 100,000 events (measured: it
-/// switches to scanning and sorting the table between 2,000 and 5,000).
+/// prefers the ordered index scan even without statistics (where it switches: docs/benchmarks.md).
 pub(crate) const SORT_SAFE_PAGE: usize = 1_000;
 
 impl PostgresEventStore {

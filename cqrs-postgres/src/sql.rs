@@ -3,15 +3,15 @@
 
 use evently_core::StoreError;
 
-/// The columns every read of events selects, first and in this order (`rows::stored_event` reads
-/// them by index). The transaction id goes out as text under another name:
-/// an output column named `transaction_id` would be what `ORDER BY transaction_id` sorts by, as
-/// text, where "100023" < "99984" (the soak test caught exactly that).
 /// Opens the transaction of a large ordered read (see `in_global_order`): sorts and JIT
 /// compilation off for that transaction only, in the `BEGIN`'s round trip.
 pub(crate) const BEGIN_ORDERED_READ: &str =
     "BEGIN; SET LOCAL enable_sort = off; SET LOCAL jit = off";
 
+/// The columns every read of events selects, first and in this order (`rows::stored_event` reads
+/// them by index). The transaction id goes out as text under another name: an output column
+/// named `transaction_id` would be what `ORDER BY transaction_id` sorts by, as text, where
+/// "100023" < "99984".
 const EVENT_COLUMNS: &str = "global_position, transaction_id::text AS transaction_text, event_id, \
      aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata, recorded_at";
 

@@ -13,6 +13,7 @@ pub mod conformance;
 pub mod envelope;
 pub mod event;
 pub mod gateway;
+mod panic;
 pub mod projection;
 #[cfg(feature = "conformance")]
 pub mod projection_conformance;
@@ -32,6 +33,7 @@ pub use envelope::{
 };
 pub use event::{ApplyTo, DecodeError, DomainEvent, EncodedEvent, UpcastError};
 pub use gateway::{CommandError, CommandGateway, Executed};
+pub use panic::panic_message;
 pub use query::{Query, QueryBus, QueryError, QueryHandler};
 pub use store::{
     EventStore, EventStoreExt, ExpectedVersion, InMemoryEventStore, KeyRecord, MoveEvidence,
@@ -54,17 +56,6 @@ pub use evently_macros::Projection;
 /// `#[derive(Saga)]`: implements [`Saga`](trait@saga::Saga) for an enum of steps; see [`saga`].
 #[cfg(feature = "derive")]
 pub use evently_macros::Saga;
-
-/// The text of a panic's payload (what a runtime that turns a handler's panic into its failure
-/// records as the error).
-#[must_use]
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a non-text panic".to_owned())
-}
 
 /// The names almost every user of the framework needs.
 pub mod prelude {

@@ -8,7 +8,7 @@ use evently_core::{EventId, StoredEvent};
 use evently_transport::{HandleError, Handled, MessageHandler};
 use redis::aio::ConnectionManager;
 
-use crate::{RELEASE, millis};
+use crate::idempotency::{RELEASE, millis};
 
 /// Sets the mark `KEYS[1]` for `ARGV[1]` ms, then deletes the claim `KEYS[2]` if it still holds
 /// the caller's token `ARGV[2]`.

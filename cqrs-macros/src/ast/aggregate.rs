@@ -4,18 +4,26 @@ use proc_macro2::Span;
 use syn::spanned::Spanned;
 use syn::{Data, DeriveInput, Ident};
 
-use super::to_u32;
+use super::{Parsed, to_u32};
 use crate::attr::{self, Slot};
 use crate::ctxt::Ctxt;
 
 /// `#[derive(Aggregate)]` input.
 pub(crate) struct AggregateStruct<'a> {
     pub(crate) ident: &'a Ident,
-    pub(crate) name: Option<attr::Spanned<String>>,
+    pub(crate) name: attr::Spanned<String>,
+    pub(crate) command: syn::Type,
+    pub(crate) event: syn::Type,
+    pub(crate) error: syn::Type,
+    pub(crate) snapshot: Option<Snapshot>,
+}
+
+/// What was written of the three types when a required key is missing: a stub is made of them
+/// when all three are there (see `expand::aggregate`).
+pub(crate) struct AggregateTypes {
     pub(crate) command: Option<syn::Type>,
     pub(crate) event: Option<syn::Type>,
     pub(crate) error: Option<syn::Type>,
-    pub(crate) snapshot: Option<Snapshot>,
 }
 
 /// `snapshot(every = N, version = V)`.
@@ -27,7 +35,8 @@ pub(crate) struct Snapshot {
 }
 
 impl<'a> AggregateStruct<'a> {
-    pub(crate) fn from_ast(cx: &mut Ctxt, input: &'a DeriveInput) -> Self {
+    /// The model, or, when a required key is missing (reported in `cx`), the types written.
+    pub(crate) fn from_ast(cx: &mut Ctxt, input: &'a DeriveInput) -> Parsed<Self, AggregateTypes> {
         if !input.generics.params.is_empty() {
             cx.error_spanned_by(
                 &input.generics,
@@ -81,17 +90,14 @@ impl<'a> AggregateStruct<'a> {
             }
             Ok(())
         });
-        let this = Self {
-            ident: &input.ident,
-            name: name.get().map(|s| attr::Spanned {
-                value: s.value.value(),
-                span: s.value.span(),
-            }),
-            command: command.get().map(|s| s.value),
-            event: event.get().map(|s| s.value),
-            error: error.get().map(|s| s.value),
-            snapshot: snapshot.get().map(|s| s.value),
-        };
+        let name = name.get().map(|s| attr::Spanned {
+            value: s.value.value(),
+            span: s.value.span(),
+        });
+        let command = command.get().map(|s| s.value);
+        let event = event.get().map(|s| s.value);
+        let error = error.get().map(|s| s.value);
+        let snapshot = snapshot.get().map(|s| s.value);
         let ident = &input.ident;
         if !seen {
             cx.error_spanned_by(
@@ -121,7 +127,21 @@ impl<'a> AggregateStruct<'a> {
                 );
             }
         }
-        this
+        match (name, command, event, error) {
+            (Some(name), Some(command), Some(event), Some(error)) => Parsed::Complete(Self {
+                ident,
+                name,
+                command,
+                event,
+                error,
+                snapshot,
+            }),
+            (_, command, event, error) => Parsed::Incomplete(AggregateTypes {
+                command,
+                event,
+                error,
+            }),
+        }
     }
 }
 

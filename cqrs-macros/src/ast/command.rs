@@ -10,7 +10,7 @@ use crate::ctxt::Ctxt;
 /// `#[derive(Command)]` input.
 pub(crate) struct CommandEnum<'a> {
     pub(crate) ident: &'a Ident,
-    pub(crate) aggregate: Option<syn::Type>,
+    pub(crate) aggregate: syn::Type,
     pub(crate) variants: Vec<CommandVariant<'a>>,
 }
 
@@ -31,7 +31,8 @@ pub(crate) struct CommandVariant<'a> {
 }
 
 impl<'a> CommandEnum<'a> {
-    pub(crate) fn from_ast(cx: &mut Ctxt, input: &'a DeriveInput) -> Self {
+    /// The model; `None` when the aggregate is missing (reported in `cx`, as is every bad variant).
+    pub(crate) fn from_ast(cx: &mut Ctxt, input: &'a DeriveInput) -> Option<Self> {
         let aggregate = enum_aggregate(cx, input, attr::COMMAND);
         if aggregate.is_none() {
             cx.error_spanned_by(
@@ -55,11 +56,11 @@ impl<'a> CommandEnum<'a> {
                 .collect()
         })
         .unwrap_or_default();
-        Self {
+        Some(Self {
             ident: &input.ident,
-            aggregate,
+            aggregate: aggregate?,
             variants,
-        }
+        })
     }
 }
 

@@ -8,11 +8,20 @@ mod event;
 mod projection;
 mod saga;
 
-pub(crate) use aggregate::AggregateStruct;
+pub(crate) use aggregate::{AggregateStruct, AggregateTypes};
 pub(crate) use command::{CommandEnum, CommandVariant, Expectation};
 pub(crate) use event::{EventEnum, EventVariant};
 pub(crate) use projection::ProjectionStruct;
-pub(crate) use saga::SagaEnum;
+pub(crate) use saga::{SagaEnum, SagaTypes};
+
+/// A derive's input as parsed: complete (every required key written) or incomplete, with what a
+/// stub can still be made of (the missing keys are reported while parsing).
+pub(crate) enum Parsed<M, S> {
+    /// Every required key is there.
+    Complete(M),
+    /// A required key is missing.
+    Incomplete(S),
+}
 
 use proc_macro2::Span;
 use syn::ext::IdentExt;

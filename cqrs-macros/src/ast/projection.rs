@@ -2,20 +2,26 @@
 
 use syn::{Data, DeriveInput, Ident};
 
+use super::Parsed;
 use crate::attr::{self, Slot};
 use crate::ctxt::Ctxt;
 
 /// `#[derive(Projection)]` input.
 pub(crate) struct ProjectionStruct<'a> {
     pub(crate) ident: &'a Ident,
-    pub(crate) name: Option<attr::Spanned<String>>,
+    pub(crate) name: attr::Spanned<String>,
     /// The event enums, as written.
     pub(crate) events: Vec<syn::Path>,
     pub(crate) context: Option<syn::Type>,
 }
 
 impl<'a> ProjectionStruct<'a> {
-    pub(crate) fn from_ast(cx: &mut Ctxt, input: &'a DeriveInput) -> Self {
+    /// The model, or, when a required key is missing (reported in `cx`), the context written (a
+    /// stub is made of it).
+    pub(crate) fn from_ast(
+        cx: &mut Ctxt,
+        input: &'a DeriveInput,
+    ) -> Parsed<Self, Option<syn::Type>> {
         if !input.generics.params.is_empty() {
             cx.error_spanned_by(
                 &input.generics,
@@ -103,11 +109,15 @@ impl<'a> ProjectionStruct<'a> {
                 );
             }
         }
-        Self {
-            ident,
-            name,
-            events: events.unwrap_or_default(),
-            context: context.get().map(|s| s.value),
+        let context = context.get().map(|s| s.value);
+        match (name, events) {
+            (Some(name), Some(events)) => Parsed::Complete(Self {
+                ident,
+                name,
+                events,
+                context,
+            }),
+            _ => Parsed::Incomplete(context),
         }
     }
 }

@@ -5,17 +5,24 @@ use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{Data, DeriveInput, Fields, Ident, Variant};
 
-use super::{enum_data, method_ident};
+use super::{Parsed, enum_data, method_ident};
 use crate::attr::{self, Slot};
 use crate::ctxt::Ctxt;
 
 /// `#[derive(Saga)]` input: the enum of steps.
 pub(crate) struct SagaEnum<'a> {
     pub(crate) ident: &'a Ident,
-    pub(crate) name: Option<attr::Spanned<String>>,
+    pub(crate) name: attr::Spanned<String>,
+    pub(crate) data: syn::Type,
+    pub(crate) context: syn::Type,
+    pub(crate) steps: Vec<SagaStep<'a>>,
+}
+
+/// What was written of the two types when a required key is missing: a stub is made of them when
+/// both are there (see `expand::saga`).
+pub(crate) struct SagaTypes {
     pub(crate) data: Option<syn::Type>,
     pub(crate) context: Option<syn::Type>,
-    pub(crate) steps: Vec<SagaStep<'a>>,
 }
 
 /// A step's retry policy as written (milliseconds).
@@ -37,7 +44,8 @@ pub(crate) struct SagaStep<'a> {
 }
 
 impl<'a> SagaEnum<'a> {
-    pub(crate) fn from_ast(cx: &mut Ctxt, input: &'a DeriveInput) -> Self {
+    /// The model, or, when a required key is missing (reported in `cx`), the types written.
+    pub(crate) fn from_ast(cx: &mut Ctxt, input: &'a DeriveInput) -> Parsed<Self, SagaTypes> {
         let mut name = Slot::new(attr::KEY_NAME);
         let mut data = Slot::new(attr::KEY_DATA);
         let mut context = Slot::new(attr::KEY_CONTEXT);
@@ -104,12 +112,15 @@ impl<'a> SagaEnum<'a> {
                     .collect()
             })
             .unwrap_or_default();
-        Self {
-            ident,
-            name,
-            data,
-            context,
-            steps,
+        match (name, data, context) {
+            (Some(name), Some(data), Some(context)) => Parsed::Complete(Self {
+                ident,
+                name,
+                data,
+                context,
+                steps,
+            }),
+            (_, data, context) => Parsed::Incomplete(SagaTypes { data, context }),
         }
     }
 }

@@ -5,29 +5,40 @@ use quote::{quote, quote_spanned};
 use syn::DeriveInput;
 use syn::spanned::Spanned;
 
-use crate::ast::AggregateStruct;
+use crate::ast::{AggregateStruct, AggregateTypes, Parsed};
 use crate::ctxt::Ctxt;
 use crate::valid;
 
 pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
     let mut cx = Ctxt::default();
-    let model = AggregateStruct::from_ast(&mut cx, input);
-    valid::aggregate(&mut cx, &model);
-    let result = cx.check().and_then(|()| generate(&model));
-    super::finish(input, result, || stub(&model))
+    match AggregateStruct::from_ast(&mut cx, input) {
+        Parsed::Complete(model) => {
+            valid::aggregate(&mut cx, &model);
+            let result = cx.check().map(|()| generate(&model));
+            super::finish(input, result, || {
+                stub(
+                    &AggregateTypes {
+                        command: Some(model.command.clone()),
+                        event: Some(model.event.clone()),
+                        error: Some(model.error.clone()),
+                    },
+                    model.ident,
+                )
+            })
+        }
+        // A required key is missing: `cx` holds its error.
+        Parsed::Incomplete(types) => {
+            super::finish(input, cx.check().map(|()| TokenStream::new()), || {
+                stub(&types, &input.ident)
+            })
+        }
+    }
 }
 
-fn generate(model: &AggregateStruct<'_>) -> syn::Result<TokenStream> {
+fn generate(model: &AggregateStruct<'_>) -> TokenStream {
     let ident = model.ident;
-    let (Some(name), Some(command), Some(event), Some(error)) =
-        (&model.name, &model.command, &model.event, &model.error)
-    else {
-        return Err(syn::Error::new_spanned(
-            ident,
-            "derive(Aggregate) needs name, command, event and error",
-        ));
-    };
-    let name = &name.value;
+    let (command, event, error) = (&model.command, &model.event, &model.error);
+    let name = &model.name.value;
     let snapshot = model.snapshot.as_ref().map(|s| {
         let (every, version) = (s.every.value, s.version.value);
         quote!(const SNAPSHOT: __evently::SnapshotPolicy = __evently::SnapshotPolicy::every(#every, #version);)
@@ -51,7 +62,7 @@ fn generate(model: &AggregateStruct<'_>) -> syn::Result<TokenStream> {
     let initial = quote_spanned!(ident.span()=> <Self as ::core::default::Default>::default());
     let apply =
         quote_spanned!(event.span()=> <#event as __evently::ApplyTo<Self>>::apply_to(event, self));
-    Ok(quote! {
+    quote! {
         #[automatically_derived]
         impl __evently::Aggregate for #ident {
             const NAME: &'static str = #name;
@@ -70,16 +81,15 @@ fn generate(model: &AggregateStruct<'_>) -> syn::Result<TokenStream> {
         }
 
         #snapshot_state
-    })
+    }
 }
 
 /// Emitted with the errors when the attribute named all three types: keeps every use of the
 /// aggregate (the command enum's derive, gateways) from failing too. Without them no stub is better
 /// than one with stand-in types, whose mismatches would name types the user never wrote; the uses
 /// then report "`X` is not an aggregate" with the same fix as the error above.
-fn stub(model: &AggregateStruct<'_>) -> TokenStream {
-    let ident = model.ident;
-    let (Some(command), Some(event), Some(error)) = (&model.command, &model.event, &model.error)
+fn stub(types: &AggregateTypes, ident: &syn::Ident) -> TokenStream {
+    let (Some(command), Some(event), Some(error)) = (&types.command, &types.event, &types.error)
     else {
         return TokenStream::new();
     };

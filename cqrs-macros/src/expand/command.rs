@@ -11,20 +11,22 @@ use crate::valid;
 
 pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
     let mut cx = Ctxt::default();
-    let model = CommandEnum::from_ast(&mut cx, input);
+    let Some(model) = CommandEnum::from_ast(&mut cx, input) else {
+        // No aggregate (its error is in `cx`): nothing to fill a stub with.
+        return super::finish(
+            input,
+            cx.check().map(|()| TokenStream::new()),
+            TokenStream::new,
+        );
+    };
     valid::command(&mut cx, &model);
-    let result = cx.check().and_then(|()| generate(&model));
+    let result = cx.check().map(|()| generate(&model));
     super::finish(input, result, || stub(&model))
 }
 
-fn generate(model: &CommandEnum<'_>) -> syn::Result<TokenStream> {
+fn generate(model: &CommandEnum<'_>) -> TokenStream {
     let ident = model.ident;
-    let Some(aggregate) = &model.aggregate else {
-        return Err(syn::Error::new_spanned(
-            ident,
-            "derive(Command) needs `#[command(aggregate = ...)]`",
-        ));
-    };
+    let aggregate = &model.aggregate;
     let name_arms = model.variants.iter().map(|v| {
         let variant = v.ident;
         let name = variant.unraw().to_string();
@@ -50,7 +52,7 @@ fn generate(model: &CommandEnum<'_>) -> syn::Result<TokenStream> {
             &super::Handler::Command,
         )
     });
-    Ok(quote! {
+    quote! {
         #[automatically_derived]
         impl __evently::Command for #ident {
             type Aggregate = #aggregate;
@@ -73,15 +75,13 @@ fn generate(model: &CommandEnum<'_>) -> syn::Result<TokenStream> {
                 match self { #(#handle_arms)* }
             }
         }
-    })
+    }
 }
 
 /// Emitted with the errors when the aggregate is known: keeps uses of the enum from failing too.
 fn stub(model: &CommandEnum<'_>) -> TokenStream {
     let ident = model.ident;
-    let Some(aggregate) = &model.aggregate else {
-        return TokenStream::new();
-    };
+    let aggregate = &model.aggregate;
     quote! {
         impl __evently::Command for #ident {
             type Aggregate = #aggregate;

@@ -5,32 +5,36 @@ use quote::{quote, quote_spanned};
 use syn::DeriveInput;
 use syn::spanned::Spanned;
 
-use crate::ast::ProjectionStruct;
+use crate::ast::{Parsed, ProjectionStruct};
 use crate::ctxt::Ctxt;
 use crate::valid;
 
 pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
     let mut cx = Ctxt::default();
-    let model = ProjectionStruct::from_ast(&mut cx, input);
-    valid::projection(&mut cx, &model);
-    let result = cx.check().map(|()| generate(&model));
-    super::finish(input, result, || stub(&model))
+    match ProjectionStruct::from_ast(&mut cx, input) {
+        Parsed::Complete(model) => {
+            valid::projection(&mut cx, &model);
+            let result = cx.check().map(|()| generate(&model));
+            super::finish(input, result, || stub(model.ident, model.context.as_ref()))
+        }
+        // A required key is missing: `cx` holds its error.
+        Parsed::Incomplete(context) => {
+            super::finish(input, cx.check().map(|()| TokenStream::new()), || {
+                stub(&input.ident, context.as_ref())
+            })
+        }
+    }
 }
 
-fn context(model: &ProjectionStruct<'_>) -> TokenStream {
-    model
-        .context
-        .as_ref()
-        .map_or_else(|| quote!(()), |t| quote!(#t))
+/// The handlers' context type: `()` unless `context = ...` names one.
+fn context(context: Option<&syn::Type>) -> TokenStream {
+    context.map_or_else(|| quote!(()), |t| quote!(#t))
 }
 
 fn generate(model: &ProjectionStruct<'_>) -> TokenStream {
     let ident = model.ident;
-    let name = model
-        .name
-        .as_ref()
-        .map_or_else(String::new, |n| n.value.clone());
-    let context = context(model);
+    let name = &model.name.value;
+    let context = context(model.context.as_ref());
     // Spanned at each enum named in the attribute: "not a domain event" and "has no handler for"
     // are reported on that token.
     let subscriptions = model
@@ -86,9 +90,8 @@ fn generate(model: &ProjectionStruct<'_>) -> TokenStream {
 }
 
 /// Emitted with the errors: keeps uses of the projection from failing too.
-fn stub(model: &ProjectionStruct<'_>) -> TokenStream {
-    let ident = model.ident;
-    let context = context(model);
+fn stub(ident: &syn::Ident, context: Option<&syn::Type>) -> TokenStream {
+    let context = self::context(context);
     quote! {
         impl __evently::projection::Projection for #ident {
             const NAME: &'static str = "";

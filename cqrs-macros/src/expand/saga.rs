@@ -4,26 +4,35 @@ use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
 use syn::DeriveInput;
 
-use crate::ast::SagaEnum;
+use crate::ast::{Parsed, SagaEnum, SagaTypes};
 use crate::ctxt::Ctxt;
 
 pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
     let mut cx = Ctxt::default();
-    let model = SagaEnum::from_ast(&mut cx, input);
-    crate::valid::saga(&mut cx, &model);
-    let result = cx.check().and_then(|()| generate(&model));
-    super::finish(input, result, || stub(&model))
+    match SagaEnum::from_ast(&mut cx, input) {
+        Parsed::Complete(model) => {
+            crate::valid::saga(&mut cx, &model);
+            let result = cx.check().map(|()| generate(&model));
+            super::finish(input, result, || {
+                stub(model.ident, &model.data, &model.context)
+            })
+        }
+        // A required key is missing: `cx` holds its error.
+        Parsed::Incomplete(SagaTypes { data, context }) => {
+            super::finish(input, cx.check().map(|()| TokenStream::new()), || {
+                match (data, context) {
+                    (Some(data), Some(context)) => stub(&input.ident, &data, &context),
+                    _ => TokenStream::new(),
+                }
+            })
+        }
+    }
 }
 
-fn generate(model: &SagaEnum<'_>) -> syn::Result<TokenStream> {
+fn generate(model: &SagaEnum<'_>) -> TokenStream {
     let ident = model.ident;
-    let (Some(name), Some(data), Some(context)) = (&model.name, &model.data, &model.context) else {
-        return Err(syn::Error::new_spanned(
-            ident,
-            "derive(Saga) needs `#[saga(name = \"...\", data = ..., context = ...)]`",
-        ));
-    };
-    let name = &name.value;
+    let (data, context) = (&model.data, &model.context);
+    let name = &model.name.value;
     let specs = model.steps.iter().map(|step| {
         let step_name = &step.name.value;
         let compensable = step.compensate.is_some();
@@ -100,7 +109,7 @@ fn generate(model: &SagaEnum<'_>) -> syn::Result<TokenStream> {
         compensate_arms,
         true,
     );
-    Ok(quote! {
+    quote! {
         #[automatically_derived]
         impl __evently::saga::Saga for #ident {
             const NAME: &'static str = #name;
@@ -111,7 +120,7 @@ fn generate(model: &SagaEnum<'_>) -> syn::Result<TokenStream> {
             #execute
             #compensate
         }
-    })
+    }
 }
 
 /// `fn execute` / `fn compensate`: a match from the step index to the step's call.
@@ -147,11 +156,7 @@ fn step_method(
 
 /// Emitted with the errors: keeps uses of the saga from failing too. Without a data or context
 /// type there is nothing to fill in, and no stub.
-fn stub(model: &SagaEnum<'_>) -> TokenStream {
-    let ident = model.ident;
-    let (Some(data), Some(context)) = (&model.data, &model.context) else {
-        return TokenStream::new();
-    };
+fn stub(ident: &syn::Ident, data: &syn::Type, context: &syn::Type) -> TokenStream {
     // No arms: every index is "no such step" (the stub never runs: the errors stop the build).
     let execute = step_method(
         &quote!(execute),

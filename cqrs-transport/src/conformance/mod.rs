@@ -331,12 +331,54 @@ async fn wait_applied(pool: &PgPool, schema: &str, consumer: &str, count: i64, w
         if now >= count {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{consumer}: {now} of {count} events applied after {within:?}"
-        );
+        if Instant::now() >= deadline {
+            let why = not_applied(pool, schema, consumer).await;
+            panic!("{consumer}: {now} of {count} events applied after {within:?}; {why}");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Where the events `consumer` did not apply got to, for a failed wait: each one (up to 10) with
+/// whether its inbox row or a dead letter exists, and every checkpoint of the schema (the relay's
+/// among them: an event at or before it was confirmed by the broker).
+async fn not_applied(pool: &PgPool, schema: &str, consumer: &str) -> String {
+    let missing: Vec<(String, i64, uuid::Uuid, String, bool, bool)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT e.aggregate_id, e.version, e.event_id, \
+                    e.transaction_id::text || ':' || e.global_position, \
+                    EXISTS (SELECT 1 FROM \"{schema}\".inbox i \
+                            WHERE i.consumer = $1 AND i.event_id = e.event_id), \
+                    EXISTS (SELECT 1 FROM \"{schema}\".projection_dead_letters d \
+                            WHERE d.projection = $1 AND d.event_id = e.event_id) \
+             FROM \"{schema}\".events e \
+             WHERE NOT EXISTS (SELECT 1 FROM \"{schema}\".applied a \
+                               WHERE a.consumer = $1 AND a.event_id = e.event_id) \
+             ORDER BY e.transaction_id, e.global_position LIMIT 10"
+        )))
+        .bind(consumer)
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
+    let checkpoints: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT projection, transaction_id::text || ':' || global_position \
+         FROM \"{schema}\".projection_checkpoints ORDER BY projection"
+    )))
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    let missing: Vec<String> = missing
+        .iter()
+        .map(|(id, version, event, at, claimed, parked)| {
+            format!(
+                "{id} v{version} (event {event} at {at}; inbox row: {claimed}, dead letter: {parked})"
+            )
+        })
+        .collect();
+    format!(
+        "not applied: [{}]; checkpoints: {checkpoints:?}",
+        missing.join(", ")
+    )
 }
 /// Publishes everything in `store` through a fresh relay until its lag is 0.
 async fn drain<S: Sink>(relay: &mut Relay<S>) {

@@ -2,6 +2,7 @@
 //! claimed through a lease with `FOR UPDATE SKIP LOCKED`, so two orchestrators never run one
 //! instance at once and never both save the same move.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use evently_core::saga::{Quarantined, SagaError, SagaId, SagaState, SagaStatus, SagaStore};
@@ -13,17 +14,18 @@ use crate::PostgresEventStore;
 #[derive(Debug, Clone)]
 pub struct PostgresSagaStore {
     store: PostgresEventStore,
+    sql: Arc<SagaSql>,
 }
 
 impl PostgresSagaStore {
     /// The saga store of `store`'s schema.
     #[must_use]
     pub fn new(store: PostgresEventStore) -> Self {
-        Self { store }
-    }
-
-    fn table(&self) -> String {
-        format!("{}.saga_instances", self.store.sql.quoted_schema)
+        let table = format!("{}.saga_instances", store.sql.quoted_schema);
+        Self {
+            sql: Arc::new(SagaSql::new(&table)),
+            store,
+        }
     }
 }
 
@@ -61,6 +63,97 @@ fn state_of(row: &sqlx::postgres::PgRow) -> Result<SagaState, SagaError> {
     Ok(state)
 }
 
+/// The statements of the saga store, with the table's name put in once.
+#[derive(Debug)]
+struct SagaSql {
+    create: String,
+    save: String,
+    save_holder: String,
+    renew: String,
+    load: String,
+    claim: String,
+    release: String,
+    quarantine: String,
+    retry: String,
+    abandon: String,
+    quarantined: String,
+    list: String,
+    exists: String,
+}
+
+impl SagaSql {
+    fn new(table: &str) -> Self {
+        Self {
+            create: format!(
+                "INSERT INTO {table} (id, saga, status, state, version, retry_at, lease_owner, lease_until, lease_epoch, \
+                             started_by, started_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, clock_timestamp() + make_interval(secs => $8), 1, $9, $10, $11) \
+             ON CONFLICT DO NOTHING"
+            ),
+            save: format!(
+                "UPDATE {table} SET status = $2, state = $3, version = $4, retry_at = $5, updated_at = $6 \
+             WHERE id = $1 AND version = $4 - 1 AND status <> 'unreadable' \
+               AND ($7::text IS NULL OR (lease_owner = $7 AND lease_epoch = $8 AND lease_until >= clock_timestamp()))"
+            ),
+            save_holder: format!(
+                "SELECT version, lease_owner, lease_epoch, COALESCE(lease_until >= clock_timestamp(), false) \
+             FROM {table} WHERE id = $1"
+            ),
+            renew: format!(
+                "UPDATE {table} SET lease_until = clock_timestamp() + make_interval(secs => $4) \
+             WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3 AND lease_until >= clock_timestamp()"
+            ),
+            load: format!("SELECT {COLUMNS} FROM {table} WHERE id = $1"),
+            claim: format!(
+                "UPDATE {table} SET lease_owner = $2, lease_until = clock_timestamp() + make_interval(secs => $3), \
+                                lease_epoch = lease_epoch + 1 \
+             WHERE id IN ( \
+               SELECT id FROM {table} \
+               WHERE saga = $1 \
+                 AND (status IN ('running', 'compensating') \
+                      OR (status = 'failed' AND (retry_at IS NULL OR retry_at <= now()))) \
+                 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until <= clock_timestamp()) \
+               ORDER BY started_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
+             RETURNING {COLUMNS}, started_at"
+            ),
+            release: format!(
+                "UPDATE {table} SET lease_owner = NULL, lease_until = NULL WHERE id = $1 AND lease_owner = $2"
+            ),
+            quarantine: format!(
+                "UPDATE {table} SET status = 'unreadable', quarantine_error = $2, quarantined_at = now(), \
+                           lease_owner = NULL, lease_until = NULL \
+             WHERE id = $1"
+            ),
+            retry: format!(
+                "UPDATE {table} SET \
+               status = CASE WHEN status <> 'unreadable' THEN status \
+                             WHEN state->>'status' IN ('running', 'compensating', 'failed') THEN state->>'status' \
+                             ELSE 'running' END, \
+               retry_at = NULL, quarantine_error = NULL, quarantined_at = NULL \
+             WHERE id = $1 AND status IN ('unreadable', 'failed') \
+             RETURNING true"
+            ),
+            abandon: format!(
+                "UPDATE {table} SET status = 'abandoned', lease_owner = NULL, lease_until = NULL, \
+                           version = version + 1, updated_at = now() \
+             WHERE id = $1 AND status NOT IN ('completed', 'compensated', 'abandoned') \
+             RETURNING true"
+            ),
+            quarantined: format!(
+                "SELECT id, saga, quarantine_error, quarantined_at FROM {table} \
+                 WHERE status = 'unreadable' AND ($1::text IS NULL OR saga = $1) \
+                 ORDER BY quarantined_at, id"
+            ),
+            list: format!(
+                "SELECT {COLUMNS} FROM {table} \
+             WHERE ($1::text IS NULL OR saga = $1) AND ($2::text IS NULL OR status = $2) \
+             ORDER BY started_at, id"
+            ),
+            exists: format!("SELECT 1 FROM {table} WHERE id = $1"),
+        }
+    }
+}
+
 /// The columns every read of an instance selects.
 const COLUMNS: &str = "id, saga, status, state, lease_epoch, quarantine_error";
 
@@ -74,59 +167,46 @@ impl SagaStore for PostgresSagaStore {
     ) -> Result<bool, SagaError> {
         // No conflict target: a row with this id, or of this saga started by the same event,
         // makes it a no-op.
-        let done = sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {} (id, saga, status, state, version, retry_at, lease_owner, lease_until, lease_epoch, \
-                             started_by, started_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, clock_timestamp() + make_interval(secs => $8), 1, $9, $10, $11) \
-             ON CONFLICT DO NOTHING",
-            self.table()
-        )))
-        .bind(state.id.0)
-        .bind(&state.saga)
-        .bind(state.status.as_str())
-        .bind(sqlx::types::Json(state))
-        .bind(to_i64(state.version)?)
-        .bind(state.retry_at)
-        .bind(owner)
-        .bind(lease_seconds(lease))
-        .bind(state.started_by)
-        .bind(state.started_at)
-        .bind(state.updated_at)
-        .execute(self.store.pool())
-        .await
-        .map_err(backend)?;
+        let done = sqlx::query(AssertSqlSafe(self.sql.create.clone()))
+            .bind(state.id.0)
+            .bind(&state.saga)
+            .bind(state.status.as_str())
+            .bind(sqlx::types::Json(state))
+            .bind(to_i64(state.version)?)
+            .bind(state.retry_at)
+            .bind(owner)
+            .bind(lease_seconds(lease))
+            .bind(state.started_by)
+            .bind(state.started_at)
+            .bind(state.updated_at)
+            .execute(self.store.pool())
+            .await
+            .map_err(backend)?;
         Ok(done.rows_affected() == 1)
     }
 
     async fn save(&self, state: &SagaState, fence: Option<&str>) -> Result<(), SagaError> {
-        let table = self.table();
-        let done = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {table} SET status = $2, state = $3, version = $4, retry_at = $5, updated_at = $6 \
-             WHERE id = $1 AND version = $4 - 1 AND status <> 'unreadable' \
-               AND ($7::text IS NULL OR (lease_owner = $7 AND lease_epoch = $8 AND lease_until >= clock_timestamp()))"
-        )))
-        .bind(state.id.0)
-        .bind(state.status.as_str())
-        .bind(sqlx::types::Json(state))
-        .bind(to_i64(state.version)?)
-        .bind(state.retry_at)
-        .bind(state.updated_at)
-        .bind(fence)
-        .bind(to_i64(state.lease_epoch)?)
-        .execute(self.store.pool())
-        .await
-        .map_err(backend)?;
+        let done = sqlx::query(AssertSqlSafe(self.sql.save.clone()))
+            .bind(state.id.0)
+            .bind(state.status.as_str())
+            .bind(sqlx::types::Json(state))
+            .bind(to_i64(state.version)?)
+            .bind(state.retry_at)
+            .bind(state.updated_at)
+            .bind(fence)
+            .bind(to_i64(state.lease_epoch)?)
+            .execute(self.store.pool())
+            .await
+            .map_err(backend)?;
         if done.rows_affected() == 1 {
             return Ok(());
         }
-        let row: Option<(i64, Option<String>, i64, bool)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT version, lease_owner, lease_epoch, COALESCE(lease_until >= clock_timestamp(), false) \
-             FROM {table} WHERE id = $1"
-        )))
-        .bind(state.id.0)
-        .fetch_optional(self.store.pool())
-        .await
-        .map_err(backend)?;
+        let row: Option<(i64, Option<String>, i64, bool)> =
+            sqlx::query_as(AssertSqlSafe(self.sql.save_holder.clone()))
+                .bind(state.id.0)
+                .fetch_optional(self.store.pool())
+                .await
+                .map_err(backend)?;
         let Some((_, holder, epoch, live)) = row else {
             return Err(SagaError::NotFound(state.id));
         };
@@ -155,30 +235,23 @@ impl SagaStore for PostgresSagaStore {
         epoch: u64,
         lease: Duration,
     ) -> Result<bool, SagaError> {
-        let done = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {} SET lease_until = clock_timestamp() + make_interval(secs => $4) \
-             WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3 AND lease_until >= clock_timestamp()",
-            self.table()
-        )))
-        .bind(id.0)
-        .bind(owner)
-        .bind(to_i64(epoch)?)
-        .bind(lease_seconds(lease))
-        .execute(self.store.pool())
-        .await
-        .map_err(backend)?;
+        let done = sqlx::query(AssertSqlSafe(self.sql.renew.clone()))
+            .bind(id.0)
+            .bind(owner)
+            .bind(to_i64(epoch)?)
+            .bind(lease_seconds(lease))
+            .execute(self.store.pool())
+            .await
+            .map_err(backend)?;
         Ok(done.rows_affected() == 1)
     }
 
     async fn load(&self, id: SagaId) -> Result<Option<SagaState>, SagaError> {
-        let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM {} WHERE id = $1",
-            self.table()
-        )))
-        .bind(id.0)
-        .fetch_optional(self.store.pool())
-        .await
-        .map_err(backend)?;
+        let row = sqlx::query(AssertSqlSafe(self.sql.load.clone()))
+            .bind(id.0)
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(backend)?;
         row.as_ref().map(state_of).transpose()
     }
 
@@ -189,26 +262,14 @@ impl SagaStore for PostgresSagaStore {
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<SagaState>, SagaError> {
-        let table = self.table();
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {table} SET lease_owner = $2, lease_until = clock_timestamp() + make_interval(secs => $3), \
-                                lease_epoch = lease_epoch + 1 \
-             WHERE id IN ( \
-               SELECT id FROM {table} \
-               WHERE saga = $1 \
-                 AND (status IN ('running', 'compensating') \
-                      OR (status = 'failed' AND (retry_at IS NULL OR retry_at <= now()))) \
-                 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until <= clock_timestamp()) \
-               ORDER BY started_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
-             RETURNING {COLUMNS}, started_at"
-        )))
-        .bind(saga)
-        .bind(owner)
-        .bind(lease_seconds(lease))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(self.store.pool())
-        .await
-        .map_err(backend)?;
+        let rows = sqlx::query(AssertSqlSafe(self.sql.claim.clone()))
+            .bind(saga)
+            .bind(owner)
+            .bind(lease_seconds(lease))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(backend)?;
         let mut claimed = Vec::with_capacity(rows.len());
         for row in &rows {
             match state_of(row) {
@@ -226,30 +287,22 @@ impl SagaStore for PostgresSagaStore {
     }
 
     async fn release(&self, id: SagaId, owner: &str) -> Result<(), SagaError> {
-        sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {} SET lease_owner = NULL, lease_until = NULL WHERE id = $1 AND lease_owner = $2",
-            self.table()
-        )))
-        .bind(id.0)
-        .bind(owner)
-        .execute(self.store.pool())
-        .await
-        .map_err(backend)?;
+        sqlx::query(AssertSqlSafe(self.sql.release.clone()))
+            .bind(id.0)
+            .bind(owner)
+            .execute(self.store.pool())
+            .await
+            .map_err(backend)?;
         Ok(())
     }
 
     async fn quarantine(&self, id: SagaId, error: &str) -> Result<(), SagaError> {
-        let done = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {} SET status = 'unreadable', quarantine_error = $2, quarantined_at = now(), \
-                           lease_owner = NULL, lease_until = NULL \
-             WHERE id = $1",
-            self.table()
-        )))
-        .bind(id.0)
-        .bind(error)
-        .execute(self.store.pool())
-        .await
-        .map_err(backend)?;
+        let done = sqlx::query(AssertSqlSafe(self.sql.quarantine.clone()))
+            .bind(id.0)
+            .bind(error)
+            .execute(self.store.pool())
+            .await
+            .map_err(backend)?;
         if done.rows_affected() == 1 {
             Ok(())
         } else {
@@ -260,31 +313,11 @@ impl SagaStore for PostgresSagaStore {
     async fn retry(&self, id: SagaId) -> Result<bool, SagaError> {
         // An unreadable instance goes back to the status its state holds (running when even that
         // does not read: the next claim sets it aside again, with the reason, if it still fails).
-        self.update_one(id, format!(
-            "UPDATE {} SET \
-               status = CASE WHEN status <> 'unreadable' THEN status \
-                             WHEN state->>'status' IN ('running', 'compensating', 'failed') THEN state->>'status' \
-                             ELSE 'running' END, \
-               retry_at = NULL, quarantine_error = NULL, quarantined_at = NULL \
-             WHERE id = $1 AND status IN ('unreadable', 'failed') \
-             RETURNING true",
-            self.table()
-        ))
-        .await
+        self.update_one(id, &self.sql.retry).await
     }
 
     async fn abandon(&self, id: SagaId) -> Result<bool, SagaError> {
-        self.update_one(
-            id,
-            format!(
-                "UPDATE {} SET status = 'abandoned', lease_owner = NULL, lease_until = NULL, \
-                           version = version + 1, updated_at = now() \
-             WHERE id = $1 AND status NOT IN ('completed', 'compensated', 'abandoned') \
-             RETURNING true",
-                self.table()
-            ),
-        )
-        .await
+        self.update_one(id, &self.sql.abandon).await
     }
 
     async fn quarantined(&self, saga: Option<&str>) -> Result<Vec<Quarantined>, SagaError> {
@@ -293,16 +326,11 @@ impl SagaStore for PostgresSagaStore {
             String,
             Option<String>,
             Option<chrono::DateTime<chrono::Utc>>,
-        )> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT id, saga, quarantine_error, quarantined_at FROM {} \
-                 WHERE status = 'unreadable' AND ($1::text IS NULL OR saga = $1) \
-                 ORDER BY quarantined_at, id",
-            self.table()
-        )))
-        .bind(saga)
-        .fetch_all(self.store.pool())
-        .await
-        .map_err(backend)?;
+        )> = sqlx::query_as(AssertSqlSafe(self.sql.quarantined.clone()))
+            .bind(saga)
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(backend)?;
         Ok(rows
             .into_iter()
             .map(|(id, saga, error, at)| Quarantined {
@@ -319,17 +347,12 @@ impl SagaStore for PostgresSagaStore {
         saga: Option<&str>,
         status: Option<SagaStatus>,
     ) -> Result<Vec<SagaState>, SagaError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM {} \
-             WHERE ($1::text IS NULL OR saga = $1) AND ($2::text IS NULL OR status = $2) \
-             ORDER BY started_at, id",
-            self.table()
-        )))
-        .bind(saga)
-        .bind(status.map(SagaStatus::as_str))
-        .fetch_all(self.store.pool())
-        .await
-        .map_err(backend)?;
+        let rows = sqlx::query(AssertSqlSafe(self.sql.list.clone()))
+            .bind(saga)
+            .bind(status.map(SagaStatus::as_str))
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(backend)?;
         // Rows whose state does not read are listed by `quarantined`.
         Ok(rows.iter().filter_map(|row| state_of(row).ok()).collect())
     }
@@ -339,8 +362,8 @@ impl PostgresSagaStore {
     /// Runs `sql` (an `UPDATE .. WHERE id = $1 AND <condition> RETURNING true`) on instance `id`:
     /// `true` when it changed it, `false` when the condition did not hold, [`SagaError::NotFound`]
     /// when there is no such instance.
-    async fn update_one(&self, id: SagaId, sql: String) -> Result<bool, SagaError> {
-        let row: Option<(bool,)> = sqlx::query_as(AssertSqlSafe(sql))
+    async fn update_one(&self, id: SagaId, sql: &str) -> Result<bool, SagaError> {
+        let row: Option<(bool,)> = sqlx::query_as(AssertSqlSafe(sql.to_owned()))
             .bind(id.0)
             .fetch_optional(self.store.pool())
             .await
@@ -353,14 +376,11 @@ impl PostgresSagaStore {
 
     /// `Ok` when instance `id` exists, else [`SagaError::NotFound`].
     async fn exists(&self, id: SagaId) -> Result<(), SagaError> {
-        let found: Option<(i32,)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT 1 FROM {} WHERE id = $1",
-            self.table()
-        )))
-        .bind(id.0)
-        .fetch_optional(self.store.pool())
-        .await
-        .map_err(backend)?;
+        let found: Option<(i32,)> = sqlx::query_as(AssertSqlSafe(self.sql.exists.clone()))
+            .bind(id.0)
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(backend)?;
         found.map(drop).ok_or(SagaError::NotFound(id))
     }
 }

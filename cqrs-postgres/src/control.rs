@@ -60,10 +60,6 @@ impl Control {
         Self { store }
     }
 
-    fn table(&self, name: &str) -> String {
-        format!("{}.{name}", self.store.sql.quoted_schema)
-    }
-
     /// Wakes the workers (and relays) of the schema, as a commit does.
     async fn wake(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT pg_notify($1, '')")
@@ -83,15 +79,11 @@ impl Control {
         &self,
         projection: &str,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let row = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {} SET rebuild_requested_at = now(), request_error = NULL \
-             WHERE projection = $1 RETURNING rebuild_requested_at",
-            self.table("projection_checkpoints")
-        )))
-        .bind(projection)
-        .fetch_optional(self.store.pool())
-        .await
-        .map_err(backend)?;
+        let row = sqlx::query(AssertSqlSafe(self.store.sql.request_rebuild.clone()))
+            .bind(projection)
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(backend)?;
         let at = row
             .map(|r| r.try_get("rebuild_requested_at").map_err(backend))
             .transpose()?;
@@ -107,14 +99,11 @@ impl Control {
     /// # Errors
     /// [`StoreError::Backend`] when the database fails.
     pub async fn request_retry(&self, id: i64) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {} SET retry_requested_at = now() WHERE id = $1 RETURNING projection",
-            self.table("projection_dead_letters")
-        )))
-        .bind(id)
-        .fetch_optional(self.store.pool())
-        .await
-        .map_err(backend)?;
+        let row = sqlx::query(AssertSqlSafe(self.store.sql.request_retry.clone()))
+            .bind(id)
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(backend)?;
         let projection = row
             .map(|r| r.try_get("projection").map_err(backend))
             .transpose()?;
@@ -129,15 +118,12 @@ impl Control {
     /// # Errors
     /// [`StoreError::Backend`] when the database fails.
     pub async fn request_retry_all(&self, projection: &str) -> Result<u64, StoreError> {
-        let marked = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {} SET retry_requested_at = now() WHERE projection = $1",
-            self.table("projection_dead_letters")
-        )))
-        .bind(projection)
-        .execute(self.store.pool())
-        .await
-        .map_err(backend)?
-        .rows_affected();
+        let marked = sqlx::query(AssertSqlSafe(self.store.sql.request_retry_all.clone()))
+            .bind(projection)
+            .execute(self.store.pool())
+            .await
+            .map_err(backend)?
+            .rows_affected();
         if marked > 0 {
             self.wake().await?;
         }
@@ -149,18 +135,11 @@ impl Control {
     /// # Errors
     /// [`StoreError::Backend`] when the database fails.
     pub async fn requests(&self, projection: &str) -> Result<Option<Requests>, StoreError> {
-        let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT rebuild_requested_at, rebuilt_at, request_error, \
-                    (SELECT count(*) FROM {} d WHERE d.projection = c.projection \
-                       AND d.retry_requested_at IS NOT NULL) AS retries_pending \
-             FROM {} c WHERE projection = $1",
-            self.table("projection_dead_letters"),
-            self.table("projection_checkpoints")
-        )))
-        .bind(projection)
-        .fetch_optional(self.store.pool())
-        .await
-        .map_err(backend)?;
+        let row = sqlx::query(AssertSqlSafe(self.store.sql.requests.clone()))
+            .bind(projection)
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(backend)?;
         row.map(|row| {
             let pending: i64 = row.try_get("retries_pending").map_err(backend)?;
             Ok(Requests {
@@ -178,14 +157,11 @@ impl Control {
     /// # Errors
     /// [`StoreError::Backend`] when the database fails.
     pub async fn letter(&self, id: i64) -> Result<LetterState, StoreError> {
-        let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT retry_requested_at IS NOT NULL AS pending, error FROM {} WHERE id = $1",
-            self.table("projection_dead_letters")
-        )))
-        .bind(id)
-        .fetch_optional(self.store.pool())
-        .await
-        .map_err(backend)?;
+        let row = sqlx::query(AssertSqlSafe(self.store.sql.letter_state.clone()))
+            .bind(id)
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(backend)?;
         let Some(row) = row else {
             return Ok(LetterState::Gone);
         };
@@ -272,21 +248,10 @@ pub struct ProjectionStatus {
 /// # Errors
 /// [`WorkerError::Store`] when the database fails.
 pub async fn projections(store: &PostgresEventStore) -> Result<Vec<ProjectionStatus>, WorkerError> {
-    let s = &store.sql.quoted_schema;
-    let rows = sqlx::query(AssertSqlSafe(format!(
-        "SELECT c.projection, c.transaction_id::text AS transaction_text, c.global_position, c.owner, c.epoch, \
-                COALESCE(c.lease_until > now(), false) AS leased, c.updated_at, \
-                (SELECT count(*) FROM {s}.projection_dead_letters d WHERE d.projection = c.projection) AS dead_letters, \
-                l.lag, l.lag_seconds \
-         FROM {s}.projection_checkpoints c, LATERAL ( \
-           SELECT count(*) AS lag, \
-                  COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(e.recorded_at))::float8, 0) AS lag_seconds \
-           FROM {s}.events e WHERE (e.transaction_id, e.global_position) > (c.transaction_id, c.global_position)) l \
-         ORDER BY c.projection"
-    )))
-    .fetch_all(store.pool())
-    .await
-    .map_err(backend)?;
+    let rows = sqlx::query(AssertSqlSafe(store.sql.projection_statuses.clone()))
+        .fetch_all(store.pool())
+        .await
+        .map_err(backend)?;
     rows.iter()
         .map(|row| {
             let checkpoint = crate::rows::checkpoint(row)?;

@@ -63,6 +63,13 @@ pub(crate) struct Sql {
     pub(crate) reset_checkpoint: String,
     pub(crate) reset_dead_letters: String,
     pub(crate) save_snapshot: String,
+    // Operator requests and status (`control`).
+    pub(crate) request_rebuild: String,
+    pub(crate) request_retry: String,
+    pub(crate) request_retry_all: String,
+    pub(crate) requests: String,
+    pub(crate) letter_state: String,
+    pub(crate) projection_statuses: String,
 }
 
 /// Quotes an identifier for PostgreSQL: in double quotes, with inner double quotes doubled.
@@ -321,6 +328,36 @@ impl Sql {
                 "UPDATE {s}.projection_checkpoints SET transaction_id = '0', global_position = 0, updated_at = now(), \
                    rebuild_requested_at = NULL, rebuilt_at = now(), request_error = NULL \
                  WHERE projection = $1 AND epoch = $2 AND lease_until >= clock_timestamp()"
+            ),
+            request_rebuild: format!(
+                "UPDATE {s}.projection_checkpoints SET rebuild_requested_at = now(), request_error = NULL \
+             WHERE projection = $1 RETURNING rebuild_requested_at"
+            ),
+            request_retry: format!(
+                "UPDATE {s}.projection_dead_letters SET retry_requested_at = now() WHERE id = $1 RETURNING projection"
+            ),
+            request_retry_all: format!(
+                "UPDATE {s}.projection_dead_letters SET retry_requested_at = now() WHERE projection = $1"
+            ),
+            requests: format!(
+                "SELECT rebuild_requested_at, rebuilt_at, request_error, \
+                    (SELECT count(*) FROM {s}.projection_dead_letters d WHERE d.projection = c.projection \
+                       AND d.retry_requested_at IS NOT NULL) AS retries_pending \
+             FROM {s}.projection_checkpoints c WHERE projection = $1"
+            ),
+            letter_state: format!(
+                "SELECT retry_requested_at IS NOT NULL AS pending, error FROM {s}.projection_dead_letters WHERE id = $1"
+            ),
+            projection_statuses: format!(
+                "SELECT c.projection, c.transaction_id::text AS transaction_text, c.global_position, c.owner, c.epoch, \
+                COALESCE(c.lease_until > now(), false) AS leased, c.updated_at, \
+                (SELECT count(*) FROM {s}.projection_dead_letters d WHERE d.projection = c.projection) AS dead_letters, \
+                l.lag, l.lag_seconds \
+         FROM {s}.projection_checkpoints c, LATERAL ( \
+           SELECT count(*) AS lag, \
+                  COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(e.recorded_at))::float8, 0) AS lag_seconds \
+           FROM {s}.events e WHERE (e.transaction_id, e.global_position) > (c.transaction_id, c.global_position)) l \
+         ORDER BY c.projection"
             ),
             reset_dead_letters: format!(
                 "DELETE FROM {s}.projection_dead_letters WHERE projection = $1"

@@ -1,5 +1,9 @@
 //! The command gateway: load an aggregate, decide a command, append the events, retry on conflict.
 
+mod outcome;
+
+pub use outcome::{CommandError, Executed};
+
 use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -11,104 +15,19 @@ use tracing::Instrument;
 use crate::aggregate::Aggregate;
 use crate::command::{Command, CommandMetadata, StreamExpectation};
 use crate::envelope::{AggregateId, EventData, Metadata, RecordedEvent, StreamId};
-use crate::event::EncodeError;
 use crate::store::{
     AppendResult, EventStore, ExpectedVersion, KeyRecord, Snapshot, SnapshotStore, StoreError,
 };
-
 /// How many aggregates the gateway keeps in memory by default.
 pub const DEFAULT_CACHE_CAPACITY: usize = 1024;
 /// How many times the gateway retries a command after a version conflict by default.
 pub const DEFAULT_MAX_RETRIES: usize = 5;
 /// How many locks serialize commands per aggregate inside one gateway.
 const LOCK_STRIPES: usize = 256;
-
-/// What a successful command did.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Executed<E> {
-    /// The aggregate's stream.
-    pub stream: StreamId,
-    /// The stream's version after the command (unchanged when it recorded no event).
-    pub version: u64,
-    /// The events it recorded, in order, with their envelopes.
-    pub events: Vec<RecordedEvent<E>>,
-}
-
-impl<E> Executed<E> {
-    /// The place of the command's last event in the global order: what to hand to
-    /// [`wait_until_caught_up`](crate::projection::wait_until_caught_up) to read a projection
-    /// that reflects the command (read-your-writes). `None` when the command recorded no event.
-    #[must_use]
-    pub fn checkpoint(&self) -> Option<crate::envelope::Checkpoint> {
-        self.events.last().map(|e| e.checkpoint)
-    }
-}
-
-/// Why a command did not record its events.
-#[derive(Debug, thiserror::Error)]
-pub enum CommandError<E> {
-    /// The aggregate rejected the command; its error, unchanged.
-    #[error("command rejected: {0}")]
-    Rejected(#[source] E),
-    /// The command needs an existing aggregate and there is none.
-    #[error("{stream} does not exist")]
-    NotFound {
-        /// The missing aggregate's stream.
-        stream: StreamId,
-    },
-    /// The command creates an aggregate that exists already.
-    #[error("{stream} exists already (version {version})")]
-    AlreadyExists {
-        /// The stream.
-        stream: StreamId,
-        /// Its version.
-        version: u64,
-    },
-    /// Other writers kept changing the aggregate: every retry met a newer version.
-    #[error(
-        "{stream} kept changing: gave up after {attempts} attempts (last seen version {actual})"
-    )]
-    TooManyConflicts {
-        /// The stream.
-        stream: StreamId,
-        /// How many times the command was decided.
-        attempts: usize,
-        /// The version the last attempt met.
-        actual: u64,
-    },
-    /// The idempotency key was used before by a command on another aggregate.
-    #[error("idempotency key `{key}` was used for {used_for}, not for {stream}")]
-    KeyReused {
-        /// The key.
-        key: String,
-        /// The aggregate it was used for.
-        used_for: StreamId,
-        /// The aggregate of this command.
-        stream: StreamId,
-    },
-    /// An event the aggregate decided could not be encoded.
-    #[error(transparent)]
-    Encode(#[from] EncodeError),
-    /// The store failed (including an undecodable stored event of this aggregate).
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-impl<E> CommandError<E> {
-    /// The aggregate's error, if the command was rejected by it.
-    pub fn into_rejection(self) -> Option<E> {
-        match self {
-            Self::Rejected(error) => Some(error),
-            _ => None,
-        }
-    }
-}
-
 struct Cached<A> {
     version: u64,
     state: A,
 }
-
 /// A state to decide against.
 struct Loaded<A> {
     state: A,
@@ -116,14 +35,12 @@ struct Loaded<A> {
     /// Read from the store just now, not only from the cache.
     verified: bool,
 }
-
 /// Reads and writes snapshots of `A`; built only when `A` is serializable.
 struct Snapshotter<A> {
     store: Arc<dyn SnapshotStore>,
     encode: fn(&A) -> serde_json::Result<serde_json::Value>,
     decode: fn(serde_json::Value) -> serde_json::Result<A>,
 }
-
 /// Executes commands against aggregates of type `A` stored in `S`.
 ///
 /// `execute` loads the aggregate (from an in-process LRU cache of recent states, or from the latest
@@ -142,7 +59,6 @@ pub struct CommandGateway<A: Aggregate, S> {
     hasher: RandomState,
     metrics: crate::telemetry::CommandMetrics,
 }
-
 impl<A: Aggregate, S> std::fmt::Debug for CommandGateway<A, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CommandGateway")
@@ -153,7 +69,6 @@ impl<A: Aggregate, S> std::fmt::Debug for CommandGateway<A, S> {
             .finish_non_exhaustive()
     }
 }
-
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // The cache holds only complete entries: a panic elsewhere cannot leave one half-written.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -620,7 +535,6 @@ fn recorded<E>(
         events,
     }
 }
-
 /// Applies the events of `stream` after `version` to `state`.
 async fn replay<A: Aggregate, S: EventStore>(
     store: &S,

@@ -325,15 +325,31 @@ fn start_consumer<B: Broker>(
 }
 /// Waits until `consumer` applied `count` events (at most `within`).
 async fn wait_applied(pool: &PgPool, schema: &str, consumer: &str, count: i64, within: Duration) {
+    if let Err(why) = try_wait_applied(pool, schema, consumer, count, within).await {
+        panic!("{why}");
+    }
+}
+
+/// As [`wait_applied`], saying what went wrong instead of panicking (for a caller that adds what
+/// it knows before it fails).
+async fn try_wait_applied(
+    pool: &PgPool,
+    schema: &str,
+    consumer: &str,
+    count: i64,
+    within: Duration,
+) -> Result<(), String> {
     let deadline = Instant::now() + within;
     loop {
         let now = applied_count(pool, schema, consumer).await;
         if now >= count {
-            return;
+            return Ok(());
         }
         if Instant::now() >= deadline {
             let why = not_applied(pool, schema, consumer).await;
-            panic!("{consumer}: {now} of {count} events applied after {within:?}; {why}");
+            return Err(format!(
+                "{consumer}: {now} of {count} events applied after {within:?}; {why}"
+            ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -40,7 +40,7 @@ where
     let expected = writers.stop().await;
     let events: u64 = expected.values().sum();
     let pool = store.pool().clone();
-    wait_applied(
+    let waited = try_wait_applied(
         &pool,
         store.schema(),
         consumer,
@@ -48,15 +48,20 @@ where
         Duration::from_secs(120),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    if waited.is_ok() {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let _ = stop_relay.send(());
     let _ = stop_consumer.send(());
     let relayed = relaying.await.unwrap_or_else(|e| panic!("{e}"));
+    let consumed = consuming.await.unwrap_or_else(|e| panic!("{e}"));
+    if let Err(why) = waited {
+        // What each side says it did, and what the broker holds, beside the missing events.
+        let dead = broker.dead_letters(ns, consumer).await;
+        panic!("{why}; relay {relayed:?}; consumer {consumed:?}; broker dead letters {dead:?}");
+    }
     let relayed = relayed.unwrap_or_else(|e| panic!("the relay stopped: {e}"));
-    let consumed = consuming
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|e| panic!("the consumer stopped: {e}"));
+    let consumed = consumed.unwrap_or_else(|e| panic!("the consumer stopped: {e}"));
     let by_id = applied(&pool, store.schema(), consumer).await;
     for (id, written) in &expected {
         let versions = by_id.get(id).cloned().unwrap_or_default();

@@ -67,7 +67,23 @@ impl RabbitSink {
             .as_ref()
             .is_some_and(|c| c.status().connected());
         if !usable {
-            self.pending.clear();
+            if !self.pending.is_empty() {
+                // The relay holds one message in flight per confirm awaited here. Dropping the
+                // confirms to publish on a new channel would pair the new channel's confirms
+                // with the old channel's messages, whose fate is unknown: a message lost in the
+                // cut would count as confirmed and the checkpoint would pass it. So the send
+                // fails; the relay collects the old confirms (they fail: the channel is closed)
+                // and starts again from its checkpoint.
+                return Err(TransportError::Broker {
+                    broker: BROKER,
+                    operation: "publish",
+                    source: format!(
+                        "the channel closed with {} messages awaiting their confirms",
+                        self.pending.len()
+                    )
+                    .into(),
+                });
+            }
             let connection = match self.connection.take() {
                 Some(c) if c.status().connected() => c,
                 _ => connect(&self.config).await?,

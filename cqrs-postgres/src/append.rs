@@ -11,7 +11,7 @@ use crate::copy::{COPY_THRESHOLD, copy_at};
 use crate::insert::*;
 use crate::rows::{backend, fetch_events, to_i64};
 use crate::store::PostgresEventStore;
-use crate::tx::Tx;
+use crate::tx::Transaction;
 /// How many times an append with [`ExpectedVersion::Any`] or [`ExpectedVersion::StreamExists`]
 /// retries after losing a race for a version number (it has no expectation to fail).
 pub(crate) const ANY_VERSION_ATTEMPTS: usize = 64;
@@ -91,7 +91,7 @@ impl PostgresEventStore {
         key: &str,
     ) -> Result<AppendResult, Insert> {
         let failed = |e: sqlx::Error| Insert::Failed(backend(e));
-        let mut tx = Tx::begin(&self.pool).await.map_err(failed)?;
+        let mut tx = Transaction::begin(&self.pool).await.map_err(failed)?;
         match self
             .append_keyed_in(&mut tx, stream, expected, events, key)
             .await
@@ -277,7 +277,7 @@ impl PostgresEventStore {
         base: u64,
         events: &[EventData],
     ) -> Result<AppendResult, Insert> {
-        let mut tx = Tx::begin(&self.pool)
+        let mut tx = Transaction::begin(&self.pool)
             .await
             .map_err(|e| Insert::Failed(backend(e)))?;
         let outcome = async {

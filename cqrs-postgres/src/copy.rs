@@ -22,7 +22,7 @@ use sqlx::{AssertSqlSafe, Row};
 use crate::insert::{Columns, Insert, appended, is_unique_violation};
 use crate::rows::{backend, to_i64, xid};
 use crate::sql::Sql;
-use crate::tx::Tx;
+use crate::tx::Transaction;
 
 /// From this many events, an append streams them with `COPY` instead of one `INSERT`.
 pub(crate) const COPY_THRESHOLD: usize = 1_000;
@@ -64,7 +64,7 @@ pub(crate) async fn copy_at(
     for (event, version) in events.iter().zip(base + 1..) {
         rows.push(stream, event, version).map_err(Insert::Failed)?;
     }
-    let mut tx = Tx::begin(pool).await.map_err(failed)?;
+    let mut tx = Transaction::begin(pool).await.map_err(failed)?;
     let prepared = sqlx::query(AssertSqlSafe(sql.copy_prepare.clone()))
         .bind(&stream.aggregate_type)
         .bind(stream.aggregate_id.as_str())

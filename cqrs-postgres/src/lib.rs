@@ -33,7 +33,7 @@ pub use rows::is_outage;
 pub use server::Rebased;
 pub use sqlx;
 pub use store::PostgresEventStore;
-pub use tx::Tx as Transaction;
+pub use tx::Transaction;
 
 /// The PostgreSQL schema used when none is given.
 pub const DEFAULT_SCHEMA: &str = "cqrs";

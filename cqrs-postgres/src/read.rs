@@ -11,7 +11,7 @@ use crate::rows;
 use crate::rows::{backend, to_i64, to_u64};
 use crate::sql;
 use crate::store::PostgresEventStore;
-use crate::tx::Tx;
+use crate::tx::Transaction;
 
 impl PostgresEventStore {
     /// How far a reader at `checkpoint` is behind: the committed events after it (counted, so
@@ -159,7 +159,7 @@ impl PostgresEventStore {
         if rows <= SORT_SAFE_PAGE {
             rows::each_event(query, &self.pool, read, each).await?;
         } else {
-            let mut tx = Tx::begin_with(&self.pool, sql::BEGIN_ORDERED_READ)
+            let mut tx = Transaction::begin_with(&self.pool, sql::BEGIN_ORDERED_READ)
                 .await
                 .map_err(backend)?;
             let read = rows::each_event(query, &mut *tx, read, each).await;
@@ -316,7 +316,7 @@ mod tests {
             if binds_filter {
                 query = query.bind(&no_types).bind(&types);
             }
-            let mut tx = Tx::begin_with(store.pool(), sql::BEGIN_ORDERED_READ)
+            let mut tx = Transaction::begin_with(store.pool(), sql::BEGIN_ORDERED_READ)
                 .await
                 .unwrap();
             let plan: serde_json::Value = query.fetch_one(&mut *tx).await.unwrap().get(0);

@@ -20,7 +20,7 @@ use sqlx::{AssertSqlSafe, PgConnection, Row};
 use crate::PostgresEventStore;
 use crate::rows::{backend, to_u64, xid};
 use crate::sql::Sql;
-use crate::tx::Tx;
+use crate::tx::Transaction;
 
 /// What a check of the server found.
 enum Found {
@@ -260,7 +260,7 @@ impl PostgresEventStore {
     /// One try, under an exclusive lock of the events and checkpoints.
     async fn rebase_once(&self, burned: u64) -> Result<Attempt, StoreError> {
         let s = &self.sql.quoted_schema;
-        let mut tx = Tx::begin(self.pool()).await.map_err(backend)?;
+        let mut tx = Transaction::begin(self.pool()).await.map_err(backend)?;
         let outcome = async {
             let locked = sqlx::query(AssertSqlSafe(format!(
                 "LOCK TABLE {s}.events, {s}.projection_checkpoints, {s}.store_server \

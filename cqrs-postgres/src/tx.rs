@@ -18,12 +18,12 @@ use sqlx::{PgConnection, PgPool, Postgres};
 /// An open transaction on a pooled connection that is safe to drop at any point: dropped before
 /// [`commit`](Self::commit) or [`rollback`](Self::rollback), it closes its connection and the
 /// server rolls back. Dereferences to the connection, to run statements in it.
-pub struct Tx {
+pub struct Transaction {
     conn: Option<PoolConnection<Postgres>>,
     finished: bool,
 }
 
-impl Tx {
+impl Transaction {
     /// Takes a connection and opens a transaction on it.
     pub async fn begin(pool: &PgPool) -> Result<Self, sqlx::Error> {
         Self::begin_with(pool, "BEGIN").await
@@ -56,7 +56,7 @@ impl Tx {
     }
 
     /// Commits and hands the connection back to the caller for its next transaction
-    /// ([`Tx::begin_on`]). A commit that fails closes the connection.
+    /// ([`Transaction::begin_on`]). A commit that fails closes the connection.
     pub(crate) async fn commit_keeping(mut self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
         sqlx::query("COMMIT").execute(&mut *self).await?;
         self.finished = true;
@@ -75,7 +75,7 @@ impl Tx {
     }
 }
 
-impl Tx {
+impl Transaction {
     /// Rolls back (the statements so far completed: the connection goes back to the pool).
     pub async fn rollback(mut self) {
         let rolled_back = sqlx::query("ROLLBACK").execute(&mut *self).await;
@@ -100,7 +100,7 @@ impl Tx {
     }
 }
 
-impl Deref for Tx {
+impl Deref for Transaction {
     type Target = PgConnection;
 
     fn deref(&self) -> &PgConnection {
@@ -111,7 +111,7 @@ impl Deref for Tx {
     }
 }
 
-impl DerefMut for Tx {
+impl DerefMut for Transaction {
     fn deref_mut(&mut self) -> &mut PgConnection {
         self.conn
             .as_deref_mut()
@@ -119,7 +119,7 @@ impl DerefMut for Tx {
     }
 }
 
-impl Drop for Tx {
+impl Drop for Transaction {
     fn drop(&mut self) {
         if !self.finished {
             // Cut midway (a dropped future, a panic): the connection's state is unknown, so it is

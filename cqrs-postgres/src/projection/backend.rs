@@ -11,7 +11,7 @@ use sqlx::{AssertSqlSafe, PgConnection};
 
 use crate::lease::Advance;
 use crate::rows::backend;
-use crate::tx::Tx;
+use crate::tx::Transaction;
 use crate::{CheckpointLease, PostgresEventStore};
 
 use super::letters;
@@ -84,7 +84,7 @@ async fn exec_on_stream(
 
 #[async_trait::async_trait]
 impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBackend {
-    type Unit = Tx;
+    type Unit = Transaction;
     const TRANSACTIONAL: bool = true;
     type Store = PostgresEventStore;
 
@@ -110,16 +110,18 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
         Ok(self.lease.checkpoint().await?)
     }
 
-    async fn begin_unit(&mut self) -> Result<Tx, DeliveryError> {
+    async fn begin_unit(&mut self) -> Result<Transaction, DeliveryError> {
         if let Some(conn) = self.held.take() {
-            match Tx::begin_on(conn, "BEGIN").await {
+            match Transaction::begin_on(conn, "BEGIN").await {
                 Ok(unit) => return Ok(unit),
                 Err(error) => {
                     tracing::debug!(%error, "the connection kept between batches broke: taking another");
                 }
             }
         }
-        Ok(Tx::begin(self.store.pool()).await.map_err(backend)?)
+        Ok(Transaction::begin(self.store.pool())
+            .await
+            .map_err(backend)?)
     }
 
     fn hold_connection(&mut self, hold: bool) {
@@ -129,25 +131,36 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
         }
     }
 
-    fn unit_context<'a>(&'a mut self, unit: &'a mut Tx) -> &'a mut PgConnection {
+    fn unit_context<'a>(&'a mut self, unit: &'a mut Transaction) -> &'a mut PgConnection {
         unit
     }
 
-    async fn savepoint(&mut self, unit: &mut Tx, op: Savepoint) -> Result<(), DeliveryError> {
+    async fn savepoint(
+        &mut self,
+        unit: &mut Transaction,
+        op: Savepoint,
+    ) -> Result<(), DeliveryError> {
         letters::savepoint(unit, op).await
     }
 
-    async fn blocked_streams(&mut self, unit: &mut Tx) -> Result<HashSet<StreamId>, DeliveryError> {
+    async fn blocked_streams(
+        &mut self,
+        unit: &mut Transaction,
+    ) -> Result<HashSet<StreamId>, DeliveryError> {
         letters::blocked_streams(&self.store, unit, P::NAME).await
     }
 
-    async fn park_event(&mut self, unit: &mut Tx, parked: Parked<'_>) -> Result<(), DeliveryError> {
+    async fn park_event(
+        &mut self,
+        unit: &mut Transaction,
+        parked: Parked<'_>,
+    ) -> Result<(), DeliveryError> {
         letters::park(&self.store, unit, P::NAME, parked).await
     }
 
     async fn advance_checkpoint(
         &mut self,
-        unit: &mut Tx,
+        unit: &mut Transaction,
         from: Checkpoint,
         to: Checkpoint,
     ) -> Result<(), DeliveryError> {
@@ -161,7 +174,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
         }
     }
 
-    async fn end_unit(&mut self, unit: Tx, commit: bool) -> Result<(), DeliveryError> {
+    async fn end_unit(&mut self, unit: Transaction, commit: bool) -> Result<(), DeliveryError> {
         if commit && self.hold {
             self.held = Some(unit.commit_keeping().await.map_err(backend)?);
         } else if commit {
@@ -181,7 +194,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
 
     async fn begin_redrive(
         &mut self,
-        unit: &mut Tx,
+        unit: &mut Transaction,
         stream: &StreamId,
     ) -> Result<(), DeliveryError> {
         let epoch = self.lease.epoch();
@@ -205,7 +218,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
 
     async fn letters_of(
         &mut self,
-        unit: &mut Tx,
+        unit: &mut Transaction,
         stream: &StreamId,
         after: Option<u64>,
         limit: usize,
@@ -215,26 +228,30 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
 
     async fn reread_letter(
         &mut self,
-        unit: &mut Tx,
+        unit: &mut Transaction,
         letter: &DeadLetter,
     ) -> Result<Result<evently_core::StoredEvent, String>, DeliveryError> {
         letters::reread(&self.store, unit, letter).await
     }
 
-    async fn resolve_letter(&mut self, unit: &mut Tx, id: i64) -> Result<(), DeliveryError> {
+    async fn resolve_letter(
+        &mut self,
+        unit: &mut Transaction,
+        id: i64,
+    ) -> Result<(), DeliveryError> {
         letters::resolve(&self.store, unit, id).await
     }
 
     async fn fail_letter_again(
         &mut self,
-        unit: &mut Tx,
+        unit: &mut Transaction,
         id: i64,
         error: &str,
     ) -> Result<(), DeliveryError> {
         letters::fail_again(&self.store, unit, id, error).await
     }
 
-    async fn reset_for_rebuild(&mut self, unit: &mut Tx) -> Result<(), DeliveryError> {
+    async fn reset_for_rebuild(&mut self, unit: &mut Transaction) -> Result<(), DeliveryError> {
         let reset_once = self
             .reset_once
             .get_mut()
@@ -377,7 +394,7 @@ impl InboxBackend {
 
 #[async_trait::async_trait]
 impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for InboxBackend {
-    type Unit = Tx;
+    type Unit = Transaction;
     const TRANSACTIONAL: bool = true;
     type Store = PostgresEventStore;
 
@@ -390,37 +407,50 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for InboxBackend 
         Ok(Checkpoint::START)
     }
 
-    async fn begin_unit(&mut self) -> Result<Tx, DeliveryError> {
-        Ok(Tx::begin(self.store.pool()).await.map_err(backend)?)
+    async fn begin_unit(&mut self) -> Result<Transaction, DeliveryError> {
+        Ok(Transaction::begin(self.store.pool())
+            .await
+            .map_err(backend)?)
     }
 
-    fn unit_context<'a>(&'a mut self, unit: &'a mut Tx) -> &'a mut PgConnection {
+    fn unit_context<'a>(&'a mut self, unit: &'a mut Transaction) -> &'a mut PgConnection {
         unit
     }
 
-    async fn savepoint(&mut self, unit: &mut Tx, op: Savepoint) -> Result<(), DeliveryError> {
+    async fn savepoint(
+        &mut self,
+        unit: &mut Transaction,
+        op: Savepoint,
+    ) -> Result<(), DeliveryError> {
         letters::savepoint(unit, op).await
     }
 
-    async fn blocked_streams(&mut self, unit: &mut Tx) -> Result<HashSet<StreamId>, DeliveryError> {
+    async fn blocked_streams(
+        &mut self,
+        unit: &mut Transaction,
+    ) -> Result<HashSet<StreamId>, DeliveryError> {
         letters::blocked_streams(&self.store, unit, P::NAME).await
     }
 
-    async fn park_event(&mut self, unit: &mut Tx, parked: Parked<'_>) -> Result<(), DeliveryError> {
+    async fn park_event(
+        &mut self,
+        unit: &mut Transaction,
+        parked: Parked<'_>,
+    ) -> Result<(), DeliveryError> {
         letters::park(&self.store, unit, P::NAME, parked).await
     }
 
     /// Nothing to move: the caller acknowledges the messages once the unit committed.
     async fn advance_checkpoint(
         &mut self,
-        _unit: &mut Tx,
+        _unit: &mut Transaction,
         _from: Checkpoint,
         _to: Checkpoint,
     ) -> Result<(), DeliveryError> {
         Ok(())
     }
 
-    async fn end_unit(&mut self, unit: Tx, commit: bool) -> Result<(), DeliveryError> {
+    async fn end_unit(&mut self, unit: Transaction, commit: bool) -> Result<(), DeliveryError> {
         if commit {
             unit.commit().await.map_err(backend)?;
         } else {
@@ -431,7 +461,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for InboxBackend 
 
     async fn claim<T: evently_core::Payload>(
         &mut self,
-        unit: &mut Tx,
+        unit: &mut Transaction,
         event: &evently_core::StoredEvent<T>,
     ) -> Result<bool, DeliveryError> {
         Ok(self.inbox.claim(unit, P::NAME, event.event_id).await?)
@@ -443,7 +473,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for InboxBackend 
 
     async fn letters_of(
         &mut self,
-        unit: &mut Tx,
+        unit: &mut Transaction,
         stream: &StreamId,
         after: Option<u64>,
         limit: usize,
@@ -453,19 +483,23 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for InboxBackend 
 
     async fn reread_letter(
         &mut self,
-        unit: &mut Tx,
+        unit: &mut Transaction,
         letter: &DeadLetter,
     ) -> Result<Result<evently_core::StoredEvent, String>, DeliveryError> {
         letters::reread(&self.store, unit, letter).await
     }
 
-    async fn resolve_letter(&mut self, unit: &mut Tx, id: i64) -> Result<(), DeliveryError> {
+    async fn resolve_letter(
+        &mut self,
+        unit: &mut Transaction,
+        id: i64,
+    ) -> Result<(), DeliveryError> {
         letters::resolve(&self.store, unit, id).await
     }
 
     async fn fail_letter_again(
         &mut self,
-        unit: &mut Tx,
+        unit: &mut Transaction,
         id: i64,
         error: &str,
     ) -> Result<(), DeliveryError> {

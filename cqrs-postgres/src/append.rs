@@ -8,8 +8,9 @@ use futures::future::BoxFuture;
 use sqlx::{AssertSqlSafe, PgConnection};
 
 use crate::copy::{COPY_THRESHOLD, copy_at};
+use crate::errors::backend;
 use crate::insert::*;
-use crate::rows::{backend, fetch_events, to_i64};
+use crate::rows::{fetch_events, to_i64};
 use crate::store::PostgresEventStore;
 use crate::tx::Transaction;
 /// How many times an append with [`ExpectedVersion::Any`] or [`ExpectedVersion::StreamExists`]

@@ -16,9 +16,10 @@ use evently_core::StoreError;
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::PostgresEventStore;
+use crate::errors::backend;
 use crate::projection::WorkerError;
 use crate::projection::letters::dead_letter;
-use crate::rows::{backend, to_u64};
+use crate::rows::to_u64;
 use evently_core::Checkpoint;
 use evently_core::projection::DeadLetter;
 

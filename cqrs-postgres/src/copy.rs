@@ -19,8 +19,9 @@ use evently_core::{EventData, StoreError, StreamId};
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row};
 
+use crate::errors::backend;
 use crate::insert::{Columns, Insert, appended, is_unique_violation};
-use crate::rows::{backend, to_i64, xid};
+use crate::rows::{to_i64, xid};
 use crate::sql::Sql;
 use crate::tx::Transaction;
 

@@ -10,8 +10,9 @@ use futures::stream::BoxStream;
 use sqlx::{AssertSqlSafe, Row};
 use tracing::Instrument as _;
 
+use crate::errors::backend;
 use crate::read::read_span;
-use crate::rows::{self, backend, replay_event, stored_event, to_u64};
+use crate::rows::{self, replay_event, stored_event, to_u64};
 use crate::store::PostgresEventStore;
 
 #[async_trait::async_trait]

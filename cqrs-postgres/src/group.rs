@@ -11,8 +11,9 @@ use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::errors::backend;
 use crate::insert::{ColumnArrays, Insert, appended, insert_at};
-use crate::rows::{backend, to_i64, to_u64, xid};
+use crate::rows::{to_i64, to_u64, xid};
 use crate::sql::Sql;
 
 /// How a store groups concurrent appends: by one statement, in one transaction and one flush.
@@ -375,7 +376,7 @@ async fn write_group(pool: &PgPool, sql: &Sql, stats: &Stats, group: Vec<Request
         .fetch_add(requests.len() as u64, Ordering::Relaxed);
     let rows = match rows {
         Ok(rows) => rows,
-        Err(error @ sqlx::Error::Database(_)) if !crate::rows::is_outage(&error) => {
+        Err(error @ sqlx::Error::Database(_)) if !crate::errors::is_outage(&error) => {
             // The server refused the statement (a unique violation from a writer outside the
             // group, say): nothing of it was written.
             stats.split.fetch_add(1, Ordering::Relaxed);

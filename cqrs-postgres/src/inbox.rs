@@ -4,7 +4,7 @@ use evently_core::StoreError;
 use sqlx::{AssertSqlSafe, PgConnection};
 
 use crate::PostgresEventStore;
-use crate::rows::backend;
+use crate::errors::backend;
 
 /// The record of what a consumer has applied (the `inbox` table): claim an event id in the
 /// transaction of its effect, and a redelivery of the same event finds it claimed.

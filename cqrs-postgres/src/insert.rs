@@ -5,7 +5,8 @@ use evently_core::{Checkpoint, EventData, EventId, StoreError, StreamId};
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row};
 
-use crate::rows::{backend, to_i64, to_u64, xid};
+use crate::errors::backend;
+use crate::rows::{to_i64, to_u64, xid};
 use crate::sql::Sql;
 /// The columns of an event that the store computes: its schema version as PostgreSQL's `integer`
 /// and its payload and metadata as JSON text (the `json` columns keep the text as written).

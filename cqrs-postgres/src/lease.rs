@@ -12,7 +12,8 @@ use evently_core::{Checkpoint, StoreError};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
 use crate::PostgresEventStore;
-use crate::rows::{backend, to_i64};
+use crate::errors::backend;
+use crate::rows::to_i64;
 
 /// The shortest lease: shorter ones are raised to it (a lease must outlive the statement that
 /// renews it).

@@ -3,7 +3,7 @@
 use evently_core::StoreError;
 use sqlx::{AssertSqlSafe, PgConnection};
 
-use crate::rows::backend;
+use crate::errors::backend;
 use crate::sql::Sql;
 use crate::store::PostgresEventStore;
 /// The embedded migrations: the events, snapshots and command-key tables.

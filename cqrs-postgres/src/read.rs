@@ -6,9 +6,10 @@ use evently_core::{Checkpoint, RawStoredEvent, StoreError, StoredEvent, StreamId
 use futures::stream::{BoxStream, StreamExt};
 use sqlx::{AssertSqlSafe, Row};
 
+use crate::errors::backend;
 use crate::notify::{LISTEN_WAIT, Wakeups};
 use crate::rows;
-use crate::rows::{backend, to_i64, to_u64};
+use crate::rows::{to_i64, to_u64};
 use crate::sql;
 use crate::store::PostgresEventStore;
 use crate::tx::Transaction;

@@ -7,12 +7,9 @@ use evently_core::{
 use std::ops::ControlFlow;
 
 use sqlx::Row;
-use sqlx::postgres::PgRow;
 
-/// A database error as the store's backend error.
-pub(crate) fn backend(error: sqlx::Error) -> StoreError {
-    StoreError::backend(error)
-}
+use crate::errors::backend;
+use sqlx::postgres::PgRow;
 
 /// A version or position as PostgreSQL's `bigint`.
 pub(crate) fn to_i64(n: u64) -> Result<i64, StoreError> {
@@ -194,35 +191,4 @@ pub(crate) fn replay_event(row: &PgRow) -> Result<ReplayEvent, StoreError> {
         })?,
         payload: Payload::Text(row.try_get(3).map_err(backend)?),
     })
-}
-
-/// Whether `error` (or an error it wraps) says the database is out of reach rather than that
-/// this event cannot be applied: a broken or refused connection, an exhausted or closed pool, a
-/// server shutting down or terminating connections, too many connections.
-#[must_use]
-pub fn is_outage(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(error) = next {
-        if let Some(sqlx) = error.downcast_ref::<sqlx::Error>() {
-            return match sqlx {
-                sqlx::Error::Io(_)
-                | sqlx::Error::Tls(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed => true,
-                // connection_exception (08xxx), admin/crash shutdown, cannot connect now,
-                // too many connections.
-                sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-                    code.starts_with("08")
-                        || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
-                }),
-                _ => false,
-            };
-        }
-        if error.downcast_ref::<std::io::Error>().is_some() {
-            return true;
-        }
-        next = error.source();
-    }
-    false
 }

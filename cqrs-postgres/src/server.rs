@@ -18,7 +18,8 @@ use evently_core::{Checkpoint, MoveEvidence, StoreError, StoreMoved};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
 use crate::PostgresEventStore;
-use crate::rows::{backend, to_u64, xid};
+use crate::errors::backend;
+use crate::rows::{to_u64, xid};
 use crate::sql::Sql;
 use crate::tx::Transaction;
 

@@ -4,7 +4,8 @@ use evently_core::store::{Snapshot, SnapshotStore};
 use evently_core::{StoreError, StreamId};
 use sqlx::{AssertSqlSafe, Row};
 
-use crate::rows::{backend, to_i64, to_u64};
+use crate::errors::backend;
+use crate::rows::{to_i64, to_u64};
 use crate::store::PostgresEventStore;
 #[async_trait::async_trait]
 impl SnapshotStore for PostgresEventStore {

@@ -9,8 +9,8 @@ use evently_core::{Checkpoint, StoreError, StreamId};
 use futures::future::BoxFuture;
 use sqlx::{AssertSqlSafe, PgConnection};
 
+use crate::errors::backend;
 use crate::lease::Advance;
-use crate::rows::backend;
 use crate::tx::Transaction;
 use crate::{CheckpointLease, PostgresEventStore};
 

@@ -10,7 +10,8 @@ use sqlx::{AssertSqlSafe, PgConnection, Row};
 
 use super::WorkerError;
 use crate::PostgresEventStore;
-use crate::rows::{backend, to_i64, to_u64};
+use crate::errors::backend;
+use crate::rows::{to_i64, to_u64};
 
 pub(super) async fn savepoint(conn: &mut PgConnection, op: Savepoint) -> Result<(), DeliveryError> {
     let statement = match op {

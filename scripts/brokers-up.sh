@@ -33,6 +33,19 @@ fi
 if ! command -v rabbitmqctl >/dev/null 2>&1; then
   echo "error: rabbitmqctl is not on PATH (the RabbitMQ broker-restart test uses it)" >&2
   missing=1
+else
+  # The tests' queues are durable quorum queues under names of their own (rmq_*, cli_q_*,
+  # of_rabbit_*), left behind by earlier runs on this broker. Each is a Raft group the broker
+  # recovers on every restart: a few hundred made the broker-restart test's restarts take longer
+  # than a client waits for a connection. Deleted here, in one call.
+  removed=$(rabbitmqctl eval '
+    Test = fun(N) -> lists:any(fun(P) -> binary:longest_common_prefix([N, P]) =:= byte_size(P) end,
+                               [<<"rmq_">>, <<"cli_q_">>, <<"of_rabbit_">>]) end,
+    Qs = [Q || Q <- rabbit_amqqueue:list(<<"/">>),
+               case amqqueue:get_name(Q) of {resource, _, queue, N} -> Test(N) end],
+    [rabbit_amqqueue:delete(Q, false, false, <<"cqrs-tests">>) || Q <- Qs],
+    length(Qs).' 2>/dev/null | tail -1) || removed="none (rabbitmqctl eval failed)"
+  echo "==> removed the queues earlier test runs left in RabbitMQ: ${removed}"
 fi
 
 if ! command -v nats-server >/dev/null 2>&1; then

@@ -19,6 +19,7 @@ use support::{brokers, unique};
 
 mod deposits;
 use deposits::*;
+
 /// The events of target `evently_kafka::metrics`: their message and fields, as text.
 #[derive(Clone, Default)]
 struct Reports(std::sync::Arc<std::sync::Mutex<Vec<BTreeMap<String, String>>>>);

@@ -9,13 +9,25 @@ use sqlx::{AssertSqlSafe, PgConnection};
 
 use crate::copy::{COPY_THRESHOLD, copy_at};
 use crate::errors::backend;
-use crate::insert::*;
+use crate::insert::{Insert, insert_at, insert_keyed, is_unique_violation, stream_version_on};
 use crate::rows::{fetch_events, to_i64};
 use crate::store::PostgresEventStore;
 use crate::tx::Transaction;
+
 /// How many times an append with [`ExpectedVersion::Any`] or [`ExpectedVersion::StreamExists`]
 /// retries after losing a race for a version number (it has no expectation to fail).
-pub(crate) const ANY_VERSION_ATTEMPTS: usize = 64;
+const ANY_VERSION_ATTEMPTS: usize = 64;
+
+/// The version an expectation names (`Exact(n)`: n, `NoStream`: 0): the base to append at, and
+/// what makes a lost race a conflict rather than a reason to try again. `None` for `Any` and
+/// `StreamExists`, which take the stream's version as they find it.
+fn named_version(expected: ExpectedVersion) -> Option<u64> {
+    match expected {
+        ExpectedVersion::Exact(n) => Some(n),
+        ExpectedVersion::NoStream => Some(0),
+        ExpectedVersion::Any | ExpectedVersion::StreamExists => None,
+    }
+}
 
 impl PostgresEventStore {
     /// [`EventStore::append`] without its span and metrics.
@@ -59,12 +71,7 @@ impl PostgresEventStore {
         validate_append(stream, &events)?;
         self.same_server().await?;
         // The common case in one statement (no transaction block, one round trip).
-        let base = match expected {
-            ExpectedVersion::Exact(n) => Some(n),
-            ExpectedVersion::NoStream => Some(0),
-            ExpectedVersion::Any | ExpectedVersion::StreamExists => None,
-        };
-        if let Some(base) = base
+        if let Some(base) = named_version(expected)
             && self.inline.is_empty()
             && !events.is_empty()
             && events.len() < COPY_THRESHOLD
@@ -84,7 +91,7 @@ impl PostgresEventStore {
     }
 
     /// One try of a keyed append, in a transaction of its own.
-    pub(crate) async fn try_keyed(
+    async fn try_keyed(
         &self,
         stream: &StreamId,
         expected: ExpectedVersion,
@@ -125,7 +132,7 @@ impl PostgresEventStore {
     /// reused for other events; the error says which); an expectation that names a version
     /// (`Exact`, `NoStream`) is then a conflict; only `Any` and `StreamExists` try again, at
     /// most [`ANY_VERSION_ATTEMPTS`] times.
-    pub(crate) async fn retry_lost_races<'a>(
+    async fn retry_lost_races<'a>(
         &self,
         stream: &StreamId,
         expected: ExpectedVersion,
@@ -140,10 +147,7 @@ impl PostgresEventStore {
                     if let Some(error) = self.classify_ids(stream, events).await? {
                         return Err(error);
                     }
-                    if matches!(
-                        expected,
-                        ExpectedVersion::Exact(_) | ExpectedVersion::NoStream
-                    ) {
+                    if named_version(expected).is_some() {
                         return Err(StoreError::Conflict {
                             stream: stream.clone(),
                             expected,
@@ -164,7 +168,7 @@ impl PostgresEventStore {
 
     /// Appends, deciding the base version from the expectation; retries lost version races for the
     /// expectations that allow it.
-    pub(crate) async fn append_on(
+    async fn append_on(
         &self,
         stream: &StreamId,
         expected: ExpectedVersion,
@@ -177,16 +181,15 @@ impl PostgresEventStore {
     }
 
     /// One try of an append: the base version from the expectation, then the insert.
-    pub(crate) async fn try_append(
+    async fn try_append(
         &self,
         stream: &StreamId,
         expected: ExpectedVersion,
         events: &[EventData],
     ) -> Result<AppendResult, Insert> {
-        let base = match expected {
-            ExpectedVersion::Exact(n) => n,
-            ExpectedVersion::NoStream => 0,
-            ExpectedVersion::Any | ExpectedVersion::StreamExists => {
+        let base = match named_version(expected) {
+            Some(base) => base,
+            None => {
                 let actual = self.version_of(stream).await.map_err(Insert::Failed)?;
                 if expected == ExpectedVersion::StreamExists && actual == 0 {
                     return Err(Insert::Failed(StoreError::Conflict {
@@ -217,7 +220,7 @@ impl PostgresEventStore {
     /// same key waits on it until this transaction ends, then sees the key and these events, or
     /// takes it), then the expected version, the events, the inline projections and the key's
     /// versions.
-    pub(crate) async fn append_keyed_in(
+    async fn append_keyed_in(
         &self,
         conn: &mut PgConnection,
         stream: &StreamId,
@@ -272,7 +275,7 @@ impl PostgresEventStore {
     }
 
     /// Inserts and runs the inline projections in one transaction.
-    pub(crate) async fn insert_with_inline(
+    async fn insert_with_inline(
         &self,
         stream: &StreamId,
         base: u64,
@@ -300,7 +303,7 @@ impl PostgresEventStore {
     }
 
     /// Applies the just-appended events to the inline projections, in the append's transaction.
-    pub(crate) async fn run_inline(
+    async fn run_inline(
         &self,
         conn: &mut PgConnection,
         result: &AppendResult,
@@ -332,7 +335,7 @@ impl PostgresEventStore {
     }
 
     /// After a unique violation: are these ids stored already (an idempotent replay, or a reuse)?
-    pub(crate) async fn classify_ids(
+    async fn classify_ids(
         &self,
         stream: &StreamId,
         events: &[EventData],
@@ -353,7 +356,7 @@ impl PostgresEventStore {
 }
 
 /// How one try of a keyed append in a transaction ended.
-pub(crate) enum Keyed {
+enum Keyed {
     /// Appended (and the key recorded): commit.
     Appended(AppendResult),
     /// Another caller recorded the key first.

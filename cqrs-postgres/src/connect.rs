@@ -150,16 +150,16 @@ impl Default for PoolOptions {
 /// A connection failure, naming the server (without its password).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot connect to PostgreSQL at {0}: {1}{hint}", hint = tls_hint(.1))]
-pub(crate) struct ConnectError(String, #[source] sqlx::Error);
+struct ConnectError(String, #[source] sqlx::Error);
 /// A failure to connect to `url`, named without its password.
-pub(crate) fn connect_error(url: &str, error: sqlx::Error) -> StoreError {
+fn connect_error(url: &str, error: sqlx::Error) -> StoreError {
     StoreError::backend(ConnectError(url_without_password(url), error))
 }
 /// Makes sure rustls has a process-wide crypto provider before a TLS connection needs one.
 /// rustls picks one by its crate features, and finds none when a build enables two (ring here,
 /// aws-lc-rs through an AWS SDK, say): sqlx's TLS handshake then panics. ring is installed
 /// unless the application installed one first.
-pub(crate) fn tls_provider() {
+fn tls_provider() {
     #[cfg(feature = "tls")]
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         // Losing a race to another installer is fine: there is a provider either way.
@@ -167,7 +167,7 @@ pub(crate) fn tls_provider() {
     }
 }
 /// What to do about a TLS failure that is this build's, not the server's.
-pub(crate) fn tls_hint(error: &sqlx::Error) -> &'static str {
+fn tls_hint(error: &sqlx::Error) -> &'static str {
     if cfg!(feature = "tls") || !matches!(error, sqlx::Error::Tls(_)) {
         ""
     } else {
@@ -178,7 +178,7 @@ pub(crate) fn tls_hint(error: &sqlx::Error) -> &'static str {
 /// (`postgres://app:secret@host`), a `password=` parameter of a URL's query
 /// (`?password=secret`) and a `password=` pair of a key/value connection string
 /// (`host=db password=secret`, quoted or not).
-pub(crate) fn url_without_password(url: &str) -> String {
+fn url_without_password(url: &str) -> String {
     let url = match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let credentials = &url[scheme + 3..at];

@@ -8,6 +8,7 @@ use sqlx::{AssertSqlSafe, Row};
 use crate::errors::backend;
 use crate::rows::{to_i64, to_u64, xid};
 use crate::sql::Sql;
+
 /// The columns of an event that the store computes: its schema version as PostgreSQL's `integer`
 /// and its payload and metadata as JSON text (the `json` columns keep the text as written).
 pub(crate) struct Columns {
@@ -81,7 +82,7 @@ impl<'e> ColumnArrays<'e> {
 }
 
 /// The outcome of an append from the one-row summary both append statements return.
-pub(crate) fn appended_from(
+fn appended_from(
     row: &sqlx::postgres::PgRow,
     stream: &StreamId,
     base: u64,

@@ -6,8 +6,9 @@ use sqlx::{AssertSqlSafe, PgConnection};
 use crate::errors::backend;
 use crate::sql::Sql;
 use crate::store::PostgresEventStore;
+
 /// The embedded migrations: the events, snapshots and command-key tables.
-pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 impl PostgresEventStore {
     /// Creates the schema if needed and applies the embedded migrations; safe to call from several
@@ -51,7 +52,7 @@ impl PostgresEventStore {
 
 /// Applies the migrations to the schema of `sql`: all of them, or those up to version `up_to`
 /// (the upgrade tests start from an older schema).
-pub(crate) async fn migrate_on(
+async fn migrate_on(
     conn: &mut PgConnection,
     sql: &Sql,
     up_to: Option<i64>,

@@ -247,7 +247,7 @@ pub(crate) fn read_span(after: Checkpoint, limit: usize) -> tracing::Span {
 }
 /// The largest page read without disabling sorts (see `in_global_order`): below it the planner
 /// prefers the ordered index scan even without statistics (where it switches: docs/benchmarks.md).
-pub(crate) const SORT_SAFE_PAGE: usize = 1_000;
+const SORT_SAFE_PAGE: usize = 1_000;
 
 impl PostgresEventStore {
     /// Subscribes to commit notifications of this schema's events: the store's

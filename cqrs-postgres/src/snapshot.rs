@@ -7,6 +7,7 @@ use sqlx::{AssertSqlSafe, Row};
 use crate::errors::backend;
 use crate::rows::{to_i64, to_u64};
 use crate::store::PostgresEventStore;
+
 #[async_trait::async_trait]
 impl SnapshotStore for PostgresEventStore {
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {

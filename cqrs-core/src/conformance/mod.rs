@@ -24,6 +24,7 @@ use crate::envelope::{
     AggregateId, Checkpoint, EventData, EventId, Metadata, StoredEvent, StreamId,
 };
 use crate::store::{EventStore, ExpectedVersion};
+
 /// Generates one `#[tokio::test]` per conformance check. `$make` is a closure that takes the test's
 /// name (to isolate its data, e.g. in a schema of that name) and returns a future of a fresh, empty
 /// store (`S: EventStore + SnapshotStore + Clone + 'static`); the calling crate depends on tokio with

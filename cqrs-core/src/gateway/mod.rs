@@ -18,6 +18,7 @@ use crate::envelope::{AggregateId, EventData, Metadata, RecordedEvent, StreamId}
 use crate::store::{
     AppendResult, EventStore, ExpectedVersion, KeyRecord, Snapshot, SnapshotStore, StoreError,
 };
+
 /// How many aggregates the gateway keeps in memory by default.
 pub const DEFAULT_CACHE_CAPACITY: usize = 1024;
 /// How many times the gateway retries a command after a version conflict by default.

@@ -1,7 +1,6 @@
 //! The in-process projection runner: keeps a projection whose state lives in the process up to date
 //! from any [`EventStore`], with a checkpoint store, retries, dead letters and a live mode.
 
-use super::memory::{CheckpointStore, InMemoryCheckpoints, InMemoryDeadLetters};
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
@@ -10,8 +9,10 @@ use std::time::Duration;
 use super::Projection;
 use super::engine::{DeliveryBackend, DeliveryError, Engine, Parked, Savepoint};
 use super::failure::{DeadLetter, FailurePolicy, Redrive};
+use super::memory::{CheckpointStore, InMemoryCheckpoints, InMemoryDeadLetters};
 use crate::envelope::{Checkpoint, StoredEvent, StreamId};
 use crate::store::{EventStore, StoreError};
+
 /// What one step of a runner did: one batch of the global order read, applied and checkpointed
 /// (named apart from saga steps).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

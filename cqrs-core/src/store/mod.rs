@@ -1,21 +1,27 @@
 //! The event store: append-only streams with optimistic concurrency, idempotent appends and one
 //! global order.
+
 mod decode;
 mod error;
 mod filter;
 mod memory;
 mod validate;
-use crate::envelope::{Checkpoint, EventData, EventId, RawStoredEvent, StoredEvent, StreamId};
-use crate::event::DomainEvent;
-use chrono::{DateTime, Utc};
+
 pub use error::{CorruptEvent, MoveEvidence, StoreError, StoreMoved};
 pub use filter::{Lag, Subscription};
-use futures::stream::BoxStream;
-use futures::{StreamExt, TryStreamExt};
 pub use memory::InMemoryEventStore;
+pub use validate::{MAX_JSON_DEPTH, classify_stored_ids, json_depth, same_event, validate_append};
+
 use std::fmt;
 use std::sync::Arc;
-pub use validate::{MAX_JSON_DEPTH, classify_stored_ids, json_depth, same_event, validate_append};
+
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::envelope::{Checkpoint, EventData, EventId, RawStoredEvent, StoredEvent, StreamId};
+use crate::event::DomainEvent;
+
 /// What an append expects of the stream's current version.
 ///
 /// Versions count events: a stream with `n` events is at version `n`; a missing stream is at 0.

@@ -14,6 +14,7 @@ use sqlx::{AssertSqlSafe, PgConnection};
 use crate::common::*;
 use crate::pg;
 use crate::support::brokers;
+
 /// Counts every deposit it applies, one row per application: a second effect of one event shows
 /// as a second row.
 #[derive(Projection)]

@@ -16,22 +16,22 @@ pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
             valid::aggregate(&mut cx, &model);
             let result = cx.check().map(|()| generate(&model));
             super::finish(input, result, || {
-                stub(
-                    &AggregateTypes {
-                        command: Some(model.command.clone()),
-                        event: Some(model.event.clone()),
-                        error: Some(model.error.clone()),
-                    },
-                    model.ident,
-                )
+                stub(model.ident, &model.command, &model.event, &model.error)
             })
         }
         // A required key is missing: `cx` holds its error.
-        Parsed::Incomplete(types) => {
-            super::finish(input, cx.check().map(|()| TokenStream::new()), || {
-                stub(&types, &input.ident)
-            })
-        }
+        Parsed::Incomplete(AggregateTypes {
+            command,
+            event,
+            error,
+        }) => super::finish(input, cx.check().map(|()| TokenStream::new()), || {
+            match (command, event, error) {
+                (Some(command), Some(event), Some(error)) => {
+                    stub(&input.ident, &command, &event, &error)
+                }
+                _ => TokenStream::new(),
+            }
+        }),
     }
 }
 
@@ -88,11 +88,12 @@ fn generate(model: &AggregateStruct<'_>) -> TokenStream {
 /// aggregate (the command enum's derive, gateways) from failing too. Without them no stub is better
 /// than one with stand-in types, whose mismatches would name types the user never wrote; the uses
 /// then report "`X` is not an aggregate" with the same fix as the error above.
-fn stub(types: &AggregateTypes, ident: &syn::Ident) -> TokenStream {
-    let (Some(command), Some(event), Some(error)) = (&types.command, &types.event, &types.error)
-    else {
-        return TokenStream::new();
-    };
+fn stub(
+    ident: &syn::Ident,
+    command: &syn::Type,
+    event: &syn::Type,
+    error: &syn::Type,
+) -> TokenStream {
     quote! {
         impl __evently::Aggregate for #ident {
             const NAME: &'static str = "";

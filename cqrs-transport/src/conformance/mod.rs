@@ -49,6 +49,7 @@ use crate::{
     ConsumerMetrics, HandleError, Handled, MessageHandler, Relay, Sink, Transactional,
     TransportError,
 };
+
 /// A boxed future, as the harness returns them.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// What a broker crate supplies to the suite.

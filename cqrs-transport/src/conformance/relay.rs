@@ -56,12 +56,7 @@ pub async fn relay_killed_at_random_points_unordered<B: Broker>(
 ) -> KillReport {
     relay_killed(broker, ns, cuts, false).await
 }
-pub(super) async fn relay_killed<B: Broker>(
-    broker: &B,
-    ns: &str,
-    cuts: u32,
-    ordered: bool,
-) -> KillReport {
+async fn relay_killed<B: Broker>(broker: &B, ns: &str, cuts: u32, ordered: bool) -> KillReport {
     let store = fresh_store(&format!("{ns}_kill")).await;
     let consumer = "kill-consumer";
     broker
@@ -182,7 +177,7 @@ impl Writers {
 /// Drains what is left through `relay`, waits until the consumer applied all of `expected`
 /// (and a moment more for redeliveries on their way, which must all be dropped), stops it, and
 /// tallies what it applied: (events, its counters, (missing, applied twice, inversions)).
-pub(super) async fn drain_and_tally<S: Sink>(
+async fn drain_and_tally<S: Sink>(
     mut relay: Relay<S>,
     store: &PostgresEventStore,
     consumer: &str,
@@ -212,10 +207,7 @@ pub(super) async fn drain_and_tally<S: Sink>(
 }
 /// Per aggregate of `expected` (id -> events written), against what was applied in order:
 /// (missing, applied twice, inversions).
-pub(super) fn tally(
-    expected: &BTreeMap<String, u64>,
-    by_id: &BTreeMap<String, Vec<i64>>,
-) -> (u64, u64, u64) {
+fn tally(expected: &BTreeMap<String, u64>, by_id: &BTreeMap<String, Vec<i64>>) -> (u64, u64, u64) {
     let (mut missing, mut doubled, mut inversions) = (0, 0, 0);
     for (id, count) in expected {
         let versions = by_id.get(id).cloned().unwrap_or_default();

@@ -25,6 +25,7 @@ use evently_postgres::{CheckpointLease, PostgresEventStore};
 
 use crate::sink::{Layout, Sink};
 use crate::{BrokerError, DeliveryError, EventSerializer, JsonEnvelope, TransportError};
+
 /// Headers of a sink's messages.
 type HeadersOf<S> = <<S as Sink>::Layout as Layout>::Headers;
 /// What one [`Relay::step`] did.

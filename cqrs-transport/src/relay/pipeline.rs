@@ -42,7 +42,7 @@ pub(super) struct Outgoing {
     pub(super) checkpoint: Checkpoint,
 }
 /// Pages of at least this many events are read in two halves at once.
-pub(super) const SPLIT_FROM: usize = 2_000;
+const SPLIT_FROM: usize = 2_000;
 /// Reads up to `batch` events after `from` and makes them messages. With `split` (the page
 /// before was full: there is a backlog), a large page is split at the checkpoint of its middle
 /// event and both halves are read at once, on two connections and two tasks (everything up to
@@ -110,10 +110,10 @@ impl<H> Page<H> {
 
 /// The bytes reserved per event for the message values before a part is read: an envelope of a
 /// small event is ~350 bytes; growing a buffer of a few thousand values copies it whole.
-pub(super) const VALUE_BYTES: usize = 512;
+const VALUE_BYTES: usize = 512;
 /// Reads up to `batch` events after `from` and makes them messages, each as its row arrives (so
 /// the serialization overlaps the database sending the rest of the page).
-pub(super) async fn load_part<L: Layout>(
+async fn load_part<L: Layout>(
     store: PostgresEventStore,
     serializer: Arc<dyn EventSerializer>,
     layout: L,
@@ -345,10 +345,7 @@ impl<S: Sink> Relay<S> {
 
     /// Queues the messages of `page` in the sink, behind what is in flight. Returns how many
     /// were queued, or the first failure (those before it stay queued).
-    pub(super) async fn send_page(
-        &mut self,
-        page: Page<HeadersOf<S>>,
-    ) -> Result<usize, TransportError> {
+    async fn send_page(&mut self, page: Page<HeadersOf<S>>) -> Result<usize, TransportError> {
         let sent = page.len();
         let Page { chunks, refused } = page;
         // The aggregate types of the page (rarely more than a few).

@@ -31,7 +31,7 @@ pub(super) trait Deliverable: Payload {
 }
 /// `apply`, with a panic of the handler turned into its failure on `event` (retried, then parked
 /// by the policy like any other): one bad event never kills the worker.
-pub(super) fn guarded<'a, P: Projection, T: Sync>(
+fn guarded<'a, P: Projection, T: Sync>(
     event: &'a StoredEvent<T>,
     apply: BoxFuture<'a, Result<bool, ProjectionError>>,
 ) -> BoxFuture<'a, Result<bool, ProjectionError>> {
@@ -130,7 +130,7 @@ where
     /// One attempt at a batch in a unit of its own, with the backend's heartbeat beside it.
     /// `careful`: each event with a savepoint (transactional backends), retries and parking;
     /// otherwise any failure ends the attempt (and the unit rolls back whole).
-    pub(super) async fn apply_batch(
+    async fn apply_batch(
         &mut self,
         page: &[RawStoredEvent],
         from: Checkpoint,
@@ -162,7 +162,7 @@ where
         }
     }
 
-    pub(super) async fn apply_batch_in(
+    async fn apply_batch_in(
         &mut self,
         unit: &mut B::Unit,
         page: &[RawStoredEvent],

@@ -75,7 +75,7 @@ where
         Ok(delivered)
     }
 
-    pub(super) async fn deliver_unit(
+    async fn deliver_unit(
         &mut self,
         events: &[StoredEvent],
         careful: bool,
@@ -99,7 +99,7 @@ where
         self.end(unit, outcome).await
     }
 
-    pub(super) async fn deliver_one(
+    async fn deliver_one(
         &mut self,
         unit: &mut B::Unit,
         event: &StoredEvent,

@@ -27,6 +27,7 @@ use super::{Lag, Projection, ProjectionError, Subscription};
 use crate::envelope::{Checkpoint, RawStoredEvent, StoredEvent};
 use crate::store::{EventStore, StoreError};
 use crate::telemetry::MetricsHandle;
+
 fn lease_lost(projection: &str, epoch: Option<i64>) -> String {
     match epoch {
         None => format!(

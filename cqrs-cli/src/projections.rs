@@ -30,6 +30,16 @@ pub(crate) enum Projections {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// Runs the projection in N segments from now on (split or merge while its workers run;
+    /// `SegmentedWorker`s share the segments): each new segment starts where none of its events
+    /// is skipped or applied twice.
+    Scale {
+        /// The projection's name.
+        name: String,
+        /// How many segments (1 to 1024).
+        #[arg(long)]
+        segments: u32,
+    },
 }
 
 /// Runs a `projections` command.
@@ -55,6 +65,7 @@ pub(crate) async fn run(
                 "epoch",
                 "owner",
                 "dlq",
+                "segments",
                 "updated",
             ]);
             for p in all {
@@ -63,14 +74,20 @@ pub(crate) async fn run(
                     (Some(owner), false) => format!("({owner})"),
                     (None, _) => "-".to_owned(),
                 };
+                let (name, segments) = match (&p.segment_of, p.segments) {
+                    (Some(_), _) => (format!("  {}", p.name), String::new()),
+                    (None, Some(n)) => (p.name.clone(), n.to_string()),
+                    (None, None) => (p.name.clone(), "-".to_owned()),
+                };
                 table.add_row([
-                    p.name,
+                    name,
                     p.checkpoint.position.to_string(),
                     p.lag.to_string(),
                     format!("{:.1}", p.lag_seconds),
                     p.epoch.to_string(),
                     owner,
                     p.dead_letters.to_string(),
+                    segments,
                     p.updated_at.format("%Y-%m-%d %H:%M:%S").to_string(),
                 ]);
             }
@@ -85,6 +102,23 @@ pub(crate) async fn run(
             timeout,
         } => {
             rebuild(store, &name, no_wait, Duration::from_secs(timeout)).await?;
+        }
+        Projections::Scale { name, segments } => {
+            let before = evently_postgres::segments::layout(store, &name).await?;
+            let layout = evently_postgres::segments::scale(store, &name, segments).await?;
+            let was = before.map_or(1, |l| l.count());
+            if json {
+                out!(
+                    "{}",
+                    serde_json::json!({"name": name, "from": was, "segments": layout.count(), "generation": layout.generation})
+                );
+            } else {
+                out!(
+                    "`{name}` runs in {} segments (was {was}; generation {}); its workers take them over",
+                    layout.count(),
+                    layout.generation
+                );
+            }
         }
     }
     Ok(())
@@ -125,6 +159,15 @@ async fn status(store: &PostgresEventStore, name: &str, json: bool) -> Result<()
     if json {
         let mut object = projection_json(&p);
         object["head"] = head.into();
+        if p.segments.is_some() {
+            let parts: Vec<serde_json::Value> = projections(store)
+                .await?
+                .iter()
+                .filter(|s| s.segment_of.as_deref() == Some(name))
+                .map(projection_json)
+                .collect();
+            object["segment_rows"] = parts.into();
+        }
         if let Some(r) = requests {
             object["rebuild_requested_at"] = serde_json::json!(r.rebuild_requested_at);
             object["rebuilt_at"] = serde_json::json!(r.rebuilt_at);
@@ -142,7 +185,11 @@ async fn status(store: &PostgresEventStore, name: &str, json: bool) -> Result<()
         p.lag,
         p.lag_seconds
     );
-    out!("lease:        {}", lease_text(&p));
+    if p.segments.is_some() {
+        out!("segments:     {}", segment_lines(store, name).await?);
+    } else {
+        out!("lease:        {}", lease_text(&p));
+    }
     out!("dead letters: {}", p.dead_letters);
     out!("updated:      {}", p.updated_at.format("%Y-%m-%d %H:%M:%S"));
     if let Some(r) = requests {
@@ -166,6 +213,40 @@ async fn status(store: &PostgresEventStore, name: &str, json: bool) -> Result<()
         }
     }
     Ok(())
+}
+
+/// The segments of `name`: a count, then a table (position, lag, lease per segment).
+async fn segment_lines(store: &PostgresEventStore, name: &str) -> Result<String, Failure> {
+    let rows: Vec<ProjectionStatus> = projections(store)
+        .await?
+        .into_iter()
+        .filter(|s| s.segment_of.as_deref() == Some(name))
+        .collect();
+    let mut table = table(["segment", "position", "lag", "lease"]);
+    for s in &rows {
+        let segment = s
+            .name
+            .strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('#'))
+            .unwrap_or(&s.name);
+        table.add_row([
+            segment.to_owned(),
+            s.checkpoint.position.to_string(),
+            s.lag.to_string(),
+            lease_text(s),
+        ]);
+    }
+    let owners: std::collections::BTreeSet<&str> = rows
+        .iter()
+        .filter(|s| s.leased)
+        .filter_map(|s| s.owner.as_deref())
+        .collect();
+    Ok(format!(
+        "{} ({} owned by {} workers; the lag counts every event after a segment's checkpoint, its own streams or not)\n{table}",
+        rows.len(),
+        rows.iter().filter(|s| s.leased).count(),
+        owners.len()
+    ))
 }
 
 pub(crate) fn no_answer(p: &ProjectionStatus, timeout: Duration) -> Failure {
@@ -257,5 +338,7 @@ fn projection_json(p: &ProjectionStatus) -> serde_json::Value {
         "epoch": p.epoch,
         "dead_letters": p.dead_letters,
         "updated_at": p.updated_at,
+        "segments": p.segments,
+        "segment_of": p.segment_of,
     })
 }

@@ -80,6 +80,14 @@ impl Control {
         &self,
         projection: &str,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        if let Some(layout) = crate::segments::layout(&self.store, projection).await? {
+            return Err(StoreError::InvalidInput(format!(
+                "projection `{projection}` runs in {} segments: a rebuild on request is served only \
+                 for a projection run by one ProjectionWorker; rebuild it into a new projection \
+                 name instead",
+                layout.count()
+            )));
+        }
         let row = sqlx::query(AssertSqlSafe(self.store.sql.request_rebuild.clone()))
             .bind(projection)
             .fetch_optional(self.store.pool())
@@ -242,6 +250,11 @@ pub struct ProjectionStatus {
     pub dead_letters: u64,
     /// When its checkpoint last moved.
     pub updated_at: DateTime<Utc>,
+    /// On a projection that runs in segments: how many (its checkpoint and lag are then its
+    /// slowest segment's).
+    pub segments: Option<u32>,
+    /// On a segment's row: the projection it is a segment of.
+    pub segment_of: Option<String>,
 }
 
 /// Every projection with a checkpoint in `store`'s schema, by name.
@@ -271,6 +284,11 @@ pub async fn projections(store: &PostgresEventStore) -> Result<Vec<ProjectionSta
                 leased: row.try_get("leased").map_err(backend)?,
                 dead_letters: to_u64(dead_letters)?,
                 updated_at: row.try_get("updated_at").map_err(backend)?,
+                segments: row
+                    .try_get::<Option<i32>, _>("segments")
+                    .map_err(backend)?
+                    .and_then(|n| u32::try_from(n).ok()),
+                segment_of: row.try_get("segment_of").map_err(backend)?,
             })
         })
         .collect()

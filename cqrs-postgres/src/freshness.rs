@@ -27,8 +27,18 @@ use crate::projection::{ProjectionWorker, WorkerError};
 
 #[async_trait::async_trait]
 impl Progress for PostgresEventStore {
+    /// The projection's checkpoint; for one running in segments, the least of theirs (every
+    /// segment has passed what comes before it).
     async fn checkpoint_of(&self, projection: &str) -> Result<Checkpoint, StoreError> {
-        crate::lease::read(self, projection).await
+        let row = sqlx::query(sqlx::AssertSqlSafe(self.sql.progress_checkpoint.clone()))
+            .bind(projection)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(crate::errors::backend)?;
+        Ok(row
+            .map(|row| crate::rows::checkpoint(&row))
+            .transpose()?
+            .unwrap_or(Checkpoint::START))
     }
 
     async fn moved(&self, _projection: &str, at_most: Duration) {

@@ -34,6 +34,9 @@ pub struct CheckpointLease {
     owner: String,
     lease: Duration,
     epoch: Option<i64>,
+    /// A segment's lease: its row exists or the lease is never taken (see
+    /// [`crate::projection::SegmentedWorker`]).
+    segment: bool,
 }
 
 impl CheckpointLease {
@@ -51,6 +54,21 @@ impl CheckpointLease {
             owner: owner.into(),
             lease: clamp_lease(lease),
             epoch: None,
+            segment: false,
+        }
+    }
+
+    /// The lease of a segment's row `name`, which a rescale creates: acquiring never creates it
+    /// (a worker of a layout replaced meanwhile finds no row and takes nothing).
+    pub(crate) fn segment(
+        store: PostgresEventStore,
+        name: impl Into<String>,
+        owner: impl Into<String>,
+        lease: Duration,
+    ) -> Self {
+        Self {
+            segment: true,
+            ..Self::new(store, name, owner, lease)
         }
     }
 
@@ -111,7 +129,12 @@ impl CheckpointLease {
     /// # Errors
     /// [`StoreError::Backend`] when the database fails.
     pub async fn acquire(&mut self) -> Result<Option<Checkpoint>, StoreError> {
-        let row = sqlx::query(AssertSqlSafe(self.store.sql.acquire_lease.clone()))
+        let sql = if self.segment {
+            &self.store.sql.acquire_segment
+        } else {
+            &self.store.sql.acquire_lease
+        };
+        let row = sqlx::query(AssertSqlSafe(sql.clone()))
             .bind(&self.name)
             .bind(&self.owner)
             .bind(self.lease.as_secs_f64())
@@ -202,6 +225,24 @@ impl CheckpointLease {
             return Ok(false);
         };
         renew(&self.store, &self.name, epoch, self.lease).await
+    }
+
+    /// Gives the lease up (when this owner still holds it), so another owner takes it at once
+    /// instead of after it expires; forgets the epoch.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the database fails (the lease then expires by itself).
+    pub async fn release(&mut self) -> Result<(), StoreError> {
+        let Some(epoch) = self.epoch.take() else {
+            return Ok(());
+        };
+        sqlx::query(AssertSqlSafe(self.store.sql.release_lease.clone()))
+            .bind(&self.name)
+            .bind(epoch)
+            .execute(self.store.pool())
+            .await
+            .map_err(backend)?;
+        Ok(())
     }
 
     /// A heartbeat for the epoch held: a future that renews the lease every third of its duration

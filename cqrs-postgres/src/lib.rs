@@ -18,6 +18,7 @@ pub mod projection;
 mod read;
 mod rows;
 pub mod saga;
+pub mod segments;
 mod server;
 mod snapshot;
 mod sql;

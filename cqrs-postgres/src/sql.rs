@@ -51,6 +51,9 @@ pub(crate) struct Sql {
     pub(crate) checkpoint_state: String,
     pub(crate) renew_lease: String,
     pub(crate) read_checkpoint: String,
+    pub(crate) acquire_segment: String,
+    pub(crate) release_lease: String,
+    pub(crate) progress_checkpoint: String,
     pub(crate) blocked_streams: String,
     pub(crate) park: String,
     pub(crate) list_dead_letters: String,
@@ -268,9 +271,11 @@ impl Sql {
                                 THEN {s}.projection_checkpoints.epoch \
                                 ELSE {s}.projection_checkpoints.epoch + 1 END, \
                    owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until \
-                 WHERE {s}.projection_checkpoints.owner IS NULL \
+                 WHERE ({s}.projection_checkpoints.owner IS NULL \
                     OR {s}.projection_checkpoints.owner = EXCLUDED.owner \
-                    OR {s}.projection_checkpoints.lease_until < clock_timestamp() \
+                    OR {s}.projection_checkpoints.lease_until < clock_timestamp()) \
+                   AND {s}.projection_checkpoints.segments IS NULL \
+                   AND {s}.projection_checkpoints.segment_of IS NULL \
                  RETURNING epoch, transaction_id::text AS transaction_text, global_position"
             ),
             // Compare-and-set: moves the checkpoint from exactly the window's start ($6, $7) to its
@@ -349,15 +354,23 @@ impl Sql {
                 "SELECT retry_requested_at IS NOT NULL AS pending, error FROM {s}.projection_dead_letters WHERE id = $1"
             ),
             projection_statuses: format!(
-                "SELECT c.projection, c.transaction_id::text AS transaction_text, c.global_position, c.owner, c.epoch, \
-                COALESCE(c.lease_until > now(), false) AS leased, c.updated_at, \
+                "WITH c AS ( \
+                   SELECT p.projection, p.owner, p.epoch, p.lease_until, p.updated_at, p.segments, \
+                          p.segment_of, p.segment_index, COALESCE(m.transaction_id, p.transaction_id) AS transaction_id, \
+                          COALESCE(m.global_position, p.global_position) AS global_position \
+                   FROM {s}.projection_checkpoints p LEFT JOIN LATERAL ( \
+                     SELECT q.transaction_id, q.global_position FROM {s}.projection_checkpoints q \
+                     WHERE p.segments IS NOT NULL AND q.segment_of = p.projection \
+                     ORDER BY q.transaction_id, q.global_position LIMIT 1) m ON true) \
+                SELECT c.projection, c.transaction_id::text AS transaction_text, c.global_position, c.owner, c.epoch, \
+                COALESCE(c.lease_until > now(), false) AS leased, c.updated_at, c.segments, c.segment_of, \
                 (SELECT count(*) FROM {s}.projection_dead_letters d WHERE d.projection = c.projection) AS dead_letters, \
                 l.lag, l.lag_seconds \
-         FROM {s}.projection_checkpoints c, LATERAL ( \
+         FROM c, LATERAL ( \
            SELECT count(*) AS lag, \
                   COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(e.recorded_at))::float8, 0) AS lag_seconds \
            FROM {s}.events e WHERE (e.transaction_id, e.global_position) > (c.transaction_id, c.global_position)) l \
-         ORDER BY c.projection"
+         ORDER BY COALESCE(c.segment_of, c.projection), c.segment_of IS NOT NULL, c.segment_index, c.projection"
             ),
             reset_dead_letters: format!(
                 "DELETE FROM {s}.projection_dead_letters WHERE projection = $1"
@@ -365,6 +378,27 @@ impl Sql {
             hold_lease: format!(
                 "SELECT 1 FROM {s}.projection_checkpoints \
                  WHERE projection = $1 AND epoch = $2 AND lease_until >= clock_timestamp() FOR UPDATE"
+            ),
+            // A segment's lease: only an existing row (a rescale deletes the rows it replaces,
+            // and a worker of the old layout must not bring one back).
+            acquire_segment: format!(
+                "UPDATE {s}.projection_checkpoints SET \
+                   epoch = CASE WHEN owner = $2 AND epoch = $4::int8 THEN epoch ELSE epoch + 1 END, \
+                   owner = $2, lease_until = clock_timestamp() + make_interval(secs => $3) \
+                 WHERE projection = $1 AND segment_of IS NOT NULL \
+                   AND (owner IS NULL OR owner = $2 OR lease_until < clock_timestamp()) \
+                 RETURNING epoch, transaction_id::text AS transaction_text, global_position"
+            ),
+            release_lease: format!(
+                "UPDATE {s}.projection_checkpoints SET owner = NULL, lease_until = NULL \
+                 WHERE projection = $1 AND epoch = $2"
+            ),
+            // What a projection has passed: its own checkpoint, or the least of its segments'.
+            progress_checkpoint: format!(
+                "SELECT transaction_id::text AS transaction_text, global_position \
+                 FROM {s}.projection_checkpoints \
+                 WHERE segment_of = $1 OR (projection = $1 AND segments IS NULL) \
+                 ORDER BY transaction_id, global_position LIMIT 1"
             ),
             read_checkpoint: format!(
                 "SELECT transaction_id::text AS transaction_text, global_position, owner, epoch \

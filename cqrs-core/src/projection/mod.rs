@@ -18,6 +18,7 @@ mod fixture;
 mod freshness;
 mod memory;
 mod runner;
+pub mod segment;
 
 pub use engine::{Delivered, DeliveryBackend, DeliveryError, Engine, unknown_event_type};
 pub use failure::{
@@ -28,6 +29,7 @@ pub use fixture::{CaughtUp, FixtureError, ProjectionFixture, assert_no_dead_lett
 pub use freshness::{NotCaughtUp, Progress, wait_until_caught_up};
 pub use memory::{CheckpointStore, InMemoryCheckpoints, InMemoryDeadLetters};
 pub use runner::{Batch, InMemoryBackend, ProjectionMetrics, ProjectionRunner, event_span};
+pub use segment::{Segment, SegmentError, SegmentState};
 
 use crate::envelope::{Checkpoint, RawStoredEvent, RecordedEvent, StoredEvent};
 use crate::event::DomainEvent;

@@ -42,6 +42,9 @@ pub struct PostgresBackend {
     /// up), and the one kept: the next batch then begins without the pool's liveness ping.
     pub(super) hold: bool,
     pub(super) held: Option<sqlx::pool::PoolConnection<sqlx::Postgres>>,
+    /// The segment this backend's lease is on, if the projection runs in segments: it serves
+    /// only the redrives of its own streams.
+    pub(super) segment: Option<evently_core::projection::Segment>,
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -199,7 +202,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
     ) -> Result<(), DeliveryError> {
         let epoch = self.lease.epoch();
         let held = sqlx::query(AssertSqlSafe(self.store.sql.hold_lease.clone()))
-            .bind(P::NAME)
+            .bind(self.lease.name())
             .bind(epoch)
             .fetch_optional(&mut **unit)
             .await
@@ -266,7 +269,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
             .into());
         }
         let moved = sqlx::query(AssertSqlSafe(self.store.sql.reset_checkpoint.clone()))
-            .bind(P::NAME)
+            .bind(self.lease.name())
             .bind(self.lease.epoch())
             .execute(&mut **unit)
             .await
@@ -293,7 +296,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
             sqlx::query_scalar(AssertSqlSafe(format!(
                 "SELECT rebuild_requested_at FROM {s}.projection_checkpoints WHERE projection = $1"
             )))
-            .bind(P::NAME)
+            .bind(self.lease.name())
             .fetch_optional(self.store.pool())
             .await
             .map_err(backend)?;
@@ -312,7 +315,9 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
         requests.extend(
             streams
                 .into_iter()
-                .map(|(t, id)| Request::Retry(StreamId::new(t, id))),
+                .map(|(t, id)| StreamId::new(t, id))
+                .filter(|stream| self.segment.is_none_or(|segment| segment.contains(stream)))
+                .map(Request::Retry),
         );
         Ok(requests)
     }
@@ -328,7 +333,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
                  WHERE projection = $1",
                 self.store.sql.quoted_schema
             )))
-            .bind(P::NAME)
+            .bind(self.lease.name())
             .bind(error)
             .execute(self.store.pool())
             .await

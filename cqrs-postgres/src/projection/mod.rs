@@ -45,8 +45,10 @@ pub fn is_permanent(error: &WorkerError) -> bool {
 
 mod backend;
 pub(crate) mod letters;
+mod segments;
 
 pub use backend::{InboxBackend, PostgresBackend};
+pub use segments::SegmentedWorker;
 
 /// Empties a read model inside the rebuild's transaction.
 type Reset = Arc<
@@ -91,6 +93,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             reset_once: std::sync::Mutex::new(None),
             hold: false,
             held: None,
+            segment: None,
         };
         Self {
             engine: Engine::new(projection, backend, 2_000),

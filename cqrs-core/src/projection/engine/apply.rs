@@ -79,7 +79,11 @@ where
         window: Window,
     ) -> Result<Batch, DeliveryError> {
         self.dense = window.dense;
-        let (page, last) = (window.events, window.last);
+        let (mut page, last) = (window.events, window.last);
+        if let Some(segment) = &self.segment {
+            // Other segments' streams are passed with the checkpoint, as unsubscribed events are.
+            page.retain(|event| segment.admits(event));
+        }
         if last == from {
             // Nothing new: exactly caught up.
             self.set_lag(Lag::default());

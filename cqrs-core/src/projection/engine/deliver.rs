@@ -204,7 +204,11 @@ where
     ) -> Result<Batch, DeliveryError> {
         let subscribed = P::SUBSCRIPTIONS
             .iter()
-            .any(|s| s.matches_type(&corrupt.stream.aggregate_type, &corrupt.event_type));
+            .any(|s| s.matches_type(&corrupt.stream.aggregate_type, &corrupt.event_type))
+            && self
+                .segment
+                .as_ref()
+                .is_none_or(|segment| segment.segment.contains(&corrupt.stream));
         self.no_dead_letters = false;
         let mut unit = self.backend.begin_unit().await?;
         let outcome = async {

@@ -138,6 +138,9 @@ pub struct Engine<P: Projection, B> {
     /// batches skip asking the backend for blocked streams (a round trip per batch). Forgotten
     /// on any park, any failed batch and whenever ownership is lost or taken (again).
     no_dead_letters: bool,
+    /// The segment this engine applies, if the projection runs in segments: events of other
+    /// streams, and those an earlier segment applied, are passed.
+    segment: Option<super::SegmentState>,
 }
 impl<P: Projection, B> std::fmt::Debug for Engine<P, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -161,7 +164,20 @@ impl<P: Projection, B> Engine<P, B> {
             lag_counted: None,
             dense: false,
             no_dead_letters: false,
+            segment: None,
         }
+    }
+
+    /// Applies only the events `segment` admits ([`SegmentState::admits`](super::SegmentState::admits));
+    /// `None`: all of them.
+    pub fn set_segment(&mut self, segment: Option<super::SegmentState>) {
+        self.segment = segment;
+    }
+
+    /// The segment this engine applies, if any.
+    #[must_use]
+    pub fn segment(&self) -> Option<&super::SegmentState> {
+        self.segment.as_ref()
     }
 
     /// What to do with events the projection keeps failing on.

@@ -104,6 +104,8 @@ pub(crate) async fn run(
             rebuild(store, &name, no_wait, Duration::from_secs(timeout)).await?;
         }
         Projections::Scale { name, segments } => {
+            // A typo must not create a projection: it has to have run (or been segmented) before.
+            find(store, &name).await?;
             let before = evently_postgres::segments::layout(store, &name).await?;
             let layout = evently_postgres::segments::scale(store, &name, segments).await?;
             let was = before.map_or(1, |l| l.count());

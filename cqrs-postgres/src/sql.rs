@@ -390,8 +390,9 @@ impl Sql {
                  RETURNING epoch, transaction_id::text AS transaction_text, global_position"
             ),
             release_lease: format!(
-                "UPDATE {s}.projection_checkpoints SET owner = NULL, lease_until = NULL \
-                 WHERE projection = $1 AND epoch = $2"
+                "UPDATE {s}.projection_checkpoints \
+                 SET lease_until = clock_timestamp() - interval '1 millisecond' \
+                 WHERE projection = $1 AND epoch = $2 AND lease_until >= clock_timestamp()"
             ),
             // What a projection has passed: its own checkpoint, or the least of its segments'.
             progress_checkpoint: format!(

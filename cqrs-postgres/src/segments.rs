@@ -157,7 +157,7 @@ pub(crate) async fn segment_state(
 /// Runs `projection` in `count` segments from now on: the segments it ran in (or the projection
 /// as a whole, the first time) are replaced in one transaction by `count` new ones, each starting
 /// where none of its events is skipped or applied twice
-/// ([`rescale`](evently_core::projection::segment::rescale)). Their workers lose their leases at
+/// ([`rescale`]). Their workers lose their leases at
 /// their next checkpoint move (a batch in flight is waited for, then rolled back by the fence),
 /// and the workers sharing the projection take the new segments. A projection that already runs
 /// in `count` segments is left as it is.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use evently_core::EventStore;
 use evently_postgres::PostgresEventStore;
-use evently_postgres::control::{Control, ProjectionStatus, projections, read_checkpoint};
+use evently_postgres::control::{Control, ProjectionStatus, projections};
 
 use crate::{Failure, NoAnswer, table, wait_for};
 
@@ -271,7 +271,7 @@ async fn rebuild(
     let Some(requested) = control.request_rebuild(name).await? else {
         return Err(format!("no projection `{name}`").into());
     };
-    if !p.leased {
+    if !p.leased && p.segments.is_none() {
         eprintln!(
             "note: no worker holds `{name}` now ({}); it rebuilds when one starts",
             lease_text(&p)
@@ -308,7 +308,10 @@ async fn rebuild(
     );
     bar.set_message(format!("rebuilding {name}"));
     loop {
-        let at = read_checkpoint(store, name).await?.position;
+        // A segmented projection is where its slowest segment is.
+        let at = evently_core::projection::Progress::checkpoint_of(store, name)
+            .await?
+            .position;
         bar.set_position(at.min(target));
         if at >= target {
             break;

@@ -1,7 +1,8 @@
 //! `cqrs projections scale` and the per-segment status against the real PostgreSQL: a projection
 //! run by a plain worker is segmented from the command line, two `SegmentedWorker`s in this test
 //! process share it, it is split while they run, and what operators see (status, list, JSON) and
-//! what they are refused (a bad count, a rebuild of a segmented projection) is checked.
+//! what they are refused (a bad count, an unknown name, a rebuild without resets) is checked; a
+//! rebuild is served by the segmented workers.
 
 use std::time::Duration;
 
@@ -105,6 +106,49 @@ async fn balances_reach(store: &PostgresEventStore, cents: i64) {
     }
 }
 
+type Running = Vec<(
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+)>;
+
+/// Two `SegmentedWorker`s on tasks, with or without a reset.
+fn start_workers(store: &PostgresEventStore, with_reset: bool) -> Running {
+    ["node-a", "node-b"]
+        .into_iter()
+        .map(|owner| {
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let mut worker = SegmentedWorker::new(store.clone(), owner, || Balances)
+                .with_lease(Duration::from_millis(600));
+            if with_reset {
+                worker = worker.with_reset(|conn| {
+                    Box::pin(async move {
+                        sqlx::query(AssertSqlSafe(format!("TRUNCATE {SCHEMA}.balances")))
+                            .execute(conn)
+                            .await
+                            .map(|_| ())
+                    })
+                });
+            }
+            let task = tokio::spawn(async move {
+                worker
+                    .run(Duration::from_millis(100), async {
+                        stopped.await.ok();
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("{owner}: {e}"));
+            });
+            (stop, task)
+        })
+        .collect()
+}
+
+async fn stop_workers(workers: Running) {
+    for (stop, task) in workers {
+        let _ = stop.send(());
+        task.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projections_are_scaled_and_shown_per_segment_from_the_command_line() {
     let store = pg::fresh_store("cli_scale").await;
@@ -142,23 +186,7 @@ async fn projections_are_scaled_and_shown_per_segment_from_the_command_line() {
     // The plain worker is fenced: it takes nothing any more.
     assert!(!plain.acquire().await.unwrap_or_else(|e| panic!("{e}")));
 
-    let workers: Vec<_> = ["node-a", "node-b"]
-        .into_iter()
-        .map(|owner| {
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let worker = SegmentedWorker::new(store.clone(), owner, || Balances)
-                .with_lease(Duration::from_millis(600));
-            let task = tokio::spawn(async move {
-                worker
-                    .run(Duration::from_millis(100), async {
-                        stopped.await.ok();
-                    })
-                    .await
-                    .unwrap_or_else(|e| panic!("{owner}: {e}"));
-            });
-            (stop, task)
-        })
-        .collect();
+    let workers = start_workers(&store, false);
     deposits(&store, 2).await;
     balances_reach(&store, 3).await;
 
@@ -198,9 +226,20 @@ async fn projections_are_scaled_and_shown_per_segment_from_the_command_line() {
     assert_eq!(json["segments"], 4);
     assert_eq!(json["segment_rows"].as_array().map(Vec::len), Some(4));
 
-    let (code, out, err) = cqrs(&["projections", "rebuild", "balances", "--no-wait"]);
+    // Workers without a reset refuse a rebuild, saying what to do.
+    let (code, out, err) = cqrs(&["projections", "rebuild", "balances", "--timeout", "20"]);
     assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("runs in 4 segments"), "{err}");
+    assert!(err.contains("has no reset: build every worker"), "{err}");
+    stop_workers(workers).await;
+    let workers = start_workers(&store, true);
+    // With resets, one of them serves it: every segment replays from the first event.
+    let (code, out, err) = cqrs(&["projections", "rebuild", "balances", "--timeout", "20"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("rebuilt `balances` up to position 40"),
+        "{out}"
+    );
+    balances_reach(&store, 3).await;
 
     // A split while both run: every deposit still lands once.
     let (code, out, err) = cqrs(&["projections", "scale", "balances", "--segments", "8"]);
@@ -209,10 +248,7 @@ async fn projections_are_scaled_and_shown_per_segment_from_the_command_line() {
     deposits(&store, 4).await;
     balances_reach(&store, 7).await;
 
-    for (stop, task) in workers {
-        let _ = stop.send(());
-        task.await.unwrap_or_else(|e| panic!("{e}"));
-    }
+    stop_workers(workers).await;
     // Stopped workers release their segments at once.
     let layout = evently_postgres::segments::layout(&store, "balances")
         .await

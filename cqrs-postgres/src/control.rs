@@ -80,14 +80,6 @@ impl Control {
         &self,
         projection: &str,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
-        if let Some(layout) = crate::segments::layout(&self.store, projection).await? {
-            return Err(StoreError::InvalidInput(format!(
-                "projection `{projection}` runs in {} segments: a rebuild on request is served only \
-                 for a projection run by one ProjectionWorker; rebuild it into a new projection \
-                 name instead",
-                layout.count()
-            )));
-        }
         let row = sqlx::query(AssertSqlSafe(self.store.sql.request_rebuild.clone()))
             .bind(projection)
             .fetch_optional(self.store.pool())

@@ -170,7 +170,7 @@ pub async fn scale(
     projection: &str,
     count: u32,
 ) -> Result<Layout, StoreError> {
-    relayout(store, projection, count, false).await
+    relayout(store, projection, count, Mode::Scale).await
 }
 
 /// Segments `projection` in `count` segments unless it runs in segments already (what the first
@@ -180,14 +180,92 @@ pub(crate) async fn ensure(
     projection: &str,
     count: u32,
 ) -> Result<Layout, StoreError> {
-    relayout(store, projection, count, true).await
+    relayout(store, projection, count, Mode::Keep).await
+}
+
+/// A reset of the read model, run inside the rebuild's transaction.
+pub(crate) type ResetFn<'r> = &'r (
+        dyn for<'c> Fn(
+    &'c mut sqlx::PgConnection,
+) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>>
+            + Send
+            + Sync
+    );
+
+/// Serves an operator's rebuild request on segmented `projection` (what a
+/// [`SegmentedWorker`](crate::projection::SegmentedWorker) with a reset does in its rounds): in
+/// one transaction, with the segment rows locked (batches in flight waited for, their workers
+/// fenced), runs `reset`, replaces the segments by as many new ones at the start of the log, drops
+/// the dead letters and answers the request. `false` when no rebuild is requested (or another
+/// worker served it).
+///
+/// # Errors
+/// [`StoreError::Backend`] when the database or the reset fails (nothing is changed then).
+pub(crate) async fn rebuild(
+    store: &PostgresEventStore,
+    projection: &str,
+    reset: ResetFn<'_>,
+) -> Result<bool, StoreError> {
+    let Some(count) = rebuild_requested(store, projection).await? else {
+        return Ok(false);
+    };
+    relayout(store, projection, count, Mode::Rebuild(reset)).await?;
+    Ok(true)
+}
+
+/// The segment count of `projection` when a rebuild of it is requested.
+pub(crate) async fn rebuild_requested(
+    store: &PostgresEventStore,
+    projection: &str,
+) -> Result<Option<u32>, StoreError> {
+    let requested: Option<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT segments FROM {}.projection_checkpoints \
+         WHERE projection = $1 AND segments IS NOT NULL AND rebuild_requested_at IS NOT NULL",
+        store.sql.quoted_schema
+    )))
+    .bind(projection)
+    .fetch_optional(store.pool())
+    .await
+    .map_err(backend)?;
+    Ok(requested.and_then(|n| u32::try_from(n).ok()))
+}
+
+/// Records why a rebuild request on `projection` could not be served.
+pub(crate) async fn refuse_rebuild(
+    store: &PostgresEventStore,
+    projection: &str,
+    error: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {}.projection_checkpoints SET rebuild_requested_at = NULL, request_error = $2 \
+         WHERE projection = $1 AND rebuild_requested_at IS NOT NULL",
+        store.sql.quoted_schema
+    )))
+    .bind(projection)
+    .bind(error)
+    .execute(store.pool())
+    .await
+    .map_err(backend)?;
+    Ok(())
+}
+
+/// What a relayout does.
+#[derive(Clone, Copy)]
+enum Mode<'r> {
+    /// Rescale to the count.
+    Scale,
+    /// Segment an unsegmented projection; keep a segmented one as it is.
+    Keep,
+    /// Start every segment again from the first event after the reset, if a rebuild is still
+    /// requested.
+    Rebuild(ResetFn<'r>),
 }
 
 async fn relayout(
     store: &PostgresEventStore,
     projection: &str,
     count: u32,
-    keep: bool,
+    mode: Mode<'_>,
 ) -> Result<Layout, StoreError> {
     Segment::new(0, count).map_err(|e| StoreError::InvalidInput(e.to_string()))?;
     let s = &store.sql.quoted_schema;
@@ -201,7 +279,7 @@ async fn relayout(
     .map_err(backend)?;
     // Waits for a batch of the projection's worker in flight to commit, then reads what it stored.
     let own = sqlx::query(AssertSqlSafe(format!(
-        "SELECT segments, epoch, transaction_id::text AS transaction_text, global_position \
+        "SELECT segments, epoch, rebuild_requested_at, transaction_id::text AS transaction_text, global_position \
          FROM {s}.projection_checkpoints WHERE projection = $1 AND segment_of IS NULL FOR UPDATE"
     )))
     .bind(projection)
@@ -214,6 +292,17 @@ async fn relayout(
         ))
     })?;
     let segments: Option<i32> = own.try_get("segments").map_err(backend)?;
+    if let Mode::Rebuild(_) = mode {
+        let still: Option<chrono::DateTime<chrono::Utc>> =
+            own.try_get("rebuild_requested_at").map_err(backend)?;
+        if still.is_none() || segments.is_none() {
+            // Served by another worker meanwhile.
+            drop(tx);
+            return layout(store, projection)
+                .await?
+                .ok_or_else(|| StoreError::backend("the layout vanished while it was read"));
+        }
+    }
     let epoch: i64 = own.try_get("epoch").map_err(backend)?;
     let old = if segments.is_some() {
         let rows = sqlx::query(AssertSqlSafe(format!(
@@ -235,14 +324,32 @@ async fn relayout(
             applied: Vec::new(),
         }]
     };
-    if segments.and_then(|n| u32::try_from(n).ok()) == Some(count) || (keep && segments.is_some()) {
+    let unchanged = segments.and_then(|n| u32::try_from(n).ok()) == Some(count);
+    let keep = match mode {
+        Mode::Scale => unchanged,
+        Mode::Keep => segments.is_some(),
+        Mode::Rebuild(_) => false,
+    };
+    if keep {
         drop(tx);
         return layout(store, projection)
             .await?
             .ok_or_else(|| StoreError::backend("the layout vanished while it was read"));
     }
-    let new = rescale(&old, count)
+    let mut new = rescale(&old, count)
         .map_err(|e| StoreError::backend(format!("the stored segments of `{projection}`: {e}")))?;
+    if let Mode::Rebuild(reset) = mode {
+        reset(&mut tx).await.map_err(backend)?;
+        for state in &mut new {
+            state.checkpoint = Checkpoint::START;
+            state.applied.clear();
+        }
+        sqlx::query(AssertSqlSafe(store.sql.reset_dead_letters.clone()))
+            .bind(projection)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+    }
     let generation = epoch + 1;
     sqlx::query(AssertSqlSafe(format!(
         "DELETE FROM {s}.projection_checkpoints WHERE segment_of = $1"
@@ -273,12 +380,16 @@ async fn relayout(
     // projection's own lease) and names the new generation.
     sqlx::query(AssertSqlSafe(format!(
         "UPDATE {s}.projection_checkpoints \
-         SET segments = $2, epoch = $3, owner = NULL, lease_until = NULL, updated_at = clock_timestamp() \
+         SET segments = $2, epoch = $3, owner = NULL, lease_until = NULL, updated_at = clock_timestamp(), \
+             rebuild_requested_at = CASE WHEN $4 THEN NULL ELSE rebuild_requested_at END, \
+             rebuilt_at = CASE WHEN $4 THEN clock_timestamp() ELSE rebuilt_at END, \
+             request_error = CASE WHEN $4 THEN NULL ELSE request_error END \
          WHERE projection = $1"
     )))
     .bind(projection)
     .bind(i32::try_from(count).map_err(StoreError::backend)?)
     .bind(generation)
+    .bind(matches!(mode, Mode::Rebuild(_)))
     .execute(&mut *tx)
     .await
     .map_err(backend)?;

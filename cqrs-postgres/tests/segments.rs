@@ -1,8 +1,10 @@
 //! Partitioned projections against the real server: worker processes sharing a projection's
 //! segments while writers append, killed with SIGKILL at random, one added and one removed, the
 //! segments split 8 -> 16 while everything runs. The read model records every application, so a
-//! double application, a missing one or a stream applied out of order shows. Then they are merged
-//! 16 -> 12, where each new segment gathers streams of segments that stood at different places.
+//! double application, a missing one or a stream applied out of order shows. Midway a rebuild is
+//! requested (one worker resets the read model and restarts every segment from the first event),
+//! and later the segments are merged 16 -> 12, where each new segment gathers streams of segments
+//! that stood at different places.
 //!
 //! The worker processes are this test binary run again (`--exact <test>` with
 //! `SEGMENT_WORKER_SCHEMA` set): the test that orchestrates becomes a worker when that is set.
@@ -19,7 +21,7 @@ use evently_core::prelude::*;
 use evently_core::projection::{HandlerError, wait_until_caught_up};
 use evently_core::{EventStore, RecordedEvent};
 use evently_postgres::PostgresEventStore;
-use evently_postgres::control::DeadLetters;
+use evently_postgres::control::{Control, DeadLetters};
 use evently_postgres::projection::SegmentedWorker;
 use evently_postgres::segments::{layout, scale};
 use rand::Rng as _;
@@ -76,7 +78,17 @@ async fn be_a_worker(schema: String) {
             schema: schema.clone(),
         }
     };
+    let truncate = format!("TRUNCATE \"{schema}\".applied, \"{schema}\".sequence");
     let worker = SegmentedWorker::new(store, owner, factory)
+        .with_reset(move |conn| {
+            let truncate = truncate.clone();
+            Box::pin(async move {
+                sqlx::query(AssertSqlSafe(truncate))
+                    .execute(conn)
+                    .await
+                    .map(|_| ())
+            })
+        })
         .with_segments(8)
         .with_lease(Duration::from_millis(1_000))
         .with_batch(200);
@@ -192,6 +204,14 @@ async fn workers_share_segments_through_kills_and_a_split() {
                 .unwrap_or_else(|e| panic!("merge: {e}"));
             assert_eq!(segments.count(), 12);
         }
+        if kill == 12 {
+            // A rebuild on request, served by one of the workers while the others run.
+            Control::new(store.clone())
+                .request_rebuild("stream_sequence")
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("no projection to rebuild"));
+        }
         if kill == 14 {
             // One leaves gracefully: its stdin closes, it stops and releases its segments.
             let (owner, mut child) = workers.remove(0);
@@ -283,7 +303,7 @@ async fn workers_share_segments_through_kills_and_a_split() {
         let _ = child.wait();
     }
     eprintln!(
-        "segments: {written} events by 4 writers, 20 kills, 8 -> 16 -> 12 segments; caught up {caught_up_in:?} \
+        "segments: {written} events by 4 writers, 20 kills, 8 -> 16 -> 12 segments, a rebuild; caught up {caught_up_in:?} \
          after the writers stopped; {applications} applications, {doubles} double, {missing} missing, \
          {out_of_order} out of order; at the end {} segments shared {shares:?}",
         layout.count()
@@ -296,4 +316,13 @@ async fn workers_share_segments_through_kills_and_a_split() {
     assert_eq!(behind, 0, "a stream's last applied version is not its last");
     assert!(letters.is_empty(), "dead letters: {letters:?}");
     assert_eq!(layout.count(), 12);
+    let requests = Control::new(store.clone())
+        .requests("stream_sequence")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no projection"));
+    assert!(
+        requests.rebuilt_at.is_some() && requests.rebuild_requested_at.is_none(),
+        "the rebuild was not served: {requests:?}"
+    );
 }

@@ -18,7 +18,7 @@ use crate::errors::backend;
 use crate::segments::{Layout, ensure, layout};
 use crate::{CheckpointLease, PostgresEventStore};
 
-use super::{ProjectionWorker, WorkerError, is_permanent};
+use super::{ProjectionWorker, Reset, WorkerError, is_permanent};
 
 /// Runs a projection in segments together with the other processes doing the same: each process
 /// owns some segments through their leases and applies their streams, so a read model's load is
@@ -39,8 +39,8 @@ use super::{ProjectionWorker, WorkerError, is_permanent};
 /// [`scale`](crate::segments::scale) (`cqrs projections scale`). A projection that runs in
 /// segments is not taken by a plain [`ProjectionWorker`] any more: it waits, idle.
 ///
-/// Rebuilds on request are not served for a segmented projection yet (see
-/// [`Control::request_rebuild`](crate::control::Control::request_rebuild)).
+/// Rebuilds on request are served by the first worker that sees them, with the reset given to
+/// [`with_reset`](Self::with_reset).
 pub struct SegmentedWorker<P, F> {
     store: PostgresEventStore,
     factory: Arc<F>,
@@ -49,6 +49,7 @@ pub struct SegmentedWorker<P, F> {
     lease: Duration,
     batch: usize,
     policy: FailurePolicy,
+    reset: Option<Reset>,
     projection: PhantomData<fn() -> P>,
 }
 
@@ -85,6 +86,7 @@ where
             lease: Duration::from_secs(30),
             batch: 2_000,
             policy: FailurePolicy::default(),
+            reset: None,
             projection: PhantomData,
         }
     }
@@ -116,6 +118,26 @@ where
     #[must_use]
     pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// How to empty the read model (e.g. `TRUNCATE` its tables), for the rebuilds operators ask
+    /// for (`cqrs projections rebuild`): the first worker to see the request runs it in one
+    /// transaction with the segment rows locked (batches in flight waited for, their workers
+    /// fenced), restarts every segment from the first event under a new generation and drops the
+    /// dead letters; the workers then replay the log together. Give every worker of the
+    /// projection the same reset: one without it answers the request with an error saying so.
+    #[must_use]
+    pub fn with_reset<R>(mut self, reset: R) -> Self
+    where
+        R: for<'c> Fn(
+                &'c mut PgConnection,
+            ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.reset = Some(Arc::new(reset));
         self
     }
 
@@ -201,6 +223,7 @@ where
             *laid_out = true;
         }
         let members = self.renew_membership().await?;
+        self.serve_rebuild().await?;
         let Some(layout) = layout(&self.store, P::NAME).await? else {
             // An operator cannot unsegment a projection: the row was deleted by hand.
             *laid_out = false;
@@ -234,6 +257,40 @@ where
             running.insert(name, Running { stop, task });
         }
         Ok(())
+    }
+
+    /// Serves a rebuild an operator asked for, if any (see [`with_reset`](Self::with_reset)).
+    async fn serve_rebuild(&self) -> Result<(), WorkerError> {
+        if crate::segments::rebuild_requested(&self.store, P::NAME)
+            .await?
+            .is_none()
+        {
+            return Ok(());
+        }
+        let Some(reset) = &self.reset else {
+            let error = format!(
+                "the SegmentedWorker `{}` of `{}` has no reset: build every worker of the projection with SegmentedWorker::with_reset to allow rebuilds",
+                self.owner,
+                P::NAME
+            );
+            crate::segments::refuse_rebuild(&self.store, P::NAME, &error).await?;
+            return Ok(());
+        };
+        match crate::segments::rebuild(&self.store, P::NAME, &**reset).await {
+            Ok(served) => {
+                if served {
+                    tracing::info!(projection = P::NAME, owner = %self.owner, "rebuilding: every segment starts again from the first event");
+                }
+                Ok(())
+            }
+            Err(StoreError::Backend(source)) if crate::is_outage(&*source) => {
+                Err(StoreError::Backend(source).into())
+            }
+            Err(error) => {
+                crate::segments::refuse_rebuild(&self.store, P::NAME, &error.to_string()).await?;
+                Ok(())
+            }
+        }
     }
 
     /// Stops the segments whose rows a rescale replaced or whose lease another owner holds now.

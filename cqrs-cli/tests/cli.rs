@@ -188,8 +188,8 @@ async fn every_command_against_a_real_store() {
     for line in &lines[1..] {
         assert_eq!(
             line.split_whitespace().count(),
-            9,
-            "one value per column (the date has two): {table}"
+            10,
+            "one value per column (the date has two; `-` for no segments): {table}"
         );
         assert_eq!(&line[lag_column..lag_column + 1], "1", "{table}");
     }

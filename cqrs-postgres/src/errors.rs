@@ -38,3 +38,19 @@ pub fn is_outage(error: &(dyn std::error::Error + 'static)) -> bool {
     }
     false
 }
+
+/// Whether `error` (or an error it wraps) is the server rolling the transaction back for a
+/// reason that passes by itself: a deadlock it broke (`40P01`), a serialization failure
+/// (`40001`), a lock not available (`55P03`). Trying the same transaction again is the answer.
+pub(crate) fn is_rolled_back(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if let Some(sqlx::Error::Database(db)) = error.downcast_ref::<sqlx::Error>() {
+            return db
+                .code()
+                .is_some_and(|code| matches!(&*code, "40P01" | "40001" | "55P03"));
+        }
+        next = error.source();
+    }
+    false
+}

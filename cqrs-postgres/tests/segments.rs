@@ -326,3 +326,197 @@ async fn workers_share_segments_through_kills_and_a_split() {
         "the rebuild was not served: {requests:?}"
     );
 }
+
+/// A read model whose handler, after its write, waits while the test holds an advisory lock: a
+/// batch in flight that the test holds at will.
+#[derive(Projection)]
+#[projection(name = "held_sequence", events(AccountEvent), context = PgConnection)]
+struct HeldSequence {
+    schema: String,
+    gate: i64,
+}
+
+#[async_trait::async_trait]
+impl Handles<AccountEvent, PgConnection> for HeldSequence {
+    async fn handle(
+        &mut self,
+        event: &RecordedEvent<AccountEvent>,
+        conn: &mut PgConnection,
+    ) -> Result<(), HandlerError> {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO \"{}\".applied (event_id) VALUES ($1)",
+            self.schema
+        )))
+        .bind(event.event_id.0)
+        .execute(&mut *conn)
+        .await?;
+        // The comment names the test's schema, for `waiting` to find this statement.
+        sqlx::query(AssertSqlSafe(format!(
+            "SELECT pg_advisory_lock_shared($1), pg_advisory_unlock_shared($1) /* {} */",
+            self.schema
+        )))
+        .bind(self.gate)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// What the backend running `pattern` in `schema`'s statements waits for, once one waits on a
+/// lock.
+async fn waiting(store: &PostgresEventStore, pattern: &str) -> Option<String> {
+    sqlx::query_scalar(
+        "SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+           AND query LIKE $1 AND query LIKE '%' || $2 || '%'",
+    )
+    .bind(pattern)
+    .bind(store.schema())
+    .fetch_optional(store.pool())
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn eventually(store: &PostgresEventStore, pattern: &str, what: &str) -> String {
+    let by = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(query) = waiting(store, pattern).await {
+            return query;
+        }
+        assert!(Instant::now() < by, "{what} after 20 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The deadlock the kill test found once in CI: a rebuild's reset (here a `TRUNCATE`) waiting for
+/// a batch's write, while the batch waits for the segment row the rebuild locked. A batch now
+/// moves its checkpoint first, so it holds its segment row before it writes: the rebuild waits at
+/// the segment row for the batch to end, and the batch never waits for the rebuild.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_waits_for_the_batch_in_flight_without_a_deadlock() {
+    let store = fresh_store("segments_rebuild_wait").await;
+    let schema = store.schema().to_owned();
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE TABLE \"{schema}\".applied (event_id UUID NOT NULL)"
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let gate: i64 = rand::rng().random_range(1..i64::MAX);
+    // The test holds the gate: the first batch stops inside its transaction, after its write.
+    let mut holder = store
+        .pool()
+        .acquire()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(gate)
+        .execute(&mut *holder)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for n in 1..=3 {
+        store
+            .append(
+                &StreamId::new("account", format!("h{n}")),
+                ExpectedVersion::NoStream,
+                vec![deposit(n)],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let factory = {
+        let schema = schema.clone();
+        move || HeldSequence {
+            schema: schema.clone(),
+            gate,
+        }
+    };
+    let truncate = format!("TRUNCATE \"{schema}\".applied");
+    let worker = SegmentedWorker::new(store.clone(), "only", factory)
+        .with_reset(move |conn| {
+            let truncate = truncate.clone();
+            Box::pin(async move {
+                sqlx::query(AssertSqlSafe(truncate))
+                    .execute(conn)
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .with_segments(2)
+        .with_lease(Duration::from_millis(600))
+        .with_batch(10);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(worker.run(Duration::from_millis(50), async move {
+        let _ = stopped.await;
+    }));
+    eventually(
+        &store,
+        "%pg_advisory_lock_shared%",
+        "no batch held at the gate",
+    )
+    .await;
+    Control::new(store.clone())
+        .request_rebuild("held_sequence")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no projection to rebuild"));
+    // The rebuild waits, and at the segment rows: not inside its reset.
+    let query = eventually(
+        &store,
+        "%projection_checkpoints%FOR UPDATE%",
+        "the rebuild does not wait for the segment rows",
+    )
+    .await;
+    assert!(query.contains("segment_of"), "waits at {query}");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(
+        waiting(&store, "%TRUNCATE%").await.is_none(),
+        "the reset ran while a batch was in flight"
+    );
+    // Let the batch go: it commits, then the rebuild runs and every event is applied once again.
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(gate)
+        .execute(&mut *holder)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let by = Instant::now() + Duration::from_secs(20);
+    let requests = loop {
+        let requests = Control::new(store.clone())
+            .requests("held_sequence")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("no projection"));
+        if requests.rebuilt_at.is_some() || requests.error.is_some() {
+            break requests;
+        }
+        assert!(
+            Instant::now() < by,
+            "the rebuild was not served: {requests:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(requests.error, None, "{requests:?}");
+    let head = store
+        .head()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("nothing was written"));
+    wait_until_caught_up(&store, "held_sequence", head, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("not caught up after the rebuild: {e}"));
+    let applied = count(&store, "SELECT count(*) FROM \"{s}\".applied").await;
+    let distinct = count(
+        &store,
+        "SELECT count(DISTINCT event_id) FROM \"{s}\".applied",
+    )
+    .await;
+    assert_eq!(
+        (applied, distinct),
+        (3, 3),
+        "after the rebuild each event once"
+    );
+    let _ = stop.send(());
+    running
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("worker: {e}"));
+}

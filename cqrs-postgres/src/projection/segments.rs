@@ -286,6 +286,11 @@ where
             Err(StoreError::Backend(source)) if crate::is_outage(&*source) => {
                 Err(StoreError::Backend(source).into())
             }
+            Err(StoreError::Backend(source)) if crate::errors::is_rolled_back(&*source) => {
+                // The request stands: the next round tries again.
+                tracing::warn!(projection = P::NAME, owner = %self.owner, error = %source, "the rebuild's transaction was rolled back by the server: trying again");
+                Ok(())
+            }
             Err(error) => {
                 crate::segments::refuse_rebuild(&self.store, P::NAME, &error.to_string()).await?;
                 Ok(())

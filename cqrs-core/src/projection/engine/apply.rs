@@ -174,6 +174,16 @@ where
         last: Checkpoint,
         careful: bool,
     ) -> Result<Batch, DeliveryError> {
+        // Fence first: a transactional unit moves its checkpoint (compare-and-set, which takes the
+        // ownership row) before it writes anything, so a fenced owner stops before touching the
+        // read model, and an operator's change that locks the ownership rows (a rescale, a
+        // rebuild resetting the read model) waits for the units in flight without them ever
+        // waiting for it: the two cannot deadlock. The unit commits or rolls back whole, so the
+        // order inside it is not visible. A non-transactional backend moves it last, after the
+        // effects it stands for.
+        if B::TRANSACTIONAL {
+            self.backend.advance_checkpoint(unit, from, last).await?;
+        }
         let mut blocked = match self.policy.mode {
             FailureMode::BlockStream if self.no_dead_letters => HashSet::new(),
             FailureMode::BlockStream => {
@@ -227,8 +237,10 @@ where
                 }
             }
         }
-        // Compare-and-set from the window's start; on any other outcome the unit rolls back.
-        self.backend.advance_checkpoint(unit, from, last).await?;
+        if !B::TRANSACTIONAL {
+            // Compare-and-set from the window's start; on any other outcome nothing more is done.
+            self.backend.advance_checkpoint(unit, from, last).await?;
+        }
         Ok(Batch {
             read: page.len(),
             applied,

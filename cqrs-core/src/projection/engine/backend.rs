@@ -122,6 +122,9 @@ pub trait DeliveryBackend<P: Projection>: Send {
     ) -> Result<(), DeliveryError>;
 
     /// Moves the checkpoint from exactly `from` to `to` (compare-and-set), renewing the ownership.
+    /// A [`TRANSACTIONAL`](Self::TRANSACTIONAL) backend is asked first in the unit, before any
+    /// event is applied (the unit holds its ownership from there to its end, and a fenced owner
+    /// writes nothing); any other backend last, after the unit's effects.
     ///
     /// # Errors
     /// [`DeliveryError::LeaseLost`], [`DeliveryError::CheckpointMoved`], a failing backend.

@@ -212,6 +212,12 @@ where
         self.no_dead_letters = false;
         let mut unit = self.backend.begin_unit().await?;
         let outcome = async {
+            // Fence first, as a batch does (see `apply_batch_in`).
+            if B::TRANSACTIONAL {
+                self.backend
+                    .advance_checkpoint(&mut unit, from, corrupt.checkpoint)
+                    .await?;
+            }
             if subscribed {
                 tracing::warn!(projection = P::NAME, stream = %corrupt.stream, version = corrupt.version, checkpoint = %corrupt.checkpoint, error = %corrupt, "parking an unreadable stored event as a dead letter");
                 let failure = Failure {
@@ -232,9 +238,12 @@ where
                     )
                     .await?;
             }
-            self.backend
-                .advance_checkpoint(&mut unit, from, corrupt.checkpoint)
-                .await
+            if !B::TRANSACTIONAL {
+                self.backend
+                    .advance_checkpoint(&mut unit, from, corrupt.checkpoint)
+                    .await?;
+            }
+            Ok(())
         }
         .await;
         self.end(unit, outcome).await?;

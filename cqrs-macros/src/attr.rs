@@ -48,6 +48,7 @@ pub(crate) const KEY_SNAPSHOT: Key = Key("snapshot");
 pub(crate) const KEY_EVERY: Key = Key("every");
 pub(crate) const KEY_EVENTS: Key = Key("events");
 pub(crate) const KEY_CONTEXT: Key = Key("context");
+pub(crate) const KEY_TABLES: Key = Key("tables");
 pub(crate) const KEY_DATA: Key = Key("data");
 pub(crate) const KEY_EXECUTE: Key = Key("execute");
 pub(crate) const KEY_COMPENSATE: Key = Key("compensate");

@@ -43,6 +43,7 @@ const KEYS: &[&str] = &[
     "snapshot",
     "every",
     "events",
+    "tables",
     "context",
     "data",
     "execute",

@@ -199,6 +199,58 @@ fn event_fields_serialize_by_reference(cx: &mut Ctxt, input: &EventEnum<'_>) {
 pub(crate) fn projection(cx: &mut Ctxt, input: &ProjectionStruct<'_>) {
     projection_name_is_a_key(cx, input);
     projection_events_are_distinct(cx, input);
+    projection_version_in_range(cx, input);
+    projection_tables_are_names(cx, input);
+}
+
+/// Versions count from 1; the name of version N carries it (`name@vN`).
+fn projection_version_in_range(cx: &mut Ctxt, input: &ProjectionStruct<'_>) {
+    if let Some(version) = &input.version {
+        if version.value == 0 || version.value > 9_999 {
+            cx.error_at(
+                version.span,
+                format_args!(
+                    "projection version {} is out of range: versions count from 1 to 9999; write version = 2 for the version after the first",
+                    version.value
+                ),
+            );
+        }
+    }
+}
+
+/// A table is a view's name readers use, and `<name>_vN` is each version's table: an SQL
+/// identifier, with a schema before a dot if it is not in the store's.
+fn projection_tables_are_names(cx: &mut Ctxt, input: &ProjectionStruct<'_>) {
+    let identifier = |part: &str| {
+        part.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && part
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && part.len() <= 50
+    };
+    let mut seen = Vec::new();
+    for table in &input.tables {
+        let name = table.value();
+        let parts: Vec<&str> = name.split('.').collect();
+        if parts.len() > 2 || !parts.iter().all(|p| identifier(p)) {
+            cx.error_spanned_by(
+                table,
+                format_args!(
+                    "table `{}` is not a table name: write lowercase letters, digits and `_` (up to 50), with a schema before a dot if needed, e.g. tables(\"balances\") or tables(\"read_models.balances\")",
+                    name.escape_debug()
+                ),
+            );
+        } else if seen.contains(&name) {
+            cx.error_spanned_by(
+                table,
+                format_args!("table `{name}` is listed twice in tables(...)"),
+            );
+        } else {
+            seen.push(name);
+        }
+    }
 }
 
 /// The projection name keys its checkpoint and dead letters.

@@ -95,6 +95,35 @@ pub trait Projection: Send {
     /// The event types it listens to, one entry per event enum.
     const SUBSCRIPTIONS: &'static [Subscription];
 
+    /// The version of the read model (`#[projection(version = N)]`, 1 when not written). A new
+    /// version is a new projection beside the old one: its [`NAME`](Self::NAME) is the base name
+    /// followed by `@vN` (from version 2 on), so it has its own checkpoint, lease and dead letters
+    /// and catches up while the old one keeps serving; the PostgreSQL store promotes it when it
+    /// has caught up (blue/green, see `evently_postgres::versions`).
+    const VERSION: u32 = 1;
+
+    /// The read model's tables, by the names readers use (`#[projection(tables("balances"))]`,
+    /// none when not written). Each version writes its own copies ([`table`](Self::table)), and
+    /// readers read the live version's through a view of the plain name, switched over when a
+    /// version is promoted.
+    const TABLES: &'static [&'static str] = &[];
+
+    /// The name without the version: what operators and the version registry call the read
+    /// model (`balances` for `balances@v2`).
+    #[must_use]
+    fn base_name() -> &'static str {
+        Self::NAME
+            .split_once('@')
+            .map_or(Self::NAME, |(base, _)| base)
+    }
+
+    /// The table this version writes for the table readers call `logical`: `balances_v2` for
+    /// `balances` in version 2 (`rm.balances_v2` for `rm.balances`).
+    #[must_use]
+    fn table(logical: &str) -> String {
+        format!("{logical}_v{}", Self::VERSION)
+    }
+
     /// Whether `event` is one this projection listens to.
     fn subscribes_to<T>(event: &StoredEvent<T>) -> bool {
         Self::SUBSCRIPTIONS.iter().any(|s| s.matches(event))

@@ -13,6 +13,10 @@ pub(crate) struct ProjectionStruct<'a> {
     /// The event enums, as written.
     pub(crate) events: Vec<syn::Path>,
     pub(crate) context: Option<syn::Type>,
+    /// `version = N`, with the number's span.
+    pub(crate) version: Option<attr::Spanned<u64>>,
+    /// `tables("...", ...)`: the read model's tables by the names readers use.
+    pub(crate) tables: Vec<syn::LitStr>,
 }
 
 impl<'a> ProjectionStruct<'a> {
@@ -37,6 +41,8 @@ impl<'a> ProjectionStruct<'a> {
         let mut name = Slot::new(attr::KEY_NAME);
         let mut events: Slot<Vec<syn::Path>> = Slot::new(attr::KEY_EVENTS);
         let mut context = Slot::new(attr::KEY_CONTEXT);
+        let mut version = Slot::new(attr::KEY_VERSION);
+        let mut tables: Slot<Vec<syn::LitStr>> = Slot::new(attr::KEY_TABLES);
         let written = attr::for_each_meta(cx, &input.attrs, attr::PROJECTION, |cx, meta| {
             if attr::KEY_NAME.is(meta) {
                 let lit = attr::parse_string(meta, attr::KEY_NAME)?;
@@ -44,6 +50,34 @@ impl<'a> ProjectionStruct<'a> {
             } else if attr::KEY_CONTEXT.is(meta) {
                 let ty = attr::parse_type(cx, meta, attr::KEY_CONTEXT)?;
                 context.set(cx, meta, ty);
+            } else if attr::KEY_VERSION.is(meta) {
+                let (n, span) = attr::parse_int(meta, attr::KEY_VERSION)?;
+                version.set(cx, meta, attr::Spanned { value: n, span });
+            } else if attr::KEY_TABLES.is(meta) {
+                if !meta.input.peek(syn::token::Paren) {
+                    return Err(meta.error("expected `tables(\"balances\", ...)`"));
+                }
+                let content;
+                syn::parenthesized!(content in meta.input);
+                let list: Vec<syn::LitStr> =
+                    syn::punctuated::Punctuated::<syn::LitStr, syn::Token![,]>::parse_terminated(
+                        &content,
+                    )
+                    .map_err(|e| {
+                        syn::Error::new(
+                            e.span(),
+                            "expected the tables' names as strings: tables(\"balances\", \"rm.totals\")",
+                        )
+                    })?
+                    .into_iter()
+                    .collect();
+                if list.is_empty() {
+                    cx.error_spanned_by(
+                        &meta.path,
+                        "`tables()` is empty: name the read model's tables, tables(\"balances\"), or leave the key out",
+                    );
+                }
+                tables.set(cx, meta, list);
             } else if attr::KEY_EVENTS.is(meta) {
                 if !meta.input.peek(syn::token::Paren) {
                     return Err(meta.error("expected `events(EventEnum, ...)`"));
@@ -73,7 +107,13 @@ impl<'a> ProjectionStruct<'a> {
                 return Err(attr::unknown_key(
                     meta,
                     "`#[projection(...)]`",
-                    &[attr::KEY_NAME, attr::KEY_EVENTS, attr::KEY_CONTEXT],
+                    &[
+                        attr::KEY_NAME,
+                        attr::KEY_EVENTS,
+                        attr::KEY_CONTEXT,
+                        attr::KEY_VERSION,
+                        attr::KEY_TABLES,
+                    ],
                 ));
             }
             Ok(())
@@ -110,12 +150,16 @@ impl<'a> ProjectionStruct<'a> {
             }
         }
         let context = context.get().map(|s| s.value);
+        let version = version.get().map(|s| s.value);
+        let tables = tables.get().map(|s| s.value).unwrap_or_default();
         match (name, events) {
             (Some(name), Some(events)) => Parsed::Complete(Self {
                 ident,
                 name,
                 events,
                 context,
+                version,
+                tables,
             }),
             _ => Parsed::Incomplete(context),
         }

@@ -33,7 +33,16 @@ fn context(context: Option<&syn::Type>) -> TokenStream {
 
 fn generate(model: &ProjectionStruct<'_>) -> TokenStream {
     let ident = model.ident;
-    let name = &model.name.value;
+    let version = model.version.as_ref().map_or(1, |v| v.value);
+    // Version 1 keeps the plain name (a projection that gains versions keeps its checkpoint);
+    // later ones are projections of their own, `name@vN`.
+    let name = if version > 1 {
+        format!("{}@v{version}", model.name.value)
+    } else {
+        model.name.value.clone()
+    };
+    let version = u32::try_from(version).unwrap_or(u32::MAX);
+    let tables = &model.tables;
     let context = context(model.context.as_ref());
     // Spanned at each enum named in the attribute: "not a domain event" and "has no handler for"
     // are reported on that token.
@@ -81,6 +90,8 @@ fn generate(model: &ProjectionStruct<'_>) -> TokenStream {
             const NAME: &'static str = #name;
             type Context = #context;
             const SUBSCRIPTIONS: &'static [__evently::projection::Subscription] = &[#(#subscriptions),*];
+            const VERSION: u32 = #version;
+            const TABLES: &'static [&'static str] = &[#(#tables),*];
 
             #apply
 

@@ -19,6 +19,7 @@ mod read;
 mod rows;
 pub mod saga;
 pub mod segments;
+pub mod versions;
 mod server;
 mod snapshot;
 mod sql;

@@ -268,6 +268,11 @@ async fn relayout(
     mode: Mode<'_>,
 ) -> Result<Layout, StoreError> {
     Segment::new(0, count).map_err(|e| StoreError::InvalidInput(e.to_string()))?;
+    if crate::versions::is_retired(store, projection).await? {
+        return Err(StoreError::InvalidInput(format!(
+            "`{projection}` is a retired projection version: its segments are not made again"
+        )));
+    }
     let s = &store.sql.quoted_schema;
     let mut tx = store.pool().begin().await.map_err(backend)?;
     sqlx::query(AssertSqlSafe(format!(

@@ -261,10 +261,13 @@ impl Sql {
             // by the holder of the current epoch ($4) keeps the epoch: any other take (a new owner, a
             // restarted process under the same name, a second live process under it) gets a new one,
             // which fences every transaction still working under the old. Lease times are taken at
-            // the statement (`clock_timestamp()`), not at the transaction's start.
+            // the statement (`clock_timestamp()`), not at the transaction's start. A retired
+            // projection version's row is never made again (see `crate::versions`).
             acquire_lease: format!(
                 "INSERT INTO {s}.projection_checkpoints (projection, owner, epoch, lease_until) \
-                 VALUES ($1, $2, 1, clock_timestamp() + make_interval(secs => $3)) \
+                 SELECT $1, $2, 1, clock_timestamp() + make_interval(secs => $3) \
+                 WHERE NOT EXISTS (SELECT 1 FROM {s}.projection_versions \
+                                   WHERE name = $1 AND state = 'retired') \
                  ON CONFLICT (projection) DO UPDATE SET \
                    epoch = CASE WHEN {s}.projection_checkpoints.owner = EXCLUDED.owner \
                                  AND {s}.projection_checkpoints.epoch = $4::int8 \

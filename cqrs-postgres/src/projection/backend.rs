@@ -45,6 +45,10 @@ pub struct PostgresBackend {
     /// The segment this backend's lease is on, if the projection runs in segments: it serves
     /// only the redrives of its own streams.
     pub(super) segment: Option<evently_core::projection::Segment>,
+    /// Whether its version is registered (see [`crate::versions`]).
+    pub(super) registered: bool,
+    /// Whether to promote its version once it has caught up.
+    pub(super) auto_promote: bool,
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -106,7 +110,17 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
     }
 
     async fn acquire_ownership(&mut self) -> Result<bool, DeliveryError> {
-        Ok(self.lease.acquire().await?.is_some())
+        let versioned = crate::versions::is_versioned::<P>();
+        if versioned && !self.registered {
+            crate::versions::register::<P>(&self.store).await?;
+            self.registered = true;
+        }
+        let acquired = self.lease.acquire().await?.is_some();
+        if !acquired && versioned && crate::versions::is_retired(&self.store, P::NAME).await? {
+            // Its checkpoint is gone and is never made again: the worker stops.
+            return Err(crate::versions::retired::<P>().into());
+        }
+        Ok(acquired)
     }
 
     async fn load_checkpoint(&mut self) -> Result<Checkpoint, DeliveryError> {
@@ -291,6 +305,9 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
     }
 
     async fn pending_requests(&mut self) -> Result<Vec<Request>, DeliveryError> {
+        if crate::versions::is_versioned::<P>() && self.segment.is_none_or(|s| s.index() == 0) {
+            crate::versions::tend::<P>(&self.store, self.auto_promote).await;
+        }
         let s = &self.store.sql.quoted_schema;
         let rebuild: Option<Option<chrono::DateTime<chrono::Utc>>> =
             sqlx::query_scalar(AssertSqlSafe(format!(

@@ -39,6 +39,8 @@ pub fn is_permanent(error: &WorkerError) -> bool {
                 }))
             })
         }
+        // A request the store refuses for good (a retired version's worker).
+        DeliveryError::Store(StoreError::InvalidInput(_)) => true,
         DeliveryError::Store(_) => false,
     }
 }
@@ -94,6 +96,8 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             hold: false,
             held: None,
             segment: None,
+            registered: false,
+            auto_promote: false,
         };
         Self {
             engine: Engine::new(projection, backend, 2_000),
@@ -129,6 +133,15 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
     pub fn with_lease(mut self, lease: Duration) -> Self {
         let backend = self.engine.backend_mut();
         backend.lease = backend.lease.clone().with_lease(lease);
+        self
+    }
+
+    /// Promotes this version of the projection by itself once it has caught up with the live
+    /// one (checked after every catch-up; see [`crate::versions::promote`]). Without it an
+    /// operator promotes it (`cqrs projections promote`).
+    #[must_use]
+    pub fn with_auto_promote(mut self) -> Self {
+        self.engine.backend_mut().auto_promote = true;
         self
     }
 

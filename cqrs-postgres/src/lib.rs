@@ -19,12 +19,12 @@ mod read;
 mod rows;
 pub mod saga;
 pub mod segments;
-pub mod versions;
 mod server;
 mod snapshot;
 mod sql;
 mod store;
 mod tx;
+pub mod versions;
 
 pub use connect::PoolOptions;
 pub use errors::is_outage;

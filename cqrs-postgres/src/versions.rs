@@ -230,7 +230,12 @@ pub async fn register<P: Projection>(
         point_views(&mut tx, store, &tables, P::VERSION).await?;
     }
     tx.commit().await.map_err(backend)?;
-    tracing::info!(projection = base, version = P::VERSION, state = state.as_str(), "projection version registered");
+    tracing::info!(
+        projection = base,
+        version = P::VERSION,
+        state = state.as_str(),
+        "projection version registered"
+    );
     Ok(state)
 }
 
@@ -385,7 +390,11 @@ async fn progress(
     let mut range: Option<(Checkpoint, Checkpoint)> = None;
     for row in &rows {
         // A segmented projection's own row stands for its segments.
-        if row.try_get::<Option<i32>, _>("segments").map_err(backend)?.is_some() {
+        if row
+            .try_get::<Option<i32>, _>("segments")
+            .map_err(backend)?
+            .is_some()
+        {
             continue;
         }
         let at = crate::rows::checkpoint(row)?;
@@ -399,8 +408,8 @@ fn not_found(projection: &str, what: &str) -> StoreError {
 }
 
 /// Promotes a version of `projection` (its base name; the newest version catching up when
-/// `version` is `None`): once it has caught up with the head of the log and applied everything
-/// the live version has, in one transaction, readers' views are pointed at its tables, it becomes
+/// `version` is `None`): once it has applied everything the live version has (the whole log as
+/// it was a moment ago, without a live version), in one transaction, readers' views are pointed at its tables, it becomes
 /// live and the version live before becomes the previous one, which runs the side effects up to
 /// the handover. Waits up to [`Promotion::wait`] for it to catch up.
 ///
@@ -441,17 +450,28 @@ async fn try_promote(
         .map_err(backend)?;
     let all = read_versions(&mut tx, store, projection, true).await?;
     if all.is_empty() {
-        return Err(not_found(projection, "no versions registered (a versioned worker registers its version when it starts)"));
+        return Err(not_found(
+            projection,
+            "no versions registered (a versioned worker registers its version when it starts)",
+        ));
     }
+    // A version deployed a moment ago may not have registered yet: waited for like catching up.
     let target = match version {
-        Some(v) => all.iter().find(|i| i.version == v).ok_or_else(|| {
-            not_found(projection, &format!("no version {v}"))
-        })?,
+        Some(v) => all.iter().find(|i| i.version == v),
         None => all
             .iter()
             .rev()
-            .find(|i| i.state == VersionState::CatchingUp)
-            .ok_or_else(|| not_found(projection, "no version catching up"))?,
+            .find(|i| i.state == VersionState::CatchingUp),
+    };
+    let Some(target) = target else {
+        tx.rollback().await;
+        return Ok(Err(format!(
+            "projection `{projection}` has {} (a version registers when its worker first runs)",
+            version.map_or_else(
+                || "no version catching up".to_owned(),
+                |v| format!("no version {v}")
+            )
+        )));
     };
     if target.state != VersionState::CatchingUp {
         return Err(StoreError::InvalidInput(format!(
@@ -467,11 +487,13 @@ async fn try_promote(
         None => None,
     };
     let (slowest, furthest) = theirs.unwrap_or((Checkpoint::START, Checkpoint::START));
-    let live_furthest = ours.map_or(Checkpoint::START, |(_, max)| max);
-    if slowest < head || slowest < live_furthest {
+    // Caught up: it has applied everything the live version has (readers lose nothing), or,
+    // without a live version, the whole log as it was a moment ago.
+    let live_furthest = ours.map_or(head, |(_, max)| max);
+    if slowest < live_furthest {
         tx.rollback().await;
         return Ok(Err(format!(
-            "version {} of `{projection}` has not caught up: it has applied through {slowest}, the log's head is {head} and the live version has applied through {live_furthest}",
+            "version {} of `{projection}` has not caught up: it has applied through {slowest}, the live version (or the log, without one) through {live_furthest}",
             target.version
         )));
     }
@@ -624,9 +646,10 @@ pub(crate) async fn tend<P: Projection>(store: &PostgresEventStore, auto: bool) 
         }
     }
     let now = chrono::Utc::now();
-    for due in all.iter().filter(|i| {
-        i.state == VersionState::Previous && i.retire_at.is_some_and(|at| at <= now)
-    }) {
+    for due in all
+        .iter()
+        .filter(|i| i.state == VersionState::Previous && i.retire_at.is_some_and(|at| at <= now))
+    {
         if let Err(error) = retire(store, base, due.version, false).await {
             tracing::debug!(projection = base, version = due.version, %error, "not retired yet");
         }

@@ -20,6 +20,7 @@ mod projections;
 mod sagas;
 mod scaffold;
 mod store;
+mod versions;
 
 use dlq::Dlq;
 use evently_postgres::PostgresEventStore;

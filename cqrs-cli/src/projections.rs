@@ -40,6 +40,40 @@ pub(crate) enum Projections {
         #[arg(long)]
         segments: u32,
     },
+    /// The versions of a projection (`#[projection(version = N)]`): which is live, which catch
+    /// up beside it, how far each has applied, where side effects pass from one to the next.
+    Versions {
+        /// The projection's base name (without `@vN`).
+        name: String,
+    },
+    /// Switches readers to a version once it has applied everything the live one has, in one
+    /// transaction (the views of the read model's tables point at its tables from then on).
+    Promote {
+        /// The projection's base name.
+        name: String,
+        /// The version (default: the newest one catching up).
+        #[arg(long)]
+        version: Option<u32>,
+        /// How long to wait for it to catch up, in seconds.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+        /// Retire the old version this many seconds after the promotion (by the live version's
+        /// worker, once the old one ran its side effects up to the handover).
+        #[arg(long)]
+        retire_after: Option<u64>,
+    },
+    /// Drops a version that is not live: its tables, checkpoint and dead letters; its workers
+    /// stop. Refused while it still owes side effects up to the handover, unless `--force`.
+    Retire {
+        /// The projection's base name.
+        name: String,
+        /// The version to retire.
+        #[arg(long)]
+        version: u32,
+        /// Retire it even if it has not run its side effects up to the handover.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// Runs a `projections` command.
@@ -103,6 +137,18 @@ pub(crate) async fn run(
         } => {
             rebuild(store, &name, no_wait, Duration::from_secs(timeout)).await?;
         }
+        Projections::Versions { name } => crate::versions::list(store, &name, json).await?,
+        Projections::Promote {
+            name,
+            version,
+            wait,
+            retire_after,
+        } => crate::versions::promote(store, &name, version, wait, retire_after, json).await?,
+        Projections::Retire {
+            name,
+            version,
+            force,
+        } => crate::versions::retire(store, &name, version, force, json).await?,
         Projections::Scale { name, segments } => {
             // A typo must not create a projection: it has to have run (or been segmented) before.
             find(store, &name).await?;

@@ -489,7 +489,10 @@ async fn try_promote(
     let (slowest, furthest) = theirs.unwrap_or((Checkpoint::START, Checkpoint::START));
     // Caught up: it has applied everything the live version has (readers lose nothing), or,
     // without a live version, the whole log as it was a moment ago.
-    let live_furthest = ours.map_or(head, |(_, max)| max);
+    let live_furthest = match live {
+        Some(_) => ours.map_or(Checkpoint::START, |(_, max)| max),
+        None => head,
+    };
     if slowest < live_furthest {
         tx.rollback().await;
         return Ok(Err(format!(

@@ -107,7 +107,8 @@ async fn promote_and_retire_from_the_command_line() {
     assert_eq!(code, 0, "{err}");
     let rows: Vec<&str> = out.lines().filter(|l| l.contains("balances")).collect();
     assert!(
-        rows.iter().any(|r| r.starts_with("1 ") && r.contains("live")),
+        rows.iter()
+            .any(|r| r.starts_with("1 ") && r.contains("live")),
         "{out}"
     );
     assert!(

@@ -205,16 +205,16 @@ pub(crate) fn projection(cx: &mut Ctxt, input: &ProjectionStruct<'_>) {
 
 /// Versions count from 1; the name of version N carries it (`name@vN`).
 fn projection_version_in_range(cx: &mut Ctxt, input: &ProjectionStruct<'_>) {
-    if let Some(version) = &input.version {
-        if version.value == 0 || version.value > 9_999 {
-            cx.error_at(
-                version.span,
-                format_args!(
-                    "projection version {} is out of range: versions count from 1 to 9999; write version = 2 for the version after the first",
-                    version.value
-                ),
-            );
-        }
+    if let Some(version) = &input.version
+        && (version.value == 0 || version.value > 9_999)
+    {
+        cx.error_at(
+            version.span,
+            format_args!(
+                "projection version {} is out of range: versions count from 1 to 9999; write version = 2 for the version after the first",
+                version.value
+            ),
+        );
     }
 }
 

@@ -40,7 +40,9 @@ pub fn derive_command(input: TokenStream) -> TokenStream {
 
 /// Implements `evently_core::projection::Projection`:
 /// `#[projection(name = "order_summary", events(OrderEvent, PaymentEvent))]`, optionally
-/// `context = sqlx::PgConnection` (default `()`); one `Handles<E, Context>` impl per listed enum.
+/// `context = sqlx::PgConnection` (default `()`), `version = N` (blue/green versions: `name@vN`
+/// from 2 on) and `tables("balances", ...)` (the tables readers read through views); one
+/// `Handles<E, Context>` impl per listed enum.
 #[proc_macro_derive(Projection, attributes(projection))]
 pub fn derive_projection(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);

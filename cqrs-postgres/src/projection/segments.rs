@@ -50,6 +50,7 @@ pub struct SegmentedWorker<P, F> {
     batch: usize,
     policy: FailurePolicy,
     reset: Option<Reset>,
+    auto_promote: bool,
     projection: PhantomData<fn() -> P>,
 }
 
@@ -87,6 +88,7 @@ where
             batch: 2_000,
             policy: FailurePolicy::default(),
             reset: None,
+            auto_promote: false,
             projection: PhantomData,
         }
     }
@@ -118,6 +120,15 @@ where
     #[must_use]
     pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// Promotes this version of the projection by itself once it has caught up with the live one
+    /// (as [`ProjectionWorker::with_auto_promote`](super::ProjectionWorker::with_auto_promote);
+    /// the worker running segment 0 checks after its catch-ups).
+    #[must_use]
+    pub fn with_auto_promote(mut self) -> Self {
+        self.auto_promote = true;
         self
     }
 
@@ -251,7 +262,7 @@ where
                 (self.factory)(),
                 self.owner.clone(),
                 name.clone(),
-                (self.lease, self.batch, self.policy, poll),
+                (self.lease, self.batch, self.policy, poll, self.auto_promote),
                 stopped,
             ));
             running.insert(name, Running { stop, task });
@@ -362,7 +373,7 @@ async fn run_segment<P: Projection<Context = PgConnection>>(
     projection: P,
     owner: String,
     name: String,
-    (lease, batch, policy, poll): (Duration, usize, FailurePolicy, Duration),
+    (lease, batch, policy, poll, auto_promote): (Duration, usize, FailurePolicy, Duration, bool),
     stopped: oneshot::Receiver<()>,
 ) -> Result<(), WorkerError> {
     let mut worker = ProjectionWorker::new(store.clone(), projection, owner.clone())
@@ -370,6 +381,7 @@ async fn run_segment<P: Projection<Context = PgConnection>>(
         .with_failure_policy(policy);
     worker.engine.backend_mut().lease =
         CheckpointLease::segment(store.clone(), &name, owner, lease);
+    worker.engine.backend_mut().auto_promote = auto_promote;
     if !worker.acquire().await? {
         return Ok(());
     }

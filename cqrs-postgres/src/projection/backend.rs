@@ -47,8 +47,8 @@ pub struct PostgresBackend {
     pub(super) segment: Option<evently_core::projection::Segment>,
     /// Whether its version is registered (see [`crate::versions`]).
     pub(super) registered: bool,
-    /// Whether to promote its version once it has caught up.
-    pub(super) auto_promote: bool,
+    /// How to promote its version once it has caught up, if it does so by itself.
+    pub(super) auto_promote: Option<crate::versions::Promotion>,
 }
 
 impl std::fmt::Debug for PostgresBackend {

@@ -97,7 +97,7 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
             held: None,
             segment: None,
             registered: false,
-            auto_promote: false,
+            auto_promote: None,
         };
         Self {
             engine: Engine::new(projection, backend, 2_000),
@@ -137,11 +137,13 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
     }
 
     /// Promotes this version of the projection by itself once it has caught up with the live
-    /// one (checked after every catch-up; see [`crate::versions::promote`]). Without it an
-    /// operator promotes it (`cqrs projections promote`).
+    /// one, as `promotion` says (checked after every catch-up, so its wait is not used; its
+    /// [`retire_after`](crate::versions::Promotion::retire_after) is; see
+    /// [`crate::versions::promote`]). Without it an operator promotes it (`cqrs projections
+    /// promote`).
     #[must_use]
-    pub fn with_auto_promote(mut self) -> Self {
-        self.engine.backend_mut().auto_promote = true;
+    pub fn with_auto_promote(mut self, promotion: crate::versions::Promotion) -> Self {
+        self.engine.backend_mut().auto_promote = Some(promotion);
         self
     }
 

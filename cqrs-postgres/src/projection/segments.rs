@@ -50,7 +50,7 @@ pub struct SegmentedWorker<P, F> {
     batch: usize,
     policy: FailurePolicy,
     reset: Option<Reset>,
-    auto_promote: bool,
+    auto_promote: Option<crate::versions::Promotion>,
     projection: PhantomData<fn() -> P>,
 }
 
@@ -88,7 +88,7 @@ where
             batch: 2_000,
             policy: FailurePolicy::default(),
             reset: None,
-            auto_promote: false,
+            auto_promote: None,
             projection: PhantomData,
         }
     }
@@ -127,8 +127,8 @@ where
     /// (as [`ProjectionWorker::with_auto_promote`](super::ProjectionWorker::with_auto_promote);
     /// the worker running segment 0 checks after its catch-ups).
     #[must_use]
-    pub fn with_auto_promote(mut self) -> Self {
-        self.auto_promote = true;
+    pub fn with_auto_promote(mut self, promotion: crate::versions::Promotion) -> Self {
+        self.auto_promote = Some(promotion);
         self
     }
 
@@ -373,7 +373,13 @@ async fn run_segment<P: Projection<Context = PgConnection>>(
     projection: P,
     owner: String,
     name: String,
-    (lease, batch, policy, poll, auto_promote): (Duration, usize, FailurePolicy, Duration, bool),
+    (lease, batch, policy, poll, auto_promote): (
+        Duration,
+        usize,
+        FailurePolicy,
+        Duration,
+        Option<crate::versions::Promotion>,
+    ),
     stopped: oneshot::Receiver<()>,
 ) -> Result<(), WorkerError> {
     let mut worker = ProjectionWorker::new(store.clone(), projection, owner.clone())

@@ -8,7 +8,6 @@ use sqlx::AssertSqlSafe;
 
 use super::{
     Promoted, Promotion, VersionState, not_found, point_views, progress, qualified, read_versions,
-    versions,
 };
 use crate::PostgresEventStore;
 use crate::errors::backend;
@@ -227,9 +226,14 @@ pub async fn retire(
 /// (`auto`) and it is caught up, and retires previous versions whose grace period is over and
 /// whose side effects are done. Failures are logged: they are tried again after the next
 /// catch-up.
-pub(crate) async fn tend<P: Projection>(store: &PostgresEventStore, auto: bool) {
+pub(crate) async fn tend<P: Projection>(store: &PostgresEventStore, auto: Option<Promotion>) {
     let base = P::base_name();
-    let all = match versions(store, base).await {
+    // One query per catch-up: the registry rows, without the versions' progress.
+    let all = match store.pool().acquire().await {
+        Ok(mut conn) => read_versions(&mut conn, store, base, false).await,
+        Err(error) => Err(backend(error)),
+    };
+    let all = match all {
         Ok(all) => all,
         Err(error) => {
             tracing::warn!(projection = base, %error, "reading the projection's versions failed");
@@ -237,9 +241,11 @@ pub(crate) async fn tend<P: Projection>(store: &PostgresEventStore, auto: bool) 
         }
     };
     let mine = all.iter().find(|i| i.version == P::VERSION);
-    if auto && mine.is_some_and(|i| i.state == VersionState::CatchingUp) {
-        match try_promote(store, base, Some(P::VERSION), Promotion::new()).await {
-            Ok(Ok(_)) | Ok(Err(_)) => {}
+    if let Some(promotion) = auto
+        && mine.is_some_and(|i| i.state == VersionState::CatchingUp)
+    {
+        match try_promote(store, base, Some(P::VERSION), promotion).await {
+            Ok(Ok(_) | Err(_)) => {}
             Err(error) => tracing::warn!(projection = base, %error, "promoting failed"),
         }
     }

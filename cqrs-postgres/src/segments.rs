@@ -196,21 +196,20 @@ pub(crate) type ResetFn<'r> = &'r (
 /// [`SegmentedWorker`](crate::projection::SegmentedWorker) with a reset does in its rounds): in
 /// one transaction, with the segment rows locked (batches in flight waited for, their workers
 /// fenced), runs `reset`, replaces the segments by as many new ones at the start of the log, drops
-/// the dead letters and answers the request. `false` when no rebuild is requested (or another
-/// worker served it).
+/// the dead letters and answers the request; `count` is the segment count
+/// [`rebuild_requested`] found (nothing is done when another worker served the request
+/// meanwhile).
 ///
 /// # Errors
 /// [`StoreError::Backend`] when the database or the reset fails (nothing is changed then).
 pub(crate) async fn rebuild(
     store: &PostgresEventStore,
     projection: &str,
+    count: u32,
     reset: ResetFn<'_>,
-) -> Result<bool, StoreError> {
-    let Some(count) = rebuild_requested(store, projection).await? else {
-        return Ok(false);
-    };
+) -> Result<(), StoreError> {
     relayout(store, projection, count, Mode::Rebuild(reset)).await?;
-    Ok(true)
+    Ok(())
 }
 
 /// The segment count of `projection` when a rebuild of it is requested.
@@ -274,7 +273,9 @@ async fn relayout(
         )));
     }
     let s = &store.sql.quoted_schema;
-    let mut tx = store.pool().begin().await.map_err(backend)?;
+    let mut tx = crate::tx::Transaction::begin(store.pool())
+        .await
+        .map_err(backend)?;
     sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {s}.projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING"
     )))
@@ -302,10 +303,8 @@ async fn relayout(
             own.try_get("rebuild_requested_at").map_err(backend)?;
         if still.is_none() || segments.is_none() {
             // Served by another worker meanwhile.
-            drop(tx);
-            return layout(store, projection)
-                .await?
-                .ok_or_else(|| StoreError::backend("the layout vanished while it was read"));
+            tx.rollback().await;
+            return current_layout(store, projection).await;
         }
     }
     let epoch: i64 = own.try_get("epoch").map_err(backend)?;
@@ -336,10 +335,8 @@ async fn relayout(
         Mode::Rebuild(_) => false,
     };
     if keep {
-        drop(tx);
-        return layout(store, projection)
-            .await?
-            .ok_or_else(|| StoreError::backend("the layout vanished while it was read"));
+        tx.rollback().await;
+        return current_layout(store, projection).await;
     }
     let mut new = rescale(&old, count)
         .map_err(|e| StoreError::backend(format!("the stored segments of `{projection}`: {e}")))?;
@@ -406,6 +403,14 @@ async fn relayout(
         generation,
         "projection rescaled"
     );
+    current_layout(store, projection).await
+}
+
+/// The layout of `projection` just written or found segmented.
+async fn current_layout(
+    store: &PostgresEventStore,
+    projection: &str,
+) -> Result<Layout, StoreError> {
     layout(store, projection)
         .await?
         .ok_or_else(|| StoreError::backend("the layout vanished while it was read"))

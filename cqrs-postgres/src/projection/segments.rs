@@ -272,12 +272,9 @@ where
 
     /// Serves a rebuild an operator asked for, if any (see [`with_reset`](Self::with_reset)).
     async fn serve_rebuild(&self) -> Result<(), WorkerError> {
-        if crate::segments::rebuild_requested(&self.store, P::NAME)
-            .await?
-            .is_none()
-        {
+        let Some(count) = crate::segments::rebuild_requested(&self.store, P::NAME).await? else {
             return Ok(());
-        }
+        };
         let Some(reset) = &self.reset else {
             let error = format!(
                 "the SegmentedWorker `{}` of `{}` has no reset: build every worker of the projection with SegmentedWorker::with_reset to allow rebuilds",
@@ -287,11 +284,9 @@ where
             crate::segments::refuse_rebuild(&self.store, P::NAME, &error).await?;
             return Ok(());
         };
-        match crate::segments::rebuild(&self.store, P::NAME, &**reset).await {
-            Ok(served) => {
-                if served {
-                    tracing::info!(projection = P::NAME, owner = %self.owner, "rebuilding: every segment starts again from the first event");
-                }
+        match crate::segments::rebuild(&self.store, P::NAME, count, &**reset).await {
+            Ok(()) => {
+                tracing::info!(projection = P::NAME, owner = %self.owner, "rebuilding: every segment starts again from the first event (unless another worker did)");
                 Ok(())
             }
             Err(StoreError::Backend(source)) if crate::is_outage(&*source) => {

@@ -20,6 +20,10 @@ pub trait DomainEvent: Sized + Send + Sync + 'static {
     /// or `None` for events not tied to one aggregate type. Subscriptions filter on it.
     const AGGREGATE_TYPE: Option<&'static str> = None;
 
+    /// The fields holding personal data (`#[pii(subject = ...)]`), sealed before they are stored
+    /// and forgotten with their subject's key (see [`crate::personal`]).
+    const PERSONAL_FIELDS: &'static [crate::personal::PersonalField] = &[];
+
     /// The stable type name of this event, e.g. `"OrderCreated"`.
     fn event_type(&self) -> &'static str;
 

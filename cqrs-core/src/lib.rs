@@ -14,6 +14,7 @@ pub mod envelope;
 pub mod event;
 pub mod gateway;
 mod panic;
+pub mod personal;
 pub mod projection;
 #[cfg(feature = "conformance")]
 pub mod projection_conformance;

@@ -75,6 +75,21 @@ pub mod prelude {
 /// What the derives' generated code refers to. Not public API: it may change in any release.
 #[doc(hidden)]
 pub mod __private {
+    /// What a forgotten personal field reads as: its type's default, as JSON.
+    #[must_use]
+    pub fn forgotten<T: PersonalPlaceholder>() -> serde_json::Value {
+        serde_json::to_value(T::default()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// A type a personal field may have: one with a default to read once it is forgotten.
+    #[diagnostic::on_unimplemented(
+        message = "personal field type `{Self}` has no `Default`: a forgotten personal field reads as its type's default",
+        note = "implement (or derive) `Default` for `{Self}`, or wrap it in `Option<{Self}>` (read as `None` once forgotten)"
+    )]
+    pub trait PersonalPlaceholder: Default + serde::Serialize {}
+
+    impl<T: Default + serde::Serialize> PersonalPlaceholder for T {}
+
     /// The error of a step index outside a saga's table (only reachable through a hand-written
     /// call of the generated dispatch).
     #[must_use]

@@ -29,6 +29,7 @@ pub(crate) const AGGREGATE: &str = "aggregate";
 pub(crate) const PROJECTION: &str = "projection";
 pub(crate) const SAGA: &str = "saga";
 pub(crate) const STEP: &str = "step";
+pub(crate) const PII: &str = "pii";
 
 // Keys of `#[event(..)]`, `#[command(..)]` and `#[aggregate(..)]`.
 pub(crate) const KEY_AGGREGATE: Key = Key("aggregate");
@@ -49,6 +50,7 @@ pub(crate) const KEY_EVERY: Key = Key("every");
 pub(crate) const KEY_EVENTS: Key = Key("events");
 pub(crate) const KEY_CONTEXT: Key = Key("context");
 pub(crate) const KEY_TABLES: Key = Key("tables");
+pub(crate) const KEY_SUBJECT: Key = Key("subject");
 pub(crate) const KEY_DATA: Key = Key("data");
 pub(crate) const KEY_EXECUTE: Key = Key("execute");
 pub(crate) const KEY_COMPENSATE: Key = Key("compensate");

@@ -22,7 +22,7 @@ use syn::{DeriveInput, parse_macro_input};
 /// Variant keys: `name = "..."` (stable type name, default: the variant's name), `version = N`
 /// (schema version, default 1), `upcast(from = N, with = path)` (repeatable), `apply = method`
 /// (default: `apply_<variant in snake_case>`).
-#[proc_macro_derive(DomainEvent, attributes(event, serde))]
+#[proc_macro_derive(DomainEvent, attributes(event, serde, pii))]
 pub fn derive_domain_event(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
     expand::event::derive(&input).into()

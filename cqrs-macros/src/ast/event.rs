@@ -29,6 +29,14 @@ pub(crate) struct EventVariant<'a> {
     pub(crate) upcasts: Vec<Upcast>,
     pub(crate) apply: Ident,
     pub(crate) shape: Shape<'a>,
+    /// `#[pii(subject = field)]` on its fields.
+    pub(crate) personal: Vec<Personal<'a>>,
+}
+
+/// A field marked `#[pii(subject = other_field)]`.
+pub(crate) struct Personal<'a> {
+    pub(crate) field: &'a syn::Field,
+    pub(crate) subject: Ident,
 }
 
 /// `upcast(from = N, with = path)`.
@@ -99,6 +107,7 @@ impl<'a> EventVariant<'a> {
             Ok(())
         });
         let shape = shape(cx, variant, "event")?;
+        let personal = personal_fields(cx, variant, &shape);
         let variant_name = variant.ident.unraw().to_string();
         let (name, explicit_name) = match name.get() {
             Some(lit) => (
@@ -147,8 +156,114 @@ impl<'a> EventVariant<'a> {
             upcasts,
             apply,
             shape,
+            personal,
         })
     }
+}
+
+/// The fields of a variant marked `#[pii(subject = ...)]`, checked: a named field of the same
+/// variant names the subject, and neither carries `#[serde(...)]` (they are found by their Rust
+/// names in the payload).
+fn personal_fields<'a>(
+    cx: &mut Ctxt,
+    variant: &'a Variant,
+    shape: &Shape<'a>,
+) -> Vec<Personal<'a>> {
+    let Shape::Struct(fields) = shape else {
+        for field in &variant.fields {
+            if let Some(attr) = field.attrs.iter().find(|a| a.path().is_ident(attr::PII)) {
+                cx.error_spanned_by(
+                    attr,
+                    "`#[pii]` marks a field of a variant with named fields: write the variant as `Variant { subject_id: String, #[pii(subject = subject_id)] email: String }`",
+                );
+            }
+        }
+        return Vec::new();
+    };
+    let name_of = |f: &syn::Field| f.ident.as_ref().map(|i| i.unraw().to_string());
+    let mut personal = Vec::new();
+    for field in fields {
+        if let Some(bare) = field
+            .attrs
+            .iter()
+            .find(|a| a.path().is_ident(attr::PII) && matches!(a.meta, syn::Meta::Path(_)))
+        {
+            cx.error_spanned_by(
+                bare,
+                "`#[pii]` needs the field naming whose data this is: write #[pii(subject = member_id)]",
+            );
+            continue;
+        }
+        let mut subject = Slot::new(attr::KEY_SUBJECT);
+        let written = attr::for_each_meta(cx, &field.attrs, attr::PII, |cx, meta| {
+            if attr::KEY_SUBJECT.is(meta) {
+                let ident = attr::parse_ident(meta, attr::KEY_SUBJECT)?;
+                subject.set(cx, meta, ident);
+                Ok(())
+            } else {
+                Err(attr::unknown_key(
+                    meta,
+                    "`#[pii(...)]`",
+                    &[attr::KEY_SUBJECT],
+                ))
+            }
+        });
+        let Some(attr_token) = field.attrs.iter().find(|a| a.path().is_ident(attr::PII)) else {
+            continue;
+        };
+        let Some(subject) = subject.get().map(|s| s.value) else {
+            if !written.has(attr::KEY_SUBJECT) {
+                cx.error_spanned_by(
+                    attr_token,
+                    "`#[pii]` needs the field naming whose data this is: write #[pii(subject = member_id)]",
+                );
+            }
+            continue;
+        };
+        let subject_name = subject.unraw().to_string();
+        let Some(subject_field) = fields
+            .iter()
+            .find(|f| name_of(f).as_deref() == Some(subject_name.as_str()))
+        else {
+            let names: Vec<String> = fields.iter().filter_map(|f| name_of(f)).collect();
+            cx.error_spanned_by(
+                &subject,
+                format_args!(
+                    "`{subject_name}` is not a field of this variant: the subject is another field of it ({})",
+                    names.join(", ")
+                ),
+            );
+            continue;
+        };
+        if name_of(subject_field) == name_of(field) {
+            cx.error_spanned_by(
+                &subject,
+                "a personal field cannot be its own subject: name the field holding the person's id, e.g. subject = member_id",
+            );
+            continue;
+        }
+        if subject_field
+            .attrs
+            .iter()
+            .any(|a| a.path().is_ident(attr::PII))
+        {
+            cx.error_spanned_by(
+                &subject,
+                format_args!("the subject `{subject_name}` is itself marked #[pii]: a subject stays in the clear to find its key, so name an id, not personal data"),
+            );
+            continue;
+        }
+        for marked in [*field, *subject_field] {
+            if let Some(serde) = marked.attrs.iter().find(|a| a.path().is_ident("serde")) {
+                cx.error_spanned_by(
+                    serde,
+                    "drop `#[serde(...)]` here: a personal field and its subject are found by their Rust names in the stored payload",
+                );
+            }
+        }
+        personal.push(Personal { field, subject });
+    }
+    personal
 }
 
 impl Upcast {

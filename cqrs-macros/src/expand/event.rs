@@ -51,16 +51,54 @@ fn generate(model: &EventEnum<'_>) -> TokenStream {
                 ::core::option::Option::Some(<#aggregate as __evently::Aggregate>::NAME);
         }
     });
+    // One placeholder function per personal field (its type's default, as JSON), and the table.
+    let mut placeholders = Vec::new();
+    let mut personal = Vec::new();
+    for v in &model.variants {
+        for (n, p) in v.personal.iter().enumerate() {
+            let ty = &p.field.ty;
+            let field = p
+                .field
+                .ident
+                .as_ref()
+                .map(|i| i.unraw().to_string())
+                .unwrap_or_default();
+            let subject = p.subject.unraw().to_string();
+            let event_type = &v.name.value;
+            let f = format_ident!("__evently_forgotten_{}_{}", v.ident, n);
+            let value = quote_spanned! {syn::spanned::Spanned::span(ty)=>
+                __evently::__private::forgotten::<#ty>()
+            };
+            placeholders.push(quote! {
+                fn #f() -> __evently::__private::serde_json::Value { #value }
+            });
+            personal.push(quote! {
+                __evently::personal::PersonalField {
+                    event_type: #event_type,
+                    field: #field,
+                    subject: #subject,
+                    forgotten: #f,
+                }
+            });
+        }
+    }
+    let personal_fields = (!personal.is_empty()).then(|| {
+        quote! {
+            const PERSONAL_FIELDS: &'static [__evently::personal::PersonalField] = &[#(#personal),*];
+        }
+    });
     quote! {
         #[doc(hidden)]
         #[allow(non_camel_case_types, non_snake_case, clippy::all, clippy::pedantic)]
         const _: () = {
             #(#helpers)*
+            #(#placeholders)*
 
             #[automatically_derived]
             impl __evently::DomainEvent for #ident {
                 const EVENT_TYPES: &'static [&'static str] = &[#(#names),*];
                 #aggregate_type
+                #personal_fields
 
                 fn event_type(&self) -> &'static str {
                     match self { #(#type_arms)* }

@@ -1,0 +1,109 @@
+//! `#[pii(subject = ...)]` on event fields: the derive's table of personal fields, sealing what
+//! `EventData::from_event` encodes, and decoding after the subject is forgotten.
+
+use evently_core::personal::{InMemoryKeyStore, KeyStore, open_text, seal};
+use evently_core::prelude::*;
+use evently_core::{DomainEvent, EventData};
+
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+enum MemberEvent {
+    Joined {
+        member_id: String,
+        #[pii(subject = member_id)]
+        email: String,
+        #[pii(subject = member_id)]
+        age: Option<u32>,
+        plan: String,
+    },
+    #[event(name = "MemberMoved")]
+    Moved {
+        member: u64,
+        #[pii(subject = member)]
+        address: Vec<String>,
+    },
+    Left {
+        member_id: String,
+    },
+}
+
+#[test]
+fn the_derive_lists_the_personal_fields_with_their_placeholders() {
+    let fields: Vec<_> = MemberEvent::PERSONAL_FIELDS
+        .iter()
+        .map(|f| (f.event_type, f.field, f.subject, (f.forgotten)()))
+        .collect();
+    assert_eq!(
+        fields,
+        vec![
+            ("Joined", "email", "member_id", serde_json::json!("")),
+            ("Joined", "age", "member_id", serde_json::Value::Null),
+            ("MemberMoved", "address", "member", serde_json::json!([])),
+        ]
+    );
+}
+
+async fn stored(keys: &InMemoryKeyStore, event: &MemberEvent) -> (String, String) {
+    let mut data =
+        EventData::from_event(event, Metadata::default()).unwrap_or_else(|e| panic!("{e}"));
+    seal(
+        &mut data.payload,
+        &data.event_type,
+        MemberEvent::PERSONAL_FIELDS,
+        keys,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    (data.event_type, data.payload.to_string())
+}
+
+async fn read(keys: &InMemoryKeyStore, (event_type, text): &(String, String)) -> MemberEvent {
+    let opened = open_text(text, keys)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| text.clone());
+    MemberEvent::decode_json(event_type, 1, &opened).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test]
+async fn sealed_events_decode_whole_and_after_forgetting_as_placeholders() {
+    let keys = InMemoryKeyStore::new();
+    let joined = MemberEvent::Joined {
+        member_id: "m-7".into(),
+        email: "grace@example.com".into(),
+        age: Some(37),
+        plan: "gold".into(),
+    };
+    let moved = MemberEvent::Moved {
+        member: 7,
+        address: vec!["1 Main St".into(), "Springfield".into()],
+    };
+    let left = MemberEvent::Left {
+        member_id: "m-7".into(),
+    };
+    let rows = [
+        stored(&keys, &joined).await,
+        stored(&keys, &moved).await,
+        stored(&keys, &left).await,
+    ];
+    for (_, text) in &rows {
+        for secret in ["grace@example.com", "37", "Main St", "Springfield"] {
+            assert!(!text.contains(secret), "`{secret}` in the clear: {text}");
+        }
+    }
+    assert_eq!(read(&keys, &rows[0]).await, joined);
+    assert_eq!(read(&keys, &rows[1]).await, moved);
+    assert_eq!(read(&keys, &rows[2]).await, left);
+
+    assert!(keys.forget("m-7").await.unwrap_or(false));
+    assert_eq!(
+        read(&keys, &rows[0]).await,
+        MemberEvent::Joined {
+            member_id: "m-7".into(),
+            email: String::new(),
+            age: None,
+            plan: "gold".into(),
+        }
+    );
+    // Subject 7 (a number) is another subject: still readable.
+    assert_eq!(read(&keys, &rows[1]).await, moved);
+}

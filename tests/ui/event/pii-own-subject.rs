@@ -1,0 +1,12 @@
+use evently_core::prelude::*;
+
+#[derive(DomainEvent)]
+enum MemberEvent {
+    Joined {
+        member_id: String,
+        #[pii(subject = email)]
+        email: String,
+    },
+}
+
+fn main() {}

@@ -198,6 +198,10 @@ fn aad(subject: &str, field: &str) -> Vec<u8> {
 /// place, with their subjects' keys from `keys`. A field already sealed, or absent (`null` in
 /// an `Option`), is left as it is.
 ///
+/// `seed` is the event's id: each field's nonce is derived from it, the field's name and its
+/// content (SHA-256), so sealing the same event again gives the same bytes (a retried append stays
+/// idempotent) while no two different contents under one key share a nonce.
+///
 /// # Errors
 /// [`PersonalError::NoSubject`] when a marked field's subject is missing, the key store's.
 pub async fn seal(
@@ -205,6 +209,7 @@ pub async fn seal(
     event_type: &str,
     fields: &[PersonalField],
     keys: &dyn KeyStore,
+    seed: &[u8],
 ) -> Result<usize, PersonalError> {
     let Value::Object(map) = payload else {
         return Ok(0);
@@ -224,7 +229,7 @@ pub async fn seal(
         })?;
         let key = keys.key_for(&subject).await?;
         let plain = serde_json::to_vec(value).map_err(|e| PersonalError::KeyStore(Box::new(e)))?;
-        let nonce = Nonce::try_generate().map_err(|e| PersonalError::Random(e.to_string()))?;
+        let nonce = nonce_for(seed, marked.field, &plain);
         let data = key
             .cipher()
             .encrypt(
@@ -246,6 +251,21 @@ pub async fn seal(
         sealed += 1;
     }
     Ok(sealed)
+}
+
+/// The nonce of a field: the first 12 bytes of SHA-256 over the seed, the field's name and its
+/// content, each length-prefixed.
+fn nonce_for(seed: &[u8], field: &str, plain: &[u8]) -> aes_gcm::aead::Nonce<Aes256Gcm> {
+    use sha2::Digest as _;
+    let mut hash = sha2::Sha256::new();
+    for part in [seed, field.as_bytes(), plain] {
+        hash.update(u64::try_from(part.len()).unwrap_or(u64::MAX).to_le_bytes());
+        hash.update(part);
+    }
+    let digest = hash.finalize();
+    let mut nonce = [0u8; 12];
+    nonce.copy_from_slice(&digest[..12]);
+    aes_gcm::aead::Nonce::<Aes256Gcm>::from(nonce)
 }
 
 fn is_envelope(value: &Value) -> bool {
@@ -368,6 +388,112 @@ pub async fn open_text(
     Ok(Some(value.to_string()))
 }
 
+/// A payload that may hold sealed fields: a parsed one, a stored text, or either in a replay.
+pub trait Openable {
+    /// The subjects of its sealed fields (none without envelopes: a cheap test first).
+    fn sealed_subjects(&self) -> Vec<String>;
+
+    /// Opens its sealed fields with `keys` (see [`open`]).
+    fn open_with(&mut self, keys: &HashMap<String, DataKey>) -> Opened;
+}
+
+impl Openable for Value {
+    fn sealed_subjects(&self) -> Vec<String> {
+        subjects(self)
+    }
+
+    fn open_with(&mut self, keys: &HashMap<String, DataKey>) -> Opened {
+        open(self, keys)
+    }
+}
+
+impl Openable for Box<serde_json::value::RawValue> {
+    fn sealed_subjects(&self) -> Vec<String> {
+        if !may_hold_envelopes(self.get()) {
+            return Vec::new();
+        }
+        serde_json::from_str::<Value>(self.get())
+            .map(|v| subjects(&v))
+            .unwrap_or_default()
+    }
+
+    fn open_with(&mut self, keys: &HashMap<String, DataKey>) -> Opened {
+        if !may_hold_envelopes(self.get()) {
+            return Opened::default();
+        }
+        let Ok(mut value) = serde_json::from_str::<Value>(self.get()) else {
+            return Opened::default();
+        };
+        let outcome = open(&mut value, keys);
+        if let Ok(text) = serde_json::value::to_raw_value(&value) {
+            *self = text;
+        }
+        outcome
+    }
+}
+
+impl Openable for crate::store::Payload {
+    fn sealed_subjects(&self) -> Vec<String> {
+        match self {
+            Self::Value(value) => subjects(value),
+            Self::Text(text) if may_hold_envelopes(text) => serde_json::from_str::<Value>(text)
+                .map(|v| subjects(&v))
+                .unwrap_or_default(),
+            Self::Text(_) => Vec::new(),
+        }
+    }
+
+    fn open_with(&mut self, keys: &HashMap<String, DataKey>) -> Opened {
+        match self {
+            Self::Value(value) => open(value, keys),
+            Self::Text(text) => {
+                if !may_hold_envelopes(text) {
+                    return Opened::default();
+                }
+                let Ok(mut value) = serde_json::from_str::<Value>(text) else {
+                    return Opened::default();
+                };
+                let outcome = open(&mut value, keys);
+                *text = value.to_string();
+                outcome
+            }
+        }
+    }
+}
+
+/// Opens every payload of `payloads` with one look-up of the keys they need.
+///
+/// # Errors
+/// The key store's (nothing is opened then).
+pub async fn open_all<'p, P: Openable + 'p>(
+    payloads: impl IntoIterator<Item = &'p mut P>,
+    keys: &dyn KeyStore,
+) -> Result<Opened, PersonalError> {
+    let mut sealed: Vec<&mut P> = Vec::new();
+    let mut subjects: Vec<String> = Vec::new();
+    for payload in payloads {
+        let found = payload.sealed_subjects();
+        if !found.is_empty() {
+            subjects.extend(found);
+            sealed.push(payload);
+        }
+    }
+    if sealed.is_empty() {
+        return Ok(Opened::default());
+    }
+    subjects.sort_unstable();
+    subjects.dedup();
+    let found = keys.keys(&subjects).await?;
+    let mut total = Opened::default();
+    for payload in sealed {
+        let one = payload.open_with(&found);
+        total.opened += one.opened;
+        total.forgotten += one.forgotten;
+        total.unreadable += one.unreadable;
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,9 +523,15 @@ mod tests {
 
     async fn sealed(keys: &InMemoryKeyStore, member: &str) -> Value {
         let mut payload = joined(member);
-        let n = seal(&mut payload, "MemberJoined", FIELDS, keys)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let n = seal(
+            &mut payload,
+            "MemberJoined",
+            FIELDS,
+            keys,
+            member.as_bytes(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(n, 2);
         payload
     }
@@ -418,7 +550,7 @@ mod tests {
             "other fields stay: {text}"
         );
         // Sealing twice does nothing more.
-        let again = seal(&mut payload, "MemberJoined", FIELDS, &keys).await;
+        let again = seal(&mut payload, "MemberJoined", FIELDS, &keys, b"m-1").await;
         assert_eq!(again.unwrap_or_else(|e| panic!("{e}")), 0);
         let opened = open_text(&text, &keys)
             .await
@@ -431,7 +563,9 @@ mod tests {
         // Another event type's fields are not touched.
         let mut other = joined("m-1");
         assert_eq!(
-            seal(&mut other, "MemberLeft", FIELDS, &keys).await.ok(),
+            seal(&mut other, "MemberLeft", FIELDS, &keys, b"x")
+                .await
+                .ok(),
             Some(0)
         );
     }
@@ -501,14 +635,16 @@ mod tests {
     async fn a_missing_subject_is_a_typed_error_and_numbers_name_subjects() {
         let keys = InMemoryKeyStore::new();
         let mut payload = serde_json::json!({"email": "x@example.com"});
-        let error = seal(&mut payload, "MemberJoined", FIELDS, &keys).await;
+        let error = seal(&mut payload, "MemberJoined", FIELDS, &keys, b"x").await;
         assert!(
             matches!(error, Err(PersonalError::NoSubject { .. })),
             "{error:?}"
         );
         let mut payload = serde_json::json!({"member_id": 42, "email": "x@example.com"});
         assert_eq!(
-            seal(&mut payload, "MemberJoined", FIELDS, &keys).await.ok(),
+            seal(&mut payload, "MemberJoined", FIELDS, &keys, b"x")
+                .await
+                .ok(),
             Some(1)
         );
         assert_eq!(subjects(&payload), vec!["42".to_owned()]);

@@ -35,9 +35,10 @@ impl PostgresEventStore {
         &self,
         stream: &StreamId,
         expected: ExpectedVersion,
-        events: Vec<EventData>,
+        mut events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
+        self.seal(&mut events).await?;
         if events.is_empty() {
             let actual = self.version_of(stream).await?;
             return if expected.is_met_by(actual) {
@@ -65,10 +66,11 @@ impl PostgresEventStore {
         &self,
         stream: &StreamId,
         expected: ExpectedVersion,
-        events: Vec<EventData>,
+        mut events: Vec<EventData>,
         key: &str,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
+        self.seal(&mut events).await?;
         self.same_server().await?;
         // The common case in one statement (no transaction block, one round trip).
         if let Some(base) = named_version(expected)
@@ -312,7 +314,7 @@ impl PostgresEventStore {
         if self.inline.is_empty() {
             return Ok(());
         }
-        let stored: Vec<StoredEvent> = result
+        let mut stored: Vec<StoredEvent> = result
             .events
             .iter()
             .zip(events)
@@ -328,6 +330,8 @@ impl PostgresEventStore {
                 metadata: data.metadata.clone(),
             })
             .collect();
+        // The inline projections read what was written, as every reader does.
+        self.open(stored.iter_mut().map(|e| &mut e.payload)).await?;
         for projection in self.inline.iter() {
             projection.apply_all(&stored, conn).await?;
         }

@@ -35,6 +35,7 @@ impl PostgresEventStore {
             server: Arc::default(),
             appends: Arc::default(),
             group: None,
+            personal: Arc::default(),
         })
     }
 

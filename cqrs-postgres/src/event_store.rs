@@ -7,6 +7,7 @@ use evently_core::{
     StoredEvent, StreamId, telemetry,
 };
 use futures::stream::BoxStream;
+use futures::{StreamExt as _, TryStreamExt as _};
 use sqlx::{AssertSqlSafe, Row};
 use tracing::Instrument as _;
 
@@ -40,6 +41,11 @@ impl EventStore for PostgresEventStore {
         after_version: u64,
     ) -> BoxStream<'a, Result<StoredEvent, StoreError>> {
         self.stream_rows(&self.sql.load, stream, after_version, stored_event)
+            .and_then(move |mut event| async move {
+                self.open(std::iter::once(&mut event.payload)).await?;
+                Ok(event)
+            })
+            .boxed()
     }
 
     fn replay<'a>(
@@ -50,6 +56,11 @@ impl EventStore for PostgresEventStore {
         // Only what rehydration needs, and the payload as text: the derive deserializes it
         // straight into the event, without a `serde_json::Value` in between.
         self.stream_rows(&self.sql.replay, stream, after_version, replay_event)
+            .and_then(move |mut event| async move {
+                self.open(std::iter::once(&mut event.payload)).await?;
+                Ok(event)
+            })
+            .boxed()
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError> {
@@ -80,9 +91,12 @@ impl EventStore for PostgresEventStore {
         scan: usize,
         filter: &[evently_core::projection::Subscription],
     ) -> Result<(Vec<StoredEvent>, Checkpoint), StoreError> {
-        self.read_filtered_with(after, scan, filter, stored_event)
+        let (mut events, to) = self
+            .read_filtered_with(after, scan, filter, stored_event)
             .instrument(read_span(after, scan))
-            .await
+            .await?;
+        self.open(events.iter_mut().map(|e| &mut e.payload)).await?;
+        Ok((events, to))
     }
 
     async fn read_filtered_raw(
@@ -91,9 +105,12 @@ impl EventStore for PostgresEventStore {
         scan: usize,
         filter: &[evently_core::projection::Subscription],
     ) -> Result<(Vec<RawStoredEvent>, Checkpoint), StoreError> {
-        self.read_filtered_with(after, scan, filter, rows::raw_stored_event)
+        let (mut events, to) = self
+            .read_filtered_with(after, scan, filter, rows::raw_stored_event)
             .instrument(read_span(after, scan))
-            .await
+            .await?;
+        self.open(events.iter_mut().map(|e| &mut e.payload)).await?;
+        Ok((events, to))
     }
 
     async fn find_key(&self, key: &str) -> Result<Option<KeyRecord>, StoreError> {
@@ -137,9 +154,12 @@ impl EventStore for PostgresEventStore {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let query = self.read_all_query(after, limit)?;
-        self.collect_in_global_order(query, after, limit, stored_event)
+        let mut events = self
+            .collect_in_global_order(query, after, limit, stored_event)
             .instrument(read_span(after, limit))
-            .await
+            .await?;
+        self.open(events.iter_mut().map(|e| &mut e.payload)).await?;
+        Ok(events)
     }
 
     /// Each payload left as the stored JSON text: what a publisher that forwards events (the
@@ -151,9 +171,12 @@ impl EventStore for PostgresEventStore {
         limit: usize,
     ) -> Result<Vec<RawStoredEvent>, StoreError> {
         let query = self.read_all_query(after, limit)?;
-        self.collect_in_global_order(query, after, limit, rows::raw_stored_event)
+        let mut events = self
+            .collect_in_global_order(query, after, limit, rows::raw_stored_event)
             .instrument(read_span(after, limit))
-            .await
+            .await?;
+        self.open(events.iter_mut().map(|e| &mut e.payload)).await?;
+        Ok(events)
     }
 
     /// Changes after commits of this schema's events, in this process and others (`LISTEN`

@@ -15,6 +15,7 @@ mod keys;
 pub mod lease;
 mod migrate;
 mod notify;
+mod personal;
 pub mod projection;
 mod read;
 mod rows;

@@ -45,6 +45,7 @@ pub struct PostgresEventStore {
     pub(crate) server: Arc<ServerGuard>,
     pub(crate) appends: Arc<telemetry::AppendMetrics>,
     pub(crate) group: Option<Arc<group::Grouper>>,
+    pub(crate) personal: Arc<crate::personal::Personal>,
 }
 impl std::fmt::Debug for PostgresEventStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -7,7 +7,7 @@ mod common;
 use common::fresh_store;
 use evently_core::personal::{KeyStore, open_text, seal};
 use evently_core::prelude::*;
-use evently_core::{DomainEvent, EventData, EventStore};
+use evently_core::{DomainEvent, EventData, EventStore, RecordedEvent};
 use evently_postgres::PostgresKeyStore;
 use futures::TryStreamExt as _;
 use sqlx::AssertSqlSafe;
@@ -69,11 +69,13 @@ async fn sealed_payloads_hold_no_personal_text_and_read_as_placeholders_once_for
     };
     let mut data =
         EventData::from_event(&joined, Metadata::default()).unwrap_or_else(|e| panic!("{e}"));
+    let seed = *data.event_id.0.as_bytes();
     seal(
         &mut data.payload,
         &data.event_type,
         MemberEvent::PERSONAL_FIELDS,
         &keys,
+        &seed,
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
@@ -118,5 +120,177 @@ async fn sealed_payloads_hold_no_personal_text_and_read_as_placeholders_once_for
             email: String::new(),
             plan: "gold".into(),
         }
+    );
+}
+
+/// The e-mail per member, as a projection sees it.
+#[derive(Projection)]
+#[projection(name = "member_emails", events(MemberEvent), context = sqlx::PgConnection)]
+struct Emails {
+    schema: String,
+}
+
+#[async_trait::async_trait]
+impl Handles<MemberEvent, sqlx::PgConnection> for Emails {
+    async fn handle(
+        &mut self,
+        event: &RecordedEvent<MemberEvent>,
+        conn: &mut sqlx::PgConnection,
+    ) -> Result<(), evently_core::projection::HandlerError> {
+        let MemberEvent::Joined {
+            member_id, email, ..
+        } = &event.event;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO \"{}\".emails (member, email) VALUES ($1, $2) \
+             ON CONFLICT (member) DO UPDATE SET email = EXCLUDED.email",
+            self.schema
+        )))
+        .bind(member_id)
+        .bind(email)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_store_seals_on_append_and_every_reader_sees_placeholders_after_forget() {
+    use evently_postgres::projection::ProjectionWorker;
+    let store = fresh_store("personal_store")
+        .await
+        .with_personal_data::<MemberEvent>();
+    let schema = store.schema().to_owned();
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE TABLE \"{schema}\".emails (member TEXT PRIMARY KEY, email TEXT NOT NULL)"
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let joined = |member: &str, email: &str| MemberEvent::Joined {
+        member_id: member.into(),
+        email: email.into(),
+        plan: "gold".into(),
+    };
+    let mut sent = Vec::new();
+    for (member, email) in [
+        ("m-1", "lovelace@example.com"),
+        ("m-2", "babbage@example.com"),
+    ] {
+        let data = EventData::from_event(&joined(member, email), Metadata::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        sent.push(data.clone());
+        store
+            .append(
+                &StreamId::new("member", member),
+                ExpectedVersion::NoStream,
+                vec![data],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // Sent again with the same ids (a retry after an unknown outcome): sealing is deterministic,
+    // so the store recognizes them and stores nothing more.
+    let again = store
+        .append(
+            &StreamId::new("member", "m-1"),
+            ExpectedVersion::NoStream,
+            vec![sent[0].clone()],
+        )
+        .await;
+    assert!(
+        matches!(
+            again,
+            Ok(_) | Err(evently_core::StoreError::AlreadyAppended(_))
+        ),
+        "a retried append: {again:?}"
+    );
+    let raw: String = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT string_agg(e::text, '') FROM \"{schema}\".events e"
+    )))
+    .fetch_one(store.pool())
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !raw.contains("lovelace") && !raw.contains("babbage"),
+        "{raw}"
+    );
+    // What a relay forwards to a broker is the stored text: sealed.
+    let mut forwarded = Vec::new();
+    store
+        .read_all_raw_each(evently_core::Checkpoint::START, 10, |e| {
+            forwarded.push(e.payload.get().to_owned());
+            std::ops::ControlFlow::Continue(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(forwarded.len(), 2);
+    assert!(
+        forwarded
+            .iter()
+            .all(|p| p.contains("$personal") && !p.contains("@example.com"))
+    );
+
+    let loaded = |member: &'static str| {
+        let store = store.clone();
+        async move {
+            let events: Vec<_> = store
+                .load(&StreamId::new("member", member), 0)
+                .try_collect()
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            events[0]
+                .decode::<MemberEvent>()
+                .unwrap_or_else(|e| panic!("{e}"))
+        }
+    };
+    assert_eq!(loaded("m-1").await, joined("m-1", "lovelace@example.com"));
+    let all = store
+        .read_all(evently_core::Checkpoint::START, 10)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(all[1].payload["email"], "babbage@example.com");
+
+    let mut worker = ProjectionWorker::new(
+        store.clone(),
+        Emails {
+            schema: schema.clone(),
+        },
+        "w",
+    );
+    assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
+    worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
+    let emails = || async {
+        let rows: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT member, email FROM \"{schema}\".emails ORDER BY member"
+        )))
+        .fetch_all(store.pool())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        rows
+    };
+    assert_eq!(emails().await[0].1, "lovelace@example.com");
+
+    // The right to be forgotten: m-1's key goes; every reader, a rebuild included, goes on.
+    assert!(store.forget("m-1").await.unwrap_or_else(|e| panic!("{e}")));
+    assert_eq!(loaded("m-1").await, joined("m-1", ""));
+    assert_eq!(loaded("m-2").await, joined("m-2", "babbage@example.com"));
+    let truncate = format!("TRUNCATE \"{schema}\".emails");
+    worker
+        .rebuild(move |conn| {
+            Box::pin(async move {
+                sqlx::query(AssertSqlSafe(truncate))
+                    .execute(conn)
+                    .await
+                    .map(drop)
+            })
+        })
+        .await
+        .unwrap_or_else(|e| panic!("rebuild after forget: {e}"));
+    assert_eq!(
+        emails().await,
+        vec![
+            ("m-1".to_owned(), String::new()),
+            ("m-2".to_owned(), "babbage@example.com".to_owned())
+        ]
     );
 }

@@ -45,11 +45,13 @@ fn the_derive_lists_the_personal_fields_with_their_placeholders() {
 async fn stored(keys: &InMemoryKeyStore, event: &MemberEvent) -> (String, String) {
     let mut data =
         EventData::from_event(event, Metadata::default()).unwrap_or_else(|e| panic!("{e}"));
+    let seed = *data.event_id.0.as_bytes();
     seal(
         &mut data.payload,
         &data.event_type,
         MemberEvent::PERSONAL_FIELDS,
         keys,
+        &seed,
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));

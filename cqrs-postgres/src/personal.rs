@@ -1,0 +1,115 @@
+//! Crypto-shredding in the store: personal fields sealed on append, opened on every read.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use evently_core::personal::{self, KeyStore, Openable, PersonalError, PersonalField};
+use evently_core::{DomainEvent, EventData, StoreError};
+
+use crate::{PostgresEventStore, PostgresKeyStore};
+
+/// A store's personal-data settings: which fields of which event types are sealed, and where the
+/// keys are (the schema's `personal_keys` unless another key store is given).
+#[derive(Default, Clone)]
+pub(crate) struct Personal {
+    fields: HashMap<&'static str, Vec<PersonalField>>,
+    keys: Option<Arc<dyn KeyStore>>,
+    /// The schema's key store, made at its first use.
+    schema_keys: std::sync::OnceLock<Arc<dyn KeyStore>>,
+}
+
+fn store_error(error: PersonalError) -> StoreError {
+    match error {
+        PersonalError::NoSubject { .. } => StoreError::InvalidInput(error.to_string()),
+        other => StoreError::backend(other),
+    }
+}
+
+impl PostgresEventStore {
+    /// Seals the fields `E` marks `#[pii(subject = ...)]` in every event of its types appended
+    /// from now on (crypto-shredding, see `evently_core::personal`). Reads open sealed fields
+    /// whether or not this is called, so readers and tools need no list of event types.
+    #[must_use]
+    pub fn with_personal_data<E: DomainEvent>(mut self) -> Self {
+        let mut personal = (*self.personal).clone();
+        for field in E::PERSONAL_FIELDS {
+            let list = personal.fields.entry(field.event_type).or_default();
+            if !list.iter().any(|f| f.field == field.field) {
+                list.push(*field);
+            }
+        }
+        self.personal = Arc::new(personal);
+        self
+    }
+
+    /// Keeps the subjects' data keys in `keys` (a KMS, say) instead of this schema's
+    /// `personal_keys` table.
+    #[must_use]
+    pub fn with_key_store(mut self, keys: Arc<dyn KeyStore>) -> Self {
+        let mut personal = (*self.personal).clone();
+        personal.keys = Some(keys);
+        self.personal = Arc::new(personal);
+        self
+    }
+
+    /// Where the subjects' data keys are.
+    #[must_use]
+    pub fn key_store(&self) -> Arc<dyn KeyStore> {
+        match &self.personal.keys {
+            Some(keys) => keys.clone(),
+            None => self
+                .personal
+                .schema_keys
+                .get_or_init(|| Arc::new(PostgresKeyStore::new(self)))
+                .clone(),
+        }
+    }
+
+    /// Forgets `subject`: deletes its data key, so every read of its sealed fields (loads,
+    /// replays, projections, rebuilds) yields their placeholders from now on. `false` when it had
+    /// no key.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the key store fails.
+    pub async fn forget(&self, subject: &str) -> Result<bool, StoreError> {
+        self.key_store().forget(subject).await.map_err(store_error)
+    }
+
+    /// Seals the personal fields of `events` (those of the types given to
+    /// [`with_personal_data`](Self::with_personal_data)).
+    pub(crate) async fn seal(&self, events: &mut [EventData]) -> Result<(), StoreError> {
+        if self.personal.fields.is_empty() {
+            return Ok(());
+        }
+        let keys = self.key_store();
+        for event in events {
+            if let Some(fields) = self.personal.fields.get(event.event_type.as_str()) {
+                let seed = *event.event_id.0.as_bytes();
+                personal::seal(&mut event.payload, &event.event_type, fields, &*keys, &seed)
+                    .await
+                    .map_err(store_error)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the sealed fields of `payloads` (one look-up of their keys).
+    pub(crate) async fn open<'p, P: Openable + 'p>(
+        &self,
+        payloads: impl IntoIterator<Item = &'p mut P>,
+    ) -> Result<(), StoreError> {
+        // Payloads without envelopes (most) cost a scan, not a key store.
+        let mut sealed: Vec<&mut P> = payloads
+            .into_iter()
+            .filter(|p| !p.sealed_subjects().is_empty())
+            .collect();
+        if sealed.is_empty() {
+            return Ok(());
+        }
+        let keys = self.key_store();
+        personal::open_all(sealed.iter_mut().map(|p| &mut **p), &*keys)
+            .await
+            .map(drop)
+            .map_err(store_error)
+    }
+}

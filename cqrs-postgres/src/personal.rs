@@ -1,22 +1,11 @@
 //! Crypto-shredding in the store: personal fields sealed on append, opened on every read.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use evently_core::personal::{self, KeyStore, Openable, PersonalError, PersonalField};
+use evently_core::personal::{self, KeyStore, Openable, PersonalError};
 use evently_core::{DomainEvent, EventData, StoreError};
 
 use crate::{PostgresEventStore, PostgresKeyStore};
-
-/// A store's personal-data settings: which fields of which event types are sealed, and where the
-/// keys are (the schema's `personal_keys` unless another key store is given).
-#[derive(Default, Clone)]
-pub(crate) struct Personal {
-    fields: HashMap<&'static str, Vec<PersonalField>>,
-    keys: Option<Arc<dyn KeyStore>>,
-    /// The schema's key store, made at its first use.
-    schema_keys: std::sync::OnceLock<Arc<dyn KeyStore>>,
-}
 
 fn store_error(error: PersonalError) -> StoreError {
     match error {

@@ -45,7 +45,19 @@ pub struct PostgresEventStore {
     pub(crate) server: Arc<ServerGuard>,
     pub(crate) appends: Arc<telemetry::AppendMetrics>,
     pub(crate) group: Option<Arc<group::Grouper>>,
-    pub(crate) personal: Arc<crate::personal::Personal>,
+    pub(crate) personal: Arc<Personal>,
+}
+
+/// A store's personal-data settings (see `crate::personal`): which fields of which event types
+/// are sealed, and where the keys are (the schema's `personal_keys` unless another key store is
+/// given).
+#[derive(Default, Clone)]
+pub(crate) struct Personal {
+    pub(crate) fields:
+        std::collections::HashMap<&'static str, Vec<evently_core::personal::PersonalField>>,
+    pub(crate) keys: Option<Arc<dyn evently_core::personal::KeyStore>>,
+    /// The schema's key store, made at its first use.
+    pub(crate) schema_keys: std::sync::OnceLock<Arc<dyn evently_core::personal::KeyStore>>,
 }
 impl std::fmt::Debug for PostgresEventStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -10,7 +10,7 @@ enum CounterEvent {
 #[command(aggregate = Counter)]
 enum CounterCommand {
     Increment { by: u32 },
-    Reset,
+    Archive,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -71,6 +71,16 @@ enum Command {
     /// repair after a restore or a move to another server.
     #[command(subcommand)]
     Store(Store),
+    /// Forgets a person (crypto-shredding): deletes the data key of `subject`, so the personal
+    /// fields sealed under it read as their placeholders everywhere from now on (loads, replays,
+    /// projections and rebuilds, `events show`). It cannot be undone.
+    Forget {
+        /// The subject, as the events name it (the value of the `#[pii(subject = ...)]` field).
+        subject: String,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Print a completion script for a shell, e.g. `cqrs completions bash >
     /// ~/.local/share/bash-completion/completions/cqrs`.
     Completions {
@@ -192,6 +202,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Projections(command) => projections::run(&store, command, json).await?,
         Command::Dlq(command) => dlq::run(&store, command, json).await?,
         Command::Sagas(command) => sagas::run(&store, command, json).await?,
+        Command::Forget { subject, yes } => {
+            if !yes && !confirmed(&format!("forget `{subject}` for good"))? {
+                out!("forgot nothing");
+                return Ok(());
+            }
+            let forgotten = store.forget(&subject).await?;
+            if json {
+                out!(
+                    "{}",
+                    serde_json::json!({"subject": subject, "forgotten": forgotten})
+                );
+            } else if forgotten {
+                out!(
+                    "`{subject}` is forgotten: its personal data reads as placeholders from now on"
+                );
+            } else {
+                out!("`{subject}` has no data key: nothing of it is sealed in this store");
+            }
+        }
     }
     Ok(())
 }

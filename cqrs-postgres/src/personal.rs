@@ -82,6 +82,39 @@ impl PostgresEventStore {
         Ok(())
     }
 
+    /// The subjects of the sealed fields in `stream`'s events up to `version` (none unless the
+    /// store seals personal data).
+    pub(crate) async fn personal_subjects(
+        &self,
+        stream: &evently_core::StreamId,
+        version: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        if self.personal.fields.is_empty() {
+            return Ok(Vec::new());
+        }
+        let payloads: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT payload::text FROM {}.events \
+             WHERE aggregate_type = $1 AND aggregate_id = $2 AND version <= $3 \
+               AND strpos(payload::text, '\"{}\"') > 0",
+            self.sql.quoted_schema,
+            personal::ENVELOPE
+        )))
+        .bind(&stream.aggregate_type)
+        .bind(stream.aggregate_id.as_str())
+        .bind(crate::rows::to_i64(version)?)
+        .fetch_all(self.pool())
+        .await
+        .map_err(crate::errors::backend)?;
+        let mut subjects: Vec<String> = payloads
+            .iter()
+            .filter_map(|p| serde_json::from_str::<serde_json::Value>(p).ok())
+            .flat_map(|p| personal::subjects(&p))
+            .collect();
+        subjects.sort_unstable();
+        subjects.dedup();
+        Ok(subjects)
+    }
+
     /// Opens the sealed fields of `payloads` (one look-up of their keys).
     pub(crate) async fn open<'p, P: Openable + 'p>(
         &self,

@@ -1,5 +1,6 @@
 //! Snapshots: one row per stream, the latest wins.
 
+use evently_core::personal;
 use evently_core::store::{Snapshot, SnapshotStore};
 use evently_core::{StoreError, StreamId};
 use sqlx::{AssertSqlSafe, Row};
@@ -17,21 +18,49 @@ impl SnapshotStore for PostgresEventStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(backend)?;
-        row.map(|row| {
-            let schema_version: i32 = row.try_get("schema_version").map_err(backend)?;
-            Ok(Snapshot {
-                stream: stream.clone(),
-                version: to_u64(row.try_get("version").map_err(backend)?)?,
-                schema_version: u32::try_from(schema_version).map_err(|_| {
-                    StoreError::backend(format!("snapshot schema version {schema_version}"))
-                })?,
-                state: row.try_get("state").map_err(backend)?,
+        let snapshot = row
+            .map(|row| {
+                let schema_version: i32 = row.try_get("schema_version").map_err(backend)?;
+                Ok::<_, StoreError>(Snapshot {
+                    stream: stream.clone(),
+                    version: to_u64(row.try_get("version").map_err(backend)?)?,
+                    schema_version: u32::try_from(schema_version).map_err(|_| {
+                        StoreError::backend(format!("snapshot schema version {schema_version}"))
+                    })?,
+                    state: row.try_get("state").map_err(backend)?,
+                })
             })
-        })
-        .transpose()
+            .transpose()?;
+        let Some(mut snapshot) = snapshot else {
+            return Ok(None);
+        };
+        // A snapshot sealed for its subjects: unreadable once one is forgotten, and then absent
+        // (the aggregate is rebuilt from its events).
+        if snapshot.state.get(personal::STATE_ENVELOPE).is_some() {
+            let keys = self.key_store();
+            match personal::open_state(std::mem::take(&mut snapshot.state), &*keys)
+                .await
+                .map_err(StoreError::backend)?
+            {
+                Some(state) => snapshot.state = state,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(snapshot))
     }
 
-    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+    async fn save_snapshot(&self, mut snapshot: Snapshot) -> Result<(), StoreError> {
+        // The subjects whose personal data the stream's events hold: the state may hold it too.
+        let subjects = self
+            .personal_subjects(&snapshot.stream, snapshot.version)
+            .await?;
+        if !subjects.is_empty() {
+            let keys = self.key_store();
+            snapshot.state =
+                personal::seal_state(std::mem::take(&mut snapshot.state), &subjects, &*keys)
+                    .await
+                    .map_err(StoreError::backend)?;
+        }
         let schema_version = i32::try_from(snapshot.schema_version).map_err(|_| {
             StoreError::InvalidInput(format!(
                 "snapshot schema version {}",

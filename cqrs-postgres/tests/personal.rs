@@ -294,3 +294,80 @@ async fn the_store_seals_on_append_and_every_reader_sees_placeholders_after_forg
         ]
     );
 }
+
+#[tokio::test]
+async fn a_snapshot_of_a_stream_with_personal_data_is_sealed_and_gone_after_forget() {
+    use evently_core::store::{Snapshot, SnapshotStore};
+    let store = fresh_store("personal_snapshot")
+        .await
+        .with_personal_data::<MemberEvent>();
+    let stream = StreamId::new("member", "m-5");
+    let joined = MemberEvent::Joined {
+        member_id: "m-5".into(),
+        email: "noether@example.com".into(),
+        plan: "gold".into(),
+    };
+    store
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![
+                EventData::from_event(&joined, Metadata::default())
+                    .unwrap_or_else(|e| panic!("{e}")),
+            ],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let state = serde_json::json!({"email": "noether@example.com", "plan": "gold"});
+    store
+        .save_snapshot(Snapshot {
+            stream: stream.clone(),
+            version: 1,
+            schema_version: 1,
+            state: state.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let raw: String = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT string_agg(s::text, '') FROM \"{}\".snapshots s",
+        store.schema()
+    )))
+    .fetch_one(store.pool())
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!raw.contains("noether") && !raw.contains("gold"), "{raw}");
+    let loaded = store
+        .load_snapshot(&stream)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no snapshot"));
+    assert_eq!(loaded.state, state);
+    assert!(store.forget("m-5").await.unwrap_or_else(|e| panic!("{e}")));
+    assert!(
+        store
+            .load_snapshot(&stream)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_none(),
+        "a snapshot readable after forget"
+    );
+    // A stream without personal data keeps a plain snapshot.
+    let plain = StreamId::new("member", "nobody");
+    store
+        .save_snapshot(Snapshot {
+            stream: plain.clone(),
+            version: 0,
+            schema_version: 1,
+            state: serde_json::json!({"plan": "free"}),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let loaded = store
+        .load_snapshot(&plain)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        loaded.map(|s| s.state),
+        Some(serde_json::json!({"plan": "free"}))
+    );
+}

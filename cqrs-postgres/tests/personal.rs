@@ -22,6 +22,34 @@ enum MemberEvent {
     },
 }
 
+/// The relay's read of the first `n` events, as stored: waits while transactions of other tests
+/// still hold the global order back (it is gap-safe).
+async fn relayed(
+    store: &evently_postgres::PostgresEventStore,
+    n: usize,
+) -> Vec<evently_core::RawStoredEvent> {
+    let by = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut read = Vec::new();
+        store
+            .read_all_raw_each(evently_core::Checkpoint::START, n, |e| {
+                read.push(e);
+                std::ops::ControlFlow::Continue(())
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        if read.len() == n {
+            return read;
+        }
+        assert!(
+            std::time::Instant::now() < by,
+            "{} of {n} events readable after 30 s",
+            read.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn one_key_per_subject_under_racing_writers_and_forget_deletes_it() {
     let store = fresh_store("personal_keys").await;
@@ -215,15 +243,11 @@ async fn the_store_seals_on_append_and_every_reader_sees_placeholders_after_forg
         "{raw}"
     );
     // What a relay forwards to a broker is the stored text: sealed.
-    let mut forwarded = Vec::new();
-    store
-        .read_all_raw_each(evently_core::Checkpoint::START, 10, |e| {
-            forwarded.push(e.payload.get().to_owned());
-            std::ops::ControlFlow::Continue(())
-        })
+    let forwarded: Vec<String> = relayed(&store, 2)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(forwarded.len(), 2);
+        .iter()
+        .map(|e| e.payload.get().to_owned())
+        .collect();
     assert!(
         forwarded
             .iter()
@@ -369,5 +393,88 @@ async fn a_snapshot_of_a_stream_with_personal_data_is_sealed_and_gone_after_forg
     assert_eq!(
         loaded.map(|s| s.state),
         Some(serde_json::json!({"plan": "free"}))
+    );
+}
+
+/// What a broker consumer gets is what the relay published, sealed: the engine opens it through
+/// the inbox backend's store before the projection applies it, and after `forget` applies the
+/// placeholder.
+#[tokio::test]
+async fn events_received_from_a_broker_are_opened_before_they_are_applied() {
+    use evently_core::projection::Engine;
+    use evently_postgres::projection::InboxBackend;
+    let store = fresh_store("personal_broker")
+        .await
+        .with_personal_data::<MemberEvent>();
+    let schema = store.schema().to_owned();
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE TABLE \"{schema}\".emails (member TEXT PRIMARY KEY, email TEXT NOT NULL)"
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    for (member, email) in [
+        ("m-1", "hamilton@example.com"),
+        ("m-2", "johnson@example.com"),
+    ] {
+        let joined = MemberEvent::Joined {
+            member_id: member.into(),
+            email: email.into(),
+            plan: "gold".into(),
+        };
+        store
+            .append(
+                &StreamId::new("member", member),
+                ExpectedVersion::NoStream,
+                vec![
+                    EventData::from_event(&joined, Metadata::default())
+                        .unwrap_or_else(|e| panic!("{e}")),
+                ],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // The relay's read: the payloads as stored, as they travel through a broker.
+    let published = relayed(&store, 2).await;
+    let received: Vec<evently_core::StoredEvent> = published
+        .iter()
+        .map(|e| e.parse().unwrap_or_else(|err| panic!("{err}")))
+        .collect();
+    assert!(
+        received
+            .iter()
+            .all(|e| !e.payload.to_string().contains("@example.com"))
+    );
+    let mut engine = Engine::new(
+        Emails {
+            schema: schema.clone(),
+        },
+        InboxBackend::new(store.clone()),
+        10,
+    );
+    assert!(store.forget("m-2").await.unwrap_or_else(|e| panic!("{e}")));
+    let delivered = engine
+        .deliver(&received)
+        .await
+        .unwrap_or_else(|e| panic!("deliver: {e}"));
+    assert_eq!(delivered.len(), 2, "{delivered:?}");
+    assert!(
+        delivered
+            .iter()
+            .all(|d| *d == evently_core::projection::Delivered::Applied),
+        "{delivered:?}"
+    );
+    let rows: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT member, email FROM \"{schema}\".emails ORDER BY member"
+    )))
+    .fetch_all(store.pool())
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        rows,
+        vec![
+            ("m-1".to_owned(), "hamilton@example.com".to_owned()),
+            ("m-2".to_owned(), String::new())
+        ]
     );
 }

@@ -462,6 +462,17 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for InboxBackend 
         letters::park(&self.store, unit, P::NAME, parked).await
     }
 
+    /// Opens sealed personal fields with the store's key store, as its reads do.
+    async fn open_payloads(
+        &mut self,
+        events: &mut [evently_core::StoredEvent],
+    ) -> Result<(), DeliveryError> {
+        Ok(self
+            .store
+            .open(events.iter_mut().map(|e| &mut e.payload))
+            .await?)
+    }
+
     /// Nothing to move: the caller acknowledges the messages once the unit committed.
     async fn advance_checkpoint(
         &mut self,

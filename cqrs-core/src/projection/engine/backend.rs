@@ -121,6 +121,20 @@ pub trait DeliveryBackend<P: Projection>: Send {
         parked: Parked<'_>,
     ) -> Result<(), DeliveryError>;
 
+    /// Opens the sealed personal fields of events received from a broker (published as stored,
+    /// see [`crate::personal`]) before [`Engine::deliver`](super::Engine::deliver) applies them.
+    /// The default leaves them sealed: a backend with a key store opens them.
+    ///
+    /// # Errors
+    /// The key store's.
+    async fn open_payloads(
+        &mut self,
+        events: &mut [crate::StoredEvent],
+    ) -> Result<(), DeliveryError> {
+        let _ = events;
+        Ok(())
+    }
+
     /// Moves the checkpoint from exactly `from` to `to` (compare-and-set), renewing the ownership.
     /// A [`TRANSACTIONAL`](Self::TRANSACTIONAL) backend is asked first in the unit, before any
     /// event is applied (the unit holds its ownership from there to its end, and a fenced owner

@@ -40,6 +40,19 @@ where
         events: &[StoredEvent],
     ) -> Result<Vec<Delivered>, DeliveryError> {
         self.owns()?;
+        // Sealed personal fields (published as stored) are opened by the backend first.
+        let opened;
+        let events = if events
+            .iter()
+            .any(|e| !crate::personal::Openable::sealed_subjects(&e.payload).is_empty())
+        {
+            let mut owned = events.to_vec();
+            self.backend.open_payloads(&mut owned).await?;
+            opened = owned;
+            &opened[..]
+        } else {
+            events
+        };
         let started = std::time::Instant::now();
         let outcome = if B::TRANSACTIONAL {
             match self.deliver_unit(events, false).await {

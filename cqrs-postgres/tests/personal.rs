@@ -359,7 +359,10 @@ async fn a_snapshot_of_a_stream_with_personal_data_is_sealed_and_gone_after_forg
     .fetch_one(store.pool())
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    assert!(!raw.contains("noether@example.com") && !raw.contains("\"plan\""), "{raw}");
+    assert!(
+        !raw.contains("noether@example.com") && !raw.contains("\"plan\""),
+        "{raw}"
+    );
     let loaded = store
         .load_snapshot(&stream)
         .await

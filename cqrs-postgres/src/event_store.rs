@@ -7,7 +7,6 @@ use evently_core::{
     StoredEvent, StreamId, telemetry,
 };
 use futures::stream::BoxStream;
-use futures::{StreamExt as _, TryStreamExt as _};
 use sqlx::{AssertSqlSafe, Row};
 use tracing::Instrument as _;
 
@@ -40,12 +39,10 @@ impl EventStore for PostgresEventStore {
         stream: &'a StreamId,
         after_version: u64,
     ) -> BoxStream<'a, Result<StoredEvent, StoreError>> {
-        self.stream_rows(&self.sql.load, stream, after_version, stored_event)
-            .and_then(move |mut event| async move {
-                self.open(std::iter::once(&mut event.payload)).await?;
-                Ok(event)
-            })
-            .boxed()
+        self.open_each(
+            self.stream_rows(&self.sql.load, stream, after_version, stored_event),
+            |e| &mut e.payload,
+        )
     }
 
     fn replay<'a>(
@@ -55,12 +52,10 @@ impl EventStore for PostgresEventStore {
     ) -> BoxStream<'a, Result<ReplayEvent, StoreError>> {
         // Only what rehydration needs, and the payload as text: the derive deserializes it
         // straight into the event, without a `serde_json::Value` in between.
-        self.stream_rows(&self.sql.replay, stream, after_version, replay_event)
-            .and_then(move |mut event| async move {
-                self.open(std::iter::once(&mut event.payload)).await?;
-                Ok(event)
-            })
-            .boxed()
+        self.open_each(
+            self.stream_rows(&self.sql.replay, stream, after_version, replay_event),
+            |e| &mut e.payload,
+        )
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError> {

@@ -115,6 +115,44 @@ impl PostgresEventStore {
         Ok(subjects)
     }
 
+    /// Opens the sealed fields of each item of a stream read (`load`, `replay`), looking each
+    /// subject's key up once for the whole stream (a stream's events mostly name one subject).
+    pub(crate) fn open_each<'a, T: Send + 'a, P: Openable + 'a>(
+        &'a self,
+        items: futures::stream::BoxStream<'a, Result<T, StoreError>>,
+        payload: fn(&mut T) -> &mut P,
+    ) -> futures::stream::BoxStream<'a, Result<T, StoreError>> {
+        use futures::{StreamExt as _, TryStreamExt as _};
+        let looked_up = Arc::new(tokio::sync::Mutex::new((
+            std::collections::HashMap::new(),
+            std::collections::HashSet::<String>::new(),
+        )));
+        items
+            .and_then(move |mut item| {
+                let looked_up = looked_up.clone();
+                async move {
+                    let subjects = payload(&mut item).sealed_subjects();
+                    if subjects.is_empty() {
+                        return Ok(item);
+                    }
+                    let mut cache = looked_up.lock().await;
+                    let (keys, asked) = &mut *cache;
+                    let missing: Vec<String> = subjects
+                        .into_iter()
+                        .filter(|s| !asked.contains(s))
+                        .collect();
+                    if !missing.is_empty() {
+                        let found = self.key_store().keys(&missing).await.map_err(store_error)?;
+                        keys.extend(found);
+                        asked.extend(missing);
+                    }
+                    payload(&mut item).open_with(keys);
+                    Ok(item)
+                }
+            })
+            .boxed()
+    }
+
     /// Opens the sealed fields of `payloads` (one look-up of their keys).
     pub(crate) async fn open<'p, P: Openable + 'p>(
         &self,

@@ -495,6 +495,10 @@ pub trait Openable {
 
     /// Opens its sealed fields with `keys` (see [`open`]).
     fn open_with(&mut self, keys: &HashMap<String, DataKey>) -> Opened;
+
+    /// Parses a text holding envelopes once, where the form allows it, so that finding the
+    /// subjects and opening do not parse it twice.
+    fn prepare(&mut self) {}
 }
 
 impl Openable for Value {
@@ -533,6 +537,15 @@ impl Openable for Box<serde_json::value::RawValue> {
 }
 
 impl Openable for crate::store::Payload {
+    fn prepare(&mut self) {
+        if let Self::Text(text) = self
+            && may_hold_envelopes(text)
+            && let Ok(value) = serde_json::from_str::<Value>(text)
+        {
+            *self = Self::Value(value);
+        }
+    }
+
     fn sealed_subjects(&self) -> Vec<String> {
         match self {
             Self::Value(value) => subjects(value),
@@ -554,7 +567,8 @@ impl Openable for crate::store::Payload {
                     return Opened::default();
                 };
                 let outcome = open(&mut value, keys);
-                *text = value.to_string();
+                // Parsed already: decoded from the value, not written out and parsed again.
+                *self = Self::Value(value);
                 outcome
             }
         }

@@ -131,6 +131,7 @@ impl PostgresEventStore {
             .and_then(move |mut item| {
                 let looked_up = looked_up.clone();
                 async move {
+                    payload(&mut item).prepare();
                     let subjects = payload(&mut item).sealed_subjects();
                     if subjects.is_empty() {
                         return Ok(item);

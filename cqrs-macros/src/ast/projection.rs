@@ -54,23 +54,11 @@ impl<'a> ProjectionStruct<'a> {
                 let (n, span) = attr::parse_int(meta, attr::KEY_VERSION)?;
                 version.set(cx, meta, attr::Spanned { value: n, span });
             } else if attr::KEY_TABLES.is(meta) {
-                if !meta.input.peek(syn::token::Paren) {
-                    return Err(meta.error("expected `tables(\"balances\", ...)`"));
-                }
-                let content;
-                syn::parenthesized!(content in meta.input);
-                let list: Vec<syn::LitStr> =
-                    syn::punctuated::Punctuated::<syn::LitStr, syn::Token![,]>::parse_terminated(
-                        &content,
-                    )
-                    .map_err(|e| {
-                        syn::Error::new(
-                            e.span(),
-                            "expected the tables' names as strings: tables(\"balances\", \"rm.totals\")",
-                        )
-                    })?
-                    .into_iter()
-                    .collect();
+                let list = paren_list::<syn::LitStr>(
+                    meta,
+                    "expected `tables(\"balances\", ...)`",
+                    "expected the tables' names as strings: tables(\"balances\", \"rm.totals\")",
+                )?;
                 if list.is_empty() {
                     cx.error_spanned_by(
                         &meta.path,
@@ -79,23 +67,11 @@ impl<'a> ProjectionStruct<'a> {
                 }
                 tables.set(cx, meta, list);
             } else if attr::KEY_EVENTS.is(meta) {
-                if !meta.input.peek(syn::token::Paren) {
-                    return Err(meta.error("expected `events(EventEnum, ...)`"));
-                }
-                let content;
-                syn::parenthesized!(content in meta.input);
-                let list: Vec<syn::Path> =
-                    syn::punctuated::Punctuated::<syn::Path, syn::Token![,]>::parse_terminated(
-                        &content,
-                    )
-                    .map_err(|e| {
-                        syn::Error::new(
-                            e.span(),
-                            "expected the names of event enums: events(OrderEvent, PaymentEvent)",
-                        )
-                    })?
-                    .into_iter()
-                    .collect();
+                let list = paren_list::<syn::Path>(
+                    meta,
+                    "expected `events(EventEnum, ...)`",
+                    "expected the names of event enums: events(OrderEvent, PaymentEvent)",
+                )?;
                 if list.is_empty() {
                     cx.error_spanned_by(
                         &meta.path,
@@ -164,4 +140,24 @@ impl<'a> ProjectionStruct<'a> {
             _ => Parsed::Incomplete(context),
         }
     }
+}
+
+/// `key(a, b, ...)`: the items, or `no_paren` when the key has no list, `bad_item` (at the item)
+/// when an item does not parse.
+fn paren_list<T: syn::parse::Parse>(
+    meta: &syn::meta::ParseNestedMeta<'_>,
+    no_paren: &str,
+    bad_item: &str,
+) -> syn::Result<Vec<T>> {
+    if !meta.input.peek(syn::token::Paren) {
+        return Err(meta.error(no_paren));
+    }
+    let content;
+    syn::parenthesized!(content in meta.input);
+    Ok(
+        syn::punctuated::Punctuated::<T, syn::Token![,]>::parse_terminated(&content)
+            .map_err(|e| syn::Error::new(e.span(), bad_item))?
+            .into_iter()
+            .collect(),
+    )
 }

@@ -8,10 +8,7 @@ use evently_core::{DomainEvent, EventData, StoreError};
 use crate::{PostgresEventStore, PostgresKeyStore};
 
 fn store_error(error: PersonalError) -> StoreError {
-    match error {
-        PersonalError::NoSubject { .. } => StoreError::InvalidInput(error.to_string()),
-        other => StoreError::backend(other),
-    }
+    StoreError::from(error)
 }
 
 impl PostgresEventStore {
@@ -21,12 +18,7 @@ impl PostgresEventStore {
     #[must_use]
     pub fn with_personal_data<E: DomainEvent>(mut self) -> Self {
         let mut personal = (*self.personal).clone();
-        for field in E::PERSONAL_FIELDS {
-            let list = personal.fields.entry(field.event_type).or_default();
-            if !list.iter().any(|f| f.field == field.field) {
-                list.push(*field);
-            }
-        }
+        personal.sealing.add::<E>();
         self.personal = Arc::new(personal);
         self
     }
@@ -67,19 +59,15 @@ impl PostgresEventStore {
     /// Seals the personal fields of `events` (those of the types given to
     /// [`with_personal_data`](Self::with_personal_data)).
     pub(crate) async fn seal(&self, events: &mut [EventData]) -> Result<(), StoreError> {
-        if self.personal.fields.is_empty() {
+        if self.personal.sealing.is_empty() {
             return Ok(());
         }
         let keys = self.key_store();
-        for event in events {
-            if let Some(fields) = self.personal.fields.get(event.event_type.as_str()) {
-                let seed = *event.event_id.0.as_bytes();
-                personal::seal(&mut event.payload, &event.event_type, fields, &*keys, &seed)
-                    .await
-                    .map_err(store_error)?;
-            }
-        }
-        Ok(())
+        self.personal
+            .sealing
+            .seal(events, &*keys)
+            .await
+            .map_err(store_error)
     }
 
     /// The subjects of the sealed fields in `stream`'s events up to `version` (none unless the
@@ -89,7 +77,7 @@ impl PostgresEventStore {
         stream: &evently_core::StreamId,
         version: u64,
     ) -> Result<Vec<String>, StoreError> {
-        if self.personal.fields.is_empty() {
+        if self.personal.sealing.is_empty() {
             return Ok(Vec::new());
         }
         let payloads: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(

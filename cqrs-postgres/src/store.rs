@@ -53,8 +53,7 @@ pub struct PostgresEventStore {
 /// given).
 #[derive(Default, Clone)]
 pub(crate) struct Personal {
-    pub(crate) fields:
-        std::collections::HashMap<&'static str, Vec<evently_core::personal::PersonalField>>,
+    pub(crate) sealing: evently_core::personal::Sealing,
     pub(crate) keys: Option<Arc<dyn evently_core::personal::KeyStore>>,
     /// The schema's key store, made at its first use.
     pub(crate) schema_keys: std::sync::OnceLock<Arc<dyn evently_core::personal::KeyStore>>,

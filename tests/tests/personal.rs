@@ -109,3 +109,88 @@ async fn sealed_events_decode_whole_and_after_forgetting_as_placeholders() {
     // Subject 7 (a number) is another subject: still readable.
     assert_eq!(read(&keys, &rows[1]).await, moved);
 }
+
+#[tokio::test]
+async fn the_in_memory_store_seals_and_forgets_as_the_postgres_store_does() {
+    use evently_core::store::{Snapshot, SnapshotStore};
+    use evently_core::{EventStore, InMemoryEventStore};
+    use futures::TryStreamExt as _;
+    let store = InMemoryEventStore::new().with_personal_data::<MemberEvent>();
+    let stream = StreamId::new("member", "m-7");
+    let joined = MemberEvent::Joined {
+        member_id: "m-7".into(),
+        email: "grace@example.com".into(),
+        age: Some(37),
+        plan: "gold".into(),
+    };
+    let data =
+        EventData::from_event(&joined, Metadata::default()).unwrap_or_else(|e| panic!("{e}"));
+    store
+        .append(&stream, ExpectedVersion::NoStream, vec![data.clone()])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Retried with the same id: recognized (sealing is deterministic).
+    let again = store
+        .append(&stream, ExpectedVersion::NoStream, vec![data])
+        .await;
+    assert!(
+        matches!(
+            again,
+            Ok(_) | Err(evently_core::StoreError::AlreadyAppended(_))
+        ),
+        "{again:?}"
+    );
+    let loaded: Vec<_> = store
+        .load(&stream, 0)
+        .try_collect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded[0].decode::<MemberEvent>().ok(), Some(joined.clone()));
+    store
+        .save_snapshot(Snapshot {
+            stream: stream.clone(),
+            version: 1,
+            schema_version: 1,
+            state: serde_json::json!({"email": "grace@example.com"}),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let snapshot = store
+        .load_snapshot(&stream)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        snapshot.map(|s| s.state),
+        Some(serde_json::json!({"email": "grace@example.com"}))
+    );
+
+    assert!(store.forget("m-7").await.unwrap_or(false));
+    let loaded: Vec<_> = store
+        .load(&stream, 0)
+        .try_collect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        loaded[0].decode::<MemberEvent>().ok(),
+        Some(MemberEvent::Joined {
+            member_id: "m-7".into(),
+            email: String::new(),
+            age: None,
+            plan: "gold".into(),
+        })
+    );
+    let all = store
+        .read_all(evently_core::Checkpoint::START, 10)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(all[0].payload["email"], "");
+    assert!(
+        store
+            .load_snapshot(&stream)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_none(),
+        "a snapshot readable after forget"
+    );
+}

@@ -173,3 +173,15 @@ impl StoreError {
         matches!(self, Self::Conflict { .. })
     }
 }
+
+impl From<crate::personal::PersonalError> for StoreError {
+    /// A missing subject is the caller's input; the key store's failures are the backend's.
+    fn from(error: crate::personal::PersonalError) -> Self {
+        match error {
+            crate::personal::PersonalError::NoSubject { .. } => {
+                Self::InvalidInput(error.to_string())
+            }
+            other => Self::backend(other),
+        }
+    }
+}

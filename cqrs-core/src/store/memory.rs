@@ -25,6 +25,24 @@ pub struct InMemoryEventStore {
     commits: Arc<tokio::sync::watch::Sender<u64>>,
     /// The appends' metric handles.
     appends: Arc<crate::telemetry::AppendMetrics>,
+    /// Crypto-shredding: what is sealed, and the keys.
+    personal: Arc<Personal>,
+}
+
+/// The store's personal-data settings (see [`crate::personal`]).
+#[derive(Clone)]
+struct Personal {
+    sealing: crate::personal::Sealing,
+    keys: Arc<dyn crate::personal::KeyStore>,
+}
+
+impl Default for Personal {
+    fn default() -> Self {
+        Self {
+            sealing: crate::personal::Sealing::default(),
+            keys: Arc::new(crate::personal::InMemoryKeyStore::new()),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -53,6 +71,61 @@ impl InMemoryEventStore {
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Seals the fields `E` marks `#[pii(subject = ...)]` in the events of its types appended
+    /// from now on, with keys kept in memory (or in [`with_key_store`](Self::with_key_store)'s);
+    /// every read opens them, and [`forget`](Self::forget) makes them read as placeholders, as
+    /// the PostgreSQL store does.
+    #[must_use]
+    pub fn with_personal_data<E: crate::DomainEvent>(mut self) -> Self {
+        let mut personal = (*self.personal).clone();
+        personal.sealing.add::<E>();
+        self.personal = Arc::new(personal);
+        self
+    }
+
+    /// Keeps the subjects' data keys in `keys`.
+    #[must_use]
+    pub fn with_key_store(mut self, keys: Arc<dyn crate::personal::KeyStore>) -> Self {
+        let mut personal = (*self.personal).clone();
+        personal.keys = keys;
+        self.personal = Arc::new(personal);
+        self
+    }
+
+    /// Forgets `subject`: its sealed fields read as placeholders from now on; `false` when it had
+    /// no key.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the key store fails.
+    pub async fn forget(&self, subject: &str) -> Result<bool, StoreError> {
+        self.personal
+            .keys
+            .forget(subject)
+            .await
+            .map_err(StoreError::from)
+    }
+
+    async fn seal(&self, events: &mut [EventData]) -> Result<(), StoreError> {
+        if self.personal.sealing.is_empty() {
+            return Ok(());
+        }
+        self.personal
+            .sealing
+            .seal(events, &*self.personal.keys)
+            .await
+            .map_err(StoreError::from)
+    }
+
+    async fn open(&self, events: &mut [StoredEvent]) -> Result<(), StoreError> {
+        crate::personal::open_all(
+            events.iter_mut().map(|e| &mut e.payload),
+            &*self.personal.keys,
+        )
+        .await
+        .map(drop)
+        .map_err(StoreError::from)
     }
 
     /// How many events the store holds.
@@ -169,9 +242,10 @@ impl EventStore for InMemoryEventStore {
         &self,
         stream: &StreamId,
         expected: ExpectedVersion,
-        events: Vec<EventData>,
+        mut events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
+        self.seal(&mut events).await?;
         let count = events.len();
         crate::telemetry::observe_append("memory", &self.appends, stream, count, async {
             let result = self.lock().append(stream, expected, events);
@@ -185,10 +259,11 @@ impl EventStore for InMemoryEventStore {
         &self,
         stream: &StreamId,
         expected: ExpectedVersion,
-        events: Vec<EventData>,
+        mut events: Vec<EventData>,
         key: &str,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
+        self.seal(&mut events).await?;
         let count = events.len();
         crate::telemetry::observe_append("memory", &self.appends, stream, count, async {
             let mut inner = self.lock();
@@ -230,7 +305,18 @@ impl EventStore for InMemoryEventStore {
                 events.iter().skip(skip).cloned().collect()
             })
         };
-        stream::iter(events.into_iter().map(|e| Ok(StoredEvent::clone(&e)))).boxed()
+        stream::once(async move {
+            let mut events: Vec<StoredEvent> =
+                events.iter().map(|e| StoredEvent::clone(e)).collect();
+            let opened = self.open(&mut events).await;
+            let items: Vec<Result<StoredEvent, StoreError>> = match opened {
+                Ok(()) => events.into_iter().map(Ok).collect(),
+                Err(error) => vec![Err(error)],
+            };
+            stream::iter(items)
+        })
+        .flatten()
+        .boxed()
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError> {
@@ -242,13 +328,17 @@ impl EventStore for InMemoryEventStore {
         after: Checkpoint,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let inner = self.lock();
-        let start = inner.log.partition_point(|e| e.checkpoint <= after);
-        Ok(inner.log[start..]
-            .iter()
-            .take(limit)
-            .map(|e| StoredEvent::clone(e))
-            .collect())
+        let mut events: Vec<StoredEvent> = {
+            let inner = self.lock();
+            let start = inner.log.partition_point(|e| e.checkpoint <= after);
+            inner.log[start..]
+                .iter()
+                .take(limit)
+                .map(|e| StoredEvent::clone(e))
+                .collect()
+        };
+        self.open(&mut events).await?;
+        Ok(events)
     }
 
     async fn head(&self) -> Result<Option<Checkpoint>, StoreError> {
@@ -278,10 +368,46 @@ impl EventStore for InMemoryEventStore {
 #[async_trait::async_trait]
 impl SnapshotStore for InMemoryEventStore {
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
-        Ok(self.lock().snapshots.get(stream).cloned())
+        let Some(mut snapshot) = self.lock().snapshots.get(stream).cloned() else {
+            return Ok(None);
+        };
+        // Sealed for its subjects: absent once one is forgotten (as on PostgreSQL).
+        match crate::personal::open_state(std::mem::take(&mut snapshot.state), &*self.personal.keys)
+            .await
+            .map_err(StoreError::from)?
+        {
+            Some(state) => {
+                snapshot.state = state;
+                Ok(Some(snapshot))
+            }
+            None => Ok(None),
+        }
     }
 
-    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+    async fn save_snapshot(&self, mut snapshot: Snapshot) -> Result<(), StoreError> {
+        if !self.personal.sealing.is_empty() {
+            let mut subjects: Vec<String> = self
+                .lock()
+                .streams
+                .get(&snapshot.stream)
+                .map(|events| {
+                    events
+                        .iter()
+                        .take(usize::try_from(snapshot.version).unwrap_or(usize::MAX))
+                        .flat_map(|e| crate::personal::subjects(&e.payload))
+                        .collect()
+                })
+                .unwrap_or_default();
+            subjects.sort_unstable();
+            subjects.dedup();
+            snapshot.state = crate::personal::seal_state(
+                std::mem::take(&mut snapshot.state),
+                &subjects,
+                &*self.personal.keys,
+            )
+            .await
+            .map_err(StoreError::from)?;
+        }
         let mut inner = self.lock();
         match inner.snapshots.entry(snapshot.stream.clone()) {
             Entry::Occupied(mut entry) => {

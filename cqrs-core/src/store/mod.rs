@@ -103,6 +103,50 @@ pub struct ReplayEvent {
     pub payload: Payload,
 }
 
+impl crate::personal::Openable for Payload {
+    fn prepare(&mut self) {
+        if let Self::Text(text) = self
+            && crate::personal::may_hold_envelopes(text)
+            && let Ok(value) = serde_json::from_str::<serde_json::Value>(text)
+        {
+            *self = Self::Value(value);
+        }
+    }
+
+    fn sealed_subjects(&self) -> Vec<String> {
+        match self {
+            Self::Value(value) => crate::personal::subjects(value),
+            Self::Text(text) if crate::personal::may_hold_envelopes(text) => {
+                serde_json::from_str::<serde_json::Value>(text)
+                    .map(|v| crate::personal::subjects(&v))
+                    .unwrap_or_default()
+            }
+            Self::Text(_) => Vec::new(),
+        }
+    }
+
+    fn open_with(
+        &mut self,
+        keys: &std::collections::HashMap<String, crate::personal::DataKey>,
+    ) -> crate::personal::Opened {
+        match self {
+            Self::Value(value) => crate::personal::open(value, keys),
+            Self::Text(text) => {
+                if !crate::personal::may_hold_envelopes(text) {
+                    return crate::personal::Opened::default();
+                }
+                let Ok(mut value) = serde_json::from_str::<serde_json::Value>(text) else {
+                    return crate::personal::Opened::default();
+                };
+                let outcome = crate::personal::open(&mut value, keys);
+                // Parsed already: decoded from the value, not written out and parsed again.
+                *self = Self::Value(value);
+                outcome
+            }
+        }
+    }
+}
+
 impl ReplayEvent {
     /// Decodes into `E`; errors name `stream`, the version and the type.
     ///

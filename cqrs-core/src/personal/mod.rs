@@ -28,6 +28,12 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Map, Value};
 
+mod openable;
+mod state;
+
+pub use openable::{Openable, open_all};
+pub use state::{STATE_ENVELOPE, open_state, seal_state};
+
 /// The key of an envelope in a stored payload.
 pub const ENVELOPE: &str = "$personal";
 
@@ -388,224 +394,48 @@ pub async fn open_text(
     Ok(Some(value.to_string()))
 }
 
-/// The key of a sealed snapshot's envelope.
-pub const STATE_ENVELOPE: &str = "$personal_state";
-
-/// Seals a whole aggregate state (a snapshot) under the keys of every subject whose personal
-/// data its events held, one layer per subject: forgetting any of them makes the snapshot
-/// unreadable, and [`open_state`] then answers `None` (the aggregate is rebuilt from its events,
-/// which read as placeholders). A state without subjects is returned as it is.
-///
-/// # Errors
-/// The key store's, or a failing random source.
-pub async fn seal_state(
-    state: Value,
-    subjects: &[String],
-    keys: &dyn KeyStore,
-) -> Result<Value, PersonalError> {
-    if subjects.is_empty() {
-        return Ok(state);
-    }
-    let mut data = serde_json::to_vec(&state).map_err(|e| PersonalError::KeyStore(Box::new(e)))?;
-    let mut nonces = Vec::with_capacity(subjects.len());
-    for subject in subjects {
-        let key = keys.key_for(subject).await?;
-        let nonce = aes_gcm::aead::Nonce::<Aes256Gcm>::try_generate()
-            .map_err(|e| PersonalError::Random(e.to_string()))?;
-        data = key
-            .cipher()
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: &data,
-                    aad: subject.as_bytes(),
-                },
-            )
-            .map_err(|e| PersonalError::Random(format!("encryption failed: {e}")))?;
-        nonces.push(Value::String(B64.encode(nonce)));
-    }
-    Ok(serde_json::json!({ STATE_ENVELOPE: {
-        "subjects": subjects,
-        "nonces": nonces,
-        "data": B64.encode(data),
-    }}))
+/// Which fields of which event types a store seals (what `with_personal_data::<E>()` of the
+/// stores records).
+#[derive(Debug, Clone, Default)]
+pub struct Sealing {
+    fields: HashMap<&'static str, Vec<PersonalField>>,
 }
 
-/// Opens a state sealed by [`seal_state`]: `Some` with the state, `None` when a subject's key is
-/// gone or it does not decrypt; a state that is not sealed is returned as it is.
-///
-/// # Errors
-/// The key store's.
-pub async fn open_state(state: Value, keys: &dyn KeyStore) -> Result<Option<Value>, PersonalError> {
-    let Some(envelope) = state.get(STATE_ENVELOPE) else {
-        return Ok(Some(state));
-    };
-    let text_list = |name: &str| -> Vec<String> {
-        envelope
-            .get(name)
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let (subjects, nonces) = (text_list("subjects"), text_list("nonces"));
-    let Some(mut data) = envelope
-        .get("data")
-        .and_then(Value::as_str)
-        .and_then(|d| B64.decode(d).ok())
-    else {
-        return Ok(None);
-    };
-    if subjects.len() != nonces.len() {
-        return Ok(None);
-    }
-    let found = keys.keys(&subjects).await?;
-    for (subject, nonce) in subjects.iter().zip(&nonces).rev() {
-        let Some(key) = found.get(subject) else {
-            return Ok(None);
-        };
-        let Some(nonce) = B64
-            .decode(nonce)
-            .ok()
-            .and_then(|n| aes_gcm::aead::Nonce::<Aes256Gcm>::try_from(n.as_slice()).ok())
-        else {
-            return Ok(None);
-        };
-        let Ok(plain) = key.cipher().decrypt(
-            &nonce,
-            Payload {
-                msg: &data,
-                aad: subject.as_bytes(),
-            },
-        ) else {
-            return Ok(None);
-        };
-        data = plain;
-    }
-    Ok(serde_json::from_slice(&data).ok())
-}
-
-/// A payload that may hold sealed fields: a parsed one, a stored text, or either in a replay.
-pub trait Openable {
-    /// The subjects of its sealed fields (none without envelopes: a cheap test first).
-    fn sealed_subjects(&self) -> Vec<String>;
-
-    /// Opens its sealed fields with `keys` (see [`open`]).
-    fn open_with(&mut self, keys: &HashMap<String, DataKey>) -> Opened;
-
-    /// Parses a text holding envelopes once, where the form allows it, so that finding the
-    /// subjects and opening do not parse it twice.
-    fn prepare(&mut self) {}
-}
-
-impl Openable for Value {
-    fn sealed_subjects(&self) -> Vec<String> {
-        subjects(self)
-    }
-
-    fn open_with(&mut self, keys: &HashMap<String, DataKey>) -> Opened {
-        open(self, keys)
-    }
-}
-
-impl Openable for Box<serde_json::value::RawValue> {
-    fn sealed_subjects(&self) -> Vec<String> {
-        if !may_hold_envelopes(self.get()) {
-            return Vec::new();
-        }
-        serde_json::from_str::<Value>(self.get())
-            .map(|v| subjects(&v))
-            .unwrap_or_default()
-    }
-
-    fn open_with(&mut self, keys: &HashMap<String, DataKey>) -> Opened {
-        if !may_hold_envelopes(self.get()) {
-            return Opened::default();
-        }
-        let Ok(mut value) = serde_json::from_str::<Value>(self.get()) else {
-            return Opened::default();
-        };
-        let outcome = open(&mut value, keys);
-        if let Ok(text) = serde_json::value::to_raw_value(&value) {
-            *self = text;
-        }
-        outcome
-    }
-}
-
-impl Openable for crate::store::Payload {
-    fn prepare(&mut self) {
-        if let Self::Text(text) = self
-            && may_hold_envelopes(text)
-            && let Ok(value) = serde_json::from_str::<Value>(text)
-        {
-            *self = Self::Value(value);
-        }
-    }
-
-    fn sealed_subjects(&self) -> Vec<String> {
-        match self {
-            Self::Value(value) => subjects(value),
-            Self::Text(text) if may_hold_envelopes(text) => serde_json::from_str::<Value>(text)
-                .map(|v| subjects(&v))
-                .unwrap_or_default(),
-            Self::Text(_) => Vec::new(),
-        }
-    }
-
-    fn open_with(&mut self, keys: &HashMap<String, DataKey>) -> Opened {
-        match self {
-            Self::Value(value) => open(value, keys),
-            Self::Text(text) => {
-                if !may_hold_envelopes(text) {
-                    return Opened::default();
-                }
-                let Ok(mut value) = serde_json::from_str::<Value>(text) else {
-                    return Opened::default();
-                };
-                let outcome = open(&mut value, keys);
-                // Parsed already: decoded from the value, not written out and parsed again.
-                *self = Self::Value(value);
-                outcome
+impl Sealing {
+    /// Adds the personal fields `E` declares.
+    pub fn add<E: crate::DomainEvent>(&mut self) {
+        for field in E::PERSONAL_FIELDS {
+            let list = self.fields.entry(field.event_type).or_default();
+            if !list.iter().any(|f| f.field == field.field) {
+                list.push(*field);
             }
         }
     }
-}
 
-/// Opens every payload of `payloads` with one look-up of the keys they need.
-///
-/// # Errors
-/// The key store's (nothing is opened then).
-pub async fn open_all<'p, P: Openable + 'p>(
-    payloads: impl IntoIterator<Item = &'p mut P>,
-    keys: &dyn KeyStore,
-) -> Result<Opened, PersonalError> {
-    let mut sealed: Vec<&mut P> = Vec::new();
-    let mut subjects: Vec<String> = Vec::new();
-    for payload in payloads {
-        let found = payload.sealed_subjects();
-        if !found.is_empty() {
-            subjects.extend(found);
-            sealed.push(payload);
+    /// Whether nothing is sealed.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// Seals the personal fields of `events` in place (see [`seal`]; each event's id seeds its
+    /// nonces).
+    ///
+    /// # Errors
+    /// As [`seal`].
+    pub async fn seal(
+        &self,
+        events: &mut [crate::EventData],
+        keys: &dyn KeyStore,
+    ) -> Result<(), PersonalError> {
+        for event in events {
+            if let Some(fields) = self.fields.get(event.event_type.as_str()) {
+                let seed = *event.event_id.0.as_bytes();
+                seal(&mut event.payload, &event.event_type, fields, keys, &seed).await?;
+            }
         }
+        Ok(())
     }
-    if sealed.is_empty() {
-        return Ok(Opened::default());
-    }
-    subjects.sort_unstable();
-    subjects.dedup();
-    let found = keys.keys(&subjects).await?;
-    let mut total = Opened::default();
-    for payload in sealed {
-        let one = payload.open_with(&found);
-        total.opened += one.opened;
-        total.forgotten += one.forgotten;
-        total.unreadable += one.unreadable;
-    }
-    Ok(total)
 }
 
 #[cfg(test)]

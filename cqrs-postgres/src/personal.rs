@@ -2,14 +2,10 @@
 
 use std::sync::Arc;
 
-use evently_core::personal::{self, KeyStore, Openable, PersonalError};
+use evently_core::personal::{self, KeyStore, Openable};
 use evently_core::{DomainEvent, EventData, StoreError};
 
 use crate::{PostgresEventStore, PostgresKeyStore};
-
-fn store_error(error: PersonalError) -> StoreError {
-    StoreError::from(error)
-}
 
 impl PostgresEventStore {
     /// Seals the fields `E` marks `#[pii(subject = ...)]` in every event of its types appended
@@ -53,7 +49,10 @@ impl PostgresEventStore {
     /// # Errors
     /// [`StoreError::Backend`] when the key store fails.
     pub async fn forget(&self, subject: &str) -> Result<bool, StoreError> {
-        self.key_store().forget(subject).await.map_err(store_error)
+        self.key_store()
+            .forget(subject)
+            .await
+            .map_err(StoreError::from)
     }
 
     /// Seals the personal fields of `events` (those of the types given to
@@ -67,7 +66,7 @@ impl PostgresEventStore {
             .sealing
             .seal(events, &*keys)
             .await
-            .map_err(store_error)
+            .map_err(StoreError::from)
     }
 
     /// The subjects of the sealed fields in `stream`'s events up to `version` (none unless the
@@ -131,7 +130,11 @@ impl PostgresEventStore {
                         .filter(|s| !asked.contains(s))
                         .collect();
                     if !missing.is_empty() {
-                        let found = self.key_store().keys(&missing).await.map_err(store_error)?;
+                        let found = self
+                            .key_store()
+                            .keys(&missing)
+                            .await
+                            .map_err(StoreError::from)?;
                         keys.extend(found);
                         asked.extend(missing);
                     }
@@ -147,18 +150,10 @@ impl PostgresEventStore {
         &self,
         payloads: impl IntoIterator<Item = &'p mut P>,
     ) -> Result<(), StoreError> {
-        // Payloads without envelopes (most) cost a scan, not a key store.
-        let mut sealed: Vec<&mut P> = payloads
-            .into_iter()
-            .filter(|p| !p.sealed_subjects().is_empty())
-            .collect();
-        if sealed.is_empty() {
-            return Ok(());
-        }
-        let keys = self.key_store();
-        personal::open_all(sealed.iter_mut().map(|p| &mut **p), &*keys)
+        // Payloads without envelopes (most) cost a scan; the keys are asked only for the others.
+        personal::open_all(payloads, &*self.key_store())
             .await
             .map(drop)
-            .map_err(store_error)
+            .map_err(StoreError::from)
     }
 }

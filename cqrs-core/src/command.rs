@@ -78,6 +78,7 @@ impl CommandMetadata {
             correlation_id: Some(self.effective_correlation_id()),
             causation_id: Some(self.command_id.into()),
             user_id: self.user_id.clone(),
+            tenant: None,
             headers,
         }
     }

@@ -189,6 +189,94 @@ impl fmt::Debug for StreamId {
     }
 }
 
+/// A tenant: whose data an event, a stream, a checkpoint or a message is.
+///
+/// 1 to 63 bytes of ASCII letters, digits, `_` and `-` (a UUID fits), so that it can name a
+/// PostgreSQL schema, a broker header and a key prefix without escaping. Streams of different
+/// tenants never collide: a store scoped to a tenant (see [`crate::tenant`]) sees only its
+/// tenant's streams, keys, snapshots and events, and stamps its tenant on every event it appends.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct TenantId(String);
+
+/// A text that is not a [`TenantId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a tenant id: expected 1 to 63 ASCII letters, digits, `_` or `-`")]
+pub struct InvalidTenant(pub String);
+
+impl TenantId {
+    /// The longest tenant id, in bytes (a PostgreSQL identifier's limit).
+    pub const MAX_LEN: usize = 63;
+
+    /// Checks and wraps `id`.
+    ///
+    /// # Errors
+    /// [`InvalidTenant`] (with the first 64 characters of `id`) when it is empty, longer than
+    /// [`MAX_LEN`](Self::MAX_LEN) or holds anything but ASCII letters, digits, `_` and `-`.
+    pub fn new(id: impl Into<String>) -> Result<Self, InvalidTenant> {
+        let id = id.into();
+        let valid = !id.is_empty()
+            && id.len() <= Self::MAX_LEN
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if valid {
+            Ok(Self(id))
+        } else {
+            Err(InvalidTenant(id.chars().take(64).collect()))
+        }
+    }
+
+    /// The id as a string.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for TenantId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let id = String::deserialize(deserializer)?;
+        Self::new(id).map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::str::FromStr for TenantId {
+    type Err = InvalidTenant;
+
+    fn from_str(id: &str) -> Result<Self, Self::Err> {
+        Self::new(id)
+    }
+}
+
+impl TryFrom<&str> for TenantId {
+    type Error = InvalidTenant;
+
+    fn try_from(id: &str) -> Result<Self, Self::Error> {
+        Self::new(id)
+    }
+}
+
+impl TryFrom<String> for TenantId {
+    type Error = InvalidTenant;
+
+    fn try_from(id: String) -> Result<Self, Self::Error> {
+        Self::new(id)
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TenantId({})", self.0)
+    }
+}
+
 /// What is known about why an event was recorded, stored beside its payload.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -202,7 +290,11 @@ pub struct Metadata {
     /// The user on whose behalf the command ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
-    /// Extra headers, for what the fields above do not cover (tenant, trace context, ...).
+    /// The tenant whose data the event is: stamped by a store scoped to a tenant on every event
+    /// it appends (an event that names another tenant is refused), absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<TenantId>,
+    /// Extra headers, for what the fields above do not cover (trace context, ...).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
 }
@@ -226,6 +318,13 @@ impl Metadata {
     #[must_use]
     pub fn with_user_id(mut self, user: impl Into<String>) -> Self {
         self.user_id = Some(user.into());
+        self
+    }
+
+    /// Metadata with a tenant.
+    #[must_use]
+    pub fn with_tenant(mut self, tenant: TenantId) -> Self {
+        self.tenant = Some(tenant);
         self
     }
 

@@ -22,6 +22,7 @@ pub mod query;
 pub mod saga;
 pub mod store;
 pub mod telemetry;
+pub mod tenant;
 pub mod testing;
 pub mod trace;
 
@@ -29,8 +30,9 @@ pub use aggregate::{Aggregate, SnapshotPolicy};
 pub use backoff::Backoff;
 pub use command::{Command, CommandMetadata, StreamExpectation};
 pub use envelope::{
-    AggregateId, CausationId, Checkpoint, CommandId, CorrelationId, EventData, EventId, Metadata,
-    Payload, RawStoredEvent, RecordedEvent, StoredEvent, StreamId,
+    AggregateId, CausationId, Checkpoint, CommandId, CorrelationId, EventData, EventId,
+    InvalidTenant, Metadata, Payload, RawStoredEvent, RecordedEvent, StoredEvent, StreamId,
+    TenantId,
 };
 pub use event::{ApplyTo, DecodeError, DomainEvent, EncodedEvent, UpcastError};
 pub use gateway::{CommandError, CommandGateway, Executed};

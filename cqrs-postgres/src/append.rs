@@ -1,6 +1,6 @@
 //! Appends: the expected version, idempotency keys, inline projections, and the retry after a lost race.
 
-use evently_core::store::{AppendResult, classify_stored_ids, validate_append};
+use evently_core::store::{AppendResult, classify_stored_ids, stamp_tenant, validate_append};
 use evently_core::{
     EventData, EventId, EventStore, ExpectedVersion, StoreError, StoredEvent, StreamId,
 };
@@ -38,6 +38,7 @@ impl PostgresEventStore {
         mut events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
+        stamp_tenant(self.tenant.as_ref(), &mut events)?;
         self.seal(&mut events).await?;
         if events.is_empty() {
             let actual = self.version_of(stream).await?;
@@ -70,6 +71,7 @@ impl PostgresEventStore {
         key: &str,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
+        stamp_tenant(self.tenant.as_ref(), &mut events)?;
         self.seal(&mut events).await?;
         self.same_server().await?;
         // The common case in one statement (no transaction block, one round trip).

@@ -36,6 +36,7 @@ impl PostgresEventStore {
             appends: Arc::default(),
             group: None,
             personal: Arc::default(),
+            tenant: None,
         })
     }
 

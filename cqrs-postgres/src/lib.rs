@@ -25,6 +25,7 @@ mod server;
 mod snapshot;
 mod sql;
 mod store;
+pub mod tenants;
 mod tx;
 pub mod versions;
 

@@ -46,6 +46,8 @@ pub struct PostgresEventStore {
     pub(crate) appends: Arc<telemetry::AppendMetrics>,
     pub(crate) group: Option<Arc<group::Grouper>>,
     pub(crate) personal: Arc<Personal>,
+    /// The tenant whose schema this is (see [`crate::tenants`]): stamped on every event appended.
+    pub(crate) tenant: Option<evently_core::TenantId>,
 }
 
 /// A store's personal-data settings (see `crate::personal`): which fields of which event types
@@ -69,6 +71,22 @@ impl std::fmt::Debug for PostgresEventStore {
 }
 
 impl PostgresEventStore {
+    /// The store of `tenant`'s data: every event appended carries `tenant` in its metadata, and
+    /// one that names another tenant is refused. Use it on the tenant's own schema (as
+    /// [`SchemaPerTenant`](crate::tenants::SchemaPerTenant) does): the schema is what keeps the
+    /// tenants' streams, keys, snapshots, checkpoints and dead letters apart.
+    #[must_use]
+    pub fn with_tenant(mut self, tenant: evently_core::TenantId) -> Self {
+        self.tenant = Some(tenant);
+        self
+    }
+
+    /// The tenant this store's data belongs to, if any.
+    #[must_use]
+    pub fn tenant(&self) -> Option<&evently_core::TenantId> {
+        self.tenant.as_ref()
+    }
+
     /// Runs `projection` inside every append's transaction (read-your-writes): when an append
     /// returns, the projection's tables reflect its events, and a failing projection fails the
     /// append, which then stores nothing. Each append applies a clone of `projection`, so keep its

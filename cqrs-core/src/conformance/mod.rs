@@ -12,10 +12,12 @@
 mod append;
 mod keys;
 mod read;
+mod tenants;
 
 pub use append::*;
 pub use keys::*;
 pub use read::*;
+pub use tenants::*;
 
 use futures::TryStreamExt;
 use serde_json::json;

@@ -74,6 +74,10 @@ pub enum StoreError {
     /// reader skips an event; what to run is in the error.
     #[error("{0}")]
     Moved(Box<StoreMoved>),
+    /// The tenancy knows no such tenant (on PostgreSQL's schema-per-tenant layout: not registered
+    /// with `cqrs tenants add` or `SchemaPerTenant::register`).
+    #[error("unknown tenant `{0}`: register it first (`cqrs tenants add {0}`)")]
+    UnknownTenant(crate::envelope::TenantId),
     /// The backend failed: a broken connection, a database error that is not one of the above.
     #[error("event store backend failed: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -11,16 +11,23 @@ use super::{
     AppendResult, AppendedEvent, EventStore, ExpectedVersion, KeyRecord, Snapshot, SnapshotStore,
     StoreError, classify_stored_ids, validate_append,
 };
-use crate::envelope::{Checkpoint, EventData, EventId, StoredEvent, StreamId};
+use crate::envelope::{Checkpoint, EventData, EventId, StoredEvent, StreamId, TenantId};
 
 /// An event store in process memory, safe to share between tasks (clone it: clones share the data).
 ///
 /// It has the exact semantics of the PostgreSQL store (same conformance suite): all-or-nothing
 /// appends checked against the expected version, idempotency by event id, and one global order by
 /// `(commit, position)`. Nothing survives the process.
+///
+/// [`for_tenant`](Self::for_tenant) gives a view of one tenant's streams (the tenant's own
+/// streams, keys, snapshots and events, with the tenant stamped on every event appended) and
+/// [`all_tenants`](Self::all_tenants) a read-only view of every tenant's events in the one global
+/// order; the store itself is the space of data that belongs to no tenant.
 #[derive(Clone, Default)]
 pub struct InMemoryEventStore {
     inner: Arc<Mutex<Inner>>,
+    /// Whose data this handle sees.
+    scope: Scope,
     /// Bumped after every commit: the wake-up of in-process readers.
     commits: Arc<tokio::sync::watch::Sender<u64>>,
     /// The appends' metric handles.
@@ -45,13 +52,35 @@ impl Default for Personal {
     }
 }
 
+/// Whose data a handle of the store sees.
+#[derive(Clone, Default, Debug, PartialEq, Eq)]
+enum Scope {
+    /// The data of no tenant.
+    #[default]
+    Untenanted,
+    /// One tenant's data.
+    Tenant(TenantId),
+    /// Every tenant's events, read only.
+    All,
+}
+
 #[derive(Default)]
 struct Inner {
+    /// The data of each tenant (`None`: of no tenant).
+    spaces: HashMap<Option<TenantId>, Space>,
+    /// Every event of every space in the global order; sorted by checkpoint because commits are
+    /// serialized.
+    log: Vec<Arc<StoredEvent>>,
+    commits: u64,
+}
+
+/// One tenant's data (or the data of no tenant).
+#[derive(Default)]
+struct Space {
     streams: HashMap<StreamId, Vec<Arc<StoredEvent>>>,
-    /// Every event in the global order; sorted by checkpoint because commits are serialized.
+    /// This space's events in the global order.
     log: Vec<Arc<StoredEvent>>,
     by_id: HashMap<EventId, Arc<StoredEvent>>,
-    commits: u64,
     keys: HashMap<String, KeyRecord>,
     snapshots: HashMap<StreamId, Snapshot>,
 }
@@ -60,7 +89,8 @@ impl std::fmt::Debug for InMemoryEventStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let inner = self.lock();
         f.debug_struct("InMemoryEventStore")
-            .field("streams", &inner.streams.len())
+            .field("scope", &self.scope)
+            .field("tenants", &inner.spaces.keys().flatten().count())
             .field("events", &inner.log.len())
             .finish()
     }
@@ -71,6 +101,52 @@ impl InMemoryEventStore {
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A view of `tenant`'s data in this store: its own streams (a stream id of another tenant is
+    /// another stream), idempotency keys, snapshots and events (its [`read_all`](EventStore::read_all)
+    /// reads only them, in the global order). Every event it appends carries `tenant` in its
+    /// metadata; one that names another tenant is refused. Clones share the data.
+    #[must_use]
+    pub fn for_tenant(&self, tenant: TenantId) -> Self {
+        Self {
+            scope: Scope::Tenant(tenant),
+            ..self.clone()
+        }
+    }
+
+    /// A read-only view of every tenant's events (and those of no tenant) in the one global order,
+    /// for a projection or a relay that runs across all tenants: each event names its tenant in
+    /// its metadata. Appends, stream reads, keys and snapshots through it are refused with
+    /// [`StoreError::InvalidInput`]: they belong to one tenant's view.
+    #[must_use]
+    pub fn all_tenants(&self) -> Self {
+        Self {
+            scope: Scope::All,
+            ..self.clone()
+        }
+    }
+
+    /// The tenant this view is scoped to, if any.
+    #[must_use]
+    pub fn tenant(&self) -> Option<&TenantId> {
+        match &self.scope {
+            Scope::Tenant(tenant) => Some(tenant),
+            Scope::Untenanted | Scope::All => None,
+        }
+    }
+
+    /// The space this handle writes to and reads streams from; an error for the all-tenants view.
+    fn space_key(&self) -> Result<Option<TenantId>, StoreError> {
+        match &self.scope {
+            Scope::Untenanted => Ok(None),
+            Scope::Tenant(tenant) => Ok(Some(tenant.clone())),
+            Scope::All => Err(StoreError::InvalidInput(
+                "the all-tenants view of the store only reads the global order: append, load \
+                 streams, keys and snapshots through `for_tenant`"
+                    .into(),
+            )),
+        }
     }
 
     /// Seals the fields `E` marks `#[pii(subject = ...)]` in the events of its types appended
@@ -128,7 +204,7 @@ impl InMemoryEventStore {
         .map_err(StoreError::from)
     }
 
-    /// How many events the store holds.
+    /// How many events the store holds (of every tenant).
     #[must_use]
     pub fn len(&self) -> usize {
         self.lock().log.len()
@@ -147,6 +223,20 @@ impl InMemoryEventStore {
         }
     }
 
+    /// The events this handle reads in the global order: its space's, or all for the
+    /// all-tenants view.
+    fn log<'a>(&self, inner: &'a Inner) -> &'a [Arc<StoredEvent>] {
+        let tenant = match &self.scope {
+            Scope::All => return &inner.log,
+            Scope::Untenanted => None,
+            Scope::Tenant(tenant) => Some(tenant.clone()),
+        };
+        inner
+            .spaces
+            .get(&tenant)
+            .map_or(&[][..], |space| &space.log)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave `Inner` half-written: every append validates
         // first and mutates after, so the data behind a poisoned lock is still consistent.
@@ -157,19 +247,26 @@ impl InMemoryEventStore {
 }
 
 impl Inner {
+    /// The space of `tenant`, created when first written.
+    fn space_mut(&mut self, tenant: &Option<TenantId>) -> &mut Space {
+        self.spaces.entry(tenant.clone()).or_default()
+    }
+
     /// Appends under the lock: idempotency first, then the expected version.
     fn append(
         &mut self,
+        tenant: &Option<TenantId>,
         stream: &StreamId,
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
-        if let Some(error) =
-            classify_stored_ids(stream, &events, |id| self.by_id.get(id).map(|e| &**e))
-        {
+        let space = self.spaces.get(tenant);
+        if let Some(error) = classify_stored_ids(stream, &events, |id| {
+            space.and_then(|space| space.by_id.get(id)).map(|e| &**e)
+        }) {
             return Err(error);
         }
-        let actual = self.version(stream);
+        let actual = space.map_or(0, |space| space.version(stream));
         if !expected.is_met_by(actual) {
             return Err(StoreError::Conflict {
                 stream: stream.clone(),
@@ -211,12 +308,14 @@ impl Inner {
             });
             stored.push(record);
         }
+        self.log.extend(stored.iter().cloned());
+        let space = self.space_mut(tenant);
         for record in &stored {
-            self.by_id.insert(record.event_id, Arc::clone(record));
-            self.log.push(Arc::clone(record));
+            space.by_id.insert(record.event_id, Arc::clone(record));
+            space.log.push(Arc::clone(record));
         }
         let version = actual + appended.len() as u64;
-        match self.streams.entry(stream.clone()) {
+        match space.streams.entry(stream.clone()) {
             Entry::Occupied(mut entry) => entry.get_mut().extend(stored),
             Entry::Vacant(entry) => {
                 entry.insert(stored);
@@ -228,7 +327,9 @@ impl Inner {
             events: appended,
         })
     }
+}
 
+impl Space {
     fn version(&self, stream: &StreamId) -> u64 {
         self.streams
             .get(stream)
@@ -245,10 +346,12 @@ impl EventStore for InMemoryEventStore {
         mut events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
+        let tenant = self.space_key()?;
+        super::stamp_tenant(tenant.as_ref(), &mut events)?;
         self.seal(&mut events).await?;
         let count = events.len();
         crate::telemetry::observe_append("memory", &self.appends, stream, count, async {
-            let result = self.lock().append(stream, expected, events);
+            let result = self.lock().append(&tenant, stream, expected, events);
             self.signal(&result, |r| !r.events.is_empty());
             result
         })
@@ -263,14 +366,16 @@ impl EventStore for InMemoryEventStore {
         key: &str,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
+        let tenant = self.space_key()?;
+        super::stamp_tenant(tenant.as_ref(), &mut events)?;
         self.seal(&mut events).await?;
         let count = events.len();
         crate::telemetry::observe_append("memory", &self.appends, stream, count, async {
             let mut inner = self.lock();
-            if let Some(record) = inner.keys.get(key) {
+            if let Some(record) = inner.spaces.get(&tenant).and_then(|s| s.keys.get(key)) {
                 return Err(StoreError::KeyUsed(Box::new(record.clone())));
             }
-            let result = inner.append(stream, expected, events)?;
+            let result = inner.append(&tenant, stream, expected, events)?;
             let record = KeyRecord {
                 key: key.to_owned(),
                 stream: stream.clone(),
@@ -280,7 +385,7 @@ impl EventStore for InMemoryEventStore {
                     .map_or(result.version + 1, |e| e.version),
                 last_version: result.version,
             };
-            inner.keys.insert(key.to_owned(), record);
+            inner.space_mut(&tenant).keys.insert(key.to_owned(), record);
             drop(inner);
             let result = Ok(result);
             self.signal(&result, |r: &AppendResult| !r.events.is_empty());
@@ -290,7 +395,13 @@ impl EventStore for InMemoryEventStore {
     }
 
     async fn find_key(&self, key: &str) -> Result<Option<KeyRecord>, StoreError> {
-        Ok(self.lock().keys.get(key).cloned())
+        let tenant = self.space_key()?;
+        Ok(self
+            .lock()
+            .spaces
+            .get(&tenant)
+            .and_then(|space| space.keys.get(key))
+            .cloned())
     }
 
     fn load<'a>(
@@ -298,12 +409,20 @@ impl EventStore for InMemoryEventStore {
         stream: &'a StreamId,
         after_version: u64,
     ) -> BoxStream<'a, Result<StoredEvent, StoreError>> {
+        let tenant = match self.space_key() {
+            Ok(tenant) => tenant,
+            Err(error) => return stream::once(async { Err(error) }).boxed(),
+        };
         let events: Vec<Arc<StoredEvent>> = {
             let inner = self.lock();
-            inner.streams.get(stream).map_or_else(Vec::new, |events| {
-                let skip = usize::try_from(after_version).unwrap_or(usize::MAX);
-                events.iter().skip(skip).cloned().collect()
-            })
+            let skip = usize::try_from(after_version).unwrap_or(usize::MAX);
+            inner
+                .spaces
+                .get(&tenant)
+                .and_then(|space| space.streams.get(stream))
+                .map_or_else(Vec::new, |events| {
+                    events.iter().skip(skip).cloned().collect()
+                })
         };
         stream::once(async move {
             let mut events: Vec<StoredEvent> =
@@ -320,7 +439,12 @@ impl EventStore for InMemoryEventStore {
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError> {
-        Ok(self.lock().version(stream))
+        let tenant = self.space_key()?;
+        Ok(self
+            .lock()
+            .spaces
+            .get(&tenant)
+            .map_or(0, |space| space.version(stream)))
     }
 
     async fn read_all(
@@ -330,8 +454,9 @@ impl EventStore for InMemoryEventStore {
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let mut events: Vec<StoredEvent> = {
             let inner = self.lock();
-            let start = inner.log.partition_point(|e| e.checkpoint <= after);
-            inner.log[start..]
+            let log = self.log(&inner);
+            let start = log.partition_point(|e| e.checkpoint <= after);
+            log[start..]
                 .iter()
                 .take(limit)
                 .map(|e| StoredEvent::clone(e))
@@ -342,13 +467,15 @@ impl EventStore for InMemoryEventStore {
     }
 
     async fn head(&self) -> Result<Option<Checkpoint>, StoreError> {
-        Ok(self.lock().log.last().map(|e| e.checkpoint))
+        let inner = self.lock();
+        Ok(self.log(&inner).last().map(|e| e.checkpoint))
     }
 
     async fn lag(&self, after: Checkpoint) -> Result<Option<super::Lag>, StoreError> {
         let inner = self.lock();
-        let start = inner.log.partition_point(|e| e.checkpoint <= after);
-        let behind = &inner.log[start..];
+        let log = self.log(&inner);
+        let start = log.partition_point(|e| e.checkpoint <= after);
+        let behind = &log[start..];
         let seconds = behind.first().map_or(0.0, |oldest| {
             (Utc::now() - oldest.recorded_at)
                 .to_std()
@@ -368,7 +495,14 @@ impl EventStore for InMemoryEventStore {
 #[async_trait::async_trait]
 impl SnapshotStore for InMemoryEventStore {
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
-        let Some(mut snapshot) = self.lock().snapshots.get(stream).cloned() else {
+        let tenant = self.space_key()?;
+        let found = self
+            .lock()
+            .spaces
+            .get(&tenant)
+            .and_then(|space| space.snapshots.get(stream))
+            .cloned();
+        let Some(mut snapshot) = found else {
             return Ok(None);
         };
         // Sealed for its subjects: absent once one is forgotten (as on PostgreSQL).
@@ -385,11 +519,13 @@ impl SnapshotStore for InMemoryEventStore {
     }
 
     async fn save_snapshot(&self, mut snapshot: Snapshot) -> Result<(), StoreError> {
+        let tenant = self.space_key()?;
         if !self.personal.sealing.is_empty() {
             let mut subjects: Vec<String> = self
                 .lock()
-                .streams
-                .get(&snapshot.stream)
+                .spaces
+                .get(&tenant)
+                .and_then(|space| space.streams.get(&snapshot.stream))
                 .map(|events| {
                     events
                         .iter()
@@ -409,7 +545,11 @@ impl SnapshotStore for InMemoryEventStore {
             .map_err(StoreError::from)?;
         }
         let mut inner = self.lock();
-        match inner.snapshots.entry(snapshot.stream.clone()) {
+        match inner
+            .space_mut(&tenant)
+            .snapshots
+            .entry(snapshot.stream.clone())
+        {
             Entry::Occupied(mut entry) => {
                 if entry.get().version <= snapshot.version {
                     entry.insert(snapshot);

@@ -10,7 +10,9 @@ mod validate;
 pub use error::{CorruptEvent, MoveEvidence, StoreError, StoreMoved};
 pub use filter::{Lag, Subscription};
 pub use memory::InMemoryEventStore;
-pub use validate::{MAX_JSON_DEPTH, classify_stored_ids, json_depth, same_event, validate_append};
+pub use validate::{
+    MAX_JSON_DEPTH, classify_stored_ids, json_depth, same_event, stamp_tenant, validate_append,
+};
 
 use std::fmt;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! What every store checks before it appends, and how it tells a replay of the same events from a
 //! reuse of their ids.
 
-use crate::envelope::{EventData, EventId, StoredEvent, StreamId};
+use crate::envelope::{EventData, EventId, StoredEvent, StreamId, TenantId};
 
 use super::*;
 
@@ -50,6 +50,37 @@ pub fn classify_stored_ids<'a>(
         version,
         events: appended,
     })))
+}
+/// Stamps the tenant of a store's scope on the events of an append: an event without a tenant
+/// gets `tenant` (nothing when the store is not scoped to one); an event that names another
+/// tenant, or any tenant in a store that is not scoped to one, is refused. Every store calls it
+/// before it appends, so no event of one tenant is ever written into another tenant's streams.
+///
+/// # Errors
+/// [`StoreError::InvalidInput`] naming the event, the tenant it names and the store's scope.
+pub fn stamp_tenant(tenant: Option<&TenantId>, events: &mut [EventData]) -> Result<(), StoreError> {
+    for event in events {
+        match (&event.metadata.tenant, tenant) {
+            (None, None) => {}
+            (None, Some(tenant)) => event.metadata.tenant = Some(tenant.clone()),
+            (Some(named), Some(tenant)) if named == tenant => {}
+            (Some(named), Some(tenant)) => {
+                return Err(StoreError::InvalidInput(format!(
+                    "event {} names tenant `{named}` but the store is scoped to tenant \
+                     `{tenant}`: append it through the store of tenant `{named}`",
+                    event.event_id
+                )));
+            }
+            (Some(named), None) => {
+                return Err(StoreError::InvalidInput(format!(
+                    "event {} names tenant `{named}` but the store is not scoped to a tenant: \
+                     append it through the store of tenant `{named}`",
+                    event.event_id
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 /// How deeply arrays and objects may nest in a payload. `serde_json` reads at most 127 levels
 /// back (its recursion limit); this leaves room for the envelopes a payload travels in (a broker

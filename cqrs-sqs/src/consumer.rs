@@ -277,7 +277,8 @@ pub(crate) async fn dead_letter(
     attempts: u32,
 ) -> Result<(), TransportError> {
     let mut attributes = message.message_attributes.clone().unwrap_or_default();
-    // SQS takes 10 attributes: the dead letter's own four come first.
+    // SQS takes 10 attributes: the dead letter's own four come first, then the event id and the
+    // tenant.
     attributes.remove(header::CONTENT_TYPE);
     let own: [(&str, String); 4] = [
         (header::DLQ_ERROR, truncate(reason, 8_000)),
@@ -288,7 +289,7 @@ pub(crate) async fn dead_letter(
     while attributes.len() + own.len() > MAX_ATTRIBUTES {
         let Some(key) = attributes
             .keys()
-            .find(|k| k.as_str() != header::EVENT_ID)
+            .find(|k| k.as_str() != header::EVENT_ID && k.as_str() != header::TENANT)
             .cloned()
         else {
             break;

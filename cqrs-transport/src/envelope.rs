@@ -20,6 +20,8 @@ pub mod header {
     pub const CORRELATION_ID: &str = "cqrs-correlation-id";
     /// The causation id, when the event has one.
     pub const CAUSATION_ID: &str = "cqrs-causation-id";
+    /// The tenant whose event it is, when the event has one (see `evently_core::tenant`).
+    pub const TENANT: &str = "cqrs-tenant";
     /// The W3C trace context of the command that recorded the event, when it ran in a trace.
     pub const TRACEPARENT: &str = evently_core::trace::TRACEPARENT;
     /// The serializer's content type.
@@ -342,6 +344,9 @@ pub fn headers_of<P>(
             causation.0.hyphenated().encode_lower(&mut id),
         );
     }
+    if let Some(tenant) = &event.metadata.tenant {
+        header(header::TENANT, tenant.as_str());
+    }
     if let Some(trace) = event.metadata.headers.get(evently_core::trace::TRACEPARENT) {
         header(header::TRACEPARENT, trace);
     }
@@ -401,6 +406,7 @@ mod tests {
             .with_correlation_id(evently_core::CorrelationId::new())
             .with_causation_id(EventId::new())
             .with_user_id("u \"1\"")
+            .with_tenant(evently_core::TenantId::new("acme-1").unwrap())
             .with_header("tenant", "t\u{1}");
         for (i, recorded_at) in times.into_iter().enumerate() {
             let mut e = event();
@@ -551,5 +557,16 @@ mod tests {
         assert_eq!(get(header::AGGREGATE_TYPE), Some("order"));
         assert!(get(header::CORRELATION_ID).is_some());
         assert!(get(header::CAUSATION_ID).is_none());
+        assert!(get(header::TENANT).is_none(), "no tenant, no header");
+
+        let mut tenanted = event;
+        tenanted.metadata.tenant = Some(evently_core::TenantId::new("acme").unwrap());
+        let mut found = None;
+        headers_of(&tenanted, "application/json", |k, v| {
+            if k == header::TENANT {
+                found = Some(v.to_owned());
+            }
+        });
+        assert_eq!(found.as_deref(), Some("acme"));
     }
 }

@@ -20,6 +20,7 @@ mod projections;
 mod sagas;
 mod scaffold;
 mod store;
+mod tenants;
 mod versions;
 
 use dlq::Dlq;
@@ -29,6 +30,7 @@ use projections::Projections;
 use sagas::Sagas;
 use scaffold::New;
 use store::Store;
+use tenants::Tenants;
 
 /// Operate a cqrs PostgreSQL store.
 #[derive(Parser)]
@@ -40,6 +42,13 @@ struct Cli {
     /// The PostgreSQL schema holding the store.
     #[arg(long, global = true, default_value = "cqrs")]
     schema: String,
+    /// Operate on this tenant's store (schema-per-tenant: its schema from the registry) instead
+    /// of `--schema`'s.
+    #[arg(long, global = true)]
+    tenant: Option<String>,
+    /// The schema holding the tenant registry (`evently_tenants`).
+    #[arg(long, global = true, default_value = "evently")]
+    tenant_registry: String,
     /// Print what read commands find as JSON, one object per line (events, projections, dead
     /// letters, sagas); nothing for an empty list.
     #[arg(long, global = true)]
@@ -54,7 +63,14 @@ enum Command {
     #[command(subcommand)]
     New(New),
     /// Apply the schema (idempotent).
-    Migrate,
+    Migrate {
+        /// Also migrate the schema of every registered tenant (after an upgrade).
+        #[arg(long)]
+        all_tenants: bool,
+    },
+    /// The tenants of the schema-per-tenant layout.
+    #[command(subcommand)]
+    Tenants(Tenants),
     /// Read recorded events.
     #[command(subcommand)]
     Events(Events),
@@ -191,13 +207,26 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .database_url
         .unwrap_or_else(evently_postgres::database_url);
     // The error names the server without its password.
-    let store = PostgresEventStore::connect_within(&url, &cli.schema, Duration::from_secs(5))
+    let mut store = PostgresEventStore::connect_within(&url, &cli.schema, Duration::from_secs(5))
         .await
         .map_err(|e| format!("cannot reach the store: {e}"))?;
+    let mut schema = cli.schema.clone();
+    if let Some(tenant) = &cli.tenant {
+        store = tenants::store_of(&store, &cli.tenant_registry, tenant).await?;
+        schema = store.schema().to_owned();
+    }
     match cli.command {
         Command::New(_) | Command::Completions { .. } => {}
-        Command::Migrate => store::migrate(&store, &cli.schema).await?,
-        Command::Store(command) => store::run(&store, &cli.schema, command).await?,
+        Command::Migrate { all_tenants } => {
+            store::migrate(&store, &schema).await?;
+            if all_tenants {
+                tenants::migrate_all(&store, &cli.tenant_registry).await?;
+            }
+        }
+        Command::Tenants(command) => {
+            tenants::run(&store, &cli.tenant_registry, command, json).await?;
+        }
+        Command::Store(command) => store::run(&store, &schema, command).await?,
         Command::Events(command) => events::run(&store, command, json).await?,
         Command::Projections(command) => projections::run(&store, command, json).await?,
         Command::Dlq(command) => dlq::run(&store, command, json).await?,

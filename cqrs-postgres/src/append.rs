@@ -38,6 +38,7 @@ impl PostgresEventStore {
         mut events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
+        self.refuse_all_tenants()?;
         stamp_tenant(self.tenant.as_ref(), &mut events)?;
         self.seal(&mut events).await?;
         if events.is_empty() {
@@ -71,6 +72,7 @@ impl PostgresEventStore {
         key: &str,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
+        self.refuse_all_tenants()?;
         stamp_tenant(self.tenant.as_ref(), &mut events)?;
         self.seal(&mut events).await?;
         self.same_server().await?;

@@ -37,6 +37,8 @@ impl PostgresEventStore {
             group: None,
             personal: Arc::default(),
             tenant: None,
+            reads_all_tenants: false,
+            tenant_pools: Arc::default(),
         })
     }
 

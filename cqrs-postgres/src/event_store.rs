@@ -39,6 +39,9 @@ impl EventStore for PostgresEventStore {
         stream: &'a StreamId,
         after_version: u64,
     ) -> BoxStream<'a, Result<StoredEvent, StoreError>> {
+        if let Err(error) = self.refuse_all_tenants() {
+            return futures::StreamExt::boxed(futures::stream::once(async { Err(error) }));
+        }
         self.open_each(
             self.stream_rows(&self.sql.load, stream, after_version, stored_event),
             |e| &mut e.payload,
@@ -52,6 +55,9 @@ impl EventStore for PostgresEventStore {
     ) -> BoxStream<'a, Result<ReplayEvent, StoreError>> {
         // Only what rehydration needs, and the payload as text: the derive deserializes it
         // straight into the event, without a `serde_json::Value` in between.
+        if let Err(error) = self.refuse_all_tenants() {
+            return futures::StreamExt::boxed(futures::stream::once(async { Err(error) }));
+        }
         self.open_each(
             self.stream_rows(&self.sql.replay, stream, after_version, replay_event),
             |e| &mut e.payload,
@@ -59,6 +65,7 @@ impl EventStore for PostgresEventStore {
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError> {
+        self.refuse_all_tenants()?;
         self.version_of(stream).await
     }
 
@@ -109,6 +116,7 @@ impl EventStore for PostgresEventStore {
     }
 
     async fn find_key(&self, key: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.refuse_all_tenants()?;
         let row = sqlx::query(AssertSqlSafe(self.sql.find_key.clone()))
             .bind(key)
             .fetch_optional(&self.pool)

@@ -160,6 +160,11 @@ impl Grouper {
         }
     }
 
+    /// The settings it was made with.
+    pub(crate) fn config(&self) -> GroupCommit {
+        self.config
+    }
+
     pub(crate) fn stats(&self) -> GroupCommitStats {
         GroupCommitStats {
             alone: self.stats.alone.load(Ordering::Relaxed),

@@ -21,7 +21,7 @@ impl Inbox {
         Self {
             claim: format!(
                 "INSERT INTO {s}.inbox (consumer, event_id) VALUES ($1, $2) \
-                 ON CONFLICT (consumer, event_id) DO NOTHING"
+                 ON CONFLICT (consumer, event_id, tenant_id) DO NOTHING"
             ),
         }
     }

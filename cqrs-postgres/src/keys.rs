@@ -27,7 +27,7 @@ impl PostgresKeyStore {
             pool: store.pool().clone(),
             // A racing writer's key wins; both then read it.
             insert: format!(
-                "INSERT INTO {s}.personal_keys (subject, key) VALUES ($1, $2) ON CONFLICT (subject) DO NOTHING"
+                "INSERT INTO {s}.personal_keys (subject, key) VALUES ($1, $2) ON CONFLICT (subject, tenant_id) DO NOTHING"
             ),
             select: format!("SELECT subject, key FROM {s}.personal_keys WHERE subject = ANY($1)"),
             delete: format!("DELETE FROM {s}.personal_keys WHERE subject = $1"),

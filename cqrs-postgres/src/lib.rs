@@ -18,6 +18,7 @@ mod notify;
 mod personal;
 pub mod projection;
 mod read;
+mod rls;
 mod rows;
 pub mod saga;
 pub mod segments;

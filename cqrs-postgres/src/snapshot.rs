@@ -12,6 +12,7 @@ use crate::store::PostgresEventStore;
 #[async_trait::async_trait]
 impl SnapshotStore for PostgresEventStore {
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        self.refuse_all_tenants()?;
         let row = sqlx::query(AssertSqlSafe(self.sql.load_snapshot.clone()))
             .bind(&stream.aggregate_type)
             .bind(stream.aggregate_id.as_str())
@@ -50,6 +51,7 @@ impl SnapshotStore for PostgresEventStore {
     }
 
     async fn save_snapshot(&self, mut snapshot: Snapshot) -> Result<(), StoreError> {
+        self.refuse_all_tenants()?;
         // The subjects whose personal data the stream's events hold: the state may hold it too.
         let subjects = self
             .personal_subjects(&snapshot.stream, snapshot.version)

@@ -231,7 +231,7 @@ impl Sql {
                    SELECT $9, $1, $2, $3 + 1, $3 + cardinality($4::uuid[]) \
                    WHERE $3 = 0 OR EXISTS ( \
                      SELECT 1 FROM {s}.events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version = $3) \
-                   ON CONFLICT (idempotency_key) DO NOTHING \
+                   ON CONFLICT (idempotency_key, tenant_id) DO NOTHING \
                    RETURNING 1), \
                  inserted AS ( \
                    INSERT INTO {s}.events \
@@ -248,7 +248,7 @@ impl Sql {
             ),
             claim_key: format!(
                 "INSERT INTO {s}.command_keys (idempotency_key, aggregate_type, aggregate_id, first_version, last_version) \
-                 VALUES ($1, $2, $3, 0, 0) ON CONFLICT (idempotency_key) DO NOTHING"
+                 VALUES ($1, $2, $3, 0, 0) ON CONFLICT (idempotency_key, tenant_id) DO NOTHING"
             ),
             set_key_versions: format!(
                 "UPDATE {s}.command_keys SET first_version = $2, last_version = $3 WHERE idempotency_key = $1"
@@ -268,7 +268,7 @@ impl Sql {
                  SELECT $1, $2, 1, clock_timestamp() + make_interval(secs => $3) \
                  WHERE NOT EXISTS (SELECT 1 FROM {s}.projection_versions \
                                    WHERE name = $1 AND state = 'retired') \
-                 ON CONFLICT (projection) DO UPDATE SET \
+                 ON CONFLICT (projection, tenant_id) DO UPDATE SET \
                    epoch = CASE WHEN {s}.projection_checkpoints.owner = EXCLUDED.owner \
                                  AND {s}.projection_checkpoints.epoch = $4::int8 \
                                 THEN {s}.projection_checkpoints.epoch \
@@ -311,7 +311,7 @@ impl Sql {
                 "INSERT INTO {s}.projection_dead_letters \
                    (projection, event_id, aggregate_type, aggregate_id, version, error, attempts, first_failed_at, last_failed_at, reason) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                 ON CONFLICT (projection, event_id) DO NOTHING"
+                 ON CONFLICT (projection, event_id, tenant_id) DO NOTHING"
             ),
             list_dead_letters: format!(
                 "SELECT id, event_id, aggregate_type, aggregate_id, version, reason, error, attempts, first_failed_at, last_failed_at \
@@ -414,7 +414,7 @@ impl Sql {
             save_snapshot: format!(
                 "INSERT INTO {s}.snapshots (aggregate_type, aggregate_id, version, schema_version, state) \
                  VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
+                 ON CONFLICT (aggregate_type, aggregate_id, tenant_id) DO UPDATE \
                    SET version = EXCLUDED.version, schema_version = EXCLUDED.schema_version, \
                        state = EXCLUDED.state, taken_at = now() \
                  WHERE {s}.snapshots.version <= EXCLUDED.version"

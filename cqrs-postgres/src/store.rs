@@ -48,6 +48,10 @@ pub struct PostgresEventStore {
     pub(crate) personal: Arc<Personal>,
     /// The tenant whose schema this is (see [`crate::tenants`]): stamped on every event appended.
     pub(crate) tenant: Option<evently_core::TenantId>,
+    /// The all-tenants view (see [`crate::rls`]): reads the global order only.
+    pub(crate) reads_all_tenants: bool,
+    /// The pools of the tenant views of this store, shared by its clones and views.
+    pub(crate) tenant_pools: Arc<crate::rls::TenantPools>,
 }
 
 /// A store's personal-data settings (see `crate::personal`): which fields of which event types

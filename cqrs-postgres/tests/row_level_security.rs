@@ -1,0 +1,167 @@
+//! Tenants in one schema with row-level security, checked as a role that is not the tables'
+//! owner: the tenant conformance checks through `PostgresEventStore::for_tenant`, what the
+//! server itself shows each tenant (no statement of the store names the tenant: the policies
+//! do all the separating), the all-tenants view, and the refusal of a role the policies would
+//! not bind.
+
+mod common;
+
+use std::str::FromStr as _;
+
+use evently_core::tenant::Tenancy as _;
+use evently_core::{Checkpoint, EventStore, ExpectedVersion, StoreError, StreamId, TenantId};
+use evently_postgres::PostgresEventStore;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection as _};
+
+/// The role the application runs as: neither owner nor superuser.
+const APP_ROLE: &str = "evently_rls_app";
+
+/// Schema `t_<name>` migrated and with row-level security on (as the owner), and the store on
+/// it as [`APP_ROLE`].
+async fn app_store(name: &str) -> PostgresEventStore {
+    let owner = common::fresh_store(name).await;
+    owner
+        .enable_row_level_security()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let schema = owner.schema().to_owned();
+    // Parallel tests create the role once between them.
+    let mut tx = owner.pool().begin().await.unwrap_or_else(|e| panic!("{e}"));
+    for statement in [
+        "SELECT pg_advisory_xact_lock(hashtext('evently_rls_app'))".to_owned(),
+        format!(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{APP_ROLE}') \
+             THEN CREATE ROLE {APP_ROLE} LOGIN; END IF; END $$"
+        ),
+        format!("GRANT USAGE ON SCHEMA \"{schema}\" TO {APP_ROLE}"),
+        format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA \"{schema}\" TO {APP_ROLE}"
+        ),
+        format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA \"{schema}\" TO {APP_ROLE}"),
+    ] {
+        sqlx::query(AssertSqlSafe(statement))
+            .execute(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    tx.commit().await.unwrap_or_else(|e| panic!("{e}"));
+    let options = PgConnectOptions::from_str(&evently_postgres::database_url())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .username(APP_ROLE);
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect_lazy_with(options);
+    PostgresEventStore::new(pool, &schema).unwrap_or_else(|e| panic!("{e}"))
+}
+
+mod conformance {
+    evently_core::tenant_conformance_tests!(|name: &'static str| super::app_store(name));
+}
+
+fn tenant(id: &str) -> TenantId {
+    TenantId::new(id).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test]
+async fn the_server_shows_each_connection_its_tenant_only() {
+    let store = app_store("rls_server").await;
+    let stream = StreamId::new("account", "same-id");
+    for (t, n) in [("acme", 3), ("globex", 2)] {
+        let view = store
+            .tenant_store(&tenant(t))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let batch = (0..n).map(|i| common::deposit(i + 1)).collect();
+        view.append(&stream, ExpectedVersion::NoStream, batch)
+            .await
+            .unwrap_or_else(|e| panic!("{t}: {e}"));
+    }
+
+    // Plain SQL as the application role: what a query that names no tenant sees.
+    let options = PgConnectOptions::from_str(&evently_postgres::database_url())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .username(APP_ROLE);
+    let mut conn = sqlx::PgConnection::connect_with(&options)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let count = |setting: &'static str| {
+        format!(
+            "SELECT set_config('evently.tenant', '{setting}', false), \
+                    (SELECT count(*) FROM \"t_rls_server\".events)"
+        )
+    };
+    let mut seen = Vec::new();
+    for setting in ["acme", "globex", "initech", "", "*"] {
+        let (_, n): (String, i64) = sqlx::query_as(AssertSqlSafe(count(setting)))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        seen.push((setting, n));
+    }
+    assert_eq!(
+        seen,
+        [
+            ("acme", 3),
+            ("globex", 2),
+            ("initech", 0),
+            ("", 0),
+            ("*", 5)
+        ]
+    );
+    // A row written for another tenant than the connection's is refused by the server.
+    let forged = sqlx::query(
+        "INSERT INTO \"t_rls_server\".snapshots (aggregate_type, aggregate_id, version, schema_version, state, tenant_id) \
+         VALUES ('account', 'x', 1, 1, '{}', 'acme')",
+    )
+    .execute(&mut conn)
+    .await;
+    let message = forged.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("row-level security"), "{message}");
+
+    // The all-tenants view reads every tenant's events, each naming its tenant, and writes none.
+    let all = store.all_tenants().await.unwrap_or_else(|e| panic!("{e}"));
+    let read = evently_core::conformance::read_settled(&all, Checkpoint::START, 5).await;
+    let mut tenants: Vec<_> = read
+        .iter()
+        .map(|e| e.metadata.tenant.as_ref().map(TenantId::to_string))
+        .collect();
+    tenants.sort();
+    tenants.dedup();
+    assert_eq!(
+        tenants,
+        [Some("acme".to_owned()), Some("globex".to_owned())]
+    );
+    let refused = all
+        .append(&stream, ExpectedVersion::Any, vec![common::deposit(9)])
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::InvalidInput(_))),
+        "{refused:?}"
+    );
+    assert!(matches!(
+        all.stream_version(&stream).await,
+        Err(StoreError::InvalidInput(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_role_the_policies_do_not_bind_gets_no_tenant_view() {
+    // The owner (here a superuser) would see every tenant: refused.
+    let owner = common::fresh_store("rls_owner").await;
+    match owner.for_tenant(&tenant("acme")).await {
+        Err(StoreError::InvalidInput(message)) => {
+            assert!(message.contains("row-level security"), "{message}");
+        }
+        other => panic!("expected InvalidInput, got {other:?}"),
+    }
+    owner
+        .enable_row_level_security()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!owner.row_level_security_applies().await.unwrap_or(true));
+    assert!(matches!(
+        owner.all_tenants().await,
+        Err(StoreError::InvalidInput(_))
+    ));
+}

@@ -67,6 +67,10 @@ enum Command {
         /// Also migrate the schema of every registered tenant (after an upgrade).
         #[arg(long)]
         all_tenants: bool,
+        /// Turn on the tenant policies of the one-schema layout (row-level security), as the
+        /// tables' owner; the application then connects as another role.
+        #[arg(long)]
+        row_level_security: bool,
     },
     /// The tenants of the schema-per-tenant layout.
     #[command(subcommand)]
@@ -217,8 +221,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
     match cli.command {
         Command::New(_) | Command::Completions { .. } => {}
-        Command::Migrate { all_tenants } => {
+        Command::Migrate {
+            all_tenants,
+            row_level_security,
+        } => {
             store::migrate(&store, &schema).await?;
+            if row_level_security {
+                store.enable_row_level_security().await?;
+                out!("row-level security separates the tenants of schema `{schema}`");
+            }
             if all_tenants {
                 tenants::migrate_all(&store, &cli.tenant_registry).await?;
             }

@@ -90,3 +90,34 @@ async fn tenants_from_the_command_line() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("2 tenant schemas migrated"), "{out}");
 }
+
+#[tokio::test]
+async fn migrate_turns_row_level_security_on() {
+    let pool = pg::pool(2).await;
+    sqlx::query("DROP SCHEMA IF EXISTS t_cli_rls CASCADE")
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (code, out, err) = cqrs(&["--schema", "t_cli_rls", "migrate", "--row-level-security"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("row-level security separates the tenants"),
+        "{out}"
+    );
+    let on: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT relname::text, relrowsecurity FROM pg_class \
+         WHERE relnamespace = 't_cli_rls'::regnamespace AND relname IN ('events', 'snapshots', 'inbox') \
+         ORDER BY relname",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        on,
+        [
+            ("events".to_owned(), true),
+            ("inbox".to_owned(), true),
+            ("snapshots".to_owned(), true)
+        ]
+    );
+}

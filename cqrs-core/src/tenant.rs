@@ -81,6 +81,22 @@ impl Tenancy for InMemoryEventStore {
     }
 }
 
+/// Which tenants' events a projection reads, as it declares with `#[projection(tenants = "...")]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum TenantScope {
+    /// One tenant's events per worker (the default): the read model holds one tenant's data,
+    /// in the tenant's schema or under the tenant's row-level policies. Running it on a view of
+    /// every tenant is refused (it would mix tenants in a read model that does not tell them
+    /// apart).
+    #[default]
+    Each,
+    /// Every tenant's events (`tenants = "all"`): the read model tells tenants apart itself (by
+    /// [`Metadata::tenant`](crate::Metadata::tenant)). On PostgreSQL it runs on the all-tenants
+    /// view of a one-schema layout, or once per tenant store of a schema-per-tenant layout;
+    /// running it on one tenant's row-level view is refused (it would see one tenant only).
+    All,
+}
+
 type Configure<A, S> = dyn Fn(CommandGateway<A, S>, &S) -> CommandGateway<A, S> + Send + Sync;
 
 /// A [`CommandGateway`] per tenant, made on first use over the tenant's store and kept.

@@ -50,6 +50,7 @@ pub(crate) const KEY_EVERY: Key = Key("every");
 pub(crate) const KEY_EVENTS: Key = Key("events");
 pub(crate) const KEY_CONTEXT: Key = Key("context");
 pub(crate) const KEY_TABLES: Key = Key("tables");
+pub(crate) const KEY_TENANTS: Key = Key("tenants");
 pub(crate) const KEY_SUBJECT: Key = Key("subject");
 pub(crate) const KEY_DATA: Key = Key("data");
 pub(crate) const KEY_EXECUTE: Key = Key("execute");

@@ -38,6 +38,7 @@ impl PostgresEventStore {
             personal: Arc::default(),
             tenant: None,
             reads_all_tenants: false,
+            row_level_tenant: false,
             tenant_pools: Arc::default(),
         })
     }

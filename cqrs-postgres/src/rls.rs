@@ -65,7 +65,9 @@ impl PostgresEventStore {
     /// `BYPASSRLS` or the tables' owner), [`StoreError::Backend`].
     pub async fn for_tenant(&self, tenant: &TenantId) -> Result<Self, StoreError> {
         self.check_row_level_security().await?;
-        Ok(self.view(tenant.as_str()).with_tenant(tenant.clone()))
+        let mut view = self.view(tenant.as_str()).with_tenant(tenant.clone());
+        view.row_level_tenant = true;
+        Ok(view)
     }
 
     /// A read-only view of every tenant's events in the one global order, for a projection or a
@@ -207,6 +209,30 @@ impl PostgresEventStore {
             ));
         }
         Ok(())
+    }
+}
+
+/// Refuses to run projection `P` on a store that does not give it the tenants it declares
+/// (`#[projection(tenants = ...)]`): a per-tenant projection on the all-tenants view, or an
+/// all-tenants projection on one tenant's row-level view.
+pub(crate) fn check_projection_scope<P: evently_core::projection::Projection>(
+    store: &PostgresEventStore,
+) -> Result<(), StoreError> {
+    use evently_core::tenant::TenantScope;
+    match P::TENANTS {
+        TenantScope::Each if store.reads_all_tenants => Err(StoreError::InvalidInput(format!(
+            "projection `{}` reads one tenant's events (tenants = \"each\", the default) but runs \
+             on the all-tenants view: run a worker per tenant on `for_tenant`, or declare \
+             #[projection(tenants = \"all\")] and key its read model by tenant",
+            P::NAME
+        ))),
+        TenantScope::All if store.row_level_tenant => Err(StoreError::InvalidInput(format!(
+            "projection `{}` reads every tenant's events (tenants = \"all\") but runs on the view \
+             of tenant `{}`, which shows it that tenant only: run it on `all_tenants()`",
+            P::NAME,
+            store.tenant.as_ref().map_or("?", |t| t.as_str())
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -50,6 +50,8 @@ pub struct PostgresEventStore {
     pub(crate) tenant: Option<evently_core::TenantId>,
     /// The all-tenants view (see [`crate::rls`]): reads the global order only.
     pub(crate) reads_all_tenants: bool,
+    /// One tenant's view under row-level security (see [`crate::rls`]).
+    pub(crate) row_level_tenant: bool,
     /// The pools of the tenant views of this store, shared by its clones and views.
     pub(crate) tenant_pools: Arc<crate::rls::TenantPools>,
 }

@@ -165,3 +165,133 @@ async fn a_role_the_policies_do_not_bind_gets_no_tenant_view() {
         Err(StoreError::InvalidInput(_))
     ));
 }
+
+/// Deposits per tenant, across every tenant (`tenants = "all"`).
+#[derive(evently_core::Projection)]
+#[projection(
+    name = "deposits_by_tenant",
+    events(cqrs_examples::bank::AccountEvent),
+    context = sqlx::PgConnection,
+    tenants = "all"
+)]
+struct DepositsByTenant;
+
+#[async_trait::async_trait]
+impl evently_core::projection::Handles<cqrs_examples::bank::AccountEvent, sqlx::PgConnection>
+    for DepositsByTenant
+{
+    async fn handle(
+        &mut self,
+        event: &evently_core::RecordedEvent<cqrs_examples::bank::AccountEvent>,
+        conn: &mut sqlx::PgConnection,
+    ) -> Result<(), evently_core::projection::HandlerError> {
+        sqlx::query(
+            "INSERT INTO t_rls_projection.by_tenant (tenant, deposits) VALUES ($1, 1) \
+             ON CONFLICT (tenant) DO UPDATE SET deposits = by_tenant.deposits + 1",
+        )
+        .bind(event.metadata.tenant.as_ref().map(TenantId::as_str))
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// The same read model declared per tenant (the default).
+#[derive(evently_core::Projection)]
+#[projection(
+    name = "deposits_of_one_tenant",
+    events(cqrs_examples::bank::AccountEvent),
+    context = sqlx::PgConnection
+)]
+struct DepositsOfOneTenant;
+
+#[async_trait::async_trait]
+impl evently_core::projection::Handles<cqrs_examples::bank::AccountEvent, sqlx::PgConnection>
+    for DepositsOfOneTenant
+{
+    async fn handle(
+        &mut self,
+        _: &evently_core::RecordedEvent<cqrs_examples::bank::AccountEvent>,
+        _: &mut sqlx::PgConnection,
+    ) -> Result<(), evently_core::projection::HandlerError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_projection_runs_where_its_declared_tenants_are() {
+    use evently_postgres::projection::ProjectionWorker;
+    let store = app_store("rls_projection").await;
+    let owner = common::pool(2).await;
+    for statement in [
+        "CREATE TABLE t_rls_projection.by_tenant (tenant text PRIMARY KEY, deposits bigint NOT NULL)",
+        "GRANT ALL ON t_rls_projection.by_tenant TO evently_rls_app",
+    ] {
+        sqlx::query(statement)
+            .execute(&owner)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let stream = StreamId::new("account", "a-1");
+    for (t, n) in [("acme", 3), ("globex", 2)] {
+        let view = store
+            .for_tenant(&tenant(t))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let batch = (0..n).map(|i| common::deposit(i + 1)).collect();
+        view.append(&stream, ExpectedVersion::NoStream, batch)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let all = store.all_tenants().await.unwrap_or_else(|e| panic!("{e}"));
+    let acme = store
+        .for_tenant(&tenant("acme"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // Declared per tenant, on the view of all: refused, naming what to do.
+    let mut wrong = ProjectionWorker::new(all.clone(), DepositsOfOneTenant, "w");
+    let refused = wrong.acquire().await.map_err(|e| e.to_string());
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|m| m.contains("tenants = \"each\"")),
+        "{refused:?}"
+    );
+    // Declared across all, on one tenant's view: refused.
+    let mut narrow = ProjectionWorker::new(acme, DepositsByTenant, "w");
+    let refused = narrow.acquire().await.map_err(|e| e.to_string());
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|m| m.contains("view of tenant `acme`")),
+        "{refused:?}"
+    );
+
+    // Declared across all, on the view of all: one read model with both tenants.
+    let mut worker = ProjectionWorker::new(all, DepositsByTenant, "w");
+    assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let counts = loop {
+        worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
+        let counts: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT tenant, deposits FROM t_rls_projection.by_tenant ORDER BY tenant",
+        )
+        .fetch_all(&owner)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        if counts.iter().map(|(_, n)| n).sum::<i64>() >= 5 || std::time::Instant::now() > deadline {
+            break counts;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(counts, [("acme".to_owned(), 3), ("globex".to_owned(), 2)]);
+    // Its checkpoint is the pseudo-tenant `*`'s.
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT tenant_id FROM t_rls_projection.projection_checkpoints WHERE projection = 'deposits_by_tenant'",
+    )
+    .fetch_all(&owner)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rows, [("*".to_owned(),)]);
+}

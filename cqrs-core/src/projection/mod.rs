@@ -108,6 +108,10 @@ pub trait Projection: Send {
     /// version is promoted.
     const TABLES: &'static [&'static str] = &[];
 
+    /// Whose events the projection reads: one tenant's per worker (the default) or every
+    /// tenant's (`#[projection(tenants = "all")]`); see [`TenantScope`](crate::tenant::TenantScope).
+    const TENANTS: crate::tenant::TenantScope = crate::tenant::TenantScope::Each;
+
     /// The name without the version: what operators and the version registry call the read
     /// model (`balances` for `balances@v2`).
     #[must_use]

@@ -17,6 +17,8 @@ pub(crate) struct ProjectionStruct<'a> {
     pub(crate) version: Option<attr::Spanned<u64>>,
     /// `tables("...", ...)`: the read model's tables by the names readers use.
     pub(crate) tables: Vec<syn::LitStr>,
+    /// `tenants = "all"`: the projection reads every tenant's events.
+    pub(crate) all_tenants: bool,
 }
 
 impl<'a> ProjectionStruct<'a> {
@@ -43,6 +45,7 @@ impl<'a> ProjectionStruct<'a> {
         let mut context = Slot::new(attr::KEY_CONTEXT);
         let mut version = Slot::new(attr::KEY_VERSION);
         let mut tables: Slot<Vec<syn::LitStr>> = Slot::new(attr::KEY_TABLES);
+        let mut tenants: Slot<bool> = Slot::new(attr::KEY_TENANTS);
         let written = attr::for_each_meta(cx, &input.attrs, attr::PROJECTION, |cx, meta| {
             if attr::KEY_NAME.is(meta) {
                 let lit = attr::parse_string(meta, attr::KEY_NAME)?;
@@ -53,6 +56,19 @@ impl<'a> ProjectionStruct<'a> {
             } else if attr::KEY_VERSION.is(meta) {
                 let (n, span) = attr::parse_int(meta, attr::KEY_VERSION)?;
                 version.set(cx, meta, attr::Spanned { value: n, span });
+            } else if attr::KEY_TENANTS.is(meta) {
+                let lit = attr::parse_string(meta, attr::KEY_TENANTS)?;
+                let all = match lit.value().as_str() {
+                    "each" => false,
+                    "all" => true,
+                    _ => {
+                        return Err(syn::Error::new(
+                            lit.span(),
+                            "expected tenants = \"each\" (a worker per tenant, the default) or tenants = \"all\" (one read model across every tenant)",
+                        ));
+                    }
+                };
+                tenants.set(cx, meta, all);
             } else if attr::KEY_TABLES.is(meta) {
                 let list = paren_list::<syn::LitStr>(
                     meta,
@@ -89,6 +105,7 @@ impl<'a> ProjectionStruct<'a> {
                         attr::KEY_CONTEXT,
                         attr::KEY_VERSION,
                         attr::KEY_TABLES,
+                        attr::KEY_TENANTS,
                     ],
                 ));
             }
@@ -128,6 +145,7 @@ impl<'a> ProjectionStruct<'a> {
         let context = context.get().map(|s| s.value);
         let version = version.get().map(|s| s.value);
         let tables = tables.get().map(|s| s.value).unwrap_or_default();
+        let all_tenants = tenants.get().is_some_and(|s| s.value);
         match (name, events) {
             (Some(name), Some(events)) => Parsed::Complete(Self {
                 ident,
@@ -136,6 +154,7 @@ impl<'a> ProjectionStruct<'a> {
                 context,
                 version,
                 tables,
+                all_tenants,
             }),
             _ => Parsed::Incomplete(context),
         }

@@ -43,6 +43,11 @@ fn generate(model: &ProjectionStruct<'_>) -> TokenStream {
     };
     let version = u32::try_from(version).unwrap_or(u32::MAX);
     let tables = &model.tables;
+    let tenants = model.all_tenants.then(|| {
+        quote!(
+            const TENANTS: __evently::tenant::TenantScope = __evently::tenant::TenantScope::All;
+        )
+    });
     let context = context(model.context.as_ref());
     // Spanned at each enum named in the attribute: "not a domain event" and "has no handler for"
     // are reported on that token.
@@ -92,6 +97,7 @@ fn generate(model: &ProjectionStruct<'_>) -> TokenStream {
             const SUBSCRIPTIONS: &'static [__evently::projection::Subscription] = &[#(#subscriptions),*];
             const VERSION: u32 = #version;
             const TABLES: &'static [&'static str] = &[#(#tables),*];
+            #tenants
 
             #apply
 

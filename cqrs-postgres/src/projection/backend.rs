@@ -110,6 +110,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
     }
 
     async fn acquire_ownership(&mut self) -> Result<bool, DeliveryError> {
+        crate::rls::check_projection_scope::<P>(&self.store)?;
         let versioned = crate::versions::is_versioned::<P>();
         if versioned && !self.registered {
             crate::versions::register::<P>(&self.store).await?;

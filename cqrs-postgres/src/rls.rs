@@ -236,6 +236,24 @@ pub(crate) fn check_projection_scope<P: evently_core::projection::Projection>(
     }
 }
 
+/// Refuses a segmented or versioned projection on one tenant's row-level view: the registries of
+/// segments and versions (and the views a promotion switches) are the schema's, shared by its
+/// tenants, so one tenant's rescale or promotion would act for all.
+pub(crate) fn refuse_shared_registry<P: evently_core::projection::Projection>(
+    store: &PostgresEventStore,
+    what: &str,
+) -> Result<(), StoreError> {
+    if store.row_level_tenant {
+        return Err(StoreError::InvalidInput(format!(
+            "projection `{}` is {what}, and segments and versions are kept per schema, shared by \
+             the tenants of a row-level layout: run it on `all_tenants()` (tenants = \"all\") or \
+             in a schema per tenant",
+            P::NAME
+        )));
+    }
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl Tenancy for PostgresEventStore {
     type Store = Self;

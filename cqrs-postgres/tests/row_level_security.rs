@@ -218,6 +218,29 @@ impl evently_core::projection::Handles<cqrs_examples::bank::AccountEvent, sqlx::
     }
 }
 
+/// A second version of the per-tenant read model (blue/green).
+#[derive(evently_core::Projection)]
+#[projection(
+    name = "deposits_of_one_tenant",
+    version = 2,
+    events(cqrs_examples::bank::AccountEvent),
+    context = sqlx::PgConnection
+)]
+struct DepositsOfOneTenantV2;
+
+#[async_trait::async_trait]
+impl evently_core::projection::Handles<cqrs_examples::bank::AccountEvent, sqlx::PgConnection>
+    for DepositsOfOneTenantV2
+{
+    async fn handle(
+        &mut self,
+        _: &evently_core::RecordedEvent<cqrs_examples::bank::AccountEvent>,
+        _: &mut sqlx::PgConnection,
+    ) -> Result<(), evently_core::projection::HandlerError> {
+        Ok(())
+    }
+}
+
 #[tokio::test]
 async fn a_projection_runs_where_its_declared_tenants_are() {
     use evently_postgres::projection::ProjectionWorker;
@@ -265,6 +288,18 @@ async fn a_projection_runs_where_its_declared_tenants_are() {
         refused
             .as_ref()
             .is_err_and(|m| m.contains("view of tenant `acme`")),
+        "{refused:?}"
+    );
+
+    // Versions are kept per schema: one tenant's promotion would switch every tenant's views.
+    let acme = store
+        .for_tenant(&tenant("acme"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut versioned = ProjectionWorker::new(acme, DepositsOfOneTenantV2, "w");
+    let refused = versioned.acquire().await.map_err(|e| e.to_string());
+    assert!(
+        refused.as_ref().is_err_and(|m| m.contains("is versioned")),
         "{refused:?}"
     );
 

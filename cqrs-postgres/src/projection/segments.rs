@@ -168,6 +168,7 @@ where
         evently_core::projection::Segment::new(0, self.segments).map_err(|e| {
             StoreError::InvalidInput(format!("SegmentedWorker::with_segments: {e}"))
         })?;
+        crate::rls::refuse_shared_registry::<P>(&self.store, "segmented")?;
         let mut shutdown = std::pin::pin!(shutdown);
         let round = (self.lease / 3).max(Duration::from_millis(30));
         let mut running: BTreeMap<String, Running> = BTreeMap::new();

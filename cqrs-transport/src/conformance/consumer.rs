@@ -180,7 +180,9 @@ pub async fn not_ours_is_dead_lettered<B: Broker>(broker: &B, ns: &str) {
     );
 }
 /// Events recorded by commands in three traces (and some in none): the consumer's handler runs
-/// each in its command's trace (what it sends joins that trace), across the broker.
+/// each in its command's trace (what it sends joins that trace), across the broker. The events of
+/// one stream are a tenant's (appended through a store scoped to it): its handler sees the
+/// tenant, the others none.
 ///
 /// # Panics
 /// When a guarantee does not hold.
@@ -204,6 +206,12 @@ pub async fn trace_follows_each_event<B: Broker>(broker: &B, ns: &str) {
             command = command.with_trace(trace);
         }
         let stream = StreamId::new("note", format!("traced-{n}"));
+        let tenant = evently_core::TenantId::new("tenant-2").unwrap_or_else(|e| panic!("{e}"));
+        let writer = if n == 2 {
+            store.clone().with_tenant(tenant)
+        } else {
+            store.clone()
+        };
         let events = (0..3)
             .map(|i| EventData {
                 event_id: EventId::new(),
@@ -213,7 +221,7 @@ pub async fn trace_follows_each_event<B: Broker>(broker: &B, ns: &str) {
                 metadata: command.event_metadata(),
             })
             .collect();
-        store
+        writer
             .append(&stream, ExpectedVersion::NoStream, events)
             .await
             .unwrap_or_else(|e| panic!("append to {stream}: {e}"));
@@ -228,20 +236,26 @@ pub async fn trace_follows_each_event<B: Broker>(broker: &B, ns: &str) {
     wait_applied(&pool, store.schema(), consumer, 12, Duration::from_secs(60)).await;
     let _ = stop.send(());
     let _ = running.await;
-    let rows: Vec<(String, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT aggregate_id, trace FROM \"{}\".applied WHERE consumer = $1",
-        store.schema()
-    )))
-    .bind(consumer)
-    .fetch_all(&pool)
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    let rows: Vec<(String, Option<String>, Option<String>)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT aggregate_id, trace, tenant FROM \"{}\".applied WHERE consumer = $1",
+            store.schema()
+        )))
+        .bind(consumer)
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(rows.len(), 12, "{rows:?}");
-    for (id, trace) in rows {
+    for (id, trace, tenant) in rows {
         assert_eq!(
             Some(&trace),
             expected.get(&id),
             "the handler of an event of {id} ran in the wrong trace"
+        );
+        let stamped = (id == "traced-2").then(|| "tenant-2".to_owned());
+        assert_eq!(
+            tenant, stamped,
+            "the tenant of an event of {id} across the broker"
         );
     }
 }

@@ -21,7 +21,8 @@
 //! - [`not_ours_is_dead_lettered`]: a message on the consumed destination that is not an
 //!   envelope is dead-lettered, naming why, and does not stop the consumer.
 //! - [`trace_follows_each_event`]: the handler of each event runs in the trace of the command
-//!   that recorded it ([`evently_core::trace::current`]), across the broker.
+//!   that recorded it ([`evently_core::trace::current`]), across the broker, and sees the tenant
+//!   its store stamped on it (`Metadata::tenant`).
 
 mod consumer;
 mod outage;
@@ -121,7 +122,8 @@ pub async fn fresh_store(name: &str) -> PostgresEventStore {
     store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "CREATE TABLE \"{schema}\".applied (seq bigserial PRIMARY KEY, consumer text NOT NULL, \
-         aggregate_id text NOT NULL, version bigint NOT NULL, event_id uuid NOT NULL, trace text)"
+         aggregate_id text NOT NULL, version bigint NOT NULL, event_id uuid NOT NULL, trace text, \
+         tenant text)"
     )))
     .execute(&pool)
     .await
@@ -179,8 +181,8 @@ impl Projection for Recording {
                 ));
             }
             sqlx::query(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO \"{}\".applied (consumer, aggregate_id, version, event_id, trace) \
-                 VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO \"{}\".applied (consumer, aggregate_id, version, event_id, trace, tenant) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
                 self.schema
             )))
             .bind(&self.name)
@@ -188,6 +190,7 @@ impl Projection for Recording {
             .bind(i64::try_from(event.version).unwrap_or(i64::MAX))
             .bind(event.event_id.0)
             .bind(evently_core::trace::current().map(|t| t.trace_id_hex()))
+            .bind(event.metadata.tenant.as_ref().map(evently_core::TenantId::as_str))
             .execute(&mut *conn)
             .await
             .map_err(|e| failed(e.into()))?;

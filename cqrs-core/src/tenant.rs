@@ -22,16 +22,17 @@
 //! use evently_core::{InMemoryEventStore, TenantId};
 //! # use evently_core::prelude::*;
 //! # #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, DomainEvent)]
+//! # #[event(aggregate = Counter)]
 //! # enum CounterEvent { Added { by: u64 } }
 //! # #[derive(Debug, Clone, Command)]
 //! # #[command(aggregate = Counter)]
-//! # enum CounterCommand { Add { by: u64 } }
+//! # enum CounterCommand { #[command(create_or_update)] Add { by: u64 } }
 //! # #[derive(Debug, Default, Aggregate)]
 //! # #[aggregate(name = "counter", command = CounterCommand, event = CounterEvent, error = std::convert::Infallible)]
 //! # struct Counter { total: u64 }
 //! # impl Counter {
 //! #     fn add(&self, by: u64) -> Result<Vec<CounterEvent>, std::convert::Infallible> { Ok(vec![CounterEvent::Added { by }]) }
-//! #     fn apply_added(&mut self, by: u64) { self.total += by; }
+//! #     fn apply_added(&mut self, by: &u64) { self.total += by; }
 //! # }
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let store = InMemoryEventStore::new();

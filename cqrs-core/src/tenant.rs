@@ -98,6 +98,9 @@ pub enum TenantScope {
     All,
 }
 
+/// The gateways made so far, by tenant.
+type Gateways<A, S> = HashMap<TenantId, Arc<CommandGateway<A, S>>>;
+
 type Configure<A, S> = dyn Fn(CommandGateway<A, S>, &S) -> CommandGateway<A, S> + Send + Sync;
 
 /// A [`CommandGateway`] per tenant, made on first use over the tenant's store and kept.
@@ -108,7 +111,7 @@ type Configure<A, S> = dyn Fn(CommandGateway<A, S>, &S) -> CommandGateway<A, S> 
 pub struct TenantGateways<A: Aggregate, T: Tenancy> {
     tenancy: T,
     configure: Arc<Configure<A, T::Store>>,
-    gateways: Mutex<HashMap<TenantId, Arc<CommandGateway<A, T::Store>>>>,
+    gateways: Mutex<Gateways<A, T::Store>>,
 }
 
 impl<A: Aggregate, T: Tenancy> std::fmt::Debug for TenantGateways<A, T> {
@@ -171,9 +174,7 @@ impl<A: Aggregate, T: Tenancy> TenantGateways<A, T> {
         &self.tenancy
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<TenantId, Arc<CommandGateway<A, T::Store>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Gateways<A, T::Store>> {
         self.gateways.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -232,8 +232,8 @@ async fn tenants_share_ids_but_never_data_end_to_end() {
         let projection = TenantDeposits {
             schema: store.schema().to_owned(),
         };
-        let mut worker = ProjectionWorker::new(store.clone(), projection, "w")
-            .with_failure_policy(policy.clone());
+        let mut worker =
+            ProjectionWorker::new(store.clone(), projection, "w").with_failure_policy(policy);
         assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
         workers.push(worker);
     }

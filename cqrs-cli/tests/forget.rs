@@ -7,6 +7,8 @@ use evently_core::{EventData, EventStore};
 #[path = "../../cqrs-postgres/tests/common/mod.rs"]
 mod pg;
 
+mod common;
+
 /// The schema `pg::fresh_store("cli_forget")` makes.
 const SCHEMA: &str = "t_cli_forget";
 
@@ -21,17 +23,7 @@ enum MemberEvent {
 
 /// (exit code, stdout, stderr).
 fn cqrs(args: &[&str]) -> (i32, String, String) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cqrs"))
-        .args(["--schema", SCHEMA])
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cqrs {args:?}: {e}"));
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    common::run(&["--schema", SCHEMA], args)
 }
 
 #[tokio::test]

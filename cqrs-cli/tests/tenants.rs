@@ -9,21 +9,13 @@ use evently_postgres::tenants::SchemaPerTenant;
 #[path = "../../cqrs-postgres/tests/common/mod.rs"]
 mod pg;
 
+mod common;
+
 const REGISTRY: &str = "cli_tenants";
 
 /// (exit code, stdout, stderr).
 fn cqrs(args: &[&str]) -> (i32, String, String) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cqrs"))
-        .args(["--tenant-registry", REGISTRY])
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cqrs {args:?}: {e}"));
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    common::run(&["--tenant-registry", REGISTRY], args)
 }
 
 #[tokio::test]

@@ -12,6 +12,8 @@ use sqlx::{AssertSqlSafe, PgConnection};
 #[path = "../../cqrs-postgres/tests/common/mod.rs"]
 mod pg;
 
+mod common;
+
 /// The schema `pg::fresh_store("cli_versions")` makes.
 const SCHEMA: &str = "t_cli_versions";
 
@@ -64,16 +66,7 @@ impl Handles<AccountEvent, PgConnection> for V2 {
 
 /// (exit code, stdout, stderr).
 fn cqrs(args: &[&str]) -> (i32, String, String) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cqrs"))
-        .args(["--schema", SCHEMA])
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cqrs {args:?}: {e}"));
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    common::run(&["--schema", SCHEMA], args)
 }
 
 #[tokio::test]

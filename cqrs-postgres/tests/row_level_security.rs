@@ -196,6 +196,25 @@ impl evently_core::projection::Handles<cqrs_examples::bank::AccountEvent, sqlx::
     }
 }
 
+/// A handler of the bank's events that writes nothing (the refusals come before any event).
+macro_rules! applies_nothing {
+    ($projection:ty) => {
+        #[async_trait::async_trait]
+        impl
+            evently_core::projection::Handles<cqrs_examples::bank::AccountEvent, sqlx::PgConnection>
+            for $projection
+        {
+            async fn handle(
+                &mut self,
+                _: &evently_core::RecordedEvent<cqrs_examples::bank::AccountEvent>,
+                _: &mut sqlx::PgConnection,
+            ) -> Result<(), evently_core::projection::HandlerError> {
+                Ok(())
+            }
+        }
+    };
+}
+
 /// The same read model declared per tenant (the default).
 #[derive(evently_core::Projection)]
 #[projection(
@@ -205,18 +224,7 @@ impl evently_core::projection::Handles<cqrs_examples::bank::AccountEvent, sqlx::
 )]
 struct DepositsOfOneTenant;
 
-#[async_trait::async_trait]
-impl evently_core::projection::Handles<cqrs_examples::bank::AccountEvent, sqlx::PgConnection>
-    for DepositsOfOneTenant
-{
-    async fn handle(
-        &mut self,
-        _: &evently_core::RecordedEvent<cqrs_examples::bank::AccountEvent>,
-        _: &mut sqlx::PgConnection,
-    ) -> Result<(), evently_core::projection::HandlerError> {
-        Ok(())
-    }
-}
+applies_nothing!(DepositsOfOneTenant);
 
 /// A second version of the per-tenant read model (blue/green).
 #[derive(evently_core::Projection)]
@@ -228,18 +236,7 @@ impl evently_core::projection::Handles<cqrs_examples::bank::AccountEvent, sqlx::
 )]
 struct DepositsOfOneTenantV2;
 
-#[async_trait::async_trait]
-impl evently_core::projection::Handles<cqrs_examples::bank::AccountEvent, sqlx::PgConnection>
-    for DepositsOfOneTenantV2
-{
-    async fn handle(
-        &mut self,
-        _: &evently_core::RecordedEvent<cqrs_examples::bank::AccountEvent>,
-        _: &mut sqlx::PgConnection,
-    ) -> Result<(), evently_core::projection::HandlerError> {
-        Ok(())
-    }
-}
+applies_nothing!(DepositsOfOneTenantV2);
 
 #[tokio::test]
 async fn a_projection_runs_where_its_declared_tenants_are() {

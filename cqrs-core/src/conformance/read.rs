@@ -207,10 +207,29 @@ pub async fn what_append_accepts_every_reader_reads<S: EventStore>(store: S) {
             limit + 1
         ),
     }
+    // A field shaped like a sealed personal field that is not one would read as its placeholder:
+    // refused. (A `$personal` key deeper down is only data.)
+    let forged = json!({ "note": { "$personal": { "subject": "m-1", "data": "…" } }, "x": [{ "$personal": 1 }] });
+    match store
+        .append(
+            &s,
+            ExpectedVersion::Any,
+            vec![EventData {
+                payload: forged,
+                ..event(2)
+            }],
+        )
+        .await
+    {
+        Err(StoreError::InvalidInput(message)) => {
+            assert!(message.contains("`$personal`"), "{message}");
+        }
+        other => panic!("a payload with a `$personal` key: expected InvalidInput, got {other:?}"),
+    }
     assert_eq!(
         load(&store, &s).await.len(),
         1,
-        "the refused append wrote nothing"
+        "the refused appends wrote nothing"
     );
 }
 /// A filtered read returns the matching events of the scanned window in the global order, and the

@@ -278,6 +278,37 @@ fn is_envelope(value: &Value) -> bool {
     matches!(value, Value::Object(m) if m.len() == 1 && m.contains_key(ENVELOPE))
 }
 
+/// The first field of `payload` that readers would take for a sealed personal field (an object
+/// whose one key is [`ENVELOPE`]) but is not a well-formed one (a string subject, a 12-byte
+/// base64 nonce, base64 data and a placeholder): appends refuse such a payload, so data a user
+/// wrote is never read as a placeholder. Envelopes sealed elsewhere with [`seal`] pass.
+#[must_use]
+pub fn forged_envelope(payload: &Value) -> Option<&str> {
+    let Value::Object(map) = payload else {
+        return None;
+    };
+    map.iter().find_map(|(field, value)| {
+        let Value::Object(wrapper) = value else {
+            return None;
+        };
+        if !is_envelope(value) {
+            return None;
+        }
+        let well_formed = wrapper
+            .get(ENVELOPE)
+            .and_then(Value::as_object)
+            .is_some_and(|e| {
+                let text = |key: &str| e.get(key).and_then(Value::as_str);
+                let nonce = text("nonce").and_then(|n| B64.decode(n).ok());
+                text("subject").is_some()
+                    && nonce.is_some_and(|n| n.len() == 12)
+                    && text("data").is_some_and(|d| B64.decode(d).is_ok())
+                    && e.contains_key("forgotten")
+            });
+        (!well_formed).then_some(field.as_str())
+    })
+}
+
 /// Whether a stored payload's text may hold sealed fields (a cheap test before parsing it).
 #[must_use]
 pub fn may_hold_envelopes(payload: &str) -> bool {

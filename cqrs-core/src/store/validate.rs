@@ -123,7 +123,9 @@ pub fn json_depth(value: &serde_json::Value) -> usize {
     deepest
 }
 /// Rejects what no store can hold (empty names, an id twice in one batch, a payload nested deeper
-/// than [`MAX_JSON_DEPTH`]), so every store fails alike before it writes anything.
+/// than [`MAX_JSON_DEPTH`], a field shaped like a sealed personal field that is not one: readers
+/// would replace it with a placeholder, see [`crate::personal::forged_envelope`]),
+/// so every store fails alike before it writes anything.
 ///
 /// # Errors
 /// [`StoreError::InvalidInput`] or [`StoreError::EventIdReused`].
@@ -152,6 +154,15 @@ pub fn validate_append(stream: &StreamId, events: &[EventData]) -> Result<(), St
                 "the payload of event {i} (`{}`) of the batch for {stream} is nested {depth} levels deep; \
                  at most {MAX_JSON_DEPTH} can be read back, so it is refused",
                 event.event_type
+            )));
+        }
+        if let Some(field) = crate::personal::forged_envelope(&event.payload) {
+            return Err(StoreError::InvalidInput(format!(
+                "field `{field}` of event {i} (`{}`) of the batch for {stream} is an object keyed \
+                 `{}` that is not a sealed personal field; readers would replace it with a \
+                 placeholder: rename that key (the store seals `#[pii]` fields itself)",
+                event.event_type,
+                crate::personal::ENVELOPE
             )));
         }
         if !seen.insert(event.event_id) {

@@ -249,6 +249,59 @@ where
     }
 }
 
+/// A handler whose events have their sealed personal fields opened first (see
+/// `evently_core::personal`): brokers carry the envelopes the store wrote, and a handler without
+/// an inbox of its own (an [`InProcess`] saga starter, your own `MessageHandler`) gets the data,
+/// or the placeholders once their subject is forgotten. Projections fed through
+/// `evently_postgres::projection::InboxBackend` open what they receive already.
+pub struct Opening<H> {
+    handler: H,
+    keys: std::sync::Arc<dyn evently_core::personal::KeyStore>,
+}
+
+impl<H: std::fmt::Debug> std::fmt::Debug for Opening<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opening")
+            .field("handler", &self.handler)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H> Opening<H> {
+    /// `handler`, its events opened with the data keys in `keys` (the store's `key_store()`).
+    pub fn new(handler: H, keys: std::sync::Arc<dyn evently_core::personal::KeyStore>) -> Self {
+        Self { handler, keys }
+    }
+
+    /// The wrapped handler.
+    pub fn inner(&self) -> &H {
+        &self.handler
+    }
+}
+
+#[async_trait::async_trait]
+impl<H: MessageHandler> MessageHandler for Opening<H> {
+    fn name(&self) -> &str {
+        self.handler.name()
+    }
+
+    fn set_retries(&mut self, attempts: u32, backoff: Duration) {
+        self.handler.set_retries(attempts, backoff);
+    }
+
+    async fn handle(&mut self, event: &StoredEvent) -> Result<Handled, HandleError> {
+        if evently_core::personal::subjects(&event.payload).is_empty() {
+            return self.handler.handle(event).await;
+        }
+        let mut opened = event.clone();
+        // A key store that fails is down, not the message's fault: tried again, never parked.
+        evently_core::personal::open_all([&mut opened.payload], &*self.keys)
+            .await
+            .map_err(|e| HandleError::Unavailable(Box::new(e)))?;
+        self.handler.handle(&opened).await
+    }
+}
+
 /// What an event `P` does not subscribe to is: skipped when its aggregate type is not one of
 /// `P`'s, malformed when it is (see [`unknown_event_type`]).
 fn unknown_type<P: Projection>(event: &StoredEvent) -> Result<Handled, HandleError> {
@@ -262,6 +315,78 @@ fn unknown_type<P: Projection>(event: &StoredEvent) -> Result<Handled, HandleErr
 mod tests {
     use super::*;
     use std::error::Error as _;
+
+    /// Keeps the payloads it is handed.
+    #[derive(Debug, Default)]
+    struct Seen(Vec<serde_json::Value>);
+
+    #[async_trait::async_trait]
+    impl MessageHandler for Seen {
+        fn name(&self) -> &str {
+            "seen"
+        }
+
+        async fn handle(&mut self, event: &StoredEvent) -> Result<Handled, HandleError> {
+            self.0.push(event.payload.clone());
+            Ok(Handled::Applied)
+        }
+    }
+
+    /// A sealed field reaches the handler opened, then as its placeholder once forgotten; a
+    /// payload without one is handed over as it is.
+    #[tokio::test]
+    async fn opening_hands_over_the_data_then_the_placeholder() {
+        use evently_core::personal::{InMemoryKeyStore, KeyStore as _, PersonalField, seal};
+        let keys = std::sync::Arc::new(InMemoryKeyStore::new());
+        let fields = [PersonalField {
+            event_type: "Joined",
+            field: "email",
+            subject: "member_id",
+            forgotten: || serde_json::Value::String(String::new()),
+        }];
+        let mut payload = serde_json::json!({ "member_id": "m-1", "email": "ada@example.com" });
+        seal(&mut payload, "Joined", &fields, &*keys, b"seed")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!payload.to_string().contains("ada@"));
+        let event = |payload: serde_json::Value| StoredEvent {
+            event_id: evently_core::EventId::new(),
+            stream: evently_core::StreamId::new("member", "m-1"),
+            version: 1,
+            checkpoint: evently_core::Checkpoint::START,
+            recorded_at: chrono::Utc::now(),
+            event_type: "Joined".into(),
+            schema_version: 1,
+            payload,
+            metadata: evently_core::Metadata::default(),
+        };
+        let mut opening = Opening::new(Seen::default(), keys.clone());
+        for payload in [payload.clone(), serde_json::json!({ "plain": 1 })] {
+            opening
+                .handle(&event(payload))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        keys.forget("m-1").await.unwrap_or_else(|e| panic!("{e}"));
+        opening
+            .handle(&event(payload))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let emails: Vec<_> = opening
+            .inner()
+            .0
+            .iter()
+            .map(|p| p.get("email").cloned())
+            .collect();
+        assert_eq!(
+            emails,
+            [
+                Some(serde_json::json!("ada@example.com")),
+                None,
+                Some(serde_json::json!(""))
+            ]
+        );
+    }
 
     /// The database's own error stays reachable behind a handler error, and the one-line report
     /// names each cause once.

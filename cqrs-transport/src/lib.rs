@@ -14,7 +14,9 @@ pub use consume::{Consumer, ConsumerMetrics, Verdict};
 pub use dead_letters::{BrokerDeadLetter, DeadLetterQueue};
 pub use envelope::{EventSerializer, JsonEnvelope, MalformedMessage, SerializeError};
 pub use error::{BrokerError, DeliveryError, TransportError, masked_url};
-pub use handler::{HandleError, Handled, InProcess, MessageHandler, Transactional, is_outage};
+pub use handler::{
+    HandleError, Handled, InProcess, MessageHandler, Opening, Transactional, is_outage,
+};
 pub use relay::{Relay, RelayMetrics, RelayStep};
 pub use sink::{Layout, Outgoing, Sink};
 

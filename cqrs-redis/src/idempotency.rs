@@ -143,6 +143,17 @@ impl RedisIdempotency {
         self
     }
 
+    /// The keys of `tenant` (under `<prefix>:t:<tenant>`): one key used by two tenants is two
+    /// keys, each executed once (a tenant id holds no `:`, so no tenant's keys can reach
+    /// another's).
+    #[must_use]
+    pub fn for_tenant(&self, tenant: &evently_core::TenantId) -> Self {
+        Self {
+            prefix: format!("{}:t:{tenant}", self.prefix),
+            ..self.clone()
+        }
+    }
+
     /// How long a lock outlives a holder that died (at least 100 ms; renewed every third of it
     /// while the operation runs).
     #[must_use]

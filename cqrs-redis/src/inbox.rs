@@ -65,6 +65,15 @@ impl RedisInbox {
         }
     }
 
+    /// The inbox of `tenant`'s consumers (keys under `<prefix>:t:<tenant>`).
+    #[must_use]
+    pub fn for_tenant(&self, tenant: &evently_core::TenantId) -> Self {
+        Self {
+            prefix: format!("{}:t:{tenant}", self.prefix),
+            ..self.clone()
+        }
+    }
+
     /// The prefix of its keys.
     #[must_use]
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {

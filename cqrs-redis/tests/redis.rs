@@ -116,6 +116,25 @@ async fn a_key_reused_with_another_request_is_refused() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((retried.value, retried.replayed), (7, false));
+
+    // One key in two tenants is two keys; each tenant replays its own outcome.
+    for (tenant, value) in [("acme", 11u32), ("globex", 22)] {
+        let scoped =
+            idem.for_tenant(&evently_core::TenantId::new(tenant).unwrap_or_else(|e| panic!("{e}")));
+        for replayed in [false, true] {
+            let done = scoped
+                .execute("k", &("pay", 10), || async {
+                    Ok::<_, std::io::Error>(value)
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                (done.value, done.replayed),
+                (value, replayed),
+                "tenant {tenant}"
+            );
+        }
+    }
 }
 
 /// A holder killed mid-operation (its task aborted, the lock left): a concurrent call is told

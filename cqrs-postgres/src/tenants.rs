@@ -210,6 +210,23 @@ impl SchemaPerTenant {
         Ok(tenants)
     }
 
+    /// The store of every registered tenant, by tenant id: to run a worker per tenant (a
+    /// per-tenant projection, or one declared `tenants = "all"` feeding a shared read model), a
+    /// relay per tenant, an orchestrator per tenant.
+    ///
+    /// # Errors
+    /// As [`tenants`](Self::tenants).
+    pub async fn stores(&self) -> Result<Vec<(TenantId, PostgresEventStore)>, StoreError> {
+        self.tenants()
+            .await?
+            .into_iter()
+            .map(|(tenant, schema)| {
+                let store = self.store_in(&tenant, &schema)?;
+                Ok((tenant.clone(), self.keep(&tenant, store)))
+            })
+            .collect()
+    }
+
     /// The pool the stores share.
     #[must_use]
     pub fn pool(&self) -> &PgPool {

@@ -327,3 +327,71 @@ async fn a_projection_runs_where_its_declared_tenants_are() {
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(rows, [("*".to_owned(),)]);
 }
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Welcome {
+    member: String,
+}
+
+/// The step's service.
+struct Greeter;
+
+impl Greeter {
+    async fn greet(
+        &self,
+        _: &mut Welcome,
+        _: &evently_core::saga::StepKey,
+    ) -> Result<(), evently_core::saga::StepError> {
+        Ok(())
+    }
+}
+
+#[derive(evently_core::Saga)]
+#[saga(name = "rls_welcome", data = Welcome, context = std::sync::Arc<Greeter>)]
+enum WelcomeSaga {
+    Greet,
+}
+
+#[tokio::test]
+async fn a_tenants_saga_instances_are_its_own() {
+    use evently_core::saga::{Orchestrator, Saga as _, SagaStatus, SagaStore as _};
+    use evently_postgres::saga::PostgresSagaStore;
+    let store = app_store("rls_sagas").await;
+    let acme = PostgresSagaStore::new(
+        store
+            .for_tenant(&tenant("acme"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let globex = PostgresSagaStore::new(
+        store
+            .for_tenant(&tenant("globex"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let saga = Orchestrator::<WelcomeSaga, _>::new(acme.clone(), std::sync::Arc::new(Greeter), "o");
+    let (id, status) = saga
+        .start(Welcome {
+            member: "m-1".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, SagaStatus::Completed);
+    let name = Some(WelcomeSaga::NAME);
+    assert_eq!(acme.list(name, None).await.map(|l| l.len()).ok(), Some(1));
+    assert_eq!(globex.list(name, None).await.map(|l| l.len()).ok(), Some(0));
+    assert!(
+        globex
+            .load(id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_none(),
+        "globex cannot load acme's saga"
+    );
+    assert!(
+        acme.load(id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_some()
+    );
+}

@@ -349,6 +349,26 @@ async fn the_registry_refuses_what_it_cannot_keep_apart() {
         }
         other => panic!("expected InvalidInput, got {other:?}"),
     }
+    let stores = tenancy.stores().await.unwrap_or_else(|e| panic!("{e}"));
+    let schemas: Vec<_> = stores
+        .iter()
+        .map(|(t, s)| (t.to_string(), s.schema().to_owned(), s.tenant().cloned()))
+        .collect();
+    assert_eq!(
+        schemas,
+        [
+            (
+                "acme".to_owned(),
+                "tn_registry_acme".to_owned(),
+                Some(acme.clone())
+            ),
+            (
+                "globex".to_owned(),
+                "tn_registry_taken".to_owned(),
+                Some(globex.clone())
+            )
+        ]
+    );
     let migrated = tenancy
         .migrate_all()
         .await

@@ -173,7 +173,7 @@ fn writers(
                         .unwrap_or_else(|e| panic!("{e}"));
                     n += 1;
                     // Paced: the projections keep up on a busy 2-core machine.
-                    tokio::time::sleep(Duration::from_millis(4)).await;
+                    tokio::time::sleep(Duration::from_millis(8)).await;
                 }
                 n
             })
@@ -261,7 +261,7 @@ async fn version_two_catches_up_beside_version_one_and_readers_switch_whole() {
     let started = Instant::now();
     // The old version is retired by the live one's worker as soon as its effects are done.
     let promotion = Promotion::new()
-        .wait(Duration::from_secs(60))
+        .wait(Duration::from_secs(120))
         .retire_after(Duration::ZERO);
     let promoted = promote(&store, "balances", None, promotion)
         .await

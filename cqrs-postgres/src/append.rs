@@ -211,7 +211,9 @@ impl PostgresEventStore {
         // second connection while holding one (64 writers on a pool of 32 would deadlock).
         if !self.inline.is_empty() {
             self.insert_with_inline(stream, base, events).await
-        } else if events.len() >= COPY_THRESHOLD {
+        } else if events.len() >= COPY_THRESHOLD && !self.row_level_tenant {
+            // PostgreSQL refuses `COPY FROM` into a table with row-level security: a tenant's
+            // view of the row-level layout inserts a large batch with one `INSERT` instead.
             copy_at(&self.pool, &self.sql, stream, base, events).await
         } else if let Some(group) = &self.group {
             group

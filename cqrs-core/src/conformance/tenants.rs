@@ -21,6 +21,7 @@ macro_rules! tenant_conformance_tests {
             tenants_never_share_streams,
             tenants_keep_their_own_keys_and_snapshots,
             an_event_naming_another_tenant_is_refused,
+            a_large_batch_stays_in_its_tenant,
             concurrent_tenants_on_identical_stream_ids,
         );
     };
@@ -131,6 +132,25 @@ pub async fn tenants_keep_their_own_keys_and_snapshots<T: Tenancy>(tenancy: T) {
             .unwrap_or_else(|| panic!("no snapshot"));
         assert_eq!(snapshot.state, json!({ "version": version }));
     }
+}
+
+/// A large batch (past the PostgreSQL store's `COPY` threshold) through a tenant's store lands
+/// in that tenant's stream, stamped, and nowhere else.
+pub async fn a_large_batch_stays_in_its_tenant<T: Tenancy>(tenancy: T) {
+    let (a, b) = (store_of(&tenancy, 6).await, store_of(&tenancy, 7).await);
+    let s = stream("tenant-large");
+    assert_eq!(
+        append_ok(&a, &s, ExpectedVersion::NoStream, events(0..1_500)).await,
+        1_500
+    );
+    let loaded = load(&a, &s).await;
+    assert_eq!(loaded.len(), 1_500);
+    assert!(loaded.iter().all(|e| e.metadata.tenant == Some(tenant(6))));
+    assert_eq!(
+        b.stream_version(&s).await.ok(),
+        Some(0),
+        "t7 sees no stream"
+    );
 }
 
 /// An event whose metadata names another tenant is refused whole, and nothing is written.

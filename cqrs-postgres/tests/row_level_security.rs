@@ -59,6 +59,15 @@ mod conformance {
     evently_core::tenant_conformance_tests!(|name: &'static str| super::app_store(name));
 }
 
+/// The same with group commit on: each tenant view groups its own appends.
+mod conformance_group_commit {
+    evently_core::tenant_conformance_tests!(|name: &'static str| async move {
+        super::app_store(&format!("g_{name}"))
+            .await
+            .with_group_commit(evently_postgres::GroupCommit::default())
+    });
+}
+
 fn tenant(id: &str) -> TenantId {
     TenantId::new(id).unwrap_or_else(|e| panic!("{e}"))
 }

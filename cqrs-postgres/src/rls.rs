@@ -42,11 +42,25 @@ const SETTING: &str = "evently.tenant";
 const ALL: &str = "*";
 
 /// The per-tenant pools of one store (shared by its views).
-#[derive(Default)]
 pub(crate) struct TenantPools {
     pools: Mutex<HashMap<String, PgPool>>,
     /// Whether the policies bind this store's role (checked once).
     checked: tokio::sync::OnceCell<()>,
+    /// The most connections of one tenant's pool (`None`: as many as the store's).
+    max_connections: Option<u32>,
+    /// How long an idle connection of a tenant's pool is kept.
+    idle_timeout: Duration,
+}
+
+impl Default for TenantPools {
+    fn default() -> Self {
+        Self {
+            pools: Mutex::default(),
+            checked: tokio::sync::OnceCell::new(),
+            max_connections: None,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 impl PostgresEventStore {
@@ -54,8 +68,8 @@ impl PostgresEventStore {
     /// streams (an id another tenant uses too is another stream), idempotency keys, snapshots,
     /// events in the global order, projection checkpoints and dead letters, saga instances, inbox
     /// rows and data keys. It appends with `tenant` in every event's metadata, refusing events
-    /// that name another tenant. Its connections come from a pool of the tenant's (as large as
-    /// this store's, idle connections closed after 30 s), each with `evently.tenant` set from its
+    /// that name another tenant. Its connections come from a pool of the tenant's
+    /// ([`with_tenant_pools`](Self::with_tenant_pools)), each with `evently.tenant` set from its
     /// start.
     ///
     /// # Errors
@@ -68,6 +82,20 @@ impl PostgresEventStore {
         let mut view = self.view(tenant.as_str()).with_tenant(tenant.clone());
         view.row_level_tenant = true;
         Ok(view)
+    }
+
+    /// Sizes the pools of the tenant views made from now on: at most `max_connections` each (at
+    /// least 1), idle connections closed after `idle_timeout`. By default a tenant's pool is as
+    /// large as this store's and keeps idle connections 30 s; the connections of all active
+    /// tenants together must stay below the server's `max_connections`.
+    #[must_use]
+    pub fn with_tenant_pools(mut self, max_connections: u32, idle_timeout: Duration) -> Self {
+        self.tenant_pools = Arc::new(TenantPools {
+            max_connections: Some(max_connections.max(1)),
+            idle_timeout,
+            ..TenantPools::default()
+        });
+        self
     }
 
     /// A read-only view of every tenant's events in the one global order, for a projection or a
@@ -176,10 +204,13 @@ impl PostgresEventStore {
                     let options = (*self.pool.connect_options())
                         .clone()
                         .options([(SETTING, setting)]);
+                    let max = self.tenant_pools.max_connections;
                     PgPoolOptions::new()
-                        .max_connections(self.pool.options().get_max_connections())
+                        .max_connections(
+                            max.unwrap_or_else(|| self.pool.options().get_max_connections()),
+                        )
                         .min_connections(0)
-                        .idle_timeout(Duration::from_secs(30))
+                        .idle_timeout(self.tenant_pools.idle_timeout)
                         .acquire_timeout(self.pool.options().get_acquire_timeout())
                         .connect_lazy_with(options)
                 })

@@ -52,7 +52,9 @@ async fn app_store(name: &str) -> PostgresEventStore {
     let pool = PgPoolOptions::new()
         .max_connections(8)
         .connect_lazy_with(options);
-    PostgresEventStore::new(pool, &schema).unwrap_or_else(|e| panic!("{e}"))
+    PostgresEventStore::new(pool, &schema)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_tenant_pools(4, std::time::Duration::from_secs(5))
 }
 
 mod conformance {

@@ -83,6 +83,11 @@ async fn the_server_shows_each_connection_its_tenant_only() {
             .tenant_store(&tenant(t))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            view.pool().options().get_max_connections(),
+            4,
+            "with_tenant_pools"
+        );
         let batch = (0..n).map(|i| common::deposit(i + 1)).collect();
         view.append(&stream, ExpectedVersion::NoStream, batch)
             .await

@@ -411,3 +411,98 @@ async fn a_tenants_saga_instances_are_its_own() {
             .is_some()
     );
 }
+
+/// Fails on a deposit of 13 cents, per tenant.
+#[derive(evently_core::Projection)]
+#[projection(
+    name = "thirteen_refused",
+    events(cqrs_examples::bank::AccountEvent),
+    context = sqlx::PgConnection
+)]
+struct ThirteenRefused;
+
+#[async_trait::async_trait]
+impl evently_core::projection::Handles<cqrs_examples::bank::AccountEvent, sqlx::PgConnection>
+    for ThirteenRefused
+{
+    async fn handle(
+        &mut self,
+        event: &evently_core::RecordedEvent<cqrs_examples::bank::AccountEvent>,
+        _: &mut sqlx::PgConnection,
+    ) -> Result<(), evently_core::projection::HandlerError> {
+        match &event.event {
+            cqrs_examples::bank::AccountEvent::Deposited(d) if d.amount_cents == 13 => {
+                Err("a deposit of 13".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn checkpoints_and_dead_letters_are_per_tenant() {
+    use evently_postgres::control::DeadLetters;
+    use evently_postgres::projection::{FailureMode, FailurePolicy, ProjectionWorker};
+    let store = app_store("rls_letters").await;
+    let stream = StreamId::new("account", "a-1");
+    let policy = FailurePolicy {
+        attempts: 1,
+        backoff: std::time::Duration::from_millis(1),
+        max_backoff: std::time::Duration::from_millis(1),
+        mode: FailureMode::Skip,
+    };
+    let mut letters = Vec::new();
+    for (t, amounts) in [("acme", vec![1, 13, 2]), ("globex", vec![3, 4])] {
+        let view = store
+            .for_tenant(&tenant(t))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let batch = amounts.iter().map(|a| common::deposit(*a)).collect();
+        view.append(&stream, ExpectedVersion::NoStream, batch)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut worker =
+            ProjectionWorker::new(view.clone(), ThirteenRefused, "w").with_failure_policy(policy);
+        assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while worker.checkpoint().await.unwrap_or_else(|e| panic!("{e}"))
+            < view
+                .head()
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(Checkpoint::START)
+            && std::time::Instant::now() < deadline
+        {
+            worker.catch_up().await.unwrap_or_else(|e| panic!("{e}"));
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let listed = DeadLetters::new(view)
+            .list("thirteen_refused")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        letters.push((t, listed.len()));
+    }
+    assert_eq!(
+        letters,
+        [("acme", 1), ("globex", 0)],
+        "each tenant lists its own dead letters"
+    );
+    let owner = common::pool(2).await;
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT 'checkpoint', tenant_id FROM t_rls_letters.projection_checkpoints WHERE projection = 'thirteen_refused' \
+         UNION ALL SELECT 'letter', tenant_id FROM t_rls_letters.projection_dead_letters ORDER BY 1, 2",
+    )
+    .fetch_all(&owner)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let rows: Vec<(&str, &str)> = rows.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    assert_eq!(
+        rows,
+        [
+            ("checkpoint", "acme"),
+            ("checkpoint", "globex"),
+            ("letter", "acme")
+        ]
+    );
+}

@@ -13,17 +13,16 @@
 //! privileges it needs; [`for_tenant`](PostgresEventStore::for_tenant) checks this at its first use
 //! and refuses a role the policies would not bind (its views would see every tenant).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use evently_core::tenant::Tenancy;
 use evently_core::{StoreError, TenantId};
 use sqlx::AssertSqlSafe;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 
 use crate::errors::backend;
-use crate::store::{Personal, PostgresEventStore};
+use crate::store::{Personal, PostgresEventStore, TenantPools};
 
 /// The tables whose rows belong to a tenant.
 const TENANT_TABLES: [&str; 8] = [
@@ -40,28 +39,6 @@ const TENANT_TABLES: [&str; 8] = [
 /// The setting the policies read; `*` is the all-tenants view, which reads every tenant's events.
 const SETTING: &str = "evently.tenant";
 const ALL: &str = "*";
-
-/// The per-tenant pools of one store (shared by its views).
-pub(crate) struct TenantPools {
-    pools: Mutex<HashMap<String, PgPool>>,
-    /// Whether the policies bind this store's role (checked once).
-    checked: tokio::sync::OnceCell<()>,
-    /// The most connections of one tenant's pool (`None`: as many as the store's).
-    max_connections: Option<u32>,
-    /// How long an idle connection of a tenant's pool is kept.
-    idle_timeout: Duration,
-}
-
-impl Default for TenantPools {
-    fn default() -> Self {
-        Self {
-            pools: Mutex::default(),
-            checked: tokio::sync::OnceCell::new(),
-            max_connections: None,
-            idle_timeout: Duration::from_secs(30),
-        }
-    }
-}
 
 impl PostgresEventStore {
     /// The view of `tenant`'s data in this schema (the row-level-security layout): its own

@@ -48,12 +48,12 @@ pub struct PostgresEventStore {
     pub(crate) personal: Arc<Personal>,
     /// The tenant whose schema this is (see [`crate::tenants`]): stamped on every event appended.
     pub(crate) tenant: Option<evently_core::TenantId>,
-    /// The all-tenants view (see [`crate::rls`]): reads the global order only.
+    /// The all-tenants view of the row-level layout: reads the global order only.
     pub(crate) reads_all_tenants: bool,
-    /// One tenant's view under row-level security (see [`crate::rls`]).
+    /// One tenant's view under row-level security.
     pub(crate) row_level_tenant: bool,
     /// The pools of the tenant views of this store, shared by its clones and views.
-    pub(crate) tenant_pools: Arc<crate::rls::TenantPools>,
+    pub(crate) tenant_pools: Arc<TenantPools>,
 }
 
 /// A store's personal-data settings (see `crate::personal`): which fields of which event types
@@ -191,5 +191,27 @@ impl ServerGuard {
 
     pub(crate) fn is_checked(&self) -> bool {
         self.checked.load(Ordering::Acquire) == self.connections.load(Ordering::Acquire)
+    }
+}
+
+/// The per-tenant pools of one store (shared by its views).
+pub(crate) struct TenantPools {
+    pub(crate) pools: std::sync::Mutex<std::collections::HashMap<String, PgPool>>,
+    /// Whether the policies bind this store's role (checked once).
+    pub(crate) checked: tokio::sync::OnceCell<()>,
+    /// The most connections of one tenant's pool (`None`: as many as the store's).
+    pub(crate) max_connections: Option<u32>,
+    /// How long an idle connection of a tenant's pool is kept.
+    pub(crate) idle_timeout: std::time::Duration,
+}
+
+impl Default for TenantPools {
+    fn default() -> Self {
+        Self {
+            pools: std::sync::Mutex::default(),
+            checked: tokio::sync::OnceCell::new(),
+            max_connections: None,
+            idle_timeout: std::time::Duration::from_secs(30),
+        }
     }
 }

@@ -220,30 +220,6 @@ impl PostgresEventStore {
     }
 }
 
-/// Refuses to run projection `P` on a store that does not give it the tenants it declares
-/// (`#[projection(tenants = ...)]`): a per-tenant projection on the all-tenants view, or an
-/// all-tenants projection on one tenant's row-level view.
-pub(crate) fn check_projection_scope<P: evently_core::projection::Projection>(
-    store: &PostgresEventStore,
-) -> Result<(), StoreError> {
-    use evently_core::tenant::TenantScope;
-    match P::TENANTS {
-        TenantScope::Each if store.reads_all_tenants => Err(StoreError::InvalidInput(format!(
-            "projection `{}` reads one tenant's events (tenants = \"each\", the default) but runs \
-             on the all-tenants view: run a worker per tenant on `for_tenant`, or declare \
-             #[projection(tenants = \"all\")] and key its read model by tenant",
-            P::NAME
-        ))),
-        TenantScope::All if store.row_level_tenant => Err(StoreError::InvalidInput(format!(
-            "projection `{}` reads every tenant's events (tenants = \"all\") but runs on the view \
-             of tenant `{}`, which shows it that tenant only: run it on `all_tenants()`",
-            P::NAME,
-            store.tenant.as_ref().map_or("?", |t| t.as_str())
-        ))),
-        _ => Ok(()),
-    }
-}
-
 /// Refuses a segmented or versioned projection on one tenant's row-level view: the registries of
 /// segments and versions (and the views a promotion switches) are the schema's, shared by its
 /// tenants, so one tenant's rescale or promotion would act for all.

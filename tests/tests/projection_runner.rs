@@ -363,3 +363,61 @@ async fn an_unreadable_row_is_parked_and_passed() {
     let redrive = runner.retry_all().await;
     assert_eq!((redrive.applied, redrive.failed), (0, 1));
 }
+
+/// Deposits per tenant, across every tenant.
+#[derive(Default, Projection)]
+#[projection(name = "deposits_per_tenant", events(AccountEvent), tenants = "all")]
+struct PerTenant {
+    deposits: BTreeMap<String, u64>,
+}
+
+#[async_trait::async_trait]
+impl Handles<AccountEvent> for PerTenant {
+    async fn handle(
+        &mut self,
+        event: &RecordedEvent<AccountEvent>,
+        (): &mut (),
+    ) -> Result<(), HandlerError> {
+        let tenant = event.metadata.tenant.as_ref().map_or("-", |t| t.as_str());
+        *self.deposits.entry(tenant.to_owned()).or_default() += 1;
+        Ok(())
+    }
+}
+
+/// The in-process runner runs a projection only where its declared tenants are: a per-tenant one
+/// on the all-tenants view and an all-tenants one on a tenant's view are refused before any
+/// event; an all-tenants one on the all-tenants view sees every tenant's events.
+#[tokio::test]
+async fn the_runner_checks_the_tenants_a_projection_declares() {
+    let store = InMemoryEventStore::new();
+    for (tenant, n) in [("acme", 3), ("globex", 2)] {
+        let id = evently_core::TenantId::new(tenant).unwrap();
+        deposit(&store.for_tenant(id), 1, n).await;
+    }
+    let mut each = ProjectionRunner::new(store.all_tenants(), Totals::default(), ());
+    let refused = each.catch_up().await.map_err(|e| e.to_string());
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|m| m.contains("tenants = \"each\"")),
+        "{refused:?}"
+    );
+    let acme = store.for_tenant(evently_core::TenantId::new("acme").unwrap());
+    let mut narrow = ProjectionRunner::new(acme, PerTenant::default(), ());
+    let refused = narrow.catch_up().await.map_err(|e| e.to_string());
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|m| m.contains("view of tenant `acme`")),
+        "{refused:?}"
+    );
+    let mut all = ProjectionRunner::new(store.all_tenants(), PerTenant::default(), ());
+    all.catch_up().await.unwrap();
+    let seen: Vec<_> = all
+        .projection()
+        .deposits
+        .iter()
+        .map(|(t, n)| (t.as_str(), *n))
+        .collect();
+    assert_eq!(seen, [("acme", 3), ("globex", 2)]);
+}

@@ -215,3 +215,32 @@ pub struct CatchUpError {
     #[source]
     pub error: ProjectionError,
 }
+
+/// Refuses to run projection `P` on a store handle that would not give it the tenants it
+/// declares (`#[projection(tenants = ...)]`): a per-tenant projection on the all-tenants view (it
+/// would mix tenants in a read model that does not tell them apart), an all-tenants one on one
+/// tenant's view of a shared log (it would see that tenant only). Every runner calls it before its
+/// first batch.
+///
+/// # Errors
+/// [`StoreError::InvalidInput`] saying what to run instead.
+pub fn check_tenants<P: Projection>(scope: &crate::store::StoreScope) -> Result<(), StoreError> {
+    use crate::store::StoreScope;
+    use crate::tenant::TenantScope;
+    match (P::TENANTS, scope) {
+        (TenantScope::Each, StoreScope::AllTenants) => Err(StoreError::InvalidInput(format!(
+            "projection `{}` reads one tenant's events (tenants = \"each\", the default) but runs \
+             on the all-tenants view: run it per tenant on `for_tenant`, or declare \
+             #[projection(tenants = \"all\")] and key its read model by tenant",
+            P::NAME
+        ))),
+        (TenantScope::All, StoreScope::TenantView(tenant)) => {
+            Err(StoreError::InvalidInput(format!(
+                "projection `{}` reads every tenant's events (tenants = \"all\") but runs on the view \
+             of tenant `{tenant}`, which shows it that tenant only: run it on `all_tenants()`",
+                P::NAME
+            )))
+        }
+        _ => Ok(()),
+    }
+}

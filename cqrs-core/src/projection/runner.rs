@@ -118,6 +118,7 @@ where
         if let Some(checkpoint) = self.checkpoint {
             return Ok(checkpoint);
         }
+        super::check_tenants::<P>(&self.store.scope())?;
         let checkpoint = self.checkpoints.load(P::NAME).await?;
         self.checkpoint = Some(checkpoint);
         Ok(checkpoint)

@@ -490,6 +490,14 @@ impl EventStore for InMemoryEventStore {
     fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.commits.subscribe())
     }
+
+    fn scope(&self) -> super::StoreScope {
+        match &self.scope {
+            Scope::Untenanted => super::StoreScope::Untenanted,
+            Scope::Tenant(tenant) => super::StoreScope::TenantView(tenant.clone()),
+            Scope::All => super::StoreScope::AllTenants,
+        }
+    }
 }
 
 #[async_trait::async_trait]

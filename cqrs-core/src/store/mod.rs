@@ -84,6 +84,20 @@ pub struct AppendResult {
     /// The appended events, in order.
     pub events: Vec<AppendedEvent>,
 }
+/// Whose data a store handle reads and writes (see `evently_core::tenant`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreScope {
+    /// Data of no tenant: a store used without tenants.
+    #[default]
+    Untenanted,
+    /// One tenant's view of a log that holds every tenant's (the in-memory store's
+    /// `for_tenant`, the PostgreSQL row-level layout's `for_tenant`).
+    TenantView(crate::envelope::TenantId),
+    /// A store holding one tenant's data alone (a PostgreSQL schema per tenant).
+    TenantStore(crate::envelope::TenantId),
+    /// A read-only view of every tenant's events.
+    AllTenants,
+}
 /// A stored payload: a JSON value, or JSON text as a database hands it over.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
@@ -384,6 +398,12 @@ pub trait EventStore: Send + Sync {
     /// signal in this process, and readers poll.
     fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
+    }
+
+    /// Whose data this handle reads and writes; projection runners check it against what a
+    /// projection declares ([`Projection::TENANTS`](crate::projection::Projection::TENANTS)).
+    fn scope(&self) -> StoreScope {
+        StoreScope::Untenanted
     }
 }
 /// Helpers on every [`EventStore`].

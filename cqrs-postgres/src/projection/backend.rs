@@ -110,7 +110,9 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
     }
 
     async fn acquire_ownership(&mut self) -> Result<bool, DeliveryError> {
-        crate::rls::check_projection_scope::<P>(&self.store)?;
+        evently_core::projection::check_tenants::<P>(&evently_core::EventStore::scope(
+            &self.store,
+        ))?;
         let versioned = crate::versions::is_versioned::<P>();
         if versioned {
             crate::rls::refuse_shared_registry::<P>(&self.store, "versioned")?;

@@ -107,7 +107,9 @@ type Configure<A, S> = dyn Fn(CommandGateway<A, S>, &S) -> CommandGateway<A, S> 
 ///
 /// Each tenant's gateway has its own cache of aggregates (a cache shared between tenants would
 /// mix two tenants' aggregates of one id), so the tenant is chosen per call:
-/// `gateways.tenant(&tenant).await?.execute(..)`.
+/// `gateways.tenant(&tenant).await?.execute(..)`. The gateways are kept for the life of this
+/// value, each with its cache: with many tenants, bound the memory with
+/// [`with_configure`](Self::with_configure) and `gateway.with_cache_capacity(n)`.
 pub struct TenantGateways<A: Aggregate, T: Tenancy> {
     tenancy: T,
     configure: Arc<Configure<A, T::Store>>,

@@ -1,6 +1,8 @@
 //! Appends: the expected version, idempotency keys, inline projections, and the retry after a lost race.
 
-use evently_core::store::{AppendResult, classify_stored_ids, stamp_tenant, validate_append};
+use evently_core::store::{
+    AppendResult, StoreScope, classify_stored_ids, stamp_tenant, validate_append,
+};
 use evently_core::{
     EventData, EventId, EventStore, ExpectedVersion, StoreError, StoredEvent, StreamId,
 };
@@ -38,8 +40,7 @@ impl PostgresEventStore {
         mut events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
-        self.refuse_all_tenants()?;
-        stamp_tenant(self.tenant.as_ref(), &mut events)?;
+        stamp_tenant(self.scope.writable()?, &mut events)?;
         self.seal(&mut events).await?;
         if events.is_empty() {
             let actual = self.version_of(stream).await?;
@@ -72,8 +73,7 @@ impl PostgresEventStore {
         key: &str,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
-        self.refuse_all_tenants()?;
-        stamp_tenant(self.tenant.as_ref(), &mut events)?;
+        stamp_tenant(self.scope.writable()?, &mut events)?;
         self.seal(&mut events).await?;
         self.same_server().await?;
         // The common case in one statement (no transaction block, one round trip).
@@ -211,7 +211,8 @@ impl PostgresEventStore {
         // second connection while holding one (64 writers on a pool of 32 would deadlock).
         if !self.inline.is_empty() {
             self.insert_with_inline(stream, base, events).await
-        } else if events.len() >= COPY_THRESHOLD && !self.row_level_tenant {
+        } else if events.len() >= COPY_THRESHOLD && !matches!(self.scope, StoreScope::TenantView(_))
+        {
             // PostgreSQL refuses `COPY FROM` into a table with row-level security: a tenant's
             // view of the row-level layout inserts a large batch with one `INSERT` instead.
             copy_at(&self.pool, &self.sql, stream, base, events).await

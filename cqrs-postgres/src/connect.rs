@@ -36,9 +36,7 @@ impl PostgresEventStore {
             appends: Arc::default(),
             group: None,
             personal: Arc::default(),
-            tenant: None,
-            reads_all_tenants: false,
-            row_level_tenant: false,
+            scope: evently_core::store::StoreScope::Untenanted,
             tenant_pools: Arc::default(),
         })
     }

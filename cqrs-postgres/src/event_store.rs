@@ -185,13 +185,7 @@ impl EventStore for PostgresEventStore {
     /// Changes after commits of this schema's events, in this process and others (`LISTEN`
     /// on one connection per store, outside its pool); `None` outside a tokio runtime.
     fn scope(&self) -> evently_core::store::StoreScope {
-        use evently_core::store::StoreScope;
-        match &self.tenant {
-            _ if self.reads_all_tenants => StoreScope::AllTenants,
-            Some(tenant) if self.row_level_tenant => StoreScope::TenantView(tenant.clone()),
-            Some(tenant) => StoreScope::TenantStore(tenant.clone()),
-            None => StoreScope::Untenanted,
-        }
+        self.scope.clone()
     }
 
     fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {

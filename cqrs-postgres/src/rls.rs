@@ -16,6 +16,7 @@
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
+use evently_core::store::StoreScope;
 use evently_core::tenant::Tenancy;
 use evently_core::{StoreError, TenantId};
 use sqlx::AssertSqlSafe;
@@ -56,8 +57,8 @@ impl PostgresEventStore {
     /// `BYPASSRLS` or the tables' owner), [`StoreError::Backend`].
     pub async fn for_tenant(&self, tenant: &TenantId) -> Result<Self, StoreError> {
         self.check_row_level_security().await?;
-        let mut view = self.view(tenant.as_str()).with_tenant(tenant.clone());
-        view.row_level_tenant = true;
+        let mut view = self.view(tenant.as_str());
+        view.scope = StoreScope::TenantView(tenant.clone());
         Ok(view)
     }
 
@@ -85,7 +86,7 @@ impl PostgresEventStore {
     pub async fn all_tenants(&self) -> Result<Self, StoreError> {
         self.check_row_level_security().await?;
         let mut view = self.view(ALL);
-        view.reads_all_tenants = true;
+        view.scope = StoreScope::AllTenants;
         Ok(view)
     }
 
@@ -209,14 +210,7 @@ impl PostgresEventStore {
 
     /// Refuses writes through the all-tenants view.
     pub(crate) fn refuse_all_tenants(&self) -> Result<(), StoreError> {
-        if self.reads_all_tenants {
-            return Err(StoreError::InvalidInput(
-                "the all-tenants view of the store only reads the global order: append, load \
-                 streams, keys and snapshots through `for_tenant`"
-                    .into(),
-            ));
-        }
-        Ok(())
+        self.scope.writable().map(drop)
     }
 }
 
@@ -227,7 +221,7 @@ pub(crate) fn refuse_shared_registry<P: evently_core::projection::Projection>(
     store: &PostgresEventStore,
     what: &str,
 ) -> Result<(), StoreError> {
-    if store.row_level_tenant {
+    if matches!(store.scope, StoreScope::TenantView(_)) {
         return Err(StoreError::InvalidInput(format!(
             "projection `{}` is {what}, and segments and versions are kept per schema, shared by \
              the tenants of a row-level layout: run it on `all_tenants()` (tenants = \"all\") or \

@@ -46,12 +46,9 @@ pub struct PostgresEventStore {
     pub(crate) appends: Arc<telemetry::AppendMetrics>,
     pub(crate) group: Option<Arc<group::Grouper>>,
     pub(crate) personal: Arc<Personal>,
-    /// The tenant whose schema this is (see [`crate::tenants`]): stamped on every event appended.
-    pub(crate) tenant: Option<evently_core::TenantId>,
-    /// The all-tenants view of the row-level layout: reads the global order only.
-    pub(crate) reads_all_tenants: bool,
-    /// One tenant's view under row-level security.
-    pub(crate) row_level_tenant: bool,
+    /// Whose data this handle holds: no tenant's, one tenant's schema (`with_tenant`), one
+    /// tenant's row-level view or the all-tenants view (the `rls` module).
+    pub(crate) scope: evently_core::store::StoreScope,
     /// The pools of the tenant views of this store, shared by its clones and views.
     pub(crate) tenant_pools: Arc<TenantPools>,
 }
@@ -83,14 +80,14 @@ impl PostgresEventStore {
     /// tenants' streams, keys, snapshots, checkpoints and dead letters apart.
     #[must_use]
     pub fn with_tenant(mut self, tenant: evently_core::TenantId) -> Self {
-        self.tenant = Some(tenant);
+        self.scope = evently_core::store::StoreScope::TenantStore(tenant);
         self
     }
 
     /// The tenant this store's data belongs to, if any.
     #[must_use]
     pub fn tenant(&self) -> Option<&evently_core::TenantId> {
-        self.tenant.as_ref()
+        self.scope.tenant()
     }
 
     /// Runs `projection` inside every append's transaction (read-your-writes): when an append

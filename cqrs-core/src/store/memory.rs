@@ -9,7 +9,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 
 use super::{
     AppendResult, AppendedEvent, EventStore, ExpectedVersion, KeyRecord, Snapshot, SnapshotStore,
-    StoreError, classify_stored_ids, validate_append,
+    StoreError, StoreScope, classify_stored_ids, validate_append,
 };
 use crate::envelope::{Checkpoint, EventData, EventId, StoredEvent, StreamId, TenantId};
 
@@ -26,8 +26,8 @@ use crate::envelope::{Checkpoint, EventData, EventId, StoredEvent, StreamId, Ten
 #[derive(Clone, Default)]
 pub struct InMemoryEventStore {
     inner: Arc<Mutex<Inner>>,
-    /// Whose data this handle sees.
-    scope: Scope,
+    /// Whose data this handle sees (`TenantView` or `AllTenants` for the views).
+    scope: StoreScope,
     /// Bumped after every commit: the wake-up of in-process readers.
     commits: Arc<tokio::sync::watch::Sender<u64>>,
     /// The appends' metric handles.
@@ -50,18 +50,6 @@ impl Default for Personal {
             keys: Arc::new(crate::personal::InMemoryKeyStore::new()),
         }
     }
-}
-
-/// Whose data a handle of the store sees.
-#[derive(Clone, Default, Debug, PartialEq, Eq)]
-enum Scope {
-    /// The data of no tenant.
-    #[default]
-    Untenanted,
-    /// One tenant's data.
-    Tenant(TenantId),
-    /// Every tenant's events, read only.
-    All,
 }
 
 #[derive(Default)]
@@ -110,7 +98,7 @@ impl InMemoryEventStore {
     #[must_use]
     pub fn for_tenant(&self, tenant: TenantId) -> Self {
         Self {
-            scope: Scope::Tenant(tenant),
+            scope: StoreScope::TenantView(tenant),
             ..self.clone()
         }
     }
@@ -122,7 +110,7 @@ impl InMemoryEventStore {
     #[must_use]
     pub fn all_tenants(&self) -> Self {
         Self {
-            scope: Scope::All,
+            scope: StoreScope::AllTenants,
             ..self.clone()
         }
     }
@@ -130,23 +118,12 @@ impl InMemoryEventStore {
     /// The tenant this view is scoped to, if any.
     #[must_use]
     pub fn tenant(&self) -> Option<&TenantId> {
-        match &self.scope {
-            Scope::Tenant(tenant) => Some(tenant),
-            Scope::Untenanted | Scope::All => None,
-        }
+        self.scope.tenant()
     }
 
     /// The space this handle writes to and reads streams from; an error for the all-tenants view.
     fn space_key(&self) -> Result<Option<TenantId>, StoreError> {
-        match &self.scope {
-            Scope::Untenanted => Ok(None),
-            Scope::Tenant(tenant) => Ok(Some(tenant.clone())),
-            Scope::All => Err(StoreError::InvalidInput(
-                "the all-tenants view of the store only reads the global order: append, load \
-                 streams, keys and snapshots through `for_tenant`"
-                    .into(),
-            )),
-        }
+        self.scope.writable().map(|tenant| tenant.cloned())
     }
 
     /// Seals the fields `E` marks `#[pii(subject = ...)]` in the events of its types appended
@@ -226,14 +203,12 @@ impl InMemoryEventStore {
     /// The events this handle reads in the global order: its space's, or all for the
     /// all-tenants view.
     fn log<'a>(&self, inner: &'a Inner) -> &'a [Arc<StoredEvent>] {
-        let tenant = match &self.scope {
-            Scope::All => return &inner.log,
-            Scope::Untenanted => None,
-            Scope::Tenant(tenant) => Some(tenant.clone()),
-        };
+        if self.scope == StoreScope::AllTenants {
+            return &inner.log;
+        }
         inner
             .spaces
-            .get(&tenant)
+            .get(&self.scope.tenant().cloned())
             .map_or(&[][..], |space| &space.log)
     }
 
@@ -491,12 +466,8 @@ impl EventStore for InMemoryEventStore {
         Some(self.commits.subscribe())
     }
 
-    fn scope(&self) -> super::StoreScope {
-        match &self.scope {
-            Scope::Untenanted => super::StoreScope::Untenanted,
-            Scope::Tenant(tenant) => super::StoreScope::TenantView(tenant.clone()),
-            Scope::All => super::StoreScope::AllTenants,
-        }
+    fn scope(&self) -> StoreScope {
+        self.scope.clone()
     }
 }
 

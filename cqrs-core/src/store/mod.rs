@@ -98,6 +98,32 @@ pub enum StoreScope {
     /// A read-only view of every tenant's events.
     AllTenants,
 }
+
+impl StoreScope {
+    /// The tenant whose data the handle holds, if one.
+    #[must_use]
+    pub fn tenant(&self) -> Option<&crate::envelope::TenantId> {
+        match self {
+            Self::TenantView(tenant) | Self::TenantStore(tenant) => Some(tenant),
+            Self::Untenanted | Self::AllTenants => None,
+        }
+    }
+
+    /// The tenant appends, stream reads, keys and snapshots go to (`None`: no tenant's).
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidInput`] for the all-tenants view, which only reads the global order.
+    pub fn writable(&self) -> Result<Option<&crate::envelope::TenantId>, StoreError> {
+        if *self == Self::AllTenants {
+            return Err(StoreError::InvalidInput(
+                "the all-tenants view of the store only reads the global order: append, load \
+                 streams, keys and snapshots through `for_tenant`"
+                    .into(),
+            ));
+        }
+        Ok(self.tenant())
+    }
+}
 /// A stored payload: a JSON value, or JSON text as a database hands it over.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {

@@ -22,6 +22,7 @@ macro_rules! tenant_conformance_tests {
             tenants_keep_their_own_keys_and_snapshots,
             an_event_naming_another_tenant_is_refused,
             a_large_batch_stays_in_its_tenant,
+            a_tenants_retry_is_recognized,
             concurrent_tenants_on_identical_stream_ids,
         );
     };
@@ -151,6 +152,25 @@ pub async fn a_large_batch_stays_in_its_tenant<T: Tenancy>(tenancy: T) {
         Some(0),
         "t7 sees no stream"
     );
+}
+
+/// An append through a tenant's store retried at once with the same events (its outcome unknown
+/// to the caller) is recognized, also when the retry comes through another handle of the same
+/// tenant, and writes nothing more.
+pub async fn a_tenants_retry_is_recognized<T: Tenancy>(tenancy: T) {
+    let a = store_of(&tenancy, 5).await;
+    let again = store_of(&tenancy, 5).await;
+    let s = stream("tenant-retry");
+    let batch = events(0..3);
+    let first = a
+        .append(&s, ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    match again.append(&s, ExpectedVersion::NoStream, batch).await {
+        Err(StoreError::AlreadyAppended(outcome)) => assert_eq!(*outcome, first),
+        other => panic!("a retry of the same events: expected AlreadyAppended, got {other:?}"),
+    }
+    assert_eq!(load(&a, &s).await.len(), 3, "nothing written twice");
 }
 
 /// An event whose metadata names another tenant is refused whole, and nothing is written.

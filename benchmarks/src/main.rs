@@ -313,6 +313,13 @@ async fn main() {
     );
     report.workload("L3", format!("COPY {} rows", s.bulk));
     report.workload(
+        "L3f",
+        format!(
+            "COPY {} rows into this framework's own events table (its four indexes, two json columns)",
+            s.bulk
+        ),
+    );
+    report.workload(
         "L5",
         format!("select + deserialize {} whole rows", s.stream),
     );
@@ -569,6 +576,7 @@ async fn main() {
         ("L1", 1, s.sequential),
         ("L4", 8, s.aggregates * s.per_aggregate),
         ("L3", 0, s.bulk),
+        ("L3f", 0, s.bulk),
     ];
     for (key, tasks, rows) in limits {
         if !wanted(key) {
@@ -577,6 +585,7 @@ async fn main() {
         let mut rates = Vec::new();
         for _ in 0..s.runs {
             rates.push(match tasks {
+                0 if key == "L3f" => raw::copy_into_store_table(&url, rows).await,
                 0 => raw::copy_rows(&url, rows).await,
                 tasks => raw::inserts(&url, tasks, rows).await,
             });

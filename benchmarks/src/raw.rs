@@ -193,6 +193,56 @@ pub async fn copy_rows(url: &str, rows: u64) -> f64 {
     rows as f64 / start.elapsed().as_secs_f64()
 }
 
+/// L3f: COPY of `rows` rows into this framework's own events table (a store's schema, migrated),
+/// each row with an event id and the metadata the store writes, positions and transaction id
+/// left to the table's defaults: what the table itself costs, whoever writes into it. W5 against
+/// L3 is the framework and its table; W5 against L3f is the framework alone.
+pub async fn copy_into_store_table(url: &str, rows: u64) -> f64 {
+    let schema = "bench_l3f";
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {schema} CASCADE"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let store = evently_postgres::PostgresEventStore::new(pool.clone(), schema)
+        .unwrap_or_else(|e| panic!("{e}"));
+    store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+    let metadata = serde_json::to_string(&crate::ours::deposit_event(0).metadata)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !metadata.contains(['\\', '\t', '\n']),
+        "the metadata needs no escaping in text COPY: {metadata}"
+    );
+    let start = Instant::now();
+    let mut data = String::with_capacity(rows as usize * 250);
+    for v in 1..=rows {
+        let id = uuid::Uuid::now_v7();
+        data.push_str(&format!(
+            "{id}\taccount\tcopy\t{v}\tDeposited\t1\t{}\t{metadata}\n",
+            payload(v - 1)
+        ));
+    }
+    let mut conn = pool.acquire().await.unwrap_or_else(|e| panic!("{e}"));
+    let mut copy = conn
+        .copy_in_raw(&format!(
+            "COPY {schema}.events (event_id, aggregate_type, aggregate_id, version, event_type, \
+             schema_version, payload, metadata) FROM STDIN"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    copy.send(data.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    copy.finish().await.unwrap_or_else(|e| panic!("{e}"));
+    rows as f64 / start.elapsed().as_secs_f64()
+}
+
 /// L5: select the `len` rows of one stream and deserialize them (whole rows, or the payload
 /// column alone: the stricter limit): seconds.
 pub async fn select(url: &str, len: u64, whole_rows: bool) -> f64 {

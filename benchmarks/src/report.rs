@@ -202,6 +202,19 @@ impl Report {
             });
             let _ = writeln!(md, "| {key} | {raw} | {ratio} | {name} |");
         }
+        if let (Some(w5), Some(l3), Some(l3f)) = (
+            self.cell("W5", FRAMEWORKS[0]),
+            self.cell("L3", FRAMEWORKS[3]),
+            self.cell("L3f", FRAMEWORKS[3]),
+        ) {
+            let _ = writeln!(
+                md,
+                "\nW5 against raw COPY of the same rows into this framework's own table (L3f): {:.2}. That table \
+                 against the minimal one (L3 / raw W5's): {:.2}: the rest of W5's gap to raw COPY is the table's.",
+                w5.rate() / l3f.rate(),
+                l3f.rate() / l3.rate()
+            );
+        }
         if let Some(c) = &self.compile {
             let _ = writeln!(
                 md,

@@ -143,12 +143,8 @@ impl Sql {
                  FROM UNNEST($1::int4[], $2::text[], $3::text[], $4::int8[], $5::int8[], \
                              $6::uuid[], $7::text[], $8::int4[], $9::text[], $10::text[]) \
                    AS e(idx, aggregate_type, aggregate_id, base, ord, event_id, event_type, schema_version, payload, metadata) \
-                 WHERE (e.base = 0 OR EXISTS (SELECT 1 FROM {s}.events x \
-                          WHERE x.aggregate_type = e.aggregate_type AND x.aggregate_id = e.aggregate_id AND x.version = e.base)) \
-                   AND NOT EXISTS (SELECT 1 FROM {s}.events x \
-                          WHERE x.aggregate_type = e.aggregate_type AND x.aggregate_id = e.aggregate_id AND x.version = e.base + 1) \
-                   AND NOT EXISTS (SELECT 1 FROM UNNEST($1::int4[], $6::uuid[]) AS d(idx, event_id) \
-                          WHERE d.idx = e.idx AND EXISTS (SELECT 1 FROM {s}.events x WHERE x.event_id = d.event_id)) \
+                 WHERE e.base = coalesce((SELECT max(x.version) FROM {s}.events x \
+                          WHERE x.aggregate_type = e.aggregate_type AND x.aggregate_id = e.aggregate_id), 0) \
                  ORDER BY e.idx, e.ord \
                  RETURNING aggregate_type, aggregate_id, version, global_position, \
                    transaction_id::text AS transaction_text, recorded_at"

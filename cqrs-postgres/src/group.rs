@@ -49,12 +49,13 @@ pub struct GroupCommit {
 
 impl Default for GroupCommit {
     /// At most 64 appends a group, no window (a group is what queued while the last one was
-    /// written), 2 groups in flight at once.
+    /// written), 1 group in flight at a time (on a 2-core server with 8 writers, 2 in flight
+    /// were 4% slower with a p99 of 2.2 against 1.6 ms).
     fn default() -> Self {
         Self {
             max_appends: 64,
             window: Duration::ZERO,
-            pipelines: 2,
+            pipelines: 1,
         }
     }
 }
@@ -527,5 +528,68 @@ fn group_member(
     match result {
         Ok(result) => Outcome::Appended(result),
         Err(error) => Outcome::Failed(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::empty_schema;
+    use evently_core::{EventId, EventStore, ExpectedVersion};
+
+    /// The group statement's plan as the group connections keep it: made once on an empty
+    /// table, then used on one of thousands of rows. It reads each stream's last version
+    /// through the stream index and never scans the table, then as before.
+    #[tokio::test]
+    async fn the_kept_group_plan_never_scans_the_table() {
+        let store = empty_schema("unit_group_plan").await;
+        store.migrate().await.unwrap();
+        let pool = group_pool(store.pool(), 1);
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query(AssertSqlSafe(format!(
+            "PREPARE grouped(int4[], text[], text[], int8[], int8[], uuid[], text[], int4[], text[], text[]) AS {}",
+            store.sql.insert_group
+        )))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        let explain = "EXPLAIN (FORMAT JSON) EXECUTE grouped('{0}', '{thing}', '{t0}', '{0}', '{1}', \
+                       ARRAY[gen_random_uuid()], '{Happened}', '{1}', '{\"{}\"}', '{\"{}\"}')";
+        let mut plans = Vec::new();
+        for n in 0..4u32 {
+            let plan: serde_json::Value = sqlx::query(explain)
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap()
+                .get(0);
+            plans.push((n * 1_000, plan.to_string()));
+            let events = (0..1_000)
+                .map(|i| EventData {
+                    event_id: EventId::new(),
+                    event_type: "Happened".to_owned(),
+                    schema_version: 1,
+                    payload: serde_json::json!({ "n": n * 1_000 + i }),
+                    metadata: evently_core::Metadata::default(),
+                })
+                .collect();
+            store
+                .append(
+                    &StreamId::new("thing", format!("t{n}")),
+                    ExpectedVersion::Any,
+                    events,
+                )
+                .await
+                .unwrap();
+        }
+        for (events, plan) in plans {
+            assert!(
+                !plan.contains("Seq Scan"),
+                "at {events} events the group statement scans the table: {plan}"
+            );
+            assert!(
+                plan.contains("events_stream_version_key"),
+                "at {events} events the group statement does not read the stream index: {plan}"
+            );
+        }
     }
 }

@@ -11,7 +11,7 @@ use sqlx::{AssertSqlSafe, PgConnection};
 
 use crate::copy::{COPY_THRESHOLD, copy_at};
 use crate::errors::backend;
-use crate::insert::{Insert, insert_at, insert_keyed, is_unique_violation, stream_version_on};
+use crate::insert::{Insert, insert_at, insert_keyed, refused, stream_version_on};
 use crate::rows::{fetch_events, to_i64};
 use crate::store::PostgresEventStore;
 use crate::tx::Transaction;
@@ -122,9 +122,9 @@ impl PostgresEventStore {
                     |r| StoreError::KeyUsed(Box::new(r)),
                 )))
             }
-            Ok(Keyed::Lost) => {
+            Ok(Keyed::Lost(lost)) => {
                 tx.rollback().await;
-                Err(Insert::Lost)
+                Err(lost)
             }
             Err(error) => {
                 tx.rollback().await;
@@ -149,6 +149,15 @@ impl PostgresEventStore {
             match attempt().await {
                 Ok(result) => return Ok(result),
                 Err(Insert::Failed(error)) => return Err(error),
+                Err(Insert::IdTaken) => {
+                    // A replay, a reuse, or (under row-level security) an id of another
+                    // tenant's event, which this store cannot see.
+                    return Err(self.classify_ids(stream, events).await?.unwrap_or_else(|| {
+                        StoreError::EventIdTaken {
+                            event_ids: events.iter().map(|e| e.event_id).collect(),
+                        }
+                    }));
+                }
                 Err(Insert::Lost) => {
                     if let Some(error) = self.classify_ids(stream, events).await? {
                         return Err(error);
@@ -265,7 +274,7 @@ impl PostgresEventStore {
             match insert_at(&mut *conn, &self.sql, stream, actual, events).await {
                 Ok(result) => result,
                 Err(Insert::Failed(error)) => return Err(error),
-                Err(Insert::Lost) => return Ok(Keyed::Lost),
+                Err(lost @ (Insert::Lost | Insert::IdTaken)) => return Ok(Keyed::Lost(lost)),
             }
         };
         self.run_inline(conn, &result, events).await?;
@@ -301,14 +310,7 @@ impl PostgresEventStore {
             Ok(result)
         }
         .await;
-        tx.end(outcome, |e| {
-            if is_unique_violation(&e) {
-                Insert::Lost
-            } else {
-                Insert::Failed(backend(e))
-            }
-        })
-        .await
+        tx.end(outcome, refused).await
     }
 
     /// Applies the just-appended events to the inline projections, in the append's transaction.
@@ -372,6 +374,7 @@ enum Keyed {
     Appended(AppendResult),
     /// Another caller recorded the key first.
     KeyTaken,
-    /// Another writer took a version first.
-    Lost,
+    /// Another writer took a version first ([`Insert::Lost`]), or an event id is stored already
+    /// ([`Insert::IdTaken`]).
+    Lost(Insert),
 }

@@ -20,7 +20,7 @@ use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::errors::backend;
-use crate::insert::{Columns, Insert, appended, is_unique_violation};
+use crate::insert::{Columns, Insert, appended, refused};
 use crate::rows::{to_i64, xid};
 use crate::sql::Sql;
 use crate::tx::Transaction;
@@ -43,13 +43,7 @@ pub(crate) async fn copy_at(
     base: u64,
     events: &[EventData],
 ) -> Result<AppendResult, Insert> {
-    let failed = |e: sqlx::Error| {
-        if is_unique_violation(&e) {
-            Insert::Lost
-        } else {
-            Insert::Failed(backend(e))
-        }
-    };
+    let failed = refused;
     let base_i64 = to_i64(base).map_err(Insert::Failed)?;
     let count = i32::try_from(events.len()).map_err(|_| {
         Insert::Failed(StoreError::InvalidInput(format!(

@@ -135,6 +135,9 @@ pub(crate) enum Insert {
     /// A unique violation, or the expected base version was not the stream's: the caller decides
     /// between replay, reuse, conflict and another attempt.
     Lost,
+    /// The unique index of the event ids refused a row: an id of the append is stored already
+    /// (a replay or a reuse, which the caller tells apart, or an event this store cannot see).
+    IdTaken,
     /// Anything else.
     Failed(StoreError),
 }
@@ -187,8 +190,7 @@ pub(crate) async fn insert_at<'c, E: sqlx::PgExecutor<'c>>(
         Ok(Some(row)) => row,
         // The single-event statement returns no row when the stream is not at `base`.
         Ok(None) => return Err(Insert::Lost),
-        Err(error) if is_unique_violation(&error) => return Err(Insert::Lost),
-        Err(error) => return Err(Insert::Failed(backend(error))),
+        Err(error) => return Err(refused(error)),
     };
     appended_from(&row, stream, base, events)
 }
@@ -223,10 +225,28 @@ pub(crate) async fn insert_keyed(
     };
     match appended_from(&row, stream, base, events) {
         Ok(result) => Ok(Some(result)),
-        Err(Insert::Lost) => Ok(None),
+        Err(Insert::Lost | Insert::IdTaken) => Ok(None),
         Err(Insert::Failed(error)) => Err(error),
     }
 }
+/// What a statement of an append that failed means: a unique violation is a lost race
+/// ([`Insert::Lost`]) or, on the event ids' index, [`Insert::IdTaken`]; anything else failed.
+pub(crate) fn refused(error: sqlx::Error) -> Insert {
+    match error.as_database_error() {
+        Some(e) if e.is_unique_violation() => {
+            if e.constraint() == Some(EVENT_ID_KEY) {
+                Insert::IdTaken
+            } else {
+                Insert::Lost
+            }
+        }
+        _ => Insert::Failed(backend(error)),
+    }
+}
+
+/// The unique constraint on `events.event_id` (migration 0001).
+const EVENT_ID_KEY: &str = "events_event_id_key";
+
 pub(crate) fn is_unique_violation(error: &sqlx::Error) -> bool {
     error
         .as_database_error()

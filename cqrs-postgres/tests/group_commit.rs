@@ -268,3 +268,93 @@ async fn a_writer_outside_the_group_splits_it_and_nothing_is_lost() {
     assert_eq!(total, 16 * 50);
     println!("{:?}", grouped.group_commit_stats());
 }
+
+/// Appends that reuse an event id stored on another stream, made while 8 writers keep groups
+/// forming: the unique index refuses the group's statement, its appends are written alone, and
+/// each reuse gets the same answer as without group commit while every other append commits.
+#[tokio::test]
+async fn an_event_id_stored_elsewhere_fails_only_its_own_append() {
+    let grouped = fresh_store("gc_reused_id")
+        .await
+        .with_group_commit(GroupCommit::default());
+    let plain =
+        PostgresEventStore::new(pool(4).await, grouped.schema()).unwrap_or_else(|e| panic!("{e}"));
+    let taken: Vec<EventData> = (0..20).map(event).collect();
+    grouped
+        .append(&stream("taken"), ExpectedVersion::NoStream, taken.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // What a store without group commit answers for such an append.
+    let alone = plain
+        .append(
+            &stream("thief-alone"),
+            ExpectedVersion::NoStream,
+            vec![taken[0].clone()],
+        )
+        .await
+        .map(|done| done.version);
+    let Err(alone) = alone else {
+        panic!("an event id stored on another stream was appended again: {alone:?}")
+    };
+    let mut writers = Vec::new();
+    for writer in 0..8u64 {
+        let store = grouped.clone();
+        writers.push(tokio::spawn(async move {
+            let s = stream(&format!("w{writer}"));
+            for n in 0..100u64 {
+                let expected = if n == 0 {
+                    ExpectedVersion::NoStream
+                } else {
+                    ExpectedVersion::Exact(n)
+                };
+                store
+                    .append(&s, expected, vec![event(writer * 1_000 + n)])
+                    .await
+                    .unwrap_or_else(|e| panic!("{s} at {n}: {e}"));
+            }
+        }));
+    }
+    let mut answers = Vec::new();
+    for (i, reused) in taken.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let thief = stream(&format!("thief{i}"));
+        answers.push(
+            grouped
+                .append(&thief, ExpectedVersion::NoStream, vec![reused.clone()])
+                .await
+                .map(|done| done.version),
+        );
+    }
+    for writer in writers {
+        writer.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    for (i, answer) in answers.into_iter().enumerate() {
+        let Err(error) = answer else {
+            panic!("thief{i}: an event id stored on another stream was appended again")
+        };
+        assert_eq!(
+            std::mem::discriminant(&error),
+            std::mem::discriminant(&alone),
+            "thief{i}: {error}, where a store without group commit answers {alone}"
+        );
+        let stolen = grouped
+            .load_all(&stream(&format!("thief{i}")))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(stolen.is_empty(), "thief{i}: {stolen:?}");
+    }
+    for writer in 0..8u64 {
+        let stored = grouped
+            .load_all(&stream(&format!("w{writer}")))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(stored.len(), 100, "w{writer}");
+    }
+    let stats = grouped.group_commit_stats().unwrap_or_default();
+    println!("{stats:?}; without group commit: {alone}");
+    assert!(stats.groups > 0, "no group formed: {stats:?}");
+    assert!(
+        stats.split > 0,
+        "no group held a reused id, the test proved less than it says: {stats:?}"
+    );
+}

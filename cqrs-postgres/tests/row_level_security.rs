@@ -9,7 +9,9 @@ mod common;
 use std::str::FromStr as _;
 
 use evently_core::tenant::Tenancy as _;
-use evently_core::{Checkpoint, EventStore, ExpectedVersion, StoreError, StreamId, TenantId};
+use evently_core::{
+    Checkpoint, EventStore, EventStoreExt as _, ExpectedVersion, StoreError, StreamId, TenantId,
+};
 use evently_postgres::PostgresEventStore;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection as _};
@@ -505,4 +507,66 @@ async fn checkpoints_and_dead_letters_are_per_tenant() {
             ("letter", "acme")
         ]
     );
+}
+
+/// Event ids are unique across the tenants of one table (the brokers deduplicate by them), and a
+/// tenant cannot see another's events: an append reusing another tenant's event ids is refused
+/// with a typed error saying so, whatever its size (one event, a batch, a `COPY`) and its
+/// expectation, with and without group commit; nothing is written, and the owner's own retry is
+/// still recognized as a replay.
+#[tokio::test]
+async fn another_tenants_event_ids_are_refused_by_name() {
+    for grouped in [false, true] {
+        let store = app_store(&format!("rls_taken_{grouped}")).await;
+        let store = if grouped {
+            store.with_group_commit(evently_postgres::GroupCommit::default())
+        } else {
+            store
+        };
+        let acme = store
+            .tenant_store(&tenant("acme"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let globex = store
+            .tenant_store(&tenant("globex"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        for size in [1u64, 3, 1_000] {
+            let owned = StreamId::new("account", format!("owned-{size}"));
+            let batch: Vec<_> = (0..size).map(|i| common::deposit(i + 1)).collect();
+            let first = acme
+                .append(&owned, ExpectedVersion::NoStream, batch.clone())
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            for expected in [ExpectedVersion::NoStream, ExpectedVersion::Any] {
+                let taken = StreamId::new("account", format!("taken-{size}"));
+                match globex.append(&taken, expected, batch.clone()).await {
+                    Err(StoreError::EventIdTaken { event_ids }) => assert_eq!(
+                        event_ids,
+                        batch.iter().map(|e| e.event_id).collect::<Vec<_>>()
+                    ),
+                    other => panic!(
+                        "group commit {grouped}, {size} events, {expected:?}: {other:?} for another tenant's ids"
+                    ),
+                }
+                assert_eq!(
+                    globex
+                        .load_all(&taken)
+                        .await
+                        .unwrap_or_else(|e| panic!("{e}"))
+                        .len(),
+                    0
+                );
+            }
+            match acme
+                .append(&owned, ExpectedVersion::NoStream, batch.clone())
+                .await
+            {
+                Err(StoreError::AlreadyAppended(original)) => {
+                    assert_eq!(original.version, first.version);
+                }
+                other => panic!("the owner's retry: {other:?}"),
+            }
+        }
+    }
 }

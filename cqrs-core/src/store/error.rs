@@ -32,6 +32,15 @@ pub enum StoreError {
         /// The stream that holds the stored event with this id.
         existing_stream: StreamId,
     },
+    /// An event id of the append is already used by an event this store cannot see: another
+    /// tenant's, in a layout where tenants share one table (PostgreSQL under row-level security,
+    /// where event ids are unique across tenants, as the brokers' deduplication needs). Nothing
+    /// was appended; give the events new ids.
+    #[error("event ids already used by events this store cannot see (another tenant's; ids are unique across tenants), nothing appended: one of {}", ids(.event_ids))]
+    EventIdTaken {
+        /// The ids of the refused append (which of them is taken is not shown to this store).
+        event_ids: Vec<EventId>,
+    },
     /// A stored event could not be decoded; nothing else is affected.
     #[error("cannot decode event {version} (`{event_type}`) of {stream}: {error}")]
     Decode {
@@ -82,6 +91,15 @@ pub enum StoreError {
     #[error("event store backend failed: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
+/// The ids of [`StoreError::EventIdTaken`], as its message shows them.
+fn ids(event_ids: &[EventId]) -> String {
+    event_ids
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// What [`StoreError::Moved`] found, and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{store}: {evidence}; {remedy}")]

@@ -215,6 +215,21 @@ impl Report {
                 l3f.rate() / l3.rate()
             );
         }
+        if let (Some(grouped), Some(l4)) = (
+            self.cell("W2g", FRAMEWORKS[0]),
+            self.cell("L4", FRAMEWORKS[3]),
+        ) {
+            let _ = writeln!(
+                md,
+                "\nW2g (group commit) against raw single-row inserts on 8 connections (L4): {:.2}{}.",
+                grouped.rate() / l4.rate(),
+                self.cell("W2", FRAMEWORKS[0])
+                    .map_or(String::new(), |w2| format!(
+                        "; against W2 without group commit: {:.2}",
+                        grouped.rate() / w2.rate()
+                    ))
+            );
+        }
         if let Some(c) = &self.compile {
             let _ = writeln!(
                 md,

@@ -8,50 +8,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{fresh_store, pool};
+use common::{append_surely, fresh_store, pool};
 use evently_core::conformance::event;
 use evently_core::prelude::*;
 use evently_core::{Checkpoint, EventData, EventStoreExt, StoreError};
 use evently_postgres::{GroupCommit, PostgresEventStore};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 fn stream(id: &str) -> StreamId {
     StreamId::new("test", id)
-}
-
-/// Appends `events` with `expected` until it is known to be stored once: cut at a random point
-/// (`cut_within`, zero for never) and retried at once with the same ids; a retry of what went in
-/// is answered `AlreadyAppended`; outages are retried too.
-async fn append_surely(
-    store: &PostgresEventStore,
-    s: &StreamId,
-    expected: ExpectedVersion,
-    events: Vec<EventData>,
-    rng: &mut rand::rngs::StdRng,
-    cut_within: u64,
-) -> (u64, u64) {
-    let mut cuts = 0;
-    loop {
-        let append = store.append(s, expected, events.clone());
-        let outcome = if cut_within > 0 && rng.random_bool(0.3) {
-            let cut = Duration::from_micros(rng.random_range(0..cut_within));
-            match tokio::time::timeout(cut, append).await {
-                Ok(outcome) => outcome,
-                Err(_) => {
-                    cuts += 1;
-                    continue;
-                }
-            }
-        } else {
-            append.await
-        };
-        match outcome {
-            Ok(done) => return (done.version, cuts),
-            Err(StoreError::AlreadyAppended(original)) => return (original.version, cuts),
-            Err(error) if evently_postgres::is_outage(&error) => {}
-            Err(other) => panic!("{s}: {other}"),
-        }
-    }
 }
 
 /// Many writers at once, each append on its own expectation: a stale one fails alone with its

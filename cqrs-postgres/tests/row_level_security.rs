@@ -48,9 +48,11 @@ async fn app_store(name: &str) -> PostgresEventStore {
             .unwrap_or_else(|e| panic!("{e}"));
     }
     tx.commit().await.unwrap_or_else(|e| panic!("{e}"));
+    // Named after the test, so that a test terminating its own backends finds only those.
     let options = PgConnectOptions::from_str(&evently_postgres::database_url())
         .unwrap_or_else(|e| panic!("{e}"))
-        .username(APP_ROLE);
+        .username(APP_ROLE)
+        .application_name(&format!("evently_rls_{name}"));
     let pool = PgPoolOptions::new()
         .max_connections(8)
         .connect_lazy_with(options);
@@ -569,4 +571,111 @@ async fn another_tenants_event_ids_are_refused_by_name() {
             }
         }
     }
+}
+
+/// Tenant views under attack: 4 tenants x 3 writers append to one stream id, each append cut at a
+/// random point (before, during or after its `COMMIT`) and retried at once with the same ids,
+/// while the test's backends (the tenants' pools) are terminated over and over: every event is
+/// stored exactly once, in its own tenant's stream, in version order, naming its tenant.
+#[tokio::test]
+async fn tenant_appends_cut_and_terminated_are_stored_once_in_their_tenant() {
+    use rand::SeedableRng as _;
+    let store = app_store("rls_cut").await;
+    let tenants = ["acme", "globex", "initech", "umbrella"];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let stop = std::sync::Arc::clone(&stop);
+        let owner = common::pool(2).await;
+        tokio::spawn(async move {
+            let mut terminated = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(std::time::Duration::from_millis(15)).await;
+                let killed: i64 = sqlx::query_scalar(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE application_name = 'evently_rls_rls_cut' AND pid <> pg_backend_pid()",
+                )
+                .fetch_one(&owner)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+                terminated += u64::try_from(killed).unwrap_or(0);
+            }
+            terminated
+        })
+    };
+    let stream = StreamId::new("account", "shared");
+    let mut writers = Vec::new();
+    for (t, name) in tenants.iter().enumerate() {
+        let view = store
+            .tenant_store(&tenant(name))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        for w in 0..3u64 {
+            let (view, stream) = (view.clone(), stream.clone());
+            writers.push(tokio::spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(t as u64 * 10 + w);
+                let (mut ids, mut cuts) = (Vec::new(), 0);
+                for n in 0..30u64 {
+                    let batch: Vec<_> = (0..1 + n % 3)
+                        .map(|i| common::deposit(n * 10 + i + 1))
+                        .collect();
+                    ids.extend(batch.iter().map(|e| e.event_id));
+                    cuts += common::append_surely(
+                        &view,
+                        &stream,
+                        ExpectedVersion::Any,
+                        batch,
+                        &mut rng,
+                        3_000,
+                    )
+                    .await
+                    .1;
+                }
+                (t, ids, cuts)
+            }));
+        }
+    }
+    let mut written: Vec<Vec<evently_core::EventId>> = vec![Vec::new(); tenants.len()];
+    let mut cuts = 0;
+    for writer in writers {
+        let (t, ids, c) = writer.await.unwrap_or_else(|e| panic!("{e}"));
+        written[t].extend(ids);
+        cuts += c;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let terminated = killer.await.unwrap_or_else(|e| panic!("{e}"));
+    for (t, name) in tenants.iter().enumerate() {
+        let view = store
+            .tenant_store(&tenant(name))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let stored = view
+            .load_all(&stream)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        for (event, version) in stored.iter().zip(1u64..) {
+            assert_eq!(event.version, version, "{name}: versions in order, no gap");
+            assert_eq!(
+                event.metadata.tenant.as_ref().map(TenantId::as_str),
+                Some(*name),
+                "{name}: an event naming another tenant"
+            );
+        }
+        let mut stored_ids: Vec<_> = stored.iter().map(|e| e.event_id).collect();
+        let mut expected = written[t].clone();
+        stored_ids.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(
+            stored_ids, expected,
+            "{name}: each event exactly once, only its own"
+        );
+    }
+    println!("{cuts} appends cut and retried, {terminated} backends terminated");
+    assert!(
+        cuts > 0,
+        "no append was cut: the test proved less than it says"
+    );
+    assert!(
+        terminated > 0,
+        "no backend was terminated: the test proved less than it says"
+    );
 }

@@ -3,17 +3,19 @@
 //! mid-statement; writers outside the group racing it.
 
 mod common;
+mod surely;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{append_surely, fresh_store, pool};
+use common::{fresh_store, pool};
 use evently_core::conformance::event;
 use evently_core::prelude::*;
 use evently_core::{Checkpoint, EventData, EventStoreExt, StoreError};
 use evently_postgres::{GroupCommit, PostgresEventStore};
 use rand::SeedableRng;
+use surely::append_surely;
 
 fn stream(id: &str) -> StreamId {
     StreamId::new("test", id)

@@ -5,6 +5,7 @@
 //! not bind.
 
 mod common;
+mod surely;
 
 use std::str::FromStr as _;
 
@@ -619,7 +620,7 @@ async fn tenant_appends_cut_and_terminated_are_stored_once_in_their_tenant() {
                         .map(|i| common::deposit(n * 10 + i + 1))
                         .collect();
                     ids.extend(batch.iter().map(|e| e.event_id));
-                    cuts += common::append_surely(
+                    cuts += surely::append_surely(
                         &view,
                         &stream,
                         ExpectedVersion::Any,

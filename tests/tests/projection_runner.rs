@@ -421,3 +421,54 @@ async fn the_runner_checks_the_tenants_a_projection_declares() {
         .collect();
     assert_eq!(seen, [("acme", 3), ("globex", 2)]);
 }
+
+#[tokio::test]
+async fn a_runner_behind_reads_larger_windows_up_to_its_maximum_and_back() {
+    let store = InMemoryEventStore::new();
+    deposit(&store, 1, 500).await;
+    let totals = Totals::default();
+    let mut runner = ProjectionRunner::new(store.clone(), totals.clone(), ())
+        .with_batch(10)
+        .with_max_batch(100);
+    // Each window that moved the checkpoint doubles the next, up to the maximum.
+    let mut reads = Vec::new();
+    loop {
+        let step = runner.step().await.unwrap();
+        if step.read == 0 {
+            break;
+        }
+        reads.push(step.read);
+    }
+    assert_eq!(reads, [10, 20, 40, 80, 100, 100, 100, 50]);
+    assert_eq!(totals.all(), (sum(500), 500));
+    // Caught up: the next window is the batch again, whatever came before.
+    deposit(&store, 501, 530).await;
+    assert_eq!(runner.step().await.unwrap().read, 10);
+    assert_eq!(runner.step().await.unwrap().read, 20);
+    // The growth can be turned off: the batch as the maximum.
+    let fresh = Totals::default();
+    let mut flat = ProjectionRunner::new(store.clone(), fresh.clone(), ())
+        .with_batch(25)
+        .with_max_batch(1);
+    let mut reads = Vec::new();
+    while let Ok(step) = flat.step().await
+        && step.read > 0
+    {
+        reads.push(step.read);
+    }
+    assert_eq!(
+        reads,
+        [25; 530 / 25]
+            .iter()
+            .copied()
+            .chain([5])
+            .collect::<Vec<_>>()
+    );
+    // A catch-up grows its windows the same way and still applies every event once.
+    let caught = Totals::default();
+    let mut catching = ProjectionRunner::new(store.clone(), caught.clone(), ())
+        .with_batch(3)
+        .with_max_batch(64);
+    assert_eq!(catching.catch_up().await.unwrap(), 530);
+    assert_eq!(caught.all(), (sum(530), 530));
+}

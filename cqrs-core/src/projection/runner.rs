@@ -314,10 +314,21 @@ where
         self
     }
 
-    /// How many events one step reads at most.
+    /// How many events one step reads when the runner is not behind (1,000 unless set); while
+    /// it is behind, each window that moved the checkpoint doubles the next, up to eight times
+    /// this unless [`with_max_batch`](Self::with_max_batch) says otherwise.
     #[must_use]
     pub fn with_batch(mut self, batch: usize) -> Self {
         self.engine.set_batch(batch);
+        self
+    }
+
+    /// The most events one step reads while the runner is behind (see
+    /// [`Engine::set_max_batch`](super::engine::Engine::set_max_batch)); set it after
+    /// [`with_batch`](Self::with_batch).
+    #[must_use]
+    pub fn with_max_batch(mut self, max_batch: usize) -> Self {
+        self.engine.set_max_batch(max_batch);
         self
     }
 

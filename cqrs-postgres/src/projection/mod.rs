@@ -147,10 +147,25 @@ impl<P: Projection<Context = PgConnection>> ProjectionWorker<P> {
         self
     }
 
-    /// How many events one step reads at most.
+    /// How many events one step reads when the worker is not behind (2,000 unless set; one
+    /// transaction each); while it is behind, each window that moved the checkpoint doubles the
+    /// next, up to eight times this unless [`with_max_batch`](Self::with_max_batch) says
+    /// otherwise.
     #[must_use]
     pub fn with_batch(mut self, batch: usize) -> Self {
         self.engine.set_batch(batch);
+        self
+    }
+
+    /// The most events one step reads while the worker is behind (a catch-up, a rebuild): 16,000
+    /// by default, eight times the batch; the batch itself turns the growth off. A larger window
+    /// pays the transaction, the checkpoint's compare-and-set and the commit's flush once for
+    /// more events; it holds its read-model writes longer, and a batch that fails redoes more
+    /// (see [`Engine::set_max_batch`](evently_core::projection::engine::Engine::set_max_batch)).
+    /// Set it after [`with_batch`](Self::with_batch).
+    #[must_use]
+    pub fn with_max_batch(mut self, max_batch: usize) -> Self {
+        self.engine.set_max_batch(max_batch);
         self
     }
 

@@ -48,6 +48,8 @@ pub struct SegmentedWorker<P, F> {
     segments: u32,
     lease: Duration,
     batch: usize,
+    /// The most a segment's window grows to while behind, if set.
+    max_batch: Option<usize>,
     policy: FailurePolicy,
     reset: Option<Reset>,
     auto_promote: Option<crate::versions::Promotion>,
@@ -86,6 +88,7 @@ where
             segments: 1,
             lease: Duration::from_secs(30),
             batch: 2_000,
+            max_batch: None,
             policy: FailurePolicy::default(),
             reset: None,
             auto_promote: None,
@@ -109,10 +112,19 @@ where
         self
     }
 
-    /// How many events one step of a segment reads at most.
+    /// How many events one step of a segment reads when it is not behind (see
+    /// [`ProjectionWorker::with_batch`]).
     #[must_use]
     pub fn with_batch(mut self, batch: usize) -> Self {
         self.batch = batch;
+        self
+    }
+
+    /// The most events one step of a segment reads while it is behind (see
+    /// [`ProjectionWorker::with_max_batch`]).
+    #[must_use]
+    pub fn with_max_batch(mut self, max_batch: usize) -> Self {
+        self.max_batch = Some(max_batch);
         self
     }
 
@@ -263,7 +275,13 @@ where
                 (self.factory)(),
                 self.owner.clone(),
                 name.clone(),
-                (self.lease, self.batch, self.policy, poll, self.auto_promote),
+                (
+                    self.lease,
+                    (self.batch, self.max_batch),
+                    self.policy,
+                    poll,
+                    self.auto_promote,
+                ),
                 stopped,
             ));
             running.insert(name, Running { stop, task });
@@ -369,9 +387,9 @@ async fn run_segment<P: Projection<Context = PgConnection>>(
     projection: P,
     owner: String,
     name: String,
-    (lease, batch, policy, poll, auto_promote): (
+    (lease, (batch, max_batch), policy, poll, auto_promote): (
         Duration,
-        usize,
+        (usize, Option<usize>),
         FailurePolicy,
         Duration,
         Option<crate::versions::Promotion>,
@@ -381,6 +399,9 @@ async fn run_segment<P: Projection<Context = PgConnection>>(
     let mut worker = ProjectionWorker::new(store.clone(), projection, owner.clone())
         .with_batch(batch)
         .with_failure_policy(policy);
+    if let Some(max_batch) = max_batch {
+        worker = worker.with_max_batch(max_batch);
+    }
     worker.engine.backend_mut().lease =
         CheckpointLease::segment(store.clone(), &name, owner, lease);
     worker.engine.backend_mut().auto_promote = auto_promote;

@@ -4,7 +4,7 @@
 use crate::envelope::{Checkpoint, Payload, RawStoredEvent, StoredEvent};
 use crate::projection::failure::{Failure, FailureMode, LetterReason, WAITS_BEHIND};
 use crate::projection::runner::{Batch, event_span};
-use crate::projection::{Lag, Projection, ProjectionError};
+use crate::projection::{Projection, ProjectionError};
 use chrono::Utc;
 use futures::future::BoxFuture;
 use std::collections::HashSet;
@@ -86,7 +86,7 @@ where
         }
         if last == from {
             // Nothing new: exactly caught up.
-            self.set_lag(Lag::default());
+            self.caught_up();
             return Ok(Batch {
                 read: 0,
                 applied: 0,
@@ -126,8 +126,7 @@ where
         // Events scanned but filtered out by the store count as read: the checkpoint moved.
         step.read = step.read.max(1);
         self.count(&step, started.elapsed());
-        self.sample_lag(step.checkpoint, page.last().map(|e| e.recorded_at))
-            .await;
+        self.sample_lag(step.checkpoint, page.last().map(|e| e.recorded_at));
         Ok(step)
     }
 

@@ -12,14 +12,13 @@
 mod apply;
 mod backend;
 mod deliver;
+mod lag;
 mod redrive;
 
 use apply::Attempt;
 pub use backend::{DeliveryBackend, Parked, Request, Savepoint};
 
 use std::time::Duration;
-
-use chrono::Utc;
 
 use super::failure::{Failure, FailurePolicy};
 use super::runner::{Batch, ProjectionMetrics};
@@ -116,19 +115,28 @@ pub struct Window {
     /// Whether to read the next window plainly (see [`read_window`]).
     pub dense: bool,
 }
-/// How often a running engine counts its lag with the store.
-const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(10);
 /// How many dead letters a redrive reads at a time.
 const REDRIVE_PAGE: usize = 500;
+/// How many times the batch a window may grow to while the engine is behind, unless set
+/// ([`Engine::set_max_batch`]).
+const GROWTH: usize = 8;
 /// The engine: a projection, its backend, and the rules.
 pub struct Engine<P: Projection, B> {
     projection: P,
     backend: B,
     batch: usize,
+    /// The most a window grows to while the engine is behind.
+    max_batch: usize,
+    /// How many events the next window reads: `batch`, doubled after each window that moved the
+    /// checkpoint up to `max_batch`, back to `batch` once a window finds nothing new or a batch
+    /// fails.
+    window: usize,
     policy: FailurePolicy,
     metrics: MetricsHandle<ProjectionMetrics>,
     /// When the lag was last counted by the store.
     lag_counted: Option<std::time::Instant>,
+    /// The store's count of the lag, running beside the batches.
+    lag_count: Option<lag::Count>,
     /// Whether most events read lately were subscribed ones: then the plain ordered read (and
     /// filtering here) is cheaper than asking the store to filter.
     dense: bool,
@@ -147,21 +155,27 @@ impl<P: Projection, B> std::fmt::Debug for Engine<P, B> {
         f.debug_struct("Engine")
             .field("projection", &P::NAME)
             .field("batch", &self.batch)
+            .field("max_batch", &self.max_batch)
             .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }
 
 impl<P: Projection, B> Engine<P, B> {
-    /// An engine for `projection` on `backend`, reading `batch` events at a time.
+    /// An engine for `projection` on `backend`, reading `batch` events at a time, and up to
+    /// eight times as many while it is behind ([`Engine::set_max_batch`]).
     pub fn new(projection: P, backend: B, batch: usize) -> Self {
+        let batch = batch.max(1);
         Self {
             projection,
             backend,
-            batch: batch.max(1),
+            batch,
+            max_batch: batch.saturating_mul(GROWTH),
+            window: batch,
             policy: FailurePolicy::default(),
             metrics: MetricsHandle::default(),
             lag_counted: None,
+            lag_count: None,
             dense: false,
             no_dead_letters: false,
             segment: None,
@@ -186,15 +200,56 @@ impl<P: Projection, B> Engine<P, B> {
         self.no_dead_letters = false;
     }
 
-    /// How many events one step reads at most (at least 1).
+    /// How many events a step reads when the engine is not behind (at least 1); the most it
+    /// reads while behind becomes eight times that (set it after with
+    /// [`Engine::set_max_batch`]).
     pub fn set_batch(&mut self, batch: usize) {
         self.batch = batch.max(1);
+        self.max_batch = self.batch.saturating_mul(GROWTH);
+        self.window = self.batch;
     }
 
-    /// The batch size.
+    /// The most events a step reads while the engine is behind (at least the batch; the batch
+    /// itself turns the growth off).
+    ///
+    /// Each window that moved the checkpoint doubles the next one, up to this; a window that
+    /// finds nothing new, or a batch that fails, brings it back to the batch. A projection that
+    /// keeps up reads a few events at a time whatever this is; one catching up (a rebuild, a
+    /// new version, a worker back after a pause) pays its unit of work's fixed costs (a
+    /// transaction, the checkpoint's compare-and-set, the commit's flush) once per large window
+    /// instead of once per batch. The price: a unit of work holds its read-model writes longer,
+    /// and a batch rolled back redoes more.
+    pub fn set_max_batch(&mut self, max_batch: usize) {
+        self.max_batch = max_batch.max(self.batch);
+        self.window = self.window.min(self.max_batch);
+    }
+
+    /// The batch size (when not behind).
     #[must_use]
     pub fn batch(&self) -> usize {
         self.batch
+    }
+
+    /// The most a window grows to while behind.
+    #[must_use]
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// How many events the next window reads.
+    #[must_use]
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
+    /// After a window: doubles the next one (up to the maximum) when this one moved the
+    /// checkpoint (more may be waiting), else back to the batch.
+    fn next_window(&mut self, moved: bool) {
+        self.window = if moved {
+            self.window.saturating_mul(2).min(self.max_batch)
+        } else {
+            self.batch
+        };
     }
 
     /// The failure policy.
@@ -285,17 +340,19 @@ where
         let window = read_window(
             self.backend.event_store().clone(),
             from,
-            self.batch,
+            self.window,
             self.dense,
             P::SUBSCRIPTIONS,
             P::subscribes_to,
         )
         .await;
-        match window {
+        let step = match window {
             Ok(window) => self.apply_window(from, window).await,
             Err(StoreError::Corrupt(corrupt)) => self.pass_corrupt(from, &corrupt).await,
             Err(error) => Err(error.into()),
-        }
+        };
+        self.next_window(step.as_ref().is_ok_and(|step| step.checkpoint != from));
+        step
     }
 
     /// Steps until every event committed before the call is applied (or parked); returns how
@@ -327,6 +384,7 @@ where
         let mut from = self.backend.load_checkpoint().await?;
         let mut applied = 0;
         let mut pause = Duration::from_millis(2);
+        self.window = self.batch;
         let mut next = self.prefetch(from, self.dense);
         loop {
             let window = match next
@@ -344,10 +402,13 @@ where
             let last = window.last;
             if last == from {
                 if from >= head {
+                    self.next_window(false);
+                    self.caught_up();
                     return Ok(applied);
                 }
                 // The store holds committed events back for a moment (an older transaction is
                 // still open): wait for them rather than stop short.
+                self.next_window(false);
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(100));
                 next = self.prefetch(from, window.dense);
@@ -355,7 +416,8 @@ where
             }
             pause = Duration::from_millis(2);
             // The next window is read while this one is applied; if this one does not commit,
-            // the prefetched window is dropped.
+            // the prefetched window is dropped. More may be waiting: it is larger.
+            self.next_window(true);
             next = self.prefetch(last, window.dense);
             match self.apply_window(from, window).await {
                 Ok(step) => {
@@ -365,11 +427,13 @@ where
                 Err(DeliveryError::CheckpointMoved { stored, .. }) => {
                     // An earlier commit went through after all: on from what it stored.
                     next.abort();
+                    self.next_window(false);
                     from = stored;
                     next = self.prefetch(from, self.dense);
                 }
                 Err(error) => {
                     next.abort();
+                    self.next_window(false);
                     return Err(error);
                 }
             }
@@ -393,42 +457,11 @@ where
         tokio::spawn(read_window(
             self.backend.event_store().clone(),
             from,
-            self.batch,
+            self.window,
             dense,
             P::SUBSCRIPTIONS,
             P::subscribes_to::<Box<serde_json::value::RawValue>>,
         ))
-    }
-
-    /// After a step that read something: how far behind in time is the age of the last event it
-    /// applied (every step); how many events are behind is counted by the store at most every
-    /// ten seconds (a count over them), and kept in between.
-    async fn sample_lag(&mut self, at: Checkpoint, newest: Option<chrono::DateTime<Utc>>) {
-        let before = self.metrics.get().lag;
-        let mut events = before.map(|lag| lag.events);
-        if self
-            .lag_counted
-            .is_none_or(|counted| counted.elapsed() >= LAG_SAMPLE_EVERY)
-        {
-            self.lag_counted = Some(std::time::Instant::now());
-            match self.backend.event_store().lag(at).await {
-                Ok(Some(lag)) => events = Some(lag.events),
-                Ok(None) => {}
-                Err(error) => {
-                    tracing::debug!(projection = P::NAME, %error, "could not count the lag");
-                }
-            }
-        }
-        let Some(events) = events else { return };
-        let seconds = newest.map_or_else(
-            || before.map_or(0.0, |lag| lag.seconds),
-            |at| {
-                (Utc::now() - at)
-                    .to_std()
-                    .map_or(0.0, |age| age.as_secs_f64())
-            },
-        );
-        self.set_lag(Lag { events, seconds });
     }
 
     /// Keeps the projection up to date until `shutdown` completes: catches up, serves the

@@ -148,19 +148,23 @@ impl SchemaPerTenant {
         .bind(&wanted)
         .execute(&self.pool)
         .await;
-        if let Err(error) = inserted {
-            return Err(if crate::insert::is_unique_violation(&error) {
-                StoreError::InvalidInput(format!(
+        let taken = match inserted {
+            Ok(_) => false,
+            // The schema's unique index refused the row. `ON CONFLICT (tenant_id)` covers only
+            // the tenant's own index: a registration of the same tenant committing at the same
+            // time can be seen first on the schema's, so the registry decides which it was.
+            Err(error) if crate::insert::is_unique_violation(&error) => true,
+            Err(error) => return Err(backend(error)),
+        };
+        let schema = match self.schema_of(tenant).await? {
+            Some(schema) => schema,
+            None if taken => {
+                return Err(StoreError::InvalidInput(format!(
                     "schema `{wanted}` for tenant `{tenant}` belongs to another tenant already"
-                ))
-            } else {
-                backend(error)
-            });
-        }
-        let schema = self
-            .schema_of(tenant)
-            .await?
-            .ok_or_else(|| StoreError::UnknownTenant(tenant.clone()))?;
+                )));
+            }
+            None => return Err(StoreError::UnknownTenant(tenant.clone())),
+        };
         let store = self.store_in(tenant, &schema)?;
         store.migrate().await?;
         Ok(self.keep(tenant, store))

@@ -399,3 +399,103 @@ async fn the_registry_refuses_what_it_cannot_keep_apart() {
         "{refused:?}"
     );
 }
+
+/// Six processes (a pool and a layout each) open the same registry and register the same four
+/// tenants at once, each in its own order: every registration succeeds, each tenant has one row
+/// and one migrated schema, and what one process appends to a tenant another reads.
+///
+/// Six rounds, each on a registry of its own (one round saw the race about one time in fifteen).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn processes_registering_at_once_agree_on_every_tenant() {
+    for round in 0..6 {
+        registration_race(Box::leak(format!("tn_race{round}").into_boxed_str())).await;
+    }
+}
+
+async fn registration_race(control: &'static str) {
+    const PROCESSES: usize = 6;
+    let tenants: Vec<TenantId> = (0..4).map(|i| tenant(&format!("t{i}"))).collect();
+    let setup = common::pool(2).await;
+    for schema in
+        std::iter::once(control.to_owned()).chain(tenants.iter().map(|t| format!("{control}_{t}")))
+    {
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+        )))
+        .execute(&setup)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let processes = futures::future::join_all((0..PROCESSES).map(|p| {
+        let tenants = tenants.clone();
+        // Polled together on this task: the registrations race in the database, where it counts.
+        async move {
+            let layout = SchemaPerTenant::open(common::pool(3).await, control)
+                .await
+                .unwrap_or_else(|e| panic!("process {p} opening the registry: {e}"))
+                .with_schema_names(move |tenant| format!("{control}_{tenant}"));
+            // Each process its own order: rotated by its number.
+            let order: Vec<TenantId> = tenants
+                .iter()
+                .cycle()
+                .skip(p)
+                .take(tenants.len())
+                .cloned()
+                .collect();
+            let stores = futures::future::join_all(order.iter().map(|t| layout.register(t))).await;
+            let schemas: Vec<(TenantId, String)> = order
+                .into_iter()
+                .zip(stores)
+                .map(|(t, store)| {
+                    let store =
+                        store.unwrap_or_else(|e| panic!("process {p} registering {t}: {e}"));
+                    (t, store.schema().to_owned())
+                })
+                .collect();
+            (layout, schemas)
+        }
+    }))
+    .await;
+    let mut layouts = Vec::new();
+    for (layout, schemas) in processes {
+        for (t, schema) in schemas {
+            assert_eq!(schema, format!("{control}_{t}"));
+        }
+        layouts.push(layout);
+    }
+    let registered = layouts[0].tenants().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        registered,
+        tenants
+            .iter()
+            .map(|t| (t.clone(), format!("{control}_{t}")))
+            .collect::<Vec<_>>()
+    );
+    // Each schema migrated once and usable from every process: one appends, the next reads.
+    for (i, t) in tenants.iter().enumerate() {
+        let writer = layouts[i % PROCESSES]
+            .tenant_store(t)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        writer
+            .append(
+                &StreamId::new("account", "shared-id"),
+                ExpectedVersion::NoStream,
+                vec![common::deposit(u64::try_from(i).unwrap_or(0) + 1)],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{t}: {e}"));
+        let reader = layouts[(i + 1) % PROCESSES]
+            .tenant_store(t)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let events = evently_core::store::EventStoreExt::load_all(
+            &reader,
+            &StreamId::new("account", "shared-id"),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(events.len(), 1, "{t}: its own event only");
+        assert_eq!(events[0].metadata.tenant.as_ref(), Some(t));
+    }
+}

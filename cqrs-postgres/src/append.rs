@@ -340,7 +340,7 @@ impl PostgresEventStore {
             })
             .collect();
         // The inline projections read what was written, as every reader does.
-        self.open(stored.iter_mut().map(|e| &mut e.payload)).await?;
+        self.open(&mut stored).await?;
         for projection in self.inline.iter() {
             projection.apply_all(&stored, conn).await?;
         }

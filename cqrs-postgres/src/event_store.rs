@@ -97,7 +97,7 @@ impl EventStore for PostgresEventStore {
             .read_filtered_with(after, scan, filter, stored_event)
             .instrument(read_span(after, scan))
             .await?;
-        self.open(events.iter_mut().map(|e| &mut e.payload)).await?;
+        self.open(&mut events).await?;
         Ok((events, to))
     }
 
@@ -111,7 +111,7 @@ impl EventStore for PostgresEventStore {
             .read_filtered_with(after, scan, filter, rows::raw_stored_event)
             .instrument(read_span(after, scan))
             .await?;
-        self.open(events.iter_mut().map(|e| &mut e.payload)).await?;
+        self.open(&mut events).await?;
         Ok((events, to))
     }
 
@@ -161,7 +161,7 @@ impl EventStore for PostgresEventStore {
             .collect_in_global_order(query, after, limit, stored_event)
             .instrument(read_span(after, limit))
             .await?;
-        self.open(events.iter_mut().map(|e| &mut e.payload)).await?;
+        self.open(&mut events).await?;
         Ok(events)
     }
 
@@ -178,7 +178,7 @@ impl EventStore for PostgresEventStore {
             .collect_in_global_order(query, after, limit, rows::raw_stored_event)
             .instrument(read_span(after, limit))
             .await?;
-        self.open(events.iter_mut().map(|e| &mut e.payload)).await?;
+        self.open(&mut events).await?;
         Ok(events)
     }
 

@@ -16,6 +16,9 @@ pub struct PostgresKeyStore {
     insert: String,
     select: String,
     delete: String,
+    /// The tenant whose rows `select` and `delete` take (bound as `$2`), when the pool sees
+    /// every tenant's.
+    tenant: Option<String>,
 }
 
 impl PostgresKeyStore {
@@ -31,7 +34,22 @@ impl PostgresKeyStore {
             ),
             select: format!("SELECT subject, key FROM {s}.personal_keys WHERE subject = ANY($1)"),
             delete: format!("DELETE FROM {s}.personal_keys WHERE subject = $1"),
+            tenant: None,
         }
+    }
+
+    /// The keys of one tenant's data (`None`: of no tenant's) in a store whose handle sees every
+    /// tenant's rows (the row-level layout's all-tenants view): there a subject id two tenants
+    /// use has two rows.
+    pub(crate) fn of_tenant(
+        store: &PostgresEventStore,
+        tenant: Option<&evently_core::TenantId>,
+    ) -> Self {
+        let mut keys = Self::new(store);
+        keys.select = format!("{} AND tenant_id = $2", keys.select);
+        keys.delete = format!("{} AND tenant_id = $2", keys.delete);
+        keys.tenant = Some(tenant.map_or_else(String::new, |t| t.as_str().to_owned()));
+        keys
     }
 }
 
@@ -64,11 +82,11 @@ impl KeyStore for PostgresKeyStore {
         if subjects.is_empty() {
             return Ok(HashMap::new());
         }
-        let rows = sqlx::query(AssertSqlSafe(self.select.clone()))
-            .bind(subjects)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(failed)?;
+        let mut select = sqlx::query(AssertSqlSafe(self.select.clone())).bind(subjects);
+        if let Some(tenant) = &self.tenant {
+            select = select.bind(tenant);
+        }
+        let rows = select.fetch_all(&self.pool).await.map_err(failed)?;
         let mut keys = HashMap::with_capacity(rows.len());
         for row in rows {
             let subject: String = row.try_get("subject").map_err(failed)?;
@@ -84,11 +102,11 @@ impl KeyStore for PostgresKeyStore {
     }
 
     async fn forget(&self, subject: &str) -> Result<bool, PersonalError> {
-        let deleted = sqlx::query(AssertSqlSafe(self.delete.clone()))
-            .bind(subject)
-            .execute(&self.pool)
-            .await
-            .map_err(failed)?;
+        let mut delete = sqlx::query(AssertSqlSafe(self.delete.clone())).bind(subject);
+        if let Some(tenant) = &self.tenant {
+            delete = delete.bind(tenant);
+        }
+        let deleted = delete.execute(&self.pool).await.map_err(failed)?;
         Ok(deleted.rows_affected() > 0)
     }
 }

@@ -29,12 +29,25 @@ impl PostgresEventStore {
         self
     }
 
-    /// Where the subjects' data keys are.
+    /// Where the subjects' data keys are, as this store's tenant sees them: the schema's
+    /// `personal_keys` (its rows carry their tenant), or the key store given to
+    /// [`with_key_store`](Self::with_key_store) with each tenant's subjects named
+    /// `{tenant}/{subject}` in it ([`TenantKeys`](personal::TenantKeys)), so that tenants sharing
+    /// one KMS never share a key.
     #[must_use]
     pub fn key_store(&self) -> Arc<dyn KeyStore> {
-        match &self.personal.keys {
-            Some(keys) => keys.clone(),
-            None => self
+        self.keys_of(evently_core::EventStore::scope(self).tenant())
+    }
+
+    /// The keys of `tenant`'s data.
+    fn keys_of(&self, tenant: Option<&evently_core::TenantId>) -> Arc<dyn KeyStore> {
+        match (&self.personal.keys, &self.scope) {
+            (Some(keys), _) => personal::TenantKeys::of(keys, tenant),
+            // The all-tenants view sees every tenant's rows: it asks for one tenant's.
+            (None, evently_core::store::StoreScope::AllTenants) => {
+                Arc::new(PostgresKeyStore::of_tenant(self, tenant))
+            }
+            (None, _) => self
                 .personal
                 .schema_keys
                 .get_or_init(|| Arc::new(PostgresKeyStore::new(self)))
@@ -48,7 +61,10 @@ impl PostgresEventStore {
     ///
     /// # Errors
     /// [`StoreError::Backend`] when the key store fails.
+    ///
+    /// A tenant's store forgets the subject of that tenant only; the all-tenants view refuses.
     pub async fn forget(&self, subject: &str) -> Result<bool, StoreError> {
+        self.refuse_all_tenants()?;
         self.key_store()
             .forget(subject)
             .await
@@ -145,15 +161,28 @@ impl PostgresEventStore {
             .boxed()
     }
 
-    /// Opens the sealed fields of `payloads` (one look-up of their keys).
-    pub(crate) async fn open<'p, P: Openable + 'p>(
+    /// Opens the sealed fields of `events` (one look-up of their keys; in the all-tenants view
+    /// one per tenant among them, each event opened with its tenant's keys).
+    pub(crate) async fn open<P: Openable>(
         &self,
-        payloads: impl IntoIterator<Item = &'p mut P>,
+        events: &mut [evently_core::StoredEvent<P>],
     ) -> Result<(), StoreError> {
         // Payloads without envelopes (most) cost a scan; the keys are asked only for the others.
-        personal::open_all(payloads, &*self.key_store())
+        let opened = if self.scope == evently_core::store::StoreScope::AllTenants {
+            personal::open_all_by_tenant(
+                events
+                    .iter_mut()
+                    .map(|e| (e.metadata.tenant.as_ref(), &mut e.payload)),
+                |tenant| self.keys_of(tenant),
+            )
             .await
-            .map(drop)
-            .map_err(StoreError::from)
+        } else {
+            personal::open_all(
+                events.iter_mut().map(|e| &mut e.payload),
+                &*self.key_store(),
+            )
+            .await
+        };
+        opened.map(drop).map_err(StoreError::from)
     }
 }

@@ -37,6 +37,9 @@ const TENANT_TABLES: [&str; 8] = [
     "personal_keys",
 ];
 
+/// The tenant tables the all-tenants view reads every tenant's rows of.
+const ALL_TENANTS_READ: [&str; 2] = ["events", "personal_keys"];
+
 /// The setting the policies read; `*` is the all-tenants view, which reads every tenant's events.
 const SETTING: &str = "evently.tenant";
 const ALL: &str = "*";
@@ -101,24 +104,26 @@ impl PostgresEventStore {
         let s = &self.sql.quoted_schema;
         let mut tx = self.pool.begin().await.map_err(backend)?;
         for table in TENANT_TABLES {
-            // The events of every tenant are readable by the all-tenants view; its own rows
-            // elsewhere (a checkpoint, letters) are those of tenant `*`.
-            let read = if table == "events" {
-                format!(
-                    "tenant_id = current_setting('{SETTING}', true) \
-                     OR current_setting('{SETTING}', true) = '{ALL}'"
-                )
-            } else {
-                format!("tenant_id = current_setting('{SETTING}', true)")
-            };
-            for statement in [
+            let mut statements = vec![
                 format!("ALTER TABLE {s}.{table} ENABLE ROW LEVEL SECURITY"),
                 format!("DROP POLICY IF EXISTS evently_tenant ON {s}.{table}"),
+                format!("DROP POLICY IF EXISTS evently_all_tenants ON {s}.{table}"),
                 format!(
-                    "CREATE POLICY evently_tenant ON {s}.{table} USING ({read}) \
+                    "CREATE POLICY evently_tenant ON {s}.{table} \
+                     USING (tenant_id = current_setting('{SETTING}', true)) \
                      WITH CHECK (tenant_id = current_setting('{SETTING}', true))"
                 ),
-            ] {
+            ];
+            // The all-tenants view reads every tenant's events, and the data keys that open
+            // them (each event with its tenant's), and changes none; its own rows elsewhere (a
+            // checkpoint, letters) are those of tenant `*`.
+            if ALL_TENANTS_READ.contains(&table) {
+                statements.push(format!(
+                    "CREATE POLICY evently_all_tenants ON {s}.{table} FOR SELECT \
+                     USING (current_setting('{SETTING}', true) = '{ALL}')"
+                ));
+            }
+            for statement in statements {
                 sqlx::query(AssertSqlSafe(statement))
                     .execute(&mut *tx)
                     .await

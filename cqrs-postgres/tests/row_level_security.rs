@@ -680,3 +680,103 @@ async fn tenant_appends_cut_and_terminated_are_stored_once_in_their_tenant() {
         "no backend was terminated: the test proved less than it says"
     );
 }
+
+#[derive(Debug, Clone, PartialEq, evently_core::DomainEvent)]
+enum MemberEvent {
+    Joined {
+        member_id: String,
+        #[pii(subject = member_id)]
+        email: String,
+    },
+}
+
+/// One subject id in two tenants is two subjects, with the schema's key table (a tenant column
+/// under the policies) and with one key store shared by every tenant (a KMS): each tenant's data
+/// opens with its own key in its view and in the all-tenants view, which forgets nobody;
+/// forgetting the subject in one tenant leaves the other's readable.
+#[tokio::test]
+async fn one_subject_id_in_two_tenants_is_two_subjects() {
+    for shared_kms in [false, true] {
+        let name = if shared_kms { "rls_pii_kms" } else { "rls_pii" };
+        let mut store = app_store(name).await.with_personal_data::<MemberEvent>();
+        if shared_kms {
+            store = store.with_key_store(std::sync::Arc::new(
+                evently_core::personal::InMemoryKeyStore::new(),
+            ));
+        }
+        let stream = StreamId::new("member", "m-1");
+        let view = |t: &'static str| {
+            let store = store.clone();
+            async move {
+                store
+                    .for_tenant(&tenant(t))
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"))
+            }
+        };
+        let (acme, globex) = (view("acme").await, view("globex").await);
+        for (store, email) in [(&acme, "ada@acme.test"), (&globex, "gus@globex.test")] {
+            let joined = MemberEvent::Joined {
+                member_id: "m-1".into(),
+                email: email.into(),
+            };
+            let data = evently_core::EventData::from_event(&joined, Default::default())
+                .unwrap_or_else(|e| panic!("{e}"));
+            store
+                .append(&stream, ExpectedVersion::NoStream, vec![data])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let emails = |events: &[evently_core::StoredEvent]| -> Vec<String> {
+            let mut emails: Vec<String> = events
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{}:{}",
+                        e.metadata.tenant.as_ref().map_or("-", TenantId::as_str),
+                        e.payload["email"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect();
+            emails.sort();
+            emails
+        };
+        let all = store.all_tenants().await.unwrap_or_else(|e| panic!("{e}"));
+        let read = evently_core::conformance::read_settled(&all, Checkpoint::START, 2).await;
+        assert_eq!(
+            emails(&read),
+            ["acme:ada@acme.test", "globex:gus@globex.test"],
+            "shared KMS: {shared_kms}"
+        );
+        assert!(
+            matches!(all.forget("m-1").await, Err(StoreError::InvalidInput(_))),
+            "the all-tenants view forgets nobody"
+        );
+        assert!(acme.forget("m-1").await.unwrap_or(false));
+        let loaded = |store: PostgresEventStore| async move {
+            let stream = StreamId::new("member", "m-1");
+            emails(
+                &store
+                    .load_all(&stream)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}")),
+            )
+        };
+        assert_eq!(
+            loaded(acme.clone()).await,
+            ["acme:"],
+            "shared KMS: {shared_kms}"
+        );
+        assert_eq!(
+            loaded(globex.clone()).await,
+            ["globex:gus@globex.test"],
+            "shared KMS: {shared_kms}"
+        );
+        let read = evently_core::conformance::read_settled(&all, Checkpoint::START, 2).await;
+        assert_eq!(
+            emails(&read),
+            ["acme:", "globex:gus@globex.test"],
+            "shared KMS: {shared_kms}"
+        );
+    }
+}

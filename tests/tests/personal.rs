@@ -194,3 +194,78 @@ async fn the_in_memory_store_seals_and_forgets_as_the_postgres_store_does() {
         "a snapshot readable after forget"
     );
 }
+
+/// Two tenants' views of one store (one key store), the same subject id in both: each tenant's
+/// data is sealed under its own key, the all-tenants view opens each event with its tenant's
+/// key, and forgetting the subject in one tenant leaves the other's data readable.
+#[tokio::test]
+async fn one_subject_id_in_two_tenants_is_two_subjects() {
+    use evently_core::{EventStore, InMemoryEventStore, TenantId};
+    use futures::TryStreamExt as _;
+    let keys = std::sync::Arc::new(InMemoryKeyStore::new());
+    let store = InMemoryEventStore::new()
+        .with_personal_data::<MemberEvent>()
+        .with_key_store(keys.clone());
+    let tenant = |id: &str| TenantId::new(id).unwrap_or_else(|e| panic!("{e}"));
+    let joined = |email: &str| MemberEvent::Joined {
+        member_id: "m-1".into(),
+        email: email.into(),
+        age: Some(40),
+        plan: "gold".into(),
+    };
+    let stream = StreamId::new("member", "m-1");
+    let (acme, globex) = (
+        store.for_tenant(tenant("acme")),
+        store.for_tenant(tenant("globex")),
+    );
+    for (view, email) in [(&acme, "ada@acme.test"), (&globex, "gus@globex.test")] {
+        let data = EventData::from_event(&joined(email), Metadata::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        view.append(&stream, ExpectedVersion::NoStream, vec![data])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // Two keys in the shared key store, one per tenant.
+    let named = keys
+        .keys(&[
+            "acme/m-1".to_owned(),
+            "globex/m-1".to_owned(),
+            "m-1".to_owned(),
+        ])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut names: Vec<_> = named.keys().cloned().collect();
+    names.sort();
+    assert_eq!(names, ["acme/m-1", "globex/m-1"]);
+    let emails = |events: Vec<evently_core::StoredEvent>| -> Vec<String> {
+        events
+            .iter()
+            .map(|e| e.payload["email"].as_str().unwrap_or("?").to_owned())
+            .collect()
+    };
+    let everyone = store.all_tenants();
+    let all = everyone
+        .read_all(evently_core::Checkpoint::START, 10)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(emails(all), ["ada@acme.test", "gus@globex.test"]);
+    // The all-tenants view forgets nobody: it does not know whose subject.
+    assert!(everyone.forget("m-1").await.is_err());
+    // Forgotten in acme: acme's reads the placeholder, globex's its data, in every view.
+    assert!(acme.forget("m-1").await.unwrap_or(false));
+    let loaded = |view: InMemoryEventStore| async move {
+        let events: Vec<_> = view
+            .load(&StreamId::new("member", "m-1"), 0)
+            .try_collect()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        emails(events)
+    };
+    assert_eq!(loaded(acme.clone()).await, [""]);
+    assert_eq!(loaded(globex.clone()).await, ["gus@globex.test"]);
+    let all = everyone
+        .read_all(evently_core::Checkpoint::START, 10)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(emails(all), ["", "gus@globex.test"]);
+}

@@ -30,9 +30,11 @@ use serde_json::{Map, Value};
 
 mod openable;
 mod state;
+mod tenants;
 
 pub use openable::{Openable, open_all};
 pub use state::{STATE_ENVELOPE, open_state, seal_state};
+pub use tenants::{TenantKeys, open_all_by_tenant};
 
 /// The key of an envelope in a stored payload.
 pub const ENVELOPE: &str = "$personal";

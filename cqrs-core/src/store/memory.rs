@@ -152,9 +152,12 @@ impl InMemoryEventStore {
     ///
     /// # Errors
     /// [`StoreError::Backend`] when the key store fails.
+    ///
+    /// A tenant's view forgets the subject of that tenant only (its keys are the tenant's own,
+    /// [`TenantKeys`](crate::personal::TenantKeys)); the all-tenants view refuses.
     pub async fn forget(&self, subject: &str) -> Result<bool, StoreError> {
-        self.personal
-            .keys
+        let tenant = self.space_key()?;
+        crate::personal::TenantKeys::of(&self.personal.keys, tenant.as_ref())
             .forget(subject)
             .await
             .map_err(StoreError::from)
@@ -164,17 +167,24 @@ impl InMemoryEventStore {
         if self.personal.sealing.is_empty() {
             return Ok(());
         }
+        let tenant = self.space_key()?;
         self.personal
             .sealing
-            .seal(events, &*self.personal.keys)
+            .seal(
+                events,
+                &*crate::personal::TenantKeys::of(&self.personal.keys, tenant.as_ref()),
+            )
             .await
             .map_err(StoreError::from)
     }
 
+    /// Opens each event with the keys of the tenant it names.
     async fn open(&self, events: &mut [StoredEvent]) -> Result<(), StoreError> {
-        crate::personal::open_all(
-            events.iter_mut().map(|e| &mut e.payload),
-            &*self.personal.keys,
+        crate::personal::open_all_by_tenant(
+            events
+                .iter_mut()
+                .map(|e| (e.metadata.tenant.as_ref(), &mut e.payload)),
+            |tenant| crate::personal::TenantKeys::of(&self.personal.keys, tenant),
         )
         .await
         .map(drop)
@@ -485,7 +495,8 @@ impl SnapshotStore for InMemoryEventStore {
             return Ok(None);
         };
         // Sealed for its subjects: absent once one is forgotten (as on PostgreSQL).
-        match crate::personal::open_state(std::mem::take(&mut snapshot.state), &*self.personal.keys)
+        let keys = crate::personal::TenantKeys::of(&self.personal.keys, tenant.as_ref());
+        match crate::personal::open_state(std::mem::take(&mut snapshot.state), &*keys)
             .await
             .map_err(StoreError::from)?
         {
@@ -518,7 +529,7 @@ impl SnapshotStore for InMemoryEventStore {
             snapshot.state = crate::personal::seal_state(
                 std::mem::take(&mut snapshot.state),
                 &subjects,
-                &*self.personal.keys,
+                &*crate::personal::TenantKeys::of(&self.personal.keys, tenant.as_ref()),
             )
             .await
             .map_err(StoreError::from)?;

@@ -473,10 +473,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for InboxBackend 
         &mut self,
         events: &mut [evently_core::StoredEvent],
     ) -> Result<(), DeliveryError> {
-        Ok(self
-            .store
-            .open(events.iter_mut().map(|e| &mut e.payload))
-            .await?)
+        Ok(self.store.open(events).await?)
     }
 
     /// Nothing to move: the caller acknowledges the messages once the unit committed.

@@ -752,6 +752,17 @@ async fn one_subject_id_in_two_tenants_is_two_subjects() {
             matches!(all.forget("m-1").await, Err(StoreError::InvalidInput(_))),
             "the all-tenants view forgets nobody"
         );
+        // Its connections read every tenant's events and keys, and change none of them.
+        for table in ["events", "personal_keys"] {
+            let changed = sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM \"{}\".{table}",
+                all.schema()
+            )))
+            .execute(all.pool())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(changed.rows_affected(), 0, "{table}");
+        }
         assert!(acme.forget("m-1").await.unwrap_or(false));
         let loaded = |store: PostgresEventStore| async move {
             let stream = StreamId::new("member", "m-1");

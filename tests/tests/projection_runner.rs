@@ -472,3 +472,23 @@ async fn a_runner_behind_reads_larger_windows_up_to_its_maximum_and_back() {
     assert_eq!(catching.catch_up().await.unwrap(), 530);
     assert_eq!(caught.all(), (sum(530), 530));
 }
+
+/// A step driven outside a tokio runtime (another executor) applies its window; the lag, which
+/// is counted on a task of the runtime, is only known once caught up.
+#[test]
+fn a_step_outside_a_tokio_runtime_applies_and_never_panics() {
+    let store = InMemoryEventStore::new();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(deposit(&store, 1, 30));
+    drop(runtime);
+    let totals = Totals::default();
+    let mut runner = ProjectionRunner::new(store, totals.clone(), ()).with_batch(10);
+    let first = futures::executor::block_on(runner.step()).unwrap();
+    assert_eq!(first.read, 10);
+    assert_eq!(runner.metrics().lag, None);
+    while futures::executor::block_on(runner.step()).unwrap().read > 0 {}
+    assert_eq!(totals.all(), (sum(30), 30));
+    assert_eq!(runner.metrics().lag.map(|lag| lag.events), Some(0));
+}

@@ -45,14 +45,17 @@ where
                 }
             }
         }
+        // Outside a tokio runtime (a step driven by another executor) nothing is counted: the
+        // lag is known again once caught up.
         if self.lag_count.is_none()
             && self
                 .lag_counted
                 .is_none_or(|counted| counted.elapsed() >= LAG_SAMPLE_EVERY)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             self.lag_counted = Some(Instant::now());
             let store = self.backend.event_store().clone();
-            self.lag_count = Some(tokio::spawn(async move { store.lag(at).await }));
+            self.lag_count = Some(runtime.spawn(async move { store.lag(at).await }));
         }
         let Some(events) = events else { return };
         let seconds = newest.map_or_else(

@@ -141,13 +141,25 @@ async fn wait_caught_up(store: &PostgresEventStore, within: Duration) {
 
 /// `step` and `catch_up` futures cut at random points, many of them while `COMMIT` is on the
 /// wire or being applied, and called again at once (no pause for the cut transaction to end):
-/// every event is applied exactly once.
+/// every event is applied exactly once. Windows of 25 events throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steps_cut_at_random_points_and_retried_at_once_apply_each_event_once() {
+    steps_cut_at_random_points(25, "cut_steps").await;
+}
+
+/// The same with windows growing from 25 to 200 events while behind: a cut batch is larger, and
+/// the window after a cut may be of any size in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn growing_windows_cut_at_random_points_and_retried_at_once_apply_each_event_once() {
+    steps_cut_at_random_points(200, "cut_growing").await;
+}
+
+async fn steps_cut_at_random_points(max_batch: usize, name: &str) {
     const EVENTS: u64 = 6_000;
-    let store = setup("cut_steps", EVENTS).await;
-    let mut worker =
-        ProjectionWorker::new(store.clone(), projection(&store), "cutter").with_batch(25);
+    let store = setup(name, EVENTS).await;
+    let mut worker = ProjectionWorker::new(store.clone(), projection(&store), "cutter")
+        .with_batch(25)
+        .with_max_batch(max_batch);
     assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
     let mut rng = rand::rng();
     let (mut cuts, mut rounds, mut moved) = (0u32, 0u32, 0u32);
@@ -205,8 +217,9 @@ async fn steps_cut_at_random_points_and_retried_at_once_apply_each_event_once() 
     }
     let (applications, distinct) = applied(&store).await;
     eprintln!(
-        "{rounds} rounds, {cuts} cut (range up to {bound} us), {moved} windows found their checkpoint \
-         moved by an in-doubt commit; {applications} applications of {distinct} events"
+        "windows of 25 up to {max_batch}: {rounds} rounds, {cuts} cut (range up to {bound} us), \
+         {moved} windows found their checkpoint moved by an in-doubt commit; {applications} \
+         applications of {distinct} events"
     );
     assert!(cuts >= 100, "only {cuts} cuts");
     assert_eq!((applications, distinct), (EVENTS as i64, EVENTS as i64));

@@ -36,7 +36,7 @@ impl PostgresEventStore {
     /// one KMS never share a key.
     #[must_use]
     pub fn key_store(&self) -> Arc<dyn KeyStore> {
-        self.keys_of(evently_core::EventStore::scope(self).tenant())
+        self.keys_of(self.scope.tenant())
     }
 
     /// The keys of `tenant`'s data.

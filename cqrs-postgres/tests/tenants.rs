@@ -408,11 +408,11 @@ async fn the_registry_refuses_what_it_cannot_keep_apart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn processes_registering_at_once_agree_on_every_tenant() {
     for round in 0..6 {
-        registration_race(Box::leak(format!("tn_race{round}").into_boxed_str())).await;
+        registration_race(&format!("tn_race{round}")).await;
     }
 }
 
-async fn registration_race(control: &'static str) {
+async fn registration_race(control: &str) {
     const PROCESSES: usize = 6;
     let tenants: Vec<TenantId> = (0..4).map(|i| tenant(&format!("t{i}"))).collect();
     let setup = common::pool(2).await;
@@ -433,7 +433,10 @@ async fn registration_race(control: &'static str) {
             let layout = SchemaPerTenant::open(common::pool(3).await, control)
                 .await
                 .unwrap_or_else(|e| panic!("process {p} opening the registry: {e}"))
-                .with_schema_names(move |tenant| format!("{control}_{tenant}"));
+                .with_schema_names({
+                    let control = control.to_owned();
+                    move |tenant| format!("{control}_{tenant}")
+                });
             // Each process its own order: rotated by its number.
             let order: Vec<TenantId> = tenants
                 .iter()

@@ -157,7 +157,7 @@ impl InMemoryEventStore {
     /// [`TenantKeys`](crate::personal::TenantKeys)); the all-tenants view refuses.
     pub async fn forget(&self, subject: &str) -> Result<bool, StoreError> {
         let tenant = self.space_key()?;
-        crate::personal::TenantKeys::of(&self.personal.keys, tenant.as_ref())
+        self.keys_of(tenant.as_ref())
             .forget(subject)
             .await
             .map_err(StoreError::from)
@@ -170,12 +170,15 @@ impl InMemoryEventStore {
         let tenant = self.space_key()?;
         self.personal
             .sealing
-            .seal(
-                events,
-                &*crate::personal::TenantKeys::of(&self.personal.keys, tenant.as_ref()),
-            )
+            .seal(events, &*self.keys_of(tenant.as_ref()))
             .await
             .map_err(StoreError::from)
+    }
+
+    /// The keys of `tenant`'s data ([`TenantKeys`](crate::personal::TenantKeys) over the
+    /// store's key store).
+    fn keys_of(&self, tenant: Option<&TenantId>) -> Arc<dyn crate::personal::KeyStore> {
+        crate::personal::TenantKeys::of(&self.personal.keys, tenant)
     }
 
     /// Opens each event with the keys of the tenant it names.
@@ -184,7 +187,7 @@ impl InMemoryEventStore {
             events
                 .iter_mut()
                 .map(|e| (e.metadata.tenant.as_ref(), &mut e.payload)),
-            |tenant| crate::personal::TenantKeys::of(&self.personal.keys, tenant),
+            |tenant| self.keys_of(tenant),
         )
         .await
         .map(drop)
@@ -495,7 +498,7 @@ impl SnapshotStore for InMemoryEventStore {
             return Ok(None);
         };
         // Sealed for its subjects: absent once one is forgotten (as on PostgreSQL).
-        let keys = crate::personal::TenantKeys::of(&self.personal.keys, tenant.as_ref());
+        let keys = self.keys_of(tenant.as_ref());
         match crate::personal::open_state(std::mem::take(&mut snapshot.state), &*keys)
             .await
             .map_err(StoreError::from)?
@@ -529,7 +532,7 @@ impl SnapshotStore for InMemoryEventStore {
             snapshot.state = crate::personal::seal_state(
                 std::mem::take(&mut snapshot.state),
                 &subjects,
-                &*crate::personal::TenantKeys::of(&self.personal.keys, tenant.as_ref()),
+                &*self.keys_of(tenant.as_ref()),
             )
             .await
             .map_err(StoreError::from)?;

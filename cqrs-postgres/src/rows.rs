@@ -114,13 +114,14 @@ where
     // By index (`sql::EVENT_COLUMNS`): a lookup by name costs a hash per column of every event;
     // unchecked: the columns' types are those of the store's own statements, and a value that
     // does not decode is still an error (the check compares type infos per column and event).
+    // The fixed-width columns are read from their binary form here (see `fixed`).
     let aggregate_type: String = row.try_get_unchecked(3).map_err(backend)?;
     let aggregate_id: String = row.try_get_unchecked(4).map_err(backend)?;
     let stream = StreamId::new(aggregate_type, AggregateId::new(aggregate_id));
-    let position: i64 = row.try_get_unchecked(0).map_err(backend)?;
-    // An `xid8`, read as the eight bytes of its binary form.
-    let transaction: i64 = row.try_get_unchecked(1).map_err(backend)?;
-    let event_id = EventId(row.try_get_unchecked::<uuid::Uuid, _>(2).map_err(backend)?);
+    let position = i64::from_be_bytes(fixed(row, 0)?);
+    // An `xid8`: eight bytes, as a `bigint`'s.
+    let transaction = i64::from_be_bytes(fixed(row, 1)?);
+    let event_id = EventId(uuid::Uuid::from_bytes(fixed(row, 2)?));
     let event_type: String = row.try_get_unchecked(6).map_err(backend)?;
     // Without a checkpoint no reader could move past the row: only then is it a backend error.
     let checkpoint = Checkpoint::new(
@@ -137,7 +138,7 @@ where
             ))
         })?,
     );
-    let version: i64 = row.try_get_unchecked(5).map_err(backend)?;
+    let version = i64::from_be_bytes(fixed(row, 5)?);
     let corrupt = |message: String| {
         StoreError::Corrupt(Box::new(evently_core::store::CorruptEvent {
             stream: stream.clone(),
@@ -150,7 +151,7 @@ where
     };
     let version =
         u64::try_from(version).map_err(|_| corrupt(format!("negative version {version}")))?;
-    let schema_version: i32 = row.try_get_unchecked(7).map_err(backend)?;
+    let schema_version = i32::from_be_bytes(fixed(row, 7)?);
     let schema_version = u32::try_from(schema_version)
         .map_err(|_| corrupt(format!("negative schema version {schema_version}")))?;
     // Straight into the struct: no `serde_json::Value` in between.
@@ -160,17 +161,65 @@ where
     let payload: P = row
         .try_get_unchecked(8)
         .map_err(|e| corrupt(format!("payload: {}", decode_cause(&e))))?;
+    let micros = i64::from_be_bytes(fixed(row, 10)?);
+    let recorded_at = recorded_at(micros).ok_or_else(|| {
+        corrupt(format!(
+            "recorded_at: {} is not a time this reader can hold",
+            match micros {
+                i64::MAX => "infinity".to_owned(),
+                i64::MIN => "-infinity".to_owned(),
+                _ => format!("{micros} microseconds after 2000-01-01"),
+            }
+        ))
+    })?;
     Ok(StoredEvent {
         event_id,
         version,
         checkpoint,
-        recorded_at: row.try_get_unchecked(10).map_err(backend)?,
+        recorded_at,
         schema_version,
         payload,
         metadata: metadata.0,
         event_type,
         stream,
     })
+}
+
+/// The binary form of the fixed-width, non-null column `index` (`bigint`, `xid8`, `integer`,
+/// `uuid`, `timestamptz`): read here rather than through sqlx's decoders, which for these
+/// columns cost more than the rest of the row (a generic variable-width integer read; calendar
+/// arithmetic for a time) and panic on a `timestamptz` past chrono's range, which PostgreSQL
+/// stores (`'infinity'`, or the year 294000).
+fn fixed<const N: usize>(row: &PgRow, index: usize) -> Result<[u8; N], StoreError> {
+    use sqlx::ValueRef;
+    let value = row.try_get_raw(index).map_err(backend)?;
+    if value.is_null() {
+        return Err(StoreError::backend(format!(
+            "column {index} of an event is NULL"
+        )));
+    }
+    if value.format() != sqlx::postgres::PgValueFormat::Binary {
+        return Err(StoreError::backend(format!(
+            "column {index} of an event came as text, not in its binary form"
+        )));
+    }
+    let bytes = value
+        .as_bytes()
+        .map_err(|e| StoreError::backend(e.to_string()))?;
+    bytes.try_into().map_err(|_| {
+        StoreError::backend(format!(
+            "column {index} of an event holds {} bytes where {N} were expected",
+            bytes.len()
+        ))
+    })
+}
+
+/// A `timestamptz` (microseconds since 2000-01-01 UTC) as a time, if chrono can hold it
+/// (`'infinity'`, `'-infinity'` and years past 262,143 it cannot).
+fn recorded_at(micros: i64) -> Option<chrono::DateTime<chrono::Utc>> {
+    /// 2000-01-01 in microseconds since 1970-01-01.
+    const POSTGRES_EPOCH: i64 = 946_684_800_000_000;
+    chrono::DateTime::from_timestamp_micros(micros.checked_add(POSTGRES_EPOCH)?)
 }
 
 /// What a column decode error says, without sqlx's "error occurred while decoding column N" frame.

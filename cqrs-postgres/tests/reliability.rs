@@ -13,6 +13,7 @@ use evently_core::conformance::event;
 use evently_core::prelude::*;
 use evently_core::{Checkpoint, EventData, EventId, EventStoreExt, StoreError, StoredEvent};
 use evently_postgres::PostgresEventStore;
+use futures::TryStreamExt;
 use rand::{Rng, SeedableRng};
 use sqlx::AssertSqlSafe;
 
@@ -603,6 +604,115 @@ async fn bad_stored_data_is_a_typed_error_naming_the_row() {
     // The rows whose payload or type is wrong are whole rows: decoding them is the reader's.
     assert!(read.contains(&("bad-payload".to_owned(), 2)), "{read:?}");
     assert!(read.contains(&("good".to_owned(), 2)), "{read:?}");
+}
+
+/// `recorded_at` is the store's (appends never set it), but PostgreSQL holds times no reader can:
+/// `'infinity'`, `'-infinity'`, the year 294000 (past chrono's range), set by a restore or an
+/// operator's `UPDATE`. sqlx's decoder panicked on each, in every reader of the log; each is now a
+/// `Corrupt` row naming itself and what it holds, the readers go on after it, and the stream's
+/// aggregate still rebuilds (replay reads no time).
+#[tokio::test]
+async fn times_no_reader_can_hold_are_corrupt_rows_not_panics() {
+    let store = fresh_store("far_times").await;
+    let streams: Vec<StreamId> = (0..4).map(|i| stream(&format!("far-{i}"))).collect();
+    for s in &streams {
+        store
+            .append(s, ExpectedVersion::NoStream, vec![event(1), event(2)])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let schema = store.schema().to_owned();
+    let far = [
+        (1, 2_u64, "'infinity'", "infinity"),
+        (2, 1, "'-infinity'", "-infinity"),
+        (
+            3,
+            2,
+            "'294000-01-01 00:00:00+00'",
+            "microseconds after 2000-01-01",
+        ),
+    ];
+    for (i, version, time, _) in far {
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE \"{schema}\".events SET recorded_at = {time} \
+             WHERE aggregate_id = $1 AND version = $2"
+        )))
+        .bind(streams[i].aggregate_id.as_str())
+        .bind(version.cast_signed())
+        .execute(store.pool())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(
+        store
+            .load_all(&streams[0])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .len(),
+        2
+    );
+    for (i, version, _, says) in far {
+        match store.load_all(&streams[i]).await {
+            Err(StoreError::Corrupt(row)) => {
+                assert_eq!((&row.stream, row.version), (&streams[i], version));
+                assert!(row.message.starts_with("recorded_at"), "{}", row.message);
+                assert!(row.message.contains(says), "{}", row.message);
+            }
+            other => panic!("expected a corrupt row, got {other:?}"),
+        }
+        let replayed: Vec<_> = store
+            .replay(&streams[i], 0)
+            .try_collect()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(replayed.len(), 2, "replay reads no time");
+    }
+    // The log's readers, parsed and raw (what relays forward), report each row and go on.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for raw in [false, true] {
+        let (mut after, mut read, mut corrupt) = (Checkpoint::START, 0, Vec::new());
+        while read + corrupt.len() < 8 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "read {read}, corrupt {corrupt:?}"
+            );
+            let page = if raw {
+                store
+                    .read_all_raw(after, 100)
+                    .await
+                    .map(|p| p.into_iter().map(|e| e.checkpoint).collect::<Vec<_>>())
+            } else {
+                store
+                    .read_all(after, 100)
+                    .await
+                    .map(|p| p.into_iter().map(|e| e.checkpoint).collect::<Vec<_>>())
+            };
+            match page {
+                Ok(page) if page.is_empty() => tokio::time::sleep(Duration::from_millis(10)).await,
+                Ok(page) => {
+                    read += page.len();
+                    after = page.last().copied().unwrap_or(after);
+                }
+                Err(StoreError::Corrupt(row)) => {
+                    assert!(row.message.starts_with("recorded_at"), "{}", row.message);
+                    corrupt.push((row.stream.aggregate_id.to_string(), row.version));
+                    after = row.checkpoint;
+                }
+                Err(other) => panic!("expected events or a corrupt row, got {other:?}"),
+            }
+        }
+        corrupt.sort();
+        assert_eq!(
+            corrupt,
+            [
+                ("far-1".to_owned(), 2),
+                ("far-2".to_owned(), 1),
+                ("far-3".to_owned(), 2)
+            ],
+            "raw: {raw}"
+        );
+        assert_eq!(read, 5, "raw: {raw}");
+    }
 }
 
 /// Schema names, stream ids, event types and metadata with quotes, semicolons and unicode round-trip

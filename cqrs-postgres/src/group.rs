@@ -21,8 +21,9 @@ use crate::sql::Sql;
 /// With [`PostgresEventStore::with_group_commit`](crate::PostgresEventStore::with_group_commit),
 /// an append that finds no other append of the store in flight goes straight to the database as
 /// before (no wait, no hop: a single writer's latency is unchanged). One that finds others in
-/// flight is handed to a leader task, which collects what is queued (and, with a
-/// [`window`](GroupCommit::window), what arrives within it), at most one append per stream and
+/// flight is handed to a leader task, which collects what is queued (yielding once to the tasks
+/// ready to run, such as the writers the last group answered, and again after each yield that
+/// brought an append; with a [`window`](GroupCommit::window), what arrives within it), at most one append per stream and
 /// [`max_appends`](GroupCommit::max_appends) in all, and writes them with one `INSERT`: one
 /// statement is one transaction, so the group costs one commit flush.
 ///
@@ -49,7 +50,7 @@ pub struct GroupCommit {
 
 impl Default for GroupCommit {
     /// At most 64 appends a group, no window (a group is what queued while the last one was
-    /// written), 1 group in flight at a time (on a 2-core server with 8 writers, 2 in flight
+    /// written, and what the writers ready to run send when the leader yields to them), 1 group in flight at a time (on a 2-core server with 8 writers, 2 in flight
     /// were 4% slower with a p99 of 2.2 against 1.6 ms).
     fn default() -> Self {
         Self {
@@ -301,10 +302,21 @@ async fn lead(
         let (mut group, mut streams) = (Vec::new(), HashSet::new());
         take(first, &mut group, &mut streams);
         let deadline = tokio::time::Instant::now() + config.window;
+        // Whether the leader yielded since it last took an append (see below).
+        let mut yielded = false;
         while group.len() < config.max_appends {
             let next = match queue.try_recv() {
                 Ok(request) => Some(request),
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
+                // The writers answered by the last group are ready to run, each about to send
+                // its next append, but the leader was woken first: it lets the tasks that are
+                // ready run once before closing the group, and again after each yield that
+                // brought an append. No timer: microseconds, not the timer's millisecond.
+                Err(mpsc::error::TryRecvError::Empty) if config.window.is_zero() && !yielded => {
+                    yielded = true;
+                    tokio::task::yield_now().await;
+                    continue;
+                }
                 Err(mpsc::error::TryRecvError::Empty) if config.window.is_zero() => None,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     tokio::time::timeout_at(deadline, queue.recv())
@@ -314,6 +326,7 @@ async fn lead(
                 }
             };
             let Some(request) = next else { break };
+            yielded = false;
             take(request, &mut group, &mut streams);
         }
         if group.is_empty() {

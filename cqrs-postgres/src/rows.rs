@@ -244,3 +244,27 @@ pub(crate) fn replay_event(row: &PgRow) -> Result<ReplayEvent, StoreError> {
         payload: Payload::Text(row.try_get(3).map_err(backend)?),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::recorded_at;
+    use chrono::{TimeZone, Utc};
+
+    #[test]
+    fn times_are_read_from_postgres_epoch_microseconds() {
+        assert_eq!(
+            recorded_at(0),
+            Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 0).single()
+        );
+        // 2026-12-05 09:00:00.000001 UTC, as PostgreSQL sends it.
+        let sent = 849_776_400_000_001;
+        let time = recorded_at(sent).unwrap_or_else(|| panic!("in range"));
+        assert_eq!(time.to_rfc3339(), "2026-12-05T09:00:00.000001+00:00");
+        assert_eq!(
+            recorded_at(-1).map(|t| t.timestamp_micros()),
+            Some(946_684_799_999_999)
+        );
+        assert_eq!(recorded_at(i64::MAX), None, "infinity");
+        assert_eq!(recorded_at(i64::MIN), None, "-infinity");
+    }
+}

@@ -575,31 +575,14 @@ async fn bad_stored_data_is_a_typed_error_naming_the_row() {
     // checkpoint, instead of skipping it or failing the events before it; a reader goes on after
     // that checkpoint (once the rows are below the cluster-wide xmin, which another test's open
     // transaction may hold back a moment).
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let (mut after, mut read, mut corrupt) = (Checkpoint::START, Vec::new(), Vec::new());
-    while read.len() < 7 || corrupt.is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "read {read:?}, corrupt {corrupt:?}"
-        );
-        match store.read_all(after, 100).await {
-            Ok(page) if page.is_empty() => tokio::time::sleep(Duration::from_millis(10)).await,
-            Ok(page) => {
-                after = page.last().map_or(after, |e| e.checkpoint);
-                read.extend(
-                    page.into_iter()
-                        .map(|e| (e.stream.aggregate_id.to_string(), e.version)),
-                );
-            }
-            Err(StoreError::Corrupt(row)) => {
-                assert!(row.checkpoint > after, "{} after {after}", row.checkpoint);
-                assert!(row.message.starts_with("metadata"), "{}", row.message);
-                corrupt.push((row.stream.aggregate_id.to_string(), row.version));
-                after = row.checkpoint;
-            }
-            Err(other) => panic!("expected events or a corrupt-row error, got {other:?}"),
-        }
+    let (read, corrupt) = read_log_past_corrupt_rows(&store, false, 8).await;
+    for row in &corrupt {
+        assert!(row.message.starts_with("metadata"), "{}", row.message);
     }
+    let corrupt: Vec<_> = corrupt
+        .iter()
+        .map(|row| (row.stream.aggregate_id.to_string(), row.version))
+        .collect();
     assert_eq!(corrupt, [("bad-metadata".to_owned(), 2)]);
     // The rows whose payload or type is wrong are whole rows: decoding them is the reader's.
     assert!(read.contains(&("bad-payload".to_owned(), 2)), "{read:?}");
@@ -668,39 +651,15 @@ async fn times_no_reader_can_hold_are_corrupt_rows_not_panics() {
         assert_eq!(replayed.len(), 2, "replay reads no time");
     }
     // The log's readers, parsed and raw (what relays forward), report each row and go on.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     for raw in [false, true] {
-        let (mut after, mut read, mut corrupt) = (Checkpoint::START, 0, Vec::new());
-        while read + corrupt.len() < 8 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "read {read}, corrupt {corrupt:?}"
-            );
-            let page = if raw {
-                store
-                    .read_all_raw(after, 100)
-                    .await
-                    .map(|p| p.into_iter().map(|e| e.checkpoint).collect::<Vec<_>>())
-            } else {
-                store
-                    .read_all(after, 100)
-                    .await
-                    .map(|p| p.into_iter().map(|e| e.checkpoint).collect::<Vec<_>>())
-            };
-            match page {
-                Ok(page) if page.is_empty() => tokio::time::sleep(Duration::from_millis(10)).await,
-                Ok(page) => {
-                    read += page.len();
-                    after = page.last().copied().unwrap_or(after);
-                }
-                Err(StoreError::Corrupt(row)) => {
-                    assert!(row.message.starts_with("recorded_at"), "{}", row.message);
-                    corrupt.push((row.stream.aggregate_id.to_string(), row.version));
-                    after = row.checkpoint;
-                }
-                Err(other) => panic!("expected events or a corrupt row, got {other:?}"),
-            }
+        let (read, corrupt) = read_log_past_corrupt_rows(&store, raw, 8).await;
+        for row in &corrupt {
+            assert!(row.message.starts_with("recorded_at"), "{}", row.message);
         }
+        let mut corrupt: Vec<_> = corrupt
+            .iter()
+            .map(|row| (row.stream.aggregate_id.to_string(), row.version))
+            .collect();
         corrupt.sort();
         assert_eq!(
             corrupt,
@@ -711,8 +670,55 @@ async fn times_no_reader_can_hold_are_corrupt_rows_not_panics() {
             ],
             "raw: {raw}"
         );
-        assert_eq!(read, 5, "raw: {raw}");
+        assert_eq!(read.len(), 5, "raw: {raw}");
     }
+}
+
+/// Reads the log from the start (`read_all_raw` if `raw`, else `read_all`) until `rows` rows were
+/// read or reported corrupt, going on after each corrupt one from its checkpoint, which must lie
+/// past what was read (rows below the cluster-wide xmin only, which another test's open
+/// transaction may hold back a moment): the (stream id, version) of the events read, and the
+/// corrupt rows.
+async fn read_log_past_corrupt_rows(
+    store: &PostgresEventStore,
+    raw: bool,
+    rows: usize,
+) -> (Vec<(String, u64)>, Vec<evently_core::store::CorruptEvent>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (mut after, mut read, mut corrupt) = (Checkpoint::START, Vec::new(), Vec::new());
+    while read.len() + corrupt.len() < rows {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read {read:?}, corrupt {corrupt:?}"
+        );
+        let page = if raw {
+            store.read_all_raw(after, 100).await.map(|page| {
+                page.into_iter()
+                    .map(|e| (e.stream.aggregate_id.to_string(), e.version, e.checkpoint))
+                    .collect::<Vec<_>>()
+            })
+        } else {
+            store.read_all(after, 100).await.map(|page| {
+                page.into_iter()
+                    .map(|e| (e.stream.aggregate_id.to_string(), e.version, e.checkpoint))
+                    .collect::<Vec<_>>()
+            })
+        };
+        match page {
+            Ok(page) if page.is_empty() => tokio::time::sleep(Duration::from_millis(10)).await,
+            Ok(page) => {
+                after = page.last().map_or(after, |e| e.2);
+                read.extend(page.into_iter().map(|(id, version, _)| (id, version)));
+            }
+            Err(StoreError::Corrupt(row)) => {
+                assert!(row.checkpoint > after, "{} after {after}", row.checkpoint);
+                after = row.checkpoint;
+                corrupt.push(*row);
+            }
+            Err(other) => panic!("expected events or a corrupt-row error, got {other:?}"),
+        }
+    }
+    (read, corrupt)
 }
 
 /// Schema names, stream ids, event types and metadata with quotes, semicolons and unicode round-trip

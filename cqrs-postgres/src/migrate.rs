@@ -6,24 +6,26 @@ use sqlx::{AssertSqlSafe, PgConnection};
 use crate::errors::backend;
 use crate::sql::Sql;
 use crate::store::PostgresEventStore;
+use crate::tx::Detached;
 
 /// The embedded migrations: the events, snapshots and command-key tables.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 impl PostgresEventStore {
     /// Creates the schema if needed and applies the embedded migrations; safe to call from several
-    /// processes at once.
+    /// processes at once, and to cut at any point (a timeout, a shutdown): each migration is
+    /// applied whole or not at all, and the connection, which holds the migration locks and the
+    /// schema's `search_path` while it runs, is closed rather than handed back to the pool.
     ///
     /// # Errors
     /// [`StoreError::Backend`] when a migration fails.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await.map_err(backend)?;
-        let result = migrate_on(&mut conn, &self.sql, None).await;
-        if result.is_err() {
-            // Do not hand a connection with our search_path back to a pool the user may share.
-            conn.detach();
-        }
-        result
+        let mut conn = Detached::acquire(&self.pool).await.map_err(backend)?;
+        migrate_on(&mut conn, &self.sql, None).await?;
+        // Finished, its locks released and its search_path reset: back to the pool. After an
+        // error it is closed instead (dropped), as it is when this future is cut.
+        conn.release();
+        Ok(())
     }
 
     /// The migrations applied to this schema, oldest first: version and description (none when

@@ -21,7 +21,7 @@ use crate::PostgresEventStore;
 use crate::errors::backend;
 use crate::rows::{to_u64, xid};
 use crate::sql::Sql;
-use crate::tx::Transaction;
+use crate::tx::{Detached, Transaction};
 
 /// What a check of the server found.
 enum Found {
@@ -351,10 +351,7 @@ async fn burn(store: &PostgresEventStore, n: u64) -> Result<(), StoreError> {
         transactions = n,
         "rebase: advancing the server's transaction counter"
     );
-    let mut conn = Detached(Some(store.pool().acquire().await.map_err(backend)?));
-    let Some(running) = conn.0.as_mut() else {
-        return Ok(());
-    };
+    let mut conn = Detached::acquire(store.pool()).await.map_err(backend)?;
     // A DO block that commits must be sent alone, outside a transaction block.
     sqlx::raw_sql(AssertSqlSafe(format!(
         "DO $$ BEGIN FOR i IN 1..{n} LOOP \
@@ -363,23 +360,12 @@ async fn burn(store: &PostgresEventStore, n: u64) -> Result<(), StoreError> {
            COMMIT; \
          END LOOP; END $$"
     )))
-    .execute(&mut **running)
+    .execute(&mut *conn)
     .await
     .map_err(backend)?;
     // Finished: the connection goes back to the pool.
-    conn.0.take();
+    conn.release();
     Ok(())
-}
-
-/// A connection closed when dropped (a future cut mid-statement), unless taken out.
-struct Detached(Option<sqlx::pool::PoolConnection<sqlx::Postgres>>);
-
-impl Drop for Detached {
-    fn drop(&mut self) {
-        if let Some(conn) = self.0.take() {
-            drop(conn.detach());
-        }
-    }
 }
 
 /// Re-stamps the events with ids `1..=k` in their global order (a new id wherever, walking the

@@ -133,12 +133,40 @@ impl SchemaPerTenant {
     /// Registers `tenant` (its schema from the resolver, unless it was registered before),
     /// creates and migrates its schema, and returns its store. Registering again is harmless.
     ///
+    /// The schema is migrated before the tenant's registry row is written, so a registered
+    /// tenant always has a migrated schema: a registration cut at any point (a crash, a timeout)
+    /// leaves either no tenant (and at most an empty migrated schema, which the next
+    /// registration takes) or a tenant whose store works.
+    ///
     /// # Errors
     /// [`StoreError::InvalidInput`] when the resolver names an invalid schema or one another
     /// tenant has, [`StoreError::Backend`].
     pub async fn register(&self, tenant: &TenantId) -> Result<PostgresEventStore, StoreError> {
         let wanted = (self.resolver)(tenant);
         crate::sql::Sql::new(&wanted)?;
+        let taken = || {
+            StoreError::InvalidInput(format!(
+                "schema `{wanted}` for tenant `{tenant}` belongs to another tenant already"
+            ))
+        };
+        // The tenant's row if it has one, and the row of whoever has the wanted schema.
+        let known: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT tenant_id, schema_name FROM {} WHERE tenant_id = $1 OR schema_name = $2",
+            self.registry
+        )))
+        .bind(tenant.as_str())
+        .bind(&wanted)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        if let Some((_, schema)) = known.iter().find(|(id, _)| id == tenant.as_str()) {
+            // Registered before: brought up to date (a no-op when it is).
+            return self.migrated(tenant, schema).await;
+        }
+        if !known.is_empty() {
+            return Err(taken());
+        }
+        self.store_in(tenant, &wanted)?.migrate().await?;
         let inserted = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {} (tenant_id, schema_name) VALUES ($1, $2)
              ON CONFLICT (tenant_id) DO NOTHING",
@@ -148,7 +176,7 @@ impl SchemaPerTenant {
         .bind(&wanted)
         .execute(&self.pool)
         .await;
-        let taken = match inserted {
+        let refused = match inserted {
             Ok(_) => false,
             // The schema's unique index refused the row. `ON CONFLICT (tenant_id)` covers only
             // the tenant's own index: a registration of the same tenant committing at the same
@@ -156,16 +184,25 @@ impl SchemaPerTenant {
             Err(error) if crate::insert::is_unique_violation(&error) => true,
             Err(error) => return Err(backend(error)),
         };
-        let schema = match self.schema_of(tenant).await? {
-            Some(schema) => schema,
-            None if taken => {
-                return Err(StoreError::InvalidInput(format!(
-                    "schema `{wanted}` for tenant `{tenant}` belongs to another tenant already"
-                )));
+        match self.schema_of(tenant).await? {
+            Some(schema) if schema == wanted => {
+                Ok(self.keep(tenant, self.store_in(tenant, &schema)?))
             }
-            None => return Err(StoreError::UnknownTenant(tenant.clone())),
-        };
-        let store = self.store_in(tenant, &schema)?;
+            // Registered at the same time by a process that named another schema: that one is
+            // the tenant's (migrated by whoever registered it; migrating again costs a query).
+            Some(schema) => self.migrated(tenant, &schema).await,
+            None if refused => Err(taken()),
+            None => Err(StoreError::UnknownTenant(tenant.clone())),
+        }
+    }
+
+    /// The store of `tenant` in `schema`, migrated, kept for later uses.
+    async fn migrated(
+        &self,
+        tenant: &TenantId,
+        schema: &str,
+    ) -> Result<PostgresEventStore, StoreError> {
+        let store = self.store_in(tenant, schema)?;
         store.migrate().await?;
         Ok(self.keep(tenant, store))
     }

@@ -130,3 +130,47 @@ impl Drop for Transaction {
         }
     }
 }
+
+/// A pooled connection for work that leaves session state behind while it runs (a session
+/// advisory lock, a `search_path`, a `DO` block mid-way): closed when dropped, so a future cut at
+/// any point never hands that state to the pool's next borrower; given back to the pool only by
+/// [`release`](Self::release), once the work finished and undid its state.
+pub(crate) struct Detached(Option<PoolConnection<Postgres>>);
+
+impl Detached {
+    /// Takes a connection from `pool`.
+    pub(crate) async fn acquire(pool: &PgPool) -> Result<Self, sqlx::Error> {
+        Ok(Self(Some(pool.acquire().await?)))
+    }
+
+    /// Gives the connection back to the pool: its session is as it was taken.
+    pub(crate) fn release(mut self) {
+        self.0.take();
+    }
+}
+
+impl Deref for Detached {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        self.0.as_deref().unwrap_or_else(|| {
+            unreachable!("a detached connection is taken only on release or drop")
+        })
+    }
+}
+
+impl DerefMut for Detached {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.0.as_deref_mut().unwrap_or_else(|| {
+            unreachable!("a detached connection is taken only on release or drop")
+        })
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(conn.detach());
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! [`TenantGateways`], a projection per tenant (its checkpoint and dead letters in the tenant's
 //! schema, a poison event of one tenant parking nothing of the other), a saga per tenant whose
 //! step records an event through the tenant's gateway, and the registry (`migrate_all`, an
-//! unknown tenant, a schema taken by another tenant).
+//! unknown tenant, a schema taken by another tenant, a registration cut at each of its polls).
 
 mod common;
 
@@ -501,4 +501,102 @@ async fn registration_race(control: &str) {
         assert_eq!(events.len(), 1, "{t}: its own event only");
         assert_eq!(events[0].metadata.tenant.as_ref(), Some(t));
     }
+}
+
+/// A registration cut after each of its polls in turn (a crash, a timeout, a shutdown), each time
+/// with a second process looking the tenant up and registering it at once, with no pause:
+///
+/// - right after the cut, the tenant is either unknown or has a store that appends (never a
+///   registered tenant without its tables);
+/// - the second registration is held up by nothing the cut one left behind (a session lock on a
+///   pooled connection would hold it until the pool closed that connection);
+/// - the cut process's pool hands out connections as they were: the default `search_path`, no
+///   advisory lock held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_cut_anywhere_leaves_a_working_tenant_or_none() {
+    let control = "tn_cut";
+    let setup = common::pool(2).await;
+    let schemas: Vec<String> = sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname = 'tn_cut' OR nspname LIKE 'tn\\_cut\\_%'",
+    )
+    .fetch_all(&setup)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    for schema in schemas {
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+        )))
+        .execute(&setup)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let open = || async {
+        SchemaPerTenant::open(common::pool(2).await, control)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_schema_names(|tenant| format!("tn_cut_{tenant}"))
+    };
+    let (dying, other) = (open().await, open().await);
+    let mut cut = 0;
+    let polls = loop {
+        cut += 1;
+        assert!(cut < 2_000, "a registration should finish in fewer polls");
+        let t = tenant(&format!("t{cut}"));
+        let finished = evently_core::testing::cut_after(cut, dying.register(&t))
+            .await
+            .map(|registered| registered.unwrap_or_else(|e| panic!("cut {cut}: {e}")))
+            .is_some();
+        let stream = StreamId::new("account", "a");
+        match other.tenant_store(&t).await {
+            Err(StoreError::UnknownTenant(_)) => assert!(!finished, "cut {cut}"),
+            Ok(store) => {
+                store
+                    .append(&stream, ExpectedVersion::Any, vec![common::deposit(1)])
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("cut {cut}: a registered tenant whose store fails: {e}")
+                    });
+            }
+            Err(e) => panic!("cut {cut}: {e}"),
+        }
+        let store = tokio::time::timeout(Duration::from_secs(20), other.register(&t))
+            .await
+            .unwrap_or_else(|_| panic!("cut {cut}: a second registration held up for 20 s"))
+            .unwrap_or_else(|e| panic!("cut {cut}: {e}"));
+        store
+            .append(&stream, ExpectedVersion::Any, vec![common::deposit(2)])
+            .await
+            .unwrap_or_else(|e| panic!("cut {cut}: {e}"));
+        if finished {
+            break cut;
+        }
+    };
+    // Every tenant registered once, in its own schema.
+    let registered = other.tenants().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(registered.len(), polls);
+    for (t, schema) in &registered {
+        assert_eq!(schema, &format!("tn_cut_{t}"));
+    }
+    // Both connections the cut process's pool may hold, taken at once.
+    let mut conns = Vec::new();
+    for _ in 0..2 {
+        conns.push(
+            dying
+                .pool()
+                .acquire()
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+    }
+    for conn in &mut conns {
+        let (path, locks): (String, i64) = sqlx::query_as(
+            "SELECT current_setting('search_path'), \
+                    (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())",
+        )
+        .fetch_one(&mut **conn)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((path.as_str(), locks), ("\"$user\", public", 0));
+    }
+    eprintln!("registration cut after each of its {polls} polls");
 }

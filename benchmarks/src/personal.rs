@@ -1,6 +1,8 @@
 //! What crypto-shredding costs: W1 (sequential commands on one stream, each event carrying an
 //! e-mail marked `#[pii]`) and W4 (rehydrating a stream of such events) on a store that seals
-//! them (`with_personal_data`) beside the same store that does not, in the same run.
+//! them (`with_personal_data`) beside the same store that does not, in the same run, and saving a
+//! snapshot of such a stream 100 events after its last one (the sealing store looks for the
+//! subjects in the events since then).
 //!
 //! ```text
 //! cargo bench -p cqrs-bench --bench personal             # into benchmarks/results/personal.md
@@ -156,6 +158,42 @@ async fn w4(store: &PostgresEventStore, n: u64, runs: usize) -> f64 {
     times[times.len() / 2]
 }
 
+/// Saving a snapshot of the `n`-event stream W4 wrote, `behind` events after the stream's last
+/// snapshot (what a snapshot every `behind` events costs), `runs` times: the median in
+/// milliseconds. A sealing store looks for the subjects in the events since the last snapshot.
+async fn snapshot_save(store: &PostgresEventStore, n: u64, behind: u64, runs: usize) -> f64 {
+    use evently_core::store::{Snapshot, SnapshotStore};
+    let stream = StreamId::new("member", "m-4");
+    let snapshot = |version: u64| Snapshot {
+        stream: stream.clone(),
+        version,
+        schema_version: 1,
+        state: serde_json::json!({ "id": "m-4", "email": "member@example.com", "changes": version }),
+    };
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM {}.snapshots",
+            store.schema()
+        )))
+        .execute(store.pool())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        store
+            .save_snapshot(snapshot(n - behind))
+            .await
+            .unwrap_or_else(|e| panic!("snapshot: {e}"));
+        let start = Instant::now();
+        store
+            .save_snapshot(snapshot(n))
+            .await
+            .unwrap_or_else(|e| panic!("snapshot: {e}"));
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -178,6 +216,7 @@ async fn main() {
         let store = store(&format!("bench_personal_{name}"), sealed).await;
         let rate = w1(&store, commands).await;
         let load = w4(&store, stream, runs).await;
+        let save = snapshot_save(&store, stream, 100, runs).await;
         if sealed {
             let raw: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                 "SELECT count(*) FROM bench_personal_{name}.events WHERE payload::text LIKE '%@example.com%'"
@@ -187,20 +226,21 @@ async fn main() {
             .unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(raw, 0, "an e-mail in the clear in the events table");
         }
-        eprintln!("   {name}: W1 {rate:.0} cmd/s, W4 {load:.1} ms");
-        rows.push((name, rate, load));
+        eprintln!("   {name}: W1 {rate:.0} cmd/s, W4 {load:.1} ms, snapshot save {save:.2} ms");
+        rows.push((name, rate, load, save));
     }
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let (plain_rate, plain_load) = (rows[0].1, rows[0].2);
+    let (plain_rate, plain_load, plain_save) = (rows[0].1, rows[0].2, rows[0].3);
     let mut table = format!(
-        "# Crypto-shredding's cost (W1: {commands} sequential commands on one stream; W4: rehydrating a {stream}-event stream, median of {runs}; each event carries one sealed field; {cores} cores, PostgreSQL on the same machine)\n\n\
-         | store | W1 cmd/s | vs plain | W4 ms | vs plain |\n|---|---:|---:|---:|---:|\n"
+        "# Crypto-shredding's cost (W1: {commands} sequential commands on one stream; W4: rehydrating a {stream}-event stream, median of {runs}; snapshot: saving one of that stream 100 events after its last, median of {runs}; each event carries one sealed field; {cores} cores, PostgreSQL on the same machine)\n\n\
+         | store | W1 cmd/s | vs plain | W4 ms | vs plain | snapshot ms | vs plain |\n|---|---:|---:|---:|---:|---:|---:|\n"
     );
-    for (name, rate, load) in &rows {
+    for (name, rate, load, save) in &rows {
         table.push_str(&format!(
-            "| {name} | {rate:.0} | {:.2} | {load:.1} | {:.2} |\n",
+            "| {name} | {rate:.0} | {:.2} | {load:.1} | {:.2} | {save:.2} | {:.2} |\n",
             rate / plain_rate,
-            load / plain_load
+            load / plain_load,
+            save / plain_save
         ));
     }
     println!("{table}");

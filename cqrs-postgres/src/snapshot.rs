@@ -56,10 +56,10 @@ impl SnapshotStore for PostgresEventStore {
         let subjects = self
             .personal_subjects(&snapshot.stream, snapshot.version)
             .await?;
-        if !subjects.is_empty() {
+        if let Some(subjects) = subjects.as_ref().filter(|s| !s.is_empty()) {
             let keys = self.key_store();
             snapshot.state =
-                personal::seal_state(std::mem::take(&mut snapshot.state), &subjects, &*keys)
+                personal::seal_state(std::mem::take(&mut snapshot.state), subjects, &*keys)
                     .await
                     .map_err(StoreError::backend)?;
         }
@@ -75,6 +75,7 @@ impl SnapshotStore for PostgresEventStore {
             .bind(to_i64(snapshot.version)?)
             .bind(schema_version)
             .bind(&snapshot.state)
+            .bind(subjects)
             .execute(&self.pool)
             .await
             .map_err(backend)?;

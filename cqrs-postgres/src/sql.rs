@@ -409,11 +409,12 @@ impl Sql {
                 "SELECT version, schema_version, state FROM {s}.snapshots WHERE aggregate_type = $1 AND aggregate_id = $2"
             ),
             save_snapshot: format!(
-                "INSERT INTO {s}.snapshots (aggregate_type, aggregate_id, version, schema_version, state) \
-                 VALUES ($1, $2, $3, $4, $5) \
+                "INSERT INTO {s}.snapshots (aggregate_type, aggregate_id, version, schema_version, state, personal_subjects) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (aggregate_type, aggregate_id, tenant_id) DO UPDATE \
                    SET version = EXCLUDED.version, schema_version = EXCLUDED.schema_version, \
-                       state = EXCLUDED.state, taken_at = now() \
+                       state = EXCLUDED.state, personal_subjects = EXCLUDED.personal_subjects, \
+                       taken_at = now() \
                  WHERE {s}.snapshots.version <= EXCLUDED.version"
             ),
             quoted_schema: s,

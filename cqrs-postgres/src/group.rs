@@ -24,8 +24,8 @@ use crate::sql::Sql;
 /// flight is handed to a leader task, which collects what is queued (yielding once to the tasks
 /// ready to run, such as the writers the last group answered, and again after each yield that
 /// brought an append; with a [`window`](GroupCommit::window), what arrives within it), at most
-/// one append per stream and [`max_appends`](GroupCommit::max_appends) in all, and writes them with one `INSERT`: one
-/// statement is one transaction, so the group costs one commit flush.
+/// one append per stream and [`max_appends`](GroupCommit::max_appends) in all, and writes them
+/// with one `INSERT`: one statement is one transaction, so the group costs one commit flush.
 ///
 /// Each append keeps its own condition. The statement inserts an append's events only if its
 /// stream is exactly at the append's base version (its last version, read in the statement, is

@@ -19,8 +19,8 @@ use sqlx::{PgConnection, PgPool, Postgres};
 /// [`commit`](Self::commit) or [`rollback`](Self::rollback), it closes its connection and the
 /// server rolls back. Dereferences to the connection, to run statements in it.
 pub struct Transaction {
-    conn: Option<PoolConnection<Postgres>>,
-    finished: bool,
+    /// Closed when dropped: released to the pool only once the transaction ended.
+    conn: Detached,
 }
 
 impl Transaction {
@@ -47,10 +47,9 @@ impl Transaction {
         begin: &'static str,
     ) -> Result<Self, sqlx::Error> {
         let mut tx = Self {
-            conn: Some(conn),
-            finished: false,
+            conn: Detached(Some(conn)),
         };
-        // Dropped from here on, `Drop` ends whatever reached the server.
+        // Dropped from here on, the connection is closed and the server ends whatever reached it.
         sqlx::raw_sql(begin).execute(&mut *tx).await?;
         Ok(tx)
     }
@@ -59,18 +58,14 @@ impl Transaction {
     /// ([`Transaction::begin_on`]). A commit that fails closes the connection.
     pub(crate) async fn commit_keeping(mut self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
         sqlx::query("COMMIT").execute(&mut *self).await?;
-        self.finished = true;
-        Ok(self
-            .conn
-            .take()
-            .unwrap_or_else(|| unreachable!("a transaction's connection is taken only on drop")))
+        Ok(self.conn.keep())
     }
 
     /// Commits. Whatever the outcome, the server ended the transaction (a `COMMIT` that fails
     /// rolls back), unless the connection broke, and then the pool drops it.
     pub async fn commit(mut self) -> Result<(), sqlx::Error> {
         let committed = sqlx::query("COMMIT").execute(&mut *self).await;
-        self.finished = true;
+        self.conn.release();
         committed.map(drop)
     }
 }
@@ -78,9 +73,10 @@ impl Transaction {
 impl Transaction {
     /// Rolls back (the statements so far completed: the connection goes back to the pool).
     pub async fn rollback(mut self) {
-        let rolled_back = sqlx::query("ROLLBACK").execute(&mut *self).await;
-        // If even that failed, `Drop` closes the connection.
-        self.finished = rolled_back.is_ok();
+        if sqlx::query("ROLLBACK").execute(&mut *self).await.is_ok() {
+            self.conn.release();
+        }
+        // If even that failed, the connection is closed as `self` drops.
     }
 
     /// Ends the transaction by `outcome`: commits an `Ok` (a failing commit is `commit_failed`),
@@ -104,37 +100,21 @@ impl Deref for Transaction {
     type Target = PgConnection;
 
     fn deref(&self) -> &PgConnection {
-        // `conn` is `None` only inside `drop`.
-        self.conn
-            .as_deref()
-            .unwrap_or_else(|| unreachable!("a transaction's connection is taken only on drop"))
+        &self.conn
     }
 }
 
 impl DerefMut for Transaction {
     fn deref_mut(&mut self) -> &mut PgConnection {
-        self.conn
-            .as_deref_mut()
-            .unwrap_or_else(|| unreachable!("a transaction's connection is taken only on drop"))
+        &mut self.conn
     }
 }
 
-impl Drop for Transaction {
-    fn drop(&mut self) {
-        if !self.finished {
-            // Cut midway (a dropped future, a panic): the connection's state is unknown, so it is
-            // closed rather than reused, and the server rolls the transaction back.
-            if let Some(conn) = self.conn.take() {
-                drop(conn.detach());
-            }
-        }
-    }
-}
-
-/// A pooled connection for work that leaves session state behind while it runs (a session
-/// advisory lock, a `search_path`, a `DO` block mid-way): closed when dropped, so a future cut at
-/// any point never hands that state to the pool's next borrower; given back to the pool only by
-/// [`release`](Self::release), once the work finished and undid its state.
+/// A pooled connection for work that leaves session state behind while it runs (an open
+/// transaction, a session advisory lock, a `search_path`, a `DO` block mid-way): closed when
+/// dropped, so a future cut at any point never hands that state to the pool's next borrower;
+/// given back to the pool only by [`release`](Self::release) or [`keep`](Self::keep), once the
+/// work finished and undid its state.
 pub(crate) struct Detached(Option<PoolConnection<Postgres>>);
 
 impl Detached {
@@ -144,8 +124,15 @@ impl Detached {
     }
 
     /// Gives the connection back to the pool: its session is as it was taken.
-    pub(crate) fn release(mut self) {
-        self.0.take();
+    pub(crate) fn release(self) {
+        drop(self.keep());
+    }
+
+    /// Hands the connection back to the caller, its session as it was taken.
+    pub(crate) fn keep(mut self) -> PoolConnection<Postgres> {
+        self.0
+            .take()
+            .unwrap_or_else(|| unreachable!("a detached connection is taken only once"))
     }
 }
 
@@ -170,6 +157,8 @@ impl DerefMut for Detached {
 impl Drop for Detached {
     fn drop(&mut self) {
         if let Some(conn) = self.0.take() {
+            // Cut midway (a dropped future, a panic) or failed: the session's state is unknown,
+            // so the connection is closed rather than reused.
             drop(conn.detach());
         }
     }

@@ -48,7 +48,13 @@ async fn every_event_reaches_its_topic_keyed_in_order_with_its_headers() {
     let mut other = KafkaSink::new(&KafkaConfig::new(brokers()))
         .map(|s| OutboxRelay::new(store.clone(), s, "relay-b"))
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(matches!(other.step().await, Err(KafkaError::LeaseLost(_))));
+    assert!(matches!(
+        other.step().await,
+        Err(KafkaError::LeaseLost {
+            loss: evently_postgres::LeaseLoss::HeldElsewhere,
+            ..
+        })
+    ));
 
     let stored = all_events(&store).await;
     let read = read_until(&brokers(), std::slice::from_ref(&topic), |r| r.len() >= 300).await;

@@ -180,7 +180,7 @@ impl CheckpointLease {
         to: Checkpoint,
     ) -> Result<Advance, StoreError> {
         let Some(epoch) = self.epoch else {
-            return Ok(Advance::LeaseLost);
+            return Ok(Advance::LeaseLost(LeaseLoss::NotHeld));
         };
         let moved = sqlx::query(AssertSqlSafe(self.store.sql.move_checkpoint.clone()))
             .bind(&self.name)
@@ -202,17 +202,26 @@ impl CheckpointLease {
             .fetch_optional(&mut *conn)
             .await
             .map_err(backend)?;
-        if let Some(row) = row {
-            let stored_epoch: i64 = row.try_get("epoch").map_err(backend)?;
-            let live: bool = row.try_get("live").map_err(backend)?;
-            if stored_epoch == epoch && live {
-                return Ok(Advance::Moved {
-                    stored: crate::rows::checkpoint(&row)?,
-                });
+        let loss = match row {
+            Some(row) => {
+                let stored_epoch: i64 = row.try_get("epoch").map_err(backend)?;
+                let live: bool = row.try_get("live").map_err(backend)?;
+                if stored_epoch != epoch {
+                    LeaseLoss::TakenOver {
+                        epoch: stored_epoch,
+                    }
+                } else if live {
+                    return Ok(Advance::Moved {
+                        stored: crate::rows::checkpoint(&row)?,
+                    });
+                } else {
+                    LeaseLoss::Expired
+                }
             }
-        }
+            None => LeaseLoss::Gone,
+        };
         self.epoch = None;
-        Ok(Advance::LeaseLost)
+        Ok(Advance::LeaseLost(loss))
     }
 
     /// Extends the lease of the epoch held by its duration from now, without moving the
@@ -281,14 +290,56 @@ impl CheckpointLease {
 pub enum Advance {
     /// The checkpoint moved and the lease was renewed.
     Done,
-    /// The lease is not this owner's any more: nothing moved.
-    LeaseLost,
+    /// The lease is not this owner's any more (why: the [`LeaseLoss`]): nothing moved.
+    LeaseLost(LeaseLoss),
     /// The stored checkpoint is not the expected start any more (an earlier in-doubt move went
     /// through): nothing moved; go on from `stored`.
     Moved {
         /// The stored checkpoint.
         stored: Checkpoint,
     },
+}
+
+/// Why a lease is not its owner's any more: what an operator needs to tell a stalled owner
+/// (whose lease ran out) from a second process under the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaseLoss {
+    /// This owner holds no epoch: it never took the lease, or lost it before.
+    NotHeld,
+    /// Another owner holds a live lease (found when taking it).
+    HeldElsewhere,
+    /// The lease ran out before this owner renewed it: the owner stalled for longer than the
+    /// lease (a slow step, a paused process, a database it could not reach). Taking it again
+    /// works while no one else has.
+    Expired,
+    /// The lease was taken with a new epoch since this owner's: another owner took it, or a
+    /// second process runs under this owner's name.
+    TakenOver {
+        /// The epoch the lease has now.
+        epoch: i64,
+    },
+    /// The checkpoint's row is gone (deleted by an operator, or the checkpoint was reset).
+    Gone,
+}
+
+impl std::fmt::Display for LeaseLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotHeld => f.write_str("this owner does not hold it"),
+            Self::HeldElsewhere => f.write_str("another owner holds a live lease"),
+            Self::Expired => f.write_str(
+                "it expired before this owner renewed it (the owner stalled for longer than its \
+                 lease: a slow step, a paused process or an unreachable database)",
+            ),
+            Self::TakenOver { epoch } => write!(
+                f,
+                "it was taken over (now epoch {epoch}): by another owner, or by a second process \
+                 under this owner's name"
+            ),
+            Self::Gone => f.write_str("its checkpoint row is gone"),
+        }
+    }
 }
 
 /// Extends the lease of `epoch` on checkpoint `name` by `lease` from now.

@@ -36,7 +36,7 @@ pub use freshness::{CaughtUpIn, PostgresFixture};
 pub use group::{GroupCommit, GroupCommitStats};
 pub use inbox::Inbox;
 pub use keys::PostgresKeyStore;
-pub use lease::{Advance, CheckpointLease};
+pub use lease::{Advance, CheckpointLease, LeaseLoss};
 pub use notify::Wakeups;
 pub use server::Rebased;
 pub use sqlx;

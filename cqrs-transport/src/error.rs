@@ -49,9 +49,15 @@ pub enum TransportError {
     /// The event store (or the inbox, checkpoint, lease) failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Another relay holds the lease (its lease is live), or took it over from this one.
-    #[error("the relay `{0}` is owned by another process")]
-    LeaseLost(String),
+    /// The relay does not hold its lease: another relay holds it (live), took it over from this
+    /// one, or this one stalled past it (`loss` says which).
+    #[error("the relay `{relay}` lost its lease: {loss}")]
+    LeaseLost {
+        /// The relay's (checkpoint's) name.
+        relay: String,
+        /// Why.
+        loss: evently_postgres::LeaseLoss,
+    },
 }
 
 impl TransportError {

@@ -189,7 +189,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
     ) -> Result<(), DeliveryError> {
         match self.lease.advance_on(unit, from, to).await? {
             Advance::Done => Ok(()),
-            Advance::LeaseLost => Err(self.lease_lost(P::NAME)),
+            Advance::LeaseLost(_) => Err(self.lease_lost(P::NAME)),
             Advance::Moved { stored } => Err(DeliveryError::CheckpointMoved {
                 projection: P::NAME,
                 stored,

@@ -249,7 +249,7 @@ pub async fn two_relays_under_one_name<B: Broker>(broker: &B, ns: &str) -> (u64,
                 while relaying.load(std::sync::atomic::Ordering::SeqCst) {
                     match relay.step().await {
                         Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-                        Err(TransportError::LeaseLost(_)) => {
+                        Err(TransportError::LeaseLost { .. }) => {
                             refused += 1;
                             tokio::time::sleep(Duration::from_millis(20)).await;
                         }

@@ -235,9 +235,9 @@ impl<S: Sink> Relay<S> {
     /// messages already queued may still arrive: duplicates, never gaps).
     ///
     /// # Errors
-    /// [`TransportError::LeaseLost`] when another relay holds the lease,
-    /// [`TransportError::Delivery`] when a message was not confirmed (the checkpoint stops
-    /// before it; the sink is restarted), [`TransportError::Serialize`],
+    /// [`TransportError::LeaseLost`] when another relay holds the lease or this one stalled
+    /// past it, [`TransportError::Delivery`] when a message was not confirmed (the checkpoint
+    /// stops before it; the sink is restarted), [`TransportError::Serialize`],
     /// [`TransportError::Store`], [`TransportError::Topology`], [`TransportError::Broker`].
     pub async fn step(&mut self) -> Result<RelayStep, TransportError> {
         if std::mem::replace(&mut self.stepping, true) {

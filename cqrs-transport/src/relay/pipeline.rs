@@ -5,7 +5,7 @@
 use crate::sink::{Layout, Outgoing as Message, Sink};
 use crate::{EventSerializer, TransportError};
 use evently_core::Checkpoint;
-use evently_postgres::{Advance, PostgresEventStore};
+use evently_postgres::{Advance, LeaseLoss, PostgresEventStore};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
@@ -160,6 +160,13 @@ async fn load_part<L: Layout>(
 }
 
 impl<S: Sink> Relay<S> {
+    fn lease_lost(&self, loss: LeaseLoss) -> TransportError {
+        TransportError::LeaseLost {
+            relay: self.lease.name().to_owned(),
+            loss,
+        }
+    }
+
     pub(super) async fn pipelined_step(&mut self) -> Result<RelayStep, TransportError> {
         let stored = match self.held {
             // Renewed recently by this relay: no other owner can have taken it since (a live
@@ -175,7 +182,7 @@ impl<S: Sink> Relay<S> {
             _ => {
                 let asked = Instant::now();
                 let Some(stored) = self.lease.acquire().await? else {
-                    return Err(TransportError::LeaseLost(self.lease.name().to_owned()));
+                    return Err(self.lease_lost(LeaseLoss::HeldElsewhere));
                 };
                 self.held = Some((asked, stored));
                 stored
@@ -237,9 +244,7 @@ impl<S: Sink> Relay<S> {
                         self.moved = Some(asked);
                         acked
                     }
-                    Advance::LeaseLost => {
-                        return Err(TransportError::LeaseLost(self.lease.name().to_owned()));
-                    }
+                    Advance::LeaseLost(loss) => return Err(self.lease_lost(loss)),
                     // An earlier move whose outcome was in doubt went through: the next move
                     // starts from what is stored.
                     Advance::Moved { stored } => {

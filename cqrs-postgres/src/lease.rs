@@ -8,7 +8,9 @@
 use std::future::Future;
 use std::time::Duration;
 
+pub use evently_core::projection::LeaseLoss;
 use evently_core::{Checkpoint, StoreError};
+use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
 use crate::PostgresEventStore;
@@ -197,6 +199,42 @@ impl CheckpointLease {
             return Ok(Advance::Done);
         }
         // The update waited for any transaction holding the row: what it found is settled.
+        match self.standing(conn, epoch).await? {
+            Ok(row) => Ok(Advance::Moved {
+                stored: crate::rows::checkpoint(&row)?,
+            }),
+            Err(loss) => Ok(Advance::LeaseLost(loss)),
+        }
+    }
+
+    /// Why this owner's lease is lost, after a statement on `conn` that needed it (live, of the
+    /// epoch held) found none; forgets the epoch.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the database fails.
+    pub(crate) async fn loss_on(
+        &mut self,
+        conn: &mut PgConnection,
+    ) -> Result<LeaseLoss, StoreError> {
+        let Some(epoch) = self.epoch else {
+            return Ok(LeaseLoss::NotHeld);
+        };
+        // A live lease of the epoch held is only ever extended while live, so the row cannot
+        // show one after the statement found none; were it so, it is told as expired.
+        Ok(self
+            .standing(conn, epoch)
+            .await?
+            .err()
+            .unwrap_or(LeaseLoss::Expired))
+    }
+
+    /// What the checkpoint row says of `epoch`'s lease: the row while that lease is live, else
+    /// why it is lost (then the epoch is forgotten).
+    async fn standing(
+        &mut self,
+        conn: &mut PgConnection,
+        epoch: i64,
+    ) -> Result<Result<PgRow, LeaseLoss>, StoreError> {
         let row = sqlx::query(AssertSqlSafe(self.store.sql.checkpoint_state.clone()))
             .bind(&self.name)
             .fetch_optional(&mut *conn)
@@ -211,9 +249,7 @@ impl CheckpointLease {
                         epoch: stored_epoch,
                     }
                 } else if live {
-                    return Ok(Advance::Moved {
-                        stored: crate::rows::checkpoint(&row)?,
-                    });
+                    return Ok(Ok(row));
                 } else {
                     LeaseLoss::Expired
                 }
@@ -221,7 +257,7 @@ impl CheckpointLease {
             None => LeaseLoss::Gone,
         };
         self.epoch = None;
-        Ok(Advance::LeaseLost(loss))
+        Ok(Err(loss))
     }
 
     /// Extends the lease of the epoch held by its duration from now, without moving the
@@ -298,48 +334,6 @@ pub enum Advance {
         /// The stored checkpoint.
         stored: Checkpoint,
     },
-}
-
-/// Why a lease is not its owner's any more: what an operator needs to tell a stalled owner
-/// (whose lease ran out) from a second process under the same name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum LeaseLoss {
-    /// This owner holds no epoch: it never took the lease, or lost it before.
-    NotHeld,
-    /// Another owner holds a live lease (found when taking it).
-    HeldElsewhere,
-    /// The lease ran out before this owner renewed it: the owner stalled for longer than the
-    /// lease (a slow step, a paused process, a database it could not reach). Taking it again
-    /// works while no one else has.
-    Expired,
-    /// The lease was taken with a new epoch since this owner's: another owner took it, or a
-    /// second process runs under this owner's name.
-    TakenOver {
-        /// The epoch the lease has now.
-        epoch: i64,
-    },
-    /// The checkpoint's row is gone (deleted by an operator, or the checkpoint was reset).
-    Gone,
-}
-
-impl std::fmt::Display for LeaseLoss {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::NotHeld => f.write_str("this owner does not hold it"),
-            Self::HeldElsewhere => f.write_str("another owner holds a live lease"),
-            Self::Expired => f.write_str(
-                "it expired before this owner renewed it (the owner stalled for longer than its \
-                 lease: a slow step, a paused process or an unreachable database)",
-            ),
-            Self::TakenOver { epoch } => write!(
-                f,
-                "it was taken over (now epoch {epoch}): by another owner, or by a second process \
-                 under this owner's name"
-            ),
-            Self::Gone => f.write_str("its checkpoint row is gone"),
-        }
-    }
 }
 
 /// Extends the lease of `epoch` on checkpoint `name` by `lease` from now.

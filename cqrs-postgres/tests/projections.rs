@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::fresh_store;
 use cqrs_examples::bank::{AccountEvent, Deposit};
 use evently_core::prelude::*;
-use evently_core::projection::HandlerError;
+use evently_core::projection::{HandlerError, LeaseLoss};
 use evently_core::{EventData, RecordedEvent};
 use evently_postgres::PostgresEventStore;
 use evently_postgres::control::{DeadLetters, read_checkpoint};
@@ -250,6 +250,109 @@ async fn crashes_mid_batch_leave_the_read_model_exactly_right() {
     );
 }
 
+/// A worker that stalls past its lease with no one taking over is told its lease expired (with
+/// the epoch it held), not that another worker owns the projection, by a step, by a rebuild (whose
+/// reset finds the lease gone) and after an operator deleted its checkpoint row; nothing it did
+/// meanwhile is kept, and taking the lease again works.
+#[tokio::test]
+async fn a_stalled_worker_is_told_its_lease_expired() {
+    let _horizon = XMIN_HORIZON.read().await;
+    let store = setup("projection_stalled", 20).await;
+    let expire = format!(
+        "UPDATE \"{}\".projection_checkpoints SET lease_until = clock_timestamp() - interval '1 second' \
+         WHERE projection = 'deposit_totals'",
+        store.schema()
+    );
+    let run = |sql: String| {
+        let store = store.clone();
+        async move {
+            sqlx::query(AssertSqlSafe(sql))
+                .execute(store.pool())
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    };
+    let mut worker =
+        ProjectionWorker::new(store.clone(), DepositTotals::new(&store), "w").with_batch(10);
+    assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
+    worker.step().await.unwrap_or_else(|e| panic!("{e}"));
+    let (total, checkpoint) = (
+        totals(&store).await,
+        read_checkpoint(&store, "deposit_totals")
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+
+    // A step after the lease ran out.
+    run(expire.clone()).await;
+    match worker.step().await {
+        Err(
+            error @ WorkerError::LeaseLost {
+                projection: "deposit_totals",
+                epoch: Some(1),
+                loss: LeaseLoss::Expired,
+            },
+        ) => {
+            let message = error.to_string();
+            assert!(
+                message.contains("held epoch 1") && message.contains("stalled for longer"),
+                "{message}"
+            );
+            assert!(!message.contains("another worker"), "{message}");
+        }
+        other => panic!("the step must be told the lease expired, got {other:?}"),
+    }
+    assert_eq!(
+        totals(&store).await,
+        total,
+        "the refused batch was rolled back"
+    );
+
+    // A rebuild after the lease ran out: its reset is refused, nothing is reset.
+    assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
+    run(expire).await;
+    match worker
+        .rebuild(|conn| {
+            Box::pin(async move {
+                sqlx::query("SELECT 1").execute(conn).await?;
+                Ok(())
+            })
+        })
+        .await
+    {
+        Err(WorkerError::LeaseLost {
+            epoch: Some(2),
+            loss: LeaseLoss::Expired,
+            ..
+        }) => {}
+        other => panic!("the rebuild must be told the lease expired, got {other:?}"),
+    }
+    assert_eq!(
+        read_checkpoint(&store, "deposit_totals")
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        checkpoint,
+        "the refused rebuild reset nothing"
+    );
+
+    // The row deleted by an operator under a live lease: gone.
+    assert!(worker.acquire().await.unwrap_or_else(|e| panic!("{e}")));
+    run(format!(
+        "DELETE FROM \"{}\".projection_checkpoints WHERE projection = 'deposit_totals'",
+        store.schema()
+    ))
+    .await;
+    match worker.step().await {
+        Err(WorkerError::LeaseLost {
+            epoch: Some(3),
+            loss: LeaseLoss::Gone,
+            ..
+        }) => {}
+        other => panic!("the step must be told the row is gone, got {other:?}"),
+    }
+    assert_eq!(totals(&store).await, total);
+}
+
 /// The owner pauses past its lease, a new owner takes over, the old one resumes: it writes nothing,
 /// and the checkpoint never goes back.
 #[tokio::test]
@@ -287,11 +390,33 @@ async fn a_zombie_owner_cannot_write_after_a_takeover() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 
-    // The zombie resumes: every step it tries is refused and rolled back.
-    for _ in 0..3 {
+    // The zombie resumes: every step it tries is refused and rolled back. The first is told
+    // its lease was taken over (naming the epoch it held and the new one), the later ones that
+    // it holds none.
+    match old.step().await {
+        Err(
+            error @ WorkerError::LeaseLost {
+                epoch: Some(1),
+                loss: LeaseLoss::TakenOver { epoch: 2 },
+                ..
+            },
+        ) => {
+            let message = error.to_string();
+            assert!(
+                message.contains("held epoch 1") && message.contains("taken over (now epoch 2)"),
+                "{message}"
+            );
+        }
+        other => panic!("the zombie must be told its lease was taken over, got {other:?}"),
+    }
+    for _ in 0..2 {
         match old.step().await {
-            Err(WorkerError::LeaseLost { .. }) => {}
-            other => panic!("the zombie must lose its lease, got {other:?}"),
+            Err(WorkerError::LeaseLost {
+                epoch: None,
+                loss: LeaseLoss::NotHeld,
+                ..
+            }) => {}
+            other => panic!("the zombie must hold no lease now, got {other:?}"),
         }
     }
     assert_eq!(

@@ -16,6 +16,7 @@ pub mod engine;
 mod failure;
 mod fixture;
 mod freshness;
+mod lease;
 mod memory;
 mod runner;
 pub mod segment;
@@ -27,6 +28,7 @@ pub use failure::{
 };
 pub use fixture::{CaughtUp, FixtureError, ProjectionFixture, assert_no_dead_letters};
 pub use freshness::{NotCaughtUp, Progress, wait_until_caught_up};
+pub use lease::LeaseLoss;
 pub use memory::{CheckpointStore, InMemoryCheckpoints, InMemoryDeadLetters};
 pub use runner::{Batch, InMemoryBackend, ProjectionMetrics, ProjectionRunner, event_span};
 pub use segment::{Segment, SegmentError, SegmentState};

@@ -62,12 +62,19 @@ impl std::fmt::Debug for PostgresBackend {
 }
 
 impl PostgresBackend {
-    fn lease_lost(&mut self, name: &'static str) -> DeliveryError {
+    /// The lease found lost by a statement on `unit` that needed it: why, read from the row.
+    async fn lease_lost(&mut self, unit: &mut Transaction, name: &'static str) -> DeliveryError {
         let epoch = self.lease.epoch();
-        self.lease.forget();
-        DeliveryError::LeaseLost {
-            projection: name,
-            epoch,
+        match self.lease.loss_on(unit).await {
+            Ok(loss) => DeliveryError::LeaseLost {
+                projection: name,
+                epoch,
+                loss,
+            },
+            Err(error) => {
+                self.lease.forget();
+                error.into()
+            }
         }
     }
 }
@@ -105,6 +112,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
             None => Err(DeliveryError::LeaseLost {
                 projection: P::NAME,
                 epoch: None,
+                loss: evently_core::projection::LeaseLoss::NotHeld,
             }),
         }
     }
@@ -187,9 +195,15 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
         from: Checkpoint,
         to: Checkpoint,
     ) -> Result<(), DeliveryError> {
+        // Read before the move, which forgets the epoch when the lease is lost.
+        let epoch = self.lease.epoch();
         match self.lease.advance_on(unit, from, to).await? {
             Advance::Done => Ok(()),
-            Advance::LeaseLost(_) => Err(self.lease_lost(P::NAME)),
+            Advance::LeaseLost(loss) => Err(DeliveryError::LeaseLost {
+                projection: P::NAME,
+                epoch,
+                loss,
+            }),
             Advance::Moved { stored } => Err(DeliveryError::CheckpointMoved {
                 projection: P::NAME,
                 stored,
@@ -228,7 +242,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
             .await
             .map_err(backend)?;
         if held.is_none() {
-            return Err(self.lease_lost(P::NAME));
+            return Err(self.lease_lost(unit, P::NAME).await);
         }
         // This redrive answers any request on the stream, whatever its outcome.
         let sql = format!(
@@ -295,7 +309,7 @@ impl<P: Projection<Context = PgConnection>> DeliveryBackend<P> for PostgresBacke
             .await
             .map_err(backend)?;
         if moved.rows_affected() != 1 {
-            return Err(self.lease_lost(P::NAME));
+            return Err(self.lease_lost(unit, P::NAME).await);
         }
         match (reset_once, &self.reset) {
             (Some(reset), _) => reset(unit).await.map_err(backend)?,

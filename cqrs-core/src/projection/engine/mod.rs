@@ -22,35 +22,38 @@ use std::time::Duration;
 
 use super::failure::{Failure, FailurePolicy};
 use super::runner::{Batch, ProjectionMetrics};
-use super::{Lag, Projection, ProjectionError, Subscription};
+use super::{Lag, LeaseLoss, Projection, ProjectionError, Subscription};
 use crate::envelope::{Checkpoint, RawStoredEvent, StoredEvent};
 use crate::store::{EventStore, StoreError};
 use crate::telemetry::MetricsHandle;
 
-fn lease_lost(projection: &str, epoch: Option<i64>) -> String {
-    match epoch {
-        None => format!(
+fn lease_lost(projection: &str, epoch: Option<i64>, loss: LeaseLoss) -> String {
+    match (loss, epoch) {
+        (LeaseLoss::NotHeld, _) => format!(
             "this worker holds no lease on projection `{projection}`: call `acquire()` first (or \
-             `run`, which takes it), or another worker owns it"
+             `run`, which takes it once no other worker holds it)"
         ),
-        Some(epoch) => format!(
-            "projection `{projection}` is owned by another worker now (this worker held epoch \
-             {epoch})"
+        (loss, Some(epoch)) => format!(
+            "the worker of projection `{projection}` lost its lease (it held epoch {epoch}): {loss}"
         ),
+        (loss, None) => format!("the worker of projection `{projection}` lost its lease: {loss}"),
     }
 }
 /// Why the engine stopped a batch (nothing of it was kept, for a transactional backend).
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
-    /// Another worker owns the projection (its lease is live), or took it over from this one:
-    /// this worker's last batch was rolled back and nothing it did after losing the lease was
-    /// kept.
-    #[error("{}", lease_lost(projection, *epoch))]
+    /// This worker does not own the projection (any more): it never took the lease, another
+    /// worker took it over, its lease ran out while it stalled, or the checkpoint row is gone
+    /// (`loss` says which). This worker's last batch was rolled back and nothing it did after
+    /// losing the lease was kept.
+    #[error("{}", lease_lost(projection, *epoch, *loss))]
     LeaseLost {
         /// The projection.
         projection: &'static str,
-        /// The epoch this worker held, if any.
+        /// The epoch this worker held when it found the lease lost, if any.
         epoch: Option<i64>,
+        /// Why.
+        loss: LeaseLoss,
     },
     /// The window started at a checkpoint that is not the stored one any more: an earlier commit
     /// whose outcome was in doubt (its future dropped after `COMMIT` was sent) went through after
@@ -558,7 +561,12 @@ where
             match step {
                 Ok(step) if step.read == 0 => break,
                 Ok(_) | Err(DeliveryError::CheckpointMoved { .. }) => {}
-                Err(DeliveryError::LeaseLost { .. }) => return Ok(false),
+                Err(error @ DeliveryError::LeaseLost { .. }) => {
+                    // Taken again once free, from the stored checkpoint; say why it was lost
+                    // (a stalled worker and a twin under one name need different fixes).
+                    tracing::warn!(projection = P::NAME, %error, "projection lease lost");
+                    return Ok(false);
+                }
                 Err(error) => return Err(error),
             }
         }

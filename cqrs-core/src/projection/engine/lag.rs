@@ -11,11 +11,20 @@ use crate::envelope::Checkpoint;
 use crate::projection::{Lag, Projection};
 use crate::store::{EventStore, StoreError};
 
-/// How often a running engine counts its lag with the store.
-const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(10);
+/// How often a running engine counts its lag with the store, at most.
+pub(super) const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(10);
 
-/// A count of the events behind a checkpoint, running on its own task.
-pub(super) type Count = tokio::task::JoinHandle<Result<Option<Lag>, StoreError>>;
+/// The least time between the starts of two counts after one that took `took`: ten seconds, or
+/// ten times as long as the last count took. A count scans every event behind, so far behind (a
+/// catch-up over a hundred million events) one count takes tens of seconds: counting every ten
+/// seconds would keep a server core scanning for as long as the catch-up lasts; this keeps the
+/// counting to a tenth of the time at most, and the figure exact (only older).
+pub(super) fn count_spacing(took: Duration) -> Duration {
+    LAG_SAMPLE_EVERY.max(took.saturating_mul(10))
+}
+
+/// A count of the events behind a checkpoint, running on its own task, with how long it took.
+pub(super) type Count = tokio::task::JoinHandle<(Result<Option<Lag>, StoreError>, Duration)>;
 
 impl<P, B> Engine<P, B>
 where
@@ -34,7 +43,11 @@ where
         let before = self.metrics.get().lag;
         let mut events = before.map(|lag| lag.events);
         if let Some(count) = self.lag_count.take_if(|count| count.is_finished()) {
-            match count.now_or_never() {
+            let counted = count.now_or_never();
+            if let Some(Ok((_, took))) = &counted {
+                self.lag_every = count_spacing(*took);
+            }
+            match counted.map(|joined| joined.map(|(count, _)| count)) {
                 Some(Ok(Ok(Some(lag)))) => events = Some(lag.events),
                 Some(Ok(Ok(None))) | None => {}
                 Some(Ok(Err(error))) => {
@@ -50,12 +63,15 @@ where
         if self.lag_count.is_none()
             && self
                 .lag_counted
-                .is_none_or(|counted| counted.elapsed() >= LAG_SAMPLE_EVERY)
+                .is_none_or(|counted| counted.elapsed() >= self.lag_every)
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             self.lag_counted = Some(Instant::now());
             let store = self.backend.event_store().clone();
-            self.lag_count = Some(runtime.spawn(async move { store.lag(at).await }));
+            self.lag_count = Some(runtime.spawn(async move {
+                let started = Instant::now();
+                (store.lag(at).await, started.elapsed())
+            }));
         }
         let Some(events) = events else { return };
         let seconds = newest.map_or_else(
@@ -75,5 +91,22 @@ where
             count.abort();
         }
         self.set_lag(Lag::default());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_spaced_ten_seconds_or_ten_times_the_last_count() {
+        assert_eq!(count_spacing(Duration::ZERO), LAG_SAMPLE_EVERY);
+        assert_eq!(count_spacing(Duration::from_millis(20)), LAG_SAMPLE_EVERY);
+        assert_eq!(count_spacing(Duration::from_secs(1)), LAG_SAMPLE_EVERY);
+        assert_eq!(
+            count_spacing(Duration::from_secs(25)),
+            Duration::from_secs(250)
+        );
+        assert_eq!(count_spacing(Duration::MAX), Duration::MAX);
     }
 }

@@ -136,8 +136,10 @@ pub struct Engine<P: Projection, B> {
     window: usize,
     policy: FailurePolicy,
     metrics: MetricsHandle<ProjectionMetrics>,
-    /// When the lag was last counted by the store.
+    /// When the store last started counting the lag.
     lag_counted: Option<std::time::Instant>,
+    /// The least time between the starts of two counts (see [`lag::count_spacing`]).
+    lag_every: Duration,
     /// The store's count of the lag, running beside the batches.
     lag_count: Option<lag::Count>,
     /// Whether most events read lately were subscribed ones: then the plain ordered read (and
@@ -178,6 +180,7 @@ impl<P: Projection, B> Engine<P, B> {
             policy: FailurePolicy::default(),
             metrics: MetricsHandle::default(),
             lag_counted: None,
+            lag_every: lag::LAG_SAMPLE_EVERY,
             lag_count: None,
             dense: false,
             no_dead_letters: false,

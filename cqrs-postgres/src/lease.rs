@@ -221,11 +221,13 @@ impl CheckpointLease {
         };
         // A live lease of the epoch held is only ever extended while live, so the row cannot
         // show one after the statement found none; were it so, it is told as expired.
-        Ok(self
+        let loss = self
             .standing(conn, epoch)
             .await?
             .err()
-            .unwrap_or(LeaseLoss::Expired))
+            .unwrap_or(LeaseLoss::Expired);
+        self.epoch = None;
+        Ok(loss)
     }
 
     /// What the checkpoint row says of `epoch`'s lease: the row while that lease is live, else

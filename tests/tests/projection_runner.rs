@@ -1,7 +1,7 @@
 //! The in-process `ProjectionRunner` on the in-memory store, beyond the engine conformance suite
 //! (`projection_conformance_memory.rs`: delivery, resumption, dead letters per stream or skipped,
-//! redrive, rebuild): live delivery woken by the commit signal, purge, rebuild during writes, and a
-//! shutdown that never splits state from checkpoint.
+//! redrive, rebuild): live delivery woken by the commit signal, purge, rebuild during writes, a
+//! shutdown that never splits state from checkpoint, and slow lag counts spaced out.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -232,16 +232,31 @@ async fn a_shutdown_mid_catch_up_keeps_state_and_checkpoint_together() {
     }
 }
 
-/// A store whose global reads cannot read one event (as a PostgreSQL row written around the store
-/// would be): they return the events before it, then `StoreError::Corrupt` naming it.
+/// An in-memory store rigged for a test. With `bad`, its global reads cannot read that event (as
+/// a PostgreSQL row written around the store would be): they return the events before it, then
+/// `StoreError::Corrupt` naming it. Its lag count takes `count_takes` (a scan of a long backlog),
+/// and `counts` says how many were asked for.
 #[derive(Clone)]
-struct OneBadRow {
+struct Rigged {
     inner: InMemoryEventStore,
-    bad: evently_core::EventId,
+    bad: Option<evently_core::EventId>,
+    count_takes: Duration,
+    counts: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Rigged {
+    fn new(inner: InMemoryEventStore) -> Self {
+        Self {
+            inner,
+            bad: None,
+            count_takes: Duration::ZERO,
+            counts: Arc::default(),
+        }
+    }
 }
 
 #[async_trait::async_trait]
-impl EventStore for OneBadRow {
+impl EventStore for Rigged {
     async fn append(
         &self,
         stream: &StreamId,
@@ -262,7 +277,7 @@ impl EventStore for OneBadRow {
         self.inner
             .load(stream, after_version)
             .map(move |event| match event {
-                Ok(event) if event.event_id == bad => Err(corrupt(&event)),
+                Ok(event) if Some(event.event_id) == bad => Err(corrupt(&event)),
                 other => other,
             })
             .boxed()
@@ -297,7 +312,7 @@ impl EventStore for OneBadRow {
         limit: usize,
     ) -> Result<Vec<evently_core::StoredEvent>, evently_core::StoreError> {
         let mut page = self.inner.read_all(after, limit).await?;
-        if let Some(at) = page.iter().position(|e| e.event_id == self.bad) {
+        if let Some(at) = page.iter().position(|e| Some(e.event_id) == self.bad) {
             if at == 0 {
                 return Err(corrupt(&page[0]));
             }
@@ -308,6 +323,16 @@ impl EventStore for OneBadRow {
 
     async fn head(&self) -> Result<Option<Checkpoint>, evently_core::StoreError> {
         self.inner.head().await
+    }
+
+    async fn lag(
+        &self,
+        after: Checkpoint,
+    ) -> Result<Option<evently_core::store::Lag>, evently_core::StoreError> {
+        self.counts
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(self.count_takes).await;
+        self.inner.lag(after).await
     }
 }
 
@@ -337,9 +362,9 @@ async fn an_unreadable_row_is_parked_and_passed() {
         .into_iter()
         .find(|e| e.stream.aggregate_id.as_str() == "a3")
         .unwrap();
-    let store = OneBadRow {
-        inner,
-        bad: bad.event_id,
+    let store = Rigged {
+        bad: Some(bad.event_id),
+        ..Rigged::new(inner)
     };
     let totals = Totals::default();
     let mut runner = ProjectionRunner::new(store.clone(), totals.clone(), ()).with_batch(8);
@@ -491,4 +516,45 @@ fn a_step_outside_a_tokio_runtime_applies_and_never_panics() {
     while futures::executor::block_on(runner.step()).unwrap().read > 0 {}
     assert_eq!(totals.all(), (sum(30), 30));
     assert_eq!(runner.metrics().lag.map(|lag| lag.events), Some(0));
+}
+
+/// Far behind, a lag count scans a long backlog: the engine starts the next one no sooner than
+/// ten times as long as the last took (not every ten seconds, which would keep the server
+/// counting for the whole catch-up), and still reports the count. Simulated time: a step every
+/// 5 s for 500 s, each count taking 30 s.
+#[tokio::test(start_paused = true)]
+async fn a_slow_lag_count_is_spaced_by_ten_times_its_duration() {
+    let inner = InMemoryEventStore::new();
+    deposit(&inner, 1, 200).await;
+    let store = Rigged {
+        count_takes: Duration::from_secs(30),
+        ..Rigged::new(inner)
+    };
+    let totals = Totals::default();
+    let mut runner = ProjectionRunner::new(store.clone(), totals.clone(), ())
+        .with_batch(1)
+        .with_max_batch(1);
+    let mut lags = Vec::new();
+    for _ in 0..100 {
+        assert_eq!(runner.step().await.unwrap().read, 1);
+        lags.extend(runner.metrics().lag.map(|lag| lag.events));
+        tokio::time::advance(Duration::from_secs(5)).await;
+    }
+    // At 0 s (30 s long, so the next no sooner than 300 s after it started), at 300-350 s (the
+    // clock moves in 5 s steps, so the count is seen to take 30-35 s); the third would be at
+    // 600 s or later. Every ten seconds it would have been 13 or more.
+    assert_eq!(
+        store.counts.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "counts started in 500 s"
+    );
+    // Both were taken: the first said 199 behind (counted after the first step), the second
+    // counted after step 61-71.
+    assert_eq!(lags.first(), Some(&199), "{lags:?}");
+    let second = lags.iter().find(|&&events| events != 199);
+    assert!(
+        second.is_some_and(|events| (129..=139).contains(events)),
+        "{lags:?}"
+    );
+    assert_eq!(totals.all().1, 100);
 }

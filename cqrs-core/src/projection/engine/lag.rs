@@ -1,10 +1,11 @@
 //! The engine's lag: the age of the last event applied after every batch, and how many events
 //! are behind, counted by the store beside the batches.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
 use futures::FutureExt as _;
+use tokio::time::Instant;
 
 use super::{DeliveryBackend, Engine};
 use crate::envelope::Checkpoint;

@@ -137,7 +137,7 @@ pub struct Engine<P: Projection, B> {
     policy: FailurePolicy,
     metrics: MetricsHandle<ProjectionMetrics>,
     /// When the store last started counting the lag.
-    lag_counted: Option<std::time::Instant>,
+    lag_counted: Option<tokio::time::Instant>,
     /// The least time between the starts of two counts (see [`lag::count_spacing`]).
     lag_every: Duration,
     /// The store's count of the lag, running beside the batches.

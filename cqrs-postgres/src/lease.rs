@@ -100,11 +100,6 @@ impl CheckpointLease {
         self.lease
     }
 
-    /// Forgets the epoch held: the database no longer grants it.
-    pub(crate) fn forget(&mut self) {
-        self.epoch = None;
-    }
-
     /// The stored checkpoint ([`Checkpoint::START`] before the first advance).
     ///
     /// # Errors
@@ -208,7 +203,7 @@ impl CheckpointLease {
     }
 
     /// Why this owner's lease is lost, after a statement on `conn` that needed it (live, of the
-    /// epoch held) found none; forgets the epoch.
+    /// epoch held) found none; forgets the epoch (also when the database fails).
     ///
     /// # Errors
     /// [`StoreError::Backend`] when the database fails.
@@ -216,18 +211,16 @@ impl CheckpointLease {
         &mut self,
         conn: &mut PgConnection,
     ) -> Result<LeaseLoss, StoreError> {
-        let Some(epoch) = self.epoch else {
+        let Some(epoch) = self.epoch.take() else {
             return Ok(LeaseLoss::NotHeld);
         };
         // A live lease of the epoch held is only ever extended while live, so the row cannot
         // show one after the statement found none; were it so, it is told as expired.
-        let loss = self
+        Ok(self
             .standing(conn, epoch)
             .await?
             .err()
-            .unwrap_or(LeaseLoss::Expired);
-        self.epoch = None;
-        Ok(loss)
+            .unwrap_or(LeaseLoss::Expired))
     }
 
     /// What the checkpoint row says of `epoch`'s lease: the row while that lease is live, else

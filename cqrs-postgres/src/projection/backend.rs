@@ -71,10 +71,7 @@ impl PostgresBackend {
                 epoch,
                 loss,
             },
-            Err(error) => {
-                self.lease.forget();
-                error.into()
-            }
+            Err(error) => error.into(),
         }
     }
 }

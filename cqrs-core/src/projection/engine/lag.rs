@@ -39,24 +39,26 @@ where
     /// The count (a scan of every event behind: 10 ms and more for 100,000 of them) runs on a
     /// task of its own beside the next batches, and is taken by the first step after it is
     /// done: a catch-up does not wait for it, and the figure it gives is at most a batch older
-    /// than the step that reports it (as between counts, when it is ten seconds old at most).
+    /// than the step that reports it (as between counts, when it is as old as their spacing).
     pub(super) fn sample_lag(&mut self, at: Checkpoint, newest: Option<chrono::DateTime<Utc>>) {
         let before = self.metrics.get().lag;
         let mut events = before.map(|lag| lag.events);
         if let Some(count) = self.lag_count.take_if(|count| count.is_finished()) {
-            let counted = count.now_or_never();
-            if let Some(Ok((_, took))) = &counted {
-                self.lag_every = count_spacing(*took);
-            }
-            match counted.map(|joined| joined.map(|(count, _)| count)) {
-                Some(Ok(Ok(Some(lag)))) => events = Some(lag.events),
-                Some(Ok(Ok(None))) | None => {}
-                Some(Ok(Err(error))) => {
-                    tracing::debug!(projection = P::NAME, %error, "could not count the lag");
+            match count.now_or_never() {
+                Some(Ok((counted, took))) => {
+                    self.lag_every = count_spacing(took);
+                    match counted {
+                        Ok(Some(lag)) => events = Some(lag.events),
+                        Ok(None) => {}
+                        Err(error) => {
+                            tracing::debug!(projection = P::NAME, %error, "could not count the lag");
+                        }
+                    }
                 }
                 Some(Err(error)) => {
                     tracing::debug!(projection = P::NAME, %error, "the lag count's task failed");
                 }
+                None => {}
             }
         }
         // Outside a tokio runtime (a step driven by another executor) nothing is counted: the
